@@ -1,0 +1,60 @@
+"""The exceptions crossrank raises at its public boundary.
+
+Every error a user can cause is a :class:`CrossrankError`; the CLI prints its message as one line and
+exits 1. Messages name the argument, what was expected, what was got, and what to do.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "CrossrankError",
+    "InvalidArgumentError",
+    "SourceError",
+    "DecodeError",
+    "IndexNotFoundError",
+    "IndexCorruptError",
+    "ModelError",
+    "ModelMismatchError",
+    "FilterError",
+    "DependencyError",
+]
+
+
+class CrossrankError(Exception):
+    """Base class of every error crossrank raises on purpose."""
+
+
+class InvalidArgumentError(CrossrankError, ValueError):
+    """An argument has a value the call cannot use (``k <= 0``, an empty query, ...)."""
+
+
+class SourceError(CrossrankError):
+    """The images to index cannot be listed: a missing folder, an unreadable manifest, no ``path``."""
+
+
+class DecodeError(CrossrankError):
+    """One image file cannot be decoded; the build skips it and records the reason."""
+
+
+class IndexNotFoundError(CrossrankError):
+    """There is no committed index in the directory given."""
+
+
+class IndexCorruptError(CrossrankError):
+    """An index directory is inconsistent (counts disagree, files missing); raised by verify."""
+
+
+class ModelError(CrossrankError):
+    """A model cannot be loaded: not a supported architecture, or not available offline."""
+
+
+class ModelMismatchError(CrossrankError):
+    """A model other than the one an index was built with was asked to search it."""
+
+
+class FilterError(CrossrankError, ValueError):
+    """A ``where`` filter is malformed or names a column the metadata does not have."""
+
+
+class DependencyError(CrossrankError, ImportError):
+    """An optional dependency needed for this call is not installed."""
