@@ -1,0 +1,179 @@
+"""The files of one generation folder and ``generation.json``, the record of what it holds.
+
+``generation.json`` lists every file of the generation with its byte size, the row counts, the
+patch shards and metadata parts in row order (with their row counts) and the feature shapes.
+Readers take the layout from it rather than from globbing, so shards and parts may differ in size
+(a later generation can reuse an earlier one's files and add new ones after them).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from crossrank.errors import IndexCorruptError
+
+__all__ = [
+    "FORMAT_VERSION",
+    "GENERATION_INFO_NAME",
+    "VECTORS_NAME",
+    "IDS_NAME",
+    "SKIPPED_NAME",
+    "FIRST_STAGE_NAME",
+    "PartInfo",
+    "GenerationInfo",
+    "patch_shard_name",
+    "metadata_part_name",
+    "read_generation_info",
+]
+
+FORMAT_VERSION = 1  # of manifest.json and generation.json; bump on an incompatible layout change
+GENERATION_INFO_NAME = "generation.json"
+VECTORS_NAME = "vectors.npy"
+IDS_NAME = "ids.npy"
+SKIPPED_NAME = "skipped.parquet"
+FIRST_STAGE_NAME = "first_stage.faiss"
+
+
+def patch_shard_name(index: int) -> str:
+    """``patches-000.npy`` for shard 0 (more digits past 999)."""
+    return f"patches-{index:03d}.npy"
+
+
+def metadata_part_name(index: int) -> str:
+    """``metadata-000.parquet`` for part 0 (more digits past 999)."""
+    return f"metadata-{index:03d}.parquet"
+
+
+@dataclass(frozen=True)
+class PartInfo:
+    """One patch shard or metadata part: its file name in the generation folder and its rows."""
+
+    file: str
+    rows: int
+
+
+@dataclass(frozen=True)
+class GenerationInfo:
+    """The parsed ``generation.json`` of a generation folder.
+
+    Attributes:
+        path: the generation folder.
+        format_version: layout version.
+        generation: the generation number.
+        created_at: ISO 8601 UTC commit time.
+        counts: ``images`` (rows of every per-image file) and ``skipped``.
+        vector_dim: D of ``vectors.npy`` (float32 ``(n, D)``).
+        n_patches: P of the patch shards (float16 ``(rows, P, d)``); 0 if no patches were declared.
+        patch_dim: d of the patch shards.
+        patch_shards: the shards in row order.
+        metadata_parts: the Parquet parts in row order.
+        metadata_columns: the metadata column names, ``id`` first.
+        files: every file of the generation (relative POSIX path) with its size in bytes.
+    """
+
+    path: Path
+    format_version: int
+    generation: int
+    created_at: str
+    counts: dict[str, int]
+    vector_dim: int
+    n_patches: int
+    patch_dim: int
+    patch_shards: tuple[PartInfo, ...]
+    metadata_parts: tuple[PartInfo, ...]
+    metadata_columns: tuple[str, ...]
+    files: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def n_images(self) -> int:
+        """Rows of the vectors, ids, patches and metadata."""
+        return int(self.counts["images"])
+
+    @property
+    def n_skipped(self) -> int:
+        """Rows of ``skipped.parquet``."""
+        return int(self.counts["skipped"])
+
+    def to_dict(self) -> dict[str, Any]:
+        """The JSON object stored in ``generation.json`` (``path`` is not stored)."""
+        n = self.n_images
+        return {
+            "format_version": self.format_version,
+            "generation": self.generation,
+            "created_at": self.created_at,
+            "counts": dict(self.counts),
+            "vectors": {
+                "file": VECTORS_NAME, "rows": n, "dim": self.vector_dim, "dtype": "float32"
+            },
+            "ids": {"file": IDS_NAME, "rows": n, "dtype": "int64"},
+            "patches": {
+                "n_patches": self.n_patches,
+                "dim": self.patch_dim,
+                "dtype": "float16",
+                "shards": [{"file": s.file, "rows": s.rows} for s in self.patch_shards],
+            },
+            "metadata": {
+                "columns": list(self.metadata_columns),
+                "parts": [{"file": p.file, "rows": p.rows} for p in self.metadata_parts],
+            },
+            "skipped": {"file": SKIPPED_NAME, "rows": self.n_skipped},
+            "first_stage": {"file": FIRST_STAGE_NAME},
+            "files": dict(self.files),
+        }
+
+
+def _parts(raw: Any) -> tuple[PartInfo, ...]:
+    return tuple(PartInfo(file=str(p["file"]), rows=int(p["rows"])) for p in raw)
+
+
+def read_generation_info(gen_dir: Path | str) -> GenerationInfo:
+    """Read ``generation.json`` of a generation folder.
+
+    Args:
+        gen_dir: the generation folder (``DIR/gen-000003``).
+
+    Returns:
+        Its :class:`GenerationInfo`.
+
+    Raises:
+        IndexCorruptError: the file is missing, unreadable or lacks a field.
+    """
+    gen_dir = Path(gen_dir)
+    path = gen_dir / GENERATION_INFO_NAME
+    hint = "the index is damaged: rebuild it with `crossrank build SOURCE --index DIR`"
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError as e:
+        raise IndexCorruptError(f"{path} is missing; {hint}") from e
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise IndexCorruptError(f"{path} cannot be read ({type(e).__name__}: {e}); {hint}") from e
+    version = data.get("format_version") if isinstance(data, dict) else None
+    if isinstance(version, int) and version > FORMAT_VERSION:
+        raise IndexCorruptError(
+            f"{path} has format_version {version}, but this crossrank reads up to "
+            f"{FORMAT_VERSION}; it was written by a newer crossrank: upgrade crossrank "
+            f"(pip install -U crossrank)"
+        )
+    try:
+        counts = {str(k): int(v) for k, v in data["counts"].items()}
+        if "images" not in counts or "skipped" not in counts:
+            raise KeyError("counts.images / counts.skipped")
+        return GenerationInfo(
+            path=gen_dir,
+            format_version=int(data["format_version"]),
+            generation=int(data["generation"]),
+            created_at=str(data["created_at"]),
+            counts=counts,
+            vector_dim=int(data["vectors"]["dim"]),
+            n_patches=int(data["patches"]["n_patches"]),
+            patch_dim=int(data["patches"]["dim"]),
+            patch_shards=_parts(data["patches"]["shards"]),
+            metadata_parts=_parts(data["metadata"]["parts"]),
+            metadata_columns=tuple(str(c) for c in data["metadata"]["columns"]),
+            files={str(k): int(v) for k, v in data["files"].items()},
+        )
+    except (KeyError, TypeError, ValueError, AttributeError) as e:
+        raise IndexCorruptError(f"{path} is malformed (bad or missing {e}); {hint}") from e
