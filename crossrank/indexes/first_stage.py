@@ -1,0 +1,406 @@
+"""The first stage: a FAISS inner-product index over the pooled image vectors, with int64 ids."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from crossrank.errors import IndexCorruptError, IndexNotFoundError, InvalidArgumentError
+from crossrank.indexes._checks import PAD_ID, PAD_SCORE, as_ids, as_vectors, check_k, finish_results
+from crossrank.indexes._faiss import faiss_reason, import_faiss
+from crossrank.indexes.config import IndexConfig
+from crossrank.indexes.factory import auto_factory, create_index, describe_index
+from crossrank.indexes.gpu import GPU_MAX_K, GPU_MAX_NPROBE, GpuCopy, gpu_device_for, to_gpu
+from crossrank.indexes.selectors import make_selector, search_params
+
+__all__ = ["FirstStage"]
+
+logger = logging.getLogger(__name__)
+
+#: Vectors converted to float32 and added per call at build (bounds the copy of a memory-mapped xb).
+_ADD_BLOCK = 1 << 16
+
+
+class FirstStage:
+    """A FAISS inner-product index over L2-normalised vectors, searched by external int64 ids.
+
+    The index is an ``IndexIDMap`` around the factory's index (see :func:`auto_factory` for the
+    choice by size). Searches map positions to ids on the host, so that a pre-filter can be handed
+    to the innermost index as a selector over positions (see :mod:`crossrank.indexes.selectors`).
+
+    With faiss-gpu and a CUDA device (``config.device`` ``auto`` or ``cuda[:N]``), unfiltered
+    searches run on a GPU copy; filtered searches, ``k`` or ``nprobe`` above 2048, and index types
+    without a GPU implementation run on the CPU index, which is always kept. Results are the same
+    either way, up to float rounding.
+
+    Thread safety: any number of threads may call :meth:`search` at once. Search settings
+    (``nprobe``, ``ef_search``, the selector) travel in per-call ``SearchParameters``; nothing is
+    written to the shared FAISS index after it is built or loaded.
+
+    Use :meth:`build` or :meth:`load` to make one.
+
+    Example:
+        >>> xb = np.eye(4, dtype=np.float32)
+        >>> stage = FirstStage.build(xb, np.array([10, 11, 12, 13]))
+        >>> D, I = stage.search(xb[:1], k=2, allowed_ids=np.array([11, 13]))
+        >>> I.tolist(), D.tolist()
+        ([[11, 13]], [[0.0, 0.0]])
+    """
+
+    def __init__(self, index: Any, config: IndexConfig, factory: str, faiss: Any) -> None:
+        """Wrap a built ``IndexIDMap`` (use :meth:`build` or :meth:`load` instead)."""
+        self._faiss = faiss
+        self._index = index  # the CPU IndexIDMap: what save() writes; owns _base
+        self._base = faiss.downcast_index(index.index)  # searched directly: positions, not ids
+        # (ntotal,) int64: the external id of each internal position
+        self._id_map = faiss.vector_to_array(index.id_map).astype(np.int64, copy=False)
+        if np.all(self._id_map[1:] > self._id_map[:-1]):
+            self._sorted_ids, self._order = self._id_map, None
+        else:
+            self._order = np.argsort(self._id_map, kind="stable")
+            self._sorted_ids = self._id_map[self._order]
+        self.config = config
+        self._factory = factory
+        self._nprobe = config.nprobe
+        self._gpu: GpuCopy | None = None
+        device = gpu_device_for(config.device, faiss)
+        if device is not None and index.ntotal > 0:
+            self._gpu = to_gpu(faiss, self._base, device)
+
+    # -- construction ---------------------------------------------------------------------------
+
+    @classmethod
+    def build(cls, xb: np.ndarray, ids: np.ndarray, config: IndexConfig | None = None) -> FirstStage:
+        """Build the index over ``xb``, trained on a seeded sample when the index type needs it.
+
+        Args:
+            xb: float ``(n, d)`` L2-normalised vectors (coerced to float32; a memory map is read in
+                blocks while adding).
+            ids: int64 ``(n,)`` unique, non-negative id of each row.
+            config: index type, training and device settings; ``IndexConfig()`` when ``None``.
+
+        Returns:
+            The built first stage.
+
+        Raises:
+            InvalidArgumentError: bad shapes, non-finite values, duplicate or negative ids, a bad
+                factory string, or an index FAISS cannot train on this many vectors.
+            DependencyError: faiss is not installed.
+        """
+        config = config or IndexConfig()
+        faiss = import_faiss()
+        xb = _as_database(xb)
+        n, d = xb.shape
+        ids = as_ids(ids, "ids", n)
+        if n > 1 and not np.all(ids[1:] > ids[:-1]) and len(np.unique(ids)) != n:
+            raise InvalidArgumentError("ids must be unique, but some id appears twice")
+        _warn_unnormalised(xb)
+        factory = auto_factory(n, config)
+        index = create_index(faiss, d, factory)
+        if not index.is_trained:
+            _train(faiss, index, xb, factory, config)
+        try:
+            for i0 in range(0, n, _ADD_BLOCK):
+                block = np.ascontiguousarray(xb[i0 : i0 + _ADD_BLOCK], dtype=np.float32)
+                index.add_with_ids(block, ids[i0 : i0 + _ADD_BLOCK])
+        except RuntimeError as e:
+            raise InvalidArgumentError(
+                f"FAISS could not add {n} vectors to a {factory!r} index: {faiss_reason(e)}"
+            ) from e
+        logger.info("built a %s first stage over %d vectors of dim %d", factory, n, d)
+        return cls(index, config, factory, faiss)
+
+    @classmethod
+    def load(cls, path: str | Path, config: IndexConfig | None = None) -> FirstStage:
+        """Read an index written by :meth:`save`.
+
+        IVF inverted lists are memory-mapped (``IO_FLAG_MMAP``) rather than read into memory, so
+        opening is fast and pages load as lists are probed; the file must stay in place (index
+        generations are immutable, so it does).
+
+        Args:
+            path: the ``.faiss`` file.
+            config: search settings (``nprobe``, ``device``, ``ef_search``); its ``factory`` names
+                the index when given, else the name is read off the index structure.
+
+        Returns:
+            The loaded first stage.
+
+        Raises:
+            IndexNotFoundError: there is no file at ``path``.
+            IndexCorruptError: the file is not a FAISS index with ids and inner-product metric.
+            DependencyError: faiss is not installed.
+        """
+        config = config or IndexConfig()
+        faiss = import_faiss()
+        path = Path(path)
+        if not path.is_file():
+            raise IndexNotFoundError(
+                f"no first-stage index at {path}; build one with `crossrank build`"
+            )
+        try:
+            index = faiss.read_index(str(path), faiss.IO_FLAG_MMAP)
+        except RuntimeError:
+            try:  # an index type the mmap reader does not handle: read it whole
+                index = faiss.read_index(str(path))
+            except RuntimeError as e:
+                raise IndexCorruptError(f"cannot read the first stage {path}: {faiss_reason(e)}") from e
+        if not isinstance(index, faiss.IndexIDMap):
+            raise IndexCorruptError(
+                f"{path} holds a FAISS {type(index).__name__} without ids (expected an IndexIDMap); "
+                "rebuild the index"
+            )
+        if index.metric_type != faiss.METRIC_INNER_PRODUCT:
+            raise IndexCorruptError(
+                f"{path} uses FAISS metric {index.metric_type}, not inner product; rebuild the index"
+            )
+        factory = config.factory.strip() if config.factory else describe_index(faiss, index)
+        return cls(index, config, factory, faiss)
+
+    def save(self, path: str | Path) -> None:
+        """Write the CPU index (ids included) to ``path`` with ``faiss.write_index``.
+
+        Raises:
+            InvalidArgumentError: the file cannot be written (FAISS's reason in the message).
+        """
+        try:
+            self._faiss.write_index(self._index, str(path))
+        except RuntimeError as e:
+            raise InvalidArgumentError(
+                f"cannot write the first stage to {path}: {faiss_reason(e)}"
+            ) from e
+
+    # -- properties -----------------------------------------------------------------------------
+
+    @property
+    def ntotal(self) -> int:
+        """Vectors in the index."""
+        return int(self._index.ntotal)
+
+    @property
+    def d(self) -> int:
+        """Vector dimension."""
+        return int(self._index.d)
+
+    @property
+    def factory(self) -> str:
+        """The FAISS factory string of the index (without the ``IDMap``)."""
+        return self._factory
+
+    @property
+    def on_gpu(self) -> bool:
+        """Whether unfiltered searches run on a GPU copy."""
+        return self._gpu is not None
+
+    @property
+    def nlist(self) -> int | None:
+        """IVF lists, or ``None`` for an index without inverted lists."""
+        ivf = self._faiss.try_extract_index_ivf(self._base)
+        return None if ivf is None else int(ivf.nlist)
+
+    @property
+    def nprobe(self) -> int:
+        """Default IVF lists scanned per query (``search(..., nprobe=)`` overrides it per call)."""
+        return self._nprobe
+
+    @nprobe.setter
+    def nprobe(self, value: int) -> None:
+        self._nprobe = _check_nprobe(value)
+
+    @property
+    def info(self) -> dict[str, Any]:
+        """A JSON-able description for the index manifest."""
+        return {
+            "factory": self.factory,
+            "metric": "inner_product",
+            "d": self.d,
+            "ntotal": self.ntotal,
+            "nlist": self.nlist,
+            "nprobe": self.nprobe,
+            "faiss_version": self._faiss.__version__,
+        }
+
+    def __len__(self) -> int:
+        return self.ntotal
+
+    def __repr__(self) -> str:
+        where = f"cuda:{self._gpu.device}" if self._gpu else "cpu"
+        return (
+            f"FirstStage(factory={self.factory!r}, ntotal={self.ntotal}, d={self.d}, "
+            f"nprobe={self.nprobe}, on={where})"
+        )
+
+    # -- search ---------------------------------------------------------------------------------
+
+    def search(
+        self,
+        xq: np.ndarray,
+        k: int,
+        *,
+        allowed_ids: np.ndarray | None = None,
+        nprobe: int | None = None,
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """The ``k`` best vectors by inner product for each query, optionally among allowed ids only.
+
+        Args:
+            xq: float ``(m, d)`` normalised queries (coerced to float32, C-contiguous).
+            k: results per query, >= 1.
+            allowed_ids: int64 ``(s,)`` ids that may be returned (sorted ascending is fastest;
+                ids not in the index are ignored); ``None`` allows all. On IVF indexes only the
+                probed lists are searched, so a selective filter can leave fewer than ``k`` hits:
+                for small allowed sets, :func:`exact_search` over their vectors is exact and faster.
+            nprobe: IVF lists to scan for this call; ``None`` uses :attr:`nprobe`.
+
+        Returns:
+            ``(D, I)``: float32 ``(m, k)`` scores and int64 ``(m, k)`` ids, best first, ties by id;
+            where fewer than ``k`` vectors qualify the row is padded with id ``-1``, score ``-inf``.
+
+        Raises:
+            InvalidArgumentError: ``xq`` of the wrong shape or dim, ``k < 1``, ``nprobe < 1``, bad
+                ``allowed_ids``, or an index type that cannot search with a selector.
+        """
+        k = check_k(k)
+        xq = as_vectors(xq, "xq", self.d)
+        nprobe = self._nprobe if nprobe is None else _check_nprobe(nprobe)
+        m = len(xq)
+        empty = (np.full((m, k), PAD_SCORE, dtype=np.float32), np.full((m, k), PAD_ID, dtype=np.int64))
+        positions = None
+        sel = None
+        if allowed_ids is not None:
+            positions = self._positions(allowed_ids)
+            if len(positions) == 0:
+                return empty
+            sel = make_selector(self._faiss, positions, self.ntotal)
+        if m == 0 or self.ntotal == 0:
+            return empty
+        if sel is None and self._gpu is not None and k <= GPU_MAX_K and nprobe <= GPU_MAX_NPROBE:
+            params = search_params(
+                self._faiss, self._base, nprobe=nprobe, ef_search=None, sel=None, gpu=True
+            )
+            with self._gpu.lock:
+                D, P = self._gpu.index.search(xq, k, params=params)
+        else:
+            params = search_params(
+                self._faiss, self._base, nprobe=nprobe, ef_search=self.config.ef_search, sel=sel
+            )
+            try:
+                D, P = self._base.search(xq, k, params=params)
+            except RuntimeError as e:
+                what = "a filtered search" if sel is not None else "this search"
+                raise InvalidArgumentError(
+                    f"the {self.factory!r} index cannot run {what}: {faiss_reason(e)}; "
+                    "use exact_search over the allowed vectors, or an index type such as 'Flat' "
+                    "or 'IVF256,Flat'"
+                ) from e
+        if sel is not None:
+            P = self._drop_outside(P, positions)
+        I = np.where(P >= 0, self._id_map[np.maximum(P, 0)], PAD_ID)
+        return finish_results(D, I)
+
+    def prefers_exact(self, n_allowed: int, k: int, *, nprobe: int | None = None) -> bool:
+        """Whether :func:`exact_search` over the allowed vectors beats a filtered :meth:`search`.
+
+        * Flat: never; its filtered search is already exact and scores only the allowed rows.
+        * IVF: when the allowed vectors expected in the probed lists,
+          ``n_allowed * nprobe / nlist``, are fewer than ``4 * k``: the filtered search would
+          likely come back short (the factor 4 leaves room for uneven lists).
+        * HNSW: when fewer than 10 % of the vectors are allowed: a filtered graph walk stalls
+          among disallowed nodes and comes back short.
+        * Other types (PQ codes, types without selector support): always.
+
+        Args:
+            n_allowed: ids the filter allows.
+            k: results wanted per query.
+            nprobe: the nprobe the search would use; ``None`` uses :attr:`nprobe`.
+
+        Returns:
+            True when the caller should score the allowed vectors exactly.
+        """
+        faiss = self._faiss
+        if isinstance(self._base, faiss.IndexFlat):
+            return False
+        ivf = faiss.try_extract_index_ivf(self._base)
+        if ivf is not None:
+            probed = min(self._nprobe if nprobe is None else _check_nprobe(nprobe), ivf.nlist)
+            return n_allowed * probed / ivf.nlist < 4 * k
+        if isinstance(self._base, faiss.IndexHNSW):
+            return n_allowed < 0.1 * self.ntotal
+        return True
+
+    def _positions(self, allowed_ids: np.ndarray) -> np.ndarray:
+        """Sorted internal positions of the allowed ids that are in the index."""
+        ids = as_ids(allowed_ids, "allowed_ids")
+        if len(ids) > 1 and not np.all(ids[1:] > ids[:-1]):
+            ids = np.unique(ids)
+        pos = np.searchsorted(self._sorted_ids, ids)
+        found = pos < len(self._sorted_ids)
+        found[found] = self._sorted_ids[pos[found]] == ids[found]
+        pos = pos[found]
+        if self._order is not None:
+            pos = np.sort(self._order[pos])
+        return pos
+
+    def _drop_outside(self, P: np.ndarray, positions: np.ndarray) -> np.ndarray:
+        """Blank hits outside the allowed positions: a guard for index types that ignore selectors."""
+        j = np.minimum(np.searchsorted(positions, P), len(positions) - 1)
+        outside = (P >= 0) & (positions[j] != P)
+        if outside.any():
+            logger.warning(
+                "the %r index ignored the id selector for %d hits; they were dropped",
+                self.factory, int(outside.sum()),
+            )
+            P = np.where(outside, PAD_ID, P)
+        return P
+
+
+def _as_database(xb: np.ndarray) -> np.ndarray:
+    """``xb`` checked as an ``(n, d)`` matrix of finite floats, without copying a float32 memmap."""
+    arr = np.asarray(xb)
+    if arr.ndim != 2 or arr.shape[1] < 1:
+        raise InvalidArgumentError(f"xb must have shape (n, d) with d >= 1, got shape {arr.shape}")
+    if not np.issubdtype(arr.dtype, np.number):
+        raise InvalidArgumentError(f"xb must hold floats, got {arr.dtype}")
+    for i0 in range(0, len(arr), _ADD_BLOCK):
+        if not np.isfinite(arr[i0 : i0 + _ADD_BLOCK]).all():
+            raise InvalidArgumentError("xb holds NaN or infinite values")
+    return arr
+
+
+def _warn_unnormalised(xb: np.ndarray) -> None:
+    """Log a warning when the vectors are not unit length: inner product then is not cosine."""
+    rows = xb[: min(len(xb), 1024)].astype(np.float32)
+    if len(rows) and np.abs(np.linalg.norm(rows, axis=1) - 1.0).max() > 1e-3:
+        logger.warning("xb is not L2-normalised: inner-product scores will not be cosine similarities")
+
+
+def _train(faiss: Any, index: Any, xb: np.ndarray, factory: str, config: IndexConfig) -> None:
+    """Train on a seeded random sample of at most ``config.train_size`` rows of ``xb``."""
+    n = len(xb)
+    n_train = min(n, config.train_size)
+    if n_train < n:
+        # Sorted rows: a memory-mapped xb is then read front to back.
+        rows = np.sort(np.random.default_rng(config.seed).choice(n, size=n_train, replace=False))
+        xt = np.ascontiguousarray(xb[rows], dtype=np.float32)
+    else:
+        xt = np.ascontiguousarray(xb, dtype=np.float32)
+    ivf = faiss.try_extract_index_ivf(faiss.downcast_index(index.index))
+    if ivf is not None:
+        ivf.cp.seed = config.seed
+    try:
+        index.train(xt)
+    except RuntimeError as e:
+        raise InvalidArgumentError(
+            f"FAISS could not train a {factory!r} index on {n_train} vectors: {faiss_reason(e)}; "
+            "use fewer IVF lists (e.g. 'IVF64,Flat') or 'Flat' for small corpora"
+        ) from e
+
+
+def _check_nprobe(value: object) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or int(value) < 1:
+        raise InvalidArgumentError(
+            f"nprobe must be an int >= 1 (IVF lists scanned per query), got {value!r}"
+        )
+    return int(value)
