@@ -1,0 +1,308 @@
+"""What every encoder returns and promises, and the machinery the transformers backends share.
+
+A backend (``clip.py``, ...) only says how one batch goes through its model
+(:meth:`TransformersEncoder._image_forward` and :meth:`TransformersEncoder._text_forward`);
+:class:`TransformersEncoder` does the rest the same way for all of them: input checks, the image
+processor and the tokenizer, batching, device and dtype, float32 L2-normalised pooled outputs.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, ClassVar, Protocol, runtime_checkable
+
+import numpy as np
+
+from crossrank.errors import InvalidArgumentError
+
+if TYPE_CHECKING:
+    import torch
+    from PIL import Image
+
+__all__ = ["ImageFeatures", "TextFeatures", "Encoder", "TransformersEncoder"]
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class ImageFeatures:
+    """What an encoder makes of n images.
+
+    Attributes:
+        pooled: ``(n, dim)`` float32, L2-normalised: the first-stage vectors.
+        patches: ``(n, n_patches, patch_dim)`` float32 per-patch features in the shared space, not
+            normalised (the backend's docstring says which tokens they are).
+    """
+
+    pooled: np.ndarray
+    patches: np.ndarray
+
+    def __len__(self) -> int:
+        return int(self.pooled.shape[0])
+
+
+@dataclass
+class TextFeatures:
+    """What an encoder makes of m texts.
+
+    Attributes:
+        pooled: ``(m, dim)`` float32, L2-normalised: the first-stage query vectors.
+        tokens: ``(m, n_tokens, patch_dim)`` float32 per-token features in the shared space, not
+            normalised; zero where ``mask`` is False.
+        mask: ``(m, n_tokens)`` bool, True for the real tokens (special tokens included), False for
+            padding. ``n_tokens`` is the longest text's token count in this call.
+    """
+
+    pooled: np.ndarray
+    tokens: np.ndarray
+    mask: np.ndarray
+
+    def __len__(self) -> int:
+        return int(self.pooled.shape[0])
+
+
+@runtime_checkable
+class Encoder(Protocol):
+    """Images and texts in, pooled vectors and patch / token features out.
+
+    Attributes:
+        model_id: what the index manifest records: the ``crossrank-demo`` alias, a hub id, or an
+            absolute directory.
+        info: JSON-able description of the model (``model_id``, ``model_type``, ``dim``,
+            ``patch_dim``, ``n_patches``, ``image_size``, ``max_text_len``, ``config_sha256``,
+            ``weights_sha256``, ...); see :func:`crossrank.encoders.same_model`.
+        dim: size D of the pooled vectors.
+        patch_dim: size d of the patch and token features.
+        n_patches: patches P per image.
+    """
+
+    model_id: str
+    info: dict[str, Any]
+    dim: int
+    patch_dim: int
+    n_patches: int
+
+    def preprocess(self, images: Sequence[Image.Image]) -> torch.Tensor:
+        """``(n, 3, H, W)`` float32 CPU pixel values; thread-safe (runs in decode threads)."""
+        ...
+
+    def encode_pixels(self, pixel_values: torch.Tensor) -> ImageFeatures:
+        """Encode preprocessed images, batched internally."""
+        ...
+
+    def encode_images(self, images: Sequence[Image.Image]) -> ImageFeatures:
+        """``preprocess`` + ``encode_pixels``."""
+        ...
+
+    def encode_text(self, texts: Sequence[str]) -> TextFeatures:
+        """Encode texts, batched internally; an empty text is an error."""
+        ...
+
+
+def _check_texts(texts: Sequence[str]) -> list[str]:
+    if isinstance(texts, str) or not isinstance(texts, Sequence):
+        raise InvalidArgumentError(
+            f"texts must be a list of strings, got {type(texts).__name__}; wrap a single query in a list"
+        )
+    if len(texts) == 0:
+        raise InvalidArgumentError("texts is empty; give at least one query text")
+    for i, text in enumerate(texts):
+        if not isinstance(text, str):
+            raise InvalidArgumentError(f"texts[{i}] must be a string, got {type(text).__name__}")
+        if not text.strip():
+            raise InvalidArgumentError(f"texts[{i}] is empty or only whitespace; give a query with words in it")
+    return list(texts)
+
+
+class TransformersEncoder:
+    """Shared body of the encoders built on a transformers model, its image processor and tokenizer.
+
+    Thread safety: :meth:`preprocess` keeps no state and may run in many threads at once;
+    tokenizing is serialised with a lock (a fast tokenizer's padding / truncation settings are
+    mutable state of the Rust object), and forward passes under ``torch.inference_mode`` may run
+    concurrently.
+
+    Subclasses set ``backend`` and implement ``_image_forward`` and ``_text_forward``.
+    """
+
+    backend: ClassVar[str] = ""
+
+    def __init__(self, model: Any, image_processor: Any, tokenizer: Any, *, info: dict[str, Any],
+                 device: torch.device, dtype: torch.dtype, batch_size: int) -> None:
+        """Place the model and read its sizes from ``info``.
+
+        Args:
+            model: the transformers model (moved here to ``device`` and ``dtype``, set to eval).
+            image_processor: its image processor (PIL in, ``pixel_values`` out).
+            tokenizer: its tokenizer.
+            info: the encoder's description; must hold ``model_id``, ``dim``, ``patch_dim``,
+                ``n_patches``, ``image_size`` and ``max_text_len``.
+            device: where the model runs.
+            dtype: the dtype it runs in.
+            batch_size: images or texts per forward pass.
+        """
+        self.model = model.to(device=device, dtype=dtype).eval()
+        self.image_processor = image_processor
+        self.tokenizer = tokenizer
+        self.info = info
+        self.model_id: str = info["model_id"]
+        self.dim: int = info["dim"]
+        self.patch_dim: int = info["patch_dim"]
+        self.n_patches: int = info["n_patches"]
+        self.image_size: int = info["image_size"]
+        self.max_text_len: int = info["max_text_len"]
+        self.device = device
+        self.dtype = dtype
+        self.batch_size = batch_size
+        self._tokenizer_lock = threading.Lock()
+        self._logged_truncation = False
+
+    def __repr__(self) -> str:
+        return (f"{type(self).__name__}(model_id={self.model_id!r}, device={str(self.device)!r}, "
+                f"dtype={str(self.dtype).removeprefix('torch.')!r}, batch_size={self.batch_size})")
+
+    # -- what a backend implements -------------------------------------------------------------------
+
+    def _image_forward(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """One batch ``(b, 3, H, W)`` -> pooled ``(b, dim)`` (unnormalised), patches ``(b, P, d)``."""
+        raise NotImplementedError
+
+    def _text_forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor
+                      ) -> tuple[torch.Tensor, torch.Tensor]:
+        """One batch ``(b, L)`` -> pooled ``(b, dim)`` (unnormalised), tokens ``(b, L, d)``."""
+        raise NotImplementedError
+
+    def _tokenize(self, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
+        """Token ids ``(m, L)`` int64, attention mask ``(m, L)`` int64, and the rows that were cut.
+
+        Pads on the tokenizer's side to the longest text; truncates at ``max_text_len``.
+        """
+        with self._tokenizer_lock:
+            enc = self.tokenizer(texts, padding="longest", truncation=True, max_length=self.max_text_len,
+                                 return_tensors="pt")
+        encodings = getattr(enc, "encodings", None) or []
+        truncated = [i for i, e in enumerate(encodings) if getattr(e, "overflowing", None)]
+        return enc["input_ids"], enc["attention_mask"], truncated
+
+    # -- public API ------------------------------------------------------------------------------------
+
+    def preprocess(self, images: Sequence[Image.Image]) -> torch.Tensor:
+        """Resize, crop and normalise images as the model's own image processor does.
+
+        Thread-safe and stateless, so the ingest decode threads call it.
+
+        Args:
+            images: PIL images (any mode; converted to RGB here).
+
+        Returns:
+            ``(n, 3, image_size, image_size)`` float32 CPU tensor.
+
+        Raises:
+            InvalidArgumentError: ``images`` is not a sequence of PIL images.
+        """
+        import torch
+        from PIL import Image
+
+        if isinstance(images, Image.Image) or not isinstance(images, Sequence):
+            raise InvalidArgumentError(
+                f"images must be a list of PIL images, got {type(images).__name__}; wrap a single image in a list"
+            )
+        for i, image in enumerate(images):
+            if not isinstance(image, Image.Image):
+                raise InvalidArgumentError(f"images[{i}] must be a PIL image, got {type(image).__name__}")
+        if len(images) == 0:
+            return torch.empty((0, 3, self.image_size, self.image_size), dtype=torch.float32)
+        rgb = [im if im.mode == "RGB" else im.convert("RGB") for im in images]
+        pixels = self.image_processor(images=rgb, return_tensors="pt")["pixel_values"]
+        return pixels.to(torch.float32).contiguous()  # (n, 3, H, W)
+
+    def encode_pixels(self, pixel_values: torch.Tensor | np.ndarray) -> ImageFeatures:
+        """Encode preprocessed images, ``batch_size`` at a time.
+
+        Args:
+            pixel_values: ``(n, 3, image_size, image_size)`` float, as :meth:`preprocess` returns.
+
+        Returns:
+            :class:`ImageFeatures`: pooled ``(n, dim)`` float32 L2-normalised, patches
+            ``(n, n_patches, patch_dim)`` float32.
+
+        Raises:
+            InvalidArgumentError: the tensor has another shape.
+        """
+        import torch
+        import torch.nn.functional as F
+
+        if isinstance(pixel_values, np.ndarray):
+            pixel_values = torch.from_numpy(pixel_values)
+        if not isinstance(pixel_values, torch.Tensor):
+            raise InvalidArgumentError(f"pixel_values must be a torch tensor, got {type(pixel_values).__name__}")
+        expected = (3, self.image_size, self.image_size)
+        if pixel_values.ndim != 4 or tuple(pixel_values.shape[1:]) != expected:
+            raise InvalidArgumentError(
+                f"pixel_values must have shape (n, {', '.join(map(str, expected))}) for {self.model_id}, "
+                f"got {tuple(pixel_values.shape)}; make them with this encoder's preprocess()"
+            )
+        n = pixel_values.shape[0]
+        pooled = np.empty((n, self.dim), dtype=np.float32)
+        patches = np.empty((n, self.n_patches, self.patch_dim), dtype=np.float32)
+        with torch.inference_mode():
+            for start in range(0, n, self.batch_size):
+                batch = pixel_values[start:start + self.batch_size].to(self.device, self.dtype, non_blocking=True)
+                p, x = self._image_forward(batch)
+                stop = start + batch.shape[0]
+                # Normalise in float32 whatever the model ran in.
+                pooled[start:stop] = F.normalize(p.float(), dim=-1).cpu().numpy()
+                patches[start:stop] = x.float().cpu().numpy()
+        return ImageFeatures(pooled=pooled, patches=patches)
+
+    def encode_images(self, images: Sequence[Image.Image]) -> ImageFeatures:
+        """:meth:`preprocess` then :meth:`encode_pixels`.
+
+        Args:
+            images: PIL images.
+
+        Returns:
+            :class:`ImageFeatures` (see :meth:`encode_pixels`).
+        """
+        return self.encode_pixels(self.preprocess(images))
+
+    def encode_text(self, texts: Sequence[str]) -> TextFeatures:
+        """Encode query texts, ``batch_size`` at a time.
+
+        Texts longer than the model's ``max_text_len`` tokens are truncated (logged once, at debug).
+
+        Args:
+            texts: the texts; each must have a non-whitespace character.
+
+        Returns:
+            :class:`TextFeatures`: pooled ``(m, dim)`` float32 L2-normalised, tokens
+            ``(m, n_tokens, patch_dim)`` float32 (zero at padding), mask ``(m, n_tokens)`` bool.
+
+        Raises:
+            InvalidArgumentError: ``texts`` is empty, not a list of strings, or holds an empty text.
+        """
+        import torch
+        import torch.nn.functional as F
+
+        texts = _check_texts(texts)
+        input_ids, attention_mask, truncated = self._tokenize(texts)
+        if truncated and not self._logged_truncation:
+            self._logged_truncation = True
+            logger.debug("%d text(s) longer than %d tokens were truncated for %s (first: texts[%d])",
+                         len(truncated), self.max_text_len, self.model_id, truncated[0])
+        m, n_tokens = input_ids.shape
+        mask = attention_mask.bool()  # (m, n_tokens)
+        pooled = np.empty((m, self.dim), dtype=np.float32)
+        tokens = np.empty((m, n_tokens, self.patch_dim), dtype=np.float32)
+        with torch.inference_mode():
+            for start in range(0, m, self.batch_size):
+                stop = min(start + self.batch_size, m)
+                p, t = self._text_forward(input_ids[start:stop].to(self.device),
+                                          attention_mask[start:stop].to(self.device))
+                t = t.float().masked_fill(~mask[start:stop, :, None].to(t.device), 0.0)  # (b, n_tokens, d)
+                pooled[start:stop] = F.normalize(p.float(), dim=-1).cpu().numpy()
+                tokens[start:stop] = t.cpu().numpy()
+        return TextFeatures(pooled=pooled, tokens=tokens, mask=mask.numpy())
