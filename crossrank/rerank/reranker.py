@@ -1,0 +1,195 @@
+"""The reranker interface: what the search path calls to rescore one query's candidates.
+
+A reranker sees only features: the query's token features and its candidates' stored patch
+features. No image is decoded or re-encoded at query time. Every reranker (parameter-free MaxSim
+today, the trained cross-attention reranker later) takes the same inputs and returns one float32
+score per candidate, higher is better.
+"""
+
+from __future__ import annotations
+
+import logging
+from enum import StrEnum
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
+
+from crossrank.device import Device
+from crossrank.errors import InvalidArgumentError
+
+if TYPE_CHECKING:
+    import numpy as np
+    import torch
+
+__all__ = ["Reranker", "RerankerName", "get_reranker", "check_rerank_inputs"]
+
+logger = logging.getLogger(__name__)
+
+
+class RerankerName(StrEnum):
+    """The rerankers that can be asked for by name (``--reranker``)."""
+
+    MAXSIM = "maxsim"
+    NONE = "none"
+
+
+@runtime_checkable
+class Reranker(Protocol):
+    """Scores one query against its k candidates, all candidates in one batched computation.
+
+    Attributes:
+        name: a short name for logs and reports, e.g. ``"maxsim"``.
+    """
+
+    name: str
+
+    def score(
+        self,
+        query: torch.Tensor,
+        query_mask: torch.Tensor,
+        patches: torch.Tensor,
+        patch_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Score one query against k candidates.
+
+        Args:
+            query: token features of one query, ``(n_tokens, dim)``, float.
+            query_mask: ``(n_tokens,)`` bool, True = a real token, False = padding.
+            patches: the candidates' patch features, ``(k, n_patches, dim)``, float16 or float32.
+            patch_mask: ``(k, n_patches)`` bool, True = a real patch; None means all are real.
+
+        Returns:
+            ``(k,)`` float32 scores on the CPU, higher is better, in the order of ``patches``.
+        """
+        ...
+
+
+def get_reranker(
+    spec: str | RerankerName | Reranker | None, device: Device | str = Device.AUTO
+) -> Reranker | None:
+    """Turn a ``--reranker`` value into a reranker.
+
+    Args:
+        spec: ``"maxsim"`` (case-insensitive), ``"none"`` or None for no reranking, or a
+            :class:`Reranker` instance, which is returned as it is.
+        device: where a named reranker runs: ``auto``, ``cpu``, ``cuda`` or ``cuda:N``.
+
+    Returns:
+        The reranker, or None when reranking is off.
+
+    Raises:
+        InvalidArgumentError: the name is not a known reranker, or the device is unavailable.
+
+    Example:
+        >>> get_reranker("none") is None
+        True
+    """
+    if spec is None:
+        return None
+    if isinstance(spec, str):
+        name = spec.strip().lower()
+        if name == RerankerName.NONE:
+            return None
+        if name == RerankerName.MAXSIM:
+            from crossrank.rerank.maxsim import MaxSimReranker
+
+            return MaxSimReranker(device=device)
+        choices = ", ".join(m.value for m in RerankerName)
+        raise InvalidArgumentError(f"reranker must be one of {choices}, got {spec!r}")
+    if isinstance(spec, Reranker):
+        return spec
+    raise InvalidArgumentError(
+        f"reranker must be a name ({', '.join(m.value for m in RerankerName)}), None, or an object "
+        f"with a `name` and a `score(query, query_mask, patches, patch_mask)` method; "
+        f"got {type(spec).__name__}"
+    )
+
+
+def _as_tensor(x: Any, what: str) -> torch.Tensor:
+    """Accept a torch tensor or a numpy array (a read-only memory map too) without copying twice."""
+    import numpy as np
+    import torch
+
+    if isinstance(x, torch.Tensor):
+        return x
+    if isinstance(x, np.ndarray):
+        # torch.from_numpy warns on read-only arrays (np.load(mmap_mode="r") slices); copy those.
+        return torch.from_numpy(x if x.flags.writeable else np.array(x))
+    raise InvalidArgumentError(
+        f"{what} must be a torch.Tensor or numpy array, got {type(x).__name__}"
+    )
+
+
+def check_rerank_inputs(
+    query: torch.Tensor | np.ndarray,
+    query_mask: torch.Tensor | np.ndarray,
+    patches: torch.Tensor | np.ndarray,
+    patch_mask: torch.Tensor | np.ndarray | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Validate one query's rerank inputs at the public boundary; shared by every reranker.
+
+    Args:
+        query: ``(n_tokens, dim)`` float token features.
+        query_mask: ``(n_tokens,)`` bool, True = a real token.
+        patches: ``(k, n_patches, dim)`` float patch features (float16 is fine).
+        patch_mask: ``(k, n_patches)`` bool, True = a real patch, or None (all real).
+
+    Returns:
+        The four inputs as torch tensors (numpy arrays converted), on their original device.
+
+    Raises:
+        InvalidArgumentError: a shape, rank or dtype is not as above, the query and patch dims
+            differ, the query has no real token, there are no patches, or a candidate has no real
+            patch.
+    """
+    import torch
+
+    query = _as_tensor(query, "query")
+    query_mask = _as_tensor(query_mask, "query_mask")
+    patches = _as_tensor(patches, "patches")
+    if patch_mask is not None:
+        patch_mask = _as_tensor(patch_mask, "patch_mask")
+
+    if query.ndim != 2:
+        raise InvalidArgumentError(
+            "query must be (n_tokens, dim) token features of one query, "
+            f"got shape {tuple(query.shape)}"
+        )
+    if patches.ndim != 3:
+        raise InvalidArgumentError(
+            f"patches must be (k, n_patches, dim) patch features of k candidates, "
+            f"got shape {tuple(patches.shape)}"
+        )
+    if not query.is_floating_point() or not patches.is_floating_point():
+        raise InvalidArgumentError(
+            f"query and patches must be floating point, got {query.dtype} and {patches.dtype}"
+        )
+    n_tokens, dim = query.shape
+    k, n_patches, patch_dim = patches.shape
+    if dim != patch_dim:
+        raise InvalidArgumentError(
+            f"query tokens have dim {dim}, but patches have dim {patch_dim}; token and patch "
+            "features must come from the same encoder (the one the index was built with)"
+        )
+    if query_mask.dtype != torch.bool or tuple(query_mask.shape) != (n_tokens,):
+        raise InvalidArgumentError(
+            f"query_mask must be a bool tensor of shape ({n_tokens},) (True = real token), "
+            f"got {query_mask.dtype} of shape {tuple(query_mask.shape)}"
+        )
+    if not bool(query_mask.any()):
+        raise InvalidArgumentError(
+            "query has no real token (query_mask is all False); an empty query cannot be reranked"
+        )
+    if n_patches == 0:
+        raise InvalidArgumentError("patches has n_patches == 0; every candidate needs patches")
+    if patch_mask is not None:
+        if patch_mask.dtype != torch.bool or tuple(patch_mask.shape) != (k, n_patches):
+            raise InvalidArgumentError(
+                f"patch_mask must be a bool tensor of shape ({k}, {n_patches}) "
+                f"(True = real patch), got {patch_mask.dtype} of shape {tuple(patch_mask.shape)}"
+            )
+        empty = (~patch_mask.any(dim=1)).nonzero().flatten().tolist()
+        if empty:
+            raise InvalidArgumentError(
+                f"candidates at positions {empty[:10]} have no real patch (patch_mask all False); "
+                "drop them before reranking"
+            )
+    return query, query_mask, patches, patch_mask
