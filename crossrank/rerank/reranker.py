@@ -2,14 +2,17 @@
 
 A reranker sees only features: the query's token features and its candidates' stored patch
 features. No image is decoded or re-encoded at query time. Every reranker (parameter-free MaxSim
-today, the trained cross-attention reranker later) takes the same inputs and returns one float32
+and the trained cross-attention reranker) takes the same inputs and returns one float32
 score per candidate, higher is better.
 """
 
 from __future__ import annotations
 
 import logging
+import os
+from collections.abc import Mapping
 from enum import StrEnum
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 from crossrank.device import Device
@@ -63,20 +66,29 @@ class Reranker(Protocol):
 
 
 def get_reranker(
-    spec: str | RerankerName | Reranker | None, device: Device | str = Device.AUTO
+    spec: str | os.PathLike[str] | RerankerName | Reranker | None,
+    device: Device | str = Device.AUTO,
+    *,
+    encoder_info: Mapping[str, Any] | None = None,
 ) -> Reranker | None:
     """Turn a ``--reranker`` value into a reranker.
 
     Args:
-        spec: ``"maxsim"`` (case-insensitive), ``"none"`` or None for no reranking, or a
-            :class:`Reranker` instance, which is returned as it is.
-        device: where a named reranker runs: ``auto``, ``cpu``, ``cuda`` or ``cuda:N``.
+        spec: ``"maxsim"`` (case-insensitive), ``"none"`` or None for no reranking, the folder of
+            a saved cross-attention reranker (a path; names win over a folder of the same name,
+            write ``./maxsim`` for that), or a :class:`Reranker` instance, returned as it is.
+        device: where a named or loaded reranker runs: ``auto``, ``cpu``, ``cuda`` or ``cuda:N``.
+        encoder_info: the ``info`` of the encoder whose features will be reranked (an index
+            manifest's ``encoder``); a loaded reranker's dims are checked against it.
 
     Returns:
         The reranker, or None when reranking is off.
 
     Raises:
-        InvalidArgumentError: the name is not a known reranker, or the device is unavailable.
+        InvalidArgumentError: the name is not a known reranker nor a path, or the device is
+            unavailable.
+        ModelError: the path holds no loadable reranker (missing, corrupt or truncated files).
+        ModelMismatchError: the loaded reranker's dims do not fit ``encoder_info``.
 
     Example:
         >>> get_reranker("none") is None
@@ -84,6 +96,8 @@ def get_reranker(
     """
     if spec is None:
         return None
+    if isinstance(spec, os.PathLike):
+        return _load(spec, device, encoder_info)
     if isinstance(spec, str):
         name = spec.strip().lower()
         if name == RerankerName.NONE:
@@ -92,15 +106,37 @@ def get_reranker(
             from crossrank.rerank.maxsim import MaxSimReranker
 
             return MaxSimReranker(device=device)
+        if _looks_like_path(spec):
+            return _load(spec, device, encoder_info)
         choices = ", ".join(m.value for m in RerankerName)
-        raise InvalidArgumentError(f"reranker must be one of {choices}, got {spec!r}")
+        raise InvalidArgumentError(
+            f"reranker must be one of {choices}, got {spec!r}, or the folder of a saved "
+            "cross-attention reranker (no such folder exists)"
+        )
     if isinstance(spec, Reranker):
         return spec
     raise InvalidArgumentError(
-        f"reranker must be a name ({', '.join(m.value for m in RerankerName)}), None, or an object "
-        f"with a `name` and a `score(query, query_mask, patches, patch_mask)` method; "
-        f"got {type(spec).__name__}"
+        f"reranker must be a name ({', '.join(m.value for m in RerankerName)}), a folder of a "
+        "saved reranker, None, or an object with a `name` and a `score(query, query_mask, patches, "
+        f"patch_mask)` method; got {type(spec).__name__}"
     )
+
+
+def _looks_like_path(spec: str) -> bool:
+    """A string names a folder if one exists there or it is written like a path."""
+    return (
+        Path(spec).expanduser().exists()
+        or os.sep in spec
+        or (os.altsep is not None and os.altsep in spec)
+        or spec.startswith((".", "~"))
+    )
+
+
+def _load(path: str | os.PathLike[str], device: Device | str,
+          encoder_info: Mapping[str, Any] | None) -> Reranker:
+    from crossrank.rerank.checkpoint import load_reranker
+
+    return load_reranker(Path(path).expanduser(), device, encoder_info=encoder_info)
 
 
 def _as_tensor(x: Any, what: str) -> torch.Tensor:
@@ -123,6 +159,8 @@ def check_rerank_inputs(
     query_mask: torch.Tensor | np.ndarray,
     patches: torch.Tensor | np.ndarray,
     patch_mask: torch.Tensor | np.ndarray | None = None,
+    *,
+    same_dim: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """Validate one query's rerank inputs at the public boundary; shared by every reranker.
 
@@ -131,6 +169,8 @@ def check_rerank_inputs(
         query_mask: ``(n_tokens,)`` bool, True = a real token.
         patches: ``(k, n_patches, dim)`` float patch features (float16 is fine).
         patch_mask: ``(k, n_patches)`` bool, True = a real patch, or None (all real).
+        same_dim: require the token and patch dims to be equal (MaxSim compares them directly);
+            a reranker that projects each modality itself passes False and checks its own dims.
 
     Returns:
         The four inputs as torch tensors (numpy arrays converted), on their original device.
@@ -164,7 +204,7 @@ def check_rerank_inputs(
         )
     n_tokens, dim = query.shape
     k, n_patches, patch_dim = patches.shape
-    if dim != patch_dim:
+    if same_dim and dim != patch_dim:
         raise InvalidArgumentError(
             f"query tokens have dim {dim}, but patches have dim {patch_dim}; token and patch "
             "features must come from the same encoder (the one the index was built with)"

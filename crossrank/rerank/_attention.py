@@ -1,0 +1,198 @@
+"""Attention building blocks and the layer of the cross-attention reranker (private).
+
+Tensors carry any number of leading batch dims (``(B, k, ...)`` for B queries with k candidates
+each); a size-1 dim broadcasts, so a query-side tensor of shape ``(B, 1, ...)`` meets the k
+candidates without being copied. Masks are bool, True = attend.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from crossrank.rerank.config import RerankerConfig
+
+__all__ = [
+    "Attention", "MLP", "RerankerLayer", "attend", "merge_heads", "split_heads", "top_m_mask",
+]
+
+
+def split_heads(x: torch.Tensor, heads: int) -> torch.Tensor:
+    """``(..., n, width)`` -> ``(..., heads, n, head_dim)``."""
+    *lead, n, width = x.shape
+    return x.view(*lead, n, heads, width // heads).transpose(-2, -3)  # (..., heads, n, head_dim)
+
+
+def merge_heads(x: torch.Tensor) -> torch.Tensor:
+    """``(..., heads, n, head_dim)`` -> ``(..., n, width)``."""
+    *lead, heads, n, head_dim = x.shape
+    return x.transpose(-2, -3).reshape(*lead, n, heads * head_dim)  # (..., n, width)
+
+
+def top_m_mask(q: torch.Tensor, k: torch.Tensor, keep: torch.Tensor, m: int,
+               scale: float) -> torch.Tensor:
+    """Keep, for each query row, only its ``m`` highest-scoring real keys.
+
+    The selection is made on float32 logits without gradient (a hard top-m is not differentiable;
+    the kept logits still are, inside the attention).
+
+    Args:
+        q: ``(..., heads, n, e)`` queries.
+        k: ``(..., heads, S, e)`` keys.
+        keep: bool, broadcastable to ``(..., heads, n, S)``, True = a real key.
+        m: keys kept per query row (``m >= S`` keeps all real keys).
+        scale: the attention's logit scale (does not change the order; kept for clarity).
+
+    Returns:
+        ``(..., heads, n, S)`` bool: ``keep`` and among the row's top ``m``.
+    """
+    with torch.no_grad():
+        logits = torch.matmul(q.float(), k.float().transpose(-1, -2)) * scale  # (..., heads, n, S)
+        logits = logits.masked_fill(~keep, float("-inf"))
+        top = logits.topk(min(m, logits.shape[-1]), dim=-1).indices  # (..., heads, n, m)
+        selected = torch.zeros_like(logits, dtype=torch.bool).scatter_(-1, top, True)
+    # Rows with fewer than m real keys pick some padding in the top m: the `& keep` drops it.
+    return selected & keep  # (..., heads, n, S)
+
+
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, keep: torch.Tensor, scale: float,
+           top_m: int | None = None) -> torch.Tensor:
+    """Masked multi-head attention via ``F.scaled_dot_product_attention``.
+
+    Args:
+        q: ``(..., heads, n, e)``; leading dims broadcast against ``k``'s (a shared query side
+            of shape ``(B, 1, ...)`` is never copied per candidate by this code).
+        k: ``(..., heads, S, e)``.
+        v: ``(..., heads, S, ev)``.
+        keep: bool, broadcastable to ``(..., heads, n, S)``, True = attend. Every row needs at
+            least one True (the public checks guarantee a real patch and a real token).
+        scale: the logit scale, ``head_dim ** -0.5``.
+        top_m: attend only to each row's top-m real keys by logit; None = all.
+
+    Returns:
+        ``(..., heads, n, ev)``.
+    """
+    if keep.ndim < q.ndim:
+        keep = keep.view((1,) * (q.ndim - keep.ndim) + tuple(keep.shape))  # (1.., *keep.shape)
+    if top_m is not None and top_m < k.shape[-2]:
+        keep = top_m_mask(q, k, keep, top_m, scale)  # (..., heads, n, S)
+    lead = torch.broadcast_shapes(q.shape[:-3], k.shape[:-3], v.shape[:-3], keep.shape[:-3])
+    if len(lead) == 1:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=keep,
+                                              scale=scale)  # (N, heads, n, ev)
+    # The fused CPU/CUDA kernels take one batch dim; with more, SDPA falls back to the unfused
+    # math path (2.5x slower on the CPU here). Flattening is a view for the candidate-side tensors;
+    # a shared query side (size-1 candidate dim) is materialised per candidate by the reshape,
+    # k * n * width floats, small next to the k * P * width of the keys.
+    out = F.scaled_dot_product_attention(
+        _flat(q, lead), _flat(k, lead), _flat(v, lead), attn_mask=_flat(keep, lead), scale=scale
+    )  # (prod(lead), heads, n, ev)
+    return out.view(*lead, *out.shape[-3:])  # (..., heads, n, ev)
+
+
+def _flat(x: torch.Tensor, lead: torch.Size) -> torch.Tensor:
+    """``(*lead', a, b, c)`` broadcast to ``(*lead, a, b, c)`` -> ``(prod(lead), a, b, c)``."""
+    return x.expand(*lead, *x.shape[-3:]).reshape(-1, *x.shape[-3:])  # (prod(lead), a, b, c)
+
+
+class Attention(nn.Module):
+    """Multi-head attention with separate q, k, v and output projections (width -> width).
+
+    Keeping k and v apart (not one fused ``kv`` Linear) lets the reranker precompute them and
+    fold them (see :class:`~crossrank.rerank.CrossAttentionReranker`).
+    """
+
+    def __init__(self, width: int, heads: int, dropout: float) -> None:
+        super().__init__()
+        self.heads = heads
+        self.scale = (width // heads) ** -0.5
+        self.q = nn.Linear(width, width)
+        # No key bias: it would add the same q·b_k to every logit of a row (softmax-invariant).
+        self.k = nn.Linear(width, width, bias=False)
+        self.v = nn.Linear(width, width)
+        self.o = nn.Linear(width, width)
+        self.drop = nn.Dropout(dropout)
+
+    def project_kv(self, source: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(..., S, width)`` -> keys and values, each ``(..., heads, S, head_dim)``."""
+        return split_heads(self.k(source), self.heads), split_heads(self.v(source), self.heads)
+
+    def project_q(self, x: torch.Tensor) -> torch.Tensor:
+        """``(..., n, width)`` -> ``(..., heads, n, head_dim)``."""
+        return split_heads(self.q(x), self.heads)
+
+    def output(self, heads_out: torch.Tensor) -> torch.Tensor:
+        """``(..., heads, n, head_dim)`` -> ``(..., n, width)`` through the output projection."""
+        return self.drop(self.o(merge_heads(heads_out)))
+
+    def forward(self, x: torch.Tensor, source: torch.Tensor, keep: torch.Tensor,
+                top_m: int | None = None) -> torch.Tensor:
+        """Rows of ``x`` ``(..., n, width)`` attend to ``source`` ``(..., S, width)``.
+
+        Args:
+            x: the attending states, ``(..., n, width)``.
+            source: the attended states, ``(..., S, width)``.
+            keep: bool broadcastable to ``(..., heads, n, S)``, True = attend.
+            top_m: see :func:`attend`.
+
+        Returns:
+            ``(..., n, width)``.
+        """
+        keys, values = self.project_kv(source)  # (..., heads, S, head_dim) each
+        queries = self.project_q(x)  # (..., heads, n, head_dim)
+        out = attend(queries, keys, values, keep, self.scale, top_m)  # (..., heads, n, head_dim)
+        return self.output(out)
+
+
+class MLP(nn.Module):
+    """``Linear -> GELU -> Linear`` with dropout, width -> hidden -> width."""
+
+    def __init__(self, width: int, hidden: int, dropout: float) -> None:
+        super().__init__()
+        self.fc = nn.Linear(width, hidden)
+        self.proj = nn.Linear(hidden, width)
+        self.drop = nn.Dropout(dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``(..., width)`` -> ``(..., width)``."""
+        return self.drop(self.proj(self.drop(F.gelu(self.fc(x)))))
+
+
+class RerankerLayer(nn.Module):
+    """One reranker layer: [patch self-attention], cross-attention, [back-attention], MLP."""
+
+    def __init__(self, config: RerankerConfig, index: int) -> None:
+        super().__init__()
+        w, drop = config.width, config.dropout
+        self.top_m = config.sparse_top_m
+        if config.patch_self_attention:
+            self.patch_norm = nn.LayerNorm(w)
+            self.patch_attn = Attention(w, config.heads, drop)
+        self.cross_norm = nn.LayerNorm(w)
+        # Keys/values read the patch stream through a LayerNorm only once a residual branch has
+        # updated it; the stream entering layer 1 is a linear map of x̃, which folding requires.
+        updated = config.patch_self_attention or (config.bidirectional and index > 0)
+        self.cross_kv_norm = nn.LayerNorm(w) if updated else nn.Identity()
+        self.cross_attn = Attention(w, config.heads, drop)
+        if config.bidirectional:
+            self.back_norm = nn.LayerNorm(w)
+            self.back_kv_norm = nn.LayerNorm(w)
+            self.back_attn = Attention(w, config.heads, drop)
+        self.mlp_norm = nn.LayerNorm(w)
+        self.mlp = MLP(w, config.mlp_hidden, drop)
+        names = ["cross_gate", "mlp_gate"]
+        names += ["patch_gate"] if config.patch_self_attention else []
+        names += ["back_gate"] if config.bidirectional else []
+        for name in names:
+            self.register_parameter(name, nn.Parameter(torch.zeros(())) if config.gated else None)
+
+    @staticmethod
+    def gate(gate: nn.Parameter | None, branch: torch.Tensor) -> torch.Tensor:
+        """``tanh(gate) * branch``, or ``branch`` for an ungated model."""
+        return branch if gate is None else torch.tanh(gate) * branch
+
+    def patch_self_attend(self, p: torch.Tensor, patch_keep: torch.Tensor) -> torch.Tensor:
+        """``(..., P, width)`` -> the same, after self-attention among a candidate's patches."""
+        h = self.patch_norm(p)
+        return p + self.gate(self.patch_gate, self.patch_attn(h, h, patch_keep))  # (..., P, width)

@@ -1,0 +1,201 @@
+"""Settings of the cross-attention reranker: sizes and the architecture options of issue 4.
+
+One frozen :class:`RerankerConfig` describes a :class:`~crossrank.rerank.CrossAttentionReranker`
+completely; it is saved as ``config.json`` beside the weights (see
+:mod:`crossrank.rerank.checkpoint`) so a checkpoint reopens without remembering how it was made.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import numbers
+from dataclasses import dataclass
+from enum import StrEnum
+from typing import Any
+
+__all__ = ["Pooling", "QueryTokensMode", "RerankerConfig"]
+
+
+class QueryTokensMode(StrEnum):
+    """Where the learnable query tokens go in the query-side sequence."""
+
+    CONCAT = "concat"  # beside the text tokens: [query tokens; text tokens]
+    REPLACE = "replace"  # instead of them: only the query tokens attend to the patches
+
+
+class Pooling(StrEnum):
+    """How the query-side states become one vector per candidate before the score head."""
+
+    MEAN = "mean"  # masked mean over the real positions (padding tokens never count)
+    # The first real position: the first query token if any, else the first real text token (for
+    # CLIP's causal text encoder a start token that has seen no word: use it with query tokens).
+    FIRST = "first"
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+@dataclass(frozen=True)
+class RerankerConfig:
+    """The architecture of a :class:`~crossrank.rerank.CrossAttentionReranker`.
+
+    Each of ``layers`` layers lets the query-side states (text tokens, learnable query tokens, or
+    both) attend to the candidate's patches, then runs an MLP; options add patch self-attention
+    before and patch-to-token attention after. The defaults are a small model for the demo
+    encoder; the ablation in the README decides them.
+
+    Raises:
+        ValueError: a field has a wrong type or value; the message names it.
+
+    Example:
+        >>> RerankerConfig(text_dim=64, patch_dim=64, width=32, heads=2).head_dim
+        16
+    """
+
+    text_dim: int = 512  # d_t: size of the encoder's token features
+    patch_dim: int = 512  # d_v: size of the encoder's stored patch features
+    width: int = 128  # size of the reranker's hidden states (both modalities)
+    layers: int = 2  # cross-attention layers
+    heads: int = 4  # attention heads; must divide width
+    mlp_ratio: float = 4.0  # MLP hidden size = mlp_ratio * width
+    dropout: float = 0.0  # dropout on attention outputs and the MLP, in [0, 1); training only
+    prenorm: bool = True  # a LayerNorm per modality on the raw features before projecting to width
+    gated: bool = True  # Flamingo tanh gates on the residual branches, initialised at 0 (identity)
+    n_query_tokens: int = 0  # learnable Q-Former-style query tokens; 0 = none
+    query_tokens_mode: QueryTokensMode = QueryTokensMode.CONCAT  # concat: beside text; replace
+    bidirectional: bool = False  # patches attend back to the query-side states in every layer
+    patch_self_attention: bool = False  # self-attention among a candidate's patches in each layer
+    sparse_top_m: int | None = None  # each query position attends to its top-m patches; None = all
+    patch_positions: int | None = None  # learned position embedding over this many patch slots
+    pooling: Pooling = Pooling.MEAN  # mean over real positions | first position
+
+    def __post_init__(self) -> None:
+        for name in ("text_dim", "patch_dim", "width", "layers", "heads"):
+            value = getattr(self, name)
+            if not _is_int(value) or value < 1:
+                raise ValueError(f"{name} must be an int >= 1, got {value!r}")
+        if self.width % self.heads:
+            raise ValueError(
+                f"width must be divisible by heads, got width={self.width} and heads={self.heads}; "
+                "e.g. width=128, heads=4"
+            )
+        if not _is_real(self.mlp_ratio) or not self.mlp_ratio > 0:
+            raise ValueError(f"mlp_ratio must be a number > 0, got {self.mlp_ratio!r}")
+        if round(self.mlp_ratio * self.width) < 1:
+            raise ValueError(
+                "mlp_ratio * width must be >= 1 (MLP hidden size), "
+                f"got {self.mlp_ratio} * {self.width}"
+            )
+        object.__setattr__(self, "mlp_ratio", float(self.mlp_ratio))
+        if not _is_real(self.dropout) or not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"dropout must be a number in [0, 1), got {self.dropout!r}")
+        object.__setattr__(self, "dropout", float(self.dropout))
+        for name in ("prenorm", "gated", "bidirectional", "patch_self_attention"):
+            value = getattr(self, name)
+            if not isinstance(value, bool):
+                raise ValueError(f"{name} must be True or False, got {value!r}")
+        if not _is_int(self.n_query_tokens) or self.n_query_tokens < 0:
+            raise ValueError(
+                f"n_query_tokens must be an int >= 0 (0 = no learnable query tokens), "
+                f"got {self.n_query_tokens!r}"
+            )
+        mode = _enum(QueryTokensMode, self.query_tokens_mode, "query_tokens_mode")
+        object.__setattr__(self, "query_tokens_mode", mode)
+        if self.query_tokens_mode == QueryTokensMode.REPLACE and self.n_query_tokens == 0:
+            raise ValueError(
+                "query_tokens_mode='replace' needs n_query_tokens >= 1 (the query tokens replace "
+                "the text tokens); set n_query_tokens or use 'concat'"
+            )
+        m = self.sparse_top_m
+        if m is not None and (not _is_int(m) or m < 1):
+            raise ValueError(
+                f"sparse_top_m must be None (dense) or an int >= 1 (patches per query position), "
+                f"got {self.sparse_top_m!r}"
+            )
+        if self.patch_positions is not None and (
+            not _is_int(self.patch_positions) or self.patch_positions < 1
+        ):
+            raise ValueError(
+                "patch_positions must be None (no position embedding) or an int >= 1 (patch "
+                f"slots, at least the encoder's n_patches), got {self.patch_positions!r}"
+            )
+        object.__setattr__(self, "pooling", _enum(Pooling, self.pooling, "pooling"))
+
+    # -- derived ------------------------------------------------------------------------------
+
+    @property
+    def head_dim(self) -> int:
+        """Size of one attention head: ``width // heads``."""
+        return self.width // self.heads
+
+    @property
+    def mlp_hidden(self) -> int:
+        """Hidden size of each MLP: ``round(mlp_ratio * width)``."""
+        return round(self.mlp_ratio * self.width)
+
+    @property
+    def static_patch_layers(self) -> int:
+        """Layers whose keys/values come from query-independent patch states (precomputable).
+
+        Without ``bidirectional`` the patch states never depend on the query, so every layer's
+        keys and values can be computed once per image
+        (:meth:`CrossAttentionReranker.precompute_kv`).
+        With it, layer 1's patch-to-token attention makes the patch states query-dependent, so only
+        layer 1 is precomputable.
+        """
+        return 1 if self.bidirectional else self.layers
+
+    @property
+    def foldable_layers(self) -> int:
+        """Layers whose keys/values are *linear* in the (layer-normalised) stored patches.
+
+        Folding W_k into the query side and W_v after the attention needs exactly that. With
+        ``patch_self_attention`` layer 1's keys come from a self-attention over the patches (not
+        linear): 0 layers. With ``bidirectional`` only layer 1 reads the unchanged patches: 1.
+        Otherwise every layer reads the same projected patches: all of them.
+        """
+        if self.patch_self_attention:
+            return 0
+        return 1 if self.bidirectional else self.layers
+
+    # -- JSON ---------------------------------------------------------------------------------
+
+    def to_dict(self) -> dict[str, Any]:
+        """The fields as JSON-able values (enums as their strings)."""
+        out = dataclasses.asdict(self)
+        out["query_tokens_mode"] = self.query_tokens_mode.value
+        out["pooling"] = self.pooling.value
+        return out
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> RerankerConfig:
+        """Rebuild a config from :meth:`to_dict` output; unknown fields are refused.
+
+        Raises:
+            ValueError: ``data`` is not a dict, has unknown fields, or a value is invalid.
+        """
+        if not isinstance(data, dict):
+            raise ValueError(f"a reranker config must be a JSON object, got {type(data).__name__}")
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(
+                f"unknown reranker config fields {unknown}; known fields are {sorted(known)} "
+                "(was it written by a newer crossrank?)"
+            )
+        return cls(**data)
+
+
+def _is_real(value: object) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _enum(enum: type[StrEnum], value: object, name: str) -> Any:
+    try:
+        return enum(value)
+    except ValueError:
+        raise ValueError(
+            f"{name} must be one of {', '.join(m.value for m in enum)}, got {value!r}"
+        ) from None

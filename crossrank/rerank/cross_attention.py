@@ -1,0 +1,530 @@
+"""The cross-attention reranker: a query's text tokens attend to each candidate's stored patches.
+
+Architecture (one query, k candidates; ``n`` query-side positions, ``P`` patches)::
+
+    tokens (L, d_t) ─ LN_t ─ Linear ─┐                                  (once per query)
+    query tokens (n_q, width) ─ attend to [query tokens; text] ─┴─► x0 (n, width)
+    patches (k, P, d_v) ─ LN_v (+ pos) ─► x̃ (k, P, d_v) ─ Linear ─► p0 (k, P, width)
+    layer × N:  [patch self-attention]  p = p + g·SelfAttn(LN(p))
+                cross-attention        x = x + g·Attn(LN(x), keys/values from p)
+                [bidirectional]        p = p + g·Attn(LN(p), LN(x))
+                MLP                    x = x + g·MLP(LN(x))
+    pool x over real positions (mean | first real) ─ LN ─ MLP ─► logit (k,)
+
+``g`` is ``tanh(gate)`` with the gate initialised at 0 when ``gated`` (Flamingo, Alayrac et al.
+2022): an untrained model's pooled states equal those of ``x0``, whatever the candidate. The
+position embedding (``patch_positions``) is added in the d_v space after LN_v, so that ``x̃`` stays
+a per-patch, query-independent function of the stored features.
+
+Three ways to get the patches' keys and values, all computing the same scores
+(:class:`AttentionPath`):
+
+- ``plain``: project the patches per call (the reference; what training uses by default);
+- ``folded``: never project the patches. Keys are ``(x̃ W_in^T + b) W_k^T`` (no key bias:
+  it would add the same ``q·b_k`` to every logit of a row), so the score
+  ``q·key = (q W_k W_in)·x̃ + q·(W_k b)``, whose second term is the same for every patch and
+  cancels in the softmax; values give ``softmax(..) V = (softmax(..) x̃) (W_v W_in)^T +
+  W_v b + b_v`` since each row of the softmax sums to 1. Attention then runs over ``x̃`` itself,
+  the query side carries the projections. Possible for the layers whose keys/values are linear in
+  ``x̃`` (:attr:`RerankerConfig.foldable_layers`): all layers by default; layer 1 only with
+  ``bidirectional`` (later layers read patch states updated by the query); none with
+  ``patch_self_attention`` (layer 1 already reads a self-attention over the patches).
+- precomputed (:meth:`CrossAttentionReranker.precompute_kv`): what an index would store, per image
+  and layer, for the layers whose patch states do not depend on the query
+  (:attr:`RerankerConfig.static_patch_layers`): all layers, patch self-attention included, unless
+  ``bidirectional``, then layer 1 (plus the patch states layer 1's back-attention updates).
+
+Whatever the path, the stored patches are never projected to keys and values per query for a
+foldable or precomputed layer; bidirectional configs project the *updated* patch states of later
+layers per query, which is inherent to them.
+
+Cost per candidate patch and query, in multiply-adds (``n`` query positions, ``h`` heads, ``w``
+width, N layers): plain ``d_v·w + N·2w²`` (projections) + ``N·2n·w`` (attention); folded
+``N·2h·n·d_v`` (attention over d_v-wide patches, once per head); precomputed ``N·2n·w``.
+Folding therefore pays off only while ``h·n·d_v`` stays below about ``w²``; a precomputed cache
+costs ``N·2w`` stored numbers per patch against the patch store's ``d_v``.
+``benchmarks/bench_rerank_paths.py`` measures the three.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Iterator
+from enum import StrEnum
+
+import torch
+from torch import nn
+
+from crossrank.errors import InvalidArgumentError
+from crossrank.rerank._attention import Attention, RerankerLayer, attend
+from crossrank.rerank.config import Pooling, QueryTokensMode, RerankerConfig
+from crossrank.rerank.kv_cache import PatchKV
+from crossrank.rerank.reranker import check_rerank_inputs
+
+__all__ = ["AttentionPath", "CrossAttentionReranker", "PatchKV", "DEFAULT_PATH"]
+
+logger = logging.getLogger(__name__)
+
+
+class AttentionPath(StrEnum):
+    """How layers whose patch keys/values are query-independent get them (same scores)."""
+
+    AUTO = "auto"  # folded where the config allows it, plain elsewhere
+    PLAIN = "plain"  # project the patches to keys/values in every call (the reference)
+    FOLDED = "folded"  # fold W_k / W_v into the query side; attention runs over the raw patches
+
+
+#: The path :meth:`CrossAttentionReranker.score` uses unless ``reranker.path`` is set.
+DEFAULT_PATH = AttentionPath.AUTO
+
+
+class CrossAttentionReranker(nn.Module):
+    """Query tokens attend to each candidate's stored patch features; one logit per candidate.
+
+    Implements the :class:`~crossrank.rerank.Reranker` protocol through :meth:`score` (device
+    placement, autocast on CUDA, float32 scores on the CPU), so ``Index.search`` uses it as it uses
+    MaxSim. :meth:`forward` scores one query's k candidates; :meth:`forward_batch` scores B queries
+    with k candidates each (training). In both, the query side is computed once per query and
+    broadcast to its candidates, and all candidates go through one pass.
+
+    Args:
+        config: the architecture; default :class:`RerankerConfig()`.
+
+    Attributes:
+        name: ``"cross-attention"``.
+        path: the :class:`AttentionPath` :meth:`score` uses (default :data:`DEFAULT_PATH`).
+
+    Example:
+        >>> cfg = RerankerConfig(text_dim=8, patch_dim=8, width=16, heads=2, layers=1)
+        >>> model = CrossAttentionReranker(cfg).eval()
+        >>> query, mask = torch.randn(3, 8), torch.ones(3, dtype=torch.bool)
+        >>> model.score(query, mask, torch.randn(5, 4, 8)).shape
+        torch.Size([5])
+    """
+
+    name: str = "cross-attention"
+
+    def __init__(self, config: RerankerConfig | None = None) -> None:
+        super().__init__()
+        self.config = config = config if config is not None else RerankerConfig()
+        self.path = DEFAULT_PATH
+        w = config.width
+        self.text_norm = nn.LayerNorm(config.text_dim) if config.prenorm else nn.Identity()
+        self.patch_norm = nn.LayerNorm(config.patch_dim) if config.prenorm else nn.Identity()
+        self.text_in = nn.Linear(config.text_dim, w)
+        self.patch_in = nn.Linear(config.patch_dim, w)
+        self.patch_pos = (
+            nn.Parameter(torch.empty(config.patch_positions, config.patch_dim))
+            if config.patch_positions else None
+        )
+        if config.n_query_tokens:
+            self.query_tokens = nn.Parameter(torch.empty(config.n_query_tokens, w))
+            self.query_norm = nn.LayerNorm(w)
+            self.query_kv_norm = nn.LayerNorm(w)
+            self.query_attn = Attention(w, config.heads, config.dropout)
+        self.layers = nn.ModuleList(RerankerLayer(config, i) for i in range(config.layers))
+        self.out_norm = nn.LayerNorm(w)
+        self.head = nn.Sequential(nn.Linear(w, w), nn.GELU(), nn.Linear(w, 1))
+        self._reset_parameters()
+
+    def _reset_parameters(self) -> None:
+        for module in self.modules():
+            if isinstance(module, nn.Linear):
+                nn.init.trunc_normal_(module.weight, std=0.02)
+                if module.bias is not None:
+                    nn.init.zeros_(module.bias)
+            elif isinstance(module, nn.LayerNorm):
+                nn.init.ones_(module.weight)
+                nn.init.zeros_(module.bias)
+        if self.patch_pos is not None:
+            nn.init.trunc_normal_(self.patch_pos, std=0.02)
+        if self.config.n_query_tokens:
+            nn.init.trunc_normal_(self.query_tokens, std=0.02)
+        for name, param in self.named_parameters():
+            if name.endswith("_gate"):
+                nn.init.zeros_(param)  # tanh(0) = 0: every residual branch starts switched off
+
+    def __repr__(self) -> str:
+        n = sum(p.numel() for p in self.parameters())
+        return f"CrossAttentionReranker({self.config}, parameters={n})"
+
+    @property
+    def device(self) -> torch.device:
+        """Where the parameters are."""
+        return self.text_in.weight.device
+
+    # -- the Reranker protocol ----------------------------------------------------------------
+
+    def score(
+        self,
+        query: torch.Tensor,
+        query_mask: torch.Tensor,
+        patches: torch.Tensor,
+        patch_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Score one query against its k candidates (the :class:`Reranker` protocol).
+
+        Inputs go to the module's device; on CUDA the forward runs under bf16 autocast (fp16 where
+        bf16 is unsupported) with pooling and the score head in float32. Runs without gradient,
+        in the module's current train/eval mode (loaded rerankers are in eval mode).
+
+        Args:
+            query: ``(n_tokens, text_dim)`` token features of one query (tensor or numpy).
+            query_mask: ``(n_tokens,)`` bool, True = a real token.
+            patches: ``(k, n_patches, patch_dim)`` float16/float32 patch features.
+            patch_mask: ``(k, n_patches)`` bool, True = a real patch; None = all real.
+
+        Returns:
+            ``(k,)`` float32 logits on the CPU, higher is better.
+
+        Raises:
+            InvalidArgumentError: shapes, dtypes or dims are wrong (dims must match the config),
+                the query has no real token, or a candidate has no real patch.
+        """
+        query, query_mask, patches, patch_mask = check_rerank_inputs(
+            query, query_mask, patches, patch_mask, same_dim=False
+        )
+        if patches.shape[0] == 0:
+            self._check_dims(query.shape[-1], patches.shape[-1], patches.shape[-2])
+            return torch.empty(0, dtype=torch.float32)
+        if not bool(query_mask.all()):
+            # Padding tokens cannot change a score, but each would cost k rows of every layer's
+            # MLP and attention: one query has no reason to carry any.
+            query, query_mask = query[query_mask], query_mask[query_mask]  # (n_real, text_dim)
+        device = self.device
+        with torch.inference_mode(), _autocast(device):
+            logits = self.forward(
+                query.to(device), query_mask.to(device), patches.to(device, non_blocking=True),
+                None if patch_mask is None else patch_mask.to(device), path=self.path,
+            )
+        return logits.to("cpu", torch.float32)
+
+    # -- forward ------------------------------------------------------------------------------
+
+    def forward(
+        self,
+        tokens: torch.Tensor,
+        token_mask: torch.Tensor,
+        patches: torch.Tensor | PatchKV,
+        patch_mask: torch.Tensor | None = None,
+        *,
+        path: AttentionPath | str = AttentionPath.PLAIN,
+    ) -> torch.Tensor:
+        """Logits of one query's k candidates, all in one pass.
+
+        Args:
+            tokens: ``(L, text_dim)`` token features.
+            token_mask: ``(L,)`` bool, True = a real token.
+            patches: ``(k, P, patch_dim)`` patch features, or a :class:`PatchKV` of the k
+                candidates (from :meth:`precompute_kv`, then ``path`` is ignored).
+            patch_mask: ``(k, P)`` bool, True = a real patch; None = all real. Must be None with a
+                PatchKV (which carries its own mask).
+            path: plain, folded or auto, for raw ``patches``.
+
+        Returns:
+            ``(k,)`` float32 logits.
+
+        Raises:
+            InvalidArgumentError: shapes or dims do not match the config, or ``folded`` was asked
+                of a config that cannot fold.
+        """
+        source = patches.unsqueeze(0)  # (1, k, P, patch_dim), or a PatchKV with leading (1, k)
+        mask = None if patch_mask is None else patch_mask.unsqueeze(0)  # (1, k, P)
+        logits = self.forward_batch(tokens.unsqueeze(0), token_mask.unsqueeze(0), source, mask,
+                                    path=path)  # (1, k)
+        return logits[0]  # (k,)
+
+    def forward_batch(
+        self,
+        tokens: torch.Tensor,
+        token_mask: torch.Tensor,
+        patches: torch.Tensor | PatchKV,
+        patch_mask: torch.Tensor | None = None,
+        *,
+        path: AttentionPath | str = AttentionPath.PLAIN,
+        output: str = "logits",
+    ) -> torch.Tensor:
+        """Logits of B queries with k candidates each (the training forward).
+
+        Args:
+            tokens: ``(B, L, text_dim)`` token features.
+            token_mask: ``(B, L)`` bool, True = a real token (each query needs one).
+            patches: ``(B, k, P, patch_dim)`` patch features, or a :class:`PatchKV` with leading
+                dims ``(B, k)``.
+            patch_mask: ``(B, k, P)`` bool, True = a real patch (each candidate needs one);
+                None = all real.
+            path: plain, folded or auto (raw patches only).
+            output: ``"logits"``, or ``"pooled"`` for the pooled states before the score head.
+
+        Returns:
+            ``(B, k)`` float32 logits, or ``(B, k, width)`` float32 pooled states.
+
+        Raises:
+            InvalidArgumentError: as :meth:`forward`.
+        """
+        cfg = self.config
+        path = _path(path)
+        if output not in ("logits", "pooled"):
+            raise InvalidArgumentError(f"output must be 'logits' or 'pooled', got {output!r}")
+        cache = patches if isinstance(patches, PatchKV) else None
+        if cache is not None:
+            if patch_mask is not None:
+                raise InvalidArgumentError(
+                    "patch_mask must be None with a PatchKV: the cache carries the mask it was "
+                    "computed with"
+                )
+            patch_mask = cache.mask
+            lead, n_patches = tuple(cache.keys[0].shape[:-3]), cache.keys[0].shape[-2]
+            self._check_dims(tokens.shape[-1], cfg.patch_dim, n_patches)
+        else:
+            lead, n_patches = tuple(patches.shape[:-2]), patches.shape[-2]
+            self._check_dims(tokens.shape[-1], patches.shape[-1], n_patches)
+        if tokens.ndim != 3 or len(lead) != 2 or lead[0] != tokens.shape[0]:
+            raise InvalidArgumentError(
+                "forward_batch needs tokens (B, L, text_dim) and patches (B, k, P, patch_dim) "
+                f"with the same B, got tokens {tuple(tokens.shape)} and patches of leading "
+                f"shape {lead}"
+            )
+        if tuple(token_mask.shape) != tuple(tokens.shape[:2]) or token_mask.dtype != torch.bool:
+            raise InvalidArgumentError(
+                f"token_mask must be bool of shape {tuple(tokens.shape[:2])}, "
+                f"got {token_mask.dtype} {tuple(token_mask.shape)}"
+            )
+        if patch_mask is not None and (
+            tuple(patch_mask.shape) != (*lead, n_patches) or patch_mask.dtype != torch.bool
+        ):
+            raise InvalidArgumentError(
+                f"patch_mask must be bool of shape {(*lead, n_patches)}, "
+                f"got {patch_mask.dtype} {tuple(patch_mask.shape)}"
+            )
+        if cache is None and path == AttentionPath.FOLDED and cfg.foldable_layers == 0:
+            raise InvalidArgumentError(
+                "path='folded' needs keys/values linear in the stored patches, but "
+                "patch_self_attention=True puts a self-attention before layer 1; use path='plain' "
+                "or precompute_kv()"
+            )
+
+        x, x_keep = self.encode_query(tokens, token_mask)  # (B, n, width), (B, n)
+        # Computed once per query and broadcast over its k candidates; the first residual add
+        # makes the per-candidate states (B, k, n, width).
+        x = x.unsqueeze(1)  # (B, 1, n, width)
+        patch_keep = (
+            torch.ones((*lead, n_patches), dtype=torch.bool, device=x.device)
+            if patch_mask is None else patch_mask
+        )[..., None, None, :]  # (B, k, 1, 1, P)
+        token_keep = x_keep[:, None, None, None, :]  # (B, 1, 1, 1, n)
+
+        n_cached = len(cache.keys) if cache is not None else 0
+        n_folded = 0 if cache is not None or path == AttentionPath.PLAIN else cfg.foldable_layers
+        xt = p = None
+        if cache is None:
+            xt = self._prepare_patches(patches, patch_mask)  # (B, k, P, patch_dim)
+        elif cache.states is not None:
+            p = cache.states  # (B, k, P, width)
+        for i, layer in enumerate(self.layers):
+            h = layer.cross_norm(x)
+            q = layer.cross_attn.project_q(h)  # (B, 1|k, heads, n, head_dim)
+            if i < n_cached:
+                keys, values = cache.keys[i], cache.values[i]  # (B, k, heads, P, head_dim)
+                out = attend(q, keys, values, patch_keep, layer.cross_attn.scale,
+                             layer.top_m)  # (B, k, heads, n, head_dim)
+                out = layer.cross_attn.output(out)  # (B, k, n, width)
+            elif i < n_folded:
+                out = self._folded_attention(layer, q, xt, patch_keep)  # (B, k, n, width)
+            else:
+                if p is None:
+                    p = self.patch_in(xt)  # (B, k, P, width)
+                if cfg.patch_self_attention:
+                    p = layer.patch_self_attend(p, patch_keep)  # (B, k, P, width)
+                kv_source = layer.cross_kv_norm(p)  # (B, k, P, width)
+                out = layer.cross_attn(h, kv_source, patch_keep, layer.top_m)  # (B, k, n, width)
+            x = x + layer.gate(layer.cross_gate, out)  # (B, k, n, width)
+            if cfg.bidirectional:
+                if p is None:
+                    p = self.patch_in(xt)  # (B, k, P, width)
+                back = layer.back_attn(layer.back_norm(p), layer.back_kv_norm(x),
+                                       token_keep)  # (B, k, P, width)
+                p = p + layer.gate(layer.back_gate, back)
+            x = x + layer.gate(layer.mlp_gate, layer.mlp(layer.mlp_norm(x)))  # (B, k, n, width)
+
+        with _autocast_off(x.device):
+            pooled = self._pool(x.float(), x_keep[:, None, :])  # (B, k, width)
+            if output == "pooled":
+                return pooled
+            return self.head(self.out_norm(pooled)).squeeze(-1).float()  # (B, k)
+
+    # -- precomputation -----------------------------------------------------------------------
+
+    def precompute_kv(self, patches: torch.Tensor,
+                      patch_mask: torch.Tensor | None = None) -> PatchKV:
+        """The query-independent keys/values of ``patches``: what an index would store per image.
+
+        Covers :attr:`RerankerConfig.static_patch_layers` layers (all of them unless
+        ``bidirectional``). Runs in the caller's grad mode; wrap in ``torch.inference_mode()``
+        at index time.
+
+        Args:
+            patches: ``(*lead, P, patch_dim)``, e.g. ``(n_images, P, patch_dim)``.
+            patch_mask: ``(*lead, P)`` bool, True = a real patch; None = all real.
+
+        Returns:
+            A :class:`PatchKV` with the same leading dims; :meth:`PatchKV.select` cuts out a
+            query's candidates.
+
+        Raises:
+            InvalidArgumentError: the patch dim or count does not match the config.
+        """
+        cfg = self.config
+        self._check_dims(cfg.text_dim, patches.shape[-1], patches.shape[-2])
+        if patch_mask is not None and patch_mask.shape != patches.shape[:-1]:
+            raise InvalidArgumentError(
+                f"patch_mask must have shape {tuple(patches.shape[:-1])}, "
+                f"got {tuple(patch_mask.shape)}"
+            )
+        patch_keep = (
+            torch.ones(patches.shape[:-1], dtype=torch.bool, device=patches.device)
+            if patch_mask is None else patch_mask
+        )[..., None, None, :]  # (*lead, 1, 1, P)
+        p = self.patch_in(self._prepare_patches(patches, patch_mask))  # (*lead, P, width)
+        keys, values = [], []
+        for layer in self.layers[: cfg.static_patch_layers]:
+            if cfg.patch_self_attention:
+                p = layer.patch_self_attend(p, patch_keep)  # (*lead, P, width)
+            kv_source = layer.cross_kv_norm(p)  # (*lead, P, width)
+            k_i, v_i = layer.cross_attn.project_kv(kv_source)  # (*lead, heads, P, head_dim) each
+            keys.append(k_i)
+            values.append(v_i)
+        return PatchKV(tuple(keys), tuple(values), patch_mask, p if cfg.bidirectional else None)
+
+    # -- pieces -------------------------------------------------------------------------------
+
+    def _check_dims(self, text_dim: int, patch_dim: int, n_patches: int) -> None:
+        cfg = self.config
+        if text_dim != cfg.text_dim or patch_dim != cfg.patch_dim:
+            raise InvalidArgumentError(
+                f"the reranker was made for token dim {cfg.text_dim} and patch dim "
+                f"{cfg.patch_dim}, got token dim {text_dim} and patch dim {patch_dim}; use a "
+                "reranker trained on the encoder the index was built with"
+            )
+        if cfg.patch_positions is not None and n_patches > cfg.patch_positions:
+            raise InvalidArgumentError(
+                f"the reranker has position embeddings for {cfg.patch_positions} patches, got "
+                f"{n_patches} patches per candidate; use a reranker trained on this encoder"
+            )
+
+    def encode_query(self, tokens: torch.Tensor,
+                     token_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The query side before any cross-attention, computed once per query.
+
+        Args:
+            tokens: ``(B, L, text_dim)`` token features.
+            token_mask: ``(B, L)`` bool, True = a real token.
+
+        Returns:
+            States ``(B, n, width)`` and their keep mask ``(B, n)`` bool: the text tokens, the
+            learnable query tokens, or both (``n = n_query_tokens + L`` in concat mode).
+        """
+        cfg = self.config
+        tokens = tokens.to(self.text_in.weight.dtype).masked_fill(~token_mask[..., None], 0.0)
+        t = self.text_in(self.text_norm(tokens))  # (B, L, width)
+        if not cfg.n_query_tokens:
+            return t, token_mask
+        batch = tokens.shape[0]
+        qt = self.query_tokens.expand(batch, -1, -1)  # (B, n_q, width)
+        q_keep = torch.ones(qt.shape[:2], dtype=torch.bool, device=qt.device)  # (B, n_q)
+        # The query tokens read the text (and each other) once, Q-Former style: without this,
+        # "replace" would score every query the same.
+        context = torch.cat([qt, t], dim=1)  # (B, n_q + L, width)
+        context_keep = torch.cat([q_keep, token_mask], dim=1)  # (B, n_q + L)
+        context_keep = context_keep[:, None, None, :]  # (B, 1, 1, n_q + L)
+        read = self.query_attn(self.query_norm(qt), self.query_kv_norm(context),
+                               context_keep)  # (B, n_q, width)
+        qt = qt + read  # (B, n_q, width)
+        if cfg.query_tokens_mode == QueryTokensMode.REPLACE:
+            return qt, q_keep
+        states = torch.cat([qt, t], dim=1)  # (B, n_q + L, width)
+        return states, torch.cat([q_keep, token_mask], dim=1)  # (B, n_q + L)
+
+    def _prepare_patches(self, patches: torch.Tensor,
+                         patch_mask: torch.Tensor | None) -> torch.Tensor:
+        """x̃ = LN_v(patches) + pos: per patch, query-independent. ``(..., P, d_v)`` -> same."""
+        patches = patches.to(self.patch_in.weight.dtype)
+        if patch_mask is not None:
+            # Padding content (even inf/NaN) must not reach a value row: in softmax @ V a
+            # masked row still meets a 0 weight, and 0 * NaN is NaN.
+            patches = patches.masked_fill(~patch_mask[..., None], 0.0)
+        xt = self.patch_norm(patches)
+        if self.patch_pos is not None:
+            xt = xt + self.patch_pos[: patches.shape[-2]]  # (..., P, patch_dim)
+        return xt
+
+    def _folded_attention(self, layer: RerankerLayer, q: torch.Tensor, xt: torch.Tensor,
+                          patch_keep: torch.Tensor) -> torch.Tensor:
+        """Cross-attention over x̃ with W_k folded into the queries and W_v applied afterwards.
+
+        Args:
+            layer: the layer whose ``cross_attn`` weights are folded.
+            q: ``(B, 1|k, heads, n, head_dim)`` projected queries.
+            xt: ``(B, k, P, d_v)`` prepared patches x̃.
+            patch_keep: ``(B, k, 1, 1, P)`` bool.
+
+        Returns:
+            ``(B, k, n, width)``, the attention branch before its gate.
+        """
+        attn, cfg = layer.cross_attn, self.config
+        heads, head_dim, d_v = cfg.heads, cfg.head_dim, cfg.patch_dim
+        w_k = attn.k.weight @ self.patch_in.weight  # (width, d_v)
+        w_v = attn.v.weight @ self.patch_in.weight  # (width, d_v)
+        w_k = w_k.view(heads, head_dim, d_v)  # (heads, head_dim, d_v)
+        w_v = w_v.view(heads, head_dim, d_v)  # (heads, head_dim, d_v)
+        b_v = attn.v.weight @ self.patch_in.bias + attn.v.bias  # (width,)
+        n = q.shape[-2]
+        # Token-major rows (n, heads): the attention's output then reshapes to (n, width) as a view.
+        q_fold = torch.einsum("...hnd,hde->...nhe", q, w_k)  # (B, 1|k, n, heads, d_v)
+        # All heads attend over the same x̃: stack them along the query rows, one d_v-wide head.
+        q_fold = q_fold.reshape(*q.shape[:-3], 1, n * heads, d_v)  # (B, 1|k, 1, n * heads, d_v)
+        keys = xt.unsqueeze(-3)  # (B, k, 1, P, d_v)
+        out = attend(q_fold, keys, keys, patch_keep, attn.scale,
+                     layer.top_m)  # (B, k, 1, n * heads, d_v)
+        out = out.view(*out.shape[:-3], n, heads, d_v)  # (B, k, n, heads, d_v)
+        out = torch.einsum("...nhe,hde->...nhd", out, w_v)  # (B, k, n, heads, head_dim)
+        out = out.reshape(*out.shape[:-2], heads * head_dim)  # (B, k, n, width)
+        return attn.drop(attn.o(out + b_v))  # (B, k, n, width)
+
+    def _pool(self, x: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+        """``(B, k, n, width)`` float32 with keep ``(B, 1, n)`` -> ``(B, k, width)``."""
+        if self.config.pooling == Pooling.FIRST:
+            first = keep.int().argmax(dim=-1)  # (B, 1): the first real position
+            index = first[..., None, None].expand(*x.shape[:-2], 1, x.shape[-1])  # (B, k, 1, width)
+            return x.gather(-2, index).squeeze(-2)  # (B, k, width)
+        # masked_fill, not a multiply: a padding row is excluded even if it holds inf or NaN.
+        total = x.masked_fill(~keep[..., None], 0.0).sum(dim=-2)  # (B, k, width)
+        return total / keep.sum(dim=-1, keepdim=True).to(x.dtype)  # (B, k, width)
+
+
+def _path(path: AttentionPath | str) -> AttentionPath:
+    try:
+        return AttentionPath(str(path).lower())
+    except ValueError:
+        raise InvalidArgumentError(
+            f"path must be one of {', '.join(p.value for p in AttentionPath)}, got {path!r}"
+        ) from None
+
+
+def _autocast(device: torch.device) -> contextlib.AbstractContextManager:
+    """bf16 autocast on CUDA (fp16 where bf16 is unsupported); nothing on the CPU."""
+    if device.type != "cuda":
+        return contextlib.nullcontext()
+    dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.autocast("cuda", dtype=dtype)
+
+
+@contextlib.contextmanager
+def _autocast_off(device: torch.device) -> Iterator[None]:
+    """Pooling and the score head run in float32 even inside an autocast region."""
+    if device.type == "cuda":
+        with torch.autocast("cuda", enabled=False):
+            yield
+    else:
+        yield

@@ -1,0 +1,155 @@
+import json
+
+import pytest
+import torch
+
+from crossrank.errors import InvalidArgumentError, ModelError, ModelMismatchError
+from crossrank.rerank import (
+    CrossAttentionReranker,
+    RerankerConfig,
+    get_reranker,
+    load_reranker,
+    read_reranker_config,
+    save_reranker,
+)
+from crossrank.rerank.checkpoint import CONFIG_NAME, WEIGHTS_NAME, check_reranker_matches
+
+D = 12
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _model(**options) -> CrossAttentionReranker:
+    config = RerankerConfig(text_dim=D, patch_dim=D, width=16, heads=2, layers=2, **options)
+    model = CrossAttentionReranker(config)
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for param in model.parameters():
+            param.copy_(torch.randn(param.shape, generator=g) * 0.3)
+    return model.eval()
+
+
+def _inputs():
+    g = torch.Generator().manual_seed(1)
+    return (torch.randn(5, D, generator=g), torch.tensor([True, True, True, False, True]),
+            torch.randn(4, 6, D, generator=g))
+
+
+@pytest.fixture
+def saved(tmp_path):
+    model = _model(n_query_tokens=2, bidirectional=True, patch_positions=8)
+    return model, save_reranker(model, tmp_path / "reranker", metadata={"steps": 3})
+
+
+def test_round_trip_gives_identical_scores(saved):
+    model, path = saved
+    loaded = load_reranker(path, device="cpu")
+    assert loaded.config == model.config and not loaded.training
+    assert torch.equal(loaded.score(*_inputs()), model.score(*_inputs()))
+    assert json.loads((path / CONFIG_NAME).read_text())["metadata"] == {"steps": 3}
+    assert read_reranker_config(path) == model.config
+
+
+def test_saving_again_replaces_the_checkpoint(saved, tmp_path):
+    _, path = saved
+    other = _model()
+    save_reranker(other, path)
+    assert torch.equal(load_reranker(path, device="cpu").score(*_inputs()), other.score(*_inputs()))
+    assert sorted(p.name for p in path.iterdir()) == [CONFIG_NAME, WEIGHTS_NAME]  # no temp files left
+
+
+@pytest.mark.parametrize("as_str", [True, False])
+def test_get_reranker_loads_a_folder(saved, as_str):
+    model, path = saved
+    reranker = get_reranker(str(path) if as_str else path, device="cpu",
+                            encoder_info={"model_id": "m", "patch_dim": D, "n_patches": 6})
+    assert isinstance(reranker, CrossAttentionReranker) and reranker.name == "cross-attention"
+    assert torch.equal(reranker.score(*_inputs()), model.score(*_inputs()))
+
+
+def test_get_reranker_keeps_the_names():
+    assert get_reranker("none") is None
+    assert get_reranker("maxsim", device="cpu").name == "maxsim"
+    with pytest.raises(InvalidArgumentError, match=r"reranker must be one of maxsim, none, got 'colbert', or the folder"):
+        get_reranker("colbert")
+
+
+def test_get_reranker_on_a_missing_folder_says_so(tmp_path):
+    with pytest.raises(ModelError, match=r"no reranker at .*nowhere: the folder does not exist"):
+        get_reranker(str(tmp_path / "nowhere"))
+
+
+def test_a_file_instead_of_a_folder_is_refused(tmp_path):
+    (tmp_path / "model.bin").write_bytes(b"x")
+    with pytest.raises(ModelError, match=r"is a file; give the folder holding config.json"):
+        load_reranker(tmp_path / "model.bin", device="cpu")
+
+
+def test_a_folder_without_config_is_refused(tmp_path):
+    with pytest.raises(ModelError, match=r"holds no config.json"):
+        load_reranker(tmp_path, device="cpu")
+
+
+def test_missing_weights_are_refused(saved):
+    _, path = saved
+    (path / WEIGHTS_NAME).unlink()
+    with pytest.raises(ModelError, match=r"has config.json but no model.safetensors"):
+        load_reranker(path, device="cpu")
+
+
+@pytest.mark.parametrize("damage", ["truncated", "garbage", "empty"])
+def test_corrupt_or_truncated_weights_are_refused(saved, damage):
+    _, path = saved
+    weights = path / WEIGHTS_NAME
+    data = weights.read_bytes()
+    weights.write_bytes({"truncated": data[: len(data) // 2], "garbage": b"not safetensors" * 10,
+                         "empty": b""}[damage])
+    with pytest.raises(ModelError, match=r"model.safetensors is corrupt or truncated \(.+\); save or train"):
+        load_reranker(path, device="cpu")
+
+
+@pytest.mark.parametrize(
+    ("edit", "match"),
+    [
+        (lambda d: "{not json", r"cannot read .*config.json: Expecting property name"),
+        (lambda d: {**d, "format": "other"}, r"is not a crossrank reranker config"),
+        (lambda d: {**d, "format_version": 99}, r"has format_version 99, but this crossrank reads up to 1"),
+        (lambda d: {**d, "config": {**d["config"], "depth": 2}}, r"invalid reranker config .*unknown reranker config fields \['depth'\]"),
+        (lambda d: {**d, "config": {**d["config"], "heads": 3}}, r"invalid reranker config .*width must be divisible by heads"),
+        (lambda d: {**d, "config": {**d["config"], "width": 32}}, r"weights in .* do not fit its config.json \(wrong shape: .*\)"),
+        (lambda d: {**d, "config": {**d["config"], "n_query_tokens": 0}}, r"do not fit its config.json \(unexpected: query_attn"),
+    ],
+    ids=["json", "format", "version", "unknown-field", "invalid-field", "shapes", "extra-weights"],
+)
+def test_a_bad_config_is_refused(saved, edit, match):
+    _, path = saved
+    config_path = path / CONFIG_NAME
+    edited = edit(json.loads(config_path.read_text()))
+    config_path.write_text(edited if isinstance(edited, str) else json.dumps(edited))
+    with pytest.raises(ModelError, match=match):
+        load_reranker(path, device="cpu")
+
+
+def test_dims_that_do_not_fit_the_index_encoder_are_refused(saved):
+    _, path = saved
+    with pytest.raises(ModelMismatchError, match=r"takes token dim 12 and patch dim 12, but the index's encoder tiny gives 16-dim"):
+        load_reranker(path, device="cpu", encoder_info={"model_id": "tiny", "patch_dim": 16})
+    with pytest.raises(ModelMismatchError, match=r"position embeddings for 8 patches, but the index's encoder tiny gives 49"):
+        check_reranker_matches(read_reranker_config(path), {"model_id": "tiny", "patch_dim": D, "n_patches": 49})
+
+
+def test_index_search_reranks_with_a_saved_reranker(built_index, tmp_path):
+    from crossrank import Index
+
+    index = Index.open(built_index, device="cpu")
+    dim = int(index.manifest.encoder["patch_dim"])
+    model = CrossAttentionReranker(RerankerConfig(text_dim=dim, patch_dim=dim, width=16, heads=2, layers=1))
+    path = save_reranker(model, tmp_path / "reranker")
+    hits = index.search("a red circle left of a blue square", k=3, rerank_k=6, reranker=str(path))
+    assert len(hits) == 3 and all(h.rerank_score is not None for h in hits)

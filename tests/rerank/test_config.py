@@ -1,0 +1,70 @@
+import json
+
+import pytest
+
+from crossrank.rerank import Pooling, QueryTokensMode, RerankerConfig
+
+
+def test_defaults_are_valid_and_derived_sizes_follow():
+    cfg = RerankerConfig()
+    assert cfg.head_dim * cfg.heads == cfg.width
+    assert cfg.mlp_hidden == round(cfg.mlp_ratio * cfg.width)
+    assert cfg.gated and cfg.prenorm
+
+
+def test_enum_fields_accept_their_strings():
+    cfg = RerankerConfig(n_query_tokens=2, query_tokens_mode="replace", pooling="first")
+    assert cfg.query_tokens_mode is QueryTokensMode.REPLACE
+    assert cfg.pooling is Pooling.FIRST
+
+
+def test_json_round_trip():
+    cfg = RerankerConfig(text_dim=12, patch_dim=10, width=16, heads=2, n_query_tokens=3,
+                         query_tokens_mode="replace", sparse_top_m=4, patch_positions=9, pooling="first")
+    data = json.loads(json.dumps(cfg.to_dict()))
+    assert RerankerConfig.from_dict(data) == cfg
+
+
+@pytest.mark.parametrize(
+    ("options", "static", "foldable"),
+    [
+        ({}, 3, 3),
+        ({"bidirectional": True}, 1, 1),
+        ({"patch_self_attention": True}, 3, 0),
+        ({"bidirectional": True, "patch_self_attention": True}, 1, 0),
+    ],
+)
+def test_which_layers_can_be_precomputed_or_folded(options, static, foldable):
+    cfg = RerankerConfig(layers=3, **options)
+    assert (cfg.static_patch_layers, cfg.foldable_layers) == (static, foldable)
+
+
+@pytest.mark.parametrize(
+    ("options", "match"),
+    [
+        ({"text_dim": 0}, r"text_dim must be an int >= 1, got 0"),
+        ({"patch_dim": 3.0}, r"patch_dim must be an int >= 1, got 3.0"),
+        ({"layers": True}, r"layers must be an int >= 1, got True"),
+        ({"width": 30, "heads": 4}, r"width must be divisible by heads, got width=30 and heads=4"),
+        ({"mlp_ratio": 0}, r"mlp_ratio must be a number > 0, got 0"),
+        ({"mlp_ratio": 0.001, "width": 16, "heads": 2}, r"mlp_ratio \* width must be >= 1"),
+        ({"dropout": 1.0}, r"dropout must be a number in \[0, 1\), got 1.0"),
+        ({"gated": 1}, r"gated must be True or False, got 1"),
+        ({"n_query_tokens": -1}, r"n_query_tokens must be an int >= 0"),
+        ({"query_tokens_mode": "prefix"}, r"query_tokens_mode must be one of concat, replace, got 'prefix'"),
+        ({"query_tokens_mode": "replace"}, r"'replace' needs n_query_tokens >= 1"),
+        ({"sparse_top_m": 0}, r"sparse_top_m must be None \(dense\) or an int >= 1"),
+        ({"patch_positions": 0}, r"patch_positions must be None"),
+        ({"pooling": "max"}, r"pooling must be one of mean, first, got 'max'"),
+    ],
+)
+def test_invalid_fields_are_refused(options, match):
+    with pytest.raises(ValueError, match=match):
+        RerankerConfig(**options)
+
+
+def test_from_dict_refuses_unknown_fields_and_non_dicts():
+    with pytest.raises(ValueError, match=r"unknown reranker config fields \['depth'\]"):
+        RerankerConfig.from_dict({"depth": 3})
+    with pytest.raises(ValueError, match=r"must be a JSON object, got list"):
+        RerankerConfig.from_dict([1, 2])
