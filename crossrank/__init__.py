@@ -1,0 +1,64 @@
+"""crossrank: image retrieval with a FAISS first stage and a reranker over stored patch features.
+
+Example:
+    >>> from crossrank import Index
+    >>> index = Index.build("photos/", "photos.idx", model="openai/clip-vit-base-patch32")  # doctest: +SKIP
+    >>> index.search("a dog on a red sofa", k=5)  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from crossrank.device import Device
+from crossrank.errors import (
+    CrossrankError,
+    DecodeError,
+    DependencyError,
+    FilterError,
+    IndexCorruptError,
+    IndexNotFoundError,
+    InvalidArgumentError,
+    ModelError,
+    ModelMismatchError,
+    SourceError,
+)
+from crossrank.hits import Hit, SearchCounts, SearchResult
+
+if TYPE_CHECKING:
+    from crossrank.build import BuildReport, build_index
+    from crossrank.index import Index
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Index",
+    "Hit",
+    "SearchResult",
+    "SearchCounts",
+    "BuildReport",
+    "build_index",
+    "Device",
+    "CrossrankError",
+    "InvalidArgumentError",
+    "SourceError",
+    "DecodeError",
+    "IndexNotFoundError",
+    "IndexCorruptError",
+    "ModelError",
+    "ModelMismatchError",
+    "FilterError",
+    "DependencyError",
+    "__version__",
+]
+
+# Index pulls in numpy; the CLI's --help should not pay for it, so these load on first use.
+_LAZY = {"Index": "crossrank.index", "BuildReport": "crossrank.build", "build_index": "crossrank.build"}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'crossrank' has no attribute {name!r}")

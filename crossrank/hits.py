@@ -1,0 +1,130 @@
+"""What a search returns: ranked :class:`Hit` objects inside a :class:`SearchResult`."""
+
+from __future__ import annotations
+
+import datetime as _dt
+import math
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from decimal import Decimal
+from typing import Any, overload
+
+__all__ = ["Hit", "SearchCounts", "SearchResult"]
+
+
+@dataclass(frozen=True)
+class Hit:
+    """One image found for a query.
+
+    Attributes:
+        id: the image's stable int64 id in the index.
+        path: absolute path of the image file.
+        score: the final score the hits are ranked by (the fused score when a reranker ran).
+        first_stage_score: inner product of the pooled query and image vectors.
+        rerank_score: the reranker's raw score, or ``None`` when no reranker ran.
+        metadata: the image's metadata columns (``sha256``, ``width``, ... and the manifest's own).
+    """
+
+    id: int
+    path: str
+    score: float
+    first_stage_score: float
+    rerank_score: float | None
+    metadata: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The JSON shape of a hit: ``{"id", "path", "score", "scores": {...}, "metadata": {...}}``."""
+        return {
+            "id": self.id,
+            "path": self.path,
+            "score": _json_float(self.score),
+            "scores": {
+                "first_stage": _json_float(self.first_stage_score),
+                "rerank": None if self.rerank_score is None else _json_float(self.rerank_score),
+            },
+            "metadata": {key: _json_value(value) for key, value in self.metadata.items()},
+        }
+
+
+@dataclass(frozen=True)
+class SearchCounts:
+    """How a result list came to have the length it has.
+
+    Attributes:
+        requested: ``k``, the number of hits asked for.
+        returned: the number of hits in the result.
+        filtered_out: images of the index that the ``where`` filter excluded (0 without a filter).
+        candidates: first-stage candidates that reached the reranker (or the top-k without one).
+    """
+
+    requested: int
+    returned: int
+    filtered_out: int
+    candidates: int
+
+    def to_dict(self) -> dict[str, int]:
+        return {
+            "requested": self.requested,
+            "returned": self.returned,
+            "filtered_out": self.filtered_out,
+            "candidates": self.candidates,
+        }
+
+
+@dataclass(frozen=True)
+class SearchResult(Sequence[Hit]):
+    """The ranked hits of one query, with the counts and per-stage timings.
+
+    A ``SearchResult`` is a sequence of :class:`Hit`: ``result[0]``, ``len(result)`` and
+    ``for hit in result`` work as on a list.
+    """
+
+    query: str
+    hits: tuple[Hit, ...]
+    counts: SearchCounts
+    timings_ms: dict[str, float]
+
+    @overload
+    def __getitem__(self, i: int) -> Hit: ...
+    @overload
+    def __getitem__(self, i: slice) -> Sequence[Hit]: ...
+    def __getitem__(self, i):  # type: ignore[no-untyped-def]
+        return self.hits[i]
+
+    def __len__(self) -> int:
+        return len(self.hits)
+
+    def __iter__(self) -> Iterator[Hit]:
+        return iter(self.hits)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The ``--json`` shape: ``{"query", "hits", "counts", "timings_ms"}``."""
+        return {
+            "query": self.query,
+            "hits": [hit.to_dict() for hit in self.hits],
+            "counts": self.counts.to_dict(),
+            "timings_ms": {stage: round(ms, 3) for stage, ms in self.timings_ms.items()},
+        }
+
+
+def _json_float(x: float) -> float | None:
+    return None if x is None or not math.isfinite(x) else float(x)
+
+
+def _json_value(value: Any) -> Any:
+    """Turn a metadata value from DuckDB/Arrow into something ``json.dumps`` accepts."""
+    if isinstance(value, float):
+        return _json_float(value)
+    if isinstance(value, (_dt.datetime, _dt.date, _dt.time)):
+        return value.isoformat()
+    if isinstance(value, Decimal):
+        return float(value)
+    if isinstance(value, bytes):
+        return value.hex()
+    if isinstance(value, dict):
+        return {str(k): _json_value(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_value(v) for v in value]
+    if hasattr(value, "item"):  # numpy scalars
+        return _json_value(value.item())
+    return value

@@ -1,0 +1,476 @@
+"""The public entry point: :class:`Index` builds, opens and searches an index directory.
+
+A search runs the stages of DESIGN.md in order: encode the query, compute the allowed ids of the
+``where`` filter (DuckDB), take ``rerank_k`` candidates from the first stage (FAISS, or exact
+scoring when the allowed set is small), gather the candidates' stored patch features, rescore them
+with the reranker in one batch, fuse, cut to ``k`` and join the metadata.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, TypeAlias
+
+import numpy as np
+
+from crossrank.errors import InvalidArgumentError, ModelMismatchError
+from crossrank.hits import Hit, SearchCounts, SearchResult
+
+if TYPE_CHECKING:
+    import pyarrow as pa
+    from PIL import Image
+
+    from crossrank.build import BuildReport, ProgressFn
+    from crossrank.encoders import Encoder
+    from crossrank.rerank import Reranker
+
+__all__ = ["Index", "Query", "DEFAULT_RERANKER", "verify_index"]
+
+logger = logging.getLogger(__name__)
+
+#: A text, or an image (a PIL image, or a ``pathlib.Path`` to an image file) for image-to-image search.
+Query: TypeAlias = "str | Path | Image.Image"
+
+#: The reranker a search uses when none is named.
+DEFAULT_RERANKER = "maxsim"
+
+
+
+class Index:
+    """An opened crossrank index: one committed generation of an index directory.
+
+    One ``Index`` may be searched from many threads at once. It reads the generation that was
+    current when it was opened; writers commit new generations beside it without disturbing it.
+
+    Example:
+        >>> index = Index.build("photos/", "photos.idx", model="openai/clip-vit-base-patch32")  # doctest: +SKIP
+        >>> for hit in index.search("a red bicycle", k=5, where="width >= 512"):  # doctest: +SKIP
+        ...     print(hit.score, hit.path)
+    """
+
+    def __init__(self, path: Path, *, device: str = "auto", model: str | Path | None = None,
+                 nprobe: int | None = None) -> None:
+        """Use :meth:`Index.open`; this constructor is the same call."""
+        from crossrank.indexes import FirstStage, IndexConfig
+        from crossrank.store import Generation, read_manifest
+
+        self.path = Path(path)
+        self.manifest = read_manifest(self.path)
+        self.generation_dir = self.manifest.generation_path
+        self.device = device
+        self._model_override = model
+        first = self.manifest.first_stage
+        config = IndexConfig(factory=first.get("factory"), device=device,
+                             nprobe=nprobe or int(first.get("nprobe") or 16))
+        self.first_stage = FirstStage.load(self.generation_dir / "first_stage.faiss", config)
+        self._generation = Generation.open(self.generation_dir)
+        self.patches = self._generation.patches()
+        self.metadata_store = self._generation.metadata()
+        self._ids = self._generation.ids()
+        self._vectors = self._generation.vectors()
+        self._encoder: Encoder | None = None
+        self._rerankers: dict[str, Reranker | None] = {}
+        self._lock = threading.Lock()
+        if model is not None:  # a model named by the caller is checked now, not at the first search
+            self._encoder = self._load_encoder()
+
+    # -- construction -------------------------------------------------------------------------
+
+    @classmethod
+    def open(cls, path: str | Path, *, device: str = "auto", model: str | Path | None = None,
+             nprobe: int | None = None) -> Index:
+        """Open the committed generation of an index directory.
+
+        Args:
+            path: the index directory.
+            device: where queries are encoded and reranked: ``auto``, ``cpu`` or ``cuda``.
+            model: the model to encode queries with; default the one the index was built with. A
+                different model is refused (:class:`ModelMismatchError`); a moved copy of the same
+                model is accepted.
+            nprobe: IVF lists probed per query (default: the index's own).
+
+        Raises:
+            IndexNotFoundError: no committed index in ``path``.
+        """
+        return cls(Path(path), device=device, model=model, nprobe=nprobe)
+
+    @classmethod
+    def build(cls, source: str | Path, path: str | Path, *, model: str | Path | None = None,
+              batch_size: int = 64, device: str = "auto", factory: str | None = None,
+              nprobe: int | None = None, workers: int = 4, overwrite: bool = False,
+              progress: ProgressFn | None = None) -> Index:
+        """Build an index from a folder or manifest and open it.
+
+        See :func:`crossrank.build.build_index` for the arguments; the build's report is kept in
+        ``index.build_report``.
+        """
+        from crossrank.build import build_index
+
+        report = build_index(source, path, model=model, batch_size=batch_size, device=device,
+                             factory=factory, nprobe=nprobe, workers=workers, overwrite=overwrite,
+                             progress=progress)
+        index = cls.open(path, device=device, model=model)
+        index.build_report = report
+        return index
+
+    build_report: BuildReport | None = None
+
+    # -- facts --------------------------------------------------------------------------------
+
+    def __len__(self) -> int:
+        return int(self._ids.shape[0])
+
+    def __repr__(self) -> str:
+        return f"Index({str(self.path)!r}, images={len(self)}, generation={self.manifest.generation})"
+
+    @property
+    def model_id(self) -> str:
+        """The model the index was built with."""
+        return str(self.manifest.encoder["model_id"])
+
+    @property
+    def encoder(self) -> Encoder:
+        """The query encoder, loaded on first use (checked against the index's model)."""
+        if self._encoder is None:
+            with self._lock:
+                if self._encoder is None:
+                    self._encoder = self._load_encoder()
+        return self._encoder
+
+    def _load_encoder(self) -> Encoder:
+        from crossrank.encoders import load_encoder, same_model
+
+        built_with = self.manifest.encoder
+        wanted = self._model_override if self._model_override is not None else built_with["model_id"]
+        encoder = load_encoder(wanted, device=self.device)
+        if not same_model(built_with, encoder.info):
+            raise ModelMismatchError(
+                f"index {self.path} was built with model {built_with['model_id']!r}, "
+                f"but queries would be encoded with {encoder.model_id!r}; search it with the same --model "
+                "or rebuild the index with the new one"
+            )
+        return encoder
+
+    def info(self) -> dict[str, Any]:
+        """A JSON-able description: counts, model, first stage, generation, sizes."""
+        return {
+            "path": str(self.path.resolve()),
+            "format_version": self.manifest.format_version,
+            "generation": self.manifest.generation,
+            "created_at": self.manifest.created_at,
+            "updated_at": self.manifest.updated_at,
+            "counts": dict(self.manifest.counts),
+            "encoder": dict(self.manifest.encoder),
+            "first_stage": {**self.manifest.first_stage, "ntotal": self.first_stage.ntotal},
+            "patches": {"n_patches": int(self.patches.shape[0]), "dim": int(self.patches.shape[1]),
+                        "dtype": "float16"},
+            "metadata_columns": self.metadata_store.columns,
+        }
+
+    def metadata(self, columns: Sequence[str] | None = None, where: str | None = None) -> pa.Table:
+        """The metadata table, optionally cut to ``columns`` and the rows matching ``where``.
+
+        Raises:
+            FilterError: malformed ``where`` or an unknown column.
+        """
+        return self.metadata_store.table(columns=list(columns) if columns else None, where=where)
+
+    def skipped(self) -> pa.Table:
+        """The files the build could not index, with ``path`` and ``reason``."""
+        return self.metadata_store.skipped()
+
+    def verify(self) -> list[str]:
+        """Check that FAISS, vectors, patch store and metadata agree; returns the problems found.
+
+        See :func:`verify_index`, which also checks an index too damaged to open.
+        """
+        return verify_index(self.path)
+
+    # -- search -------------------------------------------------------------------------------
+
+    def search(self, query: Query, k: int = 10, rerank_k: int = 100, where: str | None = None,
+               reranker: str | Reranker | None = DEFAULT_RERANKER, fusion: str = "rerank") -> SearchResult:
+        """Find the ``k`` images that best match ``query``.
+
+        Args:
+            query: a text (``str``), or an image for image-to-image search: a PIL image or a
+                ``pathlib.Path`` to an image file. A ``str`` is always text.
+            k: hits to return.
+            rerank_k: first-stage candidates the reranker rescores (>= k).
+            where: a DuckDB SQL boolean expression over the metadata columns, e.g.
+                ``"width >= 512 AND path LIKE '%/2024/%'"``. Trusted input: it is run as SQL.
+            reranker: ``"maxsim"``, ``"none"``/``None``, or a :class:`~crossrank.rerank.Reranker`.
+            fusion: how the final score combines the two stages: ``rerank`` (the reranker's score
+                alone), ``sum``, or ``weighted:ALPHA`` (``ALPHA * rerank + (1 - ALPHA) * first_stage``).
+
+        Returns:
+            A :class:`SearchResult`: the hits, best first, with counts and per-stage timings.
+
+        Raises:
+            InvalidArgumentError: ``k <= 0``, ``rerank_k < k``, an empty query.
+            FilterError: a malformed ``where`` or an unknown column.
+        """
+        return self.search_batch([query], k=k, rerank_k=rerank_k, where=where, reranker=reranker,
+                                 fusion=fusion)[0]
+
+    def search_batch(self, queries: Sequence[Query], k: int = 10, rerank_k: int = 100,
+                     where: str | None = None, reranker: str | Reranker | None = DEFAULT_RERANKER,
+                     fusion: str = "rerank") -> list[SearchResult]:
+        """Search many queries at once: one encoder pass per modality and one first-stage call.
+
+        Arguments as :meth:`search`; the filter applies to every query. Returns one
+        :class:`SearchResult` per query, in order.
+        """
+        from crossrank.rerank import parse_fusion
+
+        if isinstance(queries, (str, Path)) or not isinstance(queries, Sequence):
+            raise InvalidArgumentError("queries must be a list of queries; use search() for one query")
+        if not queries:
+            return []
+        _check_k(k, rerank_k)
+        fuse = parse_fusion(fusion)
+        scorer = self._reranker(reranker)
+        n_candidates = max(k, rerank_k) if scorer is not None else k
+
+        timings: dict[str, float] = {}
+        _ = self.encoder  # load (once) outside the timings: they measure the query, not start-up
+        with _timed(timings, "encode"):
+            xq, q_tokens, q_masks, labels = self._encode_queries(queries)
+        return self._search_encoded(xq, q_tokens, q_masks, labels, k=k, n_candidates=n_candidates,
+                                    where=where, scorer=scorer, fuse=fuse, timings=timings)
+
+    def search_vectors(self, xq: np.ndarray, k: int = 10,
+                       where: str | None = None) -> list[SearchResult]:
+        """Search with query vectors encoded beforehand: the first stage only, no reranking.
+
+        Runs what :meth:`search_batch` runs after encoding (the ``where`` filter, the first stage
+        or exact scoring of a small allowed set, the metadata join, the hits) on pooled vectors
+        the caller already has: embeddings computed elsewhere with the index's model, or a
+        benchmark that must not re-encode its query every time. No encoder is loaded. Reranking
+        needs the query's token features: use :meth:`search` for it.
+
+        Args:
+            xq: float ``(m, d)`` L2-normalised query vectors from the index's model (one query:
+                ``xq[None, :]``); coerced to float32.
+            k: hits to return per query.
+            where: a DuckDB SQL boolean expression over the metadata columns, as in :meth:`search`.
+
+        Returns:
+            One :class:`SearchResult` per row of ``xq``, in order. Its ``query`` is
+            ``"<vector i>"``; each hit's ``score`` is its first-stage score, ``rerank_score`` None.
+
+        Raises:
+            InvalidArgumentError: ``k <= 0``, or ``xq`` is not a finite float ``(m, d)`` matrix of
+                the index's dim.
+            FilterError: a malformed ``where`` or an unknown column.
+
+        Example:
+            >>> xq = index.encoder.encode_text(["a red bicycle"]).pooled  # doctest: +SKIP
+            >>> [hit.path for hit in index.search_vectors(xq, k=5)[0]]  # doctest: +SKIP
+        """
+        _check_k(k, k)
+        xq = self._check_xq(xq)
+        labels = [f"<vector {i}>" for i in range(xq.shape[0])]
+        return self._search_encoded(xq, None, None, labels, k=k, n_candidates=k, where=where,
+                                    scorer=None, fuse=None, timings={})
+
+    def _check_xq(self, xq: np.ndarray) -> np.ndarray:
+        """``xq`` as a C-contiguous finite float32 ``(m, d)`` matrix, ``d`` the index's dim."""
+        try:
+            arr = np.ascontiguousarray(xq, dtype=np.float32)
+        except (TypeError, ValueError) as e:
+            raise InvalidArgumentError(
+                f"xq must be a float matrix of shape (m, d), got {type(xq).__name__}"
+            ) from e
+        d = self.first_stage.d
+        if arr.ndim != 2:
+            hint = "; pass xq[None, :] for one vector" if arr.ndim == 1 else ""
+            raise InvalidArgumentError(f"xq must have shape (m, {d}), got shape {arr.shape}{hint}")
+        if arr.shape[1] != d:
+            model = self.manifest.encoder.get("model_id", "another model")
+            raise InvalidArgumentError(
+                f"query has dim {arr.shape[1]}, but index {self.path} was built with dim {d} by "
+                f"{model}; encode queries with the same model"
+            )
+        if not np.isfinite(arr).all():
+            raise InvalidArgumentError("xq holds NaN or infinite values; pass normalised vectors")
+        return arr
+
+    def _search_encoded(self, xq: np.ndarray, q_tokens: list[np.ndarray] | None,
+                        q_masks: list[np.ndarray] | None, labels: list[str], *, k: int,
+                        n_candidates: int, where: str | None, scorer: Reranker | None, fuse: Any,
+                        timings: dict[str, float]) -> list[SearchResult]:
+        """Filter, first stage, rerank (when ``scorer``), fuse, join metadata: encoded queries.
+
+        ``xq`` is ``(m, d)`` float32; ``q_tokens`` and ``q_masks`` hold each query's token
+        features and mask, and are read only when ``scorer`` is given.
+        """
+        allowed: np.ndarray | None = None
+        if where is not None:
+            with _timed(timings, "filter"):
+                allowed = self.metadata_store.allowed_ids(where)
+        with _timed(timings, "first_stage"):
+            D, I = self._first_stage(xq, n_candidates, allowed)
+
+        results = []
+        for qi, label in enumerate(labels):
+            q_timings = dict(timings)
+            keep = I[qi] >= 0
+            ids, first_scores = I[qi][keep], D[qi][keep]
+            rerank_scores: np.ndarray | None = None
+            if scorer is not None and ids.size:
+                assert q_tokens is not None and q_masks is not None and fuse is not None
+                with _timed(q_timings, "rerank"):
+                    rerank_scores = self._rerank(scorer, q_tokens[qi], q_masks[qi], ids)
+                    final = fuse(first_scores, rerank_scores)
+                    order = np.argsort(-final, kind="stable")[:k]  # ties keep the first-stage order
+            else:
+                final, order = first_scores, np.arange(min(k, ids.size))
+            with _timed(q_timings, "metadata"):
+                rows = self.metadata_store.rows(ids[order])
+            hits = tuple(
+                Hit(id=int(ids[j]), path=str(row.pop("path")), score=float(final[j]),
+                    first_stage_score=float(first_scores[j]),
+                    rerank_score=None if rerank_scores is None else float(rerank_scores[j]),
+                    metadata={key: value for key, value in row.items() if key != "id"})
+                for j, row in zip(order, rows, strict=True)
+            )
+            counts = SearchCounts(requested=k, returned=len(hits),
+                                  filtered_out=0 if allowed is None else len(self) - int(allowed.size),
+                                  candidates=int(ids.size))
+            q_timings["total"] = sum(q_timings.values())
+            results.append(SearchResult(query=label, hits=hits, counts=counts, timings_ms=q_timings))
+        return results
+
+    # -- stages -------------------------------------------------------------------------------
+
+    def _encode_queries(self, queries: Sequence[Query]) -> tuple[np.ndarray, list[np.ndarray], list[np.ndarray], list[str]]:
+        """Encode texts and images; returns pooled (m, D), per-query token features and masks, labels."""
+        from PIL import Image as PILImage
+
+        from crossrank.ingest import decode_image, to_rgb
+
+        texts: list[tuple[int, str]] = []
+        images: list[tuple[int, Any]] = []
+        labels: list[str] = []
+        for i, query in enumerate(queries):
+            if isinstance(query, str):
+                if not query.strip():
+                    raise InvalidArgumentError("query is empty; give a text to search for, or an image")
+                texts.append((i, query))
+                labels.append(query)
+            elif isinstance(query, Path):
+                if not query.is_file():
+                    raise InvalidArgumentError(f"query image {query} does not exist; give the path of an image file")
+                image, _ = decode_image(query)
+                images.append((i, image))
+                labels.append(str(query))
+            elif isinstance(query, PILImage.Image):
+                images.append((i, to_rgb(query)))
+                labels.append(f"<image {query.width}x{query.height}>")
+            else:
+                raise InvalidArgumentError(
+                    f"query must be a str (text), a pathlib.Path or a PIL image, got {type(query).__name__}"
+                )
+        m = len(queries)
+        xq = np.empty((m, self.first_stage.d), dtype=np.float32)
+        tokens: list[np.ndarray] = [np.empty(0)] * m
+        masks: list[np.ndarray] = [np.empty(0)] * m
+        if texts:
+            feats = self.encoder.encode_text([t for _, t in texts])
+            for row, (i, _) in enumerate(texts):
+                xq[i] = feats.pooled[row]
+                tokens[i], masks[i] = feats.tokens[row], feats.mask[row]
+        if images:
+            feats = self.encoder.encode_images([img for _, img in images])
+            for row, (i, _) in enumerate(images):
+                xq[i] = feats.pooled[row]
+                tokens[i] = feats.patches[row]
+                masks[i] = np.ones(feats.patches.shape[1], dtype=bool)
+        return xq, tokens, masks, labels
+
+    def _first_stage(self, xq: np.ndarray, k: int, allowed: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
+        from crossrank.indexes import exact_search
+
+        if allowed is not None and self.first_stage.prefers_exact(int(allowed.size), k):
+            rows = self._generation.rows_of_ids(allowed)
+            return exact_search(xq, np.asarray(self._vectors[rows]), allowed, k)
+        return self.first_stage.search(xq, k, allowed_ids=allowed)
+
+    def _rerank(self, scorer: Reranker, tokens: np.ndarray, mask: np.ndarray, ids: np.ndarray) -> np.ndarray:
+        import torch
+
+        rows = self._generation.rows_of_ids(ids)
+        patches = self.patches.gather(rows)  # (k, P, d) fp16
+        scores = scorer.score(torch.from_numpy(np.ascontiguousarray(tokens)), torch.from_numpy(mask),
+                              torch.from_numpy(patches))
+        return scores.numpy().astype(np.float32, copy=False)
+
+    def _reranker(self, spec: str | Reranker | None) -> Reranker | None:
+        from crossrank.rerank import get_reranker
+
+        if spec is None or not isinstance(spec, str):
+            return get_reranker(spec, device=self.device)
+        if spec not in self._rerankers:
+            with self._lock:
+                self._rerankers.setdefault(spec, get_reranker(spec, device=self.device))
+        return self._rerankers[spec]
+
+
+def verify_index(path: str | Path) -> list[str]:
+    """Check an index directory without opening it for search, so a damaged one can be diagnosed.
+
+    Checks that the manifest and the current generation agree, that every file the generation
+    lists is present with its recorded size, that the vectors, ids, patch rows and metadata rows
+    agree, that ids are unique, and that the first stage holds one vector per image.
+
+    Args:
+        path: the index directory.
+
+    Returns:
+        One line per problem, the first disagreement first; empty when the index is sound.
+
+    Raises:
+        IndexNotFoundError: no committed index in ``path``.
+    """
+    from crossrank.errors import CrossrankError
+    from crossrank.indexes import FirstStage, IndexConfig
+    from crossrank.store import check_index, read_generation_info, read_manifest
+
+    problems = list(check_index(path))
+    try:
+        manifest = read_manifest(path)
+        n_images = read_generation_info(manifest.generation_path).n_images
+        first = FirstStage.load(manifest.first_stage_path,
+                                IndexConfig(factory=manifest.first_stage.get("factory"), device="cpu"))
+    except CrossrankError as e:
+        # Already reported by check_index (a missing or damaged file) unless nothing else was wrong.
+        return problems or [str(e)]
+    if first.ntotal != n_images:
+        problems.append(f"first stage holds {first.ntotal} vectors, but the generation has {n_images} images")
+    return problems
+
+
+def _check_k(k: int, rerank_k: int) -> None:
+    if not isinstance(k, int) or k <= 0:
+        raise InvalidArgumentError(f"k must be a positive number of hits, got {k!r}")
+    if not isinstance(rerank_k, int) or rerank_k < k:
+        raise InvalidArgumentError(
+            f"rerank_k must be >= k (the reranker can only return candidates it saw), got rerank_k={rerank_k!r} "
+            f"and k={k}; raise --rerank-k or lower -k"
+        )
+
+
+@contextmanager
+def _timed(timings: dict[str, float], stage: str) -> Iterator[None]:
+    """Add the milliseconds spent in the block to ``timings[stage]``."""
+    t0 = time.perf_counter()
+    try:
+        yield
+    finally:
+        timings[stage] = timings.get(stage, 0.0) + (time.perf_counter() - t0) * 1e3
