@@ -1,0 +1,181 @@
+"""The eval harness on a tiny shapes corpus: the report's shape, its run files, ranx agreement, and refusals."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from crossrank import Index, InvalidArgumentError
+from crossrank.cli import app
+from crossrank.evaluate import METRIC_NAMES, EvalQuery, evaluate_index, read_queries, read_run
+
+METRICS = ["R@1", "R@5", "R@10", "MRR@10", "nDCG@10", "P@10"]
+
+
+@pytest.fixture(scope="module")
+def shapes(tmp_path_factory: pytest.TempPathFactory, tiny_clip: Path) -> tuple[Path, Path]:
+    """A 60-image, 12-query shapes corpus and its index (built from its images/ folder)."""
+    from crossrank.build import build_index
+    from crossrank.datasets import generate_shapes
+
+    root = generate_shapes(tmp_path_factory.mktemp("shapes") / "ds", n_images=60, n_queries=12, seed=0,
+                           workers=1).root
+    index = tmp_path_factory.mktemp("shapes-idx") / "shapes.idx"
+    build_index(root / "images", index, model=tiny_clip, device="cpu", batch_size=30, workers=2)
+    return root, index
+
+
+@pytest.fixture(scope="module")
+def cli_eval(shapes, tmp_path_factory: pytest.TempPathFactory) -> tuple[dict, Path]:
+    root, index = shapes
+    runs = tmp_path_factory.mktemp("runs")
+    result = CliRunner().invoke(app, ["eval", str(index), "--queries", str(root / "queries.parquet"),
+                                      "--qrels", str(root / "qrels.txt"), "--run-out", str(runs),
+                                      "--device", "cpu", "--json"])
+    assert result.exit_code == 0, (result.stdout, result.stderr, result.exception)
+    return json.loads(result.stdout), runs
+
+
+def test_eval_json_has_the_documented_shape(cli_eval):
+    report, _ = cli_eval
+    assert {"queries", "first_stage", "reranked", "latency_ms"} <= set(report)
+    assert report["queries"] == 12 and report["excluded_qids"] == [] and report["reranker"] == "maxsim"
+    for stage in ("first_stage", "reranked"):
+        assert list(report[stage]) == METRICS
+        assert all(0.0 <= v <= 1.0 for v in report[stage].values())
+    assert {"encode", "first_stage", "rerank", "total"} <= set(report["latency_ms"])
+    for lat in report["latency_ms"].values():
+        assert set(lat) == {"p50", "p95"} and 0.0 <= lat["p50"] <= lat["p95"]
+    # shapes queries carry kind and heldout: each group reports its own metrics
+    assert {"kind=single", "kind=pair", "kind=relation"} <= set(report["groups"])
+    assert sum(report["groups"][f"kind={k}"]["queries"] for k in ("single", "pair", "relation")) == 12
+
+
+def test_run_files_name_images_as_the_qrels_do(cli_eval, shapes):
+    _, runs = cli_eval
+    root, _ = shapes
+    qids = [q.qid for q in read_queries(root / "queries.parquet")]
+    for name in ("first_stage.run", "reranked.run"):
+        run = read_run(runs / name)
+        assert list(run) == qids
+        for docs in run.values():
+            assert len(docs) == 60  # rerank_k (100) is more than the corpus: every image, once
+            assert len({d for d, _ in docs}) == 60
+            assert all(re.fullmatch(r"images/\d{6}\.png", d) and (root / d).is_file() for d, _ in docs)
+
+
+@pytest.mark.parametrize(("stage", "run_file"), [("first_stage", "first_stage.run"), ("reranked", "reranked.run")])
+def test_reported_metrics_equal_ranx_on_the_run_files(cli_eval, shapes, stage, run_file):
+    from ranx import Qrels, Run, evaluate
+
+    from crossrank.evaluate import ranx_name
+
+    report, runs = cli_eval
+    root, _ = shapes
+    qrels = Qrels.from_file(str(root / "qrels.txt"), kind="trec")  # every shapes query has a relevant image
+    run = Run.from_file(str(runs / run_file), kind="trec")
+    theirs = evaluate(qrels, run, [ranx_name(m) for m in METRIC_NAMES])
+    for metric in METRIC_NAMES:
+        assert report[stage][metric] == pytest.approx(theirs[ranx_name(metric)], abs=1e-4), metric
+
+
+def test_run_files_are_the_two_stages_of_search(cli_eval, shapes):
+    _, runs = cli_eval
+    root, index_dir = shapes
+    index = Index.open(index_dir, device="cpu")
+    first, reranked = read_run(runs / "first_stage.run"), read_run(runs / "reranked.run")
+    for query in read_queries(root / "queries.parquet")[:4]:
+        plain = index.search(query.text, k=10, reranker=None)
+        assert [d for d, _ in first[query.qid][:10]] == [os.path.relpath(h.path, root) for h in plain]
+        full = index.search(query.text, k=10, rerank_k=100)
+        assert [d for d, _ in reranked[query.qid][:10]] == [os.path.relpath(h.path, root) for h in full]
+
+
+def test_queries_without_a_relevant_image_are_excluded(shapes, tmp_path):
+    root, index_dir = shapes
+    index = Index.open(index_dir, device="cpu")
+    base = evaluate_index(index, root / "queries.parquet", root / "qrels.txt", rerank_k=20)
+    qrels = root / "qrels-with-unjudged.txt"  # beside the images: doc ids stay relative to this folder
+    qrels.write_text((root / "qrels.txt").read_text() + "qzero 0 images/000001.png 0\n")
+    queries = read_queries(root / "queries.parquet") + [EvalQuery("qzero", "a red circle"),
+                                                        EvalQuery("qnone", "a blue square")]
+    report = evaluate_index(index, queries, qrels, rerank_k=20, run_out=tmp_path)
+    qrels.unlink()
+    assert report.excluded_qids == ["qnone", "qzero"]
+    assert report.queries == base.queries == 12
+    assert report.first_stage.values == base.first_stage.values
+    assert report.reranked.values == base.reranked.values
+
+
+def test_eval_without_reranker(shapes, tmp_path):
+    root, index_dir = shapes
+    result = CliRunner().invoke(app, ["eval", str(index_dir), "--queries", str(root / "queries.parquet"),
+                                      "--qrels", str(root / "qrels.txt"), "--reranker", "none",
+                                      "--run-out", str(tmp_path), "--device", "cpu", "--json"])
+    assert result.exit_code == 0, result.stderr
+    report = json.loads(result.stdout)
+    assert report["reranked"] is None and report["reranker"] == "none"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["first_stage.run"]
+
+
+def test_human_report_renders(shapes):
+    root, index_dir = shapes
+    result = CliRunner().invoke(app, ["eval", str(index_dir), "--queries", str(root / "queries.parquet"),
+                                      "--qrels", str(root / "qrels.txt"), "--rerank-k", "10", "--device", "cpu"])
+    assert result.exit_code == 0, result.stderr
+    assert "12 queries" in result.stdout and "nDCG@10" in result.stdout
+
+
+# -- refusals: exit 1 and one clear line --------------------------------------------------------
+
+def _tsv(path: Path, text: str) -> Path:
+    path.write_text(text)
+    return path
+
+
+MISMATCH = {
+    "qrels-elsewhere": (  # right qids and doc ids, but relative to a folder that holds no images
+        lambda root, tmp: ("{root}/queries.parquet", _tsv(tmp / "qrels.txt", (root / "qrels.txt").read_text())),
+        r"no doc id of .*qrels\.txt is an image of index .*; doc ids must be image paths relative to the qrels"),
+    "foreign-queries": (
+        lambda root, tmp: (_tsv(tmp / "q.tsv", "zz1\ta red circle\nzz2\ta blue square\n"), "{root}/qrels.txt"),
+        r"none of the 2 query ids \(e\.g\. 'zz1'\) appear in .*qrels\.txt"),
+    "duplicate-qid": (
+        lambda root, tmp: (_tsv(tmp / "q.tsv", "q00000\ta red circle\nq00000\ta blue square\n"),
+                           "{root}/qrels.txt"),
+        r"query id 'q00000' appears twice"),
+    "malformed-queries": (
+        lambda root, tmp: (_tsv(tmp / "q.tsv", "q00000 a red circle\n"), "{root}/qrels.txt"),
+        r"q\.tsv:1: expected 'qid<TAB>text'"),
+    "missing-qrels": (
+        lambda root, tmp: ("{root}/queries.parquet", tmp / "nope.txt"), r"qrels file .*nope\.txt does not exist"),
+    "missing-queries": (
+        lambda root, tmp: (tmp / "nope.parquet", "{root}/qrels.txt"),
+        r"queries file .*nope\.parquet does not exist"),
+}
+
+
+@pytest.mark.parametrize("case", list(MISMATCH))
+def test_eval_refuses_queries_or_qrels_that_do_not_match(shapes, tmp_path, case):
+    root, index_dir = shapes
+    make, match = MISMATCH[case]
+    queries, qrels = (str(p).format(root=root) for p in make(root, tmp_path))
+    result = CliRunner().invoke(app, ["eval", str(index_dir), "--queries", queries, "--qrels", qrels,
+                                      "--device", "cpu", "--json"])
+    assert result.exit_code == 1, (result.stdout, result.exception)
+    assert isinstance(result.exception, SystemExit)  # handled, no traceback
+    assert result.stdout == ""
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ")
+    assert re.search(match, lines[0]), lines[0]
+
+
+def test_evaluate_index_api_raises_invalid_argument(shapes):
+    root, index_dir = shapes
+    with pytest.raises(InvalidArgumentError, match="no queries to evaluate"):
+        evaluate_index(Index.open(index_dir, device="cpu"), [], root / "qrels.txt")
