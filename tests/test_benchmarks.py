@@ -1,0 +1,66 @@
+"""Smoke test of the benchmark scripts: they run end to end at small sizes and report every figure.
+
+Marked ``bench`` (excluded from the default run; ``pytest -m bench`` runs it). It checks that the
+script works, never how fast anything is: speed is measured by the benchmarks themselves.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+@pytest.mark.bench
+def test_bench_foundation_quick_reports_three_finite_ratios(tmp_path: Path) -> None:
+    proc = subprocess.run(
+        [sys.executable, str(BENCHMARKS / "bench_foundation.py"), "--quick", "--json",
+         "--workdir", str(tmp_path)],
+        capture_output=True, text=True, timeout=600, check=False,
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    report = json.loads(proc.stdout)
+    assert report["sizes"] == "quick"
+    results = {r["measurement"].split()[0]: r for r in report["results"]}
+    assert sorted(results) == ["build", "patch", "search"]
+    for r in results.values():
+        for key in ("value", "baseline", "ratio"):
+            assert math.isfinite(r[key]) and r[key] > 0, (r["measurement"], key, r[key])
+        assert r["rounds"] >= 1
+        assert r["met"] in (True, False)
+    assert list(tmp_path.iterdir()) == []  # the work directory is removed
+
+
+@pytest.mark.bench
+def test_bench_foundation_quick_table_has_one_row_per_measurement(tmp_path: Path) -> None:
+    proc = subprocess.run(
+        [sys.executable, str(BENCHMARKS / "bench_foundation.py"), "--quick",
+         "--workdir", str(tmp_path)],
+        capture_output=True, text=True, timeout=600, check=False,
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    lines = proc.stdout.splitlines()
+    assert lines[1].split() == ["measurement", "value", "baseline", "ratio", "goal", "met?"]
+    rows = lines[3:6]
+    assert [row.split()[0] for row in rows] == ["search", "build", "patch"]
+
+
+@pytest.mark.bench
+def test_bench_rerank_paths_quick_reports_every_path() -> None:
+    proc = subprocess.run(
+        [sys.executable, str(BENCHMARKS / "bench_rerank_paths.py"), "--quick", "--json", "--ks", "8",
+         "--threads", "1"],
+        capture_output=True, text=True, timeout=600, check=False,
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    report = json.loads(proc.stdout)
+    assert [(r["shape"], r["k"]) for r in report["rows"]] == [("demo", 8), ("clip-b32", 8)]
+    for r in report["rows"]:
+        for key in ("plain_ms", "folded_ms", "precomputed_ms", "folded_vs_plain", "precomputed_vs_plain"):
+            assert math.isfinite(r[key]) and r[key] > 0, (r["shape"], key, r[key])
