@@ -11,7 +11,8 @@ import functools
 import json
 import logging
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
 
@@ -63,6 +64,34 @@ def _friendly_errors(fn: F) -> F:
     return wrapper  # type: ignore[return-value]
 
 
+@contextmanager
+def _progress(*columns: Any, disable: bool, transient: bool = False, **fields: Any) -> Iterator[Callable[..., None]]:
+    """A rich progress bar on stderr that appears with its first update.
+
+    Yields ``update(**task_fields)``. An error raised before any work starts (a bad argument, a
+    missing folder) therefore stays one line, with no empty bar above it.
+    """
+    from rich.progress import Progress
+
+    bar = Progress(*columns, console=err_console, disable=disable, transient=transient)
+    task = bar.add_task("", total=None, start=False, **fields)
+    started = False
+
+    def update(**task_fields: Any) -> None:
+        nonlocal started
+        if not started:  # elapsed time and ETA count from the first update
+            bar.start()
+            bar.start_task(task)
+            started = True
+        bar.update(task, **task_fields)
+
+    try:
+        yield update
+    finally:
+        if started:
+            bar.stop()
+
+
 def _print_json(obj: Any) -> None:
     sys.stdout.write(json.dumps(obj, indent=2, ensure_ascii=False) + "\n")
 
@@ -84,36 +113,33 @@ def build(
     as_json: Annotated[bool, typer.Option("--json", help="Print the summary as JSON.")] = False,
 ) -> None:
     """Index a folder or manifest of images."""
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+    from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+    import time
 
     from crossrank.build import build_index
 
     columns = [TextColumn("[bold]indexing"), BarColumn(), MofNCompleteColumn(),
                TextColumn("{task.fields[rate]}"), TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn()]
-    # The bar starts with the first batch: an error found before any image is read (a missing
-    # SOURCE, an existing index) stays one line, without an empty bar above it.
-    bar = Progress(*columns, console=err_console, disable=as_json, transient=False)
-    task = bar.add_task("build", total=None, rate="")
+    started: list[float] = []  # when the first batch arrived: images/s counts from there
+    with _progress(*columns, disable=as_json, rate="") as update:
 
-    def progress(done: int, total: int) -> None:
-        bar.start()  # idempotent
-        bar.update(task, completed=done, total=total)
-        speed = bar.tasks[task].speed
-        bar.update(task, rate=f"{speed:,.0f} img/s" if speed else "")
+        def progress(done: int, total: int) -> None:
+            if not started:
+                started.append(time.perf_counter())
+            elapsed = time.perf_counter() - started[0]
+            update(completed=done, total=total, rate=f"{done / elapsed:,.0f} img/s" if elapsed > 0.5 else "")
 
-    try:
         report = build_index(source, index, model=model, batch_size=batch_size, device=device.value,
                              factory=factory, nprobe=nprobe, workers=workers, overwrite=overwrite,
                              progress=progress)
-    finally:
-        bar.stop()
     if as_json:
         _print_json(report.to_dict())
         return
     rate = report.indexed / report.seconds if report.seconds else 0.0
     console.print(
         f"[green]indexed {report.indexed}[/] images, skipped {report.skipped}, in {report.seconds:.1f} s "
-        f"({rate:,.0f} img/s) -> {report.index_dir} (generation {report.generation}, {report.factory})"
+        f"({rate:,.0f} img/s overall, model loading included) -> {report.index_dir} (generation {report.generation}, {report.factory})"
     )
     if report.skipped:
         console.print(f"[yellow]{report.skipped} files skipped:[/] list them with `crossrank info {report.index_dir} --skipped`")
@@ -299,17 +325,16 @@ def eval_cmd(
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
 ) -> None:
     """Evaluate the first stage alone and with the reranker: R@1/5/10, MRR@10, nDCG@10, P@10, latency."""
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+    from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeElapsedColumn
 
     from crossrank.evaluate import evaluate_index
     from crossrank.index import Index
 
     idx = Index.open(index, device=device.value)
-    with Progress(TextColumn("[bold]evaluating"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                  console=err_console, disable=as_json, transient=True) as bar:
-        task = bar.add_task("eval", total=None)
+    with _progress(TextColumn("[bold]evaluating"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                   disable=as_json, transient=True) as update:
         report = evaluate_index(idx, queries, qrels, rerank_k=rerank_k, reranker=reranker, fusion=fusion,
-                                run_out=run_out, progress=lambda d, t: bar.update(task, completed=d, total=t))
+                                run_out=run_out, progress=lambda d, t: update(completed=d, total=t))
     if as_json:
         _print_json(report.to_dict())
         return
@@ -363,16 +388,15 @@ def dataset_shapes(
     as_json: Annotated[bool, typer.Option("--json", help="Print the summary as JSON.")] = False,
 ) -> None:
     """Synthetic compositional scenes (coloured shapes in spatial relations) with exact qrels."""
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+    from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeElapsedColumn
 
     from crossrank.datasets import generate_shapes
 
-    with Progress(TextColumn("[bold]rendering"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                  console=err_console, disable=as_json) as bar:
-        task = bar.add_task("render", total=n_images)
+    with _progress(TextColumn("[bold]rendering"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                   disable=as_json) as update:
         ds = generate_shapes(out, n_images=n_images, n_queries=n_queries, seed=seed, split=split,
                              image_size=image_size, overwrite=overwrite,
-                             progress=lambda done, total: bar.update(task, completed=done, total=total))
+                             progress=lambda done, total: update(completed=done, total=total))
     summary = {"out": str(ds.root), "split": str(ds.config.split), "seed": seed, "images": ds.n_images,
                "queries": ds.n_queries, "heldout_queries": ds.n_heldout_queries, "pairs": ds.n_pairs}
     if as_json:
@@ -398,7 +422,7 @@ def train_encoder_cmd(
     import shlex
     import time
 
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+    from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
     from crossrank.encoders.train import DEMO_SPEC, EncoderTrainConfig, shapes_train_data, train_encoder
 
@@ -406,15 +430,10 @@ def train_encoder_cmd(
                                 warmup=min(200, max(1, steps // 20)))
     t0 = time.perf_counter()
     train_data = shapes_train_data(data, DEMO_SPEC.image_size)
-    with Progress(TextColumn("[bold]training"), BarColumn(), MofNCompleteColumn(), TextColumn("loss {task.fields[loss]}"),
-                  TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(), console=err_console,
-                  disable=as_json) as bar:
-        task = bar.add_task("train", total=steps, loss="-")
-
-        def progress(step: int, total: int, loss: float) -> None:
-            bar.update(task, completed=step, loss=f"{loss:.3f}")
-
-        path = train_encoder(train_data, out, config, progress=progress,
+    with _progress(TextColumn("[bold]training"), BarColumn(), MofNCompleteColumn(), TextColumn("loss {task.fields[loss]}"),
+                   TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(), disable=as_json, loss="-") as update:
+        path = train_encoder(train_data, out, config,
+                             progress=lambda step, total, loss: update(completed=step, total=total, loss=f"{loss:.3f}"),
                              extra={"command": "crossrank " + shlex.join(sys.argv[1:])})
     summary = {"out": str(path), "steps": steps, "seconds": round(time.perf_counter() - t0, 1)}
     if as_json:
