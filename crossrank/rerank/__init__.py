@@ -3,8 +3,9 @@
 Every reranker follows the :class:`Reranker` protocol, so the search path treats them alike:
 :class:`MaxSimReranker`, parameter-free late interaction, and :class:`CrossAttentionReranker`, a
 trained model configured by a :class:`RerankerConfig` and saved as safetensors + config.json
-(:func:`save_reranker`, :func:`load_reranker`; :func:`get_reranker` takes such a folder too). The
-final score a hit is ranked by comes from :func:`fuse` (``rerank``, ``sum`` or ``weighted:ALPHA``).
+(:func:`save_reranker`, :func:`load_reranker`; :func:`get_reranker` takes such a folder too) and
+trained over frozen encoders by :func:`train_reranker`. The final score a hit is ranked by comes
+from :func:`fuse` (``rerank``, ``sum`` or ``weighted:ALPHA``).
 
 The torch modules (the cross-attention model and its checkpoint I/O) are imported on first use.
 """
@@ -22,6 +23,7 @@ if TYPE_CHECKING:
     from crossrank.rerank.checkpoint import load_reranker, read_reranker_config, save_reranker
     from crossrank.rerank.cross_attention import AttentionPath, CrossAttentionReranker
     from crossrank.rerank.kv_cache import PatchKV
+    from crossrank.rerank.train import RerankLoss, RerankTrainConfig, TrainReport, train_reranker
 
 __all__ = [
     "AttentionPath",
@@ -35,6 +37,9 @@ __all__ = [
     "Reranker",
     "RerankerConfig",
     "RerankerName",
+    "RerankLoss",
+    "RerankTrainConfig",
+    "TrainReport",
     "check_rerank_inputs",
     "fuse",
     "get_reranker",
@@ -42,6 +47,7 @@ __all__ = [
     "parse_fusion",
     "read_reranker_config",
     "save_reranker",
+    "train_reranker",
 ]
 
 # torch is imported only when one of these is first used.
@@ -52,6 +58,10 @@ _LAZY = {
     "load_reranker": "crossrank.rerank.checkpoint",
     "read_reranker_config": "crossrank.rerank.checkpoint",
     "save_reranker": "crossrank.rerank.checkpoint",
+    "RerankLoss": "crossrank.rerank.train",
+    "RerankTrainConfig": "crossrank.rerank.train",
+    "TrainReport": "crossrank.rerank.train",
+    "train_reranker": "crossrank.rerank.train",
 }
 
 

@@ -1,0 +1,376 @@
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from crossrank.errors import InvalidArgumentError, ModelError
+from crossrank.rerank import (
+    CrossAttentionReranker,
+    RerankerConfig,
+    RerankTrainConfig,
+    load_reranker,
+    train_reranker,
+)
+from crossrank.rerank._train_data import CandidateSampler, prepare_training_set
+from crossrank.rerank.train import CHECKPOINT_NAME, LOG_NAME, rerank_loss
+
+TINY = RerankerConfig(width=16, heads=2, layers=1, mlp_ratio=2.0)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def shapes(tmp_path_factory, tiny_clip):
+    """A 60-image shapes train split and an index over its images (pairs' paths are relative)."""
+    from crossrank import Index
+    from crossrank.datasets import generate_shapes
+
+    root = tmp_path_factory.mktemp("shapes")
+    ds = generate_shapes(root / "data", n_images=60, n_queries=0, split="train", seed=3,
+                         captions_per_image=3, workers=1)
+    index = Index.build(ds.images_dir, root / "shapes.idx", model=tiny_clip, device="cpu",
+                        batch_size=32, workers=1)
+    return ds, index
+
+
+def _write_pairs(path: Path, rows: list[tuple[str | None, str | None]]) -> Path:
+    table = pa.table({"path": pa.array([p for p, _ in rows], pa.string()),
+                      "caption": pa.array([c for _, c in rows], pa.string())})
+    if path.suffix == ".csv":
+        import pyarrow.csv as pcsv
+
+        pcsv.write_csv(table, path)
+    else:
+        pq.write_table(table, path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def colours(tmp_path_factory, tiny_clip):
+    """24 noisy red or blue images, paired with 'a red circle' or 'a blue square', and an index.
+
+    Generic pairs (no dataset.json): the 12 images of a caption are its positives. Learnable in a
+    few dozen steps even with a random CLIP: the two colours give very different patch features.
+    """
+    from PIL import Image
+
+    from crossrank import Index
+
+    root = tmp_path_factory.mktemp("colours")
+    (root / "img").mkdir()
+    rng = np.random.default_rng(0)
+    rows = []
+    for i in range(24):
+        red = i % 2 == 0
+        colour = np.array([200, 30, 30] if red else [30, 30, 200])
+        pixels = np.clip(colour + rng.integers(-40, 40, (32, 32, 3)), 0, 255).astype(np.uint8)
+        Image.fromarray(pixels).save(root / "img" / f"{i:02d}.png")
+        rows.append((f"img/{i:02d}.png", "a red circle" if red else "a blue square"))
+    pairs = _write_pairs(root / "pairs.parquet", rows)
+    index = Index.build(root / "img", root / "colours.idx", model=tiny_clip, device="cpu",
+                        batch_size=32, workers=1)
+    return pairs, index
+
+
+def _images(index) -> list[str]:
+    return index.metadata(columns=["path"]).column("path").to_pylist()
+
+
+def _config(**fields) -> RerankTrainConfig:
+    base = dict(steps=8, batch_size=8, n_candidates=6, mine_k=10, warmup=2, lr=3e-3,
+                eval_every=4, checkpoint_every=4, device="cpu", val_fraction=0.1)
+    return RerankTrainConfig(**{**base, **fields})
+
+
+# -- the loss ---------------------------------------------------------------------------------
+
+
+def test_rerank_loss_matches_hand_computed_values():
+    logits = torch.tensor([[2.0, 0.0, 0.0], [0.0, 1.0, -1.0]])
+    listwise = (-math.log(math.exp(2) / (math.exp(2) + 2))
+                - math.log(1 / (1 + math.e + math.exp(-1)))) / 2
+    assert rerank_loss(logits, "listwise").item() == pytest.approx(listwise, rel=1e-6)
+    def sp(x):  # softplus: the binary cross-entropy of logit x with label 0
+        return math.log1p(math.exp(x))
+
+    positives = (sp(-2.0) + sp(0.0)) / 2
+    negatives = (sp(0.0) + sp(0.0) + sp(1.0) + sp(-1.0)) / 4
+    assert rerank_loss(logits, "itm").item() == pytest.approx(0.5 * positives + 0.5 * negatives,
+                                                              rel=1e-6)
+
+
+# -- training ---------------------------------------------------------------------------------
+
+
+def test_training_loss_falls_on_a_tiny_set(colours, tmp_path):
+    pairs, index = colours
+    losses = []
+    report = train_reranker(
+        index, pairs, tmp_path / "r", model_config=TINY,
+        config=_config(steps=60, lr=1e-2, hard_fraction=0.0, val_fraction=0.0, eval_every=30,
+                       checkpoint_every=60, seed=1),
+        progress=lambda step, steps, loss, acc: losses.append(loss),
+    )
+    assert len(losses) == 60 and report.steps == 60 and report.relevance == "caption"
+    start, end = np.mean(losses[:5]), np.mean(losses[-10:])
+    assert start == pytest.approx(math.log(6), abs=0.01)  # a gated model starts at the identity
+    assert end < 0.5 * start
+    assert report.curve[-1]["train_accuracy"] > 0.9
+
+
+@pytest.mark.parametrize("loss", ["listwise", "itm"])
+def test_both_losses_train_and_save_a_loadable_reranker(shapes, tmp_path, loss):
+    ds, index = shapes
+    seen = []
+    report = train_reranker(index, ds.pairs_path, tmp_path / "r", model_config=TINY,
+                            config=_config(loss=loss),
+                            progress=lambda *args: seen.append(args))
+    assert [s[0] for s in seen] == list(range(1, 9)) and all(s[1] == 8 for s in seen)
+    assert all(math.isfinite(s[2]) and 0.0 <= s[3] <= 1.0 for s in seen)
+    assert [e["step"] for e in report.curve] == [0, 4, 8]
+    # Step 0: a gated model gives every candidate the same logit. Ties count as chance, and the
+    # reranked lists keep the first-stage order.
+    assert report.curve[0]["val_accuracy"] == pytest.approx(1 / 6)
+    assert report.curve[0]["val_r1"] == report.first_stage["r1"]
+    assert set(report.final) == {"val_accuracy", "val_r1"}
+    saved = json.loads((tmp_path / "r" / "config.json").read_text())
+    assert saved["metadata"]["train"]["loss"] == loss and saved["metadata"]["steps"] == 8
+    assert saved["metadata"]["val"] == report.final
+    lines = (tmp_path / "r" / LOG_NAME).read_text().splitlines()
+    assert [json.loads(line) for line in lines] == list(report.curve)
+
+
+def test_reranker_dims_come_from_the_index_encoder(shapes, tmp_path):
+    ds, index = shapes
+    wrong = RerankerConfig(text_dim=999, patch_dim=777, width=16, heads=2, layers=1)
+    train_reranker(index, ds.pairs_path, tmp_path / "r", model_config=wrong,
+                   config=_config(steps=1))
+    dim = index.manifest.encoder["patch_dim"]
+    loaded = load_reranker(tmp_path / "r", device="cpu", encoder_info=index.manifest.encoder)
+    assert (loaded.config.text_dim, loaded.config.patch_dim) == (dim, dim) != (999, 777)
+    assert loaded.config.width == 16
+
+
+def test_resume_gives_the_same_weights_as_an_uninterrupted_run(shapes, tmp_path):
+    ds, index = shapes
+    config = _config(steps=12, eval_every=3, checkpoint_every=4)
+    whole = train_reranker(index, ds.pairs_path, tmp_path / "whole", model_config=TINY,
+                           config=config)
+
+    class Interrupt(Exception):
+        pass
+
+    def stop_at_6(step, steps, loss, acc):
+        if step == 6:
+            raise Interrupt
+
+    with pytest.raises(Interrupt):
+        train_reranker(index, ds.pairs_path, tmp_path / "cut", model_config=TINY, config=config,
+                       progress=stop_at_6)
+    resumed = train_reranker(index, ds.pairs_path, tmp_path / "cut", model_config=TINY,
+                             config=config)
+    assert whole.resumed_from == 0 and resumed.resumed_from == 4  # the last checkpoint
+    a = load_reranker(tmp_path / "whole", device="cpu").state_dict()
+    b = load_reranker(tmp_path / "cut", device="cpu").state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    def strip(curve):
+        return [{k: v for k, v in e.items() if k != "elapsed_s"} for e in curve]
+
+    assert strip(resumed.curve) == strip(whole.curve)  # the log neither loses nor repeats a step
+
+
+def test_exported_weights_are_the_checkpoint_weights_and_search_with_them(shapes, tmp_path):
+    ds, index = shapes
+    train_reranker(index, ds.pairs_path, tmp_path / "r", model_config=TINY, config=_config())
+    loaded = load_reranker(tmp_path / "r", device="cpu", encoder_info=index.manifest.encoder)
+    state = torch.load(tmp_path / "r" / CHECKPOINT_NAME, weights_only=True)["model"]
+    trained = CrossAttentionReranker(loaded.config)
+    trained.load_state_dict(state)
+    trained.eval()
+    feats = index.encoder.encode_text(["a red circle"])
+    patches = torch.from_numpy(index.patches.gather(np.arange(10)))
+    query, mask = torch.from_numpy(feats.tokens[0]), torch.from_numpy(feats.mask[0])
+    assert torch.equal(loaded.score(query, mask, patches), trained.score(query, mask, patches))
+    hits = index.search("a red circle", k=3, rerank_k=10, reranker=loaded).hits
+    assert len(hits) == 3 and all(h.rerank_score is not None for h in hits)
+
+
+# -- positives and negatives ------------------------------------------------------------------
+
+
+def test_hard_negatives_never_include_exact_shapes_positives(shapes):
+    from crossrank.datasets import match_matrix
+
+    ds, index = shapes
+    data = prepare_training_set(index, ds.pairs_path, _config(mine_k=40, val_fraction=0.0))
+    assert data.relevance == "shapes" and data.counts["used_pairs"] == data.counts["pairs"]
+    # The truth, computed independently: which pool images satisfy which caption.
+    paths = pq.read_table(ds.metadata_path, columns=["path"]).column("path").to_pylist()
+    scene_of = {str((ds.root / p).absolute()): i for i, p in enumerate(paths)}
+    index_paths = _images(index)
+    scenes = [ds.scenes()[scene_of[index_paths[row]]] for row in data.pool_rows]
+    truth = match_matrix(data.captions, scenes)  # (U, N)
+    # The test can fail: the first stage ranks true matches that were never paired with their
+    # caption among its top 40, which an identical-caption rule would keep as hard negatives.
+    paired = np.zeros_like(truth)
+    paired[data.train_caption, data.train_image] = True
+    _, ids = index.first_stage.search(index.encoder.encode_text(data.captions).pooled, 40)
+    mined = np.searchsorted(data.pool_rows, index._generation.rows_of_ids(ids.ravel()))
+    assert (truth & ~paired)[np.repeat(np.arange(len(data.captions)), 40), mined].sum() > 20
+    assert data.hard_count.sum() > 0
+    for u in range(len(data.captions)):
+        assert not truth[u, data.hard[u, : data.hard_count[u]]].any()
+    sampler = CandidateSampler(data, n_candidates=8, in_batch=True)
+    rng = np.random.default_rng(0)
+    for _ in range(30):
+        batch = rng.choice(data.train_caption.size, size=16, replace=False)
+        u = data.train_caption[batch]
+        lists = sampler.sample(u, data.train_image[batch], n_hard=4, rng=rng)
+        assert truth[u, lists[:, 0]].all()
+        assert not truth[u[:, None], lists[:, 1:]].any()
+
+
+def test_images_paired_with_the_identical_caption_are_never_negatives(colours):
+    pairs, index = colours
+    data = prepare_training_set(index, pairs, _config(mine_k=30, val_fraction=0.0))
+    assert data.relevance == "caption" and data.counts["missing_image"] == 0
+    paths = [_images(index)[row] for row in data.pool_rows]
+    red = data.captions.index("a red circle")
+    red_images = np.flatnonzero([int(Path(p).stem) % 2 == 0 for p in paths])
+    assert red_images.size == 12
+    assert data.hard_count[red] == 12  # every image was mined: the 12 blue ones remain
+    assert not np.isin(data.hard[red, : data.hard_count[red]], red_images).any()
+    sampler = CandidateSampler(data, n_candidates=13, in_batch=True)
+    rng = np.random.default_rng(0)
+    batch = np.arange(data.train_caption.size)  # every pair: in-batch offers red positives too
+    for n_hard in (0, 6, 12):
+        lists = sampler.sample(data.train_caption[batch], data.train_image[batch], n_hard, rng)
+        is_red = data.train_caption[batch] == red
+        assert np.isin(lists[is_red, 0], red_images).all()
+        assert not np.isin(lists[is_red, 1:], red_images).any()
+        assert np.isin(lists[~is_red, 1:], red_images).all()
+        assert all(len(set(row)) == row.size for row in lists)  # enough negatives: no repeats
+
+
+def test_validation_captions_are_held_out_of_training(shapes):
+    ds, index = shapes
+    data = prepare_training_set(index, ds.pairs_path, _config(val_fraction=0.2))
+    assert data.counts["val_captions"] == data.val_captions.size > 0
+    assert not np.isin(data.train_caption, data.val_captions).any()
+    assert data.counts["used_pairs"] + data.counts["val_pairs"] == data.counts["pairs"]
+
+
+def test_missing_images_and_empty_captions_are_skipped_and_counted(colours, tmp_path):
+    _, index = colours
+    images = _images(index)
+    rows = [(p, "a red circle" if i % 2 == 0 else "a blue square")
+            for i, p in enumerate(images[:10])]
+    rows += [("gone/one.png", "a cat"), ("/nowhere/two.png", "a dog"), (None, "a bird")]
+    rows += [(images[10], ""), (images[11], "   "), (images[12], None)]
+    pairs = _write_pairs(tmp_path / "pairs.csv", rows)
+    report = train_reranker(index, pairs, tmp_path / "r", model_config=TINY,
+                            config=_config(steps=2, val_fraction=0.0))
+    counts = report.counts
+    assert (counts["pairs"], counts["missing_image"], counts["empty_caption"]) == (16, 3, 3)
+    assert counts["used_pairs"] == 10 and counts["images"] >= 10  # pairs' images + mined ones
+    assert report.first_stage == {} and report.final == {}
+
+
+# -- errors -----------------------------------------------------------------------------------
+
+
+def test_no_usable_pair_is_refused(colours, tmp_path):
+    _, index = colours
+    pairs = _write_pairs(tmp_path / "pairs.csv", [("a.png", "a cat"), (_images(index)[0], " ")])
+    with pytest.raises(InvalidArgumentError, match=r"no usable pair in .*pairs\.csv: of 2 pairs, "
+                                                   r"1 name an image not in index .* 1 have an "
+                                                   r"empty caption; build the index over"):
+        train_reranker(index, pairs, tmp_path / "r", model_config=TINY, config=_config())
+
+
+@pytest.mark.parametrize("columns, missing", [(["path", "text"], "`caption`"),
+                                              (["file", "text"], "`path` or `caption`")])
+def test_a_pairs_file_without_path_and_caption_columns_is_refused(colours, tmp_path, columns,
+                                                                   missing):
+    _, index = colours
+    pairs = tmp_path / "pairs.parquet"
+    pq.write_table(pa.table({columns[0]: ["a.png"], columns[1]: ["a cat"]}), pairs)
+    with pytest.raises(InvalidArgumentError, match=rf"pairs file .* has no {missing} column "
+                                                   rf"\(columns: {columns[0]}, {columns[1]}\)"):
+        train_reranker(index, pairs, tmp_path / "r", model_config=TINY, config=_config())
+
+
+def test_a_missing_or_foreign_pairs_file_is_refused(colours, tmp_path):
+    _, index = colours
+    with pytest.raises(InvalidArgumentError, match=r"pairs file .*none\.csv does not exist"):
+        train_reranker(index, tmp_path / "none.csv", tmp_path / "r", config=_config())
+    (tmp_path / "pairs.json").write_text("[]")
+    with pytest.raises(InvalidArgumentError, match=r"has suffix '\.json'; a pairs file is a "):
+        train_reranker(index, tmp_path / "pairs.json", tmp_path / "r", config=_config())
+
+
+def test_a_checkpoint_of_another_run_is_refused(shapes, tmp_path):
+    ds, index = shapes
+    train_reranker(index, ds.pairs_path, tmp_path / "r", model_config=TINY,
+                   config=_config(steps=4))
+    with pytest.raises(InvalidArgumentError, match=r"checkpoint .*checkpoint\.pt was written by a "
+                                                   r"training run with another training config; "
+                                                   r"delete it .* or pick another --out"):
+        train_reranker(index, ds.pairs_path, tmp_path / "r", model_config=TINY,
+                       config=_config(steps=4, lr=1e-3))
+    with pytest.raises(InvalidArgumentError, match=r"another model config; delete it"):
+        train_reranker(index, ds.pairs_path, tmp_path / "r",
+                       model_config=RerankerConfig(width=8, heads=2, layers=1),
+                       config=_config(steps=4))
+
+
+def test_a_corrupt_checkpoint_is_refused(shapes, tmp_path):
+    ds, index = shapes
+    out = tmp_path / "r"
+    out.mkdir()
+    (out / CHECKPOINT_NAME).write_bytes(b"not a checkpoint")
+    with pytest.raises(ModelError, match=r"checkpoint .*checkpoint\.pt is corrupt or truncated "
+                                         r"\(.*\); delete it to train from scratch"):
+        train_reranker(index, ds.pairs_path, out, model_config=TINY, config=_config())
+
+
+@pytest.mark.parametrize("fields, match", [
+    ({"n_candidates": 1}, r"n_candidates must be an int >= 2"),
+    ({"loss": "hinge"}, r"loss must be one of listwise, itm, got 'hinge'"),
+    ({"hard_fraction": 1.5}, r"hard_fraction must be a number in \[0, 1\], got 1.5"),
+    ({"steps": 0}, r"steps must be an int >= 1, got 0"),
+    ({"lr": 0}, r"lr must be a number > 0"),
+    ({"val_fraction": 0.9}, r"val_fraction must be a number in \[0, 0.5\]"),
+    ({"in_batch": "yes"}, r"in_batch must be True or False"),
+])
+def test_config_refuses_bad_values(fields, match):
+    with pytest.raises(ValueError, match=match):
+        RerankTrainConfig(**fields)
+
+
+def test_config_schedules():
+    config = RerankTrainConfig(steps=100, warmup=10, lr=1e-3, hard_fraction=0.5, curriculum=0.2)
+    assert config.lr_at(0) == pytest.approx(1e-4) and config.lr_at(9) == pytest.approx(1e-3)
+    assert config.lr_at(99) == pytest.approx(5e-5, rel=0.01)  # cosine down to lr / 20
+    assert [config.hard_fraction_at(s) for s in (0, 10, 20, 90)] == [0.0, 0.25, 0.5, 0.5]
+    assert RerankTrainConfig(hard_fraction=0.5).hard_fraction_at(0) == 0.5  # no curriculum
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_trains_on_cuda(shapes, tmp_path):
+    ds, index = shapes
+    report = train_reranker(index, ds.pairs_path, tmp_path / "r", model_config=TINY,
+                            config=_config(device="cuda"))
+    assert report.device.startswith("cuda") and math.isfinite(report.curve[-1]["train_loss"])
