@@ -9,6 +9,7 @@ with the reranker in one batch, fuse, cut to ``k`` and join the metadata.
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
 from collections.abc import Iterator, Sequence
@@ -36,8 +37,12 @@ logger = logging.getLogger(__name__)
 #: A text, or an image (a PIL image, or a ``pathlib.Path`` to an image file) for image-to-image search.
 Query: TypeAlias = "str | Path | Image.Image"
 
-#: The reranker a search uses when none is named.
-DEFAULT_RERANKER = "maxsim"
+#: ``reranker="auto"``: the index's own trained reranker (``DIR/reranker/``) when it has one, else MaxSim.
+AUTO_RERANKER = "auto"
+DEFAULT_RERANKER = AUTO_RERANKER
+
+#: The folder inside an index directory that holds its default reranker (safetensors + config.json).
+RERANKER_DIR = "reranker"
 
 
 
@@ -204,7 +209,9 @@ class Index:
             rerank_k: first-stage candidates the reranker rescores (>= k).
             where: a DuckDB SQL boolean expression over the metadata columns, e.g.
                 ``"width >= 512 AND path LIKE '%/2024/%'"``. Trusted input: it is run as SQL.
-            reranker: ``"maxsim"``, ``"none"``/``None``, or a :class:`~crossrank.rerank.Reranker`.
+            reranker: ``"auto"`` (the index's own ``reranker/`` folder if it has one, else
+                ``"maxsim"``), ``"maxsim"``, ``"none"``/``None``, the folder of a trained
+                cross-attention reranker, or a :class:`~crossrank.rerank.Reranker`.
             fusion: how the final score combines the two stages: ``rerank`` (the reranker's score
                 alone), ``sum``, or ``weighted:ALPHA`` (``ALPHA * rerank + (1 - ALPHA) * first_stage``).
 
@@ -414,12 +421,27 @@ class Index:
     def _reranker(self, spec: str | Reranker | None) -> Reranker | None:
         from crossrank.rerank import get_reranker
 
-        if spec is None or not isinstance(spec, str):
+        if spec is None or not isinstance(spec, (str, os.PathLike)):
             return get_reranker(spec, device=self.device)
-        if spec not in self._rerankers:
+        key = str(spec)
+        if key not in self._rerankers:
+            resolved: str | Path = key
+            if key == AUTO_RERANKER:
+                own = self.path / RERANKER_DIR
+                resolved = own if (own / "config.json").is_file() else "maxsim"
+            elif isinstance(spec, os.PathLike):
+                resolved = Path(spec)
             with self._lock:
-                self._rerankers.setdefault(spec, get_reranker(spec, device=self.device))
-        return self._rerankers[spec]
+                if key not in self._rerankers:
+                    self._rerankers[key] = get_reranker(resolved, device=self.device,
+                                                        encoder_info=self.manifest.encoder)
+        return self._rerankers[key]
+
+    @property
+    def default_reranker(self) -> str:
+        """What ``reranker="auto"`` uses: the index's own ``reranker/`` folder, else ``maxsim``."""
+        own = self.path / RERANKER_DIR
+        return str(own) if (own / "config.json").is_file() else "maxsim"
 
 
 def verify_index(path: str | Path) -> list[str]:

@@ -154,7 +154,7 @@ def search(
     query: Annotated[str | None, typer.Argument(help="The text to search for (or use --image).")] = None,
     k: Annotated[int, typer.Option("-k", "--k", help="Hits to return.")] = 10,
     rerank_k: Annotated[int, typer.Option(help="First-stage candidates to rerank (>= k).")] = 100,
-    reranker: Annotated[str, typer.Option(help="maxsim or none.")] = "maxsim",
+    reranker: Annotated[str, typer.Option(help="auto (the index's own reranker/, else maxsim), maxsim, none, or a trained reranker folder.")] = "auto",
     fusion: Annotated[str, typer.Option(help="rerank, sum, or weighted:ALPHA (ALPHA*rerank + (1-ALPHA)*first stage).")] = "rerank",
     where: Annotated[str | None, typer.Option(help="DuckDB SQL filter over metadata columns, e.g. \"width > 256\".")] = None,
     image: Annotated[Path | None, typer.Option(help="Search by this image instead of a text.")] = None,
@@ -318,7 +318,7 @@ def eval_cmd(
     queries: Annotated[Path, typer.Option(help="Queries: .parquet (query_id, text[, kind, heldout]) or .tsv (qid<TAB>text).")],
     qrels: Annotated[Path, typer.Option(help="TREC qrels (qid 0 docid rel); docids are image paths relative to its folder.")],
     rerank_k: Annotated[int, typer.Option(min=1, help="First-stage candidates per query.")] = 100,
-    reranker: Annotated[str, typer.Option(help="maxsim or none.")] = "maxsim",
+    reranker: Annotated[str, typer.Option(help="auto (the index's own reranker/, else maxsim), maxsim, none, or a trained reranker folder.")] = "auto",
     fusion: Annotated[str, typer.Option(help="rerank, sum, or weighted:ALPHA.")] = "rerank",
     run_out: Annotated[Path | None, typer.Option(help="Write first_stage.run and reranked.run (TREC) here.")] = None,
     device: Annotated[Device, typer.Option(help="Where to encode and rerank.")] = Device.AUTO,
@@ -440,6 +440,66 @@ def train_encoder_cmd(
         _print_json(summary)
     else:
         console.print(f"[green]trained[/] {steps} steps in {summary['seconds']} s -> {path}")
+
+
+@app.command("train")
+@_friendly_errors
+def train_cmd(
+    pairs: Annotated[Path, typer.Argument(help="Training pairs: .parquet/.csv with `path` and `caption` (paths relative to its folder).")],
+    index: Annotated[Path, typer.Option("--index", "-i", help="An index built over the pairs' images (its encoder stays frozen).")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Where the reranker goes (safetensors + config.json); a checkpoint there is resumed. Use DIR/reranker to make it the index's default.")],
+    steps: Annotated[int, typer.Option(min=1, help="Optimizer steps.")] = 2000,
+    batch_size: Annotated[int, typer.Option(min=1, help="Queries per step.")] = 32,
+    candidates: Annotated[int, typer.Option(min=2, help="Candidates per query: 1 positive + negatives.")] = 16,
+    loss: Annotated[str, typer.Option(help="listwise (softmax over each candidate list) or itm (binary matching).")] = "listwise",
+    lr: Annotated[float, typer.Option(help="Peak learning rate.")] = 1e-3,
+    hard_fraction: Annotated[float, typer.Option(help="Share of negatives mined from the first stage's top candidates.")] = 0.5,
+    curriculum: Annotated[float, typer.Option(help="Share of the steps over which the hard share ramps up from 0.")] = 0.0,
+    mine_k: Annotated[int, typer.Option(min=2, help="First-stage depth mined for hard negatives.")] = 50,
+    eval_every: Annotated[int, typer.Option(min=1, help="Steps between validations and checkpoints.")] = 200,
+    layers: Annotated[int, typer.Option(min=1, help="Cross-attention layers.")] = 2,
+    width: Annotated[int, typer.Option(min=8, help="Reranker width.")] = 128,
+    heads: Annotated[int, typer.Option(min=1, help="Attention heads.")] = 4,
+    seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
+    device: Annotated[Device, typer.Option(help="Where to train.")] = Device.AUTO,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the report as JSON.")] = False,
+) -> None:
+    """Fine-tune a cross-attention reranker over an index's frozen encoder features."""
+    from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+    from crossrank.index import Index
+    from crossrank.rerank import RerankerConfig
+    from crossrank.rerank.train import RerankTrainConfig, train_reranker
+
+    try:
+        config = RerankTrainConfig(steps=steps, batch_size=batch_size, n_candidates=candidates, loss=loss, lr=lr,
+                                   hard_fraction=hard_fraction, curriculum=curriculum, mine_k=mine_k,
+                                   eval_every=eval_every, checkpoint_every=eval_every, seed=seed,
+                                   device=device.value, warmup=min(100, max(1, steps // 20)))
+        model_config = RerankerConfig(layers=layers, width=width, heads=heads)
+    except ValueError as e:
+        raise typer.BadParameter(str(e)) from None
+    idx = Index.open(index, device=device.value)
+    with _progress(TextColumn("[bold]training"), BarColumn(), MofNCompleteColumn(),
+                   TextColumn("loss {task.fields[loss]} acc {task.fields[acc]}"), TimeElapsedColumn(),
+                   TextColumn("ETA"), TimeRemainingColumn(), disable=as_json, loss="-", acc="-") as update:
+        report = train_reranker(
+            idx, pairs, out, model_config=model_config, config=config,
+            progress=lambda step, total, lss, acc: update(completed=step, total=total, loss=f"{lss:.3f}", acc=f"{acc:.2f}"),
+        )
+    if as_json:
+        _print_json(report.to_dict())
+        return
+    console.print(f"[green]trained[/] {report.steps} steps ({report.steps_per_second:.1f} steps/s on {report.device}) "
+                  f"-> {report.out_dir}")
+    if report.final:
+        console.print(f"validation R@1 reranking the top {mine_k}: {report.final.get('val_r1', float('nan')):.3f} "
+                      f"(first stage {report.first_stage.get('r1', float('nan')):.3f}); "
+                      f"accuracy among {candidates} candidates {report.final.get('val_accuracy', float('nan')):.3f}")
+    skipped = report.counts.get("missing_image", 0) + report.counts.get("empty_caption", 0)
+    if skipped:
+        console.print(f"[yellow]skipped {skipped} pairs[/] ({report.counts.get('missing_image', 0)} images not in the "
+                      f"index, {report.counts.get('empty_caption', 0)} empty captions)")
 
 
 def main() -> None:

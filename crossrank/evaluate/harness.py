@@ -121,7 +121,7 @@ def evaluate_index(
     qrels: str | Path,
     *,
     rerank_k: int = 100,
-    reranker: str | Reranker | None = "maxsim",
+    reranker: str | Reranker | None = "auto",
     fusion: str = "rerank",
     run_out: str | Path | None = None,
     progress: Callable[[int, int], None] | None = None,
@@ -155,6 +155,8 @@ def evaluate_index(
     _check_match(index, query_list, judged, root, qrels_path)
     if reranker == "none":
         reranker = None
+    elif reranker == "auto":  # report what "auto" resolved to: the index's own reranker or maxsim
+        reranker = index.default_reranker
 
     first_run: dict[str, list[tuple[str, float]]] = {}
     rerank_run: dict[str, list[tuple[str, float]]] = {}
@@ -234,7 +236,9 @@ def _check_match(index: Index, queries: list[EvalQuery], judged: dict[str, dict[
 def _reranker_name(reranker: Any) -> str:
     if reranker is None:
         return "none"
-    return reranker if isinstance(reranker, str) else getattr(reranker, "name", type(reranker).__name__)
+    if isinstance(reranker, str):
+        return reranker if reranker in ("maxsim", "none") else Path(reranker).name
+    return getattr(reranker, "name", type(reranker).__name__)
 
 
 def _rounded(values: dict[str, float]) -> dict[str, float]:

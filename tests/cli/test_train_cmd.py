@@ -1,0 +1,106 @@
+"""``crossrank train`` and searching with a trained reranker: by folder, and as an index's default."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from crossrank.cli import app
+
+torch = pytest.importorskip("torch")
+runner = CliRunner()
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory: pytest.TempPathFactory, tiny_clip: Path) -> tuple[Path, Path, Path]:
+    """A tiny shapes train split, an index over it, and a reranker trained by the CLI for 6 steps."""
+    from crossrank.build import build_index
+    from crossrank.datasets import generate_shapes
+
+    torch.set_num_threads(1)
+    root = tmp_path_factory.mktemp("train-cli")
+    ds = generate_shapes(root / "data", n_images=40, n_queries=0, split="train", seed=5, captions_per_image=2,
+                         workers=1)
+    index = root / "shapes.idx"
+    build_index(ds.images_dir, index, model=tiny_clip, device="cpu", batch_size=32, workers=1)
+    out = root / "reranker"
+    result = runner.invoke(app, ["train", str(ds.pairs_path), "--index", str(index), "--out", str(out),
+                                 "--steps", "6", "--batch-size", "4", "--candidates", "4", "--mine-k", "8",
+                                 "--eval-every", "3", "--width", "16", "--heads", "2", "--layers", "1",
+                                 "--device", "cpu", "--json"])
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert report["steps"] == 6 and report["relevance"] == "shapes"
+    return ds.root, index, out
+
+
+def test_train_writes_a_reranker_folder(trained) -> None:
+    _, _, out = trained
+    assert (out / "config.json").is_file() and (out / "model.safetensors").is_file()
+    config = json.loads((out / "config.json").read_text())["config"]
+    # The flags asked for, and the dims of the index's encoder (the tiny CLIP's 32).
+    assert (config["width"], config["heads"], config["layers"]) == (16, 2, 1)
+    assert (config["text_dim"], config["patch_dim"]) == (32, 32)
+
+
+def test_search_with_a_reranker_folder_uses_it(trained) -> None:
+    from crossrank import Index
+    from crossrank.rerank import load_reranker
+
+    _, index_dir, out = trained
+    index = Index.open(index_dir, device="cpu")
+    result = index.search("a red circle", k=5, rerank_k=10, reranker=str(out))
+    model = load_reranker(out, device="cpu")
+    rows = index._generation.rows_of_ids(np.array([h.id for h in result]))
+    tokens = index.encoder.encode_text(["a red circle"])
+    expected = model.score(torch.from_numpy(tokens.tokens[0]), torch.from_numpy(tokens.mask[0]),
+                           torch.from_numpy(index.patches.gather(rows)))
+    np.testing.assert_allclose([h.rerank_score for h in result], expected.numpy(), rtol=1e-5, atol=1e-6)
+
+
+def test_auto_uses_the_index_own_reranker_and_falls_back_to_maxsim(trained, tmp_path: Path) -> None:
+    from crossrank import Index
+
+    _, index_dir, out = trained
+    copy = tmp_path / "idx"
+    shutil.copytree(index_dir, copy)
+    plain = Index.open(copy, device="cpu")
+    assert plain.default_reranker == "maxsim"
+    maxsim = plain.search("a red circle", k=3, rerank_k=10, reranker="maxsim")
+    assert [h.rerank_score for h in plain.search("a red circle", k=3, rerank_k=10)] == \
+        [h.rerank_score for h in maxsim]
+
+    shutil.copytree(out, copy / "reranker")
+    carried = Index.open(copy, device="cpu")
+    assert carried.default_reranker == str(copy / "reranker")
+    by_default = carried.search("a red circle", k=3, rerank_k=10)
+    by_path = carried.search("a red circle", k=3, rerank_k=10, reranker=str(out))
+    assert [h.rerank_score for h in by_default] == [h.rerank_score for h in by_path]
+
+
+def test_train_bad_values_are_usage_errors(trained, tmp_path: Path) -> None:
+    root, index_dir, _ = trained
+    result = runner.invoke(app, ["train", str(root / "pairs.parquet"), "--index", str(index_dir), "--out",
+                                 str(tmp_path / "r"), "--hard-fraction", "2"])
+    assert result.exit_code == 2
+    assert "hard_fraction" in result.output
+
+
+def test_train_missing_pairs_is_one_line(trained, tmp_path: Path) -> None:
+    _, index_dir, _ = trained
+    result = runner.invoke(app, ["train", str(tmp_path / "nope.parquet"), "--index", str(index_dir), "--out",
+                                 str(tmp_path / "r")])
+    assert result.exit_code == 1
+    assert result.stderr.count("error:") == 1 and "nope.parquet" in result.stderr
+
+
+def test_search_with_a_missing_reranker_folder_is_one_line(trained) -> None:
+    _, index_dir, _ = trained
+    result = runner.invoke(app, ["search", str(index_dir), "a red circle", "--reranker", "/no/such/reranker"])
+    assert result.exit_code == 1
+    assert "error:" in result.stderr and "/no/such/reranker" in result.stderr
