@@ -1,0 +1,118 @@
+#!/usr/bin/env python
+"""Rerank latency per query on one device, as the search path calls it (``reranker.score``).
+
+For MaxSim and the default cross-attention reranker, at k = 100 and k = 1000 candidates, one query
+at a time: the candidates' fp16 patches arrive from host memory (as ``PatchStore.gather`` returns
+them, so the host-to-device copy is timed) or are already resident on the device (the ceiling a
+GPU-resident patch cache would reach). Also the demo-size CLIP encoder's images/s in fp16 on the
+device. Medians over rounds, with the card's name. Run::
+
+    python benchmarks/bench_rerank_device.py --device cuda --json
+    python benchmarks/bench_rerank_device.py --device cpu --quick
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import sys
+import time
+from typing import Any
+
+import numpy as np
+import torch
+
+from crossrank.encoders.factory import ClipSpec, new_clip
+from crossrank.rerank import CrossAttentionReranker, MaxSimReranker, RerankerConfig
+
+SHAPES = {"demo": {"dim": 128, "n_patches": 64}, "clip-b32": {"dim": 512, "n_patches": 49}}
+N_TOKENS = 12
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _median_ms(fn, device: torch.device, rounds: int, warmup: int = 3) -> float:
+    for _ in range(warmup):
+        fn()
+    _sync(device)
+    times = []
+    for _ in range(rounds):
+        t0 = time.perf_counter()
+        fn()
+        _sync(device)
+        times.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(times)
+
+
+def bench_rerank(device: torch.device, ks: list[int], rounds: int) -> list[dict[str, Any]]:
+    rows = []
+    for shape, dims in SHAPES.items():
+        d, p = dims["dim"], dims["n_patches"]
+        g = torch.Generator().manual_seed(0)
+        tokens = torch.randn(N_TOKENS, d, generator=g)
+        mask = torch.ones(N_TOKENS, dtype=torch.bool)
+        rerankers = {
+            "maxsim": MaxSimReranker(device=str(device)),
+            "cross-attention": CrossAttentionReranker(RerankerConfig(text_dim=d, patch_dim=d)).to(device).eval(),
+        }
+        for k in ks:
+            host = torch.from_numpy(np.random.default_rng(k).standard_normal((k, p, d)).astype(np.float16))
+            resident = host.to(device)
+            for name, reranker in rerankers.items():
+                row = {"shape": shape, "k": k, "reranker": name,
+                       "host_ms": round(_median_ms(lambda r=reranker: r.score(tokens, mask, host), device, rounds), 3)}
+                if device.type == "cuda":
+                    row["resident_ms"] = round(
+                        _median_ms(lambda r=reranker: r.score(tokens, mask, resident), device, rounds), 3)
+                rows.append(row)
+    return rows
+
+
+def bench_encoder(device: torch.device, batch: int, rounds: int) -> dict[str, Any]:
+    spec = ClipSpec(image_size=64, patch_size=8, vision_width=128, vision_layers=4, vision_heads=4,
+                    text_width=128, text_layers=2, text_heads=4, projection_dim=128, max_text_len=16)
+    model = new_clip(spec, vocab_size=128).to(device)
+    if device.type == "cuda":
+        model = model.half()
+    pixels = torch.randn(batch, 3, 64, 64, device=device, dtype=next(model.parameters()).dtype)
+
+    @torch.inference_mode()
+    def encode() -> None:
+        model.vision_model(pixel_values=pixels)
+
+    ms = _median_ms(encode, device, rounds)
+    return {"batch": batch, "ms_per_batch": round(ms, 3), "images_per_s": round(batch / ms * 1e3, 1)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--quick", action="store_true", help="fewer rounds, k = 100 only")
+    parser.add_argument("--json", action="store_true")
+    args = parser.parse_args()
+    device = torch.device(args.device)
+    rounds = 5 if args.quick else 30
+    ks = [100] if args.quick else [100, 1000]
+    card = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu"
+    out = {"device": str(device), "card": card, "torch": torch.__version__, "threads": torch.get_num_threads(),
+           "rerank": bench_rerank(device, ks, rounds),
+           "encoder": bench_encoder(device, 256 if device.type == "cuda" else 64, rounds)}
+    if args.json:
+        json.dump(out, sys.stdout, indent=2)
+        print()
+        return
+    print(f"{out['card']} ({out['device']}, torch {out['torch']})")
+    print(f"{'shape':9} {'k':>5} {'reranker':16} {'host ms':>9} {'resident ms':>12}")
+    for r in out["rerank"]:
+        print(f"{r['shape']:9} {r['k']:>5} {r['reranker']:16} {r['host_ms']:>9.3f} {r.get('resident_ms', float('nan')):>12.3f}")
+    e = out["encoder"]
+    print(f"demo CLIP image encoder: {e['images_per_s']:,.0f} images/s (batch {e['batch']})")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# The GPU checks, as one script for a lent CUDA machine (its python has torch+CUDA, transformers,
+# pyarrow; duckdb and faiss-cpu travel as wheels in .whl/). Writes logs under $OUT (or ./gpu-out).
+#   bash benchmarks/gpu_check.sh
+set -uo pipefail
+OUT=${OUT:-gpu-out}; mkdir -p "$OUT"
+if ls .whl/*.whl >/dev/null 2>&1; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
+  export PYTHONPATH=/tmp/site:$PWD
+else
+  export PYTHONPATH=$PWD
+fi
+export HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/gpu.txt"
+python3 -c "import torch, transformers; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'transformers', transformers.__version__)" | tee -a "$OUT/gpu.txt"
+# Every test marked gpu (CUDA encoders, rerankers, the whole pipeline), then the full suites of the
+# torch subpackages on this machine for good measure.
+python3 -m pytest -q -p no:cacheprovider -m gpu tests 2>&1 | tee "$OUT/gpu_tests.txt" | tail -15
+python3 -m pytest -q -p no:cacheprovider tests/rerank tests/encoders tests/test_index.py -x 2>&1 | tee "$OUT/torch_tests.txt" | tail -5
+python3 benchmarks/bench_rerank_device.py --device cuda --json > "$OUT/bench_rerank_cuda.json" && python3 - "$OUT/bench_rerank_cuda.json" <<'PY'
+import json, sys
+r = json.load(open(sys.argv[1]))
+print(r["card"], r["torch"])
+for row in r["rerank"]:
+    print(f"{row['shape']:9} k={row['k']:<5} {row['reranker']:16} host {row['host_ms']:8.3f} ms  resident {row['resident_ms']:8.3f} ms")
+print("encoder", r["encoder"])
+PY
