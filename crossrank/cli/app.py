@@ -460,6 +460,13 @@ def train_cmd(
     layers: Annotated[int, typer.Option(min=1, help="Cross-attention layers.")] = 2,
     width: Annotated[int, typer.Option(min=8, help="Reranker width.")] = 128,
     heads: Annotated[int, typer.Option(min=1, help="Attention heads.")] = 4,
+    gated: Annotated[bool, typer.Option(help="Tanh gates on the residual branches, initialised at 0.")] = True,
+    prenorm: Annotated[bool, typer.Option(help="A LayerNorm per modality before projecting.")] = True,
+    patch_self_attention: Annotated[bool, typer.Option(help="Patches of a candidate attend to each other in every layer.")] = False,
+    bidirectional: Annotated[bool, typer.Option(help="Patches attend back to the query tokens in every layer.")] = False,
+    patch_positions: Annotated[int | None, typer.Option(min=1, help="Learned position embedding over this many patch slots.")] = None,
+    query_tokens: Annotated[int, typer.Option(min=0, help="Learnable Q-Former-style query tokens beside the text tokens.")] = 0,
+    sparse_top_m: Annotated[int | None, typer.Option(min=1, help="Each query token attends to its top-m patches only.")] = None,
     seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
     device: Annotated[Device, typer.Option(help="Where to train.")] = Device.AUTO,
     as_json: Annotated[bool, typer.Option("--json", help="Print the report as JSON.")] = False,
@@ -476,7 +483,10 @@ def train_cmd(
                                    hard_fraction=hard_fraction, curriculum=curriculum, mine_k=mine_k,
                                    eval_every=eval_every, checkpoint_every=eval_every, seed=seed,
                                    device=device.value, warmup=min(100, max(1, steps // 20)))
-        model_config = RerankerConfig(layers=layers, width=width, heads=heads)
+        model_config = RerankerConfig(layers=layers, width=width, heads=heads, gated=gated, prenorm=prenorm,
+                                      patch_self_attention=patch_self_attention, bidirectional=bidirectional,
+                                      patch_positions=patch_positions, n_query_tokens=query_tokens,
+                                      sparse_top_m=sparse_top_m)
     except ValueError as e:
         raise typer.BadParameter(str(e)) from None
     idx = Index.open(index, device=device.value)
