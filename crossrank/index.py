@@ -288,25 +288,12 @@ class Index:
 
     def _check_xq(self, xq: np.ndarray) -> np.ndarray:
         """``xq`` as a C-contiguous finite float32 ``(m, d)`` matrix, ``d`` the index's dim."""
-        try:
-            arr = np.ascontiguousarray(xq, dtype=np.float32)
-        except (TypeError, ValueError) as e:
-            raise InvalidArgumentError(
-                f"xq must be a float matrix of shape (m, d), got {type(xq).__name__}"
-            ) from e
+        from crossrank.indexes._checks import as_vectors
+
         d = self.first_stage.d
-        if arr.ndim != 2:
-            hint = "; pass xq[None, :] for one vector" if arr.ndim == 1 else ""
-            raise InvalidArgumentError(f"xq must have shape (m, {d}), got shape {arr.shape}{hint}")
-        if arr.shape[1] != d:
-            model = self.manifest.encoder.get("model_id", "another model")
-            raise InvalidArgumentError(
-                f"query has dim {arr.shape[1]}, but index {self.path} was built with dim {d} by "
-                f"{model}; encode queries with the same model"
-            )
-        if not np.isfinite(arr).all():
-            raise InvalidArgumentError("xq holds NaN or infinite values; pass normalised vectors")
-        return arr
+        model = self.manifest.encoder.get("model_id", "another model")
+        return as_vectors(xq, "xq", d, expected=f"index {self.path} was built with dim {d} by {model}",
+                          hint="encode queries with the same model")
 
     def _search_encoded(self, xq: np.ndarray, q_tokens: list[np.ndarray] | None,
                         q_masks: list[np.ndarray] | None, labels: list[str], *, k: int,

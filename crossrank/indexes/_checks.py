@@ -16,7 +16,8 @@ PAD_ID = -1
 PAD_SCORE = float("-inf")
 
 
-def as_vectors(x: object, name: str, d: int | None = None, expected: str | None = None) -> np.ndarray:
+def as_vectors(x: object, name: str, d: int | None = None, expected: str | None = None,
+               hint: str = "encode it with the index's model") -> np.ndarray:
     """``x`` as a C-contiguous float32 ``(m, d)`` matrix of finite values.
 
     Args:
@@ -24,6 +25,7 @@ def as_vectors(x: object, name: str, d: int | None = None, expected: str | None 
         name: the argument's name, for messages.
         d: the dim required, if any.
         expected: where ``d`` comes from, for the message (default: "the index was built with dim d").
+        hint: what to do about a wrong dim, ending that message.
 
     Raises:
         InvalidArgumentError: not 2-D, the wrong dim, or NaN / inf inside.
@@ -35,14 +37,14 @@ def as_vectors(x: object, name: str, d: int | None = None, expected: str | None 
             f"{name} must be a float matrix of shape (m, d), got {type(x).__name__}"
         ) from e
     if arr.ndim != 2:
-        hint = f"; pass {name}[None, :] for one vector" if arr.ndim == 1 else ""
-        raise InvalidArgumentError(f"{name} must have shape (m, d), got shape {arr.shape}{hint}")
+        one = f"; pass {name}[None, :] for one vector" if arr.ndim == 1 else ""
+        raise InvalidArgumentError(
+            f"{name} must have shape (m, {'d' if d is None else d}), got shape {arr.shape}{one}"
+        )
     if d is not None and arr.shape[1] != d:
         label = "query" if name == "xq" else name
         expected = expected or f"the index was built with dim {d}"
-        raise InvalidArgumentError(
-            f"{label} has dim {arr.shape[1]}, but {expected}; encode it with the index's model"
-        )
+        raise InvalidArgumentError(f"{label} has dim {arr.shape[1]}, but {expected}; {hint}")
     if arr.size and not np.isfinite(arr).all():
         raise InvalidArgumentError(f"{name} holds NaN or infinite values")
     return arr

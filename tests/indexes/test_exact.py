@@ -82,7 +82,7 @@ def test_dim_mismatch_is_refused(vectors):
 @pytest.mark.parametrize(
     ("xq", "xb", "ids", "match"),
     [
-        (np.ones(4), np.ones((3, 4)), np.arange(3), r"xq must have shape \(m, d\), got shape \(4,\); pass xq\[None, :\]"),
+        (np.ones(4), np.ones((3, 4)), np.arange(3), r"xq must have shape \(m, 4\), got shape \(4,\); pass xq\[None, :\]"),
         (np.ones((1, 4)), np.ones((3, 4)), np.arange(2), "ids has 2 ids, but there are 3 vectors"),
         (np.ones((1, 4)), np.ones((3, 4)), np.array([0, -1, 2]), r"ids must be >= 0 \(-1 marks an empty result slot\)"),
         (np.ones((1, 4)), np.ones((3, 4)), np.array([0.0, 1.0, 2.0]), "ids must be a 1-D array of int64 ids"),
