@@ -44,7 +44,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from crossrank.errors import InvalidArgumentError, ModelError
+from crossrank.errors import CrossrankError, InvalidArgumentError, ModelError
 
 if TYPE_CHECKING:
     import torch
@@ -67,6 +67,10 @@ _EVAL_CANDIDATES = 1024  # candidates scored per forward during validation
 #: ``progress(step, steps, loss, accuracy)`` after each step; accuracy is the share of the step's
 #: queries whose positive got the top logit.
 ProgressFn = Callable[[int, int, float, float], None]
+
+
+#: Consecutive steps with a non-finite loss or gradient after which training stops as diverged.
+MAX_NONFINITE_IN_A_ROW = 20
 
 
 class RerankLoss(StrEnum):
@@ -363,6 +367,7 @@ def train_reranker(
     if start == 0:
         evaluate(0, None, None)
     train_seconds = 0.0
+    skipped_steps = bad_in_a_row = 0
     for step in range(start, config.steps):
         t_step = time.perf_counter()
         batch = rng.choice(data.train_caption.size, size=min(config.batch_size,
@@ -379,17 +384,34 @@ def train_reranker(
         optimizer.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
         scaler.unscale_(optimizer)
-        torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
-        scaler.step(optimizer)
-        scaler.update()
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
         loss_value = float(loss.item())
+        # A non-finite loss or gradient would turn every weight into NaN for good (clipping does
+        # not help, and the fp16 scaler's own skip is off under bf16): skip that update instead.
+        finite = math.isfinite(loss_value) and bool(torch.isfinite(grad_norm))
+        if finite:
+            scaler.step(optimizer)
+            bad_in_a_row = 0
+        else:
+            skipped_steps += 1
+            bad_in_a_row += 1
+            logger.warning("step %d: non-finite loss or gradient, update skipped (%d in a row)", step + 1,
+                           bad_in_a_row)
+            if bad_in_a_row >= MAX_NONFINITE_IN_A_ROW:
+                raise CrossrankError(
+                    f"training diverged: {bad_in_a_row} steps in a row up to step {step + 1} gave a non-finite "
+                    f"loss or gradient; lower --lr (now {config.lr}) or train with --device cpu"
+                )
+        scaler.update()
         acc = float(_top1_accuracy(logits.detach()).mean().item())
         train_seconds += time.perf_counter() - t_step
-        window["loss"].append(loss_value)
-        window["accuracy"].append(acc)
+        if finite:
+            window["loss"].append(loss_value)
+            window["accuracy"].append(acc)
         done = step + 1
         if done % config.eval_every == 0 or done == config.steps:
-            evaluate(done, float(np.mean(window["loss"])), float(np.mean(window["accuracy"])))
+            evaluate(done, float(np.mean(window["loss"])) if window["loss"] else None,
+                     float(np.mean(window["accuracy"])) if window["accuracy"] else None)
             window = {"loss": [], "accuracy": []}
         if done % config.checkpoint_every == 0 or done == config.steps:
             _save_checkpoint(ckpt_path, {
@@ -419,7 +441,7 @@ def train_reranker(
         out_dir=out, steps=config.steps, resumed_from=start,
         seconds=round(time.perf_counter() - t_start, 2),
         steps_per_second=round(n_run / train_seconds, 3) if train_seconds > 0 else 0.0,
-        device=str(device), relevance=data.relevance, counts=dict(data.counts),
+        device=str(device), relevance=data.relevance, counts={**data.counts, "skipped_steps": skipped_steps},
         first_stage=first_stage, final=final, curve=tuple(log.entries),
     )
 

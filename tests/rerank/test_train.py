@@ -8,7 +8,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from crossrank.errors import InvalidArgumentError, ModelError
+from crossrank.errors import CrossrankError, InvalidArgumentError, ModelError
 from crossrank.rerank import (
     CrossAttentionReranker,
     RerankerConfig,
@@ -374,3 +374,35 @@ def test_trains_on_cuda(shapes, tmp_path):
     report = train_reranker(index, ds.pairs_path, tmp_path / "r", model_config=TINY,
                             config=_config(device="cuda"))
     assert report.device.startswith("cuda") and math.isfinite(report.curve[-1]["train_loss"])
+
+
+def test_a_non_finite_step_is_skipped_and_weights_stay_finite(colours, tmp_path, monkeypatch):
+    import crossrank.rerank.train as train_module
+
+    real_loss, calls = train_module.rerank_loss, []
+
+    def sometimes_nan(logits, loss="listwise"):
+        calls.append(1)
+        value = real_loss(logits, loss)
+        return value * float("nan") if len(calls) in (3, 4) else value
+
+    monkeypatch.setattr(train_module, "rerank_loss", sometimes_nan)
+    pairs, index = colours
+    report = train_reranker(index, pairs, tmp_path / "r", model_config=TINY,
+                            config=_config(steps=8, val_fraction=0.0))
+    assert report.counts["skipped_steps"] == 2
+    from safetensors.torch import load_file
+
+    weights = load_file(tmp_path / "r" / "model.safetensors")
+    assert all(torch.isfinite(w).all() for w in weights.values())
+    assert all(math.isfinite(entry["train_loss"]) for entry in report.curve if "train_loss" in entry)
+
+
+def test_training_that_keeps_diverging_stops_with_a_clear_error(colours, tmp_path, monkeypatch):
+    import crossrank.rerank.train as train_module
+
+    monkeypatch.setattr(train_module, "MAX_NONFINITE_IN_A_ROW", 3)
+    monkeypatch.setattr(train_module, "rerank_loss", lambda logits, loss="listwise": logits.sum() * float("nan"))
+    pairs, index = colours
+    with pytest.raises(CrossrankError, match=r"training diverged: 3 steps in a row up to step 3 .* lower --lr"):
+        train_reranker(index, pairs, tmp_path / "r", model_config=TINY, config=_config(steps=8, val_fraction=0.0))
