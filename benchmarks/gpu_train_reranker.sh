@@ -1,0 +1,24 @@
+#!/usr/bin/env bash
+# Issue 4 experiment on a lent CUDA machine: generate the shapes train split, index it with the
+# shipped demo encoder, and train the cross-attention reranker for many steps (the CPU run's
+# config), logging the validation curve. Writes under $OUT (or ./gpu-out).
+set -uo pipefail
+OUT=${OUT:-gpu-out}; mkdir -p "$OUT"
+if ls .whl/*.whl >/dev/null 2>&1; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
+  export PYTHONPATH=/tmp/site:$PWD
+else
+  export PYTHONPATH=$PWD
+fi
+export HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1
+cr() { python3 -c "from crossrank.cli import main; main()" "$@"; }
+STEPS=${STEPS:-12000}
+cr dataset shapes --out /tmp/shapes-train --split train --n-images 20000 --n-queries 100 --seed 0 --json | tail -3
+cr build /tmp/shapes-train/images --index /tmp/train.idx --device cuda --batch-size 512 --json | grep -E "indexed|seconds"
+timeout ${TRAIN_S:-300} python3 -c "from crossrank.cli import main; main()" -v train /tmp/shapes-train/pairs.parquet --index /tmp/train.idx \
+  --out "$OUT/reranker" --steps "$STEPS" --batch-size 32 --candidates 16 --loss listwise --lr 1e-3 --hard-fraction 0.5 \
+  --curriculum 0.1 --mine-k 50 --eval-every 1000 --layers 2 --width 128 --heads 4 --patch-self-attention \
+  --patch-positions 64 --seed 0 --device cuda --json > "$OUT/train_report.json" 2> "$OUT/train.log"
+echo "train rc=$?"
+grep -E "step [0-9]+:" "$OUT/train.log" | tail -20
+rm -f "$OUT/reranker/checkpoint.pt.tmp"
