@@ -3,14 +3,7 @@
 # pyarrow; duckdb and faiss-cpu travel as wheels in .whl/). Writes logs under $OUT (or ./gpu-out).
 #   bash benchmarks/gpu_check.sh
 set -uo pipefail
-OUT=${OUT:-gpu-out}; mkdir -p "$OUT"
-if ls .whl/*.whl >/dev/null 2>&1; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
-  export PYTHONPATH=/tmp/site:$PWD
-else
-  export PYTHONPATH=$PWD
-fi
-export HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1
+. "$(dirname "$0")/_gpu_env.sh"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/gpu.txt"
 python3 -c "import torch, transformers; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'transformers', transformers.__version__)" | tee -a "$OUT/gpu.txt"
 # Every test marked gpu (CUDA encoders, rerankers, the whole pipeline), then the full suites of the

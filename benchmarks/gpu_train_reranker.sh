@@ -3,14 +3,7 @@
 # shipped demo encoder, and train the cross-attention reranker for many steps (the CPU run's
 # config), logging the validation curve. Writes under $OUT (or ./gpu-out).
 set -uo pipefail
-OUT=${OUT:-gpu-out}; mkdir -p "$OUT"
-if ls .whl/*.whl >/dev/null 2>&1; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
-  export PYTHONPATH=/tmp/site:$PWD
-else
-  export PYTHONPATH=$PWD
-fi
-export HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1
+. "$(dirname "$0")/_gpu_env.sh"
 cr() { python3 -c "from crossrank.cli import main; main()" "$@"; }
 STEPS=${STEPS:-12000}
 cr dataset shapes --out /tmp/shapes-train --split train --n-images 20000 --n-queries 100 --seed 0 --json | tail -3

@@ -78,6 +78,7 @@ class Index:
         self.metadata_store = self._generation.metadata()
         self._ids = self._generation.ids()
         self._vectors = self._generation.vectors()
+        self.build_report: BuildReport | None = None  # set by Index.build
         self._encoder: Encoder | None = None
         self._rerankers: dict[str, Reranker | None] = {}
         self._lock = threading.Lock()
@@ -122,8 +123,6 @@ class Index:
         index = cls.open(path, device=device, model=model)
         index.build_report = report
         return index
-
-    build_report: BuildReport | None = None
 
     # -- facts --------------------------------------------------------------------------------
 
