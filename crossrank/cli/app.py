@@ -464,6 +464,7 @@ def train_cmd(
     prenorm: Annotated[bool, typer.Option(help="A LayerNorm per modality before projecting.")] = True,
     patch_self_attention: Annotated[bool, typer.Option(help="Patches of a candidate attend to each other in every layer.")] = False,
     bidirectional: Annotated[bool, typer.Option(help="Patches attend back to the query tokens in every layer.")] = False,
+    query_self_attention: Annotated[bool, typer.Option(help="Query positions attend to each other in every layer (compares what they read).")] = False,
     patch_positions: Annotated[int | None, typer.Option(min=1, help="Learned position embedding over this many patch slots.")] = None,
     query_tokens: Annotated[int, typer.Option(min=0, help="Learnable Q-Former-style query tokens beside the text tokens.")] = 0,
     sparse_top_m: Annotated[int | None, typer.Option(min=1, help="Each query token attends to its top-m patches only.")] = None,
@@ -485,6 +486,7 @@ def train_cmd(
                                    device=device.value, warmup=min(100, max(1, steps // 20)))
         model_config = RerankerConfig(layers=layers, width=width, heads=heads, gated=gated, prenorm=prenorm,
                                       patch_self_attention=patch_self_attention, bidirectional=bidirectional,
+                                      query_self_attention=query_self_attention,
                                       patch_positions=patch_positions, n_query_tokens=query_tokens,
                                       sparse_top_m=sparse_top_m)
     except ValueError as e:

@@ -160,7 +160,8 @@ class MLP(nn.Module):
 
 
 class RerankerLayer(nn.Module):
-    """One reranker layer: [patch self-attention], cross-attention, [back-attention], MLP."""
+    """One reranker layer: [query self-attention], [patch self-attention], cross-attention,
+    [back-attention], MLP."""
 
     def __init__(self, config: RerankerConfig, index: int) -> None:
         super().__init__()
@@ -169,6 +170,9 @@ class RerankerLayer(nn.Module):
         if config.patch_self_attention:
             self.patch_norm = nn.LayerNorm(w)
             self.patch_attn = Attention(w, config.heads, drop)
+        if config.query_self_attention:
+            self.query_norm = nn.LayerNorm(w)
+            self.query_attn = Attention(w, config.heads, drop)
         self.cross_norm = nn.LayerNorm(w)
         # Keys/values read the patch stream through a LayerNorm only once a residual branch has
         # updated it; the stream entering layer 1 is a linear map of x̃, which folding requires.
@@ -183,6 +187,7 @@ class RerankerLayer(nn.Module):
         self.mlp = MLP(w, config.mlp_hidden, drop)
         names = ["cross_gate", "mlp_gate"]
         names += ["patch_gate"] if config.patch_self_attention else []
+        names += ["query_gate"] if config.query_self_attention else []
         names += ["back_gate"] if config.bidirectional else []
         for name in names:
             self.register_parameter(name, nn.Parameter(torch.zeros(())) if config.gated else None)
@@ -191,6 +196,15 @@ class RerankerLayer(nn.Module):
     def gate(gate: nn.Parameter | None, branch: torch.Tensor) -> torch.Tensor:
         """``tanh(gate) * branch``, or ``branch`` for an ungated model."""
         return branch if gate is None else torch.tanh(gate) * branch
+
+    def query_self_attend(self, x: torch.Tensor, token_keep: torch.Tensor) -> torch.Tensor:
+        """``(..., n, width)`` -> the same, after self-attention among the query-side positions.
+
+        After a cross-attention, each position holds what it read in one candidate; letting the
+        positions read each other is what can compare two objects' positions ("left of").
+        """
+        h = self.query_norm(x)
+        return x + self.gate(self.query_gate, self.query_attn(h, h, token_keep))  # (..., n, width)
 
     def patch_self_attend(self, p: torch.Tensor, patch_keep: torch.Tensor) -> torch.Tensor:
         """``(..., P, width)`` -> the same, after self-attention among a candidate's patches."""

@@ -67,6 +67,7 @@ class RerankerConfig:
     query_tokens_mode: QueryTokensMode = QueryTokensMode.CONCAT  # concat: beside text; replace
     bidirectional: bool = False  # patches attend back to the query-side states in every layer
     patch_self_attention: bool = False  # self-attention among a candidate's patches in each layer
+    query_self_attention: bool = False  # self-attention among the query-side positions in each layer
     sparse_top_m: int | None = None  # each query position attends to its top-m patches; None = all
     patch_positions: int | None = None  # learned position embedding over this many patch slots
     pooling: Pooling = Pooling.MEAN  # mean over real positions | first position
@@ -92,7 +93,7 @@ class RerankerConfig:
         if not _is_real(self.dropout) or not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"dropout must be a number in [0, 1), got {self.dropout!r}")
         object.__setattr__(self, "dropout", float(self.dropout))
-        for name in ("prenorm", "gated", "bidirectional", "patch_self_attention"):
+        for name in ("prenorm", "gated", "bidirectional", "patch_self_attention", "query_self_attention"):
             value = getattr(self, name)
             if not isinstance(value, bool):
                 raise ValueError(f"{name} must be True or False, got {value!r}")

@@ -5,7 +5,8 @@ Architecture (one query, k candidates; ``n`` query-side positions, ``P`` patches
     tokens (L, d_t) ─ LN_t ─ Linear ─┐                                  (once per query)
     query tokens (n_q, width) ─ attend to [query tokens; text] ─┴─► x0 (n, width)
     patches (k, P, d_v) ─ LN_v (+ pos) ─► x̃ (k, P, d_v) ─ Linear ─► p0 (k, P, width)
-    layer × N:  [patch self-attention]  p = p + g·SelfAttn(LN(p))
+    layer × N:  [query self-attention]  x = x + g·SelfAttn(LN(x))   (positions compare what they read)
+                [patch self-attention]  p = p + g·SelfAttn(LN(p))
                 cross-attention        x = x + g·Attn(LN(x), keys/values from p)
                 [bidirectional]        p = p + g·Attn(LN(p), LN(x))
                 MLP                    x = x + g·MLP(LN(x))
@@ -323,6 +324,8 @@ class CrossAttentionReranker(nn.Module):
         elif cache.states is not None:
             p = cache.states  # (B, k, P, width)
         for i, layer in enumerate(self.layers):
+            if cfg.query_self_attention:
+                x = layer.query_self_attend(x, token_keep)  # (B, 1|k, n, width)
             h = layer.cross_norm(x)
             q = layer.cross_attn.project_q(h)  # (B, 1|k, heads, n, head_dim)
             if i < n_cached:

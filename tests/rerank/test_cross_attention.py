@@ -26,6 +26,7 @@ OPTIONS = {
     "no-prenorm": {"prenorm": False},
     "bidirectional": {"bidirectional": True},
     "patch-self-attn": {"patch_self_attention": True},
+    "query-self-attn": {"query_self_attention": True},
     "bidir+patch-sa": {"bidirectional": True, "patch_self_attention": True},
     "query-concat": {"n_query_tokens": 2},
     "query-replace": {"n_query_tokens": 2, "query_tokens_mode": "replace"},
@@ -34,7 +35,7 @@ OPTIONS = {
     "first-pooling": {"pooling": "first", "n_query_tokens": 2},
     "first-text-token": {"pooling": "first"},
     "everything": {"bidirectional": True, "n_query_tokens": 2, "sparse_top_m": 3,
-                   "patch_positions": 12, "pooling": "first"},
+                   "patch_positions": 12, "pooling": "first", "query_self_attention": True},
 }
 
 
@@ -214,6 +215,7 @@ def test_forward_batch_equals_forward_per_query(options):
         ("gated", False, True),
         ("bidirectional", False, True),
         ("patch_self_attention", False, True),
+        ("query_self_attention", False, True),
         ("n_query_tokens", 0, 2),
         ("query_tokens_mode", "concat", "replace"),
         ("sparse_top_m", None, 2),
