@@ -54,11 +54,15 @@ class TextFeatures:
             normalised; zero where ``mask`` is False.
         mask: ``(m, n_tokens)`` bool, True for the real tokens (special tokens included), False for
             padding. ``n_tokens`` is the longest text's token count in this call.
+        input_ids: ``(m, n_tokens)`` int64 token ids (padding id where ``mask`` is False), or None
+            for an encoder that has none. A reranker that runs the model's own text tower (e.g.
+            ``blip-itm``) reads these rather than ``tokens``; see ``Reranker.needs_input_ids``.
     """
 
     pooled: np.ndarray
     tokens: np.ndarray
     mask: np.ndarray
+    input_ids: np.ndarray | None = None
 
     def __len__(self) -> int:
         return int(self.pooled.shape[0])
@@ -139,7 +143,8 @@ class TransformersEncoder:
             image_processor: its image processor (PIL in, ``pixel_values`` out).
             tokenizer: its tokenizer.
             info: the encoder's description; must hold ``model_id``, ``dim``, ``patch_dim``,
-                ``n_patches``, ``image_size`` and ``max_text_len``.
+                ``n_patches``, ``image_size`` and ``max_text_len``; may hold ``token_dim`` (the
+                size of the token features, default ``patch_dim``).
             device: where the model runs.
             dtype: the dtype it runs in.
             batch_size: images or texts per forward pass.
@@ -151,6 +156,9 @@ class TransformersEncoder:
         self.model_id: str = info["model_id"]
         self.dim: int = info["dim"]
         self.patch_dim: int = info["patch_dim"]
+        # Token features share the patch features' size unless the backend says otherwise (BLIP:
+        # text hidden size vs vision hidden size).
+        self.token_dim: int = info.get("token_dim", info["patch_dim"])
         self.n_patches: int = info["n_patches"]
         self.image_size: int = info["image_size"]
         self.max_text_len: int = info["max_text_len"]
@@ -279,7 +287,8 @@ class TransformersEncoder:
 
         Returns:
             :class:`TextFeatures`: pooled ``(m, dim)`` float32 L2-normalised, tokens
-            ``(m, n_tokens, patch_dim)`` float32 (zero at padding), mask ``(m, n_tokens)`` bool.
+            ``(m, n_tokens, token_dim)`` float32 (zero at padding), mask ``(m, n_tokens)`` bool,
+            input_ids ``(m, n_tokens)`` int64.
 
         Raises:
             InvalidArgumentError: ``texts`` is empty, not a list of strings, or holds an empty text.
@@ -296,7 +305,7 @@ class TransformersEncoder:
         m, n_tokens = input_ids.shape
         mask = attention_mask.bool()  # (m, n_tokens)
         pooled = np.empty((m, self.dim), dtype=np.float32)
-        tokens = np.empty((m, n_tokens, self.patch_dim), dtype=np.float32)
+        tokens = np.empty((m, n_tokens, self.token_dim), dtype=np.float32)
         with torch.inference_mode():
             for start in range(0, m, self.batch_size):
                 stop = min(start + self.batch_size, m)
@@ -305,4 +314,5 @@ class TransformersEncoder:
                 t = t.float().masked_fill(~mask[start:stop, :, None].to(t.device), 0.0)  # (b, n_tokens, d)
                 pooled[start:stop] = F.normalize(p.float(), dim=-1).cpu().numpy()
                 tokens[start:stop] = t.cpu().numpy()
-        return TextFeatures(pooled=pooled, tokens=tokens, mask=mask.numpy())
+        return TextFeatures(pooled=pooled, tokens=tokens, mask=mask.numpy(),
+                            input_ids=input_ids.to(torch.int64).numpy())

@@ -43,6 +43,7 @@ logger = logging.getLogger(__name__)
 
 # config.json model_type -> "module:Class" of the backend, imported only when used.
 BACKENDS: dict[str, str] = {
+    "blip": "crossrank.encoders.blip:BlipEncoder",
     "clip": "crossrank.encoders.clip:ClipEncoder",
 }
 

@@ -325,7 +325,7 @@ def test_unsupported_model_type(tmp_path):
     from transformers import BertConfig
 
     BertConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2).save_pretrained(tmp_path / "bert")
-    with pytest.raises(ModelError, match=r"has model_type 'bert' in .*config\.json; supported model types: clip"):
+    with pytest.raises(ModelError, match=r"has model_type 'bert' in .*config\.json; supported model types: blip, clip"):
         load_encoder(tmp_path / "bert", device="cpu")
     assert "clip" in supported_model_types()
 
@@ -335,7 +335,7 @@ def test_config_without_model_type_or_unreadable(tmp_path, tiny_clip_dir):
     config = json.loads((d / "config.json").read_text())
     del config["model_type"]
     (d / "config.json").write_text(json.dumps(config))
-    with pytest.raises(ModelError, match=r"has no model_type in .*; supported model types: clip"):
+    with pytest.raises(ModelError, match=r"has no model_type in .*; supported model types: blip, clip"):
         load_encoder(d, device="cpu")
     (d / "config.json").write_text("[1, 2]")
     with pytest.raises(ModelError, match=r"config\.json is not a JSON object"):
