@@ -37,7 +37,8 @@ logger = logging.getLogger(__name__)
 #: A text, or an image (a PIL image, or a ``pathlib.Path`` to an image file) for image-to-image search.
 Query: TypeAlias = "str | Path | Image.Image"
 
-#: ``reranker="auto"``: the index's own trained reranker (``DIR/reranker/``) when it has one, else MaxSim.
+#: ``reranker="auto"``: the index's own trained reranker (``DIR/reranker/``) when it has one, else
+#: ``blip-itm`` for an index built with BLIP, else MaxSim.
 AUTO_RERANKER = "auto"
 DEFAULT_RERANKER = AUTO_RERANKER
 
@@ -209,8 +210,9 @@ class Index:
             where: a DuckDB SQL boolean expression over the metadata columns, e.g.
                 ``"width >= 512 AND path LIKE '%/2024/%'"``. Trusted input: it is run as SQL.
             reranker: ``"auto"`` (the index's own ``reranker/`` folder if it has one, else
-                ``"maxsim"``), ``"maxsim"``, ``"none"``/``None``, the folder of a trained
-                cross-attention reranker, or a :class:`~crossrank.rerank.Reranker`.
+                ``"blip-itm"`` for an index built with BLIP, else ``"maxsim"``), ``"maxsim"``,
+                ``"blip-itm"`` (BLIP indexes, text queries), ``"none"``/``None``, the folder of a
+                trained cross-attention reranker, or a :class:`~crossrank.rerank.Reranker`.
             fusion: how the final score combines the two stages: ``rerank`` (the reranker's score
                 alone), ``sum``, or ``weighted:ALPHA`` (``ALPHA * rerank + (1 - ALPHA) * first_stage``).
 
@@ -246,9 +248,9 @@ class Index:
         timings: dict[str, float] = {}
         _ = self.encoder  # load (once) outside the timings: they measure the query, not start-up
         with _timed(timings, "encode"):
-            xq, q_tokens, q_masks, labels = self._encode_queries(queries)
+            xq, q_tokens, q_masks, q_ids, labels = self._encode_queries(queries)
         return self._search_encoded(xq, q_tokens, q_masks, labels, k=k, n_candidates=n_candidates,
-                                    where=where, scorer=scorer, fuse=fuse, timings=timings)
+                                    where=where, scorer=scorer, fuse=fuse, timings=timings, q_ids=q_ids)
 
     def search_vectors(self, xq: np.ndarray, k: int = 10,
                        where: str | None = None) -> list[SearchResult]:
@@ -297,11 +299,13 @@ class Index:
     def _search_encoded(self, xq: np.ndarray, q_tokens: list[np.ndarray] | None,
                         q_masks: list[np.ndarray] | None, labels: list[str], *, k: int,
                         n_candidates: int, where: str | None, scorer: Reranker | None, fuse: Any,
-                        timings: dict[str, float]) -> list[SearchResult]:
+                        timings: dict[str, float],
+                        q_ids: list[np.ndarray | None] | None = None) -> list[SearchResult]:
         """Filter, first stage, rerank (when ``scorer``), fuse, join metadata: encoded queries.
 
         ``xq`` is ``(m, d)`` float32; ``q_tokens`` and ``q_masks`` hold each query's token
-        features and mask, and are read only when ``scorer`` is given.
+        features and mask, and ``q_ids`` its token ids (None for an image query); they are read
+        only when ``scorer`` is given (the ids only by a scorer with ``needs_input_ids``).
         """
         allowed: np.ndarray | None = None
         if where is not None:
@@ -319,7 +323,8 @@ class Index:
             if scorer is not None and ids.size:
                 assert q_tokens is not None and q_masks is not None and fuse is not None
                 with _timed(q_timings, "rerank"):
-                    rerank_scores = self._rerank(scorer, q_tokens[qi], q_masks[qi], ids)
+                    rerank_scores = self._rerank(scorer, q_tokens[qi], q_masks[qi], ids,
+                                                 None if q_ids is None else q_ids[qi])
                     final = fuse(first_scores, rerank_scores)
                     order = np.argsort(-final, kind="stable")[:k]  # ties keep the first-stage order
             else:
@@ -342,8 +347,10 @@ class Index:
 
     # -- stages -------------------------------------------------------------------------------
 
-    def _encode_queries(self, queries: Sequence[Query]) -> tuple[np.ndarray, list[np.ndarray], list[np.ndarray], list[str]]:
-        """Encode texts and images; returns pooled (m, D), per-query token features and masks, labels."""
+    def _encode_queries(self, queries: Sequence[Query]
+                        ) -> tuple[np.ndarray, list[np.ndarray], list[np.ndarray], list[np.ndarray | None], list[str]]:
+        """Encode texts and images; returns pooled (m, D), per-query token features, masks and
+        token ids (None for images and for encoders without ids), and labels."""
         from PIL import Image as PILImage
 
         from crossrank.ingest import decode_image, to_rgb
@@ -374,18 +381,21 @@ class Index:
         xq = np.empty((m, self.first_stage.d), dtype=np.float32)
         tokens: list[np.ndarray] = [np.empty(0)] * m
         masks: list[np.ndarray] = [np.empty(0)] * m
+        input_ids: list[np.ndarray | None] = [None] * m
         if texts:
             feats = self.encoder.encode_text([t for _, t in texts])
             for row, (i, _) in enumerate(texts):
                 xq[i] = feats.pooled[row]
                 tokens[i], masks[i] = feats.tokens[row], feats.mask[row]
+                if feats.input_ids is not None:
+                    input_ids[i] = feats.input_ids[row]
         if images:
             feats = self.encoder.encode_images([img for _, img in images])
             for row, (i, _) in enumerate(images):
                 xq[i] = feats.pooled[row]
                 tokens[i] = feats.patches[row]
                 masks[i] = np.ones(feats.patches.shape[1], dtype=bool)
-        return xq, tokens, masks, labels
+        return xq, tokens, masks, input_ids, labels
 
     def _first_stage(self, xq: np.ndarray, k: int, allowed: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
         from crossrank.indexes import exact_search
@@ -395,13 +405,19 @@ class Index:
             return exact_search(xq, np.asarray(self._vectors[rows]), allowed, k)
         return self.first_stage.search(xq, k, allowed_ids=allowed)
 
-    def _rerank(self, scorer: Reranker, tokens: np.ndarray, mask: np.ndarray, ids: np.ndarray) -> np.ndarray:
+    def _rerank(self, scorer: Reranker, tokens: np.ndarray, mask: np.ndarray, ids: np.ndarray,
+                input_ids: np.ndarray | None = None) -> np.ndarray:
         import torch
 
         rows = self._generation.rows_of_ids(ids)
         patches = self.patches.gather(rows)  # (k, P, d) fp16
+        # Only a reranker that declares needs_input_ids gets the keyword (None for an image query:
+        # it says itself that it cannot rerank one); the others keep the four-argument protocol.
+        extra: dict[str, Any] = {}
+        if getattr(scorer, "needs_input_ids", False):
+            extra["input_ids"] = None if input_ids is None else torch.from_numpy(input_ids)
         scores = scorer.score(torch.from_numpy(np.ascontiguousarray(tokens)), torch.from_numpy(mask),
-                              torch.from_numpy(patches))
+                              torch.from_numpy(patches), **extra)
         return scores.numpy().astype(np.float32, copy=False)
 
     def _reranker(self, spec: str | Reranker | None) -> Reranker | None:
@@ -413,8 +429,7 @@ class Index:
         if key not in self._rerankers:
             resolved: str | Path = key
             if key == AUTO_RERANKER:
-                own = self.path / RERANKER_DIR
-                resolved = own if (own / "config.json").is_file() else "maxsim"
+                resolved = self.default_reranker
             elif isinstance(spec, os.PathLike):
                 resolved = Path(spec)
             with self._lock:
@@ -425,9 +440,12 @@ class Index:
 
     @property
     def default_reranker(self) -> str:
-        """What ``reranker="auto"`` uses: the index's own ``reranker/`` folder, else ``maxsim``."""
+        """What ``reranker="auto"`` uses: the index's own ``reranker/`` folder, else ``blip-itm``
+        for an index built with BLIP, else ``maxsim``."""
         own = self.path / RERANKER_DIR
-        return str(own) if (own / "config.json").is_file() else "maxsim"
+        if (own / "config.json").is_file():
+            return str(own)
+        return "blip-itm" if self.manifest.encoder.get("model_type") == "blip" else "maxsim"
 
 
 def verify_index(path: str | Path) -> list[str]:

@@ -4,8 +4,9 @@ Every reranker follows the :class:`Reranker` protocol, so the search path treats
 :class:`MaxSimReranker`, parameter-free late interaction, and :class:`CrossAttentionReranker`, a
 trained model configured by a :class:`RerankerConfig` and saved as safetensors + config.json
 (:func:`save_reranker`, :func:`load_reranker`; :func:`get_reranker` takes such a folder too) and
-trained over frozen encoders by :func:`train_reranker`. The final score a hit is ranked by comes
-from :func:`fuse` (``rerank``, ``sum`` or ``weighted:ALPHA``).
+trained over frozen encoders by :func:`train_reranker`; and :class:`BlipItmReranker`, BLIP's
+pretrained image-text matching head (``blip-itm``, for an index built with a BLIP model). The final
+score a hit is ranked by comes from :func:`fuse` (``rerank``, ``sum`` or ``weighted:ALPHA``).
 
 The torch modules (the cross-attention model and its checkpoint I/O) are imported on first use.
 """
@@ -20,6 +21,7 @@ from crossrank.rerank.maxsim import MaxSimReranker
 from crossrank.rerank.reranker import Reranker, RerankerName, check_rerank_inputs, get_reranker
 
 if TYPE_CHECKING:
+    from crossrank.rerank.blip_itm import BlipItmReranker
     from crossrank.rerank.checkpoint import load_reranker, read_reranker_config, save_reranker
     from crossrank.rerank.cross_attention import AttentionPath, CrossAttentionReranker
     from crossrank.rerank.kv_cache import PatchKV
@@ -27,6 +29,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "AttentionPath",
+    "BlipItmReranker",
     "CrossAttentionReranker",
     "Fusion",
     "FusionMode",
@@ -53,6 +56,7 @@ __all__ = [
 # torch is imported only when one of these is first used.
 _LAZY = {
     "AttentionPath": "crossrank.rerank.cross_attention",
+    "BlipItmReranker": "crossrank.rerank.blip_itm",
     "CrossAttentionReranker": "crossrank.rerank.cross_attention",
     "PatchKV": "crossrank.rerank.kv_cache",
     "load_reranker": "crossrank.rerank.checkpoint",

@@ -1,9 +1,14 @@
 """The reranker interface: what the search path calls to rescore one query's candidates.
 
 A reranker sees only features: the query's token features and its candidates' stored patch
-features. No image is decoded or re-encoded at query time. Every reranker (parameter-free MaxSim
-and the trained cross-attention reranker) takes the same inputs and returns one float32
-score per candidate, higher is better.
+features. No image is decoded or re-encoded at query time. Every reranker (parameter-free MaxSim,
+the trained cross-attention reranker, BLIP's pretrained ITM head) takes the same inputs and returns
+one float32 score per candidate, higher is better.
+
+A reranker that runs a model's own text tower rather than reading token features (``blip-itm``)
+sets ``needs_input_ids = True``; :class:`crossrank.Index` then also passes the query's token ids,
+``score(..., input_ids=TextFeatures.input_ids[i])``. Rerankers without the attribute are called
+exactly as before.
 """
 
 from __future__ import annotations
@@ -16,7 +21,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 from crossrank.device import Device
-from crossrank.errors import InvalidArgumentError
+from crossrank.errors import InvalidArgumentError, ModelMismatchError
 
 if TYPE_CHECKING:
     import numpy as np
@@ -31,6 +36,7 @@ class RerankerName(StrEnum):
     """The rerankers that can be asked for by name (``--reranker``)."""
 
     MAXSIM = "maxsim"
+    BLIP_ITM = "blip-itm"
     NONE = "none"
 
 
@@ -40,6 +46,10 @@ class Reranker(Protocol):
 
     Attributes:
         name: a short name for logs and reports, e.g. ``"maxsim"``.
+
+    A reranker may also set a class attribute ``needs_input_ids = True`` and take a keyword
+    ``input_ids`` (``(n_tokens,)`` int64 token ids of the query) in :meth:`score`; see the module
+    notes.
     """
 
     name: str
@@ -74,7 +84,8 @@ def get_reranker(
     """Turn a ``--reranker`` value into a reranker.
 
     Args:
-        spec: ``"maxsim"`` (case-insensitive), ``"none"`` or None for no reranking, the folder of
+        spec: ``"maxsim"`` (case-insensitive), ``"blip-itm"`` (BLIP's image-text matching head,
+            loaded from ``encoder_info``'s model), ``"none"`` or None for no reranking, the folder of
             a saved cross-attention reranker (a path; names win over a folder of the same name,
             write ``./maxsim`` for that), or a :class:`Reranker` instance, returned as it is.
         device: where a named or loaded reranker runs: ``auto``, ``cpu``, ``cuda`` or ``cuda:N``.
@@ -88,7 +99,9 @@ def get_reranker(
         InvalidArgumentError: the name is not a known reranker nor a path, or the device is
             unavailable.
         ModelError: the path holds no loadable reranker (missing, corrupt or truncated files).
-        ModelMismatchError: the loaded reranker's dims do not fit ``encoder_info``.
+        ModelMismatchError: the loaded reranker's dims do not fit ``encoder_info``; ``blip-itm``
+            on an index not built with BLIP; ``maxsim`` on a BLIP index (its token and patch
+            features are in different spaces).
 
     Example:
         >>> get_reranker("none") is None
@@ -105,7 +118,16 @@ def get_reranker(
         if name == RerankerName.MAXSIM:
             from crossrank.rerank.maxsim import MaxSimReranker
 
+            if encoder_info is not None and encoder_info.get("model_type") == "blip":
+                raise ModelMismatchError(
+                    f"reranker 'maxsim' cannot rerank an index built with BLIP ({encoder_info.get('model_id')!r}): "
+                    "its text tokens and stored vision tokens are not in one space; use --reranker blip-itm"
+                )
             return MaxSimReranker(device=device)
+        if name == RerankerName.BLIP_ITM:
+            from crossrank.rerank.blip_itm import blip_itm_for_index
+
+            return blip_itm_for_index(device, encoder_info)
         if _looks_like_path(spec):
             return _load(spec, device, encoder_info)
         choices = ", ".join(m.value for m in RerankerName)

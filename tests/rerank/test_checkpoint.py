@@ -76,7 +76,7 @@ def test_get_reranker_loads_a_folder(saved, as_str):
 def test_get_reranker_keeps_the_names():
     assert get_reranker("none") is None
     assert get_reranker("maxsim", device="cpu").name == "maxsim"
-    with pytest.raises(InvalidArgumentError, match=r"reranker must be one of maxsim, none, got 'colbert', or the folder"):
+    with pytest.raises(InvalidArgumentError, match=r"reranker must be one of maxsim, blip-itm, none, got 'colbert', or the folder"):
         get_reranker("colbert")
 
 

@@ -31,7 +31,7 @@ def test_a_reranker_instance_is_passed_through():
 
 
 def test_unknown_name_lists_the_choices():
-    with pytest.raises(InvalidArgumentError, match=r"reranker must be one of maxsim, none, got 'colbert'"):
+    with pytest.raises(InvalidArgumentError, match=r"reranker must be one of maxsim, blip-itm, none, got 'colbert'"):
         get_reranker("colbert")
 
 
