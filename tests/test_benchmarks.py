@@ -64,3 +64,16 @@ def test_bench_rerank_paths_quick_reports_every_path() -> None:
     for r in report["rows"]:
         for key in ("plain_ms", "folded_ms", "precomputed_ms", "folded_vs_plain", "precomputed_vs_plain"):
             assert math.isfinite(r[key]) and r[key] > 0, (r["shape"], key, r[key])
+
+
+@pytest.mark.bench
+def test_bench_blip_itm_tiny_reports_cached_and_full_latency() -> None:
+    proc = subprocess.run(
+        [sys.executable, str(BENCHMARKS / "bench_blip_itm.py"), "--skip-base", "--rounds", "2", "--json"],
+        capture_output=True, text=True, timeout=600, check=False,
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    (row,) = json.loads(proc.stdout)["results"]
+    assert row["model"] == "tiny" and row["k"] == 100
+    assert row["cached_ms"] > 0 and row["full_ms"] > 0
+    assert row["max_abs_diff"] < 1e-5  # the two sides score the same
