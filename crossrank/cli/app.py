@@ -11,15 +11,14 @@ import functools
 import json
 import logging
 import sys
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
 
 import typer
-from rich.console import Console
 from rich.table import Table
 
+from crossrank.cli.render import console, err_console, mark_relevance, progress_bar, render_eval
 from crossrank.device import Device
 from crossrank.errors import CrossrankError
 
@@ -32,8 +31,6 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
-console = Console()
-err_console = Console(stderr=True)
 
 _state = {"verbose": False}
 F = TypeVar("F", bound=Callable[..., Any])
@@ -62,34 +59,6 @@ def _friendly_errors(fn: F) -> F:
             raise typer.Exit(1) from None
 
     return wrapper  # type: ignore[return-value]
-
-
-@contextmanager
-def _progress(*columns: Any, disable: bool, transient: bool = False, **fields: Any) -> Iterator[Callable[..., None]]:
-    """A rich progress bar on stderr that appears with its first update.
-
-    Yields ``update(**task_fields)``. An error raised before any work starts (a bad argument, a
-    missing folder) therefore stays one line, with no empty bar above it.
-    """
-    from rich.progress import Progress
-
-    bar = Progress(*columns, console=err_console, disable=disable, transient=transient)
-    task = bar.add_task("", total=None, start=False, **fields)
-    started = False
-
-    def update(**task_fields: Any) -> None:
-        nonlocal started
-        if not started:  # elapsed time and ETA count from the first update
-            bar.start()
-            bar.start_task(task)
-            started = True
-        bar.update(task, **task_fields)
-
-    try:
-        yield update
-    finally:
-        if started:
-            bar.stop()
 
 
 def _print_json(obj: Any) -> None:
@@ -122,7 +91,7 @@ def build(
     columns = [TextColumn("[bold]indexing"), BarColumn(), MofNCompleteColumn(),
                TextColumn("{task.fields[rate]}"), TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn()]
     started: list[float] = []  # when the first batch arrived: images/s counts from there
-    with _progress(*columns, disable=as_json, rate="") as update:
+    with progress_bar(*columns, disable=as_json, rate="") as update:
 
         def progress(done: int, total: int) -> None:
             if not started:
@@ -295,18 +264,13 @@ def demo(
         table.add_column("first stage", justify="left")
         table.add_column(f"+ {reranker}", justify="left")
         for rank, (a, b) in enumerate(zip(ex["first_stage"], ex["reranked"], strict=False), start=1):
-            table.add_row(str(rank), _mark(a), _mark(b))
+            table.add_row(str(rank), mark_relevance(a), mark_relevance(b))
         console.print(table)
     render_eval(report.evaluation)
     s = report.seconds
     console.print(f"[green]done[/] in {s['total']:.0f} s (dataset {s['dataset']:.0f} s, build {s['build']:.0f} s, "
                   f"eval {s['eval']:.0f} s) -> {report.out_dir}/")
     console.print(f"try: crossrank search {report.out_dir}/index \"a red circle left of a blue square\"")
-
-
-def _mark(row: dict[str, Any]) -> str:
-    tick = "[green]✓[/]" if row["relevant"] else "[red]✗[/]"
-    return f"{tick} {row['path']} [dim]{row['score']:.3f}[/]"
 
 
 # -- eval -------------------------------------------------------------------------------------
@@ -331,7 +295,7 @@ def eval_cmd(
     from crossrank.index import Index
 
     idx = Index.open(index, device=device.value)
-    with _progress(TextColumn("[bold]evaluating"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+    with progress_bar(TextColumn("[bold]evaluating"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                    disable=as_json, transient=True) as update:
         report = evaluate_index(idx, queries, qrels, rerank_k=rerank_k, reranker=reranker, fusion=fusion,
                                 run_out=run_out, progress=lambda d, t: update(completed=d, total=t))
@@ -339,34 +303,6 @@ def eval_cmd(
         _print_json(report.to_dict())
         return
     render_eval(report.to_dict())
-
-
-_GROUP_LABELS = {"heldout=true": "held-out", "heldout=false": "seen", "kind=single": "single",
-                 "kind=pair": "pair", "kind=relation": "relation"}
-
-
-def render_eval(report: dict[str, Any]) -> None:
-    """Print an eval report (the ``--json`` dict) as rich tables."""
-    metrics = list(report["first_stage"])
-    stages = [("first", "first_stage")]
-    if report["reranked"]:
-        stages.append((f"+{report['reranker']}", "reranked"))
-    table = Table(title=f"{report['queries']} queries", title_justify="left", padding=(0, 1))
-    for col in ("group", "n", "stage", *metrics):
-        table.add_column(col, justify="left" if col in ("group", "stage") else "right", no_wrap=True)
-    groups = [("all", {"queries": report["queries"], **{key: report[key] for _, key in stages}})]
-    groups += [(_GROUP_LABELS.get(name, name), entry) for name, entry in report["groups"].items()]
-    for g, (name, entry) in enumerate(groups):
-        for i, (label, key) in enumerate(stages):
-            table.add_row(name if i == 0 else "", str(entry["queries"]) if i == 0 else "", label,
-                          *(f"{entry[key][m]:.3f}" for m in metrics), end_section=i == len(stages) - 1)
-    console.print(table)
-    lat = report["latency_ms"]
-    console.print("latency per query, ms (p50 / p95): " + ", ".join(
-        f"{stage} {v['p50']:.1f} / {v['p95']:.1f}" for stage, v in lat.items()))
-    if report["excluded_qids"]:
-        console.print(f"[yellow]{len(report['excluded_qids'])} queries have no relevant image in the qrels "
-                      f"and were left out:[/] {', '.join(report['excluded_qids'][:10])}")
 
 
 # -- datasets and the demo encoder ------------------------------------------------------------
@@ -392,7 +328,7 @@ def dataset_shapes(
 
     from crossrank.datasets import generate_shapes
 
-    with _progress(TextColumn("[bold]rendering"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+    with progress_bar(TextColumn("[bold]rendering"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                    disable=as_json) as update:
         ds = generate_shapes(out, n_images=n_images, n_queries=n_queries, seed=seed, split=split,
                              image_size=image_size, overwrite=overwrite,
@@ -430,7 +366,7 @@ def train_encoder_cmd(
                                 warmup=min(200, max(1, steps // 20)))
     t0 = time.perf_counter()
     train_data = shapes_train_data(data, DEMO_SPEC.image_size)
-    with _progress(TextColumn("[bold]training"), BarColumn(), MofNCompleteColumn(), TextColumn("loss {task.fields[loss]}"),
+    with progress_bar(TextColumn("[bold]training"), BarColumn(), MofNCompleteColumn(), TextColumn("loss {task.fields[loss]}"),
                    TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(), disable=as_json, loss="-") as update:
         path = train_encoder(train_data, out, config,
                              progress=lambda step, total, loss: update(completed=step, total=total, loss=f"{loss:.3f}"),
@@ -492,7 +428,7 @@ def train_cmd(
     except ValueError as e:
         raise typer.BadParameter(str(e)) from None
     idx = Index.open(index, device=device.value)
-    with _progress(TextColumn("[bold]training"), BarColumn(), MofNCompleteColumn(),
+    with progress_bar(TextColumn("[bold]training"), BarColumn(), MofNCompleteColumn(),
                    TextColumn("loss {task.fields[loss]} acc {task.fields[acc]}"), TimeElapsedColumn(),
                    TextColumn("ETA"), TimeRemainingColumn(), disable=as_json, loss="-", acc="-") as update:
         report = train_reranker(
