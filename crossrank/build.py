@@ -117,7 +117,10 @@ def build_index(
             f"{index_dir} already holds an index ({n} images); pass --overwrite to rebuild it "
             "(the current generation stays readable until the new one commits)"
         )
-    index_config = IndexConfig(factory=factory, device=device, **({"nprobe": nprobe} if nprobe else {}))
+    try:
+        index_config = IndexConfig(factory=factory, device=device, **({"nprobe": nprobe} if nprobe else {}))
+    except ValueError as e:
+        raise InvalidArgumentError(str(e)) from e
 
     start = time.perf_counter()
     src = discover(source)

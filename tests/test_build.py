@@ -163,3 +163,12 @@ def test_overwrite_commits_a_new_generation_beside_open_readers(index_copy, tmp_
     assert len(Index.open(index_copy, device="cpu")) == 3
     # The reader opened before the rebuild keeps searching the generation it opened.
     assert len(reader) == 24 and len(reader.search("a red circle", k=24, reranker=None)) == 24
+
+
+def test_an_empty_factory_string_is_a_clear_error(image_folder, tiny_clip, tmp_path):
+    from crossrank.build import build_index
+    from crossrank.errors import InvalidArgumentError
+
+    with pytest.raises(InvalidArgumentError, match="factory must be a non-empty FAISS factory string"):
+        build_index(image_folder, tmp_path / "idx", model=tiny_clip, device="cpu", factory="")
+    assert not (tmp_path / "idx" / "manifest.json").exists()
