@@ -109,3 +109,9 @@ def test_train_encoder_refuses_a_folder_that_is_not_a_dataset(tmp_path: Path) ->
     result = runner.invoke(app, ["train-encoder", "--data", str(tmp_path), "--out", str(tmp_path / "m")])
     assert result.exit_code == 1
     assert "dataset" in result.stderr
+
+
+def test_train_encoder_bad_learning_rate_is_a_usage_error(tmp_path: Path) -> None:
+    result = runner.invoke(app, ["train-encoder", "--data", str(tmp_path), "--out", str(tmp_path / "m"), "--lr", "-1"])
+    assert result.exit_code == 2
+    assert "lr must be > 0" in result.output

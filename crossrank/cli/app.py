@@ -362,8 +362,11 @@ def train_encoder_cmd(
 
     from crossrank.encoders.train import DEMO_SPEC, EncoderTrainConfig, shapes_train_data, train_encoder
 
-    config = EncoderTrainConfig(steps=steps, batch_size=batch_size, lr=lr, seed=seed, device=device.value,
-                                warmup=min(200, max(1, steps // 20)))
+    try:
+        config = EncoderTrainConfig(steps=steps, batch_size=batch_size, lr=lr, seed=seed, device=device.value,
+                                    warmup=min(200, max(1, steps // 20)))
+    except ValueError as e:
+        raise typer.BadParameter(str(e)) from None
     t0 = time.perf_counter()
     train_data = shapes_train_data(data, DEMO_SPEC.image_size)
     with progress_bar(TextColumn("[bold]training"), BarColumn(), MofNCompleteColumn(), TextColumn("loss {task.fields[loss]}"),
