@@ -17,13 +17,6 @@ from crossrank.rerank.checkpoint import CONFIG_NAME, WEIGHTS_NAME, check_reranke
 D = 12
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 def _model(**options) -> CrossAttentionReranker:
     config = RerankerConfig(text_dim=D, patch_dim=D, width=16, heads=2, layers=2, **options)

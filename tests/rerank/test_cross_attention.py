@@ -39,14 +39,6 @@ OPTIONS = {
 }
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: a second intra-op thread only adds spin-waits (10x slower on a busy machine)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 def _config(**options) -> RerankerConfig:
     base = {"text_dim": D_T, "patch_dim": D_V, "width": 16, "heads": 2, "layers": 2, "mlp_ratio": 2.0}

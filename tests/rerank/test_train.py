@@ -22,13 +22,6 @@ from crossrank.rerank.train import CHECKPOINT_NAME, LOG_NAME, rerank_loss
 TINY = RerankerConfig(width=16, heads=2, layers=1, mlp_ratio=2.0)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 @pytest.fixture(scope="module")
 def shapes(tmp_path_factory, tiny_clip):
