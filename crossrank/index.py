@@ -199,7 +199,7 @@ class Index:
     # -- search -------------------------------------------------------------------------------
 
     def search(self, query: Query, k: int = 10, rerank_k: int = 100, where: str | None = None,
-               reranker: str | Reranker | None = DEFAULT_RERANKER, fusion: str = "rerank") -> SearchResult:
+               reranker: str | Reranker | None = DEFAULT_RERANKER, fusion: str = "auto") -> SearchResult:
         """Find the ``k`` images that best match ``query``.
 
         Args:
@@ -213,8 +213,9 @@ class Index:
                 ``"blip-itm"`` for an index built with BLIP, else ``"maxsim"``), ``"maxsim"``,
                 ``"blip-itm"`` (BLIP indexes, text queries), ``"none"``/``None``, the folder of a
                 trained cross-attention reranker, or a :class:`~crossrank.rerank.Reranker`.
-            fusion: how the final score combines the two stages: ``rerank`` (the reranker's score
-                alone), ``sum``, or ``weighted:ALPHA`` (``ALPHA * rerank + (1 - ALPHA) * first_stage``).
+            fusion: how the final score combines the two stages: ``auto`` (what the reranker
+                recommends, else ``rerank``), ``rerank`` (the reranker's score alone), ``sum``, or
+                ``weighted:ALPHA`` (``ALPHA * rerank + (1 - ALPHA) * first_stage``).
 
         Returns:
             A :class:`SearchResult`: the hits, best first, with counts and per-stage timings.
@@ -228,21 +229,22 @@ class Index:
 
     def search_batch(self, queries: Sequence[Query], k: int = 10, rerank_k: int = 100,
                      where: str | None = None, reranker: str | Reranker | None = DEFAULT_RERANKER,
-                     fusion: str = "rerank") -> list[SearchResult]:
+                     fusion: str = "auto") -> list[SearchResult]:
         """Search many queries at once: one encoder pass per modality and one first-stage call.
 
         Arguments as :meth:`search`; the filter applies to every query. Returns one
         :class:`SearchResult` per query, in order.
         """
-        from crossrank.rerank import parse_fusion
+        from crossrank.rerank import resolve_fusion
 
         if isinstance(queries, (str, Path)) or not isinstance(queries, Sequence):
             raise InvalidArgumentError("queries must be a list of queries; use search() for one query")
         if not queries:
             return []
         _check_k(k, rerank_k)
-        fuse = parse_fusion(fusion)
+        resolve_fusion(fusion)  # a bad spec fails before the reranker loads
         scorer = self._reranker(reranker)
+        fuse = resolve_fusion(fusion, scorer)
         n_candidates = max(k, rerank_k) if scorer is not None else k
 
         timings: dict[str, float] = {}

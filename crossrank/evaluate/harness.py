@@ -122,7 +122,7 @@ def evaluate_index(
     *,
     rerank_k: int = 100,
     reranker: str | Reranker | None = "auto",
-    fusion: str = "rerank",
+    fusion: str = "auto",
     run_out: str | Path | None = None,
     progress: Callable[[int, int], None] | None = None,
 ) -> EvalReport:

@@ -16,7 +16,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from crossrank.rerank.config import Pooling, QueryTokensMode, RerankerConfig
-from crossrank.rerank.fusion import Fusion, FusionMode, fuse, parse_fusion
+from crossrank.rerank.fusion import Fusion, FusionMode, fuse, parse_fusion, resolve_fusion
 from crossrank.rerank.maxsim import MaxSimReranker
 from crossrank.rerank.reranker import Reranker, RerankerName, check_rerank_inputs, get_reranker
 
@@ -48,6 +48,7 @@ __all__ = [
     "get_reranker",
     "load_reranker",
     "parse_fusion",
+    "resolve_fusion",
     "read_reranker_config",
     "save_reranker",
     "train_reranker",

@@ -191,6 +191,9 @@ class TrainingSet:
         val_captions: int64 ``(V,)`` held-out captions; ``val_image`` ``(V,)`` a positive of each.
         val_first_stage: int64 ``(V, mine_k)`` their first-stage top ``mine_k``, -1 padded;
             ``val_relevant`` bool ``(V, mine_k)``: which of those are true matches.
+        query_vectors: float32 ``(U, D)`` the captions' pooled (first-stage) vectors.
+        image_vectors: float32 ``(N, D)`` the local images' pooled vectors, so that
+            ``query_vectors @ image_vectors.T`` is the first-stage score.
         counts: pair and caption counts for the report.
         fingerprint: what identifies the data (pairs file hash, index generation and encoder).
     """
@@ -211,6 +214,8 @@ class TrainingSet:
     val_image: np.ndarray
     val_first_stage: np.ndarray
     val_relevant: np.ndarray
+    query_vectors: np.ndarray
+    image_vectors: np.ndarray
     counts: dict[str, int] = field(default_factory=dict)
     fingerprint: dict[str, Any] = field(default_factory=dict)
 
@@ -354,7 +359,9 @@ def prepare_training_set(index: Index, pairs_path: str | os.PathLike[str],
         pool_rows=pool_rows, positives=positives, relevance=relevance, random_pool=random_pool,
         hard=hard, hard_count=hard_count, train_caption=pair_caption[train],
         train_image=pair_image[train], val_captions=val_captions, val_image=val_image,
-        val_first_stage=val_first_stage, val_relevant=val_relevant, counts=counts,
+        val_first_stage=val_first_stage, val_relevant=val_relevant, query_vectors=xq,
+        image_vectors=np.ascontiguousarray(index._generation.vectors()[pool_rows], dtype=np.float32),
+        counts=counts,
         fingerprint=fingerprint,
     )
 

@@ -220,7 +220,26 @@ def load_reranker(path: str | os.PathLike[str], device: Device | str = Device.AU
             f"the weights in {weights} do not fit its {CONFIG_NAME} "
             f"({_state_mismatch(model, state)}); the two files come from different rerankers"
         ) from e
+    # A reranker trained as a residual over the first stage recommends the fusion it was trained
+    # with; ``fusion="auto"`` in search and eval uses it.
+    model.fusion = _recommended_fusion(folder)
     return model.to(torch_device).eval()
+
+
+def _recommended_fusion(folder: Path) -> str | None:
+    from crossrank.rerank.fusion import Fusion
+
+    try:
+        spec = json.loads((folder / CONFIG_NAME).read_text()).get("metadata", {}).get("fusion")
+    except (OSError, ValueError, AttributeError):
+        return None  # read_reranker_config already accepted the file; metadata is optional
+    if spec is None:
+        return None
+    try:
+        return str(Fusion.parse(spec))
+    except Exception:  # noqa: BLE001 - a bad recommendation is ignored, not fatal
+        logger.warning("reranker %s recommends an unreadable fusion %r: ignored", folder, spec)
+        return None
 
 
 def _existing_dir(path: str | os.PathLike[str]) -> Path:

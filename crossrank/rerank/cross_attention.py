@@ -95,6 +95,9 @@ class CrossAttentionReranker(nn.Module):
     Attributes:
         name: ``"cross-attention"``.
         path: the :class:`AttentionPath` :meth:`score` uses (default :data:`DEFAULT_PATH`).
+        fusion: the ``--fusion`` this reranker recommends (set by
+            :func:`~crossrank.rerank.load_reranker` from its metadata; ``weighted:1/(1+W)`` after
+            residual training), or None; ``fusion="auto"`` in search and eval uses it.
 
     Example:
         >>> cfg = RerankerConfig(text_dim=8, patch_dim=8, width=16, heads=2, layers=1)
@@ -110,6 +113,7 @@ class CrossAttentionReranker(nn.Module):
         super().__init__()
         self.config = config = config if config is not None else RerankerConfig()
         self.path = DEFAULT_PATH
+        self.fusion: str | None = None
         w = config.width
         self.text_norm = nn.LayerNorm(config.text_dim) if config.prenorm else nn.Identity()
         self.patch_norm = nn.LayerNorm(config.patch_dim) if config.prenorm else nn.Identity()

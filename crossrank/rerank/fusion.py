@@ -6,7 +6,10 @@
 - ``sum``: ``final = first_stage + rerank``;
 - ``weighted:ALPHA``: ``final = ALPHA * rerank + (1 - ALPHA) * first_stage``, with ALPHA in
   [0, 1]; ``weighted:1`` is ``rerank``, ``weighted:0`` keeps the first-stage order, and
-  ``weighted:0.5`` ranks as ``sum`` does (half of it).
+  ``weighted:0.5`` ranks as ``sum`` does (half of it);
+- ``auto`` (the default of search and eval): what the reranker recommends, else ``rerank``. A
+  reranker trained as a residual over the first stage (``crossrank train --first-stage-weight W``)
+  recommends ``weighted:1/(1+W)``, which ranks exactly as its training loss scored.
 
 The first-stage score is the inner product of normalised pooled vectors (a cosine) and MaxSim's is a
 mean of cosines, so both lie in [-1, 1] and add without rescaling. The raw reranker score is always
@@ -25,9 +28,11 @@ import numpy as np
 
 from crossrank.errors import InvalidArgumentError
 
-__all__ = ["Fusion", "FusionMode", "fuse", "parse_fusion"]
+__all__ = ["AUTO_FUSION", "Fusion", "FusionMode", "fuse", "parse_fusion", "resolve_fusion"]
 
 logger = logging.getLogger(__name__)
+
+AUTO_FUSION = "auto"  # the reranker's recommended fusion, else rerank
 
 
 class FusionMode(StrEnum):
@@ -178,6 +183,30 @@ def parse_fusion(spec: str | Fusion) -> Fusion:
         >>> parse_fusion("sum")(np.array([0.5]), np.array([0.25])).tolist()
         [0.75]
     """
+    return Fusion.parse(spec)
+
+
+def resolve_fusion(spec: str | Fusion, reranker: object | None = None) -> Fusion:
+    """Parse a ``--fusion`` value, resolving ``auto`` against the reranker that will run.
+
+    Args:
+        spec: ``auto``, ``rerank``, ``sum`` or ``weighted:ALPHA``, or a parsed :class:`Fusion`.
+        reranker: the reranker; ``auto`` takes its ``fusion`` attribute (a spec string) when it
+            has one, else ``rerank``.
+
+    Returns:
+        The parsed :class:`Fusion`.
+
+    Raises:
+        InvalidArgumentError: the spec, or the reranker's recommendation, does not parse.
+
+    Example:
+        >>> str(resolve_fusion("auto")), str(resolve_fusion("sum"))
+        ('rerank', 'sum')
+    """
+    if isinstance(spec, str) and "".join(spec.split()).lower() == AUTO_FUSION:
+        recommended = getattr(reranker, "fusion", None)
+        return Fusion.parse(recommended) if recommended else Fusion()
     return Fusion.parse(spec)
 
 

@@ -40,7 +40,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import numpy as np
 
@@ -110,6 +110,10 @@ class RerankTrainConfig:
     checkpoint_every: int = 200  # steps between checkpoints
     seed: int = 0  # model init, caption split, batches and negatives
     device: str = "auto"  # auto (CUDA when present, bf16 autocast) | cpu | cuda | cuda:N
+    # Residual training: each logit is ``reranker + first_stage_weight * first-stage cosine``, so
+    # the reranker learns a correction to the first stage instead of replacing it (0 = off). The
+    # saved reranker then recommends ``--fusion weighted:1/(1+W)``, the same ranking at search time.
+    first_stage_weight: float = 0.0
 
     def __post_init__(self) -> None:
         for name in ("steps", "batch_size", "mine_k", "max_val_captions", "eval_every",
@@ -143,6 +147,11 @@ class RerankTrainConfig:
             if not _is_real(value) or not value > 0:
                 raise ValueError(f"{name} must be a number > 0, got {value!r}")
             object.__setattr__(self, name, float(value))
+        if not _is_real(self.first_stage_weight) or not 0 <= self.first_stage_weight < 1e4:
+            raise ValueError(
+                f"first_stage_weight must be a number in [0, 1e4), got {self.first_stage_weight!r}"
+            )
+        object.__setattr__(self, "first_stage_weight", float(self.first_stage_weight))
         if not _is_real(self.weight_decay) or self.weight_decay < 0:
             raise ValueError(f"weight_decay must be a number >= 0, got {self.weight_decay!r}")
         object.__setattr__(self, "weight_decay", float(self.weight_decay))
@@ -164,6 +173,14 @@ class RerankTrainConfig:
         t = (step - self.warmup) / max(1, self.steps - self.warmup)
         low = self.lr / 20
         return low + (self.lr - low) * 0.5 * (1 + math.cos(math.pi * min(t, 1.0)))
+
+    @property
+    def fusion(self) -> str | None:
+        """The ``--fusion`` that ranks as training scored: ``weighted:1/(1+W)`` for residual
+        training, None (the reranker's score alone) otherwise."""
+        if self.first_stage_weight <= 0:
+            return None
+        return f"weighted:{1.0 / (1.0 + self.first_stage_weight):.6g}"
 
     def to_dict(self) -> dict[str, Any]:
         """The fields as JSON-able values."""
@@ -343,7 +360,13 @@ def train_reranker(
     tokens = torch.from_numpy(data.tokens).to(device)  # (U, L, d) float16
     token_mask = torch.from_numpy(data.token_mask).to(device)  # (U, L) bool
     patches = torch.from_numpy(data.patches).to(device)  # (N, P, d) float16
-    banks = (tokens, token_mask, patches)
+    # The first-stage cosine of every (caption, image) pair, weighted, for residual training.
+    residual = None
+    if config.first_stage_weight > 0:
+        residual = (config.first_stage_weight,
+                    torch.from_numpy(data.query_vectors).to(device),  # (U, D) float32
+                    torch.from_numpy(data.image_vectors).to(device))  # (N, D) float32
+    banks = _Banks(tokens, token_mask, patches, residual)
     sampler = CandidateSampler(data, config.n_candidates, config.in_batch)
     n_neg = config.n_candidates - 1
     val_candidates = sampler.sample(data.val_captions, data.val_image,
@@ -434,6 +457,8 @@ def train_reranker(
         "first_stage_val": first_stage,
         "val": final,
     }
+    if config.fusion is not None:
+        metadata["fusion"] = config.fusion
     model.eval()
     save_reranker(model, out, metadata=metadata)
     n_run = config.steps - start
@@ -449,26 +474,44 @@ def train_reranker(
 # -- steps and validation ---------------------------------------------------------------------
 
 
-def _forward(model: CrossAttentionReranker, banks: tuple[torch.Tensor, ...], caption: np.ndarray,
+class _Banks(NamedTuple):
+    """The training set's features on the training device."""
+
+    tokens: torch.Tensor  # (U, L, d) float16
+    token_mask: torch.Tensor  # (U, L) bool
+    patches: torch.Tensor  # (N, P, d) float16
+    # (weight, query vectors (U, D), image vectors (N, D)) for residual training, else None
+    residual: tuple[float, torch.Tensor, torch.Tensor] | None = None
+
+
+def _forward(model: CrossAttentionReranker, banks: _Banks, caption: np.ndarray,
              candidates: np.ndarray, device: torch.device) -> torch.Tensor:
-    """``(B, k)`` float32 logits of the queries' candidate lists, gathered from the banks."""
+    """``(B, k)`` float32 logits of the queries' candidate lists, gathered from the banks.
+
+    With residual training the logits are the reranker's plus the weighted first-stage cosine.
+    """
     import torch
 
     from crossrank.rerank.cross_attention import AttentionPath
 
-    tokens, token_mask, patches = banks
     u = torch.from_numpy(caption).to(device)
-    mask = token_mask[u]  # (B, L)
+    c = torch.from_numpy(candidates).to(device)
+    mask = banks.token_mask[u]  # (B, L)
     real = mask.any(dim=0)  # drop the columns that are padding for every query of the batch
-    x = tokens[u][:, real].float()  # (B, L_b, d)
-    p = patches[torch.from_numpy(candidates).to(device)].float()  # (B, k, P, d)
+    x = banks.tokens[u][:, real].float()  # (B, L_b, d)
+    p = banks.patches[c].float()  # (B, k, P, d)
     # auto folds the key/value projections into the query side where the config allows: about
     # twice as fast a training step on the CPU as projecting every candidate's patches.
-    return model.forward_batch(x, mask[:, real], p, path=AttentionPath.AUTO)
+    logits = model.forward_batch(x, mask[:, real], p, path=AttentionPath.AUTO)
+    if banks.residual is not None:
+        weight, q_vec, i_vec = banks.residual
+        cosine = torch.einsum("bd,bkd->bk", q_vec[u], i_vec[c])  # (B, k) float32
+        logits = logits.float() + weight * cosine
+    return logits
 
 
 def _validate(model: CrossAttentionReranker, data: TrainingSet, val_candidates: np.ndarray,
-              banks: tuple[torch.Tensor, ...], device: torch.device) -> dict[str, float]:
+              banks: _Banks, device: torch.device) -> dict[str, float]:
     """``val_accuracy`` on the fixed candidate lists, ``val_r1`` reranking the first-stage lists."""
     import torch
 

@@ -94,3 +94,16 @@ def test_parse_fusion_gives_a_callable_fusion():
     np.testing.assert_array_equal(fusion(FIRST, RERANK), fuse(FIRST, RERANK, "weighted:0.25"))
     with pytest.raises(InvalidArgumentError, match=r"fusion must be rerank, sum or weighted:ALPHA"):
         parse_fusion("product")
+
+
+def test_auto_takes_the_rerankers_recommendation_else_rerank():
+    from types import SimpleNamespace
+
+    from crossrank.rerank import resolve_fusion
+
+    assert resolve_fusion("auto") == Fusion()
+    assert resolve_fusion(" AUTO ", SimpleNamespace(fusion=None)) == Fusion()
+    assert resolve_fusion("auto", SimpleNamespace(fusion="weighted:0.25")) == Fusion(FusionMode.WEIGHTED, 0.25)
+    assert resolve_fusion("sum", SimpleNamespace(fusion="weighted:0.25")) == Fusion(FusionMode.SUM)
+    with pytest.raises(InvalidArgumentError, match="fusion must be rerank, sum or weighted"):
+        resolve_fusion("autox")

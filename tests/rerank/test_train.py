@@ -199,6 +199,35 @@ def test_exported_weights_are_the_checkpoint_weights_and_search_with_them(shapes
     assert len(hits) == 3 and all(h.rerank_score is not None for h in hits)
 
 
+def test_residual_training_starts_at_the_first_stage_and_search_fuses_as_it_trained(shapes, tmp_path):
+    ds, index = shapes
+    weight = 20.0
+    report = train_reranker(index, ds.pairs_path, tmp_path / "r", model_config=TINY,
+                            config=_config(first_stage_weight=weight, val_fraction=0.3))
+    # An untrained gated model scores every candidate alike, so the residual logits rank exactly
+    # as the first stage does: validation R@1 at step 0 is the first stage's.
+    assert report.curve[0]["step"] == 0
+    assert report.curve[0]["val_r1"] == pytest.approx(report.first_stage["r1"])
+    alpha = 1 / (1 + weight)
+    saved = json.loads((tmp_path / "r" / "config.json").read_text())["metadata"]
+    assert saved["fusion"] == f"weighted:{alpha:.6g}"
+    loaded = load_reranker(tmp_path / "r", device="cpu", encoder_info=index.manifest.encoder)
+    assert loaded.fusion == f"weighted:{alpha:.6g}"
+    auto = index.search("a red circle", k=5, rerank_k=10, reranker=loaded)  # fusion="auto"
+    for hit in auto.hits:
+        assert hit.score == pytest.approx(alpha * hit.rerank_score
+                                          + (1 - alpha) * hit.first_stage_score, abs=1e-5)
+    plain = index.search("a red circle", k=5, rerank_k=10, reranker=loaded, fusion="rerank")
+    assert [h.score for h in plain.hits] == [h.rerank_score for h in plain.hits]
+
+
+def test_a_reranker_trained_without_residual_recommends_no_fusion(shapes, tmp_path):
+    ds, index = shapes
+    train_reranker(index, ds.pairs_path, tmp_path / "r", model_config=TINY, config=_config(steps=2))
+    assert "fusion" not in json.loads((tmp_path / "r" / "config.json").read_text())["metadata"]
+    assert load_reranker(tmp_path / "r", device="cpu").fusion is None
+
+
 # -- positives and negatives ------------------------------------------------------------------
 
 
@@ -346,6 +375,7 @@ def test_a_corrupt_checkpoint_is_refused(shapes, tmp_path):
     ({"lr": 0}, r"lr must be a number > 0"),
     ({"val_fraction": 0.9}, r"val_fraction must be a number in \[0, 0.5\]"),
     ({"in_batch": "yes"}, r"in_batch must be True or False"),
+    ({"first_stage_weight": -1}, r"first_stage_weight must be a number in \[0, 1e4\)"),
 ])
 def test_config_refuses_bad_values(fields, match):
     with pytest.raises(ValueError, match=match):
