@@ -457,4 +457,7 @@ def train_cmd(
 
 def main() -> None:
     """Console-script entry point."""
+    from crossrank.allocator import keep_large_allocations
+
+    keep_large_allocations()  # large rerank buffers are reused, not re-faulted per query
     app()

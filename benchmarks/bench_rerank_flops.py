@@ -1,0 +1,156 @@
+#!/usr/bin/env python
+"""The rerank stage's achieved FLOP/s against the machine's fp32 matrix-multiply FLOP/s, and its
+p50 latency per query at k = 100 and k = 1000.
+
+The rerank stage is what ``Index.search`` calls: ``reranker.score(tokens, mask, patches)`` on one
+query and its k candidates' fp16 patches as ``PatchStore.gather`` returns them (the fp16 -> fp32
+cast, the attention path ``score`` picks, the pooling and the head are all timed). Its FLOPs are
+counted by ``torch.utils.flop_counter.FlopCounterMode`` on the same call: matrix multiplies and
+attention (2 FLOPs per multiply-add; the CPU flash-attention kernel is registered with torch's own
+SDPA formula, which the counter lacks for it); LayerNorm, GELU, softmax and the like are not
+counted, so the figure is the usual model-FLOPs utilisation, a lower bound on the arithmetic done.
+
+The process allocator is tuned as the ``crossrank`` command line tunes it
+(:func:`crossrank.allocator.keep_large_allocations`); ``--allocator default`` leaves glibc's
+defaults, to measure what that tuning is worth.
+
+The floor is a square fp32 ``torch.mm`` (the largest of 1024, 1536 and 2048 that is fastest per
+FLOP), measured in the same run with the same threads; each round times the matmul and every
+rerank case, in rotating order, and every figure is a median. The goal is a ratio >= 0.5.
+
+The reranker is the shipped demo reranker's architecture (``crossrank/assets/demo-reranker``,
+random weights: the speed does not depend on them) or ``--reranker DIR`` or the default
+:class:`~crossrank.rerank.RerankerConfig`; the shapes are the demo encoder's (d = 128, 64 patches)
+and 12 query tokens. Run::
+
+    python benchmarks/bench_rerank_flops.py                 # k = 100 and 1000
+    python benchmarks/bench_rerank_flops.py --threads 1
+    python benchmarks/bench_rerank_flops.py --quick --json  # a smoke test, not a measurement
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
+
+from crossrank.allocator import keep_large_allocations
+from crossrank.rerank import CrossAttentionReranker, RerankerConfig, read_reranker_config
+
+DEMO_RERANKER = Path(__file__).resolve().parents[1] / "crossrank" / "assets" / "demo-reranker"
+N_TOKENS = 12
+DIM, N_PATCHES = 128, 64  # the demo encoder's features
+
+
+def _config(reranker: Path | None) -> tuple[RerankerConfig, str]:
+    folder = reranker or (DEMO_RERANKER if (DEMO_RERANKER / "config.json").is_file() else None)
+    if folder is None:
+        return RerankerConfig(text_dim=DIM, patch_dim=DIM), "RerankerConfig() defaults"
+    return read_reranker_config(folder), str(folder)
+
+
+def _matmul_case(n: int) -> tuple[Any, float]:
+    g = torch.Generator().manual_seed(n)
+    a, b = torch.randn(n, n, generator=g), torch.randn(n, n, generator=g)
+    out = torch.empty(n, n)
+    return (lambda: torch.mm(a, b, out=out)), 2.0 * n**3
+
+
+def _sdpa_flops(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:
+    """torch's SDPA formula, for the CPU flash kernel the counter has none for."""
+    return sdpa_flop_count(query_shape, key_shape, value_shape)
+
+
+def _rerank_case(model: CrossAttentionReranker, k: int) -> tuple[Any, float]:
+    g = torch.Generator().manual_seed(k)
+    tokens = torch.randn(N_TOKENS, model.config.text_dim, generator=g)
+    mask = torch.ones(N_TOKENS, dtype=torch.bool)
+    patches = torch.randn(k, N_PATCHES, model.config.patch_dim, generator=g).half()  # as gathered
+
+    def call() -> torch.Tensor:
+        return model.score(tokens, mask, patches)
+
+    call()  # warm-up outside the counter
+    sdpa_cpu = {torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: _sdpa_flops}
+    with FlopCounterMode(display=False, custom_mapping=sdpa_cpu) as counter:
+        call()
+    return call, float(counter.get_total_flops())
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--ks", type=int, nargs="+", default=[100, 1000])
+    parser.add_argument("--reranker", type=Path, default=None, help="a reranker folder whose config to time")
+    parser.add_argument("--rounds", type=int, default=15)
+    parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
+    parser.add_argument("--allocator", choices=("tuned", "default"), default="tuned",
+                        help="tuned: as the CLI runs (keep_large_allocations); default: glibc's own")
+    parser.add_argument("--quick", action="store_true", help="3 rounds, small matmuls: a smoke test")
+    parser.add_argument("--json", action="store_true", help="one JSON object instead of the table")
+    args = parser.parse_args(argv)
+    tuned = args.allocator == "tuned" and keep_large_allocations()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    rounds = 3 if args.quick else args.rounds
+    config, source = _config(args.reranker)
+    model = CrossAttentionReranker(config).eval()
+
+    sizes = [256, 512] if args.quick else [1024, 1536, 2048]
+    cases: dict[str, tuple[Any, float]] = {f"mm{n}": _matmul_case(n) for n in sizes}
+    with torch.inference_mode():
+        for k in args.ks:
+            cases[f"rerank_k{k}"] = _rerank_case(model, k)
+        for fn, _ in cases.values():
+            fn()  # warm-up
+        times: dict[str, list[float]] = {name: [] for name in cases}
+        names = list(cases)
+        for r in range(rounds):
+            for name in names[r % len(names):] + names[: r % len(names)]:
+                fn, _ = cases[name]
+                start = time.perf_counter()
+                fn()
+                times[name].append(time.perf_counter() - start)
+
+    flops_per_s = {name: cases[name][1] / statistics.median(t) for name, t in times.items()}
+    peak_name = max((n for n in cases if n.startswith("mm")), key=lambda n: flops_per_s[n])
+    peak = flops_per_s[peak_name]
+    rows = []
+    for k in args.ks:
+        name = f"rerank_k{k}"
+        t = times[name]
+        rows.append({
+            "k": k, "p50_ms": 1e3 * statistics.median(t), "min_ms": 1e3 * min(t),
+            "gflop_per_query": cases[name][1] / 1e9, "gflop_per_s": flops_per_s[name] / 1e9,
+            "vs_matmul": flops_per_s[name] / peak,
+        })
+    meta = {
+        "torch": torch.__version__, "threads": torch.get_num_threads(),
+        "cpu": platform.processor() or platform.machine(), "rounds": rounds,
+        "allocator_tuned": tuned, "reranker": source, "config": config.to_dict(), "n_tokens": N_TOKENS, "n_patches": N_PATCHES,
+        "matmul": {"best": peak_name, **{n: flops_per_s[n] / 1e9 for n in cases if n.startswith("mm")}},
+    }
+    if args.json:
+        print(json.dumps({"meta": meta, "rows": rows}, indent=2))
+        return 0
+    print(f"# torch {meta['torch']}, {meta['threads']} threads, {meta['cpu']}, {rounds} rounds, allocator "
+          f"{'tuned' if tuned else 'default'}; reranker {source}")
+    print("# fp32 matmul GFLOP/s: " + ", ".join(f"{n} {v:.1f}" for n, v in meta["matmul"].items() if n != "best")
+          + f" (floor: {peak_name})")
+    print(f"{'k':>5} {'p50 ms':>9} {'GFLOP/query':>12} {'GFLOP/s':>9} {'vs matmul':>10}  goal >= 0.50")
+    for r in rows:
+        print(f"{r['k']:>5} {r['p50_ms']:>9.2f} {r['gflop_per_query']:>12.3f} {r['gflop_per_s']:>9.1f} "
+              f"{r['vs_matmul']:>10.2f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
