@@ -53,7 +53,7 @@ def run_demo(
     n_queries: int = 300,
     seed: int = 0,
     model: str | Path | None = None,
-    reranker: str = "maxsim",
+    reranker: str = "auto",
     device: str = "auto",
     n_examples: int = 3,
     progress: Callable[[str], None] | None = None,
@@ -68,7 +68,8 @@ def run_demo(
         n_queries: evaluation queries.
         seed: benchmark seed.
         model: encoder; ``None`` is the shipped demo model.
-        reranker: the reranker to compare with the first stage.
+        reranker: the reranker to compare with the first stage; ``auto`` is the shipped demo
+            reranker for the demo encoder (see :attr:`Index.default_reranker`).
         device: ``auto``, ``cpu`` or ``cuda``.
         n_examples: example queries to show (one per query kind, in turn).
         progress: called with a short message as each stage starts.
@@ -107,7 +108,8 @@ def run_demo(
     index = Index.open(out / INDEX_DIR, device=device)
 
     t0 = time.perf_counter()
-    say(f"evaluating {n_queries} queries: first stage vs + {reranker}")
+    shown = Path(index.default_reranker).name if reranker == "auto" else reranker
+    say(f"evaluating {n_queries} queries: first stage vs + {shown}")
     report = evaluate_index(index, ds.queries_path, ds.qrels_path, reranker=reranker, run_out=out / RUNS_DIR)
     seconds["eval"] = time.perf_counter() - t0
 

@@ -443,11 +443,17 @@ class Index:
     @property
     def default_reranker(self) -> str:
         """What ``reranker="auto"`` uses: the index's own ``reranker/`` folder, else ``blip-itm``
-        for an index built with BLIP, else ``maxsim``."""
+        for an index built with BLIP, else the shipped demo reranker for an index built with the
+        demo encoder, else ``maxsim``."""
+        from crossrank.rerank.checkpoint import shipped_reranker_for
+
         own = self.path / RERANKER_DIR
         if (own / "config.json").is_file():
             return str(own)
-        return "blip-itm" if self.manifest.encoder.get("model_type") == "blip" else "maxsim"
+        if self.manifest.encoder.get("model_type") == "blip":
+            return "blip-itm"
+        shipped = shipped_reranker_for(self.manifest.encoder)
+        return str(shipped) if shipped is not None else "maxsim"
 
 
 def verify_index(path: str | Path) -> list[str]:

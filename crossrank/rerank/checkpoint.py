@@ -33,6 +33,8 @@ __all__ = [
     "CONFIG_NAME",
     "WEIGHTS_NAME",
     "check_reranker_matches",
+    "demo_reranker_dir",
+    "shipped_reranker_for",
     "is_reranker_dir",
     "load_reranker",
     "read_reranker_config",
@@ -47,19 +49,46 @@ _FORMAT = "crossrank-reranker"
 _FORMAT_VERSION = 1
 
 
+def demo_reranker_dir() -> Path:
+    """Where the shipped demo reranker lives: ``crossrank/assets/demo-reranker/`` (may be missing)."""
+    from crossrank.encoders.loading import demo_model_dir
+
+    return demo_model_dir().parent / "demo-reranker"
+
+
+def shipped_reranker_for(encoder_info: Mapping[str, Any]) -> Path | None:
+    """The shipped reranker trained over this encoder, or None.
+
+    The demo reranker records the weights hash of the encoder it was trained over; an index whose
+    encoder has exactly those weights gets it as its default (``reranker="auto"``).
+    """
+    folder = demo_reranker_dir()
+    sha = encoder_info.get("weights_sha256")
+    if not sha or not (folder / CONFIG_NAME).is_file():
+        return None
+    try:
+        trained_over = json.loads((folder / CONFIG_NAME).read_text())["metadata"]["data"]["encoder"]
+    except (OSError, ValueError, KeyError, TypeError):
+        logger.warning("the shipped reranker %s has an unreadable config.json: not used", folder)
+        return None
+    return folder if trained_over == sha else None
+
+
 def is_reranker_dir(path: str | os.PathLike[str]) -> bool:
     """True when ``path`` is a folder holding a reranker ``config.json``."""
     return (Path(path) / CONFIG_NAME).is_file()
 
 
 def save_reranker(model: CrossAttentionReranker, path: str | os.PathLike[str], *,
-                  metadata: Mapping[str, Any] | None = None) -> Path:
+                  metadata: Mapping[str, Any] | None = None, half: bool = False) -> Path:
     """Write ``model`` to the folder ``path`` (created if missing; existing files replaced).
 
     Args:
         model: the reranker to save (its weights are copied to the CPU as float32).
         path: the checkpoint folder.
         metadata: JSON-able facts to keep beside the config (training data, steps, metrics).
+        half: store the weights as float16 (half the size; loading casts them back to float32,
+            so scores move by float16 rounding). The shipped demo reranker is stored this way.
 
     Returns:
         The folder.
@@ -76,7 +105,7 @@ def save_reranker(model: CrossAttentionReranker, path: str | os.PathLike[str], *
     try:
         folder.mkdir(parents=True, exist_ok=True)
         state = {
-            name: t.detach().to("cpu", torch.float32).contiguous()
+            name: t.detach().to("cpu", torch.float16 if half else torch.float32).contiguous()
             for name, t in model.state_dict().items()
         }
         weights = folder / WEIGHTS_NAME

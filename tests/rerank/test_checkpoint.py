@@ -146,3 +146,34 @@ def test_index_search_reranks_with_a_saved_reranker(built_index, tmp_path):
     path = save_reranker(model, tmp_path / "reranker")
     hits = index.search("a red circle left of a blue square", k=3, rerank_k=6, reranker=str(path))
     assert len(hits) == 3 and all(h.rerank_score is not None for h in hits)
+
+
+def test_half_weights_are_half_the_size_and_score_within_fp16_rounding(saved, tmp_path):
+    model, path = saved
+    half = save_reranker(model, tmp_path / "half", half=True)
+    assert (half / WEIGHTS_NAME).stat().st_size < 0.6 * (path / WEIGHTS_NAME).stat().st_size
+    loaded = load_reranker(half, device="cpu")
+    assert all(p.dtype == torch.float32 for p in loaded.parameters())
+    torch.testing.assert_close(loaded.score(*_inputs()), model.score(*_inputs()), atol=2e-2, rtol=2e-2)
+
+
+def test_the_shipped_reranker_is_the_default_only_for_the_encoder_it_was_trained_over(
+        built_index, tmp_path, monkeypatch):
+    from crossrank import Index
+    from crossrank.rerank import checkpoint
+
+    index = Index.open(built_index, device="cpu")
+    dim = int(index.manifest.encoder["patch_dim"])
+    model = CrossAttentionReranker(RerankerConfig(text_dim=dim, patch_dim=dim, width=16, heads=2, layers=1))
+    shipped = tmp_path / "demo-reranker"
+    monkeypatch.setattr(checkpoint, "demo_reranker_dir", lambda: shipped)
+    assert index.default_reranker == "maxsim"  # nothing shipped
+    sha = index.manifest.encoder["weights_sha256"]
+    save_reranker(model, shipped, metadata={"data": {"encoder": "0" * 64}})
+    assert index.default_reranker == "maxsim"  # shipped for another encoder
+    save_reranker(model, shipped, metadata={"data": {"encoder": sha}})
+    assert index.default_reranker == str(shipped)
+    hits = index.search("a red circle", k=2, rerank_k=4).hits  # reranker="auto"
+    assert all(h.rerank_score is not None for h in hits)
+    (shipped / CONFIG_NAME).write_text("{not json")
+    assert index.default_reranker == "maxsim"  # an unreadable shipped config is not used
