@@ -55,7 +55,7 @@ if TYPE_CHECKING:
     from crossrank.rerank._train_data import TrainingSet
 
 __all__ = ["RerankLoss", "RerankTrainConfig", "TrainReport", "rerank_loss", "train_reranker",
-           "CHECKPOINT_NAME", "LOG_NAME"]
+           "export_checkpoint", "CHECKPOINT_NAME", "LOG_NAME"]
 
 logger = logging.getLogger(__name__)
 
@@ -471,6 +471,54 @@ def train_reranker(
     )
 
 
+def export_checkpoint(run_dir: str | os.PathLike[str], dest: str | os.PathLike[str], *,
+                      half: bool = False) -> Path:
+    """Write the reranker of a training run's latest checkpoint, e.g. while the run goes on.
+
+    The result is what :func:`train_reranker` would have written had it stopped at that step:
+    the weights, the config, and metadata with the training settings, the data fingerprint (the
+    encoder's weights hash included) and the recommended fusion of residual training.
+
+    Args:
+        run_dir: a ``train_reranker`` output folder holding ``checkpoint.pt``.
+        dest: the folder to write the reranker to (not ``run_dir``, whose reranker files belong
+            to the finished run).
+        half: store float16 weights (see :func:`~crossrank.rerank.save_reranker`).
+
+    Returns:
+        ``dest``.
+
+    Raises:
+        ModelError: no checkpoint, or a corrupt one.
+        InvalidArgumentError: ``dest`` is ``run_dir``.
+
+    Example:
+        >>> export_checkpoint("runs/reranker", "runs/reranker-step2000")  # doctest: +SKIP
+    """
+    from crossrank.rerank.checkpoint import save_reranker
+    from crossrank.rerank.config import RerankerConfig
+    from crossrank.rerank.cross_attention import CrossAttentionReranker
+
+    run, out = Path(run_dir), Path(dest)
+    if out.resolve() == run.resolve():
+        raise InvalidArgumentError(f"export the checkpoint of {run} to another folder, not into the run itself")
+    path = run / CHECKPOINT_NAME
+    if not path.is_file():
+        raise ModelError(f"no {CHECKPOINT_NAME} in {run}; give the --out folder of a `crossrank train` run")
+    state = _load_checkpoint(path, None)
+    fingerprint = state["fingerprint"]
+    config = RerankTrainConfig(**{k: v for k, v in fingerprint["config"].items()
+                                  if k in {f.name for f in dataclasses.fields(RerankTrainConfig)}})
+    model = CrossAttentionReranker(RerankerConfig.from_dict(fingerprint["model"]))
+    model.load_state_dict(state["model"])
+    metadata: dict[str, Any] = {"trained_by": "crossrank train (exported checkpoint)",
+                                "train": config.to_dict(), "data": fingerprint["data"],
+                                "steps": int(state["step"])}
+    if config.fusion is not None:
+        metadata["fusion"] = config.fusion
+    return save_reranker(model.eval(), out, metadata=metadata, half=half)
+
+
 # -- steps and validation ---------------------------------------------------------------------
 
 
@@ -635,8 +683,9 @@ def _save_checkpoint(path: Path, state: dict[str, Any]) -> None:
         raise ModelError(f"cannot write the checkpoint {path}: {e.strerror or e}") from e
 
 
-def _load_checkpoint(path: Path, fingerprint: dict[str, Any]) -> dict[str, Any]:
-    """The checkpoint's state, after checking it belongs to this config and data."""
+def _load_checkpoint(path: Path, fingerprint: dict[str, Any] | None) -> dict[str, Any]:
+    """The checkpoint's state, after checking it belongs to this config and data (any run's when
+    ``fingerprint`` is None)."""
     import torch
 
     fix = "delete it to train from scratch, or pick another --out"
@@ -650,9 +699,11 @@ def _load_checkpoint(path: Path, fingerprint: dict[str, Any]) -> dict[str, Any]:
     if not isinstance(state, dict) or state.get("format") != _CHECKPOINT_FORMAT:
         raise ModelError(f"{path} is not a reranker training checkpoint; {fix}")
     theirs = state.get("fingerprint")
+    if fingerprint is None and isinstance(theirs, dict) and {"config", "model", "data"} <= set(theirs):
+        return state
     if theirs != fingerprint:
-        parts = sorted(k for k in fingerprint if not isinstance(theirs, dict)
-                       or theirs.get(k) != fingerprint[k])
+        parts = sorted(k for k in (fingerprint or _FINGERPRINT_NAMES) if not isinstance(theirs, dict)
+                       or fingerprint is None or theirs.get(k) != fingerprint[k])
         raise InvalidArgumentError(
             f"checkpoint {path} was written by a training run with another "
             f"{' and '.join(_FINGERPRINT_NAMES[p] for p in parts)}; {fix}"

@@ -221,6 +221,27 @@ def test_residual_training_starts_at_the_first_stage_and_search_fuses_as_it_trai
     assert [h.score for h in plain.hits] == [h.rerank_score for h in plain.hits]
 
 
+def test_an_exported_checkpoint_is_the_reranker_the_run_writes(shapes, tmp_path):
+    from crossrank.rerank.train import export_checkpoint
+
+    ds, index = shapes
+    train_reranker(index, ds.pairs_path, tmp_path / "r", model_config=TINY,
+                   config=_config(first_stage_weight=9.0))
+    out = export_checkpoint(tmp_path / "r", tmp_path / "exported")
+    finished = json.loads((tmp_path / "r" / "config.json").read_text())
+    exported = json.loads((out / "config.json").read_text())
+    assert exported["config"] == finished["config"]
+    assert exported["metadata"]["fusion"] == finished["metadata"]["fusion"] == "weighted:0.1"
+    assert exported["metadata"]["data"]["encoder"] == index.manifest.encoder["weights_sha256"]
+    assert exported["metadata"]["steps"] == 8
+    a, b = (load_reranker(p, device="cpu") for p in (tmp_path / "r", out))
+    assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
+    with pytest.raises(InvalidArgumentError, match="to another folder"):
+        export_checkpoint(tmp_path / "r", tmp_path / "r")
+    with pytest.raises(ModelError, match="no checkpoint.pt in"):
+        export_checkpoint(tmp_path / "exported", tmp_path / "x")
+
+
 def test_a_reranker_trained_without_residual_recommends_no_fusion(shapes, tmp_path):
     ds, index = shapes
     train_reranker(index, ds.pairs_path, tmp_path / "r", model_config=TINY, config=_config(steps=2))
