@@ -65,7 +65,8 @@ def test_many_queries_are_scored_in_chunks(monkeypatch):
     monkeypatch.setattr(exact, "_SCORE_BLOCK", 1000)  # 3 queries per chunk
     got = exact_search(data.xq, data.xb, data.ids, 4)
     np.testing.assert_array_equal(got[1], expected[1])
-    np.testing.assert_array_equal(got[0], expected[0])
+    # A chunk's matmul may block (or thread) differently from the whole: last-bit differences.
+    np.testing.assert_allclose(got[0], expected[0], rtol=1e-6, atol=1e-6)
 
 
 @pytest.mark.parametrize("k", [0, -3, 2.0, True])
