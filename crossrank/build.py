@@ -4,13 +4,16 @@ The pipeline overlaps its stages: decoder threads read, decode and preprocess ba
 encoder runs on batch i (see :func:`crossrank.ingest.iter_batches`). Pooled vectors go to the
 first stage and ``vectors.npy``, patch features stream into the fp16 patch store, and one metadata
 row per image goes to Parquet. Nothing is visible to readers until the generation commits.
+
+A build holds the index's writer lock from start to end (a second writer is refused, naming it),
+and :func:`encode_items` is shared with ``crossrank add`` (:mod:`crossrank.living`).
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -18,8 +21,9 @@ from typing import Any
 import numpy as np
 
 from crossrank.errors import InvalidArgumentError, SourceError
+from crossrank.store._crash import crash_point
 
-__all__ = ["BuildReport", "build_index", "ProgressFn"]
+__all__ = ["BuildReport", "build_index", "encode_items", "metadata_table", "skipped_table", "ProgressFn"]
 
 logger = logging.getLogger(__name__)
 
@@ -96,13 +100,9 @@ def build_index(
         SourceError: the source is missing, unreadable, or holds no decodable image.
         ModelError: the model cannot be loaded.
         InvalidArgumentError: a bad argument, or an existing index without ``overwrite``.
+        IndexLockedError: another process is writing ``index_dir``.
     """
-    import pyarrow as pa
-
-    from crossrank.encoders import load_encoder
-    from crossrank.indexes import FirstStage, IndexConfig
-    from crossrank.ingest import IngestConfig, discover, iter_batches
-    from crossrank.store import GenerationWriter, has_index, read_manifest
+    from crossrank.store import WriterLock
 
     if batch_size < 1:
         raise InvalidArgumentError(f"batch_size must be >= 1, got {batch_size}")
@@ -111,39 +111,47 @@ def build_index(
     index_dir = Path(index_dir)
     if index_dir.exists() and not index_dir.is_dir():
         raise InvalidArgumentError(f"index path {index_dir} exists and is not a directory; pass a directory")
-    if has_index(index_dir) and not overwrite:
-        n = read_manifest(index_dir).counts.get("images", "?")
-        raise InvalidArgumentError(
-            f"{index_dir} already holds an index ({n} images); pass --overwrite to rebuild it "
-            "(the current generation stays readable until the new one commits)"
-        )
     try:
+        from crossrank.indexes import IndexConfig
+
         index_config = IndexConfig(factory=factory, device=device, **({"nprobe": nprobe} if nprobe else {}))
     except ValueError as e:
         raise InvalidArgumentError(str(e)) from e
 
+    with WriterLock(index_dir) as lock:
+        try:
+            return _build_locked(source, index_dir, lock, model=model, batch_size=batch_size, device=device,
+                                 index_config=index_config, workers=workers, overwrite=overwrite,
+                                 progress=progress)
+        except BaseException:
+            lock.remove_root_if_unused()  # a first build that failed leaves no folder behind
+            raise
+
+
+def _build_locked(source: str | Path, index_dir: Path, lock: Any, *, model: str | Path | None, batch_size: int,
+                  device: str, index_config: Any, workers: int, overwrite: bool,
+                  progress: ProgressFn | None) -> BuildReport:
+    from crossrank.encoders import load_encoder
+    from crossrank.indexes import FirstStage
+    from crossrank.ingest import discover
+    from crossrank.store import GenerationWriter, has_index, read_manifest
+
+    if has_index(index_dir) and not overwrite:
+        n = read_manifest(index_dir).counts.get("images", "?")
+        raise InvalidArgumentError(
+            f"{index_dir} already holds an index ({n} images); pass --overwrite to rebuild it "
+            "(the current generation stays readable until the new one commits), or add new files "
+            f"with `crossrank add SOURCE --index {index_dir}`"
+        )
     start = time.perf_counter()
     src = discover(source)
     encoder = load_encoder(model, device=device, batch_size=batch_size)
     total = len(src.items)
     logger.info("building %s from %s (%d files) with %s", index_dir, source, total, encoder.model_id)
 
-    pooled: list[np.ndarray] = []
-    records: list[Any] = []
-    skipped: list[Any] = []
-    done = 0
-    with GenerationWriter(index_dir) as writer:
-        for batch in iter_batches(src.items, batch_size=batch_size, config=IngestConfig(workers=workers),
-                                  preprocess=encoder.preprocess):
-            skipped.extend(batch.skipped)
-            if batch.records:
-                features = encoder.encode_pixels(batch.pixels)
-                pooled.append(features.pooled)
-                writer.patches.append(features.patches.astype(np.float16))
-                records.extend(batch.records)
-            done += batch.n_items
-            if progress is not None:
-                progress(done, total)
+    with GenerationWriter(index_dir, lock=lock) as writer:
+        pooled, records, skipped = encode_items(writer, encoder, src.items, batch_size=batch_size,
+                                                workers=workers, progress=progress)
         if not records:
             reasons = "; ".join(f"{s.path}: {s.reason}" for s in skipped[:3])
             raise SourceError(
@@ -152,19 +160,18 @@ def build_index(
             )
 
         xb = np.concatenate(pooled).astype(np.float32, copy=False)  # (n, D)
-        ids = np.arange(len(records), dtype=np.int64)
+        # Ids continue after every id this directory ever gave (0 in a new one): never reused.
+        ids = writer.take_ids(len(records))
         first_stage = FirstStage.build(xb, ids, index_config)
         first_stage.save(writer.first_stage_path)
         writer.write_vectors(xb)
         writer.write_ids(ids)
-        writer.write_metadata(_metadata_table(ids, records, src.extra_schema))
-        writer.write_skipped(
-            pa.table({"path": [s.path for s in skipped], "reason": [s.reason for s in skipped]},
-                     schema=pa.schema([("path", pa.string()), ("reason", pa.string())]))
-        )
+        writer.write_metadata(metadata_table(ids, records, src.extra_schema))
+        writer.write_skipped(skipped_table(skipped))
         generation = writer.commit(
             encoder=encoder.info,
-            first_stage={**first_stage.info, "metric": "inner_product"},
+            # `auto`: the factory was chosen by size, so a compaction may choose again.
+            first_stage={**first_stage.info, "metric": "inner_product", "auto": index_config.factory is None},
             counts={"images": len(records), "skipped": len(skipped)},
             source=str(Path(source).resolve()),
         )
@@ -173,7 +180,52 @@ def build_index(
                        seconds=seconds, factory=first_stage.factory, model=encoder.model_id)
 
 
-def _metadata_table(ids: np.ndarray, records: list[Any], extra_schema: Any) -> Any:
+def encode_items(writer: Any, encoder: Any, items: Sequence[Any], *, batch_size: int, workers: int,
+                 progress: ProgressFn | None = None) -> tuple[list[np.ndarray], list[Any], list[Any]]:
+    """Decode and encode ``items`` into a generation writer's patch store.
+
+    Args:
+        writer: the :class:`~crossrank.store.GenerationWriter`; patches are appended to it.
+        encoder: the :class:`~crossrank.encoders.Encoder`.
+        items: the :class:`~crossrank.ingest.SourceItem` to index, in id order.
+        batch_size: images per forward pass.
+        workers: decoder threads.
+        progress: ``progress(done, len(items))`` after each batch.
+
+    Returns:
+        ``(pooled, records, skipped)``: the pooled vectors per batch (float32 ``(b, D)`` each), one
+        :class:`~crossrank.ingest.ImageRecord` per encoded image, and the skipped files.
+    """
+    from crossrank.ingest import IngestConfig, iter_batches
+
+    pooled: list[np.ndarray] = []
+    records: list[Any] = []
+    skipped: list[Any] = []
+    done, total = 0, len(items)
+    for batch in iter_batches(items, batch_size=batch_size, config=IngestConfig(workers=workers),
+                              preprocess=encoder.preprocess):
+        skipped.extend(batch.skipped)
+        if batch.records:
+            features = encoder.encode_pixels(batch.pixels)
+            pooled.append(np.asarray(features.pooled, dtype=np.float32))
+            writer.patches.append(features.patches.astype(np.float16))
+            records.extend(batch.records)
+            crash_point("encoded")
+        done += batch.n_items
+        if progress is not None:
+            progress(done, total)
+    return pooled, records, skipped
+
+
+def skipped_table(skipped: Sequence[Any]) -> Any:
+    """The ``path``, ``reason`` table of :class:`~crossrank.ingest.SkippedFile` objects."""
+    import pyarrow as pa
+
+    return pa.table({"path": [s.path for s in skipped], "reason": [s.reason for s in skipped]},
+                    schema=pa.schema([("path", pa.string()), ("reason", pa.string())]))
+
+
+def metadata_table(ids: np.ndarray, records: list[Any], extra_schema: Any) -> Any:
     """One metadata row per indexed image, in id order: the fixed columns, then the manifest's."""
     import pyarrow as pa
 

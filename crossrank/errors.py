@@ -13,6 +13,7 @@ __all__ = [
     "DecodeError",
     "IndexNotFoundError",
     "IndexCorruptError",
+    "IndexLockedError",
     "ModelError",
     "ModelMismatchError",
     "FilterError",
@@ -42,6 +43,10 @@ class IndexNotFoundError(CrossrankError):
 
 class IndexCorruptError(CrossrankError):
     """An index directory is inconsistent (counts disagree, files missing); raised by verify."""
+
+
+class IndexLockedError(CrossrankError):
+    """Another process is writing the index (build, add, remove or compact); one writer at a time."""
 
 
 class ModelError(CrossrankError):

@@ -76,13 +76,15 @@ class SearchResult(Sequence[Hit]):
     """The ranked hits of one query, with the counts and per-stage timings.
 
     A ``SearchResult`` is a sequence of :class:`Hit`: ``result[0]``, ``len(result)`` and
-    ``for hit in result`` work as on a list.
+    ``for hit in result`` work as on a list. ``generation`` is the index generation every stage
+    of the search read (None when not searched through an :class:`~crossrank.Index`).
     """
 
     query: str
     hits: tuple[Hit, ...]
     counts: SearchCounts
     timings_ms: dict[str, float]
+    generation: int | None = None
 
     @overload
     def __getitem__(self, i: int) -> Hit: ...

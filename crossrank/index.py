@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any, TypeAlias
 
 import numpy as np
 
-from crossrank.errors import InvalidArgumentError, ModelMismatchError
+from crossrank.errors import CrossrankError, InvalidArgumentError, ModelMismatchError
 from crossrank.hits import Hit, SearchCounts, SearchResult
 
 if TYPE_CHECKING:
@@ -28,7 +28,12 @@ if TYPE_CHECKING:
 
     from crossrank.build import BuildReport, ProgressFn
     from crossrank.encoders import Encoder
+    from crossrank.filters import Filters
+    from crossrank.indexes import FirstStage
+    from crossrank.living import AddReport, CompactReport, PhaseProgressFn, RemoveReport
     from crossrank.rerank import Reranker
+    from crossrank.snapshot import Snapshot
+    from crossrank.store import Generation, Manifest, MetadataStore, PatchStore
 
 __all__ = ["Index", "Query", "DEFAULT_RERANKER", "verify_index"]
 
@@ -51,7 +56,11 @@ class Index:
     """An opened crossrank index: one committed generation of an index directory.
 
     One ``Index`` may be searched from many threads at once. It reads the generation that was
-    current when it was opened; writers commit new generations beside it without disturbing it.
+    current when it was opened (or last refreshed); writers commit new generations beside it
+    without disturbing it, and never delete the generation it holds. :meth:`refresh` moves it to
+    the newest generation; every search runs on one generation from start to end (its
+    ``SearchResult.generation``), even when another thread refreshes meanwhile. :meth:`add`,
+    :meth:`remove` and :meth:`compact` change the index and refresh.
 
     Example:
         >>> index = Index.build("photos/", "photos.idx", model="openai/clip-vit-base-patch32")  # doctest: +SKIP
@@ -62,23 +71,15 @@ class Index:
     def __init__(self, path: Path, *, device: str = "auto", model: str | Path | None = None,
                  nprobe: int | None = None) -> None:
         """Use :meth:`Index.open`; this constructor is the same call."""
-        from crossrank.indexes import FirstStage, IndexConfig
-        from crossrank.store import Generation, read_manifest
+        from crossrank.snapshot import Snapshot
 
         self.path = Path(path)
-        self.manifest = read_manifest(self.path)
-        self.generation_dir = self.manifest.generation_path
         self.device = device
         self._model_override = model
-        first = self.manifest.first_stage
-        config = IndexConfig(factory=first.get("factory"), device=device,
-                             nprobe=nprobe or int(first.get("nprobe") or 16))
-        self.first_stage = FirstStage.load(self.generation_dir / "first_stage.faiss", config)
-        self._generation = Generation.open(self.generation_dir)
-        self.patches = self._generation.patches()
-        self.metadata_store = self._generation.metadata()
-        self._ids = self._generation.ids()
-        self._vectors = self._generation.vectors()
+        self._nprobe = nprobe
+        self._snap: Snapshot | None = Snapshot(self.path, device=device, nprobe=nprobe)
+        self._snap_lock = threading.Lock()  # guards _snap and the users count of snapshots
+        self._refresh_lock = threading.Lock()  # one refresh at a time
         self.build_report: BuildReport | None = None  # set by Index.build
         self._encoder: Encoder | None = None
         self._rerankers: dict[str, Reranker | None] = {}
@@ -125,10 +126,191 @@ class Index:
         index.build_report = report
         return index
 
+    # -- the generation held -------------------------------------------------------------------
+
+    def _current(self) -> Snapshot:
+        snap = self._snap
+        if snap is None:
+            raise CrossrankError(f"index {self.path} was closed; open it again with Index.open")
+        return snap
+
+    @contextmanager
+    def _use(self) -> Iterator[Snapshot]:
+        """The snapshot a search runs on, kept open until the search ends (refresh or not)."""
+        with self._snap_lock:
+            snap = self._current()
+            snap.users += 1
+        try:
+            yield snap
+        finally:
+            with self._snap_lock:
+                snap.users -= 1
+                done = snap.retired and snap.users == 0
+            if done:
+                snap.close()
+
+    def _retire(self, snap: Snapshot) -> None:
+        """Close ``snap`` now, or when its last search ends (the caller swapped it out)."""
+        with self._snap_lock:
+            snap.retired = True
+            done = snap.users == 0
+        if done:
+            snap.close()
+
+    @property
+    def manifest(self) -> Manifest:
+        """The manifest of the generation held."""
+        return self._current().manifest
+
+    @property
+    def generation(self) -> int:
+        """The number of the generation held."""
+        return self._current().number
+
+    @property
+    def generation_dir(self) -> Path:
+        """The folder of the generation held."""
+        return self._current().manifest.generation_path
+
+    @property
+    def first_stage(self) -> FirstStage:
+        """The FAISS first stage of the generation held (removed images included)."""
+        return self._current().first_stage
+
+    @property
+    def patches(self) -> PatchStore:
+        """The memory-mapped patch store of the generation held."""
+        return self._current().patches
+
+    @property
+    def metadata_store(self) -> MetadataStore:
+        """The metadata store of the generation held (removed images included)."""
+        return self._current().metadata
+
+    @property
+    def _generation(self) -> Generation:
+        return self._current().generation
+
+    def refresh(self) -> bool:
+        """Move to the index's newest committed generation, if a writer committed one.
+
+        Cheap when nothing changed (one small file is read). Searches running meanwhile finish on
+        the generation they started with; the previous generation is released (and a writer may
+        delete it) once the last of them ends.
+
+        Returns:
+            Whether the index now holds a newer generation.
+
+        Raises:
+            IndexCorruptError: the new generation cannot be opened (the index keeps the old one).
+        """
+        from crossrank.snapshot import Snapshot
+        from crossrank.store import current_generation_number
+
+        with self._refresh_lock:
+            old = self._current()
+            number = current_generation_number(self.path)
+            if number is None or number == old.number:
+                return False
+            new = Snapshot(self.path, device=self.device, nprobe=self._nprobe, reuse=old)
+            with self._snap_lock:
+                closed = self._snap is None  # close() ran meanwhile: stay closed
+                if not closed:
+                    self._snap = new
+            if closed:
+                new.close()
+                return False
+            self._retire(old)
+            if new.manifest.encoder != old.manifest.encoder:  # rebuilt with --overwrite
+                with self._lock:
+                    self._encoder, self._rerankers = None, {}
+            logger.debug("index %s refreshed from generation %d to %d", self.path, old.number, new.number)
+            return True
+
+    def close(self) -> None:
+        """Release the generation held (its pin, metadata connection and maps); idempotent.
+
+        Searches running meanwhile finish first. Later calls raise :class:`CrossrankError`.
+        """
+        with self._snap_lock:
+            snap, self._snap = self._snap, None
+        if snap is not None:
+            self._retire(snap)
+
+    def __enter__(self) -> Index:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- changing the index ---------------------------------------------------------------------
+
+    def add(self, source: str | Path, *, batch_size: int = 64, workers: int = 4, rehash: bool = False,
+            progress: PhaseProgressFn | None = None) -> AddReport:
+        """Index the files of ``source`` not in the index yet, then :meth:`refresh`.
+
+        See :func:`crossrank.living.add_images`: files are compared by content, a moved file keeps
+        its id, and queries' encoder (:attr:`encoder`) encodes the new images.
+
+        Raises:
+            SourceError: the source is missing or unreadable.
+            IndexLockedError: another process is writing the index.
+        """
+        from crossrank.living import add_images
+
+        report = add_images(source, self.path, encoder=self.encoder, batch_size=batch_size, device=self.device,
+                            workers=workers, rehash=rehash, progress=progress)
+        self._after_write()
+        return report
+
+    def remove(self, ids: Sequence[int] | np.ndarray | None = None, *, where: str | None = None) -> RemoveReport:
+        """Remove images by id or by a ``where`` filter, then :meth:`refresh`.
+
+        See :func:`crossrank.living.remove_images`.
+
+        Raises:
+            InvalidArgumentError: ids that were never in the index (named; nothing is removed).
+            FilterError: a malformed ``where``.
+            IndexLockedError: another process is writing the index.
+        """
+        from crossrank.living import remove_images
+
+        report = remove_images(self.path, ids=ids, where=where)
+        self._after_write()
+        return report
+
+    def compact(self, *, progress: PhaseProgressFn | None = None) -> CompactReport:
+        """Rewrite the index without removed images, then :meth:`refresh` and delete old generations.
+
+        See :func:`crossrank.living.compact_index`.
+
+        Raises:
+            IndexLockedError: another process is writing the index.
+        """
+        from crossrank.living import compact_index
+
+        report = compact_index(self.path, progress=progress)
+        self._after_write()
+        return report
+
+    def _after_write(self) -> None:
+        """Refresh, then delete the generation this Index just let go (unless a writer is busy)."""
+        from crossrank.errors import IndexLockedError
+        from crossrank.store import WriterLock, collect_garbage
+
+        if not self.refresh():
+            return
+        try:
+            with WriterLock(self.path, create=False) as lock:
+                collect_garbage(self.path, lock)
+        except IndexLockedError:
+            pass  # that writer collects after its own commit
+
     # -- facts --------------------------------------------------------------------------------
 
     def __len__(self) -> int:
-        return int(self._ids.shape[0])
+        """Images a search can return (removed images excluded)."""
+        return len(self._current())
 
     def __repr__(self) -> str:
         return f"Index({str(self.path)!r}, images={len(self)}, generation={self.manifest.generation})"
@@ -162,32 +344,50 @@ class Index:
         return encoder
 
     def info(self) -> dict[str, Any]:
-        """A JSON-able description: counts, model, first stage, generation, sizes."""
+        """A JSON-able description: counts, model, first stage, generation, sizes.
+
+        ``counts.images`` counts the images a search can return; ``tombstones`` the removed
+        images still stored until a compaction.
+        """
+        snap = self._current()
+        manifest = snap.manifest
         return {
             "path": str(self.path.resolve()),
-            "format_version": self.manifest.format_version,
-            "generation": self.manifest.generation,
-            "created_at": self.manifest.created_at,
-            "updated_at": self.manifest.updated_at,
-            "counts": dict(self.manifest.counts),
-            "encoder": dict(self.manifest.encoder),
-            "first_stage": {**self.manifest.first_stage, "ntotal": self.first_stage.ntotal},
-            "patches": {"n_patches": int(self.patches.shape[0]), "dim": int(self.patches.shape[1]),
+            "format_version": manifest.format_version,
+            "generation": manifest.generation,
+            "created_at": manifest.created_at,
+            "updated_at": manifest.updated_at,
+            "counts": dict(manifest.counts),
+            "tombstones": int(snap.tombstones.size),
+            "encoder": dict(manifest.encoder),
+            "first_stage": {**manifest.first_stage, "ntotal": snap.first_stage.ntotal},
+            "patches": {"n_patches": int(snap.patches.shape[0]), "dim": int(snap.patches.shape[1]),
                         "dtype": "float16"},
-            "metadata_columns": self.metadata_store.columns,
+            "metadata_columns": snap.metadata.columns,
         }
 
-    def metadata(self, columns: Sequence[str] | None = None, where: str | None = None) -> pa.Table:
-        """The metadata table, optionally cut to ``columns`` and the rows matching ``where``.
+    def metadata(self, columns: Sequence[str] | None = None, where: str | None = None, *,
+                 filters: Filters | None = None) -> pa.Table:
+        """The metadata table, optionally cut to ``columns`` and the rows matching ``where`` and
+        the structured ``filters`` (see :meth:`search`).
 
         Raises:
-            FilterError: malformed ``where`` or an unknown column.
+            FilterError: malformed ``where`` or ``filters``, or an unknown column.
         """
-        return self.metadata_store.table(columns=list(columns) if columns else None, where=where)
+        with self._use() as snap:
+            if not snap.tombstones.size:
+                return snap.metadata.table(columns=list(columns) if columns else None, where=where,
+                                           filters=filters)
+            wanted = list(columns) if columns else list(snap.metadata.columns)
+            table = snap.metadata.table(columns=wanted if "id" in wanted else ["id", *wanted], where=where,
+                                        filters=filters)
+            live = ~np.isin(table.column("id").to_numpy(), snap.tombstones)
+            return table.filter(live).select(wanted)
 
     def skipped(self) -> pa.Table:
         """The files the build could not index, with ``path`` and ``reason``."""
-        return self.metadata_store.skipped()
+        with self._use() as snap:
+            return snap.metadata.skipped()
 
     def verify(self) -> list[str]:
         """Check that FAISS, vectors, patch store and metadata agree; returns the problems found.
@@ -199,7 +399,8 @@ class Index:
     # -- search -------------------------------------------------------------------------------
 
     def search(self, query: Query, k: int = 10, rerank_k: int = 100, where: str | None = None,
-               reranker: str | Reranker | None = DEFAULT_RERANKER, fusion: str = "auto") -> SearchResult:
+               reranker: str | Reranker | None = DEFAULT_RERANKER, fusion: str = "auto", *,
+               filters: Filters | None = None) -> SearchResult:
         """Find the ``k`` images that best match ``query``.
 
         Args:
@@ -209,6 +410,10 @@ class Index:
             rerank_k: first-stage candidates the reranker rescores (>= k).
             where: a DuckDB SQL boolean expression over the metadata columns, e.g.
                 ``"width >= 512 AND path LIKE '%/2024/%'"``. Trusted input: it is run as SQL.
+            filters: a structured filter, safe for untrusted input: ``{column: value | {op:
+                value}}`` with ops ``eq ne lt le gt ge in contains``, e.g. ``{"width": {"ge": 512},
+                "path": {"contains": "/2024/"}}``, checked against the metadata schema and run
+                with parameters (see :mod:`crossrank.filters`). With ``where`` too, both must hold.
             reranker: ``"auto"`` (the index's own ``reranker/`` folder if it has one, else
                 ``"blip-itm"`` for an index built with BLIP, else ``"maxsim"``), ``"maxsim"``,
                 ``"blip-itm"`` (BLIP indexes, text queries), ``"none"``/``None``, the folder of a
@@ -222,14 +427,14 @@ class Index:
 
         Raises:
             InvalidArgumentError: ``k <= 0``, ``rerank_k < k``, an empty query.
-            FilterError: a malformed ``where`` or an unknown column.
+            FilterError: a malformed ``where`` or ``filters``, or an unknown column.
         """
         return self.search_batch([query], k=k, rerank_k=rerank_k, where=where, reranker=reranker,
-                                 fusion=fusion)[0]
+                                 fusion=fusion, filters=filters)[0]
 
     def search_batch(self, queries: Sequence[Query], k: int = 10, rerank_k: int = 100,
                      where: str | None = None, reranker: str | Reranker | None = DEFAULT_RERANKER,
-                     fusion: str = "auto") -> list[SearchResult]:
+                     fusion: str = "auto", *, filters: Filters | None = None) -> list[SearchResult]:
         """Search many queries at once: one encoder pass per modality and one first-stage call.
 
         Arguments as :meth:`search`; the filter applies to every query. Returns one
@@ -252,10 +457,11 @@ class Index:
         with _timed(timings, "encode"):
             xq, q_tokens, q_masks, q_ids, labels = self._encode_queries(queries)
         return self._search_encoded(xq, q_tokens, q_masks, labels, k=k, n_candidates=n_candidates,
-                                    where=where, scorer=scorer, fuse=fuse, timings=timings, q_ids=q_ids)
+                                    where=where, scorer=scorer, fuse=fuse, timings=timings, q_ids=q_ids,
+                                    filters=filters)
 
-    def search_vectors(self, xq: np.ndarray, k: int = 10,
-                       where: str | None = None) -> list[SearchResult]:
+    def search_vectors(self, xq: np.ndarray, k: int = 10, where: str | None = None, *,
+                       filters: Filters | None = None) -> list[SearchResult]:
         """Search with query vectors encoded beforehand: the first stage only, no reranking.
 
         Runs what :meth:`search_batch` runs after encoding (the ``where`` filter, the first stage
@@ -269,6 +475,7 @@ class Index:
                 ``xq[None, :]``); coerced to float32.
             k: hits to return per query.
             where: a DuckDB SQL boolean expression over the metadata columns, as in :meth:`search`.
+            filters: a structured filter, as in :meth:`search`.
 
         Returns:
             One :class:`SearchResult` per row of ``xq``, in order. Its ``query`` is
@@ -287,7 +494,7 @@ class Index:
         xq = self._check_xq(xq)
         labels = [f"<vector {i}>" for i in range(xq.shape[0])]
         return self._search_encoded(xq, None, None, labels, k=k, n_candidates=k, where=where,
-                                    scorer=None, fuse=None, timings={})
+                                    scorer=None, fuse=None, timings={}, filters=filters)
 
     def _check_xq(self, xq: np.ndarray) -> np.ndarray:
         """``xq`` as a C-contiguous finite float32 ``(m, d)`` matrix, ``d`` the index's dim."""
@@ -302,19 +509,35 @@ class Index:
                         q_masks: list[np.ndarray] | None, labels: list[str], *, k: int,
                         n_candidates: int, where: str | None, scorer: Reranker | None, fuse: Any,
                         timings: dict[str, float],
-                        q_ids: list[np.ndarray | None] | None = None) -> list[SearchResult]:
+                        q_ids: list[np.ndarray | None] | None = None,
+                        filters: Filters | None = None) -> list[SearchResult]:
         """Filter, first stage, rerank (when ``scorer``), fuse, join metadata: encoded queries.
 
         ``xq`` is ``(m, d)`` float32; ``q_tokens`` and ``q_masks`` hold each query's token
         features and mask, and ``q_ids`` its token ids (None for an image query); they are read
-        only when ``scorer`` is given (the ids only by a scorer with ``needs_input_ids``).
+        only when ``scorer`` is given (the ids only by a scorer with ``needs_input_ids``). Every
+        stage reads the one generation held when the call starts.
         """
+        with self._use() as snap:
+            return self._search_snapshot(snap, xq, q_tokens, q_masks, labels, k=k, n_candidates=n_candidates,
+                                         where=where, scorer=scorer, fuse=fuse, timings=timings, q_ids=q_ids,
+                                         filters=filters)
+
+    def _search_snapshot(self, snap: Snapshot, xq: np.ndarray, q_tokens: list[np.ndarray] | None,
+                         q_masks: list[np.ndarray] | None, labels: list[str], *, k: int,
+                         n_candidates: int, where: str | None, scorer: Reranker | None, fuse: Any,
+                         timings: dict[str, float], q_ids: list[np.ndarray | None] | None,
+                         filters: Filters | None) -> list[SearchResult]:
+        """:meth:`_search_encoded` on one snapshot. Removed images (tombstones) are excluded by
+        the same pre-filter as ``where``: the allowed ids are the live ones."""
         allowed: np.ndarray | None = None
-        if where is not None:
+        if where is not None or filters is not None:
             with _timed(timings, "filter"):
-                allowed = self.metadata_store.allowed_ids(where)
+                allowed = snap.without_tombstones(snap.metadata.allowed_ids(where, filters=filters))
+        elif snap.live_ids is not None:
+            allowed = snap.live_ids
         with _timed(timings, "first_stage"):
-            D, I = self._first_stage(xq, n_candidates, allowed)
+            D, I = self._first_stage(snap, xq, n_candidates, allowed)
 
         results = []
         for qi, label in enumerate(labels):
@@ -325,14 +548,14 @@ class Index:
             if scorer is not None and ids.size:
                 assert q_tokens is not None and q_masks is not None and fuse is not None
                 with _timed(q_timings, "rerank"):
-                    rerank_scores = self._rerank(scorer, q_tokens[qi], q_masks[qi], ids,
+                    rerank_scores = self._rerank(snap, scorer, q_tokens[qi], q_masks[qi], ids,
                                                  None if q_ids is None else q_ids[qi])
                     final = fuse(first_scores, rerank_scores)
                     order = np.argsort(-final, kind="stable")[:k]  # ties keep the first-stage order
             else:
                 final, order = first_scores, np.arange(min(k, ids.size))
             with _timed(q_timings, "metadata"):
-                rows = self.metadata_store.rows(ids[order])
+                rows = snap.metadata.rows(ids[order])
             hits = tuple(
                 Hit(id=int(ids[j]), path=str(row.pop("path")), score=float(final[j]),
                     first_stage_score=float(first_scores[j]),
@@ -341,10 +564,11 @@ class Index:
                 for j, row in zip(order, rows, strict=True)
             )
             counts = SearchCounts(requested=k, returned=len(hits),
-                                  filtered_out=0 if allowed is None else len(self) - int(allowed.size),
+                                  filtered_out=0 if allowed is None else len(snap) - int(allowed.size),
                                   candidates=int(ids.size))
             q_timings["total"] = sum(q_timings.values())
-            results.append(SearchResult(query=label, hits=hits, counts=counts, timings_ms=q_timings))
+            results.append(SearchResult(query=label, hits=hits, counts=counts, timings_ms=q_timings,
+                                        generation=snap.number))
         return results
 
     # -- stages -------------------------------------------------------------------------------
@@ -399,20 +623,21 @@ class Index:
                 masks[i] = np.ones(feats.patches.shape[1], dtype=bool)
         return xq, tokens, masks, input_ids, labels
 
-    def _first_stage(self, xq: np.ndarray, k: int, allowed: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
+    def _first_stage(self, snap: Snapshot, xq: np.ndarray, k: int,
+                     allowed: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
         from crossrank.indexes import exact_search
 
-        if allowed is not None and self.first_stage.prefers_exact(int(allowed.size), k):
-            rows = self._generation.rows_of_ids(allowed)
-            return exact_search(xq, np.asarray(self._vectors[rows]), allowed, k)
-        return self.first_stage.search(xq, k, allowed_ids=allowed)
+        if allowed is not None and snap.first_stage.prefers_exact(int(allowed.size), k):
+            rows = snap.generation.rows_of_ids(allowed)
+            return exact_search(xq, np.asarray(snap.vectors[rows]), allowed, k)
+        return snap.first_stage.search(xq, k, allowed_ids=allowed)
 
-    def _rerank(self, scorer: Reranker, tokens: np.ndarray, mask: np.ndarray, ids: np.ndarray,
+    def _rerank(self, snap: Snapshot, scorer: Reranker, tokens: np.ndarray, mask: np.ndarray, ids: np.ndarray,
                 input_ids: np.ndarray | None = None) -> np.ndarray:
         import torch
 
-        rows = self._generation.rows_of_ids(ids)
-        patches = self.patches.gather(rows)  # (k, P, d) fp16
+        rows = snap.generation.rows_of_ids(ids)
+        patches = snap.patches.gather(rows)  # (k, P, d) fp16
         # Only a reranker that declares needs_input_ids gets the keyword (None for an image query:
         # it says itself that it cannot rerank one); the others keep the four-argument protocol.
         extra: dict[str, Any] = {}
@@ -461,7 +686,8 @@ def verify_index(path: str | Path) -> list[str]:
 
     Checks that the manifest and the current generation agree, that every file the generation
     lists is present with its recorded size, that the vectors, ids, patch rows and metadata rows
-    agree, that ids are unique, and that the first stage holds one vector per image.
+    agree, that ids are unique, that the tombstones are ids of the index, and that the first stage
+    holds one vector per image. The generation is pinned while it is checked.
 
     Args:
         path: the index directory.
@@ -472,6 +698,21 @@ def verify_index(path: str | Path) -> list[str]:
     Raises:
         IndexNotFoundError: no committed index in ``path``.
     """
+    from crossrank.errors import IndexCorruptError
+    from crossrank.store import pin_current
+
+    try:
+        _, pin = pin_current(path)  # a writer committing meanwhile must not delete what is checked
+    except IndexCorruptError:
+        pin = None  # a damaged manifest: check_index reports it
+    try:
+        return _verify(path)
+    finally:
+        if pin is not None:
+            pin.release()
+
+
+def _verify(path: str | Path) -> list[str]:
     from crossrank.errors import CrossrankError
     from crossrank.indexes import FirstStage, IndexConfig
     from crossrank.store import check_index, read_generation_info, read_manifest
@@ -479,14 +720,16 @@ def verify_index(path: str | Path) -> list[str]:
     problems = list(check_index(path))
     try:
         manifest = read_manifest(path)
-        n_images = read_generation_info(manifest.generation_path).n_images
+        info = read_generation_info(manifest.generation_path)
         first = FirstStage.load(manifest.first_stage_path,
                                 IndexConfig(factory=manifest.first_stage.get("factory"), device="cpu"))
     except CrossrankError as e:
         # Already reported by check_index (a missing or damaged file) unless nothing else was wrong.
         return problems or [str(e)]
-    if first.ntotal != n_images:
-        problems.append(f"first stage holds {first.ntotal} vectors, but the generation has {n_images} images")
+    if first.ntotal != info.n_images:
+        removed = f" ({info.n_tombstones} removed ones included)" if info.n_tombstones else ""
+        problems.append(f"first stage holds {first.ntotal} vectors, but the generation has {info.n_images} "
+                        f"images{removed}")
     return problems
 
 

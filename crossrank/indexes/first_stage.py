@@ -50,18 +50,14 @@ class FirstStage:
         ([[11, 13]], [[0.0, 0.0]])
     """
 
-    def __init__(self, index: Any, config: IndexConfig, factory: str, faiss: Any) -> None:
+    def __init__(self, index: Any, config: IndexConfig, factory: str, faiss: Any, *,
+                 mapped: bool = False) -> None:
         """Wrap a built ``IndexIDMap`` (use :meth:`build` or :meth:`load` instead)."""
         self._faiss = faiss
         self._index = index  # the CPU IndexIDMap: what save() writes; owns _base
         self._base = faiss.downcast_index(index.index)  # searched directly: positions, not ids
-        # (ntotal,) int64: the external id of each internal position
-        self._id_map = faiss.vector_to_array(index.id_map).astype(np.int64, copy=False)
-        if np.all(self._id_map[1:] > self._id_map[:-1]):
-            self._sorted_ids, self._order = self._id_map, None
-        else:
-            self._order = np.argsort(self._id_map, kind="stable")
-            self._sorted_ids = self._id_map[self._order]
+        self._mapped = mapped  # loaded with IO_FLAG_MMAP: parts of it are read-only file maps
+        self._map_ids()
         self.config = config
         self._factory = factory
         self._nprobe = config.nprobe
@@ -69,6 +65,15 @@ class FirstStage:
         device = gpu_device_for(config.device, faiss)
         if device is not None and index.ntotal > 0:
             self._gpu = to_gpu(faiss, self._base, device)
+
+    def _map_ids(self) -> None:
+        # (ntotal,) int64: the external id of each internal position
+        self._id_map = self._faiss.vector_to_array(self._index.id_map).astype(np.int64, copy=False)
+        if np.all(self._id_map[1:] > self._id_map[:-1]):
+            self._sorted_ids, self._order = self._id_map, None
+        else:
+            self._order = np.argsort(self._id_map, kind="stable")
+            self._sorted_ids = self._id_map[self._order]
 
     # -- construction ---------------------------------------------------------------------------
 
@@ -114,7 +119,7 @@ class FirstStage:
         return cls(index, config, factory, faiss)
 
     @classmethod
-    def load(cls, path: str | Path, config: IndexConfig | None = None) -> FirstStage:
+    def load(cls, path: str | Path, config: IndexConfig | None = None, *, mmap: bool = True) -> FirstStage:
         """Read an index written by :meth:`save`.
 
         IVF inverted lists are memory-mapped (``IO_FLAG_MMAP``) rather than read into memory, so
@@ -125,6 +130,8 @@ class FirstStage:
             path: the ``.faiss`` file.
             config: search settings (``nprobe``, ``device``, ``ef_search``); its ``factory`` names
                 the index when given, else the name is read off the index structure.
+            mmap: memory-map what FAISS can; ``False`` reads the whole index into memory, which
+                :meth:`add` needs (a mapped index is read-only).
 
         Returns:
             The loaded first stage.
@@ -141,9 +148,11 @@ class FirstStage:
             raise IndexNotFoundError(
                 f"no first-stage index at {path}; build one with `crossrank build`"
             )
+        mapped = mmap
         try:
-            index = faiss.read_index(str(path), faiss.IO_FLAG_MMAP)
+            index = faiss.read_index(str(path), faiss.IO_FLAG_MMAP if mmap else 0)
         except RuntimeError:
+            mapped = False
             try:  # an index type the mmap reader does not handle: read it whole
                 index = faiss.read_index(str(path))
             except RuntimeError as e:
@@ -158,7 +167,48 @@ class FirstStage:
                 f"{path} uses FAISS metric {index.metric_type}, not inner product; rebuild the index"
             )
         factory = config.factory.strip() if config.factory else describe_index(faiss, index)
-        return cls(index, config, factory, faiss)
+        return cls(index, config, factory, faiss, mapped=mapped)
+
+    def add(self, xb: np.ndarray, ids: np.ndarray) -> None:
+        """Add vectors under new ids, with the index's existing training (IVF centroids, codes).
+
+        Adding does not retrain: after many additions an IVF index built on other data balances
+        its lists worse; a rebuild (``crossrank compact``) retrains it.
+
+        Args:
+            xb: float ``(n, d)`` L2-normalised vectors (a memory map is read in blocks).
+            ids: int64 ``(n,)`` unique ids, none already in the index.
+
+        Raises:
+            InvalidArgumentError: bad shapes or values, ids already present, or an index loaded
+                with ``mmap=True`` (load it with ``mmap=False`` to add to it).
+        """
+        if self._mapped:
+            raise InvalidArgumentError(
+                "this first stage was loaded memory-mapped, which is read-only; "
+                "load it with FirstStage.load(path, mmap=False) to add vectors"
+            )
+        xb = _as_database(xb)
+        n = len(xb)
+        ids = as_ids(ids, "ids", n)
+        as_vectors(xb[:1], "xb", self.d)  # the dim check and its message
+        if n > 1 and len(np.unique(ids)) != n:
+            raise InvalidArgumentError("ids must be unique, but some id appears twice")
+        taken = np.isin(ids, self._sorted_ids)
+        if taken.any():
+            raise InvalidArgumentError(f"id {int(ids[taken][0])} is already in the first stage; ids are never reused")
+        _warn_unnormalised(xb)
+        try:
+            for i0 in range(0, n, _ADD_BLOCK):
+                block = np.ascontiguousarray(xb[i0 : i0 + _ADD_BLOCK], dtype=np.float32)
+                self._index.add_with_ids(block, ids[i0 : i0 + _ADD_BLOCK])
+        except RuntimeError as e:
+            raise InvalidArgumentError(
+                f"FAISS could not add {n} vectors to a {self.factory!r} index: {faiss_reason(e)}"
+            ) from e
+        self._map_ids()
+        if self._gpu is not None:  # the GPU copy is a snapshot: make a new one
+            self._gpu = to_gpu(self._faiss, self._base, self._gpu.device)
 
     def save(self, path: str | Path) -> None:
         """Write the CPU index (ids included) to ``path`` with ``faiss.write_index``.

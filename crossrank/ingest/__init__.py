@@ -5,8 +5,10 @@
         ...                                           # batch.records, batch.pixels, batch.skipped
 
 A bad file never aborts a build: it becomes a :class:`SkippedFile` with a short reason.
+:func:`plan_add` compares a source with an index by content for ``crossrank add``.
 """
 
+from crossrank.ingest.changes import INDEXED_COLUMNS, AddPlan, file_sha256, plan_add
 from crossrank.ingest.config import DEFAULT_MAX_PIXELS, IngestConfig
 from crossrank.ingest.decode import ImageRecord, SkippedFile, decode_image, to_rgb
 from crossrank.ingest.pipeline import Batch, Preprocess, iter_batches
@@ -21,8 +23,10 @@ from crossrank.ingest.sources import (
 )
 
 __all__ = [
+    "AddPlan",
     "DEFAULT_MAX_PIXELS",
     "IMAGE_EXTENSIONS",
+    "INDEXED_COLUMNS",
     "MANIFEST_EXTENSIONS",
     "RESERVED_COLUMNS",
     "Batch",
@@ -35,6 +39,8 @@ __all__ = [
     "SourceKind",
     "decode_image",
     "discover",
+    "file_sha256",
     "iter_batches",
+    "plan_add",
     "to_rgb",
 ]

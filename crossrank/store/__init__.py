@@ -2,19 +2,26 @@
 
     DIR/manifest.json          which generation is current (switched by atomic rename)
     DIR/gen-000003/            vectors.npy, ids.npy, patches-000.npy ..., metadata-000.parquet ...,
-                               skipped.parquet, first_stage.faiss, generation.json
+                               skipped.parquet, first_stage.faiss, generation.json,
+                               tombstones.npy (removed ids, when there are any)
+    DIR/writer.lock            the writer lock (flock): one build/add/remove/compact at a time
+    DIR/readers/               reader pins: the generations live readers hold
 
-Write with :class:`GenerationWriter`; read with ``Generation.current(DIR)`` (or
-:func:`read_manifest` + :class:`PatchStore` / :class:`MetadataStore` directly); check with
-:func:`check_index` / :func:`check_generation`.
+Write with :class:`GenerationWriter` (it takes the :class:`WriterLock`); read with
+``Generation.current(DIR)`` (or :func:`pin_current` + :class:`Generation` to keep writers from
+deleting it); check with :func:`check_index` / :func:`check_generation`.
 """
 
+from crossrank.store.check import check_generation, check_index
 from crossrank.store.config import StoreConfig
-from crossrank.store.generation import Generation, GenerationWriter, check_generation, check_index
+from crossrank.store.gc import clean_interrupted, collect_garbage
+from crossrank.store.generation import Generation, GenerationWriter
 from crossrank.store.layout import FORMAT_VERSION, GenerationInfo, PartInfo, read_generation_info
+from crossrank.store.lock import WriterLock, read_lock_holder
 from crossrank.store.manifest import (
     GenerationDir,
     Manifest,
+    current_generation_number,
     has_index,
     list_generations,
     list_tmp_dirs,
@@ -24,6 +31,7 @@ from crossrank.store.manifest import (
 from crossrank.store.metadata import WHERE_HINT, MetadataStore, read_skipped
 from crossrank.store.metadata_writer import MetadataWriter
 from crossrank.store.patches import PatchStore, PatchWriter
+from crossrank.store.pins import ReaderPin, live_pins, pin_current
 
 __all__ = [
     "FORMAT_VERSION",
@@ -39,7 +47,10 @@ __all__ = [
     "PatchStore",
     "MetadataWriter",
     "MetadataStore",
+    "WriterLock",
+    "ReaderPin",
     "has_index",
+    "current_generation_number",
     "read_manifest",
     "write_manifest",
     "read_generation_info",
@@ -48,4 +59,9 @@ __all__ = [
     "list_tmp_dirs",
     "check_generation",
     "check_index",
+    "collect_garbage",
+    "clean_interrupted",
+    "live_pins",
+    "pin_current",
+    "read_lock_holder",
 ]

@@ -15,6 +15,7 @@ __all__ = [
     "fsync_file",
     "fsync_dir",
     "atomic_write_json",
+    "link_or_copy",
     "NpyAppender",
     "read_npy_header",
     "save_npy",
@@ -47,11 +48,15 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def atomic_write_json(path: Path, data: dict[str, Any]) -> None:
+def atomic_write_json(path: Path, data: dict[str, Any], *, before_replace: str | None = None) -> None:
     """Replace ``path`` with ``data`` as JSON so that a reader sees the old or the new file, whole.
 
     temp file in the same directory -> write -> fsync -> ``os.replace`` -> fsync the directory.
+    ``before_replace`` names a crash point (:mod:`crossrank.store._crash`) reached between the
+    fsync and the replace.
     """
+    from crossrank.store._crash import crash_point
+
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
         with open(tmp, "w", encoding="utf-8") as f:
@@ -59,11 +64,41 @@ def atomic_write_json(path: Path, data: dict[str, Any]) -> None:
             f.write("\n")
             f.flush()
             os.fsync(f.fileno())
+        if before_replace is not None:
+            crash_point(before_replace)
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
     fsync_dir(path.parent)
+
+
+_copy_warned = False
+
+
+def link_or_copy(src: Path, dst: Path) -> None:
+    """Make ``dst`` the same immutable file as ``src``: a hard link, or a copy where the file
+    system cannot link (then a later generation costs its full size on disk, once per file).
+
+    Generations share their unchanged files this way: a file is never modified once written, so
+    sharing its inode is safe, and deleting one generation frees only what no other one links.
+    """
+    global _copy_warned
+    import shutil
+
+    try:
+        os.link(src, dst)
+    except OSError as e:
+        if isinstance(e, FileExistsError):
+            raise
+        if not _copy_warned:
+            _copy_warned = True
+            import logging
+
+            logging.getLogger(__name__).warning(
+                "cannot hard-link %s (%s); copying unchanged index files instead", src, e.strerror
+            )
+        shutil.copyfile(src, dst)
 
 
 def _npy_header(dtype: np.dtype, shape: tuple[int, ...]) -> bytes:

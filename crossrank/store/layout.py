@@ -4,6 +4,12 @@
 patch shards and metadata parts in row order (with their row counts) and the feature shapes.
 Readers take the layout from it rather than from globbing, so shards and parts may differ in size
 (a later generation can reuse an earlier one's files and add new ones after them).
+
+Format versions: 1 is the original layout. 2 adds ``tombstones.npy``, the sorted int64 ids of
+removed images that every reader must exclude; a generation is written as version 2 only when it
+has tombstones, so an older crossrank keeps reading every index it can read correctly and refuses
+(with "upgrade crossrank") the ones where it would show removed images. ``next_id`` (the first
+id never given yet) is an optional field that older readers ignore.
 """
 
 from __future__ import annotations
@@ -22,6 +28,8 @@ __all__ = [
     "IDS_NAME",
     "SKIPPED_NAME",
     "FIRST_STAGE_NAME",
+    "TOMBSTONES_NAME",
+    "format_version_for",
     "PartInfo",
     "GenerationInfo",
     "patch_shard_name",
@@ -29,12 +37,18 @@ __all__ = [
     "read_generation_info",
 ]
 
-FORMAT_VERSION = 1  # of manifest.json and generation.json; bump on an incompatible layout change
+FORMAT_VERSION = 2  # newest layout of manifest.json and generation.json this crossrank reads
 GENERATION_INFO_NAME = "generation.json"
 VECTORS_NAME = "vectors.npy"
 IDS_NAME = "ids.npy"
 SKIPPED_NAME = "skipped.parquet"
 FIRST_STAGE_NAME = "first_stage.faiss"
+TOMBSTONES_NAME = "tombstones.npy"
+
+
+def format_version_for(n_tombstones: int) -> int:
+    """The oldest format version that describes a generation: 2 with tombstones, else 1."""
+    return 2 if n_tombstones > 0 else 1
 
 
 def patch_shard_name(index: int) -> str:
@@ -64,7 +78,8 @@ class GenerationInfo:
         format_version: layout version.
         generation: the generation number.
         created_at: ISO 8601 UTC commit time.
-        counts: ``images`` (rows of every per-image file) and ``skipped``.
+        counts: ``images`` (rows of every per-image file, removed images included),
+            ``skipped`` and, when there are any, ``tombstones`` (removed images).
         vector_dim: D of ``vectors.npy`` (float32 ``(n, D)``).
         n_patches: P of the patch shards (float16 ``(rows, P, d)``); 0 if no patches were declared.
         patch_dim: d of the patch shards.
@@ -72,6 +87,8 @@ class GenerationInfo:
         metadata_parts: the Parquet parts in row order.
         metadata_columns: the metadata column names, ``id`` first.
         files: every file of the generation (relative POSIX path) with its size in bytes.
+        next_id: the smallest id never given in this index directory; None for generations
+            written before ids were tracked (then ``max(ids) + 1``).
     """
 
     path: Path
@@ -86,11 +103,22 @@ class GenerationInfo:
     metadata_parts: tuple[PartInfo, ...]
     metadata_columns: tuple[str, ...]
     files: dict[str, int] = field(default_factory=dict)
+    next_id: int | None = None
 
     @property
     def n_images(self) -> int:
-        """Rows of the vectors, ids, patches and metadata."""
+        """Rows of the vectors, ids, patches and metadata (removed images included)."""
         return int(self.counts["images"])
+
+    @property
+    def n_tombstones(self) -> int:
+        """Removed images: rows that every reader excludes until a compaction drops them."""
+        return int(self.counts.get("tombstones", 0))
+
+    @property
+    def n_live(self) -> int:
+        """Images a search can return: rows minus tombstones."""
+        return self.n_images - self.n_tombstones
 
     @property
     def n_skipped(self) -> int:
@@ -100,6 +128,12 @@ class GenerationInfo:
     def to_dict(self) -> dict[str, Any]:
         """The JSON object stored in ``generation.json`` (``path`` is not stored)."""
         n = self.n_images
+        extra: dict[str, Any] = {}
+        if self.n_tombstones:
+            extra["tombstones"] = {"file": TOMBSTONES_NAME, "rows": self.n_tombstones,
+                                   "dtype": "int64"}
+        if self.next_id is not None:
+            extra["next_id"] = self.next_id
         return {
             "format_version": self.format_version,
             "generation": self.generation,
@@ -121,6 +155,7 @@ class GenerationInfo:
             },
             "skipped": {"file": SKIPPED_NAME, "rows": self.n_skipped},
             "first_stage": {"file": FIRST_STAGE_NAME},
+            **extra,
             "files": dict(self.files),
         }
 
@@ -174,6 +209,7 @@ def read_generation_info(gen_dir: Path | str) -> GenerationInfo:
             metadata_parts=_parts(data["metadata"]["parts"]),
             metadata_columns=tuple(str(c) for c in data["metadata"]["columns"]),
             files={str(k): int(v) for k, v in data["files"].items()},
+            next_id=int(data["next_id"]) if data.get("next_id") is not None else None,
         )
     except (KeyError, TypeError, ValueError, AttributeError) as e:
         raise IndexCorruptError(f"{path} is malformed (bad or missing {e}); {hint}") from e

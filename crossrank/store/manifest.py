@@ -29,6 +29,7 @@ __all__ = [
     "list_generations",
     "list_tmp_dirs",
     "generation_dir_name",
+    "current_generation_number",
     "next_generation_number",
     "no_index_message",
 ]
@@ -208,7 +209,7 @@ def write_manifest(manifest: Manifest) -> None:
             f"refusing to write {manifest.path}: generation folder {manifest.generation_path} "
             f"is missing"
         )
-    atomic_write_json(manifest.path, manifest.to_dict())
+    atomic_write_json(manifest.path, manifest.to_dict(), before_replace="manifest-written")
     logger.debug("manifest %s now points to %s", manifest.path, manifest.generation_dir)
 
 
@@ -227,6 +228,12 @@ class GenerationDir:
     current: bool
 
 
+def current_generation_number(root: Path | str) -> int | None:
+    """The generation ``manifest.json`` names, read without validating anything else; None if
+    there is no readable manifest. Cheap enough to poll (``Index.refresh``)."""
+    return _current_generation(Path(root))
+
+
 def _current_generation(root: Path) -> int | None:
     try:
         data = json.loads((root / MANIFEST_NAME).read_text(encoding="utf-8"))
@@ -239,9 +246,10 @@ def _current_generation(root: Path) -> int | None:
 def list_generations(root: Path | str) -> list[GenerationDir]:
     """The generation folders of an index directory, oldest first.
 
-    Old generations are kept on commit (readers may still hold them); this is what a later
-    clean-up uses to find them. A folder newer than the current one is left over from a writer
-    that crashed between renaming its generation and switching the manifest.
+    A writer deletes old generations after its commit unless live readers pin them
+    (:mod:`crossrank.store.gc`); this is how it finds them. A folder newer than the current one is
+    left over from a writer that crashed between renaming its generation and switching the
+    manifest.
 
     Args:
         root: the index directory (a missing one has no generations).

@@ -37,6 +37,8 @@ if TYPE_CHECKING:
     import duckdb
     import pyarrow as pa
 
+    from crossrank.filters import Filters
+
 __all__ = ["MetadataStore", "read_skipped", "WHERE_HINT", "IN_MEMORY_MAX_BYTES"]
 
 logger = logging.getLogger(__name__)
@@ -291,6 +293,12 @@ class MetadataStore:
             )
         return FilterError(f'where "{_show(where)}" is invalid: {_first_line(error)}; {WHERE_HINT}')
 
+    def _run_error(self, where: str | None, error: BaseException) -> FilterError:
+        """The FilterError for a query that failed while it ran (a value DuckDB cannot cast)."""
+        if where is None:
+            return FilterError(f"filters cannot be applied: {_first_line(error)}")
+        return self._filter_error(where, error)
+
     def _compile_where(self, cur: duckdb.DuckDBPyConnection, where: str) -> duckdb.Expression:
         import duckdb
 
@@ -326,12 +334,46 @@ class MetadataStore:
         """
         self._compile_where(self._cursor(), where)
 
-    def allowed_ids(self, where: str) -> np.ndarray:
-        """The ids of the images that satisfy ``where``.
+    def check_filters(self, filters: Filters) -> None:
+        """Raise :class:`FilterError` unless ``filters`` fits the metadata schema; scans nothing.
+
+        See :mod:`crossrank.filters` for the ``{column: value | {op: value}}`` form.
+        """
+        from crossrank.filters import compile_filters
+
+        compile_filters(filters, self._schema)
+
+    def _filtered(self, cur: duckdb.DuckDBPyConnection, where: str | None,
+                  filters: Filters | None) -> duckdb.DuckDBPyRelation:
+        """The ``metadata`` relation cut to the rows matching ``filters`` and ``where`` (both hold).
+
+        Structured filters reach DuckDB as parameters, never as SQL text (see
+        :func:`crossrank.filters.compile_filters`).
+        """
+        import duckdb
+
+        from crossrank.filters import compile_filters
+
+        rel = cur.table("metadata")
+        if filters is not None:
+            compiled = compile_filters(filters, self._schema)
+            if not compiled.is_empty:
+                try:
+                    rel = cur.sql(f"SELECT * FROM metadata WHERE {compiled.sql}", params=compiled.params)
+                except duckdb.Error as e:
+                    raise FilterError(f"filters cannot be applied: {_first_line(e)}") from e
+        if where is not None:
+            rel = rel.filter(self._compile_where(cur, where))
+        return rel
+
+    def allowed_ids(self, where: str | None = None, *, filters: Filters | None = None) -> np.ndarray:
+        """The ids of the images that satisfy ``where`` and ``filters`` (all of them without either).
 
         Args:
             where: a DuckDB SQL boolean expression over the metadata columns (trusted input),
                 e.g. ``"width > 100 AND path LIKE '%cat%'"``. Rows where it is NULL are excluded.
+            filters: a structured filter ``{column: value | {op: value}}``, safe for untrusted
+                input (see :mod:`crossrank.filters`): its values reach DuckDB as parameters.
 
         Returns:
             int64 array ``(n_allowed,)``, sorted ascending.
@@ -339,16 +381,17 @@ class MetadataStore:
         Raises:
             FilterError: (one line) an unknown column (named, with the available columns listed),
                 malformed SQL (DuckDB's reason and what ``where`` must be), an expression that is
-                not boolean, or a value DuckDB cannot cast.
+                not boolean, a value DuckDB cannot cast; for ``filters`` an unknown operator or a
+                value that does not fit its column.
         """
         import duckdb
 
         cur = self._cursor()
-        expr = self._compile_where(cur, where)
+        rel = self._filtered(cur, where, filters)
         try:
-            result = cur.table("metadata").filter(expr).project("id").order("id").fetchnumpy()
+            result = rel.project("id").order("id").fetchnumpy()
         except duckdb.Error as e:
-            raise self._filter_error(where, e) from e
+            raise self._run_error(where, e) from e
         return np.asarray(result["id"], dtype=np.int64)
 
     # -- rows and tables ------------------------------------------------------------------------
@@ -395,13 +438,15 @@ class MetadataStore:
         return table.take(order[pos]).to_pylist()
 
     def table(
-        self, columns: Sequence[str] | str | None = None, where: str | None = None
+        self, columns: Sequence[str] | str | None = None, where: str | None = None, *,
+        filters: Filters | None = None,
     ) -> pa.Table:
         """Metadata as an Arrow table, ordered by id.
 
         Args:
             columns: the columns to return (default: all), in that order.
             where: an optional DuckDB SQL boolean expression, as in :meth:`allowed_ids`.
+            filters: an optional structured filter, as in :meth:`allowed_ids`.
 
         Returns:
             ``pyarrow.Table`` with the columns asked for.
@@ -426,16 +471,13 @@ class MetadataStore:
                     f"{', '.join(self.columns)}"
                 )
         cur = self._cursor()
-        rel = cur.table("metadata")
-        if where is not None:
-            rel = rel.filter(self._compile_where(cur, where))
-        rel = rel.order("id")
+        rel = self._filtered(cur, where, filters).order("id")
         if columns is not None:
             rel = rel.project(", ".join(_sql_ident(c) for c in columns))
         try:
             table = rel.to_arrow_table()
         except duckdb.Error as e:
-            raise self._filter_error(where or "", e) from e
+            raise self._run_error(where, e) from e
         return _as_stored(table, self._schema)
 
     def skipped(self) -> pa.Table:

@@ -7,6 +7,7 @@ generation shares; :func:`~crossrank.store.generation.check_generation` enforces
 from __future__ import annotations
 
 import logging
+import re
 from collections.abc import Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -22,6 +23,8 @@ if TYPE_CHECKING:
 __all__ = ["MetadataWriter", "write_skipped", "check_skipped_table"]
 
 logger = logging.getLogger(__name__)
+
+_PART_RE = re.compile(r"^metadata-(\d+)\.parquet$")
 
 
 class MetadataWriter:
@@ -138,6 +141,47 @@ class MetadataWriter:
             self._pending_rows -= take
             if self._part_rows >= self.config.metadata_part_rows:
                 self._finish_part()
+
+    def link_part(self, base_dir: Path | str, part: PartInfo) -> None:
+        """Hard-link a part of an earlier generation as the next part, after the rows so far.
+
+        Rows written before are flushed into a part of their own first, so the row order is the
+        order of the calls. The first part linked or written fixes the schema.
+
+        Args:
+            base_dir: the earlier generation's folder.
+            part: the part (``GenerationInfo.metadata_parts``).
+
+        Raises:
+            InvalidArgumentError: the part's schema differs from the rows written so far, or a
+                part of that file name was already written.
+        """
+        import pyarrow.parquet as pq
+
+        from crossrank.store._files import link_or_copy
+
+        if self._closed:
+            raise InvalidArgumentError("metadata writer is closed; link parts before commit()")
+        src = Path(base_dir) / part.file
+        schema = pq.read_schema(src).remove_metadata()
+        if self._schema is None:
+            self._schema = schema
+        elif not schema.equals(self._schema.remove_metadata()):
+            raise InvalidArgumentError(
+                f"metadata part {src} has schema ({_schema_line(schema)}), but the rows written "
+                f"before have ({_schema_line(self._schema)})"
+            )
+        self._drain(final=True)
+        if self._writer is not None:
+            self._finish_part()
+        if (self.dir / part.file).exists():
+            raise InvalidArgumentError(f"metadata part {part.file} was already written")
+        link_or_copy(src, self.dir / part.file)
+        self._parts.append(part)
+        self._rows += part.rows
+        m = _PART_RE.match(part.file)
+        if m is not None:
+            self._next_part = max(self._next_part, int(m.group(1)) + 1)
 
     def _finish_part(self) -> None:
         assert self._writer is not None

@@ -9,6 +9,7 @@ advance (files get skipped during a build).
 from __future__ import annotations
 
 import logging
+import re
 from pathlib import Path
 
 import numpy as np
@@ -23,6 +24,7 @@ __all__ = ["PatchWriter", "PatchStore"]
 logger = logging.getLogger(__name__)
 
 _DTYPE = np.dtype("<f2")
+_SHARD_RE = re.compile(r"^patches-(\d+)\.npy$")
 # Rows at least this large are copied one by one straight into the output: a vectorised take
 # followed by a scatter would copy every byte twice, and the loop's ~1 us per row is small next to
 # copying a row this size. Smaller rows go through the vectorised two-copy path.
@@ -126,6 +128,33 @@ class PatchWriter:
             self._rows += take
             if self._current.rows >= self._shard_rows:
                 self._finish_shard()
+
+    def link_shards(self, base_dir: Path | str, shards: list[PartInfo], shape: tuple[int, int]) -> None:
+        """Start with the shards of an earlier generation, hard-linked, then append after them.
+
+        Args:
+            base_dir: the earlier generation's folder.
+            shards: its shards, in row order (``GenerationInfo.patch_shards``).
+            shape: its ``(P, d)``; later batches must match it.
+
+        Raises:
+            InvalidArgumentError: rows were already appended, or the writer is closed.
+        """
+        from crossrank.store._files import link_or_copy
+
+        if self._closed or self._rows or self._shards:
+            raise InvalidArgumentError("link_shards() must come before any append()")
+        shape = (int(shape[0]), int(shape[1]))
+        if shape[0] > 0 and shape[1] > 0:
+            self._shape = shape
+            self._shard_rows = self.config.shard_rows_for(*shape)
+        for part in shards:
+            link_or_copy(Path(base_dir) / part.file, self.dir / part.file)
+            self._shards.append(part)
+            self._rows += part.rows
+            m = _SHARD_RE.match(part.file)
+            if m is not None:
+                self._next_shard = max(self._next_shard, int(m.group(1)) + 1)
 
     def _open_shard(self) -> None:
         assert self._shape is not None

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import contextlib
 import json
 from pathlib import Path
 
@@ -24,8 +25,21 @@ from crossrank.store import (
     has_index,
     list_generations,
     list_tmp_dirs,
+    pin_current,
     read_manifest,
 )
+
+from .conftest import make_metadata
+
+
+@contextlib.contextmanager
+def read_only_pin(root: Path):
+    """Hold the current generation like a reader does (so commits keep it)."""
+    _, pin = pin_current(root)
+    try:
+        yield
+    finally:
+        pin.release()
 
 
 def _snapshot(root: Path) -> tuple[bytes, dict[str, bytes]]:
@@ -303,3 +317,80 @@ def test_store_config_validates() -> None:
     with pytest.raises(ValueError, match="metadata_row_group_rows must be > 0"):
         StoreConfig(metadata_row_group_rows=0)
     assert StoreConfig().shard_rows_for(50, 512) == (1 << 30) // (50 * 512 * 2)
+
+
+# -- generations built on a base: links, tombstones, ids that are never reused ------------------
+
+def _extend(written, *, add: int = 0, tombstones: np.ndarray | None = None) -> Generation:
+    """Commit a generation on top of ``written``'s: its files linked, ``add`` new rows appended."""
+    base = Generation.current(written.root)
+    rng = np.random.default_rng(9)
+    with GenerationWriter(written.root, base=base) as w:
+        w.link_patches()
+        for part in base.info.metadata_parts:
+            w.link_metadata_part(part)
+        new_ids = w.take_ids(add)
+        w.patches.append(rng.standard_normal((add, 3, 4)).astype(np.float32))
+        if add:
+            w.write_metadata(make_metadata(new_ids, seed=5).select(written.metadata.column_names)
+                             .cast(written.metadata.schema))
+        w.write_vectors([base.vectors(), rng.standard_normal((add, 5)).astype(np.float32)])
+        w.write_ids(np.concatenate([base.ids(), new_ids]))
+        w.link("first_stage.faiss")
+        w.link("skipped.parquet")
+        if tombstones is not None:
+            w.write_tombstones(tombstones)
+        w.commit({})
+    return Generation.current(written.root)
+
+
+def test_a_generation_on_a_base_links_its_segments_and_appends_after_them(written) -> None:
+    base_shards = Generation.current(written.root).info.patch_shards
+    with read_only_pin(written.root):
+        gen = _extend(written, add=3)
+        old = Generation(written.root / "gen-000001")
+        for part in base_shards + old.info.metadata_parts:
+            assert (gen.path / part.file).stat().st_ino == (old.path / part.file).stat().st_ino
+    assert gen.ids().tolist() == [*written.ids.tolist(), 45, 46, 47]  # after the base's largest id
+    assert [s.file for s in gen.info.patch_shards][-1] == f"patches-{len(base_shards):03d}.npy"
+    np.testing.assert_array_equal(gen.patches().gather(np.arange(23)), written.patches.astype(np.float16))
+    with gen.metadata() as meta:
+        assert meta.table(columns="id").column("id").to_pylist() == gen.ids().tolist()
+    assert check_index(written.root) == [] and gen.next_id == 48
+
+
+def test_tombstones_are_counted_and_need_format_version_2(written) -> None:
+    gen = _extend(written, tombstones=np.array([2, 40]))
+    assert gen.tombstones().tolist() == [2, 40] and gen.info.n_live == 21 and len(gen) == 23
+    assert 2 not in gen.live_ids() and gen.live_ids().size == 21
+    manifest = read_manifest(written.root)
+    assert manifest.format_version == gen.info.format_version == 2
+    assert manifest.counts == {"images": 21, "skipped": 2, "tombstones": 2}
+    assert check_index(written.root) == []
+
+
+@pytest.mark.parametrize(("tombstones", "message"), [
+    (np.array([3]), "hold id 3, which is not in ids.npy"),
+    (np.array([4, 2]), "tombstones must be sorted ascending and unique"),
+])
+def test_bad_tombstones_are_refused(written, tombstones: np.ndarray, message: str) -> None:
+    with pytest.raises((IndexCorruptError, InvalidArgumentError), match=message):
+        _extend(written, tombstones=tombstones)
+    assert read_manifest(written.root).generation == 1
+
+
+def test_check_generation_catches_a_next_id_that_would_repeat_an_id(written) -> None:
+    gen_dir = written.root / "gen-000001"
+    info = json.loads((gen_dir / "generation.json").read_text())
+    info["next_id"] = 10
+    (gen_dir / "generation.json").write_text(json.dumps(info))
+    assert check_generation(gen_dir) == [
+        "generation.json has next_id 10, but ids.npy already holds id 44: a later add would give an id twice"
+    ]
+
+
+def test_ids_continue_after_every_id_ever_given(written, make_generation) -> None:
+    assert Generation.current(written.root).next_id == 45
+    with GenerationWriter(written.root) as w:  # a rebuild: no base, but the directory remembers
+        assert w.take_ids(2).tolist() == [45, 46]
+        w.abort()

@@ -12,6 +12,7 @@ from crossrank.store import (
     Generation,
     list_generations,
     list_tmp_dirs,
+    pin_current,
     read_manifest,
 )
 
@@ -19,7 +20,7 @@ from crossrank.store import (
 
 def test_commit_round_trip(written) -> None:
     manifest = read_manifest(written.root)
-    assert manifest.format_version == FORMAT_VERSION
+    assert manifest.format_version == 1 < FORMAT_VERSION  # no tombstones: readable by older crossranks
     assert manifest.generation == written.generation == 1
     assert manifest.generation_dir == "gen-000001"
     assert manifest.generation_path == written.root / "gen-000001"
@@ -38,12 +39,12 @@ def test_commit_round_trip(written) -> None:
     assert isinstance(gen.vectors(), np.memmap)
 
 
-def test_second_commit_switches_manifest_and_keeps_previous_generation(
+def test_second_commit_switches_manifest_and_keeps_the_generation_a_reader_holds(
     tmp_path: Path, make_generation
 ) -> None:
     root = tmp_path / "idx"
     make_generation(root, seed=0)
-    first = read_manifest(root)
+    first, pin = pin_current(root)
     second = make_generation(root, n=11, seed=1)
     manifest = read_manifest(root)
     assert second.generation == manifest.generation == 2
@@ -54,6 +55,9 @@ def test_second_commit_switches_manifest_and_keeps_previous_generation(
     assert [(g.number, g.current) for g in gens] == [(1, False), (2, True)]
     assert len(Generation.open(gens[0].path)) == 23  # the previous generation still opens
     assert list_tmp_dirs(root) == []
+    pin.release()
+    make_generation(root, n=5, seed=2)  # the next commit collects it: no reader holds it now
+    assert [(g.number, g.current) for g in list_generations(root)] == [(3, True)]
 
 
 @pytest.mark.parametrize("layout", ["missing", "empty", "tmp_only"])
