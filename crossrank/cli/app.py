@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Annotated, Any, TypeVar
 
 import typer
+from rich.markup import escape
 from rich.table import Table
 
 from crossrank.cli.render import console, err_console, mark_relevance, progress_bar, render_eval
@@ -55,7 +56,8 @@ def _friendly_errors(fn: F) -> F:
         except CrossrankError as e:
             if _state["verbose"]:
                 raise
-            err_console.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
+            # escape: a message may hold brackets, e.g. pip install 'crossrank[serve]'
+            err_console.print(f"[bold red]error:[/] {escape(str(e))}", highlight=False, soft_wrap=True)
             raise typer.Exit(1) from None
 
     return wrapper  # type: ignore[return-value]
@@ -131,6 +133,7 @@ def search(
     device: Annotated[Device, typer.Option(help="Where to encode and rerank.")] = Device.AUTO,
     nprobe: Annotated[int | None, typer.Option(min=1, help="IVF lists probed (default: the index's).")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
+    html: Annotated[Path | None, typer.Option("--html", help="Also write the hits as a self-contained HTML page of thumbnails.")] = None,
 ) -> None:
     """Search an index by text, or by image with --image."""
     from crossrank.index import Index
@@ -140,6 +143,14 @@ def search(
     idx = Index.open(index, device=device.value, model=model, nprobe=nprobe)
     result = idx.search(query if image is None else image, k=k, rerank_k=rerank_k, where=where,
                         reranker=None if reranker == "none" else reranker, fusion=fusion)
+    if html is not None:
+        from crossrank.html import write_page
+
+        try:
+            write_page(result, html)
+        except OSError as e:
+            raise CrossrankError(f"--html {html} cannot be written: {e.strerror or e}") from e
+        err_console.print(f"[dim]wrote {escape(str(html))}[/]", highlight=False)
     if as_json:
         _print_json(result.to_dict())
         return
@@ -191,6 +202,7 @@ def info(
         ("generation", facts["generation"]),
         ("images", facts["counts"].get("images")),
         ("skipped", facts["counts"].get("skipped")),
+        ("removed", f"{facts.get('tombstones', 0)} (space reclaimed by `crossrank compact`)"),
         ("model", enc.get("model_id")),
         ("dims", f"pooled {enc.get('dim')}, patches {facts['patches']['n_patches']} x {facts['patches']['dim']} fp16"),
         ("first stage", f"{fs.get('factory')} (ntotal {fs.get('ntotal')}, nprobe {fs.get('nprobe')})"),

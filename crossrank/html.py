@@ -1,0 +1,231 @@
+"""A result page: search hits as a grid of thumbnails with their scores, in one HTML file.
+
+:func:`render_page` writes the page that ``crossrank search ... --html out.html`` saves and that the
+server's ``GET /`` shows. Each hit is a thumbnail with its rank, id, file name, final score,
+first-stage and reranked scores; hovering it shows its path and metadata (a tooltip, and an overlay
+drawn by CSS alone).
+
+A saved page is self-contained: thumbnails are small JPEGs inlined as ``data:`` URIs (made with
+Pillow through the same robust decoder as indexing), the style is inline, there is no script, and a
+Content-Security-Policy forbids loading anything else. Every text from the index or the query is
+HTML-escaped, so a file name or metadata value such as ``<script>`` stays text.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import os
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from crossrank.hits import Hit, SearchResult
+
+__all__ = ["SearchForm", "render_page", "write_page", "thumbnail_data_uri", "THUMBNAIL_SIZE"]
+
+THUMBNAIL_SIZE = 192  # px: the longer side of an inlined thumbnail (shown at up to 160 px, sharp on HiDPI)
+_FRAME_PX = 160  # px: the height of a hit's image frame (.frame in the style)
+
+
+@dataclass(frozen=True)
+class SearchForm:
+    """The query box drawn above the results (the server's page); ``None`` on a saved page.
+
+    Attributes:
+        action: the URL the form submits to with GET (``q``, ``k``, ``filters``).
+        query: the text shown in the query box.
+        k: the number of hits asked for.
+        filters: the structured filters as JSON text, shown in the filters box.
+    """
+
+    action: str
+    query: str = ""
+    k: int = 12
+    filters: str = ""
+
+
+def thumbnail_data_uri(path: str | os.PathLike[str], size: int = THUMBNAIL_SIZE) -> str | None:
+    """A small JPEG thumbnail of an image file as a ``data:`` URI.
+
+    Args:
+        path: the image file.
+        size: the longer side of the thumbnail in px; smaller images keep their size.
+
+    Returns:
+        ``"data:image/jpeg;base64,..."``, or None when the file is gone or cannot be decoded.
+    """
+    from crossrank.errors import DecodeError
+    from crossrank.ingest import decode_image
+
+    try:
+        image, _ = decode_image(Path(path))
+    except (DecodeError, OSError):
+        return None
+    image.thumbnail((size, size))
+    buf = io.BytesIO()
+    image.save(buf, format="JPEG", quality=85, optimize=True)
+    return "data:image/jpeg;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
+
+
+def render_page(results: SearchResult | Sequence[SearchResult], *,
+                image_src: Callable[[Hit], str | None] | None = None, title: str | None = None,
+                form: SearchForm | None = None, error: str | None = None,
+                message: str | None = None) -> str:
+    """Render search results as one HTML page.
+
+    Args:
+        results: one :class:`SearchResult` or several (one section each, in order).
+        image_src: the ``src`` of each hit's image; default :func:`thumbnail_data_uri` of its
+            file, which makes the page self-contained. A None src shows "image unavailable".
+        title: the page title; default ``crossrank: <first query>``.
+        form: draw a query box that submits to ``form.action`` (the server's page).
+        error: a one-line error to show above the results (e.g. a bad filter).
+        message: a one-line note to show when there are no results (e.g. "type a query").
+
+    Returns:
+        The page, a complete HTML document.
+
+    Example:
+        >>> page = render_page(index.search("a red bicycle", k=12))  # doctest: +SKIP
+        >>> Path("out.html").write_text(page, encoding="utf-8")  # doctest: +SKIP
+    """
+    if isinstance(results, SearchResult):
+        results = [results]
+    inline = image_src is None
+    src = image_src or (lambda hit: thumbnail_data_uri(hit.path))
+    if title is None:
+        title = f"crossrank: {results[0].query}" if results else "crossrank"
+    # A saved page may show inlined images only; the server's page also its own /images/ URLs.
+    img_src = "data:" if inline else "'self' data:"
+    csp = f"default-src 'none'; img-src {img_src}; style-src 'unsafe-inline'; form-action 'self'"
+    parts = [
+        "<!doctype html>",
+        '<html lang="en"><head><meta charset="utf-8">',
+        f'<meta http-equiv="Content-Security-Policy" content="{csp}">',
+        '<meta name="viewport" content="width=device-width, initial-scale=1">',
+        '<meta name="generator" content="crossrank">',
+        f"<title>{_e(title)}</title>",
+        f"<style>{_STYLE}</style>",
+        "</head><body>",
+    ]
+    if form is not None:
+        parts.append(_form(form))
+    if error:
+        parts.append(f'<p class="error" role="alert">{_e(error)}</p>')
+    if not results and message:
+        parts.append(f'<p class="note">{_e(message)}</p>')
+    for result in results:
+        parts.append(_section(result, src))
+    parts.append("</body></html>")
+    return "\n".join(parts) + "\n"
+
+
+def write_page(results: SearchResult | Sequence[SearchResult], path: str | os.PathLike[str],
+               **kwargs: Any) -> Path:
+    """Write :func:`render_page` of ``results`` to ``path`` (UTF-8); returns the path.
+
+    Raises:
+        OSError: the file cannot be written.
+    """
+    out = Path(path)
+    out.write_text(render_page(results, **kwargs), encoding="utf-8")
+    return out
+
+
+# -- pieces -----------------------------------------------------------------------------------
+
+
+def _e(value: Any) -> str:
+    return html.escape(str(value), quote=True)
+
+
+def _side(value: Any) -> int:
+    """A width or height from the metadata; unknown counts as large."""
+    return value if isinstance(value, int) and not isinstance(value, bool) else 1 << 30
+
+
+def _score(x: float | None) -> str:
+    return "–" if x is None else f"{x:.4f}"
+
+
+def _form(form: SearchForm) -> str:
+    return (
+        f'<form class="query" method="get" action="{_e(form.action)}">'
+        f'<input type="search" name="q" value="{_e(form.query)}" placeholder="a red circle left of a blue square" '
+        'aria-label="query" autofocus required maxlength="1000">'
+        f'<input type="text" name="filters" value="{_e(form.filters)}" '
+        'placeholder=\'filters, e.g. {"width": {"ge": 256}}\' aria-label="filters (JSON)">'
+        f'<label>k <input type="number" name="k" value="{int(form.k)}" min="1" max="100"></label>'
+        '<button type="submit">search</button></form>'
+    )
+
+
+def _section(result: SearchResult, src: Callable[[Hit], str | None]) -> str:
+    c = result.counts
+    total = result.timings_ms.get("total")
+    line = (f"{c.returned} of {c.requested} requested · {c.filtered_out} filtered out · "
+            f"{c.candidates} candidates" + (f" · {total:.1f} ms" if total is not None else ""))
+    items = [_hit(rank, hit, src(hit)) for rank, hit in enumerate(result, start=1)]
+    empty = '<p class="note">no image matches</p>' if not items else ""
+    return (
+        f'<section class="result"><h1>{_e(result.query)}</h1>'
+        f'<p class="counts">{_e(line)}</p>{empty}'
+        f'<ol class="grid">{"".join(items)}</ol></section>'
+    )
+
+
+def _hit(rank: int, hit: Hit, src: str | None) -> str:
+    meta = {"id": hit.id, "path": hit.path, **hit.to_dict()["metadata"]}
+    tooltip = "\n".join(f"{k}: {v}" for k, v in meta.items())
+    rows = "".join(f"<dt>{_e(k)}</dt><dd>{_e(v)}</dd>" for k, v in meta.items())
+    name = os.path.basename(hit.path) or hit.path
+    if src is None:
+        picture = '<div class="missing">image unavailable</div>'
+    else:
+        # Images smaller than the frame are scaled up: keep their pixels sharp.
+        small = max(_side(hit.metadata.get("width")), _side(hit.metadata.get("height"))) < _FRAME_PX
+        cls = ' class="pixel"' if small else ""
+        picture = f'<img src="{_e(src)}" alt="{_e(name)}"{cls} decoding="sync">'
+    return (
+        f'<li class="hit" title="{_e(tooltip)}" data-id="{hit.id}">'
+        f'<div class="frame">{picture}<dl class="meta">{rows}</dl></div>'
+        f'<div class="caption"><span class="rank">#{rank}</span> <span class="name">{_e(name)}</span></div>'
+        f'<div class="scores"><span title="final score">score {_score(hit.score)}</span>'
+        f'<span title="first stage (pooled vectors)">first {_score(hit.first_stage_score)}</span>'
+        f'<span title="reranker">rerank {_score(hit.rerank_score)}</span></div>'
+        "</li>"
+    )
+
+
+_STYLE = """
+:root{color-scheme:light dark;--fg:#1d1f23;--muted:#646a73;--card:#f4f5f7;--line:#d9dce1;--accent:#2f6fde}
+@media (prefers-color-scheme:dark){:root{--fg:#e6e8eb;--muted:#9aa1ab;--card:#22252a;--line:#3a3f46}}
+body{font:14px/1.4 system-ui,-apple-system,"Segoe UI",sans-serif;color:var(--fg);margin:24px;}
+h1{font-size:18px;margin:20px 0 2px}
+.counts,.note{color:var(--muted);margin:0 0 12px}
+.error{color:#fff;background:#c62828;padding:8px 12px;border-radius:6px}
+form.query{display:flex;gap:8px;flex-wrap:wrap;align-items:center}
+form.query input[type=search]{flex:2 1 320px;font-size:16px;padding:6px 10px}
+form.query input[type=text]{flex:1 1 220px;font:13px ui-monospace,monospace;padding:7px 10px}
+form.query input[type=number]{width:4.5em;padding:6px}
+form.query button{padding:7px 16px;background:var(--accent);color:#fff;border:0;border-radius:6px}
+ol.grid{list-style:none;padding:0;margin:0;display:grid;gap:12px;
+grid-template-columns:repeat(auto-fill,minmax(176px,1fr))}
+li.hit{background:var(--card);border:1px solid var(--line);border-radius:8px;padding:8px;min-width:0}
+.frame{position:relative;height:160px}
+.frame img{display:block;width:100%;height:160px;object-fit:contain}
+.frame img.pixel{image-rendering:pixelated}
+.frame .missing{line-height:160px;text-align:center}
+.missing{color:var(--muted);font-style:italic}
+dl.meta{display:none;position:absolute;inset:0;margin:0;padding:6px 8px;overflow:auto;
+font:11px/1.35 ui-monospace,monospace;background:rgba(15,17,20,.88);color:#f1f3f5;border-radius:4px}
+li.hit:hover dl.meta{display:grid;grid-template-columns:auto 1fr;column-gap:6px;align-content:start}
+dl.meta dt{color:#9ec1ff}dl.meta dd{margin:0;overflow-wrap:anywhere}
+.caption{margin-top:6px;white-space:nowrap;overflow:hidden;text-overflow:ellipsis}
+.rank{font-weight:600}
+.scores{display:flex;flex-wrap:wrap;gap:2px 8px;font:12px ui-monospace,monospace;color:var(--muted)}
+.scores span:first-child{color:var(--fg);font-weight:600}
+"""

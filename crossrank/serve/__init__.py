@@ -1,0 +1,33 @@
+"""crossrank over HTTP: a FastAPI app to run with ``crossrank serve`` or mount in a backend.
+
+Needs the ``serve`` extra (``pip install 'crossrank[serve]'``); importing this package without
+fastapi raises :class:`~crossrank.errors.DependencyError` saying so.
+
+Example:
+    >>> from crossrank.serve import create_app  # doctest: +SKIP
+    >>> app = create_app("photos.idx")  # then: uvicorn.run(app), or backend.mount("/photos", app)  # doctest: +SKIP
+"""
+
+from crossrank.serve.app import create_app
+from crossrank.serve.models import (
+    CountsOut,
+    ErrorResponse,
+    Health,
+    HitOut,
+    ScoresOut,
+    SearchRequest,
+    SearchResponse,
+    ValidationErrorResponse,
+)
+
+__all__ = [
+    "create_app",
+    "SearchRequest",
+    "SearchResponse",
+    "HitOut",
+    "ScoresOut",
+    "CountsOut",
+    "Health",
+    "ErrorResponse",
+    "ValidationErrorResponse",
+]
