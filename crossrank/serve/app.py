@@ -69,7 +69,7 @@ _WHERE_DISABLED = (
 def create_app(index: Index | str | os.PathLike[str], *, allow_where: bool = False,
                device: str = "auto", model: str | Path | None = None, nprobe: int | None = None,
                reranker: str | None = "auto", fusion: str = "auto", rerank_k: int = 100,
-               title: str = "crossrank") -> FastAPI:
+               title: str = "crossrank", refresh: bool = True) -> FastAPI:
     """Build the HTTP app for one index; serve it with uvicorn or mount it in another app.
 
     Args:
@@ -84,6 +84,9 @@ def create_app(index: Index | str | os.PathLike[str], *, allow_where: bool = Fal
         fusion: how the two stages' scores combine (see :meth:`Index.search`).
         rerank_k: candidates reranked when a request does not say (at least its ``k``).
         title: the API's title in the OpenAPI schema.
+        refresh: before each request, move to the newest committed generation (one small file
+            read; see :meth:`Index.refresh`), so that ``crossrank add``/``remove``/``compact`` in
+            another process show without a restart. A request runs on one generation throughout.
 
     Returns:
         A FastAPI application; the index is in ``app.state.index``.
@@ -119,6 +122,16 @@ def create_app(index: Index | str | os.PathLike[str], *, allow_where: bool = Fal
     app.state.allow_where = allow_where
     logger.info("serving %s (%d images), raw where %s", opened.path, len(opened),
                 "allowed" if allow_where else "refused")
+
+    def fresh() -> None:
+        """Move to the newest generation a writer committed; keep serving the old one if it fails."""
+        if not refresh:
+            return
+        try:
+            opened.refresh()
+        except CrossrankError as e:
+            logger.warning("index %s: cannot move to the newest generation (%s); serving generation %d",
+                           opened.path, e, opened.manifest.generation)
 
     def run_search(query: str, k: int, asked_rerank_k: int | None, filters: dict[str, Any] | None,
                    where: str | None) -> SearchResult:
@@ -161,6 +174,7 @@ def create_app(index: Index | str | os.PathLike[str], *, allow_where: bool = Fal
         list came to be (requested, returned, filtered out, candidates) and per-stage timings."""
         if request.where is not None and not allow_where:
             return JSONResponse(status_code=403, content={"detail": _WHERE_DISABLED})
+        fresh()
         try:
             result = run_search(request.query, request.k, request.rerank_k, request.filters, request.where)
         except (FilterError, InvalidArgumentError) as e:
@@ -182,6 +196,7 @@ def create_app(index: Index | str | os.PathLike[str], *, allow_where: bool = Fal
     def image(image_id: Annotated[int, PathParam(ge=_INT64[0], le=_INT64[1])]) -> Any:
         """Serve the file an id of the index was built from; only ids in the index are served."""
         # Through Index.metadata, which knows which ids a search can return (removed ones not).
+        fresh()
         paths = opened.metadata(columns=["path"], filters={"id": image_id}).column("path").to_pylist()
         if not paths:
             return JSONResponse(status_code=404, content={"detail": f"no image with id {image_id} in this index"})
@@ -201,6 +216,7 @@ def create_app(index: Index | str | os.PathLike[str], *, allow_where: bool = Fal
     @app.get("/healthz", response_model=Health, summary="Liveness, and what the index holds")
     def healthz() -> Any:
         """The index is open: its image count, generation, model and filterable metadata columns."""
+        fresh()
         schema = opened.metadata_store.schema
         return {"status": "ok", "images": len(opened), "generation": int(opened.manifest.generation),
                 "model": opened.model_id, "columns": {f.name: str(f.type) for f in schema}}
@@ -222,6 +238,7 @@ def create_app(index: Index | str | os.PathLike[str], *, allow_where: bool = Fal
         ``?q=`` searches (server-side, no script)."""
         results: list[SearchResult] = []
         error: str | None = None
+        fresh()
         if q is not None and q.strip():
             try:
                 parsed = _parse_filters_param(filters)

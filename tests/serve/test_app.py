@@ -301,3 +301,33 @@ def test_metadata_connection_is_sandboxed_once_loaded(app) -> None:
         cur.execute("SET enable_external_access = true")
     with pytest.raises(duckdb.Error, match="(?i)permission"):
         cur.execute(f"SELECT * FROM read_text('{json.__file__}')").fetchall()
+
+
+def test_the_server_sees_what_another_writer_commits(index_copy: Path, tmp_path: Path, tiny_clip) -> None:
+    from fastapi.testclient import TestClient
+
+    from crossrank import Index
+    from crossrank.serve import create_app
+
+    served = create_app(index_copy, device="cpu")
+    writer = Index.open(index_copy, device="cpu", model=tiny_clip)
+    with TestClient(served) as client:
+        before = client.get("/healthz").json()
+        removed = int(writer.metadata(columns=["id"]).column("id")[0].as_py())
+        assert client.get(f"/images/{removed}").status_code == 200
+        writer.remove([removed])
+        after = client.get("/healthz").json()
+        assert after["generation"] == before["generation"] + 1
+        assert after["images"] == before["images"] - 1
+        assert client.get(f"/images/{removed}").status_code == 404
+        hits = client.post("/search", json={"query": QUERY, "k": after["images"]}).json()["hits"]
+        assert removed not in {h["id"] for h in hits}
+        assert len(hits) == after["images"]
+    writer.close()
+
+    frozen = create_app(index_copy, device="cpu", refresh=False)
+    with TestClient(frozen) as client:
+        generation = client.get("/healthz").json()["generation"]
+        Index.open(index_copy, device="cpu", model=tiny_clip).remove(
+            [int(frozen.state.index.metadata(columns=["id"]).column("id")[0].as_py())])
+        assert client.get("/healthz").json()["generation"] == generation  # refresh=False: no move
