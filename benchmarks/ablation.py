@@ -13,7 +13,8 @@ is evaluated again without training; an interrupted one resumes from its checkpo
 preparing the data as the README's "Reproducing the reranker" section does)::
 
     python benchmarks/ablation.py --train runs/shapes-train/pairs.parquet --train-index runs/train.idx \\
-        --bench runs/bench --bench-index runs/bench.idx --out runs/ablation --steps 1000
+        --bench runs/bench --bench-index runs/bench.idx --out runs/ablation --steps 800 --batch-size 16 \\
+        --candidates 8
     python benchmarks/ablation.py ... --rows base layers=1   # only some rows
 
 It writes ``OUT/ablation.json`` and prints the markdown table the README quotes.
@@ -93,6 +94,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--bench-index", type=Path, required=True)
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--steps", type=int, default=1000)
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--candidates", type=int, default=16)
     parser.add_argument("--first-stage-weight", type=float, default=33.0)
     parser.add_argument("--threads", type=int, default=1, help="torch threads for training and timing")
     parser.add_argument("--rows", nargs="+", default=None, help=f"a subset of {list(VARIANTS)}")
@@ -119,10 +122,12 @@ def main(argv: list[str] | None = None) -> int:
         results["maxsim"] = {"metrics": _metrics(report, True)}
         save()
 
-    train_config = RerankTrainConfig(steps=args.steps, batch_size=32, n_candidates=16, loss="listwise", lr=1e-3,
+    train_config = RerankTrainConfig(steps=args.steps, batch_size=args.batch_size, n_candidates=args.candidates,
+                                     loss="listwise", lr=1e-3,
                                      hard_fraction=0.5, curriculum=0.1, mine_k=50, eval_every=250,
                                      checkpoint_every=250, warmup=min(100, max(1, args.steps // 20)), seed=0,
                                      device="cpu", first_stage_weight=args.first_stage_weight)
+    _share_training_set()
     train_index = None
     for name in rows:
         folder = args.out / name.replace("=", "-")
@@ -158,6 +163,22 @@ def main(argv: list[str] | None = None) -> int:
     save()
     print(_table(results))
     return 0
+
+
+def _share_training_set() -> None:
+    """Every row trains on the same data with the same settings: encode and mine it once."""
+    from crossrank.rerank import _train_data
+
+    prepare, memo = _train_data.prepare_training_set, {}
+
+    def shared(index: Any, pairs_path: Any, config: RerankTrainConfig) -> Any:
+        key = (str(index.path), str(pairs_path), config.mine_k, config.val_fraction, config.max_val_captions,
+               config.seed)
+        if key not in memo:
+            memo[key] = prepare(index, pairs_path, config)
+        return memo[key]
+
+    _train_data.prepare_training_set = shared
 
 
 def _table(results: dict[str, Any]) -> str:
