@@ -77,3 +77,20 @@ def test_bench_blip_itm_tiny_reports_cached_and_full_latency() -> None:
     assert row["model"] == "tiny" and row["k"] == 100
     assert row["cached_ms"] > 0 and row["full_ms"] > 0
     assert row["max_abs_diff"] < 1e-5  # the two sides score the same
+
+
+@pytest.mark.bench
+def test_bench_rerank_flops_quick_reports_finite_ratios() -> None:
+    proc = subprocess.run(
+        [sys.executable, str(BENCHMARKS / "bench_rerank_flops.py"), "--quick", "--json", "--ks", "8", "16",
+         "--threads", "1"],
+        capture_output=True, text=True, timeout=600, check=False,
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    report = json.loads(proc.stdout)
+    assert [r["k"] for r in report["rows"]] == [8, 16]
+    for r in report["rows"]:
+        for key in ("p50_ms", "gflop_per_query", "gflop_per_s", "vs_matmul"):
+            assert math.isfinite(r[key]) and r[key] > 0, (r["k"], key, r[key])
+    # twice the candidates, about twice the counted work (the query side is shared)
+    assert 1.5 < report["rows"][1]["gflop_per_query"] / report["rows"][0]["gflop_per_query"] <= 2.0
