@@ -112,6 +112,7 @@ def save_reranker(model: CrossAttentionReranker, path: str | os.PathLike[str], *
         tmp = folder / f".{WEIGHTS_NAME}.tmp-{os.getpid()}"
         try:
             save_file(state, str(tmp), metadata={"format": _FORMAT})
+            os.chmod(tmp, 0o644)  # safetensors creates it owner-only; a reranker is shared like code
             fsync_file(tmp)
             os.replace(tmp, weights)
         except BaseException:
