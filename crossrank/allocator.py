@@ -3,8 +3,10 @@
 A reranker forward at k = 1000 allocates dozens of tensors of tens of MB. glibc serves each
 allocation above its mmap threshold (at most 32 MB) with a fresh ``mmap`` and returns it with
 ``munmap`` when the tensor is freed, so every forward pays a page fault for every 4 KiB page it
-touches again: on a 2-core machine that made the k = 1000 rerank about 25% slower
-(``benchmarks/bench_rerank_flops.py --allocator default`` against the tuned default). PyTorch's
+touches again. On this project's 2-core machine the k = 1000 rerank of the demo reranker took
+332-344 ms per query tuned against 340-463 ms with glibc's defaults (three runs each of
+``benchmarks/bench_rerank_flops.py`` and ``--allocator default``, idle machine), and ~320 against
+~420 ms while other jobs loaded the machine; at k = 100 the two are the same. PyTorch's
 own CPU performance guide suggests swapping the allocator (jemalloc or tcmalloc with
 ``LD_PRELOAD``); :func:`keep_large_allocations` gets the same effect from glibc in-process with
 ``mallopt``: no mmap'd chunks, and free memory at the top of the heap kept up to 1 GiB.

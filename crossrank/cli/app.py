@@ -274,7 +274,7 @@ def demo(
                       title_justify="left")
         table.add_column("#", justify="right")
         table.add_column("first stage", justify="left")
-        table.add_column(f"+ {reranker}", justify="left")
+        table.add_column(f"+ {report.evaluation.get('reranker') or reranker}", justify="left")
         for rank, (a, b) in enumerate(zip(ex["first_stage"], ex["reranked"], strict=False), start=1):
             table.add_row(str(rank), mark_relevance(a), mark_relevance(b))
         console.print(table)
