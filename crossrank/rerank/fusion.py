@@ -204,9 +204,18 @@ def resolve_fusion(spec: str | Fusion, reranker: object | None = None) -> Fusion
         >>> str(resolve_fusion("auto")), str(resolve_fusion("sum"))
         ('rerank', 'sum')
     """
-    if isinstance(spec, str) and "".join(spec.split()).lower() == AUTO_FUSION:
-        recommended = getattr(reranker, "fusion", None)
-        return Fusion.parse(recommended) if recommended else Fusion()
+    if isinstance(spec, str):
+        text = "".join(spec.split()).lower()
+        mode = text.partition(":")[0]
+        if mode == AUTO_FUSION:
+            if text != AUTO_FUSION:
+                raise InvalidArgumentError(f"fusion 'auto' takes no argument, got {spec!r}")
+            recommended = getattr(reranker, "fusion", None)
+            return Fusion.parse(recommended) if recommended else Fusion()
+        if mode not in {m.value for m in FusionMode}:
+            raise InvalidArgumentError(
+                f"fusion must be auto, rerank, sum or weighted:ALPHA (ALPHA in [0, 1]), got {spec!r}"
+            )
     return Fusion.parse(spec)
 
 

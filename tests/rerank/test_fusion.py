@@ -105,5 +105,7 @@ def test_auto_takes_the_rerankers_recommendation_else_rerank():
     assert resolve_fusion(" AUTO ", SimpleNamespace(fusion=None)) == Fusion()
     assert resolve_fusion("auto", SimpleNamespace(fusion="weighted:0.25")) == Fusion(FusionMode.WEIGHTED, 0.25)
     assert resolve_fusion("sum", SimpleNamespace(fusion="weighted:0.25")) == Fusion(FusionMode.SUM)
-    with pytest.raises(InvalidArgumentError, match="fusion must be rerank, sum or weighted"):
+    with pytest.raises(InvalidArgumentError, match="fusion must be auto, rerank, sum or weighted"):
         resolve_fusion("autox")
+    with pytest.raises(InvalidArgumentError, match="fusion 'auto' takes no argument, got 'auto:0.5'"):
+        resolve_fusion("auto:0.5")
