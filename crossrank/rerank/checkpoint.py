@@ -67,11 +67,11 @@ def shipped_reranker_for(encoder_info: Mapping[str, Any]) -> Path | None:
     if not sha or not (folder / CONFIG_NAME).is_file():
         return None
     try:
-        trained_over = json.loads((folder / CONFIG_NAME).read_text())["metadata"]["data"]["encoder"]
-    except (OSError, ValueError, KeyError, TypeError):
-        logger.warning("the shipped reranker %s has an unreadable config.json: not used", folder)
+        data = _read_config_file(folder)[1].get("data")
+    except ModelError as e:
+        logger.warning("the shipped reranker %s is not used: %s", folder, e)
         return None
-    return folder if trained_over == sha else None
+    return folder if isinstance(data, dict) and data.get("encoder") == sha else None
 
 
 def is_reranker_dir(path: str | os.PathLike[str]) -> bool:
@@ -138,6 +138,11 @@ def read_reranker_config(path: str | os.PathLike[str]) -> RerankerConfig:
         ModelError: the folder or its ``config.json`` is missing, or the file is not a valid
             reranker config.
     """
+    return _read_config_file(path)[0]
+
+
+def _read_config_file(path: str | os.PathLike[str]) -> tuple[RerankerConfig, dict[str, Any]]:
+    """The config and the metadata of a saved reranker's ``config.json``, checked (one read)."""
     folder = _existing_dir(path)
     config_path = folder / CONFIG_NAME
     if not config_path.is_file():
@@ -161,9 +166,11 @@ def read_reranker_config(path: str | os.PathLike[str]) -> RerankerConfig:
             f"{_FORMAT_VERSION}; upgrade crossrank"
         )
     try:
-        return RerankerConfig.from_dict(data.get("config"))
+        config = RerankerConfig.from_dict(data.get("config"))
     except (TypeError, ValueError) as e:
         raise ModelError(f"invalid reranker config in {config_path}: {_one_line(e)}") from e
+    metadata = data.get("metadata")
+    return config, metadata if isinstance(metadata, dict) else {}
 
 
 def check_reranker_matches(config: RerankerConfig, encoder_info: Mapping[str, Any],
@@ -226,7 +233,7 @@ def load_reranker(path: str | os.PathLike[str], device: Device | str = Device.AU
     from crossrank.rerank.cross_attention import CrossAttentionReranker
 
     torch_device = resolve_device(device)
-    config = read_reranker_config(path)
+    config, metadata = _read_config_file(path)
     folder = Path(path)
     if encoder_info is not None:
         check_reranker_matches(config, encoder_info, where=f"reranker {folder}")
@@ -252,17 +259,14 @@ def load_reranker(path: str | os.PathLike[str], device: Device | str = Device.AU
         ) from e
     # A reranker trained as a residual over the first stage recommends the fusion it was trained
     # with; ``fusion="auto"`` in search and eval uses it.
-    model.fusion = _recommended_fusion(folder)
+    model.fusion = _recommended_fusion(folder, metadata)
     return model.to(torch_device).eval()
 
 
-def _recommended_fusion(folder: Path) -> str | None:
+def _recommended_fusion(folder: Path, metadata: Mapping[str, Any]) -> str | None:
     from crossrank.rerank.fusion import Fusion
 
-    try:
-        spec = json.loads((folder / CONFIG_NAME).read_text()).get("metadata", {}).get("fusion")
-    except (OSError, ValueError, AttributeError):
-        return None  # read_reranker_config already accepted the file; metadata is optional
+    spec = metadata.get("fusion")
     if spec is None:
         return None
     try:
