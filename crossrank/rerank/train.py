@@ -448,17 +448,12 @@ def train_reranker(
 
     final = {k: log.entries[-1][k] for k in ("val_accuracy", "val_r1")
              if log.entries and k in log.entries[-1]}
-    metadata = {
-        "trained_by": "crossrank train",
-        "train": config.to_dict(),
-        "data": {"pairs": str(Path(pairs_path).absolute()), "index": str(index.path.absolute()),
-                 "encoder": index.model_id, **data.fingerprint, "counts": data.counts},
-        "steps": config.steps,
-        "first_stage_val": first_stage,
-        "val": final,
-    }
-    if config.fusion is not None:
-        metadata["fusion"] = config.fusion
+    metadata = _reranker_metadata(
+        "crossrank train", config, config.steps,
+        {"pairs": str(Path(pairs_path).absolute()), "index": str(index.path.absolute()),
+         "encoder": index.model_id, **data.fingerprint, "counts": data.counts},
+        first_stage_val=first_stage, val=final,
+    )
     model.eval()
     save_reranker(model, out, metadata=metadata)
     n_run = config.steps - start
@@ -507,16 +502,23 @@ def export_checkpoint(run_dir: str | os.PathLike[str], dest: str | os.PathLike[s
         raise ModelError(f"no {CHECKPOINT_NAME} in {run}; give the --out folder of a `crossrank train` run")
     state = _load_checkpoint(path, None)
     fingerprint = state["fingerprint"]
-    config = RerankTrainConfig(**{k: v for k, v in fingerprint["config"].items()
-                                  if k in {f.name for f in dataclasses.fields(RerankTrainConfig)}})
+    fields = {f.name for f in dataclasses.fields(RerankTrainConfig)}
+    config = RerankTrainConfig(**{k: v for k, v in fingerprint["config"].items() if k in fields})
     model = CrossAttentionReranker(RerankerConfig.from_dict(fingerprint["model"]))
     model.load_state_dict(state["model"])
-    metadata: dict[str, Any] = {"trained_by": "crossrank train (exported checkpoint)",
-                                "train": config.to_dict(), "data": fingerprint["data"],
-                                "steps": int(state["step"])}
+    metadata = _reranker_metadata("crossrank train (exported checkpoint)", config, int(state["step"]),
+                                  fingerprint["data"])
+    return save_reranker(model.eval(), out, metadata=metadata, half=half)
+
+
+def _reranker_metadata(trained_by: str, config: RerankTrainConfig, steps: int, data: dict[str, Any],
+                       **more: Any) -> dict[str, Any]:
+    """What a trained reranker's ``config.json`` records beside its architecture, with the fusion
+    that ranks as its training scored (residual training)."""
+    metadata = {"trained_by": trained_by, "train": config.to_dict(), "data": data, "steps": steps, **more}
     if config.fusion is not None:
         metadata["fusion"] = config.fusion
-    return save_reranker(model.eval(), out, metadata=metadata, half=half)
+    return metadata
 
 
 # -- steps and validation ---------------------------------------------------------------------
@@ -699,11 +701,13 @@ def _load_checkpoint(path: Path, fingerprint: dict[str, Any] | None) -> dict[str
     if not isinstance(state, dict) or state.get("format") != _CHECKPOINT_FORMAT:
         raise ModelError(f"{path} is not a reranker training checkpoint; {fix}")
     theirs = state.get("fingerprint")
-    if fingerprint is None and isinstance(theirs, dict) and {"config", "model", "data"} <= set(theirs):
+    if fingerprint is None:
+        if not (isinstance(theirs, dict) and set(_FINGERPRINT_NAMES) <= set(theirs)):
+            raise ModelError(f"{path} does not record the run it belongs to; {fix}")
         return state
     if theirs != fingerprint:
-        parts = sorted(k for k in (fingerprint or _FINGERPRINT_NAMES) if not isinstance(theirs, dict)
-                       or fingerprint is None or theirs.get(k) != fingerprint[k])
+        parts = sorted(k for k in fingerprint if not isinstance(theirs, dict)
+                       or theirs.get(k) != fingerprint[k])
         raise InvalidArgumentError(
             f"checkpoint {path} was written by a training run with another "
             f"{' and '.join(_FINGERPRINT_NAMES[p] for p in parts)}; {fix}"
