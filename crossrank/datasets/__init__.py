@@ -2,7 +2,8 @@
 
 ``generate_shapes(DIR, n_images=..., n_queries=..., seed=..., split="test"|"train")`` writes images,
 scene metadata, queries, TREC qrels and training pairs; :func:`parse_query`, :func:`satisfies` and
-:func:`match_matrix` give the exact truth of any template text on any scene.
+:func:`match_matrix` give the exact truth of any template text on any scene;
+:func:`caption_perturbations` rewrites a caption into near misses (hard negative captions).
 """
 
 from crossrank.datasets.config import (
@@ -17,7 +18,8 @@ from crossrank.datasets.config import (
     Split,
 )
 from crossrank.datasets.language import ObjectSpec, QuerySpec, parse_query, satisfies
-from crossrank.datasets.relevance import SceneArrays, SpecArrays, match_matrix
+from crossrank.datasets.negatives import caption_perturbations
+from crossrank.datasets.relevance import SceneArrays, SpecArrays, match_aligned, match_matrix
 from crossrank.datasets.scene import Scene, SceneObject
 from crossrank.datasets.shapes import (
     ShapesDataset,
@@ -43,8 +45,10 @@ __all__ = [
     "Size",
     "SpecArrays",
     "Split",
+    "caption_perturbations",
     "generate_from_config",
     "generate_shapes",
+    "match_aligned",
     "match_matrix",
     "open_shapes",
     "parse_query",

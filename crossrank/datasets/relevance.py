@@ -27,7 +27,7 @@ from crossrank.datasets.config import Colour, QueryKind, Relation, Shape, Size
 from crossrank.datasets.language import QuerySpec, parse_query
 from crossrank.datasets.scene import MAX_OBJECTS, Scene
 
-__all__ = ["SceneArrays", "SpecArrays", "match_matrix"]
+__all__ = ["SceneArrays", "SpecArrays", "match_aligned", "match_matrix"]
 
 _COLOURS = list(Colour)
 _SHAPES = list(Shape)
@@ -194,3 +194,41 @@ def match_matrix(
         single = a.any(axis=2)  # (c, n)
         out[lo:hi] = np.where((sp.kind[lo:hi] == single_k)[:, None], single, two)  # (c, n)
     return out
+
+
+def match_aligned(specs: SpecArrays, scenes: SceneArrays) -> np.ndarray:
+    """Whether scene ``i`` satisfies spec ``i``, for aligned arrays of the same length.
+
+    The diagonal of :func:`match_matrix` without the ``(m, n)`` work: a training step checks each
+    of its (caption, image) pairs once.
+
+    Returns:
+        ``(m,)`` bool.
+
+    Raises:
+        ValueError: the lengths differ.
+    """
+    if len(specs) != len(scenes):
+        raise ValueError(
+            f"match_aligned needs as many specs as scenes, got {len(specs)} and {len(scenes)}"
+        )
+    out = np.empty(len(specs), dtype=bool)
+    for lo in range(0, len(specs), 4096):
+        idx = np.arange(lo, min(len(specs), lo + 4096))
+        sp, sc = specs.take(idx), scenes.take(idx)
+        a = _aligned_object_match(sc, sp.a_colour, sp.a_shape, sp.a_size)  # (c, 3)
+        b = _aligned_object_match(sc, sp.b_colour, sp.b_shape, sp.b_size)  # (c, 3)
+        both = a[:, :, None] & b[:, None, :] & ~np.eye(MAX_OBJECTS, dtype=bool)  # (c, 3, 3)
+        rel = _relation_tensor(sc)[np.maximum(sp.relation, 0), np.arange(idx.size)]  # (c, 3, 3)
+        is_rel = (sp.kind == _KINDS.index(QueryKind.RELATION))[:, None, None]
+        two = (both & (rel | ~is_rel)).any(axis=(1, 2))
+        out[idx] = np.where(sp.kind == _KINDS.index(QueryKind.SINGLE), a.any(axis=1), two)
+    return out
+
+
+def _aligned_object_match(sc: SceneArrays, colour: np.ndarray, shape: np.ndarray,
+                          size: np.ndarray) -> np.ndarray:
+    c = sc.colour == colour[:, None]  # (m, 3)
+    s = sc.shape == shape[:, None]
+    z = (size[:, None] < 0) | (sc.size == size[:, None])
+    return c & s & z & (colour[:, None] >= 0)

@@ -35,6 +35,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "CandidateSampler",
+    "CaptionNegativeBank",
     "PositiveSet",
     "TrainingSet",
     "prepare_training_set",
@@ -192,10 +193,13 @@ class TrainingSet:
         val_first_stage: int64 ``(V, mine_k)`` their first-stage top ``mine_k``, -1 padded;
             ``val_relevant`` bool ``(V, mine_k)``: which of those are true matches.
         query_vectors: float32 ``(U, D)`` the captions' pooled (first-stage) vectors.
+            With caption negatives, ``tokens``, ``token_mask`` and ``query_vectors`` hold the
+            U captions first, then the negative captions (see :class:`CaptionNegativeBank`).
         image_vectors: float32 ``(N, D)`` the local images' pooled vectors, so that
             ``query_vectors @ image_vectors.T`` is the first-stage score.
         counts: pair and caption counts for the report.
         fingerprint: what identifies the data (pairs file hash, index generation and encoder).
+        negatives: the rewritten captions of each caption (``caption_negatives > 0``), else None.
     """
 
     captions: list[str]
@@ -218,6 +222,7 @@ class TrainingSet:
     image_vectors: np.ndarray
     counts: dict[str, int] = field(default_factory=dict)
     fingerprint: dict[str, Any] = field(default_factory=dict)
+    negatives: CaptionNegativeBank | None = None
 
 
 def prepare_training_set(index: Index, pairs_path: str | os.PathLike[str],
@@ -271,10 +276,20 @@ def prepare_training_set(index: Index, pairs_path: str | os.PathLike[str],
     pair_row = pair_row[usable]
     n_captions = len(captions)
 
-    # -- encode every caption once; mine the first stage in one batched search -----------------
-    tokens, token_mask, xq = _encode_captions(index, captions)
+    # -- encode every caption (and rewritten caption) once; mine the first stage ---------------
+    perturb = None
+    if config.caption_negatives:
+        if shapes_root is None:
+            raise InvalidArgumentError(
+                f"caption negatives need the scene graphs of a shapes dataset to tell which "
+                f"rewritten captions are false, but {pairs_file} is not in one (no dataset.json "
+                "naming 'shapes' beside it); train without --caption-negatives"
+            )
+        perturb = _caption_perturbations(captions, shapes_root)
+    bank_texts = captions + (perturb[2] if perturb is not None else [])
+    tokens, token_mask, xq = _encode_captions(index, bank_texts)
     depth = min(config.mine_k, len(index))
-    _, ids = index.first_stage.search(xq, depth)  # (U, depth) ids, -1 padded
+    _, ids = index.first_stage.search(xq[:n_captions], depth)  # (U, depth) ids, -1 padded
     mined_rows = np.full(ids.shape, -1, dtype=np.int64)
     valid = ids >= 0
     mined_rows[valid] = index._generation.rows_of_ids(ids[valid])
@@ -294,8 +309,8 @@ def prepare_training_set(index: Index, pairs_path: str | os.PathLike[str],
         positives = PositiveSet(pair_caption, pair_image, n_images)
     else:
         relevance = "shapes"
-        positives = _shapes_positives(captions, scenes.take(scene_row_of_index_row[pool_rows]),
-                                      pair_caption, pair_image, shapes_root)
+        pool_scenes = scenes.take(scene_row_of_index_row[pool_rows])
+        positives = _shapes_positives(captions, pool_scenes, pair_caption, pair_image, shapes_root)
 
     # -- hard negatives: the mined candidates that are not positives ---------------------------
     is_pos = positives.contains(np.arange(n_captions)[:, None], np.maximum(mined, 0))  # (U, depth)
@@ -352,6 +367,14 @@ def prepare_training_set(index: Index, pairs_path: str | os.PathLike[str],
         "encoder": index.manifest.encoder.get("weights_sha256") or index.model_id,
         "relevance": relevance,
     }
+    negatives = None
+    if perturb is not None:
+        from crossrank.datasets import SpecArrays
+
+        offsets, n_structural, extra = perturb
+        negatives = CaptionNegativeBank(offsets=offsets, n_structural=n_structural,
+                                        specs=SpecArrays.from_specs(bank_texts), scenes=pool_scenes)
+        counts["negative_captions"] = len(extra)
     logger.info("training set: %d pairs (%d train, %d val captions), %d images, relevance %s",
                 counts["used_pairs"], counts["train_captions"], n_val, n_images, relevance)
     return TrainingSet(
@@ -363,6 +386,7 @@ def prepare_training_set(index: Index, pairs_path: str | os.PathLike[str],
         image_vectors=np.ascontiguousarray(index._generation.vectors()[pool_rows], dtype=np.float32),
         counts=counts,
         fingerprint=fingerprint,
+        negatives=negatives,
     )
 
 
@@ -404,6 +428,98 @@ def _shapes_positives(captions: list[str], scenes: Any, pair_caption: np.ndarray
         cap_parts.append(c + lo)
         img_parts.append(i)
     return PositiveSet(np.concatenate(cap_parts), np.concatenate(img_parts), n_images)
+
+
+def _caption_perturbations(captions: list[str], root: Path) -> tuple[list[np.ndarray],
+                                                                      np.ndarray, list[str]]:
+    """Each caption's near misses (:func:`~crossrank.datasets.caption_perturbations`), as rows of
+    the caption bank: ``(rows per caption, structural count per caption, new texts)``.
+
+    A rewrite never names a colour-shape pair absent from the captions (held-out compositions
+    stay unseen). Rewrites that are themselves captions reuse their row; the others are appended
+    after the U captions, in order of first appearance.
+    """
+    from crossrank.datasets import caption_perturbations, parse_query
+
+    try:
+        specs = [parse_query(c) for c in captions]
+    except InvalidArgumentError as e:
+        raise InvalidArgumentError(
+            f"the pairs file sits in shapes dataset {root}, so its captions must be shapes "
+            f"templates, but one is not ({' '.join(str(e).split())[:200]})"
+        ) from e
+    allowed = {(o.colour, o.shape) for spec in specs for o in (spec.a, spec.b) if o is not None}
+    row_of_text = {text: i for i, text in enumerate(captions)}
+    extra: list[str] = []
+    rows: list[np.ndarray] = []
+    n_structural = np.zeros(len(captions), dtype=np.int64)
+    for u, spec in enumerate(specs):
+        structural, attribute = caption_perturbations(spec, allowed)
+        n_structural[u] = len(structural)
+        out = []
+        for rewritten in structural + attribute:
+            text = rewritten.text
+            row = row_of_text.get(text)
+            if row is None:
+                row = row_of_text[text] = len(captions) + len(extra)
+                extra.append(text)
+            out.append(row)
+        rows.append(np.array(out, dtype=np.int64))
+    return rows, n_structural, extra
+
+
+@dataclass
+class CaptionNegativeBank:
+    """The rewritten captions of each caption, and what decides which are false of an image.
+
+    Attributes:
+        offsets: per caption ``u``, int64 rows of the caption bank (``TrainingSet.tokens``): its
+            structural rewrites first (``n_structural[u]`` of them), then the attribute ones.
+        n_structural: int64 ``(U,)``.
+        specs: the parsed specs of every bank row (captions and rewrites).
+        scenes: the scene graph of every local image.
+    """
+
+    offsets: list[np.ndarray]
+    n_structural: np.ndarray
+    specs: Any  # SpecArrays
+    scenes: Any  # SceneArrays
+
+    def sample(self, caption: np.ndarray, image: np.ndarray, n: int,
+               rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+        """For each (caption, image), the caption and ``n`` rewrites false of the image.
+
+        Half the rewrites (rounded up) are structural where the caption has enough false ones
+        (swapped bindings, swapped objects, another relation), the rest attribute changes; each
+        group tops up the other.
+
+        Returns:
+            ``(rows, valid)``: int64 ``(B, 1 + n)`` bank rows, the caption in column 0, and bool
+            ``(B, 1 + n)``; False marks a slot left empty because the caption has too few false
+            rewrites for this image (its row repeats the caption and must be masked out).
+        """
+        from crossrank.datasets.relevance import match_aligned
+
+        counts = np.array([self.offsets[u].size for u in caption.tolist()], dtype=np.int64)
+        flat = np.concatenate([self.offsets[u] for u in caption.tolist()]) if counts.sum() else \
+            np.zeros(0, dtype=np.int64)
+        owner = np.repeat(np.arange(caption.size), counts)
+        false = ~match_aligned(self.specs.take(flat), self.scenes.take(image[owner]))
+        rows = np.repeat(caption[:, None], 1 + n, axis=1).astype(np.int64)
+        valid = np.zeros((caption.size, 1 + n), dtype=bool)
+        valid[:, 0] = True
+        start = 0
+        for b, (u, count) in enumerate(zip(caption.tolist(), counts.tolist(), strict=True)):
+            options, ok = flat[start:start + count], false[start:start + count]
+            start += count
+            k = int(self.n_structural[u])
+            structural = rng.permutation(options[:k][ok[:k]])
+            attribute = rng.permutation(options[k:][ok[k:]])
+            n_s = min(structural.size, max(n - attribute.size, (n + 1) // 2))
+            chosen = np.concatenate([structural[:n_s], attribute[: n - n_s]])
+            rows[b, 1:1 + chosen.size] = chosen
+            valid[b, 1:1 + chosen.size] = True
+        return rows, valid
 
 
 def _encode_captions(index: Index,

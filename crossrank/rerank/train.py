@@ -114,6 +114,11 @@ class RerankTrainConfig:
     # the reranker learns a correction to the first stage instead of replacing it (0 = off). The
     # saved reranker then recommends ``--fusion weighted:1/(1+W)``, the same ranking at search time.
     first_stage_weight: float = 0.0
+    # Caption negatives (shapes datasets): per pair, this many rewrites of its caption that are
+    # false of its image (swapped colours, shapes or objects, another relation, a recoloured or
+    # reshaped object), ranked against the true caption on that image: a second, text-side loss
+    # that teaches binding directly. 0 = off.
+    caption_negatives: int = 0
 
     def __post_init__(self) -> None:
         for name in ("steps", "batch_size", "mine_k", "max_val_captions", "eval_every",
@@ -126,7 +131,7 @@ class RerankTrainConfig:
                 f"n_candidates must be an int >= 2 (the positive and at least one negative), "
                 f"got {self.n_candidates!r}"
             )
-        for name in ("warmup", "seed"):
+        for name in ("warmup", "seed", "caption_negatives"):
             value = getattr(self, name)
             if not _is_int(value) or value < 0:
                 raise ValueError(f"{name} must be an int >= 0, got {value!r}")
@@ -232,7 +237,8 @@ class TrainReport:
         return out
 
 
-def rerank_loss(logits: torch.Tensor, loss: RerankLoss | str = RerankLoss.LISTWISE) -> torch.Tensor:
+def rerank_loss(logits: torch.Tensor, loss: RerankLoss | str = RerankLoss.LISTWISE,
+                valid: torch.Tensor | None = None) -> torch.Tensor:
     """The training loss of candidate lists whose positive is in column 0.
 
     Args:
@@ -240,6 +246,8 @@ def rerank_loss(logits: torch.Tensor, loss: RerankLoss | str = RerankLoss.LISTWI
         loss: ``listwise``: mean over queries of ``-log softmax(logits)[0]``. ``itm``: binary
             cross-entropy per (query, candidate), label 1 in column 0 and 0 elsewhere, the
             positives' mean and the negatives' mean averaged with equal weight.
+        valid: bool ``(B, k)``, False = an empty slot that takes no part (column 0 must be
+            True); None = all valid.
 
     Returns:
         A float32 scalar.
@@ -247,13 +255,23 @@ def rerank_loss(logits: torch.Tensor, loss: RerankLoss | str = RerankLoss.LISTWI
     import torch
     import torch.nn.functional as F
 
+    if valid is not None:
+        if not bool(valid[:, 0].all()):
+            raise InvalidArgumentError("rerank_loss: column 0 (the positive) must be valid in every row")
+        logits = logits.masked_fill(~valid, float("-inf"))
     if RerankLoss(loss) == RerankLoss.LISTWISE:
         target = torch.zeros(logits.shape[0], dtype=torch.long, device=logits.device)
         return F.cross_entropy(logits, target)
     labels = torch.zeros_like(logits)
     labels[:, 0] = 1.0
+    negative = torch.ones_like(labels, dtype=torch.bool)
+    negative[:, 0] = False
+    if valid is not None:
+        negative &= valid
+        logits = logits.masked_fill(~valid, 0.0)  # finite, and excluded from the mean below
     bce = F.binary_cross_entropy_with_logits(logits, labels, reduction="none")  # (B, k)
-    return 0.5 * bce[:, 0].mean() + 0.5 * bce[:, 1:].mean()
+    neg = bce[negative].mean() if bool(negative.any()) else bce.new_zeros(())
+    return 0.5 * bce[:, 0].mean() + 0.5 * neg
 
 
 def train_reranker(
@@ -375,11 +393,14 @@ def train_reranker(
     first_stage = _first_stage_metrics(data)
     log = _TrainLog(out / LOG_NAME, start)
 
-    def evaluate(step: int, train_loss: float | None, train_acc: float | None) -> None:
+    def evaluate(step: int, train_loss: float | None, train_acc: float | None,
+                 caption_acc: float | None = None) -> None:
         entry: dict[str, Any] = {"step": step, "lr": config.lr_at(max(step - 1, 0)),
                                  "hard_fraction": config.hard_fraction_at(max(step - 1, 0))}
         if train_loss is not None:
             entry.update(train_loss=train_loss, train_accuracy=train_acc)
+        if caption_acc is not None:  # the true caption ranked first among its rewrites
+            entry.update(train_caption_accuracy=caption_acc)
         if data.val_captions.size:
             entry.update(_validate(model, data, val_candidates, banks, device))
         entry["elapsed_s"] = round(time.perf_counter() - t_start, 2)
@@ -404,6 +425,16 @@ def train_reranker(
         with _autocast(device):
             logits = _forward(model, banks, caption, candidates, device)  # (B, k) float32
         loss = rerank_loss(logits, config.loss)
+        caption_acc = None
+        if data.negatives is not None:
+            # Text side: the true caption against rewrites false of the image, on that image.
+            rows, valid = data.negatives.sample(caption, positive, config.caption_negatives, rng)
+            valid_t = torch.from_numpy(valid).to(device)
+            with _autocast(device):
+                text_logits = _forward_captions(model, banks, rows, positive, device)  # (B, 1+M)
+            loss = loss + rerank_loss(text_logits, config.loss, valid_t)
+            caption_acc = float(_top1_accuracy(
+                text_logits.detach().masked_fill(~valid_t, float("-inf"))).mean().item())
         optimizer.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
         scaler.unscale_(optimizer)
@@ -431,10 +462,14 @@ def train_reranker(
         if finite:
             window["loss"].append(loss_value)
             window["accuracy"].append(acc)
+            if caption_acc is not None:
+                window.setdefault("caption_accuracy", []).append(caption_acc)
         done = step + 1
         if done % config.eval_every == 0 or done == config.steps:
             evaluate(done, float(np.mean(window["loss"])) if window["loss"] else None,
-                     float(np.mean(window["accuracy"])) if window["accuracy"] else None)
+                     float(np.mean(window["accuracy"])) if window["accuracy"] else None,
+                     float(np.mean(window["caption_accuracy"]))
+                     if window.get("caption_accuracy") else None)
             window = {"loss": [], "accuracy": []}
         if done % config.checkpoint_every == 0 or done == config.steps:
             _save_checkpoint(ckpt_path, {
@@ -549,13 +584,46 @@ def _forward(model: CrossAttentionReranker, banks: _Banks, caption: np.ndarray,
     mask = banks.token_mask[u]  # (B, L)
     real = mask.any(dim=0)  # drop the columns that are padding for every query of the batch
     x = banks.tokens[u][:, real].float()  # (B, L_b, d)
-    p = banks.patches[c].float()  # (B, k, P, d)
-    # auto folds the key/value projections into the query side where the config allows: about
-    # twice as fast a training step on the CPU as projecting every candidate's patches.
-    logits = model.forward_batch(x, mask[:, real], p, path=AttentionPath.AUTO)
+    if model.config.foldable_layers == 0:
+        # Patch self-attention (or back-attention) is per image, not per (query, candidate):
+        # run it once per distinct image of the step (in-batch negatives repeat images) and
+        # let every list read the keys/values of its candidates.
+        images, where = torch.unique(c, return_inverse=True)  # (n,), (B, k)
+        kv = model.precompute_kv(banks.patches[images].float()).select(where)  # lead (B, k)
+        logits = model.forward_batch(x, mask[:, real], kv)
+    else:
+        # auto folds the key/value projections into the query side: about twice as fast a
+        # training step on the CPU as projecting every candidate's patches.
+        p = banks.patches[c].float()  # (B, k, P, d)
+        logits = model.forward_batch(x, mask[:, real], p, path=AttentionPath.AUTO)
     if banks.residual is not None:
         weight, q_vec, i_vec = banks.residual
         cosine = torch.einsum("bd,bkd->bk", q_vec[u], i_vec[c])  # (B, k) float32
+        logits = logits.float() + weight * cosine
+    return logits
+
+
+def _forward_captions(model: CrossAttentionReranker, banks: _Banks, rows: np.ndarray,
+                      image: np.ndarray, device: torch.device) -> torch.Tensor:
+    """``(B, 1 + M)`` float32 logits of each image against its caption bank rows ``(B, 1 + M)``.
+
+    The image's keys/values are computed once and read by its ``1 + M`` captions; residual
+    training adds the weighted first-stage cosine of each (caption, image), as :func:`_forward`.
+    """
+    import torch
+
+    b, m1 = rows.shape
+    u = torch.from_numpy(rows.reshape(-1)).to(device)  # (B * (1 + M),)
+    img = torch.from_numpy(image).to(device)  # (B,)
+    mask = banks.token_mask[u]
+    real = mask.any(dim=0)
+    x = banks.tokens[u][:, real].float()  # (B * (1 + M), L_b, d)
+    owner = torch.arange(b, device=device).repeat_interleave(m1)  # each query's image
+    kv = model.precompute_kv(banks.patches[img].float()).select(owner).unsqueeze(1)
+    logits = model.forward_batch(x, mask[:, real], kv).view(b, m1)  # (B, 1 + M)
+    if banks.residual is not None:
+        weight, q_vec, i_vec = banks.residual
+        cosine = (q_vec[u].view(b, m1, -1) * i_vec[img][:, None, :]).sum(-1)  # (B, 1 + M)
         logits = logits.float() + weight * cosine
     return logits
 

@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import numpy as np
 import pyarrow.parquet as pq
+import pytest
 
 from crossrank.datasets import (
     Colour,
@@ -13,6 +14,7 @@ from crossrank.datasets import (
     Shape,
     Size,
     SpecArrays,
+    match_aligned,
     match_matrix,
     satisfies,
 )
@@ -82,3 +84,18 @@ def test_take_selects_a_batch_consistently():
     sub = match_matrix(spec_arrays.take(idx), scene_arrays.take(idx))
     np.testing.assert_array_equal(sub, full[np.ix_(idx, idx)])
     assert sub.diagonal().all()  # every caption matches the image it was drawn from
+
+
+def test_match_aligned_equals_the_diagonal_of_match_matrix():
+    rng = np.random.default_rng(3)
+    scenes = [sample_scene(rng, 64, include_heldout=True) for _ in range(300)]
+    specs = [_random_spec(rng) if i % 2 else
+             sample_spec(s, list(QueryKind)[i % 3], rng, size_word_prob=0.5) or _random_spec(rng)
+             for i, s in enumerate(scenes)]
+    sp, sc = SpecArrays.from_specs(specs), SceneArrays.from_scenes(scenes)
+    got = match_aligned(sp, sc)
+    want = np.array([satisfies(scene, spec) for scene, spec in zip(scenes, specs, strict=True)])
+    np.testing.assert_array_equal(got, want)
+    assert 0.2 < want.mean() < 0.8  # both outcomes well represented
+    with pytest.raises(ValueError, match="as many specs as scenes"):
+        match_aligned(sp, sc.take(np.arange(3)))

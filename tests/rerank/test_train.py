@@ -103,6 +103,21 @@ def test_rerank_loss_matches_hand_computed_values():
                                                               rel=1e-6)
 
 
+def test_rerank_loss_leaves_out_invalid_slots():
+    logits = torch.tensor([[2.0, 0.0, 5.0], [0.0, 1.0, -1.0]])
+    valid = torch.tensor([[True, True, False], [True, True, True]])
+    listwise = (-math.log(math.exp(2) / (math.exp(2) + 1))
+                - math.log(1 / (1 + math.e + math.exp(-1)))) / 2
+    assert rerank_loss(logits, "listwise", valid).item() == pytest.approx(listwise, rel=1e-6)
+    # itm: the negatives' mean runs over the three valid negatives only
+    positives = (math.log1p(math.exp(-2.0)) + math.log1p(1.0)) / 2
+    negatives = (math.log1p(1.0) + math.log1p(math.e) + math.log1p(math.exp(-1.0))) / 3
+    assert rerank_loss(logits, "itm", valid).item() == pytest.approx(
+        0.5 * positives + 0.5 * negatives, rel=1e-6)
+    with pytest.raises(InvalidArgumentError, match="column 0"):
+        rerank_loss(logits, "listwise", ~valid)
+
+
 # -- training ---------------------------------------------------------------------------------
 
 
@@ -284,6 +299,133 @@ def test_hard_negatives_never_include_exact_shapes_positives(shapes):
         assert not truth[u[:, None], lists[:, 1:]].any()
 
 
+def test_caption_negatives_are_rewrites_false_of_the_image(shapes):
+    from crossrank.datasets import caption_perturbations, parse_query, satisfies
+
+    ds, index = shapes
+    data = prepare_training_set(index, ds.pairs_path, _config(caption_negatives=4, val_fraction=0.0))
+    bank = data.negatives
+    n_bank = data.tokens.shape[0]
+    assert n_bank == len(data.captions) + data.counts["negative_captions"] == data.query_vectors.shape[0]
+    texts = data.captions + [None] * data.counts["negative_captions"]
+    paths = pq.read_table(ds.metadata_path, columns=["path"]).column("path").to_pylist()
+    scene_of = {str((ds.root / p).absolute()): s for p, s in zip(paths, ds.scenes(), strict=True)}
+    index_paths = _images(index)
+    # Rewrites name only colour-shape pairs the captions show (none of the held-out ones).
+    seen = {(o.colour, o.shape) for c in data.captions for o in (parse_query(c).a, parse_query(c).b)
+            if o is not None}
+    rng = np.random.default_rng(0)
+    n_structural = n_slots = 0
+    for _ in range(10):
+        batch = rng.choice(data.train_caption.size, size=16, replace=False)
+        u, image = data.train_caption[batch], data.train_image[batch]
+        rows, valid = bank.sample(u, image, 4, rng)
+        assert rows.shape == valid.shape == (16, 5) and (rows[:, 0] == u).all() and valid[:, 0].all()
+        for b in range(16):
+            scene = scene_of[index_paths[data.pool_rows[image[b]]]]
+            caption = parse_query(data.captions[u[b]])
+            structural, attribute = caption_perturbations(caption, seen)
+            allowed = {s.text: kind for kind, group in (("s", structural), ("a", attribute))
+                       for s in group}
+            chosen = rows[b, 1:][valid[b, 1:]]
+            assert len(set(chosen.tolist())) == chosen.size  # no rewrite twice
+            kinds = []
+            for row in chosen.tolist():
+                text = texts[row] if row < len(data.captions) else _bank_text(bank, row)
+                assert text in allowed and not satisfies(scene, text)
+                kinds.append(allowed[text])
+            # Half the slots (rounded up) structural where enough are false, each group topping
+            # up the other; a slot stays empty only when the caption has no other false rewrite.
+            false_s = sum(not satisfies(scene, t.text) for t in structural)
+            false_a = sum(not satisfies(scene, t.text) for t in attribute)
+            assert chosen.size == min(4, false_s + false_a)
+            assert kinds.count("s") == min(false_s, max(4 - false_a, 2))
+            n_structural += kinds.count("s")
+            n_slots += chosen.size
+    assert n_slots > 500 and n_structural > 50
+
+
+def _bank_text(bank, row: int) -> str:
+    """The text of a caption-bank row, rebuilt from its parsed spec arrays."""
+    from crossrank.datasets import Colour, ObjectSpec, QueryKind, QuerySpec, Relation, Shape, Size
+
+    sp = bank.specs.take(np.array([row]))
+
+    def obj(prefix):
+        colour = int(getattr(sp, f"{prefix}_colour")[0])
+        if colour < 0:
+            return None
+        size = int(getattr(sp, f"{prefix}_size")[0])
+        return ObjectSpec(list(Colour)[colour], list(Shape)[int(getattr(sp, f"{prefix}_shape")[0])],
+                          None if size < 0 else list(Size)[size])
+
+    relation = int(sp.relation[0])
+    return QuerySpec(list(QueryKind)[int(sp.kind[0])], obj("a"), obj("b"),
+                     None if relation < 0 else list(Relation)[relation]).text
+
+
+def test_caption_negatives_need_a_shapes_dataset(colours):
+    pairs, index = colours
+    with pytest.raises(InvalidArgumentError, match=r"caption negatives need the scene graphs of a shapes "
+                                                    r"dataset.*train without --caption-negatives"):
+        prepare_training_set(index, pairs, _config(caption_negatives=2))
+
+
+@pytest.mark.parametrize("model_config", [TINY, RerankerConfig(width=16, heads=2, layers=2, mlp_ratio=2.0,
+                                                               patch_self_attention=True,
+                                                               query_self_attention=True)])
+def test_training_forwards_equal_plain_per_pair_scores(shapes, model_config):
+    """The step's shortcuts (keys/values once per distinct image) score as the plain forward."""
+    from crossrank.rerank.cross_attention import AttentionPath
+    from crossrank.rerank.train import _Banks, _forward, _forward_captions
+
+    ds, index = shapes
+    data = prepare_training_set(index, ds.pairs_path, _config(caption_negatives=3, val_fraction=0.0))
+    dim = index.manifest.encoder["patch_dim"]
+    torch.manual_seed(0)
+    cfg = RerankerConfig(**{**model_config.to_dict(), "text_dim": dim, "patch_dim": dim,
+                            "patch_positions": index.patches.shape[0]})
+    model = CrossAttentionReranker(cfg).eval()
+    with torch.no_grad():  # gates away from 0, so that the cross-attention counts
+        for name, param in model.named_parameters():
+            if "gate" in name:
+                param.fill_(0.7)
+    banks = _Banks(torch.from_numpy(data.tokens), torch.from_numpy(data.token_mask),
+                   torch.from_numpy(data.patches),
+                   (2.0, torch.from_numpy(data.query_vectors), torch.from_numpy(data.image_vectors)))
+    rng = np.random.default_rng(0)
+    batch = rng.choice(data.train_caption.size, size=6, replace=False)
+    u, image = data.train_caption[batch], data.train_image[batch]
+    candidates = CandidateSampler(data, 5, in_batch=True).sample(u, image, 2, rng)
+    rows, _ = data.negatives.sample(u, image, 3, rng)
+
+    def plain(caption: int, img: int) -> float:
+        mask = banks.token_mask[caption][None]
+        logit = model.forward_batch(banks.tokens[caption][None].float(), mask,
+                                    banks.patches[img][None, None].float(), path=AttentionPath.PLAIN)
+        return float(logit) + 2.0 * float(banks.residual[1][caption] @ banks.residual[2][img])
+
+    with torch.no_grad():
+        got = _forward(model, banks, u, candidates, torch.device("cpu"))
+        want = torch.tensor([[plain(u[b], c) for c in candidates[b]] for b in range(6)])
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+        got = _forward_captions(model, banks, rows, image, torch.device("cpu"))
+        want = torch.tensor([[plain(r, image[b]) for r in rows[b]] for b in range(6)])
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+    assert got.std() > 0.01  # the scores differ: the check can fail
+
+
+def test_caption_negatives_train_and_log_their_accuracy(shapes, tmp_path):
+    ds, index = shapes
+    report = train_reranker(index, ds.pairs_path, tmp_path / "r", model_config=TINY,
+                            config=_config(caption_negatives=3))
+    assert report.counts["negative_captions"] > 0
+    logged = [e for e in report.curve if "train_loss" in e]
+    assert logged and all(0.0 <= e["train_caption_accuracy"] <= 1.0 for e in logged)
+    saved = json.loads((tmp_path / "r" / "config.json").read_text())
+    assert saved["metadata"]["train"]["caption_negatives"] == 3
+
+
 def test_images_paired_with_the_identical_caption_are_never_negatives(colours):
     pairs, index = colours
     data = prepare_training_set(index, pairs, _config(mine_k=30, val_fraction=0.0))
@@ -397,6 +539,7 @@ def test_a_corrupt_checkpoint_is_refused(shapes, tmp_path):
     ({"val_fraction": 0.9}, r"val_fraction must be a number in \[0, 0.5\]"),
     ({"in_batch": "yes"}, r"in_batch must be True or False"),
     ({"first_stage_weight": -1}, r"first_stage_weight must be a number in \[0, 1e4\)"),
+    ({"caption_negatives": -1}, r"caption_negatives must be an int >= 0"),
 ])
 def test_config_refuses_bad_values(fields, match):
     with pytest.raises(ValueError, match=match):
