@@ -390,6 +390,11 @@ def train_reranker(
     val_candidates = sampler.sample(data.val_captions, data.val_image,
                                round(config.hard_fraction * n_neg),
                                np.random.default_rng([config.seed, 2]), in_batch=False)
+    val_rewrites = None  # fixed rewrites of each validation caption, false of its image
+    if data.negatives is not None and data.val_captions.size:
+        val_rewrites = data.negatives.sample(data.val_captions, data.val_image,
+                                             config.caption_negatives,
+                                             np.random.default_rng([config.seed, 3]))
     first_stage = _first_stage_metrics(data)
     log = _TrainLog(out / LOG_NAME, start)
 
@@ -402,7 +407,7 @@ def train_reranker(
         if caption_acc is not None:  # the true caption ranked first among its rewrites
             entry.update(train_caption_accuracy=caption_acc)
         if data.val_captions.size:
-            entry.update(_validate(model, data, val_candidates, banks, device))
+            entry.update(_validate(model, data, val_candidates, banks, device, val_rewrites))
         entry["elapsed_s"] = round(time.perf_counter() - t_start, 2)
         log.append(entry)
         logger.info("step %d: %s", step, ", ".join(
@@ -629,8 +634,11 @@ def _forward_captions(model: CrossAttentionReranker, banks: _Banks, rows: np.nda
 
 
 def _validate(model: CrossAttentionReranker, data: TrainingSet, val_candidates: np.ndarray,
-              banks: _Banks, device: torch.device) -> dict[str, float]:
-    """``val_accuracy`` on the fixed candidate lists, ``val_r1`` reranking the first-stage lists."""
+              banks: _Banks, device: torch.device,
+              rewrites: tuple[np.ndarray, np.ndarray] | None = None) -> dict[str, float]:
+    """``val_accuracy`` on the fixed candidate lists, ``val_r1`` reranking the first-stage lists,
+    and with caption negatives ``val_caption_accuracy``: the true caption ranked first among its
+    fixed rewrites ``(rows, valid)`` on its image."""
     import torch
 
     from crossrank.rerank.cross_attention import _autocast
@@ -653,9 +661,22 @@ def _validate(model: CrossAttentionReranker, data: TrainingSet, val_candidates: 
             # The first of the tied top candidates: ties keep the first-stage order, as in search.
             top = _near_top(logits).int().argmax(dim=1).cpu().numpy()  # (b,)
             r1.append(data.val_relevant[lo:lo + per][np.arange(chunk.shape[0]), top])
+        caption_hits = []
+        if rewrites is not None:
+            rows, valid = rewrites
+            per = max(1, _EVAL_CANDIDATES // rows.shape[1])
+            for lo in range(0, rows.shape[0], per):
+                logits = _forward_captions(model, banks, rows[lo:lo + per],
+                                           data.val_image[lo:lo + per], device)
+                keep = torch.from_numpy(valid[lo:lo + per]).to(device)
+                caption_hits.append(_top1_accuracy(logits.masked_fill(~keep, float("-inf")))
+                                    .cpu().numpy())
     model.train()
-    return {"val_accuracy": float(np.concatenate(hits).mean()),
-            "val_r1": float(np.concatenate(r1).mean())}
+    out = {"val_accuracy": float(np.concatenate(hits).mean()),
+           "val_r1": float(np.concatenate(r1).mean())}
+    if caption_hits:
+        out["val_caption_accuracy"] = float(np.concatenate(caption_hits).mean())
+    return out
 
 
 def _near_top(logits: torch.Tensor) -> torch.Tensor:
