@@ -100,12 +100,13 @@ class SearchResult(Sequence[Hit]):
         return iter(self.hits)
 
     def to_dict(self) -> dict[str, Any]:
-        """The ``--json`` shape: ``{"query", "hits", "counts", "timings_ms"}``."""
+        """The ``--json`` shape: ``{"query", "hits", "counts", "timings_ms", "generation"}``."""
         return {
             "query": self.query,
             "hits": [hit.to_dict() for hit in self.hits],
             "counts": self.counts.to_dict(),
             "timings_ms": {stage: round(ms, 3) for stage, ms in self.timings_ms.items()},
+            "generation": self.generation,
         }
 
 

@@ -62,9 +62,10 @@ def test_search_result_is_a_sequence_of_hits():
 def test_search_result_json_shape():
     hits = (Hit(id=2, path="/2.png", score=0.9, first_stage_score=0.8, rerank_score=0.9, metadata={}),)
     out = _result(hits).to_dict()
-    assert list(out) == ["query", "hits", "counts", "timings_ms"]
+    assert list(out) == ["query", "hits", "counts", "timings_ms", "generation"]
     assert out["query"] == "a red circle"
     assert out["hits"] == [hits[0].to_dict()]
     assert out["counts"] == {"requested": 3, "returned": 1, "filtered_out": 5, "candidates": 7}
     assert out["timings_ms"] == {"encode": 1.235, "total": 2.0}
+    assert out["generation"] is None  # not searched through an Index
     assert json.loads(json.dumps(out)) == out

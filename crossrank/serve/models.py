@@ -139,6 +139,9 @@ class SearchResponse(BaseModel):
     hits: list[HitOut]
     counts: CountsOut
     timings_ms: dict[str, float]
+    generation: int | None = Field(
+        None, description="The index generation every stage of this search read (a living index "
+                          "moves to newer ones as writers commit).")
 
 
 class Health(BaseModel):

@@ -87,8 +87,9 @@ def test_search_json_has_the_documented_shape(cli_build, odd_folder, runner):
     index, _ = cli_build
     _, good, _ = odd_folder
     out = _search_json(runner, str(index), QUERY, "-k", "3", "--rerank-k", "8")
-    assert list(out) == ["query", "hits", "counts", "timings_ms"]
+    assert list(out) == ["query", "hits", "counts", "timings_ms", "generation"]
     assert out["query"] == QUERY
+    assert out["generation"] == 1  # a fresh build is generation 1
     assert len(out["hits"]) == 3
     for hit in out["hits"]:
         assert list(hit) == ["id", "path", "score", "scores", "metadata"]

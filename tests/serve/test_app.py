@@ -33,8 +33,9 @@ def test_search_returns_the_search_json_of_the_library(app, client) -> None:
     assert response.status_code == 200
     body = response.json()
     expected = app.state.index.search(QUERY, k=5, rerank_k=12).to_dict()
-    assert set(body) == {"query", "hits", "counts", "timings_ms"}
+    assert set(body) == {"query", "hits", "counts", "timings_ms", "generation"}
     assert body["query"] == QUERY
+    assert body["generation"] == expected["generation"] == app.state.index.manifest.generation
     assert body["hits"] == expected["hits"]
     assert body["counts"] == {"requested": 5, "returned": 5, "filtered_out": 0, "candidates": 12}
 
