@@ -500,9 +500,9 @@ class CaptionNegativeBank:
         """
         from crossrank.datasets.relevance import match_aligned
 
-        counts = np.array([self.offsets[u].size for u in caption.tolist()], dtype=np.int64)
-        flat = np.concatenate([self.offsets[u] for u in caption.tolist()]) if counts.sum() else \
-            np.zeros(0, dtype=np.int64)
+        options_of = [self.offsets[u] for u in caption.tolist()]
+        counts = np.array([o.size for o in options_of], dtype=np.int64)
+        flat = np.concatenate([np.zeros(0, dtype=np.int64), *options_of])  # every row's options
         owner = np.repeat(np.arange(caption.size), counts)
         false = ~match_aligned(self.specs.take(flat), self.scenes.take(image[owner]))
         rows = np.repeat(caption[:, None], 1 + n, axis=1).astype(np.int64)
