@@ -462,6 +462,9 @@ def train_cmd(
         console.print(f"validation R@1 reranking the top {mine_k}: {report.final.get('val_r1', float('nan')):.3f} "
                       f"(first stage {report.first_stage.get('r1', float('nan')):.3f}); "
                       f"accuracy among {candidates} candidates {report.final.get('val_accuracy', float('nan')):.3f}")
+        if "val_caption_accuracy" in report.final:
+            console.print(f"validation caption accuracy (the true caption first among {caption_negatives} rewrites): "
+                          f"{report.final['val_caption_accuracy']:.3f}")
     skipped = report.counts.get("missing_image", 0) + report.counts.get("empty_caption", 0)
     if skipped:
         console.print(f"[yellow]skipped {skipped} pairs[/] ({report.counts.get('missing_image', 0)} images not in the "

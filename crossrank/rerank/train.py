@@ -212,7 +212,9 @@ class TrainReport:
         first_stage: on the validation captions, the first stage's ``r1`` and its ``recall``
             at ``mine_k`` (the ceiling of reranking); empty without validation.
         final: the last validation: ``val_accuracy`` (positive ranked first of
-            ``n_candidates``), ``val_r1`` (R@1 after reranking the first-stage top ``mine_k``).
+            ``n_candidates``), ``val_r1`` (R@1 after reranking the first-stage top ``mine_k``),
+            with caption negatives ``val_caption_accuracy`` (the true caption ranked first among
+            its rewrites on its image).
         curve: the log, one dict per ``eval_every`` steps (``step``, ``train_loss``,
             ``train_accuracy``, ``lr``, ``hard_fraction``, ``val_accuracy``, ``val_r1``, ...).
     """
@@ -486,7 +488,7 @@ def train_reranker(
         if progress is not None:
             progress(done, config.steps, loss_value, acc)
 
-    final = {k: log.entries[-1][k] for k in ("val_accuracy", "val_r1")
+    final = {k: log.entries[-1][k] for k in ("val_accuracy", "val_r1", "val_caption_accuracy")
              if log.entries and k in log.entries[-1]}
     metadata = _reranker_metadata(
         "crossrank train", config, config.steps,

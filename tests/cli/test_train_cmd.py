@@ -91,6 +91,32 @@ def test_train_bad_values_are_usage_errors(trained, tmp_path: Path) -> None:
     assert "hard_fraction" in result.output
 
 
+def test_train_with_caption_negatives_reports_their_validation(trained, tmp_path: Path) -> None:
+    root, index_dir, _ = trained
+    result = runner.invoke(app, ["train", str(root / "pairs.parquet"), "--index", str(index_dir), "--out",
+                                 str(tmp_path / "r"), "--steps", "2", "--batch-size", "4", "--candidates", "4",
+                                 "--mine-k", "8", "--width", "16", "--heads", "2", "--layers", "1",
+                                 "--caption-negatives", "3", "--device", "cpu"])
+    assert result.exit_code == 0, result.output
+    assert "validation caption accuracy (the true caption first among 3 rewrites):" in result.stdout
+
+
+def test_train_caption_negatives_outside_a_shapes_dataset_is_one_line(trained, tmp_path: Path) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    root, index_dir, _ = trained
+    # The same pairs, with absolute paths, in a folder without the dataset's dataset.json.
+    table = pq.read_table(root / "pairs.parquet", columns=["path", "caption"])
+    absolute = pa.array([str((root / p).absolute()) for p in table.column("path").to_pylist()])
+    pairs = tmp_path / "pairs.parquet"
+    pq.write_table(table.set_column(0, "path", absolute), pairs)
+    result = runner.invoke(app, ["train", str(pairs), "--index", str(index_dir), "--out", str(tmp_path / "r"),
+                                 "--steps", "2", "--caption-negatives", "3", "--device", "cpu"])
+    assert result.exit_code == 1
+    assert result.stderr.count("error:") == 1 and "train without --caption-negatives" in result.stderr
+
+
 def test_train_missing_pairs_is_one_line(trained, tmp_path: Path) -> None:
     _, index_dir, _ = trained
     result = runner.invoke(app, ["train", str(tmp_path / "nope.parquet"), "--index", str(index_dir), "--out",

@@ -426,6 +426,7 @@ def test_caption_negatives_train_and_log_their_accuracy(shapes, tmp_path):
     # model ties them all, so the tie-aware accuracy is below 1 (chance, not a free hit).
     assert all(0.0 <= e["val_caption_accuracy"] <= 1.0 for e in report.curve)
     assert report.curve[0]["val_caption_accuracy"] < 0.9
+    assert report.final["val_caption_accuracy"] == report.curve[-1]["val_caption_accuracy"]
     saved = json.loads((tmp_path / "r" / "config.json").read_text())
     assert saved["metadata"]["train"]["caption_negatives"] == 3
 
