@@ -14,6 +14,9 @@ to put each caption's image first among candidates the first stage finds hard:
   first-stage top ``mine_k`` (one batched search up front, positives removed), the rest the other
   queries' positives in the step (in-batch) topped up with random images. ``curriculum`` ramps
   the hard share up from 0.
+- **Caption negatives** (``caption_negatives``, shapes datasets): each pair's image also ranks its
+  true caption against rewrites that its scene graph makes false (swapped colours, shapes or
+  objects, another relation, one object changed), a second loss of the same kind.
 - **Loss**: ``listwise`` (softmax cross-entropy over each candidate list, the positive first) or
   ``itm`` (binary matching over every (query, candidate), both classes weighted equally).
 - **Validation**: a fixed share of the unique captions is held out; every ``eval_every`` steps
