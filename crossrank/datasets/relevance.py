@@ -18,7 +18,7 @@ Example (a contrastive batch of pairs.parquet rows ``idx``, images and captions 
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -136,16 +136,18 @@ class SpecArrays:
         return cls(**out)
 
 
-def _object_match(
-    sc: SceneArrays, colour: np.ndarray, shape: np.ndarray, size: np.ndarray
-) -> np.ndarray:
-    c = sc.colour[None] == colour[:, None, None]  # (m, n, 3)
-    s = sc.shape[None] == shape[:, None, None]  # (m, n, 3)
-    z = (size[:, None, None] < 0) | (sc.size[None] == size[:, None, None])  # (m, n, 3)
-    return c & s & z & (colour[:, None, None] >= 0)  # (m, n, 3)
+def _object_match(sc: SceneArrays, lead: Callable[[np.ndarray], np.ndarray], colour: np.ndarray,
+                  shape: np.ndarray, size: np.ndarray) -> np.ndarray:
+    """``(m, n, 3)``: which objects of the scenes fit each spec's object; ``lead`` shapes a scene
+    field ``(scenes, 3)`` to broadcast against the specs (see :func:`_match`)."""
+    c = lead(sc.colour) == colour[:, None, None]
+    s = lead(sc.shape) == shape[:, None, None]
+    z = (size[:, None, None] < 0) | (lead(sc.size) == size[:, None, None])
+    return c & s & z & (colour[:, None, None] >= 0)
 
 
 def _relation_tensor(sc: SceneArrays) -> np.ndarray:
+    """``(4, scenes, 3, 3)``: whether object i stands in each relation to object j."""
     col, row = sc.col, sc.row
     rel = np.empty((len(_RELATIONS), len(sc), MAX_OBJECTS, MAX_OBJECTS), dtype=bool)
     rel[_RELATIONS.index(Relation.LEFT_OF)] = col[:, :, None] < col[:, None, :]  # (n, 3, 3)
@@ -153,6 +155,25 @@ def _relation_tensor(sc: SceneArrays) -> np.ndarray:
     rel[_RELATIONS.index(Relation.ABOVE)] = row[:, :, None] < row[:, None, :]
     rel[_RELATIONS.index(Relation.BELOW)] = row[:, :, None] > row[:, None, :]
     return rel
+
+
+def _match(sp: SpecArrays, sc: SceneArrays, rel: np.ndarray, aligned: bool) -> np.ndarray:
+    """The truth of ``m`` specs, ``(m, n)`` bool: against every one of ``n`` scenes, or with
+    ``aligned`` spec i against scene i only (``sc`` holds ``m`` scenes; ``n = 1``).
+
+    ``rel`` is :func:`_relation_tensor` of ``sc``.
+    """
+    m = len(sp)
+    # A scene field (scenes, ...) becomes (1, n, ...) against every spec, or (m, 1, ...) aligned.
+    lead = (lambda x: x[:, None]) if aligned else (lambda x: x[None])
+    a = _object_match(sc, lead, sp.a_colour, sp.a_shape, sp.a_size)  # (m, n, 3)
+    b = _object_match(sc, lead, sp.b_colour, sp.b_shape, sp.b_size)  # (m, n, 3)
+    both = a[:, :, :, None] & b[:, :, None, :] & ~np.eye(MAX_OBJECTS, dtype=bool)  # (m, n, 3, 3)
+    relation = np.maximum(sp.relation, 0)
+    holds = rel[relation, np.arange(m)][:, None] if aligned else rel[relation]  # (m, n, 3, 3)
+    is_rel = (sp.kind == _KINDS.index(QueryKind.RELATION))[:, None, None, None]  # (m, 1, 1, 1)
+    two = (both & (holds | ~is_rel)).any(axis=(2, 3))  # (m, n)
+    return np.where((sp.kind == _KINDS.index(QueryKind.SINGLE))[:, None], a.any(axis=2), two)
 
 
 def match_matrix(
@@ -178,21 +199,9 @@ def match_matrix(
     if m == 0 or n == 0:
         return out
     rel = _relation_tensor(sc)  # (4, n, 3, 3)
-    distinct = ~np.eye(MAX_OBJECTS, dtype=bool)  # (3, 3): two different objects
     step = max(1, chunk_elements // (n * MAX_OBJECTS * MAX_OBJECTS))
-    single_k = _KINDS.index(QueryKind.SINGLE)
-    rel_k = _KINDS.index(QueryKind.RELATION)
     for lo in range(0, m, step):
-        hi = min(m, lo + step)
-        a = _object_match(sc, sp.a_colour[lo:hi], sp.a_shape[lo:hi], sp.a_size[lo:hi])  # (c, n, 3)
-        b = _object_match(sc, sp.b_colour[lo:hi], sp.b_shape[lo:hi], sp.b_size[lo:hi])  # (c, n, 3)
-        both = a[:, :, :, None] & b[:, :, None, :] & distinct  # (c, n, 3, 3)
-        relation = sp.relation[lo:hi]
-        rel_sel = rel[np.maximum(relation, 0)]  # (c, n, 3, 3)
-        is_rel = (sp.kind[lo:hi] == rel_k)[:, None, None, None]  # (c, 1, 1, 1)
-        two = (both & (rel_sel | ~is_rel)).any(axis=(2, 3))  # (c, n)
-        single = a.any(axis=2)  # (c, n)
-        out[lo:hi] = np.where((sp.kind[lo:hi] == single_k)[:, None], single, two)  # (c, n)
+        out[lo:lo + step] = _match(sp.take(np.arange(lo, min(m, lo + step))), sc, rel, aligned=False)
     return out
 
 
@@ -215,20 +224,6 @@ def match_aligned(specs: SpecArrays, scenes: SceneArrays) -> np.ndarray:
     out = np.empty(len(specs), dtype=bool)
     for lo in range(0, len(specs), 4096):
         idx = np.arange(lo, min(len(specs), lo + 4096))
-        sp, sc = specs.take(idx), scenes.take(idx)
-        a = _aligned_object_match(sc, sp.a_colour, sp.a_shape, sp.a_size)  # (c, 3)
-        b = _aligned_object_match(sc, sp.b_colour, sp.b_shape, sp.b_size)  # (c, 3)
-        both = a[:, :, None] & b[:, None, :] & ~np.eye(MAX_OBJECTS, dtype=bool)  # (c, 3, 3)
-        rel = _relation_tensor(sc)[np.maximum(sp.relation, 0), np.arange(idx.size)]  # (c, 3, 3)
-        is_rel = (sp.kind == _KINDS.index(QueryKind.RELATION))[:, None, None]
-        two = (both & (rel | ~is_rel)).any(axis=(1, 2))
-        out[idx] = np.where(sp.kind == _KINDS.index(QueryKind.SINGLE), a.any(axis=1), two)
+        chunk = scenes.take(idx)
+        out[idx] = _match(specs.take(idx), chunk, _relation_tensor(chunk), aligned=True)[:, 0]
     return out
-
-
-def _aligned_object_match(sc: SceneArrays, colour: np.ndarray, shape: np.ndarray,
-                          size: np.ndarray) -> np.ndarray:
-    c = sc.colour == colour[:, None]  # (m, 3)
-    s = sc.shape == shape[:, None]
-    z = (size[:, None] < 0) | (sc.size == size[:, None])
-    return c & s & z & (colour[:, None] >= 0)
