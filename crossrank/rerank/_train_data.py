@@ -277,16 +277,18 @@ def prepare_training_set(index: Index, pairs_path: str | os.PathLike[str],
     n_captions = len(captions)
 
     # -- encode every caption (and rewritten caption) once; mine the first stage ---------------
-    perturb = None
-    if config.caption_negatives:
-        if shapes_root is None:
-            raise InvalidArgumentError(
-                f"caption negatives need the scene graphs of a shapes dataset to tell which "
-                f"rewritten captions are false, but {pairs_file} is not in one (no dataset.json "
-                "naming 'shapes' beside it); train without --caption-negatives"
-            )
-        perturb = _caption_perturbations(captions, shapes_root)
-    bank_texts = captions + (perturb[2] if perturb is not None else [])
+    if config.caption_negatives and shapes_root is None:
+        raise InvalidArgumentError(
+            f"caption negatives need the scene graphs of a shapes dataset to tell which "
+            f"rewritten captions are false, but {pairs_file} is not in one (no dataset.json "
+            "naming 'shapes' beside it); train without --caption-negatives"
+        )
+    # The captions of a shapes dataset are templates, parsed once: for exact relevance and for
+    # their rewrites, which follow the captions in the bank.
+    caption_specs = _parse_shapes_captions(captions, shapes_root) if shapes_root else None
+    perturb = _caption_perturbations(captions, caption_specs) if config.caption_negatives else None
+    extra_specs = perturb[2] if perturb is not None else []
+    bank_texts = captions + [spec.text for spec in extra_specs]
     tokens, token_mask, xq = _encode_captions(index, bank_texts)
     depth = min(config.mine_k, len(index))
     _, ids = index.first_stage.search(xq[:n_captions], depth)  # (U, depth) ids, -1 padded
@@ -309,8 +311,12 @@ def prepare_training_set(index: Index, pairs_path: str | os.PathLike[str],
         positives = PositiveSet(pair_caption, pair_image, n_images)
     else:
         relevance = "shapes"
+        from crossrank.datasets import SpecArrays
+
         pool_scenes = scenes.take(scene_row_of_index_row[pool_rows])
-        positives = _shapes_positives(captions, pool_scenes, pair_caption, pair_image, shapes_root)
+        bank_specs = SpecArrays.from_specs(caption_specs + extra_specs)
+        positives = _shapes_positives(bank_specs.take(np.arange(n_captions)), pool_scenes,
+                                      pair_caption, pair_image)
 
     # -- hard negatives: the mined candidates that are not positives ---------------------------
     is_pos = positives.contains(np.arange(n_captions)[:, None], np.maximum(mined, 0))  # (U, depth)
@@ -369,12 +375,10 @@ def prepare_training_set(index: Index, pairs_path: str | os.PathLike[str],
     }
     negatives = None
     if perturb is not None:
-        from crossrank.datasets import SpecArrays
-
-        offsets, n_structural, extra = perturb
+        offsets, n_structural, _ = perturb
         negatives = CaptionNegativeBank(offsets=offsets, n_structural=n_structural,
-                                        specs=SpecArrays.from_specs(bank_texts), scenes=pool_scenes)
-        counts["negative_captions"] = len(extra)
+                                        specs=bank_specs, scenes=pool_scenes)
+        counts["negative_captions"] = len(extra_specs)
     logger.info("training set: %d pairs (%d train, %d val captions), %d images, relevance %s",
                 counts["used_pairs"], counts["train_captions"], n_val, n_images, relevance)
     return TrainingSet(
@@ -406,51 +410,55 @@ def _shapes_scenes(root: Path, row_of_path: dict[str, int], n_rows: int) -> tupl
     return scene_row, dataset.scene_arrays()
 
 
-def _shapes_positives(captions: list[str], scenes: Any, pair_caption: np.ndarray,
-                      pair_image: np.ndarray, root: Path) -> PositiveSet:
-    """Every (caption, image) whose scene satisfies the caption, plus the pairs themselves."""
-    from crossrank.datasets import SpecArrays, match_matrix
+def _parse_shapes_captions(captions: list[str], root: Path) -> list[Any]:
+    """The :class:`~crossrank.datasets.QuerySpec` of each caption of a shapes dataset's pairs.
+
+    Raises:
+        InvalidArgumentError: a caption is not a shapes template.
+    """
+    from crossrank.datasets import parse_query
 
     try:
-        specs = SpecArrays.from_specs(captions)
+        return [parse_query(c) for c in captions]
     except (ValueError, KeyError) as e:
         raise InvalidArgumentError(
             f"the pairs file sits in shapes dataset {root}, so its captions must be shapes "
             f"templates, but one is not ({' '.join(str(e).split())}); move a custom pairs file "
             "out of the dataset folder to train on identical-caption positives"
         ) from e
+
+
+def _shapes_positives(specs: Any, scenes: Any, pair_caption: np.ndarray,
+                      pair_image: np.ndarray) -> PositiveSet:
+    """Every (caption, image) whose scene satisfies the caption (``specs``: the captions'
+    SpecArrays), plus the pairs themselves."""
+    from crossrank.datasets import match_matrix
+
     n_images = len(scenes)
     step = max(1, _MATCH_ELEMENTS // max(1, n_images))
     cap_parts, img_parts = [pair_caption], [pair_image]
-    for lo in range(0, len(captions), step):
-        idx = np.arange(lo, min(len(captions), lo + step))
+    for lo in range(0, len(specs), step):
+        idx = np.arange(lo, min(len(specs), lo + step))
         c, i = np.nonzero(match_matrix(specs.take(idx), scenes))  # (chunk, N) bool
         cap_parts.append(c + lo)
         img_parts.append(i)
     return PositiveSet(np.concatenate(cap_parts), np.concatenate(img_parts), n_images)
 
 
-def _caption_perturbations(captions: list[str], root: Path) -> tuple[list[np.ndarray],
-                                                                      np.ndarray, list[str]]:
+def _caption_perturbations(captions: list[str], specs: list[Any]) -> tuple[list[np.ndarray],
+                                                                         np.ndarray, list[Any]]:
     """Each caption's near misses (:func:`~crossrank.datasets.caption_perturbations`), as rows of
-    the caption bank: ``(rows per caption, structural count per caption, new texts)``.
+    the caption bank: ``(rows per caption, structural count per caption, new specs)``.
 
     A rewrite never names a colour-shape pair absent from the captions (held-out compositions
     stay unseen). Rewrites that are themselves captions reuse their row; the others are appended
     after the U captions, in order of first appearance.
     """
-    from crossrank.datasets import caption_perturbations, parse_query
+    from crossrank.datasets import caption_perturbations
 
-    try:
-        specs = [parse_query(c) for c in captions]
-    except InvalidArgumentError as e:
-        raise InvalidArgumentError(
-            f"the pairs file sits in shapes dataset {root}, so its captions must be shapes "
-            f"templates, but one is not ({' '.join(str(e).split())[:200]})"
-        ) from e
     allowed = {(o.colour, o.shape) for spec in specs for o in (spec.a, spec.b) if o is not None}
     row_of_text = {text: i for i, text in enumerate(captions)}
-    extra: list[str] = []
+    extra: list[Any] = []
     rows: list[np.ndarray] = []
     n_structural = np.zeros(len(captions), dtype=np.int64)
     for u, spec in enumerate(specs):
@@ -462,7 +470,7 @@ def _caption_perturbations(captions: list[str], root: Path) -> tuple[list[np.nda
             row = row_of_text.get(text)
             if row is None:
                 row = row_of_text[text] = len(captions) + len(extra)
-                extra.append(text)
+                extra.append(rewritten)
             out.append(row)
         rows.append(np.array(out, dtype=np.int64))
     return rows, n_structural, extra

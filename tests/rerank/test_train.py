@@ -364,6 +364,18 @@ def _bank_text(bank, row: int) -> str:
                      None if relation < 0 else list(Relation)[relation]).text
 
 
+def test_a_custom_caption_inside_a_shapes_dataset_is_refused(shapes):
+    ds, index = shapes
+    first = pq.read_table(ds.pairs_path, columns=["path"]).column("path")[0].as_py()
+    pairs = _write_pairs(ds.root / "custom-pairs.parquet", [(first, "a photo of my cat")])
+    try:
+        with pytest.raises(InvalidArgumentError, match=r"sits in shapes dataset .* captions must be shapes "
+                                                        r"templates.*move a custom pairs file out"):
+            prepare_training_set(index, pairs, _config())
+    finally:
+        pairs.unlink()
+
+
 def test_caption_negatives_need_a_shapes_dataset(colours):
     pairs, index = colours
     with pytest.raises(InvalidArgumentError, match=r"caption negatives need the scene graphs of a shapes "
