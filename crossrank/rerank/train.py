@@ -579,6 +579,14 @@ class _Banks(NamedTuple):
     residual: tuple[float, torch.Tensor, torch.Tensor] | None = None
 
 
+def _gather_queries(banks: _Banks, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The token features (float32) and mask of caption bank ``rows``, without the columns that
+    are padding for every one of them."""
+    mask = banks.token_mask[rows]  # (Q, L)
+    real = mask.any(dim=0)
+    return banks.tokens[rows][:, real].float(), mask[:, real]
+
+
 def _forward(model: CrossAttentionReranker, banks: _Banks, caption: np.ndarray,
              candidates: np.ndarray, device: torch.device) -> torch.Tensor:
     """``(B, k)`` float32 logits of the queries' candidate lists, gathered from the banks.
@@ -591,21 +599,19 @@ def _forward(model: CrossAttentionReranker, banks: _Banks, caption: np.ndarray,
 
     u = torch.from_numpy(caption).to(device)
     c = torch.from_numpy(candidates).to(device)
-    mask = banks.token_mask[u]  # (B, L)
-    real = mask.any(dim=0)  # drop the columns that are padding for every query of the batch
-    x = banks.tokens[u][:, real].float()  # (B, L_b, d)
+    x, mask = _gather_queries(banks, u)  # (B, L_b, d), (B, L_b)
     if model.config.foldable_layers == 0:
         # Patch self-attention (or back-attention) is per image, not per (query, candidate):
         # run it once per distinct image of the step (in-batch negatives repeat images) and
         # let every list read the keys/values of its candidates.
         images, where = torch.unique(c, return_inverse=True)  # (n,), (B, k)
         kv = model.precompute_kv(banks.patches[images].float()).select(where)  # lead (B, k)
-        logits = model.forward_batch(x, mask[:, real], kv)
+        logits = model.forward_batch(x, mask, kv)
     else:
         # auto folds the key/value projections into the query side: about twice as fast a
         # training step on the CPU as projecting every candidate's patches.
         p = banks.patches[c].float()  # (B, k, P, d)
-        logits = model.forward_batch(x, mask[:, real], p, path=AttentionPath.AUTO)
+        logits = model.forward_batch(x, mask, p, path=AttentionPath.AUTO)
     if banks.residual is not None:
         weight, q_vec, i_vec = banks.residual
         cosine = torch.einsum("bd,bkd->bk", q_vec[u], i_vec[c])  # (B, k) float32
@@ -625,12 +631,10 @@ def _forward_captions(model: CrossAttentionReranker, banks: _Banks, rows: np.nda
     b, m1 = rows.shape
     u = torch.from_numpy(rows.reshape(-1)).to(device)  # (B * (1 + M),)
     img = torch.from_numpy(image).to(device)  # (B,)
-    mask = banks.token_mask[u]
-    real = mask.any(dim=0)
-    x = banks.tokens[u][:, real].float()  # (B * (1 + M), L_b, d)
+    x, mask = _gather_queries(banks, u)  # (B * (1 + M), L_b, d), (B * (1 + M), L_b)
     owner = torch.arange(b, device=device).repeat_interleave(m1)  # each query's image
     kv = model.precompute_kv(banks.patches[img].float()).select(owner).unsqueeze(1)
-    logits = model.forward_batch(x, mask[:, real], kv).view(b, m1)  # (B, 1 + M)
+    logits = model.forward_batch(x, mask, kv).view(b, m1)  # (B, 1 + M)
     if banks.residual is not None:
         weight, q_vec, i_vec = banks.residual
         cosine = (q_vec[u].view(b, m1, -1) * i_vec[img][:, None, :]).sum(-1)  # (B, 1 + M)
