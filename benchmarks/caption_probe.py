@@ -12,7 +12,8 @@ loss and accuracy (the true caption ranked first, ties counted as chance) per 10
         --train-index runs/train.idx --steps 600 gated nogate nogate-qsa nogate-psa
 
 A variant is words joined by ``-``: ``gated`` / ``nogate`` (Flamingo tanh gates at 0, or plain
-residuals), ``qsa`` (query self-attention), ``psa`` (patch self-attention), ``lr3e-3`` (peak
+residuals), ``lecun`` (every linear map at std 1/sqrt(fan_in) instead of 0.02, ``init="lecun"``;
+``xavier`` is its older name), ``qsa`` (query self-attention), ``psa`` (patch self-attention), ``lr3e-3`` (peak
 learning rate; default 1e-3), ``structural`` (only the structural rewrites: swapped colours,
 shapes or objects, another relation; single-object captions, which have none, drop out). All use
 2 layers of width 128, 4 heads and 64 patch positions. Chance is about 1/7 (1/(1 + rewrites) per
@@ -45,8 +46,10 @@ def parse_variant(name: str) -> tuple[dict, float]:
     fields: dict = {"gated": "nogate" not in words}
     lr = 1e-3
     for word in words:
-        if word in ("structural", "xavier"):
+        if word == "structural":
             continue  # handled by the caller
+        if word in ("lecun", "xavier"):  # "xavier": this option's name in the committed results
+            fields["init"] = "lecun"
         if word == "qsa":
             fields["query_self_attention"] = True
         elif word == "psa":
@@ -54,7 +57,8 @@ def parse_variant(name: str) -> tuple[dict, float]:
         elif word.startswith("lr"):
             lr = float(word[2:])
         elif word not in ("gated", "nogate"):
-            raise SystemExit(f"unknown variant word {word!r} in {name!r}: use gated, nogate, qsa, psa, lrX")
+            raise SystemExit(f"unknown variant word {word!r} in {name!r}: "
+                             "use gated, nogate, qsa, psa, lecun, lrX, structural")
     return fields, lr
 
 
@@ -78,10 +82,6 @@ def main() -> int:
         torch.manual_seed(0)
         model = CrossAttentionReranker(RerankerConfig(text_dim=dim, patch_dim=dim, width=128, layers=2, heads=4,
                                                       patch_positions=index.patches.shape[0], **fields)).train()
-        if "xavier" in name.split("-"):  # every linear map at std 1/sqrt(fan_in) instead of 0.02
-            for module in model.modules():
-                if isinstance(module, torch.nn.Linear):
-                    torch.nn.init.normal_(module.weight, std=module.in_features ** -0.5)
         schedule = RerankTrainConfig(lr=lr, steps=args.steps, warmup=50)
         optimizer = _optimizer(model, schedule)
         rng = np.random.default_rng(0)

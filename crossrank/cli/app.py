@@ -419,6 +419,7 @@ def train_cmd(
     patch_positions: Annotated[int | None, typer.Option(min=1, help="Learned position embedding over this many patch slots.")] = None,
     query_tokens: Annotated[int, typer.Option(min=0, help="Learnable Q-Former-style query tokens beside the text tokens.")] = 0,
     sparse_top_m: Annotated[int | None, typer.Option(min=1, help="Each query token attends to its top-m patches only.")] = None,
+    init: Annotated[str, typer.Option(help="Weight init from scratch: bert (std 0.02) or lecun (std 1/sqrt(fan_in), learns binding faster).")] = "bert",
     first_stage_weight: Annotated[float, typer.Option(min=0.0, help="Residual training: logits add W x the first-stage cosine, so the reranker learns a correction (0 = off; the encoder's logit scale, e.g. 33 for the demo encoder, is a good W). Search then fuses with weighted:1/(1+W) by default.")] = 0.0,
     caption_negatives: Annotated[int, typer.Option(min=0, help="Per pair, this many rewrites of its caption that are false of its image (swapped colours, shapes or objects, another relation, one object changed), ranked against the true caption: a text-side loss that teaches binding. Needs a pairs file in a shapes dataset (its scene graphs decide what is false). 0 = off.")] = 0,
     seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
@@ -442,7 +443,7 @@ def train_cmd(
                                       patch_self_attention=patch_self_attention, bidirectional=bidirectional,
                                       query_self_attention=query_self_attention,
                                       patch_positions=patch_positions, n_query_tokens=query_tokens,
-                                      sparse_top_m=sparse_top_m)
+                                      sparse_top_m=sparse_top_m, init=init)
     except ValueError as e:
         raise typer.BadParameter(str(e)) from None
     idx = Index.open(index, device=device.value)

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from crossrank.rerank.config import Pooling, QueryTokensMode, RerankerConfig
+from crossrank.rerank.config import Init, Pooling, QueryTokensMode, RerankerConfig
 from crossrank.rerank.fusion import Fusion, FusionMode, fuse, parse_fusion, resolve_fusion
 from crossrank.rerank.maxsim import MaxSimReranker
 from crossrank.rerank.reranker import Reranker, RerankerName, check_rerank_inputs, get_reranker
@@ -33,6 +33,7 @@ __all__ = [
     "CrossAttentionReranker",
     "Fusion",
     "FusionMode",
+    "Init",
     "MaxSimReranker",
     "PatchKV",
     "Pooling",

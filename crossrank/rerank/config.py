@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any
 
-__all__ = ["Pooling", "QueryTokensMode", "RerankerConfig"]
+__all__ = ["Init", "Pooling", "QueryTokensMode", "RerankerConfig"]
 
 
 class QueryTokensMode(StrEnum):
@@ -22,6 +22,18 @@ class QueryTokensMode(StrEnum):
 
     CONCAT = "concat"  # beside the text tokens: [query tokens; text tokens]
     REPLACE = "replace"  # instead of them: only the query tokens attend to the patches
+
+
+class Init(StrEnum):
+    """How the linear maps (and position embeddings, query tokens) are initialised.
+
+    Only training from scratch sees it; a saved reranker loads its weights whatever the value.
+    """
+
+    BERT = "bert"  # truncated normal, std 0.02 (BERT / ViT); at width 128 attention starts uniform
+    # normal, std 1 / sqrt(fan_in) (LeCun): unit-scale projections, so attention logits start at
+    # unit scale too; learns binding faster from scratch (README, caption probe)
+    LECUN = "lecun"
 
 
 class Pooling(StrEnum):
@@ -71,6 +83,7 @@ class RerankerConfig:
     sparse_top_m: int | None = None  # each query position attends to its top-m patches; None = all
     patch_positions: int | None = None  # learned position embedding over this many patch slots
     pooling: Pooling = Pooling.MEAN  # mean over real positions | first position
+    init: Init = Init.BERT  # initialisation for training from scratch: bert (std 0.02) | lecun
 
     def __post_init__(self) -> None:
         for name in ("text_dim", "patch_dim", "width", "layers", "heads"):
@@ -123,6 +136,7 @@ class RerankerConfig:
                 f"slots, at least the encoder's n_patches), got {self.patch_positions!r}"
             )
         object.__setattr__(self, "pooling", _enum(Pooling, self.pooling, "pooling"))
+        object.__setattr__(self, "init", _enum(Init, self.init, "init"))
 
     # -- derived ------------------------------------------------------------------------------
 
@@ -168,6 +182,7 @@ class RerankerConfig:
         out = dataclasses.asdict(self)
         out["query_tokens_mode"] = self.query_tokens_mode.value
         out["pooling"] = self.pooling.value
+        out["init"] = self.init.value
         return out
 
     @classmethod

@@ -59,7 +59,7 @@ from torch import nn
 
 from crossrank.errors import InvalidArgumentError
 from crossrank.rerank._attention import Attention, RerankerLayer, attend
-from crossrank.rerank.config import Pooling, QueryTokensMode, RerankerConfig
+from crossrank.rerank.config import Init, Pooling, QueryTokensMode, RerankerConfig
 from crossrank.rerank.kv_cache import PatchKV
 from crossrank.rerank.reranker import check_rerank_inputs
 
@@ -134,15 +134,19 @@ class CrossAttentionReranker(nn.Module):
         self._reset_parameters()
 
     def _reset_parameters(self) -> None:
+        lecun = self.config.init == Init.LECUN
         for module in self.modules():
             if isinstance(module, nn.Linear):
-                nn.init.trunc_normal_(module.weight, std=0.02)
+                if lecun:
+                    nn.init.normal_(module.weight, std=module.in_features ** -0.5)
+                else:
+                    nn.init.trunc_normal_(module.weight, std=0.02)
                 if module.bias is not None:
                     nn.init.zeros_(module.bias)
             elif isinstance(module, nn.LayerNorm):
                 nn.init.ones_(module.weight)
                 nn.init.zeros_(module.bias)
-        if self.patch_pos is not None:
+        if self.patch_pos is not None:  # both schemes: the lecun probe measured them at 0.02
             nn.init.trunc_normal_(self.patch_pos, std=0.02)
         if self.config.n_query_tokens:
             nn.init.trunc_normal_(self.query_tokens, std=0.02)

@@ -2,7 +2,7 @@ import json
 
 import pytest
 
-from crossrank.rerank import Pooling, QueryTokensMode, RerankerConfig
+from crossrank.rerank import Init, Pooling, QueryTokensMode, RerankerConfig
 
 
 def test_defaults_are_valid_and_derived_sizes_follow():
@@ -13,14 +13,17 @@ def test_defaults_are_valid_and_derived_sizes_follow():
 
 
 def test_enum_fields_accept_their_strings():
-    cfg = RerankerConfig(n_query_tokens=2, query_tokens_mode="replace", pooling="first")
+    cfg = RerankerConfig(n_query_tokens=2, query_tokens_mode="replace", pooling="first", init="lecun")
     assert cfg.query_tokens_mode is QueryTokensMode.REPLACE
     assert cfg.pooling is Pooling.FIRST
+    assert cfg.init is Init.LECUN
+    assert RerankerConfig().init is Init.BERT  # published commands keep reproducing
 
 
 def test_json_round_trip():
     cfg = RerankerConfig(text_dim=12, patch_dim=10, width=16, heads=2, n_query_tokens=3,
-                         query_tokens_mode="replace", sparse_top_m=4, patch_positions=9, pooling="first")
+                         query_tokens_mode="replace", sparse_top_m=4, patch_positions=9, pooling="first",
+                         init="lecun")
     data = json.loads(json.dumps(cfg.to_dict()))
     assert RerankerConfig.from_dict(data) == cfg
 
@@ -56,6 +59,7 @@ def test_which_layers_can_be_precomputed_or_folded(options, static, foldable):
         ({"sparse_top_m": 0}, r"sparse_top_m must be None \(dense\) or an int >= 1"),
         ({"patch_positions": 0}, r"patch_positions must be None"),
         ({"pooling": "max"}, r"pooling must be one of mean, first, got 'max'"),
+        ({"init": "xavier"}, r"init must be one of bert, lecun, got 'xavier'"),
     ],
 )
 def test_invalid_fields_are_refused(options, match):

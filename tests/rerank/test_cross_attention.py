@@ -340,3 +340,19 @@ def test_patch_kv_select_cuts_rows():
     part = cache.select(np.array([4, 1]))
     assert isinstance(part, PatchKV) and len(part) == 2 and len(cache) == K
     assert torch.equal(part.keys[0][0], cache.keys[0][4]) and torch.equal(part.states[1], cache.states[1])
+
+
+@pytest.mark.parametrize(("init", "std_of"), [("bert", lambda fan_in: 0.02), ("lecun", lambda fan_in: fan_in ** -0.5)])
+def test_init_scheme_sets_the_scale_of_every_linear_map(init, std_of):
+    torch.manual_seed(0)
+    model = CrossAttentionReranker(RerankerConfig(text_dim=64, patch_dim=48, width=64, heads=4, init=init,
+                                                  patch_positions=16))
+    linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    assert linears
+    for module in linears:
+        expected = std_of(module.in_features)
+        assert module.weight.std().item() == pytest.approx(expected, rel=0.15), module
+        assert module.bias is None or torch.count_nonzero(module.bias) == 0
+    assert model.patch_pos.std().item() == pytest.approx(0.02, rel=0.15)  # both schemes
+    if init == "lecun":  # unit-scale projections: attention logits are not crushed towards uniform
+        assert model.text_in.weight.std().item() > 5 * 0.02
