@@ -422,6 +422,7 @@ def train_cmd(
     init: Annotated[str, typer.Option(help="Weight init from scratch: bert (std 0.02) or lecun (std 1/sqrt(fan_in), learns binding faster).")] = "bert",
     first_stage_weight: Annotated[float, typer.Option(min=0.0, help="Residual training: logits add W x the first-stage cosine, so the reranker learns a correction (0 = off; the encoder's logit scale, e.g. 33 for the demo encoder, is a good W). Search then fuses with weighted:1/(1+W) by default.")] = 0.0,
     caption_negatives: Annotated[int, typer.Option(min=0, help="Per pair, this many rewrites of its caption that are false of its image (swapped colours, shapes or objects, another relation, one object changed), ranked against the true caption: a text-side loss that teaches binding. Needs a pairs file in a shapes dataset (its scene graphs decide what is false). 0 = off.")] = 0,
+    caption_only_steps: Annotated[int, typer.Option(min=0, help="Curriculum: the first N steps train on the caption negatives alone (the reranker by itself, no residual, no image lists; cheaper steps), then both losses. Needs --caption-negatives.")] = 0,
     seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
     device: Annotated[Device, typer.Option(help="Where to train.")] = Device.AUTO,
     as_json: Annotated[bool, typer.Option("--json", help="Print the report as JSON.")] = False,
@@ -438,7 +439,8 @@ def train_cmd(
                                    hard_fraction=hard_fraction, curriculum=curriculum, mine_k=mine_k,
                                    eval_every=eval_every, checkpoint_every=eval_every, seed=seed,
                                    device=device.value, warmup=min(100, max(1, steps // 20)),
-                                   first_stage_weight=first_stage_weight, caption_negatives=caption_negatives)
+                                   first_stage_weight=first_stage_weight, caption_negatives=caption_negatives,
+                                   caption_only_steps=caption_only_steps)
         model_config = RerankerConfig(layers=layers, width=width, heads=heads, gated=gated, prenorm=prenorm,
                                       patch_self_attention=patch_self_attention, bidirectional=bidirectional,
                                       query_self_attention=query_self_attention,

@@ -17,6 +17,9 @@ to put each caption's image first among candidates the first stage finds hard:
 - **Caption negatives** (``caption_negatives``, shapes datasets): each pair's image also ranks its
   true caption against rewrites that its scene graph makes false (swapped colours, shapes or
   objects, another relation, one object changed), a second loss of the same kind.
+  ``caption_only_steps`` trains on that loss alone first (the reranker by itself, no first-stage
+  residual, no image lists: about 4x cheaper steps), a curriculum that lets it learn to find and
+  bind objects before residual training asks it to correct the first stage.
 - **Loss**: ``listwise`` (softmax cross-entropy over each candidate list, the positive first) or
   ``itm`` (binary matching over every (query, candidate), both classes weighted equally).
 - **Validation**: a fixed share of the unique captions is held out; every ``eval_every`` steps
@@ -122,6 +125,9 @@ class RerankTrainConfig:
     # reshaped object), ranked against the true caption on that image: a second, text-side loss
     # that teaches binding directly. 0 = off.
     caption_negatives: int = 0
+    # Curriculum: the first this many steps train on the caption negatives alone (the reranker's
+    # own logits: no image-side lists, no first-stage residual), then both losses as above.
+    caption_only_steps: int = 0
 
     def __post_init__(self) -> None:
         for name in ("steps", "batch_size", "mine_k", "max_val_captions", "eval_every",
@@ -134,7 +140,7 @@ class RerankTrainConfig:
                 f"n_candidates must be an int >= 2 (the positive and at least one negative), "
                 f"got {self.n_candidates!r}"
             )
-        for name in ("warmup", "seed", "caption_negatives"):
+        for name in ("warmup", "seed", "caption_negatives", "caption_only_steps"):
             value = getattr(self, name)
             if not _is_int(value) or value < 0:
                 raise ValueError(f"{name} must be an int >= 0, got {value!r}")
@@ -168,6 +174,16 @@ class RerankTrainConfig:
         if not isinstance(self.device, str):
             raise ValueError(f"device must be auto, cpu, cuda or cuda:N, got {self.device!r}")
         object.__setattr__(self, "device", str(self.device))  # a Device enum becomes its string
+        if self.caption_only_steps and not self.caption_negatives:
+            raise ValueError(
+                f"caption_only_steps={self.caption_only_steps} needs caption_negatives >= 1 (it "
+                "trains on the caption negatives alone); set both or neither"
+            )
+        if self.caption_only_steps >= self.steps:
+            raise ValueError(
+                f"caption_only_steps must be below steps (the rest train both losses), got "
+                f"{self.caption_only_steps} of {self.steps}"
+            )
 
     def hard_fraction_at(self, step: int) -> float:
         """The share of mined negatives at ``step`` (0-based), after the curriculum ramp."""
@@ -408,7 +424,9 @@ def train_reranker(
         entry: dict[str, Any] = {"step": step, "lr": config.lr_at(max(step - 1, 0)),
                                  "hard_fraction": config.hard_fraction_at(max(step - 1, 0))}
         if train_loss is not None:
-            entry.update(train_loss=train_loss, train_accuracy=train_acc)
+            entry["train_loss"] = train_loss
+        if train_acc is not None:  # none on caption-only steps: they rank no image lists
+            entry["train_accuracy"] = train_acc
         if caption_acc is not None:  # the true caption ranked first among its rewrites
             entry.update(train_caption_accuracy=caption_acc)
         if data.val_captions.size:
@@ -428,20 +446,24 @@ def train_reranker(
                                                               data.train_caption.size),
                            replace=False)
         caption, positive = data.train_caption[batch], data.train_image[batch]
-        n_hard = round(config.hard_fraction_at(step) * n_neg)
-        candidates = sampler.sample(caption, positive, n_hard, rng)  # (B, k)
+        caption_only = step < config.caption_only_steps
         for group in optimizer.param_groups:
             group["lr"] = config.lr_at(step)
-        with _autocast(device):
-            logits = _forward(model, banks, caption, candidates, device)  # (B, k) float32
-        loss = rerank_loss(logits, config.loss)
+        logits, loss = None, torch.zeros((), device=device)
+        if not caption_only:
+            n_hard = round(config.hard_fraction_at(step) * n_neg)
+            candidates = sampler.sample(caption, positive, n_hard, rng)  # (B, k)
+            with _autocast(device):
+                logits = _forward(model, banks, caption, candidates, device)  # (B, k) float32
+            loss = rerank_loss(logits, config.loss)
         caption_acc = None
         if data.negatives is not None:
             # Text side: the true caption against rewrites false of the image, on that image.
             rows, valid = data.negatives.sample(caption, positive, config.caption_negatives, rng)
             valid_t = torch.from_numpy(valid).to(device)
             with _autocast(device):
-                text_logits = _forward_captions(model, banks, rows, positive, device)  # (B, 1+M)
+                text_logits = _forward_captions(model, banks, rows, positive, device,
+                                                residual=not caption_only)  # (B, 1+M)
             loss = loss + rerank_loss(text_logits, config.loss, valid_t)
             caption_acc = float(_top1_accuracy(
                 text_logits.detach().masked_fill(~valid_t, float("-inf"))).mean().item())
@@ -467,11 +489,13 @@ def train_reranker(
                     f"loss or gradient; lower --lr (now {config.lr}) or train with --device cpu"
                 )
         scaler.update()
-        acc = float(_top1_accuracy(logits.detach()).mean().item())
+        # Caption-only steps report the caption accuracy (there are no image lists).
+        acc = caption_acc if logits is None else float(_top1_accuracy(logits.detach()).mean().item())
         train_seconds += time.perf_counter() - t_step
         if finite:
             window["loss"].append(loss_value)
-            window["accuracy"].append(acc)
+            if logits is not None:
+                window["accuracy"].append(acc)
             if caption_acc is not None:
                 window.setdefault("caption_accuracy", []).append(caption_acc)
         done = step + 1
@@ -620,11 +644,13 @@ def _forward(model: CrossAttentionReranker, banks: _Banks, caption: np.ndarray,
 
 
 def _forward_captions(model: CrossAttentionReranker, banks: _Banks, rows: np.ndarray,
-                      image: np.ndarray, device: torch.device) -> torch.Tensor:
+                      image: np.ndarray, device: torch.device, *, residual: bool = True
+                      ) -> torch.Tensor:
     """``(B, 1 + M)`` float32 logits of each image against its caption bank rows ``(B, 1 + M)``.
 
     The image's keys/values are computed once and read by its ``1 + M`` captions; residual
-    training adds the weighted first-stage cosine of each (caption, image), as :func:`_forward`.
+    training adds the weighted first-stage cosine of each (caption, image), as :func:`_forward`,
+    unless ``residual`` is False (caption-only steps train the reranker's own logits).
     """
     import torch
 
@@ -635,7 +661,7 @@ def _forward_captions(model: CrossAttentionReranker, banks: _Banks, rows: np.nda
     owner = torch.arange(b, device=device).repeat_interleave(m1)  # each query's image
     kv = model.precompute_kv(banks.patches[img].float()).select(owner).unsqueeze(1)
     logits = model.forward_batch(x, mask, kv).view(b, m1)  # (B, 1 + M)
-    if banks.residual is not None:
+    if residual and banks.residual is not None:
         weight, q_vec, i_vec = banks.residual
         cosine = (q_vec[u].view(b, m1, -1) * i_vec[img][:, None, :]).sum(-1)  # (B, 1 + M)
         logits = logits.float() + weight * cosine

@@ -89,6 +89,12 @@ def test_train_bad_values_are_usage_errors(trained, tmp_path: Path) -> None:
                                  str(tmp_path / "r"), "--hard-fraction", "2"])
     assert result.exit_code == 2
     assert "hard_fraction" in result.output
+    for extra, message in ((["--init", "xavier"], "init must be one of bert, lecun"),
+                           (["--caption-only-steps", "2"], "needs caption_negatives >= 1")):
+        result = runner.invoke(app, ["train", str(root / "pairs.parquet"), "--index", str(index_dir), "--out",
+                                     str(tmp_path / "r"), *extra])
+        assert result.exit_code == 2
+        assert message in " ".join(result.output.split())
 
 
 def test_train_with_caption_negatives_reports_their_validation(trained, tmp_path: Path) -> None:
@@ -96,9 +102,13 @@ def test_train_with_caption_negatives_reports_their_validation(trained, tmp_path
     result = runner.invoke(app, ["train", str(root / "pairs.parquet"), "--index", str(index_dir), "--out",
                                  str(tmp_path / "r"), "--steps", "2", "--batch-size", "4", "--candidates", "4",
                                  "--mine-k", "8", "--width", "16", "--heads", "2", "--layers", "1",
-                                 "--caption-negatives", "3", "--device", "cpu"])
+                                 "--caption-negatives", "3", "--caption-only-steps", "1", "--init", "lecun",
+                                 "--device", "cpu"])
     assert result.exit_code == 0, result.output
     assert "validation caption accuracy (the true caption first among 3 rewrites):" in result.stdout
+    saved = json.loads((tmp_path / "r" / "config.json").read_text())
+    assert saved["config"]["init"] == "lecun"
+    assert saved["metadata"]["train"]["caption_only_steps"] == 1
 
 
 def test_train_caption_negatives_outside_a_shapes_dataset_is_one_line(trained, tmp_path: Path) -> None:

@@ -443,6 +443,38 @@ def test_caption_negatives_train_and_log_their_accuracy(shapes, tmp_path):
     assert saved["metadata"]["train"]["caption_negatives"] == 3
 
 
+def test_caption_only_steps_train_the_reranker_alone_first(shapes, tmp_path, monkeypatch):
+    # Curriculum: the first steps rank captions on the reranker's own logits (no first-stage
+    # residual, no image-side candidate lists), the rest train both losses with the residual.
+    import crossrank.rerank.train as train_module
+
+    calls = []  # (training step's forward, first-stage residual added?), validation left out
+    forward, forward_captions = train_module._forward, train_module._forward_captions
+
+    def spy_forward(model, banks, *args, **kwargs):
+        if model.training:
+            calls.append(("images", banks.residual is not None))
+        return forward(model, banks, *args, **kwargs)
+
+    def spy_captions(model, banks, *args, residual=True, **kwargs):
+        if model.training:
+            calls.append(("captions", residual and banks.residual is not None))
+        return forward_captions(model, banks, *args, residual=residual, **kwargs)
+
+    monkeypatch.setattr(train_module, "_forward", spy_forward)
+    monkeypatch.setattr(train_module, "_forward_captions", spy_captions)
+    ds, index = shapes
+    report = train_reranker(index, ds.pairs_path, tmp_path / "r", model_config=TINY,
+                            config=_config(caption_negatives=3, caption_only_steps=4,
+                                           first_stage_weight=5.0))
+    assert calls == [("captions", False)] * 4 + [("images", True), ("captions", True)] * 4
+    by_step = {e["step"]: e for e in report.curve}
+    assert "train_accuracy" not in by_step[4] and 0.0 <= by_step[4]["train_caption_accuracy"] <= 1.0
+    assert 0.0 <= by_step[8]["train_accuracy"] <= 1.0
+    saved = json.loads((tmp_path / "r" / "config.json").read_text())
+    assert saved["metadata"]["train"]["caption_only_steps"] == 4
+
+
 def test_images_paired_with_the_identical_caption_are_never_negatives(colours):
     pairs, index = colours
     data = prepare_training_set(index, pairs, _config(mine_k=30, val_fraction=0.0))
@@ -557,6 +589,9 @@ def test_a_corrupt_checkpoint_is_refused(shapes, tmp_path):
     ({"in_batch": "yes"}, r"in_batch must be True or False"),
     ({"first_stage_weight": -1}, r"first_stage_weight must be a number in \[0, 1e4\)"),
     ({"caption_negatives": -1}, r"caption_negatives must be an int >= 0"),
+    ({"caption_only_steps": 5}, r"caption_only_steps=5 needs caption_negatives >= 1"),
+    ({"caption_only_steps": 10, "caption_negatives": 2, "steps": 10},
+     r"caption_only_steps must be below steps .*got 10 of 10"),
 ])
 def test_config_refuses_bad_values(fields, match):
     with pytest.raises(ValueError, match=match):
