@@ -35,22 +35,28 @@ the same call continues from it. The result is saved with
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import math
 import os
-import pickle
 import time
-import zipfile
 from collections.abc import Callable
 from dataclasses import dataclass
-from enum import StrEnum
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, NamedTuple
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from crossrank.errors import CrossrankError, InvalidArgumentError, ModelError
+from crossrank.rerank._train_state import _load_checkpoint, _save_checkpoint, _TrainLog
+from crossrank.rerank._train_steps import (
+    _Banks,
+    _first_stage_metrics,
+    _forward,
+    _forward_captions,
+    _top1_accuracy,
+    _validate,
+)
+from crossrank.rerank.config import RerankLoss, RerankTrainConfig
 
 if TYPE_CHECKING:
     import torch
@@ -58,7 +64,6 @@ if TYPE_CHECKING:
     from crossrank.index import Index
     from crossrank.rerank.config import RerankerConfig
     from crossrank.rerank.cross_attention import CrossAttentionReranker
-    from crossrank.rerank._train_data import TrainingSet
 
 __all__ = ["RerankLoss", "RerankTrainConfig", "TrainReport", "rerank_loss", "train_reranker",
            "export_checkpoint", "CHECKPOINT_NAME", "LOG_NAME"]
@@ -67,8 +72,6 @@ logger = logging.getLogger(__name__)
 
 CHECKPOINT_NAME = "checkpoint.pt"
 LOG_NAME = "train_log.jsonl"
-_CHECKPOINT_FORMAT = "crossrank-rerank-train"
-_EVAL_CANDIDATES = 1024  # candidates scored per forward during validation
 
 #: ``progress(step, steps, loss, accuracy)`` after each step; accuracy is the share of the step's
 #: queries whose positive got the top logit.
@@ -77,140 +80,6 @@ ProgressFn = Callable[[int, int, float, float], None]
 
 #: Consecutive steps with a non-finite loss or gradient after which training stops as diverged.
 MAX_NONFINITE_IN_A_ROW = 20
-
-
-class RerankLoss(StrEnum):
-    """The training objective over each query's candidate list (positive first)."""
-
-    LISTWISE = "listwise"  # softmax cross-entropy: the positive against its negatives
-    ITM = "itm"  # binary matching per (query, candidate); positives and negatives weigh equally
-
-
-@dataclass(frozen=True)
-class RerankTrainConfig:
-    """How to train a reranker (:func:`train_reranker`).
-
-    Raises:
-        ValueError: a field has a wrong type or value; the message names it.
-
-    Example:
-        >>> RerankTrainConfig(steps=300, loss="itm").loss
-        <RerankLoss.ITM: 'itm'>
-    """
-
-    steps: int = 2000  # optimizer steps
-    batch_size: int = 32  # queries (pairs) per step
-    n_candidates: int = 16  # candidates per query: 1 positive + n_candidates - 1 negatives
-    loss: RerankLoss = RerankLoss.LISTWISE  # listwise | itm
-    hard_fraction: float = 0.5  # share of each query's negatives mined from the first stage
-    curriculum: float = 0.0  # share of the steps over which hard_fraction ramps up from 0; 0 = none
-    mine_k: int = 50  # first-stage candidates mined per caption; also the depth val R@1 reranks
-    in_batch: bool = True  # non-mined negatives: other queries' positives first, then random
-    lr: float = 1e-3  # peak AdamW learning rate
-    weight_decay: float = 0.05  # AdamW decay on matrices (not on biases, norms, gates)
-    warmup: int = 100  # linear warm-up steps, then cosine decay to lr / 20
-    grad_clip: float = 1.0  # max global gradient norm
-    val_fraction: float = 0.05  # share of the unique captions held out for validation; 0 = none
-    max_val_captions: int = 256  # at most this many validation captions
-    eval_every: int = 200  # steps between validations (and train_log.jsonl lines)
-    checkpoint_every: int = 200  # steps between checkpoints
-    seed: int = 0  # model init, caption split, batches and negatives
-    device: str = "auto"  # auto (CUDA when present, bf16 autocast) | cpu | cuda | cuda:N
-    # Residual training: each logit is ``reranker + first_stage_weight * first-stage cosine``, so
-    # the reranker learns a correction to the first stage instead of replacing it (0 = off). The
-    # saved reranker then recommends ``--fusion weighted:1/(1+W)``, the same ranking at search time.
-    first_stage_weight: float = 0.0
-    # Caption negatives (shapes datasets): per pair, this many rewrites of its caption that are
-    # false of its image (swapped colours, shapes or objects, another relation, a recoloured or
-    # reshaped object), ranked against the true caption on that image: a second, text-side loss
-    # that teaches binding directly. 0 = off.
-    caption_negatives: int = 0
-    # Curriculum: the first this many steps train on the caption negatives alone (the reranker's
-    # own logits: no image-side lists, no first-stage residual), then both losses as above.
-    caption_only_steps: int = 0
-
-    def __post_init__(self) -> None:
-        for name in ("steps", "batch_size", "mine_k", "max_val_captions", "eval_every",
-                     "checkpoint_every"):
-            value = getattr(self, name)
-            if not _is_int(value) or value < 1:
-                raise ValueError(f"{name} must be an int >= 1, got {value!r}")
-        if not _is_int(self.n_candidates) or self.n_candidates < 2:
-            raise ValueError(
-                f"n_candidates must be an int >= 2 (the positive and at least one negative), "
-                f"got {self.n_candidates!r}"
-            )
-        for name in ("warmup", "seed", "caption_negatives", "caption_only_steps"):
-            value = getattr(self, name)
-            if not _is_int(value) or value < 0:
-                raise ValueError(f"{name} must be an int >= 0, got {value!r}")
-        try:
-            object.__setattr__(self, "loss", RerankLoss(self.loss))
-        except ValueError:
-            raise ValueError(
-                f"loss must be one of {', '.join(m.value for m in RerankLoss)}, got {self.loss!r}"
-            ) from None
-        for name, lo, hi in (("hard_fraction", 0.0, 1.0), ("curriculum", 0.0, 1.0),
-                             ("val_fraction", 0.0, 0.5)):
-            value = getattr(self, name)
-            if not _is_real(value) or not lo <= value <= hi:
-                raise ValueError(f"{name} must be a number in [{lo:g}, {hi:g}], got {value!r}")
-            object.__setattr__(self, name, float(value))
-        for name in ("lr", "grad_clip"):
-            value = getattr(self, name)
-            if not _is_real(value) or not value > 0:
-                raise ValueError(f"{name} must be a number > 0, got {value!r}")
-            object.__setattr__(self, name, float(value))
-        if not _is_real(self.first_stage_weight) or not 0 <= self.first_stage_weight < 1e4:
-            raise ValueError(
-                f"first_stage_weight must be a number in [0, 1e4), got {self.first_stage_weight!r}"
-            )
-        object.__setattr__(self, "first_stage_weight", float(self.first_stage_weight))
-        if not _is_real(self.weight_decay) or self.weight_decay < 0:
-            raise ValueError(f"weight_decay must be a number >= 0, got {self.weight_decay!r}")
-        object.__setattr__(self, "weight_decay", float(self.weight_decay))
-        if not isinstance(self.in_batch, bool):
-            raise ValueError(f"in_batch must be True or False, got {self.in_batch!r}")
-        if not isinstance(self.device, str):
-            raise ValueError(f"device must be auto, cpu, cuda or cuda:N, got {self.device!r}")
-        object.__setattr__(self, "device", str(self.device))  # a Device enum becomes its string
-        if self.caption_only_steps and not self.caption_negatives:
-            raise ValueError(
-                f"caption_only_steps={self.caption_only_steps} needs caption_negatives >= 1 (it "
-                "trains on the caption negatives alone); set both or neither"
-            )
-        if self.caption_only_steps >= self.steps:
-            raise ValueError(
-                f"caption_only_steps must be below steps (the rest train both losses), got "
-                f"{self.caption_only_steps} of {self.steps}"
-            )
-
-    def hard_fraction_at(self, step: int) -> float:
-        """The share of mined negatives at ``step`` (0-based), after the curriculum ramp."""
-        ramp = self.curriculum * self.steps
-        return self.hard_fraction if ramp <= 0 else self.hard_fraction * min(1.0, step / ramp)
-
-    def lr_at(self, step: int) -> float:
-        """The learning rate at ``step`` (0-based): linear warm-up, then cosine to ``lr / 20``."""
-        if step < self.warmup:
-            return self.lr * (step + 1) / self.warmup
-        t = (step - self.warmup) / max(1, self.steps - self.warmup)
-        low = self.lr / 20
-        return low + (self.lr - low) * 0.5 * (1 + math.cos(math.pi * min(t, 1.0)))
-
-    @property
-    def fusion(self) -> str | None:
-        """The ``--fusion`` that ranks as training scored: ``weighted:1/(1+W)`` for residual
-        training, None (the reranker's score alone) otherwise."""
-        if self.first_stage_weight <= 0:
-            return None
-        return f"weighted:{1.0 / (1.0 + self.first_stage_weight):.6g}"
-
-    def to_dict(self) -> dict[str, Any]:
-        """The fields as JSON-able values."""
-        out = dataclasses.asdict(self)
-        out["loss"] = self.loss.value
-        return out
 
 
 @dataclass(frozen=True)
@@ -590,182 +459,6 @@ def _reranker_metadata(trained_by: str, config: RerankTrainConfig, steps: int, d
     return metadata
 
 
-# -- steps and validation ---------------------------------------------------------------------
-
-
-class _Banks(NamedTuple):
-    """The training set's features on the training device."""
-
-    tokens: torch.Tensor  # (U, L, d) float16
-    token_mask: torch.Tensor  # (U, L) bool
-    patches: torch.Tensor  # (N, P, d) float16
-    # (weight, query vectors (U, D), image vectors (N, D)) for residual training, else None
-    residual: tuple[float, torch.Tensor, torch.Tensor] | None = None
-
-
-def _gather_queries(banks: _Banks, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """The token features (float32) and mask of caption bank ``rows``, without the columns that
-    are padding for every one of them."""
-    mask = banks.token_mask[rows]  # (Q, L)
-    real = mask.any(dim=0)
-    return banks.tokens[rows][:, real].float(), mask[:, real]
-
-
-def _forward(model: CrossAttentionReranker, banks: _Banks, caption: np.ndarray,
-             candidates: np.ndarray, device: torch.device) -> torch.Tensor:
-    """``(B, k)`` float32 logits of the queries' candidate lists, gathered from the banks.
-
-    With residual training the logits are the reranker's plus the weighted first-stage cosine.
-    """
-    import torch
-
-    from crossrank.rerank.cross_attention import AttentionPath
-
-    u = torch.from_numpy(caption).to(device)
-    c = torch.from_numpy(candidates).to(device)
-    x, mask = _gather_queries(banks, u)  # (B, L_b, d), (B, L_b)
-    if model.config.foldable_layers == 0:
-        # Patch self-attention (or back-attention) is per image, not per (query, candidate):
-        # run it once per distinct image of the step (in-batch negatives repeat images) and
-        # let every list read the keys/values of its candidates.
-        images, where = torch.unique(c, return_inverse=True)  # (n,), (B, k)
-        kv = model.precompute_kv(banks.patches[images].float()).select(where)  # lead (B, k)
-        logits = model.forward_batch(x, mask, kv)
-    else:
-        # auto folds the key/value projections into the query side: about twice as fast a
-        # training step on the CPU as projecting every candidate's patches.
-        p = banks.patches[c].float()  # (B, k, P, d)
-        logits = model.forward_batch(x, mask, p, path=AttentionPath.AUTO)
-    if banks.residual is not None:
-        weight, q_vec, i_vec = banks.residual
-        cosine = torch.einsum("bd,bkd->bk", q_vec[u], i_vec[c])  # (B, k) float32
-        logits = logits.float() + weight * cosine
-    return logits
-
-
-def _forward_captions(model: CrossAttentionReranker, banks: _Banks, rows: np.ndarray,
-                      image: np.ndarray, device: torch.device, *, residual: bool = True
-                      ) -> torch.Tensor:
-    """``(B, 1 + M)`` float32 logits of each image against its caption bank rows ``(B, 1 + M)``.
-
-    The image's keys/values are computed once and read by its ``1 + M`` captions; residual
-    training adds the weighted first-stage cosine of each (caption, image), as :func:`_forward`,
-    unless ``residual`` is False (caption-only steps train the reranker's own logits).
-    """
-    import torch
-
-    b, m1 = rows.shape
-    u = torch.from_numpy(rows.reshape(-1)).to(device)  # (B * (1 + M),)
-    img = torch.from_numpy(image).to(device)  # (B,)
-    x, mask = _gather_queries(banks, u)  # (B * (1 + M), L_b, d), (B * (1 + M), L_b)
-    owner = torch.arange(b, device=device).repeat_interleave(m1)  # each query's image
-    kv = model.precompute_kv(banks.patches[img].float()).select(owner).unsqueeze(1)
-    logits = model.forward_batch(x, mask, kv).view(b, m1)  # (B, 1 + M)
-    if residual and banks.residual is not None:
-        weight, q_vec, i_vec = banks.residual
-        cosine = (q_vec[u].view(b, m1, -1) * i_vec[img][:, None, :]).sum(-1)  # (B, 1 + M)
-        logits = logits.float() + weight * cosine
-    return logits
-
-
-def _validate(model: CrossAttentionReranker, data: TrainingSet, val_candidates: np.ndarray,
-              banks: _Banks, device: torch.device,
-              rewrites: tuple[np.ndarray, np.ndarray] | None = None) -> dict[str, float]:
-    """``val_accuracy`` on the fixed candidate lists, ``val_r1`` reranking the first-stage lists,
-    and with caption negatives ``val_caption_accuracy``: the true caption ranked first among its
-    fixed rewrites ``(rows, valid)`` on its image."""
-    import torch
-
-    from crossrank.rerank.cross_attention import _autocast
-
-    model.eval()
-    hits, r1 = [], []
-    with torch.inference_mode(), _autocast(device):
-        per = max(1, _EVAL_CANDIDATES // val_candidates.shape[1])
-        for lo in range(0, val_candidates.shape[0], per):
-            logits = _forward(model, banks, data.val_captions[lo:lo + per],
-                              val_candidates[lo:lo + per], device)
-            hits.append(_top1_accuracy(logits).cpu().numpy())
-        fs = data.val_first_stage  # (V, mine_k), -1 padded
-        per = max(1, _EVAL_CANDIDATES // fs.shape[1])
-        for lo in range(0, fs.shape[0], per):
-            chunk = fs[lo:lo + per]
-            logits = _forward(model, banks, data.val_captions[lo:lo + per], np.maximum(chunk, 0),
-                              device)
-            logits = logits.masked_fill(torch.from_numpy(chunk < 0).to(device), float("-inf"))
-            # The first of the tied top candidates: ties keep the first-stage order, as in search.
-            top = _near_top(logits).int().argmax(dim=1).cpu().numpy()  # (b,)
-            r1.append(data.val_relevant[lo:lo + per][np.arange(chunk.shape[0]), top])
-        caption_hits = []
-        if rewrites is not None:
-            rows, valid = rewrites
-            per = max(1, _EVAL_CANDIDATES // rows.shape[1])
-            for lo in range(0, rows.shape[0], per):
-                logits = _forward_captions(model, banks, rows[lo:lo + per],
-                                           data.val_image[lo:lo + per], device)
-                keep = torch.from_numpy(valid[lo:lo + per]).to(device)
-                caption_hits.append(_top1_accuracy(logits.masked_fill(~keep, float("-inf")))
-                                    .cpu().numpy())
-    model.train()
-    out = {"val_accuracy": float(np.concatenate(hits).mean()),
-           "val_r1": float(np.concatenate(r1).mean())}
-    if caption_hits:
-        out["val_caption_accuracy"] = float(np.concatenate(caption_hits).mean())
-    return out
-
-
-def _near_top(logits: torch.Tensor) -> torch.Tensor:
-    """``(B, k)`` bool: the logits tied with their row's maximum.
-
-    A tie allows for float rounding (1e-5 relative): the same state in two rows of one batched
-    matmul can come out a few ulps apart, and an untrained gated model gives every candidate the
-    same state.
-    """
-    top = logits.max(dim=1, keepdim=True).values  # (B, 1)
-    return logits >= top - (1e-6 + 1e-5 * top.abs())  # (B, k)
-
-
-def _top1_accuracy(logits: torch.Tensor) -> torch.Tensor:
-    """``(B,)`` float: 1 where the positive (column 0) alone has the top logit, ``1/t`` where it
-    ties with ``t - 1`` others (the expected hit under a random tie break), else 0.
-
-    Tie-aware because an untrained gated model gives every candidate the same logit: ``argmax``
-    would then pick column 0 and report a perfect score.
-    """
-    at_top = _near_top(logits)  # (B, k)
-    return at_top[:, 0].float() / at_top.sum(dim=1).float()  # (B,)
-
-
-def _first_stage_metrics(data: TrainingSet) -> dict[str, float]:
-    """The first stage's R@1 and recall at ``mine_k`` on the validation captions."""
-    if not data.val_captions.size:
-        return {}
-    return {"r1": float(data.val_relevant[:, 0].mean()),
-            "recall": float(data.val_relevant.any(axis=1).mean())}
-
-
-class _TrainLog:
-    """``train_log.jsonl``: one JSON line per validation; a resumed run drops later lines."""
-
-    def __init__(self, path: Path, start: int) -> None:
-        self.path = path
-        self.entries: list[dict[str, Any]] = []
-        if start > 0 and path.is_file():
-            for line in path.read_text(encoding="utf-8").splitlines():
-                try:
-                    entry = json.loads(line)
-                except json.JSONDecodeError:
-                    continue  # a line cut short by a crash
-                if isinstance(entry, dict) and entry.get("step", math.inf) <= start:
-                    self.entries.append(entry)
-        self.path.write_text("".join(json.dumps(e) + "\n" for e in self.entries), encoding="utf-8")
-
-    def append(self, entry: dict[str, Any]) -> None:
-        self.entries.append(entry)
-        with open(self.path, "a", encoding="utf-8") as f:
-            f.write(json.dumps(entry) + "\n")
-
-
 # -- model, optimizer, checkpoint -------------------------------------------------------------
 
 
@@ -794,60 +487,3 @@ def _optimizer(model: CrossAttentionReranker, config: RerankTrainConfig) -> torc
         (decay if matrix else no_decay).append(param)
     return torch.optim.AdamW([{"params": decay, "weight_decay": config.weight_decay},
                               {"params": no_decay, "weight_decay": 0.0}], lr=config.lr)
-
-
-def _save_checkpoint(path: Path, state: dict[str, Any]) -> None:
-    """Write ``state`` to ``path`` through a temporary file and an atomic rename."""
-    import torch
-
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        torch.save({"format": _CHECKPOINT_FORMAT, **state}, tmp)
-        os.replace(tmp, path)
-    except OSError as e:
-        tmp.unlink(missing_ok=True)
-        raise ModelError(f"cannot write the checkpoint {path}: {e.strerror or e}") from e
-
-
-def _load_checkpoint(path: Path, fingerprint: dict[str, Any] | None) -> dict[str, Any]:
-    """The checkpoint's state, after checking it belongs to this config and data (any run's when
-    ``fingerprint`` is None)."""
-    import torch
-
-    fix = "delete it to train from scratch, or pick another --out"
-    try:
-        # weights_only: a checkpoint holds tensors and plain values; never run pickled code.
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except (RuntimeError, EOFError, OSError, ValueError, pickle.UnpicklingError,
-            zipfile.BadZipFile) as e:
-        detail = " ".join(str(e).split())[:200] or type(e).__name__
-        raise ModelError(f"checkpoint {path} is corrupt or truncated ({detail}); {fix}") from e
-    if not isinstance(state, dict) or state.get("format") != _CHECKPOINT_FORMAT:
-        raise ModelError(f"{path} is not a reranker training checkpoint; {fix}")
-    theirs = state.get("fingerprint")
-    if fingerprint is None:
-        if not (isinstance(theirs, dict) and set(_FINGERPRINT_NAMES) <= set(theirs)):
-            raise ModelError(f"{path} does not record the run it belongs to; {fix}")
-        return state
-    if theirs != fingerprint:
-        parts = sorted(k for k in fingerprint if not isinstance(theirs, dict)
-                       or theirs.get(k) != fingerprint[k])
-        raise InvalidArgumentError(
-            f"checkpoint {path} was written by a training run with another "
-            f"{' and '.join(_FINGERPRINT_NAMES[p] for p in parts)}; {fix}"
-        )
-    return state
-
-
-_FINGERPRINT_NAMES = {"config": "training config", "model": "model config",
-                      "data": "pairs file or index"}
-
-
-def _is_int(value: object) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _is_real(value: object) -> bool:
-    import numbers
-
-    return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
