@@ -12,13 +12,17 @@ from crossrank.datasets.config import (
     Colour,
     QueryKind,
     Relation,
-    ShapesConfig,
     Shape,
+    ShapesConfig,
     Size,
     Split,
 )
 from crossrank.datasets.language import ObjectSpec, QuerySpec, parse_query, satisfies
-from crossrank.datasets.negatives import caption_perturbations
+from crossrank.datasets.negatives import (
+    CaptionNegativeBank,
+    caption_perturbations,
+    perturbation_rows,
+)
 from crossrank.datasets.relevance import SceneArrays, SpecArrays, match_aligned, match_matrix
 from crossrank.datasets.scene import Scene, SceneObject
 from crossrank.datasets.shapes import (
@@ -31,6 +35,7 @@ from crossrank.datasets.shapes import (
 __all__ = [
     "HELDOUT_PAIRS",
     "PALETTE",
+    "CaptionNegativeBank",
     "Colour",
     "ObjectSpec",
     "QueryKind",
@@ -52,5 +57,6 @@ __all__ = [
     "match_matrix",
     "open_shapes",
     "parse_query",
+    "perturbation_rows",
     "satisfies",
 ]

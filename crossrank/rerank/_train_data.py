@@ -27,11 +27,12 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from crossrank.datasets.negatives import CaptionNegativeBank, perturbation_rows
 from crossrank.errors import InvalidArgumentError
 
 if TYPE_CHECKING:
     from crossrank.index import Index
-    from crossrank.rerank.train import RerankTrainConfig
+    from crossrank.rerank.config import RerankTrainConfig
 
 __all__ = [
     "CandidateSampler",
@@ -286,7 +287,7 @@ def prepare_training_set(index: Index, pairs_path: str | os.PathLike[str],
     # The captions of a shapes dataset are templates, parsed once: for exact relevance and for
     # their rewrites, which follow the captions in the bank.
     caption_specs = _parse_shapes_captions(captions, shapes_root) if shapes_root else None
-    perturb = _caption_perturbations(captions, caption_specs) if config.caption_negatives else None
+    perturb = perturbation_rows(captions, caption_specs) if config.caption_negatives else None
     extra_specs = perturb[2] if perturb is not None else []
     bank_texts = captions + [spec.text for spec in extra_specs]
     tokens, token_mask, xq = _encode_captions(index, bank_texts)
@@ -443,91 +444,6 @@ def _shapes_positives(specs: Any, scenes: Any, pair_caption: np.ndarray,
         cap_parts.append(c + lo)
         img_parts.append(i)
     return PositiveSet(np.concatenate(cap_parts), np.concatenate(img_parts), n_images)
-
-
-def _caption_perturbations(captions: list[str], specs: list[Any]) -> tuple[list[np.ndarray],
-                                                                         np.ndarray, list[Any]]:
-    """Each caption's near misses (:func:`~crossrank.datasets.caption_perturbations`), as rows of
-    the caption bank: ``(rows per caption, structural count per caption, new specs)``.
-
-    A rewrite never names a colour-shape pair absent from the captions (held-out compositions
-    stay unseen). Rewrites that are themselves captions reuse their row; the others are appended
-    after the U captions, in order of first appearance.
-    """
-    from crossrank.datasets import caption_perturbations
-
-    allowed = {(o.colour, o.shape) for spec in specs for o in (spec.a, spec.b) if o is not None}
-    row_of_text = {text: i for i, text in enumerate(captions)}
-    extra: list[Any] = []
-    rows: list[np.ndarray] = []
-    n_structural = np.zeros(len(captions), dtype=np.int64)
-    for u, spec in enumerate(specs):
-        structural, attribute = caption_perturbations(spec, allowed)
-        n_structural[u] = len(structural)
-        out = []
-        for rewritten in structural + attribute:
-            text = rewritten.text
-            row = row_of_text.get(text)
-            if row is None:
-                row = row_of_text[text] = len(captions) + len(extra)
-                extra.append(rewritten)
-            out.append(row)
-        rows.append(np.array(out, dtype=np.int64))
-    return rows, n_structural, extra
-
-
-@dataclass
-class CaptionNegativeBank:
-    """The rewritten captions of each caption, and what decides which are false of an image.
-
-    Attributes:
-        offsets: per caption ``u``, int64 rows of the caption bank (``TrainingSet.tokens``): its
-            structural rewrites first (``n_structural[u]`` of them), then the attribute ones.
-        n_structural: int64 ``(U,)``.
-        specs: the parsed specs of every bank row (captions and rewrites).
-        scenes: the scene graph of every local image.
-    """
-
-    offsets: list[np.ndarray]
-    n_structural: np.ndarray
-    specs: Any  # SpecArrays
-    scenes: Any  # SceneArrays
-
-    def sample(self, caption: np.ndarray, image: np.ndarray, n: int,
-               rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
-        """For each (caption, image), the caption and ``n`` rewrites false of the image.
-
-        Half the rewrites (rounded up) are structural where the caption has enough false ones
-        (swapped bindings, swapped objects, another relation), the rest attribute changes; each
-        group tops up the other.
-
-        Returns:
-            ``(rows, valid)``: int64 ``(B, 1 + n)`` bank rows, the caption in column 0, and bool
-            ``(B, 1 + n)``; False marks a slot left empty because the caption has too few false
-            rewrites for this image (its row repeats the caption and must be masked out).
-        """
-        from crossrank.datasets.relevance import match_aligned
-
-        options_of = [self.offsets[u] for u in caption.tolist()]
-        counts = np.array([o.size for o in options_of], dtype=np.int64)
-        flat = np.concatenate([np.zeros(0, dtype=np.int64), *options_of])  # every row's options
-        owner = np.repeat(np.arange(caption.size), counts)
-        false = ~match_aligned(self.specs.take(flat), self.scenes.take(image[owner]))
-        rows = np.repeat(caption[:, None], 1 + n, axis=1).astype(np.int64)
-        valid = np.zeros((caption.size, 1 + n), dtype=bool)
-        valid[:, 0] = True
-        start = 0
-        for b, (u, count) in enumerate(zip(caption.tolist(), counts.tolist(), strict=True)):
-            options, ok = flat[start:start + count], false[start:start + count]
-            start += count
-            k = int(self.n_structural[u])
-            structural = rng.permutation(options[:k][ok[:k]])
-            attribute = rng.permutation(options[k:][ok[k:]])
-            n_s = min(structural.size, max(n - attribute.size, (n + 1) // 2))
-            chosen = np.concatenate([structural[:n_s], attribute[: n - n_s]])
-            rows[b, 1:1 + chosen.size] = chosen
-            valid[b, 1:1 + chosen.size] = True
-        return rows, valid
 
 
 def _encode_captions(index: Index,
