@@ -362,11 +362,13 @@ def train_encoder_cmd(
     steps: Annotated[int, typer.Option(min=1, help="Optimizer steps.")] = 4000,
     batch_size: Annotated[int, typer.Option(min=2, help="Images per step.")] = 256,
     lr: Annotated[float, typer.Option(help="Peak learning rate.")] = 1e-3,
+    caption_negatives: Annotated[int, typer.Option(min=0, help="NegCLIP: per caption, this many rewrites false of its image (swapped bindings or objects, another relation) as extra text negatives, so the encoder cannot treat a caption as a bag of words. 0 = off.")] = 0,
+    init_from: Annotated[str | None, typer.Option(help="Fine-tune this CLIP (a directory made by train-encoder, or crossrank-demo for the shipped one) instead of training from scratch.")] = None,
     seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
     device: Annotated[Device, typer.Option(help="Where to train.")] = Device.AUTO,
     as_json: Annotated[bool, typer.Option("--json", help="Print the summary as JSON.")] = False,
 ) -> None:
-    """Train the demo dual encoder (a small CLIP) from scratch on generated pairs."""
+    """Train the demo dual encoder (a small CLIP) on generated pairs, from scratch or from --init-from."""
     import shlex
     import time
 
@@ -376,7 +378,8 @@ def train_encoder_cmd(
 
     try:
         config = EncoderTrainConfig(steps=steps, batch_size=batch_size, lr=lr, seed=seed, device=device.value,
-                                    warmup=min(200, max(1, steps // 20)))
+                                    warmup=min(200, max(1, steps // 20)), caption_negatives=caption_negatives,
+                                    init_from=init_from)
     except ValueError as e:
         raise typer.BadParameter(str(e)) from None
     t0 = time.perf_counter()

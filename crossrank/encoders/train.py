@@ -5,6 +5,16 @@ as "a red circle" is true of many images in a batch, so every image the caption 
 as a positive (a multi-positive InfoNCE: the log of the summed softmax mass on the positives). The
 plain one-positive loss would push true matches apart and stall training.
 
+**Caption negatives** (``caption_negatives``, NegCLIP, Yuksekgonul et al. 2023): a contrastive
+encoder trained on pooled vectors learns a bag of words, because the batch rarely holds the caption
+that only an order or a relation word tells apart ("a red circle left of a blue square" against
+"... right of ..."); the demo encoder's text tower maps "left" and "right" to nearly the same token
+features. With ``caption_negatives = M`` each caption in the batch brings M rewrites false of its
+image (:func:`~crossrank.datasets.caption_perturbations`: swapped bindings, swapped objects,
+another relation, one object changed) as extra text columns, their truth decided on every batch
+image's scene graph. ``init_from`` fine-tunes an existing model (e.g. the shipped demo encoder)
+instead of starting from scratch.
+
 Training is seeded and resumable: a checkpoint (weights, optimizer, schedule, RNG state, step) is
 written every ``checkpoint_every`` steps and at the end; rerunning the same command continues from
 it. The output is a Hugging Face model directory that :func:`crossrank.encoders.load_encoder` opens.
@@ -23,6 +33,8 @@ from typing import Any
 
 import numpy as np
 
+from crossrank.datasets.negatives import CaptionNegativeBank
+from crossrank.datasets.relevance import match_matrix
 from crossrank.encoders.factory import CLIP_MEAN, CLIP_STD, ClipSpec
 from crossrank.errors import InvalidArgumentError
 
@@ -49,6 +61,8 @@ class EncoderTrainConfig:
     device: str = "auto"
     checkpoint_every: int = 200  # steps between checkpoints
     spec: ClipSpec = field(default_factory=lambda: DEMO_SPEC)
+    caption_negatives: int = 0  # per caption, rewrites false of its image as extra text negatives
+    init_from: str | None = None  # a CLIP model directory to fine-tune; None = from scratch (spec)
 
     def __post_init__(self) -> None:
         for name in ("steps", "batch_size", "checkpoint_every"):
@@ -58,6 +72,8 @@ class EncoderTrainConfig:
             raise ValueError(f"EncoderTrainConfig.lr must be > 0, got {self.lr}")
         if self.warmup < 0:
             raise ValueError(f"EncoderTrainConfig.warmup must be >= 0, got {self.warmup}")
+        if self.caption_negatives < 0:
+            raise ValueError(f"EncoderTrainConfig.caption_negatives must be >= 0, got {self.caption_negatives}")
 
 
 @dataclass
@@ -70,12 +86,19 @@ class TrainData:
         caption_image: for each caption, the row of the image it was written for.
         positives: ``positives(caption_rows, image_rows) -> bool (len(caption_rows), len(image_rows))``,
             True where the caption is true of the image.
+        negatives: for caption negatives, the rewrites of each unique caption over the images'
+            scene graphs (bank rows: the unique captions, then the rewrites); None = none.
+        bank_texts: the text of every bank row.
+        caption_bank_row: int64, for each caption, its bank row.
     """
 
     images: np.ndarray
     captions: list[str]
     caption_image: np.ndarray
     positives: Callable[[np.ndarray, np.ndarray], np.ndarray]
+    negatives: CaptionNegativeBank | None = None
+    bank_texts: list[str] | None = None
+    caption_bank_row: np.ndarray | None = None
 
 
 ProgressFn = Callable[[int, int, float], None]  # (step, steps, loss)
@@ -98,13 +121,19 @@ def train_encoder(data: TrainData, out_dir: str | Path, config: EncoderTrainConf
         ``out_dir``.
     """
     import torch
-    import torch.nn.functional as F
 
     from crossrank.device import resolve_device
     from crossrank.encoders.factory import build_tokenizer, new_clip, save_clip
 
     config = config or EncoderTrainConfig()
     spec = config.spec
+    if config.caption_negatives and data.negatives is None:
+        raise InvalidArgumentError(
+            "caption negatives need the scene graphs of a shapes dataset (shapes_train_data); "
+            "train without --caption-negatives"
+        )
+    if config.init_from is not None:
+        model, tokenizer, spec = _load_init(config.init_from)
     if data.images.ndim != 4 or data.images.shape[1:] != (3, spec.image_size, spec.image_size):
         raise InvalidArgumentError(
             f"training images must be uint8 (n, 3, {spec.image_size}, {spec.image_size}), got {data.images.shape}"
@@ -114,11 +143,17 @@ def train_encoder(data: TrainData, out_dir: str | Path, config: EncoderTrainConf
     device = resolve_device(config.device)
     rng = np.random.default_rng(config.seed)
 
-    tokenizer = build_tokenizer(sorted(set(data.captions)), spec.vocab_size, spec.max_text_len)
-    model = new_clip(spec, vocab_size=len(tokenizer), seed=config.seed).to(device).train()
+    if config.init_from is None:
+        tokenizer = build_tokenizer(sorted(set(data.captions)), spec.vocab_size, spec.max_text_len)
+        model = new_clip(spec, vocab_size=len(tokenizer), seed=config.seed)
+    model = model.to(device).train()
     tokens = tokenizer(data.captions, padding="max_length", truncation=True, max_length=spec.max_text_len,
                        return_tensors="np")
     input_ids, attention = tokens["input_ids"], tokens["attention_mask"]
+    if config.caption_negatives:  # every bank row (captions, then rewrites) tokenized once
+        bank = tokenizer(data.bank_texts, padding="max_length", truncation=True, max_length=spec.max_text_len,
+                         return_tensors="np")
+        bank_ids, bank_attention = bank["input_ids"], bank["attention_mask"]
 
     decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "embedding" not in n]
     no_decay = [p for n, p in model.named_parameters() if not (p.ndim >= 2 and "embedding" not in n)]
@@ -165,16 +200,27 @@ def train_encoder(data: TrainData, out_dir: str | Path, config: EncoderTrainConf
     for step in range(start_step, config.steps):
         image_rows = rng.choice(len(data.images), size=min(config.batch_size, len(data.images)), replace=False)
         caption_rows = np.array([captions_of[i][rng.integers(len(captions_of[i]))] for i in image_rows])
-        pos = torch.from_numpy(data.positives(caption_rows, image_rows)).to(device)  # (B, B) bool
         pixels = torch.from_numpy(data.images[image_rows]).to(device).float().div_(255)
         pixels = (pixels - mean) / std  # (B, 3, H, W)
-        ids = torch.from_numpy(input_ids[caption_rows]).to(device)
-        mask = torch.from_numpy(attention[caption_rows]).to(device)
+        if config.caption_negatives:
+            # The batch's captions, then each one's rewrites false of its own image; a rewrite
+            # may be true of another batch image, so every (text, image) is decided on its scene.
+            u = data.caption_bank_row[caption_rows]
+            rows, valid = data.negatives.sample(u, image_rows, config.caption_negatives, rng)
+            text_rows = np.concatenate([u, rows[:, 1:][valid[:, 1:]]])  # (T,) bank rows
+            pos_np = match_matrix(data.negatives.specs.take(text_rows), data.negatives.scenes.take(image_rows))
+            pos = torch.from_numpy(pos_np).to(device)  # (T, B) bool
+            ids = torch.from_numpy(bank_ids[text_rows]).to(device)
+            mask = torch.from_numpy(bank_attention[text_rows]).to(device)
+        else:
+            pos = torch.from_numpy(data.positives(caption_rows, image_rows)).to(device)  # (B, B) bool
+            ids = torch.from_numpy(input_ids[caption_rows]).to(device)
+            mask = torch.from_numpy(attention[caption_rows]).to(device)
 
         for group in optimizer.param_groups:
             group["lr"] = lr_at(step)
         out_ = model(input_ids=ids, attention_mask=mask, pixel_values=pixels)
-        logits = out_.logits_per_text.float()  # (B captions, B images), scaled by exp(logit_scale)
+        logits = out_.logits_per_text.float()  # (T texts, B images), scaled by exp(logit_scale)
         loss = 0.5 * (_multi_positive_nce(logits, pos) + _multi_positive_nce(logits.t(), pos.t()))
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -193,6 +239,29 @@ def train_encoder(data: TrainData, out_dir: str | Path, config: EncoderTrainConf
     save_clip(model, tokenizer, spec, out, extra=extra)
     (out / "train_done.json").write_text(json.dumps({"steps": config.steps}) + "\n")
     return out
+
+
+def _load_init(model_dir: str) -> tuple[Any, Any, ClipSpec]:
+    """The CLIP model, tokenizer and spec of a model directory to fine-tune.
+
+    Raises:
+        InvalidArgumentError: the directory is not a CLIP made by crossrank (no spec recorded).
+    """
+    from crossrank.encoders import ClipEncoder, load_encoder
+    from crossrank.encoders.loading import resolve_model
+
+    encoder = load_encoder(model_dir, device="cpu")
+    if not isinstance(encoder, ClipEncoder):
+        raise InvalidArgumentError(f"--init-from {model_dir}: only a CLIP can be fine-tuned here, got {encoder!r}")
+    info = resolve_model(model_dir).model_dir / "crossrank_clip.json"
+    try:
+        spec = ClipSpec(**json.loads(info.read_text())["spec"])
+    except (OSError, KeyError, TypeError, ValueError) as e:
+        raise InvalidArgumentError(
+            f"--init-from {model_dir}: no crossrank_clip.json with a spec ({e}); fine-tune a model "
+            "made by crossrank train-encoder (the shipped demo encoder is one)"
+        ) from e
+    return encoder.model.float(), encoder.tokenizer, spec
 
 
 def _multi_positive_nce(logits: Any, pos: Any) -> Any:
@@ -229,7 +298,7 @@ def shapes_train_data(root: str | Path, image_size: int) -> TrainData:
     import pyarrow.parquet as pq
     from PIL import Image
 
-    from crossrank.datasets import SpecArrays, match_matrix, open_shapes
+    from crossrank.datasets import SpecArrays, open_shapes, parse_query, perturbation_rows
 
     ds = open_shapes(root)
     paths = pq.read_table(ds.metadata_path, columns=["path"])["path"].to_pylist()
@@ -250,4 +319,13 @@ def shapes_train_data(root: str | Path, image_size: int) -> TrainData:
     def positives(caption_rows: np.ndarray, image_rows: np.ndarray) -> np.ndarray:
         return match_matrix(specs.take(caption_rows), scenes.take(image_rows))
 
-    return TrainData(images=images, captions=captions, caption_image=caption_image, positives=positives)
+    # The caption-negative bank: unique captions, then their rewrites (see CaptionNegativeBank).
+    unique, caption_bank_row = np.unique(np.array(captions, dtype=object), return_inverse=True)
+    unique_texts = [str(c) for c in unique]
+    unique_specs = [parse_query(c) for c in unique_texts]
+    offsets, n_structural, extra = perturbation_rows(unique_texts, unique_specs)
+    negatives = CaptionNegativeBank(offsets=offsets, n_structural=n_structural,
+                                    specs=SpecArrays.from_specs(unique_specs + extra), scenes=scenes)
+    return TrainData(images=images, captions=captions, caption_image=caption_image, positives=positives,
+                     negatives=negatives, bank_texts=unique_texts + [e.text for e in extra],
+                     caption_bank_row=caption_bank_row.astype(np.int64))

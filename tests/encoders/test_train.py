@@ -141,3 +141,63 @@ def test_shapes_positives_are_exact(tmp_path: Path) -> None:
         assert pos[i, data.caption_image[c]]  # a caption is true of the image it was written for
         for j in image_rows:
             assert pos[i, j] == satisfies(scenes[j], spec)
+
+
+def test_shapes_data_carries_a_caption_negative_bank(tmp_path: Path) -> None:
+    from crossrank.datasets import generate_shapes, parse_query, satisfies
+
+    ds = generate_shapes(tmp_path / "train", n_images=30, n_queries=3, seed=0, split="train")
+    data = shapes_train_data(tmp_path / "train", image_size=32)
+    assert [data.bank_texts[u] for u in data.caption_bank_row] == data.captions
+    scenes = ds.scenes()
+    rows, valid = data.negatives.sample(data.caption_bank_row[:20], data.caption_image[:20], 3,
+                                        np.random.default_rng(0))
+    assert valid[:, 1:].any()  # some captions have false rewrites: the check below can fail
+    for b in range(20):
+        image = scenes[data.caption_image[b]]
+        assert data.bank_texts[rows[b, 0]] == data.captions[b]
+        for r in rows[b, 1:][valid[b, 1:]]:
+            assert not satisfies(image, parse_query(data.bank_texts[r]))  # false of its own image
+
+
+def test_caption_negatives_fine_tune_a_model_with_its_tokenizer(tmp_path: Path, monkeypatch) -> None:
+    # NegCLIP: each step adds rewrites as text columns, their truth decided on every batch
+    # image; --init-from starts from an existing model and keeps its tokenizer.
+    import crossrank.encoders.train as train_module
+    from crossrank.datasets import generate_shapes, match_matrix
+    from crossrank.encoders import load_encoder
+
+    torch.set_num_threads(1)
+    generate_shapes(tmp_path / "train", n_images=40, n_queries=3, seed=0, split="train")
+    data = shapes_train_data(tmp_path / "train", image_size=32)
+    base = train_encoder(data, tmp_path / "base", _config(3))
+    seen = []
+
+    def spy(specs, scenes):
+        out = match_matrix(specs, scenes)
+        seen.append(out)
+        return out
+
+    monkeypatch.setattr(train_module, "match_matrix", spy)
+    tuned = train_encoder(data, tmp_path / "tuned", _config(3, caption_negatives=2, init_from=str(base)))
+    assert len(seen) == 3 and all(m.shape[0] > 16 and m.shape[1] == 16 for m in seen)  # captions + rewrites
+    a, b = load_encoder(base, device="cpu"), load_encoder(tuned, device="cpu")
+    assert a.tokenizer.get_vocab() == b.tokenizer.get_vocab()
+    before = a.encode_text(["a red circle left of a blue square"]).pooled
+    after = b.encode_text(["a red circle left of a blue square"]).pooled
+    assert not np.allclose(before, after)  # trained from the base weights, not a copy
+
+
+def test_caption_negatives_need_scene_graphs_and_init_from_needs_a_crossrank_clip(tmp_path: Path) -> None:
+    import shutil
+
+    with pytest.raises(InvalidArgumentError, match="caption negatives need the scene graphs"):
+        train_encoder(_toy_data(), tmp_path / "enc", _config(2, caption_negatives=2))
+    with pytest.raises(ValueError, match="caption_negatives must be >= 0"):
+        EncoderTrainConfig(caption_negatives=-1)
+    base = train_encoder(_toy_data(), tmp_path / "base", _config(1))
+    foreign = tmp_path / "foreign"
+    shutil.copytree(base, foreign)
+    (foreign / "crossrank_clip.json").unlink()
+    with pytest.raises(InvalidArgumentError, match="no crossrank_clip.json with a spec"):
+        train_encoder(_toy_data(), tmp_path / "enc2", _config(2, init_from=str(foreign)))
