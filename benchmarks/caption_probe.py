@@ -6,7 +6,8 @@ false of its image (swapped colours, shapes or objects, another relation, one ob
 see ``crossrank.datasets.caption_perturbations``) on that image, with the listwise loss and no
 first-stage residual: the only way to do better than chance (1/7) is to read the patches. Every
 variant trains from scratch with the same seed, batches and rewrites; the script prints the mean
-loss and accuracy (the true caption ranked first, ties counted as chance) per 100 steps.
+loss and accuracy (the true caption ranked first, ties counted as chance) per 100 steps, overall and
+on pair and relation captions separately (with the first stage's on the same lists).
 
     python benchmarks/caption_probe.py --train runs/shapes-train/pairs.parquet \\
         --train-index runs/train.idx --steps 600 gated nogate nogate-qsa nogate-psa
@@ -33,9 +34,16 @@ import numpy as np
 import torch
 
 from crossrank import Index
+from crossrank.datasets import Relation
 from crossrank.rerank import CrossAttentionReranker, RerankerConfig, RerankTrainConfig
 from crossrank.rerank._train_data import prepare_training_set
-from crossrank.rerank.train import _Banks, _forward_captions, _optimizer, _top1_accuracy, rerank_loss
+from crossrank.rerank.train import (
+    _Banks,
+    _forward_captions,
+    _optimizer,
+    _top1_accuracy,
+    rerank_loss,
+)
 
 N_REWRITES = 6
 BATCH = 32
@@ -50,7 +58,7 @@ def parse_variant(name: str) -> tuple[dict, float]:
             continue  # handled by the caller
         if word in ("lecun", "xavier"):  # "xavier": this option's name in the committed results
             fields["init"] = "lecun"
-        if word == "qsa":
+        elif word == "qsa":
             fields["query_self_attention"] = True
         elif word == "psa":
             fields["patch_self_attention"] = True
@@ -60,6 +68,23 @@ def parse_variant(name: str) -> tuple[dict, float]:
             raise SystemExit(f"unknown variant word {word!r} in {name!r}: "
                              "use gated, nogate, qsa, psa, lecun, lrX, structural")
     return fields, lr
+
+
+def _kind(caption: str) -> str:
+    if any(f" {r.value} " in caption for r in Relation):
+        return "relation"
+    return "pair" if " and " in caption else "single"
+
+
+def _by_kind(kinds: list, hits: list, fs_hits: list) -> dict[str, float]:
+    """Accuracy (and the first stage's) on pair and relation captions separately."""
+    k, h, f = np.concatenate(kinds), np.concatenate(hits), np.concatenate(fs_hits)
+    out = {}
+    for name in ("pair", "relation"):
+        if (k == name).any():
+            out[name] = round(float(h[k == name].mean()), 4)
+            out[f"{name}_first_stage"] = round(float(f[k == name].mean()), 4)
+    return out
 
 
 def main() -> int:
@@ -77,6 +102,7 @@ def main() -> int:
     banks = _Banks(torch.from_numpy(data.tokens), torch.from_numpy(data.token_mask),
                    torch.from_numpy(data.patches))
     dim = index.manifest.encoder["patch_dim"]
+    kind = np.array([_kind(c) for c in data.captions])  # per caption bank row
     curves: dict[str, list[dict]] = {}
     for name, (fields, lr) in variants.items():
         torch.manual_seed(0)
@@ -90,7 +116,7 @@ def main() -> int:
             bank = replace(bank, offsets=[o[:k] for o, k in zip(bank.offsets, bank.n_structural, strict=True)])
             pool = pool[bank.n_structural[data.train_caption] > 0]
         q_vec, i_vec = torch.from_numpy(data.query_vectors), torch.from_numpy(data.image_vectors)
-        first_stage_hits = []
+        first_stage_hits, kinds, hits, fs_hits = [], [], [], []
         losses, accuracies, curve = [], [], []
         t0 = time.perf_counter()
         for step in range(args.steps):
@@ -101,7 +127,8 @@ def main() -> int:
             rows, valid = bank.sample(caption, image, N_REWRITES, rng)
             keep = torch.from_numpy(valid)
             cosine = (q_vec[torch.from_numpy(rows)] * i_vec[torch.from_numpy(image)][:, None]).sum(-1)
-            first_stage_hits.append(float(_top1_accuracy(cosine.masked_fill(~keep, float("-inf"))).mean()))
+            fs = _top1_accuracy(cosine.masked_fill(~keep, float("-inf"))).numpy()
+            first_stage_hits.append(float(fs.mean()))
             logits = _forward_captions(model, banks, rows, image, torch.device("cpu"))
             loss = rerank_loss(logits, "listwise", keep)
             optimizer.zero_grad(set_to_none=True)
@@ -109,11 +136,16 @@ def main() -> int:
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
             optimizer.step()
             losses.append(loss.item())
-            accuracies.append(float(_top1_accuracy(logits.detach().masked_fill(~keep, float("-inf"))).mean()))
+            hit = _top1_accuracy(logits.detach().masked_fill(~keep, float("-inf"))).numpy()
+            accuracies.append(float(hit.mean()))
+            kinds.append(kind[caption])
+            hits.append(hit)
+            fs_hits.append(fs)
             if (step + 1) % 100 == 0:
                 entry = {"step": step + 1, "loss": round(float(np.mean(losses[-100:])), 4),
                          "accuracy": round(float(np.mean(accuracies[-100:])), 4),
                          "first_stage_accuracy": round(float(np.mean(first_stage_hits[-100:])), 4),
+                         **_by_kind(kinds[-100:], hits[-100:], fs_hits[-100:]),
                          "seconds": round(time.perf_counter() - t0, 1)}
                 curve.append(entry)
                 print(name, entry, flush=True)
