@@ -16,7 +16,9 @@ A variant is words joined by ``-``: ``gated`` / ``nogate`` (Flamingo tanh gates 
 residuals), ``lecun`` (every linear map at std 1/sqrt(fan_in) instead of 0.02, ``init="lecun"``;
 ``xavier`` is its older name), ``qsa`` (query self-attention), ``psa`` (patch self-attention), ``lr3e-3`` (peak
 learning rate; default 1e-3), ``structural`` (only the structural rewrites: swapped colours,
-shapes or objects, another relation; single-object captions, which have none, drop out). All use
+shapes or objects, another relation; single-object captions, which have none, drop out), ``embcat``
+(the reranker also reads the text encoder's layer-0 states, its token plus position embeddings, so
+that words its last layer merges, such as "left" and "right", stay apart). All use
 2 layers of width 128, 4 heads and 64 patch positions. Chance is about 1/7 (1/(1 + rewrites) per
 caption with fewer false rewrites); ``first stage`` rows give the pooled encoder's accuracy on the
 same lists for reference.
@@ -54,7 +56,7 @@ def parse_variant(name: str) -> tuple[dict, float]:
     fields: dict = {"gated": "nogate" not in words}
     lr = 1e-3
     for word in words:
-        if word == "structural":
+        if word in ("structural", "embcat"):
             continue  # handled by the caller
         if word in ("lecun", "xavier"):  # "xavier": this option's name in the committed results
             fields["init"] = "lecun"
@@ -68,6 +70,29 @@ def parse_variant(name: str) -> tuple[dict, float]:
             raise SystemExit(f"unknown variant word {word!r} in {name!r}: "
                              "use gated, nogate, qsa, psa, lecun, lrX, structural")
     return fields, lr
+
+
+def _with_token_embeddings(index: Index, data) -> torch.Tensor:
+    """The caption bank's token features with the text encoder's layer-0 states (token plus
+    position embeddings, before any attention) concatenated in front: ``(rows, L, width + d)``."""
+    from crossrank.datasets import parse_query, perturbation_rows
+
+    _, _, extra = perturbation_rows(data.captions, [parse_query(c) for c in data.captions])
+    texts = data.captions + [spec.text for spec in extra]  # the bank's rows, in order
+    encoder = index.encoder
+    length = data.tokens.shape[1]
+    width = encoder.model.config.text_config.hidden_size
+    out = torch.zeros((len(texts), length, width + data.tokens.shape[2]), dtype=torch.float16)
+    for lo in range(0, len(texts), 1024):
+        feats = encoder.encode_text(texts[lo:lo + 1024])
+        ids, mask = torch.as_tensor(feats.input_ids), torch.as_tensor(feats.mask)
+        with torch.no_grad():
+            layer0 = encoder.model.text_model(input_ids=ids, attention_mask=mask.long(),
+                                              output_hidden_states=True).hidden_states[0]
+        n, seq = ids.shape
+        out[lo:lo + n, :seq, :width] = (layer0 * mask[..., None]).half()
+        out[lo:lo + n, :, width:] = torch.from_numpy(data.tokens[lo:lo + n])
+    return out
 
 
 def _kind(caption: str) -> str:
@@ -101,12 +126,16 @@ def main() -> int:
     data = prepare_training_set(index, args.train, RerankTrainConfig(caption_negatives=N_REWRITES, seed=0))
     banks = _Banks(torch.from_numpy(data.tokens), torch.from_numpy(data.token_mask),
                    torch.from_numpy(data.patches))
+    if any("embcat" in name.split("-") for name in variants):
+        with_embeddings = _Banks(_with_token_embeddings(index, data), banks.token_mask, banks.patches)
     dim = index.manifest.encoder["patch_dim"]
     kind = np.array([_kind(c) for c in data.captions])  # per caption bank row
     curves: dict[str, list[dict]] = {}
     for name, (fields, lr) in variants.items():
         torch.manual_seed(0)
-        model = CrossAttentionReranker(RerankerConfig(text_dim=dim, patch_dim=dim, width=128, layers=2, heads=4,
+        use = with_embeddings if "embcat" in name.split("-") else banks
+        model = CrossAttentionReranker(RerankerConfig(text_dim=use.tokens.shape[-1], patch_dim=dim, width=128,
+                                                      layers=2, heads=4,
                                                       patch_positions=index.patches.shape[0], **fields)).train()
         schedule = RerankTrainConfig(lr=lr, steps=args.steps, warmup=50)
         optimizer = _optimizer(model, schedule)
@@ -129,7 +158,7 @@ def main() -> int:
             cosine = (q_vec[torch.from_numpy(rows)] * i_vec[torch.from_numpy(image)][:, None]).sum(-1)
             fs = _top1_accuracy(cosine.masked_fill(~keep, float("-inf"))).numpy()
             first_stage_hits.append(float(fs.mean()))
-            logits = _forward_captions(model, banks, rows, image, torch.device("cpu"))
+            logits = _forward_captions(model, use, rows, image, torch.device("cpu"))
             loss = rerank_loss(logits, "listwise", keep)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
