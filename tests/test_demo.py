@@ -115,3 +115,12 @@ def test_train_encoder_bad_learning_rate_is_a_usage_error(tmp_path: Path) -> Non
     result = runner.invoke(app, ["train-encoder", "--data", str(tmp_path), "--out", str(tmp_path / "m"), "--lr", "-1"])
     assert result.exit_code == 2
     assert "lr must be > 0" in result.output
+
+
+def test_train_encoder_missing_init_model_is_one_line_before_any_data_loads(tmp_path: Path) -> None:
+    # The data folder is not a dataset either: the init model is checked first, so that a typo
+    # costs no minute of image loading.
+    result = runner.invoke(app, ["train-encoder", "--data", str(tmp_path), "--out", str(tmp_path / "m"),
+                                 "--init-from", str(tmp_path / "nope")])
+    assert result.exit_code == 1
+    assert result.stderr.count("error:") == 1 and "does not exist" in result.stderr

@@ -382,6 +382,10 @@ def train_encoder_cmd(
                                     init_from=init_from)
     except ValueError as e:
         raise typer.BadParameter(str(e)) from None
+    if init_from is not None:  # fail before the minute of loading images, not after
+        from crossrank.encoders.loading import resolve_model
+
+        resolve_model(init_from)
     t0 = time.perf_counter()
     train_data = shapes_train_data(data, DEMO_SPEC.image_size)
     with progress_bar(TextColumn("[bold]training"), BarColumn(), MofNCompleteColumn(), TextColumn("loss {task.fields[loss]}"),
