@@ -387,7 +387,7 @@ def train_encoder_cmd(
 
         resolve_model(init_from)
     t0 = time.perf_counter()
-    train_data = shapes_train_data(data, DEMO_SPEC.image_size)
+    train_data = shapes_train_data(data, DEMO_SPEC.image_size, caption_negatives=caption_negatives > 0)
     with progress_bar(TextColumn("[bold]training"), BarColumn(), MofNCompleteColumn(), TextColumn("loss {task.fields[loss]}"),
                    TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(), disable=as_json, loss="-") as update:
         path = train_encoder(train_data, out, config,

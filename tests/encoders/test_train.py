@@ -147,7 +147,8 @@ def test_shapes_data_carries_a_caption_negative_bank(tmp_path: Path) -> None:
     from crossrank.datasets import generate_shapes, parse_query, satisfies
 
     ds = generate_shapes(tmp_path / "train", n_images=30, n_queries=3, seed=0, split="train")
-    data = shapes_train_data(tmp_path / "train", image_size=32)
+    assert shapes_train_data(tmp_path / "train", image_size=32).negatives is None  # only when asked
+    data = shapes_train_data(tmp_path / "train", image_size=32, caption_negatives=True)
     assert [data.bank_texts[u] for u in data.caption_bank_row] == data.captions
     scenes = ds.scenes()
     rows, valid = data.negatives.sample(data.caption_bank_row[:20], data.caption_image[:20], 3,
@@ -169,7 +170,7 @@ def test_caption_negatives_fine_tune_a_model_with_its_tokenizer(tmp_path: Path, 
 
     torch.set_num_threads(1)
     generate_shapes(tmp_path / "train", n_images=40, n_queries=3, seed=0, split="train")
-    data = shapes_train_data(tmp_path / "train", image_size=32)
+    data = shapes_train_data(tmp_path / "train", image_size=32, caption_negatives=True)
     base = train_encoder(data, tmp_path / "base", _config(3))
     seen = []
 
