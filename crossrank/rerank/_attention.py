@@ -30,7 +30,7 @@ def merge_heads(x: torch.Tensor) -> torch.Tensor:
     return x.transpose(-2, -3).reshape(*lead, n, heads * head_dim)  # (..., n, width)
 
 
-def top_m_mask(q: torch.Tensor, k: torch.Tensor, keep: torch.Tensor, m: int,
+def top_m_mask(q: torch.Tensor, k: torch.Tensor, keep: torch.Tensor | None, m: int,
                scale: float) -> torch.Tensor:
     """Keep, for each query row, only its ``m`` highest-scoring real keys.
 
@@ -40,7 +40,7 @@ def top_m_mask(q: torch.Tensor, k: torch.Tensor, keep: torch.Tensor, m: int,
     Args:
         q: ``(..., heads, n, e)`` queries.
         k: ``(..., heads, S, e)`` keys.
-        keep: bool, broadcastable to ``(..., heads, n, S)``, True = a real key.
+        keep: bool, broadcastable to ``(..., heads, n, S)``, True = a real key; None = all real.
         m: keys kept per query row (``m >= S`` keeps all real keys).
         scale: the attention's logit scale (does not change the order; kept for clarity).
 
@@ -49,6 +49,8 @@ def top_m_mask(q: torch.Tensor, k: torch.Tensor, keep: torch.Tensor, m: int,
     """
     with torch.no_grad():
         logits = torch.matmul(q.float(), k.float().transpose(-1, -2)) * scale  # (..., heads, n, S)
+        if keep is None:
+            keep = torch.ones((), dtype=torch.bool, device=logits.device)
         logits = logits.masked_fill(~keep, float("-inf"))
         top = logits.topk(min(m, logits.shape[-1]), dim=-1).indices  # (..., heads, n, m)
         selected = torch.zeros_like(logits, dtype=torch.bool).scatter_(-1, top, True)
@@ -56,8 +58,8 @@ def top_m_mask(q: torch.Tensor, k: torch.Tensor, keep: torch.Tensor, m: int,
     return selected & keep  # (..., heads, n, S)
 
 
-def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, keep: torch.Tensor, scale: float,
-           top_m: int | None = None) -> torch.Tensor:
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, keep: torch.Tensor | None,
+           scale: float, top_m: int | None = None) -> torch.Tensor:
     """Masked multi-head attention via ``F.scaled_dot_product_attention``.
 
     Args:
@@ -66,18 +68,20 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, keep: torch.Tensor
         k: ``(..., heads, S, e)``.
         v: ``(..., heads, S, ev)``.
         keep: bool, broadcastable to ``(..., heads, n, S)``, True = attend. Every row needs at
-            least one True (the public checks guarantee a real patch and a real token).
+            least one True (the public checks guarantee a real patch and a real token). None:
+            attend to every key (no mask reaches the kernel, which is then a little faster).
         scale: the logit scale, ``head_dim ** -0.5``.
         top_m: attend only to each row's top-m real keys by logit; None = all.
 
     Returns:
         ``(..., heads, n, ev)``.
     """
-    if keep.ndim < q.ndim:
+    if keep is not None and keep.ndim < q.ndim:
         keep = keep.view((1,) * (q.ndim - keep.ndim) + tuple(keep.shape))  # (1.., *keep.shape)
     if top_m is not None and top_m < k.shape[-2]:
         keep = top_m_mask(q, k, keep, top_m, scale)  # (..., heads, n, S)
-    lead = torch.broadcast_shapes(q.shape[:-3], k.shape[:-3], v.shape[:-3], keep.shape[:-3])
+    shapes = [q.shape[:-3], k.shape[:-3], v.shape[:-3]]
+    lead = torch.broadcast_shapes(*shapes, *([] if keep is None else [keep.shape[:-3]]))
     if len(lead) == 1:
         return F.scaled_dot_product_attention(q, k, v, attn_mask=keep,
                                               scale=scale)  # (N, heads, n, ev)
@@ -85,8 +89,9 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, keep: torch.Tensor
     # math path (2.5x slower on the CPU here). Flattening is a view for the candidate-side tensors;
     # a shared query side (size-1 candidate dim) is materialised per candidate by the reshape,
     # k * n * width floats, small next to the k * P * width of the keys.
+    mask = None if keep is None else _flat(keep, lead)
     out = F.scaled_dot_product_attention(
-        _flat(q, lead), _flat(k, lead), _flat(v, lead), attn_mask=_flat(keep, lead), scale=scale
+        _flat(q, lead), _flat(k, lead), _flat(v, lead), attn_mask=mask, scale=scale
     )  # (prod(lead), heads, n, ev)
     return out.view(*lead, *out.shape[-3:])  # (..., heads, n, ev)
 
@@ -126,14 +131,14 @@ class Attention(nn.Module):
         """``(..., heads, n, head_dim)`` -> ``(..., n, width)`` through the output projection."""
         return self.drop(self.o(merge_heads(heads_out)))
 
-    def forward(self, x: torch.Tensor, source: torch.Tensor, keep: torch.Tensor,
+    def forward(self, x: torch.Tensor, source: torch.Tensor, keep: torch.Tensor | None,
                 top_m: int | None = None) -> torch.Tensor:
         """Rows of ``x`` ``(..., n, width)`` attend to ``source`` ``(..., S, width)``.
 
         Args:
             x: the attending states, ``(..., n, width)``.
             source: the attended states, ``(..., S, width)``.
-            keep: bool broadcastable to ``(..., heads, n, S)``, True = attend.
+            keep: bool broadcastable to ``(..., heads, n, S)``, True = attend; None = all.
             top_m: see :func:`attend`.
 
         Returns:
@@ -206,7 +211,7 @@ class RerankerLayer(nn.Module):
         h = self.query_norm(x)
         return x + self.gate(self.query_gate, self.query_attn(h, h, token_keep))  # (..., n, width)
 
-    def patch_self_attend(self, p: torch.Tensor, patch_keep: torch.Tensor) -> torch.Tensor:
+    def patch_self_attend(self, p: torch.Tensor, patch_keep: torch.Tensor | None) -> torch.Tensor:
         """``(..., P, width)`` -> the same, after self-attention among a candidate's patches."""
         h = self.patch_norm(p)
         return p + self.gate(self.patch_gate, self.patch_attn(h, h, patch_keep))  # (..., P, width)

@@ -55,6 +55,7 @@ from collections.abc import Iterator
 from enum import StrEnum
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from crossrank.errors import InvalidArgumentError
@@ -114,6 +115,8 @@ class CrossAttentionReranker(nn.Module):
         self.config = config = config if config is not None else RerankerConfig()
         self.path = DEFAULT_PATH
         self.fusion: str | None = None
+        # layer -> (weight versions, folded maps); see _folded_weights. Not module state.
+        self._fold_cache: dict[int, tuple[tuple, tuple[torch.Tensor, ...]]] = {}
         w = config.width
         self.text_norm = nn.LayerNorm(config.text_dim) if config.prenorm else nn.Identity()
         self.patch_norm = nn.LayerNorm(config.patch_dim) if config.prenorm else nn.Identity()
@@ -318,10 +321,8 @@ class CrossAttentionReranker(nn.Module):
         # Computed once per query and broadcast over its k candidates; the first residual add
         # makes the per-candidate states (B, k, n, width).
         x = x.unsqueeze(1)  # (B, 1, n, width)
-        patch_keep = (
-            torch.ones((*lead, n_patches), dtype=torch.bool, device=x.device)
-            if patch_mask is None else patch_mask
-        )[..., None, None, :]  # (B, k, 1, 1, P)
+        # No mask at all when every patch is real: the attention kernels run a little faster.
+        patch_keep = None if patch_mask is None else patch_mask[..., None, None, :]  # (B, k, 1, 1, P)
         token_keep = x_keep[:, None, None, None, :]  # (B, 1, 1, 1, n)
 
         n_cached = len(cache.keys) if cache is not None else 0
@@ -342,7 +343,7 @@ class CrossAttentionReranker(nn.Module):
                              layer.top_m)  # (B, k, heads, n, head_dim)
                 out = layer.cross_attn.output(out)  # (B, k, n, width)
             elif i < n_folded:
-                out = self._folded_attention(layer, q, xt, patch_keep)  # (B, k, n, width)
+                out = self._folded_attention(i, q, xt, patch_keep)  # (B, k, n, width)
             else:
                 if p is None:
                     p = self.patch_in(xt)  # (B, k, P, width)
@@ -393,10 +394,7 @@ class CrossAttentionReranker(nn.Module):
                 f"patch_mask must have shape {tuple(patches.shape[:-1])}, "
                 f"got {tuple(patch_mask.shape)}"
             )
-        patch_keep = (
-            torch.ones(patches.shape[:-1], dtype=torch.bool, device=patches.device)
-            if patch_mask is None else patch_mask
-        )[..., None, None, :]  # (*lead, 1, 1, P)
+        patch_keep = None if patch_mask is None else patch_mask[..., None, None, :]  # (*lead, 1, 1, P)
         p = self.patch_in(self._prepare_patches(patches, patch_mask))  # (*lead, P, width)
         keys, values = [], []
         for layer in self.layers[: cfg.static_patch_layers]:
@@ -470,26 +468,54 @@ class CrossAttentionReranker(nn.Module):
             xt = xt + self.patch_pos[: patches.shape[-2]]  # (..., P, patch_dim)
         return xt
 
-    def _folded_attention(self, layer: RerankerLayer, q: torch.Tensor, xt: torch.Tensor,
-                          patch_keep: torch.Tensor) -> torch.Tensor:
+    def _folded_weights(self, i: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Layer ``i``'s folded maps: ``W_k W_in`` and ``W_v W_in`` as ``(heads, head_dim, d_v)``,
+        and the output bias ``b_o + W_o (W_v b_in + b_v)`` ``(width,)``.
+
+        They depend on the weights only, so under ``torch.inference_mode`` (how :meth:`score`
+        runs) they are computed once and kept until a weight they read changes (an optimizer
+        step, ``load_state_dict``, a move to another device or dtype: each bumps the tensor's
+        version or replaces its storage). With autograd on, they are recomputed in every call so
+        that gradients flow through them.
+        """
+        attn, cfg = self.layers[i].cross_attn, self.config
+        sources = (attn.k.weight, attn.v.weight, attn.v.bias, attn.o.weight, attn.o.bias,
+                   self.patch_in.weight, self.patch_in.bias)
+        # Inference tensors (parameters made under inference mode) keep no version counter.
+        cached = torch.is_inference_mode_enabled() and not any(t.is_inference() for t in sources)
+        if cached:
+            key = tuple((t.data_ptr(), t._version, t.dtype) for t in sources)
+            hit = self._fold_cache.get(i)
+            if hit is not None and hit[0] == key:
+                return hit[1]
+        heads, head_dim, d_v = cfg.heads, cfg.head_dim, cfg.patch_dim
+        with _autocast_off(attn.k.weight.device):  # fp32 products; autocast casts at use
+            w_k = (attn.k.weight @ self.patch_in.weight).view(heads, head_dim, d_v)
+            w_v = (attn.v.weight @ self.patch_in.weight).view(heads, head_dim, d_v)
+            b_v = attn.v.weight @ self.patch_in.bias + attn.v.bias  # (width,)
+            b_out = attn.o.bias + attn.o.weight @ b_v  # (width,): o(out + b_v) = W_o out + b_out
+        folded = (w_k, w_v, b_out)
+        if cached:
+            self._fold_cache[i] = (key, folded)
+        return folded
+
+    def _folded_attention(self, i: int, q: torch.Tensor, xt: torch.Tensor,
+                          patch_keep: torch.Tensor | None) -> torch.Tensor:
         """Cross-attention over x̃ with W_k folded into the queries and W_v applied afterwards.
 
         Args:
-            layer: the layer whose ``cross_attn`` weights are folded.
+            i: the layer whose ``cross_attn`` weights are folded.
             q: ``(B, 1|k, heads, n, head_dim)`` projected queries.
             xt: ``(B, k, P, d_v)`` prepared patches x̃.
-            patch_keep: ``(B, k, 1, 1, P)`` bool.
+            patch_keep: ``(B, k, 1, 1, P)`` bool, or None when every patch is real.
 
         Returns:
             ``(B, k, n, width)``, the attention branch before its gate.
         """
-        attn, cfg = layer.cross_attn, self.config
+        layer, cfg = self.layers[i], self.config
+        attn = layer.cross_attn
         heads, head_dim, d_v = cfg.heads, cfg.head_dim, cfg.patch_dim
-        w_k = attn.k.weight @ self.patch_in.weight  # (width, d_v)
-        w_v = attn.v.weight @ self.patch_in.weight  # (width, d_v)
-        w_k = w_k.view(heads, head_dim, d_v)  # (heads, head_dim, d_v)
-        w_v = w_v.view(heads, head_dim, d_v)  # (heads, head_dim, d_v)
-        b_v = attn.v.weight @ self.patch_in.bias + attn.v.bias  # (width,)
+        w_k, w_v, b_out = self._folded_weights(i)
         n = q.shape[-2]
         # Token-major rows (n, heads): the attention's output then reshapes to (n, width) as a view.
         q_fold = torch.einsum("...hnd,hde->...nhe", q, w_k)  # (B, 1|k, n, heads, d_v)
@@ -501,7 +527,7 @@ class CrossAttentionReranker(nn.Module):
         out = out.view(*out.shape[:-3], n, heads, d_v)  # (B, k, n, heads, d_v)
         out = torch.einsum("...nhe,hde->...nhd", out, w_v)  # (B, k, n, heads, head_dim)
         out = out.reshape(*out.shape[:-2], heads * head_dim)  # (B, k, n, width)
-        return attn.drop(attn.o(out + b_v))  # (B, k, n, width)
+        return attn.drop(F.linear(out, attn.o.weight, b_out))  # (B, k, n, width)
 
     def _pool(self, x: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
         """``(B, k, n, width)`` float32 with keep ``(B, 1, n)`` -> ``(B, k, width)``."""

@@ -162,6 +162,41 @@ def test_folded_and_precomputed_attention_equal_the_plain_formulation(options):
         _close(model(tokens, token_mask, patches, patch_mask, path="folded").detach(), plain)
 
 
+def test_folded_weights_kept_across_calls_follow_every_weight_change():
+    model = _model()
+    tokens, token_mask, patches, _ = _inputs()
+    other = _model(seed=1)
+
+    def plain():
+        with torch.no_grad():
+            return model(tokens, token_mask, patches, path="plain")
+
+    first = model.score(tokens, token_mask, patches)  # fills the cache (inference mode)
+    _close(first, plain())
+    assert model.score(tokens, token_mask, patches).equal(first)  # served from the cache
+    with torch.no_grad():  # as an optimizer step does: in place, outside inference mode
+        model.patch_in.weight.mul_(1.5)
+        model.layers[1].cross_attn.o.bias.add_(0.25)
+    stepped = model.score(tokens, token_mask, patches)
+    assert not torch.allclose(stepped, first, atol=1e-3)
+    _close(stepped, plain())
+    model.load_state_dict(other.state_dict())
+    _close(model.score(tokens, token_mask, patches), plain())
+    before = model.score(tokens, token_mask, patches)
+    model.patch_in.weight.data = model.patch_in.weight.data * 2  # new storage at version 0
+    moved = model.score(tokens, token_mask, patches)
+    assert not torch.allclose(moved, before, atol=1e-3)
+    _close(moved, plain())
+
+
+@pytest.mark.parametrize("options", [OPTIONS["default"], OPTIONS["everything"]], ids=["default", "everything"])
+def test_no_patch_mask_scores_as_an_all_true_mask(options):
+    model = _model(**options)
+    tokens, token_mask, patches, _ = _inputs()
+    all_real = torch.ones(patches.shape[:2], dtype=torch.bool)
+    _close(model.score(tokens, token_mask, patches), model.score(tokens, token_mask, patches, all_real))
+
+
 @pytest.mark.parametrize("path", ["folded", "precomputed"])
 def test_stored_patches_are_never_projected_per_query(path):
     model = _model()
