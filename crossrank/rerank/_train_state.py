@@ -55,9 +55,16 @@ def _save_checkpoint(path: Path, state: dict[str, Any]) -> None:
         raise ModelError(f"cannot write the checkpoint {path}: {e.strerror or e}") from e
 
 
-def _load_checkpoint(path: Path, fingerprint: dict[str, Any] | None) -> dict[str, Any]:
+def _load_checkpoint(path: Path, fingerprint: dict[str, Any] | None,
+                     defaults: dict[str, dict[str, Any]] | None = None) -> dict[str, Any]:
     """The checkpoint's state, after checking it belongs to this config and data (any run's when
-    ``fingerprint`` is None)."""
+    ``fingerprint`` is None).
+
+    ``defaults`` maps a fingerprint section (``"config"``, ``"model"``) to its fields' default
+    values: a field that a checkpoint of an older crossrank does not record matches while this
+    run leaves it at its default (the behaviour the older code had), so that adding an option
+    does not strand the runs in progress.
+    """
     import torch
 
     fix = "delete it to train from scratch, or pick another --out"
@@ -75,6 +82,15 @@ def _load_checkpoint(path: Path, fingerprint: dict[str, Any] | None) -> dict[str
         if not (isinstance(theirs, dict) and set(_FINGERPRINT_NAMES) <= set(theirs)):
             raise ModelError(f"{path} does not record the run it belongs to; {fix}")
         return state
+    if isinstance(theirs, dict) and defaults:
+        theirs = {**theirs}
+        for section, values in defaults.items():
+            ours, recorded = fingerprint.get(section), theirs.get(section)
+            if isinstance(ours, dict) and isinstance(recorded, dict):
+                # Fields this checkpoint predates, filled with their defaults; a run that sets
+                # one of them differs from the old run, and still fails the comparison below.
+                theirs[section] = {**{k: values[k] for k in ours.keys() - recorded.keys()
+                                      if k in values}, **recorded}
     if theirs != fingerprint:
         parts = sorted(k for k in fingerprint if not isinstance(theirs, dict)
                        or theirs.get(k) != fingerprint[k])

@@ -254,7 +254,7 @@ def train_reranker(
     # resumed run logs the same means as an uninterrupted one.
     window: dict[str, list[float]] = {"loss": [], "accuracy": []}
     if ckpt_path.exists():
-        state = _load_checkpoint(ckpt_path, fingerprint)
+        state = _load_checkpoint(ckpt_path, fingerprint, _fingerprint_defaults())
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         scaler.load_state_dict(state["scaler"])
@@ -460,6 +460,13 @@ def _reranker_metadata(trained_by: str, config: RerankTrainConfig, steps: int, d
 
 
 # -- model, optimizer, checkpoint -------------------------------------------------------------
+
+
+def _fingerprint_defaults() -> dict[str, dict[str, Any]]:
+    """Default training and model settings, for checkpoints that predate a field."""
+    from crossrank.rerank.config import RerankerConfig
+
+    return {"config": RerankTrainConfig().to_dict(), "model": RerankerConfig().to_dict()}
 
 
 def _model_config(model_config: RerankerConfig | None, encoder: dict[str, Any]) -> RerankerConfig:

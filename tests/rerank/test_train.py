@@ -1,3 +1,4 @@
+import dataclasses
 import json
 import math
 from pathlib import Path
@@ -567,6 +568,34 @@ def test_a_checkpoint_of_another_run_is_refused(shapes, tmp_path):
         train_reranker(index, ds.pairs_path, tmp_path / "r",
                        model_config=RerankerConfig(width=8, heads=2, layers=1),
                        config=_config(steps=4))
+
+
+def test_a_checkpoint_that_predates_a_field_resumes_while_the_field_keeps_its_default(shapes, tmp_path):
+    ds, index = shapes
+    config = _config(steps=6, checkpoint_every=4)
+    cut, ckpt = tmp_path / "cut", tmp_path / "cut" / CHECKPOINT_NAME
+
+    class Interrupt(Exception):
+        pass
+
+    def stop_at_5(step, steps, loss, acc):
+        if step == 5:
+            raise Interrupt
+
+    with pytest.raises(Interrupt):
+        train_reranker(index, ds.pairs_path, cut, model_config=TINY, config=config, progress=stop_at_5)
+    state = torch.load(ckpt, weights_only=True)
+    del state["fingerprint"]["config"]["caption_only_steps"]  # as written before these fields
+    del state["fingerprint"]["model"]["init"]
+    torch.save(state, ckpt)
+    with pytest.raises(InvalidArgumentError, match="another training config"):  # not the old run's
+        train_reranker(index, ds.pairs_path, cut, model_config=TINY,
+                       config=_config(steps=6, checkpoint_every=4, caption_negatives=2,
+                                      caption_only_steps=2))
+    with pytest.raises(InvalidArgumentError, match="another model config"):
+        train_reranker(index, ds.pairs_path, cut, model_config=dataclasses.replace(TINY, init="lecun"),
+                       config=config)
+    assert train_reranker(index, ds.pairs_path, cut, model_config=TINY, config=config).resumed_from == 4
 
 
 def test_a_corrupt_checkpoint_is_refused(shapes, tmp_path):
