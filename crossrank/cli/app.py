@@ -19,7 +19,14 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
-from crossrank.cli.render import console, err_console, mark_relevance, progress_bar, render_eval
+from crossrank.cli.render import (
+    console,
+    err_console,
+    mark_relevance,
+    print_table,
+    progress_bar,
+    render_eval,
+)
 from crossrank.device import Device
 from crossrank.errors import CrossrankError
 
@@ -161,7 +168,7 @@ def search(
     for rank, hit in enumerate(result, start=1):
         table.add_row(str(rank), f"{hit.score:.4f}", f"{hit.first_stage_score:.4f}",
                       "-" if hit.rerank_score is None else f"{hit.rerank_score:.4f}", str(hit.id), hit.path)
-    console.print(table)
+    print_table(table)
     c = result.counts
     line = (f"{c.returned} of {c.requested} requested · {c.filtered_out} filtered out · "
             f"{c.candidates} candidates · {result.timings_ms['total']:.1f} ms")
@@ -189,7 +196,7 @@ def info(
         table = Table("path", "reason", title=f"{len(rows)} skipped files", title_justify="left")
         for row in rows:
             table.add_row(row["path"], row["reason"])
-        console.print(table)
+        print_table(table)
         return
     facts = idx.info()
     if as_json:
@@ -210,7 +217,7 @@ def info(
         ("updated", facts["updated_at"]),
     ):
         table.add_row(f"[bold]{key}", str(value))
-    console.print(table)
+    print_table(table)
 
 
 @app.command()
@@ -277,7 +284,7 @@ def demo(
         table.add_column(f"+ {report.evaluation.get('reranker') or reranker}", justify="left")
         for rank, (a, b) in enumerate(zip(ex["first_stage"], ex["reranked"], strict=False), start=1):
             table.add_row(str(rank), mark_relevance(a), mark_relevance(b))
-        console.print(table)
+        print_table(table)
     render_eval(report.evaluation)
     s = report.seconds
     console.print(f"[green]done[/] in {s['total']:.0f} s (dataset {s['dataset']:.0f} s, build {s['build']:.0f} s, "

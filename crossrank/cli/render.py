@@ -9,10 +9,23 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
-__all__ = ["console", "err_console", "progress_bar", "render_eval", "mark_relevance"]
+__all__ = ["console", "err_console", "print_table", "progress_bar", "render_eval", "mark_relevance"]
 
 console = Console()
 err_console = Console(stderr=True)
+
+
+def print_table(table: Table) -> None:
+    """Print a table whole: piped into a file or a CI log (no terminal), rich would fit it to 80
+    columns and cut numbers to ``0.9…``; there it gets the width it needs. A terminal keeps its
+    own width."""
+    if console.is_terminal:
+        console.print(table)
+        return
+    needed = console.measure(table, options=console.options.update_width(10_000)).maximum
+    # print(width=) cannot exceed the console's own width: a console of the needed width, same file.
+    Console(file=console.file, width=max(console.width, needed), no_color=console.no_color,
+            highlight=False).print(table)
 
 
 @contextmanager
@@ -68,7 +81,7 @@ def render_eval(report: dict[str, Any]) -> None:
         for i, (label, key) in enumerate(stages):
             table.add_row(name if i == 0 else "", str(entry["queries"]) if i == 0 else "", label,
                           *(f"{entry[key][m]:.3f}" for m in metrics), end_section=i == len(stages) - 1)
-    console.print(table)
+    print_table(table)
     lat = report["latency_ms"]
     console.print("latency per query, ms (p50 / p95): " + ", ".join(
         f"{stage} {v['p50']:.1f} / {v['p95']:.1f}" for stage, v in lat.items()))

@@ -129,6 +129,23 @@ def test_human_report_renders(shapes):
                                       "--qrels", str(root / "qrels.txt"), "--rerank-k", "10", "--device", "cpu"])
     assert result.exit_code == 0, result.stderr
     assert "12 queries" in result.stdout and "nDCG@10" in result.stdout
+    assert all(m in result.stdout for m in ("R@1", "R@5", "R@10", "MRR@10", "nDCG@10", "P@10"))
+
+
+def test_a_report_piped_to_a_narrow_console_keeps_every_number_whole(cli_eval, monkeypatch):
+    import io
+
+    from rich.console import Console
+
+    from crossrank.cli import render
+
+    report, _ = cli_eval
+    out = io.StringIO()  # not a terminal, as in a CI log or `> report.txt`
+    monkeypatch.setattr(render, "console", Console(file=out, width=50))
+    render.render_eval(report)
+    text = out.getvalue()
+    assert "…" not in text
+    assert f"{report['reranked']['nDCG@10']:.3f}" in text and "MRR@10" in text
 
 
 # -- refusals: exit 1 and one clear line --------------------------------------------------------
