@@ -18,7 +18,11 @@ residuals), ``lecun`` (every linear map at std 1/sqrt(fan_in) instead of 0.02, `
 learning rate; default 1e-3), ``structural`` (only the structural rewrites: swapped colours,
 shapes or objects, another relation; single-object captions, which have none, drop out), ``embcat``
 (the reranker also reads the text encoder's layer-0 states, its token plus position embeddings, so
-that words its last layer merges, such as "left" and "right", stay apart). All use
+that words its last layer merges, such as "left" and "right", stay apart), ``relations`` (only
+relation captions, each against its rewrites that keep both objects: another relation, or the
+objects swapped around it; every bit of signal is then about the relation, chance about 1/4),
+``coords`` (two fixed channels, the patch's column and row in the grid at unit scale, appended to
+every stored patch, so that where a patch is needs no learning). All use
 2 layers of width 128, 4 heads and 64 patch positions. Chance is about 1/7 (1/(1 + rewrites) per
 caption with fewer false rewrites); ``first stage`` rows give the pooled encoder's accuracy on the
 same lists for reference.
@@ -56,7 +60,7 @@ def parse_variant(name: str) -> tuple[dict, float]:
     fields: dict = {"gated": "nogate" not in words}
     lr = 1e-3
     for word in words:
-        if word in ("structural", "embcat"):
+        if word in ("structural", "embcat", "relations", "coords"):
             continue  # handled by the caller
         if word in ("lecun", "xavier"):  # "xavier": this option's name in the committed results
             fields["init"] = "lecun"
@@ -68,17 +72,51 @@ def parse_variant(name: str) -> tuple[dict, float]:
             lr = float(word[2:])
         elif word not in ("gated", "nogate"):
             raise SystemExit(f"unknown variant word {word!r} in {name!r}: "
-                             "use gated, nogate, qsa, psa, lecun, lrX, structural")
+                             "use gated, nogate, qsa, psa, lecun, lrX, structural, embcat, relations, coords")
     return fields, lr
+
+
+def _bank_texts(data) -> list[str]:
+    """The text of every caption bank row: the captions, then the rewrites appended after them
+    (``TrainingSet`` keeps only the captions' texts; the rewrites are re-derived in bank order)."""
+    from crossrank.datasets import parse_query, perturbation_rows
+
+    _, _, extra = perturbation_rows(data.captions, [parse_query(c) for c in data.captions])
+    return data.captions + [spec.text for spec in extra]
+
+
+def _relations_only(data, bank):
+    """``bank`` cut to each relation caption's rewrites that keep both of its objects (another
+    relation, or the objects swapped around it), and the training pairs whose caption has one."""
+    from crossrank.datasets import parse_query
+
+    specs = [parse_query(t) for t in _bank_texts(data)]
+    offsets = []
+    for u in range(len(data.captions)):
+        a, b = specs[u].a, specs[u].b
+        rows = bank.offsets[u][: int(bank.n_structural[u])]
+        same_objects = [r for r in rows.tolist() if specs[u].relation is not None
+                        and {specs[r].a, specs[r].b} == {a, b}]
+        offsets.append(np.array(same_objects, dtype=np.int64))
+    counts = np.array([o.size for o in offsets], dtype=np.int64)
+    pool = np.flatnonzero(counts[data.train_caption] > 0)
+    return replace(bank, offsets=offsets, n_structural=counts), pool
+
+
+def _with_coordinates(patches: torch.Tensor) -> torch.Tensor:
+    """``(N, P, d)`` -> ``(N, P, d + 2)``: each patch's grid column and row, standardised."""
+    n, p, _ = patches.shape
+    side = round(p ** 0.5)
+    rows, cols = np.divmod(np.arange(p), side)
+    coords = np.stack([cols, rows], axis=-1).astype(np.float32)
+    coords = (coords - coords.mean(0)) / coords.std(0)
+    return torch.cat([patches, torch.from_numpy(coords).to(patches.dtype).expand(n, p, 2)], dim=-1)
 
 
 def _with_token_embeddings(index: Index, data) -> torch.Tensor:
     """The caption bank's token features with the text encoder's layer-0 states (token plus
     position embeddings, before any attention) concatenated in front: ``(rows, L, width + d)``."""
-    from crossrank.datasets import parse_query, perturbation_rows
-
-    _, _, extra = perturbation_rows(data.captions, [parse_query(c) for c in data.captions])
-    texts = data.captions + [spec.text for spec in extra]  # the bank's rows, in order
+    texts = _bank_texts(data)  # the bank's rows, in order
     encoder = index.encoder
     length = data.tokens.shape[1]
     width = encoder.model.config.text_config.hidden_size
@@ -128,13 +166,15 @@ def main() -> int:
                    torch.from_numpy(data.patches))
     if any("embcat" in name.split("-") for name in variants):
         with_embeddings = _Banks(_with_token_embeddings(index, data), banks.token_mask, banks.patches)
-    dim = index.manifest.encoder["patch_dim"]
     kind = np.array([_kind(c) for c in data.captions])  # per caption bank row
     curves: dict[str, list[dict]] = {}
     for name, (fields, lr) in variants.items():
         torch.manual_seed(0)
         use = with_embeddings if "embcat" in name.split("-") else banks
-        model = CrossAttentionReranker(RerankerConfig(text_dim=use.tokens.shape[-1], patch_dim=dim, width=128,
+        if "coords" in name.split("-"):
+            use = _Banks(use.tokens, use.token_mask, _with_coordinates(use.patches))
+        model = CrossAttentionReranker(RerankerConfig(text_dim=use.tokens.shape[-1],
+                                                      patch_dim=use.patches.shape[-1], width=128,
                                                       layers=2, heads=4,
                                                       patch_positions=index.patches.shape[0], **fields)).train()
         schedule = RerankTrainConfig(lr=lr, steps=args.steps, warmup=50)
@@ -144,9 +184,11 @@ def main() -> int:
         if "structural" in name.split("-"):
             bank = replace(bank, offsets=[o[:k] for o, k in zip(bank.offsets, bank.n_structural, strict=True)])
             pool = pool[bank.n_structural[data.train_caption] > 0]
+        if "relations" in name.split("-"):
+            bank, pool = _relations_only(data, data.negatives)
         q_vec, i_vec = torch.from_numpy(data.query_vectors), torch.from_numpy(data.image_vectors)
         first_stage_hits, kinds, hits, fs_hits = [], [], [], []
-        losses, accuracies, curve = [], [], []
+        losses, accuracies, chances, curve = [], [], [], []
         t0 = time.perf_counter()
         for step in range(args.steps):
             for group in optimizer.param_groups:
@@ -155,6 +197,7 @@ def main() -> int:
             caption, image = data.train_caption[batch], data.train_image[batch]
             rows, valid = bank.sample(caption, image, N_REWRITES, rng)
             keep = torch.from_numpy(valid)
+            chances.append(float((1.0 / valid.sum(1)).mean()))
             cosine = (q_vec[torch.from_numpy(rows)] * i_vec[torch.from_numpy(image)][:, None]).sum(-1)
             fs = _top1_accuracy(cosine.masked_fill(~keep, float("-inf"))).numpy()
             first_stage_hits.append(float(fs.mean()))
@@ -174,6 +217,7 @@ def main() -> int:
                 entry = {"step": step + 1, "loss": round(float(np.mean(losses[-100:])), 4),
                          "accuracy": round(float(np.mean(accuracies[-100:])), 4),
                          "first_stage_accuracy": round(float(np.mean(first_stage_hits[-100:])), 4),
+                         "chance": round(float(np.mean(chances[-100:])), 4),
                          **_by_kind(kinds[-100:], hits[-100:], fs_hits[-100:]),
                          "seconds": round(time.perf_counter() - t0, 1)}
                 curve.append(entry)
