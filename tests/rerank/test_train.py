@@ -171,22 +171,28 @@ def test_reranker_dims_come_from_the_index_encoder(shapes, tmp_path):
     assert loaded.config.width == 16
 
 
+class _Interrupt(Exception):
+    pass
+
+
+def _interrupted_run(index, pairs, out: Path, config: RerankTrainConfig, at_step: int) -> None:
+    """Train TINY into ``out`` and stop it (as a crash would) when step ``at_step`` is reported."""
+
+    def stop(step, steps, loss, acc):
+        if step == at_step:
+            raise _Interrupt
+
+    with pytest.raises(_Interrupt):
+        train_reranker(index, pairs, out, model_config=TINY, config=config, progress=stop)
+
+
 def test_resume_gives_the_same_weights_as_an_uninterrupted_run(shapes, tmp_path):
     ds, index = shapes
     config = _config(steps=12, eval_every=3, checkpoint_every=4)
     whole = train_reranker(index, ds.pairs_path, tmp_path / "whole", model_config=TINY,
                            config=config)
 
-    class Interrupt(Exception):
-        pass
-
-    def stop_at_6(step, steps, loss, acc):
-        if step == 6:
-            raise Interrupt
-
-    with pytest.raises(Interrupt):
-        train_reranker(index, ds.pairs_path, tmp_path / "cut", model_config=TINY, config=config,
-                       progress=stop_at_6)
+    _interrupted_run(index, ds.pairs_path, tmp_path / "cut", config, at_step=6)
     resumed = train_reranker(index, ds.pairs_path, tmp_path / "cut", model_config=TINY,
                              config=config)
     assert whole.resumed_from == 0 and resumed.resumed_from == 4  # the last checkpoint
@@ -575,15 +581,7 @@ def test_a_checkpoint_that_predates_a_field_resumes_while_the_field_keeps_its_de
     config = _config(steps=6, checkpoint_every=4)
     cut, ckpt = tmp_path / "cut", tmp_path / "cut" / CHECKPOINT_NAME
 
-    class Interrupt(Exception):
-        pass
-
-    def stop_at_5(step, steps, loss, acc):
-        if step == 5:
-            raise Interrupt
-
-    with pytest.raises(Interrupt):
-        train_reranker(index, ds.pairs_path, cut, model_config=TINY, config=config, progress=stop_at_5)
+    _interrupted_run(index, ds.pairs_path, cut, config, at_step=5)
     state = torch.load(ckpt, weights_only=True)
     del state["fingerprint"]["config"]["caption_only_steps"]  # as written before these fields
     del state["fingerprint"]["model"]["init"]
