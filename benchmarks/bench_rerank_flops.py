@@ -4,7 +4,9 @@ p50 latency per query at k = 100 and k = 1000.
 
 The rerank stage is what ``Index.search`` calls: ``reranker.score(tokens, mask, patches)`` on one
 query and its k candidates' fp16 patches as ``PatchStore.gather`` returns them (the fp16 -> fp32
-cast, the attention path ``score`` picks, the pooling and the head are all timed). Its FLOPs are
+cast, the attention path ``score`` picks, the pooling and the head are all timed; the folded
+key/value maps, which depend only on the weights, are made by the warm-up call and kept, as in a
+search process). Its FLOPs are
 counted by ``torch.utils.flop_counter.FlopCounterMode`` on the same call: matrix multiplies and
 attention (2 FLOPs per multiply-add; the CPU flash-attention kernel is registered with torch's own
 SDPA formula, which the counter lacks for it); LayerNorm, GELU, softmax and the like are not
