@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Issue 4 experiment on a lent CUDA machine: generate the shapes train split, index it with the
-# shipped demo encoder, and train the cross-attention reranker for many steps (the recipe of the
-# latest CPU run, README "Goals, honestly"), logging the validation curve. Writes under $OUT (or
+# shipped demo encoder, and train the cross-attention reranker for many steps (the shipped
+# reranker's recipe, README "The shipped demo reranker": caption-only curriculum for the first 3/5 of
+# the steps, then the residual), logging the validation curve. Writes under $OUT (or
 # ./gpu-out). RECIPE overrides the architecture and loss flags.
 set -uo pipefail
 . "$(dirname "$0")/_gpu_env.sh"
@@ -12,7 +13,7 @@ cr build /tmp/shapes-train/images --index /tmp/train.idx --device cuda --batch-s
 timeout ${TRAIN_S:-300} python3 -c "from crossrank.cli import main; main()" -v train /tmp/shapes-train/pairs.parquet --index /tmp/train.idx \
   --out "$OUT/reranker" --steps "$STEPS" --batch-size 32 --candidates 16 --loss listwise --lr 1e-3 --hard-fraction 0.5 \
   --curriculum 0.1 --mine-k 50 --eval-every 1000 --layers 2 --width 128 --heads 4 \
-  ${RECIPE:---no-gated --query-self-attention --patch-positions 64 --first-stage-weight 33 --caption-negatives 6} \
+  ${RECIPE:---no-gated --init lecun --patch-positions 64 --first-stage-weight 33 --caption-negatives 6 --caption-only-steps $((STEPS * 3 / 5))} \
   --seed 0 --device cuda --json > "$OUT/train_report.json" 2> "$OUT/train.log"
 echo "train rc=$?"
 grep -E "step [0-9]+:" "$OUT/train.log" | tail -20
