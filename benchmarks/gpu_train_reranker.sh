@@ -13,7 +13,7 @@ cr build /tmp/shapes-train/images --index /tmp/train.idx --device cuda --batch-s
 timeout ${TRAIN_S:-300} python3 -c "from crossrank.cli import main; main()" -v train /tmp/shapes-train/pairs.parquet --index /tmp/train.idx \
   --out "$OUT/reranker" --steps "$STEPS" --batch-size 32 --candidates 16 --loss listwise --lr 1e-3 --hard-fraction 0.5 \
   --curriculum 0.1 --mine-k 50 --eval-every 1000 --layers 2 --width 128 --heads 4 \
-  ${RECIPE:---no-gated --init lecun --patch-positions 64 --first-stage-weight 33 --caption-negatives 6 --caption-only-steps $((STEPS * 3 / 5))} \
+  ${RECIPE:---no-gated --init lecun --patch-positions 64 --first-stage-weight 35.9 --caption-negatives 6 --caption-only-steps $((STEPS * 3 / 5))} \
   --seed 0 --device cuda --json > "$OUT/train_report.json" 2> "$OUT/train.log"
 echo "train rc=$?"
 grep -E "step [0-9]+:" "$OUT/train.log" | tail -20
