@@ -148,13 +148,12 @@ def train_encoder(data: TrainData, out_dir: str | Path, config: EncoderTrainConf
         tokenizer = build_tokenizer(sorted(set(data.captions)), spec.vocab_size, spec.max_text_len)
         model = new_clip(spec, vocab_size=len(tokenizer), seed=config.seed)
     model = model.to(device).train()
-    tokens = tokenizer(data.captions, padding="max_length", truncation=True, max_length=spec.max_text_len,
+    # Tokenized once: every caption, or with caption negatives every bank row (the unique captions,
+    # then their rewrites), which a step then indexes.
+    texts = data.bank_texts if config.caption_negatives else data.captions
+    tokens = tokenizer(texts, padding="max_length", truncation=True, max_length=spec.max_text_len,
                        return_tensors="np")
     input_ids, attention = tokens["input_ids"], tokens["attention_mask"]
-    if config.caption_negatives:  # every bank row (captions, then rewrites) tokenized once
-        bank = tokenizer(data.bank_texts, padding="max_length", truncation=True, max_length=spec.max_text_len,
-                         return_tensors="np")
-        bank_ids, bank_attention = bank["input_ids"], bank["attention_mask"]
 
     decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "embedding" not in n]
     no_decay = [p for n, p in model.named_parameters() if not (p.ndim >= 2 and "embedding" not in n)]
@@ -211,8 +210,8 @@ def train_encoder(data: TrainData, out_dir: str | Path, config: EncoderTrainConf
             text_rows = np.concatenate([u, rows[:, 1:][valid[:, 1:]]])  # (T,) bank rows
             pos_np = match_matrix(data.negatives.specs.take(text_rows), data.negatives.scenes.take(image_rows))
             pos = torch.from_numpy(pos_np).to(device)  # (T, B) bool
-            ids = torch.from_numpy(bank_ids[text_rows]).to(device)
-            mask = torch.from_numpy(bank_attention[text_rows]).to(device)
+            ids = torch.from_numpy(input_ids[text_rows]).to(device)
+            mask = torch.from_numpy(attention[text_rows]).to(device)
         else:
             pos = torch.from_numpy(data.positives(caption_rows, image_rows)).to(device)  # (B, B) bool
             ids = torch.from_numpy(input_ids[caption_rows]).to(device)
