@@ -85,12 +85,13 @@ def _bank_texts(data) -> list[str]:
     return data.captions + [spec.text for spec in extra]
 
 
-def _relations_only(data, bank):
+def _relations_only(data, bank, texts: list[str]):
     """``bank`` cut to each relation caption's rewrites that keep both of its objects (another
-    relation, or the objects swapped around it), and the training pairs whose caption has one."""
+    relation, or the objects swapped around it), and the training pairs whose caption has one.
+    ``texts``: every bank row's text (:func:`_bank_texts`)."""
     from crossrank.datasets import parse_query
 
-    specs = [parse_query(t) for t in _bank_texts(data)]
+    specs = [parse_query(t) for t in texts]
     offsets = []
     for u in range(len(data.captions)):
         a, b = specs[u].a, specs[u].b
@@ -113,10 +114,10 @@ def _with_coordinates(patches: torch.Tensor) -> torch.Tensor:
     return torch.cat([patches, torch.from_numpy(coords).to(patches.dtype).expand(n, p, 2)], dim=-1)
 
 
-def _with_token_embeddings(index: Index, data) -> torch.Tensor:
+def _with_token_embeddings(index: Index, data, texts: list[str]) -> torch.Tensor:
     """The caption bank's token features with the text encoder's layer-0 states (token plus
-    position embeddings, before any attention) concatenated in front: ``(rows, L, width + d)``."""
-    texts = _bank_texts(data)  # the bank's rows, in order
+    position embeddings, before any attention) concatenated in front: ``(rows, L, width + d)``.
+    ``texts``: every bank row's text, in order (:func:`_bank_texts`)."""
     encoder = index.encoder
     length = data.tokens.shape[1]
     width = encoder.model.config.text_config.hidden_size
@@ -164,8 +165,12 @@ def main() -> int:
     data = prepare_training_set(index, args.train, RerankTrainConfig(caption_negatives=N_REWRITES, seed=0))
     banks = _Banks(torch.from_numpy(data.tokens), torch.from_numpy(data.token_mask),
                    torch.from_numpy(data.patches))
-    if any("embcat" in name.split("-") for name in variants):
-        with_embeddings = _Banks(_with_token_embeddings(index, data), banks.token_mask, banks.patches)
+    words = {word for name in variants for word in name.split("-")}
+    texts = _bank_texts(data) if words & {"embcat", "relations"} else []  # re-derived once
+    if "embcat" in words:
+        with_embeddings = _Banks(_with_token_embeddings(index, data, texts), banks.token_mask, banks.patches)
+    if "relations" in words:
+        relations_bank = _relations_only(data, data.negatives, texts)  # (bank, pool), for every variant
     kind = np.array([_kind(c) for c in data.captions])  # per caption bank row
     curves: dict[str, list[dict]] = {}
     for name, (fields, lr) in variants.items():
@@ -185,7 +190,7 @@ def main() -> int:
             bank = replace(bank, offsets=[o[:k] for o, k in zip(bank.offsets, bank.n_structural, strict=True)])
             pool = pool[bank.n_structural[data.train_caption] > 0]
         if "relations" in name.split("-"):
-            bank, pool = _relations_only(data, data.negatives)
+            bank, pool = relations_bank
         q_vec, i_vec = torch.from_numpy(data.query_vectors), torch.from_numpy(data.image_vectors)
         first_stage_hits, kinds, hits, fs_hits = [], [], [], []
         losses, accuracies, chances, curve = [], [], [], []
