@@ -356,6 +356,22 @@ def test_searching_with_another_model_is_refused_naming_both(built_index, tiny_c
         Index.open(built_index, device="cpu", model=other_clip)
 
 
+def test_a_model_that_changed_under_its_name_is_refused_saying_so(tmp_path, image_folder, tiny_clip, other_clip):
+    # As after an upgrade that ships a new demo encoder: the index names the same model, whose
+    # weights are no longer those it was built with.
+    import shutil
+
+    model = shutil.copytree(tiny_clip, tmp_path / "model")
+    index_dir = tmp_path / "photos.idx"
+    Index.build(image_folder, index_dir, model=model, device="cpu", batch_size=8, workers=1).close()
+    shutil.copy(other_clip / "model.safetensors", model / "model.safetensors")
+    with Index.open(index_dir, device="cpu") as index, pytest.raises(
+        ModelMismatchError, match=r"built with model '.*model', whose weights or config have changed since "
+                                  r"\(retrained.*\); rebuild the index with `crossrank build SOURCE --index "
+                                  r".*photos\.idx --overwrite`"):
+        index.search("a red circle")
+
+
 @pytest.mark.parametrize(("kwargs", "error", "match"), [
     ({"where": "width >"}, FilterError, r'where "width >" is not a valid SQL expression'),
     ({"where": "widht > 3"}, FilterError, r'unknown column "widht"; the metadata columns are: id, path'),
