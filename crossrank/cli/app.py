@@ -434,7 +434,7 @@ def train_cmd(
     query_tokens: Annotated[int, typer.Option(min=0, help="Learnable Q-Former-style query tokens beside the text tokens.")] = 0,
     sparse_top_m: Annotated[int | None, typer.Option(min=1, help="Each query token attends to its top-m patches only.")] = None,
     init: Annotated[str, typer.Option(help="Weight init from scratch: bert (std 0.02) or lecun (std 1/sqrt(fan_in), learns binding faster).")] = "bert",
-    first_stage_weight: Annotated[float, typer.Option(min=0.0, help="Residual training: logits add W x the first-stage cosine, so the reranker learns a correction (0 = off; the encoder's logit scale, e.g. 33 for the demo encoder, is a good W). Search then fuses with weighted:1/(1+W) by default.")] = 0.0,
+    first_stage_weight: Annotated[str, typer.Option(help="Residual training: logits add W x the first-stage cosine, so the reranker learns a correction; search then fuses with weighted:1/(1+W) by default. auto = the encoder's logit scale (CLIP's exp(logit_scale), 35.9 for the demo encoder; 0 for an encoder without one); 0 = off.")] = "auto",
     caption_negatives: Annotated[int, typer.Option(min=0, help="Per pair, this many rewrites of its caption that are false of its image (swapped colours, shapes or objects, another relation, one object changed), ranked against the true caption: a text-side loss that teaches binding. Needs a pairs file in a shapes dataset (its scene graphs decide what is false). 0 = off.")] = 0,
     caption_only_steps: Annotated[int, typer.Option(min=0, help="Curriculum: the first N steps train on the caption negatives alone (the reranker by itself, no residual, no image lists; cheaper steps), then both losses. Needs --caption-negatives.")] = 0,
     seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
@@ -449,11 +449,17 @@ def train_cmd(
     from crossrank.rerank.train import RerankTrainConfig, train_reranker
 
     try:
+        weight: float | str = first_stage_weight.strip().lower()
+        if weight != "auto":
+            try:
+                weight = float(weight)
+            except ValueError:
+                raise ValueError(f"--first-stage-weight must be auto or a number >= 0, got {first_stage_weight!r}") from None
         config = RerankTrainConfig(steps=steps, batch_size=batch_size, n_candidates=candidates, loss=loss, lr=lr,
                                    hard_fraction=hard_fraction, curriculum=curriculum, mine_k=mine_k,
                                    eval_every=eval_every, checkpoint_every=eval_every, seed=seed,
                                    device=device.value, warmup=min(100, max(1, steps // 20)),
-                                   first_stage_weight=first_stage_weight, caption_negatives=caption_negatives,
+                                   first_stage_weight=weight, caption_negatives=caption_negatives,
                                    caption_only_steps=caption_only_steps)
         model_config = RerankerConfig(layers=layers, width=width, heads=heads, gated=gated, prenorm=prenorm,
                                       patch_self_attention=patch_self_attention, bidirectional=bidirectional,
@@ -475,6 +481,11 @@ def train_cmd(
         return
     console.print(f"[green]trained[/] {report.steps} steps ({report.steps_per_second:.1f} steps/s on {report.device}) "
                   f"-> {report.out_dir}")
+    if report.first_stage_weight > 0:
+        console.print(f"residual over the first stage with W = {report.first_stage_weight:g}: search fuses with "
+                      f"weighted:{1 / (1 + report.first_stage_weight):.6g} (--fusion auto)")
+    else:
+        console.print("no first-stage residual (W = 0): search ranks by the reranker's score alone (--fusion auto)")
     if report.final:
         console.print(f"validation R@1 reranking the top {mine_k}: {report.final.get('val_r1', float('nan')):.3f} "
                       f"(first stage {report.first_stage.get('r1', float('nan')):.3f}); "

@@ -168,6 +168,19 @@ class TransformersEncoder:
         self._tokenizer_lock = threading.Lock()
         self._logged_truncation = False
 
+    @property
+    def logit_scale(self) -> float | None:
+        """The contrastive temperature the model was trained with, as the factor on a cosine
+        (CLIP's ``exp(logit_scale)``: 100 for OpenAI's models), or None for a model without one.
+
+        ``crossrank train``'s residual training uses it as the default first-stage weight, so the
+        residual starts from the first stage's own softmax.
+        """
+        scale = getattr(self.model, "logit_scale", None)
+        if scale is None:
+            return None
+        return float(scale.detach().float().exp())
+
     def __repr__(self) -> str:
         return (f"{type(self).__name__}(model_id={self.model_id!r}, device={str(self.device)!r}, "
                 f"dtype={str(self.dtype).removeprefix('torch.')!r}, batch_size={self.batch_size})")

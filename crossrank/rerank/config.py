@@ -253,7 +253,9 @@ class RerankTrainConfig:
     # Residual training: each logit is ``reranker + first_stage_weight * first-stage cosine``, so
     # the reranker learns a correction to the first stage instead of replacing it (0 = off). The
     # saved reranker then recommends ``--fusion weighted:1/(1+W)``, the same ranking at search time.
-    first_stage_weight: float = 0.0
+    # "auto": the index's encoder's logit scale (CLIP's exp(logit_scale)), or 0 for an encoder
+    # without one; train_reranker resolves it (see resolve_first_stage_weight).
+    first_stage_weight: float | str = "auto"
     # Caption negatives (shapes datasets): per pair, this many rewrites of its caption that are
     # false of its image (swapped colours, shapes or objects, another relation, a recoloured or
     # reshaped object), ranked against the true caption on that image: a second, text-side loss
@@ -295,11 +297,13 @@ class RerankTrainConfig:
             if not _is_real(value) or not value > 0:
                 raise ValueError(f"{name} must be a number > 0, got {value!r}")
             object.__setattr__(self, name, float(value))
-        if not _is_real(self.first_stage_weight) or not 0 <= self.first_stage_weight < 1e4:
-            raise ValueError(
-                f"first_stage_weight must be a number in [0, 1e4), got {self.first_stage_weight!r}"
-            )
-        object.__setattr__(self, "first_stage_weight", float(self.first_stage_weight))
+        if self.first_stage_weight != "auto":
+            if not _is_real(self.first_stage_weight) or not 0 <= self.first_stage_weight < 1e4:
+                raise ValueError(
+                    f"first_stage_weight must be 'auto' or a number in [0, 1e4), got "
+                    f"{self.first_stage_weight!r}"
+                )
+            object.__setattr__(self, "first_stage_weight", float(self.first_stage_weight))
         if not _is_real(self.weight_decay) or self.weight_decay < 0:
             raise ValueError(f"weight_decay must be a number >= 0, got {self.weight_decay!r}")
         object.__setattr__(self, "weight_decay", float(self.weight_decay))
@@ -332,10 +336,26 @@ class RerankTrainConfig:
         low = self.lr / 20
         return low + (self.lr - low) * 0.5 * (1 + math.cos(math.pi * min(t, 1.0)))
 
+    def resolve_first_stage_weight(self, logit_scale: float | None) -> RerankTrainConfig:
+        """This config with ``first_stage_weight="auto"`` made a number: ``logit_scale`` (the
+        encoder's, :attr:`~crossrank.encoders.TransformersEncoder.logit_scale`), or 0 (no residual)
+        when it is None. A config with a number is returned as it is."""
+        if self.first_stage_weight != "auto":
+            return self
+        weight = 0.0 if logit_scale is None else min(float(logit_scale), 9999.0)
+        return dataclasses.replace(self, first_stage_weight=round(weight, 4))
+
     @property
     def fusion(self) -> str | None:
         """The ``--fusion`` that ranks as training scored: ``weighted:1/(1+W)`` for residual
-        training, None (the reranker's score alone) otherwise."""
+        training, None (the reranker's score alone) otherwise.
+
+        Raises:
+            ValueError: ``first_stage_weight`` is still ``"auto"`` (resolve it first).
+        """
+        if self.first_stage_weight == "auto":
+            raise ValueError("first_stage_weight='auto' is not resolved yet; call "
+                             "resolve_first_stage_weight(encoder.logit_scale)")
         if self.first_stage_weight <= 0:
             return None
         return f"weighted:{1.0 / (1.0 + self.first_stage_weight):.6g}"

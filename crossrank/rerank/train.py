@@ -105,6 +105,8 @@ class TrainReport:
             its rewrites on its image).
         curve: the log, one dict per ``eval_every`` steps (``step``, ``train_loss``,
             ``train_accuracy``, ``lr``, ``hard_fraction``, ``val_accuracy``, ``val_r1``, ...).
+        first_stage_weight: the residual weight W it trained with (``"auto"`` resolved; 0 = no
+            residual); the reranker recommends ``--fusion weighted:1/(1+W)``.
     """
 
     out_dir: Path
@@ -118,6 +120,7 @@ class TrainReport:
     first_stage: dict[str, float]
     final: dict[str, float]
     curve: tuple[dict[str, Any], ...]
+    first_stage_weight: float = 0.0
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-able fields (``out_dir`` as a string)."""
@@ -226,6 +229,10 @@ def train_reranker(
     device = resolve_device(config.device)
     if not isinstance(index, Index):
         index = Index.open(index, device=config.device)
+    if config.first_stage_weight == "auto":
+        config = config.resolve_first_stage_weight(getattr(index.encoder, "logit_scale", None))
+        logger.info("first_stage_weight auto: %g (the encoder's logit scale%s)", config.first_stage_weight,
+                    "" if config.first_stage_weight else ": none, so no residual")
     model_config = _model_config(model_config, index.manifest.encoder)
     data = prepare_training_set(index, pairs_path, config)
     out = Path(out_dir)
@@ -401,6 +408,7 @@ def train_reranker(
         steps_per_second=round(n_run / train_seconds, 3) if train_seconds > 0 else 0.0,
         device=str(device), relevance=data.relevance, counts={**data.counts, "skipped_steps": skipped_steps},
         first_stage=first_stage, final=final, curve=tuple(log.entries),
+        first_stage_weight=float(config.first_stage_weight),
     )
 
 
@@ -462,11 +470,18 @@ def _reranker_metadata(trained_by: str, config: RerankTrainConfig, steps: int, d
 # -- model, optimizer, checkpoint -------------------------------------------------------------
 
 
+#: Fields whose default changed since checkpoints first recorded them, with the default they had
+#: before: a checkpoint that predates such a field was trained with that value.
+_FORMER_DEFAULTS: dict[str, dict[str, Any]] = {"config": {"first_stage_weight": 0.0}, "model": {}}
+
+
 def _fingerprint_defaults() -> dict[str, dict[str, Any]]:
-    """Default training and model settings, for checkpoints that predate a field."""
+    """The settings a checkpoint that predates a field was trained with: the field's default when
+    it was added (today's default unless :data:`_FORMER_DEFAULTS` says otherwise)."""
     from crossrank.rerank.config import RerankerConfig
 
-    return {"config": RerankTrainConfig().to_dict(), "model": RerankerConfig().to_dict()}
+    return {"config": {**RerankTrainConfig().to_dict(), **_FORMER_DEFAULTS["config"]},
+            "model": {**RerankerConfig().to_dict(), **_FORMER_DEFAULTS["model"]}}
 
 
 def _model_config(model_config: RerankerConfig | None, encoder: dict[str, Any]) -> RerankerConfig:

@@ -36,6 +36,12 @@ def trained(tmp_path_factory: pytest.TempPathFactory, tiny_clip: Path) -> tuple[
     assert result.exit_code == 0, result.output
     report = json.loads(result.stdout)
     assert report["steps"] == 6 and report["relevance"] == "shapes"
+    # --first-stage-weight auto (the default): the encoder's exp(logit_scale), not 0.
+    from crossrank.encoders import load_encoder
+
+    scale = load_encoder(str(tiny_clip), device="cpu").logit_scale
+    assert scale is not None and scale > 1
+    assert report["first_stage_weight"] == pytest.approx(scale, abs=1e-3)
     return ds.root, index, out
 
 
@@ -46,6 +52,10 @@ def test_train_writes_a_reranker_folder(trained) -> None:
     # The flags asked for, and the dims of the index's encoder (the tiny CLIP's 32).
     assert (config["width"], config["heads"], config["layers"]) == (16, 2, 1)
     assert (config["text_dim"], config["patch_dim"]) == (32, 32)
+    # Trained as a residual with W = the encoder's logit scale, so search fuses as training scored.
+    metadata = json.loads((out / "config.json").read_text())["metadata"]
+    weight = metadata["train"]["first_stage_weight"]
+    assert weight > 1 and metadata["fusion"] == f"weighted:{1 / (1 + weight):.6g}"
 
 
 def test_search_with_a_reranker_folder_uses_it(trained) -> None:
@@ -90,7 +100,9 @@ def test_train_bad_values_are_usage_errors(trained, tmp_path: Path) -> None:
     assert result.exit_code == 2
     assert "hard_fraction" in result.output
     for extra, message in ((["--init", "xavier"], "init must be one of bert, lecun"),
-                           (["--caption-only-steps", "2"], "needs caption_negatives >= 1")):
+                           (["--caption-only-steps", "2"], "needs caption_negatives >= 1"),
+                           (["--first-stage-weight", "heavy"], "--first-stage-weight must be auto or a number"),
+                           (["--first-stage-weight", "-1"], "first_stage_weight must be 'auto' or a number in [0, 1e4)")):
         result = runner.invoke(app, ["train", str(root / "pairs.parquet"), "--index", str(index_dir), "--out",
                                      str(tmp_path / "r"), *extra])
         assert result.exit_code == 2

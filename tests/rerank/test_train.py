@@ -82,8 +82,9 @@ def _images(index) -> list[str]:
 
 
 def _config(**fields) -> RerankTrainConfig:
+    # No residual unless a test asks for one (the default, "auto", takes the encoder's logit scale).
     base = dict(steps=8, batch_size=8, n_candidates=6, mine_k=10, warmup=2, lr=3e-3,
-                eval_every=4, checkpoint_every=4, device="cpu", val_fraction=0.1)
+                eval_every=4, checkpoint_every=4, device="cpu", val_fraction=0.1, first_stage_weight=0.0)
     return RerankTrainConfig(**{**base, **fields})
 
 
@@ -241,6 +242,24 @@ def test_residual_training_starts_at_the_first_stage_and_search_fuses_as_it_trai
                                           + (1 - alpha) * hit.first_stage_score, abs=1e-5)
     plain = index.search("a red circle", k=5, rerank_k=10, reranker=loaded, fusion="rerank")
     assert [h.score for h in plain.hits] == [h.rerank_score for h in plain.hits]
+
+
+def test_first_stage_weight_auto_is_the_encoders_logit_scale(shapes, tmp_path):
+    ds, index = shapes
+    scale = index.encoder.logit_scale
+    assert scale == pytest.approx(float(index.encoder.model.logit_scale.exp()))
+    report = train_reranker(index, ds.pairs_path, tmp_path / "r", model_config=TINY,
+                            config=_config(first_stage_weight="auto"))
+    assert report.first_stage_weight == pytest.approx(scale, abs=1e-4) and scale > 1
+    saved = json.loads((tmp_path / "r" / "config.json").read_text())["metadata"]
+    assert saved["train"]["first_stage_weight"] == report.first_stage_weight  # resolved, not "auto"
+    assert saved["fusion"] == f"weighted:{1 / (1 + report.first_stage_weight):.6g}"
+    # An encoder without a logit scale: no residual. Unresolved, there is no fusion to recommend.
+    assert RerankTrainConfig().first_stage_weight == "auto"
+    assert RerankTrainConfig().resolve_first_stage_weight(None).first_stage_weight == 0.0
+    assert RerankTrainConfig(first_stage_weight=3.0).resolve_first_stage_weight(50.0).first_stage_weight == 3.0
+    with pytest.raises(ValueError, match="not resolved yet"):
+        RerankTrainConfig().fusion
 
 
 def test_an_exported_checkpoint_is_the_reranker_the_run_writes(shapes, tmp_path):
@@ -614,7 +633,8 @@ def test_a_corrupt_checkpoint_is_refused(shapes, tmp_path):
     ({"lr": 0}, r"lr must be a number > 0"),
     ({"val_fraction": 0.9}, r"val_fraction must be a number in \[0, 0.5\]"),
     ({"in_batch": "yes"}, r"in_batch must be True or False"),
-    ({"first_stage_weight": -1}, r"first_stage_weight must be a number in \[0, 1e4\)"),
+    ({"first_stage_weight": -1}, r"first_stage_weight must be 'auto' or a number in \[0, 1e4\)"),
+    ({"first_stage_weight": "heavy"}, r"first_stage_weight must be 'auto' or a number in \[0, 1e4\)"),
     ({"caption_negatives": -1}, r"caption_negatives must be an int >= 0"),
     ({"caption_only_steps": 5}, r"caption_only_steps=5 needs caption_negatives >= 1"),
     ({"caption_only_steps": 10, "caption_negatives": 2, "steps": 10},
