@@ -7,6 +7,7 @@ shows the traceback instead. Heavy modules load inside the commands, so ``crossr
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import logging
@@ -425,15 +426,15 @@ def train_cmd(
     layers: Annotated[int, typer.Option(min=1, help="Cross-attention layers.")] = 2,
     width: Annotated[int, typer.Option(min=8, help="Reranker width.")] = 128,
     heads: Annotated[int, typer.Option(min=1, help="Attention heads.")] = 4,
-    gated: Annotated[bool, typer.Option(help="Tanh gates on the residual branches, initialised at 0.")] = True,
+    gated: Annotated[bool, typer.Option(help="Tanh gates on the residual branches, initialised at 0 (an untrained model is the identity; slower to learn from scratch).")] = False,
     prenorm: Annotated[bool, typer.Option(help="A LayerNorm per modality before projecting.")] = True,
     patch_self_attention: Annotated[bool, typer.Option(help="Patches of a candidate attend to each other in every layer.")] = False,
     bidirectional: Annotated[bool, typer.Option(help="Patches attend back to the query tokens in every layer.")] = False,
     query_self_attention: Annotated[bool, typer.Option(help="Query positions attend to each other in every layer (compares what they read).")] = False,
-    patch_positions: Annotated[int | None, typer.Option(min=1, help="Learned position embedding over this many patch slots.")] = None,
+    patch_positions: Annotated[int | None, typer.Option(min=0, help="Learned position embedding over this many patch slots (default: the index's patches per image; 0 = none).", show_default=False)] = None,
     query_tokens: Annotated[int, typer.Option(min=0, help="Learnable Q-Former-style query tokens beside the text tokens.")] = 0,
     sparse_top_m: Annotated[int | None, typer.Option(min=1, help="Each query token attends to its top-m patches only.")] = None,
-    init: Annotated[str, typer.Option(help="Weight init from scratch: bert (std 0.02) or lecun (std 1/sqrt(fan_in), learns binding faster).")] = "bert",
+    init: Annotated[str, typer.Option(help="Weight init from scratch: lecun (std 1/sqrt(fan_in), learns binding faster) or bert (std 0.02).")] = "lecun",
     first_stage_weight: Annotated[str, typer.Option(help="Residual training: logits add W x the first-stage cosine, so the reranker learns a correction; search then fuses with weighted:1/(1+W) by default. auto = the encoder's logit scale (CLIP's exp(logit_scale), 35.9 for the demo encoder; 0 for an encoder without one); 0 = off.")] = "auto",
     caption_negatives: Annotated[int, typer.Option(min=0, help="Per pair, this many rewrites of its caption that are false of its image (swapped colours, shapes or objects, another relation, one object changed), ranked against the true caption: a text-side loss that teaches binding. Needs a pairs file in a shapes dataset (its scene graphs decide what is false). 0 = off.")] = 0,
     caption_only_steps: Annotated[int, typer.Option(min=0, help="Curriculum: the first N steps train on the caption negatives alone (the reranker by itself, no residual, no image lists; cheaper steps), then both losses. Needs --caption-negatives.")] = 0,
@@ -464,11 +465,13 @@ def train_cmd(
         model_config = RerankerConfig(layers=layers, width=width, heads=heads, gated=gated, prenorm=prenorm,
                                       patch_self_attention=patch_self_attention, bidirectional=bidirectional,
                                       query_self_attention=query_self_attention,
-                                      patch_positions=patch_positions, n_query_tokens=query_tokens,
+                                      patch_positions=patch_positions or None, n_query_tokens=query_tokens,
                                       sparse_top_m=sparse_top_m, init=init)
     except ValueError as e:
         raise typer.BadParameter(str(e)) from None
     idx = Index.open(index, device=device.value)
+    if patch_positions is None:  # default: a position per patch of the index's encoder
+        model_config = dataclasses.replace(model_config, patch_positions=int(idx.manifest.encoder["n_patches"]))
     with progress_bar(TextColumn("[bold]training"), BarColumn(), MofNCompleteColumn(),
                    TextColumn("loss {task.fields[loss]} acc {task.fields[acc]}"), TimeElapsedColumn(),
                    TextColumn("ETA"), TimeRemainingColumn(), disable=as_json, loss="-", acc="-") as update:

@@ -57,8 +57,11 @@ class RerankerConfig:
 
     Each of ``layers`` layers lets the query-side states (text tokens, learnable query tokens, or
     both) attend to the candidate's patches, then runs an MLP; options add patch self-attention
-    before and patch-to-token attention after. The defaults are a small model for the demo
-    encoder; the ablation in the README decides them.
+    before and patch-to-token attention after. The defaults are the shipped demo reranker's
+    architecture, the best measured (README, "Ablation"): 2 layers of width 128, 4 heads, pre-norm,
+    no gates, LeCun init, every other option off; ``patch_positions`` has no default size (it is
+    the encoder's patch count: ``crossrank train`` and :func:`~crossrank.rerank.train_reranker`
+    set it from the index when no architecture is given).
 
     Raises:
         ValueError: a field has a wrong type or value; the message names it.
@@ -76,7 +79,7 @@ class RerankerConfig:
     mlp_ratio: float = 4.0  # MLP hidden size = mlp_ratio * width
     dropout: float = 0.0  # dropout on attention outputs and the MLP, in [0, 1); training only
     prenorm: bool = True  # a LayerNorm per modality on the raw features before projecting to width
-    gated: bool = True  # Flamingo tanh gates on the residual branches, initialised at 0 (identity)
+    gated: bool = False  # Flamingo tanh gates on the residual branches, initialised at 0 (identity)
     n_query_tokens: int = 0  # learnable Q-Former-style query tokens; 0 = none
     query_tokens_mode: QueryTokensMode = QueryTokensMode.CONCAT  # concat: beside text; replace
     bidirectional: bool = False  # patches attend back to the query-side states in every layer
@@ -85,7 +88,7 @@ class RerankerConfig:
     sparse_top_m: int | None = None  # each query position attends to its top-m patches; None = all
     patch_positions: int | None = None  # learned position embedding over this many patch slots
     pooling: Pooling = Pooling.MEAN  # mean over real positions | first position
-    init: Init = Init.BERT  # initialisation for training from scratch: bert (std 0.02) | lecun
+    init: Init = Init.LECUN  # initialisation for training from scratch: lecun (std 1/sqrt(fan_in)) | bert (0.02)
 
     def __post_init__(self) -> None:
         for name in ("text_dim", "patch_dim", "width", "layers", "heads"):

@@ -189,8 +189,9 @@ def train_reranker(
             relative paths resolve against its folder. Pairs whose image is not in the index, or
             whose caption is empty, are skipped and counted.
         out_dir: the folder for the reranker, ``checkpoint.pt`` and ``train_log.jsonl``.
-        model_config: the architecture (default :class:`RerankerConfig()`); its ``text_dim``
-            and ``patch_dim`` are always taken from the index's encoder.
+        model_config: the architecture (default :class:`RerankerConfig()` with
+            ``patch_positions`` the encoder's patch count); its ``text_dim`` and ``patch_dim`` are
+            always taken from the index's encoder.
         config: the training settings (default :class:`RerankTrainConfig()`).
         progress: called as ``progress(step, steps, loss, accuracy)`` after each step.
 
@@ -472,7 +473,8 @@ def _reranker_metadata(trained_by: str, config: RerankTrainConfig, steps: int, d
 
 #: Fields whose default changed since checkpoints first recorded them, with the default they had
 #: before: a checkpoint that predates such a field was trained with that value.
-_FORMER_DEFAULTS: dict[str, dict[str, Any]] = {"config": {"first_stage_weight": 0.0}, "model": {}}
+_FORMER_DEFAULTS: dict[str, dict[str, Any]] = {"config": {"first_stage_weight": 0.0},
+                                                "model": {"gated": True, "init": "bert"}}
 
 
 def _fingerprint_defaults() -> dict[str, dict[str, Any]]:
@@ -494,7 +496,9 @@ def _model_config(model_config: RerankerConfig | None, encoder: dict[str, Any]) 
             f"model_config must be a RerankerConfig or None, got {type(model_config).__name__}"
         )
     dim = int(encoder["patch_dim"])
-    cfg = dataclasses.replace(model_config or RerankerConfig(), text_dim=dim, patch_dim=dim)
+    if model_config is None:  # the default architecture, with a position per patch of this encoder
+        model_config = RerankerConfig(patch_positions=int(encoder["n_patches"]))
+    cfg = dataclasses.replace(model_config, text_dim=dim, patch_dim=dim)
     check_reranker_matches(cfg, encoder, where="model_config")
     return cfg
 

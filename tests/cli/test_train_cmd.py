@@ -52,6 +52,9 @@ def test_train_writes_a_reranker_folder(trained) -> None:
     # The flags asked for, and the dims of the index's encoder (the tiny CLIP's 32).
     assert (config["width"], config["heads"], config["layers"]) == (16, 2, 1)
     assert (config["text_dim"], config["patch_dim"]) == (32, 32)
+    # The defaults are the shipped demo reranker's: no gates, LeCun init, a position per patch.
+    n_patches = json.loads((trained[1] / "manifest.json").read_text())["encoder"]["n_patches"]
+    assert (config["gated"], config["init"], config["patch_positions"]) == (False, "lecun", n_patches)
     # Trained as a residual with W = the encoder's logit scale, so search fuses as training scored.
     metadata = json.loads((out / "config.json").read_text())["metadata"]
     weight = metadata["train"]["first_stage_weight"]
@@ -107,6 +110,18 @@ def test_train_bad_values_are_usage_errors(trained, tmp_path: Path) -> None:
                                      str(tmp_path / "r"), *extra])
         assert result.exit_code == 2
         assert message in " ".join(result.output.split())
+
+
+def test_train_patch_positions_zero_turns_them_off(trained, tmp_path: Path) -> None:
+    root, index_dir, _ = trained
+    out = tmp_path / "r"
+    result = runner.invoke(app, ["train", str(root / "pairs.parquet"), "--index", str(index_dir), "--out", str(out),
+                                 "--steps", "2", "--batch-size", "4", "--candidates", "4", "--mine-k", "8",
+                                 "--width", "16", "--heads", "2", "--layers", "1", "--patch-positions", "0",
+                                 "--gated", "--init", "bert", "--device", "cpu", "--json"])
+    assert result.exit_code == 0, result.output
+    config = json.loads((out / "config.json").read_text())["config"]
+    assert (config["patch_positions"], config["gated"], config["init"]) == (None, True, "bert")
 
 
 def test_train_with_caption_negatives_reports_their_validation(trained, tmp_path: Path) -> None:

@@ -9,7 +9,21 @@ def test_defaults_are_valid_and_derived_sizes_follow():
     cfg = RerankerConfig()
     assert cfg.head_dim * cfg.heads == cfg.width
     assert cfg.mlp_hidden == round(cfg.mlp_ratio * cfg.width)
-    assert cfg.gated and cfg.prenorm
+    assert cfg.prenorm and not cfg.gated
+
+
+def test_defaults_are_the_shipped_demo_rerankers_architecture():
+    from dataclasses import replace
+
+    from crossrank.rerank import read_reranker_config
+    from crossrank.rerank.checkpoint import demo_reranker_dir
+
+    shipped = read_reranker_config(demo_reranker_dir())
+    default = RerankerConfig()
+    # Everything but the sizes that come from the encoder (training sets the patch positions).
+    assert replace(shipped, text_dim=default.text_dim, patch_dim=default.patch_dim,
+                   patch_positions=None) == default
+    assert shipped.patch_positions == 64 and default.patch_positions is None
 
 
 def test_enum_fields_accept_their_strings():
@@ -17,7 +31,7 @@ def test_enum_fields_accept_their_strings():
     assert cfg.query_tokens_mode is QueryTokensMode.REPLACE
     assert cfg.pooling is Pooling.FIRST
     assert cfg.init is Init.LECUN
-    assert RerankerConfig().init is Init.BERT  # published commands keep reproducing
+    assert RerankerConfig().init is Init.LECUN
 
 
 def test_json_round_trip():

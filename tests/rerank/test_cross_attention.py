@@ -41,7 +41,9 @@ OPTIONS = {
 
 
 def _config(**options) -> RerankerConfig:
-    base = {"text_dim": D_T, "patch_dim": D_V, "width": 16, "heads": 2, "layers": 2, "mlp_ratio": 2.0}
+    # Gated (not the library default), so that every test also runs through the gates.
+    base = {"text_dim": D_T, "patch_dim": D_V, "width": 16, "heads": 2, "layers": 2, "mlp_ratio": 2.0,
+            "gated": True}
     return RerankerConfig(**{**base, **options})
 
 
