@@ -22,7 +22,12 @@ that words its last layer merges, such as "left" and "right", stay apart), ``rel
 relation captions, each against its rewrites that keep both objects: another relation, or the
 objects swapped around it; every bit of signal is then about the relation, chance about 1/4),
 ``coords`` (two fixed channels, the patch's column and row in the grid at unit scale, appended to
-every stored patch, so that where a patch is needs no learning). All use
+every stored patch, so that where a patch is needs no learning), ``oracle`` (the stored patches
+replaced by what the scene graph says is in each patch's grid cell: one-hot colour and shape and an
+occupancy bit, zeros for an empty cell; perfect, noise-free patch features, to tell a weak image
+encoder from a hard learning problem), ``demo`` (start from the shipped demo reranker's weights
+instead of from scratch: a reranker that already finds and binds objects; only with its
+architecture, ``nogate-lecun`` and no extra inputs). All use
 2 layers of width 128, 4 heads and 64 patch positions. Chance is about 1/7 (1/(1 + rewrites) per
 caption with fewer false rewrites); ``first stage`` rows give the pooled encoder's accuracy on the
 same lists for reference.
@@ -35,13 +40,19 @@ import json
 import sys
 import time
 from dataclasses import replace
+from pathlib import Path
 
 import numpy as np
 import torch
 
 from crossrank import Index
 from crossrank.datasets import Relation
-from crossrank.rerank import CrossAttentionReranker, RerankerConfig, RerankTrainConfig
+from crossrank.rerank import (
+    CrossAttentionReranker,
+    RerankerConfig,
+    RerankTrainConfig,
+    load_reranker,
+)
 from crossrank.rerank._train_data import prepare_training_set
 from crossrank.rerank.train import (
     _Banks,
@@ -52,6 +63,7 @@ from crossrank.rerank.train import (
 )
 
 N_REWRITES = 6
+DEMO_RERANKER = Path(__file__).resolve().parents[1] / "crossrank" / "assets" / "demo-reranker"
 BATCH = 32
 
 
@@ -60,7 +72,7 @@ def parse_variant(name: str) -> tuple[dict, float]:
     fields: dict = {"gated": "nogate" not in words}
     lr = 1e-3
     for word in words:
-        if word in ("structural", "embcat", "relations", "coords"):
+        if word in ("structural", "embcat", "relations", "coords", "oracle", "demo"):
             continue  # handled by the caller
         if word in ("lecun", "xavier"):  # "xavier": this option's name in the committed results
             fields["init"] = "lecun"
@@ -72,7 +84,7 @@ def parse_variant(name: str) -> tuple[dict, float]:
             lr = float(word[2:])
         elif word not in ("gated", "nogate"):
             raise SystemExit(f"unknown variant word {word!r} in {name!r}: "
-                             "use gated, nogate, qsa, psa, lecun, lrX, structural, embcat, relations, coords")
+                             "use gated, nogate, qsa, psa, lecun, lrX, structural, embcat, relations, coords, oracle, demo")
     return fields, lr
 
 
@@ -112,6 +124,27 @@ def _with_coordinates(patches: torch.Tensor) -> torch.Tensor:
     coords = np.stack([cols, rows], axis=-1).astype(np.float32)
     coords = (coords - coords.mean(0)) / coords.std(0)
     return torch.cat([patches, torch.from_numpy(coords).to(patches.dtype).expand(n, p, 2)], dim=-1)
+
+
+def _oracle_patches(scenes, n_patches: int) -> torch.Tensor:
+    """``(N, P, colours + shapes + 1)`` float16: for each image of ``scenes`` (a ``SceneArrays``) and
+    each patch of its ``side x side`` grid, the object in the grid cell under the patch's centre as
+    one-hot colour and shape plus an occupancy bit (all zero for an empty cell)."""
+    from crossrank.datasets.config import GRID, Colour, Shape
+
+    side = round(n_patches ** 0.5)
+    cell = ((2 * np.arange(side) + 1) * GRID) // (2 * side)  # grid cell under each patch row/column
+    n_colours, n_shapes = len(Colour), len(Shape)
+    feats = np.zeros((len(scenes), side, side, n_colours + n_shapes + 1), dtype=np.float32)
+    for j in range(scenes.colour.shape[1]):  # object slot
+        present = scenes.colour[:, j] >= 0
+        for r in range(side):
+            for c in range(side):
+                hit = np.flatnonzero(present & (scenes.row[:, j] == cell[r]) & (scenes.col[:, j] == cell[c]))
+                feats[hit, r, c, scenes.colour[hit, j]] = 1.0
+                feats[hit, r, c, n_colours + scenes.shape[hit, j]] = 1.0
+                feats[hit, r, c, -1] = 1.0
+    return torch.from_numpy(feats.reshape(len(scenes), side * side, -1)).half()
 
 
 def _with_token_embeddings(index: Index, data, texts: list[str]) -> torch.Tensor:
@@ -176,12 +209,20 @@ def main() -> int:
     for name, (fields, lr) in variants.items():
         torch.manual_seed(0)
         use = with_embeddings if "embcat" in name.split("-") else banks
+        if "oracle" in name.split("-"):
+            use = _Banks(use.tokens, use.token_mask, _oracle_patches(data.negatives.scenes, use.patches.shape[1]))
         if "coords" in name.split("-"):
             use = _Banks(use.tokens, use.token_mask, _with_coordinates(use.patches))
         model = CrossAttentionReranker(RerankerConfig(text_dim=use.tokens.shape[-1],
                                                       patch_dim=use.patches.shape[-1], width=128,
                                                       layers=2, heads=4,
                                                       patch_positions=index.patches.shape[0], **fields)).train()
+        if "demo" in name.split("-"):
+            shipped = load_reranker(DEMO_RERANKER, device="cpu")
+            if shipped.config != model.config:
+                raise SystemExit(f"{name}: `demo` starts from the shipped reranker, so the variant must have its "
+                                 "architecture: nogate-lecun, without embcat, coords, oracle, qsa or psa")
+            model.load_state_dict({key: value.float() for key, value in shipped.state_dict().items()})
         schedule = RerankTrainConfig(lr=lr, steps=args.steps, warmup=50)
         optimizer = _optimizer(model, schedule)
         rng = np.random.default_rng(0)
