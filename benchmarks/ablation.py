@@ -1,10 +1,10 @@
 #!/usr/bin/env python
 """The reranker ablation: first stage, MaxSim, and cross-attention with each option on and off.
 
-Every cross-attention row is the base configuration (the shipped demo reranker's architecture,
-residual training over the first stage) with one change, trained with the same settings, seed and
-step budget on the shapes train split, then evaluated on the fixed benchmark (test split): R@1,
-R@5 and nDCG@10 overall, per query kind and on the held-out compositions, and the rerank latency
+Every cross-attention row is the base configuration (the shipped demo reranker's architecture and
+recipe: caption-negative steps first, then residual training over the first stage) with one change,
+trained with the same settings, seed and step budget on the shapes train split, then evaluated on
+the fixed benchmark (test split), and on a second benchmark seed if given: R@1, R@5 and nDCG@10 overall, per query kind and on the held-out compositions, and the rerank latency
 per query at k = 100 on the CPU (median of ``reranker.score`` on one query's 100 candidates, one
 thread, the same random inputs for every row; the speed does not depend on the weights).
 
@@ -13,9 +13,14 @@ is evaluated again without training; an interrupted one resumes from its checkpo
 preparing the data as the README's "Reproducing the reranker" section does)::
 
     python benchmarks/ablation.py --train runs/shapes-train/pairs.parquet --train-index runs/train.idx \\
-        --bench runs/bench --bench-index runs/bench.idx --out runs/ablation --steps 800 --batch-size 16 \\
-        --candidates 8
+        --bench runs/bench --bench-index runs/bench.idx --out runs/ablation --steps 2000 \\
+        --caption-only-steps 1200 --first-stage-weight 35.9 \\
+        --second-bench runs/bench7 --second-bench-index runs/bench7.idx   # also on seed 7
     python benchmarks/ablation.py ... --rows base layers=1   # only some rows
+
+Rows may train in several processes at once (``--rows`` splits them, same ``--out``: each process
+writes only its own rows into ``ablation.json``); a last run with every row then evaluates them all
+again without training and times them together.
 
 It writes ``OUT/ablation.json`` and prints the markdown table the README quotes.
 """
@@ -24,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import sys
 import time
@@ -35,23 +41,32 @@ import torch
 
 from crossrank import Index
 from crossrank.evaluate import evaluate_index
-from crossrank.rerank import CrossAttentionReranker, RerankerConfig, RerankTrainConfig, load_reranker, train_reranker
+from crossrank.rerank import (
+    CrossAttentionReranker,
+    RerankTrainConfig,
+    load_reranker,
+    read_reranker_config,
+    train_reranker,
+)
 
-#: The base architecture: the shipped demo reranker's.
-BASE = RerankerConfig(layers=2, width=128, heads=4, patch_self_attention=True, query_self_attention=True,
-                      patch_positions=64)
+DEMO_RERANKER = Path(__file__).resolve().parents[1] / "crossrank" / "assets" / "demo-reranker"
+#: The base architecture: the shipped demo reranker's (2 layers of width 128, 4 heads, no gates,
+#: LeCun init, 64 patch positions).
+BASE = read_reranker_config(DEMO_RERANKER)
 #: One change each from BASE.
 VARIANTS: dict[str, dict[str, Any]] = {
     "base": {},
-    "gate=off": {"gated": False},
+    "gate=on": {"gated": True},
     "prenorm=off": {"prenorm": False},
     "query_tokens=8": {"n_query_tokens": 8},
     "bidirectional=on": {"bidirectional": True},
     "sparse_m=16": {"sparse_top_m": 16},
-    "patch_self_attention=off": {"patch_self_attention": False},
-    "query_self_attention=off": {"query_self_attention": False},
     "layers=1": {"layers": 1},
     "layers=4": {"layers": 4},
+    "init=bert": {"init": "bert"},
+    "positions=off": {"patch_positions": None},
+    "query_self_attention=on": {"query_self_attention": True},
+    "patch_self_attention=on": {"patch_self_attention": True},
 }
 GROUPS = ("all", "kind=single", "kind=pair", "kind=relation", "heldout=true")
 METRICS = ("R@1", "R@5", "nDCG@10")
@@ -96,9 +111,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=1000)
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--candidates", type=int, default=16)
-    parser.add_argument("--first-stage-weight", type=float, default=33.0)
+    parser.add_argument("--first-stage-weight", type=float, default=35.9,
+                        help="W of the residual training (the shipped encoder's exp(logit_scale))")
+    parser.add_argument("--caption-negatives", type=int, default=6)
+    parser.add_argument("--caption-only-steps", type=int, default=0,
+                        help="steps on caption negatives alone before the residual steps")
     parser.add_argument("--threads", type=int, default=1, help="torch threads for training and timing")
     parser.add_argument("--rows", nargs="+", default=None, help=f"a subset of {list(VARIANTS)}")
+    parser.add_argument("--second-bench", type=Path, default=None,
+                        help="another benchmark folder (another seed): every row is evaluated there too")
+    parser.add_argument("--second-bench-index", type=Path, default=None)
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     rows = args.rows or list(VARIANTS)
@@ -109,24 +131,45 @@ def main(argv: list[str] | None = None) -> int:
     results_path = args.out / "ablation.json"
     results: dict[str, Any] = json.loads(results_path.read_text()) if results_path.exists() else {}
 
+    if (args.second_bench is None) != (args.second_bench_index is None):
+        parser.error("--second-bench and --second-bench-index go together")
     bench = Index.open(args.bench_index, device="cpu")
     queries, qrels = args.bench / "queries.parquet", args.bench / "qrels.txt"
     n_patches, dim = bench.patches.shape  # per image: (P, d)
+    second = None
+    if args.second_bench is not None:
+        second = (Index.open(args.second_bench_index, device="cpu"), args.second_bench / "queries.parquet",
+                  args.second_bench / "qrels.txt")
 
-    def save() -> None:
-        results_path.write_text(json.dumps(results, indent=2))
+    mine: set[str] = set()  # the keys this process wrote
+
+    def save(*keys: str) -> None:
+        # Other processes may be training other rows into the same file: keep their rows.
+        mine.update(keys)
+        merged = json.loads(results_path.read_text()) if results_path.exists() else {}
+        merged.update({key: results[key] for key in mine})
+        tmp = results_path.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(merged, indent=2))
+        os.replace(tmp, results_path)
 
     if "first stage" not in results or "maxsim" not in results:
         report = evaluate_index(bench, queries, qrels, reranker="maxsim", fusion="rerank")
         results["first stage"] = {"metrics": _metrics(report, False), "latency_ms": 0.0}
         results["maxsim"] = {"metrics": _metrics(report, True)}
-        save()
+        save("first stage", "maxsim")
+    if second is not None and "second_bench" not in results["first stage"]:
+        report = evaluate_index(*second, reranker="maxsim", fusion="rerank")
+        results["first stage"]["second_bench"] = _metrics(report, False)
+        results["maxsim"]["second_bench"] = _metrics(report, True)
+        save("first stage", "maxsim")
 
     train_config = RerankTrainConfig(steps=args.steps, batch_size=args.batch_size, n_candidates=args.candidates,
                                      loss="listwise", lr=1e-3,
-                                     hard_fraction=0.5, curriculum=0.1, mine_k=50, eval_every=250,
+                                     hard_fraction=0.5, curriculum=0.0, mine_k=50, eval_every=250,
                                      checkpoint_every=250, warmup=min(100, max(1, args.steps // 20)), seed=0,
-                                     device="cpu", first_stage_weight=args.first_stage_weight)
+                                     device="cpu", first_stage_weight=args.first_stage_weight,
+                                     caption_negatives=args.caption_negatives,
+                                     caption_only_steps=args.caption_only_steps)
     _share_training_set()
     train_index = None
     for name in rows:
@@ -146,12 +189,17 @@ def main(argv: list[str] | None = None) -> int:
         report = evaluate_index(bench, queries, qrels, reranker=reranker)  # fusion auto: as trained
         results.setdefault(key, {}).update(
             metrics=_metrics(report, True), config=VARIANTS[name], steps=args.steps, params=sum(p.numel() for p in CrossAttentionReranker(config).parameters()))
-        save()
+        if second is not None:
+            reranker = load_reranker(folder, device="cpu", encoder_info=second[0].manifest.encoder)
+            results[key]["second_bench"] = _metrics(evaluate_index(*second, reranker=reranker), True)
+        save(key)
         print(f"{key}: R@1 {results[key]['metrics']['all']['R@1']:.3f}", file=sys.stderr)
 
     # Latency last, every row in one interleaved measurement, so that a busy machine slows all alike.
     from crossrank.rerank import MaxSimReranker
 
+    if results_path.exists():  # every row so far, this process's and the others'
+        results = {**json.loads(results_path.read_text()), **{key: results[key] for key in mine}}
     timed: dict[str, Any] = {"maxsim": MaxSimReranker(device="cpu")}
     for key in results:
         folder = args.out / key.removeprefix("cross-attention ").replace("=", "-")
@@ -159,8 +207,11 @@ def main(argv: list[str] | None = None) -> int:
             timed[key] = load_reranker(folder, device="cpu")
     for key, ms in _latencies_ms(timed, dim, n_patches).items():
         results[key]["latency_ms"] = ms
-    results["_meta"] = {"threads": torch.get_num_threads(), "steps": args.steps, "torch": torch.__version__}
-    save()
+    if second is not None:
+        results["_meta_second_bench"] = str(args.second_bench)
+    results["_meta"] = {"threads": torch.get_num_threads(), "steps": args.steps,
+                        "caption_only_steps": args.caption_only_steps, "torch": torch.__version__}
+    save(*[key for key in results if key in timed or key.startswith("_meta")])
     print(_table(results))
     return 0
 
@@ -185,7 +236,12 @@ def _table(results: dict[str, Any]) -> str:
     label = {"all": "all", "kind=single": "single", "kind=pair": "pair", "kind=relation": "relation",
              "heldout=true": "held-out"}
     head = ["row"] + [f"{m} {label[g]}" for g in GROUPS for m in (METRICS if g == "all" else ("R@1",))]
-    head += ["nDCG@10 held-out", "ms/query k=100"]
+    head += ["nDCG@10 held-out"]
+    second = "_meta_second_bench" in results
+    if second:
+        name = Path(results["_meta_second_bench"]).name
+        head += [f"R@1 all ({name})", f"nDCG@10 all ({name})", f"R@1 relation ({name})"]
+    head += ["ms/query k=100"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for name, row in results.items():
         if name.startswith("_"):
@@ -196,6 +252,10 @@ def _table(results: dict[str, Any]) -> str:
             for metric in (METRICS if g == "all" else ("R@1",)):
                 cells.append(f"{m.get(g, {}).get(metric, float('nan')):.3f}")
         cells.append(f"{m.get('heldout=true', {}).get('nDCG@10', float('nan')):.3f}")
+        if second:
+            m2 = row.get("second_bench", {})
+            cells += [f"{m2.get(g, {}).get(metric, float('nan')):.3f}"
+                      for g, metric in (("all", "R@1"), ("all", "nDCG@10"), ("kind=relation", "R@1"))]
         cells.append(f"{row['latency_ms']:.1f}" if row.get("latency_ms") else "-")
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
