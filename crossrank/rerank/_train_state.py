@@ -94,11 +94,31 @@ def _load_checkpoint(path: Path, fingerprint: dict[str, Any] | None,
     if theirs != fingerprint:
         parts = sorted(k for k in fingerprint if not isinstance(theirs, dict)
                        or theirs.get(k) != fingerprint[k])
+        fields = _differing_fields(theirs, fingerprint, parts)
+        if fields:
+            fix = f"resume with the checkpoint's settings, {fix}"
         raise InvalidArgumentError(
             f"checkpoint {path} was written by a training run with another "
-            f"{' and '.join(_FINGERPRINT_NAMES[p] for p in parts)}; {fix}"
+            f"{' and '.join(_FINGERPRINT_NAMES[p] for p in parts)}{fields}; {fix}"
         )
     return state
+
+
+def _differing_fields(theirs: Any, ours: dict[str, Any], parts: list[str]) -> str:
+    """`` (patch_positions: None in the checkpoint, 64 in this run; ...)`` for the config and
+    model fields that differ (at most 4), or "" when there are none to name."""
+    diffs = []
+    for part in parts:
+        recorded, wanted = (theirs or {}).get(part) if isinstance(theirs, dict) else None, ours[part]
+        if part == "data" or not isinstance(recorded, dict) or not isinstance(wanted, dict):
+            continue
+        for key in sorted(recorded.keys() | wanted.keys()):
+            if recorded.get(key) != wanted.get(key):
+                diffs.append(f"{key}: {recorded.get(key)!r} in the checkpoint, {wanted.get(key)!r} in this run")
+    if not diffs:
+        return ""
+    more = f"; and {len(diffs) - 4} more" if len(diffs) > 4 else ""
+    return f" ({'; '.join(diffs[:4])}{more})"
 
 
 _FINGERPRINT_NAMES = {"config": "training config", "model": "model config",

@@ -594,12 +594,16 @@ def test_a_checkpoint_of_another_run_is_refused(shapes, tmp_path):
     ds, index = shapes
     train_reranker(index, ds.pairs_path, tmp_path / "r", model_config=TINY,
                    config=_config(steps=4))
+    # The message names each differing field with both values, so that a run can be resumed.
     with pytest.raises(InvalidArgumentError, match=r"checkpoint .*checkpoint\.pt was written by a "
-                                                   r"training run with another training config; "
+                                                   r"training run with another training config "
+                                                   r"\(lr: 0\.003 in the checkpoint, 0\.001 in this run\); "
+                                                   r"resume with the checkpoint's settings, "
                                                    r"delete it .* or pick another --out"):
         train_reranker(index, ds.pairs_path, tmp_path / "r", model_config=TINY,
                        config=_config(steps=4, lr=1e-3))
-    with pytest.raises(InvalidArgumentError, match=r"another model config; delete it"):
+    with pytest.raises(InvalidArgumentError, match=r"another model config \(gated: True in the checkpoint, "
+                                                   r"False in this run; init: 'bert' .*\); resume"):
         train_reranker(index, ds.pairs_path, tmp_path / "r",
                        model_config=RerankerConfig(width=8, heads=2, layers=1),
                        config=_config(steps=4))
