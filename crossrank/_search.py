@@ -61,7 +61,7 @@ def search_snapshot(snap: Snapshot, xq: np.ndarray, q_tokens: list[np.ndarray] |
             assert q_tokens is not None and q_masks is not None and fuse is not None
             with timed(q_timings, "rerank"):
                 rerank_scores = rerank(snap, scorer, q_tokens[qi], q_masks[qi], ids,
-                                             None if q_ids is None else q_ids[qi])
+                                       None if q_ids is None else q_ids[qi])
                 final = fuse(first_scores, rerank_scores)
                 order = np.argsort(-final, kind="stable")[:k]  # ties keep the first-stage order
         else:
@@ -82,6 +82,7 @@ def search_snapshot(snap: Snapshot, xq: np.ndarray, q_tokens: list[np.ndarray] |
         results.append(SearchResult(query=label, hits=hits, counts=counts, timings_ms=q_timings,
                                     generation=snap.number))
     return results
+
 
 def encode_queries(encoder: Encoder, dim: int, queries: Sequence[Query]
                    ) -> tuple[np.ndarray, list[np.ndarray], list[np.ndarray], list[np.ndarray | None], list[str]]:
@@ -133,6 +134,7 @@ def encode_queries(encoder: Encoder, dim: int, queries: Sequence[Query]
             masks[i] = np.ones(feats.patches.shape[1], dtype=bool)
     return xq, tokens, masks, input_ids, labels
 
+
 def first_stage(snap: Snapshot, xq: np.ndarray, k: int,
                 allowed: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
     """The ``k`` best (scores, ids) per query among ``allowed`` (None = all): FAISS, or exact
@@ -143,6 +145,7 @@ def first_stage(snap: Snapshot, xq: np.ndarray, k: int,
         rows = snap.generation.rows_of_ids(allowed)
         return exact_search(xq, np.asarray(snap.vectors[rows]), allowed, k)
     return snap.first_stage.search(xq, k, allowed_ids=allowed)
+
 
 def rerank(snap: Snapshot, scorer: Reranker, tokens: np.ndarray, mask: np.ndarray, ids: np.ndarray,
            input_ids: np.ndarray | None = None) -> np.ndarray:

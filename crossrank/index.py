@@ -51,7 +51,6 @@ DEFAULT_RERANKER = AUTO_RERANKER
 RERANKER_DIR = "reranker"
 
 
-
 class Index:
     """An opened crossrank index: one committed generation of an index directory.
 
