@@ -4,18 +4,19 @@
 Every cross-attention row is the base configuration (the shipped demo reranker's architecture and
 recipe: caption-negative steps first, then residual training over the first stage) with one change,
 trained with the same settings, seed and step budget on the shapes train split, then evaluated on
-the fixed benchmark (test split), and on a second benchmark seed if given: R@1, R@5 and nDCG@10 overall, per query kind and on the held-out compositions, and the rerank latency
-per query at k = 100 on the CPU (median of ``reranker.score`` on one query's 100 candidates, one
+the fixed benchmark (test split), and on a second benchmark seed if given: R@1, R@5 and nDCG@10
+overall, per query kind and on the held-out compositions, and the rerank latency per query at
+k = 100 on the CPU (median of ``reranker.score`` on one query's 100 candidates, one
 thread, the same random inputs for every row; the speed does not depend on the weights).
 
 Rows train one after another and each is resumable: a row whose folder holds a finished reranker
 is evaluated again without training; an interrupted one resumes from its checkpoint. Run (after
 preparing the data as the README's "Reproducing the reranker" section does)::
 
-    python benchmarks/ablation.py --train runs/shapes-train/pairs.parquet --train-index runs/train.idx \\
-        --bench runs/bench --bench-index runs/bench.idx --out runs/ablation --steps 2000 \\
+    python benchmarks/ablation.py --train runs/shapes-train/pairs.parquet --train-index runs/train-negs.idx \\
+        --bench runs/bench --bench-index runs/bench-negs.idx --out runs/ablation --steps 2000 \\
         --caption-only-steps 1200 --first-stage-weight 35.9 \\
-        --second-bench runs/bench7 --second-bench-index runs/bench7.idx   # also on seed 7
+        --second-bench runs/bench7 --second-bench-index runs/bench7-negs.idx   # also on seed 7
     python benchmarks/ablation.py ... --rows base layers=1   # only some rows
 
 Rows may train in several processes at once (``--rows`` splits them, same ``--out``: each process
