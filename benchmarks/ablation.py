@@ -49,11 +49,11 @@ from crossrank.rerank import (
     read_reranker_config,
     train_reranker,
 )
+from crossrank.rerank.checkpoint import demo_reranker_dir
 
-DEMO_RERANKER = Path(__file__).resolve().parents[1] / "crossrank" / "assets" / "demo-reranker"
 #: The base architecture: the shipped demo reranker's (2 layers of width 128, 4 heads, no gates,
 #: LeCun init, 64 patch positions).
-BASE = read_reranker_config(DEMO_RERANKER)
+BASE = read_reranker_config(demo_reranker_dir())
 #: One change each from BASE.
 VARIANTS: dict[str, dict[str, Any]] = {
     "base": {},

@@ -46,8 +46,9 @@ from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 
 from crossrank.allocator import keep_large_allocations
 from crossrank.rerank import CrossAttentionReranker, RerankerConfig, read_reranker_config
+from crossrank.rerank.checkpoint import demo_reranker_dir
 
-DEMO_RERANKER = Path(__file__).resolve().parents[1] / "crossrank" / "assets" / "demo-reranker"
+DEMO_RERANKER = demo_reranker_dir()
 N_TOKENS = 12
 DIM, N_PATCHES = 128, 64  # the demo encoder's features
 

@@ -40,7 +40,6 @@ import json
 import sys
 import time
 from dataclasses import replace
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -54,6 +53,7 @@ from crossrank.rerank import (
     load_reranker,
 )
 from crossrank.rerank._train_data import prepare_training_set
+from crossrank.rerank.checkpoint import demo_reranker_dir
 from crossrank.rerank.train import (
     _Banks,
     _forward_captions,
@@ -63,7 +63,6 @@ from crossrank.rerank.train import (
 )
 
 N_REWRITES = 6
-DEMO_RERANKER = Path(__file__).resolve().parents[1] / "crossrank" / "assets" / "demo-reranker"
 BATCH = 32
 
 
@@ -218,7 +217,7 @@ def main() -> int:
                                                       layers=2, heads=4,
                                                       patch_positions=index.patches.shape[0], **fields)).train()
         if "demo" in name.split("-"):
-            shipped = load_reranker(DEMO_RERANKER, device="cpu")
+            shipped = load_reranker(demo_reranker_dir(), device="cpu")
             if shipped.config != model.config:
                 raise SystemExit(f"{name}: `demo` starts from the shipped reranker, so the variant must have its "
                                  "architecture: nogate-lecun, without embcat, coords, oracle, qsa or psa")
