@@ -109,7 +109,8 @@ def _differing_fields(theirs: Any, ours: dict[str, Any], parts: list[str]) -> st
     model fields that differ (at most 4), or "" when there are none to name."""
     diffs = []
     for part in parts:
-        recorded, wanted = (theirs or {}).get(part) if isinstance(theirs, dict) else None, ours[part]
+        recorded = theirs.get(part) if isinstance(theirs, dict) else None
+        wanted = ours[part]
         if part == "data" or not isinstance(recorded, dict) or not isinstance(wanted, dict):
             continue
         for key in sorted(recorded.keys() | wanted.keys()):
