@@ -423,7 +423,7 @@ def train_cmd(
     curriculum: Annotated[float, typer.Option(help="Share of the steps over which the hard share ramps up from 0.")] = 0.0,
     mine_k: Annotated[int, typer.Option(min=2, help="First-stage depth mined for hard negatives.")] = 50,
     eval_every: Annotated[int, typer.Option(min=1, help="Steps between validations and checkpoints.")] = 200,
-    layers: Annotated[int, typer.Option(min=1, help="Cross-attention layers.")] = 2,
+    layers: Annotated[int, typer.Option(min=1, help="Cross-attention layers.")] = 1,
     width: Annotated[int, typer.Option(min=8, help="Reranker width.")] = 128,
     heads: Annotated[int, typer.Option(min=1, help="Attention heads.")] = 4,
     gated: Annotated[bool, typer.Option(help="Tanh gates on the residual branches, initialised at 0 (an untrained model is the identity; slower to learn from scratch).")] = False,

@@ -58,7 +58,7 @@ class RerankerConfig:
     Each of ``layers`` layers lets the query-side states (text tokens, learnable query tokens, or
     both) attend to the candidate's patches, then runs an MLP; options add patch self-attention
     before and patch-to-token attention after. The defaults are the shipped demo reranker's
-    architecture, the best measured (README, "Ablation"): 2 layers of width 128, 4 heads, pre-norm,
+    architecture, the best measured (README, "Ablation"): 1 layer of width 128, 4 heads, pre-norm,
     no gates, LeCun init, every other option off; ``patch_positions`` has no default size (it is
     the encoder's patch count: ``crossrank train`` and :func:`~crossrank.rerank.train_reranker`
     set it from the index when no architecture is given).
@@ -74,7 +74,7 @@ class RerankerConfig:
     text_dim: int = 512  # d_t: size of the encoder's token features
     patch_dim: int = 512  # d_v: size of the encoder's stored patch features
     width: int = 128  # size of the reranker's hidden states (both modalities)
-    layers: int = 2  # cross-attention layers
+    layers: int = 1  # cross-attention layers
     heads: int = 4  # attention heads; must divide width
     mlp_ratio: float = 4.0  # MLP hidden size = mlp_ratio * width
     dropout: float = 0.0  # dropout on attention outputs and the MLP, in [0, 1); training only
