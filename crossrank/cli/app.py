@@ -432,6 +432,7 @@ def train_cmd(
     bidirectional: Annotated[bool, typer.Option(help="Patches attend back to the query tokens in every layer.")] = False,
     query_self_attention: Annotated[bool, typer.Option(help="Query positions attend to each other in every layer (compares what they read).")] = False,
     patch_positions: Annotated[int | None, typer.Option(min=0, help="Learned position embedding over this many patch slots (default: the index's patches per image; 0 = none).", show_default=False)] = None,
+    pair_head: Annotated[bool, typer.Option(help="A pairwise spatial head: each pair of query positions scored from their states and the difference of where they looked (for relations such as 'left of'). Needs a square patch grid.")] = False,
     query_tokens: Annotated[int, typer.Option(min=0, help="Learnable Q-Former-style query tokens beside the text tokens.")] = 0,
     sparse_top_m: Annotated[int | None, typer.Option(min=1, help="Each query token attends to its top-m patches only.")] = None,
     init: Annotated[str, typer.Option(help="Weight init from scratch: lecun (std 1/sqrt(fan_in), learns binding faster) or bert (std 0.02).")] = "lecun",
@@ -472,6 +473,11 @@ def train_cmd(
     idx = Index.open(index, device=device.value)
     if patch_positions is None:  # default: a position per patch of the index's encoder
         model_config = dataclasses.replace(model_config, patch_positions=int(idx.manifest.encoder["n_patches"]))
+    if pair_head:  # after the positions: the pair head reads its grid from them
+        try:
+            model_config = dataclasses.replace(model_config, pair_head=True)
+        except ValueError as e:
+            raise typer.BadParameter(str(e)) from None
     with progress_bar(TextColumn("[bold]training"), BarColumn(), MofNCompleteColumn(),
                    TextColumn("loss {task.fields[loss]} acc {task.fields[acc]}"), TimeElapsedColumn(),
                    TextColumn("ETA"), TimeRemainingColumn(), disable=as_json, loss="-", acc="-") as update:

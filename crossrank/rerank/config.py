@@ -87,6 +87,11 @@ class RerankerConfig:
     query_self_attention: bool = False  # self-attention among the query-side positions in each layer
     sparse_top_m: int | None = None  # each query position attends to its top-m patches; None = all
     patch_positions: int | None = None  # learned position embedding over this many patch slots
+    # A pairwise spatial head: every pair of query positions (i, j) is scored from their final
+    # states and the difference of where they looked in the last layer (attention-weighted
+    # patch coordinates on the patch_positions grid, which must be square), then mean-pooled and
+    # added to the logit: a direct path from "where is each object" to the score ("left of").
+    pair_head: bool = False
     pooling: Pooling = Pooling.MEAN  # mean over real positions | first position
     init: Init = Init.LECUN  # initialisation for training from scratch: lecun (std 1/sqrt(fan_in)) | bert (0.02)
 
@@ -111,7 +116,8 @@ class RerankerConfig:
         if not _is_real(self.dropout) or not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"dropout must be a number in [0, 1), got {self.dropout!r}")
         object.__setattr__(self, "dropout", float(self.dropout))
-        for name in ("prenorm", "gated", "bidirectional", "patch_self_attention", "query_self_attention"):
+        for name in ("prenorm", "gated", "bidirectional", "patch_self_attention", "query_self_attention",
+                     "pair_head"):
             value = getattr(self, name)
             if not isinstance(value, bool):
                 raise ValueError(f"{name} must be True or False, got {value!r}")
@@ -139,6 +145,12 @@ class RerankerConfig:
             raise ValueError(
                 "patch_positions must be None (no position embedding) or an int >= 1 (patch "
                 f"slots, at least the encoder's n_patches), got {self.patch_positions!r}"
+            )
+        if self.pair_head and (self.patch_positions is None
+                               or round(self.patch_positions ** 0.5) ** 2 != self.patch_positions):
+            raise ValueError(
+                "pair_head needs patch_positions set to the encoder's square patch grid (e.g. 64 "
+                f"for 8 x 8 patches): it reads where each patch lies, got {self.patch_positions!r}"
             )
         object.__setattr__(self, "pooling", _enum(Pooling, self.pooling, "pooling"))
         object.__setattr__(self, "init", _enum(Init, self.init, "init"))

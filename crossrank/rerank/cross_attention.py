@@ -134,6 +134,18 @@ class CrossAttentionReranker(nn.Module):
         self.layers = nn.ModuleList(RerankerLayer(config, i) for i in range(config.layers))
         self.out_norm = nn.LayerNorm(w)
         self.head = nn.Sequential(nn.Linear(w, w), nn.GELU(), nn.Linear(w, 1))
+        if config.pair_head:
+            self.pair_norm = nn.LayerNorm(w)
+            self.pair_u = nn.Linear(w, w)  # position i of a pair
+            self.pair_v = nn.Linear(w, w, bias=False)  # position j
+            self.pair_where = nn.Linear(2 * config.heads, w, bias=False)  # where i looked - where j did
+            self.pair_out = nn.Linear(w, 1)
+            self.pair_gate = nn.Parameter(torch.zeros(1)) if config.gated else None
+            # Each patch slot's (column, row) on the square grid, in [-1, 1]; not module state.
+            side = round(config.patch_positions ** 0.5)
+            grid = torch.arange(config.patch_positions)
+            coords = torch.stack([grid % side, grid // side], dim=-1).float()
+            self.register_buffer("pair_coords", coords * (2 / max(side - 1, 1)) - 1, persistent=False)
         self._reset_parameters()
 
     def _reset_parameters(self) -> None:
@@ -256,7 +268,8 @@ class CrossAttentionReranker(nn.Module):
         *,
         path: AttentionPath | str = AttentionPath.PLAIN,
         output: str = "logits",
-    ) -> torch.Tensor:
+        attend_to: torch.Tensor | None = None,
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """Logits of B queries with k candidates each (the training forward).
 
         Args:
@@ -267,10 +280,17 @@ class CrossAttentionReranker(nn.Module):
             patch_mask: ``(B, k, P)`` bool, True = a real patch (each candidate needs one);
                 None = all real.
             path: plain, folded or auto (raw patches only).
-            output: ``"logits"``, or ``"pooled"`` for the pooled states before the score head.
+            output: ``"logits"``, or ``"pooled"`` for the pooled states before the score head
+                (without the pair head's term).
+            attend_to: ``(B, k, P, c)`` per-patch channels (e.g. masks of where each object
+                is) to average with the last layer's attention weights, heads averaged: how
+                much of each query position's attention lands on each mask (training's
+                attention supervision). None = not asked.
 
         Returns:
-            ``(B, k)`` float32 logits, or ``(B, k, width)`` float32 pooled states.
+            ``(B, k)`` float32 logits, or ``(B, k, width)`` float32 pooled states; with
+            ``attend_to`` (and logits), ``(logits, attended)`` with attended ``(B, k, n, c)``
+            float32, n the query-side positions (:meth:`encode_query`).
 
         Raises:
             InvalidArgumentError: as :meth:`forward`.
@@ -279,6 +299,8 @@ class CrossAttentionReranker(nn.Module):
         path = _path(path)
         if output not in ("logits", "pooled"):
             raise InvalidArgumentError(f"output must be 'logits' or 'pooled', got {output!r}")
+        if attend_to is not None and output != "logits":
+            raise InvalidArgumentError("attend_to needs output='logits'")
         cache = patches if isinstance(patches, PatchKV) else None
         if cache is not None:
             if patch_mask is not None:
@@ -310,6 +332,10 @@ class CrossAttentionReranker(nn.Module):
                 f"patch_mask must be bool of shape {(*lead, n_patches)}, "
                 f"got {patch_mask.dtype} {tuple(patch_mask.shape)}"
             )
+        if attend_to is not None and (attend_to.ndim != 4 or tuple(attend_to.shape[:3]) != (*lead, n_patches)):
+            raise InvalidArgumentError(
+                f"attend_to must have shape {(*lead, n_patches)} + (channels,), got {tuple(attend_to.shape)}"
+            )
         if cache is None and path == AttentionPath.FOLDED and cfg.foldable_layers == 0:
             raise InvalidArgumentError(
                 "path='folded' needs keys/values linear in the stored patches, but "
@@ -332,25 +358,39 @@ class CrossAttentionReranker(nn.Module):
             xt = self._prepare_patches(patches, patch_mask)  # (B, k, P, patch_dim)
         elif cache.states is not None:
             p = cache.states  # (B, k, P, width)
+        # The last layer can also average per-patch channels with its attention weights (more
+        # value channels, the same softmax): the pair head's grid coordinates, the caller's.
+        channels = []
+        if cfg.pair_head:
+            channels.append(self.pair_coords[:n_patches])  # (P, 2)
+        if attend_to is not None:
+            channels.append(attend_to.unsqueeze(-3))  # (B, k, 1, P, c)
+        extra = None  # (B, k, n, heads, channels), from the last layer
         for i, layer in enumerate(self.layers):
             if cfg.query_self_attention:
                 x = layer.query_self_attend(x, token_keep)  # (B, 1|k, n, width)
             h = layer.cross_norm(x)
             q = layer.cross_attn.project_q(h)  # (B, 1|k, heads, n, head_dim)
+            more = channels if i == cfg.layers - 1 else []
             if i < n_cached:
                 keys, values = cache.keys[i], cache.values[i]  # (B, k, heads, P, head_dim)
-                out = attend(q, keys, values, patch_keep, layer.cross_attn.scale,
-                             layer.top_m)  # (B, k, heads, n, head_dim)
+                out = attend(q, keys, _with_channels(values, more), patch_keep, layer.cross_attn.scale,
+                             layer.top_m)  # (B, k, heads, n, head_dim + channels)
+                out, extra = _split_channels(out, cfg.head_dim, extra)
                 out = layer.cross_attn.output(out)  # (B, k, n, width)
             elif i < n_folded:
-                out = self._folded_attention(i, q, xt, patch_keep)  # (B, k, n, width)
+                out, extra = self._folded_attention(i, q, xt, patch_keep, more, extra)  # (B, k, n, width)
             else:
                 if p is None:
                     p = self.patch_in(xt)  # (B, k, P, width)
                 if cfg.patch_self_attention:
                     p = layer.patch_self_attend(p, patch_keep)  # (B, k, P, width)
                 kv_source = layer.cross_kv_norm(p)  # (B, k, P, width)
-                out = layer.cross_attn(h, kv_source, patch_keep, layer.top_m)  # (B, k, n, width)
+                keys, values = layer.cross_attn.project_kv(kv_source)  # (B, k, heads, P, head_dim)
+                out = attend(q, keys, _with_channels(values, more), patch_keep, layer.cross_attn.scale,
+                             layer.top_m)  # (B, k, heads, n, head_dim + channels)
+                out, extra = _split_channels(out, cfg.head_dim, extra)
+                out = layer.cross_attn.output(out)  # (B, k, n, width)
             x = x + layer.gate(layer.cross_gate, out)  # (B, k, n, width)
             if cfg.bidirectional:
                 if p is None:
@@ -364,7 +404,15 @@ class CrossAttentionReranker(nn.Module):
             pooled = self._pool(x.float(), x_keep[:, None, :])  # (B, k, width)
             if output == "pooled":
                 return pooled
-            return self.head(self.out_norm(pooled)).squeeze(-1).float()  # (B, k)
+            logits = self.head(self.out_norm(pooled)).squeeze(-1).float()  # (B, k)
+            if cfg.pair_head:
+                where = extra[..., :2].flatten(-2).float()  # (B, k, n, 2 * heads)
+                logits = logits + RerankerLayer.gate(
+                    self.pair_gate, self._pair_score(x.float(), where, x_keep))  # (B, k)
+            if attend_to is None:
+                return logits
+            attended = extra[..., 2 if cfg.pair_head else 0:].float().mean(dim=-2)  # (B, k, n, c)
+            return logits, attended
 
     # -- precomputation -----------------------------------------------------------------------
 
@@ -500,7 +548,9 @@ class CrossAttentionReranker(nn.Module):
         return folded
 
     def _folded_attention(self, i: int, q: torch.Tensor, xt: torch.Tensor,
-                          patch_keep: torch.Tensor | None) -> torch.Tensor:
+                          patch_keep: torch.Tensor | None, channels: list[torch.Tensor] = (),
+                          extra: torch.Tensor | None = None
+                          ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Cross-attention over x̃ with W_k folded into the queries and W_v applied afterwards.
 
         Args:
@@ -508,9 +558,13 @@ class CrossAttentionReranker(nn.Module):
             q: ``(B, 1|k, heads, n, head_dim)`` projected queries.
             xt: ``(B, k, P, d_v)`` prepared patches x̃.
             patch_keep: ``(B, k, 1, 1, P)`` bool, or None when every patch is real.
+            channels: per-patch channels to average with the attention weights (see
+                :func:`_with_channels`); none: ``extra`` is returned unchanged.
+            extra: see ``channels``.
 
         Returns:
-            ``(B, k, n, width)``, the attention branch before its gate.
+            ``(B, k, n, width)``, the attention branch before its gate, and with ``channels``
+            their attention-weighted averages, ``(B, k, n, heads, c)``.
         """
         layer, cfg = self.layers[i], self.config
         attn = layer.cross_attn
@@ -522,12 +576,28 @@ class CrossAttentionReranker(nn.Module):
         # All heads attend over the same x̃: stack them along the query rows, one d_v-wide head.
         q_fold = q_fold.reshape(*q.shape[:-3], 1, n * heads, d_v)  # (B, 1|k, 1, n * heads, d_v)
         keys = xt.unsqueeze(-3)  # (B, k, 1, P, d_v)
-        out = attend(q_fold, keys, keys, patch_keep, attn.scale,
-                     layer.top_m)  # (B, k, 1, n * heads, d_v)
-        out = out.view(*out.shape[:-3], n, heads, d_v)  # (B, k, n, heads, d_v)
+        out = attend(q_fold, keys, _with_channels(keys, channels), patch_keep, attn.scale,
+                     layer.top_m)  # (B, k, 1, n * heads, d_v + c)
+        if channels:  # rows are token-major (n, heads)
+            extra = out[..., d_v:].reshape(*out.shape[:-3], n, heads, -1)  # (B, k, n, heads, c)
+            out = out[..., :d_v]
+        out = out.reshape(*out.shape[:-3], n, heads, d_v)  # (B, k, n, heads, d_v)
         out = torch.einsum("...nhe,hde->...nhd", out, w_v)  # (B, k, n, heads, head_dim)
         out = out.reshape(*out.shape[:-2], heads * head_dim)  # (B, k, n, width)
-        return attn.drop(F.linear(out, attn.o.weight, b_out))  # (B, k, n, width)
+        return attn.drop(F.linear(out, attn.o.weight, b_out)), extra  # (B, k, n, width)
+
+    def _pair_score(self, x: torch.Tensor, where: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+        """The pair head: ``(B, k, n, width)`` states, ``(B, k, n, 2 * heads)`` where each
+        position looked, keep ``(B, n)`` -> ``(B, k)``, the mean over pairs of real positions of
+        ``out(gelu(U y_i + V y_j + W (where_i - where_j)))``."""
+        y = self.pair_norm(x)  # (B, k, n, width)
+        moved = self.pair_where(where)  # (B, k, n, width); linear, so W(w_i - w_j) = Ww_i - Ww_j
+        first, second = self.pair_u(y) + moved, self.pair_v(y) - moved  # (B, k, n, width) each
+        pairs = F.gelu(first.unsqueeze(-2) + second.unsqueeze(-3))  # (B, k, n, n, width)
+        scores = self.pair_out(pairs).squeeze(-1)  # (B, k, n, n)
+        both = keep[:, None, :, None] & keep[:, None, None, :]  # (B, 1, n, n)
+        total = scores.masked_fill(~both, 0.0).sum(dim=(-2, -1))  # (B, k)
+        return total / both.sum(dim=(-2, -1)).to(scores.dtype)  # (B, k)
 
     def _pool(self, x: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
         """``(B, k, n, width)`` float32 with keep ``(B, 1, n)`` -> ``(B, k, width)``."""
@@ -538,6 +608,27 @@ class CrossAttentionReranker(nn.Module):
         # masked_fill, not a multiply: a padding row is excluded even if it holds inf or NaN.
         total = x.masked_fill(~keep[..., None], 0.0).sum(dim=-2)  # (B, k, width)
         return total / keep.sum(dim=-1, keepdim=True).to(x.dtype)  # (B, k, width)
+
+
+def _with_channels(values: torch.Tensor, channels: list[torch.Tensor]) -> torch.Tensor:
+    """``(..., P, e)`` values with per-patch ``channels`` appended (each broadcastable to
+    ``(..., P, c_i)``), so that each head also returns their attention-weighted averages;
+    ``values`` itself when there are none."""
+    if not channels:
+        return values
+    lead = values.shape[:-1]
+    more = [c.to(values.dtype).expand(*lead, c.shape[-1]) for c in channels]
+    return torch.cat([values, *more], dim=-1)
+
+
+def _split_channels(out: torch.Tensor, head_dim: int,
+                    extra: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``(B, k, heads, n, head_dim + c)`` -> the heads' outputs ``(B, k, heads, n, head_dim)`` and
+    the channels' averages ``(B, k, n, heads, c)``; an output without channels passes through
+    with ``extra`` unchanged."""
+    if out.shape[-1] == head_dim:
+        return out, extra
+    return out[..., :head_dim], out[..., head_dim:].transpose(-3, -2)
 
 
 def _path(path: AttentionPath | str) -> AttentionPath:

@@ -124,6 +124,28 @@ def test_train_patch_positions_zero_turns_them_off(trained, tmp_path: Path) -> N
     assert (config["patch_positions"], config["gated"], config["init"]) == (None, True, "bert")
 
 
+def test_train_with_a_pair_head_and_search_with_it(trained, tmp_path: Path) -> None:
+    root, index_dir, _ = trained
+    out = tmp_path / "r"
+    common = ["train", str(root / "pairs.parquet"), "--index", str(index_dir), "--out", str(out), "--steps", "2",
+              "--batch-size", "4", "--candidates", "4", "--mine-k", "8", "--width", "16", "--heads", "2",
+              "--device", "cpu", "--pair-head"]
+    refused = runner.invoke(app, [*common, "--patch-positions", "0"])
+    assert refused.exit_code == 2
+    assert "pair_head needs patch_positions set to the encoder's square patch grid" in " ".join(
+        refused.output.replace("│", " ").split())  # the message as one line, out of rich's error box
+    result = runner.invoke(app, [*common, "--json"])
+    assert result.exit_code == 0, result.output
+    config = json.loads((out / "config.json").read_text())["config"]
+    n_patches = json.loads((index_dir / "manifest.json").read_text())["encoder"]["n_patches"]
+    assert (config["pair_head"], config["patch_positions"]) == (True, n_patches)
+    found = runner.invoke(app, ["search", str(index_dir), "a red circle", "--reranker", str(out), "--k", "3",
+                                "--json"])
+    assert found.exit_code == 0, found.output
+    hits = json.loads(found.stdout)["hits"]
+    assert len(hits) == 3 and all(np.isfinite(h["scores"]["rerank"]) for h in hits)
+
+
 def test_train_with_caption_negatives_reports_their_validation(trained, tmp_path: Path) -> None:
     root, index_dir, _ = trained
     result = runner.invoke(app, ["train", str(root / "pairs.parquet"), "--index", str(index_dir), "--out",

@@ -36,6 +36,9 @@ OPTIONS = {
     "first-text-token": {"pooling": "first"},
     "everything": {"bidirectional": True, "n_query_tokens": 2, "sparse_top_m": 3,
                    "patch_positions": 12, "pooling": "first", "query_self_attention": True},
+    "pair-head": {"pair_head": True, "patch_positions": 16},
+    "pair+everything": {"pair_head": True, "patch_positions": 16, "bidirectional": True, "n_query_tokens": 2,
+                        "sparse_top_m": 3, "query_self_attention": True},
 }
 
 
@@ -221,7 +224,8 @@ def test_stored_patches_are_never_projected_per_query(path):
             hook.remove()
 
 
-@pytest.mark.parametrize("options", [OPTIONS["default"], OPTIONS["everything"]], ids=["default", "everything"])
+@pytest.mark.parametrize("options", [OPTIONS["default"], OPTIONS["everything"], OPTIONS["pair+everything"]],
+                         ids=["default", "everything", "pair+everything"])
 def test_forward_batch_equals_forward_per_query(options):
     model = _model(**options)
     queries = [_inputs(seed) for seed in range(3)]
@@ -249,6 +253,7 @@ def test_forward_batch_equals_forward_per_query(options):
         ("query_tokens_mode", "concat", "replace"),
         ("sparse_top_m", None, 2),
         ("patch_positions", None, 12),
+        ("pair_head", False, True),
         ("pooling", "mean", "first"),
         ("layers", 1, 2),
         ("heads", 2, 4),
@@ -257,6 +262,7 @@ def test_forward_batch_equals_forward_per_query(options):
 )
 def test_each_option_changes_the_scores(option, off, on):
     base = {"n_query_tokens": 2} if option == "query_tokens_mode" else {}
+    base = {"patch_positions": 16} if option == "pair_head" else base
     model_on = _model(**base, **{option: on})
     model_off = CrossAttentionReranker(_config(**base, **{option: off}))
     _randomize(model_off, seed=1)
@@ -266,6 +272,102 @@ def test_each_option_changes_the_scores(option, off, on):
     model_off.load_state_dict(shared, strict=False)
     inputs = _inputs()
     assert not torch.allclose(model_on.score(*inputs), model_off.score(*inputs), atol=1e-4)
+
+
+@pytest.mark.parametrize("path", ["plain", "folded", "precomputed"])
+def test_the_pair_head_reads_where_each_position_looked(path):
+    # Two patches carry the only content; swapping where they lie changes nothing for a model
+    # without positions, and must change the pair head's score (it reads the attended
+    # coordinates; the position embedding is zeroed so nothing else sees the grid).
+    tokens, token_mask, _, _ = _inputs()
+    g = torch.Generator().manual_seed(3)
+    patches = torch.zeros(2, 16, D_V)
+    a, b = torch.randn(D_V, generator=g) * 3, torch.randn(D_V, generator=g) * 3
+    patches[0, 0], patches[0, 15] = a, b  # a top left, b bottom right
+    patches[1, 15], patches[1, 0] = a, b  # swapped
+    scores = {}
+    for pair in (False, True):
+        model = _model(pair_head=pair, patch_positions=16, gated=False)
+        with torch.no_grad():
+            model.patch_pos.zero_()
+            model.layers[-1].cross_attn.k.weight.mul_(10)  # peaked attention: positions that matter
+            if pair:
+                model.pair_where.weight.mul_(10)
+            source = model.precompute_kv(patches) if path == "precomputed" else patches
+            scores[pair] = model(tokens, token_mask, source, path="plain" if path == "precomputed" else path)
+    _close(scores[False][0], scores[False][1])
+    assert abs(float(scores[True][0] - scores[True][1])) > 1e-3
+
+
+@pytest.mark.parametrize("options", [OPTIONS["default"], OPTIONS["pair-head"], OPTIONS["pair+everything"]],
+                         ids=["default", "pair-head", "pair+everything"])
+def test_attend_to_averages_channels_with_the_last_layers_attention(options):
+    model = _model(**options)
+    tokens, token_mask, patches, patch_mask = _inputs()
+    # Channels: all ones, the padding indicator, and one random channel.
+    g = torch.Generator().manual_seed(4)
+    channels = torch.stack([torch.ones(K, P), (~patch_mask).float(), torch.rand(K, P, generator=g)], dim=-1)
+    args = (tokens[None], token_mask[None], patches[None], patch_mask[None])
+    with torch.no_grad():
+        plain_logits = model.forward_batch(*args, path="plain")
+        results = {path: model.forward_batch(*args, path=path, attend_to=channels[None])
+                   for path in ("plain", "auto")}
+        cache = model.precompute_kv(patches, patch_mask)
+        results["precomputed"] = model.forward_batch(tokens[None], token_mask[None], cache.unsqueeze(0),
+                                                     attend_to=channels[None])
+    for logits, attended in results.values():
+        _close(logits, plain_logits)  # asking changes no score
+        n = model.encode_query(tokens[None], token_mask[None])[1].shape[1]
+        assert attended.shape == (1, K, n, 3)
+        _close(attended[..., 0], torch.ones_like(attended[..., 0]))  # the weights sum to 1
+        _close(attended[..., 1], torch.zeros_like(attended[..., 1]))  # padding gets none
+        _close(attended, results["plain"][1])
+
+
+def test_attend_to_gives_the_attention_weights_of_a_one_layer_model():
+    model = _model(layers=1, gated=False)
+    tokens, token_mask, patches, patch_mask = _inputs()
+    with torch.no_grad():
+        _, attended = model.forward_batch(tokens[None], token_mask[None], patches[None], patch_mask[None],
+                                          attend_to=torch.eye(P).expand(1, K, P, P))  # channel j = patch j
+        x, _ = model.encode_query(tokens[None], token_mask[None])  # (1, n, width)
+        layer = model.layers[0]
+        q = layer.cross_attn.project_q(layer.cross_norm(x))  # (1, heads, n, e)
+        p = model.patch_in(model._prepare_patches(patches, patch_mask))  # (K, P, width)
+        k, _ = layer.cross_attn.project_kv(layer.cross_kv_norm(p))  # (K, heads, P, e)
+        logits = (q @ k.transpose(-1, -2)) * layer.cross_attn.scale  # (K, heads, n, P)
+        weights = logits.masked_fill(~patch_mask[:, None, None, :], float("-inf")).softmax(-1)
+    _close(attended[0], weights.mean(dim=1))  # (K, n, P), heads averaged
+
+
+def test_attend_to_of_the_wrong_shape_is_refused():
+    model = _model()
+    tokens, token_mask, patches, patch_mask = _inputs()
+    with pytest.raises(InvalidArgumentError, match=r"attend_to must have shape \(1, 5, 7\)"):
+        model.forward_batch(tokens[None], token_mask[None], patches[None], patch_mask[None],
+                            attend_to=torch.ones(1, K, P - 1, 2))
+
+
+def test_an_untrained_gated_pair_head_adds_nothing():
+    model = _randomize(CrossAttentionReranker(_config(pair_head=True, patch_positions=16)), gates=False)
+    tokens, token_mask, patches, patch_mask = _inputs()
+    with torch.no_grad():
+        for layer in model.layers:  # the layers' gates on too: the pair head alone is at 0
+            layer.cross_gate.fill_(0.5)
+            layer.mlp_gate.fill_(0.5)
+        logits = model(tokens, token_mask, patches, patch_mask)
+        pooled = model.forward_batch(tokens[None], token_mask[None], patches[None], patch_mask[None],
+                                     output="pooled")[0]
+        _close(logits, model.head(model.out_norm(pooled)).squeeze(-1))
+        model.pair_gate.fill_(0.5)
+        assert not torch.allclose(model(tokens, token_mask, patches, patch_mask), logits, atol=1e-3)
+
+
+def test_a_pair_head_needs_a_square_patch_grid():
+    with pytest.raises(ValueError, match=r"pair_head needs patch_positions set to the encoder's square patch grid"):
+        _config(pair_head=True, patch_positions=12)
+    with pytest.raises(ValueError, match=r"got None"):
+        _config(pair_head=True)
 
 
 def test_dropout_acts_in_training_only():
