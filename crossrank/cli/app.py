@@ -439,6 +439,7 @@ def train_cmd(
     first_stage_weight: Annotated[str, typer.Option(help="Residual training: logits add W x the first-stage cosine, so the reranker learns a correction; search then fuses with weighted:1/(1+W) by default. auto = the encoder's logit scale (CLIP's exp(logit_scale), 35.9 for the demo encoder; 0 for an encoder without one); 0 = off.")] = "auto",
     caption_negatives: Annotated[int, typer.Option(min=0, help="Per pair, this many rewrites of its caption that are false of its image (swapped colours, shapes or objects, another relation, one object changed), ranked against the true caption: a text-side loss that teaches binding. Needs a pairs file in a shapes dataset (its scene graphs decide what is false). 0 = off.")] = 0,
     caption_only_steps: Annotated[int, typer.Option(min=0, help="Curriculum: the first N steps train on the caption negatives alone (the reranker by itself, no residual, no image lists; cheaper steps), then both losses. Needs --caption-negatives.")] = 0,
+    attention_supervision: Annotated[float, typer.Option(min=0.0, help="Weight of a loss that pulls the last layer's attention of each object word of the true caption onto that object's patches (from the scene graphs: needs --caption-negatives on a shapes dataset). 0 = off.")] = 0.0,
     seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
     device: Annotated[Device, typer.Option(help="Where to train.")] = Device.AUTO,
     as_json: Annotated[bool, typer.Option("--json", help="Print the report as JSON.")] = False,
@@ -462,7 +463,8 @@ def train_cmd(
                                    eval_every=eval_every, checkpoint_every=eval_every, seed=seed,
                                    device=device.value, warmup=min(100, max(1, steps // 20)),
                                    first_stage_weight=weight, caption_negatives=caption_negatives,
-                                   caption_only_steps=caption_only_steps)
+                                   caption_only_steps=caption_only_steps,
+                                   attention_supervision=attention_supervision)
         model_config = RerankerConfig(layers=layers, width=width, heads=heads, gated=gated, prenorm=prenorm,
                                       patch_self_attention=patch_self_attention, bidirectional=bidirectional,
                                       query_self_attention=query_self_attention,

@@ -201,6 +201,8 @@ class TrainingSet:
         counts: pair and caption counts for the report.
         fingerprint: what identifies the data (pairs file hash, index generation and encoder).
         negatives: the rewritten captions of each caption (``caption_negatives > 0``), else None.
+        object_tokens: int64 ``(rows, 2)`` per caption bank row, the token position of the word
+            naming each object (-1: none), for attention supervision; None without it.
     """
 
     captions: list[str]
@@ -224,6 +226,7 @@ class TrainingSet:
     counts: dict[str, int] = field(default_factory=dict)
     fingerprint: dict[str, Any] = field(default_factory=dict)
     negatives: CaptionNegativeBank | None = None
+    object_tokens: np.ndarray | None = None
 
 
 def prepare_training_set(index: Index, pairs_path: str | os.PathLike[str],
@@ -380,6 +383,12 @@ def prepare_training_set(index: Index, pairs_path: str | os.PathLike[str],
         negatives = CaptionNegativeBank(offsets=offsets, n_structural=n_structural,
                                         specs=bank_specs, scenes=pool_scenes)
         counts["negative_captions"] = len(extra_specs)
+    object_tokens = None
+    if perturb is not None and config.attention_supervision:
+        from crossrank.rerank._attention_targets import object_token_positions
+
+        encoder = index.encoder
+        object_tokens = object_token_positions(encoder.tokenizer, bank_texts, encoder.max_text_len)
     logger.info("training set: %d pairs (%d train, %d val captions), %d images, relevance %s",
                 counts["used_pairs"], counts["train_captions"], n_val, n_images, relevance)
     return TrainingSet(
@@ -392,6 +401,7 @@ def prepare_training_set(index: Index, pairs_path: str | os.PathLike[str],
         counts=counts,
         fingerprint=fingerprint,
         negatives=negatives,
+        object_tokens=object_tokens,
     )
 
 

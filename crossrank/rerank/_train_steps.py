@@ -72,13 +72,16 @@ def _forward(model: CrossAttentionReranker, banks: _Banks, caption: np.ndarray,
 
 
 def _forward_captions(model: CrossAttentionReranker, banks: _Banks, rows: np.ndarray,
-                      image: np.ndarray, device: torch.device, *, residual: bool = True
-                      ) -> torch.Tensor:
+                      image: np.ndarray, device: torch.device, *, residual: bool = True,
+                      attend_to: torch.Tensor | None = None
+                      ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """``(B, 1 + M)`` float32 logits of each image against its caption bank rows ``(B, 1 + M)``.
 
     The image's keys/values are computed once and read by its ``1 + M`` captions; residual
     training adds the weighted first-stage cosine of each (caption, image), as :func:`_forward`,
     unless ``residual`` is False (caption-only steps train the reranker's own logits).
+    With ``attend_to`` ``(B, P, c)`` (per-patch channels of each image), also returns the last
+    layer's attention mass on them, ``(B, 1 + M, n, c)`` (see ``forward_batch``).
     """
     import torch
 
@@ -88,12 +91,19 @@ def _forward_captions(model: CrossAttentionReranker, banks: _Banks, rows: np.nda
     x, mask = _gather_queries(banks, u)  # (B * (1 + M), L_b, d), (B * (1 + M), L_b)
     owner = torch.arange(b, device=device).repeat_interleave(m1)  # each query's image
     kv = model.precompute_kv(banks.patches[img].float()).select(owner).unsqueeze(1)
-    logits = model.forward_batch(x, mask, kv).view(b, m1)  # (B, 1 + M)
+    attended = None
+    if attend_to is None:
+        logits = model.forward_batch(x, mask, kv)  # (B * (1 + M), 1)
+    else:
+        channels = attend_to[owner].unsqueeze(1)  # (B * (1 + M), 1, P, c)
+        logits, attended = model.forward_batch(x, mask, kv, attend_to=channels)
+        attended = attended.view(b, m1, *attended.shape[-2:])  # (B, 1 + M, n, c)
+    logits = logits.view(b, m1)  # (B, 1 + M)
     if residual and banks.residual is not None:
         weight, q_vec, i_vec = banks.residual
         cosine = (q_vec[u].view(b, m1, -1) * i_vec[img][:, None, :]).sum(-1)  # (B, 1 + M)
         logits = logits.float() + weight * cosine
-    return logits
+    return logits if attended is None else (logits, attended)
 
 
 def _validate(model: CrossAttentionReranker, data: TrainingSet, val_candidates: np.ndarray,

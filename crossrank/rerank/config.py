@@ -279,6 +279,10 @@ class RerankTrainConfig:
     # Curriculum: the first this many steps train on the caption negatives alone (the reranker's
     # own logits: no image-side lists, no first-stage residual), then both losses as above.
     caption_only_steps: int = 0
+    # Attention supervision (shapes datasets, with caption negatives): weight of a loss that
+    # pulls the last layer's attention of each object word of the true caption onto the patches
+    # of that object's grid cell, from the scene graph; 0 = off.
+    attention_supervision: float = 0.0
 
     def __post_init__(self) -> None:
         for name in ("steps", "batch_size", "mine_k", "max_val_captions", "eval_every",
@@ -327,6 +331,16 @@ class RerankTrainConfig:
         if not isinstance(self.device, str):
             raise ValueError(f"device must be auto, cpu, cuda or cuda:N, got {self.device!r}")
         object.__setattr__(self, "device", str(self.device))  # a Device enum becomes its string
+        if not _is_real(self.attention_supervision) or not 0 <= self.attention_supervision < 1e3:
+            raise ValueError(
+                f"attention_supervision must be a number in [0, 1e3), got {self.attention_supervision!r}"
+            )
+        object.__setattr__(self, "attention_supervision", float(self.attention_supervision))
+        if self.attention_supervision and not self.caption_negatives:
+            raise ValueError(
+                "attention_supervision needs caption_negatives >= 1 (it supervises the true caption "
+                "of each caption-negative list, from a shapes dataset's scene graphs)"
+            )
         if self.caption_only_steps and not self.caption_negatives:
             raise ValueError(
                 f"caption_only_steps={self.caption_only_steps} needs caption_negatives >= 1 (it "

@@ -47,6 +47,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from crossrank.errors import CrossrankError, InvalidArgumentError, ModelError
+from crossrank.rerank._attention_targets import attention_supervision_loss, object_cell_masks
 from crossrank.rerank._train_state import _load_checkpoint, _save_checkpoint, _TrainLog
 from crossrank.rerank._train_steps import (
     _Banks,
@@ -235,6 +236,11 @@ def train_reranker(
         logger.info("first_stage_weight auto: %g (the encoder's logit scale%s)", config.first_stage_weight,
                     "" if config.first_stage_weight else ": none, so no residual")
     model_config = _model_config(model_config, index.manifest.encoder)
+    if config.attention_supervision and model_config.n_query_tokens and model_config.query_tokens_mode == "replace":
+        raise InvalidArgumentError(
+            "attention_supervision supervises the text tokens' attention, and learnable query tokens in "
+            "'replace' mode leave none; use query_tokens_mode='concat' or train without it"
+        )
     data = prepare_training_set(index, pairs_path, config)
     out = Path(out_dir)
     try:
@@ -297,7 +303,7 @@ def train_reranker(
     log = _TrainLog(out / LOG_NAME, start)
 
     def evaluate(step: int, train_loss: float | None, train_acc: float | None,
-                 caption_acc: float | None = None) -> None:
+                 caption_acc: float | None = None, attention_mass: float | None = None) -> None:
         entry: dict[str, Any] = {"step": step, "lr": config.lr_at(max(step - 1, 0)),
                                  "hard_fraction": config.hard_fraction_at(max(step - 1, 0))}
         if train_loss is not None:
@@ -306,6 +312,8 @@ def train_reranker(
             entry["train_accuracy"] = train_acc
         if caption_acc is not None:  # the true caption ranked first among its rewrites
             entry.update(train_caption_accuracy=caption_acc)
+        if attention_mass is not None:  # each object word's attention on its object's patches
+            entry.update(train_attention_mass=attention_mass)
         if data.val_captions.size:
             entry.update(_validate(model, data, val_candidates, banks, device, val_rewrites))
         entry["elapsed_s"] = round(time.perf_counter() - t_start, 2)
@@ -313,6 +321,9 @@ def train_reranker(
         logger.info("step %d: %s", step, ", ".join(
             f"{k} {v:.4g}" for k, v in entry.items() if k != "step" and v is not None))
 
+    supervise = data.object_tokens is not None and config.attention_supervision > 0
+    # The object words' positions among the query-side states: after any learnable query tokens.
+    token_offset = model_config.n_query_tokens
     if start == 0:
         evaluate(0, None, None)
     train_seconds = 0.0
@@ -338,9 +349,23 @@ def train_reranker(
             # Text side: the true caption against rewrites false of the image, on that image.
             rows, valid = data.negatives.sample(caption, positive, config.caption_negatives, rng)
             valid_t = torch.from_numpy(valid).to(device)
+            masks = None
+            if supervise:  # where each object the true caption names lies in its image
+                masks = torch.from_numpy(object_cell_masks(
+                    data.negatives.specs, data.negatives.scenes, rows[:, 0], positive,
+                    banks.patches.shape[1])).to(device)  # (B, P, 2)
             with _autocast(device):
                 text_logits = _forward_captions(model, banks, rows, positive, device,
-                                                residual=not caption_only)  # (B, 1+M)
+                                                residual=not caption_only,
+                                                attend_to=masks)  # (B, 1+M)[, (B, 1+M, n, 2)]
+            if masks is not None:
+                text_logits, attended = text_logits
+                positions = torch.from_numpy(data.object_tokens[rows[:, 0]]).to(device)  # (B, 2)
+                positions = torch.where(positions >= 0, positions + token_offset, positions)
+                supervision, mass = attention_supervision_loss(attended[:, 0].float(), positions, masks)
+                if supervision is not None:
+                    loss = loss + config.attention_supervision * supervision
+                    window.setdefault("attention_mass", []).append(mass)
             loss = loss + rerank_loss(text_logits, config.loss, valid_t)
             caption_acc = float(_top1_accuracy(
                 text_logits.detach().masked_fill(~valid_t, float("-inf"))).mean().item())
@@ -380,7 +405,8 @@ def train_reranker(
             evaluate(done, float(np.mean(window["loss"])) if window["loss"] else None,
                      float(np.mean(window["accuracy"])) if window["accuracy"] else None,
                      float(np.mean(window["caption_accuracy"]))
-                     if window.get("caption_accuracy") else None)
+                     if window.get("caption_accuracy") else None,
+                     float(np.mean(window["attention_mass"])) if window.get("attention_mass") else None)
             window = {"loss": [], "accuracy": []}
         if done % config.checkpoint_every == 0 or done == config.steps:
             _save_checkpoint(ckpt_path, {

@@ -479,6 +479,33 @@ def test_caption_negatives_train_and_log_their_accuracy(shapes, tmp_path):
     assert saved["metadata"]["train"]["caption_negatives"] == 3
 
 
+def test_attention_supervision_pulls_object_words_onto_their_objects(shapes, tmp_path):
+    ds, index = shapes
+    config = _config(steps=60, eval_every=20, checkpoint_every=60, caption_negatives=3, attention_supervision=2.0,
+                     lr=1e-2, val_fraction=0.0)
+    report = train_reranker(index, ds.pairs_path, tmp_path / "r", model_config=dataclasses.replace(TINY, gated=False),
+                            config=config)
+    mass = [e["train_attention_mass"] for e in report.curve if "train_attention_mass" in e]
+    assert len(mass) == 3 and all(0.0 <= m <= 1.0 for m in mass)
+    # Uniform attention puts about (object's patches / P) on each object; supervision raises it.
+    assert mass[-1] > mass[0] + 0.05, mass
+    saved = json.loads((tmp_path / "r" / "config.json").read_text())
+    assert saved["metadata"]["train"]["attention_supervision"] == 2.0
+
+
+def test_attention_supervision_leaves_training_without_it_unchanged(shapes, tmp_path):
+    # Asking for the attention mass is an extra value channel: the scores, and so the weights a
+    # run learns, are those of a run without supervision when its weight is ~0.
+    ds, index = shapes
+    runs = {w: train_reranker(index, ds.pairs_path, tmp_path / str(w), model_config=TINY,
+                              config=_config(steps=4, caption_negatives=3, attention_supervision=w))
+            for w in (0.0, 1e-12)}
+    a = load_reranker(tmp_path / "0.0").state_dict()
+    b = load_reranker(tmp_path / "1e-12").state_dict()
+    assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
+    assert "train_attention_mass" not in runs[0.0].curve[-1] and "train_attention_mass" in runs[1e-12].curve[-1]
+
+
 def test_caption_only_steps_train_the_reranker_alone_first(shapes, tmp_path, monkeypatch):
     # Curriculum: the first steps rank captions on the reranker's own logits (no first-stage
     # residual, no image-side candidate lists), the rest train both losses with the residual.
@@ -651,6 +678,8 @@ def test_a_corrupt_checkpoint_is_refused(shapes, tmp_path):
     ({"first_stage_weight": "heavy"}, r"first_stage_weight must be 'auto' or a number in \[0, 1e4\)"),
     ({"caption_negatives": -1}, r"caption_negatives must be an int >= 0"),
     ({"caption_only_steps": 5}, r"caption_only_steps=5 needs caption_negatives >= 1"),
+    ({"attention_supervision": 1.0}, r"attention_supervision needs caption_negatives >= 1"),
+    ({"attention_supervision": -1, "caption_negatives": 2}, r"attention_supervision must be a number in \[0, 1e3\)"),
     ({"caption_only_steps": 10, "caption_negatives": 2, "steps": 10},
      r"caption_only_steps must be below steps .*got 10 of 10"),
 ])
