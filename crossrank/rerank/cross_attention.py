@@ -51,7 +51,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from enum import StrEnum
 
 import torch
@@ -548,7 +548,7 @@ class CrossAttentionReranker(nn.Module):
         return folded
 
     def _folded_attention(self, i: int, q: torch.Tensor, xt: torch.Tensor,
-                          patch_keep: torch.Tensor | None, channels: list[torch.Tensor] = (),
+                          patch_keep: torch.Tensor | None, channels: Sequence[torch.Tensor] = (),
                           extra: torch.Tensor | None = None
                           ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Cross-attention over x̃ with W_k folded into the queries and W_v applied afterwards.
@@ -610,7 +610,7 @@ class CrossAttentionReranker(nn.Module):
         return total / keep.sum(dim=-1, keepdim=True).to(x.dtype)  # (B, k, width)
 
 
-def _with_channels(values: torch.Tensor, channels: list[torch.Tensor]) -> torch.Tensor:
+def _with_channels(values: torch.Tensor, channels: Sequence[torch.Tensor]) -> torch.Tensor:
     """``(..., P, e)`` values with per-patch ``channels`` appended (each broadcastable to
     ``(..., P, c_i)``), so that each head also returns their attention-weighted averages;
     ``values`` itself when there are none."""
