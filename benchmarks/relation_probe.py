@@ -62,6 +62,7 @@ from caption_probe import (  # noqa: E402 (a sibling script)
 from crossrank import Index  # noqa: E402
 from crossrank.datasets.config import GRID, Colour, Shape  # noqa: E402
 from crossrank.rerank import RerankTrainConfig  # noqa: E402
+from crossrank.rerank._attention_targets import _cell_patches, object_token_positions  # noqa: E402
 from crossrank.rerank._train_data import prepare_training_set  # noqa: E402
 from crossrank.rerank.train import _optimizer, _top1_accuracy, rerank_loss  # noqa: E402
 
@@ -187,41 +188,6 @@ def _located(specs, scenes, rows: np.ndarray, images: np.ndarray) -> torch.Tenso
     return torch.from_numpy(out)
 
 
-def _shape_tokens(encoder, texts: list[str]) -> np.ndarray:
-    """``(rows, 2)``: the token position of the first and the last shape word of each text (-1 if
-    the text has fewer than two), from the tokenizer's character offsets."""
-    shapes = {s.value for s in Shape}
-    out = np.full((len(texts), 2), -1, dtype=np.int64)
-    for lo in range(0, len(texts), 2048):
-        chunk = texts[lo:lo + 2048]
-        enc = encoder.tokenizer(chunk, return_offsets_mapping=True, truncation=True,
-                                max_length=encoder.max_text_len)
-        for i, (text, offsets) in enumerate(zip(chunk, enc["offset_mapping"], strict=True)):
-            spans, start = [], 0
-            for word in text.split(" "):
-                if word in shapes:
-                    spans.append((start, start + len(word)))
-                start += len(word) + 1
-            if len(spans) < 2:
-                continue
-            for k, (a, b) in enumerate((spans[0], spans[-1])):
-                hits = [t for t, (s, e) in enumerate(offsets) if s < b and e > a and e > s]
-                if hits:
-                    out[lo + i, k] = hits[0]
-    return out
-
-
-def _cell_patches(n_patches: int) -> np.ndarray:
-    """``(GRID, GRID, P)`` bool: the patches whose centre lies in each grid cell."""
-    side = round(n_patches ** 0.5)
-    cell = ((2 * np.arange(side) + 1) * GRID) // (2 * side)
-    out = np.zeros((GRID, GRID, side, side), dtype=bool)
-    for r in range(GRID):
-        for c in range(GRID):
-            out[r, c] = (cell[:, None] == r) & (cell[None, :] == c)
-    return out.reshape(GRID, GRID, -1)
-
-
 def _targets(scenes, specs, shape_tok, rows, images, length, cells):
     """Attention targets for the supervised rows: ``(n, L, P)`` float and ``(n, L)`` bool."""
     target = np.zeros((rows.size, length, cells.shape[-1]), dtype=np.float32)
@@ -335,8 +301,8 @@ def main() -> int:
     words = {w for name in args.variants for w in name.split("-")}
     extras = {"relations": _relations_only(data, data.negatives, texts),
               "grid": _grid_features(data.negatives.scenes),
-              "cells": _cell_patches(data.patches.shape[1]).astype(np.float32),
-              "shape_tokens": _shape_tokens(index.encoder, texts)}
+              "cells": _cell_patches(data.patches.shape[1]),
+              "shape_tokens": object_token_positions(index.encoder.tokenizer, texts, index.encoder.max_text_len)}
     if "embcat" in words:
         extras["embcat"] = _with_token_embeddings(index, data, texts)
     if "oracle" in words:
