@@ -344,7 +344,7 @@ def train_reranker(
             with _autocast(device):
                 logits = _forward(model, banks, caption, candidates, device)  # (B, k) float32
             loss = rerank_loss(logits, config.loss)
-        caption_acc = None
+        caption_acc = attention_mass = None
         if data.negatives is not None:
             # Text side: the true caption against rewrites false of the image, on that image.
             rows, valid = data.negatives.sample(caption, positive, config.caption_negatives, rng)
@@ -362,10 +362,10 @@ def train_reranker(
                 text_logits, attended = text_logits
                 positions = torch.from_numpy(data.object_tokens[rows[:, 0]]).to(device)  # (B, 2)
                 positions = torch.where(positions >= 0, positions + token_offset, positions)
-                supervision, mass = attention_supervision_loss(attended[:, 0].float(), positions, masks)
+                supervision, attention_mass = attention_supervision_loss(attended[:, 0].float(), positions,
+                                                                         masks)
                 if supervision is not None:
                     loss = loss + config.attention_supervision * supervision
-                    window.setdefault("attention_mass", []).append(mass)
             loss = loss + rerank_loss(text_logits, config.loss, valid_t)
             caption_acc = float(_top1_accuracy(
                 text_logits.detach().masked_fill(~valid_t, float("-inf"))).mean().item())
@@ -400,6 +400,8 @@ def train_reranker(
                 window["accuracy"].append(acc)
             if caption_acc is not None:
                 window.setdefault("caption_accuracy", []).append(caption_acc)
+            if attention_mass is not None:
+                window.setdefault("attention_mass", []).append(attention_mass)
         done = step + 1
         if done % config.eval_every == 0 or done == config.steps:
             evaluate(done, float(np.mean(window["loss"])) if window["loss"] else None,
