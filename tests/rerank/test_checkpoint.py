@@ -49,6 +49,14 @@ def test_round_trip_gives_identical_scores(saved):
     assert read_reranker_config(path) == model.config
 
 
+def test_a_pair_head_round_trips_with_identical_scores(tmp_path):
+    model = _model(pair_head=True, patch_positions=9, query_self_attention=True)  # a 3 x 3 grid
+    path = save_reranker(model, tmp_path / "pair")
+    loaded = load_reranker(path, device="cpu")
+    tokens, mask, patches = _inputs()
+    assert loaded.config.pair_head and torch.equal(loaded.score(tokens, mask, patches), model.score(tokens, mask, patches))
+
+
 def test_saving_again_replaces_the_checkpoint(saved, tmp_path):
     _, path = saved
     other = _model()
