@@ -183,18 +183,28 @@ def _by_kind(kinds: list, hits: list, fs_hits: list) -> dict[str, float]:
     return out
 
 
-def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def probe_args(description: str, steps: int) -> argparse.Namespace:
+    """The probes' command line: ``--train``, ``--train-index``, ``--steps``, ``--json``, variants."""
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--train", required=True, help="pairs.parquet of a shapes train split")
     parser.add_argument("--train-index", required=True, help="an index over its images")
-    parser.add_argument("--steps", type=int, default=600)
+    parser.add_argument("--steps", type=int, default=steps)
     parser.add_argument("--json", help="also write the curves here")
     parser.add_argument("variants", nargs="+")
-    args = parser.parse_args()
+    return parser.parse_args()
+
+
+def probe_data(args: argparse.Namespace):
+    """The index and its training set with ``N_REWRITES`` caption negatives (seed 0)."""
+    index = Index.open(args.train_index, device="cpu")
+    return index, prepare_training_set(index, args.train, RerankTrainConfig(caption_negatives=N_REWRITES, seed=0))
+
+
+def main() -> int:
+    args = probe_args(__doc__, steps=600)
     variants = {name: parse_variant(name) for name in args.variants}
 
-    index = Index.open(args.train_index, device="cpu")
-    data = prepare_training_set(index, args.train, RerankTrainConfig(caption_negatives=N_REWRITES, seed=0))
+    index, data = probe_data(args)
     banks = _Banks(torch.from_numpy(data.tokens), torch.from_numpy(data.token_mask),
                    torch.from_numpy(data.patches))
     words = {word for name in variants for word in name.split("-")}

@@ -39,7 +39,6 @@ mass on the supervised cells.
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import sys
@@ -52,18 +51,17 @@ import torch.nn as nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from caption_probe import (  # noqa: E402 (a sibling script)
-    N_REWRITES,
     _bank_texts,
     _oracle_patches,
     _relations_only,
     _with_token_embeddings,
+    probe_args,
+    probe_data,
 )
 
-from crossrank import Index  # noqa: E402
 from crossrank.datasets.config import GRID, Colour, Shape  # noqa: E402
 from crossrank.rerank import RerankTrainConfig  # noqa: E402
 from crossrank.rerank._attention_targets import _cell_patches, object_token_positions  # noqa: E402
-from crossrank.rerank._train_data import prepare_training_set  # noqa: E402
 from crossrank.rerank.train import _optimizer, _top1_accuracy, rerank_loss  # noqa: E402
 
 BATCH, N_NEG, EVERY, SUP_WEIGHT = 32, 4, 250, 0.5
@@ -286,15 +284,8 @@ def run_variant(name: str, data, index, steps: int, texts: list[str], extras: di
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--train", required=True, help="pairs.parquet of a shapes train split")
-    parser.add_argument("--train-index", required=True, help="an index over its images")
-    parser.add_argument("--steps", type=int, default=3000)
-    parser.add_argument("--json", help="also write the curves here")
-    parser.add_argument("variants", nargs="+")
-    args = parser.parse_args()
-    index = Index.open(args.train_index, device="cpu")
-    data = prepare_training_set(index, args.train, RerankTrainConfig(caption_negatives=N_REWRITES, seed=0))
+    args = probe_args(__doc__, steps=3000)
+    index, data = probe_data(args)
     texts = _bank_texts(data)
     if len(texts) != data.tokens.shape[0]:
         raise SystemExit(f"caption bank mismatch: {len(texts)} texts for {data.tokens.shape[0]} rows")
