@@ -148,22 +148,14 @@ def _oracle_patches(scenes, n_patches: int) -> torch.Tensor:
 
 def _with_token_embeddings(index: Index, data, texts: list[str]) -> torch.Tensor:
     """The caption bank's token features with the text encoder's layer-0 states (token plus
-    position embeddings, before any attention) concatenated in front: ``(rows, L, width + d)``.
-    ``texts``: every bank row's text, in order (:func:`_bank_texts`)."""
-    encoder = index.encoder
-    length = data.tokens.shape[1]
-    width = encoder.model.config.text_config.hidden_size
-    out = torch.zeros((len(texts), length, width + data.tokens.shape[2]), dtype=torch.float16)
-    for lo in range(0, len(texts), 1024):
-        feats = encoder.encode_text(texts[lo:lo + 1024])
-        ids, mask = torch.as_tensor(feats.input_ids), torch.as_tensor(feats.mask)
-        with torch.no_grad():
-            layer0 = encoder.model.text_model(input_ids=ids, attention_mask=mask.long(),
-                                              output_hidden_states=True).hidden_states[0]
-        n, seq = ids.shape
-        out[lo:lo + n, :seq, :width] = (layer0 * mask[..., None]).half()
-        out[lo:lo + n, :, width:] = torch.from_numpy(data.tokens[lo:lo + n])
-    return out
+    position embeddings, before any attention) concatenated in front: ``(rows, L, width + d)``,
+    as ``crossrank train --token-embeddings`` encodes them. ``texts``: every bank row's text, in
+    order (:func:`_bank_texts`)."""
+    from crossrank.rerank._train_data import _encode_captions
+
+    tokens, _, _ = _encode_captions(index, texts, token_embeddings=True)
+    assert tokens.shape[:2] == data.tokens.shape[:2], "the bank's texts re-encode to another length"
+    return torch.from_numpy(tokens)
 
 
 def _kind(caption: str) -> str:

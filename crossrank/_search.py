@@ -84,10 +84,14 @@ def search_snapshot(snap: Snapshot, xq: np.ndarray, q_tokens: list[np.ndarray] |
     return results
 
 
-def encode_queries(encoder: Encoder, dim: int, queries: Sequence[Query]
+def encode_queries(encoder: Encoder, dim: int, queries: Sequence[Query], token_embeddings: int = 0
                    ) -> tuple[np.ndarray, list[np.ndarray], list[np.ndarray], list[np.ndarray | None], list[str]]:
     """Encode texts and images with ``encoder``; returns pooled ``(m, dim)``, per-query token
-    features, masks and token ids (None for images and for encoders without ids), and labels."""
+    features, masks and token ids (None for images and for encoders without ids), and labels.
+
+    With ``token_embeddings`` (a reranker's width of layer-0 token states, 0 = none) a text's
+    token features are ``TextFeatures.reranker_tokens()``, and an image query's patches get that
+    many zero channels in front (an image has no layer-0 text states)."""
     from PIL import Image as PILImage
 
     from crossrank.ingest import decode_image, to_rgb
@@ -120,10 +124,15 @@ def encode_queries(encoder: Encoder, dim: int, queries: Sequence[Query]
     masks: list[np.ndarray] = [np.empty(0)] * m
     input_ids: list[np.ndarray | None] = [None] * m
     if texts:
-        feats = encoder.encode_text([t for _, t in texts])
+        if token_embeddings:
+            feats = encoder.encode_text([t for _, t in texts], token_embeddings=True)
+            text_tokens = feats.reranker_tokens()
+        else:
+            feats = encoder.encode_text([t for _, t in texts])
+            text_tokens = feats.tokens
         for row, (i, _) in enumerate(texts):
             xq[i] = feats.pooled[row]
-            tokens[i], masks[i] = feats.tokens[row], feats.mask[row]
+            tokens[i], masks[i] = text_tokens[row], feats.mask[row]
             if feats.input_ids is not None:
                 input_ids[i] = feats.input_ids[row]
     if images:
@@ -131,6 +140,9 @@ def encode_queries(encoder: Encoder, dim: int, queries: Sequence[Query]
         for row, (i, _) in enumerate(images):
             xq[i] = feats.pooled[row]
             tokens[i] = feats.patches[row]
+            if token_embeddings:
+                tokens[i] = np.concatenate(
+                    [np.zeros((tokens[i].shape[0], token_embeddings), dtype=tokens[i].dtype), tokens[i]], axis=-1)
             masks[i] = np.ones(feats.patches.shape[1], dtype=bool)
     return xq, tokens, masks, input_ids, labels
 

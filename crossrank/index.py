@@ -461,7 +461,8 @@ class Index:
         timings: dict[str, float] = {}
         _ = self.encoder  # load (once) outside the timings: they measure the query, not start-up
         with timed(timings, "encode"):
-            xq, q_tokens, q_masks, q_ids, labels = encode_queries(self.encoder, self.first_stage.d, queries)
+            xq, q_tokens, q_masks, q_ids, labels = encode_queries(
+                self.encoder, self.first_stage.d, queries, token_embeddings=getattr(scorer, "token_embeddings", 0))
         return self._search_encoded(xq, q_tokens, q_masks, labels, k=k, n_candidates=n_candidates,
                                     where=where, scorer=scorer, fuse=fuse, timings=timings, q_ids=q_ids,
                                     filters=filters)

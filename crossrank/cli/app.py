@@ -433,6 +433,7 @@ def train_cmd(
     query_self_attention: Annotated[bool, typer.Option(help="Query positions attend to each other in every layer (compares what they read).")] = False,
     patch_positions: Annotated[int | None, typer.Option(min=0, help="Learned position embedding over this many patch slots (default: the index's patches per image; 0 = none).", show_default=False)] = None,
     pair_head: Annotated[bool, typer.Option(help="A pairwise spatial head: each pair of query positions scored from their states and the difference of where they looked (for relations such as 'left of'). Needs a square patch grid.")] = False,
+    token_embeddings: Annotated[bool, typer.Option(help="Also read the text encoder's layer-0 token states (token plus position embeddings) beside its last layer's token features: words the last layer merges (the demo encoder's 'left' and 'right') stay apart. Search and eval then encode queries with them.")] = False,
     query_tokens: Annotated[int, typer.Option(min=0, help="Learnable Q-Former-style query tokens beside the text tokens.")] = 0,
     sparse_top_m: Annotated[int | None, typer.Option(min=1, help="Each query token attends to its top-m patches only.")] = None,
     init: Annotated[str, typer.Option(help="Weight init from scratch: lecun (std 1/sqrt(fan_in), learns binding faster) or bert (std 0.02).")] = "lecun",
@@ -469,7 +470,8 @@ def train_cmd(
                                       patch_self_attention=patch_self_attention, bidirectional=bidirectional,
                                       query_self_attention=query_self_attention,
                                       patch_positions=patch_positions or None, n_query_tokens=query_tokens,
-                                      sparse_top_m=sparse_top_m, init=init)
+                                      sparse_top_m=sparse_top_m, init=init,
+                                      token_embeddings=int(token_embeddings))  # the width comes from the encoder
     except ValueError as e:
         raise typer.BadParameter(str(e)) from None
     idx = Index.open(index, device=device.value)

@@ -57,15 +57,27 @@ class TextFeatures:
         input_ids: ``(m, n_tokens)`` int64 token ids (padding id where ``mask`` is False), or None
             for an encoder that has none. A reranker that runs the model's own text tower (e.g.
             ``blip-itm``) reads these rather than ``tokens``; see ``Reranker.needs_input_ids``.
+        token_embeddings: ``(m, n_tokens, text_width)`` float32, the text encoder's layer-0 states
+            (token plus position embeddings, before any attention; zero at padding), or None when
+            not asked for (``encode_text(..., token_embeddings=True)``). A reranker that reads them
+            takes :meth:`reranker_tokens`; see ``Reranker.token_embeddings``.
     """
 
     pooled: np.ndarray
     tokens: np.ndarray
     mask: np.ndarray
     input_ids: np.ndarray | None = None
+    token_embeddings: np.ndarray | None = None
 
     def __len__(self) -> int:
         return int(self.pooled.shape[0])
+
+    def reranker_tokens(self) -> np.ndarray:
+        """What a cross-attention reranker reads per token: ``tokens``, with ``token_embeddings``
+        in front when there are any: ``(m, n_tokens, text_width + token_dim)`` float32."""
+        if self.token_embeddings is None:
+            return self.tokens
+        return np.concatenate([self.token_embeddings, self.tokens], axis=-1)
 
 
 @runtime_checkable
@@ -102,7 +114,12 @@ class Encoder(Protocol):
         ...
 
     def encode_text(self, texts: Sequence[str]) -> TextFeatures:
-        """Encode texts, batched internally; an empty text is an error."""
+        """Encode texts, batched internally; an empty text is an error.
+
+        An encoder may also take a keyword ``token_embeddings=True`` and then fill
+        ``TextFeatures.token_embeddings`` (its ``token_embedding_dim`` says how wide they are);
+        it is passed only to an encoder whose ``token_embedding_dim`` is set.
+        """
         ...
 
 
@@ -144,7 +161,8 @@ class TransformersEncoder:
             tokenizer: its tokenizer.
             info: the encoder's description; must hold ``model_id``, ``dim``, ``patch_dim``,
                 ``n_patches``, ``image_size`` and ``max_text_len``; may hold ``token_dim`` (the
-                size of the token features, default ``patch_dim``).
+                size of the token features, default ``patch_dim``) and ``text_width`` (the size
+                of the text encoder's layer-0 token states, for a backend that gives them).
             device: where the model runs.
             dtype: the dtype it runs in.
             batch_size: images or texts per forward pass.
@@ -159,6 +177,8 @@ class TransformersEncoder:
         # Token features share the patch features' size unless the backend says otherwise (BLIP:
         # text hidden size vs vision hidden size).
         self.token_dim: int = info.get("token_dim", info["patch_dim"])
+        # Width of the layer-0 token states (encode_text(token_embeddings=True)); None: not given.
+        self.token_embedding_dim: int | None = info.get("text_width")
         self.n_patches: int = info["n_patches"]
         self.image_size: int = info["image_size"]
         self.max_text_len: int = info["max_text_len"]
@@ -194,6 +214,10 @@ class TransformersEncoder:
     def _text_forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor
                       ) -> tuple[torch.Tensor, torch.Tensor]:
         """One batch ``(b, L)`` -> pooled ``(b, dim)`` (unnormalised), tokens ``(b, L, d)``."""
+        raise NotImplementedError
+
+    def _text_embeddings(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """One batch ``(b, L)`` -> the text encoder's layer-0 states ``(b, L, text_width)``."""
         raise NotImplementedError
 
     def _tokenize(self, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
@@ -290,25 +314,37 @@ class TransformersEncoder:
         """
         return self.encode_pixels(self.preprocess(images))
 
-    def encode_text(self, texts: Sequence[str]) -> TextFeatures:
+    def encode_text(self, texts: Sequence[str], *, token_embeddings: bool = False) -> TextFeatures:
         """Encode query texts, ``batch_size`` at a time.
 
         Texts longer than the model's ``max_text_len`` tokens are truncated (logged once, at debug).
 
         Args:
             texts: the texts; each must have a non-whitespace character.
+            token_embeddings: also return the text encoder's layer-0 token states (token plus
+                position embeddings, before any attention), which a reranker with
+                ``token_embeddings`` reads beside the last layer's.
 
         Returns:
             :class:`TextFeatures`: pooled ``(m, dim)`` float32 L2-normalised, tokens
             ``(m, n_tokens, token_dim)`` float32 (zero at padding), mask ``(m, n_tokens)`` bool,
-            input_ids ``(m, n_tokens)`` int64.
+            input_ids ``(m, n_tokens)`` int64, and with ``token_embeddings`` the layer-0 states
+            ``(m, n_tokens, token_embedding_dim)`` float32 (zero at padding).
 
         Raises:
             InvalidArgumentError: ``texts`` is empty, not a list of strings, or holds an empty text.
+            ModelError: ``token_embeddings`` was asked of a backend that does not give them.
         """
         import torch
         import torch.nn.functional as F
 
+        from crossrank.errors import ModelError
+
+        if token_embeddings and not self.token_embedding_dim:
+            raise ModelError(
+                f"encoder {self.model_id} ({self.backend or type(self).__name__}) does not give its layer-0 token "
+                "states; use a reranker trained without token_embeddings"
+            )
         texts = _check_texts(texts)
         input_ids, attention_mask, truncated = self._tokenize(texts)
         if truncated and not self._logged_truncation:
@@ -319,13 +355,17 @@ class TransformersEncoder:
         mask = attention_mask.bool()  # (m, n_tokens)
         pooled = np.empty((m, self.dim), dtype=np.float32)
         tokens = np.empty((m, n_tokens, self.token_dim), dtype=np.float32)
+        layer0 = np.empty((m, n_tokens, self.token_embedding_dim), dtype=np.float32) if token_embeddings else None
         with torch.inference_mode():
             for start in range(0, m, self.batch_size):
                 stop = min(start + self.batch_size, m)
-                p, t = self._text_forward(input_ids[start:stop].to(self.device),
-                                          attention_mask[start:stop].to(self.device))
-                t = t.float().masked_fill(~mask[start:stop, :, None].to(t.device), 0.0)  # (b, n_tokens, d)
+                ids = input_ids[start:stop].to(self.device)
+                pad = ~mask[start:stop, :, None].to(self.device)  # (b, n_tokens, 1)
+                p, t = self._text_forward(ids, attention_mask[start:stop].to(self.device))
+                t = t.float().masked_fill(pad, 0.0)  # (b, n_tokens, d)
                 pooled[start:stop] = F.normalize(p.float(), dim=-1).cpu().numpy()
                 tokens[start:stop] = t.cpu().numpy()
+                if layer0 is not None:
+                    layer0[start:stop] = self._text_embeddings(ids).float().masked_fill(pad, 0.0).cpu().numpy()
         return TextFeatures(pooled=pooled, tokens=tokens, mask=mask.numpy(),
-                            input_ids=input_ids.to(torch.int64).numpy())
+                            input_ids=input_ids.to(torch.int64).numpy(), token_embeddings=layer0)

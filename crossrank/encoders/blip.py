@@ -134,6 +134,7 @@ class BlipEncoder(TransformersEncoder):
             "image_size": int(vision.image_size),
             "patch_size": int(vision.patch_size),
             "max_text_len": _max_text_len(text.max_position_embeddings, tokenizer),
+            "text_width": int(text.hidden_size),
             "patch_features": "vision_model.last_hidden_state (CLS + patches, after post_layernorm)",
         }
         return cls(model, image_processor, tokenizer, info=info, device=device, dtype=dtype,
@@ -151,6 +152,10 @@ class BlipEncoder(TransformersEncoder):
         hidden = self.model.text_encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
         pooled = self.model.text_proj(hidden[:, 0])  # (b, dim)
         return pooled, hidden  # hidden: (b, n_tokens, text_hidden)
+
+    def _text_embeddings(self, input_ids: torch.Tensor) -> torch.Tensor:
+        # word + position embeddings through the embedding LayerNorm: the text encoder's layer 0
+        return self.model.text_encoder.embeddings(input_ids=input_ids)  # (b, n_tokens, text_hidden)
 
 
 def _max_text_len(max_positions: int, tokenizer: Any) -> int:

@@ -14,6 +14,9 @@ Features, in the shared (projected) space of dimension ``projection_dim``:
   state at the first end-of-text token); L2-normalised here. Equal to ``get_text_features``.
 - tokens: ``text_projection(last_hidden_state)``; in transformers' ``CLIPTextTransformer`` the last
   hidden state is already after ``final_layer_norm``. Not normalised; zero at padding.
+- token embeddings (only when asked for): ``text_model.embeddings(input_ids)``, the token plus
+  position embeddings before any attention (``hidden_states[0]``), ``(m, n_tokens, text_width)``
+  with ``text_width`` the text transformer's hidden size; zero at padding.
 
 The text transformer is causal, so right padding never changes a text's real tokens or its pooled
 vector.
@@ -76,6 +79,7 @@ class ClipEncoder(TransformersEncoder):
             "image_size": int(vision.image_size),
             "patch_size": int(vision.patch_size),
             "max_text_len": _max_text_len(text.max_position_embeddings, tokenizer),
+            "text_width": int(text.hidden_size),
             "patch_features": "visual_projection(post_layernorm(last_hidden_state[:, 1:]))",
         }
         return cls(model, image_processor, tokenizer, info=info, device=device, dtype=dtype,
@@ -94,6 +98,9 @@ class ClipEncoder(TransformersEncoder):
         pooled = self.model.text_projection(text.pooler_output)  # (b, dim)
         tokens = self.model.text_projection(text.last_hidden_state)  # (b, n_tokens, dim)
         return pooled, tokens
+
+    def _text_embeddings(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.model.text_model.embeddings(input_ids=input_ids)  # (b, n_tokens, text_width)
 
 
 def _max_text_len(max_positions: int, tokenizer: Any) -> int:

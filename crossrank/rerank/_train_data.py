@@ -230,8 +230,11 @@ class TrainingSet:
 
 
 def prepare_training_set(index: Index, pairs_path: str | os.PathLike[str],
-                         config: RerankTrainConfig) -> TrainingSet:
+                         config: RerankTrainConfig, *, token_embeddings: bool = False) -> TrainingSet:
     """Read the pairs, match them to the index, encode, mine and split (see the module docstring).
+
+    With ``token_embeddings`` the caption bank's token features carry the text encoder's layer-0
+    states in front (``TextFeatures.reranker_tokens()``), for a reranker that reads them.
 
     Raises:
         InvalidArgumentError: the pairs file is bad (see :func:`read_pairs`), no pair is usable,
@@ -293,7 +296,7 @@ def prepare_training_set(index: Index, pairs_path: str | os.PathLike[str],
     perturb = perturbation_rows(captions, caption_specs) if config.caption_negatives else None
     extra_specs = perturb[2] if perturb is not None else []
     bank_texts = captions + [spec.text for spec in extra_specs]
-    tokens, token_mask, xq = _encode_captions(index, bank_texts)
+    tokens, token_mask, xq = _encode_captions(index, bank_texts, token_embeddings)
     depth = min(config.mine_k, len(index))
     _, ids = index.first_stage.search(xq[:n_captions], depth)  # (U, depth) ids, -1 padded
     mined_rows = np.full(ids.shape, -1, dtype=np.int64)
@@ -456,21 +459,23 @@ def _shapes_positives(specs: Any, scenes: Any, pair_caption: np.ndarray,
     return PositiveSet(np.concatenate(cap_parts), np.concatenate(img_parts), n_images)
 
 
-def _encode_captions(index: Index,
-                     captions: list[str]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Token features (float16 ``(U, L, d)``), mask ``(U, L)`` and pooled ``(U, D)`` float32."""
+def _encode_captions(index: Index, captions: list[str],
+                     token_embeddings: bool = False) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Token features (float16 ``(U, L, d)``, with the layer-0 states in front when
+    ``token_embeddings``: ``(U, L, width + d)``), mask ``(U, L)`` and pooled ``(U, D)`` float32."""
     encoder = index.encoder
-    parts = [encoder.encode_text(captions[lo:lo + _ENCODE_CHUNK])
+    extra = {"token_embeddings": True} if token_embeddings else {}
+    parts = [encoder.encode_text(captions[lo:lo + _ENCODE_CHUNK], **extra)
              for lo in range(0, len(captions), _ENCODE_CHUNK)]
     length = max(p.tokens.shape[1] for p in parts)
-    n, d = len(captions), parts[0].tokens.shape[2]
+    n, d = len(captions), parts[0].reranker_tokens().shape[2]
     tokens = np.zeros((n, length, d), dtype=np.float16)
     mask = np.zeros((n, length), dtype=bool)
     pooled = np.empty((n, parts[0].pooled.shape[1]), dtype=np.float32)
     lo = 0
     for p in parts:
         hi = lo + p.tokens.shape[0]
-        tokens[lo:hi, : p.tokens.shape[1]] = p.tokens
+        tokens[lo:hi, : p.tokens.shape[1]] = p.reranker_tokens()
         mask[lo:hi, : p.mask.shape[1]] = p.mask
         pooled[lo:hi] = p.pooled
         lo = hi

@@ -184,8 +184,9 @@ def check_reranker_matches(config: RerankerConfig, encoder_info: Mapping[str, An
         where: how to name the reranker in the message (e.g. its path).
 
     Raises:
-        ModelMismatchError: ``text_dim``/``patch_dim`` differ from the encoder's ``patch_dim``, or
-            the encoder has more patches than the reranker has position embeddings.
+        ModelMismatchError: ``text_dim``/``patch_dim`` differ from the encoder's ``patch_dim``,
+            the encoder has more patches than the reranker has position embeddings, or the
+            reranker reads layer-0 token states of another width than the encoder's ``text_width``.
     """
     model_id = encoder_info.get("model_id", "its encoder")
     dim = encoder_info.get("patch_dim")
@@ -194,6 +195,14 @@ def check_reranker_matches(config: RerankerConfig, encoder_info: Mapping[str, An
             f"{where} takes token dim {config.text_dim} and patch dim {config.patch_dim}, but the "
             f"index's encoder {model_id} gives {dim}-dim token and patch features; use a reranker "
             "trained on that encoder"
+        )
+    width = encoder_info.get("text_width")
+    # An index built before encoders recorded text_width has none: the encoder itself refuses
+    # (or the query's width is checked) at search time instead.
+    if config.token_embeddings and width is not None and width != config.token_embeddings:
+        raise ModelMismatchError(
+            f"{where} reads {config.token_embeddings}-dim layer-0 token states, but the index's encoder "
+            f"{model_id} gives {width}-dim ones; use a reranker trained on that encoder"
         )
     n_patches = encoder_info.get("n_patches")
     slots = config.patch_positions

@@ -72,6 +72,11 @@ class RerankerConfig:
     """
 
     text_dim: int = 512  # d_t: size of the encoder's token features
+    # Width of the text encoder's layer-0 token states (token plus position embeddings, before any
+    # attention) read in front of each token's features; 0 = none. The last layer of a small text
+    # encoder can merge the words a relation turns on ("left" vs "right"); layer 0 keeps them apart.
+    # In training any value > 0 turns it on and the encoder's width replaces it (as for text_dim).
+    token_embeddings: int = 0
     patch_dim: int = 512  # d_v: size of the encoder's stored patch features
     width: int = 128  # size of the reranker's hidden states (both modalities)
     layers: int = 1  # cross-attention layers
@@ -100,6 +105,11 @@ class RerankerConfig:
             value = getattr(self, name)
             if not _is_int(value) or value < 1:
                 raise ValueError(f"{name} must be an int >= 1, got {value!r}")
+        if not _is_int(self.token_embeddings) or self.token_embeddings < 0:
+            raise ValueError(
+                "token_embeddings must be an int >= 0 (the width of the text encoder's layer-0 token "
+                f"states; 0 = none), got {self.token_embeddings!r}"
+            )
         if self.width % self.heads:
             raise ValueError(
                 f"width must be divisible by heads, got width={self.width} and heads={self.heads}; "
@@ -156,6 +166,11 @@ class RerankerConfig:
         object.__setattr__(self, "init", _enum(Init, self.init, "init"))
 
     # -- derived ------------------------------------------------------------------------------
+
+    @property
+    def token_input_dim(self) -> int:
+        """Size of each query token's input: ``token_embeddings + text_dim`` (layer-0 states first)."""
+        return self.token_embeddings + self.text_dim
 
     @property
     def head_dim(self) -> int:

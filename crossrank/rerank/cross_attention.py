@@ -118,9 +118,9 @@ class CrossAttentionReranker(nn.Module):
         # layer -> (weight versions, folded maps); see _folded_weights. Not module state.
         self._fold_cache: dict[int, tuple[tuple, tuple[torch.Tensor, ...]]] = {}
         w = config.width
-        self.text_norm = nn.LayerNorm(config.text_dim) if config.prenorm else nn.Identity()
+        self.text_norm = nn.LayerNorm(config.token_input_dim) if config.prenorm else nn.Identity()
         self.patch_norm = nn.LayerNorm(config.patch_dim) if config.prenorm else nn.Identity()
-        self.text_in = nn.Linear(config.text_dim, w)
+        self.text_in = nn.Linear(config.token_input_dim, w)
         self.patch_in = nn.Linear(config.patch_dim, w)
         self.patch_pos = (
             nn.Parameter(torch.empty(config.patch_positions, config.patch_dim))
@@ -178,6 +178,13 @@ class CrossAttentionReranker(nn.Module):
         """Where the parameters are."""
         return self.text_in.weight.device
 
+    @property
+    def token_embeddings(self) -> int:
+        """Width of the layer-0 token states the query must carry in front of its token features
+        (``config.token_embeddings``; 0 = none): :class:`crossrank.Index` then encodes queries
+        with ``token_embeddings=True`` and passes ``TextFeatures.reranker_tokens()``."""
+        return self.config.token_embeddings
+
     # -- the Reranker protocol ----------------------------------------------------------------
 
     def score(
@@ -194,7 +201,8 @@ class CrossAttentionReranker(nn.Module):
         in the module's current train/eval mode (loaded rerankers are in eval mode).
 
         Args:
-            query: ``(n_tokens, text_dim)`` token features of one query (tensor or numpy).
+            query: ``(n_tokens, token_input_dim)`` token features of one query (tensor or numpy):
+                ``TextFeatures.tokens``, or ``reranker_tokens()`` when ``token_embeddings`` is set.
             query_mask: ``(n_tokens,)`` bool, True = a real token.
             patches: ``(k, n_patches, patch_dim)`` float16/float32 patch features.
             patch_mask: ``(k, n_patches)`` bool, True = a real patch; None = all real.
@@ -215,7 +223,7 @@ class CrossAttentionReranker(nn.Module):
         if not bool(query_mask.all()):
             # Padding tokens cannot change a score, but each would cost k rows of every layer's
             # MLP and attention: one query has no reason to carry any.
-            query, query_mask = query[query_mask], query_mask[query_mask]  # (n_real, text_dim)
+            query, query_mask = query[query_mask], query_mask[query_mask]  # (n_real, token_input_dim)
         device = self.device
         with torch.inference_mode(), _autocast(device):
             logits = self.forward(
@@ -238,7 +246,7 @@ class CrossAttentionReranker(nn.Module):
         """Logits of one query's k candidates, all in one pass.
 
         Args:
-            tokens: ``(L, text_dim)`` token features.
+            tokens: ``(L, token_input_dim)`` token features.
             token_mask: ``(L,)`` bool, True = a real token.
             patches: ``(k, P, patch_dim)`` patch features, or a :class:`PatchKV` of the k
                 candidates (from :meth:`precompute_kv`, then ``path`` is ignored).
@@ -273,7 +281,7 @@ class CrossAttentionReranker(nn.Module):
         """Logits of B queries with k candidates each (the training forward).
 
         Args:
-            tokens: ``(B, L, text_dim)`` token features.
+            tokens: ``(B, L, token_input_dim)`` token features.
             token_mask: ``(B, L)`` bool, True = a real token (each query needs one).
             patches: ``(B, k, P, patch_dim)`` patch features, or a :class:`PatchKV` with leading
                 dims ``(B, k)``.
@@ -316,7 +324,7 @@ class CrossAttentionReranker(nn.Module):
             self._check_dims(tokens.shape[-1], patches.shape[-1], n_patches)
         if tokens.ndim != 3 or len(lead) != 2 or lead[0] != tokens.shape[0]:
             raise InvalidArgumentError(
-                "forward_batch needs tokens (B, L, text_dim) and patches (B, k, P, patch_dim) "
+                "forward_batch needs tokens (B, L, token_input_dim) and patches (B, k, P, patch_dim) "
                 f"with the same B, got tokens {tuple(tokens.shape)} and patches of leading "
                 f"shape {lead}"
             )
@@ -436,7 +444,7 @@ class CrossAttentionReranker(nn.Module):
             InvalidArgumentError: the patch dim or count does not match the config.
         """
         cfg = self.config
-        self._check_dims(cfg.text_dim, patches.shape[-1], patches.shape[-2])
+        self._check_dims(cfg.token_input_dim, patches.shape[-1], patches.shape[-2])
         if patch_mask is not None and patch_mask.shape != patches.shape[:-1]:
             raise InvalidArgumentError(
                 f"patch_mask must have shape {tuple(patches.shape[:-1])}, "
@@ -456,12 +464,15 @@ class CrossAttentionReranker(nn.Module):
 
     # -- pieces -------------------------------------------------------------------------------
 
-    def _check_dims(self, text_dim: int, patch_dim: int, n_patches: int) -> None:
+    def _check_dims(self, token_dim: int, patch_dim: int, n_patches: int) -> None:
         cfg = self.config
-        if text_dim != cfg.text_dim or patch_dim != cfg.patch_dim:
+        if token_dim != cfg.token_input_dim or patch_dim != cfg.patch_dim:
+            layer0 = (f" ({cfg.token_embeddings} layer-0 + {cfg.text_dim}: give "
+                      "TextFeatures.reranker_tokens() of encode_text(..., token_embeddings=True))"
+                      if cfg.token_embeddings else "")
             raise InvalidArgumentError(
-                f"the reranker was made for token dim {cfg.text_dim} and patch dim "
-                f"{cfg.patch_dim}, got token dim {text_dim} and patch dim {patch_dim}; use a "
+                f"the reranker was made for token dim {cfg.token_input_dim}{layer0} and patch dim "
+                f"{cfg.patch_dim}, got token dim {token_dim} and patch dim {patch_dim}; use a "
                 "reranker trained on the encoder the index was built with"
             )
         if cfg.patch_positions is not None and n_patches > cfg.patch_positions:
@@ -475,7 +486,7 @@ class CrossAttentionReranker(nn.Module):
         """The query side before any cross-attention, computed once per query.
 
         Args:
-            tokens: ``(B, L, text_dim)`` token features.
+            tokens: ``(B, L, token_input_dim)`` token features.
             token_mask: ``(B, L)`` bool, True = a real token.
 
         Returns:

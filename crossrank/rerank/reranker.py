@@ -9,6 +9,12 @@ A reranker that runs a model's own text tower rather than reading token features
 sets ``needs_input_ids = True``; :class:`crossrank.Index` then also passes the query's token ids,
 ``score(..., input_ids=TextFeatures.input_ids[i])``. Rerankers without the attribute are called
 exactly as before.
+
+A reranker that reads the text encoder's layer-0 token states beside the last layer's sets
+``token_embeddings`` to their width (a cross-attention reranker trained with
+``--token-embeddings``); :class:`crossrank.Index` then encodes the query with
+``encode_text(..., token_embeddings=True)`` and passes ``TextFeatures.reranker_tokens()`` as
+``query``, ``(n_tokens, token_embeddings + dim)``.
 """
 
 from __future__ import annotations
@@ -48,8 +54,9 @@ class Reranker(Protocol):
         name: a short name for logs and reports, e.g. ``"maxsim"``.
 
     A reranker may also set a class attribute ``needs_input_ids = True`` and take a keyword
-    ``input_ids`` (``(n_tokens,)`` int64 token ids of the query) in :meth:`score`; see the module
-    notes.
+    ``input_ids`` (``(n_tokens,)`` int64 token ids of the query) in :meth:`score`, or an int
+    ``token_embeddings`` > 0 to get the layer-0 token states in front of ``query``; see the
+    module notes.
     """
 
     name: str

@@ -46,7 +46,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from crossrank.errors import CrossrankError, InvalidArgumentError, ModelError
+from crossrank.errors import CrossrankError, InvalidArgumentError, ModelError, ModelMismatchError
 from crossrank.rerank._attention_targets import attention_supervision_loss, object_cell_masks
 from crossrank.rerank._train_state import _load_checkpoint, _save_checkpoint, _TrainLog
 from crossrank.rerank._train_steps import (
@@ -235,13 +235,14 @@ def train_reranker(
         config = config.resolve_first_stage_weight(getattr(index.encoder, "logit_scale", None))
         logger.info("first_stage_weight auto: %g (the encoder's logit scale%s)", config.first_stage_weight,
                     "" if config.first_stage_weight else ": none, so no residual")
-    model_config = _model_config(model_config, index.manifest.encoder)
+    model_config = _model_config(model_config, index.manifest.encoder, index)
     if config.attention_supervision and model_config.n_query_tokens and model_config.query_tokens_mode == "replace":
         raise InvalidArgumentError(
             "attention_supervision supervises the text tokens' attention, and learnable query tokens in "
             "'replace' mode leave none; use query_tokens_mode='concat' or train without it"
         )
-    data = prepare_training_set(index, pairs_path, config)
+    data = prepare_training_set(index, pairs_path, config,
+                                token_embeddings=bool(model_config.token_embeddings))
     out = Path(out_dir)
     try:
         out.mkdir(parents=True, exist_ok=True)
@@ -514,8 +515,13 @@ def _fingerprint_defaults() -> dict[str, dict[str, Any]]:
             "model": {**RerankerConfig().to_dict(), **_FORMER_DEFAULTS["model"]}}
 
 
-def _model_config(model_config: RerankerConfig | None, encoder: dict[str, Any]) -> RerankerConfig:
-    """The architecture with the encoder's feature dims, checked against its patch count."""
+def _model_config(model_config: RerankerConfig | None, encoder: dict[str, Any],
+                  index: Index | None = None) -> RerankerConfig:
+    """The architecture with the encoder's feature dims, checked against its patch count.
+
+    ``token_embeddings`` > 0 asks for the layer-0 token states; their width is the encoder's
+    (``text_width`` in ``encoder``, else the loaded encoder of ``index``, for an index built
+    before manifests recorded it)."""
     from crossrank.rerank.checkpoint import check_reranker_matches
     from crossrank.rerank.config import RerankerConfig
 
@@ -527,6 +533,16 @@ def _model_config(model_config: RerankerConfig | None, encoder: dict[str, Any]) 
     if model_config is None:  # the default architecture, with a position per patch of this encoder
         model_config = RerankerConfig(patch_positions=int(encoder["n_patches"]))
     cfg = dataclasses.replace(model_config, text_dim=dim, patch_dim=dim)
+    if cfg.token_embeddings:
+        width = encoder.get("text_width")
+        if width is None and index is not None:
+            width = getattr(index.encoder, "token_embedding_dim", None)
+        if not width:
+            raise ModelMismatchError(
+                f"the index's encoder {encoder.get('model_id', '')} does not give layer-0 token states; "
+                "train without token_embeddings (--token-embeddings)"
+            )
+        cfg = dataclasses.replace(cfg, token_embeddings=int(width))
     check_reranker_matches(cfg, encoder, where="model_config")
     return cfg
 

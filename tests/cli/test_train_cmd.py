@@ -146,6 +146,23 @@ def test_train_with_a_pair_head_and_search_with_it(trained, tmp_path: Path) -> N
     assert len(hits) == 3 and all(np.isfinite(h["scores"]["rerank"]) for h in hits)
 
 
+def test_train_with_token_embeddings_and_search_with_it(trained, tmp_path: Path) -> None:
+    root, index_dir, _ = trained
+    out = tmp_path / "r"
+    result = runner.invoke(app, ["train", str(root / "pairs.parquet"), "--index", str(index_dir), "--out", str(out),
+                                 "--steps", "2", "--batch-size", "4", "--candidates", "4", "--mine-k", "8",
+                                 "--width", "16", "--heads", "2", "--device", "cpu", "--token-embeddings", "--json"])
+    assert result.exit_code == 0, result.output
+    config = json.loads((out / "config.json").read_text())["config"]
+    encoder = json.loads((index_dir / "manifest.json").read_text())["encoder"]
+    assert config["token_embeddings"] == encoder["text_width"] > 0
+    found = runner.invoke(app, ["search", str(index_dir), "a red circle", "--reranker", str(out), "--k", "3",
+                                "--json"])
+    assert found.exit_code == 0, found.output
+    hits = json.loads(found.stdout)["hits"]
+    assert len(hits) == 3 and all(np.isfinite(h["scores"]["rerank"]) for h in hits)
+
+
 def test_train_with_caption_negatives_reports_their_validation(trained, tmp_path: Path) -> None:
     root, index_dir, _ = trained
     result = runner.invoke(app, ["train", str(root / "pairs.parquet"), "--index", str(index_dir), "--out",

@@ -87,6 +87,18 @@ def test_text_features_carry_input_ids_and_unimodal_tokens(blip_encoder) -> None
     assert (text.input_ids[~text.mask] == 0).all() and not text.tokens[~text.mask].any()
 
 
+def test_token_embeddings_are_the_text_encoders_embedding_layer(blip_encoder, reference) -> None:
+    texts = ["a red circle", "a green triangle above a yellow star"]
+    feats = blip_encoder.encode_text(texts, token_embeddings=True)
+    ids = torch.from_numpy(feats.input_ids)
+    with torch.no_grad():
+        expected = reference.text_encoder(input_ids=ids, attention_mask=torch.from_numpy(feats.mask).long(),
+                                          output_hidden_states=True).hidden_states[0].numpy()
+    assert blip_encoder.token_embedding_dim == reference.config.text_config.hidden_size
+    np.testing.assert_allclose(feats.token_embeddings[feats.mask], expected[feats.mask], atol=1e-5)
+    assert not feats.token_embeddings[~feats.mask].any()
+
+
 def test_a_clip_encoder_fills_input_ids_too(tiny_encoder) -> None:
     text = tiny_encoder.encode_text(["a red circle"])
     assert text.input_ids is not None and text.input_ids.shape == text.mask.shape

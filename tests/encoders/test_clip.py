@@ -105,6 +105,37 @@ def test_text_pooled_equals_clipmodel_text_embeds(tiny_encoder, reference):
     np.testing.assert_allclose(feats.tokens[mask], model.text_projection(hidden).detach().numpy()[mask], atol=1e-5)
 
 
+def test_token_embeddings_are_the_text_models_layer_0_states(tiny_encoder, reference):
+    model, _, tokenizer = reference
+    texts = ["a red circle", LONG, "a blue square", "a", "two circles"]  # 5 > batch size 4
+    enc = tokenizer(texts, padding=True, return_tensors="pt")
+    with torch.no_grad():
+        layer0 = model.text_model(**enc, output_hidden_states=True).hidden_states[0].numpy()
+    plain = tiny_encoder.encode_text(texts)
+    feats = tiny_encoder.encode_text(texts, token_embeddings=True)
+    width = model.config.text_config.hidden_size
+    assert tiny_encoder.token_embedding_dim == tiny_encoder.info["text_width"] == width
+    assert plain.token_embeddings is None and plain.reranker_tokens() is plain.tokens
+    assert feats.token_embeddings.shape == (*feats.mask.shape, width) and feats.token_embeddings.dtype == np.float32
+    mask = feats.mask
+    np.testing.assert_allclose(feats.token_embeddings[mask], layer0[mask], atol=1e-5)
+    assert not feats.token_embeddings[~mask].any()  # zero at padding
+    np.testing.assert_array_equal(feats.tokens, plain.tokens)  # the rest is unchanged
+    joined = feats.reranker_tokens()  # layer 0 first, then the last layer's features
+    assert joined.shape == (*mask.shape, width + feats.tokens.shape[-1])
+    np.testing.assert_array_equal(joined[..., :width], feats.token_embeddings)
+    np.testing.assert_array_equal(joined[..., width:], feats.tokens)
+
+
+def test_token_embeddings_are_refused_by_an_encoder_that_has_none(tiny_clip_dir):
+    from crossrank.errors import ModelError
+
+    encoder = load_encoder(tiny_clip_dir, device="cpu")
+    encoder.token_embedding_dim = None  # as a backend that does not give them
+    with pytest.raises(ModelError, match="does not give its layer-0 token states"):
+        encoder.encode_text(["a red circle"], token_embeddings=True)
+
+
 def test_text_shapes_mask_and_zero_padding(tiny_encoder):
     feats = tiny_encoder.encode_text(["a", LONG])
     m, n_tokens, d = feats.tokens.shape

@@ -11,7 +11,7 @@ import pytest
 from crossrank.errors import DependencyError, IndexCorruptError, IndexNotFoundError, InvalidArgumentError
 from crossrank.indexes import FirstStage, IndexConfig, exact_search
 
-from ._vectors import assert_same_knn, brute_force, make_vectors
+from ._vectors import assert_same_knn, brute_force
 
 IVF = IndexConfig(factory="IVF16,Flat")
 

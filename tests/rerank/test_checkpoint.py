@@ -1,5 +1,6 @@
 import json
 
+import numpy as np
 import pytest
 import torch
 
@@ -55,6 +56,24 @@ def test_a_pair_head_round_trips_with_identical_scores(tmp_path):
     loaded = load_reranker(path, device="cpu")
     tokens, mask, patches = _inputs()
     assert loaded.config.pair_head and torch.equal(loaded.score(tokens, mask, patches), model.score(tokens, mask, patches))
+
+
+def test_layer_0_token_states_round_trip_and_widen_the_query(tmp_path):
+    model = _model(token_embeddings=4)
+    assert model.token_embeddings == 4 and model.config.token_input_dim == 4 + D
+    path = save_reranker(model, tmp_path / "layer0")
+    loaded = load_reranker(path, device="cpu")
+    _, mask, patches = _inputs()
+    query = torch.randn(5, 4 + D, generator=torch.Generator().manual_seed(2))
+    assert loaded.config.token_embeddings == 4
+    assert torch.equal(loaded.score(query, mask, patches), model.score(query, mask, patches))
+    with pytest.raises(InvalidArgumentError, match=r"made for token dim 16 \(4 layer-0 \+ 12: give .*reranker_tokens"):
+        loaded.score(query[:, 4:], mask, patches)  # the last layer's features alone
+    info = {"model_id": "tiny", "patch_dim": D}
+    check_reranker_matches(loaded.config, info)  # an index that predates text_width: checked at search
+    check_reranker_matches(loaded.config, {**info, "text_width": 4})
+    with pytest.raises(ModelMismatchError, match="reads 4-dim layer-0 token states, but the index's encoder tiny gives 8-dim"):
+        check_reranker_matches(loaded.config, {**info, "text_width": 8})
 
 
 def test_saving_again_replaces_the_checkpoint(saved, tmp_path):
@@ -154,6 +173,32 @@ def test_index_search_reranks_with_a_saved_reranker(built_index, tmp_path):
     path = save_reranker(model, tmp_path / "reranker")
     hits = index.search("a red circle left of a blue square", k=3, rerank_k=6, reranker=str(path))
     assert len(hits) == 3 and all(h.rerank_score is not None for h in hits)
+
+
+def test_index_search_gives_a_reranker_the_layer_0_states_it_reads(built_index, image_folder, tmp_path):
+    from crossrank import Index
+
+    index = Index.open(built_index, device="cpu")
+    dim, width = int(index.manifest.encoder["patch_dim"]), int(index.manifest.encoder["text_width"])
+    torch.manual_seed(0)
+    model = CrossAttentionReranker(RerankerConfig(text_dim=dim, patch_dim=dim, width=16, heads=2, layers=1,
+                                                  token_embeddings=width)).eval()
+    path = save_reranker(model, tmp_path / "layer0")
+    text = "a red circle left of a blue square"
+    hits = index.search(text, k=3, rerank_k=6, reranker=str(path), fusion="rerank")
+    feats = index.encoder.encode_text([text], token_embeddings=True)
+    rows = index._generation.rows_of_ids(np.array([h.id for h in hits]))
+    expected = model.score(torch.from_numpy(feats.reranker_tokens()[0]), torch.from_numpy(feats.mask[0]),
+                           torch.from_numpy(index.patches.gather(rows)))
+    np.testing.assert_allclose([h.rerank_score for h in hits], expected.numpy(), rtol=1e-5, atol=1e-5)
+    # an image query has no layer-0 text states: zeros stand in, and it still reranks
+    image_hits = index.search(sorted(image_folder.glob("img_*.png"))[0], k=2, rerank_k=4, reranker=str(path))
+    assert len(image_hits) == 2 and all(h.rerank_score is not None for h in image_hits)
+    wrong = save_reranker(CrossAttentionReranker(RerankerConfig(text_dim=dim, patch_dim=dim, width=16, heads=2,
+                                                                layers=1, token_embeddings=width + 1)),
+                          tmp_path / "wrong")
+    with pytest.raises(ModelMismatchError, match=f"reads {width + 1}-dim layer-0 token states"):
+        index.search(text, k=3, rerank_k=6, reranker=str(wrong))
 
 
 def test_half_weights_are_half_the_size_and_score_within_fp16_rounding(saved, tmp_path):

@@ -37,9 +37,9 @@ def test_enum_fields_accept_their_strings():
 def test_json_round_trip():
     cfg = RerankerConfig(text_dim=12, patch_dim=10, width=16, heads=2, n_query_tokens=3,
                          query_tokens_mode="replace", sparse_top_m=4, patch_positions=9, pooling="first",
-                         init="lecun")
+                         init="lecun", token_embeddings=6)
     data = json.loads(json.dumps(cfg.to_dict()))
-    assert RerankerConfig.from_dict(data) == cfg
+    assert RerankerConfig.from_dict(data) == cfg and cfg.token_input_dim == 18
 
 
 @pytest.mark.parametrize(
@@ -60,6 +60,8 @@ def test_which_layers_can_be_precomputed_or_folded(options, static, foldable):
     ("options", "match"),
     [
         ({"text_dim": 0}, r"text_dim must be an int >= 1, got 0"),
+        ({"token_embeddings": -1}, r"token_embeddings must be an int >= 0 \(the width of the text encoder's layer-0"),
+        ({"token_embeddings": True}, r"token_embeddings must be an int >= 0"),
         ({"patch_dim": 3.0}, r"patch_dim must be an int >= 1, got 3.0"),
         ({"layers": True}, r"layers must be an int >= 1, got True"),
         ({"width": 30, "heads": 4}, r"width must be divisible by heads, got width=30 and heads=4"),

@@ -455,7 +455,7 @@ def test_folding_a_config_that_cannot_fold_is_refused():
 @pytest.mark.parametrize(
     ("call", "match"),
     [
-        (lambda m, t, tm, p, pm: m.forward_batch(t, tm, p, pm), r"forward_batch needs tokens \(B, L, text_dim\)"),
+        (lambda m, t, tm, p, pm: m.forward_batch(t, tm, p, pm), r"forward_batch needs tokens \(B, L, token_input_dim\)"),
         (lambda m, t, tm, p, pm: m(t, tm.float(), p, pm), r"token_mask must be bool of shape \(1, 6\)"),
         (lambda m, t, tm, p, pm: m(t, tm, p, pm[:, :3]), r"patch_mask must be bool of shape \(1, 5, 7\)"),
         (lambda m, t, tm, p, pm: m(t, tm, m.precompute_kv(p), pm), r"patch_mask must be None with a PatchKV"),

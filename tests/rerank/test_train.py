@@ -9,7 +9,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from crossrank.errors import CrossrankError, InvalidArgumentError, ModelError
+from crossrank.errors import CrossrankError, InvalidArgumentError, ModelError, ModelMismatchError
 from crossrank.rerank import (
     CrossAttentionReranker,
     RerankerConfig,
@@ -172,6 +172,31 @@ def test_reranker_dims_come_from_the_index_encoder(shapes, tmp_path):
     loaded = load_reranker(tmp_path / "r", device="cpu", encoder_info=index.manifest.encoder)
     assert (loaded.config.text_dim, loaded.config.patch_dim) == (dim, dim) != (999, 777)
     assert loaded.config.width == 16
+
+
+def test_layer_0_token_states_are_read_at_the_encoders_width_in_training_and_search(shapes, tmp_path):
+    ds, index = shapes
+    asked = dataclasses.replace(TINY, token_embeddings=1)  # any value > 0 asks; the width is the encoder's
+    train_reranker(index, ds.pairs_path, tmp_path / "r", model_config=asked, config=_config(steps=2))
+    width, dim = index.manifest.encoder["text_width"], index.manifest.encoder["patch_dim"]
+    loaded = load_reranker(tmp_path / "r", device="cpu", encoder_info=index.manifest.encoder)
+    assert loaded.config.token_embeddings == width and loaded.config.token_input_dim == width + dim
+    data = prepare_training_set(index, ds.pairs_path, _config(), token_embeddings=True)
+    row = 5
+    feats = index.encoder.encode_text([data.captions[row]], token_embeddings=True)
+    n = int(feats.mask[0].sum())
+    assert data.tokens.shape[2] == width + dim
+    np.testing.assert_allclose(data.tokens[row, :n].astype(np.float32), feats.reranker_tokens()[0, :n],
+                               atol=2e-3, rtol=2e-3)  # the bank is float16
+    assert len(index.search(data.captions[row], k=2, rerank_k=5, reranker=str(tmp_path / "r"))) == 2
+
+
+def test_layer_0_token_states_of_an_encoder_without_them_are_refused():
+    from crossrank.rerank.train import _model_config
+
+    with pytest.raises(ModelMismatchError, match="does not give layer-0 token states; train without"):
+        _model_config(dataclasses.replace(TINY, token_embeddings=1),
+                      {"model_id": "custom", "patch_dim": 8, "n_patches": 4})
 
 
 class _Interrupt(Exception):

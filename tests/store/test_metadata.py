@@ -63,7 +63,7 @@ def test_schema_and_columns(store, written) -> None:
 
 
 def test_unknown_column_is_named_with_the_available_columns(store) -> None:
-    message = f'^where "widht > 100" names an unknown column "widht"; the metadata columns are: '
+    message = '^where "widht > 100" names an unknown column "widht"; the metadata columns are: '
     with pytest.raises(FilterError, match=message + COLUMNS + "$"):
         store.allowed_ids("widht > 100")
     with pytest.raises(FilterError, match='names an unknown column "lable"'):
