@@ -74,7 +74,7 @@ def _sdpa_flops(query_shape, key_shape, value_shape, *args, out_shape=None, **kw
 
 def _rerank_case(model: CrossAttentionReranker, k: int) -> tuple[Any, float]:
     g = torch.Generator().manual_seed(k)
-    tokens = torch.randn(N_TOKENS, model.config.text_dim, generator=g)
+    tokens = torch.randn(N_TOKENS, model.config.token_input_dim, generator=g)
     mask = torch.ones(N_TOKENS, dtype=torch.bool)
     patches = torch.randn(k, N_PATCHES, model.config.patch_dim, generator=g).half()  # as gathered
 

@@ -96,23 +96,12 @@ def _bank_texts(data) -> list[str]:
     return data.captions + [spec.text for spec in extra]
 
 
-def _relations_only(data, bank, texts: list[str]):
-    """``bank`` cut to each relation caption's rewrites that keep both of its objects (another
-    relation, or the objects swapped around it), and the training pairs whose caption has one.
-    ``texts``: every bank row's text (:func:`_bank_texts`)."""
-    from crossrank.datasets import parse_query
-
-    specs = [parse_query(t) for t in texts]
-    offsets = []
-    for u in range(len(data.captions)):
-        a, b = specs[u].a, specs[u].b
-        rows = bank.offsets[u][: int(bank.n_structural[u])]
-        same_objects = [r for r in rows.tolist() if specs[u].relation is not None
-                        and {specs[r].a, specs[r].b} == {a, b}]
-        offsets.append(np.array(same_objects, dtype=np.int64))
-    counts = np.array([o.size for o in offsets], dtype=np.int64)
-    pool = np.flatnonzero(counts[data.train_caption] > 0)
-    return replace(bank, offsets=offsets, n_structural=counts), pool
+def _relations_only(data):
+    """The caption bank cut to each relation caption's rewrites that keep both of its objects
+    (another relation, or the objects swapped around it; ``TrainingSet.relation_negatives``, what
+    ``crossrank train --relation-share`` draws from), and the training pairs whose caption has one."""
+    bank = data.relation_negatives
+    return bank, np.flatnonzero(bank.n_structural[data.train_caption] > 0)
 
 
 def _with_coordinates(patches: torch.Tensor) -> torch.Tensor:
@@ -200,11 +189,11 @@ def main() -> int:
     banks = _Banks(torch.from_numpy(data.tokens), torch.from_numpy(data.token_mask),
                    torch.from_numpy(data.patches))
     words = {word for name in variants for word in name.split("-")}
-    texts = _bank_texts(data) if words & {"embcat", "relations"} else []  # re-derived once
+    texts = _bank_texts(data) if "embcat" in words else []  # re-derived once
     if "embcat" in words:
         with_embeddings = _Banks(_with_token_embeddings(index, data, texts), banks.token_mask, banks.patches)
     if "relations" in words:
-        relations_bank = _relations_only(data, data.negatives, texts)  # (bank, pool), for every variant
+        relations_bank = _relations_only(data)  # (bank, pool), for every variant
     kind = np.array([_kind(c) for c in data.captions])  # per caption bank row
     curves: dict[str, list[dict]] = {}
     for name, (fields, lr) in variants.items():

@@ -290,7 +290,7 @@ def main() -> int:
     if len(texts) != data.tokens.shape[0]:
         raise SystemExit(f"caption bank mismatch: {len(texts)} texts for {data.tokens.shape[0]} rows")
     words = {w for name in args.variants for w in name.split("-")}
-    extras = {"relations": _relations_only(data, data.negatives, texts),
+    extras = {"relations": _relations_only(data),
               "grid": _grid_features(data.negatives.scenes),
               "cells": _cell_patches(data.patches.shape[1]),
               "shape_tokens": object_token_positions(index.encoder.tokenizer, texts, index.encoder.max_text_len)}

@@ -441,6 +441,7 @@ def train_cmd(
     caption_negatives: Annotated[int, typer.Option(min=0, help="Per pair, this many rewrites of its caption that are false of its image (swapped colours, shapes or objects, another relation, one object changed), ranked against the true caption: a text-side loss that teaches binding. Needs a pairs file in a shapes dataset (its scene graphs decide what is false). 0 = off.")] = 0,
     caption_only_steps: Annotated[int, typer.Option(min=0, help="Curriculum: the first N steps train on the caption negatives alone (the reranker by itself, no residual, no image lists; cheaper steps), then both losses. Needs --caption-negatives.")] = 0,
     attention_supervision: Annotated[float, typer.Option(min=0.0, help="Weight of a loss that pulls the last layer's attention of each object word of the true caption onto that object's patches (from the scene graphs: needs --caption-negatives on a shapes dataset). 0 = off.")] = 0.0,
+    relation_share: Annotated[float, typer.Option(min=0.0, max=1.0, help="Share of each step's caption-negative lists given to relation captions ranked only against their rewrites that keep both objects (another relation, or the objects swapped around it): the lists where the relation is the whole signal. Needs --caption-negatives. 0 = off.")] = 0.0,
     seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
     device: Annotated[Device, typer.Option(help="Where to train.")] = Device.AUTO,
     as_json: Annotated[bool, typer.Option("--json", help="Print the report as JSON.")] = False,
@@ -465,7 +466,7 @@ def train_cmd(
                                    device=device.value, warmup=min(100, max(1, steps // 20)),
                                    first_stage_weight=weight, caption_negatives=caption_negatives,
                                    caption_only_steps=caption_only_steps,
-                                   attention_supervision=attention_supervision)
+                                   attention_supervision=attention_supervision, relation_share=relation_share)
         model_config = RerankerConfig(layers=layers, width=width, heads=heads, gated=gated, prenorm=prenorm,
                                       patch_self_attention=patch_self_attention, bidirectional=bidirectional,
                                       query_self_attention=query_self_attention,

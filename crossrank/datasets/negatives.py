@@ -170,3 +170,30 @@ class CaptionNegativeBank:
             rows[b, 1:1 + chosen.size] = chosen
             valid[b, 1:1 + chosen.size] = True
         return rows, valid
+
+    def relation_only(self, specs: list[QuerySpec]) -> CaptionNegativeBank:
+        """This bank cut to each relation caption's rewrites that keep both of its objects:
+        another relation, or the objects swapped around it. Every other caption has none.
+
+        Ranked against these alone, a relation caption carries no signal but the relation (a
+        blind scorer gets about 1/4): the rewrites the full bank mixes in (colours, shapes) are
+        learnt first and dilute it.
+
+        Args:
+            specs: the :class:`~crossrank.datasets.QuerySpec` of every bank row (captions, then
+                rewrites), in row order.
+
+        Returns:
+            A bank with the same specs and scenes; ``n_structural[u]`` is the number of rows kept
+            for caption ``u`` (all of its rows), 0 for a caption without a relation.
+        """
+        offsets = []
+        for u, rows in enumerate(self.offsets):
+            spec = specs[u]
+            keep: list[int] = []
+            if spec.relation is not None:
+                objects = {spec.a, spec.b}
+                keep = [r for r in rows[: int(self.n_structural[u])].tolist() if {specs[r].a, specs[r].b} == objects]
+            offsets.append(np.array(keep, dtype=np.int64))
+        counts = np.array([o.size for o in offsets], dtype=np.int64)
+        return CaptionNegativeBank(offsets=offsets, n_structural=counts, specs=self.specs, scenes=self.scenes)

@@ -203,6 +203,9 @@ class TrainingSet:
         negatives: the rewritten captions of each caption (``caption_negatives > 0``), else None.
         object_tokens: int64 ``(rows, 2)`` per caption bank row, the token position of the word
             naming each object (-1: none), for attention supervision; None without it.
+        relation_negatives: ``negatives`` cut to each relation caption's rewrites that keep both
+            objects (:meth:`CaptionNegativeBank.relation_only`), for ``relation_share``; None
+            without caption negatives.
     """
 
     captions: list[str]
@@ -227,6 +230,7 @@ class TrainingSet:
     fingerprint: dict[str, Any] = field(default_factory=dict)
     negatives: CaptionNegativeBank | None = None
     object_tokens: np.ndarray | None = None
+    relation_negatives: CaptionNegativeBank | None = None
 
 
 def prepare_training_set(index: Index, pairs_path: str | os.PathLike[str],
@@ -380,11 +384,12 @@ def prepare_training_set(index: Index, pairs_path: str | os.PathLike[str],
         "encoder": index.manifest.encoder.get("weights_sha256") or index.model_id,
         "relevance": relevance,
     }
-    negatives = None
+    negatives = relation_negatives = None
     if perturb is not None:
         offsets, n_structural, _ = perturb
         negatives = CaptionNegativeBank(offsets=offsets, n_structural=n_structural,
                                         specs=bank_specs, scenes=pool_scenes)
+        relation_negatives = negatives.relation_only(caption_specs + extra_specs)
         counts["negative_captions"] = len(extra_specs)
     object_tokens = None
     if perturb is not None and config.attention_supervision:
@@ -405,6 +410,7 @@ def prepare_training_set(index: Index, pairs_path: str | os.PathLike[str],
         fingerprint=fingerprint,
         negatives=negatives,
         object_tokens=object_tokens,
+        relation_negatives=relation_negatives,
     )
 
 

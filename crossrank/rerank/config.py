@@ -298,6 +298,11 @@ class RerankTrainConfig:
     # pulls the last layer's attention of each object word of the true caption onto the patches
     # of that object's grid cell, from the scene graph; 0 = off.
     attention_supervision: float = 0.0
+    # Relation focus (with caption negatives): this share of each step's caption-negative lists
+    # goes to relation captions ranked only against their rewrites that keep both objects
+    # (another relation, or the objects swapped around it), the lists where the relation is the
+    # whole signal; the rest are drawn as before. 0 = off.
+    relation_share: float = 0.0
 
     def __post_init__(self) -> None:
         for name in ("steps", "batch_size", "mine_k", "max_val_captions", "eval_every",
@@ -321,7 +326,7 @@ class RerankTrainConfig:
                 f"loss must be one of {', '.join(m.value for m in RerankLoss)}, got {self.loss!r}"
             ) from None
         for name, lo, hi in (("hard_fraction", 0.0, 1.0), ("curriculum", 0.0, 1.0),
-                             ("val_fraction", 0.0, 0.5)):
+                             ("val_fraction", 0.0, 0.5), ("relation_share", 0.0, 1.0)):
             value = getattr(self, name)
             if not _is_real(value) or not lo <= value <= hi:
                 raise ValueError(f"{name} must be a number in [{lo:g}, {hi:g}], got {value!r}")
@@ -355,6 +360,11 @@ class RerankTrainConfig:
             raise ValueError(
                 "attention_supervision needs caption_negatives >= 1 (it supervises the true caption "
                 "of each caption-negative list, from a shapes dataset's scene graphs)"
+            )
+        if self.relation_share and not self.caption_negatives:
+            raise ValueError(
+                "relation_share needs caption_negatives >= 1 (it reshapes the caption-negative "
+                "lists, from a shapes dataset's scene graphs)"
             )
         if self.caption_only_steps and not self.caption_negatives:
             raise ValueError(

@@ -304,7 +304,8 @@ def train_reranker(
     log = _TrainLog(out / LOG_NAME, start)
 
     def evaluate(step: int, train_loss: float | None, train_acc: float | None,
-                 caption_acc: float | None = None, attention_mass: float | None = None) -> None:
+                 caption_acc: float | None = None, attention_mass: float | None = None,
+                 relation_acc: float | None = None) -> None:
         entry: dict[str, Any] = {"step": step, "lr": config.lr_at(max(step - 1, 0)),
                                  "hard_fraction": config.hard_fraction_at(max(step - 1, 0))}
         if train_loss is not None:
@@ -315,6 +316,8 @@ def train_reranker(
             entry.update(train_caption_accuracy=caption_acc)
         if attention_mass is not None:  # each object word's attention on its object's patches
             entry.update(train_attention_mass=attention_mass)
+        if relation_acc is not None:  # the relation-only lists (relation_share)
+            entry.update(train_relation_accuracy=relation_acc)
         if data.val_captions.size:
             entry.update(_validate(model, data, val_candidates, banks, device, val_rewrites))
         entry["elapsed_s"] = round(time.perf_counter() - t_start, 2)
@@ -323,6 +326,14 @@ def train_reranker(
             f"{k} {v:.4g}" for k, v in entry.items() if k != "step" and v is not None))
 
     supervise = data.object_tokens is not None and config.attention_supervision > 0
+    relation_pool = None  # training pairs whose caption has relation-only rewrites
+    if config.relation_share and data.relation_negatives is not None:
+        relation_pool = np.flatnonzero(data.relation_negatives.n_structural[data.train_caption] > 0)
+        if relation_pool.size == 0:
+            raise InvalidArgumentError(
+                "relation_share needs relation captions ('... left of ...') among the training pairs, and "
+                f"none of the {data.train_caption.size} has one; train without --relation-share"
+            )
     # The object words' positions among the query-side states: after any learnable query tokens.
     token_offset = model_config.n_query_tokens
     if start == 0:
@@ -345,18 +356,19 @@ def train_reranker(
             with _autocast(device):
                 logits = _forward(model, banks, caption, candidates, device)  # (B, k) float32
             loss = rerank_loss(logits, config.loss)
-        caption_acc = attention_mass = None
+        caption_acc = attention_mass = relation_acc = None
         if data.negatives is not None:
             # Text side: the true caption against rewrites false of the image, on that image.
-            rows, valid = data.negatives.sample(caption, positive, config.caption_negatives, rng)
+            rows, valid, text_image, n_relation = _caption_lists(data, caption, positive, config, relation_pool,
+                                                                 rng)
             valid_t = torch.from_numpy(valid).to(device)
             masks = None
             if supervise:  # where each object the true caption names lies in its image
                 masks = torch.from_numpy(object_cell_masks(
-                    data.negatives.specs, data.negatives.scenes, rows[:, 0], positive,
+                    data.negatives.specs, data.negatives.scenes, rows[:, 0], text_image,
                     banks.patches.shape[1])).to(device)  # (B, P, 2)
             with _autocast(device):
-                text_logits = _forward_captions(model, banks, rows, positive, device,
+                text_logits = _forward_captions(model, banks, rows, text_image, device,
                                                 residual=not caption_only,
                                                 attend_to=masks)  # (B, 1+M)[, (B, 1+M, n, 2)]
             if masks is not None:
@@ -368,8 +380,10 @@ def train_reranker(
                 if supervision is not None:
                     loss = loss + config.attention_supervision * supervision
             loss = loss + rerank_loss(text_logits, config.loss, valid_t)
-            caption_acc = float(_top1_accuracy(
-                text_logits.detach().masked_fill(~valid_t, float("-inf"))).mean().item())
+            caption_hits = _top1_accuracy(text_logits.detach().masked_fill(~valid_t, float("-inf")))
+            caption_acc = float(caption_hits.mean().item())
+            if n_relation:  # the relation-only lists come last
+                relation_acc = float(caption_hits[-n_relation:].mean().item())
         optimizer.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
         scaler.unscale_(optimizer)
@@ -403,13 +417,16 @@ def train_reranker(
                 window.setdefault("caption_accuracy", []).append(caption_acc)
             if attention_mass is not None:
                 window.setdefault("attention_mass", []).append(attention_mass)
+            if relation_acc is not None:
+                window.setdefault("relation_accuracy", []).append(relation_acc)
         done = step + 1
         if done % config.eval_every == 0 or done == config.steps:
             evaluate(done, float(np.mean(window["loss"])) if window["loss"] else None,
                      float(np.mean(window["accuracy"])) if window["accuracy"] else None,
                      float(np.mean(window["caption_accuracy"]))
                      if window.get("caption_accuracy") else None,
-                     float(np.mean(window["attention_mass"])) if window.get("attention_mass") else None)
+                     float(np.mean(window["attention_mass"])) if window.get("attention_mass") else None,
+                     float(np.mean(window["relation_accuracy"])) if window.get("relation_accuracy") else None)
             window = {"loss": [], "accuracy": []}
         if done % config.checkpoint_every == 0 or done == config.steps:
             _save_checkpoint(ckpt_path, {
@@ -498,6 +515,31 @@ def _reranker_metadata(trained_by: str, config: RerankTrainConfig, steps: int, d
 
 
 # -- model, optimizer, checkpoint -------------------------------------------------------------
+
+
+def _caption_lists(data: Any, caption: np.ndarray, positive: np.ndarray, config: RerankTrainConfig,
+                   relation_pool: np.ndarray | None, rng: np.random.Generator
+                   ) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
+    """A step's caption-negative lists: ``(rows (B, 1+M), valid (B, 1+M), image (B,),
+    n_relation)``, the relation-only lists last.
+
+    Without ``relation_pool`` every pair of the batch ranks its caption against rewrites false of
+    its image. With it, the last ``round(relation_share * B)`` lists are other training pairs
+    with a relation caption, each against only its rewrites that keep both objects (the batch's
+    own last pairs give their place)."""
+    m = config.caption_negatives
+    n_relation = 0 if relation_pool is None else min(round(config.relation_share * caption.size),
+                                                     relation_pool.size)
+    if not n_relation:
+        rows, valid = data.negatives.sample(caption, positive, m, rng)
+        return rows, valid, positive, 0
+    keep = caption.size - n_relation
+    pick = rng.choice(relation_pool, size=n_relation, replace=False)
+    rel_caption, rel_image = data.train_caption[pick], data.train_image[pick]
+    rows, valid = data.negatives.sample(caption[:keep], positive[:keep], m, rng)
+    rel_rows, rel_valid = data.relation_negatives.sample(rel_caption, rel_image, m, rng)
+    return (np.concatenate([rows, rel_rows]), np.concatenate([valid, rel_valid]),
+            np.concatenate([positive[:keep], rel_image]), n_relation)
 
 
 #: Fields whose default changed since checkpoints first recorded them, with the default they had

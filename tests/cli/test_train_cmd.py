@@ -169,12 +169,13 @@ def test_train_with_caption_negatives_reports_their_validation(trained, tmp_path
                                  str(tmp_path / "r"), "--steps", "2", "--batch-size", "4", "--candidates", "4",
                                  "--mine-k", "8", "--width", "16", "--heads", "2", "--layers", "1",
                                  "--caption-negatives", "3", "--caption-only-steps", "1", "--init", "lecun",
-                                 "--device", "cpu"])
+                                 "--relation-share", "0.25", "--device", "cpu"])
     assert result.exit_code == 0, result.output
     assert "validation caption accuracy (the true caption first among 3 rewrites):" in result.stdout
     saved = json.loads((tmp_path / "r" / "config.json").read_text())
     assert saved["config"]["init"] == "lecun"
     assert saved["metadata"]["train"]["caption_only_steps"] == 1
+    assert saved["metadata"]["train"]["relation_share"] == 0.25
 
 
 def test_train_caption_negatives_outside_a_shapes_dataset_is_one_line(trained, tmp_path: Path) -> None:

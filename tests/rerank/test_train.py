@@ -531,6 +531,52 @@ def test_attention_supervision_leaves_training_without_it_unchanged(shapes, tmp_
     assert "train_attention_mass" not in runs[0.0].curve[-1] and "train_attention_mass" in runs[1e-12].curve[-1]
 
 
+def test_relation_only_rewrites_keep_both_objects_and_change_only_the_relation(shapes):
+    ds, index = shapes
+    data = prepare_training_set(index, ds.pairs_path, _config(caption_negatives=3))
+    bank, full, specs = data.relation_negatives, data.negatives, data.negatives.specs
+
+    def objects(row: int) -> set[tuple[int, int, int]]:
+        return {(int(specs.a_colour[row]), int(specs.a_shape[row]), int(specs.a_size[row])),
+                (int(specs.b_colour[row]), int(specs.b_shape[row]), int(specs.b_size[row]))}
+
+    n_kept = 0
+    for u in range(len(data.captions)):
+        rows = bank.offsets[u].tolist()
+        assert bank.n_structural[u] == len(rows)
+        if specs.relation[u] < 0:  # no relation: nothing to keep
+            assert rows == []
+            continue
+        assert set(rows) <= set(full.offsets[u][: int(full.n_structural[u])].tolist())
+        for r in rows:  # same two objects; another relation, or the objects swapped around it
+            assert objects(r) == objects(u) and specs.relation[r] >= 0
+            assert specs.relation[r] != specs.relation[u] or specs.a_colour[r] != specs.a_colour[u] \
+                or specs.a_shape[r] != specs.a_shape[u]
+        n_kept += len(rows)
+    assert n_kept > 0
+
+
+def test_relation_share_gives_relation_only_lists_their_share_and_logs_them(shapes, tmp_path):
+    ds, index = shapes
+    config = _config(steps=4, caption_negatives=3, relation_share=0.5, val_fraction=0.0)
+    report = train_reranker(index, ds.pairs_path, tmp_path / "r", model_config=TINY, config=config)
+    assert all(0.0 <= e["train_relation_accuracy"] <= 1.0 for e in report.curve[1:])
+    from crossrank.rerank.train import _caption_lists
+
+    data = prepare_training_set(index, ds.pairs_path, config)
+    pool = np.flatnonzero(data.relation_negatives.n_structural[data.train_caption] > 0)
+    caption, positive = data.train_caption[:8], data.train_image[:8]
+    rows, valid, image, n_relation = _caption_lists(data, caption, positive, config, pool, np.random.default_rng(0))
+    assert n_relation == 4 and rows.shape == (8, 4) and valid.shape == (8, 4)
+    np.testing.assert_array_equal(image[:4], positive[:4])  # the batch's own first pairs keep their lists
+    for b in range(4, 8):  # the relation-only lists: only rewrites that keep both objects
+        u = rows[b, 0]
+        assert data.relation_negatives.n_structural[u] > 0
+        assert set(rows[b, 1:][valid[b, 1:]].tolist()) <= set(data.relation_negatives.offsets[u].tolist())
+    with pytest.raises(ValueError, match="relation_share needs caption_negatives"):
+        _config(relation_share=0.5)
+
+
 def test_caption_only_steps_train_the_reranker_alone_first(shapes, tmp_path, monkeypatch):
     # Curriculum: the first steps rank captions on the reranker's own logits (no first-stage
     # residual, no image-side candidate lists), the rest train both losses with the residual.
