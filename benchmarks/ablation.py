@@ -53,9 +53,12 @@ from crossrank.rerank import (
 from crossrank.rerank.checkpoint import demo_reranker_dir
 
 #: The base architecture: the shipped demo reranker's (width 128, 4 heads, no gates, LeCun init,
-#: 64 patch positions) with 2 layers, as it was when the README's table was measured; the
-#: ``layers=1`` row is the reranker shipped since (the full recipe's run, README).
-BASE = replace(read_reranker_config(demo_reranker_dir()), layers=2)
+#: 64 patch positions) with 2 layers and without the options the reranker shipped since
+#: 2026-12-02 (fourth session) added (query self-attention, pair head, layer-0 token states), as
+#: it was when the README's table was measured; the ``layers=1`` row is the reranker shipped
+#: between the two (the full recipe's run, README).
+BASE = replace(read_reranker_config(demo_reranker_dir()), layers=2, query_self_attention=False, pair_head=False,
+               token_embeddings=0)
 #: One change each from BASE.
 VARIANTS: dict[str, dict[str, Any]] = {
     "base": {},

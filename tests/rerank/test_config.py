@@ -20,9 +20,15 @@ def test_defaults_are_the_shipped_demo_rerankers_architecture():
 
     shipped = read_reranker_config(demo_reranker_dir())
     default = RerankerConfig()
-    # Everything but the sizes that come from the encoder (training sets the patch positions).
-    assert replace(shipped, text_dim=default.text_dim, patch_dim=default.patch_dim,
-                   patch_positions=None) == default
+    # Everything but the sizes that come from the encoder (training sets the patch positions and
+    # the layer-0 width) and the three options the shipped reranker adds for relations: query
+    # self-attention, the pair head and the layer-0 token states. They are not the defaults: the
+    # pair head learns only with attention supervision, which needs a shapes dataset's scene
+    # graphs, and none of the three was measured on a user's own encoder and captions (README,
+    # "The shipped demo reranker").
+    assert (shipped.query_self_attention, shipped.pair_head, shipped.token_embeddings) == (True, True, 128)
+    assert replace(shipped, text_dim=default.text_dim, patch_dim=default.patch_dim, patch_positions=None,
+                   query_self_attention=False, pair_head=False, token_embeddings=0) == default
     assert shipped.patch_positions == 64 and default.patch_positions is None
 
 

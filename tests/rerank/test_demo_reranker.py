@@ -28,7 +28,7 @@ def test_the_demo_reranker_ships_small_and_fits_the_demo_encoder(demo_info) -> N
     meta = json.loads((folder / CONFIG_NAME).read_text())["metadata"]
     assert reranker.fusion == meta["fusion"] == f"weighted:{1 / (1 + meta['train']['first_stage_weight']):.6g}"
     g = torch.Generator().manual_seed(0)
-    scores = reranker.score(torch.randn(6, 128, generator=g), torch.ones(6, dtype=torch.bool),
+    scores = reranker.score(torch.randn(6, reranker.config.token_input_dim, generator=g), torch.ones(6, dtype=torch.bool),
                             torch.randn(5, 64, 128, generator=g).half())
     assert scores.shape == (5,) and torch.isfinite(scores).all()
     assert scores.std() > 0  # trained: candidates are told apart, unlike an untrained gated model
