@@ -577,6 +577,26 @@ def test_relation_share_gives_relation_only_lists_their_share_and_logs_them(shap
         _config(relation_share=0.5)
 
 
+def test_relation_share_without_relation_captions_is_refused(shapes, tmp_path, monkeypatch):
+    import crossrank.rerank._train_data as train_data
+
+    ds, index = shapes
+    prepare = train_data.prepare_training_set
+
+    def without_relations(*args, **kwargs):  # as a shapes split whose captions name no relation
+        data = prepare(*args, **kwargs)
+        bank = data.relation_negatives
+        data.relation_negatives = dataclasses.replace(
+            bank, offsets=[o[:0] for o in bank.offsets], n_structural=np.zeros_like(bank.n_structural))
+        return data
+
+    monkeypatch.setattr(train_data, "prepare_training_set", without_relations)
+    with pytest.raises(InvalidArgumentError, match="relation_share needs relation captions .* train without --relation-share"):
+        train_reranker(index, ds.pairs_path, tmp_path / "r", model_config=TINY,
+                       config=_config(steps=2, caption_negatives=3, relation_share=0.5))
+    assert not (tmp_path / "r" / CHECKPOINT_NAME).exists()
+
+
 def test_caption_only_steps_train_the_reranker_alone_first(shapes, tmp_path, monkeypatch):
     # Curriculum: the first steps rank captions on the reranker's own logits (no first-stage
     # residual, no image-side candidate lists), the rest train both losses with the residual.
