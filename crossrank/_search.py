@@ -124,12 +124,10 @@ def encode_queries(encoder: Encoder, dim: int, queries: Sequence[Query], token_e
     masks: list[np.ndarray] = [np.empty(0)] * m
     input_ids: list[np.ndarray | None] = [None] * m
     if texts:
-        if token_embeddings:
-            feats = encoder.encode_text([t for _, t in texts], token_embeddings=True)
-            text_tokens = feats.reranker_tokens()
-        else:
-            feats = encoder.encode_text([t for _, t in texts])
-            text_tokens = feats.tokens
+        # The keyword only when asked for: an Encoder need not take it (see Encoder.encode_text).
+        extra = {"token_embeddings": True} if token_embeddings else {}
+        feats = encoder.encode_text([t for _, t in texts], **extra)
+        text_tokens = feats.reranker_tokens()  # feats.tokens without token embeddings
         for row, (i, _) in enumerate(texts):
             xq[i] = feats.pooled[row]
             tokens[i], masks[i] = text_tokens[row], feats.mask[row]

@@ -474,7 +474,9 @@ def _encode_captions(index: Index, captions: list[str],
     parts = [encoder.encode_text(captions[lo:lo + _ENCODE_CHUNK], **extra)
              for lo in range(0, len(captions), _ENCODE_CHUNK)]
     length = max(p.tokens.shape[1] for p in parts)
-    n, d = len(captions), parts[0].reranker_tokens().shape[2]
+    first = parts[0]
+    width = 0 if first.token_embeddings is None else first.token_embeddings.shape[2]
+    n, d = len(captions), width + first.tokens.shape[2]
     tokens = np.zeros((n, length, d), dtype=np.float16)
     mask = np.zeros((n, length), dtype=bool)
     pooled = np.empty((n, parts[0].pooled.shape[1]), dtype=np.float32)
