@@ -94,3 +94,48 @@ def test_bench_rerank_flops_quick_reports_finite_ratios() -> None:
             assert math.isfinite(r[key]) and r[key] > 0, (r["k"], key, r[key])
     # twice the candidates, about twice the counted work (the query side is shared)
     assert 1.5 < report["rows"][1]["gflop_per_query"] / report["rows"][0]["gflop_per_query"] <= 2.0
+
+
+def _crossrank(*args: str) -> None:
+    proc = subprocess.run([sys.executable, "-c", "import sys; from crossrank.cli import main; sys.exit(main())", *args], capture_output=True, text=True,
+                          timeout=600, check=False)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+
+
+@pytest.mark.bench
+def test_relation_misses_sorts_every_relation_query(tmp_path: Path) -> None:
+    bench, index = tmp_path / "bench", tmp_path / "bench.idx"
+    _crossrank("dataset", "shapes", "--out", str(bench), "--n-images", "120", "--n-queries", "30", "--seed", "3")
+    _crossrank("build", str(bench / "images"), "--index", str(index))
+    proc = subprocess.run(
+        [sys.executable, str(BENCHMARKS / "relation_misses.py"), "--bench", str(bench), "--index", str(index),
+         "--reranker", "none", "--json"],
+        capture_output=True, text=True, timeout=600, check=False,
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    report = json.loads(proc.stdout)
+    assert report["reranker"] == "none" and report["queries"] > 0
+    misses = ("both objects, relation false", "an object missing", "no positive in top 100")
+    # every relation query is either right or sorted into exactly one kind of miss
+    assert report.get("right", 0) + sum(report.get(m, 0) for m in misses) == report["queries"]
+    ranked = sum(v for k, v in report.items() if k.startswith("first positive at rank"))
+    assert ranked == report["queries"] - report.get("right", 0) - report.get("no positive in top 100", 0)
+
+
+@pytest.mark.bench
+def test_relation_caption_accuracy_scores_the_shipped_reranker(tmp_path: Path) -> None:
+    train, index = tmp_path / "train", tmp_path / "train.idx"
+    _crossrank("dataset", "shapes", "--out", str(train), "--split", "train", "--n-images", "300",
+               "--n-queries", "10", "--seed", "3")
+    _crossrank("build", str(train / "images"), "--index", str(index))
+    shipped = Path(__file__).resolve().parents[1] / "crossrank" / "assets" / "demo-reranker"
+    proc = subprocess.run(
+        [sys.executable, str(BENCHMARKS / "relation_caption_accuracy.py"), "--train", str(train / "pairs.parquet"),
+         "--train-index", str(index), str(shipped)],
+        capture_output=True, text=True, timeout=600, check=False,
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    (line,) = proc.stdout.splitlines()
+    accuracy, chance = (float(x) for x in line.split("accuracy ")[1].replace("(chance ", "").rstrip(")").split())
+    assert 0.0 < chance < 0.5 and 0.0 <= accuracy <= 1.0
+    assert accuracy > chance  # the shipped reranker reads relations (0.99 on the full train split)
