@@ -7,8 +7,11 @@ and sorts each R@1 miss by what the top image gets wrong:
 
 - ``both objects, relation false``: the top image holds both named objects (colour, shape and, when
   the query names one, size), but not in the named relation: the comparison failed;
-- ``an object missing``: the top image lacks one of the named objects as described: finding or
-  binding failed;
+- ``an object missing: WHAT``: the top image lacks one of the named objects as described: finding
+  or binding failed. WHAT says how the first such object is wrong: ``size`` (its colour and shape
+  are there, in the other size), ``colour`` (its shape is there, only in other colours), ``shape``
+  (its colour is there, only on other shapes), ``colour and shape apart`` (both are there, on
+  different objects: a binding error) or ``absent`` (neither);
 - ``no positive in top 100``: the first stage lost it.
 
 It also prints where the first relevant image ranked. Run::
@@ -35,6 +38,16 @@ from crossrank.datasets.language import satisfies
 def _has(scene, obj) -> bool:
     return any(x.colour == obj.colour and x.shape == obj.shape and (obj.size is None or x.size == obj.size)
                for x in scene.objects)
+
+
+def _how_missing(scene, obj) -> str:
+    """How ``scene`` fails to hold ``obj``: see the module docstring."""
+    if any(x.colour == obj.colour and x.shape == obj.shape for x in scene.objects):
+        return "size"
+    colour = any(x.colour == obj.colour for x in scene.objects)
+    shape = any(x.shape == obj.shape for x in scene.objects)
+    return {(False, True): "colour", (True, False): "shape", (True, True): "colour and shape apart"}.get(
+        (colour, shape), "absent")
 
 
 def main() -> int:
@@ -68,7 +81,8 @@ def main() -> int:
         if _has(top, spec.a) and _has(top, spec.b):
             counts["both objects, relation false"] += 1
         else:
-            counts["an object missing"] += 1
+            missing = spec.a if not _has(top, spec.a) else spec.b
+            counts["an object missing: " + _how_missing(top, missing)] += 1
         counts["first positive at rank " + ("2" if rank == 1 else "3-5" if rank < 5 else "6+")] += 1
     result = {"bench": args.bench, "reranker": args.reranker, **counts}
     print(json.dumps(result) if args.json else result)

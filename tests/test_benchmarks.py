@@ -102,6 +102,28 @@ def _crossrank(*args: str) -> None:
     assert proc.returncode == 0, proc.stderr[-4000:]
 
 
+def test_relation_misses_says_how_an_object_is_missing() -> None:
+    import importlib.util
+    from types import SimpleNamespace
+
+    from crossrank.datasets.language import ObjectSpec
+
+    spec = importlib.util.spec_from_file_location("relation_misses", BENCHMARKS / "relation_misses.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+
+    def scene(*objects: tuple[str, str, str]) -> SimpleNamespace:
+        return SimpleNamespace(objects=[SimpleNamespace(size=z, colour=c, shape=h) for z, c, h in objects])
+
+    wanted = ObjectSpec("red", "circle", "large")
+    assert module._how_missing(scene(("small", "red", "circle")), wanted) == "size"
+    assert module._how_missing(scene(("large", "blue", "circle")), wanted) == "colour"
+    assert module._how_missing(scene(("large", "red", "square")), wanted) == "shape"
+    assert module._how_missing(scene(("large", "red", "square"), ("large", "blue", "circle")),
+                               wanted) == "colour and shape apart"
+    assert module._how_missing(scene(("large", "blue", "square")), wanted) == "absent"
+
+
 @pytest.mark.bench
 def test_relation_misses_sorts_every_relation_query(tmp_path: Path) -> None:
     bench, index = tmp_path / "bench", tmp_path / "bench.idx"
@@ -115,9 +137,13 @@ def test_relation_misses_sorts_every_relation_query(tmp_path: Path) -> None:
     assert proc.returncode == 0, proc.stderr[-4000:]
     report = json.loads(proc.stdout)
     assert report["reranker"] == "none" and report["queries"] > 0
-    misses = ("both objects, relation false", "an object missing", "no positive in top 100")
+    kinds = {"both objects, relation false", "no positive in top 100"} | {
+        f"an object missing: {how}" for how in ("size", "colour", "shape", "colour and shape apart", "absent")}
+    misses = {k: v for k, v in report.items() if k not in ("bench", "reranker", "queries", "right")
+              and not k.startswith("first positive at rank")}
+    assert set(misses) <= kinds, misses
     # every relation query is either right or sorted into exactly one kind of miss
-    assert report.get("right", 0) + sum(report.get(m, 0) for m in misses) == report["queries"]
+    assert report.get("right", 0) + sum(misses.values()) == report["queries"]
     ranked = sum(v for k, v in report.items() if k.startswith("first positive at rank"))
     assert ranked == report["queries"] - report.get("right", 0) - report.get("no positive in top 100", 0)
 
