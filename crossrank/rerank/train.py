@@ -250,8 +250,7 @@ def train_reranker(
         raise ModelError(f"cannot create the output folder {out}: {e.strerror or e}") from e
 
     fingerprint = {
-        "config": {k: v for k, v in config.to_dict().items()
-                   if k not in ("eval_every", "checkpoint_every", "device")},
+        "config": {k: v for k, v in config.to_dict().items() if k not in _NOT_FINGERPRINTED},
         "model": model_config.to_dict(),
         "data": {**data.fingerprint, "counts": data.counts},
     }
@@ -501,7 +500,14 @@ def export_checkpoint(run_dir: str | os.PathLike[str], dest: str | os.PathLike[s
     model.load_state_dict(state["model"])
     metadata = _reranker_metadata("crossrank train (exported checkpoint)", config, int(state["step"]),
                                   fingerprint["data"])
+    for name in _NOT_FINGERPRINTED:  # the checkpoint does not record them: not the defaults either
+        del metadata["train"][name]
     return save_reranker(model.eval(), out, metadata=metadata, half=half)
+
+
+#: Training settings that change no result, so a run resumes whatever they are; a checkpoint does
+#: not record them.
+_NOT_FINGERPRINTED = ("eval_every", "checkpoint_every", "device")
 
 
 def _reranker_metadata(trained_by: str, config: RerankTrainConfig, steps: int, data: dict[str, Any],
