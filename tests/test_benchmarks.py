@@ -6,13 +6,17 @@ script works, never how fast anything is: speed is measured by the benchmarks th
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
+
+from crossrank.datasets.language import ObjectSpec
 
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 
@@ -97,17 +101,14 @@ def test_bench_rerank_flops_quick_reports_finite_ratios() -> None:
 
 
 def _crossrank(*args: str) -> None:
-    proc = subprocess.run([sys.executable, "-c", "import sys; from crossrank.cli import main; sys.exit(main())", *args], capture_output=True, text=True,
-                          timeout=600, check=False)
+    """Runs the ``crossrank`` CLI of this interpreter's environment."""
+    cli = "import sys; from crossrank.cli import main; sys.exit(main())"
+    proc = subprocess.run([sys.executable, "-c", cli, *args], capture_output=True, text=True, timeout=600,
+                          check=False)
     assert proc.returncode == 0, proc.stderr[-4000:]
 
 
 def test_relation_misses_says_how_an_object_is_missing() -> None:
-    import importlib.util
-    from types import SimpleNamespace
-
-    from crossrank.datasets.language import ObjectSpec
-
     spec = importlib.util.spec_from_file_location("relation_misses", BENCHMARKS / "relation_misses.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
