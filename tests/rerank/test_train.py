@@ -311,10 +311,11 @@ def test_an_exported_checkpoint_is_the_reranker_the_run_writes(shapes, tmp_path)
     assert exported["metadata"]["data"]["encoder"] == index.manifest.encoder["weights_sha256"]
     assert exported["metadata"]["steps"] == 8
     # what the checkpoint does not record is left out, not filled with defaults
-    assert {"eval_every", "checkpoint_every", "device"} <= finished["metadata"]["train"].keys()
-    assert not {"eval_every", "checkpoint_every", "device"} & exported["metadata"]["train"].keys()
+    unrecorded = {"eval_every", "checkpoint_every", "device"}
+    assert unrecorded <= finished["metadata"]["train"].keys()
+    assert not unrecorded & exported["metadata"]["train"].keys()
     assert {k: v for k, v in finished["metadata"]["train"].items()
-            if k not in ("eval_every", "checkpoint_every", "device")} == exported["metadata"]["train"]
+            if k not in unrecorded} == exported["metadata"]["train"]
     a, b = (load_reranker(p, device="cpu") for p in (tmp_path / "r", out))
     assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
     with pytest.raises(InvalidArgumentError, match="to another folder"):
