@@ -6,7 +6,7 @@
    against a raw ``faiss`` search of the very same FAISS index object (the flat index that
    ``index.first_stage`` searches), same query vector, same k, one query at a time.
    Goal: <= 1.10x the raw latency.
-2. Build throughput. ``crossrank.build.build_index`` on a folder of PNGs (decode, preprocess,
+2. Build throughput. ``crossrank.write.build.build_index`` on a folder of PNGs (decode, preprocess,
    encode, patch store, FAISS, metadata, commit) against ``encoder.encode_pixels`` on the same
    images decoded and preprocessed beforehand, same batch size, same CPU. The model is loaded once
    and handed to both, so neither pays for loading it. Goal: >= 0.9x the encoder's images/s.
@@ -75,7 +75,7 @@ FULL = Sizes(
     n_vectors=100_000, dim=512, n_patches=49, patch_dim=512, patch_shard_bytes=1 << 30,
     search_k=10, search_rounds=300, gather_k=100, gather_rounds=300,
     build_images=400, image_size=64, build_batch=64, build_workers=4, build_rounds=7,
-    # The demo model's architecture (crossrank.encoders.train.DEMO_SPEC).
+    # The demo model's architecture (crossrank.training.encoder.DEMO_SPEC).
     clip=dict(image_size=64, patch_size=8, vision_width=128, vision_layers=4, vision_heads=4,
               text_width=128, text_layers=2, text_heads=4, projection_dim=128, max_text_len=16,
               vocab_size=128),
@@ -261,7 +261,7 @@ def bench_search(index: Any, sizes: Sizes, seed: int = 1) -> Row:
 def bench_build(work: Path, sizes: Sizes) -> Row:
     """``build_index`` on a PNG folder vs ``encode_pixels`` on the same pre-decoded images."""
     import crossrank.encoders
-    from crossrank.build import build_index
+    from crossrank.write.build import build_index
     from crossrank.datasets import generate_shapes
     from crossrank.encoders import load_encoder
     from crossrank.encoders.factory import ClipSpec, make_clip

@@ -52,9 +52,9 @@ from crossrank.rerank import (
     RerankTrainConfig,
     load_reranker,
 )
-from crossrank.rerank._train_data import prepare_training_set
+from crossrank.training.data import prepare_training_set
 from crossrank.rerank.checkpoint import demo_reranker_dir
-from crossrank.rerank.train import (
+from crossrank.training.reranker import (
     _Banks,
     _forward_captions,
     _optimizer,
@@ -140,7 +140,7 @@ def _with_token_embeddings(index: Index, data, texts: list[str]) -> torch.Tensor
     position embeddings, before any attention) concatenated in front: ``(rows, L, width + d)``,
     as ``crossrank train --token-embeddings`` encodes them. ``texts``: every bank row's text, in
     order (:func:`_bank_texts`)."""
-    from crossrank.rerank._train_data import _encode_captions
+    from crossrank.training.data import _encode_captions
 
     tokens, _, _ = _encode_captions(index, texts, token_embeddings=True)
     assert tokens.shape[:2] == data.tokens.shape[:2], "the bank's texts re-encode to another length"

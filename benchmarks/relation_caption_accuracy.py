@@ -25,9 +25,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from caption_probe import _bank_texts, _relations_only, _with_token_embeddings  # noqa: E402
 
 from crossrank import Index  # noqa: E402
-from crossrank.rerank import RerankTrainConfig, load_reranker  # noqa: E402
-from crossrank.rerank._train_data import prepare_training_set  # noqa: E402
-from crossrank.rerank.train import _Banks, _forward_captions, _top1_accuracy  # noqa: E402
+from crossrank.rerank import load_reranker  # noqa: E402
+from crossrank.training import RerankTrainConfig  # noqa: E402
+from crossrank.training.data import prepare_training_set  # noqa: E402
+from crossrank.training.reranker import _Banks, _forward_captions, _top1_accuracy  # noqa: E402
 
 BATCHES, BATCH, REWRITES = 30, 64, 6
 

@@ -60,9 +60,9 @@ from caption_probe import (  # noqa: E402 (a sibling script)
 )
 
 from crossrank.datasets.config import GRID, Colour, Shape  # noqa: E402
-from crossrank.rerank import RerankTrainConfig  # noqa: E402
-from crossrank.rerank._attention_targets import _cell_patches, object_token_positions  # noqa: E402
-from crossrank.rerank.train import _optimizer, _top1_accuracy, rerank_loss  # noqa: E402
+from crossrank.training import RerankTrainConfig  # noqa: E402
+from crossrank.training.attention_targets import _cell_patches, object_token_positions  # noqa: E402
+from crossrank.training.reranker import _optimizer, _top1_accuracy, rerank_loss  # noqa: E402
 
 BATCH, N_NEG, EVERY, SUP_WEIGHT = 32, 4, 250, 0.5
 WORDS = {"mlp", "loc", "oracle", "embcat", "qsa", "pair", "mix", "sup"}

@@ -79,10 +79,10 @@ def run_demo(
     """
     import pyarrow.parquet as pq
 
-    from crossrank.build import build_index
+    from crossrank.write.build import build_index
     from crossrank.datasets import generate_shapes, open_shapes
     from crossrank.evaluate import evaluate_index, read_qrels
-    from crossrank.index import Index
+    from crossrank.api.index import Index
 
     out = Path(out_dir)
     if out.exists() and not out.is_dir():

@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-_PRELOAD = ["crossrank.cli", "crossrank.living", "crossrank.build", "crossrank.index", "crossrank.encoders",
+_PRELOAD = ["crossrank.cli", "crossrank.write", "crossrank.write.build", "crossrank.api.index", "crossrank.encoders",
             "torch", "transformers", "faiss", "duckdb", "pyarrow.parquet"]
 _context: Any = None
 
@@ -96,7 +96,7 @@ def assert_sound(index_dir: Path) -> State:
     per live image, with distinct paths and contents. Returns the state.
     """
     from crossrank import Index
-    from crossrank.index import verify_index
+    from crossrank.api.index import verify_index
 
     assert verify_index(index_dir) == [], verify_index(index_dir)
     state = index_state(index_dir)
@@ -105,7 +105,7 @@ def assert_sound(index_dir: Path) -> State:
         assert index.generation == state.generation
         live = np.array(sorted(state.images), dtype=np.int64)
         assert len(index) == live.size
-        gen = index._generation
+        gen = index.stored
         xq = np.asarray(gen.vectors()[gen.rows_of_ids(live)]) if live.size else np.zeros((0, index.first_stage.d))
         if live.size:
             results = index.search_vectors(xq, k=min(3, live.size))
@@ -141,7 +141,7 @@ def writer_loop(index_dir: str, source: str, log: str, rounds: int, seconds: flo
 
     torch.set_num_threads(1)
     from crossrank.encoders import load_encoder
-    from crossrank.living import add_images, compact_index, remove_images
+    from crossrank.write import add_images, compact_index, remove_images
     from crossrank.store import read_manifest
 
     from .conftest import write_images

@@ -65,7 +65,7 @@ def image_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def built_index(tmp_path_factory: pytest.TempPathFactory, image_folder: Path, tiny_clip: Path) -> Path:
     """An index built over ``image_folder`` with ``tiny_clip``, on the CPU. Tests must not modify it."""
-    from crossrank.build import build_index
+    from crossrank.write.build import build_index
 
     path = tmp_path_factory.mktemp("indexes") / "photos.idx"
     build_index(image_folder, path, model=tiny_clip, device="cpu", batch_size=8, workers=2)

@@ -10,7 +10,7 @@ import time
 import numpy as np
 
 from crossrank import Index
-from crossrank.build import build_index
+from crossrank.write.build import build_index
 
 from ._living import index_state, write_log, writer_context, writer_loop
 from .conftest import write_images

@@ -28,7 +28,7 @@ from .conftest import write_images
 @pytest.fixture(scope="module")
 def crash_base(tmp_path_factory: pytest.TempPathFactory, tiny_clip: Path) -> tuple[Path, Path]:
     """A source folder of 10 images and an index of 8 of them (the 2 in more/ are for `add`)."""
-    from crossrank.build import build_index
+    from crossrank.write.build import build_index
 
     root = tmp_path_factory.mktemp("crash")
     source = root / "photos"
@@ -81,7 +81,7 @@ def test_every_crash_point_is_exercised() -> None:
 
 
 def _kill_remove(base: Path, tmp_path: Path, points: list[str]) -> None:
-    from crossrank.living import remove_images
+    from crossrank.write import remove_images
 
     before = index_state(base)
     victims = sorted(before.images)[1:3]
@@ -101,7 +101,7 @@ def _kill_remove(base: Path, tmp_path: Path, points: list[str]) -> None:
 
 
 def _kill_add(source: Path, base: Path, tmp_path: Path, points: list[str]) -> None:
-    from crossrank.living import add_images
+    from crossrank.write import add_images
 
     before = index_state(base)
     for point in points:
@@ -121,7 +121,7 @@ def _kill_add(source: Path, base: Path, tmp_path: Path, points: list[str]) -> No
 
 
 def _kill_compact(base: Path, tmp_path: Path, points: list[str]) -> None:
-    from crossrank.living import compact_index, remove_images
+    from crossrank.write import compact_index, remove_images
     from crossrank.store import Generation
 
     prepared = _fresh_copy(base, tmp_path, "compact-base")
@@ -140,7 +140,7 @@ def _kill_compact(base: Path, tmp_path: Path, points: list[str]) -> None:
 
 
 def _kill_build(source: Path, base: Path, tmp_path: Path, model: Path, points: list[tuple[str, bool]]) -> None:
-    from crossrank.build import build_index
+    from crossrank.write.build import build_index
 
     before = index_state(base)
     for point, fresh in points:
@@ -194,7 +194,7 @@ def test_real_commands_killed_at_random_moments(tmp_path, tiny_clip):
     """SIGKILL real `crossrank build/add/remove/compact` processes at random moments (seeded)."""
     import os
 
-    from crossrank.living import add_images, compact_index, remove_images
+    from crossrank.write import add_images, compact_index, remove_images
 
     rng = np.random.default_rng(7)
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}

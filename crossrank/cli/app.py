@@ -96,7 +96,7 @@ def build(
 
     import time
 
-    from crossrank.build import build_index
+    from crossrank.write.build import build_index
 
     columns = [TextColumn("[bold]indexing"), BarColumn(), MofNCompleteColumn(),
                TextColumn("{task.fields[rate]}"), TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn()]
@@ -144,7 +144,7 @@ def search(
     html: Annotated[Path | None, typer.Option("--html", help="Also write the hits as a self-contained HTML page of thumbnails.")] = None,
 ) -> None:
     """Search an index by text, or by image with --image."""
-    from crossrank.index import Index
+    from crossrank.api.index import Index
 
     if (query is None) == (image is None):
         raise typer.BadParameter("give either a QUERY text or --image PATH, not both and not neither")
@@ -186,7 +186,7 @@ def info(
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
 ) -> None:
     """Describe an index: counts, model, first stage; or list skipped files."""
-    from crossrank.index import Index
+    from crossrank.api.index import Index
 
     idx = Index.open(index, device="cpu")
     if skipped:
@@ -228,7 +228,7 @@ def verify(
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
 ) -> None:
     """Check that the first stage, patch store and metadata agree; exit 1 on the first disagreement."""
-    from crossrank.index import verify_index
+    from crossrank.api.index import verify_index
     from crossrank.store import read_manifest
 
     # Not Index.open: a damaged index (the case verify is for) must be diagnosed, not refused.
@@ -312,7 +312,7 @@ def eval_cmd(
     from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeElapsedColumn
 
     from crossrank.evaluate import evaluate_index
-    from crossrank.index import Index
+    from crossrank.api.index import Index
 
     idx = Index.open(index, device=device.value)
     with progress_bar(TextColumn("[bold]evaluating"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
@@ -382,7 +382,7 @@ def train_encoder_cmd(
 
     from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-    from crossrank.encoders.train import DEMO_SPEC, EncoderTrainConfig, shapes_train_data, train_encoder
+    from crossrank.training.encoder import DEMO_SPEC, EncoderTrainConfig, shapes_train_data, train_encoder
 
     try:
         config = EncoderTrainConfig(steps=steps, batch_size=batch_size, lr=lr, seed=seed, device=device.value,
@@ -449,9 +449,9 @@ def train_cmd(
     """Fine-tune a cross-attention reranker over an index's frozen encoder features."""
     from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-    from crossrank.index import Index
+    from crossrank.api.index import Index
     from crossrank.rerank import RerankerConfig
-    from crossrank.rerank.train import RerankTrainConfig, train_reranker
+    from crossrank.training.reranker import RerankTrainConfig, train_reranker
 
     try:
         weight: float | str = first_stage_weight.strip().lower()

@@ -1,6 +1,6 @@
 """``crossrank add``, ``remove`` and ``compact``: changing an index in place, one generation each.
 
-Thin shells over :mod:`crossrank.living`; each holds the index's writer lock while it works, so a
+Thin shells over :mod:`crossrank.write`; each holds the index's writer lock while it works, so a
 second writer gets one red line naming the first.
 """
 
@@ -64,7 +64,7 @@ def add(
     """Index the files of SOURCE the index does not hold yet (by content); moved files keep their id."""
     from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeElapsedColumn
 
-    from crossrank.living import add_images
+    from crossrank.write import add_images
 
     columns = [TextColumn("[bold]{task.fields[phase]}"), BarColumn(), MofNCompleteColumn(),
                TextColumn("{task.fields[rate]}"), TimeElapsedColumn()]
@@ -99,7 +99,7 @@ def remove(
     as_json: Annotated[bool, typer.Option("--json", help="Print the summary as JSON.")] = False,
 ) -> None:
     """Remove images by --ids or --where; searches stop returning them at once, `compact` reclaims the space."""
-    from crossrank.living import remove_images
+    from crossrank.write import remove_images
 
     if (where is None) == (ids is None):
         raise typer.BadParameter("give either --where SQL or --ids 1,2,..., not both and not neither")
@@ -126,7 +126,7 @@ def compact(
     """Rewrite the index without removed images, and delete old generations no reader holds."""
     from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeElapsedColumn
 
-    from crossrank.living import compact_index
+    from crossrank.write import compact_index
 
     columns = [TextColumn("[bold]{task.fields[phase]}"), BarColumn(), MofNCompleteColumn(),
                TextColumn("{task.fields[rate]}"), TimeElapsedColumn()]

@@ -65,12 +65,8 @@ def demo_model_dir() -> Path:
 
     The directory may be missing (an installation without it, or before the demo model exists).
     """
-    from importlib.resources import files
-
-    # Anchored on this regular subpackage rather than on ``crossrank`` itself: under an editable
-    # install made before ``crossrank/__init__.py`` existed, ``crossrank`` imports as a namespace
-    # package, for which ``files`` fails. The package is installed as plain files (not zipped).
-    return Path(str(files("crossrank.encoders"))).parent / "assets" / "demo-encoder"
+    # The package is installed as plain files (not zipped): the assets sit beside this subpackage.
+    return Path(__file__).resolve().parent.parent / "assets" / "demo-encoder"
 
 
 @dataclass(frozen=True)

@@ -22,7 +22,7 @@ from crossrank.evaluate.metrics import METRIC_NAMES, MetricsReport, compute_metr
 from crossrank.evaluate.trec import read_qrels, write_run
 
 if TYPE_CHECKING:
-    from crossrank.index import Index
+    from crossrank.api.index import Index
     from crossrank.rerank import Reranker
 
 __all__ = ["EvalQuery", "EvalReport", "read_queries", "evaluate_index"]

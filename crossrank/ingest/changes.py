@@ -78,7 +78,7 @@ class AddPlan:
 
 
 def _mtime_us(st: os.stat_result) -> int:
-    return int(st.st_mtime * 1e6)  # exactly how the build records it (crossrank.build.metadata_table)
+    return int(st.st_mtime * 1e6)  # exactly how the build records it (crossrank.write.build.metadata_table)
 
 
 def file_sha256(path: str | os.PathLike[str]) -> tuple[str, int, int] | None:

@@ -1,12 +1,13 @@
 """Rerankers: rescore a query's first-stage candidates from token and stored patch features.
 
-Every reranker follows the :class:`Reranker` protocol, so the search path treats them alike:
-:class:`MaxSimReranker`, parameter-free late interaction, and :class:`CrossAttentionReranker`, a
-trained model configured by a :class:`RerankerConfig` and saved as safetensors + config.json
-(:func:`save_reranker`, :func:`load_reranker`; :func:`get_reranker` takes such a folder too) and
-trained over frozen encoders by :func:`train_reranker`; and :class:`BlipItmReranker`, BLIP's
-pretrained image-text matching head (``blip-itm``, for an index built with a BLIP model). The final
-score a hit is ranked by comes from :func:`fuse` (``rerank``, ``sum`` or ``weighted:ALPHA``).
+Every reranker subclasses :class:`Reranker` (:mod:`crossrank.rerank.base`), so the search path
+treats them alike: :class:`MaxSimReranker`, parameter-free late interaction;
+:class:`CrossAttentionReranker`, a trained model configured by a :class:`RerankerConfig` and saved
+as safetensors + config.json (:func:`save_reranker`, :func:`load_reranker`); and
+:class:`BlipItmReranker`, BLIP's pretrained image-text matching head (``blip-itm``, for an index
+built with a BLIP model). :func:`get_reranker` (:mod:`crossrank.rerank.registry`) builds one from a
+name or a folder. The final score a hit is ranked by comes from :func:`fuse` (``rerank``, ``sum``
+or ``weighted:ALPHA``). Training lives apart, in :mod:`crossrank.training`.
 
 The torch modules (the cross-attention model and its checkpoint I/O) are imported on first use.
 """
@@ -15,17 +16,17 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
+from crossrank.rerank.base import Reranker, RerankerName, check_rerank_inputs
 from crossrank.rerank.config import Init, Pooling, QueryTokensMode, RerankerConfig
 from crossrank.rerank.fusion import Fusion, FusionMode, fuse, parse_fusion, resolve_fusion
 from crossrank.rerank.maxsim import MaxSimReranker
-from crossrank.rerank.reranker import Reranker, RerankerName, check_rerank_inputs, get_reranker
+from crossrank.rerank.registry import get_reranker
 
 if TYPE_CHECKING:
     from crossrank.rerank.blip_itm import BlipItmReranker
     from crossrank.rerank.checkpoint import load_reranker, read_reranker_config, save_reranker
     from crossrank.rerank.cross_attention import AttentionPath, CrossAttentionReranker
     from crossrank.rerank.kv_cache import PatchKV
-    from crossrank.rerank.train import RerankLoss, RerankTrainConfig, TrainReport, train_reranker
 
 __all__ = [
     "AttentionPath",
@@ -41,18 +42,14 @@ __all__ = [
     "Reranker",
     "RerankerConfig",
     "RerankerName",
-    "RerankLoss",
-    "RerankTrainConfig",
-    "TrainReport",
     "check_rerank_inputs",
     "fuse",
     "get_reranker",
     "load_reranker",
     "parse_fusion",
-    "resolve_fusion",
     "read_reranker_config",
+    "resolve_fusion",
     "save_reranker",
-    "train_reranker",
 ]
 
 # torch is imported only when one of these is first used.
@@ -64,10 +61,6 @@ _LAZY = {
     "load_reranker": "crossrank.rerank.checkpoint",
     "read_reranker_config": "crossrank.rerank.checkpoint",
     "save_reranker": "crossrank.rerank.checkpoint",
-    "RerankLoss": "crossrank.rerank.train",
-    "RerankTrainConfig": "crossrank.rerank.train",
-    "TrainReport": "crossrank.rerank.train",
-    "train_reranker": "crossrank.rerank.train",
 }
 
 

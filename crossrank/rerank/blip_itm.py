@@ -41,7 +41,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 from crossrank.device import Device, resolve_device
 from crossrank.errors import InvalidArgumentError, ModelError, ModelMismatchError
-from crossrank.rerank.reranker import RerankerName, _as_tensor, check_rerank_inputs
+from crossrank.rerank.base import Reranker, RerankerName, _as_tensor, check_rerank_inputs
 
 if TYPE_CHECKING:
     import numpy as np
@@ -52,7 +52,7 @@ __all__ = ["BlipItmReranker"]
 logger = logging.getLogger(__name__)
 
 
-class BlipItmReranker:
+class BlipItmReranker(Reranker):
     """BLIP image-text matching over stored vision tokens (see the module notes).
 
     Holds only the text encoder (with its cross-attention layers) and ``itm_head`` of a

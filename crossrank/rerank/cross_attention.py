@@ -59,10 +59,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from crossrank.errors import InvalidArgumentError
-from crossrank.rerank._attention import Attention, RerankerLayer, attend
+from crossrank.rerank.layers import Attention, RerankerLayer, attend
 from crossrank.rerank.config import Init, Pooling, QueryTokensMode, RerankerConfig
 from crossrank.rerank.kv_cache import PatchKV
-from crossrank.rerank.reranker import check_rerank_inputs
+from crossrank.rerank.base import Reranker, check_rerank_inputs
 
 __all__ = ["AttentionPath", "CrossAttentionReranker", "PatchKV", "DEFAULT_PATH"]
 
@@ -81,7 +81,7 @@ class AttentionPath(StrEnum):
 DEFAULT_PATH = AttentionPath.AUTO
 
 
-class CrossAttentionReranker(nn.Module):
+class CrossAttentionReranker(nn.Module, Reranker):
     """Query tokens attend to each candidate's stored patch features; one logit per candidate.
 
     Implements the :class:`~crossrank.rerank.Reranker` protocol through :meth:`score` (device

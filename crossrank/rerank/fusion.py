@@ -23,10 +23,14 @@ import math
 import numbers
 from dataclasses import dataclass
 from enum import StrEnum
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from crossrank.errors import InvalidArgumentError
+
+if TYPE_CHECKING:
+    from crossrank.rerank.base import Reranker
 
 __all__ = ["AUTO_FUSION", "Fusion", "FusionMode", "fuse", "parse_fusion", "resolve_fusion"]
 
@@ -186,7 +190,7 @@ def parse_fusion(spec: str | Fusion) -> Fusion:
     return Fusion.parse(spec)
 
 
-def resolve_fusion(spec: str | Fusion, reranker: object | None = None) -> Fusion:
+def resolve_fusion(spec: str | Fusion, reranker: Reranker | None = None) -> Fusion:
     """Parse a ``--fusion`` value, resolving ``auto`` against the reranker that will run.
 
     Args:
@@ -210,7 +214,7 @@ def resolve_fusion(spec: str | Fusion, reranker: object | None = None) -> Fusion
         if mode == AUTO_FUSION:
             if text != AUTO_FUSION:
                 raise InvalidArgumentError(f"fusion 'auto' takes no argument, got {spec!r}")
-            recommended = getattr(reranker, "fusion", None)
+            recommended = None if reranker is None else reranker.fusion
             return Fusion.parse(recommended) if recommended else Fusion()
         if mode not in {m.value for m in FusionMode}:
             raise InvalidArgumentError(

@@ -16,7 +16,7 @@ import logging
 from typing import TYPE_CHECKING
 
 from crossrank.device import Device, resolve_device
-from crossrank.rerank.reranker import RerankerName, check_rerank_inputs
+from crossrank.rerank.base import Reranker, RerankerName, check_rerank_inputs
 
 if TYPE_CHECKING:
     import numpy as np
@@ -29,7 +29,7 @@ logger = logging.getLogger(__name__)
 _EPS = 1e-12  # floor on L2 norms: an all-zero token or patch gets cosine 0, never NaN
 
 
-class MaxSimReranker:
+class MaxSimReranker(Reranker):
     """Late-interaction MaxSim reranker; no parameters, nothing to train.
 
     All k candidates of a query are scored by one matrix product of the query's real tokens

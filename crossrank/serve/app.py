@@ -48,7 +48,7 @@ from crossrank.serve.models import (
 
 if TYPE_CHECKING:
     from crossrank.hits import SearchResult
-    from crossrank.index import Index
+    from crossrank.api.index import Index
 
 __all__ = ["create_app"]
 
@@ -101,7 +101,7 @@ def create_app(index: Index | str | os.PathLike[str], *, allow_where: bool = Fal
         >>> backend = FastAPI()  # doctest: +SKIP
         >>> backend.mount("/photos", create_app("photos.idx"))  # doctest: +SKIP
     """
-    from crossrank.index import Index
+    from crossrank.api.index import Index
 
     if not isinstance(rerank_k, int) or rerank_k < 1:
         raise InvalidArgumentError(f"rerank_k must be a positive number of candidates, got {rerank_k!r}")
@@ -266,7 +266,7 @@ def create_app(index: Index | str | os.PathLike[str], *, allow_where: bool = Fal
 
 def _parse_filters_param(text: str | None) -> dict[str, Any] | None:
     """The page's ``filters`` parameter: JSON text of a structured filter (blank: none)."""
-    from crossrank.filters import check_filter_shape
+    from crossrank.store.filters import check_filter_shape
 
     if text is None or not text.strip():
         return None

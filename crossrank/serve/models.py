@@ -6,7 +6,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, WithJsonSchema, field_validator, model_validator
 
-from crossrank.filters import OPS, check_filter_shape
+from crossrank.store.filters import OPS, check_filter_shape
 
 __all__ = [
     "SearchRequest",
@@ -40,7 +40,7 @@ _OPS_SCHEMA: dict[str, Any] = {
     "minProperties": 1,
 }
 #: The JSON schema of ``filters``: ``{column: value | {op: value}}``. Written out by hand because
-#: the values are validated by :func:`crossrank.filters.check_filter_shape`, whose one-line
+#: the values are validated by :func:`crossrank.store.filters.check_filter_shape`, whose one-line
 #: messages are clearer than a union's list of failed alternatives.
 FILTERS_SCHEMA: dict[str, Any] = {
     "anyOf": [

@@ -15,7 +15,8 @@ deleting it); check with :func:`check_index` / :func:`check_generation`.
 from crossrank.store.check import check_generation, check_index
 from crossrank.store.config import StoreConfig
 from crossrank.store.gc import clean_interrupted, collect_garbage
-from crossrank.store.generation import Generation, GenerationWriter
+from crossrank.store.generation import Generation
+from crossrank.store.generation_writer import GenerationWriter
 from crossrank.store.layout import FORMAT_VERSION, GenerationInfo, PartInfo, read_generation_info
 from crossrank.store.lock import WriterLock, read_lock_holder
 from crossrank.store.manifest import (

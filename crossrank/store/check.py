@@ -3,7 +3,7 @@
 A generation is sound when every file ``generation.json`` lists is present with its recorded
 size, the row counts of every per-image file agree, the ids are sorted and unique, the metadata
 holds the id table's ids in the same order, and the tombstones are sorted, unique ids of the id
-table. The FAISS index's count is checked by :func:`crossrank.index.verify_index`.
+table. The FAISS index's count is checked by :func:`crossrank.api.index.verify_index`.
 """
 
 from __future__ import annotations

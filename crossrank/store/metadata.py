@@ -37,7 +37,7 @@ if TYPE_CHECKING:
     import duckdb
     import pyarrow as pa
 
-    from crossrank.filters import Filters
+    from crossrank.store.filters import Filters
 
 __all__ = ["MetadataStore", "read_skipped", "WHERE_HINT", "IN_MEMORY_MAX_BYTES"]
 
@@ -337,9 +337,9 @@ class MetadataStore:
     def check_filters(self, filters: Filters) -> None:
         """Raise :class:`FilterError` unless ``filters`` fits the metadata schema; scans nothing.
 
-        See :mod:`crossrank.filters` for the ``{column: value | {op: value}}`` form.
+        See :mod:`crossrank.store.filters` for the ``{column: value | {op: value}}`` form.
         """
-        from crossrank.filters import compile_filters
+        from crossrank.store.filters import compile_filters
 
         compile_filters(filters, self._schema)
 
@@ -348,11 +348,11 @@ class MetadataStore:
         """The ``metadata`` relation cut to the rows matching ``filters`` and ``where`` (both hold).
 
         Structured filters reach DuckDB as parameters, never as SQL text (see
-        :func:`crossrank.filters.compile_filters`).
+        :func:`crossrank.store.filters.compile_filters`).
         """
         import duckdb
 
-        from crossrank.filters import compile_filters
+        from crossrank.store.filters import compile_filters
 
         rel = cur.table("metadata")
         if filters is not None:
@@ -373,7 +373,7 @@ class MetadataStore:
             where: a DuckDB SQL boolean expression over the metadata columns (trusted input),
                 e.g. ``"width > 100 AND path LIKE '%cat%'"``. Rows where it is NULL are excluded.
             filters: a structured filter ``{column: value | {op: value}}``, safe for untrusted
-                input (see :mod:`crossrank.filters`): its values reach DuckDB as parameters.
+                input (see :mod:`crossrank.store.filters`): its values reach DuckDB as parameters.
 
         Returns:
             int64 array ``(n_allowed,)``, sorted ascending.

@@ -1,7 +1,7 @@
 """Writing image metadata: Parquet parts and the skipped-files table of a generation.
 
 Rows go in id-table order (row ``i`` describes ``ids[i]``), the order every per-image file of a
-generation shares; :func:`~crossrank.store.generation.check_generation` enforces it.
+generation shares; :func:`~crossrank.store.check.check_generation` enforces it.
 """
 
 from __future__ import annotations

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from crossrank.build import build_index
+from crossrank.write.build import build_index
 from crossrank.cli import app
 from crossrank.store import WriterLock
 

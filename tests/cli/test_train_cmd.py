@@ -19,7 +19,7 @@ runner = CliRunner()
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory: pytest.TempPathFactory, tiny_clip: Path) -> tuple[Path, Path, Path]:
     """A tiny shapes train split, an index over it, and a reranker trained by the CLI for 6 steps."""
-    from crossrank.build import build_index
+    from crossrank.write.build import build_index
     from crossrank.datasets import generate_shapes
 
     torch.set_num_threads(1)
@@ -69,7 +69,7 @@ def test_search_with_a_reranker_folder_uses_it(trained) -> None:
     index = Index.open(index_dir, device="cpu")
     result = index.search("a red circle", k=5, rerank_k=10, reranker=str(out))
     model = load_reranker(out, device="cpu")
-    rows = index._generation.rows_of_ids(np.array([h.id for h in result]))
+    rows = index.stored.rows_of_ids(np.array([h.id for h in result]))
     tokens = index.encoder.encode_text(["a red circle"])
     expected = model.score(torch.from_numpy(tokens.tokens[0]), torch.from_numpy(tokens.mask[0]),
                            torch.from_numpy(index.patches.gather(rows)))

@@ -20,7 +20,7 @@ METRICS = ["R@1", "R@5", "R@10", "MRR@10", "nDCG@10", "P@10"]
 @pytest.fixture(scope="module")
 def shapes(tmp_path_factory: pytest.TempPathFactory, tiny_clip: Path) -> tuple[Path, Path]:
     """A 60-image, 12-query shapes corpus and its index (built from its images/ folder)."""
-    from crossrank.build import build_index
+    from crossrank.write.build import build_index
     from crossrank.datasets import generate_shapes
 
     root = generate_shapes(tmp_path_factory.mktemp("shapes") / "ds", n_images=60, n_queries=12, seed=0,

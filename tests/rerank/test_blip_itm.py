@@ -132,7 +132,7 @@ def test_no_candidates_gives_an_empty_score(blip_encoder, reranker) -> None:
 
 @pytest.fixture(scope="module")
 def blip_index(tmp_path_factory: pytest.TempPathFactory, image_folder: Path, tiny_blip: Path) -> Path:
-    from crossrank.build import build_index
+    from crossrank.write.build import build_index
 
     path = tmp_path_factory.mktemp("indexes") / "blip.idx"
     build_index(image_folder, path, model=tiny_blip, device="cpu", batch_size=8, workers=2)
@@ -151,7 +151,7 @@ def test_index_search_with_blip_itm_equals_the_direct_forward(blip_index: Path, 
     text = blip_encoder.encode_text(QUERIES[:1])
     ids, mask = text.input_ids[0], text.mask[0]
     hit_ids = np.array([h.id for h in result.hits])
-    stored = index.patches.gather(index._generation.rows_of_ids(hit_ids))  # (5, 17, 32) fp16
+    stored = index.patches.gather(index.stored.rows_of_ids(hit_ids))  # (5, 17, 32) fp16
     got = np.array([h.rerank_score for h in result.hits])
     # Exactly the ITM of the stored (fp16) vision tokens ...
     np.testing.assert_allclose(got, direct_itm(reference, ids, mask, stored), atol=1e-5)

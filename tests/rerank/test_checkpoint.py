@@ -187,7 +187,7 @@ def test_index_search_gives_a_reranker_the_layer_0_states_it_reads(built_index, 
     text = "a red circle left of a blue square"
     hits = index.search(text, k=3, rerank_k=6, reranker=str(path), fusion="rerank")
     feats = index.encoder.encode_text([text], token_embeddings=True)
-    rows = index._generation.rows_of_ids(np.array([h.id for h in hits]))
+    rows = index.stored.rows_of_ids(np.array([h.id for h in hits]))
     expected = model.score(torch.from_numpy(feats.reranker_tokens()[0]), torch.from_numpy(feats.mask[0]),
                            torch.from_numpy(index.patches.gather(rows)))
     np.testing.assert_allclose([h.rerank_score for h in hits], expected.numpy(), rtol=1e-5, atol=1e-5)

@@ -4,7 +4,7 @@ import torch
 
 from crossrank.errors import InvalidArgumentError
 from crossrank.rerank import CrossAttentionReranker, PatchKV, Reranker, RerankerConfig
-from crossrank.rerank._attention import attend
+from crossrank.rerank.layers import attend
 
 D_T, D_V, K, L, P = 12, 10, 5, 6, 7
 

@@ -188,7 +188,7 @@ def test_images_cannot_be_walked_out_of(client, path: str) -> None:
 def test_images_of_a_file_gone_since_indexing_is_a_404(tmp_path: Path, tiny_clip: Path) -> None:
     from fastapi.testclient import TestClient
 
-    from crossrank.build import build_index
+    from crossrank.write.build import build_index
     from crossrank.serve import create_app
 
     paths = write_images(tmp_path / "few", 2)

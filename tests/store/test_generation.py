@@ -9,7 +9,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-import crossrank.store.generation as generation_module
+import crossrank.store.generation_writer as generation_module
 from crossrank.errors import (
     CrossrankError,
     IndexCorruptError,

@@ -15,7 +15,7 @@ import numpy as np
 if TYPE_CHECKING:
     import torch
 
-    from crossrank.rerank._train_data import TrainingSet
+    from crossrank.training.data import TrainingSet
     from crossrank.rerank.cross_attention import CrossAttentionReranker
 
 _EVAL_CANDIDATES = 1024  # candidates scored per forward during validation

@@ -47,9 +47,9 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from crossrank.errors import CrossrankError, InvalidArgumentError, ModelError, ModelMismatchError
-from crossrank.rerank._attention_targets import attention_supervision_loss, object_cell_masks
-from crossrank.rerank._train_state import _load_checkpoint, _save_checkpoint, _TrainLog
-from crossrank.rerank._train_steps import (
+from crossrank.training.attention_targets import attention_supervision_loss, object_cell_masks
+from crossrank.training.state import _load_checkpoint, _save_checkpoint, _TrainLog
+from crossrank.training.steps import (
     _Banks,
     _first_stage_metrics,
     _forward,
@@ -57,16 +57,16 @@ from crossrank.rerank._train_steps import (
     _top1_accuracy,
     _validate,
 )
-from crossrank.rerank.config import RerankLoss, RerankTrainConfig
+from crossrank.training.config import RerankLoss, RerankTrainConfig
 
 if TYPE_CHECKING:
     import torch
 
-    from crossrank.index import Index
+    from crossrank.api.index import Index
     from crossrank.rerank.config import RerankerConfig
     from crossrank.rerank.cross_attention import CrossAttentionReranker
 
-__all__ = ["RerankLoss", "RerankTrainConfig", "TrainReport", "rerank_loss", "train_reranker",
+__all__ = ["TrainReport", "rerank_loss", "train_reranker",
            "export_checkpoint", "CHECKPOINT_NAME", "LOG_NAME"]
 
 logger = logging.getLogger(__name__)
@@ -184,7 +184,7 @@ def train_reranker(
     ``checkpoint.pt`` in ``out_dir`` from an earlier run of the same config and data is resumed.
 
     Args:
-        index: an opened :class:`~crossrank.index.Index` or its directory (opened on
+        index: an opened :class:`~crossrank.api.index.Index` or its directory (opened on
             ``config.device``), built over the pairs' images.
         pairs_path: a ``.parquet`` or ``.csv`` file with ``path`` and ``caption`` columns;
             relative paths resolve against its folder. Pairs whose image is not in the index, or
@@ -217,8 +217,8 @@ def train_reranker(
     import torch
 
     from crossrank.device import resolve_device
-    from crossrank.index import Index
-    from crossrank.rerank._train_data import CandidateSampler, prepare_training_set
+    from crossrank.api.index import Index
+    from crossrank.training.data import CandidateSampler, prepare_training_set
     from crossrank.rerank.checkpoint import save_reranker
     from crossrank.rerank.cross_attention import CrossAttentionReranker, _autocast
 

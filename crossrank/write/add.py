@@ -12,8 +12,8 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from crossrank.errors import InvalidArgumentError, ModelMismatchError, SourceError
-from crossrank.living._common import _carry_over, _first_stage_info, _index_config, _open_for_writing
-from crossrank.living.reports import AddReport, PhaseProgressFn
+from crossrank.write._common import _carry_over, _first_stage_info, _index_config, _open_for_writing
+from crossrank.write.reports import AddReport, PhaseProgressFn
 from crossrank.store._crash import crash_point
 
 if TYPE_CHECKING:
@@ -133,7 +133,7 @@ def _add_locked(writer: GenerationWriter, base: Generation, manifest: Manifest, 
                 encoder: Encoder, *, batch_size: int, workers: int,
                 progress: PhaseProgressFn | None) -> tuple[bool, int, int]:
     """Write the add's generation; returns ``(committed, added, skipped)``."""
-    from crossrank.build import encode_items, metadata_table, skipped_table
+    from crossrank.write.build import encode_items, metadata_table, skipped_table
     from crossrank.indexes import FirstStage
     from crossrank.store import read_skipped
     from crossrank.store.layout import SKIPPED_NAME

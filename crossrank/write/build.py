@@ -6,7 +6,7 @@ first stage and ``vectors.npy``, patch features stream into the fp16 patch store
 row per image goes to Parquet. Nothing is visible to readers until the generation commits.
 
 A build holds the index's writer lock from start to end (a second writer is refused, naming it),
-and :func:`encode_items` is shared with ``crossrank add`` (:mod:`crossrank.living`).
+and :func:`encode_items` is shared with ``crossrank add`` (:mod:`crossrank.write`).
 """
 
 from __future__ import annotations

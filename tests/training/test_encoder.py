@@ -11,7 +11,7 @@ import pytest
 torch = pytest.importorskip("torch")
 
 from crossrank.encoders.factory import ClipSpec  # noqa: E402
-from crossrank.encoders.train import (  # noqa: E402
+from crossrank.training.encoder import (  # noqa: E402
     EncoderTrainConfig,
     TrainData,
     _multi_positive_nce,
@@ -164,7 +164,7 @@ def test_shapes_data_carries_a_caption_negative_bank(tmp_path: Path) -> None:
 def test_caption_negatives_fine_tune_a_model_with_its_tokenizer(tmp_path: Path, monkeypatch) -> None:
     # NegCLIP: each step adds rewrites as text columns, their truth decided on every batch
     # image; --init-from starts from an existing model and keeps its tokenizer.
-    import crossrank.encoders.train as train_module
+    import crossrank.training.encoder as train_module
     from crossrank.datasets import generate_shapes, match_matrix
     from crossrank.encoders import load_encoder
 

@@ -11,13 +11,13 @@ import numpy as np
 import pytest
 
 from crossrank import Index, IndexLockedError, IndexNotFoundError, InvalidArgumentError, ModelMismatchError
-from crossrank.build import build_index
+from crossrank.write.build import build_index
 from crossrank.errors import SourceError
-from crossrank.living import add_images, compact_index, remove_images
+from crossrank.write import add_images, compact_index, remove_images
 from crossrank.store import Generation, WriterLock, list_generations
 
-from ._living import assert_sound, index_state
-from .conftest import committed_state, write_images
+from .._living import assert_sound, index_state
+from ..conftest import committed_state, write_images
 
 
 def _build(root: Path, model: Path) -> tuple[Path, Path]:

@@ -9,8 +9,8 @@ from pathlib import Path
 import numpy as np
 
 from crossrank.errors import InvalidArgumentError
-from crossrank.living._common import _carry_over, _open_for_writing
-from crossrank.living.reports import RemoveReport
+from crossrank.write._common import _carry_over, _open_for_writing
+from crossrank.write.reports import RemoveReport
 from crossrank.store._crash import crash_point
 
 __all__ = ["remove_images"]

@@ -10,15 +10,10 @@ import pytest
 import torch
 
 from crossrank.errors import CrossrankError, InvalidArgumentError, ModelError, ModelMismatchError
-from crossrank.rerank import (
-    CrossAttentionReranker,
-    RerankerConfig,
-    RerankTrainConfig,
-    load_reranker,
-    train_reranker,
-)
-from crossrank.rerank._train_data import CandidateSampler, prepare_training_set
-from crossrank.rerank.train import CHECKPOINT_NAME, LOG_NAME, rerank_loss
+from crossrank.rerank import CrossAttentionReranker, RerankerConfig, load_reranker
+from crossrank.training import RerankTrainConfig, train_reranker
+from crossrank.training.data import CandidateSampler, prepare_training_set
+from crossrank.training.reranker import CHECKPOINT_NAME, LOG_NAME, rerank_loss
 
 # Gated with the 0.02 init (not the library defaults): a gated model starts at the identity, which
 # some tests rely on; the init is the one checkpoints that predate the field were trained with.
@@ -192,7 +187,7 @@ def test_layer_0_token_states_are_read_at_the_encoders_width_in_training_and_sea
 
 
 def test_layer_0_token_states_of_an_encoder_without_them_are_refused():
-    from crossrank.rerank.train import _model_config
+    from crossrank.training.reranker import _model_config
 
     with pytest.raises(ModelMismatchError, match="does not give layer-0 token states; train without"):
         _model_config(dataclasses.replace(TINY, token_embeddings=1),
@@ -298,7 +293,7 @@ def test_first_stage_weight_auto_is_the_encoders_logit_scale(shapes, tmp_path):
 
 
 def test_an_exported_checkpoint_is_the_reranker_the_run_writes(shapes, tmp_path):
-    from crossrank.rerank.train import export_checkpoint
+    from crossrank.training.reranker import export_checkpoint
 
     ds, index = shapes
     train_reranker(index, ds.pairs_path, tmp_path / "r", model_config=TINY,
@@ -351,7 +346,7 @@ def test_hard_negatives_never_include_exact_shapes_positives(shapes):
     paired = np.zeros_like(truth)
     paired[data.train_caption, data.train_image] = True
     _, ids = index.first_stage.search(index.encoder.encode_text(data.captions).pooled, 40)
-    mined = np.searchsorted(data.pool_rows, index._generation.rows_of_ids(ids.ravel()))
+    mined = np.searchsorted(data.pool_rows, index.stored.rows_of_ids(ids.ravel()))
     assert (truth & ~paired)[np.repeat(np.arange(len(data.captions)), 40), mined].sum() > 20
     assert data.hard_count.sum() > 0
     for u in range(len(data.captions)):
@@ -456,7 +451,7 @@ def test_caption_negatives_need_a_shapes_dataset(colours):
 def test_training_forwards_equal_plain_per_pair_scores(shapes, model_config):
     """The step's shortcuts (keys/values once per distinct image) score as the plain forward."""
     from crossrank.rerank.cross_attention import AttentionPath
-    from crossrank.rerank.train import _Banks, _forward, _forward_captions
+    from crossrank.training.reranker import _Banks, _forward, _forward_captions
 
     ds, index = shapes
     data = prepare_training_set(index, ds.pairs_path, _config(caption_negatives=3, val_fraction=0.0))
@@ -567,7 +562,7 @@ def test_relation_share_gives_relation_only_lists_their_share_and_logs_them(shap
     config = _config(steps=4, caption_negatives=3, relation_share=0.5, val_fraction=0.0)
     report = train_reranker(index, ds.pairs_path, tmp_path / "r", model_config=TINY, config=config)
     assert all(0.0 <= e["train_relation_accuracy"] <= 1.0 for e in report.curve[1:])
-    from crossrank.rerank.train import _caption_lists
+    from crossrank.training.reranker import _caption_lists
 
     data = prepare_training_set(index, ds.pairs_path, config)
     pool = np.flatnonzero(data.relation_negatives.n_structural[data.train_caption] > 0)
@@ -584,7 +579,7 @@ def test_relation_share_gives_relation_only_lists_their_share_and_logs_them(shap
 
 
 def test_relation_share_without_relation_captions_is_refused(shapes, tmp_path, monkeypatch):
-    import crossrank.rerank._train_data as train_data
+    import crossrank.training.data as train_data
 
     ds, index = shapes
     prepare = train_data.prepare_training_set
@@ -606,7 +601,7 @@ def test_relation_share_without_relation_captions_is_refused(shapes, tmp_path, m
 def test_caption_only_steps_train_the_reranker_alone_first(shapes, tmp_path, monkeypatch):
     # Curriculum: the first steps rank captions on the reranker's own logits (no first-stage
     # residual, no image-side candidate lists), the rest train both losses with the residual.
-    import crossrank.rerank.train as train_module
+    import crossrank.training.reranker as train_module
 
     calls = []  # (training step's forward, first-stage residual added?), validation left out
     forward, forward_captions = train_module._forward, train_module._forward_captions
@@ -803,7 +798,7 @@ def test_trains_on_cuda(shapes, tmp_path):
 
 
 def test_a_non_finite_step_is_skipped_and_weights_stay_finite(colours, tmp_path, monkeypatch):
-    import crossrank.rerank.train as train_module
+    import crossrank.training.reranker as train_module
 
     real_loss, calls = train_module.rerank_loss, []
 
@@ -825,7 +820,7 @@ def test_a_non_finite_step_is_skipped_and_weights_stay_finite(colours, tmp_path,
 
 
 def test_training_that_keeps_diverging_stops_with_a_clear_error(colours, tmp_path, monkeypatch):
-    import crossrank.rerank.train as train_module
+    import crossrank.training.reranker as train_module
 
     monkeypatch.setattr(train_module, "MAX_NONFINITE_IN_A_ROW", 3)
     monkeypatch.setattr(train_module, "rerank_loss", lambda logits, loss="listwise": logits.sum() * float("nan"))

@@ -1,4 +1,8 @@
-"""Living indexes: add new images, remove images and compact, each as one new generation.
+"""The write pipeline: build an index, then add, remove and compact, each as one new generation.
+
+**build** (:func:`build_index`, :mod:`crossrank.write.build`) discovers the source's files, decodes
+and encodes them (:mod:`crossrank.ingest`, :mod:`crossrank.encoders`) and writes the first generation:
+vectors, patch shards, metadata parts and the FAISS first stage (:mod:`crossrank.store`).
 
 Every operation holds the index's writer lock (a second writer gets :class:`IndexLockedError`
 naming the first), writes a complete generation beside the current one and commits it by the
@@ -21,14 +25,16 @@ the whole job once (add finds what is already indexed, remove what is already re
 Ids are never reused: a generation records the next free id.
 """
 
-
-from crossrank.living.add import add_images
-from crossrank.living.compact import compact_index
-from crossrank.living.remove import remove_images
-from crossrank.living.reports import AddReport, CompactReport, PhaseProgressFn, RemoveReport
+from crossrank.write.add import add_images
+from crossrank.write.build import BuildReport, build_index
+from crossrank.write.compact import compact_index
+from crossrank.write.remove import remove_images
+from crossrank.write.reports import AddReport, CompactReport, PhaseProgressFn, RemoveReport
 
 __all__ = [
     "AddReport",
+    "BuildReport",
+    "build_index",
     "RemoveReport",
     "CompactReport",
     "PhaseProgressFn",

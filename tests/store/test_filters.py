@@ -10,10 +10,10 @@ import pyarrow as pa
 import pytest
 
 from crossrank.errors import FilterError
-from crossrank.filters import FilterOp, check_filter_shape, compile_filters, parse_filters
+from crossrank.store.filters import FilterOp, check_filter_shape, compile_filters, parse_filters
 from crossrank.store import MetadataStore
 
-from .store.conftest import Written, write_generation
+from .conftest import Written, write_generation
 
 COLUMNS = "id, path, sha256, width, height, bytes, mtime, label, score"
 OPS = "eq, ne, lt, le, gt, ge, in, contains"

@@ -2,38 +2,38 @@
 
 A reranker sees only features: the query's token features and its candidates' stored patch
 features. No image is decoded or re-encoded at query time. Every reranker (parameter-free MaxSim,
-the trained cross-attention reranker, BLIP's pretrained ITM head) takes the same inputs and returns
-one float32 score per candidate, higher is better.
+the trained cross-attention reranker, BLIP's pretrained ITM head) subclasses :class:`Reranker`,
+takes the same inputs and returns one float32 score per candidate, higher is better. The registry
+that builds one by name or folder is :mod:`crossrank.rerank.registry`.
 
-A reranker that runs a model's own text tower rather than reading token features (``blip-itm``)
-sets ``needs_input_ids = True``; :class:`crossrank.Index` then also passes the query's token ids,
-``score(..., input_ids=TextFeatures.input_ids[i])``. Rerankers without the attribute are called
-exactly as before.
+Besides :meth:`Reranker.score`, the interface declares what the search path asks of a reranker,
+each with the default a plain reranker has:
 
-A reranker that reads the text encoder's layer-0 token states beside the last layer's sets
-``token_embeddings`` to their width (a cross-attention reranker trained with
-``--token-embeddings``); :class:`crossrank.Index` then encodes the query with
-``encode_text(..., token_embeddings=True)`` and passes ``TextFeatures.reranker_tokens()`` as
-``query``, ``(n_tokens, token_embeddings + dim)``.
+- ``needs_input_ids`` (False): a reranker that runs a model's own text tower rather than reading
+  token features (``blip-itm``) sets it; the search path then also passes the query's token ids,
+  ``score(..., input_ids=TextFeatures.input_ids[i])``.
+- ``token_embeddings`` (0): the width of the text encoder's layer-0 token states the reranker
+  reads beside the last layer's (a cross-attention reranker trained with ``--token-embeddings``);
+  the search path then encodes the query with ``encode_text(..., token_embeddings=True)`` and
+  passes ``TextFeatures.reranker_tokens()`` as ``query``, ``(n_tokens, token_embeddings + dim)``.
+- ``fusion`` (None): the ``--fusion`` the reranker recommends (a trained checkpoint records it);
+  ``fusion="auto"`` uses it.
 """
 
 from __future__ import annotations
 
 import logging
-import os
-from collections.abc import Mapping
+from abc import ABC, abstractmethod
 from enum import StrEnum
-from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, ClassVar
 
-from crossrank.device import Device
-from crossrank.errors import InvalidArgumentError, ModelMismatchError
+from crossrank.errors import InvalidArgumentError
 
 if TYPE_CHECKING:
     import numpy as np
     import torch
 
-__all__ = ["Reranker", "RerankerName", "get_reranker", "check_rerank_inputs"]
+__all__ = ["Reranker", "RerankerName", "check_rerank_inputs"]
 
 logger = logging.getLogger(__name__)
 
@@ -46,21 +46,26 @@ class RerankerName(StrEnum):
     NONE = "none"
 
 
-@runtime_checkable
-class Reranker(Protocol):
+class Reranker(ABC):
     """Scores one query against its k candidates, all candidates in one batched computation.
+
+    Subclass it and implement :meth:`score`; override the other members only to change their
+    defaults (see the module notes).
 
     Attributes:
         name: a short name for logs and reports, e.g. ``"maxsim"``.
-
-    A reranker may also set a class attribute ``needs_input_ids = True`` and take a keyword
-    ``input_ids`` (``(n_tokens,)`` int64 token ids of the query) in :meth:`score`, or an int
-    ``token_embeddings`` > 0 to get the layer-0 token states in front of ``query``; see the
-    module notes.
+        needs_input_ids: :meth:`score` takes a keyword ``input_ids``, the query's ``(n_tokens,)``
+            int64 token ids (None for an image query).
+        token_embeddings: width of the layer-0 token states expected in front of ``query``; 0 = none.
+        fusion: the fusion this reranker recommends for ``fusion="auto"``; None = the default.
     """
 
-    name: str
+    name: str = "reranker"
+    needs_input_ids: ClassVar[bool] = False
+    token_embeddings: int = 0
+    fusion: str | None = None
 
+    @abstractmethod
     def score(
         self,
         query: torch.Tensor,
@@ -79,93 +84,6 @@ class Reranker(Protocol):
         Returns:
             ``(k,)`` float32 scores on the CPU, higher is better, in the order of ``patches``.
         """
-        ...
-
-
-def get_reranker(
-    spec: str | os.PathLike[str] | RerankerName | Reranker | None,
-    device: Device | str = Device.AUTO,
-    *,
-    encoder_info: Mapping[str, Any] | None = None,
-) -> Reranker | None:
-    """Turn a ``--reranker`` value into a reranker.
-
-    Args:
-        spec: ``"maxsim"`` (case-insensitive), ``"blip-itm"`` (BLIP's image-text matching head,
-            loaded from ``encoder_info``'s model), ``"none"`` or None for no reranking, the folder of
-            a saved cross-attention reranker (a path; names win over a folder of the same name,
-            write ``./maxsim`` for that), or a :class:`Reranker` instance, returned as it is.
-        device: where a named or loaded reranker runs: ``auto``, ``cpu``, ``cuda`` or ``cuda:N``.
-        encoder_info: the ``info`` of the encoder whose features will be reranked (an index
-            manifest's ``encoder``); a loaded reranker's dims are checked against it.
-
-    Returns:
-        The reranker, or None when reranking is off.
-
-    Raises:
-        InvalidArgumentError: the name is not a known reranker nor a path, or the device is
-            unavailable.
-        ModelError: the path holds no loadable reranker (missing, corrupt or truncated files).
-        ModelMismatchError: the loaded reranker's dims do not fit ``encoder_info``; ``blip-itm``
-            on an index not built with BLIP; ``maxsim`` on a BLIP index (its token and patch
-            features are in different spaces).
-
-    Example:
-        >>> get_reranker("none") is None
-        True
-    """
-    if spec is None:
-        return None
-    if isinstance(spec, os.PathLike):
-        return _load(spec, device, encoder_info)
-    if isinstance(spec, str):
-        name = spec.strip().lower()
-        if name == RerankerName.NONE:
-            return None
-        if name == RerankerName.MAXSIM:
-            from crossrank.rerank.maxsim import MaxSimReranker
-
-            if encoder_info is not None and encoder_info.get("model_type") == "blip":
-                raise ModelMismatchError(
-                    f"reranker 'maxsim' cannot rerank an index built with BLIP ({encoder_info.get('model_id')!r}): "
-                    "its text tokens and stored vision tokens are not in one space; use --reranker blip-itm"
-                )
-            return MaxSimReranker(device=device)
-        if name == RerankerName.BLIP_ITM:
-            from crossrank.rerank.blip_itm import blip_itm_for_index
-
-            return blip_itm_for_index(device, encoder_info)
-        if _looks_like_path(spec):
-            return _load(spec, device, encoder_info)
-        choices = ", ".join(m.value for m in RerankerName)
-        raise InvalidArgumentError(
-            f"reranker must be one of {choices}, got {spec!r}, or the folder of a saved "
-            "cross-attention reranker (no such folder exists)"
-        )
-    if isinstance(spec, Reranker):
-        return spec
-    raise InvalidArgumentError(
-        f"reranker must be a name ({', '.join(m.value for m in RerankerName)}), a folder of a "
-        "saved reranker, None, or an object with a `name` and a `score(query, query_mask, patches, "
-        f"patch_mask)` method; got {type(spec).__name__}"
-    )
-
-
-def _looks_like_path(spec: str) -> bool:
-    """A string names a folder if one exists there or it is written like a path."""
-    return (
-        Path(spec).expanduser().exists()
-        or os.sep in spec
-        or (os.altsep is not None and os.altsep in spec)
-        or spec.startswith((".", "~"))
-    )
-
-
-def _load(path: str | os.PathLike[str], device: Device | str,
-          encoder_info: Mapping[str, Any] | None) -> Reranker:
-    from crossrank.rerank.checkpoint import load_reranker
-
-    return load_reranker(Path(path).expanduser(), device, encoder_info=encoder_info)
 
 
 def _as_tensor(x: Any, what: str) -> torch.Tensor:

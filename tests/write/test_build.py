@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 
 from crossrank import Index, InvalidArgumentError, ModelError, SourceError
-from crossrank.build import build_index
+from crossrank.write.build import build_index
 
-from .conftest import committed_state, write_images
+from ..conftest import committed_state, write_images
 
 
 def _odd_folder(root: Path) -> tuple[list[Path], dict[str, Path]]:
@@ -166,7 +166,7 @@ def test_overwrite_commits_a_new_generation_beside_open_readers(index_copy, tmp_
 
 
 def test_an_empty_factory_string_is_a_clear_error(image_folder, tiny_clip, tmp_path):
-    from crossrank.build import build_index
+    from crossrank.write.build import build_index
     from crossrank.errors import InvalidArgumentError
 
     with pytest.raises(InvalidArgumentError, match="factory must be a non-empty FAISS factory string"):

@@ -31,8 +31,8 @@ from crossrank.datasets.negatives import CaptionNegativeBank, perturbation_rows
 from crossrank.errors import InvalidArgumentError
 
 if TYPE_CHECKING:
-    from crossrank.index import Index
-    from crossrank.rerank.config import RerankTrainConfig
+    from crossrank.api.index import Index
+    from crossrank.training.config import RerankTrainConfig
 
 __all__ = [
     "CandidateSampler",
@@ -251,7 +251,7 @@ def prepare_training_set(index: Index, pairs_path: str | os.PathLike[str],
     # -- match the pairs to index rows ---------------------------------------------------------
     meta = index.metadata(columns=["id", "path"])
     row_of_path = dict(zip(meta.column("path").to_pylist(),
-                           index._generation.rows_of_ids(meta.column("id").to_numpy()).tolist(),
+                           index.stored.rows_of_ids(meta.column("id").to_numpy()).tolist(),
                            strict=True))
     empty = np.array([c is None or not c.strip() for c in raw_captions])
     pair_row = np.array([row_of_path.get(p, -1) if p is not None else -1 for p in raw_paths],
@@ -305,7 +305,7 @@ def prepare_training_set(index: Index, pairs_path: str | os.PathLike[str],
     _, ids = index.first_stage.search(xq[:n_captions], depth)  # (U, depth) ids, -1 padded
     mined_rows = np.full(ids.shape, -1, dtype=np.int64)
     valid = ids >= 0
-    mined_rows[valid] = index._generation.rows_of_ids(ids[valid])
+    mined_rows[valid] = index.stored.rows_of_ids(ids[valid])
     if scene_row_of_index_row is not None:  # an image without a scene graph is never a candidate
         mined_rows[valid] = np.where(scene_row_of_index_row[mined_rows[valid]] >= 0,
                                      mined_rows[valid], -1)
@@ -393,7 +393,7 @@ def prepare_training_set(index: Index, pairs_path: str | os.PathLike[str],
         counts["negative_captions"] = len(extra_specs)
     object_tokens = None
     if perturb is not None and config.attention_supervision:
-        from crossrank.rerank._attention_targets import object_token_positions
+        from crossrank.training.attention_targets import object_token_positions
 
         encoder = index.encoder
         object_tokens = object_token_positions(encoder.tokenizer, bank_texts, encoder.max_text_len)
@@ -405,7 +405,7 @@ def prepare_training_set(index: Index, pairs_path: str | os.PathLike[str],
         hard=hard, hard_count=hard_count, train_caption=pair_caption[train],
         train_image=pair_image[train], val_captions=val_captions, val_image=val_image,
         val_first_stage=val_first_stage, val_relevant=val_relevant, query_vectors=xq,
-        image_vectors=np.ascontiguousarray(index._generation.vectors()[pool_rows], dtype=np.float32),
+        image_vectors=np.ascontiguousarray(index.stored.vectors()[pool_rows], dtype=np.float32),
         counts=counts,
         fingerprint=fingerprint,
         negatives=negatives,

@@ -14,33 +14,31 @@ import threading
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, TypeAlias
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from crossrank._search import check_k, encode_queries, search_snapshot, timed
+from crossrank.search.encode import Query, encode_queries
+from crossrank.search.pipeline import check_k, search_snapshot, timed
 from crossrank.errors import CrossrankError, InvalidArgumentError, ModelMismatchError
 from crossrank.hits import SearchResult
 
 if TYPE_CHECKING:
     import pyarrow as pa
-    from PIL import Image
 
-    from crossrank.build import BuildReport, ProgressFn
+    from crossrank.write.build import BuildReport, ProgressFn
     from crossrank.encoders import Encoder
-    from crossrank.filters import Filters
+    from crossrank.store.filters import Filters
     from crossrank.indexes import FirstStage
-    from crossrank.living import AddReport, CompactReport, PhaseProgressFn, RemoveReport
+    from crossrank.write import AddReport, CompactReport, PhaseProgressFn, RemoveReport
     from crossrank.rerank import Reranker
-    from crossrank.snapshot import Snapshot
+    from crossrank.search.snapshot import Snapshot
     from crossrank.store import Generation, Manifest, MetadataStore, PatchStore
 
 __all__ = ["Index", "Query", "DEFAULT_RERANKER", "verify_index"]
 
 logger = logging.getLogger(__name__)
 
-#: A text, or an image (a PIL image, or a ``pathlib.Path`` to an image file) for image-to-image search.
-Query: TypeAlias = "str | Path | Image.Image"
 
 #: ``reranker="auto"``: the index's own trained reranker (``DIR/reranker/``) when it has one, else
 #: ``blip-itm`` for an index built with BLIP, else MaxSim.
@@ -70,7 +68,7 @@ class Index:
     def __init__(self, path: Path, *, device: str = "auto", model: str | Path | None = None,
                  nprobe: int | None = None) -> None:
         """Use :meth:`Index.open`; this constructor is the same call."""
-        from crossrank.snapshot import Snapshot
+        from crossrank.search.snapshot import Snapshot
 
         self.path = Path(path)
         self.device = device
@@ -113,10 +111,10 @@ class Index:
               progress: ProgressFn | None = None) -> Index:
         """Build an index from a folder or manifest and open it.
 
-        See :func:`crossrank.build.build_index` for the arguments; the build's report is kept in
+        See :func:`crossrank.write.build.build_index` for the arguments; the build's report is kept in
         ``index.build_report``.
         """
-        from crossrank.build import build_index
+        from crossrank.write.build import build_index
 
         report = build_index(source, path, model=model, batch_size=batch_size, device=device,
                              factory=factory, nprobe=nprobe, workers=workers, overwrite=overwrite,
@@ -187,7 +185,16 @@ class Index:
         return self._current().metadata
 
     @property
-    def _generation(self) -> Generation:
+    def stored(self) -> Generation:
+        """The stored generation held, read-only: its vectors, ids, patch store and metadata.
+
+        The accessor for code that reads an index's stored features directly (training a
+        reranker, tools): ``index.stored.vectors()`` ``(n, d)`` float32 and
+        ``index.stored.rows_of_ids(ids)`` map ids to rows of the vectors and the patch store.
+        Removed images are included; :attr:`crossrank.store.Generation.live_ids` lists the rest.
+        The generation stays valid while this Index holds it (until :meth:`refresh` or
+        :meth:`close`).
+        """
         return self._current().generation
 
     def refresh(self) -> bool:
@@ -203,7 +210,7 @@ class Index:
         Raises:
             IndexCorruptError: the new generation cannot be opened (the index keeps the old one).
         """
-        from crossrank.snapshot import Snapshot
+        from crossrank.search.snapshot import Snapshot
         from crossrank.store import current_generation_number
 
         with self._refresh_lock:
@@ -248,14 +255,14 @@ class Index:
             progress: PhaseProgressFn | None = None) -> AddReport:
         """Index the files of ``source`` not in the index yet, then :meth:`refresh`.
 
-        See :func:`crossrank.living.add_images`: files are compared by content, a moved file keeps
+        See :func:`crossrank.write.add_images`: files are compared by content, a moved file keeps
         its id, and queries' encoder (:attr:`encoder`) encodes the new images.
 
         Raises:
             SourceError: the source is missing or unreadable.
             IndexLockedError: another process is writing the index.
         """
-        from crossrank.living import add_images
+        from crossrank.write import add_images
 
         report = add_images(source, self.path, encoder=self.encoder, batch_size=batch_size, device=self.device,
                             workers=workers, rehash=rehash, progress=progress)
@@ -265,14 +272,14 @@ class Index:
     def remove(self, ids: Sequence[int] | np.ndarray | None = None, *, where: str | None = None) -> RemoveReport:
         """Remove images by id or by a ``where`` filter, then :meth:`refresh`.
 
-        See :func:`crossrank.living.remove_images`.
+        See :func:`crossrank.write.remove_images`.
 
         Raises:
             InvalidArgumentError: ids that were never in the index (named; nothing is removed).
             FilterError: a malformed ``where``.
             IndexLockedError: another process is writing the index.
         """
-        from crossrank.living import remove_images
+        from crossrank.write import remove_images
 
         report = remove_images(self.path, ids=ids, where=where)
         self._after_write()
@@ -281,12 +288,12 @@ class Index:
     def compact(self, *, progress: PhaseProgressFn | None = None) -> CompactReport:
         """Rewrite the index without removed images, then :meth:`refresh` and delete old generations.
 
-        See :func:`crossrank.living.compact_index`.
+        See :func:`crossrank.write.compact_index`.
 
         Raises:
             IndexLockedError: another process is writing the index.
         """
-        from crossrank.living import compact_index
+        from crossrank.write import compact_index
 
         report = compact_index(self.path, progress=progress)
         self._after_write()
@@ -419,7 +426,7 @@ class Index:
             filters: a structured filter, safe for untrusted input: ``{column: value | {op:
                 value}}`` with ops ``eq ne lt le gt ge in contains``, e.g. ``{"width": {"ge": 512},
                 "path": {"contains": "/2024/"}}``, checked against the metadata schema and run
-                with parameters (see :mod:`crossrank.filters`). With ``where`` too, both must hold.
+                with parameters (see :mod:`crossrank.store.filters`). With ``where`` too, both must hold.
             reranker: ``"auto"`` (the index's own ``reranker/`` folder if it has one, else
                 ``"blip-itm"`` for an index built with BLIP, else ``"maxsim"``), ``"maxsim"``,
                 ``"blip-itm"`` (BLIP indexes, text queries), ``"none"``/``None``, the folder of a
@@ -462,7 +469,7 @@ class Index:
         _ = self.encoder  # load (once) outside the timings: they measure the query, not start-up
         with timed(timings, "encode"):
             xq, q_tokens, q_masks, q_ids, labels = encode_queries(
-                self.encoder, self.first_stage.d, queries, token_embeddings=getattr(scorer, "token_embeddings", 0))
+                self.encoder, self.first_stage.d, queries, token_embeddings=0 if scorer is None else scorer.token_embeddings)
         return self._search_encoded(xq, q_tokens, q_masks, labels, k=k, n_candidates=n_candidates,
                                     where=where, scorer=scorer, fuse=fuse, timings=timings, q_ids=q_ids,
                                     filters=filters)

@@ -26,7 +26,7 @@ from crossrank import (
 from crossrank.indexes import FirstStage
 from crossrank.rerank import MaxSimReranker
 
-from .conftest import committed_state
+from ..conftest import committed_state
 
 QUERY = "a red circle left of a blue square"
 ATOL = 1e-5
@@ -307,7 +307,7 @@ def test_verify_passes_on_a_sound_index(index):
 
 
 def test_verify_names_a_deleted_patch_shard(index_copy):
-    from crossrank.index import verify_index
+    from crossrank.api.index import verify_index
 
     shard = _generation(index_copy) / "patches-000.npy"
     shard.unlink()
@@ -316,7 +316,7 @@ def test_verify_names_a_deleted_patch_shard(index_copy):
 
 
 def test_verify_names_a_first_stage_count_mismatch(index_copy):
-    from crossrank.index import verify_index
+    from crossrank.api.index import verify_index
     from crossrank.indexes import IndexConfig
 
     gen = _generation(index_copy)
@@ -330,7 +330,7 @@ def test_verify_names_a_first_stage_count_mismatch(index_copy):
 
 
 def test_verify_names_a_manifest_count_mismatch(index_copy):
-    from crossrank.index import verify_index
+    from crossrank.api.index import verify_index
 
     manifest = json.loads((index_copy / "manifest.json").read_text())
     manifest["counts"]["images"] = 99

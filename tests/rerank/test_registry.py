@@ -5,11 +5,21 @@ from crossrank.errors import InvalidArgumentError
 from crossrank.rerank import MaxSimReranker, Reranker, RerankerName, check_rerank_inputs, get_reranker
 
 
-class _ConstantReranker:
+class _ConstantReranker(Reranker):
     name = "constant"
 
     def score(self, query, query_mask, patches, patch_mask=None):
         return torch.zeros(patches.shape[0])
+
+
+class _DuckReranker:
+    """Not a Reranker subclass: a name, a score method and one optional member of its own."""
+
+    name = "duck"
+    fusion = "sum"
+
+    def score(self, query, query_mask, patches, patch_mask=None):
+        return torch.arange(patches.shape[0], dtype=torch.float32)
 
 
 @pytest.mark.parametrize("spec", ["maxsim", "MaxSim", " maxsim ", RerankerName.MAXSIM])
@@ -26,8 +36,16 @@ def test_none_turns_reranking_off(spec):
 
 def test_a_reranker_instance_is_passed_through():
     custom = _ConstantReranker()
-    assert isinstance(custom, Reranker)
     assert get_reranker(custom) is custom
+    assert (custom.needs_input_ids, custom.token_embeddings, custom.fusion) == (False, 0, None)
+
+
+def test_a_duck_typed_reranker_gets_the_interface_defaults_and_keeps_its_own_members():
+    wrapped = get_reranker(_DuckReranker())
+    assert isinstance(wrapped, Reranker) and wrapped.name == "duck"
+    assert (wrapped.needs_input_ids, wrapped.token_embeddings, wrapped.fusion) == (False, 0, "sum")
+    scores = wrapped.score(torch.ones(2, 3), torch.ones(2, dtype=torch.bool), torch.ones(4, 5, 3))
+    assert scores.tolist() == [0.0, 1.0, 2.0, 3.0]
 
 
 def test_unknown_name_lists_the_choices():

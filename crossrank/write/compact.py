@@ -12,8 +12,8 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from crossrank.errors import InvalidArgumentError
-from crossrank.living._common import _carry_over, _first_stage_info, _index_config, _open_for_writing
-from crossrank.living.reports import CompactReport, PhaseProgressFn
+from crossrank.write._common import _carry_over, _first_stage_info, _index_config, _open_for_writing
+from crossrank.write.reports import CompactReport, PhaseProgressFn
 from crossrank.store._crash import crash_point
 
 if TYPE_CHECKING:

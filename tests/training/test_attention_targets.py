@@ -8,7 +8,7 @@ from crossrank.datasets import SceneArrays, SpecArrays, parse_query
 from crossrank.datasets.config import Colour, Shape, Size
 from crossrank.datasets.scene import Scene, SceneObject
 from crossrank.errors import InvalidArgumentError
-from crossrank.rerank._attention_targets import (
+from crossrank.training.attention_targets import (
     _cell_patches,
     attention_supervision_loss,
     object_cell_masks,

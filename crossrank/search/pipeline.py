@@ -1,0 +1,171 @@
+"""The stages of one search on one snapshot, in the order they run.
+
+:class:`crossrank.Index` encodes the queries (:mod:`crossrank.search.encode`) and calls
+:func:`search_snapshot` on the generation it holds, which runs the rest, one function per stage:
+
+1. :func:`allowed_ids`: the ``where`` / ``filters`` pre-filter, DuckDB over the metadata Parquet
+   (:meth:`crossrank.store.MetadataStore.allowed_ids`), minus removed images;
+2. :func:`first_stage`: the ``rerank_k`` best candidates by pooled vector (FAISS,
+   :mod:`crossrank.indexes`, or exact scoring of a small allowed set);
+3. :func:`rerank`: gather the candidates' stored patches (:meth:`crossrank.store.PatchStore.gather`)
+   and score them with the reranker (:mod:`crossrank.rerank`);
+4. fuse (:mod:`crossrank.rerank.fusion`) and cut to ``k``;
+5. :func:`join_metadata`: the hits' metadata rows (:meth:`crossrank.store.MetadataStore.rows`).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from crossrank.errors import InvalidArgumentError
+from crossrank.hits import Hit, SearchCounts, SearchResult
+
+if TYPE_CHECKING:
+    from crossrank.rerank import Reranker
+    from crossrank.search.snapshot import Snapshot
+    from crossrank.store.filters import Filters
+
+__all__ = [
+    "allowed_ids",
+    "check_k",
+    "first_stage",
+    "join_metadata",
+    "rerank",
+    "search_snapshot",
+    "timed",
+]
+
+#: ``fuse(first_stage_scores, rerank_scores) -> final scores``, all ``(k,)`` float32.
+FuseFn = Callable[[np.ndarray, np.ndarray], np.ndarray]
+
+
+def search_snapshot(
+    snap: Snapshot,
+    xq: np.ndarray,
+    q_tokens: list[np.ndarray] | None,
+    q_masks: list[np.ndarray] | None,
+    labels: list[str],
+    *,
+    k: int,
+    n_candidates: int,
+    where: str | None,
+    scorer: Reranker | None,
+    fuse: FuseFn | None,
+    timings: dict[str, float],
+    q_ids: list[np.ndarray | None] | None,
+    filters: Filters | None,
+) -> list[SearchResult]:
+    """Filter, first stage, rerank (when ``scorer``), fuse, join metadata, on one snapshot.
+
+    ``xq`` is ``(m, d)`` float32; ``q_tokens`` and ``q_masks`` hold each query's token features
+    and mask, and ``q_ids`` its token ids (None for an image query); they are read only when
+    ``scorer`` is given (the ids only by a scorer with ``needs_input_ids``). ``timings``
+    (milliseconds per stage so far) is copied into each query's result.
+    """
+    allowed = allowed_ids(snap, where, filters, timings)
+    with timed(timings, "first_stage"):
+        D, I = first_stage(snap, xq, n_candidates, allowed)
+
+    results = []
+    for qi, label in enumerate(labels):
+        q_timings = dict(timings)
+        keep = I[qi] >= 0
+        ids, first_scores = I[qi][keep], D[qi][keep]
+        rerank_scores: np.ndarray | None = None
+        if scorer is not None and ids.size:
+            assert q_tokens is not None and q_masks is not None and fuse is not None
+            with timed(q_timings, "rerank"):
+                rerank_scores = rerank(snap, scorer, q_tokens[qi], q_masks[qi], ids,
+                                       None if q_ids is None else q_ids[qi])
+                final = fuse(first_scores, rerank_scores)
+                order = np.argsort(-final, kind="stable")[:k]  # ties keep the first-stage order
+        else:
+            final, order = first_scores, np.arange(min(k, ids.size))
+        with timed(q_timings, "metadata"):
+            hits = join_metadata(snap, ids[order], final[order], first_scores[order],
+                                 None if rerank_scores is None else rerank_scores[order])
+        counts = SearchCounts(requested=k, returned=len(hits),
+                              filtered_out=0 if allowed is None else len(snap) - int(allowed.size),
+                              candidates=int(ids.size))
+        q_timings["total"] = sum(q_timings.values())
+        results.append(SearchResult(query=label, hits=hits, counts=counts, timings_ms=q_timings,
+                                    generation=snap.number))
+    return results
+
+
+def allowed_ids(snap: Snapshot, where: str | None, filters: Filters | None,
+                timings: dict[str, float]) -> np.ndarray | None:
+    """The ids a search may return: those matching ``where`` and ``filters`` (DuckDB), without
+    removed images (tombstones); None = every image (no filter, nothing removed)."""
+    if where is None and filters is None:
+        return snap.live_ids
+    with timed(timings, "filter"):
+        return snap.without_tombstones(snap.metadata.allowed_ids(where, filters=filters))
+
+
+def first_stage(snap: Snapshot, xq: np.ndarray, k: int,
+                allowed: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
+    """The ``k`` best (scores, ids) per query among ``allowed`` (None = all): FAISS, or exact
+    scoring when the allowed set is small enough to beat it."""
+    from crossrank.indexes import exact_search
+
+    if allowed is not None and snap.first_stage.prefers_exact(int(allowed.size), k):
+        rows = snap.generation.rows_of_ids(allowed)
+        return exact_search(xq, np.asarray(snap.vectors[rows]), allowed, k)
+    return snap.first_stage.search(xq, k, allowed_ids=allowed)
+
+
+def rerank(snap: Snapshot, scorer: Reranker, tokens: np.ndarray, mask: np.ndarray, ids: np.ndarray,
+           input_ids: np.ndarray | None = None) -> np.ndarray:
+    """``scorer``'s float32 scores of one query's candidates ``ids`` from their stored patches."""
+    import torch
+
+    rows = snap.generation.rows_of_ids(ids)
+    patches = snap.patches.gather(rows)  # (k, P, d) fp16
+    # Only a reranker that declares needs_input_ids gets the keyword (None for an image query:
+    # it says itself that it cannot rerank one); the others keep the four-argument interface.
+    extra: dict[str, Any] = {}
+    if scorer.needs_input_ids:
+        extra["input_ids"] = None if input_ids is None else torch.from_numpy(input_ids)
+    scores = scorer.score(torch.from_numpy(np.ascontiguousarray(tokens)), torch.from_numpy(mask),
+                          torch.from_numpy(patches), **extra)
+    return scores.numpy().astype(np.float32, copy=False)
+
+
+def join_metadata(snap: Snapshot, ids: np.ndarray, scores: np.ndarray, first_scores: np.ndarray,
+                  rerank_scores: np.ndarray | None) -> tuple[Hit, ...]:
+    """The hits of ``ids`` in order, each with its metadata row and its scores."""
+    rows = snap.metadata.rows(ids)
+    return tuple(
+        Hit(id=int(ids[j]), path=str(row.pop("path")), score=float(scores[j]),
+            first_stage_score=float(first_scores[j]),
+            rerank_score=None if rerank_scores is None else float(rerank_scores[j]),
+            metadata={key: value for key, value in row.items() if key != "id"})
+        for j, row in zip(range(ids.size), rows, strict=True)
+    )
+
+
+def check_k(k: int, rerank_k: int) -> None:
+    """Refuses a bad ``k`` or a ``rerank_k`` below it, saying what to change."""
+    if not isinstance(k, int) or k <= 0:
+        raise InvalidArgumentError(f"k must be a positive number of hits, got {k!r}")
+    if not isinstance(rerank_k, int) or rerank_k < k:
+        raise InvalidArgumentError(
+            f"rerank_k must be >= k (the reranker can only return candidates it saw), got "
+            f"rerank_k={rerank_k!r} and k={k}; raise --rerank-k or lower -k"
+        )
+
+
+@contextmanager
+def timed(timings: dict[str, float], stage: str) -> Iterator[None]:
+    """Add the milliseconds spent in the block to ``timings[stage]``."""
+    t0 = time.perf_counter()
+    try:
+        yield
+    finally:
+        timings[stage] = timings.get(stage, 0.0) + (time.perf_counter() - t0) * 1e3
