@@ -42,15 +42,44 @@ def _config(name: str, layers: int) -> Any:
     from transformers import BlipConfig
 
     if name == "tiny":
-        text = dict(vocab_size=128, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
-                    max_position_embeddings=32, pad_token_id=0, bos_token_id=2, sep_token_id=3, eos_token_id=3)
-        vision = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
-                      image_size=32, patch_size=8, initializer_range=0.02)
+        text = dict(
+            vocab_size=128,
+            hidden_size=32,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            intermediate_size=64,
+            max_position_embeddings=32,
+            pad_token_id=0,
+            bos_token_id=2,
+            sep_token_id=3,
+            eos_token_id=3,
+        )
+        vision = dict(
+            hidden_size=32,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            intermediate_size=64,
+            image_size=32,
+            patch_size=8,
+            initializer_range=0.02,
+        )
         return BlipConfig(text_config=text, vision_config=vision, image_text_hidden_size=16)
-    text = dict(vocab_size=30524, hidden_size=768, num_hidden_layers=layers, num_attention_heads=12,
-                intermediate_size=3072)
-    vision = dict(hidden_size=768, num_hidden_layers=layers, num_attention_heads=12, intermediate_size=3072,
-                  image_size=384, patch_size=16, initializer_range=0.02)
+    text = dict(
+        vocab_size=30524,
+        hidden_size=768,
+        num_hidden_layers=layers,
+        num_attention_heads=12,
+        intermediate_size=3072,
+    )
+    vision = dict(
+        hidden_size=768,
+        num_hidden_layers=layers,
+        num_attention_heads=12,
+        intermediate_size=3072,
+        image_size=384,
+        patch_size=16,
+        initializer_range=0.02,
+    )
     return BlipConfig(text_config=text, vision_config=vision, image_text_hidden_size=256)
 
 
@@ -66,7 +95,9 @@ def _measure(name: str, k: int, layers: int, rounds: int) -> dict[str, Any]:
     ids = torch.randint(5, config.text_config.vocab_size, (N_TOKENS,))
     mask = torch.ones(N_TOKENS, dtype=torch.bool)
     with torch.inference_mode():
-        patches = model.vision_model(pixel_values=pixels).last_hidden_state  # (k, 1 + P, hidden), "the store"
+        patches = model.vision_model(
+            pixel_values=pixels
+        ).last_hidden_state  # (k, 1 + P, hidden), "the store"
         patches = patches.half().float()  # the store keeps fp16
     tokens = torch.zeros(N_TOKENS, config.text_config.hidden_size)
 
@@ -75,8 +106,12 @@ def _measure(name: str, k: int, layers: int, rounds: int) -> dict[str, Any]:
 
     def full() -> torch.Tensor:
         with torch.inference_mode():
-            logits = model(input_ids=ids[None].expand(k, -1), pixel_values=pixels,
-                           attention_mask=mask.long()[None].expand(k, -1), use_itm_head=True).itm_score
+            logits = model(
+                input_ids=ids[None].expand(k, -1),
+                pixel_values=pixels,
+                attention_mask=mask.long()[None].expand(k, -1),
+                use_itm_head=True,
+            ).itm_score
             return logits.softmax(-1)[:, 1]
 
     calls = {"cached": cached, "full": full}
@@ -91,12 +126,16 @@ def _measure(name: str, k: int, layers: int, rounds: int) -> dict[str, Any]:
             times[path].append((time.perf_counter() - t0) * 1e3)
     ratios = [f / c for f, c in zip(times["full"], times["cached"], strict=True)]
     return {
-        "model": name, "k": k, "layers": "2 + 2" if name == "tiny" else f"{layers} + {layers}",
-        "vision_tokens": int(patches.shape[1]), "hidden": int(patches.shape[2]),
+        "model": name,
+        "k": k,
+        "layers": "2 + 2" if name == "tiny" else f"{layers} + {layers}",
+        "vision_tokens": int(patches.shape[1]),
+        "hidden": int(patches.shape[2]),
         "cached_ms": round(statistics.median(times["cached"]), 2),
         "full_ms": round(statistics.median(times["full"]), 2),
         "full_over_cached": round(statistics.median(ratios), 2),
-        "max_abs_diff": agree, "rounds": rounds,
+        "max_abs_diff": agree,
+        "rounds": rounds,
     }
 
 
@@ -105,9 +144,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--k", type=int, default=100)
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
     parser.add_argument("--rounds", type=int, default=5, help="timed rounds for the tiny model")
-    parser.add_argument("--base-rounds", type=int, default=3, help="timed rounds for the base-width model")
-    parser.add_argument("--base-layers", type=int, default=1,
-                        help="layers per tower of the base-width model (BLIP-base: 12)")
+    parser.add_argument(
+        "--base-rounds", type=int, default=3, help="timed rounds for the base-width model"
+    )
+    parser.add_argument(
+        "--base-layers",
+        type=int,
+        default=1,
+        help="layers per tower of the base-width model (BLIP-base: 12)",
+    )
     parser.add_argument("--skip-base", action="store_true")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args(argv)
@@ -116,17 +161,25 @@ def main(argv: list[str] | None = None) -> int:
     rows = [_measure("tiny", args.k, 2, args.rounds)]
     if not args.skip_base:
         rows.append(_measure("base", args.k, args.base_layers, args.base_rounds))
-    env = {"torch": torch.__version__, "threads": args.threads, "cpu": platform.processor() or platform.machine(),
-           "python": platform.python_version()}
+    env = {
+        "torch": torch.__version__,
+        "threads": args.threads,
+        "cpu": platform.processor() or platform.machine(),
+        "python": platform.python_version(),
+    }
     if args.json:
         print(json.dumps({"env": env, "results": rows}, indent=2))
         return 0
     print(f"blip-itm rerank latency per query, k={args.k}, CPU float32, {args.threads} thread(s)")
-    print(f"{'model':6} {'layers':>7} {'tokens':>6} {'cached ms':>10} {'full ms':>10} {'full/cached':>12} "
-          f"{'max|diff|':>10}")
+    print(
+        f"{'model':6} {'layers':>7} {'tokens':>6} {'cached ms':>10} {'full ms':>10} {'full/cached':>12} "
+        f"{'max|diff|':>10}"
+    )
     for r in rows:
-        print(f"{r['model']:6} {r['layers']:>7} {r['vision_tokens']:>6} {r['cached_ms']:>10.1f} {r['full_ms']:>10.1f} "
-              f"{r['full_over_cached']:>11.2f}x {r['max_abs_diff']:>10.1e}")
+        print(
+            f"{r['model']:6} {r['layers']:>7} {r['vision_tokens']:>6} {r['cached_ms']:>10.1f} {r['full_ms']:>10.1f} "
+            f"{r['full_over_cached']:>11.2f}x {r['max_abs_diff']:>10.1e}"
+        )
     return 0
 
 

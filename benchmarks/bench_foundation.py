@@ -72,23 +72,59 @@ class Sizes:
 
 
 FULL = Sizes(
-    n_vectors=100_000, dim=512, n_patches=49, patch_dim=512, patch_shard_bytes=1 << 30,
-    search_k=10, search_rounds=300, gather_k=100, gather_rounds=300,
-    build_images=400, image_size=64, build_batch=64, build_workers=4, build_rounds=7,
+    n_vectors=100_000,
+    dim=512,
+    n_patches=49,
+    patch_dim=512,
+    patch_shard_bytes=1 << 30,
+    search_k=10,
+    search_rounds=300,
+    gather_k=100,
+    gather_rounds=300,
+    build_images=400,
+    image_size=64,
+    build_batch=64,
+    build_workers=4,
+    build_rounds=7,
     # The demo model's architecture (crossrank.training.encoder.DEMO_SPEC).
-    clip=dict(image_size=64, patch_size=8, vision_width=128, vision_layers=4, vision_heads=4,
-              text_width=128, text_layers=2, text_heads=4, projection_dim=128, max_text_len=16,
-              vocab_size=128),
+    clip=dict(
+        image_size=64,
+        patch_size=8,
+        vision_width=128,
+        vision_layers=4,
+        vision_heads=4,
+        text_width=128,
+        text_layers=2,
+        text_heads=4,
+        projection_dim=128,
+        max_text_len=16,
+        vocab_size=128,
+    ),
 )
 QUICK = Sizes(
-    n_vectors=2_000, dim=512, n_patches=49, patch_dim=512, patch_shard_bytes=16 << 20,
-    search_k=10, search_rounds=20, gather_k=100, gather_rounds=20,
-    build_images=24, image_size=64, build_batch=8, build_workers=2, build_rounds=2,
+    n_vectors=2_000,
+    dim=512,
+    n_patches=49,
+    patch_dim=512,
+    patch_shard_bytes=16 << 20,
+    search_k=10,
+    search_rounds=20,
+    gather_k=100,
+    gather_rounds=20,
+    build_images=24,
+    image_size=64,
+    build_batch=8,
+    build_workers=2,
+    build_rounds=2,
     clip=dict(image_size=32, patch_size=8, vision_width=32, vision_layers=2, vision_heads=2),
 )
 
-TOKENIZER_WORDS = ["a red circle left of a blue square", "a green triangle above a yellow star",
-                   "a small purple square right of a large orange circle", "cyan grey white"]
+TOKENIZER_WORDS = [
+    "a red circle left of a blue square",
+    "a green triangle above a yellow star",
+    "a small purple square right of a large orange circle",
+    "cyan grey white",
+]
 
 
 @dataclass
@@ -169,17 +205,23 @@ def write_synthetic_index(root: Path, sizes: Sizes, seed: int = 0) -> Path:
     block = rng.standard_normal((block_rows, P, d), dtype=np.float32) / np.sqrt(d)
     block = block.astype(np.float16)  # (block_rows, P, d)
     t0 = np.datetime64("2024-01-01T00:00:00", "us")
-    metadata = pa.table({
-        "id": pa.array(ids, pa.int64()),
-        "path": pa.array([f"/photos/{i // 1000:03d}/img_{i:06d}.jpg" for i in ids], pa.string()),
-        "sha256": pa.array([f"{i:064x}" for i in ids], pa.string()),
-        "width": pa.array(rng.integers(64, 4096, n), pa.int32()),
-        "height": pa.array(rng.integers(64, 4096, n), pa.int32()),
-        "bytes": pa.array(rng.integers(10_000, 5_000_000, n), pa.int64()),
-        "mtime": pa.array(t0 + rng.integers(0, 10**13, n).astype("timedelta64[us]"),
-                          pa.timestamp("us", tz="UTC")),
-        "label": pa.array(rng.choice(["cat", "dog", "bird", "car"], n), pa.string()),
-    })
+    metadata = pa.table(
+        {
+            "id": pa.array(ids, pa.int64()),
+            "path": pa.array(
+                [f"/photos/{i // 1000:03d}/img_{i:06d}.jpg" for i in ids], pa.string()
+            ),
+            "sha256": pa.array([f"{i:064x}" for i in ids], pa.string()),
+            "width": pa.array(rng.integers(64, 4096, n), pa.int32()),
+            "height": pa.array(rng.integers(64, 4096, n), pa.int32()),
+            "bytes": pa.array(rng.integers(10_000, 5_000_000, n), pa.int64()),
+            "mtime": pa.array(
+                t0 + rng.integers(0, 10**13, n).astype("timedelta64[us]"),
+                pa.timestamp("us", tz="UTC"),
+            ),
+            "label": pa.array(rng.choice(["cat", "dog", "bird", "car"], n), pa.string()),
+        }
+    )
     first_stage = FirstStage.build(xb, ids, IndexConfig(factory="Flat", device="cpu"))
     config = StoreConfig(patch_shard_bytes=sizes.patch_shard_bytes)
     with GenerationWriter(root, config=config) as writer:
@@ -188,12 +230,17 @@ def write_synthetic_index(root: Path, sizes: Sizes, seed: int = 0) -> Path:
         writer.write_vectors(xb)
         writer.write_ids(ids)
         writer.write_metadata(metadata)
-        writer.write_skipped(pa.table({"path": pa.array([], pa.string()),
-                                       "reason": pa.array([], pa.string())}))
+        writer.write_skipped(
+            pa.table({"path": pa.array([], pa.string()), "reason": pa.array([], pa.string())})
+        )
         first_stage.save(writer.first_stage_path)
         writer.commit(
-            encoder={"model_id": "synthetic-benchmark-vectors", "dim": D, "patch_dim": d,
-                     "n_patches": P},
+            encoder={
+                "model_id": "synthetic-benchmark-vectors",
+                "dim": D,
+                "patch_dim": d,
+                "n_patches": P,
+            },
             first_stage={**first_stage.info, "metric": "inner_product"},
         )
     return root
@@ -242,9 +289,15 @@ def bench_search(index: Any, sizes: Sizes, seed: int = 1) -> Row:
     ms_ours, ms_raw = 1e3 * statistics.median(t_ours), 1e3 * statistics.median(t_raw)
     return Row(
         measurement=f"search k={k} batch 1, rerank off ({sizes.n_vectors:,} x {sizes.dim} Flat)",
-        value=ms_ours, baseline=ms_raw, unit="ms/query",
+        value=ms_ours,
+        baseline=ms_raw,
+        unit="ms/query",
         baseline_name=f"faiss {type(base).__name__}",
-        ratio=ratio, ratio_iqr=iqr, goal="<= 1.10", met=ratio <= 1.10, rounds=len(t_ours),
+        ratio=ratio,
+        ratio_iqr=iqr,
+        goal="<= 1.10",
+        met=ratio <= 1.10,
+        rounds=len(t_ours),
         details={
             "overhead_ms": ms_ours - ms_raw,
             "raw_id_map_ms": 1e3 * statistics.median(t_id_map),
@@ -261,15 +314,16 @@ def bench_search(index: Any, sizes: Sizes, seed: int = 1) -> Row:
 def bench_build(work: Path, sizes: Sizes) -> Row:
     """``build_index`` on a PNG folder vs ``encode_pixels`` on the same pre-decoded images."""
     import crossrank.encoders
-    from crossrank.write.build import build_index
     from crossrank.datasets import generate_shapes
     from crossrank.encoders import load_encoder
     from crossrank.encoders.factory import ClipSpec, make_clip
     from crossrank.ingest import decode_image, discover
+    from crossrank.write.build import build_index
 
     n, batch = sizes.build_images, sizes.build_batch
-    generate_shapes(work / "shapes", n_images=n, n_queries=0, image_size=sizes.image_size, seed=0,
-                    workers=1)
+    generate_shapes(
+        work / "shapes", n_images=n, n_queries=0, image_size=sizes.image_size, seed=0, workers=1
+    )
     folder = work / "shapes" / "images"
     model_dir = make_clip(work / "clip", TOKENIZER_WORDS, ClipSpec(**sizes.clip), seed=0)
 
@@ -299,8 +353,16 @@ def bench_build(work: Path, sizes: Sizes) -> Row:
 
     def build(r: int) -> None:
         out = work / f"built-{r + 1}.idx"  # round -1 is the warm-up
-        reports.append(build_index(folder, out, model=model_dir, batch_size=batch, device="cpu",
-                                   workers=sizes.build_workers))
+        reports.append(
+            build_index(
+                folder,
+                out,
+                model=model_dir,
+                batch_size=batch,
+                device="cpu",
+                workers=sizes.build_workers,
+            )
+        )
 
     def encode(r: int) -> None:
         encoder.encode_pixels(pixels)
@@ -317,19 +379,28 @@ def bench_build(work: Path, sizes: Sizes) -> Row:
         for r in range(-1, sizes.build_rounds):
             shutil.rmtree(work / f"built-{r + 1}.idx", ignore_errors=True)
     if len(handed_out) != len(reports):  # build_index found load_encoder some other way
-        raise RuntimeError("build_index did not take the preloaded encoder: model loading would "
-                           "be timed; update how bench_build hands it over")
+        raise RuntimeError(
+            "build_index did not take the preloaded encoder: model loading would "
+            "be timed; update how bench_build hands it over"
+        )
     if any(rep.indexed != n for rep in reports):
         raise RuntimeError(f"a build indexed {[rep.indexed for rep in reports]} of {n} images")
 
     # images/s is n / seconds, so the throughput ratio is the inverse time ratio.
     ratio, (q1, q3) = median_ratio(t_encode, t_build)
     return Row(
-        measurement=(f"build {n} PNGs {sizes.image_size}px, batch {batch}, cpu "
-                     "(model load excluded)"),
-        value=n / statistics.median(t_build), baseline=n / statistics.median(t_encode),
-        unit="images/s", baseline_name="encode_pixels",
-        ratio=ratio, ratio_iqr=(q1, q3), goal=">= 0.90", met=ratio >= 0.90, rounds=len(t_build),
+        measurement=(
+            f"build {n} PNGs {sizes.image_size}px, batch {batch}, cpu (model load excluded)"
+        ),
+        value=n / statistics.median(t_build),
+        baseline=n / statistics.median(t_encode),
+        unit="images/s",
+        baseline_name="encode_pixels",
+        ratio=ratio,
+        ratio_iqr=(q1, q3),
+        goal=">= 0.90",
+        met=ratio >= 0.90,
+        rounds=len(t_build),
         details={
             "model_load_s_median": statistics.median(load_s),
             "build_s_median": statistics.median(t_build),
@@ -361,9 +432,11 @@ def bench_gather(index: Any, sizes: Sizes, seed: int = 2) -> Row:
     rows = [rng.choice(n, size=k, replace=False) for _ in range(n_inputs)]
     # The copy reads k consecutive rows of the same shard files, from a random place, into a
     # buffer allocated once: the same bytes, from the same warm pages, with no gathering at all.
-    shards = [np.load(index.generation_dir / part.file, mmap_mode="r")
-              for part in read_generation_info(index.generation_dir).patch_shards
-              if part.rows >= k]
+    shards = [
+        np.load(index.generation_dir / part.file, mmap_mode="r")
+        for part in read_generation_info(index.generation_dir).patch_shards
+        if part.rows >= k
+    ]
     blocks = []
     for _ in range(n_inputs):
         shard = shards[int(rng.integers(len(shards)))]
@@ -385,8 +458,13 @@ def bench_gather(index: Any, sizes: Sizes, seed: int = 2) -> Row:
         measurement=f"patch gather k={k} random rows, P={P} d={d} fp16, warm cache",
         value=nbytes / statistics.median(t_gather) / 1e9,
         baseline=nbytes / statistics.median(t_copy) / 1e9,
-        unit="GB/s", baseline_name="np.copyto",
-        ratio=ratio, ratio_iqr=iqr, goal=">= 0.50", met=ratio >= 0.50, rounds=len(t_gather),
+        unit="GB/s",
+        baseline_name="np.copyto",
+        ratio=ratio,
+        ratio_iqr=iqr,
+        goal=">= 0.50",
+        met=ratio >= 0.50,
+        rounds=len(t_gather),
         details={
             "bytes_per_call": nbytes,
             "store_rows": n,
@@ -439,14 +517,21 @@ def _fmt(x: float) -> str:
 def render_table(rows: list[Row], sizes_name: str, info: dict[str, Any]) -> str:
     header = ("measurement", "value", "baseline", "ratio", "goal", "met?")
     lines = [
-        (r.measurement, f"{_fmt(r.value)} {r.unit}",
-         f"{_fmt(r.baseline)} {r.unit} ({r.baseline_name})", f"{r.ratio:.3f}", r.goal,
-         "yes" if r.met else "NO")
+        (
+            r.measurement,
+            f"{_fmt(r.value)} {r.unit}",
+            f"{_fmt(r.baseline)} {r.unit} ({r.baseline_name})",
+            f"{r.ratio:.3f}",
+            r.goal,
+            "yes" if r.met else "NO",
+        )
         for r in rows
     ]
     widths = [max(len(h), *(len(line[i]) for line in lines)) for i, h in enumerate(header)]
-    out = [f"crossrank foundation benchmark ({sizes_name}); ratios are medians of "
-           f"interleaved per-round ratios"]
+    out = [
+        f"crossrank foundation benchmark ({sizes_name}); ratios are medians of "
+        f"interleaved per-round ratios"
+    ]
     out.append("  ".join(h.ljust(w) for h, w in zip(header, widths, strict=True)))
     out.append("  ".join("-" * w for w in widths))
     out += ["  ".join(c.ljust(w) for c, w in zip(line, widths, strict=True)) for line in lines]
@@ -515,18 +600,30 @@ def workdir(parent: str | None, keep: bool) -> Iterator[Path]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--quick", action="store_true", help="small sizes, for a smoke test")
     parser.add_argument("--json", action="store_true", help="print one JSON object, not a table")
-    parser.add_argument("--workdir", default=None,
-                        help="where to write the index and images (default: the system temp dir)")
+    parser.add_argument(
+        "--workdir",
+        default=None,
+        help="where to write the index and images (default: the system temp dir)",
+    )
     parser.add_argument("--keep", action="store_true", help="keep the work directory")
-    parser.add_argument("--only", choices=["search", "build", "gather"], action="append",
-                        help="run only these measurements (repeatable); default all three")
-    parser.add_argument("--threads", type=int, default=None,
-                        help="torch intra-op threads and faiss OpenMP threads (default: each "
-                             "library's own, one per core); 1 is steadier on a busy machine")
+    parser.add_argument(
+        "--only",
+        choices=["search", "build", "gather"],
+        action="append",
+        help="run only these measurements (repeatable); default all three",
+    )
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="torch intra-op threads and faiss OpenMP threads (default: each "
+        "library's own, one per core); 1 is steadier on a busy machine",
+    )
     args = parser.parse_args(argv)
     _quiet()
     if args.threads is not None:
@@ -557,15 +654,27 @@ def main(argv: list[str] | None = None) -> int:
     seconds = time.perf_counter() - t0
     name = "quick" if args.quick else "full"
     if args.json:
-        print(json.dumps({"sizes": name, "config": asdict(sizes), "seconds": round(seconds, 1),
-                          "machine": info, "results": [asdict(r) for r in rows]}, indent=2))
+        print(
+            json.dumps(
+                {
+                    "sizes": name,
+                    "config": asdict(sizes),
+                    "seconds": round(seconds, 1),
+                    "machine": info,
+                    "results": [asdict(r) for r in rows],
+                },
+                indent=2,
+            )
+        )
     elif len(rows) == 3:
         print(render_table(rows, name, info))
     else:
         for r in rows:
             verdict = "met" if r.met else "NOT met"
-            print(f"{r.measurement}: {_fmt(r.value)} vs {_fmt(r.baseline)} {r.unit} "
-                  f"({r.baseline_name}); ratio {r.ratio:.3f} (goal {r.goal}: {verdict})")
+            print(
+                f"{r.measurement}: {_fmt(r.value)} vs {_fmt(r.baseline)} {r.unit} "
+                f"({r.baseline_name}); ratio {r.ratio:.3f} (goal {r.goal}: {verdict})"
+            )
     return 0
 
 

@@ -91,12 +91,22 @@ def _rerank_case(model: CrossAttentionReranker, k: int) -> tuple[Any, float]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--ks", type=int, nargs="+", default=[100, 1000])
-    parser.add_argument("--reranker", type=Path, default=None, help="a reranker folder whose config to time")
+    parser.add_argument(
+        "--reranker", type=Path, default=None, help="a reranker folder whose config to time"
+    )
     parser.add_argument("--rounds", type=int, default=15)
-    parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
-    parser.add_argument("--allocator", choices=("tuned", "default"), default="tuned",
-                        help="tuned: as the CLI runs (keep_large_allocations); default: glibc's own")
-    parser.add_argument("--quick", action="store_true", help="3 rounds, small matmuls: a smoke test")
+    parser.add_argument(
+        "--threads", type=int, default=None, help="torch intra-op threads (default: torch's)"
+    )
+    parser.add_argument(
+        "--allocator",
+        choices=("tuned", "default"),
+        default="tuned",
+        help="tuned: as the CLI runs (keep_large_allocations); default: glibc's own",
+    )
+    parser.add_argument(
+        "--quick", action="store_true", help="3 rounds, small matmuls: a smoke test"
+    )
     parser.add_argument("--json", action="store_true", help="one JSON object instead of the table")
     args = parser.parse_args(argv)
     tuned = args.allocator == "tuned" and keep_large_allocations()
@@ -117,7 +127,7 @@ def main(argv: list[str] | None = None) -> int:
         times: dict[str, list[float]] = {name: [] for name in cases}
         names = list(cases)
         for r in range(rounds):
-            for name in names[r % len(names):] + names[: r % len(names)]:
+            for name in names[r % len(names) :] + names[: r % len(names)]:
                 fn, _ = cases[name]
                 start = time.perf_counter()
                 fn()
@@ -130,28 +140,51 @@ def main(argv: list[str] | None = None) -> int:
     for k in args.ks:
         name = f"rerank_k{k}"
         t = times[name]
-        rows.append({
-            "k": k, "p50_ms": 1e3 * statistics.median(t), "min_ms": 1e3 * min(t),
-            "gflop_per_query": cases[name][1] / 1e9, "gflop_per_s": flops_per_s[name] / 1e9,
-            "vs_matmul": flops_per_s[name] / peak,
-        })
+        rows.append(
+            {
+                "k": k,
+                "p50_ms": 1e3 * statistics.median(t),
+                "min_ms": 1e3 * min(t),
+                "gflop_per_query": cases[name][1] / 1e9,
+                "gflop_per_s": flops_per_s[name] / 1e9,
+                "vs_matmul": flops_per_s[name] / peak,
+            }
+        )
     meta = {
-        "torch": torch.__version__, "threads": torch.get_num_threads(),
-        "cpu": platform.processor() or platform.machine(), "rounds": rounds,
-        "allocator_tuned": tuned, "reranker": source, "config": config.to_dict(), "n_tokens": N_TOKENS, "n_patches": N_PATCHES,
-        "matmul": {"best": peak_name, **{n: flops_per_s[n] / 1e9 for n in cases if n.startswith("mm")}},
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "cpu": platform.processor() or platform.machine(),
+        "rounds": rounds,
+        "allocator_tuned": tuned,
+        "reranker": source,
+        "config": config.to_dict(),
+        "n_tokens": N_TOKENS,
+        "n_patches": N_PATCHES,
+        "matmul": {
+            "best": peak_name,
+            **{n: flops_per_s[n] / 1e9 for n in cases if n.startswith("mm")},
+        },
     }
     if args.json:
         print(json.dumps({"meta": meta, "rows": rows}, indent=2))
         return 0
-    print(f"# torch {meta['torch']}, {meta['threads']} threads, {meta['cpu']}, {rounds} rounds, allocator "
-          f"{'tuned' if tuned else 'default'}; reranker {source}")
-    print("# fp32 matmul GFLOP/s: " + ", ".join(f"{n} {v:.1f}" for n, v in meta["matmul"].items() if n != "best")
-          + f" (floor: {peak_name})")
-    print(f"{'k':>5} {'p50 ms':>9} {'GFLOP/query':>12} {'GFLOP/s':>9} {'vs matmul':>10}  goal >= 0.50")
+    print(
+        f"# torch {meta['torch']}, {meta['threads']} threads, {meta['cpu']}, {rounds} rounds, allocator "
+        f"{'tuned' if tuned else 'default'}; reranker {source}"
+    )
+    print(
+        "# fp32 matmul GFLOP/s: "
+        + ", ".join(f"{n} {v:.1f}" for n, v in meta["matmul"].items() if n != "best")
+        + f" (floor: {peak_name})"
+    )
+    print(
+        f"{'k':>5} {'p50 ms':>9} {'GFLOP/query':>12} {'GFLOP/s':>9} {'vs matmul':>10}  goal >= 0.50"
+    )
     for r in rows:
-        print(f"{r['k']:>5} {r['p50_ms']:>9.2f} {r['gflop_per_query']:>12.3f} {r['gflop_per_s']:>9.1f} "
-              f"{r['vs_matmul']:>10.2f}")
+        print(
+            f"{r['k']:>5} {r['p50_ms']:>9.2f} {r['gflop_per_query']:>12.3f} {r['gflop_per_s']:>9.1f} "
+            f"{r['vs_matmul']:>10.2f}"
+        )
     return 0
 
 

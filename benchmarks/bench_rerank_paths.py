@@ -54,7 +54,9 @@ def _inputs(dim: int, n_patches: int, k: int, seed: int = 0) -> dict[str, torch.
     }
 
 
-def _measure(model: CrossAttentionReranker, x: dict[str, torch.Tensor], rounds: int) -> dict[str, Any]:
+def _measure(
+    model: CrossAttentionReranker, x: dict[str, torch.Tensor], rounds: int
+) -> dict[str, Any]:
     cache = model.precompute_kv(x["patches"])
     calls = {
         "plain": lambda: model(x["tokens"], x["token_mask"], x["patches"], path="plain"),
@@ -66,16 +68,20 @@ def _measure(model: CrossAttentionReranker, x: dict[str, torch.Tensor], rounds: 
         torch.testing.assert_close(call(), reference, atol=1e-4, rtol=1e-4, msg=f"{name} != plain")
     times: dict[str, list[float]] = {name: [] for name in PATHS}
     for r in range(rounds):
-        order = PATHS[r % 3:] + PATHS[: r % 3]
+        order = PATHS[r % 3 :] + PATHS[: r % 3]
         for name in order:
             start = time.perf_counter()
             calls[name]()
             times[name].append(time.perf_counter() - start)
     out: dict[str, Any] = {f"{n}_ms": 1e3 * statistics.median(t) for n, t in times.items()}
     for name in ("folded", "precomputed"):
-        out[f"{name}_vs_plain"] = statistics.median(a / b for a, b in zip(times[name], times["plain"]))
+        out[f"{name}_vs_plain"] = statistics.median(
+            a / b for a, b in zip(times[name], times["plain"])
+        )
     n_patches, cfg = x["patches"].shape[1], model.config
-    out["cache_floats_per_image"] = sum(t[0].numel() + v[0].numel() for t, v in zip(cache.keys, cache.values))
+    out["cache_floats_per_image"] = sum(
+        t[0].numel() + v[0].numel() for t, v in zip(cache.keys, cache.values)
+    )
     out["patch_floats_per_image"] = n_patches * x["patches"].shape[2]
     out["layers_cached"], out["layers_folded"] = len(cache.keys), cfg.foldable_layers
     return out
@@ -85,10 +91,18 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--ks", type=int, nargs="+", default=[100, 1000])
     parser.add_argument("--shapes", nargs="+", choices=sorted(SHAPES), default=list(SHAPES))
-    parser.add_argument("--rounds", type=int, default=None, help="interleaved rounds (default 30, 7 at k >= 1000)")
-    parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
-    parser.add_argument("--bidirectional", action="store_true", help="bench a bidirectional reranker")
-    parser.add_argument("--quick", action="store_true", help="3 rounds: a smoke test, not a measurement")
+    parser.add_argument(
+        "--rounds", type=int, default=None, help="interleaved rounds (default 30, 7 at k >= 1000)"
+    )
+    parser.add_argument(
+        "--threads", type=int, default=None, help="torch intra-op threads (default: torch's)"
+    )
+    parser.add_argument(
+        "--bidirectional", action="store_true", help="bench a bidirectional reranker"
+    )
+    parser.add_argument(
+        "--quick", action="store_true", help="3 rounds: a smoke test, not a measurement"
+    )
     parser.add_argument("--json", action="store_true", help="one JSON object instead of the table")
     args = parser.parse_args(argv)
     if args.threads:
@@ -104,20 +118,39 @@ def main(argv: list[str] | None = None) -> int:
             for k in args.ks:
                 rounds = 3 if args.quick else args.rounds or (7 if k >= 1000 else 30)
                 result = _measure(model, _inputs(dim, n_patches, k), rounds)
-                rows.append({"shape": shape, "dim": dim, "n_patches": n_patches, "k": k, "rounds": rounds, **result})
+                rows.append(
+                    {
+                        "shape": shape,
+                        "dim": dim,
+                        "n_patches": n_patches,
+                        "k": k,
+                        "rounds": rounds,
+                        **result,
+                    }
+                )
 
-    meta = {"torch": torch.__version__, "threads": torch.get_num_threads(), "cpu": platform.processor() or platform.machine(),
-            "bidirectional": args.bidirectional}
+    meta = {
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "cpu": platform.processor() or platform.machine(),
+        "bidirectional": args.bidirectional,
+    }
     if args.json:
         print(json.dumps({"meta": meta, "rows": rows}, indent=2))
         return 0
-    print(f"# torch {meta['torch']}, {meta['threads']} threads, {meta['cpu']}, bidirectional={args.bidirectional}")
-    print(f"{'shape':9} {'k':>5} {'plain ms':>9} {'folded ms':>10} {'precomp ms':>11} "
-          f"{'folded/plain':>13} {'precomp/plain':>14} {'cache/patch storage':>20}")
+    print(
+        f"# torch {meta['torch']}, {meta['threads']} threads, {meta['cpu']}, bidirectional={args.bidirectional}"
+    )
+    print(
+        f"{'shape':9} {'k':>5} {'plain ms':>9} {'folded ms':>10} {'precomp ms':>11} "
+        f"{'folded/plain':>13} {'precomp/plain':>14} {'cache/patch storage':>20}"
+    )
     for r in rows:
-        print(f"{r['shape']:9} {r['k']:>5} {r['plain_ms']:>9.2f} {r['folded_ms']:>10.2f} {r['precomputed_ms']:>11.2f} "
-              f"{r['folded_vs_plain']:>13.2f} {r['precomputed_vs_plain']:>14.2f} "
-              f"{r['cache_floats_per_image'] / r['patch_floats_per_image']:>19.1f}x")
+        print(
+            f"{r['shape']:9} {r['k']:>5} {r['plain_ms']:>9.2f} {r['folded_ms']:>10.2f} {r['precomputed_ms']:>11.2f} "
+            f"{r['folded_vs_plain']:>13.2f} {r['precomputed_vs_plain']:>14.2f} "
+            f"{r['cache_floats_per_image'] / r['patch_floats_per_image']:>19.1f}x"
+        )
     return 0
 
 

@@ -22,33 +22,45 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from caption_probe import _bank_texts, _relations_only, _with_token_embeddings  # noqa: E402
+from caption_probe import _bank_texts, _relations_only, _with_token_embeddings
 
-from crossrank import Index  # noqa: E402
-from crossrank.rerank import load_reranker  # noqa: E402
-from crossrank.training import RerankTrainConfig  # noqa: E402
-from crossrank.training.data import prepare_training_set  # noqa: E402
-from crossrank.training.reranker import _Banks, _forward_captions, _top1_accuracy  # noqa: E402
+from crossrank import Index
+from crossrank.rerank import load_reranker
+from crossrank.training import RerankTrainConfig
+from crossrank.training.data import prepare_training_set
+from crossrank.training.reranker import _Banks, _forward_captions, _top1_accuracy
 
 BATCHES, BATCH, REWRITES = 30, 64, 6
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--train", required=True, help="pairs.parquet of a shapes train split")
     parser.add_argument("--train-index", required=True, help="an index over its images")
     parser.add_argument("rerankers", nargs="+", help="reranker folders")
     args = parser.parse_args()
     torch.set_num_threads(1)
     index = Index.open(args.train_index, device="cpu")
-    data = prepare_training_set(index, args.train, RerankTrainConfig(caption_negatives=REWRITES, seed=0))
+    data = prepare_training_set(
+        index, args.train, RerankTrainConfig(caption_negatives=REWRITES, seed=0)
+    )
     bank, pool = _relations_only(data)
-    plain = _Banks(torch.from_numpy(data.tokens), torch.from_numpy(data.token_mask), torch.from_numpy(data.patches))
+    plain = _Banks(
+        torch.from_numpy(data.tokens),
+        torch.from_numpy(data.token_mask),
+        torch.from_numpy(data.patches),
+    )
     layer0 = None
     for path in args.rerankers:
         model = load_reranker(path, device="cpu").eval()
         if model.config.token_embeddings and layer0 is None:
-            layer0 = _Banks(_with_token_embeddings(index, data, _bank_texts(data)), plain.token_mask, plain.patches)
+            layer0 = _Banks(
+                _with_token_embeddings(index, data, _bank_texts(data)),
+                plain.token_mask,
+                plain.patches,
+            )
         use = layer0 if model.config.token_embeddings else plain
         rng = np.random.default_rng(1)
         hits, chance = [], []
@@ -61,7 +73,10 @@ def main() -> int:
                 logits = _forward_captions(model, use, rows, image, torch.device("cpu"))
                 hits.append(float(_top1_accuracy(logits.masked_fill(~keep, float("-inf"))).mean()))
                 chance.append(float((1.0 / valid.sum(1)).mean()))
-        print(f"{path}: relation-only caption accuracy {np.mean(hits):.3f} (chance {np.mean(chance):.3f})", flush=True)
+        print(
+            f"{path}: relation-only caption accuracy {np.mean(hits):.3f} (chance {np.mean(chance):.3f})",
+            flush=True,
+        )
     return 0
 
 

@@ -36,8 +36,10 @@ from crossrank.datasets.language import satisfies
 
 
 def _has(scene, obj) -> bool:
-    return any(x.colour == obj.colour and x.shape == obj.shape and (obj.size is None or x.size == obj.size)
-               for x in scene.objects)
+    return any(
+        x.colour == obj.colour and x.shape == obj.shape and (obj.size is None or x.size == obj.size)
+        for x in scene.objects
+    )
 
 
 def _how_missing(scene, obj) -> str:
@@ -46,22 +48,33 @@ def _how_missing(scene, obj) -> str:
         return "size"
     colour = any(x.colour == obj.colour for x in scene.objects)
     shape = any(x.shape == obj.shape for x in scene.objects)
-    return {(False, True): "colour", (True, False): "shape", (True, True): "colour and shape apart"}.get(
-        (colour, shape), "absent")
+    return {
+        (False, True): "colour",
+        (True, False): "shape",
+        (True, True): "colour and shape apart",
+    }.get((colour, shape), "absent")
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--bench", required=True, help="a shapes benchmark folder (crossrank dataset shapes --out)")
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--bench", required=True, help="a shapes benchmark folder (crossrank dataset shapes --out)"
+    )
     parser.add_argument("--index", required=True, help="an index built over its images")
-    parser.add_argument("--reranker", default="auto", help="auto, none, maxsim or a reranker folder")
+    parser.add_argument(
+        "--reranker", default="auto", help="auto, none, maxsim or a reranker folder"
+    )
     parser.add_argument("--json", action="store_true", help="one JSON object instead of the line")
     args = parser.parse_args()
 
     dataset = open_shapes(args.bench)
     paths = pq.read_table(dataset.metadata_path, columns=["path"]).column("path").to_pylist()
     scenes = dataset.scenes() if callable(dataset.scenes) else dataset.scenes
-    scene_of = {os.path.abspath(os.path.join(args.bench, p)): s for p, s in zip(paths, scenes, strict=True)}
+    scene_of = {
+        os.path.abspath(os.path.join(args.bench, p)): s for p, s in zip(paths, scenes, strict=True)
+    }
     index = Index.open(args.index, device="cpu")
     counts: Counter[str] = Counter()
     for row in pq.read_table(dataset.queries_path).to_pylist():

@@ -27,8 +27,8 @@ from crossrank.errors import (
 from crossrank.hits import Hit, SearchCounts, SearchResult
 
 if TYPE_CHECKING:
-    from crossrank.write.build import BuildReport, build_index
     from crossrank.api.index import Index
+    from crossrank.write.build import BuildReport, build_index
 
 __version__ = "0.1.0"
 
@@ -55,7 +55,11 @@ __all__ = [
 ]
 
 # Index pulls in numpy; the CLI's --help should not pay for it, so these load on first use.
-_LAZY = {"Index": "crossrank.api.index", "BuildReport": "crossrank.write.build", "build_index": "crossrank.write.build"}
+_LAZY = {
+    "Index": "crossrank.api.index",
+    "BuildReport": "crossrank.write.build",
+    "build_index": "crossrank.write.build",
+}
 
 
 def __getattr__(name: str) -> Any:

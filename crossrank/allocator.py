@@ -55,8 +55,12 @@ def keep_large_allocations() -> bool:
     global _applied
     if _applied:
         return True
-    if (sys.platform != "linux" or os.environ.get(_ENV_OPT_OUT, "").lower() == "default"
-            or "MALLOC_MMAP_MAX_" in os.environ or "MALLOC_TRIM_THRESHOLD_" in os.environ):
+    if (
+        sys.platform != "linux"
+        or os.environ.get(_ENV_OPT_OUT, "").lower() == "default"
+        or "MALLOC_MMAP_MAX_" in os.environ
+        or "MALLOC_TRIM_THRESHOLD_" in os.environ
+    ):
         return False
     try:
         libc = ctypes.CDLL("libc.so.6")

@@ -42,8 +42,12 @@ class DemoReport:
     seconds: dict[str, float]
 
     def to_dict(self) -> dict[str, Any]:
-        return {"out": str(self.out_dir), "examples": self.examples, "eval": self.evaluation,
-                "seconds": {k: round(v, 2) for k, v in self.seconds.items()}}
+        return {
+            "out": str(self.out_dir),
+            "examples": self.examples,
+            "eval": self.evaluation,
+            "seconds": {k: round(v, 2) for k, v in self.seconds.items()},
+        }
 
 
 def run_demo(
@@ -79,14 +83,16 @@ def run_demo(
     """
     import pyarrow.parquet as pq
 
-    from crossrank.write.build import build_index
+    from crossrank.api.index import Index
     from crossrank.datasets import generate_shapes, open_shapes
     from crossrank.evaluate import evaluate_index, read_qrels
-    from crossrank.api.index import Index
+    from crossrank.write.build import build_index
 
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
-        raise InvalidArgumentError(f"demo output {out} exists and is not a folder; pass another --out")
+        raise InvalidArgumentError(
+            f"demo output {out} exists and is not a folder; pass another --out"
+        )
     say = progress or (lambda message: None)
     seconds: dict[str, float] = {}
     t_start = time.perf_counter()
@@ -98,7 +104,9 @@ def run_demo(
         ds = open_shapes(bench)
     else:
         say(f"generating {n_images} images and {n_queries} queries (seed {seed})")
-        ds = generate_shapes(bench, n_images=n_images, n_queries=n_queries, seed=seed, split="test", overwrite=True)
+        ds = generate_shapes(
+            bench, n_images=n_images, n_queries=n_queries, seed=seed, split="test", overwrite=True
+        )
     seconds["dataset"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
@@ -110,7 +118,9 @@ def run_demo(
     t0 = time.perf_counter()
     shown = Path(index.default_reranker).name if reranker == "auto" else reranker
     say(f"evaluating {n_queries} queries: first stage vs + {shown}")
-    report = evaluate_index(index, ds.queries_path, ds.qrels_path, reranker=reranker, run_out=out / RUNS_DIR)
+    report = evaluate_index(
+        index, ds.queries_path, ds.qrels_path, reranker=reranker, run_out=out / RUNS_DIR
+    )
     seconds["eval"] = time.perf_counter() - t0
 
     qrels = read_qrels(ds.qrels_path)
@@ -118,8 +128,10 @@ def run_demo(
     # Show queries with a few relevant images: one-answer queries make poor illustrations.
     n_rel = {qid: sum(r >= 1 for r in docs.values()) for qid, docs in qrels.items()}
     queries = [q for q in queries if 3 <= n_rel.get(q["query_id"], 0) <= 40] or queries
-    examples = [_example(index, q, qrels.get(q["query_id"], {}), ds.root, reranker)
-                for q in _pick_examples(queries, n_examples)]
+    examples = [
+        _example(index, q, qrels.get(q["query_id"], {}), ds.root, reranker)
+        for q in _pick_examples(queries, n_examples)
+    ]
     seconds["total"] = time.perf_counter() - t_start
     return DemoReport(out_dir=out, examples=examples, evaluation=report.to_dict(), seconds=seconds)
 
@@ -150,8 +162,14 @@ def _pick_examples(queries: list[dict[str, Any]], n: int) -> list[dict[str, Any]
     return picked
 
 
-def _example(index: Any, query: dict[str, Any], relevant: dict[str, int], root: Path, reranker: str,
-             top: int = 5) -> dict[str, Any]:
+def _example(
+    index: Any,
+    query: dict[str, Any],
+    relevant: dict[str, int],
+    root: Path,
+    reranker: str,
+    top: int = 5,
+) -> dict[str, Any]:
     import os
 
     result = index.search(query["text"], k=100, rerank_k=100, reranker=reranker)
@@ -162,9 +180,19 @@ def _example(index: Any, query: dict[str, Any], relevant: dict[str, int], root: 
         out = []
         for hit in ranked:
             doc = os.path.relpath(hit.path, root)
-            out.append({"path": doc, "score": round(float(key(hit)), 4), "relevant": relevant.get(doc, 0) >= 1})
+            out.append(
+                {
+                    "path": doc,
+                    "score": round(float(key(hit)), 4),
+                    "relevant": relevant.get(doc, 0) >= 1,
+                }
+            )
         return out
 
-    return {"query": query["text"], "kind": query["kind"], "relevant_in_corpus": sum(r >= 1 for r in relevant.values()),
-            "first_stage": rows(first, lambda h: h.first_stage_score),
-            "reranked": rows(hits[:top], lambda h: h.score)}
+    return {
+        "query": query["text"],
+        "kind": query["kind"],
+        "relevant_in_corpus": sum(r >= 1 for r in relevant.values()),
+        "first_stage": rows(first, lambda h: h.first_stage_score),
+        "reranked": rows(hits[:top], lambda h: h.score),
+    }

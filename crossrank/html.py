@@ -26,7 +26,9 @@ from crossrank.hits import Hit, SearchResult
 
 __all__ = ["SearchForm", "render_page", "write_page", "thumbnail_data_uri", "THUMBNAIL_SIZE"]
 
-THUMBNAIL_SIZE = 192  # px: the longer side of an inlined thumbnail (shown at up to 160 px, sharp on HiDPI)
+THUMBNAIL_SIZE = (
+    192  # px: the longer side of an inlined thumbnail (shown at up to 160 px, sharp on HiDPI)
+)
 _FRAME_PX = 160  # px: the height of a hit's image frame (.frame in the style)
 
 
@@ -70,10 +72,15 @@ def thumbnail_data_uri(path: str | os.PathLike[str], size: int = THUMBNAIL_SIZE)
     return "data:image/jpeg;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
 
 
-def render_page(results: SearchResult | Sequence[SearchResult], *,
-                image_src: Callable[[Hit], str | None] | None = None, title: str | None = None,
-                form: SearchForm | None = None, error: str | None = None,
-                message: str | None = None) -> str:
+def render_page(
+    results: SearchResult | Sequence[SearchResult],
+    *,
+    image_src: Callable[[Hit], str | None] | None = None,
+    title: str | None = None,
+    form: SearchForm | None = None,
+    error: str | None = None,
+    message: str | None = None,
+) -> str:
     """Render search results as one HTML page.
 
     Args:
@@ -123,8 +130,9 @@ def render_page(results: SearchResult | Sequence[SearchResult], *,
     return "\n".join(parts) + "\n"
 
 
-def write_page(results: SearchResult | Sequence[SearchResult], path: str | os.PathLike[str],
-               **kwargs: Any) -> Path:
+def write_page(
+    results: SearchResult | Sequence[SearchResult], path: str | os.PathLike[str], **kwargs: Any
+) -> Path:
     """Write :func:`render_page` of ``results`` to ``path`` (UTF-8); returns the path.
 
     Raises:
@@ -166,8 +174,10 @@ def _form(form: SearchForm) -> str:
 def _section(result: SearchResult, src: Callable[[Hit], str | None]) -> str:
     c = result.counts
     total = result.timings_ms.get("total")
-    line = (f"{c.returned} of {c.requested} requested · {c.filtered_out} filtered out · "
-            f"{c.candidates} candidates" + (f" · {total:.1f} ms" if total is not None else ""))
+    line = (
+        f"{c.returned} of {c.requested} requested · {c.filtered_out} filtered out · "
+        f"{c.candidates} candidates" + (f" · {total:.1f} ms" if total is not None else "")
+    )
     items = [_hit(rank, hit, src(hit)) for rank, hit in enumerate(result, start=1)]
     empty = '<p class="note">no image matches</p>' if not items else ""
     return (

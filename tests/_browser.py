@@ -41,20 +41,35 @@ document.getElementById("page").addEventListener("load", async () => {{
 
 
 def chromium_args(user_data_dir: Path) -> list[str]:
-    return [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
-            "--disable-background-networking", "--disable-component-update", "--disable-sync",
-            "--no-first-run", "--no-default-browser-check", "--mute-audio",
-            f"--user-data-dir={user_data_dir}"]
+    return [
+        CHROMIUM,
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-dev-shm-usage",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        "--no-first-run",
+        "--no-default-browser-check",
+        "--mute-audio",
+        f"--user-data-dir={user_data_dir}",
+    ]
 
 
 def probe(probe_url: str, user_data_dir: Path, timeout: float = 60.0) -> dict:
     """Open ``probe_url`` (a page made from :data:`PROBE`) and return what its script found."""
     out = subprocess.run(
         [*chromium_args(user_data_dir), "--virtual-time-budget=10000", "--dump-dom", probe_url],
-        capture_output=True, text=True, timeout=timeout, check=False,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
     )
     m = re.search(r'<pre id="out">(.*?)</pre>', out.stdout, re.S)
-    assert m is not None, f"chromium printed no probe result: rc={out.returncode} {out.stderr[-2000:]}"
+    assert m is not None, (
+        f"chromium printed no probe result: rc={out.returncode} {out.stderr[-2000:]}"
+    )
     text = html.unescape(m.group(1))
     assert text != "pending", f"the page did not load in time: {out.stderr[-2000:]}"
     return json.loads(text)
@@ -75,5 +90,5 @@ def static_server(root: Path) -> Iterator[str]:
 
 
 class _QuietHandler(http.server.SimpleHTTPRequestHandler):
-    def log_message(self, format: str, *args: object) -> None:  # noqa: A002
+    def log_message(self, format: str, *args: object) -> None:
         pass

@@ -18,8 +18,18 @@ from typing import Any
 
 import numpy as np
 
-_PRELOAD = ["crossrank.cli", "crossrank.write", "crossrank.write.build", "crossrank.api.index", "crossrank.encoders",
-            "torch", "transformers", "faiss", "duckdb", "pyarrow.parquet"]
+_PRELOAD = [
+    "crossrank.cli",
+    "crossrank.write",
+    "crossrank.write.build",
+    "crossrank.api.index",
+    "crossrank.encoders",
+    "torch",
+    "transformers",
+    "faiss",
+    "duckdb",
+    "pyarrow.parquet",
+]
 _context: Any = None
 
 
@@ -49,7 +59,9 @@ def run_cli(argv: list[str], crash_at: str | None = None) -> None:
     main()
 
 
-def run_in_process(argv: list[str], crash_at: str | None = None, timeout: float = 120) -> int | None:
+def run_in_process(
+    argv: list[str], crash_at: str | None = None, timeout: float = 120
+) -> int | None:
     """Run :func:`run_cli` in a writer process; returns its exit code (-9: killed by SIGKILL)."""
     ctx = writer_context()
     proc = ctx.Process(target=run_cli, args=(argv, crash_at))
@@ -58,7 +70,9 @@ def run_in_process(argv: list[str], crash_at: str | None = None, timeout: float 
     if proc.is_alive():  # a hang is a failure, never a stuck test run
         proc.kill()
         proc.join()
-        raise AssertionError(f"crossrank {' '.join(argv)} (crash at {crash_at}) did not finish in {timeout} s")
+        raise AssertionError(
+            f"crossrank {' '.join(argv)} (crash at {crash_at}) did not finish in {timeout} s"
+        )
     return proc.exitcode
 
 
@@ -83,9 +97,16 @@ def index_state(index_dir: Path) -> State | None:
     live = set(gen.live_ids().tolist())
     with gen.metadata() as meta:
         table = meta.table(columns=["id", "path"])
-    return State(manifest.generation,
-                 {i: p for i, p in zip(table.column("id").to_pylist(), table.column("path").to_pylist(),
-                                       strict=True) if i in live})
+    return State(
+        manifest.generation,
+        {
+            i: p
+            for i, p in zip(
+                table.column("id").to_pylist(), table.column("path").to_pylist(), strict=True
+            )
+            if i in live
+        },
+    )
 
 
 def assert_sound(index_dir: Path) -> State:
@@ -106,7 +127,11 @@ def assert_sound(index_dir: Path) -> State:
         live = np.array(sorted(state.images), dtype=np.int64)
         assert len(index) == live.size
         gen = index.stored
-        xq = np.asarray(gen.vectors()[gen.rows_of_ids(live)]) if live.size else np.zeros((0, index.first_stage.d))
+        xq = (
+            np.asarray(gen.vectors()[gen.rows_of_ids(live)])
+            if live.size
+            else np.zeros((0, index.first_stage.d))
+        )
         if live.size:
             results = index.search_vectors(xq, k=min(3, live.size))
             assert [r[0].id for r in results] == live.tolist()
@@ -127,7 +152,9 @@ def write_log(path: Path, record: dict[str, Any]) -> None:
         os.fsync(f.fileno())
 
 
-def writer_loop(index_dir: str, source: str, log: str, rounds: int, seconds: float, seed: int) -> None:
+def writer_loop(
+    index_dir: str, source: str, log: str, rounds: int, seconds: float, seed: int
+) -> None:
     """Process target of the concurrency test: add two new images, remove one, ``rounds`` times
     (and compact every third round), within ``seconds``.
 
@@ -141,8 +168,8 @@ def writer_loop(index_dir: str, source: str, log: str, rounds: int, seconds: flo
 
     torch.set_num_threads(1)
     from crossrank.encoders import load_encoder
-    from crossrank.write import add_images, compact_index, remove_images
     from crossrank.store import read_manifest
+    from crossrank.write import add_images, compact_index, remove_images
 
     from .conftest import write_images
 

@@ -9,15 +9,17 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["TRANSFORMERS_OFFLINE"] = "1"
 os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 
-from pathlib import Path  # noqa: E402
+from pathlib import Path
 
-import numpy as np  # noqa: E402
-import pytest  # noqa: E402
+import numpy as np
+import pytest
 
 #: Words the tiny tokenizer is trained on: enough for the queries the tests send.
 TINY_WORDS = [
-    "a red circle left of a blue square", "a green triangle above a yellow star",
-    "a purple square right of an orange circle", "a large small cat dog photo of the and below",
+    "a red circle left of a blue square",
+    "a green triangle above a yellow star",
+    "a purple square right of an orange circle",
+    "a large small cat dog photo of the and below",
 ]
 
 
@@ -37,7 +39,9 @@ def other_clip(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return make_clip(tmp_path_factory.mktemp("models") / "other-clip", TINY_WORDS, seed=1)
 
 
-def write_images(folder: Path, n: int, seed: int = 0, size: tuple[int, int] = (40, 32)) -> list[Path]:
+def write_images(
+    folder: Path, n: int, seed: int = 0, size: tuple[int, int] = (40, 32)
+) -> list[Path]:
     """Write ``n`` random RGB PNGs (each a few coloured blocks) into ``folder``; returns their paths."""
     from PIL import Image
 
@@ -45,7 +49,9 @@ def write_images(folder: Path, n: int, seed: int = 0, size: tuple[int, int] = (4
     folder.mkdir(parents=True, exist_ok=True)
     paths = []
     for i in range(n):
-        pixels = np.repeat(np.repeat(rng.integers(0, 256, (4, 5, 3), dtype=np.uint8), 8, axis=0), 8, axis=1)
+        pixels = np.repeat(
+            np.repeat(rng.integers(0, 256, (4, 5, 3), dtype=np.uint8), 8, axis=0), 8, axis=1
+        )
         path = folder / f"img_{i:03d}.png"
         Image.fromarray(pixels[: size[1], : size[0]]).save(path)
         paths.append(path)
@@ -63,7 +69,9 @@ def image_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="session")
-def built_index(tmp_path_factory: pytest.TempPathFactory, image_folder: Path, tiny_clip: Path) -> Path:
+def built_index(
+    tmp_path_factory: pytest.TempPathFactory, image_folder: Path, tiny_clip: Path
+) -> Path:
     """An index built over ``image_folder`` with ``tiny_clip``, on the CPU. Tests must not modify it."""
     from crossrank.write.build import build_index
 
@@ -93,4 +101,8 @@ def committed_state(index_dir: Path) -> tuple[bytes, int, list[str]]:
     import json
 
     manifest = (index_dir / "manifest.json").read_bytes()
-    return manifest, int(json.loads(manifest)["generation"]), sorted(p.name for p in index_dir.iterdir())
+    return (
+        manifest,
+        int(json.loads(manifest)["generation"]),
+        sorted(p.name for p in index_dir.iterdir()),
+    )

@@ -26,9 +26,18 @@ BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 @pytest.mark.bench
 def test_bench_foundation_quick_reports_three_finite_ratios(tmp_path: Path) -> None:
     proc = subprocess.run(
-        [sys.executable, str(BENCHMARKS / "bench_foundation.py"), "--quick", "--json",
-         "--workdir", str(tmp_path)],
-        capture_output=True, text=True, timeout=600, check=False,
+        [
+            sys.executable,
+            str(BENCHMARKS / "bench_foundation.py"),
+            "--quick",
+            "--json",
+            "--workdir",
+            str(tmp_path),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
     )
     assert proc.returncode == 0, proc.stderr[-4000:]
     report = json.loads(proc.stdout)
@@ -46,9 +55,17 @@ def test_bench_foundation_quick_reports_three_finite_ratios(tmp_path: Path) -> N
 @pytest.mark.bench
 def test_bench_foundation_quick_table_has_one_row_per_measurement(tmp_path: Path) -> None:
     proc = subprocess.run(
-        [sys.executable, str(BENCHMARKS / "bench_foundation.py"), "--quick",
-         "--workdir", str(tmp_path)],
-        capture_output=True, text=True, timeout=600, check=False,
+        [
+            sys.executable,
+            str(BENCHMARKS / "bench_foundation.py"),
+            "--quick",
+            "--workdir",
+            str(tmp_path),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
     )
     assert proc.returncode == 0, proc.stderr[-4000:]
     lines = proc.stdout.splitlines()
@@ -60,23 +77,50 @@ def test_bench_foundation_quick_table_has_one_row_per_measurement(tmp_path: Path
 @pytest.mark.bench
 def test_bench_rerank_paths_quick_reports_every_path() -> None:
     proc = subprocess.run(
-        [sys.executable, str(BENCHMARKS / "bench_rerank_paths.py"), "--quick", "--json", "--ks", "8",
-         "--threads", "1"],
-        capture_output=True, text=True, timeout=600, check=False,
+        [
+            sys.executable,
+            str(BENCHMARKS / "bench_rerank_paths.py"),
+            "--quick",
+            "--json",
+            "--ks",
+            "8",
+            "--threads",
+            "1",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
     )
     assert proc.returncode == 0, proc.stderr[-4000:]
     report = json.loads(proc.stdout)
     assert [(r["shape"], r["k"]) for r in report["rows"]] == [("demo", 8), ("clip-b32", 8)]
     for r in report["rows"]:
-        for key in ("plain_ms", "folded_ms", "precomputed_ms", "folded_vs_plain", "precomputed_vs_plain"):
+        for key in (
+            "plain_ms",
+            "folded_ms",
+            "precomputed_ms",
+            "folded_vs_plain",
+            "precomputed_vs_plain",
+        ):
             assert math.isfinite(r[key]) and r[key] > 0, (r["shape"], key, r[key])
 
 
 @pytest.mark.bench
 def test_bench_blip_itm_tiny_reports_cached_and_full_latency() -> None:
     proc = subprocess.run(
-        [sys.executable, str(BENCHMARKS / "bench_blip_itm.py"), "--skip-base", "--rounds", "2", "--json"],
-        capture_output=True, text=True, timeout=600, check=False,
+        [
+            sys.executable,
+            str(BENCHMARKS / "bench_blip_itm.py"),
+            "--skip-base",
+            "--rounds",
+            "2",
+            "--json",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
     )
     assert proc.returncode == 0, proc.stderr[-4000:]
     (row,) = json.loads(proc.stdout)["results"]
@@ -88,9 +132,21 @@ def test_bench_blip_itm_tiny_reports_cached_and_full_latency() -> None:
 @pytest.mark.bench
 def test_bench_rerank_flops_quick_reports_finite_ratios() -> None:
     proc = subprocess.run(
-        [sys.executable, str(BENCHMARKS / "bench_rerank_flops.py"), "--quick", "--json", "--ks", "8", "16",
-         "--threads", "1"],
-        capture_output=True, text=True, timeout=600, check=False,
+        [
+            sys.executable,
+            str(BENCHMARKS / "bench_rerank_flops.py"),
+            "--quick",
+            "--json",
+            "--ks",
+            "8",
+            "16",
+            "--threads",
+            "1",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
     )
     assert proc.returncode == 0, proc.stderr[-4000:]
     report = json.loads(proc.stdout)
@@ -109,60 +165,121 @@ def _crossrank(*args: str) -> None:
 
 
 def test_relation_misses_says_how_an_object_is_missing() -> None:
-    spec = importlib.util.spec_from_file_location("relation_misses", BENCHMARKS / "relation_misses.py")
+    spec = importlib.util.spec_from_file_location(
+        "relation_misses", BENCHMARKS / "relation_misses.py"
+    )
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
 
     def scene(*objects: tuple[str, str, str]) -> SimpleNamespace:
-        return SimpleNamespace(objects=[SimpleNamespace(size=z, colour=c, shape=h) for z, c, h in objects])
+        return SimpleNamespace(
+            objects=[SimpleNamespace(size=z, colour=c, shape=h) for z, c, h in objects]
+        )
 
     wanted = ObjectSpec("red", "circle", "large")
     assert module._how_missing(scene(("small", "red", "circle")), wanted) == "size"
     assert module._how_missing(scene(("large", "blue", "circle")), wanted) == "colour"
     assert module._how_missing(scene(("large", "red", "square")), wanted) == "shape"
-    assert module._how_missing(scene(("large", "red", "square"), ("large", "blue", "circle")),
-                               wanted) == "colour and shape apart"
+    assert (
+        module._how_missing(scene(("large", "red", "square"), ("large", "blue", "circle")), wanted)
+        == "colour and shape apart"
+    )
     assert module._how_missing(scene(("large", "blue", "square")), wanted) == "absent"
 
 
 @pytest.mark.bench
 def test_relation_misses_sorts_every_relation_query(tmp_path: Path) -> None:
     bench, index = tmp_path / "bench", tmp_path / "bench.idx"
-    _crossrank("dataset", "shapes", "--out", str(bench), "--n-images", "120", "--n-queries", "30", "--seed", "3")
+    _crossrank(
+        "dataset",
+        "shapes",
+        "--out",
+        str(bench),
+        "--n-images",
+        "120",
+        "--n-queries",
+        "30",
+        "--seed",
+        "3",
+    )
     _crossrank("build", str(bench / "images"), "--index", str(index))
     proc = subprocess.run(
-        [sys.executable, str(BENCHMARKS / "relation_misses.py"), "--bench", str(bench), "--index", str(index),
-         "--reranker", "none", "--json"],
-        capture_output=True, text=True, timeout=600, check=False,
+        [
+            sys.executable,
+            str(BENCHMARKS / "relation_misses.py"),
+            "--bench",
+            str(bench),
+            "--index",
+            str(index),
+            "--reranker",
+            "none",
+            "--json",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
     )
     assert proc.returncode == 0, proc.stderr[-4000:]
     report = json.loads(proc.stdout)
     assert report["reranker"] == "none" and report["queries"] > 0
     kinds = {"both objects, relation false", "no positive in top 100"} | {
-        f"an object missing: {how}" for how in ("size", "colour", "shape", "colour and shape apart", "absent")}
-    misses = {k: v for k, v in report.items() if k not in ("bench", "reranker", "queries", "right")
-              and not k.startswith("first positive at rank")}
+        f"an object missing: {how}"
+        for how in ("size", "colour", "shape", "colour and shape apart", "absent")
+    }
+    misses = {
+        k: v
+        for k, v in report.items()
+        if k not in ("bench", "reranker", "queries", "right")
+        and not k.startswith("first positive at rank")
+    }
     assert set(misses) <= kinds, misses
     # every relation query is either right or sorted into exactly one kind of miss
     assert report.get("right", 0) + sum(misses.values()) == report["queries"]
     ranked = sum(v for k, v in report.items() if k.startswith("first positive at rank"))
-    assert ranked == report["queries"] - report.get("right", 0) - report.get("no positive in top 100", 0)
+    assert ranked == report["queries"] - report.get("right", 0) - report.get(
+        "no positive in top 100", 0
+    )
 
 
 @pytest.mark.bench
 def test_relation_caption_accuracy_scores_the_shipped_reranker(tmp_path: Path) -> None:
     train, index = tmp_path / "train", tmp_path / "train.idx"
-    _crossrank("dataset", "shapes", "--out", str(train), "--split", "train", "--n-images", "300",
-               "--n-queries", "10", "--seed", "3")
+    _crossrank(
+        "dataset",
+        "shapes",
+        "--out",
+        str(train),
+        "--split",
+        "train",
+        "--n-images",
+        "300",
+        "--n-queries",
+        "10",
+        "--seed",
+        "3",
+    )
     _crossrank("build", str(train / "images"), "--index", str(index))
     shipped = Path(__file__).resolve().parents[1] / "crossrank" / "assets" / "demo-reranker"
     proc = subprocess.run(
-        [sys.executable, str(BENCHMARKS / "relation_caption_accuracy.py"), "--train", str(train / "pairs.parquet"),
-         "--train-index", str(index), str(shipped)],
-        capture_output=True, text=True, timeout=600, check=False,
+        [
+            sys.executable,
+            str(BENCHMARKS / "relation_caption_accuracy.py"),
+            "--train",
+            str(train / "pairs.parquet"),
+            "--train-index",
+            str(index),
+            str(shipped),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
     )
     assert proc.returncode == 0, proc.stderr[-4000:]
     (line,) = proc.stdout.splitlines()
-    accuracy, chance = (float(x) for x in line.split("accuracy ")[1].replace("(chance ", "").rstrip(")").split())
+    accuracy, chance = (
+        float(x) for x in line.split("accuracy ")[1].replace("(chance ", "").rstrip(")").split()
+    )
     assert 0.0 < chance < 0.5 and 0.0 <= accuracy <= 1.0
     assert accuracy > chance  # the shipped reranker reads relations (1.000 on the full train split)

@@ -25,7 +25,9 @@ def test_demo_writes_benchmark_index_and_runs(demo_dir) -> None:
     out, report = demo_dir
     assert (out / "benchmark" / "qrels.txt").is_file()
     assert (out / "index" / "manifest.json").is_file()
-    assert (out / "runs" / "first_stage.run").is_file() and (out / "runs" / "reranked.run").is_file()
+    assert (out / "runs" / "first_stage.run").is_file() and (
+        out / "runs" / "reranked.run"
+    ).is_file()
     assert report["eval"]["queries"] == 12
     assert set(report["eval"]["first_stage"]) == {"R@1", "R@5", "R@10", "MRR@10", "nDCG@10", "P@10"}
     assert report["eval"]["reranked"] is not None
@@ -40,7 +42,10 @@ def test_demo_examples_mark_relevance_from_the_qrels(demo_dir) -> None:
             qrels.setdefault(qid, set()).add(doc)
     import pyarrow.parquet as pq
 
-    qid_of = {r["text"]: r["query_id"] for r in pq.read_table(out / "benchmark" / "queries.parquet").to_pylist()}
+    qid_of = {
+        r["text"]: r["query_id"]
+        for r in pq.read_table(out / "benchmark" / "queries.parquet").to_pylist()
+    }
     assert 1 <= len(report["examples"]) <= 3
     for ex in report["examples"]:
         relevant = qrels[qid_of[ex["query"]]]
@@ -60,8 +65,23 @@ def test_demo_rerun_reuses_the_benchmark(demo_dir, tiny_clip: Path) -> None:
 
 
 def test_demo_cli_json(tmp_path: Path, tiny_clip: Path) -> None:
-    result = runner.invoke(app, ["demo", "--out", str(tmp_path / "d"), "--n-images", "40", "--n-queries", "6",
-                                 "--model", str(tiny_clip), "--device", "cpu", "--json"])
+    result = runner.invoke(
+        app,
+        [
+            "demo",
+            "--out",
+            str(tmp_path / "d"),
+            "--n-images",
+            "40",
+            "--n-queries",
+            "6",
+            "--model",
+            str(tiny_clip),
+            "--device",
+            "cpu",
+            "--json",
+        ],
+    )
     assert result.exit_code == 0, result.output
     report = json.loads(result.stdout)
     assert report["eval"]["queries"] == 6 and report["out"] == str(tmp_path / "d")
@@ -69,16 +89,21 @@ def test_demo_cli_json(tmp_path: Path, tiny_clip: Path) -> None:
 
 def test_demo_refuses_a_file_as_output(tmp_path: Path, tiny_clip: Path) -> None:
     (tmp_path / "file").write_text("x")
-    result = runner.invoke(app, ["demo", "--out", str(tmp_path / "file"), "--model", str(tiny_clip)])
+    result = runner.invoke(
+        app, ["demo", "--out", str(tmp_path / "file"), "--model", str(tiny_clip)]
+    )
     assert result.exit_code == 1
     assert "exists and is not a folder" in result.stderr
 
 
-@pytest.mark.parametrize(("args", "message"), [
-    (["--n-images", "0"], "n_images must be an integer >= 1, got 0"),
-    (["--image-size", "20"], "image_size"),
-    (["--split", "validation"], "split"),
-])
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--n-images", "0"], "n_images must be an integer >= 1, got 0"),
+        (["--image-size", "20"], "image_size"),
+        (["--split", "validation"], "split"),
+    ],
+)
 def test_dataset_bad_input_is_one_line(tmp_path: Path, args: list[str], message: str) -> None:
     result = runner.invoke(app, ["dataset", "shapes", "--out", str(tmp_path / "ds"), *args])
     assert result.exit_code == 1
@@ -89,16 +114,32 @@ def test_dataset_bad_input_is_one_line(tmp_path: Path, args: list[str], message:
 def test_dataset_refuses_a_non_empty_folder_without_overwrite(tmp_path: Path) -> None:
     (tmp_path / "ds").mkdir()
     (tmp_path / "ds" / "mine.txt").write_text("keep me")
-    result = runner.invoke(app, ["dataset", "shapes", "--out", str(tmp_path / "ds"), "--n-images", "5",
-                                 "--n-queries", "2"])
+    result = runner.invoke(
+        app,
+        ["dataset", "shapes", "--out", str(tmp_path / "ds"), "--n-images", "5", "--n-queries", "2"],
+    )
     assert result.exit_code == 1
     assert "overwrite" in result.stderr
     assert (tmp_path / "ds" / "mine.txt").read_text() == "keep me"
 
 
 def test_dataset_cli_json(tmp_path: Path) -> None:
-    result = runner.invoke(app, ["dataset", "shapes", "--out", str(tmp_path / "ds"), "--n-images", "12",
-                                 "--n-queries", "4", "--seed", "3", "--json"])
+    result = runner.invoke(
+        app,
+        [
+            "dataset",
+            "shapes",
+            "--out",
+            str(tmp_path / "ds"),
+            "--n-images",
+            "12",
+            "--n-queries",
+            "4",
+            "--seed",
+            "3",
+            "--json",
+        ],
+    )
     assert result.exit_code == 0, result.output
     summary = json.loads(result.stdout)
     assert summary["images"] == 12 and summary["queries"] == 4 and summary["split"] == "test"
@@ -106,13 +147,17 @@ def test_dataset_cli_json(tmp_path: Path) -> None:
 
 
 def test_train_encoder_refuses_a_folder_that_is_not_a_dataset(tmp_path: Path) -> None:
-    result = runner.invoke(app, ["train-encoder", "--data", str(tmp_path), "--out", str(tmp_path / "m")])
+    result = runner.invoke(
+        app, ["train-encoder", "--data", str(tmp_path), "--out", str(tmp_path / "m")]
+    )
     assert result.exit_code == 1
     assert "dataset" in result.stderr
 
 
 def test_train_encoder_bad_learning_rate_is_a_usage_error(tmp_path: Path) -> None:
-    result = runner.invoke(app, ["train-encoder", "--data", str(tmp_path), "--out", str(tmp_path / "m"), "--lr", "-1"])
+    result = runner.invoke(
+        app, ["train-encoder", "--data", str(tmp_path), "--out", str(tmp_path / "m"), "--lr", "-1"]
+    )
     assert result.exit_code == 2
     assert "lr must be > 0" in result.output
 
@@ -120,7 +165,17 @@ def test_train_encoder_bad_learning_rate_is_a_usage_error(tmp_path: Path) -> Non
 def test_train_encoder_missing_init_model_is_one_line_before_any_data_loads(tmp_path: Path) -> None:
     # The data folder is not a dataset either: the init model is checked first, so that a typo
     # costs no minute of image loading.
-    result = runner.invoke(app, ["train-encoder", "--data", str(tmp_path), "--out", str(tmp_path / "m"),
-                                 "--init-from", str(tmp_path / "nope")])
+    result = runner.invoke(
+        app,
+        [
+            "train-encoder",
+            "--data",
+            str(tmp_path),
+            "--out",
+            str(tmp_path / "m"),
+            "--init-from",
+            str(tmp_path / "nope"),
+        ],
+    )
     assert result.exit_code == 1
     assert result.stderr.count("error:") == 1 and "does not exist" in result.stderr

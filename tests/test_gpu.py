@@ -19,12 +19,18 @@ pytestmark = [
 
 
 @pytest.fixture(scope="module")
-def cuda_and_cpu_index(tmp_path_factory: pytest.TempPathFactory, image_folder: Path, tiny_clip: Path):
+def cuda_and_cpu_index(
+    tmp_path_factory: pytest.TempPathFactory, image_folder: Path, tiny_clip: Path
+):
     from crossrank import Index
 
     root = tmp_path_factory.mktemp("gpu")
-    on_gpu = Index.build(image_folder, root / "gpu.idx", model=tiny_clip, device="cuda", batch_size=8)
-    on_cpu = Index.build(image_folder, root / "cpu.idx", model=tiny_clip, device="cpu", batch_size=8)
+    on_gpu = Index.build(
+        image_folder, root / "gpu.idx", model=tiny_clip, device="cuda", batch_size=8
+    )
+    on_cpu = Index.build(
+        image_folder, root / "cpu.idx", model=tiny_clip, device="cpu", batch_size=8
+    )
     return on_gpu, on_cpu
 
 
@@ -48,6 +54,9 @@ def test_cuda_search_with_maxsim_matches_cpu(cuda_and_cpu_index) -> None:
         gpu = on_gpu.search(query, k=5, rerank_k=20, reranker="maxsim")
         cpu = on_cpu.search(query, k=5, rerank_k=20, reranker="maxsim")
         assert [h.rerank_score is not None for h in gpu] == [True] * len(gpu)
-        np.testing.assert_allclose([h.first_stage_score for h in gpu], [h.first_stage_score for h in cpu],
-                                   atol=5e-3)
-        np.testing.assert_allclose(sorted(h.score for h in gpu), sorted(h.score for h in cpu), atol=5e-3)
+        np.testing.assert_allclose(
+            [h.first_stage_score for h in gpu], [h.first_stage_score for h in cpu], atol=5e-3
+        )
+        np.testing.assert_allclose(
+            sorted(h.score for h in gpu), sorted(h.score for h in cpu), atol=5e-3
+        )

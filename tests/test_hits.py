@@ -13,16 +13,27 @@ from crossrank.hits import Hit, SearchCounts, SearchResult
 
 
 def _result(hits: tuple[Hit, ...]) -> SearchResult:
-    return SearchResult(query="a red circle", hits=hits,
-                        counts=SearchCounts(requested=3, returned=len(hits), filtered_out=5, candidates=7),
-                        timings_ms={"encode": 1.23456, "total": 2.0})
+    return SearchResult(
+        query="a red circle",
+        hits=hits,
+        counts=SearchCounts(requested=3, returned=len(hits), filtered_out=5, candidates=7),
+        timings_ms={"encode": 1.23456, "total": 2.0},
+    )
 
 
 def test_hit_json_shape_nests_the_two_stage_scores():
-    hit = Hit(id=4, path="/data/a.png", score=0.75, first_stage_score=0.5, rerank_score=0.25,
-              metadata={"label": "cat", "width": np.int32(40)})
+    hit = Hit(
+        id=4,
+        path="/data/a.png",
+        score=0.75,
+        first_stage_score=0.5,
+        rerank_score=0.25,
+        metadata={"label": "cat", "width": np.int32(40)},
+    )
     assert hit.to_dict() == {
-        "id": 4, "path": "/data/a.png", "score": 0.75,
+        "id": 4,
+        "path": "/data/a.png",
+        "score": 0.75,
         "scores": {"first_stage": 0.5, "rerank": 0.25},
         "metadata": {"label": "cat", "width": 40},
     }
@@ -36,21 +47,43 @@ def test_hit_without_reranker_has_null_rerank_score():
 
 def test_metadata_values_become_json_values():
     when = dt.datetime(2024, 5, 1, 12, 30, tzinfo=dt.UTC)
-    hit = Hit(id=1, path="/a.png", score=float("nan"), first_stage_score=float("-inf"), rerank_score=None,
-              metadata={"mtime": when, "day": dt.date(2024, 5, 1), "price": Decimal("1.5"), "raw": b"\x01\xff",
-                        "tags": (np.float32(0.5), "x"), "nested": {1: np.int64(2)}, "missing": None,
-                        "ratio": float("inf")})
+    hit = Hit(
+        id=1,
+        path="/a.png",
+        score=float("nan"),
+        first_stage_score=float("-inf"),
+        rerank_score=None,
+        metadata={
+            "mtime": when,
+            "day": dt.date(2024, 5, 1),
+            "price": Decimal("1.5"),
+            "raw": b"\x01\xff",
+            "tags": (np.float32(0.5), "x"),
+            "nested": {1: np.int64(2)},
+            "missing": None,
+            "ratio": float("inf"),
+        },
+    )
     out = hit.to_dict()
     assert out["score"] is None and out["scores"]["first_stage"] is None  # JSON has no NaN / inf
-    assert out["metadata"] == {"mtime": "2024-05-01T12:30:00+00:00", "day": "2024-05-01", "price": 1.5,
-                               "raw": "01ff", "tags": [0.5, "x"], "nested": {"1": 2}, "missing": None,
-                               "ratio": None}
+    assert out["metadata"] == {
+        "mtime": "2024-05-01T12:30:00+00:00",
+        "day": "2024-05-01",
+        "price": 1.5,
+        "raw": "01ff",
+        "tags": [0.5, "x"],
+        "nested": {"1": 2},
+        "missing": None,
+        "ratio": None,
+    }
     json.dumps(out, allow_nan=False)  # raises if anything is left that strict JSON cannot hold
 
 
 def test_search_result_is_a_sequence_of_hits():
-    hits = tuple(Hit(id=i, path=f"/{i}.png", score=1.0 - i / 10, first_stage_score=0.0, rerank_score=None)
-                 for i in range(3))
+    hits = tuple(
+        Hit(id=i, path=f"/{i}.png", score=1.0 - i / 10, first_stage_score=0.0, rerank_score=None)
+        for i in range(3)
+    )
     result = _result(hits)
     assert len(result) == 3
     assert result[0] is hits[0] and list(result[1:]) == list(hits[1:])
@@ -60,7 +93,9 @@ def test_search_result_is_a_sequence_of_hits():
 
 
 def test_search_result_json_shape():
-    hits = (Hit(id=2, path="/2.png", score=0.9, first_stage_score=0.8, rerank_score=0.9, metadata={}),)
+    hits = (
+        Hit(id=2, path="/2.png", score=0.9, first_stage_score=0.8, rerank_score=0.9, metadata={}),
+    )
     out = _result(hits).to_dict()
     assert list(out) == ["query", "hits", "counts", "timings_ms", "generation"]
     assert out["query"] == "a red circle"

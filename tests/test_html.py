@@ -40,7 +40,9 @@ def _tags(page: str) -> list[tuple[str, dict[str, str | None]]]:
 
 
 def _result(hits: list[Hit], query: str = QUERY) -> SearchResult:
-    counts = SearchCounts(requested=len(hits), returned=len(hits), filtered_out=0, candidates=len(hits))
+    counts = SearchCounts(
+        requested=len(hits), returned=len(hits), filtered_out=0, candidates=len(hits)
+    )
     return SearchResult(query=query, hits=tuple(hits), counts=counts, timings_ms={"total": 1.25})
 
 
@@ -88,13 +90,34 @@ def test_metadata_is_in_the_tooltip_and_the_hover_overlay(result: SearchResult) 
 def test_page_is_self_contained(result: SearchResult) -> None:
     page = render_page(result)
     tags = _tags(page)
-    assert {tag for tag, _ in tags} <= {"html", "head", "meta", "title", "style", "body", "section", "h1", "p",
-                                        "ol", "li", "div", "img", "dl", "dt", "dd", "span"}
+    assert {tag for tag, _ in tags} <= {
+        "html",
+        "head",
+        "meta",
+        "title",
+        "style",
+        "body",
+        "section",
+        "h1",
+        "p",
+        "ol",
+        "li",
+        "div",
+        "img",
+        "dl",
+        "dt",
+        "dd",
+        "span",
+    }
     for _, attrs in tags:
         for name in ("src", "href", "action"):
             value = attrs.get(name)
             assert value is None or value.startswith("data:"), value
-    csp = next(a["content"] for t, a in tags if t == "meta" and a.get("http-equiv") == "Content-Security-Policy")
+    csp = next(
+        a["content"]
+        for t, a in tags
+        if t == "meta" and a.get("http-equiv") == "Content-Security-Policy"
+    )
     assert csp == "default-src 'none'; img-src data:; style-src 'unsafe-inline'; form-action 'self'"
     assert not re.search(r"url\(|@import|https?:", page.split("<style>")[1].split("</style>")[0])
 
@@ -102,9 +125,17 @@ def test_page_is_self_contained(result: SearchResult) -> None:
 def test_every_text_is_escaped(tmp_path: Path) -> None:
     evil = '"><script>alert(1)</script><img src=x onerror=alert(2)>'
     (tmp_path / "d").mkdir()
-    hit = Hit(id=7, path=str(tmp_path / "d" / f"{evil}.png"), score=0.5, first_stage_score=0.25,
-              rerank_score=None, metadata={"caption": evil, evil: 1})
-    page = render_page(_result([hit], query=evil), form=SearchForm(action="/", query=evil, filters=evil))
+    hit = Hit(
+        id=7,
+        path=str(tmp_path / "d" / f"{evil}.png"),
+        score=0.5,
+        first_stage_score=0.25,
+        rerank_score=None,
+        metadata={"caption": evil, evil: 1},
+    )
+    page = render_page(
+        _result([hit], query=evil), form=SearchForm(action="/", query=evil, filters=evil)
+    )
     tags = _tags(page)
     assert "script" not in {tag for tag, _ in tags}
     assert not any(name.startswith("on") for _, attrs in tags for name in attrs)
@@ -135,8 +166,21 @@ def test_write_page_writes_utf8(result: SearchResult, tmp_path: Path) -> None:
 def test_cli_search_html_writes_the_page_beside_the_json(built_index: Path, tmp_path: Path) -> None:
     out = tmp_path / "out.html"
     runner = CliRunner()
-    res = runner.invoke(cli, ["search", str(built_index), QUERY, "-k", "3", "--device", "cpu", "--json",
-                              "--html", str(out)])
+    res = runner.invoke(
+        cli,
+        [
+            "search",
+            str(built_index),
+            QUERY,
+            "-k",
+            "3",
+            "--device",
+            "cpu",
+            "--json",
+            "--html",
+            str(out),
+        ],
+    )
     assert res.exit_code == 0, (res.stdout, res.stderr)
     body = json.loads(res.stdout)  # stdout is still exactly the JSON
     page = out.read_text(encoding="utf-8")
@@ -145,15 +189,29 @@ def test_cli_search_html_writes_the_page_beside_the_json(built_index: Path, tmp_
     assert page.count("<img ") == 3
     assert f"wrote {out}" in res.stderr
 
-    bad = runner.invoke(cli, ["search", str(built_index), QUERY, "--device", "cpu",
-                              "--html", str(tmp_path / "no-such-dir" / "out.html")])
+    bad = runner.invoke(
+        cli,
+        [
+            "search",
+            str(built_index),
+            QUERY,
+            "--device",
+            "cpu",
+            "--html",
+            str(tmp_path / "no-such-dir" / "out.html"),
+        ],
+    )
     assert bad.exit_code == 1
-    assert re.fullmatch(r"error: --html \S+out\.html cannot be written: No such file or directory\n", bad.stderr)
+    assert re.fullmatch(
+        r"error: --html \S+out\.html cannot be written: No such file or directory\n", bad.stderr
+    )
 
 
 @pytest.mark.slow
 @pytest.mark.skipif(not HAVE_CHROMIUM, reason="needs Debian's chromium (apt-get install chromium)")
-def test_saved_page_renders_every_thumbnail_in_chromium(result: SearchResult, tmp_path: Path) -> None:
+def test_saved_page_renders_every_thumbnail_in_chromium(
+    result: SearchResult, tmp_path: Path
+) -> None:
     site = tmp_path / "site"
     site.mkdir()
     write_page(result, site / "page.html")
@@ -175,8 +233,19 @@ def test_saved_page_screenshot_is_not_blank(result: SearchResult, tmp_path: Path
 
     page = write_page(result, tmp_path / "page.html")
     shot = tmp_path / "shot.png"
-    subprocess.run([*chromium_args(tmp_path / "chromium"), "--window-size=900,600", f"--screenshot={shot}",
-                    page.as_uri()], capture_output=True, timeout=60, check=False)
+    subprocess.run(
+        [
+            *chromium_args(tmp_path / "chromium"),
+            "--window-size=900,600",
+            f"--screenshot={shot}",
+            page.as_uri(),
+        ],
+        capture_output=True,
+        timeout=60,
+        check=False,
+    )
     image = Image.open(shot).convert("RGB")
     assert image.size == (900, 600)
-    assert len(image.getcolors(maxcolors=1 << 16) or range(1 << 16)) > 50  # thumbnails, not a blank page
+    assert (
+        len(image.getcolors(maxcolors=1 << 16) or range(1 << 16)) > 50
+    )  # thumbnails, not a blank page

@@ -18,22 +18,22 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from crossrank.search.encode import Query, encode_queries
-from crossrank.search.pipeline import check_k, search_snapshot, timed
 from crossrank.errors import CrossrankError, InvalidArgumentError, ModelMismatchError
 from crossrank.hits import SearchResult
+from crossrank.search.encode import Query, encode_queries
+from crossrank.search.pipeline import check_k, search_snapshot, timed
 
 if TYPE_CHECKING:
     import pyarrow as pa
 
-    from crossrank.write.build import BuildReport, ProgressFn
     from crossrank.encoders import Encoder
-    from crossrank.store.filters import Filters
     from crossrank.indexes import FirstStage
-    from crossrank.write import AddReport, CompactReport, PhaseProgressFn, RemoveReport
     from crossrank.rerank import Reranker
     from crossrank.search.snapshot import Snapshot
     from crossrank.store import Generation, Manifest, MetadataStore, PatchStore
+    from crossrank.store.filters import Filters
+    from crossrank.write import AddReport, CompactReport, PhaseProgressFn, RemoveReport
+    from crossrank.write.build import BuildReport, ProgressFn
 
 __all__ = ["Index", "Query", "DEFAULT_RERANKER", "verify_index"]
 
@@ -65,8 +65,14 @@ class Index:
         ...     print(hit.score, hit.path)
     """
 
-    def __init__(self, path: Path, *, device: str = "auto", model: str | Path | None = None,
-                 nprobe: int | None = None) -> None:
+    def __init__(
+        self,
+        path: Path,
+        *,
+        device: str = "auto",
+        model: str | Path | None = None,
+        nprobe: int | None = None,
+    ) -> None:
         """Use :meth:`Index.open`; this constructor is the same call."""
         from crossrank.search.snapshot import Snapshot
 
@@ -87,8 +93,14 @@ class Index:
     # -- construction -------------------------------------------------------------------------
 
     @classmethod
-    def open(cls, path: str | Path, *, device: str = "auto", model: str | Path | None = None,
-             nprobe: int | None = None) -> Index:
+    def open(
+        cls,
+        path: str | Path,
+        *,
+        device: str = "auto",
+        model: str | Path | None = None,
+        nprobe: int | None = None,
+    ) -> Index:
         """Open the committed generation of an index directory.
 
         Args:
@@ -105,10 +117,20 @@ class Index:
         return cls(Path(path), device=device, model=model, nprobe=nprobe)
 
     @classmethod
-    def build(cls, source: str | Path, path: str | Path, *, model: str | Path | None = None,
-              batch_size: int = 64, device: str = "auto", factory: str | None = None,
-              nprobe: int | None = None, workers: int = 4, overwrite: bool = False,
-              progress: ProgressFn | None = None) -> Index:
+    def build(
+        cls,
+        source: str | Path,
+        path: str | Path,
+        *,
+        model: str | Path | None = None,
+        batch_size: int = 64,
+        device: str = "auto",
+        factory: str | None = None,
+        nprobe: int | None = None,
+        workers: int = 4,
+        overwrite: bool = False,
+        progress: ProgressFn | None = None,
+    ) -> Index:
         """Build an index from a folder or manifest and open it.
 
         See :func:`crossrank.write.build.build_index` for the arguments; the build's report is kept in
@@ -116,9 +138,18 @@ class Index:
         """
         from crossrank.write.build import build_index
 
-        report = build_index(source, path, model=model, batch_size=batch_size, device=device,
-                             factory=factory, nprobe=nprobe, workers=workers, overwrite=overwrite,
-                             progress=progress)
+        report = build_index(
+            source,
+            path,
+            model=model,
+            batch_size=batch_size,
+            device=device,
+            factory=factory,
+            nprobe=nprobe,
+            workers=workers,
+            overwrite=overwrite,
+            progress=progress,
+        )
         index = cls.open(path, device=device, model=model)
         index.build_report = report
         return index
@@ -230,7 +261,9 @@ class Index:
             if new.manifest.encoder != old.manifest.encoder:  # rebuilt with --overwrite
                 with self._lock:
                     self._encoder, self._rerankers = None, {}
-            logger.debug("index %s refreshed from generation %d to %d", self.path, old.number, new.number)
+            logger.debug(
+                "index %s refreshed from generation %d to %d", self.path, old.number, new.number
+            )
             return True
 
     def close(self) -> None:
@@ -251,8 +284,15 @@ class Index:
 
     # -- changing the index ---------------------------------------------------------------------
 
-    def add(self, source: str | Path, *, batch_size: int = 64, workers: int = 4, rehash: bool = False,
-            progress: PhaseProgressFn | None = None) -> AddReport:
+    def add(
+        self,
+        source: str | Path,
+        *,
+        batch_size: int = 64,
+        workers: int = 4,
+        rehash: bool = False,
+        progress: PhaseProgressFn | None = None,
+    ) -> AddReport:
         """Index the files of ``source`` not in the index yet, then :meth:`refresh`.
 
         See :func:`crossrank.write.add_images`: files are compared by content, a moved file keeps
@@ -264,12 +304,22 @@ class Index:
         """
         from crossrank.write import add_images
 
-        report = add_images(source, self.path, encoder=self.encoder, batch_size=batch_size, device=self.device,
-                            workers=workers, rehash=rehash, progress=progress)
+        report = add_images(
+            source,
+            self.path,
+            encoder=self.encoder,
+            batch_size=batch_size,
+            device=self.device,
+            workers=workers,
+            rehash=rehash,
+            progress=progress,
+        )
         self._after_write()
         return report
 
-    def remove(self, ids: Sequence[int] | np.ndarray | None = None, *, where: str | None = None) -> RemoveReport:
+    def remove(
+        self, ids: Sequence[int] | np.ndarray | None = None, *, where: str | None = None
+    ) -> RemoveReport:
         """Remove images by id or by a ``where`` filter, then :meth:`refresh`.
 
         See :func:`crossrank.write.remove_images`.
@@ -319,7 +369,9 @@ class Index:
         return len(self._current())
 
     def __repr__(self) -> str:
-        return f"Index({str(self.path)!r}, images={len(self)}, generation={self.manifest.generation})"
+        return (
+            f"Index({str(self.path)!r}, images={len(self)}, generation={self.manifest.generation})"
+        )
 
     @property
     def model_id(self) -> str:
@@ -339,7 +391,9 @@ class Index:
         from crossrank.encoders import load_encoder, same_model
 
         built_with = self.manifest.encoder
-        wanted = self._model_override if self._model_override is not None else built_with["model_id"]
+        wanted = (
+            self._model_override if self._model_override is not None else built_with["model_id"]
+        )
         encoder = load_encoder(wanted, device=self.device)
         if not same_model(built_with, encoder.info):
             if encoder.model_id == built_with["model_id"]:  # same name, other weights or config
@@ -374,13 +428,21 @@ class Index:
             "tombstones": int(snap.tombstones.size),
             "encoder": dict(manifest.encoder),
             "first_stage": {**manifest.first_stage, "ntotal": snap.first_stage.ntotal},
-            "patches": {"n_patches": int(snap.patches.shape[0]), "dim": int(snap.patches.shape[1]),
-                        "dtype": "float16"},
+            "patches": {
+                "n_patches": int(snap.patches.shape[0]),
+                "dim": int(snap.patches.shape[1]),
+                "dtype": "float16",
+            },
             "metadata_columns": snap.metadata.columns,
         }
 
-    def metadata(self, columns: Sequence[str] | None = None, where: str | None = None, *,
-                 filters: Filters | None = None) -> pa.Table:
+    def metadata(
+        self,
+        columns: Sequence[str] | None = None,
+        where: str | None = None,
+        *,
+        filters: Filters | None = None,
+    ) -> pa.Table:
         """The metadata table, optionally cut to ``columns`` and the rows matching ``where`` and
         the structured ``filters`` (see :meth:`search`).
 
@@ -389,11 +451,13 @@ class Index:
         """
         with self._use() as snap:
             if not snap.tombstones.size:
-                return snap.metadata.table(columns=list(columns) if columns else None, where=where,
-                                           filters=filters)
+                return snap.metadata.table(
+                    columns=list(columns) if columns else None, where=where, filters=filters
+                )
             wanted = list(columns) if columns else list(snap.metadata.columns)
-            table = snap.metadata.table(columns=wanted if "id" in wanted else ["id", *wanted], where=where,
-                                        filters=filters)
+            table = snap.metadata.table(
+                columns=wanted if "id" in wanted else ["id", *wanted], where=where, filters=filters
+            )
             live = ~np.isin(table.column("id").to_numpy(), snap.tombstones)
             return table.filter(live).select(wanted)
 
@@ -411,9 +475,17 @@ class Index:
 
     # -- search -------------------------------------------------------------------------------
 
-    def search(self, query: Query, k: int = 10, rerank_k: int = 100, where: str | None = None,
-               reranker: str | Reranker | None = DEFAULT_RERANKER, fusion: str = "auto", *,
-               filters: Filters | None = None) -> SearchResult:
+    def search(
+        self,
+        query: Query,
+        k: int = 10,
+        rerank_k: int = 100,
+        where: str | None = None,
+        reranker: str | Reranker | None = DEFAULT_RERANKER,
+        fusion: str = "auto",
+        *,
+        filters: Filters | None = None,
+    ) -> SearchResult:
         """Find the ``k`` images that best match ``query``.
 
         Args:
@@ -442,12 +514,27 @@ class Index:
             InvalidArgumentError: ``k <= 0``, ``rerank_k < k``, an empty query.
             FilterError: a malformed ``where`` or ``filters``, or an unknown column.
         """
-        return self.search_batch([query], k=k, rerank_k=rerank_k, where=where, reranker=reranker,
-                                 fusion=fusion, filters=filters)[0]
+        return self.search_batch(
+            [query],
+            k=k,
+            rerank_k=rerank_k,
+            where=where,
+            reranker=reranker,
+            fusion=fusion,
+            filters=filters,
+        )[0]
 
-    def search_batch(self, queries: Sequence[Query], k: int = 10, rerank_k: int = 100,
-                     where: str | None = None, reranker: str | Reranker | None = DEFAULT_RERANKER,
-                     fusion: str = "auto", *, filters: Filters | None = None) -> list[SearchResult]:
+    def search_batch(
+        self,
+        queries: Sequence[Query],
+        k: int = 10,
+        rerank_k: int = 100,
+        where: str | None = None,
+        reranker: str | Reranker | None = DEFAULT_RERANKER,
+        fusion: str = "auto",
+        *,
+        filters: Filters | None = None,
+    ) -> list[SearchResult]:
         """Search many queries at once: one encoder pass per modality and one first-stage call.
 
         Arguments as :meth:`search`; the filter applies to every query. Returns one
@@ -456,7 +543,9 @@ class Index:
         from crossrank.rerank import resolve_fusion
 
         if isinstance(queries, (str, Path)) or not isinstance(queries, Sequence):
-            raise InvalidArgumentError("queries must be a list of queries; use search() for one query")
+            raise InvalidArgumentError(
+                "queries must be a list of queries; use search() for one query"
+            )
         if not queries:
             return []
         check_k(k, rerank_k)
@@ -469,13 +558,34 @@ class Index:
         _ = self.encoder  # load (once) outside the timings: they measure the query, not start-up
         with timed(timings, "encode"):
             xq, q_tokens, q_masks, q_ids, labels = encode_queries(
-                self.encoder, self.first_stage.d, queries, token_embeddings=0 if scorer is None else scorer.token_embeddings)
-        return self._search_encoded(xq, q_tokens, q_masks, labels, k=k, n_candidates=n_candidates,
-                                    where=where, scorer=scorer, fuse=fuse, timings=timings, q_ids=q_ids,
-                                    filters=filters)
+                self.encoder,
+                self.first_stage.d,
+                queries,
+                token_embeddings=0 if scorer is None else scorer.token_embeddings,
+            )
+        return self._search_encoded(
+            xq,
+            q_tokens,
+            q_masks,
+            labels,
+            k=k,
+            n_candidates=n_candidates,
+            where=where,
+            scorer=scorer,
+            fuse=fuse,
+            timings=timings,
+            q_ids=q_ids,
+            filters=filters,
+        )
 
-    def search_vectors(self, xq: np.ndarray, k: int = 10, where: str | None = None, *,
-                       filters: Filters | None = None) -> list[SearchResult]:
+    def search_vectors(
+        self,
+        xq: np.ndarray,
+        k: int = 10,
+        where: str | None = None,
+        *,
+        filters: Filters | None = None,
+    ) -> list[SearchResult]:
         """Search with query vectors encoded beforehand: the first stage only, no reranking.
 
         Runs what :meth:`search_batch` runs after encoding (the ``where`` filter, the first stage
@@ -507,8 +617,19 @@ class Index:
         check_k(k, k)
         xq = self._check_xq(xq)
         labels = [f"<vector {i}>" for i in range(xq.shape[0])]
-        return self._search_encoded(xq, None, None, labels, k=k, n_candidates=k, where=where,
-                                    scorer=None, fuse=None, timings={}, filters=filters)
+        return self._search_encoded(
+            xq,
+            None,
+            None,
+            labels,
+            k=k,
+            n_candidates=k,
+            where=where,
+            scorer=None,
+            fuse=None,
+            timings={},
+            filters=filters,
+        )
 
     def _check_xq(self, xq: np.ndarray) -> np.ndarray:
         """``xq`` as a C-contiguous finite float32 ``(m, d)`` matrix, ``d`` the index's dim."""
@@ -516,15 +637,30 @@ class Index:
 
         d = self.first_stage.d
         model = self.manifest.encoder.get("model_id", "another model")
-        return as_vectors(xq, "xq", d, expected=f"index {self.path} was built with dim {d} by {model}",
-                          hint="encode queries with the same model")
+        return as_vectors(
+            xq,
+            "xq",
+            d,
+            expected=f"index {self.path} was built with dim {d} by {model}",
+            hint="encode queries with the same model",
+        )
 
-    def _search_encoded(self, xq: np.ndarray, q_tokens: list[np.ndarray] | None,
-                        q_masks: list[np.ndarray] | None, labels: list[str], *, k: int,
-                        n_candidates: int, where: str | None, scorer: Reranker | None, fuse: Any,
-                        timings: dict[str, float],
-                        q_ids: list[np.ndarray | None] | None = None,
-                        filters: Filters | None = None) -> list[SearchResult]:
+    def _search_encoded(
+        self,
+        xq: np.ndarray,
+        q_tokens: list[np.ndarray] | None,
+        q_masks: list[np.ndarray] | None,
+        labels: list[str],
+        *,
+        k: int,
+        n_candidates: int,
+        where: str | None,
+        scorer: Reranker | None,
+        fuse: Any,
+        timings: dict[str, float],
+        q_ids: list[np.ndarray | None] | None = None,
+        filters: Filters | None = None,
+    ) -> list[SearchResult]:
         """Filter, first stage, rerank (when ``scorer``), fuse, join metadata: encoded queries.
 
         ``xq`` is ``(m, d)`` float32; ``q_tokens`` and ``q_masks`` hold each query's token
@@ -533,9 +669,21 @@ class Index:
         stage reads the one generation held when the call starts.
         """
         with self._use() as snap:
-            return search_snapshot(snap, xq, q_tokens, q_masks, labels, k=k, n_candidates=n_candidates,
-                                   where=where, scorer=scorer, fuse=fuse, timings=timings, q_ids=q_ids,
-                                   filters=filters)
+            return search_snapshot(
+                snap,
+                xq,
+                q_tokens,
+                q_masks,
+                labels,
+                k=k,
+                n_candidates=n_candidates,
+                where=where,
+                scorer=scorer,
+                fuse=fuse,
+                timings=timings,
+                q_ids=q_ids,
+                filters=filters,
+            )
 
     def _reranker(self, spec: str | Reranker | None) -> Reranker | None:
         from crossrank.rerank import get_reranker
@@ -551,8 +699,9 @@ class Index:
                 resolved = Path(spec)
             with self._lock:
                 if key not in self._rerankers:
-                    self._rerankers[key] = get_reranker(resolved, device=self.device,
-                                                        encoder_info=self.manifest.encoder)
+                    self._rerankers[key] = get_reranker(
+                        resolved, device=self.device, encoder_info=self.manifest.encoder
+                    )
         return self._rerankers[key]
 
     @property
@@ -611,13 +760,17 @@ def _verify(path: str | Path) -> list[str]:
     try:
         manifest = read_manifest(path)
         info = read_generation_info(manifest.generation_path)
-        first = FirstStage.load(manifest.first_stage_path,
-                                IndexConfig(factory=manifest.first_stage.get("factory"), device="cpu"))
+        first = FirstStage.load(
+            manifest.first_stage_path,
+            IndexConfig(factory=manifest.first_stage.get("factory"), device="cpu"),
+        )
     except CrossrankError as e:
         # Already reported by check_index (a missing or damaged file) unless nothing else was wrong.
         return problems or [str(e)]
     if first.ntotal != info.n_images:
         removed = f" ({info.n_tombstones} removed ones included)" if info.n_tombstones else ""
-        problems.append(f"first stage holds {first.ntotal} vectors, but the generation has {info.n_images} "
-                        f"images{removed}")
+        problems.append(
+            f"first stage holds {first.ntotal} vectors, but the generation has {info.n_images} "
+            f"images{removed}"
+        )
     return problems

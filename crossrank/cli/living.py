@@ -30,10 +30,14 @@ def _parse_ids(text: str) -> list[int]:
         try:
             ids.append(int(item))
         except ValueError:
-            raise typer.BadParameter(f"--ids must be integers separated by commas, e.g. 3,17,42; got {item!r}",
-                                     param_hint="--ids") from None
+            raise typer.BadParameter(
+                f"--ids must be integers separated by commas, e.g. 3,17,42; got {item!r}",
+                param_hint="--ids",
+            ) from None
     if not ids:
-        raise typer.BadParameter("--ids is empty; give ids separated by commas, e.g. 3,17,42", param_hint="--ids")
+        raise typer.BadParameter(
+            "--ids is empty; give ids separated by commas, e.g. 3,17,42", param_hint="--ids"
+        )
     return ids
 
 
@@ -53,12 +57,19 @@ def _phase_progress(update: Callable[..., None]) -> Callable[[str, int, int], No
 @app.command()
 @_friendly_errors
 def add(
-    source: Annotated[Path, typer.Argument(help="A folder of images (recursive) or a .parquet/.csv manifest with a `path` column.")],
+    source: Annotated[
+        Path,
+        typer.Argument(
+            help="A folder of images (recursive) or a .parquet/.csv manifest with a `path` column."
+        ),
+    ],
     index: Annotated[Path, typer.Option("--index", "-i", help="The index directory to add to.")],
     batch_size: Annotated[int, typer.Option(min=1, help="Images per encoder forward pass.")] = 64,
     device: Annotated[Device, typer.Option(help="Where to encode.")] = Device.AUTO,
     workers: Annotated[int, typer.Option(min=1, help="Image decoding and hashing threads.")] = 4,
-    rehash: Annotated[bool, typer.Option(help="Hash every file, even those whose size and mtime match the index.")] = False,
+    rehash: Annotated[
+        bool, typer.Option(help="Hash every file, even those whose size and mtime match the index.")
+    ] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print the summary as JSON.")] = False,
 ) -> None:
     """Index the files of SOURCE the index does not hold yet (by content); moved files keep their id."""
@@ -66,19 +77,33 @@ def add(
 
     from crossrank.write import add_images
 
-    columns = [TextColumn("[bold]{task.fields[phase]}"), BarColumn(), MofNCompleteColumn(),
-               TextColumn("{task.fields[rate]}"), TimeElapsedColumn()]
+    columns = [
+        TextColumn("[bold]{task.fields[phase]}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("{task.fields[rate]}"),
+        TimeElapsedColumn(),
+    ]
     with progress_bar(*columns, disable=as_json, phase="", rate="") as update:
-        report = add_images(source, index, batch_size=batch_size, device=device.value, workers=workers,
-                            rehash=rehash, progress=_phase_progress(update))
+        report = add_images(
+            source,
+            index,
+            batch_size=batch_size,
+            device=device.value,
+            workers=workers,
+            rehash=rehash,
+            progress=_phase_progress(update),
+        )
     if as_json:
         _print_json(report.to_dict())
         return
     if not report.committed:
-        console.print(f"[green]nothing to add[/]: {report.unchanged} files already indexed"
-                      + (f", {report.duplicates} duplicates" if report.duplicates else "")
-                      + (f", {report.skipped} undecodable" if report.skipped else "")
-                      + f" -> {report.index_dir} (generation {report.generation}, {report.images} images)")
+        console.print(
+            f"[green]nothing to add[/]: {report.unchanged} files already indexed"
+            + (f", {report.duplicates} duplicates" if report.duplicates else "")
+            + (f", {report.skipped} undecodable" if report.skipped else "")
+            + f" -> {report.index_dir} (generation {report.generation}, {report.images} images)"
+        )
         return
     console.print(
         f"[green]added {report.added}[/] images, moved {report.moved}, replaced {report.replaced}, "
@@ -86,35 +111,52 @@ def add(
         f"in {report.seconds:.1f} s -> {report.index_dir} (generation {report.generation}, {report.images} images)"
     )
     if report.skipped:
-        console.print(f"[yellow]{report.skipped} files skipped:[/] list them with "
-                      f"`crossrank info {report.index_dir} --skipped`")
+        console.print(
+            f"[yellow]{report.skipped} files skipped:[/] list them with "
+            f"`crossrank info {report.index_dir} --skipped`"
+        )
 
 
 @app.command()
 @_friendly_errors
 def remove(
     index: Annotated[Path, typer.Argument(help="The index directory.")],
-    where: Annotated[str | None, typer.Option(help="DuckDB SQL filter over metadata columns selecting the images to remove, e.g. \"path LIKE '%/tmp/%'\".")] = None,
-    ids: Annotated[str | None, typer.Option(help="Ids to remove, separated by commas, e.g. 3,17,42.")] = None,
+    where: Annotated[
+        str | None,
+        typer.Option(
+            help="DuckDB SQL filter over metadata columns selecting the images to remove, e.g. \"path LIKE '%/tmp/%'\"."
+        ),
+    ] = None,
+    ids: Annotated[
+        str | None, typer.Option(help="Ids to remove, separated by commas, e.g. 3,17,42.")
+    ] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the summary as JSON.")] = False,
 ) -> None:
     """Remove images by --ids or --where; searches stop returning them at once, `compact` reclaims the space."""
     from crossrank.write import remove_images
 
     if (where is None) == (ids is None):
-        raise typer.BadParameter("give either --where SQL or --ids 1,2,..., not both and not neither")
+        raise typer.BadParameter(
+            "give either --where SQL or --ids 1,2,..., not both and not neither"
+        )
     report = remove_images(index, ids=_parse_ids(ids) if ids is not None else None, where=where)
     if as_json:
         _print_json(report.to_dict())
         return
-    already = f" ({len(report.already_removed)} were removed before)" if report.already_removed else ""
+    already = (
+        f" ({len(report.already_removed)} were removed before)" if report.already_removed else ""
+    )
     if not report.committed:
-        console.print(f"[green]nothing to remove[/]{already} -> {report.index_dir} "
-                      f"(generation {report.generation}, {report.images} images)")
+        console.print(
+            f"[green]nothing to remove[/]{already} -> {report.index_dir} "
+            f"(generation {report.generation}, {report.images} images)"
+        )
         return
-    console.print(f"[green]removed {len(report.removed)}[/] images{already} -> {report.index_dir} "
-                  f"(generation {report.generation}, {report.images} images; "
-                  f"{report.tombstones} removed images take space until `crossrank compact {report.index_dir}`)")
+    console.print(
+        f"[green]removed {len(report.removed)}[/] images{already} -> {report.index_dir} "
+        f"(generation {report.generation}, {report.images} images; "
+        f"{report.tombstones} removed images take space until `crossrank compact {report.index_dir}`)"
+    )
 
 
 @app.command()
@@ -128,21 +170,36 @@ def compact(
 
     from crossrank.write import compact_index
 
-    columns = [TextColumn("[bold]{task.fields[phase]}"), BarColumn(), MofNCompleteColumn(),
-               TextColumn("{task.fields[rate]}"), TimeElapsedColumn()]
+    columns = [
+        TextColumn("[bold]{task.fields[phase]}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("{task.fields[rate]}"),
+        TimeElapsedColumn(),
+    ]
     with progress_bar(*columns, disable=as_json, phase="", rate="") as update:
         report = compact_index(index, progress=_phase_progress(update))
     if as_json:
         _print_json(report.to_dict())
         return
-    deleted = (f", deleted old generation(s) {', '.join(map(str, report.deleted_generations))}"
-               if report.deleted_generations else "")
-    kept = (f"; kept generation(s) {', '.join(map(str, report.kept_generations))}: readers hold them"
-            if report.kept_generations else "")
+    deleted = (
+        f", deleted old generation(s) {', '.join(map(str, report.deleted_generations))}"
+        if report.deleted_generations
+        else ""
+    )
+    kept = (
+        f"; kept generation(s) {', '.join(map(str, report.kept_generations))}: readers hold them"
+        if report.kept_generations
+        else ""
+    )
     if not report.committed:
-        console.print(f"[green]nothing to compact[/]{deleted}{kept} -> {report.index_dir} "
-                      f"(generation {report.generation}, {report.images} images)")
+        console.print(
+            f"[green]nothing to compact[/]{deleted}{kept} -> {report.index_dir} "
+            f"(generation {report.generation}, {report.images} images)"
+        )
         return
-    console.print(f"[green]compacted[/]: dropped {report.dropped} removed images{deleted}{kept}, "
-                  f"in {report.seconds:.1f} s -> {report.index_dir} (generation {report.generation}, "
-                  f"{report.images} images, {report.factory})")
+    console.print(
+        f"[green]compacted[/]: dropped {report.dropped} removed images{deleted}{kept}, "
+        f"in {report.seconds:.1f} s -> {report.index_dir} (generation {report.generation}, "
+        f"{report.images} images, {report.factory})"
+    )

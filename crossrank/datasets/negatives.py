@@ -64,18 +64,23 @@ def caption_perturbations(
 
     a, b = spec.a, spec.b
 
-    def make(x: ObjectSpec, y: ObjectSpec | None,
-             relation: Relation | None = spec.relation) -> QuerySpec:
+    def make(
+        x: ObjectSpec, y: ObjectSpec | None, relation: Relation | None = spec.relation
+    ) -> QuerySpec:
         return QuerySpec(spec.kind, x, y, relation)
 
     if b is not None:
-        add(structural, make(ObjectSpec(b.colour, a.shape, a.size),
-                             ObjectSpec(a.colour, b.shape, b.size)))
+        add(
+            structural,
+            make(ObjectSpec(b.colour, a.shape, a.size), ObjectSpec(a.colour, b.shape, b.size)),
+        )
         if spec.kind is QueryKind.RELATION:
             # Swapping the shapes of a pair says what swapping its colours says ("A and B" is
             # "B and A"); around a relation the two differ, as does swapping the objects.
-            add(structural, make(ObjectSpec(a.colour, b.shape, a.size),
-                                 ObjectSpec(b.colour, a.shape, b.size)))
+            add(
+                structural,
+                make(ObjectSpec(a.colour, b.shape, a.size), ObjectSpec(b.colour, a.shape, b.size)),
+            )
             add(structural, make(b, a))  # "B left of A"
             for relation in Relation:
                 if relation is not spec.relation:
@@ -89,8 +94,9 @@ def caption_perturbations(
     return structural, attribute
 
 
-def perturbation_rows(captions: list[str], specs: list[QuerySpec]
-                      ) -> tuple[list[np.ndarray], np.ndarray, list[QuerySpec]]:
+def perturbation_rows(
+    captions: list[str], specs: list[QuerySpec]
+) -> tuple[list[np.ndarray], np.ndarray, list[QuerySpec]]:
     """Each caption's near misses (:func:`caption_perturbations`), as rows of
     the caption bank: ``(rows per caption, structural count per caption, new specs)``.
 
@@ -135,8 +141,9 @@ class CaptionNegativeBank:
     specs: Any  # SpecArrays
     scenes: Any  # SceneArrays
 
-    def sample(self, caption: np.ndarray, image: np.ndarray, n: int,
-               rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    def sample(
+        self, caption: np.ndarray, image: np.ndarray, n: int, rng: np.random.Generator
+    ) -> tuple[np.ndarray, np.ndarray]:
         """For each (caption, image), the caption and ``n`` rewrites false of the image.
 
         Half the rewrites (rounded up) are structural where the caption has enough false ones
@@ -160,15 +167,15 @@ class CaptionNegativeBank:
         valid[:, 0] = True
         start = 0
         for b, (u, count) in enumerate(zip(caption.tolist(), counts.tolist(), strict=True)):
-            options, ok = flat[start:start + count], false[start:start + count]
+            options, ok = flat[start : start + count], false[start : start + count]
             start += count
             k = int(self.n_structural[u])
             structural = rng.permutation(options[:k][ok[:k]])
             attribute = rng.permutation(options[k:][ok[k:]])
             n_s = min(structural.size, max(n - attribute.size, (n + 1) // 2))
             chosen = np.concatenate([structural[:n_s], attribute[: n - n_s]])
-            rows[b, 1:1 + chosen.size] = chosen
-            valid[b, 1:1 + chosen.size] = True
+            rows[b, 1 : 1 + chosen.size] = chosen
+            valid[b, 1 : 1 + chosen.size] = True
         return rows, valid
 
     def relation_only(self, specs: list[QuerySpec]) -> CaptionNegativeBank:
@@ -193,7 +200,13 @@ class CaptionNegativeBank:
             keep: list[int] = []
             if spec.relation is not None:
                 objects = {spec.a, spec.b}
-                keep = [r for r in rows[: int(self.n_structural[u])].tolist() if {specs[r].a, specs[r].b} == objects]
+                keep = [
+                    r
+                    for r in rows[: int(self.n_structural[u])].tolist()
+                    if {specs[r].a, specs[r].b} == objects
+                ]
             offsets.append(np.array(keep, dtype=np.int64))
         counts = np.array([o.size for o in offsets], dtype=np.int64)
-        return CaptionNegativeBank(offsets=offsets, n_structural=counts, specs=self.specs, scenes=self.scenes)
+        return CaptionNegativeBank(
+            offsets=offsets, n_structural=counts, specs=self.specs, scenes=self.scenes
+        )

@@ -136,8 +136,13 @@ class SpecArrays:
         return cls(**out)
 
 
-def _object_match(sc: SceneArrays, lead: Callable[[np.ndarray], np.ndarray], colour: np.ndarray,
-                  shape: np.ndarray, size: np.ndarray) -> np.ndarray:
+def _object_match(
+    sc: SceneArrays,
+    lead: Callable[[np.ndarray], np.ndarray],
+    colour: np.ndarray,
+    shape: np.ndarray,
+    size: np.ndarray,
+) -> np.ndarray:
     """``(m, n, 3)``: which objects of the scenes fit each spec's object; ``lead`` shapes a scene
     field ``(scenes, 3)`` to broadcast against the specs (see :func:`_match`)."""
     c = lead(sc.colour) == colour[:, None, None]
@@ -201,7 +206,9 @@ def match_matrix(
     rel = _relation_tensor(sc)  # (4, n, 3, 3)
     step = max(1, chunk_elements // (n * MAX_OBJECTS * MAX_OBJECTS))
     for lo in range(0, m, step):
-        out[lo:lo + step] = _match(sp.take(np.arange(lo, min(m, lo + step))), sc, rel, aligned=False)
+        out[lo : lo + step] = _match(
+            sp.take(np.arange(lo, min(m, lo + step))), sc, rel, aligned=False
+        )
     return out
 
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
-from functools import lru_cache
+from functools import cache
 
 import numpy as np
 
@@ -131,7 +131,7 @@ class Geometry:
         return int(np.searchsorted(self.edges, coord, side="right")) - 1
 
 
-@lru_cache(maxsize=None)
+@cache
 def geometry(image_size: int) -> Geometry:
     """The grid geometry for ``image_size`` px images."""
     edges = tuple((k * image_size) // GRID for k in range(GRID + 1))
@@ -140,14 +140,11 @@ def geometry(image_size: int) -> Geometry:
     return Geometry(image_size=image_size, edges=edges, half_size=half)
 
 
-@lru_cache(maxsize=None)
+@cache
 def allowed_pairs(include_heldout: bool) -> tuple[tuple[Colour, Shape], ...]:
     """All colour-shape pairs an image may hold, in a fixed order."""
     return tuple(
-        (c, s)
-        for c in Colour
-        for s in Shape
-        if include_heldout or (c, s) not in HELDOUT_PAIRS
+        (c, s) for c in Colour for s in Shape if include_heldout or (c, s) not in HELDOUT_PAIRS
     )
 
 

@@ -22,8 +22,14 @@ _QUIET_BARS = frozenset({"Loading weights"})
 
 # A tokenizer is saved as at least one of these (fast tokenizers: tokenizer.json; slow BPE: vocab.json +
 # merges.txt; WordPiece: vocab.txt; SentencePiece: *.model).
-_TOKENIZER_FILES = ("tokenizer.json", "vocab.json", "vocab.txt", "tokenizer.model", "spiece.model",
-                    "sentencepiece.bpe.model")
+_TOKENIZER_FILES = (
+    "tokenizer.json",
+    "vocab.json",
+    "vocab.txt",
+    "tokenizer.model",
+    "spiece.model",
+    "sentencepiece.bpe.model",
+)
 
 
 def _drop_below_error(record: logging.LogRecord) -> bool:
@@ -54,10 +60,15 @@ def quiet_transformers() -> Iterator[None]:
     previous: Any = None
     bars_were_on = None
     if set_hook is not None:
+
         def hook(factory: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
             if kwargs.get("desc") in _QUIET_BARS:
                 return hf_logging.EmptyTqdm(*args, **kwargs)
-            return previous(factory, args, kwargs) if previous is not None else factory(*args, **kwargs)
+            return (
+                previous(factory, args, kwargs)
+                if previous is not None
+                else factory(*args, **kwargs)
+            )
 
         previous = set_hook(hook)
     else:  # older transformers: no hook, so switch its bars off for the block
@@ -91,9 +102,15 @@ def load_weights(model_cls: Any, model_dir: Path, model_id: str) -> Any:
     """
     name = model_cls.__name__
     try:
-        model, loading_info = model_cls.from_pretrained(model_dir, local_files_only=True, output_loading_info=True)
-    except Exception as e:  # transformers raises OSError, ValueError, RuntimeError (size mismatch), ...
-        raise ModelError(f"cannot load model {model_id!r} as a {name} from {model_dir}: {one_line(e)}") from e
+        model, loading_info = model_cls.from_pretrained(
+            model_dir, local_files_only=True, output_loading_info=True
+        )
+    except (
+        Exception
+    ) as e:  # transformers raises OSError, ValueError, RuntimeError (size mismatch), ...
+        raise ModelError(
+            f"cannot load model {model_id!r} as a {name} from {model_dir}: {one_line(e)}"
+        ) from e
     missing = sorted(loading_info.get("missing_keys") or [])
     if missing:
         raise ModelError(
@@ -102,8 +119,13 @@ def load_weights(model_cls: Any, model_dir: Path, model_id: str) -> Any:
         )
     unexpected = sorted(loading_info.get("unexpected_keys") or [])
     if unexpected:
-        logger.debug("%s: %d checkpoint weight(s) unused by %s (first: %s)", model_id, len(unexpected), name,
-                     unexpected[0])
+        logger.debug(
+            "%s: %d checkpoint weight(s) unused by %s (first: %s)",
+            model_id,
+            len(unexpected),
+            name,
+            unexpected[0],
+        )
     return model.eval()
 
 

@@ -134,7 +134,9 @@ def _check_texts(texts: Sequence[str]) -> list[str]:
         if not isinstance(text, str):
             raise InvalidArgumentError(f"texts[{i}] must be a string, got {type(text).__name__}")
         if not text.strip():
-            raise InvalidArgumentError(f"texts[{i}] is empty or only whitespace; give a query with words in it")
+            raise InvalidArgumentError(
+                f"texts[{i}] is empty or only whitespace; give a query with words in it"
+            )
     return list(texts)
 
 
@@ -151,8 +153,17 @@ class TransformersEncoder:
 
     backend: ClassVar[str] = ""
 
-    def __init__(self, model: Any, image_processor: Any, tokenizer: Any, *, info: dict[str, Any],
-                 device: torch.device, dtype: torch.dtype, batch_size: int) -> None:
+    def __init__(
+        self,
+        model: Any,
+        image_processor: Any,
+        tokenizer: Any,
+        *,
+        info: dict[str, Any],
+        device: torch.device,
+        dtype: torch.dtype,
+        batch_size: int,
+    ) -> None:
         """Place the model and read its sizes from ``info``.
 
         Args:
@@ -202,8 +213,10 @@ class TransformersEncoder:
         return float(scale.detach().float().exp())
 
     def __repr__(self) -> str:
-        return (f"{type(self).__name__}(model_id={self.model_id!r}, device={str(self.device)!r}, "
-                f"dtype={str(self.dtype).removeprefix('torch.')!r}, batch_size={self.batch_size})")
+        return (
+            f"{type(self).__name__}(model_id={self.model_id!r}, device={str(self.device)!r}, "
+            f"dtype={str(self.dtype).removeprefix('torch.')!r}, batch_size={self.batch_size})"
+        )
 
     # -- what a backend implements -------------------------------------------------------------------
 
@@ -211,8 +224,9 @@ class TransformersEncoder:
         """One batch ``(b, 3, H, W)`` -> pooled ``(b, dim)`` (unnormalised), patches ``(b, P, d)``."""
         raise NotImplementedError
 
-    def _text_forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor
-                      ) -> tuple[torch.Tensor, torch.Tensor]:
+    def _text_forward(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """One batch ``(b, L)`` -> pooled ``(b, dim)`` (unnormalised), tokens ``(b, L, d)``."""
         raise NotImplementedError
 
@@ -226,8 +240,13 @@ class TransformersEncoder:
         Pads on the tokenizer's side to the longest text; truncates at ``max_text_len``.
         """
         with self._tokenizer_lock:
-            enc = self.tokenizer(texts, padding="longest", truncation=True, max_length=self.max_text_len,
-                                 return_tensors="pt")
+            enc = self.tokenizer(
+                texts,
+                padding="longest",
+                truncation=True,
+                max_length=self.max_text_len,
+                return_tensors="pt",
+            )
         encodings = getattr(enc, "encodings", None) or []
         truncated = [i for i, e in enumerate(encodings) if getattr(e, "overflowing", None)]
         return enc["input_ids"], enc["attention_mask"], truncated
@@ -257,7 +276,9 @@ class TransformersEncoder:
             )
         for i, image in enumerate(images):
             if not isinstance(image, Image.Image):
-                raise InvalidArgumentError(f"images[{i}] must be a PIL image, got {type(image).__name__}")
+                raise InvalidArgumentError(
+                    f"images[{i}] must be a PIL image, got {type(image).__name__}"
+                )
         if len(images) == 0:
             return torch.empty((0, 3, self.image_size, self.image_size), dtype=torch.float32)
         rgb = [im if im.mode == "RGB" else im.convert("RGB") for im in images]
@@ -283,7 +304,9 @@ class TransformersEncoder:
         if isinstance(pixel_values, np.ndarray):
             pixel_values = torch.from_numpy(pixel_values)
         if not isinstance(pixel_values, torch.Tensor):
-            raise InvalidArgumentError(f"pixel_values must be a torch tensor, got {type(pixel_values).__name__}")
+            raise InvalidArgumentError(
+                f"pixel_values must be a torch tensor, got {type(pixel_values).__name__}"
+            )
         expected = (3, self.image_size, self.image_size)
         if pixel_values.ndim != 4 or tuple(pixel_values.shape[1:]) != expected:
             raise InvalidArgumentError(
@@ -295,7 +318,9 @@ class TransformersEncoder:
         patches = np.empty((n, self.n_patches, self.patch_dim), dtype=np.float32)
         with torch.inference_mode():
             for start in range(0, n, self.batch_size):
-                batch = pixel_values[start:start + self.batch_size].to(self.device, self.dtype, non_blocking=True)
+                batch = pixel_values[start : start + self.batch_size].to(
+                    self.device, self.dtype, non_blocking=True
+                )
                 p, x = self._image_forward(batch)
                 stop = start + batch.shape[0]
                 # Normalise in float32 whatever the model ran in.
@@ -349,13 +374,22 @@ class TransformersEncoder:
         input_ids, attention_mask, truncated = self._tokenize(texts)
         if truncated and not self._logged_truncation:
             self._logged_truncation = True
-            logger.debug("%d text(s) longer than %d tokens were truncated for %s (first: texts[%d])",
-                         len(truncated), self.max_text_len, self.model_id, truncated[0])
+            logger.debug(
+                "%d text(s) longer than %d tokens were truncated for %s (first: texts[%d])",
+                len(truncated),
+                self.max_text_len,
+                self.model_id,
+                truncated[0],
+            )
         m, n_tokens = input_ids.shape
         mask = attention_mask.bool()  # (m, n_tokens)
         pooled = np.empty((m, self.dim), dtype=np.float32)
         tokens = np.empty((m, n_tokens, self.token_dim), dtype=np.float32)
-        layer0 = np.empty((m, n_tokens, self.token_embedding_dim), dtype=np.float32) if token_embeddings else None
+        layer0 = (
+            np.empty((m, n_tokens, self.token_embedding_dim), dtype=np.float32)
+            if token_embeddings
+            else None
+        )
         with torch.inference_mode():
             for start in range(0, m, self.batch_size):
                 stop = min(start + self.batch_size, m)
@@ -366,6 +400,13 @@ class TransformersEncoder:
                 pooled[start:stop] = F.normalize(p.float(), dim=-1).cpu().numpy()
                 tokens[start:stop] = t.cpu().numpy()
                 if layer0 is not None:
-                    layer0[start:stop] = self._text_embeddings(ids).float().masked_fill(pad, 0.0).cpu().numpy()
-        return TextFeatures(pooled=pooled, tokens=tokens, mask=mask.numpy(),
-                            input_ids=input_ids.to(torch.int64).numpy(), token_embeddings=layer0)
+                    layer0[start:stop] = (
+                        self._text_embeddings(ids).float().masked_fill(pad, 0.0).cpu().numpy()
+                    )
+        return TextFeatures(
+            pooled=pooled,
+            tokens=tokens,
+            mask=mask.numpy(),
+            input_ids=input_ids.to(torch.int64).numpy(),
+            token_embeddings=layer0,
+        )

@@ -61,7 +61,11 @@ def check_retrieval_config(config: Any, model_id: str) -> None:
         ModelError: the ``model_type`` is not ``blip``, or ``architectures`` names only other
             BLIP heads (captioning, VQA).
     """
-    get = config.get if isinstance(config, dict) else (lambda key, default=None: getattr(config, key, default))
+    get = (
+        config.get
+        if isinstance(config, dict)
+        else (lambda key, default=None: getattr(config, key, default))
+    )
     model_type = get("model_type")
     if model_type != "blip":
         raise ModelError(
@@ -92,8 +96,15 @@ class BlipEncoder(TransformersEncoder):
     backend = "blip"
 
     @classmethod
-    def from_pretrained(cls, model_dir: Path, *, info: dict[str, Any], device: torch.device,
-                        dtype: torch.dtype, batch_size: int) -> BlipEncoder:
+    def from_pretrained(
+        cls,
+        model_dir: Path,
+        *,
+        info: dict[str, Any],
+        device: torch.device,
+        dtype: torch.dtype,
+        batch_size: int,
+    ) -> BlipEncoder:
         """Load the model, image processor and tokenizer from a local Hugging Face directory.
 
         Args:
@@ -120,7 +131,9 @@ class BlipEncoder(TransformersEncoder):
         try:
             config = BlipConfig.from_pretrained(model_dir, local_files_only=True)
         except Exception as e:
-            raise ModelError(f"model {model_id!r}: cannot read its BLIP config in {model_dir}: {one_line(e)}") from e
+            raise ModelError(
+                f"model {model_id!r}: cannot read its BLIP config in {model_dir}: {one_line(e)}"
+            ) from e
         check_retrieval_config(config, model_id)
         model = load_weights(BlipForImageTextRetrieval, model_dir, model_id)
         image_processor, tokenizer = load_processors(model_dir, model_id)
@@ -137,19 +150,31 @@ class BlipEncoder(TransformersEncoder):
             "text_width": int(text.hidden_size),
             "patch_features": "vision_model.last_hidden_state (CLS + patches, after post_layernorm)",
         }
-        return cls(model, image_processor, tokenizer, info=info, device=device, dtype=dtype,
-                   batch_size=batch_size)
+        return cls(
+            model,
+            image_processor,
+            tokenizer,
+            info=info,
+            device=device,
+            dtype=dtype,
+            batch_size=batch_size,
+        )
 
     def _image_forward(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        hidden = self.model.vision_model(pixel_values=pixel_values).last_hidden_state  # (b, 1 + P, vision_hidden)
+        hidden = self.model.vision_model(
+            pixel_values=pixel_values
+        ).last_hidden_state  # (b, 1 + P, vision_hidden)
         # BlipForImageTextRetrieval's ITC reads last_hidden_state[:, 0], not pooler_output (which
         # applies post_layernorm a second time).
         pooled = self.model.vision_proj(hidden[:, 0])  # (b, dim)
         return pooled, hidden
 
-    def _text_forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor
-                      ) -> tuple[torch.Tensor, torch.Tensor]:
-        hidden = self.model.text_encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+    def _text_forward(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        hidden = self.model.text_encoder(
+            input_ids=input_ids, attention_mask=attention_mask
+        ).last_hidden_state
         pooled = self.model.text_proj(hidden[:, 0])  # (b, dim)
         return pooled, hidden  # hidden: (b, n_tokens, text_hidden)
 

@@ -45,8 +45,15 @@ class ClipEncoder(TransformersEncoder):
     backend = "clip"
 
     @classmethod
-    def from_pretrained(cls, model_dir: Path, *, info: dict[str, Any], device: torch.device,
-                        dtype: torch.dtype, batch_size: int) -> ClipEncoder:
+    def from_pretrained(
+        cls,
+        model_dir: Path,
+        *,
+        info: dict[str, Any],
+        device: torch.device,
+        dtype: torch.dtype,
+        batch_size: int,
+    ) -> ClipEncoder:
         """Load the model, image processor and tokenizer from a local Hugging Face directory.
 
         Args:
@@ -82,18 +89,28 @@ class ClipEncoder(TransformersEncoder):
             "text_width": int(text.hidden_size),
             "patch_features": "visual_projection(post_layernorm(last_hidden_state[:, 1:]))",
         }
-        return cls(model, image_processor, tokenizer, info=info, device=device, dtype=dtype,
-                   batch_size=batch_size)
+        return cls(
+            model,
+            image_processor,
+            tokenizer,
+            info=info,
+            device=device,
+            dtype=dtype,
+            batch_size=batch_size,
+        )
 
     def _image_forward(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         vision = self.model.vision_model(pixel_values=pixel_values)
         pooled = self.model.visual_projection(vision.pooler_output)  # (b, dim)
         patches = vision.last_hidden_state[:, 1:]  # (b, n_patches, vision_width)
-        patches = self.model.visual_projection(self.model.vision_model.post_layernorm(patches))  # (b, n_patches, dim)
+        patches = self.model.visual_projection(
+            self.model.vision_model.post_layernorm(patches)
+        )  # (b, n_patches, dim)
         return pooled, patches
 
-    def _text_forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor
-                      ) -> tuple[torch.Tensor, torch.Tensor]:
+    def _text_forward(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         text = self.model.text_model(input_ids=input_ids, attention_mask=attention_mask)
         pooled = self.model.text_projection(text.pooler_output)  # (b, dim)
         tokens = self.model.text_projection(text.last_hidden_state)  # (b, n_tokens, dim)

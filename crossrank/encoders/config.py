@@ -41,9 +41,17 @@ class EncoderConfig:
             raise ValueError(f"EncoderConfig.model must be a non-empty string, got {self.model!r}")
         device = str(self.device).lower()
         if device not in {d.value for d in Device} and not device.startswith("cuda:"):
-            raise ValueError(f"EncoderConfig.device must be auto, cpu, cuda or cuda:N, got {self.device!r}")
-        if isinstance(self.batch_size, bool) or not isinstance(self.batch_size, int) or self.batch_size < 1:
-            raise ValueError(f"EncoderConfig.batch_size must be an int >= 1, got {self.batch_size!r}")
+            raise ValueError(
+                f"EncoderConfig.device must be auto, cpu, cuda or cuda:N, got {self.device!r}"
+            )
+        if (
+            isinstance(self.batch_size, bool)
+            or not isinstance(self.batch_size, int)
+            or self.batch_size < 1
+        ):
+            raise ValueError(
+                f"EncoderConfig.batch_size must be an int >= 1, got {self.batch_size!r}"
+            )
         if str(self.dtype).lower() not in {p.value for p in Precision}:
             raise ValueError(
                 f"EncoderConfig.dtype must be one of {', '.join(p.value for p in Precision)}, got {self.dtype!r}"

@@ -54,8 +54,18 @@ class ClipSpec:
     vocab_size: int = 256  # tokenizer vocabulary (a target: BPE may learn fewer)
 
     def __post_init__(self) -> None:
-        for name in ("image_size", "patch_size", "vision_width", "vision_layers", "vision_heads",
-                     "text_width", "text_layers", "text_heads", "projection_dim", "max_text_len"):
+        for name in (
+            "image_size",
+            "patch_size",
+            "vision_width",
+            "vision_layers",
+            "vision_heads",
+            "text_width",
+            "text_layers",
+            "text_heads",
+            "projection_dim",
+            "max_text_len",
+        ):
             if getattr(self, name) < 1:
                 raise ValueError(f"ClipSpec.{name} must be >= 1, got {getattr(self, name)}")
         if self.image_size % self.patch_size:
@@ -65,10 +75,14 @@ class ClipSpec:
         if self.vision_width % self.vision_heads or self.text_width % self.text_heads:
             raise ValueError("ClipSpec widths must be multiples of their head counts")
         if self.vocab_size < len(SPECIAL_TOKENS) + 1:
-            raise ValueError(f"ClipSpec.vocab_size must be > {len(SPECIAL_TOKENS)}, got {self.vocab_size}")
+            raise ValueError(
+                f"ClipSpec.vocab_size must be > {len(SPECIAL_TOKENS)}, got {self.vocab_size}"
+            )
 
 
-def build_tokenizer(texts: Iterable[str], vocab_size: int, max_length: int) -> PreTrainedTokenizerFast:
+def build_tokenizer(
+    texts: Iterable[str], vocab_size: int, max_length: int
+) -> PreTrainedTokenizerFast:
     """Train a lower-casing BPE tokenizer on ``texts`` and wrap it for transformers.
 
     Every encoded text is ``<bos> ... <eos>``; padding uses ``<pad>`` (id 0) on the right.
@@ -87,7 +101,9 @@ def build_tokenizer(texts: Iterable[str], vocab_size: int, max_length: int) -> P
     tok = Tokenizer(models.BPE(unk_token=UNK))
     tok.normalizer = normalizers.Sequence([normalizers.NFKC(), normalizers.Lowercase()])
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS, show_progress=False)
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS, show_progress=False
+    )
     tok.train_from_iterator(texts, trainer=trainer)
     tok.post_processor = processors.TemplateProcessing(
         single=f"{BOS} $A {EOS}",
@@ -142,8 +158,13 @@ def new_clip(spec: ClipSpec, vocab_size: int, seed: int = 0) -> CLIPModel:
     return CLIPModel(config).eval()
 
 
-def save_clip(model: CLIPModel, tokenizer: PreTrainedTokenizerFast, spec: ClipSpec, out_dir: str | Path,
-              extra: dict[str, Any] | None = None) -> Path:
+def save_clip(
+    model: CLIPModel,
+    tokenizer: PreTrainedTokenizerFast,
+    spec: ClipSpec,
+    out_dir: str | Path,
+    extra: dict[str, Any] | None = None,
+) -> Path:
     """Save model, tokenizer and image processor as one Hugging Face model directory.
 
     Args:
@@ -170,11 +191,15 @@ def save_clip(model: CLIPModel, tokenizer: PreTrainedTokenizerFast, spec: ClipSp
         image_mean=list(CLIP_MEAN),
         image_std=list(CLIP_STD),
     ).save_pretrained(out)
-    (out / "crossrank_clip.json").write_text(json.dumps({"spec": asdict(spec), **(extra or {})}, indent=2) + "\n")
+    (out / "crossrank_clip.json").write_text(
+        json.dumps({"spec": asdict(spec), **(extra or {})}, indent=2) + "\n"
+    )
     return out
 
 
-def make_clip(out_dir: str | Path, texts: Iterable[str], spec: ClipSpec | None = None, seed: int = 0) -> Path:
+def make_clip(
+    out_dir: str | Path, texts: Iterable[str], spec: ClipSpec | None = None, seed: int = 0
+) -> Path:
     """Build and save a random CLIP whose tokenizer is trained on ``texts``.
 
     Example:

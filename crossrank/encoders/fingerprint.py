@@ -19,8 +19,15 @@ __all__ = ["config_sha256", "weights_sha256", "weight_files", "same_model"]
 
 # Keys of a saved config that say how or where it was saved, not what the model is.
 VOLATILE_CONFIG_KEYS = frozenset(
-    {"transformers_version", "_name_or_path", "_commit_hash", "torch_dtype", "dtype",
-     "_attn_implementation", "_attn_implementation_autoset"}
+    {
+        "transformers_version",
+        "_name_or_path",
+        "_commit_hash",
+        "torch_dtype",
+        "dtype",
+        "_attn_implementation",
+        "_attn_implementation_autoset",
+    }
 )
 
 # Weight files up to this size are hashed whole; bigger ones by their size plus their first and last
@@ -53,7 +60,9 @@ def config_sha256(config: Mapping[str, Any]) -> str:
     Returns:
         The hex digest.
     """
-    canonical = json.dumps(_strip_volatile(dict(config)), sort_keys=True, separators=(",", ":"), ensure_ascii=True)
+    canonical = json.dumps(
+        _strip_volatile(dict(config)), sort_keys=True, separators=(",", ":"), ensure_ascii=True
+    )
     return hashlib.sha256(canonical.encode("utf-8")).hexdigest()
 
 
@@ -118,6 +127,11 @@ def same_model(info_a: Mapping[str, Any], info_b: Mapping[str, Any]) -> bool:
     """
     for name, info in (("info_a", info_a), ("info_b", info_b)):
         if not isinstance(info, Mapping):
-            raise InvalidArgumentError(f"{name} must be an encoder info dict, got {type(info).__name__}")
+            raise InvalidArgumentError(
+                f"{name} must be an encoder info dict, got {type(info).__name__}"
+            )
     keys = ("config_sha256", "weights_sha256")
-    return all(isinstance(info_a.get(k), str) and info_a.get(k) and info_a.get(k) == info_b.get(k) for k in keys)
+    return all(
+        isinstance(info_a.get(k), str) and info_a.get(k) and info_a.get(k) == info_b.get(k)
+        for k in keys
+    )

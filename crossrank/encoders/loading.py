@@ -37,7 +37,14 @@ from crossrank.errors import InvalidArgumentError, ModelError
 if TYPE_CHECKING:
     import torch
 
-__all__ = ["BACKENDS", "supported_model_types", "demo_model_dir", "resolve_model", "ResolvedModel", "load_encoder"]
+__all__ = [
+    "BACKENDS",
+    "supported_model_types",
+    "demo_model_dir",
+    "resolve_model",
+    "ResolvedModel",
+    "load_encoder",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -111,9 +118,13 @@ def _hf_dir(root: Path, model_id: str) -> Path:
         try:
             modules = json.loads(modules_file.read_text(encoding="utf-8"))
         except (OSError, ValueError) as e:
-            raise ModelError(f"model {model_id!r}: cannot read {modules_file}: {one_line(e)}") from e
+            raise ModelError(
+                f"model {model_id!r}: cannot read {modules_file}: {one_line(e)}"
+            ) from e
         if not isinstance(modules, list) or not all(isinstance(m, dict) for m in modules):
-            raise ModelError(f"model {model_id!r}: {modules_file} is not a sentence-transformers module list")
+            raise ModelError(
+                f"model {model_id!r}: {modules_file} is not a sentence-transformers module list"
+            )
         kinds = [str(m.get("type", "")).rsplit(".", 1)[-1] for m in modules]
         if "CLIPModel" in kinds:
             others = [k for k in kinds if k not in ("CLIPModel", "Normalize")]
@@ -124,7 +135,9 @@ def _hf_dir(root: Path, model_id: str) -> Path:
                 )
             sub = (root / str(modules[kinds.index("CLIPModel")].get("path") or "")).resolve()
             if not sub.is_relative_to(root.resolve()) or not sub.is_dir():
-                raise ModelError(f"model {model_id!r}: {modules_file} points at {sub}, which is not a folder inside it")
+                raise ModelError(
+                    f"model {model_id!r}: {modules_file} points at {sub}, which is not a folder inside it"
+                )
             if not (sub / "config.json").is_file():
                 raise ModelError(
                     f"model {model_id!r}: the CLIP module folder {sub} has no config.json; found {_listing(sub)}"
@@ -154,7 +167,8 @@ def _resolve_hub(repo_id: str) -> Path:
     from huggingface_hub import snapshot_download
 
     local_misses = tuple(
-        getattr(hub_errors, name) for name in ("LocalEntryNotFoundError", "IncompleteSnapshotError")
+        getattr(hub_errors, name)
+        for name in ("LocalEntryNotFoundError", "IncompleteSnapshotError")
         if hasattr(hub_errors, name)
     )
     try:
@@ -168,11 +182,15 @@ def _resolve_hub(repo_id: str) -> Path:
         cached = "is not in the local Hugging Face cache"
     hint = "download it once with network, or pass a local directory in Hugging Face format"
     if _hub_offline():
-        raise ModelError(f"model {repo_id!r} {cached} and the hub cannot be reached (HF_HUB_OFFLINE=1); {hint}")
+        raise ModelError(
+            f"model {repo_id!r} {cached} and the hub cannot be reached (HF_HUB_OFFLINE=1); {hint}"
+        )
     try:
         root = Path(snapshot_download(repo_id, allow_patterns=_HUB_PATTERNS))
         if not _snapshot_usable(root):
-            root = Path(snapshot_download(repo_id, allow_patterns=_HUB_PATTERNS + _HUB_BIN_PATTERNS))
+            root = Path(
+                snapshot_download(repo_id, allow_patterns=_HUB_PATTERNS + _HUB_BIN_PATTERNS)
+            )
     except hub_errors.RepositoryNotFoundError as e:  # also GatedRepoError
         raise ModelError(
             f"model {repo_id!r} was not found on the Hugging Face hub, or it is private or gated "
@@ -184,7 +202,9 @@ def _resolve_hub(repo_id: str) -> Path:
             f"model {repo_id!r} {cached} and the hub cannot be reached ({type(cause).__name__}: "
             f"{one_line(cause, 120)}); {hint}"
         ) from e
-    except Exception as e:  # e.g. the connection dropped mid-download (httpx errors are not OSErrors)
+    except (
+        Exception
+    ) as e:  # e.g. the connection dropped mid-download (httpx errors are not OSErrors)
         raise ModelError(
             f"model {repo_id!r}: downloading it from the Hugging Face hub failed ({type(e).__name__}: "
             f"{one_line(e, 120)}); try again, or pass a local directory in Hugging Face format"
@@ -193,7 +213,12 @@ def _resolve_hub(repo_id: str) -> Path:
 
 
 def _looks_like_path(text: str) -> bool:
-    return text.startswith(("/", ".", "~")) or "\\" in text or text.count("/") > 1 or text.endswith("/")
+    return (
+        text.startswith(("/", ".", "~"))
+        or "\\" in text
+        or text.count("/") > 1
+        or text.endswith("/")
+    )
 
 
 def resolve_model(model: str | Path | None) -> ResolvedModel:
@@ -214,7 +239,9 @@ def resolve_model(model: str | Path | None) -> ResolvedModel:
             raise ModelError("the shipped demo model is not in this installation; pass --model")
         return ResolvedModel(DEMO_MODEL, "demo", root, _hf_dir(root, DEMO_MODEL))
     if not isinstance(model, str | Path):
-        raise InvalidArgumentError(f"model must be a hub id, a directory or None, got {type(model).__name__}")
+        raise InvalidArgumentError(
+            f"model must be a hub id, a directory or None, got {type(model).__name__}"
+        )
     text = str(model)
     if not text.strip():
         raise InvalidArgumentError("model is an empty string; pass a hub id or a local directory")
@@ -250,7 +277,9 @@ def _read_config(resolved: ResolvedModel) -> dict[str, Any]:
     try:
         config = json.loads(config_file.read_text(encoding="utf-8"))
     except (OSError, ValueError) as e:
-        raise ModelError(f"model {resolved.model_id!r}: cannot read {config_file}: {one_line(e)}") from e
+        raise ModelError(
+            f"model {resolved.model_id!r}: cannot read {config_file}: {one_line(e)}"
+        ) from e
     if not isinstance(config, dict):
         raise ModelError(f"model {resolved.model_id!r}: {config_file} is not a JSON object")
     return config
@@ -273,11 +302,20 @@ def _torch_dtype(dtype: str, device: torch.device) -> torch.dtype:
     precision = Precision(str(dtype).lower())
     if precision is Precision.AUTO:
         return torch.float16 if device.type == "cuda" else torch.float32
-    return {Precision.FP32: torch.float32, Precision.FP16: torch.float16, Precision.BF16: torch.bfloat16}[precision]
+    return {
+        Precision.FP32: torch.float32,
+        Precision.FP16: torch.float16,
+        Precision.BF16: torch.bfloat16,
+    }[precision]
 
 
-def load_encoder(model: str | Path | None = None, device: str = "auto", batch_size: int = 64, *,
-                 dtype: str = "auto") -> Encoder:
+def load_encoder(
+    model: str | Path | None = None,
+    device: str = "auto",
+    batch_size: int = 64,
+    *,
+    dtype: str = "auto",
+) -> Encoder:
     """Open an image/text encoder.
 
     Args:
@@ -304,8 +342,12 @@ def load_encoder(model: str | Path | None = None, device: str = "auto", batch_si
         (1, 512)
     """
     try:
-        config = EncoderConfig(model=DEMO_MODEL if model is None else str(model), device=str(device),
-                               batch_size=batch_size, dtype=str(dtype))
+        config = EncoderConfig(
+            model=DEMO_MODEL if model is None else str(model),
+            device=str(device),
+            batch_size=batch_size,
+            dtype=str(dtype),
+        )
     except ValueError as e:
         raise InvalidArgumentError(str(e)) from e
     torch_device = resolve_device(config.device)
@@ -329,8 +371,20 @@ def load_encoder(model: str | Path | None = None, device: str = "auto", batch_si
     }
     torch_dtype = _torch_dtype(config.dtype, torch_device)
     with quiet_transformers():
-        encoder = backend.from_pretrained(resolved.model_dir, info=info, device=torch_device, dtype=torch_dtype,
-                                          batch_size=config.batch_size)
-    logger.info("loaded %s (%s, dim %d, %d patches) on %s in %s", resolved.model_id, info["model_type"],
-                encoder.dim, encoder.n_patches, torch_device, str(torch_dtype).removeprefix("torch."))
+        encoder = backend.from_pretrained(
+            resolved.model_dir,
+            info=info,
+            device=torch_device,
+            dtype=torch_dtype,
+            batch_size=config.batch_size,
+        )
+    logger.info(
+        "loaded %s (%s, dim %d, %d patches) on %s in %s",
+        resolved.model_id,
+        info["model_type"],
+        encoder.dim,
+        encoder.n_patches,
+        torch_device,
+        str(torch_dtype).removeprefix("torch."),
+    )
     return encoder

@@ -86,13 +86,15 @@ def read_queries(path: str | Path) -> list[EvalQuery]:
     """
     path = Path(path)
     if not path.is_file():
-        raise InvalidArgumentError(f"queries file {path} does not exist; pass --queries FILE (.parquet or .tsv)")
+        raise InvalidArgumentError(
+            f"queries file {path} does not exist; pass --queries FILE (.parquet or .tsv)"
+        )
     if path.suffix.lower() == ".parquet":
         import pyarrow.parquet as pq
 
         try:
             table = pq.read_table(path)
-        except Exception as e:  # noqa: BLE001 - pyarrow raises many types for a bad file
+        except Exception as e:
             raise InvalidArgumentError(f"cannot read queries file {path}: {e}") from e
         missing = {"query_id", "text"} - set(table.column_names)
         if missing:
@@ -102,8 +104,12 @@ def read_queries(path: str | Path) -> list[EvalQuery]:
             )
         group_cols = [c for c in ("kind", "heldout") if c in table.column_names]
         rows = table.select(["query_id", "text", *group_cols]).to_pylist()
-        return [EvalQuery(str(r["query_id"]), str(r["text"]), {c: str(r[c]).lower() for c in group_cols})
-                for r in rows]
+        return [
+            EvalQuery(
+                str(r["query_id"]), str(r["text"]), {c: str(r[c]).lower() for c in group_cols}
+            )
+            for r in rows
+        ]
     queries = []
     for n, line in enumerate(path.read_text().splitlines(), start=1):
         if not line.strip():
@@ -146,7 +152,9 @@ def evaluate_index(
     """
     qrels_path = Path(qrels)
     if not qrels_path.is_file():
-        raise InvalidArgumentError(f"qrels file {qrels_path} does not exist; pass --qrels FILE (TREC: qid 0 docid rel)")
+        raise InvalidArgumentError(
+            f"qrels file {qrels_path} does not exist; pass --qrels FILE (TREC: qid 0 docid rel)"
+        )
     judged = read_qrels(qrels_path)
     query_list = list(queries) if not isinstance(queries, (str, Path)) else read_queries(queries)
     if not query_list:
@@ -162,7 +170,9 @@ def evaluate_index(
     rerank_run: dict[str, list[tuple[str, float]]] = {}
     timings: dict[str, list[float]] = {}
     for n, query in enumerate(query_list, start=1):
-        result = index.search(query.text, k=rerank_k, rerank_k=rerank_k, reranker=reranker, fusion=fusion)
+        result = index.search(
+            query.text, k=rerank_k, rerank_k=rerank_k, reranker=reranker, fusion=fusion
+        )
         for stage, ms in result.timings_ms.items():
             timings.setdefault(stage, []).append(ms)
         docs = [(os.path.relpath(hit.path, root), hit) for hit in result]
@@ -175,44 +185,74 @@ def evaluate_index(
 
     asked = {q.qid for q in query_list}
     evaluated_qrels = {qid: docs for qid, docs in judged.items() if qid in asked}
-    excluded = sorted(q.qid for q in query_list if not any(r >= 1 for r in judged.get(q.qid, {}).values()))
+    excluded = sorted(
+        q.qid for q in query_list if not any(r >= 1 for r in judged.get(q.qid, {}).values())
+    )
     first = compute_metrics(first_run, evaluated_qrels, METRIC_NAMES)
-    second = compute_metrics(rerank_run, evaluated_qrels, METRIC_NAMES) if reranker is not None else None
+    second = (
+        compute_metrics(rerank_run, evaluated_qrels, METRIC_NAMES) if reranker is not None else None
+    )
 
     groups: dict[str, dict[str, Any]] = {}
     for name in sorted({f"{key}={value}" for q in query_list for key, value in q.groups.items()}):
         key, value = name.split("=", 1)
         qids = {q.qid for q in query_list if q.groups.get(key) == value}
-        sub_qrels = {qid: docs for qid, docs in evaluated_qrels.items()
-                     if qid in qids and any(r >= 1 for r in docs.values())}
+        sub_qrels = {
+            qid: docs
+            for qid, docs in evaluated_qrels.items()
+            if qid in qids and any(r >= 1 for r in docs.values())
+        }
         if not sub_qrels:
             continue
         entry: dict[str, Any] = {
             "queries": len(sub_qrels),
-            "first_stage": _rounded(compute_metrics({q: first_run.get(q, []) for q in sub_qrels}, sub_qrels).values),
+            "first_stage": _rounded(
+                compute_metrics({q: first_run.get(q, []) for q in sub_qrels}, sub_qrels).values
+            ),
         }
         if reranker is not None:
-            entry["reranked"] = _rounded(compute_metrics({q: rerank_run.get(q, []) for q in sub_qrels}, sub_qrels).values)
+            entry["reranked"] = _rounded(
+                compute_metrics({q: rerank_run.get(q, []) for q in sub_qrels}, sub_qrels).values
+            )
         groups[name] = entry
 
-    latency = {stage: {"p50": round(float(np.percentile(v, 50)), 3), "p95": round(float(np.percentile(v, 95)), 3)}
-               for stage, v in timings.items()}
+    latency = {
+        stage: {
+            "p50": round(float(np.percentile(v, 50)), 3),
+            "p95": round(float(np.percentile(v, 95)), 3),
+        }
+        for stage, v in timings.items()
+    }
     if run_out is not None:
         out = Path(run_out)
         write_run(out / "first_stage.run", first_run, tag="first_stage")
         if reranker is not None:
             write_run(out / "reranked.run", rerank_run, tag=_reranker_name(reranker))
-    return EvalReport(queries=first.n_queries, first_stage=first, reranked=second, groups=groups,
-                      latency_ms=latency, excluded_qids=excluded, reranker=_reranker_name(reranker))
+    return EvalReport(
+        queries=first.n_queries,
+        first_stage=first,
+        reranked=second,
+        groups=groups,
+        latency_ms=latency,
+        excluded_qids=excluded,
+        reranker=_reranker_name(reranker),
+    )
 
 
-def _check_match(index: Index, queries: list[EvalQuery], judged: dict[str, dict[str, int]], root: Path,
-                 qrels_path: Path) -> None:
+def _check_match(
+    index: Index,
+    queries: list[EvalQuery],
+    judged: dict[str, dict[str, int]],
+    root: Path,
+    qrels_path: Path,
+) -> None:
     """Refuse qrels and queries that cannot belong to this index, in one clear line."""
     qids = [q.qid for q in queries]
     if len(set(qids)) != len(qids):
         dup = next(q for q in qids if qids.count(q) > 1)
-        raise InvalidArgumentError(f"query id {dup!r} appears twice in the queries; ids must be unique")
+        raise InvalidArgumentError(
+            f"query id {dup!r} appears twice in the queries; ids must be unique"
+        )
     if not set(qids) & set(judged):
         raise InvalidArgumentError(
             f"none of the {len(qids)} query ids (e.g. {qids[0]!r}) appear in {qrels_path}; "
@@ -229,8 +269,11 @@ def _check_match(index: Index, queries: list[EvalQuery], judged: dict[str, dict[
         )
     unknown = docs - known
     if unknown:
-        logger.warning("%d qrels doc ids are not in the index (e.g. %s); they can never be retrieved",
-                       len(unknown), next(iter(sorted(unknown))))
+        logger.warning(
+            "%d qrels doc ids are not in the index (e.g. %s); they can never be retrieved",
+            len(unknown),
+            next(iter(sorted(unknown))),
+        )
 
 
 def _reranker_name(reranker: Any) -> str:

@@ -16,8 +16,13 @@ PAD_ID = -1
 PAD_SCORE = float("-inf")
 
 
-def as_vectors(x: object, name: str, d: int | None = None, expected: str | None = None,
-               hint: str = "encode it with the index's model") -> np.ndarray:
+def as_vectors(
+    x: object,
+    name: str,
+    d: int | None = None,
+    expected: str | None = None,
+    hint: str = "encode it with the index's model",
+) -> np.ndarray:
     """``x`` as a C-contiguous float32 ``(m, d)`` matrix of finite values.
 
     Args:

@@ -36,7 +36,9 @@ class IndexConfig:
     ef_search: int = 128  # HNSW candidate-list size at search time (HNSW indexes and quantizers)
 
     def __post_init__(self) -> None:
-        if self.factory is not None and (not isinstance(self.factory, str) or not self.factory.strip()):
+        if self.factory is not None and (
+            not isinstance(self.factory, str) or not self.factory.strip()
+        ):
             raise ValueError(
                 f"factory must be a non-empty FAISS factory string such as 'IVF256,Flat' or 'HNSW32' "
                 f"(or None to choose by size), got {self.factory!r}"
@@ -58,10 +60,14 @@ class IndexConfig:
         if not _is_int(self.seed) or self.seed < 0:
             raise ValueError(f"seed must be an int >= 0, got {self.seed!r}")
         if not _is_int(self.ef_search) or self.ef_search < 1:
-            raise ValueError(f"ef_search must be an int >= 1 (HNSW candidates), got {self.ef_search!r}")
+            raise ValueError(
+                f"ef_search must be an int >= 1 (HNSW candidates), got {self.ef_search!r}"
+            )
         device = str(self.device).lower()
         if device not in {d.value for d in Device} and not _is_cuda_n(device):
-            raise ValueError(f"device must be one of auto, cpu, cuda or cuda:N, got {self.device!r}")
+            raise ValueError(
+                f"device must be one of auto, cpu, cuda or cuda:N, got {self.device!r}"
+            )
 
 
 def _is_cuda_n(device: str) -> bool:

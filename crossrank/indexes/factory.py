@@ -34,7 +34,13 @@ from crossrank.errors import InvalidArgumentError
 from crossrank.indexes._faiss import faiss_reason
 from crossrank.indexes.config import IndexConfig
 
-__all__ = ["auto_factory", "auto_nlist", "create_index", "describe_index", "MIN_POINTS_PER_CENTROID"]
+__all__ = [
+    "auto_factory",
+    "auto_nlist",
+    "create_index",
+    "describe_index",
+    "MIN_POINTS_PER_CENTROID",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -70,7 +76,12 @@ def auto_nlist(n: int, config: IndexConfig) -> int:
         logger.warning(
             "nlist=%d needs %d training vectors but only %d are used (n=%d, train_size=%d); "
             "using nlist=%d",
-            wanted, wanted * MIN_POINTS_PER_CENTROID, n_train, n, config.train_size, cap,
+            wanted,
+            wanted * MIN_POINTS_PER_CENTROID,
+            n_train,
+            n,
+            config.train_size,
+            cap,
         )
     return min(wanted, cap)
 
@@ -128,8 +139,14 @@ def create_index(faiss: ModuleType, d: int, factory: str) -> Any:
 
 #: ScalarQuantizer qtype names and the factory codes that make them.
 _SQ_NAMES = {
-    "QT_8bit": "SQ8", "QT_4bit": "SQ4", "QT_6bit": "SQ6", "QT_fp16": "SQfp16", "QT_bf16": "SQbf16",
-    "QT_8bit_uniform": "SQ8_uniform", "QT_4bit_uniform": "SQ4_uniform", "QT_8bit_direct": "SQ8_direct",
+    "QT_8bit": "SQ8",
+    "QT_4bit": "SQ4",
+    "QT_6bit": "SQ6",
+    "QT_fp16": "SQfp16",
+    "QT_bf16": "SQbf16",
+    "QT_8bit_uniform": "SQ8_uniform",
+    "QT_4bit_uniform": "SQ4_uniform",
+    "QT_8bit_direct": "SQ8_direct",
 }
 
 

@@ -50,8 +50,9 @@ class FirstStage:
         ([[11, 13]], [[0.0, 0.0]])
     """
 
-    def __init__(self, index: Any, config: IndexConfig, factory: str, faiss: Any, *,
-                 mapped: bool = False) -> None:
+    def __init__(
+        self, index: Any, config: IndexConfig, factory: str, faiss: Any, *, mapped: bool = False
+    ) -> None:
         """Wrap a built ``IndexIDMap`` (use :meth:`build` or :meth:`load` instead)."""
         self._faiss = faiss
         self._index = index  # the CPU IndexIDMap: what save() writes; owns _base
@@ -78,7 +79,9 @@ class FirstStage:
     # -- construction ---------------------------------------------------------------------------
 
     @classmethod
-    def build(cls, xb: np.ndarray, ids: np.ndarray, config: IndexConfig | None = None) -> FirstStage:
+    def build(
+        cls, xb: np.ndarray, ids: np.ndarray, config: IndexConfig | None = None
+    ) -> FirstStage:
         """Build the index over ``xb``, trained on a seeded sample when the index type needs it.
 
         Args:
@@ -119,7 +122,9 @@ class FirstStage:
         return cls(index, config, factory, faiss)
 
     @classmethod
-    def load(cls, path: str | Path, config: IndexConfig | None = None, *, mmap: bool = True) -> FirstStage:
+    def load(
+        cls, path: str | Path, config: IndexConfig | None = None, *, mmap: bool = True
+    ) -> FirstStage:
         """Read an index written by :meth:`save`.
 
         IVF inverted lists are memory-mapped (``IO_FLAG_MMAP``) rather than read into memory, so
@@ -156,7 +161,9 @@ class FirstStage:
             try:  # an index type the mmap reader does not handle: read it whole
                 index = faiss.read_index(str(path))
             except RuntimeError as e:
-                raise IndexCorruptError(f"cannot read the first stage {path}: {faiss_reason(e)}") from e
+                raise IndexCorruptError(
+                    f"cannot read the first stage {path}: {faiss_reason(e)}"
+                ) from e
         if not isinstance(index, faiss.IndexIDMap):
             raise IndexCorruptError(
                 f"{path} holds a FAISS {type(index).__name__} without ids (expected an IndexIDMap); "
@@ -196,7 +203,9 @@ class FirstStage:
             raise InvalidArgumentError("ids must be unique, but some id appears twice")
         taken = np.isin(ids, self._sorted_ids)
         if taken.any():
-            raise InvalidArgumentError(f"id {int(ids[taken][0])} is already in the first stage; ids are never reused")
+            raise InvalidArgumentError(
+                f"id {int(ids[taken][0])} is already in the first stage; ids are never reused"
+            )
         _warn_unnormalised(xb)
         try:
             for i0 in range(0, n, _ADD_BLOCK):
@@ -316,7 +325,10 @@ class FirstStage:
         xq = as_vectors(xq, "xq", self.d)
         nprobe = self._nprobe if nprobe is None else _check_nprobe(nprobe)
         m = len(xq)
-        empty = (np.full((m, k), PAD_SCORE, dtype=np.float32), np.full((m, k), PAD_ID, dtype=np.int64))
+        empty = (
+            np.full((m, k), PAD_SCORE, dtype=np.float32),
+            np.full((m, k), PAD_ID, dtype=np.int64),
+        )
         positions = None
         sel = None
         if allowed_ids is not None:
@@ -400,7 +412,8 @@ class FirstStage:
         if outside.any():
             logger.warning(
                 "the %r index ignored the id selector for %d hits; they were dropped",
-                self.factory, int(outside.sum()),
+                self.factory,
+                int(outside.sum()),
             )
             P = np.where(outside, PAD_ID, P)
         return P
@@ -423,7 +436,9 @@ def _warn_unnormalised(xb: np.ndarray) -> None:
     """Log a warning when the vectors are not unit length: inner product then is not cosine."""
     rows = xb[: min(len(xb), 1024)].astype(np.float32)
     if len(rows) and np.abs(np.linalg.norm(rows, axis=1) - 1.0).max() > 1e-3:
-        logger.warning("xb is not L2-normalised: inner-product scores will not be cosine similarities")
+        logger.warning(
+            "xb is not L2-normalised: inner-product scores will not be cosine similarities"
+        )
 
 
 def _train(faiss: Any, index: Any, xb: np.ndarray, factory: str, config: IndexConfig) -> None:

@@ -64,8 +64,11 @@ def gpu_device_for(device: str, faiss: ModuleType) -> int | None:
     if number >= n:
         logger.warning(
             "device %r was asked for, but faiss sees %d GPU(s)%s; the first stage searches on the CPU",
-            device, n, "" if hasattr(faiss, "StandardGpuResources") else " (faiss-cpu is installed; "
-            "pip install 'crossrank[gpu]' for faiss-gpu)",
+            device,
+            n,
+            ""
+            if hasattr(faiss, "StandardGpuResources")
+            else " (faiss-cpu is installed; pip install 'crossrank[gpu]' for faiss-gpu)",
         )
         return None
     return number
@@ -101,7 +104,9 @@ def to_gpu(faiss: ModuleType, index: Any, device: int) -> GpuCopy | None:
     except (RuntimeError, AttributeError) as e:
         logger.warning(
             "FAISS cannot put a %s on GPU %d; the first stage searches on the CPU (%s)",
-            type(index).__name__, device, " ".join(str(e).split())[-200:],
+            type(index).__name__,
+            device,
+            " ".join(str(e).split())[-200:],
         )
         return None
     return GpuCopy(index=gpu_index, device=device, lock=lock)

@@ -78,7 +78,9 @@ class AddPlan:
 
 
 def _mtime_us(st: os.stat_result) -> int:
-    return int(st.st_mtime * 1e6)  # exactly how the build records it (crossrank.write.build.metadata_table)
+    return int(
+        st.st_mtime * 1e6
+    )  # exactly how the build records it (crossrank.write.build.metadata_table)
 
 
 def file_sha256(path: str | os.PathLike[str]) -> tuple[str, int, int] | None:
@@ -222,7 +224,13 @@ def plan_add(
         now = content.get(path)
         if r not in claimed and path in source_paths and now is not None and now != sha:
             plan.replaced.append(int(index.ids[r]))
-    logger.info("add plan: %d new, %d moved, %d replaced, %d unchanged, %d duplicates (%d files hashed)",
-                len(plan.new), len(plan.moved), len(plan.replaced), plan.unchanged, len(plan.duplicates),
-                plan.hashed)
+    logger.info(
+        "add plan: %d new, %d moved, %d replaced, %d unchanged, %d duplicates (%d files hashed)",
+        len(plan.new),
+        len(plan.moved),
+        len(plan.replaced),
+        plan.unchanged,
+        len(plan.duplicates),
+        plan.hashed,
+    )
     return plan

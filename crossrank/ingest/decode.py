@@ -239,7 +239,7 @@ def _decode_bytes(data: bytes, max_pixels: int) -> Image.Image:
         raise _Unreadable("not an image (cannot identify format)") from e
     except MemoryError as e:
         raise _Unreadable("out of memory while reading the header") from e
-    except Exception as e:  # noqa: BLE001 - plugins raise anything on a malformed header
+    except Exception as e:
         raise _Unreadable(_corrupt_reason(e)) from e
 
     width, height = im.size
@@ -255,12 +255,12 @@ def _decode_bytes(data: bytes, max_pixels: int) -> Image.Image:
         raise _Unreadable(_bomb_reason(e, max_pixels)) from e
     except MemoryError as e:
         raise _Unreadable("out of memory while decoding") from e
-    except Exception as e:  # noqa: BLE001 - decoders raise OSError, SyntaxError, ValueError, ...
+    except Exception as e:
         raise _Unreadable(_corrupt_reason(e)) from e
 
     try:
         ImageOps.exif_transpose(im, in_place=True)
-    except Exception as e:  # noqa: BLE001 - a broken EXIF block must not lose a decodable image
+    except Exception as e:
         logger.debug("ignoring unreadable EXIF orientation (%s)", _short(e))
 
     mode = im.mode

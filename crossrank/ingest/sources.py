@@ -224,8 +224,11 @@ def _discover_manifest(manifest: Path) -> Source:
         raise SourceError(f"manifest {manifest} has no rows; list at least one image in `path`")
 
     column = table.column("path")
-    if not (pa.types.is_string(column.type) or pa.types.is_large_string(column.type)
-            or pa.types.is_dictionary(column.type)):
+    if not (
+        pa.types.is_string(column.type)
+        or pa.types.is_large_string(column.type)
+        or pa.types.is_dictionary(column.type)
+    ):
         raise SourceError(
             f"manifest {manifest}: the `path` column must hold strings, got {column.type}; "
             "store paths as text"

@@ -79,7 +79,9 @@ class BlipItmReranker(Reranker):
     name: str = RerankerName.BLIP_ITM.value
     needs_input_ids: ClassVar[bool] = True
 
-    def __init__(self, model: Any, device: Device | str = Device.AUTO, *, model_id: str = "<in memory>") -> None:
+    def __init__(
+        self, model: Any, device: Device | str = Device.AUTO, *, model_id: str = "<in memory>"
+    ) -> None:
         import torch
 
         self.device = resolve_device(device)
@@ -92,8 +94,13 @@ class BlipItmReranker(Reranker):
         return f"BlipItmReranker(model_id={self.model_id!r}, device={str(self.device)!r})"
 
     @classmethod
-    def from_pretrained(cls, model: str | Path, device: Device | str = Device.AUTO, *,
-                        encoder_info: Mapping[str, Any] | None = None) -> BlipItmReranker:
+    def from_pretrained(
+        cls,
+        model: str | Path,
+        device: Device | str = Device.AUTO,
+        *,
+        encoder_info: Mapping[str, Any] | None = None,
+    ) -> BlipItmReranker:
         """Load the ITM half of a ``BlipForImageTextRetrieval`` checkpoint.
 
         Args:
@@ -121,15 +128,19 @@ class BlipItmReranker(Reranker):
         config = _read_config(resolved)
         check_retrieval_config(config, resolved.model_id)
         if encoder_info is not None:
-            fingerprints = {"config_sha256": config_sha256(config),
-                            "weights_sha256": weights_sha256(weight_files(resolved.model_dir))}
+            fingerprints = {
+                "config_sha256": config_sha256(config),
+                "weights_sha256": weights_sha256(weight_files(resolved.model_dir)),
+            }
             if any(encoder_info.get(key) != value for key, value in fingerprints.items()):
                 raise ModelMismatchError(
                     f"blip-itm loaded {resolved.model_id!r}, but its config or weights differ from the model the "
                     f"index was built with ({encoder_info.get('model_id')!r}); rebuild the index or restore that model"
                 )
         with quiet_transformers():
-            retrieval = load_weights(BlipForImageTextRetrieval, resolved.model_dir, resolved.model_id)
+            retrieval = load_weights(
+                BlipForImageTextRetrieval, resolved.model_dir, resolved.model_id
+            )
         return cls(retrieval, device, model_id=resolved.model_id)
 
     def score(
@@ -176,7 +187,11 @@ class BlipItmReranker(Reranker):
         )
         input_ids = _as_tensor(input_ids, "input_ids")
         n_tokens = query_mask.shape[0]
-        if input_ids.dtype.is_floating_point or input_ids.dtype == torch.bool or tuple(input_ids.shape) != (n_tokens,):
+        if (
+            input_ids.dtype.is_floating_point
+            or input_ids.dtype == torch.bool
+            or tuple(input_ids.shape) != (n_tokens,)
+        ):
             raise InvalidArgumentError(
                 f"input_ids must be ({n_tokens},) integer token ids of the query, got {input_ids.dtype} of shape "
                 f"{tuple(input_ids.shape)}"
@@ -198,13 +213,23 @@ class BlipItmReranker(Reranker):
         device = self.device
         with torch.inference_mode(), _autocast(device):
             ids = input_ids.to(device, torch.int64)[None].expand(k, n_tokens)  # (k, n_tokens)
-            text_mask = query_mask.to(device, torch.int64)[None].expand(k, n_tokens)  # (k, n_tokens)
+            text_mask = query_mask.to(device, torch.int64)[None].expand(
+                k, n_tokens
+            )  # (k, n_tokens)
             image = patches.to(device, non_blocking=True)
             if device.type != "cuda":
-                image = image.float()  # (k, 1 + P, vision_hidden); CPU half matmuls are slow and inexact
-            image_mask = torch.ones((k, n_patches), dtype=torch.int64, device=device)  # (k, 1 + P), as in BLIP
-            hidden = self.text_encoder(input_ids=ids, attention_mask=text_mask, encoder_hidden_states=image,
-                                       encoder_attention_mask=image_mask).last_hidden_state  # (k, n_tokens, hidden)
+                image = (
+                    image.float()
+                )  # (k, 1 + P, vision_hidden); CPU half matmuls are slow and inexact
+            image_mask = torch.ones(
+                (k, n_patches), dtype=torch.int64, device=device
+            )  # (k, 1 + P), as in BLIP
+            hidden = self.text_encoder(
+                input_ids=ids,
+                attention_mask=text_mask,
+                encoder_hidden_states=image,
+                encoder_attention_mask=image_mask,
+            ).last_hidden_state  # (k, n_tokens, hidden)
             with _autocast_off(device):
                 logits = self.itm_head(hidden[:, 0].float())  # (k, 2)
                 scores = logits.softmax(dim=-1)[:, 1]  # (k,)
@@ -217,17 +242,23 @@ def _autocast(device: torch.device) -> contextlib.AbstractContextManager:
 
     if device.type != "cuda":
         return contextlib.nullcontext()
-    return torch.autocast("cuda", dtype=torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16)
+    return torch.autocast(
+        "cuda", dtype=torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    )
 
 
 def _autocast_off(device: torch.device) -> contextlib.AbstractContextManager:
     """The ITM head and softmax in float32 even inside an autocast region."""
     import torch
 
-    return torch.autocast("cuda", enabled=False) if device.type == "cuda" else contextlib.nullcontext()
+    return (
+        torch.autocast("cuda", enabled=False) if device.type == "cuda" else contextlib.nullcontext()
+    )
 
 
-def blip_itm_for_index(device: Device | str, encoder_info: Mapping[str, Any] | None) -> BlipItmReranker:
+def blip_itm_for_index(
+    device: Device | str, encoder_info: Mapping[str, Any] | None
+) -> BlipItmReranker:
     """``get_reranker("blip-itm", ...)``: the ITM reranker of the model an index was built with.
 
     Raises:
@@ -247,5 +278,7 @@ def blip_itm_for_index(device: Device | str, encoder_info: Mapping[str, Any] | N
             f"{model_id!r} (model_type {encoder_info.get('model_type')!r}); use --reranker maxsim or a trained reranker"
         )
     if not isinstance(model_id, str) or not model_id:
-        raise ModelError("the index's encoder info has no model_id; blip-itm cannot tell which model to load")
+        raise ModelError(
+            "the index's encoder info has no model_id; blip-itm cannot tell which model to load"
+        )
     return BlipItmReranker.from_pretrained(model_id, device, encoder_info=encoder_info)

@@ -79,8 +79,13 @@ def is_reranker_dir(path: str | os.PathLike[str]) -> bool:
     return (Path(path) / CONFIG_NAME).is_file()
 
 
-def save_reranker(model: CrossAttentionReranker, path: str | os.PathLike[str], *,
-                  metadata: Mapping[str, Any] | None = None, half: bool = False) -> Path:
+def save_reranker(
+    model: CrossAttentionReranker,
+    path: str | os.PathLike[str],
+    *,
+    metadata: Mapping[str, Any] | None = None,
+    half: bool = False,
+) -> Path:
     """Write ``model`` to the folder ``path`` (created if missing; existing files replaced).
 
     Args:
@@ -112,19 +117,24 @@ def save_reranker(model: CrossAttentionReranker, path: str | os.PathLike[str], *
         tmp = folder / f".{WEIGHTS_NAME}.tmp-{os.getpid()}"
         try:
             save_file(state, str(tmp), metadata={"format": _FORMAT})
-            os.chmod(tmp, 0o644)  # safetensors creates it owner-only; a reranker is shared like code
+            os.chmod(
+                tmp, 0o644
+            )  # safetensors creates it owner-only; a reranker is shared like code
             fsync_file(tmp)
             os.replace(tmp, weights)
         except BaseException:
             tmp.unlink(missing_ok=True)
             raise
-        atomic_write_json(folder / CONFIG_NAME, {
-            "format": _FORMAT,
-            "format_version": _FORMAT_VERSION,
-            "reranker": model.name,
-            "config": model.config.to_dict(),
-            "metadata": dict(metadata or {}),
-        })
+        atomic_write_json(
+            folder / CONFIG_NAME,
+            {
+                "format": _FORMAT,
+                "format_version": _FORMAT_VERSION,
+                "reranker": model.name,
+                "config": model.config.to_dict(),
+                "metadata": dict(metadata or {}),
+            },
+        )
     except OSError as e:
         raise ModelError(f"cannot write the reranker to {folder}: {e.strerror or e}") from e
     logger.info("saved reranker to %s", folder)
@@ -157,7 +167,7 @@ def _read_config_file(path: str | os.PathLike[str]) -> tuple[RerankerConfig, dic
     if not isinstance(data, dict) or data.get("format") != _FORMAT:
         raise ModelError(
             f"{config_path} is not a crossrank reranker config (expected "
-            f"\"format\": \"{_FORMAT}\"); give the folder `crossrank train` wrote"
+            f'"format": "{_FORMAT}"); give the folder `crossrank train` wrote'
         )
     version = data.get("format_version")
     if not isinstance(version, int) or version > _FORMAT_VERSION:
@@ -173,8 +183,9 @@ def _read_config_file(path: str | os.PathLike[str]) -> tuple[RerankerConfig, dic
     return config, metadata if isinstance(metadata, dict) else {}
 
 
-def check_reranker_matches(config: RerankerConfig, encoder_info: Mapping[str, Any],
-                           where: str = "the reranker") -> None:
+def check_reranker_matches(
+    config: RerankerConfig, encoder_info: Mapping[str, Any], where: str = "the reranker"
+) -> None:
     """Refuse a reranker whose input dims differ from the encoder's feature dims.
 
     Args:
@@ -213,8 +224,12 @@ def check_reranker_matches(config: RerankerConfig, encoder_info: Mapping[str, An
         )
 
 
-def load_reranker(path: str | os.PathLike[str], device: Device | str = Device.AUTO, *,
-                  encoder_info: Mapping[str, Any] | None = None) -> CrossAttentionReranker:
+def load_reranker(
+    path: str | os.PathLike[str],
+    device: Device | str = Device.AUTO,
+    *,
+    encoder_info: Mapping[str, Any] | None = None,
+) -> CrossAttentionReranker:
     """Load a saved reranker onto ``device``, in eval mode.
 
     Args:
@@ -280,7 +295,7 @@ def _recommended_fusion(folder: Path, metadata: Mapping[str, Any]) -> str | None
         return None
     try:
         return str(Fusion.parse(spec))
-    except Exception:  # noqa: BLE001 - a bad recommendation is ignored, not fatal
+    except Exception:
         logger.warning("reranker %s recommends an unreadable fusion %r: ignored", folder, spec)
         return None
 

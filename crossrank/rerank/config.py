@@ -88,7 +88,9 @@ class RerankerConfig:
     query_tokens_mode: QueryTokensMode = QueryTokensMode.CONCAT  # concat: beside text; replace
     bidirectional: bool = False  # patches attend back to the query-side states in every layer
     patch_self_attention: bool = False  # self-attention among a candidate's patches in each layer
-    query_self_attention: bool = False  # self-attention among the query-side positions in each layer
+    query_self_attention: bool = (
+        False  # self-attention among the query-side positions in each layer
+    )
     sparse_top_m: int | None = None  # each query position attends to its top-m patches; None = all
     patch_positions: int | None = None  # learned position embedding over this many patch slots
     # A pairwise spatial head: every pair of query positions (i, j) is scored from their final
@@ -97,7 +99,9 @@ class RerankerConfig:
     # added to the logit: a direct path from "where is each object" to the score ("left of").
     pair_head: bool = False
     pooling: Pooling = Pooling.MEAN  # mean over real positions | first position
-    init: Init = Init.LECUN  # initialisation for training from scratch: lecun (std 1/sqrt(fan_in)) | bert (0.02)
+    init: Init = (
+        Init.LECUN
+    )  # initialisation for training from scratch: lecun (std 1/sqrt(fan_in)) | bert (0.02)
 
     def __post_init__(self) -> None:
         for name in ("text_dim", "patch_dim", "width", "layers", "heads"):
@@ -125,8 +129,14 @@ class RerankerConfig:
         if not _is_real(self.dropout) or not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"dropout must be a number in [0, 1), got {self.dropout!r}")
         object.__setattr__(self, "dropout", float(self.dropout))
-        for name in ("prenorm", "gated", "bidirectional", "patch_self_attention", "query_self_attention",
-                     "pair_head"):
+        for name in (
+            "prenorm",
+            "gated",
+            "bidirectional",
+            "patch_self_attention",
+            "query_self_attention",
+            "pair_head",
+        ):
             value = getattr(self, name)
             if not isinstance(value, bool):
                 raise ValueError(f"{name} must be True or False, got {value!r}")
@@ -155,8 +165,10 @@ class RerankerConfig:
                 "patch_positions must be None (no position embedding) or an int >= 1 (patch "
                 f"slots, at least the encoder's n_patches), got {self.patch_positions!r}"
             )
-        if self.pair_head and (self.patch_positions is None
-                               or round(self.patch_positions ** 0.5) ** 2 != self.patch_positions):
+        if self.pair_head and (
+            self.patch_positions is None
+            or round(self.patch_positions**0.5) ** 2 != self.patch_positions
+        ):
             raise ValueError(
                 "pair_head needs patch_positions set to the encoder's square patch grid (e.g. 64 "
                 f"for 8 x 8 patches): it reads where each patch lies, got {self.patch_positions!r}"

@@ -59,10 +59,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from crossrank.errors import InvalidArgumentError
-from crossrank.rerank.layers import Attention, RerankerLayer, attend
+from crossrank.rerank.base import Reranker, check_rerank_inputs
 from crossrank.rerank.config import Init, Pooling, QueryTokensMode, RerankerConfig
 from crossrank.rerank.kv_cache import PatchKV
-from crossrank.rerank.base import Reranker, check_rerank_inputs
+from crossrank.rerank.layers import Attention, RerankerLayer, attend
 
 __all__ = ["AttentionPath", "CrossAttentionReranker", "PatchKV", "DEFAULT_PATH"]
 
@@ -124,7 +124,8 @@ class CrossAttentionReranker(nn.Module, Reranker):
         self.patch_in = nn.Linear(config.patch_dim, w)
         self.patch_pos = (
             nn.Parameter(torch.empty(config.patch_positions, config.patch_dim))
-            if config.patch_positions else None
+            if config.patch_positions
+            else None
         )
         if config.n_query_tokens:
             self.query_tokens = nn.Parameter(torch.empty(config.n_query_tokens, w))
@@ -138,14 +139,18 @@ class CrossAttentionReranker(nn.Module, Reranker):
             self.pair_norm = nn.LayerNorm(w)
             self.pair_u = nn.Linear(w, w)  # position i of a pair
             self.pair_v = nn.Linear(w, w, bias=False)  # position j
-            self.pair_where = nn.Linear(2 * config.heads, w, bias=False)  # where i looked - where j did
+            self.pair_where = nn.Linear(
+                2 * config.heads, w, bias=False
+            )  # where i looked - where j did
             self.pair_out = nn.Linear(w, 1)
             self.pair_gate = nn.Parameter(torch.zeros(1)) if config.gated else None
             # Each patch slot's (column, row) on the square grid, in [-1, 1]; not module state.
-            side = round(config.patch_positions ** 0.5)
+            side = round(config.patch_positions**0.5)
             grid = torch.arange(config.patch_positions)
             coords = torch.stack([grid % side, grid // side], dim=-1).float()
-            self.register_buffer("pair_coords", coords * (2 / max(side - 1, 1)) - 1, persistent=False)
+            self.register_buffer(
+                "pair_coords", coords * (2 / max(side - 1, 1)) - 1, persistent=False
+            )
         self._reset_parameters()
 
     def _reset_parameters(self) -> None:
@@ -153,7 +158,7 @@ class CrossAttentionReranker(nn.Module, Reranker):
         for module in self.modules():
             if isinstance(module, nn.Linear):
                 if lecun:
-                    nn.init.normal_(module.weight, std=module.in_features ** -0.5)
+                    nn.init.normal_(module.weight, std=module.in_features**-0.5)
                 else:
                     nn.init.trunc_normal_(module.weight, std=0.02)
                 if module.bias is not None:
@@ -223,12 +228,18 @@ class CrossAttentionReranker(nn.Module, Reranker):
         if not bool(query_mask.all()):
             # Padding tokens cannot change a score, but each would cost k rows of every layer's
             # MLP and attention: one query has no reason to carry any.
-            query, query_mask = query[query_mask], query_mask[query_mask]  # (n_real, token_input_dim)
+            query, query_mask = (
+                query[query_mask],
+                query_mask[query_mask],
+            )  # (n_real, token_input_dim)
         device = self.device
         with torch.inference_mode(), _autocast(device):
             logits = self.forward(
-                query.to(device), query_mask.to(device), patches.to(device, non_blocking=True),
-                None if patch_mask is None else patch_mask.to(device), path=self.path,
+                query.to(device),
+                query_mask.to(device),
+                patches.to(device, non_blocking=True),
+                None if patch_mask is None else patch_mask.to(device),
+                path=self.path,
             )
         return logits.to("cpu", torch.float32)
 
@@ -263,8 +274,9 @@ class CrossAttentionReranker(nn.Module, Reranker):
         """
         source = patches.unsqueeze(0)  # (1, k, P, patch_dim), or a PatchKV with leading (1, k)
         mask = None if patch_mask is None else patch_mask.unsqueeze(0)  # (1, k, P)
-        logits = self.forward_batch(tokens.unsqueeze(0), token_mask.unsqueeze(0), source, mask,
-                                    path=path)  # (1, k)
+        logits = self.forward_batch(
+            tokens.unsqueeze(0), token_mask.unsqueeze(0), source, mask, path=path
+        )  # (1, k)
         return logits[0]  # (k,)
 
     def forward_batch(
@@ -340,7 +352,9 @@ class CrossAttentionReranker(nn.Module, Reranker):
                 f"patch_mask must be bool of shape {(*lead, n_patches)}, "
                 f"got {patch_mask.dtype} {tuple(patch_mask.shape)}"
             )
-        if attend_to is not None and (attend_to.ndim != 4 or tuple(attend_to.shape[:3]) != (*lead, n_patches)):
+        if attend_to is not None and (
+            attend_to.ndim != 4 or tuple(attend_to.shape[:3]) != (*lead, n_patches)
+        ):
             raise InvalidArgumentError(
                 f"attend_to must have shape {(*lead, n_patches)} + (channels,), got {tuple(attend_to.shape)}"
             )
@@ -356,7 +370,9 @@ class CrossAttentionReranker(nn.Module, Reranker):
         # makes the per-candidate states (B, k, n, width).
         x = x.unsqueeze(1)  # (B, 1, n, width)
         # No mask at all when every patch is real: the attention kernels run a little faster.
-        patch_keep = None if patch_mask is None else patch_mask[..., None, None, :]  # (B, k, 1, 1, P)
+        patch_keep = (
+            None if patch_mask is None else patch_mask[..., None, None, :]
+        )  # (B, k, 1, 1, P)
         token_keep = x_keep[:, None, None, None, :]  # (B, 1, 1, 1, n)
 
         n_cached = len(cache.keys) if cache is not None else 0
@@ -382,12 +398,20 @@ class CrossAttentionReranker(nn.Module, Reranker):
             more = channels if i == cfg.layers - 1 else []
             if i < n_cached:
                 keys, values = cache.keys[i], cache.values[i]  # (B, k, heads, P, head_dim)
-                out = attend(q, keys, _with_channels(values, more), patch_keep, layer.cross_attn.scale,
-                             layer.top_m)  # (B, k, heads, n, head_dim + channels)
+                out = attend(
+                    q,
+                    keys,
+                    _with_channels(values, more),
+                    patch_keep,
+                    layer.cross_attn.scale,
+                    layer.top_m,
+                )  # (B, k, heads, n, head_dim + channels)
                 out, extra = _split_channels(out, cfg.head_dim, extra)
                 out = layer.cross_attn.output(out)  # (B, k, n, width)
             elif i < n_folded:
-                out, extra = self._folded_attention(i, q, xt, patch_keep, more, extra)  # (B, k, n, width)
+                out, extra = self._folded_attention(
+                    i, q, xt, patch_keep, more, extra
+                )  # (B, k, n, width)
             else:
                 if p is None:
                     p = self.patch_in(xt)  # (B, k, P, width)
@@ -395,16 +419,23 @@ class CrossAttentionReranker(nn.Module, Reranker):
                     p = layer.patch_self_attend(p, patch_keep)  # (B, k, P, width)
                 kv_source = layer.cross_kv_norm(p)  # (B, k, P, width)
                 keys, values = layer.cross_attn.project_kv(kv_source)  # (B, k, heads, P, head_dim)
-                out = attend(q, keys, _with_channels(values, more), patch_keep, layer.cross_attn.scale,
-                             layer.top_m)  # (B, k, heads, n, head_dim + channels)
+                out = attend(
+                    q,
+                    keys,
+                    _with_channels(values, more),
+                    patch_keep,
+                    layer.cross_attn.scale,
+                    layer.top_m,
+                )  # (B, k, heads, n, head_dim + channels)
                 out, extra = _split_channels(out, cfg.head_dim, extra)
                 out = layer.cross_attn.output(out)  # (B, k, n, width)
             x = x + layer.gate(layer.cross_gate, out)  # (B, k, n, width)
             if cfg.bidirectional:
                 if p is None:
                     p = self.patch_in(xt)  # (B, k, P, width)
-                back = layer.back_attn(layer.back_norm(p), layer.back_kv_norm(x),
-                                       token_keep)  # (B, k, P, width)
+                back = layer.back_attn(
+                    layer.back_norm(p), layer.back_kv_norm(x), token_keep
+                )  # (B, k, P, width)
                 p = p + layer.gate(layer.back_gate, back)
             x = x + layer.gate(layer.mlp_gate, layer.mlp(layer.mlp_norm(x)))  # (B, k, n, width)
 
@@ -416,16 +447,18 @@ class CrossAttentionReranker(nn.Module, Reranker):
             if cfg.pair_head:
                 where = extra[..., :2].flatten(-2).float()  # (B, k, n, 2 * heads)
                 logits = logits + RerankerLayer.gate(
-                    self.pair_gate, self._pair_score(x.float(), where, x_keep))  # (B, k)
+                    self.pair_gate, self._pair_score(x.float(), where, x_keep)
+                )  # (B, k)
             if attend_to is None:
                 return logits
-            attended = extra[..., 2 if cfg.pair_head else 0:].float().mean(dim=-2)  # (B, k, n, c)
+            attended = extra[..., 2 if cfg.pair_head else 0 :].float().mean(dim=-2)  # (B, k, n, c)
             return logits, attended
 
     # -- precomputation -----------------------------------------------------------------------
 
-    def precompute_kv(self, patches: torch.Tensor,
-                      patch_mask: torch.Tensor | None = None) -> PatchKV:
+    def precompute_kv(
+        self, patches: torch.Tensor, patch_mask: torch.Tensor | None = None
+    ) -> PatchKV:
         """The query-independent keys/values of ``patches``: what an index would store per image.
 
         Covers :attr:`RerankerConfig.static_patch_layers` layers (all of them unless
@@ -450,7 +483,9 @@ class CrossAttentionReranker(nn.Module, Reranker):
                 f"patch_mask must have shape {tuple(patches.shape[:-1])}, "
                 f"got {tuple(patch_mask.shape)}"
             )
-        patch_keep = None if patch_mask is None else patch_mask[..., None, None, :]  # (*lead, 1, 1, P)
+        patch_keep = (
+            None if patch_mask is None else patch_mask[..., None, None, :]
+        )  # (*lead, 1, 1, P)
         p = self.patch_in(self._prepare_patches(patches, patch_mask))  # (*lead, P, width)
         keys, values = [], []
         for layer in self.layers[: cfg.static_patch_layers]:
@@ -467,9 +502,12 @@ class CrossAttentionReranker(nn.Module, Reranker):
     def _check_dims(self, token_dim: int, patch_dim: int, n_patches: int) -> None:
         cfg = self.config
         if token_dim != cfg.token_input_dim or patch_dim != cfg.patch_dim:
-            layer0 = (f" ({cfg.token_embeddings} layer-0 + {cfg.text_dim}: give "
-                      "TextFeatures.reranker_tokens() of encode_text(..., token_embeddings=True))"
-                      if cfg.token_embeddings else "")
+            layer0 = (
+                f" ({cfg.token_embeddings} layer-0 + {cfg.text_dim}: give "
+                "TextFeatures.reranker_tokens() of encode_text(..., token_embeddings=True))"
+                if cfg.token_embeddings
+                else ""
+            )
             raise InvalidArgumentError(
                 f"the reranker was made for token dim {cfg.token_input_dim}{layer0} and patch dim "
                 f"{cfg.patch_dim}, got token dim {token_dim} and patch dim {patch_dim}; use a "
@@ -481,8 +519,9 @@ class CrossAttentionReranker(nn.Module, Reranker):
                 f"{n_patches} patches per candidate; use a reranker trained on this encoder"
             )
 
-    def encode_query(self, tokens: torch.Tensor,
-                     token_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def encode_query(
+        self, tokens: torch.Tensor, token_mask: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """The query side before any cross-attention, computed once per query.
 
         Args:
@@ -506,16 +545,18 @@ class CrossAttentionReranker(nn.Module, Reranker):
         context = torch.cat([qt, t], dim=1)  # (B, n_q + L, width)
         context_keep = torch.cat([q_keep, token_mask], dim=1)  # (B, n_q + L)
         context_keep = context_keep[:, None, None, :]  # (B, 1, 1, n_q + L)
-        read = self.query_attn(self.query_norm(qt), self.query_kv_norm(context),
-                               context_keep)  # (B, n_q, width)
+        read = self.query_attn(
+            self.query_norm(qt), self.query_kv_norm(context), context_keep
+        )  # (B, n_q, width)
         qt = qt + read  # (B, n_q, width)
         if cfg.query_tokens_mode == QueryTokensMode.REPLACE:
             return qt, q_keep
         states = torch.cat([qt, t], dim=1)  # (B, n_q + L, width)
         return states, torch.cat([q_keep, token_mask], dim=1)  # (B, n_q + L)
 
-    def _prepare_patches(self, patches: torch.Tensor,
-                         patch_mask: torch.Tensor | None) -> torch.Tensor:
+    def _prepare_patches(
+        self, patches: torch.Tensor, patch_mask: torch.Tensor | None
+    ) -> torch.Tensor:
         """x̃ = LN_v(patches) + pos: per patch, query-independent. ``(..., P, d_v)`` -> same."""
         patches = patches.to(self.patch_in.weight.dtype)
         if patch_mask is not None:
@@ -538,8 +579,15 @@ class CrossAttentionReranker(nn.Module, Reranker):
         that gradients flow through them.
         """
         attn, cfg = self.layers[i].cross_attn, self.config
-        sources = (attn.k.weight, attn.v.weight, attn.v.bias, attn.o.weight, attn.o.bias,
-                   self.patch_in.weight, self.patch_in.bias)
+        sources = (
+            attn.k.weight,
+            attn.v.weight,
+            attn.v.bias,
+            attn.o.weight,
+            attn.o.bias,
+            self.patch_in.weight,
+            self.patch_in.bias,
+        )
         # Inference tensors (parameters made under inference mode) keep no version counter.
         cached = torch.is_inference_mode_enabled() and not any(t.is_inference() for t in sources)
         if cached:
@@ -558,10 +606,15 @@ class CrossAttentionReranker(nn.Module, Reranker):
             self._fold_cache[i] = (key, folded)
         return folded
 
-    def _folded_attention(self, i: int, q: torch.Tensor, xt: torch.Tensor,
-                          patch_keep: torch.Tensor | None, channels: Sequence[torch.Tensor] = (),
-                          extra: torch.Tensor | None = None
-                          ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def _folded_attention(
+        self,
+        i: int,
+        q: torch.Tensor,
+        xt: torch.Tensor,
+        patch_keep: torch.Tensor | None,
+        channels: Sequence[torch.Tensor] = (),
+        extra: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Cross-attention over x̃ with W_k folded into the queries and W_v applied afterwards.
 
         Args:
@@ -587,8 +640,9 @@ class CrossAttentionReranker(nn.Module, Reranker):
         # All heads attend over the same x̃: stack them along the query rows, one d_v-wide head.
         q_fold = q_fold.reshape(*q.shape[:-3], 1, n * heads, d_v)  # (B, 1|k, 1, n * heads, d_v)
         keys = xt.unsqueeze(-3)  # (B, k, 1, P, d_v)
-        out = attend(q_fold, keys, _with_channels(keys, channels), patch_keep, attn.scale,
-                     layer.top_m)  # (B, k, 1, n * heads, d_v + c)
+        out = attend(
+            q_fold, keys, _with_channels(keys, channels), patch_keep, attn.scale, layer.top_m
+        )  # (B, k, 1, n * heads, d_v + c)
         if channels:  # rows are token-major (n, heads)
             extra = out[..., d_v:].reshape(*out.shape[:-3], n, heads, -1)  # (B, k, n, heads, c)
             out = out[..., :d_v]
@@ -616,8 +670,10 @@ class CrossAttentionReranker(nn.Module, Reranker):
             chunk = max(1, _PAIR_CHUNK_VALUES // max(1, n_batch * n * n * width))
             scores = first.new_empty((n_batch, k, n, n))
             for lo in range(0, k, chunk):
-                pairs = first[:, lo:lo + chunk].unsqueeze(-2) + second[:, lo:lo + chunk].unsqueeze(-3)
-                scores[:, lo:lo + chunk] = self.pair_out(torch.ops.aten.gelu_(pairs)).squeeze(-1)
+                pairs = first[:, lo : lo + chunk].unsqueeze(-2) + second[
+                    :, lo : lo + chunk
+                ].unsqueeze(-3)
+                scores[:, lo : lo + chunk] = self.pair_out(torch.ops.aten.gelu_(pairs)).squeeze(-1)
         both = keep[:, None, :, None] & keep[:, None, None, :]  # (B, 1, n, n)
         total = scores.masked_fill(~both, 0.0).sum(dim=(-2, -1))  # (B, k)
         return total / both.sum(dim=(-2, -1)).to(scores.dtype)  # (B, k)
@@ -648,8 +704,9 @@ def _with_channels(values: torch.Tensor, channels: Sequence[torch.Tensor]) -> to
     return torch.cat([values, *more], dim=-1)
 
 
-def _split_channels(out: torch.Tensor, head_dim: int,
-                    extra: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+def _split_channels(
+    out: torch.Tensor, head_dim: int, extra: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor | None]:
     """``(B, k, heads, n, head_dim + c)`` -> the heads' outputs ``(B, k, heads, n, head_dim)`` and
     the channels' averages ``(B, k, n, heads, c)``; an output without channels passes through
     with ``extra`` unchanged."""

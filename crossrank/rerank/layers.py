@@ -14,7 +14,13 @@ from torch import nn
 from crossrank.rerank.config import RerankerConfig
 
 __all__ = [
-    "Attention", "MLP", "RerankerLayer", "attend", "merge_heads", "split_heads", "top_m_mask",
+    "Attention",
+    "MLP",
+    "RerankerLayer",
+    "attend",
+    "merge_heads",
+    "split_heads",
+    "top_m_mask",
 ]
 
 
@@ -30,8 +36,9 @@ def merge_heads(x: torch.Tensor) -> torch.Tensor:
     return x.transpose(-2, -3).reshape(*lead, n, heads * head_dim)  # (..., n, width)
 
 
-def top_m_mask(q: torch.Tensor, k: torch.Tensor, keep: torch.Tensor | None, m: int,
-               scale: float) -> torch.Tensor:
+def top_m_mask(
+    q: torch.Tensor, k: torch.Tensor, keep: torch.Tensor | None, m: int, scale: float
+) -> torch.Tensor:
     """Keep, for each query row, only its ``m`` highest-scoring real keys.
 
     The selection is made on float32 logits without gradient (a hard top-m is not differentiable;
@@ -58,8 +65,14 @@ def top_m_mask(q: torch.Tensor, k: torch.Tensor, keep: torch.Tensor | None, m: i
     return selected & keep  # (..., heads, n, S)
 
 
-def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, keep: torch.Tensor | None,
-           scale: float, top_m: int | None = None) -> torch.Tensor:
+def attend(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    keep: torch.Tensor | None,
+    scale: float,
+    top_m: int | None = None,
+) -> torch.Tensor:
     """Masked multi-head attention via ``F.scaled_dot_product_attention``.
 
     Args:
@@ -83,8 +96,9 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, keep: torch.Tensor
     shapes = [q.shape[:-3], k.shape[:-3], v.shape[:-3]]
     lead = torch.broadcast_shapes(*shapes, *([] if keep is None else [keep.shape[:-3]]))
     if len(lead) == 1:
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=keep,
-                                              scale=scale)  # (N, heads, n, ev)
+        return F.scaled_dot_product_attention(
+            q, k, v, attn_mask=keep, scale=scale
+        )  # (N, heads, n, ev)
     # The fused CPU/CUDA kernels take one batch dim; with more, SDPA falls back to the unfused
     # math path (2.5x slower on the CPU here). Flattening is a view for the candidate-side tensors;
     # a shared query side (size-1 candidate dim) is materialised per candidate by the reshape,
@@ -131,8 +145,13 @@ class Attention(nn.Module):
         """``(..., heads, n, head_dim)`` -> ``(..., n, width)`` through the output projection."""
         return self.drop(self.o(merge_heads(heads_out)))
 
-    def forward(self, x: torch.Tensor, source: torch.Tensor, keep: torch.Tensor | None,
-                top_m: int | None = None) -> torch.Tensor:
+    def forward(
+        self,
+        x: torch.Tensor,
+        source: torch.Tensor,
+        keep: torch.Tensor | None,
+        top_m: int | None = None,
+    ) -> torch.Tensor:
         """Rows of ``x`` ``(..., n, width)`` attend to ``source`` ``(..., S, width)``.
 
         Args:

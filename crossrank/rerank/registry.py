@@ -102,8 +102,9 @@ def _looks_like_path(spec: str) -> bool:
     )
 
 
-def _load(path: str | os.PathLike[str], device: Device | str,
-          encoder_info: Mapping[str, Any] | None) -> Reranker:
+def _load(
+    path: str | os.PathLike[str], device: Device | str, encoder_info: Mapping[str, Any] | None
+) -> Reranker:
     from crossrank.rerank.checkpoint import load_reranker
 
     return load_reranker(Path(path).expanduser(), device, encoder_info=encoder_info)
@@ -120,6 +121,7 @@ class _Wrapped(Reranker):
         self.token_embeddings = int(getattr(inner, "token_embeddings", 0))
         self.fusion = getattr(inner, "fusion", None)
 
-    def score(self, query: Any, query_mask: Any, patches: Any, patch_mask: Any = None,
-              **extra: Any) -> Any:
+    def score(
+        self, query: Any, query_mask: Any, patches: Any, patch_mask: Any = None, **extra: Any
+    ) -> Any:
         return self.inner.score(query, query_mask, patches, patch_mask, **extra)

@@ -21,8 +21,9 @@ __all__ = ["Query", "encode_queries"]
 Query: TypeAlias = "str | Path | Image.Image"
 
 
-def encode_queries(encoder: Encoder, dim: int, queries: Sequence[Query], token_embeddings: int = 0
-                   ) -> tuple[np.ndarray, list[np.ndarray], list[np.ndarray], list[np.ndarray | None], list[str]]:
+def encode_queries(
+    encoder: Encoder, dim: int, queries: Sequence[Query], token_embeddings: int = 0
+) -> tuple[np.ndarray, list[np.ndarray], list[np.ndarray], list[np.ndarray | None], list[str]]:
     """Encode texts and images with ``encoder``; returns pooled ``(m, dim)``, per-query token
     features, masks and token ids (None for images and for encoders without ids), and labels.
 
@@ -44,7 +45,9 @@ def encode_queries(encoder: Encoder, dim: int, queries: Sequence[Query], token_e
             labels.append(query)
         elif isinstance(query, Path):
             if not query.is_file():
-                raise InvalidArgumentError(f"query image {query} does not exist; give the path of an image file")
+                raise InvalidArgumentError(
+                    f"query image {query} does not exist; give the path of an image file"
+                )
             image, _ = decode_image(query)
             images.append((i, image))
             labels.append(str(query))
@@ -77,6 +80,11 @@ def encode_queries(encoder: Encoder, dim: int, queries: Sequence[Query], token_e
             tokens[i] = feats.patches[row]
             if token_embeddings:
                 tokens[i] = np.concatenate(
-                    [np.zeros((tokens[i].shape[0], token_embeddings), dtype=tokens[i].dtype), tokens[i]], axis=-1)
+                    [
+                        np.zeros((tokens[i].shape[0], token_embeddings), dtype=tokens[i].dtype),
+                        tokens[i],
+                    ],
+                    axis=-1,
+                )
             masks[i] = np.ones(feats.patches.shape[1], dtype=bool)
     return xq, tokens, masks, input_ids, labels

@@ -80,26 +80,44 @@ def search_snapshot(
         if scorer is not None and ids.size:
             assert q_tokens is not None and q_masks is not None and fuse is not None
             with timed(q_timings, "rerank"):
-                rerank_scores = rerank(snap, scorer, q_tokens[qi], q_masks[qi], ids,
-                                       None if q_ids is None else q_ids[qi])
+                rerank_scores = rerank(
+                    snap,
+                    scorer,
+                    q_tokens[qi],
+                    q_masks[qi],
+                    ids,
+                    None if q_ids is None else q_ids[qi],
+                )
                 final = fuse(first_scores, rerank_scores)
                 order = np.argsort(-final, kind="stable")[:k]  # ties keep the first-stage order
         else:
             final, order = first_scores, np.arange(min(k, ids.size))
         with timed(q_timings, "metadata"):
-            hits = join_metadata(snap, ids[order], final[order], first_scores[order],
-                                 None if rerank_scores is None else rerank_scores[order])
-        counts = SearchCounts(requested=k, returned=len(hits),
-                              filtered_out=0 if allowed is None else len(snap) - int(allowed.size),
-                              candidates=int(ids.size))
+            hits = join_metadata(
+                snap,
+                ids[order],
+                final[order],
+                first_scores[order],
+                None if rerank_scores is None else rerank_scores[order],
+            )
+        counts = SearchCounts(
+            requested=k,
+            returned=len(hits),
+            filtered_out=0 if allowed is None else len(snap) - int(allowed.size),
+            candidates=int(ids.size),
+        )
         q_timings["total"] = sum(q_timings.values())
-        results.append(SearchResult(query=label, hits=hits, counts=counts, timings_ms=q_timings,
-                                    generation=snap.number))
+        results.append(
+            SearchResult(
+                query=label, hits=hits, counts=counts, timings_ms=q_timings, generation=snap.number
+            )
+        )
     return results
 
 
-def allowed_ids(snap: Snapshot, where: str | None, filters: Filters | None,
-                timings: dict[str, float]) -> np.ndarray | None:
+def allowed_ids(
+    snap: Snapshot, where: str | None, filters: Filters | None, timings: dict[str, float]
+) -> np.ndarray | None:
     """The ids a search may return: those matching ``where`` and ``filters`` (DuckDB), without
     removed images (tombstones); None = every image (no filter, nothing removed)."""
     if where is None and filters is None:
@@ -108,8 +126,9 @@ def allowed_ids(snap: Snapshot, where: str | None, filters: Filters | None,
         return snap.without_tombstones(snap.metadata.allowed_ids(where, filters=filters))
 
 
-def first_stage(snap: Snapshot, xq: np.ndarray, k: int,
-                allowed: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
+def first_stage(
+    snap: Snapshot, xq: np.ndarray, k: int, allowed: np.ndarray | None
+) -> tuple[np.ndarray, np.ndarray]:
     """The ``k`` best (scores, ids) per query among ``allowed`` (None = all): FAISS, or exact
     scoring when the allowed set is small enough to beat it."""
     from crossrank.indexes import exact_search
@@ -120,8 +139,14 @@ def first_stage(snap: Snapshot, xq: np.ndarray, k: int,
     return snap.first_stage.search(xq, k, allowed_ids=allowed)
 
 
-def rerank(snap: Snapshot, scorer: Reranker, tokens: np.ndarray, mask: np.ndarray, ids: np.ndarray,
-           input_ids: np.ndarray | None = None) -> np.ndarray:
+def rerank(
+    snap: Snapshot,
+    scorer: Reranker,
+    tokens: np.ndarray,
+    mask: np.ndarray,
+    ids: np.ndarray,
+    input_ids: np.ndarray | None = None,
+) -> np.ndarray:
     """``scorer``'s float32 scores of one query's candidates ``ids`` from their stored patches."""
     import torch
 
@@ -132,20 +157,33 @@ def rerank(snap: Snapshot, scorer: Reranker, tokens: np.ndarray, mask: np.ndarra
     extra: dict[str, Any] = {}
     if scorer.needs_input_ids:
         extra["input_ids"] = None if input_ids is None else torch.from_numpy(input_ids)
-    scores = scorer.score(torch.from_numpy(np.ascontiguousarray(tokens)), torch.from_numpy(mask),
-                          torch.from_numpy(patches), **extra)
+    scores = scorer.score(
+        torch.from_numpy(np.ascontiguousarray(tokens)),
+        torch.from_numpy(mask),
+        torch.from_numpy(patches),
+        **extra,
+    )
     return scores.numpy().astype(np.float32, copy=False)
 
 
-def join_metadata(snap: Snapshot, ids: np.ndarray, scores: np.ndarray, first_scores: np.ndarray,
-                  rerank_scores: np.ndarray | None) -> tuple[Hit, ...]:
+def join_metadata(
+    snap: Snapshot,
+    ids: np.ndarray,
+    scores: np.ndarray,
+    first_scores: np.ndarray,
+    rerank_scores: np.ndarray | None,
+) -> tuple[Hit, ...]:
     """The hits of ``ids`` in order, each with its metadata row and its scores."""
     rows = snap.metadata.rows(ids)
     return tuple(
-        Hit(id=int(ids[j]), path=str(row.pop("path")), score=float(scores[j]),
+        Hit(
+            id=int(ids[j]),
+            path=str(row.pop("path")),
+            score=float(scores[j]),
             first_stage_score=float(first_scores[j]),
             rerank_score=None if rerank_scores is None else float(rerank_scores[j]),
-            metadata={key: value for key, value in row.items() if key != "id"})
+            metadata={key: value for key, value in row.items() if key != "id"},
+        )
         for j, row in zip(range(ids.size), rows, strict=True)
     )
 

@@ -59,19 +59,26 @@ class Snapshot:
         IndexCorruptError: the current generation cannot be opened.
     """
 
-    def __init__(self, root: Path, *, device: str, nprobe: int | None, reuse: Snapshot | None = None) -> None:
+    def __init__(
+        self, root: Path, *, device: str, nprobe: int | None, reuse: Snapshot | None = None
+    ) -> None:
         from crossrank.indexes import FirstStage, IndexConfig
         from crossrank.store import Generation, pin_current
 
         manifest, pin = pin_current(root)
         try:
             generation = Generation.open(manifest.generation_path)
-            if reuse is not None and _same_file(reuse.generation.first_stage_path, generation.first_stage_path):
+            if reuse is not None and _same_file(
+                reuse.generation.first_stage_path, generation.first_stage_path
+            ):
                 first_stage = reuse.first_stage  # immutable and shared: the same FAISS file
             else:
                 first = manifest.first_stage
-                config = IndexConfig(factory=first.get("factory"), device=device,
-                                     nprobe=nprobe or int(first.get("nprobe") or 16))
+                config = IndexConfig(
+                    factory=first.get("factory"),
+                    device=device,
+                    nprobe=nprobe or int(first.get("nprobe") or 16),
+                )
                 first_stage = FirstStage.load(generation.first_stage_path, config)
             patches = generation.patches()
             metadata = generation.metadata()
@@ -93,7 +100,9 @@ class Snapshot:
         self.vectors: np.ndarray = vectors
         self.tombstones: np.ndarray = tombstones
         self.live_ids: np.ndarray | None = (
-            np.asarray(ids)[~np.isin(ids, tombstones, assume_unique=True)] if tombstones.size else None
+            np.asarray(ids)[~np.isin(ids, tombstones, assume_unique=True)]
+            if tombstones.size
+            else None
         )
         self.pin: ReaderPin = pin
         self.users = 0

@@ -47,29 +47,48 @@ from crossrank.serve.models import (
 )
 
 if TYPE_CHECKING:
-    from crossrank.hits import SearchResult
     from crossrank.api.index import Index
+    from crossrank.hits import SearchResult
 
 __all__ = ["create_app"]
 
 logger = logging.getLogger(__name__)
 
 #: Content types of the image files ingestion accepts, by suffix.
-_IMAGE_TYPES = {".jpg": "image/jpeg", ".jpeg": "image/jpeg", ".png": "image/png", ".gif": "image/gif",
-                ".bmp": "image/bmp", ".tif": "image/tiff", ".tiff": "image/tiff", ".webp": "image/webp"}
+_IMAGE_TYPES = {
+    ".jpg": "image/jpeg",
+    ".jpeg": "image/jpeg",
+    ".png": "image/png",
+    ".gif": "image/gif",
+    ".bmp": "image/bmp",
+    ".tif": "image/tiff",
+    ".tiff": "image/tiff",
+    ".webp": "image/webp",
+}
 _INT64 = (-(2**63), 2**63 - 1)
-_UNPARSABLE_BODY = "There was an error parsing the body"  # fastapi.routing's HTTPException(400) detail
+_UNPARSABLE_BODY = (
+    "There was an error parsing the body"  # fastapi.routing's HTTPException(400) detail
+)
 _PAGE_K = 12  # hits on the result page unless ?k= says otherwise
 _WHERE_DISABLED = (
     "where (raw SQL) is disabled on this server; filter with structured filters "
-    '{column: value | {op: value}} instead, or start the server with --allow-where for trusted clients'
+    "{column: value | {op: value}} instead, or start the server with --allow-where for trusted clients"
 )
 
 
-def create_app(index: Index | str | os.PathLike[str], *, allow_where: bool = False,
-               device: str = "auto", model: str | Path | None = None, nprobe: int | None = None,
-               reranker: str | None = "auto", fusion: str = "auto", rerank_k: int = 100,
-               title: str = "crossrank", refresh: bool = True) -> FastAPI:
+def create_app(
+    index: Index | str | os.PathLike[str],
+    *,
+    allow_where: bool = False,
+    device: str = "auto",
+    model: str | Path | None = None,
+    nprobe: int | None = None,
+    reranker: str | None = "auto",
+    fusion: str = "auto",
+    rerank_k: int = 100,
+    title: str = "crossrank",
+    refresh: bool = True,
+) -> FastAPI:
     """Build the HTTP app for one index; serve it with uvicorn or mount it in another app.
 
     Args:
@@ -104,7 +123,9 @@ def create_app(index: Index | str | os.PathLike[str], *, allow_where: bool = Fal
     from crossrank.api.index import Index
 
     if not isinstance(rerank_k, int) or rerank_k < 1:
-        raise InvalidArgumentError(f"rerank_k must be a positive number of candidates, got {rerank_k!r}")
+        raise InvalidArgumentError(
+            f"rerank_k must be a positive number of candidates, got {rerank_k!r}"
+        )
     if not isinstance(index, Index):
         index = Index.open(index, device=device, model=model, nprobe=nprobe)
     _ = index.encoder  # load it now: the first request should not pay for it, nor fail on it
@@ -120,8 +141,12 @@ def create_app(index: Index | str | os.PathLike[str], *, allow_where: bool = Fal
     )
     app.state.index = opened
     app.state.allow_where = allow_where
-    logger.info("serving %s (%d images), raw where %s", opened.path, len(opened),
-                "allowed" if allow_where else "refused")
+    logger.info(
+        "serving %s (%d images), raw where %s",
+        opened.path,
+        len(opened),
+        "allowed" if allow_where else "refused",
+    )
 
     def fresh() -> None:
         """Move to the newest generation a writer committed; keep serving the old one if it fails."""
@@ -130,14 +155,30 @@ def create_app(index: Index | str | os.PathLike[str], *, allow_where: bool = Fal
         try:
             opened.refresh()
         except CrossrankError as e:
-            logger.warning("index %s: cannot move to the newest generation (%s); serving generation %d",
-                           opened.path, e, opened.manifest.generation)
+            logger.warning(
+                "index %s: cannot move to the newest generation (%s); serving generation %d",
+                opened.path,
+                e,
+                opened.manifest.generation,
+            )
 
-    def run_search(query: str, k: int, asked_rerank_k: int | None, filters: dict[str, Any] | None,
-                   where: str | None) -> SearchResult:
+    def run_search(
+        query: str,
+        k: int,
+        asked_rerank_k: int | None,
+        filters: dict[str, Any] | None,
+        where: str | None,
+    ) -> SearchResult:
         n_candidates = max(k, rerank_k) if asked_rerank_k is None else asked_rerank_k
-        return opened.search(query, k=k, rerank_k=n_candidates, where=where, reranker=reranker,
-                             fusion=fusion, filters=filters or None)
+        return opened.search(
+            query,
+            k=k,
+            rerank_k=n_candidates,
+            where=where,
+            reranker=reranker,
+            fusion=fusion,
+            filters=filters or None,
+        )
 
     @app.exception_handler(RequestValidationError)
     async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
@@ -145,18 +186,30 @@ def create_app(index: Index | str | os.PathLike[str], *, allow_where: bool = Fal
         if request.scope.get("endpoint") is page:  # a person at the result page: show it there
             q, filters = (request.query_params.get(name, "")[:20_000] for name in ("q", "filters"))
             return render(request, q, _PAGE_K, filters, [], _one_line(errors))
-        return JSONResponse(status_code=422, content={"detail": _one_line(errors), "errors": errors})
+        return JSONResponse(
+            status_code=422, content={"detail": _one_line(errors), "errors": errors}
+        )
 
     @app.exception_handler(HTTPException)
     async def _http_error(request: Request, exc: HTTPException) -> Any:
         if exc.status_code == 400 and exc.detail == _UNPARSABLE_BODY:
             # FastAPI's answer to a body it cannot even decode (not UTF-8): malformed JSON too.
             cause = exc.__cause__
-            why = ("it is not UTF-8" if isinstance(cause, UnicodeDecodeError)
-                   else f"it cannot be parsed ({type(cause).__name__})" if cause else "it cannot be parsed")
+            why = (
+                "it is not UTF-8"
+                if isinstance(cause, UnicodeDecodeError)
+                else f"it cannot be parsed ({type(cause).__name__})"
+                if cause
+                else "it cannot be parsed"
+            )
             msg = f"the body is not valid JSON: {why}"
-            return JSONResponse(status_code=422, content={
-                "detail": msg, "errors": [{"loc": ["body"], "msg": msg, "type": "json_invalid"}]})
+            return JSONResponse(
+                status_code=422,
+                content={
+                    "detail": msg,
+                    "errors": [{"loc": ["body"], "msg": msg, "type": "json_invalid"}],
+                },
+            )
         return await http_exception_handler(request, exc)
 
     @app.post(
@@ -164,9 +217,14 @@ def create_app(index: Index | str | os.PathLike[str], *, allow_where: bool = Fal
         response_model=SearchResponse,
         summary="Search the index by text",
         responses={
-            403: {"model": ErrorResponse, "description": "a raw `where` on a server that refuses it"},
-            422: {"model": ValidationErrorResponse,
-                  "description": "malformed JSON, a bad field, or a filter the metadata cannot take"},
+            403: {
+                "model": ErrorResponse,
+                "description": "a raw `where` on a server that refuses it",
+            },
+            422: {
+                "model": ValidationErrorResponse,
+                "description": "malformed JSON, a bad field, or a filter the metadata cannot take",
+            },
         },
     )
     def search(request: SearchRequest) -> Any:
@@ -176,7 +234,9 @@ def create_app(index: Index | str | os.PathLike[str], *, allow_where: bool = Fal
             return JSONResponse(status_code=403, content={"detail": _WHERE_DISABLED})
         fresh()
         try:
-            result = run_search(request.query, request.k, request.rerank_k, request.filters, request.where)
+            result = run_search(
+                request.query, request.k, request.rerank_k, request.filters, request.where
+            )
         except (FilterError, InvalidArgumentError) as e:
             return _refused(e)
         return result.to_dict()
@@ -187,9 +247,15 @@ def create_app(index: Index | str | os.PathLike[str], *, allow_where: bool = Fal
         summary="The image file of an id in the index",
         response_class=FileResponse,
         responses={
-            200: {"content": {t: {} for t in sorted(set(_IMAGE_TYPES.values()))}
-                  | {"application/octet-stream": {}}, "description": "the image file, as indexed"},
-            404: {"model": ErrorResponse, "description": "no such id in the index, or its file is gone"},
+            200: {
+                "content": {t: {} for t in sorted(set(_IMAGE_TYPES.values()))}
+                | {"application/octet-stream": {}},
+                "description": "the image file, as indexed",
+            },
+            404: {
+                "model": ErrorResponse,
+                "description": "no such id in the index, or its file is gone",
+            },
             422: {"model": ValidationErrorResponse, "description": "the id is not an integer"},
         },
     )
@@ -197,42 +263,67 @@ def create_app(index: Index | str | os.PathLike[str], *, allow_where: bool = Fal
         """Serve the file an id of the index was built from; only ids in the index are served."""
         # Through Index.metadata, which knows which ids a search can return (removed ones not).
         fresh()
-        paths = opened.metadata(columns=["path"], filters={"id": image_id}).column("path").to_pylist()
+        paths = (
+            opened.metadata(columns=["path"], filters={"id": image_id}).column("path").to_pylist()
+        )
         if not paths:
-            return JSONResponse(status_code=404, content={"detail": f"no image with id {image_id} in this index"})
+            return JSONResponse(
+                status_code=404, content={"detail": f"no image with id {image_id} in this index"}
+            )
         path = Path(paths[0])
         if not path.is_file():
-            return JSONResponse(status_code=404, content={
-                "detail": f"the file of image {image_id} is no longer there; rebuild or refresh the index"})
+            return JSONResponse(
+                status_code=404,
+                content={
+                    "detail": f"the file of image {image_id} is no longer there; rebuild or refresh the index"
+                },
+            )
         media_type = _IMAGE_TYPES.get(path.suffix.lower()) or mimetypes.guess_type(path.name)[0]
         if not media_type or not media_type.startswith("image/") or media_type == "image/svg+xml":
             media_type = "application/octet-stream"
-        return FileResponse(path, media_type=media_type, headers={
-            "X-Content-Type-Options": "nosniff",
-            "Content-Security-Policy": "default-src 'none'",
-            "Cache-Control": "private, max-age=300",
-        })
+        return FileResponse(
+            path,
+            media_type=media_type,
+            headers={
+                "X-Content-Type-Options": "nosniff",
+                "Content-Security-Policy": "default-src 'none'",
+                "Cache-Control": "private, max-age=300",
+            },
+        )
 
     @app.get("/healthz", response_model=Health, summary="Liveness, and what the index holds")
     def healthz() -> Any:
         """The index is open: its image count, generation, model and filterable metadata columns."""
         fresh()
         schema = opened.metadata_store.schema
-        return {"status": "ok", "images": len(opened), "generation": int(opened.manifest.generation),
-                "model": opened.model_id, "columns": {f.name: str(f.type) for f in schema}}
+        return {
+            "status": "ok",
+            "images": len(opened),
+            "generation": int(opened.manifest.generation),
+            "model": opened.model_id,
+            "columns": {f.name: str(f.type) for f in schema},
+        }
 
     @app.get(
         "/",
         response_class=HTMLResponse,
         summary="The result page, with a query box",
-        responses={422: {"description": "the page with a bad parameter or filter named above the query box"}},
+        responses={
+            422: {
+                "description": "the page with a bad parameter or filter named above the query box"
+            }
+        },
     )
     def page(
         request: Request,
-        q: Annotated[str | None, Query(max_length=1000, description="The text to search for.")] = None,
+        q: Annotated[
+            str | None, Query(max_length=1000, description="The text to search for.")
+        ] = None,
         k: Annotated[int, Query(ge=1, le=100, description="Hits to show.")] = _PAGE_K,
-        filters: Annotated[str | None, Query(max_length=20_000,
-                                             description="Structured filters as JSON (see POST /search).")] = None,
+        filters: Annotated[
+            str | None,
+            Query(max_length=20_000, description="Structured filters as JSON (see POST /search)."),
+        ] = None,
     ) -> HTMLResponse:
         """A grid of thumbnails with first-stage and reranked scores and the metadata on hover;
         ``?q=`` searches (server-side, no script)."""
@@ -247,18 +338,31 @@ def create_app(index: Index | str | os.PathLike[str], *, allow_where: bool = Fal
                 error = str(e)
         return render(request, q, k, filters, results, error)
 
-    def render(request: Request, q: str | None, k: int, filters: str | None,
-               results: list[SearchResult], error: str | None) -> HTMLResponse:
+    def render(
+        request: Request,
+        q: str | None,
+        k: int,
+        filters: str | None,
+        results: list[SearchResult],
+        error: str | None,
+    ) -> HTMLResponse:
         from crossrank.html import SearchForm, render_page
 
-        form = SearchForm(action=str(request.url_for("page")), query=q or "", k=k, filters=filters or "")
+        form = SearchForm(
+            action=str(request.url_for("page")), query=q or "", k=k, filters=filters or ""
+        )
 
         def image_src(hit: Any) -> str:
             return str(request.url_for("image", image_id=hit.id))
 
-        html = render_page(results, image_src=image_src, form=form, error=error,
-                           title=f"{title}: {q}" if q else title,
-                           message=f"Search {len(opened)} images: type a query.")
+        html = render_page(
+            results,
+            image_src=image_src,
+            form=form,
+            error=error,
+            title=f"{title}: {q}" if q else title,
+            message=f"Search {len(opened)} images: type a query.",
+        )
         return HTMLResponse(html, status_code=422 if error else 200)
 
     return app
@@ -273,7 +377,9 @@ def _parse_filters_param(text: str | None) -> dict[str, Any] | None:
     try:
         filters = json.loads(text)
     except json.JSONDecodeError as e:
-        raise FilterError(f"filters are not valid JSON ({e}); e.g. {{\"width\": {{\"ge\": 256}}}}") from None
+        raise FilterError(
+            f'filters are not valid JSON ({e}); e.g. {{"width": {{"ge": 256}}}}'
+        ) from None
     check_filter_shape(filters)
     return filters
 
@@ -303,7 +409,7 @@ def _one_line(errors: list[dict[str, Any]]) -> str:
     first = errors[0]
     loc = ".".join(str(p) for p in first["loc"][1:]) if len(first["loc"]) > 1 else ""
     if first["loc"][:1] == ["body"] and not loc and first["type"] == "missing":
-        text = "the request has no JSON body; send {\"query\": \"...\"}"
+        text = 'the request has no JSON body; send {"query": "..."}'
     elif first["type"] == "value_error" or not loc:  # a validator's message names its subject
         text = first["msg"]
     else:

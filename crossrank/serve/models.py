@@ -27,8 +27,15 @@ MAX_RERANK_K = 10_000  # candidates one request may have reranked
 MAX_IN_VALUES = 1000  # values in one `in` list
 MAX_FILTER_COLUMNS = 64  # columns one filter may name
 
-_SCALAR: dict[str, Any] = {"anyOf": [{"type": "string"}, {"type": "integer"}, {"type": "number"},
-                                     {"type": "boolean"}, {"type": "null"}]}
+_SCALAR: dict[str, Any] = {
+    "anyOf": [
+        {"type": "string"},
+        {"type": "integer"},
+        {"type": "number"},
+        {"type": "boolean"},
+        {"type": "null"},
+    ]
+}
 _OPS_SCHEMA: dict[str, Any] = {
     "type": "object",
     "properties": {
@@ -44,41 +51,59 @@ _OPS_SCHEMA: dict[str, Any] = {
 #: messages are clearer than a union's list of failed alternatives.
 FILTERS_SCHEMA: dict[str, Any] = {
     "anyOf": [
-        {"type": "object", "additionalProperties": {"anyOf": [*_SCALAR["anyOf"], _OPS_SCHEMA]},
-         "maxProperties": MAX_FILTER_COLUMNS},
+        {
+            "type": "object",
+            "additionalProperties": {"anyOf": [*_SCALAR["anyOf"], _OPS_SCHEMA]},
+            "maxProperties": MAX_FILTER_COLUMNS,
+        },
         {"type": "null"},
     ],
     "title": "Filters",
     "description": (
         "Structured metadata filter, all conditions must hold: {column: value | {op: value}}, "
-        f"ops {OPS}; a bare value means eq; {{\"eq\": null}} / {{\"ne\": null}} test for a missing "
+        f'ops {OPS}; a bare value means eq; {{"eq": null}} / {{"ne": null}} test for a missing '
         "value; contains is a case-sensitive substring of a string column; timestamps and dates "
         "are ISO-8601 strings. Columns and value types are checked against the index's metadata "
         "(GET /healthz lists them); a mismatch is a 422."
     ),
-    "examples": [{"width": {"ge": 256}, "path": {"contains": "/2024/"}, "label": {"in": ["cat", "dog"]}}],
+    "examples": [
+        {"width": {"ge": 256}, "path": {"contains": "/2024/"}, "label": {"in": ["cat", "dog"]}}
+    ],
 }
 
 
 class SearchRequest(BaseModel):
     """``POST /search``: a text query, how many hits, and an optional filter."""
 
-    model_config = ConfigDict(extra="forbid", json_schema_extra={
-        "examples": [{"query": "a red circle left of a blue square", "k": 10, "rerank_k": 100,
-                      "filters": {"width": {"ge": 32}}}],
-    })
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={
+            "examples": [
+                {
+                    "query": "a red circle left of a blue square",
+                    "k": 10,
+                    "rerank_k": 100,
+                    "filters": {"width": {"ge": 32}},
+                }
+            ],
+        },
+    )
 
     query: str = Field(min_length=1, max_length=1000, description="The text to search for.")
     k: int = Field(default=10, ge=1, le=MAX_K, description="Hits to return.")
     rerank_k: int | None = Field(
-        default=None, ge=1, le=MAX_RERANK_K,
+        default=None,
+        ge=1,
+        le=MAX_RERANK_K,
         description="First-stage candidates the reranker rescores (>= k); default max(k, the server's rerank_k).",
     )
     filters: Annotated[dict[str, Any] | None, WithJsonSchema(FILTERS_SCHEMA)] = None
     where: str | None = Field(
-        default=None, min_length=1, max_length=2000,
+        default=None,
+        min_length=1,
+        max_length=2000,
         description="A raw DuckDB SQL predicate over the metadata (trusted clients only): refused "
-                    "with 403 unless the server was started with --allow-where.",
+        "with 403 unless the server was started with --allow-where.",
     )
 
     @field_validator("filters")
@@ -86,7 +111,9 @@ class SearchRequest(BaseModel):
     def _filters_have_a_valid_shape(cls, filters: dict[str, Any] | None) -> dict[str, Any] | None:
         if filters is not None:
             if len(filters) > MAX_FILTER_COLUMNS:
-                raise ValueError(f"filters name {len(filters)} columns; at most {MAX_FILTER_COLUMNS}")
+                raise ValueError(
+                    f"filters name {len(filters)} columns; at most {MAX_FILTER_COLUMNS}"
+                )
             check_filter_shape(filters)
             for column, spec in filters.items():
                 values = spec.get("in") if isinstance(spec, dict) else None
@@ -140,8 +167,10 @@ class SearchResponse(BaseModel):
     counts: CountsOut
     timings_ms: dict[str, float]
     generation: int | None = Field(
-        None, description="The index generation every stage of this search read (a living index "
-                          "moves to newer ones as writers commit).")
+        None,
+        description="The index generation every stage of this search read (a living index "
+        "moves to newer ones as writers commit).",
+    )
 
 
 class Health(BaseModel):
@@ -151,7 +180,9 @@ class Health(BaseModel):
     images: int
     generation: int
     model: str
-    columns: dict[str, str] = Field(description="Metadata column -> Arrow type, what filters can name.")
+    columns: dict[str, str] = Field(
+        description="Metadata column -> Arrow type, what filters can name."
+    )
 
 
 class ErrorResponse(BaseModel):

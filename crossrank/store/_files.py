@@ -48,7 +48,9 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def atomic_write_json(path: Path, data: dict[str, Any], *, before_replace: str | None = None) -> None:
+def atomic_write_json(
+    path: Path, data: dict[str, Any], *, before_replace: str | None = None
+) -> None:
     """Replace ``path`` with ``data`` as JSON so that a reader sees the old or the new file, whole.
 
     temp file in the same directory -> write -> fsync -> ``os.replace`` -> fsync the directory.
@@ -139,7 +141,7 @@ class NpyAppender:
         self.row_shape = tuple(int(s) for s in row_shape)
         self.rows = 0
         self._header_len = len(_npy_header(self.dtype, (0, *self.row_shape)))
-        self._f: io.BufferedWriter | None = open(self.path, "wb")  # noqa: SIM115 (see close())
+        self._f: io.BufferedWriter | None = open(self.path, "wb")
         self._f.write(_npy_header(self.dtype, (0, *self.row_shape)))
 
     def append(self, rows: np.ndarray) -> None:

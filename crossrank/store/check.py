@@ -100,8 +100,10 @@ def check_generation(gen_dir: Path | str) -> list[str]:
             )
             ids = None
     if ids is not None and n and info.next_id is not None and info.next_id <= int(ids[-1]):
-        problems.append(f"generation.json has next_id {info.next_id}, but ids.npy already holds id "
-                        f"{int(ids[-1])}: a later add would give an id twice")
+        problems.append(
+            f"generation.json has next_id {info.next_id}, but ids.npy already holds id "
+            f"{int(ids[-1])}: a later add would give an id twice"
+        )
 
     patch_rows = sum(s.rows for s in info.patch_shards)
     if patch_rows != n:
@@ -155,13 +157,20 @@ def check_generation(gen_dir: Path | str) -> list[str]:
     return problems
 
 
-def _check_tombstones(gen_dir: Path, info: GenerationInfo, ids: np.ndarray | None, present: set[str],
-                      problems: list[str]) -> None:
+def _check_tombstones(
+    gen_dir: Path,
+    info: GenerationInfo,
+    ids: np.ndarray | None,
+    present: set[str],
+    problems: list[str],
+) -> None:
     """Tombstones: listed when counted, int64 of the counted length, sorted, unique, in ids."""
     path = gen_dir / TOMBSTONES_NAME
     if TOMBSTONES_NAME not in info.files:
-        problems.append(f"generation.json of {gen_dir} counts {info.n_tombstones} tombstones, but "
-                        f"does not list {TOMBSTONES_NAME}")
+        problems.append(
+            f"generation.json of {gen_dir} counts {info.n_tombstones} tombstones, but "
+            f"does not list {TOMBSTONES_NAME}"
+        )
         return
     if TOMBSTONES_NAME not in present:  # reported as missing already
         return
@@ -175,7 +184,9 @@ def _check_tombstones(gen_dir: Path, info: GenerationInfo, ids: np.ndarray | Non
         ok = pos < ids.size
         ok[ok] = ids[np.minimum(pos, ids.size - 1)][ok] == dead[ok]
         if not ok.all():
-            problems.append(f"tombstones {path} hold id {int(dead[~ok][0])}, which is not in ids.npy")
+            problems.append(
+                f"tombstones {path} hold id {int(dead[~ok][0])}, which is not in ids.npy"
+            )
 
 
 def check_index(root: Path | str) -> list[str]:
@@ -200,8 +211,11 @@ def check_index(root: Path | str) -> list[str]:
     except IndexCorruptError:
         return problems
     # The manifest counts the images a search can return; generation.json counts rows.
-    for key, value in (("images", info.n_live), ("skipped", info.n_skipped),
-                       ("tombstones", info.n_tombstones)):
+    for key, value in (
+        ("images", info.n_live),
+        ("skipped", info.n_skipped),
+        ("tombstones", info.n_tombstones),
+    ):
         if manifest.counts.get(key, 0 if key == "tombstones" else value) != value:
             problems.append(
                 f"manifest counts.{key} is {manifest.counts[key]}, generation "

@@ -35,8 +35,16 @@ from crossrank.errors import FilterError
 if TYPE_CHECKING:
     import pyarrow as pa
 
-__all__ = ["Filters", "FilterOp", "OPS", "Condition", "CompiledFilters", "check_filter_shape", "parse_filters",
-           "compile_filters"]
+__all__ = [
+    "Filters",
+    "FilterOp",
+    "OPS",
+    "Condition",
+    "CompiledFilters",
+    "check_filter_shape",
+    "parse_filters",
+    "compile_filters",
+]
 
 #: ``{column: value | {op: value}}``: see the module docstring.
 Filters: TypeAlias = Mapping[str, Any]
@@ -59,8 +67,14 @@ class FilterOp(StrEnum):
 
 #: The operators, as error messages list them.
 OPS = ", ".join(op.value for op in FilterOp)
-_SQL_COMPARISON = {FilterOp.EQ: "=", FilterOp.NE: "<>", FilterOp.LT: "<", FilterOp.LE: "<=",
-                   FilterOp.GT: ">", FilterOp.GE: ">="}
+_SQL_COMPARISON = {
+    FilterOp.EQ: "=",
+    FilterOp.NE: "<>",
+    FilterOp.LT: "<",
+    FilterOp.LE: "<=",
+    FilterOp.GT: ">",
+    FilterOp.GE: ">=",
+}
 _ORDERING = (FilterOp.LT, FilterOp.LE, FilterOp.GT, FilterOp.GE)
 
 
@@ -162,7 +176,9 @@ def check_filter_shape(filters: Filters) -> None:
                         f"got {_show(v)}"
                     )
             if op is FilterOp.IN and not isinstance(value, (list, tuple)):
-                raise FilterError(f'filter "{name}" in: expected a list of values, got {_show(value)}')
+                raise FilterError(
+                    f'filter "{name}" in: expected a list of values, got {_show(value)}'
+                )
 
 
 def _check_mapping(filters: Any) -> None:
@@ -277,7 +293,9 @@ def _check_value(column: str, op: FilterOp, value: Any, arrow_type: pa.DataType)
     if op is FilterOp.IN:
         if not isinstance(value, (list, tuple)):
             raise FilterError(f"{where}: expected a list of values, got {_show(value)}")
-        return tuple(None if v is None else _convert(where, column, v, kind, arrow_type) for v in value)
+        return tuple(
+            None if v is None else _convert(where, column, v, kind, arrow_type) for v in value
+        )
     if op is FilterOp.CONTAINS:
         if kind != "string":
             raise FilterError(
@@ -298,11 +316,17 @@ def _check_value(column: str, op: FilterOp, value: Any, arrow_type: pa.DataType)
 
 def _convert(where: str, column: str, value: Any, kind: str, arrow_type: pa.DataType) -> Any:
     """``value`` as the Python type DuckDB compares with a ``kind`` column; FilterError if it cannot be."""
-    expected = {"number": "a number", "string": "a string", "boolean": "true or false",
-                "timestamp": 'an ISO-8601 timestamp string such as "2024-01-31T12:00:00Z"',
-                "date": 'an ISO-8601 date string such as "2024-01-31"'}[kind]
-    mismatch = FilterError(f'{where}: column "{column}" is {arrow_type}, so the value must be {expected}, '
-                           f"got {_show(value)}")
+    expected = {
+        "number": "a number",
+        "string": "a string",
+        "boolean": "true or false",
+        "timestamp": 'an ISO-8601 timestamp string such as "2024-01-31T12:00:00Z"',
+        "date": 'an ISO-8601 date string such as "2024-01-31"',
+    }[kind]
+    mismatch = FilterError(
+        f'{where}: column "{column}" is {arrow_type}, so the value must be {expected}, '
+        f"got {_show(value)}"
+    )
     if kind == "number":
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise mismatch
@@ -321,7 +345,9 @@ def _convert(where: str, column: str, value: Any, kind: str, arrow_type: pa.Data
         try:
             value.encode("utf-8")
         except UnicodeEncodeError:
-            raise FilterError(f"{where}: the value is not valid Unicode text (a lone surrogate)") from None
+            raise FilterError(
+                f"{where}: the value is not valid Unicode text (a lone surrogate)"
+            ) from None
         return value
     if kind == "date":
         if isinstance(value, dt.date) and not isinstance(value, dt.datetime):
@@ -346,9 +372,9 @@ def _convert(where: str, column: str, value: Any, kind: str, arrow_type: pa.Data
         raise mismatch
     # A time without a zone is UTC; a zoned column compares instants, a naive one UTC wall times.
     if stamp.tzinfo is None:
-        stamp = stamp.replace(tzinfo=dt.timezone.utc)
+        stamp = stamp.replace(tzinfo=dt.UTC)
     if getattr(arrow_type, "tz", None) is None:
-        stamp = stamp.astimezone(dt.timezone.utc).replace(tzinfo=None)
+        stamp = stamp.astimezone(dt.UTC).replace(tzinfo=None)
     return stamp
 
 

@@ -34,6 +34,7 @@ from crossrank.store._files import NpyAppender, fsync_dir, fsync_file, link_or_c
 from crossrank.store.check import check_generation
 from crossrank.store.config import StoreConfig
 from crossrank.store.gc import clean_interrupted, collect_garbage
+from crossrank.store.generation import Generation
 from crossrank.store.layout import (
     FIRST_STAGE_NAME,
     GENERATION_INFO_NAME,
@@ -54,7 +55,6 @@ from crossrank.store.manifest import (
     next_generation_number,
     write_manifest,
 )
-from crossrank.store.generation import Generation
 from crossrank.store.metadata_writer import MetadataWriter, check_skipped_table, write_skipped
 from crossrank.store.patches import PatchWriter
 from crossrank.store.pins import READERS_DIR
@@ -69,6 +69,7 @@ logger = logging.getLogger(__name__)
 #: Files a generation may take over from its base unchanged (with :meth:`GenerationWriter.link`).
 LINKABLE = (VECTORS_NAME, IDS_NAME, FIRST_STAGE_NAME, SKIPPED_NAME, TOMBSTONES_NAME)
 _NUMBERED = re.compile(r"^[a-z]+-(\d+)\.[a-z]+$")
+
 
 def _now() -> str:
     return dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
@@ -132,17 +133,25 @@ class GenerationWriter:
         ...     w.commit({"encoder": encoder.info, "first_stage": {...}})
     """
 
-    def __init__(self, root: Path | str, *, config: StoreConfig | None = None,
-                 lock: WriterLock | None = None, base: Generation | None = None,
-                 gc: bool = True) -> None:
+    def __init__(
+        self,
+        root: Path | str,
+        *,
+        config: StoreConfig | None = None,
+        lock: WriterLock | None = None,
+        base: Generation | None = None,
+        gc: bool = True,
+    ) -> None:
         self.root = Path(root)
         self.config = config if config is not None else StoreConfig()
         self._own_lock = lock is None
         if lock is None:
             lock = WriterLock(self.root, create=True).acquire()
         elif not lock.held or lock.root.resolve() != self.root.resolve():
-            raise CrossrankError(f"a generation writer for {self.root} needs that directory's held "
-                                 f"writer lock, got {lock!r}")
+            raise CrossrankError(
+                f"a generation writer for {self.root} needs that directory's held "
+                f"writer lock, got {lock!r}"
+            )
         self.lock = lock
         self.base = base
         self.gc = gc
@@ -208,7 +217,9 @@ class GenerationWriter:
 
     def _require_base(self, what: str) -> Generation:
         if self.base is None:
-            raise InvalidArgumentError(f"{what} needs a base generation: GenerationWriter(..., base=)")
+            raise InvalidArgumentError(
+                f"{what} needs a base generation: GenerationWriter(..., base=)"
+            )
         return self.base
 
     @property
@@ -235,7 +246,9 @@ class GenerationWriter:
         self._require_open()
         base = self._require_base("link_patches()")
         info = base.info
-        self.patches.link_shards(base.path, list(info.patch_shards), (info.n_patches, info.patch_dim))
+        self.patches.link_shards(
+            base.path, list(info.patch_shards), (info.n_patches, info.patch_dim)
+        )
 
     def link_metadata_part(self, part: PartInfo) -> None:
         """Add one metadata part of the base, hard-linked, after the rows written so far."""
@@ -256,7 +269,9 @@ class GenerationWriter:
         self._require_open()
         base = self._require_base("link()")
         if name not in LINKABLE:
-            raise InvalidArgumentError(f"cannot link {name!r}; linkable files are {', '.join(LINKABLE)}")
+            raise InvalidArgumentError(
+                f"cannot link {name!r}; linkable files are {', '.join(LINKABLE)}"
+            )
         info = base.info
         if name == TOMBSTONES_NAME and not info.n_tombstones:
             return
@@ -288,13 +303,19 @@ class GenerationWriter:
         self._require_open()
         if self._vectors_shape is not None:
             raise InvalidArgumentError("vectors were already written for this generation")
-        blocks: Iterable[Any] = [xb] if isinstance(xb, np.ndarray) or not isinstance(xb, Iterable) else xb
+        blocks: Iterable[Any] = (
+            [xb] if isinstance(xb, np.ndarray) or not isinstance(xb, Iterable) else xb
+        )
         writer: NpyAppender | None = None
         try:
             for block in blocks:
                 arr = np.asarray(block)
                 dim = arr.shape[1] if arr.ndim == 2 else -1
-                if arr.ndim != 2 or arr.dtype.kind != "f" or (writer is not None and dim != writer.row_shape[0]):
+                if (
+                    arr.ndim != 2
+                    or arr.dtype.kind != "f"
+                    or (writer is not None and dim != writer.row_shape[0])
+                ):
                     raise InvalidArgumentError(
                         f"vectors must be a float array of shape (n, dim), got {arr.dtype} "
                         f"of shape {arr.shape}"
@@ -302,12 +323,14 @@ class GenerationWriter:
                 if writer is None:
                     writer = NpyAppender(self.dir / VECTORS_NAME, np.dtype(np.float32), (dim,))
                 for i0 in range(0, arr.shape[0], 1 << 16):  # bounded copies of a memory map
-                    rows = np.asarray(arr[i0:i0 + (1 << 16)], dtype=np.float32)
+                    rows = np.asarray(arr[i0 : i0 + (1 << 16)], dtype=np.float32)
                     if not np.isfinite(rows).all():
                         raise InvalidArgumentError("vectors hold NaN or inf")
                     writer.append(rows)
             if writer is None:
-                raise InvalidArgumentError("vectors must be a float array of shape (n, dim), got no blocks")
+                raise InvalidArgumentError(
+                    "vectors must be a float array of shape (n, dim), got no blocks"
+                )
         except BaseException:
             if writer is not None:
                 writer.discard()
@@ -460,8 +483,11 @@ class GenerationWriter:
                 )
             info = self._finish_files()
             counts = dict(fields.pop("counts", None) or {})
-            for key, value in (("images", info.n_live), ("skipped", info.n_skipped),
-                               ("tombstones", info.n_tombstones)):
+            for key, value in (
+                ("images", info.n_live),
+                ("skipped", info.n_skipped),
+                ("tombstones", info.n_tombstones),
+            ):
                 if key in counts and counts[key] != value:
                     raise InvalidArgumentError(
                         f"counts.{key} is {counts[key]}, but the generation holds {value}"
@@ -510,7 +536,11 @@ class GenerationWriter:
         crash_point("after-manifest")
         logger.info(
             "committed generation %d of %s: %d images (%d removed), %d skipped",
-            self.generation, self.root, info.n_live, info.n_tombstones, info.n_skipped,
+            self.generation,
+            self.root,
+            info.n_live,
+            info.n_tombstones,
+            info.n_skipped,
         )
         if self.gc:
             try:
@@ -544,4 +574,3 @@ def _previous_created_at(root: Path) -> str | None:
         return None
     value = data.get("created_at") if isinstance(data, dict) else None
     return value if isinstance(value, str) else None
-

@@ -130,8 +130,11 @@ class GenerationInfo:
         n = self.n_images
         extra: dict[str, Any] = {}
         if self.n_tombstones:
-            extra["tombstones"] = {"file": TOMBSTONES_NAME, "rows": self.n_tombstones,
-                                   "dtype": "int64"}
+            extra["tombstones"] = {
+                "file": TOMBSTONES_NAME,
+                "rows": self.n_tombstones,
+                "dtype": "int64",
+            }
         if self.next_id is not None:
             extra["next_id"] = self.next_id
         return {
@@ -140,7 +143,10 @@ class GenerationInfo:
             "created_at": self.created_at,
             "counts": dict(self.counts),
             "vectors": {
-                "file": VECTORS_NAME, "rows": n, "dim": self.vector_dim, "dtype": "float32"
+                "file": VECTORS_NAME,
+                "rows": n,
+                "dim": self.vector_dim,
+                "dtype": "float32",
             },
             "ids": {"file": IDS_NAME, "rows": n, "dtype": "int64"},
             "patches": {

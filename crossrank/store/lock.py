@@ -36,6 +36,7 @@ logger = logging.getLogger(__name__)
 
 LOCK_NAME = "writer.lock"
 
+
 def default_command() -> str:
     """The command line of this process, for the lock's body (``crossrank add photos ...``)."""
     argv = list(sys.argv) or ["python"]
@@ -103,7 +104,9 @@ class WriterLock:
         ...     ...  # write and commit a generation; a second writer gets IndexLockedError
     """
 
-    def __init__(self, root: Path | str, *, command: str | None = None, create: bool = True) -> None:
+    def __init__(
+        self, root: Path | str, *, command: str | None = None, create: bool = True
+    ) -> None:
         self.root = Path(root)
         self.command = command if command is not None else default_command()
         self.create = create
@@ -134,7 +137,9 @@ class WriterLock:
         if self._fd is not None:
             raise CrossrankError(f"the writer lock of {self.root} is already held by this object")
         if self.root.exists() and not self.root.is_dir():
-            raise InvalidArgumentError(f"index path {self.root} exists and is not a directory; pass a directory")
+            raise InvalidArgumentError(
+                f"index path {self.root} exists and is not a directory; pass a directory"
+            )
         if self.create and not self.root.exists():
             self.root.mkdir(parents=True, exist_ok=True)
             self.created_root = True
@@ -159,8 +164,13 @@ class WriterLock:
             os.close(fd)
         else:  # pragma: no cover - needs a lock file deleted ten times in a row
             raise IndexLockedError(f"the writer lock {self.path} keeps disappearing; retry")
-        body = {"pid": os.getpid(), "host": socket.gethostname(), "command": self.command,
-                "since": _now(), "thread": threading.current_thread().name}
+        body = {
+            "pid": os.getpid(),
+            "host": socket.gethostname(),
+            "command": self.command,
+            "since": _now(),
+            "thread": threading.current_thread().name,
+        }
         os.ftruncate(fd, 0)
         os.pwrite(fd, (json.dumps(body) + "\n").encode(), 0)
         self._fd = fd
@@ -181,8 +191,10 @@ class WriterLock:
             who += f", since {holder['since']})" if holder.get("since") else ")"
         else:
             who = _describe(holder)
-        return (f"index {self.root} is being written by {who}; one writer at a time: wait for it "
-                f"to finish and run this again (a writer that died released the lock already)")
+        return (
+            f"index {self.root} is being written by {who}; one writer at a time: wait for it "
+            f"to finish and run this again (a writer that died released the lock already)"
+        )
 
     def check(self) -> None:
         """Raise :class:`CrossrankError` unless this object holds the lock (a writer bug)."""

@@ -198,7 +198,9 @@ class MetadataStore:
         self._local = threading.local()
         logger.debug(
             "metadata of %d rows from %d part(s), %s",
-            self._len, len(self._parts), "in memory" if self._in_memory else "on disk",
+            self._len,
+            len(self._parts),
+            "in memory" if self._in_memory else "on disk",
         )
 
     @classmethod
@@ -343,8 +345,9 @@ class MetadataStore:
 
         compile_filters(filters, self._schema)
 
-    def _filtered(self, cur: duckdb.DuckDBPyConnection, where: str | None,
-                  filters: Filters | None) -> duckdb.DuckDBPyRelation:
+    def _filtered(
+        self, cur: duckdb.DuckDBPyConnection, where: str | None, filters: Filters | None
+    ) -> duckdb.DuckDBPyRelation:
         """The ``metadata`` relation cut to the rows matching ``filters`` and ``where`` (both hold).
 
         Structured filters reach DuckDB as parameters, never as SQL text (see
@@ -359,14 +362,18 @@ class MetadataStore:
             compiled = compile_filters(filters, self._schema)
             if not compiled.is_empty:
                 try:
-                    rel = cur.sql(f"SELECT * FROM metadata WHERE {compiled.sql}", params=compiled.params)
+                    rel = cur.sql(
+                        f"SELECT * FROM metadata WHERE {compiled.sql}", params=compiled.params
+                    )
                 except duckdb.Error as e:
                     raise FilterError(f"filters cannot be applied: {_first_line(e)}") from e
         if where is not None:
             rel = rel.filter(self._compile_where(cur, where))
         return rel
 
-    def allowed_ids(self, where: str | None = None, *, filters: Filters | None = None) -> np.ndarray:
+    def allowed_ids(
+        self, where: str | None = None, *, filters: Filters | None = None
+    ) -> np.ndarray:
         """The ids of the images that satisfy ``where`` and ``filters`` (all of them without either).
 
         Args:
@@ -438,7 +445,10 @@ class MetadataStore:
         return table.take(order[pos]).to_pylist()
 
     def table(
-        self, columns: Sequence[str] | str | None = None, where: str | None = None, *,
+        self,
+        columns: Sequence[str] | str | None = None,
+        where: str | None = None,
+        *,
         filters: Filters | None = None,
     ) -> pa.Table:
         """Metadata as an Arrow table, ordered by id.

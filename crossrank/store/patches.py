@@ -129,7 +129,9 @@ class PatchWriter:
             if self._current.rows >= self._shard_rows:
                 self._finish_shard()
 
-    def link_shards(self, base_dir: Path | str, shards: list[PartInfo], shape: tuple[int, int]) -> None:
+    def link_shards(
+        self, base_dir: Path | str, shards: list[PartInfo], shape: tuple[int, int]
+    ) -> None:
         """Start with the shards of an earlier generation, hard-linked, then append after them.
 
         Args:

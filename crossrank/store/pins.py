@@ -35,7 +35,9 @@ logger = logging.getLogger(__name__)
 READERS_DIR = "readers"
 _PIN_RE = re.compile(r"^gen-(\d{6,})\.(\d+)\.([0-9a-f]+)\.pin$")
 _TMP_PREFIX = ".pin-"
-_TMP_MAX_AGE_S = 600.0  # a half-made pin file older than this belongs to a reader that died making it
+_TMP_MAX_AGE_S = (
+    600.0  # a half-made pin file older than this belongs to a reader that died making it
+)
 
 
 class ReaderPin:
@@ -72,22 +74,34 @@ class ReaderPin:
             folder.mkdir(exist_ok=True)
             fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644)
         except OSError as e:
-            logger.debug("cannot pin generation %d of %s (%s); reading unpinned",
-                         self.generation, self.root, e)
+            logger.debug(
+                "cannot pin generation %d of %s (%s); reading unpinned",
+                self.generation,
+                self.root,
+                e,
+            )
             return
         try:
             # Locked before it gets a name writers look at: a writer never sees an unlocked pin.
             fcntl.flock(fd, fcntl.LOCK_SH)
-            body = {"pid": os.getpid(), "host": socket.gethostname(), "generation": self.generation,
-                    "since": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
-                    "thread": threading.current_thread().name}
+            body = {
+                "pid": os.getpid(),
+                "host": socket.gethostname(),
+                "generation": self.generation,
+                "since": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+                "thread": threading.current_thread().name,
+            }
             os.write(fd, (json.dumps(body) + "\n").encode())
             os.rename(tmp, final)
         except OSError as e:
             os.close(fd)
             tmp.unlink(missing_ok=True)
-            logger.debug("cannot pin generation %d of %s (%s); reading unpinned",
-                         self.generation, self.root, e)
+            logger.debug(
+                "cannot pin generation %d of %s (%s); reading unpinned",
+                self.generation,
+                self.root,
+                e,
+            )
             return
         self._fd, self.path = fd, final
 

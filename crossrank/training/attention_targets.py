@@ -45,9 +45,11 @@ def object_token_positions(tokenizer: Any, texts: list[str], max_length: int) ->
     """
     out = np.full((len(texts), 2), -1, dtype=np.int64)
     for lo in range(0, len(texts), _CHUNK):
-        chunk = texts[lo:lo + _CHUNK]
+        chunk = texts[lo : lo + _CHUNK]
         try:
-            enc = tokenizer(chunk, return_offsets_mapping=True, truncation=True, max_length=max_length)
+            enc = tokenizer(
+                chunk, return_offsets_mapping=True, truncation=True, max_length=max_length
+            )
         except NotImplementedError as e:
             raise InvalidArgumentError(
                 "attention supervision needs a fast tokenizer (character offsets locate each object "
@@ -68,7 +70,7 @@ def object_token_positions(tokenizer: Any, texts: list[str], max_length: int) ->
 
 def _cell_patches(n_patches: int) -> np.ndarray:
     """``(GRID, GRID, P)`` float32: 1 for the patches whose centre lies in each grid cell."""
-    side = round(n_patches ** 0.5)
+    side = round(n_patches**0.5)
     if side * side != n_patches:
         raise InvalidArgumentError(
             f"attention supervision needs a square patch grid, got {n_patches} patches per image"
@@ -81,8 +83,9 @@ def _cell_patches(n_patches: int) -> np.ndarray:
     return out.reshape(GRID, GRID, n_patches)
 
 
-def object_cell_masks(specs: Any, scenes: Any, rows: np.ndarray, images: np.ndarray,
-                      n_patches: int) -> np.ndarray:
+def object_cell_masks(
+    specs: Any, scenes: Any, rows: np.ndarray, images: np.ndarray, n_patches: int
+) -> np.ndarray:
     """``(len(rows), P, 2)`` float32: for each caption row on its image, the patches under the
     cell of the object its spec names first (channel 0) and second (channel 1); every object that
     matches (colour, shape and, if named, size) counts; all zero when none does or the spec names
@@ -102,16 +105,24 @@ def object_cell_masks(specs: Any, scenes: Any, rows: np.ndarray, images: np.ndar
         colour = getattr(specs, f"{prefix}_colour")[rows][:, None]  # (n, 1)
         shape = getattr(specs, f"{prefix}_shape")[rows][:, None]
         size = getattr(specs, f"{prefix}_size")[rows][:, None]
-        match = (colour >= 0) & (sc.colour == colour) & (sc.shape == shape) & ((size < 0) | (sc.size == size))
+        match = (
+            (colour >= 0)
+            & (sc.colour == colour)
+            & (sc.shape == shape)
+            & ((size < 0) | (sc.size == size))
+        )
         for slot in range(match.shape[1]):  # (n, MAX_OBJECTS)
             hit = np.flatnonzero(match[:, slot])
             if hit.size:
-                out[hit, :, k] = np.maximum(out[hit, :, k], cells[sc.row[hit, slot], sc.col[hit, slot]])
+                out[hit, :, k] = np.maximum(
+                    out[hit, :, k], cells[sc.row[hit, slot], sc.col[hit, slot]]
+                )
     return out
 
 
-def attention_supervision_loss(attended: torch.Tensor, positions: torch.Tensor,
-                               masks: torch.Tensor) -> tuple[torch.Tensor | None, float | None]:
+def attention_supervision_loss(
+    attended: torch.Tensor, positions: torch.Tensor, masks: torch.Tensor
+) -> tuple[torch.Tensor | None, float | None]:
     """The mean of ``-log(attention mass on the object's patches)`` over the named objects.
 
     Args:

@@ -79,8 +79,14 @@ class RerankTrainConfig:
     relation_share: float = 0.0
 
     def __post_init__(self) -> None:
-        for name in ("steps", "batch_size", "mine_k", "max_val_captions", "eval_every",
-                     "checkpoint_every"):
+        for name in (
+            "steps",
+            "batch_size",
+            "mine_k",
+            "max_val_captions",
+            "eval_every",
+            "checkpoint_every",
+        ):
             value = getattr(self, name)
             if not _is_int(value) or value < 1:
                 raise ValueError(f"{name} must be an int >= 1, got {value!r}")
@@ -99,8 +105,12 @@ class RerankTrainConfig:
             raise ValueError(
                 f"loss must be one of {', '.join(m.value for m in RerankLoss)}, got {self.loss!r}"
             ) from None
-        for name, lo, hi in (("hard_fraction", 0.0, 1.0), ("curriculum", 0.0, 1.0),
-                             ("val_fraction", 0.0, 0.5), ("relation_share", 0.0, 1.0)):
+        for name, lo, hi in (
+            ("hard_fraction", 0.0, 1.0),
+            ("curriculum", 0.0, 1.0),
+            ("val_fraction", 0.0, 0.5),
+            ("relation_share", 0.0, 1.0),
+        ):
             value = getattr(self, name)
             if not _is_real(value) or not lo <= value <= hi:
                 raise ValueError(f"{name} must be a number in [{lo:g}, {hi:g}], got {value!r}")
@@ -182,8 +192,10 @@ class RerankTrainConfig:
             ValueError: ``first_stage_weight`` is still ``"auto"`` (resolve it first).
         """
         if self.first_stage_weight == "auto":
-            raise ValueError("first_stage_weight='auto' is not resolved yet; call "
-                             "resolve_first_stage_weight(encoder.logit_scale)")
+            raise ValueError(
+                "first_stage_weight='auto' is not resolved yet; call "
+                "resolve_first_stage_weight(encoder.logit_scale)"
+            )
         if self.first_stage_weight <= 0:
             return None
         return f"weighted:{1.0 / (1.0 + self.first_stage_weight):.6g}"

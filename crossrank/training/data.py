@@ -45,8 +45,10 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-_PAIRS_HINT = ("a pairs file is a .parquet or .csv file with a `path` column (the image, relative "
-               "to the file's folder or absolute) and a `caption` column")
+_PAIRS_HINT = (
+    "a pairs file is a .parquet or .csv file with a `path` column (the image, relative "
+    "to the file's folder or absolute) and a `caption` column"
+)
 _ENCODE_CHUNK = 1024  # captions per encode_text call: bounds the float32 token features in flight
 _GATHER_CHUNK = 4096  # patch rows per gather call
 _MATCH_ELEMENTS = 1 << 24  # (captions x images) booleans per match_matrix call
@@ -89,8 +91,12 @@ def read_pairs(path: str | os.PathLike[str]) -> tuple[list[str | None], list[str
             import pyarrow.csv as pcsv
 
             # Both stay strings even when every value looks like a number ("0001").
-            table = pcsv.read_csv(file, convert_options=pcsv.ConvertOptions(
-                column_types={"path": pa.string(), "caption": pa.string()}))
+            table = pcsv.read_csv(
+                file,
+                convert_options=pcsv.ConvertOptions(
+                    column_types={"path": pa.string(), "caption": pa.string()}
+                ),
+            )
     except (pa.ArrowException, OSError, ValueError) as e:
         detail = " ".join(str(e).split())[:200]
         raise InvalidArgumentError(
@@ -233,8 +239,13 @@ class TrainingSet:
     relation_negatives: CaptionNegativeBank | None = None
 
 
-def prepare_training_set(index: Index, pairs_path: str | os.PathLike[str],
-                         config: RerankTrainConfig, *, token_embeddings: bool = False) -> TrainingSet:
+def prepare_training_set(
+    index: Index,
+    pairs_path: str | os.PathLike[str],
+    config: RerankTrainConfig,
+    *,
+    token_embeddings: bool = False,
+) -> TrainingSet:
     """Read the pairs, match them to the index, encode, mine and split (see the module docstring).
 
     With ``token_embeddings`` the caption bank's token features carry the text encoder's layer-0
@@ -250,12 +261,17 @@ def prepare_training_set(index: Index, pairs_path: str | os.PathLike[str],
 
     # -- match the pairs to index rows ---------------------------------------------------------
     meta = index.metadata(columns=["id", "path"])
-    row_of_path = dict(zip(meta.column("path").to_pylist(),
-                           index.stored.rows_of_ids(meta.column("id").to_numpy()).tolist(),
-                           strict=True))
+    row_of_path = dict(
+        zip(
+            meta.column("path").to_pylist(),
+            index.stored.rows_of_ids(meta.column("id").to_numpy()).tolist(),
+            strict=True,
+        )
+    )
     empty = np.array([c is None or not c.strip() for c in raw_captions])
-    pair_row = np.array([row_of_path.get(p, -1) if p is not None else -1 for p in raw_paths],
-                        dtype=np.int64)
+    pair_row = np.array(
+        [row_of_path.get(p, -1) if p is not None else -1 for p in raw_paths], dtype=np.int64
+    )
     # Exact relevance from a shapes dataset's scene graphs, when the pairs file sits in one.
     shapes_root = _shapes_root(pairs_file)
     scene_row_of_index_row: np.ndarray | None = None
@@ -268,8 +284,13 @@ def prepare_training_set(index: Index, pairs_path: str | os.PathLike[str],
     if missing.any():
         example = raw_paths[int(np.flatnonzero(missing)[0])]
         where = f"index {index.path}" + (" or the shapes dataset" if shapes_root else "")
-        logger.warning("%d of %d pairs name an image that is not in %s (e.g. %s): skipped",
-                       int(missing.sum()), n_pairs, where, example)
+        logger.warning(
+            "%d of %d pairs name an image that is not in %s (e.g. %s): skipped",
+            int(missing.sum()),
+            n_pairs,
+            where,
+            example,
+        )
     if empty.any():
         logger.warning("%d of %d pairs have an empty caption: skipped", int(empty.sum()), n_pairs)
     if not usable.any():
@@ -307,8 +328,9 @@ def prepare_training_set(index: Index, pairs_path: str | os.PathLike[str],
     valid = ids >= 0
     mined_rows[valid] = index.stored.rows_of_ids(ids[valid])
     if scene_row_of_index_row is not None:  # an image without a scene graph is never a candidate
-        mined_rows[valid] = np.where(scene_row_of_index_row[mined_rows[valid]] >= 0,
-                                     mined_rows[valid], -1)
+        mined_rows[valid] = np.where(
+            scene_row_of_index_row[mined_rows[valid]] >= 0, mined_rows[valid], -1
+        )
 
     # -- the local image pool and its patch bank ----------------------------------------------
     pool_rows = np.unique(np.concatenate([pair_row, mined_rows[mined_rows >= 0]]))
@@ -326,8 +348,9 @@ def prepare_training_set(index: Index, pairs_path: str | os.PathLike[str],
 
         pool_scenes = scenes.take(scene_row_of_index_row[pool_rows])
         bank_specs = SpecArrays.from_specs(caption_specs + extra_specs)
-        positives = _shapes_positives(bank_specs.take(np.arange(n_captions)), pool_scenes,
-                                      pair_caption, pair_image)
+        positives = _shapes_positives(
+            bank_specs.take(np.arange(n_captions)), pool_scenes, pair_caption, pair_image
+        )
 
     # -- hard negatives: the mined candidates that are not positives ---------------------------
     is_pos = positives.contains(np.arange(n_captions)[:, None], np.maximum(mined, 0))  # (U, depth)
@@ -352,8 +375,11 @@ def prepare_training_set(index: Index, pairs_path: str | os.PathLike[str],
     candidates = np.flatnonzero(n_negatives > 0)
     n_val = 0
     if config.val_fraction > 0 and candidates.size > 1:
-        n_val = min(config.max_val_captions, candidates.size - 1,
-                    max(1, round(config.val_fraction * candidates.size)))
+        n_val = min(
+            config.max_val_captions,
+            candidates.size - 1,
+            max(1, round(config.val_fraction * candidates.size)),
+        )
     split_rng = np.random.default_rng([config.seed, 1])
     val_captions = np.sort(split_rng.choice(candidates, size=n_val, replace=False))
     is_val = np.zeros(n_captions, dtype=bool)
@@ -362,8 +388,9 @@ def prepare_training_set(index: Index, pairs_path: str | os.PathLike[str],
     _, first_pair = np.unique(pair_caption, return_index=True)  # (U,) each caption's first pair
     val_image = pair_image[first_pair[val_captions]]
     val_first_stage = mined[val_captions]
-    val_relevant = (val_first_stage >= 0) & positives.contains(val_captions[:, None],
-                                                               np.maximum(val_first_stage, 0))
+    val_relevant = (val_first_stage >= 0) & positives.contains(
+        val_captions[:, None], np.maximum(val_first_stage, 0)
+    )
 
     counts = {
         "pairs": n_pairs,
@@ -387,8 +414,9 @@ def prepare_training_set(index: Index, pairs_path: str | os.PathLike[str],
     negatives = relation_negatives = None
     if perturb is not None:
         offsets, n_structural, _ = perturb
-        negatives = CaptionNegativeBank(offsets=offsets, n_structural=n_structural,
-                                        specs=bank_specs, scenes=pool_scenes)
+        negatives = CaptionNegativeBank(
+            offsets=offsets, n_structural=n_structural, specs=bank_specs, scenes=pool_scenes
+        )
         relation_negatives = negatives.relation_only(caption_specs + extra_specs)
         counts["negative_captions"] = len(extra_specs)
     object_tokens = None
@@ -397,14 +425,32 @@ def prepare_training_set(index: Index, pairs_path: str | os.PathLike[str],
 
         encoder = index.encoder
         object_tokens = object_token_positions(encoder.tokenizer, bank_texts, encoder.max_text_len)
-    logger.info("training set: %d pairs (%d train, %d val captions), %d images, relevance %s",
-                counts["used_pairs"], counts["train_captions"], n_val, n_images, relevance)
+    logger.info(
+        "training set: %d pairs (%d train, %d val captions), %d images, relevance %s",
+        counts["used_pairs"],
+        counts["train_captions"],
+        n_val,
+        n_images,
+        relevance,
+    )
     return TrainingSet(
-        captions=captions, tokens=tokens, token_mask=token_mask, patches=patches,
-        pool_rows=pool_rows, positives=positives, relevance=relevance, random_pool=random_pool,
-        hard=hard, hard_count=hard_count, train_caption=pair_caption[train],
-        train_image=pair_image[train], val_captions=val_captions, val_image=val_image,
-        val_first_stage=val_first_stage, val_relevant=val_relevant, query_vectors=xq,
+        captions=captions,
+        tokens=tokens,
+        token_mask=token_mask,
+        patches=patches,
+        pool_rows=pool_rows,
+        positives=positives,
+        relevance=relevance,
+        random_pool=random_pool,
+        hard=hard,
+        hard_count=hard_count,
+        train_caption=pair_caption[train],
+        train_image=pair_image[train],
+        val_captions=val_captions,
+        val_image=val_image,
+        val_first_stage=val_first_stage,
+        val_relevant=val_relevant,
+        query_vectors=xq,
         image_vectors=np.ascontiguousarray(index.stored.vectors()[pool_rows], dtype=np.float32),
         counts=counts,
         fingerprint=fingerprint,
@@ -448,8 +494,9 @@ def _parse_shapes_captions(captions: list[str], root: Path) -> list[Any]:
         ) from e
 
 
-def _shapes_positives(specs: Any, scenes: Any, pair_caption: np.ndarray,
-                      pair_image: np.ndarray) -> PositiveSet:
+def _shapes_positives(
+    specs: Any, scenes: Any, pair_caption: np.ndarray, pair_image: np.ndarray
+) -> PositiveSet:
     """Every (caption, image) whose scene satisfies the caption (``specs``: the captions'
     SpecArrays), plus the pairs themselves."""
     from crossrank.datasets import match_matrix
@@ -465,14 +512,17 @@ def _shapes_positives(specs: Any, scenes: Any, pair_caption: np.ndarray,
     return PositiveSet(np.concatenate(cap_parts), np.concatenate(img_parts), n_images)
 
 
-def _encode_captions(index: Index, captions: list[str],
-                     token_embeddings: bool = False) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def _encode_captions(
+    index: Index, captions: list[str], token_embeddings: bool = False
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Token features (float16 ``(U, L, d)``, with the layer-0 states in front when
     ``token_embeddings``: ``(U, L, width + d)``), mask ``(U, L)`` and pooled ``(U, D)`` float32."""
     encoder = index.encoder
     extra = {"token_embeddings": True} if token_embeddings else {}
-    parts = [encoder.encode_text(captions[lo:lo + _ENCODE_CHUNK], **extra)
-             for lo in range(0, len(captions), _ENCODE_CHUNK)]
+    parts = [
+        encoder.encode_text(captions[lo : lo + _ENCODE_CHUNK], **extra)
+        for lo in range(0, len(captions), _ENCODE_CHUNK)
+    ]
     length = max(p.tokens.shape[1] for p in parts)
     first = parts[0]
     width = 0 if first.token_embeddings is None else first.token_embeddings.shape[2]
@@ -494,7 +544,7 @@ def _gather_patches(index: Index, rows: np.ndarray) -> np.ndarray:
     """float16 ``(len(rows), P, d)`` patch features, read from the store once."""
     out = np.empty((rows.size, *index.patches.shape), dtype=np.float16)
     for lo in range(0, rows.size, _GATHER_CHUNK):
-        out[lo:lo + _GATHER_CHUNK] = index.patches.gather(rows[lo:lo + _GATHER_CHUNK])
+        out[lo : lo + _GATHER_CHUNK] = index.patches.gather(rows[lo : lo + _GATHER_CHUNK])
     return out
 
 
@@ -513,8 +563,15 @@ class CandidateSampler:
         self.n_candidates = n_candidates
         self.in_batch = in_batch
 
-    def sample(self, caption: np.ndarray, positive: np.ndarray, n_hard: int,
-               rng: np.random.Generator, *, in_batch: bool | None = None) -> np.ndarray:
+    def sample(
+        self,
+        caption: np.ndarray,
+        positive: np.ndarray,
+        n_hard: int,
+        rng: np.random.Generator,
+        *,
+        in_batch: bool | None = None,
+    ) -> np.ndarray:
         """Candidate lists of a batch of queries.
 
         Args:
@@ -549,8 +606,9 @@ class CandidateSampler:
             assert pos not in chosen  # a positive is never a negative (internal invariant)
         return out
 
-    def _random_negatives(self, u: int, n: int, chosen: list[int],
-                          rng: np.random.Generator) -> list[int]:
+    def _random_negatives(
+        self, u: int, n: int, chosen: list[int], rng: np.random.Generator
+    ) -> list[int]:
         """``n`` negatives of caption ``u`` from the random pool, avoiding ``chosen``."""
         data, pool = self.data, self.data.random_pool
         picked: list[int] = []
@@ -568,7 +626,8 @@ class CandidateSampler:
         negatives = negatives[~np.isin(negatives, picked + chosen)]
         picked.extend(rng.permutation(negatives)[: n - len(picked)].tolist())
         if len(picked) < n:
-            every = np.concatenate([pool[~data.positives.contains(u, pool)],
-                                    data.hard[u, : data.hard_count[u]]])
+            every = np.concatenate(
+                [pool[~data.positives.contains(u, pool)], data.hard[u, : data.hard_count[u]]]
+            )
             picked.extend(rng.choice(every, size=n - len(picked)).tolist())
         return picked

@@ -43,9 +43,19 @@ __all__ = ["EncoderTrainConfig", "TrainData", "train_encoder", "DEMO_SPEC"]
 logger = logging.getLogger(__name__)
 
 #: The architecture of the shipped demo model (about 1.3M parameters, 5 MB of fp32 weights).
-DEMO_SPEC = ClipSpec(image_size=64, patch_size=8, vision_width=128, vision_layers=4, vision_heads=4,
-                     text_width=128, text_layers=2, text_heads=4, projection_dim=128, max_text_len=16,
-                     vocab_size=128)
+DEMO_SPEC = ClipSpec(
+    image_size=64,
+    patch_size=8,
+    vision_width=128,
+    vision_layers=4,
+    vision_heads=4,
+    text_width=128,
+    text_layers=2,
+    text_heads=4,
+    projection_dim=128,
+    max_text_len=16,
+    vocab_size=128,
+)
 
 
 @dataclass(frozen=True)
@@ -67,13 +77,17 @@ class EncoderTrainConfig:
     def __post_init__(self) -> None:
         for name in ("steps", "batch_size", "checkpoint_every"):
             if getattr(self, name) < 1:
-                raise ValueError(f"EncoderTrainConfig.{name} must be >= 1, got {getattr(self, name)}")
+                raise ValueError(
+                    f"EncoderTrainConfig.{name} must be >= 1, got {getattr(self, name)}"
+                )
         if not self.lr > 0:
             raise ValueError(f"EncoderTrainConfig.lr must be > 0, got {self.lr}")
         if self.warmup < 0:
             raise ValueError(f"EncoderTrainConfig.warmup must be >= 0, got {self.warmup}")
         if self.caption_negatives < 0:
-            raise ValueError(f"EncoderTrainConfig.caption_negatives must be >= 0, got {self.caption_negatives}")
+            raise ValueError(
+                f"EncoderTrainConfig.caption_negatives must be >= 0, got {self.caption_negatives}"
+            )
 
 
 @dataclass
@@ -104,8 +118,13 @@ class TrainData:
 ProgressFn = Callable[[int, int, float], None]  # (step, steps, loss)
 
 
-def train_encoder(data: TrainData, out_dir: str | Path, config: EncoderTrainConfig | None = None,
-                  progress: ProgressFn | None = None, extra: dict[str, Any] | None = None) -> Path:
+def train_encoder(
+    data: TrainData,
+    out_dir: str | Path,
+    config: EncoderTrainConfig | None = None,
+    progress: ProgressFn | None = None,
+    extra: dict[str, Any] | None = None,
+) -> Path:
     """Train a CLIP from scratch on ``data`` and save it to ``out_dir`` in Hugging Face format.
 
     A checkpoint in ``out_dir/checkpoint.pt`` from an earlier run of the same config is resumed.
@@ -151,20 +170,34 @@ def train_encoder(data: TrainData, out_dir: str | Path, config: EncoderTrainConf
     # Tokenized once: every caption, or with caption negatives every bank row (the unique captions,
     # then their rewrites), which a step then indexes.
     texts = data.bank_texts if config.caption_negatives else data.captions
-    tokens = tokenizer(texts, padding="max_length", truncation=True, max_length=spec.max_text_len,
-                       return_tensors="np")
+    tokens = tokenizer(
+        texts,
+        padding="max_length",
+        truncation=True,
+        max_length=spec.max_text_len,
+        return_tensors="np",
+    )
     input_ids, attention = tokens["input_ids"], tokens["attention_mask"]
 
     decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "embedding" not in n]
-    no_decay = [p for n, p in model.named_parameters() if not (p.ndim >= 2 and "embedding" not in n)]
-    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": config.weight_decay},
-                                   {"params": no_decay, "weight_decay": 0.0}], lr=config.lr)
+    no_decay = [
+        p for n, p in model.named_parameters() if not (p.ndim >= 2 and "embedding" not in n)
+    ]
+    optimizer = torch.optim.AdamW(
+        [
+            {"params": decay, "weight_decay": config.weight_decay},
+            {"params": no_decay, "weight_decay": 0.0},
+        ],
+        lr=config.lr,
+    )
 
     def lr_at(step: int) -> float:
         if step < config.warmup:
             return config.lr * (step + 1) / config.warmup
         t = (step - config.warmup) / max(1, config.steps - config.warmup)
-        return config.lr / 20 + (config.lr - config.lr / 20) * 0.5 * (1 + math.cos(math.pi * min(t, 1.0)))
+        return config.lr / 20 + (config.lr - config.lr / 20) * 0.5 * (
+            1 + math.cos(math.pi * min(t, 1.0))
+        )
 
     mean = torch.tensor(CLIP_MEAN, device=device).view(1, 3, 1, 1)
     std = torch.tensor(CLIP_STD, device=device).view(1, 3, 1, 1)
@@ -174,8 +207,11 @@ def train_encoder(data: TrainData, out_dir: str | Path, config: EncoderTrainConf
 
     start_step = 0
     ckpt_path = out / "checkpoint.pt"
-    fingerprint = {"config": _jsonable(asdict(config)), "n_images": int(len(data.images)),
-                   "n_captions": len(data.captions)}
+    fingerprint = {
+        "config": _jsonable(asdict(config)),
+        "n_images": int(len(data.images)),
+        "n_captions": len(data.captions),
+    }
     if ckpt_path.exists():
         ckpt = torch.load(ckpt_path, map_location=device, weights_only=False)
         if ckpt["fingerprint"] != fingerprint:
@@ -192,14 +228,27 @@ def train_encoder(data: TrainData, out_dir: str | Path, config: EncoderTrainConf
 
     def save_checkpoint(step: int) -> None:
         tmp = ckpt_path.with_suffix(".tmp")
-        torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "rng": rng.bit_generator.state,
-                    "torch_rng": torch.get_rng_state(), "step": step, "fingerprint": fingerprint}, tmp)
+        torch.save(
+            {
+                "model": model.state_dict(),
+                "optimizer": optimizer.state_dict(),
+                "rng": rng.bit_generator.state,
+                "torch_rng": torch.get_rng_state(),
+                "step": step,
+                "fingerprint": fingerprint,
+            },
+            tmp,
+        )
         tmp.replace(ckpt_path)
 
     t0 = time.perf_counter()
     for step in range(start_step, config.steps):
-        image_rows = rng.choice(len(data.images), size=min(config.batch_size, len(data.images)), replace=False)
-        caption_rows = np.array([captions_of[i][rng.integers(len(captions_of[i]))] for i in image_rows])
+        image_rows = rng.choice(
+            len(data.images), size=min(config.batch_size, len(data.images)), replace=False
+        )
+        caption_rows = np.array(
+            [captions_of[i][rng.integers(len(captions_of[i]))] for i in image_rows]
+        )
         pixels = torch.from_numpy(data.images[image_rows]).to(device).float().div_(255)
         pixels = (pixels - mean) / std  # (B, 3, H, W)
         if config.caption_negatives:
@@ -208,12 +257,16 @@ def train_encoder(data: TrainData, out_dir: str | Path, config: EncoderTrainConf
             u = data.caption_bank_row[caption_rows]
             rows, valid = data.negatives.sample(u, image_rows, config.caption_negatives, rng)
             text_rows = np.concatenate([u, rows[:, 1:][valid[:, 1:]]])  # (T,) bank rows
-            pos_np = match_matrix(data.negatives.specs.take(text_rows), data.negatives.scenes.take(image_rows))
+            pos_np = match_matrix(
+                data.negatives.specs.take(text_rows), data.negatives.scenes.take(image_rows)
+            )
             pos = torch.from_numpy(pos_np).to(device)  # (T, B) bool
             ids = torch.from_numpy(input_ids[text_rows]).to(device)
             mask = torch.from_numpy(attention[text_rows]).to(device)
         else:
-            pos = torch.from_numpy(data.positives(caption_rows, image_rows)).to(device)  # (B, B) bool
+            pos = torch.from_numpy(data.positives(caption_rows, image_rows)).to(
+                device
+            )  # (B, B) bool
             ids = torch.from_numpy(input_ids[caption_rows]).to(device)
             mask = torch.from_numpy(attention[caption_rows]).to(device)
 
@@ -232,7 +285,13 @@ def train_encoder(data: TrainData, out_dir: str | Path, config: EncoderTrainConf
             progress(step + 1, config.steps, loss.item())
         if (step + 1) % config.checkpoint_every == 0 or step + 1 == config.steps:
             save_checkpoint(step + 1)
-            logger.info("step %d/%d loss %.4f (%.1f s)", step + 1, config.steps, loss.item(), time.perf_counter() - t0)
+            logger.info(
+                "step %d/%d loss %.4f (%.1f s)",
+                step + 1,
+                config.steps,
+                loss.item(),
+                time.perf_counter() - t0,
+            )
 
     model = model.to("cpu").eval()
     extra = {**(extra or {}), "train": _jsonable(asdict(config)), "n_images": int(len(data.images))}
@@ -252,7 +311,9 @@ def _load_init(model_dir: str) -> tuple[Any, Any, ClipSpec]:
 
     encoder = load_encoder(model_dir, device="cpu")
     if not isinstance(encoder, ClipEncoder):
-        raise InvalidArgumentError(f"--init-from {model_dir}: only a CLIP can be fine-tuned here, got {encoder!r}")
+        raise InvalidArgumentError(
+            f"--init-from {model_dir}: only a CLIP can be fine-tuned here, got {encoder!r}"
+        )
     info = resolve_model(model_dir).model_dir / "crossrank_clip.json"
     try:
         spec = ClipSpec(**json.loads(info.read_text())["spec"])
@@ -284,7 +345,9 @@ def _jsonable(obj: Any) -> Any:
     return json.loads(json.dumps(obj, default=str))
 
 
-def shapes_train_data(root: str | Path, image_size: int, *, caption_negatives: bool = False) -> TrainData:
+def shapes_train_data(
+    root: str | Path, image_size: int, *, caption_negatives: bool = False
+) -> TrainData:
     """Load a generated shapes dataset (``crossrank dataset shapes --split train``) for training.
 
     Args:
@@ -322,15 +385,31 @@ def shapes_train_data(root: str | Path, image_size: int, *, caption_negatives: b
     caption_bank_row = caption_bank_row.astype(np.int64)
     unique_texts = [str(c) for c in unique]
     unique_specs = [parse_query(c) for c in unique_texts]
-    offsets, n_structural, extra = (perturbation_rows(unique_texts, unique_specs) if caption_negatives
-                                    else ([], np.zeros(0, dtype=np.int64), []))
+    offsets, n_structural, extra = (
+        perturbation_rows(unique_texts, unique_specs)
+        if caption_negatives
+        else ([], np.zeros(0, dtype=np.int64), [])
+    )
     bank_specs = SpecArrays.from_specs(unique_specs + extra)
 
     def positives(caption_rows: np.ndarray, image_rows: np.ndarray) -> np.ndarray:
-        return match_matrix(bank_specs.take(caption_bank_row[caption_rows]), scenes.take(image_rows))
+        return match_matrix(
+            bank_specs.take(caption_bank_row[caption_rows]), scenes.take(image_rows)
+        )
 
-    negatives = (CaptionNegativeBank(offsets=offsets, n_structural=n_structural, specs=bank_specs,
-                                     scenes=scenes) if caption_negatives else None)
-    return TrainData(images=images, captions=captions, caption_image=caption_image, positives=positives,
-                     negatives=negatives, bank_texts=unique_texts + [e.text for e in extra],
-                     caption_bank_row=caption_bank_row)
+    negatives = (
+        CaptionNegativeBank(
+            offsets=offsets, n_structural=n_structural, specs=bank_specs, scenes=scenes
+        )
+        if caption_negatives
+        else None
+    )
+    return TrainData(
+        images=images,
+        captions=captions,
+        caption_image=caption_image,
+        positives=positives,
+        negatives=negatives,
+        bank_texts=unique_texts + [e.text for e in extra],
+        caption_bank_row=caption_bank_row,
+    )

@@ -48,6 +48,7 @@ import numpy as np
 
 from crossrank.errors import CrossrankError, InvalidArgumentError, ModelError, ModelMismatchError
 from crossrank.training.attention_targets import attention_supervision_loss, object_cell_masks
+from crossrank.training.config import RerankLoss, RerankTrainConfig
 from crossrank.training.state import _load_checkpoint, _save_checkpoint, _TrainLog
 from crossrank.training.steps import (
     _Banks,
@@ -57,7 +58,6 @@ from crossrank.training.steps import (
     _top1_accuracy,
     _validate,
 )
-from crossrank.training.config import RerankLoss, RerankTrainConfig
 
 if TYPE_CHECKING:
     import torch
@@ -66,8 +66,14 @@ if TYPE_CHECKING:
     from crossrank.rerank.config import RerankerConfig
     from crossrank.rerank.cross_attention import CrossAttentionReranker
 
-__all__ = ["TrainReport", "rerank_loss", "train_reranker",
-           "export_checkpoint", "CHECKPOINT_NAME", "LOG_NAME"]
+__all__ = [
+    "TrainReport",
+    "rerank_loss",
+    "train_reranker",
+    "export_checkpoint",
+    "CHECKPOINT_NAME",
+    "LOG_NAME",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -131,8 +137,11 @@ class TrainReport:
         return out
 
 
-def rerank_loss(logits: torch.Tensor, loss: RerankLoss | str = RerankLoss.LISTWISE,
-                valid: torch.Tensor | None = None) -> torch.Tensor:
+def rerank_loss(
+    logits: torch.Tensor,
+    loss: RerankLoss | str = RerankLoss.LISTWISE,
+    valid: torch.Tensor | None = None,
+) -> torch.Tensor:
     """The training loss of candidate lists whose positive is in column 0.
 
     Args:
@@ -151,7 +160,9 @@ def rerank_loss(logits: torch.Tensor, loss: RerankLoss | str = RerankLoss.LISTWI
 
     if valid is not None:
         if not bool(valid[:, 0].all()):
-            raise InvalidArgumentError("rerank_loss: column 0 (the positive) must be valid in every row")
+            raise InvalidArgumentError(
+                "rerank_loss: column 0 (the positive) must be valid in every row"
+            )
         logits = logits.masked_fill(~valid, float("-inf"))
     if RerankLoss(loss) == RerankLoss.LISTWISE:
         target = torch.zeros(logits.shape[0], dtype=torch.long, device=logits.device)
@@ -216,11 +227,11 @@ def train_reranker(
     """
     import torch
 
-    from crossrank.device import resolve_device
     from crossrank.api.index import Index
-    from crossrank.training.data import CandidateSampler, prepare_training_set
+    from crossrank.device import resolve_device
     from crossrank.rerank.checkpoint import save_reranker
     from crossrank.rerank.cross_attention import CrossAttentionReranker, _autocast
+    from crossrank.training.data import CandidateSampler, prepare_training_set
 
     t_start = time.perf_counter()
     config = config if config is not None else RerankTrainConfig()
@@ -233,16 +244,24 @@ def train_reranker(
         index = Index.open(index, device=config.device)
     if config.first_stage_weight == "auto":
         config = config.resolve_first_stage_weight(getattr(index.encoder, "logit_scale", None))
-        logger.info("first_stage_weight auto: %g (the encoder's logit scale%s)", config.first_stage_weight,
-                    "" if config.first_stage_weight else ": none, so no residual")
+        logger.info(
+            "first_stage_weight auto: %g (the encoder's logit scale%s)",
+            config.first_stage_weight,
+            "" if config.first_stage_weight else ": none, so no residual",
+        )
     model_config = _model_config(model_config, index.manifest.encoder, index)
-    if config.attention_supervision and model_config.n_query_tokens and model_config.query_tokens_mode == "replace":
+    if (
+        config.attention_supervision
+        and model_config.n_query_tokens
+        and model_config.query_tokens_mode == "replace"
+    ):
         raise InvalidArgumentError(
             "attention_supervision supervises the text tokens' attention, and learnable query tokens in "
             "'replace' mode leave none; use query_tokens_mode='concat' or train without it"
         )
-    data = prepare_training_set(index, pairs_path, config,
-                                token_embeddings=bool(model_config.token_embeddings))
+    data = prepare_training_set(
+        index, pairs_path, config, token_embeddings=bool(model_config.token_embeddings)
+    )
     out = Path(out_dir)
     try:
         out.mkdir(parents=True, exist_ok=True)
@@ -258,8 +277,9 @@ def train_reranker(
     model = CrossAttentionReranker(model_config).to(device).train()
     optimizer = _optimizer(model, config)
     # bf16 autocast needs no loss scaling; the fp16 fallback on older GPUs does.
-    scaler = torch.amp.GradScaler(device.type, enabled=device.type == "cuda"
-                                  and not torch.cuda.is_bf16_supported())
+    scaler = torch.amp.GradScaler(
+        device.type, enabled=device.type == "cuda" and not torch.cuda.is_bf16_supported()
+    )
     rng = np.random.default_rng(config.seed)
 
     ckpt_path = out / CHECKPOINT_NAME
@@ -285,28 +305,45 @@ def train_reranker(
     # The first-stage cosine of every (caption, image) pair, weighted, for residual training.
     residual = None
     if config.first_stage_weight > 0:
-        residual = (config.first_stage_weight,
-                    torch.from_numpy(data.query_vectors).to(device),  # (U, D) float32
-                    torch.from_numpy(data.image_vectors).to(device))  # (N, D) float32
+        residual = (
+            config.first_stage_weight,
+            torch.from_numpy(data.query_vectors).to(device),  # (U, D) float32
+            torch.from_numpy(data.image_vectors).to(device),
+        )  # (N, D) float32
     banks = _Banks(tokens, token_mask, patches, residual)
     sampler = CandidateSampler(data, config.n_candidates, config.in_batch)
     n_neg = config.n_candidates - 1
-    val_candidates = sampler.sample(data.val_captions, data.val_image,
-                               round(config.hard_fraction * n_neg),
-                               np.random.default_rng([config.seed, 2]), in_batch=False)
+    val_candidates = sampler.sample(
+        data.val_captions,
+        data.val_image,
+        round(config.hard_fraction * n_neg),
+        np.random.default_rng([config.seed, 2]),
+        in_batch=False,
+    )
     val_rewrites = None  # fixed rewrites of each validation caption, false of its image
     if data.negatives is not None and data.val_captions.size:
-        val_rewrites = data.negatives.sample(data.val_captions, data.val_image,
-                                             config.caption_negatives,
-                                             np.random.default_rng([config.seed, 3]))
+        val_rewrites = data.negatives.sample(
+            data.val_captions,
+            data.val_image,
+            config.caption_negatives,
+            np.random.default_rng([config.seed, 3]),
+        )
     first_stage = _first_stage_metrics(data)
     log = _TrainLog(out / LOG_NAME, start)
 
-    def evaluate(step: int, train_loss: float | None, train_acc: float | None,
-                 caption_acc: float | None = None, attention_mass: float | None = None,
-                 relation_acc: float | None = None) -> None:
-        entry: dict[str, Any] = {"step": step, "lr": config.lr_at(max(step - 1, 0)),
-                                 "hard_fraction": config.hard_fraction_at(max(step - 1, 0))}
+    def evaluate(
+        step: int,
+        train_loss: float | None,
+        train_acc: float | None,
+        caption_acc: float | None = None,
+        attention_mass: float | None = None,
+        relation_acc: float | None = None,
+    ) -> None:
+        entry: dict[str, Any] = {
+            "step": step,
+            "lr": config.lr_at(max(step - 1, 0)),
+            "hard_fraction": config.hard_fraction_at(max(step - 1, 0)),
+        }
         if train_loss is not None:
             entry["train_loss"] = train_loss
         if train_acc is not None:  # none on caption-only steps: they rank no image lists
@@ -321,8 +358,11 @@ def train_reranker(
             entry.update(_validate(model, data, val_candidates, banks, device, val_rewrites))
         entry["elapsed_s"] = round(time.perf_counter() - t_start, 2)
         log.append(entry)
-        logger.info("step %d: %s", step, ", ".join(
-            f"{k} {v:.4g}" for k, v in entry.items() if k != "step" and v is not None))
+        logger.info(
+            "step %d: %s",
+            step,
+            ", ".join(f"{k} {v:.4g}" for k, v in entry.items() if k != "step" and v is not None),
+        )
 
     supervise = data.object_tokens is not None and config.attention_supervision > 0
     relation_pool = None  # training pairs whose caption has relation-only rewrites
@@ -341,9 +381,11 @@ def train_reranker(
     skipped_steps = bad_in_a_row = 0
     for step in range(start, config.steps):
         t_step = time.perf_counter()
-        batch = rng.choice(data.train_caption.size, size=min(config.batch_size,
-                                                              data.train_caption.size),
-                           replace=False)
+        batch = rng.choice(
+            data.train_caption.size,
+            size=min(config.batch_size, data.train_caption.size),
+            replace=False,
+        )
         caption, positive = data.train_caption[batch], data.train_image[batch]
         caption_only = step < config.caption_only_steps
         for group in optimizer.param_groups:
@@ -358,24 +400,38 @@ def train_reranker(
         caption_acc = attention_mass = relation_acc = None
         if data.negatives is not None:
             # Text side: the true caption against rewrites false of the image, on that image.
-            rows, valid, text_image, n_relation = _caption_lists(data, caption, positive, config, relation_pool,
-                                                                 rng)
+            rows, valid, text_image, n_relation = _caption_lists(
+                data, caption, positive, config, relation_pool, rng
+            )
             valid_t = torch.from_numpy(valid).to(device)
             masks = None
             if supervise:  # where each object the true caption names lies in its image
-                masks = torch.from_numpy(object_cell_masks(
-                    data.negatives.specs, data.negatives.scenes, rows[:, 0], text_image,
-                    banks.patches.shape[1])).to(device)  # (B, P, 2)
+                masks = torch.from_numpy(
+                    object_cell_masks(
+                        data.negatives.specs,
+                        data.negatives.scenes,
+                        rows[:, 0],
+                        text_image,
+                        banks.patches.shape[1],
+                    )
+                ).to(device)  # (B, P, 2)
             with _autocast(device):
-                text_logits = _forward_captions(model, banks, rows, text_image, device,
-                                                residual=not caption_only,
-                                                attend_to=masks)  # (B, 1+M)[, (B, 1+M, n, 2)]
+                text_logits = _forward_captions(
+                    model,
+                    banks,
+                    rows,
+                    text_image,
+                    device,
+                    residual=not caption_only,
+                    attend_to=masks,
+                )  # (B, 1+M)[, (B, 1+M, n, 2)]
             if masks is not None:
                 text_logits, attended = text_logits
                 positions = torch.from_numpy(data.object_tokens[rows[:, 0]]).to(device)  # (B, 2)
                 positions = torch.where(positions >= 0, positions + token_offset, positions)
-                supervision, attention_mass = attention_supervision_loss(attended[:, 0].float(), positions,
-                                                                         masks)
+                supervision, attention_mass = attention_supervision_loss(
+                    attended[:, 0].float(), positions, masks
+                )
                 if supervision is not None:
                     loss = loss + config.attention_supervision * supervision
             loss = loss + rerank_loss(text_logits, config.loss, valid_t)
@@ -397,8 +453,11 @@ def train_reranker(
         else:
             skipped_steps += 1
             bad_in_a_row += 1
-            logger.warning("step %d: non-finite loss or gradient, update skipped (%d in a row)", step + 1,
-                           bad_in_a_row)
+            logger.warning(
+                "step %d: non-finite loss or gradient, update skipped (%d in a row)",
+                step + 1,
+                bad_in_a_row,
+            )
             if bad_in_a_row >= MAX_NONFINITE_IN_A_ROW:
                 raise CrossrankError(
                     f"training diverged: {bad_in_a_row} steps in a row up to step {step + 1} gave a non-finite "
@@ -406,7 +465,9 @@ def train_reranker(
                 )
         scaler.update()
         # Caption-only steps report the caption accuracy (there are no image lists).
-        acc = caption_acc if logits is None else float(_top1_accuracy(logits.detach()).mean().item())
+        acc = (
+            caption_acc if logits is None else float(_top1_accuracy(logits.detach()).mean().item())
+        )
         train_seconds += time.perf_counter() - t_step
         if finite:
             window["loss"].append(loss_value)
@@ -420,46 +481,77 @@ def train_reranker(
                 window.setdefault("relation_accuracy", []).append(relation_acc)
         done = step + 1
         if done % config.eval_every == 0 or done == config.steps:
-            evaluate(done, float(np.mean(window["loss"])) if window["loss"] else None,
-                     float(np.mean(window["accuracy"])) if window["accuracy"] else None,
-                     float(np.mean(window["caption_accuracy"]))
-                     if window.get("caption_accuracy") else None,
-                     float(np.mean(window["attention_mass"])) if window.get("attention_mass") else None,
-                     float(np.mean(window["relation_accuracy"])) if window.get("relation_accuracy") else None)
+            evaluate(
+                done,
+                float(np.mean(window["loss"])) if window["loss"] else None,
+                float(np.mean(window["accuracy"])) if window["accuracy"] else None,
+                float(np.mean(window["caption_accuracy"]))
+                if window.get("caption_accuracy")
+                else None,
+                float(np.mean(window["attention_mass"])) if window.get("attention_mass") else None,
+                float(np.mean(window["relation_accuracy"]))
+                if window.get("relation_accuracy")
+                else None,
+            )
             window = {"loss": [], "accuracy": []}
         if done % config.checkpoint_every == 0 or done == config.steps:
-            _save_checkpoint(ckpt_path, {
-                "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                "scaler": scaler.state_dict(), "rng": rng.bit_generator.state,
-                "torch_rng": torch.get_rng_state(), "step": done, "window": window,
-                "fingerprint": fingerprint,
-            })
+            _save_checkpoint(
+                ckpt_path,
+                {
+                    "model": model.state_dict(),
+                    "optimizer": optimizer.state_dict(),
+                    "scaler": scaler.state_dict(),
+                    "rng": rng.bit_generator.state,
+                    "torch_rng": torch.get_rng_state(),
+                    "step": done,
+                    "window": window,
+                    "fingerprint": fingerprint,
+                },
+            )
         if progress is not None:
             progress(done, config.steps, loss_value, acc)
 
-    final = {k: log.entries[-1][k] for k in ("val_accuracy", "val_r1", "val_caption_accuracy")
-             if log.entries and k in log.entries[-1]}
+    final = {
+        k: log.entries[-1][k]
+        for k in ("val_accuracy", "val_r1", "val_caption_accuracy")
+        if log.entries and k in log.entries[-1]
+    }
     metadata = _reranker_metadata(
-        "crossrank train", config, config.steps,
-        {"pairs": str(Path(pairs_path).absolute()), "index": str(index.path.absolute()),
-         "encoder": index.model_id, **data.fingerprint, "counts": data.counts},
-        first_stage_val=first_stage, val=final,
+        "crossrank train",
+        config,
+        config.steps,
+        {
+            "pairs": str(Path(pairs_path).absolute()),
+            "index": str(index.path.absolute()),
+            "encoder": index.model_id,
+            **data.fingerprint,
+            "counts": data.counts,
+        },
+        first_stage_val=first_stage,
+        val=final,
     )
     model.eval()
     save_reranker(model, out, metadata=metadata)
     n_run = config.steps - start
     return TrainReport(
-        out_dir=out, steps=config.steps, resumed_from=start,
+        out_dir=out,
+        steps=config.steps,
+        resumed_from=start,
         seconds=round(time.perf_counter() - t_start, 2),
         steps_per_second=round(n_run / train_seconds, 3) if train_seconds > 0 else 0.0,
-        device=str(device), relevance=data.relevance, counts={**data.counts, "skipped_steps": skipped_steps},
-        first_stage=first_stage, final=final, curve=tuple(log.entries),
+        device=str(device),
+        relevance=data.relevance,
+        counts={**data.counts, "skipped_steps": skipped_steps},
+        first_stage=first_stage,
+        final=final,
+        curve=tuple(log.entries),
         first_stage_weight=float(config.first_stage_weight),
     )
 
 
-def export_checkpoint(run_dir: str | os.PathLike[str], dest: str | os.PathLike[str], *,
-                      half: bool = False) -> Path:
+def export_checkpoint(
+    run_dir: str | os.PathLike[str], dest: str | os.PathLike[str], *, half: bool = False
+) -> Path:
     """Write the reranker of a training run's latest checkpoint, e.g. while the run goes on.
 
     The result is what :func:`train_reranker` would have written had it stopped at that step:
@@ -488,18 +580,23 @@ def export_checkpoint(run_dir: str | os.PathLike[str], dest: str | os.PathLike[s
 
     run, out = Path(run_dir), Path(dest)
     if out.resolve() == run.resolve():
-        raise InvalidArgumentError(f"export the checkpoint of {run} to another folder, not into the run itself")
+        raise InvalidArgumentError(
+            f"export the checkpoint of {run} to another folder, not into the run itself"
+        )
     path = run / CHECKPOINT_NAME
     if not path.is_file():
-        raise ModelError(f"no {CHECKPOINT_NAME} in {run}; give the --out folder of a `crossrank train` run")
+        raise ModelError(
+            f"no {CHECKPOINT_NAME} in {run}; give the --out folder of a `crossrank train` run"
+        )
     state = _load_checkpoint(path, None)
     fingerprint = state["fingerprint"]
     fields = {f.name for f in dataclasses.fields(RerankTrainConfig)}
     config = RerankTrainConfig(**{k: v for k, v in fingerprint["config"].items() if k in fields})
     model = CrossAttentionReranker(RerankerConfig.from_dict(fingerprint["model"]))
     model.load_state_dict(state["model"])
-    metadata = _reranker_metadata("crossrank train (exported checkpoint)", config, int(state["step"]),
-                                  fingerprint["data"])
+    metadata = _reranker_metadata(
+        "crossrank train (exported checkpoint)", config, int(state["step"]), fingerprint["data"]
+    )
     for name in _NOT_FINGERPRINTED:  # the checkpoint does not record them: not the defaults either
         del metadata["train"][name]
     return save_reranker(model.eval(), out, metadata=metadata, half=half)
@@ -510,11 +607,18 @@ def export_checkpoint(run_dir: str | os.PathLike[str], dest: str | os.PathLike[s
 _NOT_FINGERPRINTED = ("eval_every", "checkpoint_every", "device")
 
 
-def _reranker_metadata(trained_by: str, config: RerankTrainConfig, steps: int, data: dict[str, Any],
-                       **more: Any) -> dict[str, Any]:
+def _reranker_metadata(
+    trained_by: str, config: RerankTrainConfig, steps: int, data: dict[str, Any], **more: Any
+) -> dict[str, Any]:
     """What a trained reranker's ``config.json`` records beside its architecture, with the fusion
     that ranks as its training scored (residual training)."""
-    metadata = {"trained_by": trained_by, "train": config.to_dict(), "data": data, "steps": steps, **more}
+    metadata = {
+        "trained_by": trained_by,
+        "train": config.to_dict(),
+        "data": data,
+        "steps": steps,
+        **more,
+    }
     if config.fusion is not None:
         metadata["fusion"] = config.fusion
     return metadata
@@ -523,9 +627,14 @@ def _reranker_metadata(trained_by: str, config: RerankTrainConfig, steps: int, d
 # -- model, optimizer, checkpoint -------------------------------------------------------------
 
 
-def _caption_lists(data: Any, caption: np.ndarray, positive: np.ndarray, config: RerankTrainConfig,
-                   relation_pool: np.ndarray | None, rng: np.random.Generator
-                   ) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
+def _caption_lists(
+    data: Any,
+    caption: np.ndarray,
+    positive: np.ndarray,
+    config: RerankTrainConfig,
+    relation_pool: np.ndarray | None,
+    rng: np.random.Generator,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
     """A step's caption-negative lists: ``(rows (B, 1+M), valid (B, 1+M), image (B,),
     n_relation)``, the relation-only lists last.
 
@@ -534,8 +643,11 @@ def _caption_lists(data: Any, caption: np.ndarray, positive: np.ndarray, config:
     with a relation caption, each against only its rewrites that keep both objects (the batch's
     own last pairs give their place)."""
     m = config.caption_negatives
-    n_relation = 0 if relation_pool is None else min(round(config.relation_share * caption.size),
-                                                     relation_pool.size)
+    n_relation = (
+        0
+        if relation_pool is None
+        else min(round(config.relation_share * caption.size), relation_pool.size)
+    )
     if not n_relation:
         rows, valid = data.negatives.sample(caption, positive, m, rng)
         return rows, valid, positive, 0
@@ -544,14 +656,20 @@ def _caption_lists(data: Any, caption: np.ndarray, positive: np.ndarray, config:
     rel_caption, rel_image = data.train_caption[pick], data.train_image[pick]
     rows, valid = data.negatives.sample(caption[:keep], positive[:keep], m, rng)
     rel_rows, rel_valid = data.relation_negatives.sample(rel_caption, rel_image, m, rng)
-    return (np.concatenate([rows, rel_rows]), np.concatenate([valid, rel_valid]),
-            np.concatenate([positive[:keep], rel_image]), n_relation)
+    return (
+        np.concatenate([rows, rel_rows]),
+        np.concatenate([valid, rel_valid]),
+        np.concatenate([positive[:keep], rel_image]),
+        n_relation,
+    )
 
 
 #: Fields whose default changed since checkpoints first recorded them, with the default they had
 #: before: a checkpoint that predates such a field was trained with that value.
-_FORMER_DEFAULTS: dict[str, dict[str, Any]] = {"config": {"first_stage_weight": 0.0},
-                                                "model": {"gated": True, "init": "bert"}}
+_FORMER_DEFAULTS: dict[str, dict[str, Any]] = {
+    "config": {"first_stage_weight": 0.0},
+    "model": {"gated": True, "init": "bert"},
+}
 
 
 def _fingerprint_defaults() -> dict[str, dict[str, Any]]:
@@ -559,12 +677,15 @@ def _fingerprint_defaults() -> dict[str, dict[str, Any]]:
     it was added (today's default unless :data:`_FORMER_DEFAULTS` says otherwise)."""
     from crossrank.rerank.config import RerankerConfig
 
-    return {"config": {**RerankTrainConfig().to_dict(), **_FORMER_DEFAULTS["config"]},
-            "model": {**RerankerConfig().to_dict(), **_FORMER_DEFAULTS["model"]}}
+    return {
+        "config": {**RerankTrainConfig().to_dict(), **_FORMER_DEFAULTS["config"]},
+        "model": {**RerankerConfig().to_dict(), **_FORMER_DEFAULTS["model"]},
+    }
 
 
-def _model_config(model_config: RerankerConfig | None, encoder: dict[str, Any],
-                  index: Index | None = None) -> RerankerConfig:
+def _model_config(
+    model_config: RerankerConfig | None, encoder: dict[str, Any], index: Index | None = None
+) -> RerankerConfig:
     """The architecture with the encoder's feature dims, checked against its patch count.
 
     ``token_embeddings`` > 0 asks for the layer-0 token states; their width is the encoder's
@@ -603,5 +724,10 @@ def _optimizer(model: CrossAttentionReranker, config: RerankTrainConfig) -> torc
     for name, param in model.named_parameters():
         matrix = param.ndim >= 2 and name not in ("query_tokens", "patch_pos")
         (decay if matrix else no_decay).append(param)
-    return torch.optim.AdamW([{"params": decay, "weight_decay": config.weight_decay},
-                              {"params": no_decay, "weight_decay": 0.0}], lr=config.lr)
+    return torch.optim.AdamW(
+        [
+            {"params": decay, "weight_decay": config.weight_decay},
+            {"params": no_decay, "weight_decay": 0.0},
+        ],
+        lr=config.lr,
+    )

@@ -55,8 +55,11 @@ def _save_checkpoint(path: Path, state: dict[str, Any]) -> None:
         raise ModelError(f"cannot write the checkpoint {path}: {e.strerror or e}") from e
 
 
-def _load_checkpoint(path: Path, fingerprint: dict[str, Any] | None,
-                     defaults: dict[str, dict[str, Any]] | None = None) -> dict[str, Any]:
+def _load_checkpoint(
+    path: Path,
+    fingerprint: dict[str, Any] | None,
+    defaults: dict[str, dict[str, Any]] | None = None,
+) -> dict[str, Any]:
     """The checkpoint's state, after checking it belongs to this config and data (any run's when
     ``fingerprint`` is None).
 
@@ -71,8 +74,14 @@ def _load_checkpoint(path: Path, fingerprint: dict[str, Any] | None,
     try:
         # weights_only: a checkpoint holds tensors and plain values; never run pickled code.
         state = torch.load(path, map_location="cpu", weights_only=True)
-    except (RuntimeError, EOFError, OSError, ValueError, pickle.UnpicklingError,
-            zipfile.BadZipFile) as e:
+    except (
+        RuntimeError,
+        EOFError,
+        OSError,
+        ValueError,
+        pickle.UnpicklingError,
+        zipfile.BadZipFile,
+    ) as e:
         detail = " ".join(str(e).split())[:200] or type(e).__name__
         raise ModelError(f"checkpoint {path} is corrupt or truncated ({detail}); {fix}") from e
     if not isinstance(state, dict) or state.get("format") != _CHECKPOINT_FORMAT:
@@ -89,11 +98,16 @@ def _load_checkpoint(path: Path, fingerprint: dict[str, Any] | None,
             if isinstance(ours, dict) and isinstance(recorded, dict):
                 # Fields this checkpoint predates, filled with their defaults; a run that sets
                 # one of them differs from the old run, and still fails the comparison below.
-                theirs[section] = {**{k: values[k] for k in ours.keys() - recorded.keys()
-                                      if k in values}, **recorded}
+                theirs[section] = {
+                    **{k: values[k] for k in ours.keys() - recorded.keys() if k in values},
+                    **recorded,
+                }
     if theirs != fingerprint:
-        parts = sorted(k for k in fingerprint if not isinstance(theirs, dict)
-                       or theirs.get(k) != fingerprint[k])
+        parts = sorted(
+            k
+            for k in fingerprint
+            if not isinstance(theirs, dict) or theirs.get(k) != fingerprint[k]
+        )
         fields = _differing_fields(theirs, fingerprint, parts)
         if fields:
             fix = f"resume with the checkpoint's settings, {fix}"
@@ -115,12 +129,17 @@ def _differing_fields(theirs: Any, ours: dict[str, Any], parts: list[str]) -> st
             continue
         for key in sorted(recorded.keys() | wanted.keys()):
             if recorded.get(key) != wanted.get(key):
-                diffs.append(f"{key}: {recorded.get(key)!r} in the checkpoint, {wanted.get(key)!r} in this run")
+                diffs.append(
+                    f"{key}: {recorded.get(key)!r} in the checkpoint, {wanted.get(key)!r} in this run"
+                )
     if not diffs:
         return ""
     more = f"; and {len(diffs) - 4} more" if len(diffs) > 4 else ""
     return f" ({'; '.join(diffs[:4])}{more})"
 
 
-_FINGERPRINT_NAMES = {"config": "training config", "model": "model config",
-                      "data": "pairs file or index"}
+_FINGERPRINT_NAMES = {
+    "config": "training config",
+    "model": "model config",
+    "data": "pairs file or index",
+}

@@ -15,8 +15,8 @@ import numpy as np
 if TYPE_CHECKING:
     import torch
 
-    from crossrank.training.data import TrainingSet
     from crossrank.rerank.cross_attention import CrossAttentionReranker
+    from crossrank.training.data import TrainingSet
 
 _EVAL_CANDIDATES = 1024  # candidates scored per forward during validation
 
@@ -39,8 +39,13 @@ def _gather_queries(banks: _Banks, rows: torch.Tensor) -> tuple[torch.Tensor, to
     return banks.tokens[rows][:, real].float(), mask[:, real]
 
 
-def _forward(model: CrossAttentionReranker, banks: _Banks, caption: np.ndarray,
-             candidates: np.ndarray, device: torch.device) -> torch.Tensor:
+def _forward(
+    model: CrossAttentionReranker,
+    banks: _Banks,
+    caption: np.ndarray,
+    candidates: np.ndarray,
+    device: torch.device,
+) -> torch.Tensor:
     """``(B, k)`` float32 logits of the queries' candidate lists, gathered from the banks.
 
     With residual training the logits are the reranker's plus the weighted first-stage cosine.
@@ -71,10 +76,16 @@ def _forward(model: CrossAttentionReranker, banks: _Banks, caption: np.ndarray,
     return logits
 
 
-def _forward_captions(model: CrossAttentionReranker, banks: _Banks, rows: np.ndarray,
-                      image: np.ndarray, device: torch.device, *, residual: bool = True,
-                      attend_to: torch.Tensor | None = None
-                      ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+def _forward_captions(
+    model: CrossAttentionReranker,
+    banks: _Banks,
+    rows: np.ndarray,
+    image: np.ndarray,
+    device: torch.device,
+    *,
+    residual: bool = True,
+    attend_to: torch.Tensor | None = None,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """``(B, 1 + M)`` float32 logits of each image against its caption bank rows ``(B, 1 + M)``.
 
     The image's keys/values are computed once and read by its ``1 + M`` captions; residual
@@ -106,9 +117,14 @@ def _forward_captions(model: CrossAttentionReranker, banks: _Banks, rows: np.nda
     return logits if attended is None else (logits, attended)
 
 
-def _validate(model: CrossAttentionReranker, data: TrainingSet, val_candidates: np.ndarray,
-              banks: _Banks, device: torch.device,
-              rewrites: tuple[np.ndarray, np.ndarray] | None = None) -> dict[str, float]:
+def _validate(
+    model: CrossAttentionReranker,
+    data: TrainingSet,
+    val_candidates: np.ndarray,
+    banks: _Banks,
+    device: torch.device,
+    rewrites: tuple[np.ndarray, np.ndarray] | None = None,
+) -> dict[str, float]:
     """``val_accuracy`` on the fixed candidate lists, ``val_r1`` reranking the first-stage lists,
     and with caption negatives ``val_caption_accuracy``: the true caption ranked first among its
     fixed rewrites ``(rows, valid)`` on its image."""
@@ -121,32 +137,42 @@ def _validate(model: CrossAttentionReranker, data: TrainingSet, val_candidates: 
     with torch.inference_mode(), _autocast(device):
         per = max(1, _EVAL_CANDIDATES // val_candidates.shape[1])
         for lo in range(0, val_candidates.shape[0], per):
-            logits = _forward(model, banks, data.val_captions[lo:lo + per],
-                              val_candidates[lo:lo + per], device)
+            logits = _forward(
+                model,
+                banks,
+                data.val_captions[lo : lo + per],
+                val_candidates[lo : lo + per],
+                device,
+            )
             hits.append(_top1_accuracy(logits).cpu().numpy())
         fs = data.val_first_stage  # (V, mine_k), -1 padded
         per = max(1, _EVAL_CANDIDATES // fs.shape[1])
         for lo in range(0, fs.shape[0], per):
-            chunk = fs[lo:lo + per]
-            logits = _forward(model, banks, data.val_captions[lo:lo + per], np.maximum(chunk, 0),
-                              device)
+            chunk = fs[lo : lo + per]
+            logits = _forward(
+                model, banks, data.val_captions[lo : lo + per], np.maximum(chunk, 0), device
+            )
             logits = logits.masked_fill(torch.from_numpy(chunk < 0).to(device), float("-inf"))
             # The first of the tied top candidates: ties keep the first-stage order, as in search.
             top = _near_top(logits).int().argmax(dim=1).cpu().numpy()  # (b,)
-            r1.append(data.val_relevant[lo:lo + per][np.arange(chunk.shape[0]), top])
+            r1.append(data.val_relevant[lo : lo + per][np.arange(chunk.shape[0]), top])
         caption_hits = []
         if rewrites is not None:
             rows, valid = rewrites
             per = max(1, _EVAL_CANDIDATES // rows.shape[1])
             for lo in range(0, rows.shape[0], per):
-                logits = _forward_captions(model, banks, rows[lo:lo + per],
-                                           data.val_image[lo:lo + per], device)
-                keep = torch.from_numpy(valid[lo:lo + per]).to(device)
-                caption_hits.append(_top1_accuracy(logits.masked_fill(~keep, float("-inf")))
-                                    .cpu().numpy())
+                logits = _forward_captions(
+                    model, banks, rows[lo : lo + per], data.val_image[lo : lo + per], device
+                )
+                keep = torch.from_numpy(valid[lo : lo + per]).to(device)
+                caption_hits.append(
+                    _top1_accuracy(logits.masked_fill(~keep, float("-inf"))).cpu().numpy()
+                )
     model.train()
-    out = {"val_accuracy": float(np.concatenate(hits).mean()),
-           "val_r1": float(np.concatenate(r1).mean())}
+    out = {
+        "val_accuracy": float(np.concatenate(hits).mean()),
+        "val_r1": float(np.concatenate(r1).mean()),
+    }
     if caption_hits:
         out["val_caption_accuracy"] = float(np.concatenate(caption_hits).mean())
     return out
@@ -178,5 +204,7 @@ def _first_stage_metrics(data: TrainingSet) -> dict[str, float]:
     """The first stage's R@1 and recall at ``mine_k`` on the validation captions."""
     if not data.val_captions.size:
         return {}
-    return {"r1": float(data.val_relevant[:, 0].mean()),
-            "recall": float(data.val_relevant.any(axis=1).mean())}
+    return {
+        "r1": float(data.val_relevant[:, 0].mean()),
+        "recall": float(data.val_relevant.any(axis=1).mean()),
+    }

@@ -20,8 +20,11 @@ def _open_for_writing(index_dir: str | Path) -> Path:
 
 def _carry_over(manifest: Manifest, first_stage: dict[str, Any] | None = None) -> dict[str, Any]:
     """The manifest fields a new generation keeps from the current one."""
-    return {"encoder": manifest.encoder, "first_stage": first_stage or manifest.first_stage,
-            **manifest.extra}
+    return {
+        "encoder": manifest.encoder,
+        "first_stage": first_stage or manifest.first_stage,
+        **manifest.extra,
+    }
 
 
 def _index_config(manifest: Manifest, *, factory: str | None) -> Any:
@@ -31,7 +34,9 @@ def _index_config(manifest: Manifest, *, factory: str | None) -> Any:
     return IndexConfig(factory=factory, device="cpu", nprobe=int(first.get("nprobe") or 16))
 
 
-def _first_stage_info(first_stage: Any, manifest: Manifest, *, auto: bool | None = None) -> dict[str, Any]:
+def _first_stage_info(
+    first_stage: Any, manifest: Manifest, *, auto: bool | None = None
+) -> dict[str, Any]:
     info = {**manifest.first_stage, **first_stage.info, "metric": "inner_product"}
     if auto is not None:
         info["auto"] = auto

@@ -12,9 +12,9 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from crossrank.errors import InvalidArgumentError, ModelMismatchError, SourceError
+from crossrank.store._crash import crash_point
 from crossrank.write._common import _carry_over, _first_stage_info, _index_config, _open_for_writing
 from crossrank.write.reports import AddReport, PhaseProgressFn
-from crossrank.store._crash import crash_point
 
 if TYPE_CHECKING:
     import pyarrow as pa
@@ -75,7 +75,13 @@ def add_images(
         (12, 1, 5)
     """
     from crossrank.ingest import INDEXED_COLUMNS, discover, plan_add
-    from crossrank.store import Generation, GenerationWriter, WriterLock, collect_garbage, read_manifest
+    from crossrank.store import (
+        Generation,
+        GenerationWriter,
+        WriterLock,
+        collect_garbage,
+        read_manifest,
+    )
 
     if batch_size < 1:
         raise InvalidArgumentError(f"batch_size must be >= 1, got {batch_size}")
@@ -92,35 +98,68 @@ def add_images(
         dead = base.tombstones()
         if dead.size:
             indexed = indexed.filter(~np.isin(indexed.column("id").to_numpy(), dead))
-        plan = plan_add(src.items, indexed, workers=workers, rehash=rehash,
-                        progress=None if progress is None else lambda d, t: progress("hashing", d, t))
+        plan = plan_add(
+            src.items,
+            indexed,
+            workers=workers,
+            rehash=rehash,
+            progress=None if progress is None else lambda d, t: progress("hashing", d, t),
+        )
         crash_point("add-hashed")
         committed, added, skipped, generation = False, 0, 0, manifest.generation
         if plan.changes_index:
-            encoder = _encoder_for(manifest, model=model, encoder=encoder, device=device, batch_size=batch_size)
+            encoder = _encoder_for(
+                manifest, model=model, encoder=encoder, device=device, batch_size=batch_size
+            )
             with GenerationWriter(index_dir, lock=lock, base=base) as writer:
-                committed, added, skipped = _add_locked(writer, base, manifest, src, plan, encoder,
-                                                        batch_size=batch_size, workers=workers,
-                                                        progress=progress)
+                committed, added, skipped = _add_locked(
+                    writer,
+                    base,
+                    manifest,
+                    src,
+                    plan,
+                    encoder,
+                    batch_size=batch_size,
+                    workers=workers,
+                    progress=progress,
+                )
                 if committed:
                     generation = writer.generation
         if not committed:  # nothing to commit: finish what an interrupted writer left (its GC)
             collect_garbage(index_dir, lock)
     moved, replaced = (len(plan.moved), len(plan.replaced)) if committed else (0, 0)
-    return AddReport(index_dir=index_dir, generation=generation, committed=committed, added=added, moved=moved,
-                     replaced=replaced, unchanged=plan.unchanged, duplicates=len(plan.duplicates),
-                     skipped=skipped, images=base.info.n_live + added - replaced,
-                     seconds=time.perf_counter() - start)
+    return AddReport(
+        index_dir=index_dir,
+        generation=generation,
+        committed=committed,
+        added=added,
+        moved=moved,
+        replaced=replaced,
+        unchanged=plan.unchanged,
+        duplicates=len(plan.duplicates),
+        skipped=skipped,
+        images=base.info.n_live + added - replaced,
+        seconds=time.perf_counter() - start,
+    )
 
 
-def _encoder_for(manifest: Manifest, *, model: str | Path | None, encoder: Encoder | None, device: str,
-                 batch_size: int) -> Encoder:
+def _encoder_for(
+    manifest: Manifest,
+    *,
+    model: str | Path | None,
+    encoder: Encoder | None,
+    device: str,
+    batch_size: int,
+) -> Encoder:
     from crossrank.encoders import load_encoder, same_model
 
     built_with = manifest.encoder
     if encoder is None:
-        encoder = load_encoder(model if model is not None else built_with["model_id"], device=device,
-                               batch_size=batch_size)
+        encoder = load_encoder(
+            model if model is not None else built_with["model_id"],
+            device=device,
+            batch_size=batch_size,
+        )
     if not same_model(built_with, encoder.info):
         raise ModelMismatchError(
             f"index {manifest.root} was built with model {built_with['model_id']!r}, but the new images "
@@ -129,23 +168,39 @@ def _encoder_for(manifest: Manifest, *, model: str | Path | None, encoder: Encod
     return encoder
 
 
-def _add_locked(writer: GenerationWriter, base: Generation, manifest: Manifest, src: Any, plan: AddPlan,
-                encoder: Encoder, *, batch_size: int, workers: int,
-                progress: PhaseProgressFn | None) -> tuple[bool, int, int]:
+def _add_locked(
+    writer: GenerationWriter,
+    base: Generation,
+    manifest: Manifest,
+    src: Any,
+    plan: AddPlan,
+    encoder: Encoder,
+    *,
+    batch_size: int,
+    workers: int,
+    progress: PhaseProgressFn | None,
+) -> tuple[bool, int, int]:
     """Write the add's generation; returns ``(committed, added, skipped)``."""
-    from crossrank.write.build import encode_items, metadata_table, skipped_table
     from crossrank.indexes import FirstStage
     from crossrank.store import read_skipped
     from crossrank.store.layout import SKIPPED_NAME
+    from crossrank.write.build import encode_items, metadata_table, skipped_table
 
     writer.link_patches()
     pooled, records, skipped = encode_items(
-        writer, encoder, plan.new, batch_size=batch_size, workers=workers,
-        progress=None if progress is None else lambda d, t: progress("indexing", d, t))
+        writer,
+        encoder,
+        plan.new,
+        batch_size=batch_size,
+        workers=workers,
+        progress=None if progress is None else lambda d, t: progress("indexing", d, t),
+    )
 
     source_paths = {str(item.path) for item in src.items}
     old_skipped = read_skipped(base.path / SKIPPED_NAME)
-    keep = [i for i, p in enumerate(old_skipped.column("path").to_pylist()) if p not in source_paths]
+    keep = [
+        i for i, p in enumerate(old_skipped.column("path").to_pylist()) if p not in source_paths
+    ]
     new_skipped = skipped_table(skipped)
     merged_skipped = _concat([old_skipped.take(np.asarray(keep, dtype=np.int64)), new_skipped])
     skipped_changed = _pairs(merged_skipped) != _pairs(old_skipped)
@@ -155,11 +210,17 @@ def _add_locked(writer: GenerationWriter, base: Generation, manifest: Manifest, 
 
     new_ids = writer.take_ids(len(records))
     d = base.info.vector_dim
-    xb = np.concatenate(pooled).astype(np.float32, copy=False) if pooled else np.zeros((0, d), np.float32)
+    xb = (
+        np.concatenate(pooled).astype(np.float32, copy=False)
+        if pooled
+        else np.zeros((0, d), np.float32)
+    )
     _write_metadata_with_moves(writer, base, plan.moved)
     crash_point("segments-linked")
     if records:
-        table = _conform(metadata_table(new_ids, records, src.extra_schema), writer.metadata_schema, src)
+        table = _conform(
+            metadata_table(new_ids, records, src.extra_schema), writer.metadata_schema, src
+        )
         writer.write_metadata(table)
     writer.write_vectors([base.vectors(), xb])
     writer.write_ids(np.concatenate([np.asarray(base.ids()), new_ids]))
@@ -184,10 +245,14 @@ def _concat(tables: Sequence[pa.Table]) -> pa.Table:
 
 
 def _pairs(table: pa.Table) -> set[tuple[str, str]]:
-    return set(zip(table.column("path").to_pylist(), table.column("reason").to_pylist(), strict=True))
+    return set(
+        zip(table.column("path").to_pylist(), table.column("reason").to_pylist(), strict=True)
+    )
 
 
-def _write_metadata_with_moves(writer: GenerationWriter, base: Generation, moved: dict[int, Any]) -> None:
+def _write_metadata_with_moves(
+    writer: GenerationWriter, base: Generation, moved: dict[int, Any]
+) -> None:
     """Link every metadata part of ``base``; rewrite the parts holding moved images' rows."""
     import pyarrow.parquet as pq
 
@@ -214,7 +279,11 @@ def _with_moves(table: pa.Table, moved: dict[int, Any]) -> pa.Table:
     mtime_us = None
     if "mtime" in columns:
         field_type = table.schema.field("mtime").type
-        mtime_us = columns["mtime"].cast(pa.int64()).to_pylist() if pa.types.is_timestamp(field_type) else None
+        mtime_us = (
+            columns["mtime"].cast(pa.int64()).to_pylist()
+            if pa.types.is_timestamp(field_type)
+            else None
+        )
     for i, image_id in enumerate(ids):
         item = moved.get(image_id)
         if item is None:
@@ -227,7 +296,9 @@ def _with_moves(table: pa.Table, moved: dict[int, Any]) -> pa.Table:
                 pass
     columns["path"] = pa.array(paths, type=table.schema.field("path").type)
     if mtime_us is not None:
-        columns["mtime"] = pa.array(mtime_us, type=pa.int64()).cast(table.schema.field("mtime").type)
+        columns["mtime"] = pa.array(mtime_us, type=pa.int64()).cast(
+            table.schema.field("mtime").type
+        )
     return pa.table(columns, schema=table.schema)
 
 

@@ -23,7 +23,14 @@ import numpy as np
 from crossrank.errors import InvalidArgumentError, SourceError
 from crossrank.store._crash import crash_point
 
-__all__ = ["BuildReport", "build_index", "encode_items", "metadata_table", "skipped_table", "ProgressFn"]
+__all__ = [
+    "BuildReport",
+    "build_index",
+    "encode_items",
+    "metadata_table",
+    "skipped_table",
+    "ProgressFn",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -60,7 +67,9 @@ class BuildReport:
             "indexed": self.indexed,
             "skipped": self.skipped,
             "seconds": round(self.seconds, 3),
-            "images_per_second": round(self.indexed / self.seconds, 2) if self.seconds > 0 else None,
+            "images_per_second": round(self.indexed / self.seconds, 2)
+            if self.seconds > 0
+            else None,
             "factory": self.factory,
             "model": self.model,
         }
@@ -110,27 +119,50 @@ def build_index(
         raise InvalidArgumentError(f"workers must be >= 1, got {workers}")
     index_dir = Path(index_dir)
     if index_dir.exists() and not index_dir.is_dir():
-        raise InvalidArgumentError(f"index path {index_dir} exists and is not a directory; pass a directory")
+        raise InvalidArgumentError(
+            f"index path {index_dir} exists and is not a directory; pass a directory"
+        )
     try:
         from crossrank.indexes import IndexConfig
 
-        index_config = IndexConfig(factory=factory, device=device, **({"nprobe": nprobe} if nprobe else {}))
+        index_config = IndexConfig(
+            factory=factory, device=device, **({"nprobe": nprobe} if nprobe else {})
+        )
     except ValueError as e:
         raise InvalidArgumentError(str(e)) from e
 
     with WriterLock(index_dir) as lock:
         try:
-            return _build_locked(source, index_dir, lock, model=model, batch_size=batch_size, device=device,
-                                 index_config=index_config, workers=workers, overwrite=overwrite,
-                                 progress=progress)
+            return _build_locked(
+                source,
+                index_dir,
+                lock,
+                model=model,
+                batch_size=batch_size,
+                device=device,
+                index_config=index_config,
+                workers=workers,
+                overwrite=overwrite,
+                progress=progress,
+            )
         except BaseException:
             lock.remove_root_if_unused()  # a first build that failed leaves no folder behind
             raise
 
 
-def _build_locked(source: str | Path, index_dir: Path, lock: Any, *, model: str | Path | None, batch_size: int,
-                  device: str, index_config: Any, workers: int, overwrite: bool,
-                  progress: ProgressFn | None) -> BuildReport:
+def _build_locked(
+    source: str | Path,
+    index_dir: Path,
+    lock: Any,
+    *,
+    model: str | Path | None,
+    batch_size: int,
+    device: str,
+    index_config: Any,
+    workers: int,
+    overwrite: bool,
+    progress: ProgressFn | None,
+) -> BuildReport:
     from crossrank.encoders import load_encoder
     from crossrank.indexes import FirstStage
     from crossrank.ingest import discover
@@ -147,11 +179,14 @@ def _build_locked(source: str | Path, index_dir: Path, lock: Any, *, model: str 
     src = discover(source)
     encoder = load_encoder(model, device=device, batch_size=batch_size)
     total = len(src.items)
-    logger.info("building %s from %s (%d files) with %s", index_dir, source, total, encoder.model_id)
+    logger.info(
+        "building %s from %s (%d files) with %s", index_dir, source, total, encoder.model_id
+    )
 
     with GenerationWriter(index_dir, lock=lock) as writer:
-        pooled, records, skipped = encode_items(writer, encoder, src.items, batch_size=batch_size,
-                                                workers=workers, progress=progress)
+        pooled, records, skipped = encode_items(
+            writer, encoder, src.items, batch_size=batch_size, workers=workers, progress=progress
+        )
         if not records:
             reasons = "; ".join(f"{s.path}: {s.reason}" for s in skipped[:3])
             raise SourceError(
@@ -171,17 +206,35 @@ def _build_locked(source: str | Path, index_dir: Path, lock: Any, *, model: str 
         generation = writer.commit(
             encoder=encoder.info,
             # `auto`: the factory was chosen by size, so a compaction may choose again.
-            first_stage={**first_stage.info, "metric": "inner_product", "auto": index_config.factory is None},
+            first_stage={
+                **first_stage.info,
+                "metric": "inner_product",
+                "auto": index_config.factory is None,
+            },
             counts={"images": len(records), "skipped": len(skipped)},
             source=str(Path(source).resolve()),
         )
     seconds = time.perf_counter() - start
-    return BuildReport(index_dir=index_dir, generation=generation, indexed=len(records), skipped=len(skipped),
-                       seconds=seconds, factory=first_stage.factory, model=encoder.model_id)
+    return BuildReport(
+        index_dir=index_dir,
+        generation=generation,
+        indexed=len(records),
+        skipped=len(skipped),
+        seconds=seconds,
+        factory=first_stage.factory,
+        model=encoder.model_id,
+    )
 
 
-def encode_items(writer: Any, encoder: Any, items: Sequence[Any], *, batch_size: int, workers: int,
-                 progress: ProgressFn | None = None) -> tuple[list[np.ndarray], list[Any], list[Any]]:
+def encode_items(
+    writer: Any,
+    encoder: Any,
+    items: Sequence[Any],
+    *,
+    batch_size: int,
+    workers: int,
+    progress: ProgressFn | None = None,
+) -> tuple[list[np.ndarray], list[Any], list[Any]]:
     """Decode and encode ``items`` into a generation writer's patch store.
 
     Args:
@@ -202,8 +255,12 @@ def encode_items(writer: Any, encoder: Any, items: Sequence[Any], *, batch_size:
     records: list[Any] = []
     skipped: list[Any] = []
     done, total = 0, len(items)
-    for batch in iter_batches(items, batch_size=batch_size, config=IngestConfig(workers=workers),
-                              preprocess=encoder.preprocess):
+    for batch in iter_batches(
+        items,
+        batch_size=batch_size,
+        config=IngestConfig(workers=workers),
+        preprocess=encoder.preprocess,
+    ):
         skipped.extend(batch.skipped)
         if batch.records:
             features = encoder.encode_pixels(batch.pixels)
@@ -221,8 +278,10 @@ def skipped_table(skipped: Sequence[Any]) -> Any:
     """The ``path``, ``reason`` table of :class:`~crossrank.ingest.SkippedFile` objects."""
     import pyarrow as pa
 
-    return pa.table({"path": [s.path for s in skipped], "reason": [s.reason for s in skipped]},
-                    schema=pa.schema([("path", pa.string()), ("reason", pa.string())]))
+    return pa.table(
+        {"path": [s.path for s in skipped], "reason": [s.reason for s in skipped]},
+        schema=pa.schema([("path", pa.string()), ("reason", pa.string())]),
+    )
 
 
 def metadata_table(ids: np.ndarray, records: list[Any], extra_schema: Any) -> Any:
@@ -240,5 +299,7 @@ def metadata_table(ids: np.ndarray, records: list[Any], extra_schema: Any) -> An
     }
     if extra_schema is not None:
         for fld in extra_schema:
-            columns[fld.name] = pa.array([r.item.extra.get(fld.name) for r in records], type=fld.type)
+            columns[fld.name] = pa.array(
+                [r.item.extra.get(fld.name) for r in records], type=fld.type
+            )
     return pa.table(columns)

@@ -12,9 +12,9 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from crossrank.errors import InvalidArgumentError
+from crossrank.store._crash import crash_point
 from crossrank.write._common import _carry_over, _first_stage_info, _index_config, _open_for_writing
 from crossrank.write.reports import CompactReport, PhaseProgressFn
-from crossrank.store._crash import crash_point
 
 if TYPE_CHECKING:
     from crossrank.store import Generation, GenerationWriter
@@ -32,7 +32,9 @@ def _fragmented(base: Generation) -> bool:
 
     info, config = base.info, StoreConfig()
     rows = info.n_live
-    shard_rows = config.shard_rows_for(info.n_patches, info.patch_dim) if info.n_patches else rows or 1
+    shard_rows = (
+        config.shard_rows_for(info.n_patches, info.patch_dim) if info.n_patches else rows or 1
+    )
     need_shards = max(1, math.ceil(rows / shard_rows)) if rows else 0
     need_parts = max(1, math.ceil(rows / config.metadata_part_rows))
     return len(info.patch_shards) > need_shards or len(info.metadata_parts) > need_parts
@@ -43,7 +45,9 @@ def _chunks(rows: np.ndarray, size: int = _COMPACT_CHUNK) -> Iterator[np.ndarray
         yield rows[i0 : i0 + size]
 
 
-def compact_index(index_dir: str | Path, *, progress: PhaseProgressFn | None = None) -> CompactReport:
+def compact_index(
+    index_dir: str | Path, *, progress: PhaseProgressFn | None = None
+) -> CompactReport:
     """Rewrite the index without its tombstones and delete the old generations no reader holds.
 
     Patch shards, metadata parts, vectors and ids are copied without the removed rows into full
@@ -83,21 +87,35 @@ def compact_index(index_dir: str | Path, *, progress: PhaseProgressFn | None = N
         dead = base.tombstones()
         if not dead.size and not _fragmented(base):
             deleted = collect_garbage(index_dir, lock)
-            kept = sorted(g for g in live_pins(index_dir, remove_stale=False) if g != manifest.generation)
-            return CompactReport(index_dir=index_dir, generation=manifest.generation, committed=False,
-                                 images=base.info.n_live, dropped=0, deleted_generations=tuple(deleted),
-                                 kept_generations=tuple(kept),
-                                 factory=str(manifest.first_stage.get("factory", "")),
-                                 seconds=time.perf_counter() - start)
+            kept = sorted(
+                g for g in live_pins(index_dir, remove_stale=False) if g != manifest.generation
+            )
+            return CompactReport(
+                index_dir=index_dir,
+                generation=manifest.generation,
+                committed=False,
+                images=base.info.n_live,
+                dropped=0,
+                deleted_generations=tuple(deleted),
+                kept_generations=tuple(kept),
+                factory=str(manifest.first_stage.get("factory", "")),
+                seconds=time.perf_counter() - start,
+            )
         ids = np.asarray(base.ids())
-        rows = np.flatnonzero(~np.isin(ids, dead, assume_unique=True)) if dead.size else np.arange(ids.size)
+        rows = (
+            np.flatnonzero(~np.isin(ids, dead, assume_unique=True))
+            if dead.size
+            else np.arange(ids.size)
+        )
         live_ids = ids[rows]
         # No base: nothing is linked, and shards and parts are numbered from 0 again.
         with GenerationWriter(index_dir, lock=lock) as writer:
             store = base.patches()
             info = base.info
             if info.n_patches:
-                writer.patches.append(np.zeros((0, info.n_patches, info.patch_dim), np.float16))  # the shape
+                writer.patches.append(
+                    np.zeros((0, info.n_patches, info.patch_dim), np.float16)
+                )  # the shape
             done = 0
             for chunk in _chunks(rows):
                 writer.patches.append(store.gather(chunk))
@@ -119,24 +137,40 @@ def compact_index(index_dir: str | Path, *, progress: PhaseProgressFn | None = N
             auto = bool(manifest.first_stage.get("auto", False))
             factory = None if auto else manifest.first_stage.get("factory")
             try:
-                first_stage = FirstStage.build(xb, live_ids, _index_config(manifest, factory=factory))
+                first_stage = FirstStage.build(
+                    xb, live_ids, _index_config(manifest, factory=factory)
+                )
             except InvalidArgumentError as e:
                 if factory is None:
                     raise
                 # e.g. an IVF with more lists than images left: choose by size, like a new build
-                logger.warning("cannot rebuild the %r first stage over %d images (%s); choosing by size",
-                               factory, live_ids.size, e)
+                logger.warning(
+                    "cannot rebuild the %r first stage over %d images (%s); choosing by size",
+                    factory,
+                    live_ids.size,
+                    e,
+                )
                 auto = True
                 first_stage = FirstStage.build(xb, live_ids, _index_config(manifest, factory=None))
             del xb
             first_stage.save(writer.first_stage_path)
-            generation = writer.commit(_carry_over(manifest, _first_stage_info(first_stage, manifest, auto=auto)))
+            generation = writer.commit(
+                _carry_over(manifest, _first_stage_info(first_stage, manifest, auto=auto))
+            )
             deleted = writer.collected
         store.close()
         kept = sorted(g for g in live_pins(index_dir, remove_stale=False) if g != generation)
-    return CompactReport(index_dir=index_dir, generation=generation, committed=True, images=int(live_ids.size),
-                         dropped=int(dead.size), deleted_generations=tuple(deleted), kept_generations=tuple(kept),
-                         factory=first_stage.factory, seconds=time.perf_counter() - start)
+    return CompactReport(
+        index_dir=index_dir,
+        generation=generation,
+        committed=True,
+        images=int(live_ids.size),
+        dropped=int(dead.size),
+        deleted_generations=tuple(deleted),
+        kept_generations=tuple(kept),
+        factory=first_stage.factory,
+        seconds=time.perf_counter() - start,
+    )
 
 
 def _write_live_metadata(writer: GenerationWriter, base: Generation, dead: np.ndarray) -> None:

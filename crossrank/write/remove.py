@@ -9,9 +9,9 @@ from pathlib import Path
 import numpy as np
 
 from crossrank.errors import InvalidArgumentError
+from crossrank.store._crash import crash_point
 from crossrank.write._common import _carry_over, _open_for_writing
 from crossrank.write.reports import RemoveReport
-from crossrank.store._crash import crash_point
 
 __all__ = ["remove_images"]
 
@@ -45,16 +45,26 @@ def remove_images(
         FilterError: a malformed ``where``.
         IndexLockedError: another process is writing the index.
     """
-    from crossrank.store import Generation, GenerationWriter, WriterLock, collect_garbage, read_manifest
+    from crossrank.store import (
+        Generation,
+        GenerationWriter,
+        WriterLock,
+        collect_garbage,
+        read_manifest,
+    )
     from crossrank.store.layout import FIRST_STAGE_NAME, IDS_NAME, SKIPPED_NAME, VECTORS_NAME
 
     if (ids is None) == (where is None):
-        raise InvalidArgumentError("give the images to remove as ids or as a where filter, not both and not neither")
+        raise InvalidArgumentError(
+            "give the images to remove as ids or as a where filter, not both and not neither"
+        )
     wanted = None
     if ids is not None:
         wanted = np.asarray(ids)
         if wanted.ndim != 1 or (wanted.size and wanted.dtype.kind not in "iu"):
-            raise InvalidArgumentError(f"ids must be a list of integers, got {wanted.dtype} of shape {wanted.shape}")
+            raise InvalidArgumentError(
+                f"ids must be a list of integers, got {wanted.dtype} of shape {wanted.shape}"
+            )
         wanted = np.unique(wanted.astype(np.int64))
     index_dir = _open_for_writing(index_dir)
     with WriterLock(index_dir, create=False) as lock:
@@ -65,7 +75,9 @@ def remove_images(
         if wanted is not None:
             unknown = wanted[(wanted < 0) | (wanted >= base.next_id)]
             if unknown.size:
-                shown = ", ".join(map(str, unknown[:10].tolist())) + (" ..." if unknown.size > 10 else "")
+                shown = ", ".join(map(str, unknown[:10].tolist())) + (
+                    " ..." if unknown.size > 10 else ""
+                )
                 raise InvalidArgumentError(
                     f"{unknown.size} of the {wanted.size} ids are not in index {index_dir}: {shown}; "
                     f"nothing was removed (ids are below {base.next_id}: see `crossrank search --json` "
@@ -76,13 +88,21 @@ def remove_images(
         else:
             with base.metadata() as meta:
                 allowed = meta.allowed_ids(where)
-            to_remove = allowed[~np.isin(allowed, dead, assume_unique=True)] if dead.size else allowed
+            to_remove = (
+                allowed[~np.isin(allowed, dead, assume_unique=True)] if dead.size else allowed
+            )
             already = np.zeros(0, np.int64)
         if not to_remove.size:
             collect_garbage(index_dir, lock)  # finish what an interrupted writer left
-            return RemoveReport(index_dir=index_dir, generation=manifest.generation, committed=False, removed=(),
-                                already_removed=tuple(already.tolist()), images=int(live.size),
-                                tombstones=int(dead.size))
+            return RemoveReport(
+                index_dir=index_dir,
+                generation=manifest.generation,
+                committed=False,
+                removed=(),
+                already_removed=tuple(already.tolist()),
+                images=int(live.size),
+                tombstones=int(dead.size),
+            )
         with GenerationWriter(index_dir, lock=lock, base=base) as writer:
             writer.link_patches()
             for part in base.info.metadata_parts:
@@ -94,6 +114,12 @@ def remove_images(
             writer.write_tombstones(tombstones)
             generation = writer.commit(_carry_over(manifest))
     logger.info("removed %d images from %s (generation %d)", to_remove.size, index_dir, generation)
-    return RemoveReport(index_dir=index_dir, generation=generation, committed=True,
-                        removed=tuple(to_remove.tolist()), already_removed=tuple(already.tolist()),
-                        images=int(live.size - to_remove.size), tombstones=int(tombstones.size))
+    return RemoveReport(
+        index_dir=index_dir,
+        generation=generation,
+        committed=True,
+        removed=tuple(to_remove.tolist()),
+        already_removed=tuple(already.tolist()),
+        images=int(live.size - to_remove.size),
+        tombstones=int(tombstones.size),
+    )

@@ -45,10 +45,19 @@ class AddReport:
     seconds: float
 
     def to_dict(self) -> dict[str, Any]:
-        return {"index": str(self.index_dir), "generation": self.generation, "committed": self.committed,
-                "added": self.added, "moved": self.moved, "replaced": self.replaced,
-                "unchanged": self.unchanged, "duplicates": self.duplicates, "skipped": self.skipped,
-                "images": self.images, "seconds": round(self.seconds, 3)}
+        return {
+            "index": str(self.index_dir),
+            "generation": self.generation,
+            "committed": self.committed,
+            "added": self.added,
+            "moved": self.moved,
+            "replaced": self.replaced,
+            "unchanged": self.unchanged,
+            "duplicates": self.duplicates,
+            "skipped": self.skipped,
+            "images": self.images,
+            "seconds": round(self.seconds, 3),
+        }
 
 
 @dataclass(frozen=True)
@@ -74,9 +83,15 @@ class RemoveReport:
     tombstones: int
 
     def to_dict(self) -> dict[str, Any]:
-        return {"index": str(self.index_dir), "generation": self.generation, "committed": self.committed,
-                "removed": list(self.removed), "already_removed": list(self.already_removed),
-                "images": self.images, "tombstones": self.tombstones}
+        return {
+            "index": str(self.index_dir),
+            "generation": self.generation,
+            "committed": self.committed,
+            "removed": list(self.removed),
+            "already_removed": list(self.already_removed),
+            "images": self.images,
+            "tombstones": self.tombstones,
+        }
 
 
 @dataclass(frozen=True)
@@ -106,8 +121,14 @@ class CompactReport:
     seconds: float
 
     def to_dict(self) -> dict[str, Any]:
-        return {"index": str(self.index_dir), "generation": self.generation, "committed": self.committed,
-                "images": self.images, "dropped": self.dropped,
-                "deleted_generations": list(self.deleted_generations),
-                "kept_generations": list(self.kept_generations), "factory": self.factory,
-                "seconds": round(self.seconds, 3)}
+        return {
+            "index": str(self.index_dir),
+            "generation": self.generation,
+            "committed": self.committed,
+            "images": self.images,
+            "dropped": self.dropped,
+            "deleted_generations": list(self.deleted_generations),
+            "kept_generations": list(self.kept_generations),
+            "factory": self.factory,
+            "seconds": round(self.seconds, 3),
+        }

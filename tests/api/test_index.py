@@ -34,6 +34,7 @@ ATOL = 1e-5
 
 # -- reference computations ---------------------------------------------------------------------
 
+
 def _generation(index_dir: Path) -> Path:
     return index_dir / json.loads((index_dir / "manifest.json").read_text())["generation_dir"]
 
@@ -51,19 +52,25 @@ def _stored(index_dir: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray, list[s
     return ids, vectors, patches, meta["path"]
 
 
-def _brute_force(xq: np.ndarray, vectors: np.ndarray, ids: np.ndarray, keep: np.ndarray) -> dict[int, float]:
+def _brute_force(
+    xq: np.ndarray, vectors: np.ndarray, ids: np.ndarray, keep: np.ndarray
+) -> dict[int, float]:
     """id -> inner product with ``xq``, over the rows ``keep`` allows."""
     scores = vectors[keep] @ xq
     return {int(i): float(s) for i, s in zip(ids[keep], scores, strict=True)}
 
 
-def _assert_top_k(got_ids: list[int], got_scores: list[float], truth: dict[int, float], k: int) -> None:
+def _assert_top_k(
+    got_ids: list[int], got_scores: list[float], truth: dict[int, float], k: int
+) -> None:
     """``got`` is a correct top-k of ``truth`` (id -> score), tolerating ties at any rank."""
     best = sorted(truth.values(), reverse=True)[:k]
     assert len(got_ids) == len(best) == min(k, len(truth))
     assert len(set(got_ids)) == len(got_ids)
     np.testing.assert_allclose(got_scores, best, atol=ATOL)  # the right scores, best first
-    np.testing.assert_allclose([truth[i] for i in got_ids], got_scores, atol=ATOL)  # each id truly has its score
+    np.testing.assert_allclose(
+        [truth[i] for i in got_ids], got_scores, atol=ATOL
+    )  # each id truly has its score
 
 
 @pytest.fixture(scope="module")
@@ -84,6 +91,7 @@ def text_features(tiny_encoder):
 
 # -- facts --------------------------------------------------------------------------------------
 
+
 def test_open_reports_the_build(index, built_index, image_folder, tiny_clip):
     assert len(index) == 24
     facts = index.info()
@@ -96,7 +104,8 @@ def test_open_reports_the_build(index, built_index, image_folder, tiny_clip):
     paths = index.metadata(columns=["path"])["path"].to_pylist()
     assert sorted(paths) == sorted(str(p) for p in image_folder.rglob("img_*.png"))
     assert index.skipped().to_pylist() == [
-        {"path": str(image_folder / "broken.png"), "reason": index.skipped()["reason"][0].as_py()}]
+        {"path": str(image_folder / "broken.png"), "reason": index.skipped()["reason"][0].as_py()}
+    ]
     assert index.skipped()["reason"][0].as_py().strip()
 
 
@@ -108,6 +117,7 @@ def test_metadata_columns_and_where(index):
 
 # -- the first stage, with and without filters --------------------------------------------------
 
+
 def test_unfiltered_search_without_reranker_is_brute_force(index, stored, text_features):
     ids, vectors, _, paths = stored
     truth = _brute_force(text_features[0], vectors, ids, np.ones(len(ids), bool))
@@ -117,7 +127,12 @@ def test_unfiltered_search_without_reranker_is_brute_force(index, stored, text_f
         assert hit.rerank_score is None and hit.score == hit.first_stage_score
         assert hit.path == paths[hit.id] and Path(hit.path).is_absolute()
         assert set(hit.metadata) == {"sha256", "width", "height", "bytes", "mtime"}
-    assert result.counts.to_dict() == {"requested": 5, "returned": 5, "filtered_out": 0, "candidates": 5}
+    assert result.counts.to_dict() == {
+        "requested": 5,
+        "returned": 5,
+        "filtered_out": 0,
+        "candidates": 5,
+    }
     assert set(result.timings_ms) >= {"encode", "first_stage", "metadata", "total"}
     assert "rerank" not in result.timings_ms
 
@@ -153,8 +168,9 @@ def first_stage_calls(monkeypatch) -> list[str]:
 
 @pytest.mark.parametrize("exact", [True, False], ids=["exact", "faiss-selector"])
 @pytest.mark.parametrize(("where", "allow"), FILTERS, ids=[w for w, _ in FILTERS])
-def test_filtered_ranking_equals_brute_force_over_allowed_ids(index, stored, text_features, monkeypatch,
-                                                             first_stage_calls, where, allow, exact):
+def test_filtered_ranking_equals_brute_force_over_allowed_ids(
+    index, stored, text_features, monkeypatch, first_stage_calls, where, allow, exact
+):
     ids, vectors, _, paths = stored
     keep = np.array([allow(int(i), p) for i, p in zip(ids, paths, strict=True)])
     truth = _brute_force(text_features[0], vectors, ids, keep)
@@ -171,16 +187,32 @@ def test_filtered_ranking_equals_brute_force_over_allowed_ids(index, stored, tex
 @pytest.fixture(scope="module")
 def ivf_index(tmp_path_factory, image_folder, tiny_clip) -> Path:
     path = tmp_path_factory.mktemp("ivf") / "ivf.idx"
-    Index.build(image_folder, path, model=tiny_clip, device="cpu", factory="IVF4,Flat", batch_size=12, workers=1)
+    Index.build(
+        image_folder,
+        path,
+        model=tiny_clip,
+        device="cpu",
+        factory="IVF4,Flat",
+        batch_size=12,
+        workers=1,
+    )
     return path
 
 
-@pytest.mark.parametrize(("where", "allow", "path_taken"), [
-    ("id < 20", lambda i: i < 20, "selector"),  # 20 of 24 allowed: FAISS searches with an IDSelector
-    ("id IN (3, 7, 11)", lambda i: i in (3, 7, 11), "exact"),  # few allowed: scored exactly
-])
-def test_ivf_filtered_search_takes_the_chosen_path_and_is_exact(ivf_index, text_features, first_stage_calls,
-                                                                where, allow, path_taken):
+@pytest.mark.parametrize(
+    ("where", "allow", "path_taken"),
+    [
+        (
+            "id < 20",
+            lambda i: i < 20,
+            "selector",
+        ),  # 20 of 24 allowed: FAISS searches with an IDSelector
+        ("id IN (3, 7, 11)", lambda i: i in (3, 7, 11), "exact"),  # few allowed: scored exactly
+    ],
+)
+def test_ivf_filtered_search_takes_the_chosen_path_and_is_exact(
+    ivf_index, text_features, first_stage_calls, where, allow, path_taken
+):
     ids, vectors, _, _ = _stored(ivf_index)
     index = Index.open(ivf_index, device="cpu")
     assert index.info()["first_stage"]["factory"] == "IVF4,Flat"
@@ -188,8 +220,12 @@ def test_ivf_filtered_search_takes_the_chosen_path_and_is_exact(ivf_index, text_
     # nprobe (16) >= nlist (4): every list is probed, so the IVF answer must be the exact one.
     result = index.search(QUERY, k=2, where=where, reranker=None)
     assert first_stage_calls == [path_taken]
-    _assert_top_k([h.id for h in result], [h.score for h in result],
-                  _brute_force(text_features[0], vectors, ids, keep), 2)
+    _assert_top_k(
+        [h.id for h in result],
+        [h.score for h in result],
+        _brute_force(text_features[0], vectors, ids, keep),
+        2,
+    )
     assert result.counts.filtered_out == 24 - int(keep.sum())
 
 
@@ -197,18 +233,30 @@ def test_ivf_filtered_search_takes_the_chosen_path_and_is_exact(ivf_index, text_
 def test_a_filter_that_allows_nothing_returns_no_hits_and_says_so(index, reranker):
     result = index.search(QUERY, k=5, where="id < 0", reranker=reranker)
     assert list(result) == []
-    assert result.counts.to_dict() == {"requested": 5, "returned": 0, "filtered_out": 24, "candidates": 0}
+    assert result.counts.to_dict() == {
+        "requested": 5,
+        "returned": 0,
+        "filtered_out": 24,
+        "candidates": 0,
+    }
 
 
 def test_filter_shorter_than_k_is_reported_not_silent(index):
     result = index.search(QUERY, k=10, where="id IN (1, 2, 3)")
     assert sorted(h.id for h in result) == [1, 2, 3]
-    assert (result.counts.requested, result.counts.returned, result.counts.filtered_out) == (10, 3, 21)
+    assert (result.counts.requested, result.counts.returned, result.counts.filtered_out) == (
+        10,
+        3,
+        21,
+    )
 
 
 # -- the reranker and fusion ---------------------------------------------------------------------
 
-def _maxsim_truth(stored, text_features, rerank_k: int) -> tuple[dict[int, float], dict[int, float]]:
+
+def _maxsim_truth(
+    stored, text_features, rerank_k: int
+) -> tuple[dict[int, float], dict[int, float]]:
     """First-stage scores of all images and MaxSim scores of the top ``rerank_k``, from the files."""
     import torch
 
@@ -216,9 +264,15 @@ def _maxsim_truth(stored, text_features, rerank_k: int) -> tuple[dict[int, float
     first = _brute_force(text_features[0], vectors, ids, np.ones(len(ids), bool))
     candidates = sorted(first, key=lambda i: -first[i])[:rerank_k]
     rows = np.searchsorted(ids, candidates)
-    scores = MaxSimReranker(device="cpu").score(torch.from_numpy(text_features[1]),
-                                                torch.from_numpy(text_features[2]),
-                                                torch.from_numpy(patches[rows])).numpy()
+    scores = (
+        MaxSimReranker(device="cpu")
+        .score(
+            torch.from_numpy(text_features[1]),
+            torch.from_numpy(text_features[2]),
+            torch.from_numpy(patches[rows]),
+        )
+        .numpy()
+    )
     return first, dict(zip(candidates, scores.tolist(), strict=True))
 
 
@@ -241,7 +295,9 @@ def test_weighted_fusion_ranks_by_the_weighted_sum(index, stored, text_features)
     result = index.search(QUERY, k=4, rerank_k=10, fusion="weighted:0.5")
     _assert_top_k([h.id for h in result], [h.score for h in result], fused, 4)
     for hit in result:
-        assert hit.score == pytest.approx(0.5 * hit.rerank_score + 0.5 * hit.first_stage_score, abs=1e-6)
+        assert hit.score == pytest.approx(
+            0.5 * hit.rerank_score + 0.5 * hit.first_stage_score, abs=1e-6
+        )
         assert hit.rerank_score == pytest.approx(rerank[hit.id], abs=ATOL)
 
 
@@ -253,6 +309,7 @@ def test_weighted_zero_keeps_the_first_stage_order(index):
 
 
 # -- image-to-image -----------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("as_pil", [False, True], ids=["path", "pil"])
 @pytest.mark.parametrize("reranker", [None, "maxsim"])
@@ -266,6 +323,7 @@ def test_an_image_query_finds_itself_first(index, image_folder, as_pil, reranker
 
 
 # -- batches and threads ------------------------------------------------------------------------
+
 
 def _same_result(a, b) -> None:
     assert [h.id for h in a] == [h.id for h in b]
@@ -283,11 +341,23 @@ def test_search_batch_equals_one_search_per_query(index, image_folder):
 
 
 def test_eight_threads_search_one_index_at_once(built_index, index, image_folder):
-    queries = [QUERY, "a green triangle above a yellow star", "a purple square", "a cat", "a dog photo",
-               image_folder / "img_001.png", "a large blue circle", "the small orange star"]
+    queries = [
+        QUERY,
+        "a green triangle above a yellow star",
+        "a purple square",
+        "a cat",
+        "a dog photo",
+        image_folder / "img_001.png",
+        "a large blue circle",
+        "the small orange star",
+    ]
     wheres = [None, "id % 2 = 0", None, "id > 4", None, None, "path LIKE '%nested%'", None]
-    expected = [index.search(q, k=5, rerank_k=10, where=w) for q, w in zip(queries, wheres, strict=True)]
-    shared = Index.open(built_index, device="cpu")  # fresh: the threads also race to load the encoder
+    expected = [
+        index.search(q, k=5, rerank_k=10, where=w) for q, w in zip(queries, wheres, strict=True)
+    ]
+    shared = Index.open(
+        built_index, device="cpu"
+    )  # fresh: the threads also race to load the encoder
     start = threading.Barrier(8)
 
     def run(i: int):
@@ -301,6 +371,7 @@ def test_eight_threads_search_one_index_at_once(built_index, index, image_folder
 
 
 # -- verify -------------------------------------------------------------------------------------
+
 
 def test_verify_passes_on_a_sound_index(index):
     assert index.verify() == []
@@ -321,12 +392,20 @@ def test_verify_names_a_first_stage_count_mismatch(index_copy):
 
     gen = _generation(index_copy)
     ids, vectors, _, _ = _stored(index_copy)
-    FirstStage.build(vectors[:23], ids[:23], IndexConfig(factory="Flat")).save(gen / "first_stage.faiss")
+    FirstStage.build(vectors[:23], ids[:23], IndexConfig(factory="Flat")).save(
+        gen / "first_stage.faiss"
+    )
     info = json.loads((gen / "generation.json").read_text())
-    info["files"]["first_stage.faiss"] = (gen / "first_stage.faiss").stat().st_size  # only the count is off
+    info["files"]["first_stage.faiss"] = (
+        (gen / "first_stage.faiss").stat().st_size
+    )  # only the count is off
     (gen / "generation.json").write_text(json.dumps(info))
-    assert verify_index(index_copy) == ["first stage holds 23 vectors, but the generation has 24 images"]
-    assert Index.open(index_copy, device="cpu").verify()[0].startswith("first stage holds 23 vectors")
+    assert verify_index(index_copy) == [
+        "first stage holds 23 vectors, but the generation has 24 images"
+    ]
+    assert (
+        Index.open(index_copy, device="cpu").verify()[0].startswith("first stage holds 23 vectors")
+    )
 
 
 def test_verify_names_a_manifest_count_mismatch(index_copy):
@@ -335,14 +414,19 @@ def test_verify_names_a_manifest_count_mismatch(index_copy):
     manifest = json.loads((index_copy / "manifest.json").read_text())
     manifest["counts"]["images"] = 99
     (index_copy / "manifest.json").write_text(json.dumps(manifest))
-    assert verify_index(index_copy) == ["manifest counts.images is 99, generation gen-000001 holds 24"]
+    assert verify_index(index_copy) == [
+        "manifest counts.images is 99, generation gen-000001 holds 24"
+    ]
 
 
 # -- bad input: a CrossrankError with a message, and nothing changes ------------------------------
 
+
 def test_open_without_a_committed_index(tmp_path):
-    with pytest.raises(IndexNotFoundError,
-                       match=r"no committed index in .*nothing; build one with `crossrank build"):
+    with pytest.raises(
+        IndexNotFoundError,
+        match=r"no committed index in .*nothing; build one with `crossrank build",
+    ):
         Index.open(tmp_path / "nothing")
     (tmp_path / "empty").mkdir()
     with pytest.raises(IndexNotFoundError, match="no committed index"):
@@ -351,12 +435,17 @@ def test_open_without_a_committed_index(tmp_path):
 
 def test_searching_with_another_model_is_refused_naming_both(built_index, tiny_clip, other_clip):
     # A model named at open is checked at open, before any search can use it.
-    with pytest.raises(ModelMismatchError, match=rf"built with model '{re.escape(str(tiny_clip))}'.*"
-                                                 rf"encoded with '{re.escape(str(other_clip))}'"):
+    with pytest.raises(
+        ModelMismatchError,
+        match=rf"built with model '{re.escape(str(tiny_clip))}'.*"
+        rf"encoded with '{re.escape(str(other_clip))}'",
+    ):
         Index.open(built_index, device="cpu", model=other_clip)
 
 
-def test_a_model_that_changed_under_its_name_is_refused_saying_so(tmp_path, image_folder, tiny_clip, other_clip):
+def test_a_model_that_changed_under_its_name_is_refused_saying_so(
+    tmp_path, image_folder, tiny_clip, other_clip
+):
     # As after an upgrade that ships a new demo encoder: the index names the same model, whose
     # weights are no longer those it was built with.
     import shutil
@@ -365,29 +454,61 @@ def test_a_model_that_changed_under_its_name_is_refused_saying_so(tmp_path, imag
     index_dir = tmp_path / "photos.idx"
     Index.build(image_folder, index_dir, model=model, device="cpu", batch_size=8, workers=1).close()
     shutil.copy(other_clip / "model.safetensors", model / "model.safetensors")
-    with Index.open(index_dir, device="cpu") as index, pytest.raises(
-        ModelMismatchError, match=r"built with model '.*model', whose weights or config have changed since "
-                                  r"\(retrained.*\); rebuild the index with `crossrank build SOURCE --index "
-                                  r".*photos\.idx --overwrite`"):
+    with (
+        Index.open(index_dir, device="cpu") as index,
+        pytest.raises(
+            ModelMismatchError,
+            match=r"built with model '.*model', whose weights or config have changed since "
+            r"\(retrained.*\); rebuild the index with `crossrank build SOURCE --index "
+            r".*photos\.idx --overwrite`",
+        ),
+    ):
         index.search("a red circle")
 
 
-@pytest.mark.parametrize(("kwargs", "error", "match"), [
-    ({"where": "width >"}, FilterError, r'where "width >" is not a valid SQL expression'),
-    ({"where": "widht > 3"}, FilterError, r'unknown column "widht"; the metadata columns are: id, path'),
-    ({"where": "   "}, FilterError, "where is empty"),
-    ({"k": 0}, InvalidArgumentError, "k must be a positive number of hits, got 0"),
-    ({"k": -3}, InvalidArgumentError, "k must be a positive number of hits, got -3"),
-    ({"k": 5, "rerank_k": 4}, InvalidArgumentError, r"rerank_k must be >= k .* got rerank_k=4 and k=5"),
-    ({"query": ""}, InvalidArgumentError, "query is empty"),
-    ({"query": "  \n"}, InvalidArgumentError, "query is empty"),
-    ({"query": 42}, InvalidArgumentError, "query must be a str .* got int"),
-    ({"query": Path("/no/such/image.png")}, InvalidArgumentError,
-     r"query image /no/such/image.png does not exist"),
-    ({"reranker": "colbert"}, InvalidArgumentError, "colbert"),
-    ({"fusion": "weighted:2"}, InvalidArgumentError, r"alpha in \[0, 1\]"),
-], ids=["malformed-where", "unknown-column", "empty-where", "k-zero", "k-negative", "rerank_k-below-k",
-        "empty-query", "blank-query", "query-type", "missing-image", "unknown-reranker", "bad-fusion"])
+@pytest.mark.parametrize(
+    ("kwargs", "error", "match"),
+    [
+        ({"where": "width >"}, FilterError, r'where "width >" is not a valid SQL expression'),
+        (
+            {"where": "widht > 3"},
+            FilterError,
+            r'unknown column "widht"; the metadata columns are: id, path',
+        ),
+        ({"where": "   "}, FilterError, "where is empty"),
+        ({"k": 0}, InvalidArgumentError, "k must be a positive number of hits, got 0"),
+        ({"k": -3}, InvalidArgumentError, "k must be a positive number of hits, got -3"),
+        (
+            {"k": 5, "rerank_k": 4},
+            InvalidArgumentError,
+            r"rerank_k must be >= k .* got rerank_k=4 and k=5",
+        ),
+        ({"query": ""}, InvalidArgumentError, "query is empty"),
+        ({"query": "  \n"}, InvalidArgumentError, "query is empty"),
+        ({"query": 42}, InvalidArgumentError, "query must be a str .* got int"),
+        (
+            {"query": Path("/no/such/image.png")},
+            InvalidArgumentError,
+            r"query image /no/such/image.png does not exist",
+        ),
+        ({"reranker": "colbert"}, InvalidArgumentError, "colbert"),
+        ({"fusion": "weighted:2"}, InvalidArgumentError, r"alpha in \[0, 1\]"),
+    ],
+    ids=[
+        "malformed-where",
+        "unknown-column",
+        "empty-where",
+        "k-zero",
+        "k-negative",
+        "rerank_k-below-k",
+        "empty-query",
+        "blank-query",
+        "query-type",
+        "missing-image",
+        "unknown-reranker",
+        "bad-fusion",
+    ],
+)
 def test_bad_search_input_raises_and_changes_nothing(index, built_index, kwargs, error, match):
     before = committed_state(built_index)
     kwargs = {"query": QUERY, **kwargs}

@@ -46,8 +46,9 @@ def test_search_vectors_ranks_by_exact_inner_product(index: Index, built_index: 
         assert set(ids[scores[qi] > kth + 1e-6]) <= set(got.tolist())
         expected_scores = scores[qi][np.searchsorted(ids, got)]
         np.testing.assert_allclose([h.score for h in result], expected_scores, rtol=1e-5, atol=1e-6)
-        np.testing.assert_allclose([h.first_stage_score for h in result], expected_scores,
-                                   rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(
+            [h.first_stage_score for h in result], expected_scores, rtol=1e-5, atol=1e-6
+        )
         assert all(h.rerank_score is None for h in result)
         assert result.query == f"<vector {qi}>"
 
@@ -73,7 +74,9 @@ def test_search_vectors_applies_where_like_search(index: Index) -> None:
     assert all("nested" in h.path for h in got)
 
 
-def test_search_vectors_loads_no_encoder(built_index: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_search_vectors_loads_no_encoder(
+    built_index: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     def no_encoder(*args: object, **kwargs: object) -> None:
         raise AssertionError("search_vectors loaded an encoder")
 

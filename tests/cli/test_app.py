@@ -38,12 +38,17 @@ def _search_json(runner: CliRunner, *args: str) -> dict:
 
 
 @pytest.fixture(scope="module")
-def odd_folder(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[Path], dict[str, Path]]:
+def odd_folder(
+    tmp_path_factory: pytest.TempPathFactory,
+) -> tuple[Path, list[Path], dict[str, Path]]:
     root = tmp_path_factory.mktemp("cli-photos")
     good = write_images(root / "photos", 10, seed=5)
     data = good[0].read_bytes()
-    bad = {"truncated": root / "photos" / "truncated.png", "zero": root / "photos" / "zero.png",
-           "text": root / "photos" / "readme.png"}
+    bad = {
+        "truncated": root / "photos" / "truncated.png",
+        "zero": root / "photos" / "zero.png",
+        "text": root / "photos" / "readme.png",
+    }
     bad["truncated"].write_bytes(data[: len(data) // 2])
     bad["zero"].write_bytes(b"")
     bad["text"].write_text("not an image\n")
@@ -56,12 +61,28 @@ def cli_build(odd_folder, tiny_clip, runner):
     root, good, bad = odd_folder
     with pytest.MonkeyPatch.context() as mp:
         mp.chdir(root)
-        result = runner.invoke(app, ["build", "photos", "--index", "photos.idx", "--model", str(tiny_clip),
-                                     "--device", "cpu", "--batch-size", "4", "--workers", "2"])
+        result = runner.invoke(
+            app,
+            [
+                "build",
+                "photos",
+                "--index",
+                "photos.idx",
+                "--model",
+                str(tiny_clip),
+                "--device",
+                "cpu",
+                "--batch-size",
+                "4",
+                "--workers",
+                "2",
+            ],
+        )
     return root / "photos.idx", result
 
 
 # -- build -> search -> info -> verify -----------------------------------------------------------
+
 
 def test_build_exits_0_and_counts_the_skipped_files(cli_build):
     index, result = cli_build
@@ -73,13 +94,38 @@ def test_build_exits_0_and_counts_the_skipped_files(cli_build):
 
 def test_build_json_summary(tmp_path, tiny_clip, runner):
     write_images(tmp_path / "few", 3, seed=6)
-    result = runner.invoke(app, ["build", str(tmp_path / "few"), "--index", str(tmp_path / "few.idx"),
-                                 "--model", str(tiny_clip), "--device", "cpu", "--json"])
+    result = runner.invoke(
+        app,
+        [
+            "build",
+            str(tmp_path / "few"),
+            "--index",
+            str(tmp_path / "few.idx"),
+            "--model",
+            str(tiny_clip),
+            "--device",
+            "cpu",
+            "--json",
+        ],
+    )
     _ok(result)
     summary = json.loads(result.stdout)
-    assert set(summary) == {"index", "generation", "indexed", "skipped", "seconds", "images_per_second",
-                            "factory", "model"}
-    assert (summary["indexed"], summary["skipped"], summary["generation"], summary["factory"]) == (3, 0, 1, "Flat")
+    assert set(summary) == {
+        "index",
+        "generation",
+        "indexed",
+        "skipped",
+        "seconds",
+        "images_per_second",
+        "factory",
+        "model",
+    }
+    assert (summary["indexed"], summary["skipped"], summary["generation"], summary["factory"]) == (
+        3,
+        0,
+        1,
+        "Flat",
+    )
     assert summary["model"] == str(tiny_clip)
 
 
@@ -94,9 +140,13 @@ def test_search_json_has_the_documented_shape(cli_build, odd_folder, runner):
     for hit in out["hits"]:
         assert list(hit) == ["id", "path", "score", "scores", "metadata"]
         assert list(hit["scores"]) == ["first_stage", "rerank"]
-        assert isinstance(hit["scores"]["first_stage"], float) and isinstance(hit["scores"]["rerank"], float)
+        assert isinstance(hit["scores"]["first_stage"], float) and isinstance(
+            hit["scores"]["rerank"], float
+        )
         assert hit["score"] == hit["scores"]["rerank"]
-        assert Path(hit["path"]).is_absolute() and Path(hit["path"]) in good  # built from a relative SOURCE
+        assert (
+            Path(hit["path"]).is_absolute() and Path(hit["path"]) in good
+        )  # built from a relative SOURCE
         assert {"sha256", "width", "height", "bytes", "mtime"} <= set(hit["metadata"])
     scores = [h["score"] for h in out["hits"]]
     assert scores == sorted(scores, reverse=True)
@@ -132,7 +182,9 @@ def test_search_by_image_finds_that_image_first(cli_build, odd_folder, runner):
 
 def test_search_table_says_when_the_list_is_short(cli_build, runner):
     index, _ = cli_build
-    result = runner.invoke(app, ["search", str(index), QUERY, "-k", "4", "--where", "id < 2", "--device", "cpu"])
+    result = runner.invoke(
+        app, ["search", str(index), QUERY, "-k", "4", "--where", "id < 2", "--device", "cpu"]
+    )
     _ok(result)
     assert "2 of 4 requested · 8 filtered out" in result.stdout
     assert "first stage" in result.stdout and "rerank" in result.stdout
@@ -193,10 +245,14 @@ def test_verify_exits_1_on_a_count_mismatch(index_copy, runner):
     (index_copy / "manifest.json").write_text(json.dumps(manifest))
     result = runner.invoke(app, ["verify", str(index_copy)])
     assert result.exit_code == 1
-    assert result.stderr.strip() == "error: manifest counts.images is 25, generation gen-000001 holds 24"
+    assert (
+        result.stderr.strip()
+        == "error: manifest counts.images is 25, generation gen-000001 holds 24"
+    )
 
 
 # -- manifests ----------------------------------------------------------------------------------
+
 
 def test_manifest_columns_reach_hits_and_where(tmp_path, tiny_clip, runner):
     images = write_images(tmp_path / "data" / "img", 6, seed=8)
@@ -205,17 +261,40 @@ def test_manifest_columns_reach_hits_and_where(tmp_path, tiny_clip, runner):
         w.writerow(["path", "label", "year"])
         for i, p in enumerate(images):
             w.writerow([f"img/{p.name}", "dog" if i < 2 else "cat", 2020 + i])
-    _ok(runner.invoke(app, ["build", str(tmp_path / "data" / "list.csv"), "--index", str(tmp_path / "m.idx"),
-                            "--model", str(tiny_clip), "--device", "cpu"]))
-    out = _search_json(runner, str(tmp_path / "m.idx"), QUERY, "-k", "6",
-                       "--where", "label = 'cat' AND year < 2024")
+    _ok(
+        runner.invoke(
+            app,
+            [
+                "build",
+                str(tmp_path / "data" / "list.csv"),
+                "--index",
+                str(tmp_path / "m.idx"),
+                "--model",
+                str(tiny_clip),
+                "--device",
+                "cpu",
+            ],
+        )
+    )
+    out = _search_json(
+        runner,
+        str(tmp_path / "m.idx"),
+        QUERY,
+        "-k",
+        "6",
+        "--where",
+        "label = 'cat' AND year < 2024",
+    )
     assert sorted(h["path"] for h in out["hits"]) == [str(images[2]), str(images[3])]
     assert sorted((h["metadata"]["label"], h["metadata"]["year"]) for h in out["hits"]) == [
-        ("cat", 2022), ("cat", 2023)]
+        ("cat", 2022),
+        ("cat", 2023),
+    ]
     assert {"requested": 6, "returned": 2, "filtered_out": 4}.items() <= out["counts"].items()
 
 
 # -- bad input: exit 1, one line, no traceback, nothing committed changes ----------------------------
+
 
 def _write_bad_manifests(tmp: Path) -> None:
     (tmp / "nopath.csv").write_text("file,label\na.png,cat\n")
@@ -223,42 +302,73 @@ def _write_bad_manifests(tmp: Path) -> None:
 
 
 BAD = {  # args ({idx}: a copy of a built index, {tmp}: a scratch folder, {clip}/{other}: models) -> message
-    "missing-source": (["build", "{tmp}/nowhere", "--index", "{idx}", "--model", "{clip}", "--overwrite"],
-                       r"SOURCE .*nowhere does not exist"),
-    "existing-index": (["build", "{photos}", "--index", "{idx}", "--model", "{clip}"],
-                       r"already holds an index \(24 images\); pass --overwrite"),
-    "unreadable-manifest": (["build", "{tmp}/broken.parquet", "--index", "{idx}", "--model", "{clip}",
-                             "--overwrite"],
-                            r"cannot read manifest .*broken\.parquet"),
-    "manifest-without-path": (["build", "{tmp}/nopath.csv", "--index", "{idx}", "--model", "{clip}",
-                               "--overwrite"],
-                              r"has no `path` column"),
-    "missing-index": (["search", "{tmp}/no.idx", QUERY], r"no committed index in .*no\.idx; build one"),
+    "missing-source": (
+        ["build", "{tmp}/nowhere", "--index", "{idx}", "--model", "{clip}", "--overwrite"],
+        r"SOURCE .*nowhere does not exist",
+    ),
+    "existing-index": (
+        ["build", "{photos}", "--index", "{idx}", "--model", "{clip}"],
+        r"already holds an index \(24 images\); pass --overwrite",
+    ),
+    "unreadable-manifest": (
+        ["build", "{tmp}/broken.parquet", "--index", "{idx}", "--model", "{clip}", "--overwrite"],
+        r"cannot read manifest .*broken\.parquet",
+    ),
+    "manifest-without-path": (
+        ["build", "{tmp}/nopath.csv", "--index", "{idx}", "--model", "{clip}", "--overwrite"],
+        r"has no `path` column",
+    ),
+    "missing-index": (
+        ["search", "{tmp}/no.idx", QUERY],
+        r"no committed index in .*no\.idx; build one",
+    ),
     "info-missing-index": (["info", "{tmp}/no.idx"], r"no committed index in"),
     "verify-missing-index": (["verify", "{tmp}/no.idx"], r"no committed index in"),
-    "other-model": (["search", "{idx}", QUERY, "--model", "{other}"],
-                    r"built with model '.*tiny-clip', but queries would be encoded with '.*other-clip'"),
-    "malformed-where": (["search", "{idx}", QUERY, "--where", "width >"], r'where "width >" is not a valid SQL'),
-    "unknown-column": (["search", "{idx}", QUERY, "--where", "label = 'x'"], r'unknown column "label"'),
-    "k-zero": (["search", "{idx}", QUERY, "-k", "0"], r"k must be a positive number of hits, got 0"),
-    "rerank-k-below-k": (["search", "{idx}", QUERY, "-k", "5", "--rerank-k", "3"], r"rerank_k must be >= k"),
+    "other-model": (
+        ["search", "{idx}", QUERY, "--model", "{other}"],
+        r"built with model '.*tiny-clip', but queries would be encoded with '.*other-clip'",
+    ),
+    "malformed-where": (
+        ["search", "{idx}", QUERY, "--where", "width >"],
+        r'where "width >" is not a valid SQL',
+    ),
+    "unknown-column": (
+        ["search", "{idx}", QUERY, "--where", "label = 'x'"],
+        r'unknown column "label"',
+    ),
+    "k-zero": (
+        ["search", "{idx}", QUERY, "-k", "0"],
+        r"k must be a positive number of hits, got 0",
+    ),
+    "rerank-k-below-k": (
+        ["search", "{idx}", QUERY, "-k", "5", "--rerank-k", "3"],
+        r"rerank_k must be >= k",
+    ),
     "empty-query": (["search", "{idx}", "  "], r"query is empty"),
 }
 
 
 @pytest.mark.parametrize("case", list(BAD))
-def test_bad_input_is_one_line_and_exit_1(case, index_copy, image_folder, tmp_path, tiny_clip, other_clip, runner):
+def test_bad_input_is_one_line_and_exit_1(
+    case, index_copy, image_folder, tmp_path, tiny_clip, other_clip, runner
+):
 
     _write_bad_manifests(tmp_path)
     args, match = BAD[case]
-    args = [a.format(idx=index_copy, tmp=tmp_path, clip=tiny_clip, other=other_clip, photos=image_folder)
-            for a in args]
+    args = [
+        a.format(
+            idx=index_copy, tmp=tmp_path, clip=tiny_clip, other=other_clip, photos=image_folder
+        )
+        for a in args
+    ]
     if args[0] == "search":
         args += ["--device", "cpu"]
     before = committed_state(index_copy)
     result = runner.invoke(app, args)
     assert result.exit_code == 1, (result.stdout, result.stderr, result.exception)
-    assert isinstance(result.exception, SystemExit)  # handled: not an exception escaping with its traceback
+    assert isinstance(
+        result.exception, SystemExit
+    )  # handled: not an exception escaping with its traceback
     assert result.stdout == ""
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
@@ -268,15 +378,23 @@ def test_bad_input_is_one_line_and_exit_1(case, index_copy, image_folder, tmp_pa
 
 def _cli(*args: str) -> subprocess.CompletedProcess:
     """The real console script's code path, in a fresh interpreter (tracebacks go to the real stderr)."""
-    return subprocess.run([sys.executable, "-c", "from crossrank.cli import main; main()", *args],
-                          capture_output=True, text=True, timeout=60, env={**os.environ, "COLUMNS": "200"})
+    return subprocess.run(
+        [sys.executable, "-c", "from crossrank.cli import main; main()", *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, "COLUMNS": "200"},
+    )
 
 
 def test_errors_have_no_traceback_unless_verbose(tmp_path):
     quiet = _cli("info", str(tmp_path / "no.idx"))
     assert quiet.returncode == 1
-    assert quiet.stderr.strip() == f"error: no committed index in {tmp_path / 'no.idx'}; build one with " \
-                                   f"`crossrank build SOURCE --index {tmp_path / 'no.idx'}`"
+    assert (
+        quiet.stderr.strip()
+        == f"error: no committed index in {tmp_path / 'no.idx'}; build one with "
+        f"`crossrank build SOURCE --index {tmp_path / 'no.idx'}`"
+    )
     assert "Traceback" not in quiet.stderr
     loud = _cli("--verbose", "info", str(tmp_path / "no.idx"))
     assert loud.returncode == 1
@@ -286,8 +404,11 @@ def test_errors_have_no_traceback_unless_verbose(tmp_path):
 
 @pytest.mark.parametrize("extra", [["--image", "{img}"], []], ids=["query-and-image", "neither"])
 def test_query_and_image_are_one_or_the_other(built_index, image_folder, runner, extra):
-    args = ["search", str(built_index)] + (["a cat"] if extra else []) + \
-           [a.format(img=image_folder / "img_000.png") for a in extra]
+    args = (
+        ["search", str(built_index)]
+        + (["a cat"] if extra else [])
+        + [a.format(img=image_folder / "img_000.png") for a in extra]
+    )
     result = runner.invoke(app, args)
     assert result.exit_code == 2
     assert "give either a QUERY text or --image PATH" in " ".join(result.stderr.split())
@@ -302,10 +423,22 @@ def test_usage_error_for_an_unknown_device(built_index, runner):
 def test_search_cli_equals_the_api(built_index, runner):
     from crossrank import Index
 
-    out = _search_json(runner, str(built_index), QUERY, "-k", "5", "--rerank-k", "12", "--where", "id % 2 = 1",
-                       "--fusion", "weighted:0.5")
-    api = Index.open(built_index, device="cpu").search(QUERY, k=5, rerank_k=12, where="id % 2 = 1",
-                                                       fusion="weighted:0.5")
+    out = _search_json(
+        runner,
+        str(built_index),
+        QUERY,
+        "-k",
+        "5",
+        "--rerank-k",
+        "12",
+        "--where",
+        "id % 2 = 1",
+        "--fusion",
+        "weighted:0.5",
+    )
+    api = Index.open(built_index, device="cpu").search(
+        QUERY, k=5, rerank_k=12, where="id % 2 = 1", fusion="weighted:0.5"
+    )
     assert [h["id"] for h in out["hits"]] == [h.id for h in api]
     np.testing.assert_allclose([h["score"] for h in out["hits"]], [h.score for h in api], atol=1e-6)
     assert out["counts"] == api.counts.to_dict()
@@ -314,8 +447,19 @@ def test_search_cli_equals_the_api(built_index, runner):
 def test_build_failure_on_a_fresh_dir_leaves_no_index(tmp_path, tiny_clip, runner):
     (tmp_path / "bad").mkdir()
     (tmp_path / "bad" / "a.png").write_bytes(b"nope")
-    result = runner.invoke(app, ["build", str(tmp_path / "bad"), "--index", str(tmp_path / "x.idx"),
-                                 "--model", str(tiny_clip), "--device", "cpu"])
+    result = runner.invoke(
+        app,
+        [
+            "build",
+            str(tmp_path / "bad"),
+            "--index",
+            str(tmp_path / "x.idx"),
+            "--model",
+            str(tiny_clip),
+            "--device",
+            "cpu",
+        ],
+    )
     assert result.exit_code == 1
     assert re.search(r"error: none of the 1 files in .* could be decoded", result.stderr)
     leftovers = list((tmp_path / "x.idx").iterdir()) if (tmp_path / "x.idx").exists() else []

@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from crossrank.write.build import build_index
 from crossrank.cli import app
 from crossrank.store import WriterLock
+from crossrank.write.build import build_index
 
 from ..conftest import committed_state, write_images
 
@@ -39,7 +39,9 @@ def shared(tmp_path_factory: pytest.TempPathFactory, tiny_clip: Path) -> tuple[P
 def live(shared: tuple[Path, Path], tmp_path: Path) -> tuple[Path, Path]:
     """A private copy of an index of 5 images; the source folder is shared: do not change it."""
     source, index = shared
-    return source, Path(shutil.copytree(index, tmp_path / "photos.idx", ignore=shutil.ignore_patterns("*.pin")))
+    return source, Path(
+        shutil.copytree(index, tmp_path / "photos.idx", ignore=shutil.ignore_patterns("*.pin"))
+    )
 
 
 def _json(runner: CliRunner, *args: str) -> dict:
@@ -59,10 +61,28 @@ def _one_red_line(result, match: str) -> None:
 def test_add_remove_compact_round_trip(tmp_path, tiny_clip, runner):
     source, index = _build(tmp_path, tiny_clip)
     write_images(source / "new", 2, seed=71)
-    added = _json(runner, "add", str(source), "--index", str(index), "--device", "cpu", "--workers", "1")
-    assert set(added) == {"index", "generation", "committed", "added", "moved", "replaced", "unchanged",
-                          "duplicates", "skipped", "images", "seconds"}
-    assert (added["added"], added["unchanged"], added["images"], added["generation"]) == (2, 5, 7, 2)
+    added = _json(
+        runner, "add", str(source), "--index", str(index), "--device", "cpu", "--workers", "1"
+    )
+    assert set(added) == {
+        "index",
+        "generation",
+        "committed",
+        "added",
+        "moved",
+        "replaced",
+        "unchanged",
+        "duplicates",
+        "skipped",
+        "images",
+        "seconds",
+    }
+    assert (added["added"], added["unchanged"], added["images"], added["generation"]) == (
+        2,
+        5,
+        7,
+        2,
+    )
     removed = _json(runner, "remove", str(index), "--ids", "1, 6")
     assert (removed["removed"], removed["images"], removed["tombstones"]) == ([1, 6], 5, 2)
     by_where = _json(runner, "remove", str(index), "--where", "id = 0")
@@ -90,13 +110,20 @@ def test_human_output_says_what_happened(live, runner):
     assert compacted.exit_code == 0 and "compacted: dropped 1 removed images" in compacted.stdout
 
 
-@pytest.mark.parametrize(("args", "match"), [
-    (["add", "{tmp}/missing", "--index", "{idx}"], r"SOURCE .*missing does not exist"),
-    (["add", "{src}", "--index", "{tmp}/none.idx"], r"no committed index in .*none\.idx"),
-    (["remove", "{idx}", "--ids", "1,42"], r"1 of the 2 ids are not in index .*: 42; nothing was removed"),
-    (["remove", "{idx}", "--where", "nope > 1"], r'unknown column "nope"'),
-    (["compact", "{tmp}/none.idx"], r"no committed index in"),
-], ids=["missing-source", "missing-index", "unknown-ids", "bad-where", "compact-missing-index"])
+@pytest.mark.parametrize(
+    ("args", "match"),
+    [
+        (["add", "{tmp}/missing", "--index", "{idx}"], r"SOURCE .*missing does not exist"),
+        (["add", "{src}", "--index", "{tmp}/none.idx"], r"no committed index in .*none\.idx"),
+        (
+            ["remove", "{idx}", "--ids", "1,42"],
+            r"1 of the 2 ids are not in index .*: 42; nothing was removed",
+        ),
+        (["remove", "{idx}", "--where", "nope > 1"], r'unknown column "nope"'),
+        (["compact", "{tmp}/none.idx"], r"no committed index in"),
+    ],
+    ids=["missing-source", "missing-index", "unknown-ids", "bad-where", "compact-missing-index"],
+)
 def test_bad_input_is_one_red_line_and_changes_nothing(live, tmp_path, runner, args, match):
     source, index = live
     before = committed_state(index)
@@ -112,9 +139,15 @@ def test_a_locked_index_is_one_red_line_naming_the_writer(live, runner):
     _one_red_line(result, r"being written by another writer of this process .*one writer at a time")
 
 
-@pytest.mark.parametrize("args", [["--ids", "1", "--where", "id = 1"], [], ["--ids", "1,x"], ["--ids", ","]],
-                         ids=["both", "neither", "not-an-int", "empty"])
+@pytest.mark.parametrize(
+    "args",
+    [["--ids", "1", "--where", "id = 1"], [], ["--ids", "1,x"], ["--ids", ","]],
+    ids=["both", "neither", "not-an-int", "empty"],
+)
 def test_remove_usage_errors(live, runner, args):
     result = runner.invoke(app, ["remove", str(live[1]), *args])
     assert result.exit_code == 2
-    assert re.search(r"--where SQL or --ids|--ids must be integers|--ids is empty", " ".join(result.stderr.split()))
+    assert re.search(
+        r"--where SQL or --ids|--ids must be integers|--ids is empty",
+        " ".join(result.stderr.split()),
+    )

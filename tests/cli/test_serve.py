@@ -25,8 +25,22 @@ def served(monkeypatch: pytest.MonkeyPatch) -> dict:
 
 
 def test_serve_runs_the_app_of_the_index(built_index: Path, served: dict) -> None:
-    result = CliRunner().invoke(app, ["serve", str(built_index), "--port", "8123", "--host", "0.0.0.0",
-                                      "--allow-where", "--device", "cpu", "--rerank-k", "7"])
+    result = CliRunner().invoke(
+        app,
+        [
+            "serve",
+            str(built_index),
+            "--port",
+            "8123",
+            "--host",
+            "0.0.0.0",
+            "--allow-where",
+            "--device",
+            "cpu",
+            "--rerank-k",
+            "7",
+        ],
+    )
     assert result.exit_code == 0, (result.stdout, result.stderr, result.exception)
     assert (served["host"], served["port"]) == ("0.0.0.0", 8123)
     api = served["api"]
@@ -36,7 +50,11 @@ def test_serve_runs_the_app_of_the_index(built_index: Path, served: dict) -> Non
 
     from fastapi.testclient import TestClient
 
-    body = TestClient(api).post("/search", json={"query": "a red circle", "k": 2, "where": "width > 0"}).json()
+    body = (
+        TestClient(api)
+        .post("/search", json={"query": "a red circle", "k": 2, "where": "width > 0"})
+        .json()
+    )
     assert body["counts"]["candidates"] == 7  # --rerank-k is the default of requests
 
 
@@ -55,13 +73,18 @@ def test_serve_without_an_index_is_one_line(tmp_path: Path, served: dict) -> Non
 
 
 @pytest.mark.parametrize("missing", ["fastapi", "uvicorn"])
-def test_serve_without_the_extra_names_the_install_command(built_index: Path, monkeypatch: pytest.MonkeyPatch,
-                                                           missing: str) -> None:
-    for name in [m for m in sys.modules if m == "crossrank.serve" or m.startswith("crossrank.serve.")]:
+def test_serve_without_the_extra_names_the_install_command(
+    built_index: Path, monkeypatch: pytest.MonkeyPatch, missing: str
+) -> None:
+    for name in [
+        m for m in sys.modules if m == "crossrank.serve" or m.startswith("crossrank.serve.")
+    ]:
         monkeypatch.delitem(sys.modules, name)
     monkeypatch.setitem(sys.modules, missing, None)  # `import fastapi` raises ImportError
     result = CliRunner().invoke(app, ["serve", str(built_index), "--device", "cpu"])
     assert result.exit_code == 1
     assert result.stderr.count("\n") == 1
-    assert result.stderr.startswith("error: ") and result.stderr.rstrip().endswith("pip install 'crossrank[serve]'")
+    assert result.stderr.startswith("error: ") and result.stderr.rstrip().endswith(
+        "pip install 'crossrank[serve]'"
+    )
     assert missing in result.stderr

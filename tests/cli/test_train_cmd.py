@@ -19,20 +19,53 @@ runner = CliRunner()
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory: pytest.TempPathFactory, tiny_clip: Path) -> tuple[Path, Path, Path]:
     """A tiny shapes train split, an index over it, and a reranker trained by the CLI for 6 steps."""
-    from crossrank.write.build import build_index
     from crossrank.datasets import generate_shapes
+    from crossrank.write.build import build_index
 
     torch.set_num_threads(1)
     root = tmp_path_factory.mktemp("train-cli")
-    ds = generate_shapes(root / "data", n_images=40, n_queries=0, split="train", seed=5, captions_per_image=2,
-                         workers=1)
+    ds = generate_shapes(
+        root / "data",
+        n_images=40,
+        n_queries=0,
+        split="train",
+        seed=5,
+        captions_per_image=2,
+        workers=1,
+    )
     index = root / "shapes.idx"
     build_index(ds.images_dir, index, model=tiny_clip, device="cpu", batch_size=32, workers=1)
     out = root / "reranker"
-    result = runner.invoke(app, ["train", str(ds.pairs_path), "--index", str(index), "--out", str(out),
-                                 "--steps", "6", "--batch-size", "4", "--candidates", "4", "--mine-k", "8",
-                                 "--eval-every", "3", "--width", "16", "--heads", "2", "--layers", "1",
-                                 "--device", "cpu", "--json"])
+    result = runner.invoke(
+        app,
+        [
+            "train",
+            str(ds.pairs_path),
+            "--index",
+            str(index),
+            "--out",
+            str(out),
+            "--steps",
+            "6",
+            "--batch-size",
+            "4",
+            "--candidates",
+            "4",
+            "--mine-k",
+            "8",
+            "--eval-every",
+            "3",
+            "--width",
+            "16",
+            "--heads",
+            "2",
+            "--layers",
+            "1",
+            "--device",
+            "cpu",
+            "--json",
+        ],
+    )
     assert result.exit_code == 0, result.output
     report = json.loads(result.stdout)
     assert report["steps"] == 6 and report["relevance"] == "shapes"
@@ -54,7 +87,11 @@ def test_train_writes_a_reranker_folder(trained) -> None:
     assert (config["text_dim"], config["patch_dim"]) == (32, 32)
     # The defaults are the shipped demo reranker's: no gates, LeCun init, a position per patch.
     n_patches = json.loads((trained[1] / "manifest.json").read_text())["encoder"]["n_patches"]
-    assert (config["gated"], config["init"], config["patch_positions"]) == (False, "lecun", n_patches)
+    assert (config["gated"], config["init"], config["patch_positions"]) == (
+        False,
+        "lecun",
+        n_patches,
+    )
     # Trained as a residual with W = the encoder's logit scale, so search fuses as training scored.
     metadata = json.loads((out / "config.json").read_text())["metadata"]
     weight = metadata["train"]["first_stage_weight"]
@@ -71,9 +108,14 @@ def test_search_with_a_reranker_folder_uses_it(trained) -> None:
     model = load_reranker(out, device="cpu")
     rows = index.stored.rows_of_ids(np.array([h.id for h in result]))
     tokens = index.encoder.encode_text(["a red circle"])
-    expected = model.score(torch.from_numpy(tokens.tokens[0]), torch.from_numpy(tokens.mask[0]),
-                           torch.from_numpy(index.patches.gather(rows)))
-    np.testing.assert_allclose([h.rerank_score for h in result], expected.numpy(), rtol=1e-5, atol=1e-6)
+    expected = model.score(
+        torch.from_numpy(tokens.tokens[0]),
+        torch.from_numpy(tokens.mask[0]),
+        torch.from_numpy(index.patches.gather(rows)),
+    )
+    np.testing.assert_allclose(
+        [h.rerank_score for h in result], expected.numpy(), rtol=1e-5, atol=1e-6
+    )
 
 
 def test_auto_uses_the_index_own_reranker_and_falls_back_to_maxsim(trained, tmp_path: Path) -> None:
@@ -85,8 +127,9 @@ def test_auto_uses_the_index_own_reranker_and_falls_back_to_maxsim(trained, tmp_
     plain = Index.open(copy, device="cpu")
     assert plain.default_reranker == "maxsim"
     maxsim = plain.search("a red circle", k=3, rerank_k=10, reranker="maxsim")
-    assert [h.rerank_score for h in plain.search("a red circle", k=3, rerank_k=10)] == \
-        [h.rerank_score for h in maxsim]
+    assert [h.rerank_score for h in plain.search("a red circle", k=3, rerank_k=10)] == [
+        h.rerank_score for h in maxsim
+    ]
 
     shutil.copytree(out, copy / "reranker")
     carried = Index.open(copy, device="cpu")
@@ -98,16 +141,42 @@ def test_auto_uses_the_index_own_reranker_and_falls_back_to_maxsim(trained, tmp_
 
 def test_train_bad_values_are_usage_errors(trained, tmp_path: Path) -> None:
     root, index_dir, _ = trained
-    result = runner.invoke(app, ["train", str(root / "pairs.parquet"), "--index", str(index_dir), "--out",
-                                 str(tmp_path / "r"), "--hard-fraction", "2"])
+    result = runner.invoke(
+        app,
+        [
+            "train",
+            str(root / "pairs.parquet"),
+            "--index",
+            str(index_dir),
+            "--out",
+            str(tmp_path / "r"),
+            "--hard-fraction",
+            "2",
+        ],
+    )
     assert result.exit_code == 2
     assert "hard_fraction" in result.output
-    for extra, message in ((["--init", "xavier"], "init must be one of bert, lecun"),
-                           (["--caption-only-steps", "2"], "needs caption_negatives >= 1"),
-                           (["--first-stage-weight", "heavy"], "--first-stage-weight must be auto or a number"),
-                           (["--first-stage-weight", "-1"], "first_stage_weight must be 'auto' or a number in [0, 1e4)")):
-        result = runner.invoke(app, ["train", str(root / "pairs.parquet"), "--index", str(index_dir), "--out",
-                                     str(tmp_path / "r"), *extra])
+    for extra, message in (
+        (["--init", "xavier"], "init must be one of bert, lecun"),
+        (["--caption-only-steps", "2"], "needs caption_negatives >= 1"),
+        (["--first-stage-weight", "heavy"], "--first-stage-weight must be auto or a number"),
+        (
+            ["--first-stage-weight", "-1"],
+            "first_stage_weight must be 'auto' or a number in [0, 1e4)",
+        ),
+    ):
+        result = runner.invoke(
+            app,
+            [
+                "train",
+                str(root / "pairs.parquet"),
+                "--index",
+                str(index_dir),
+                "--out",
+                str(tmp_path / "r"),
+                *extra,
+            ],
+        )
         assert result.exit_code == 2
         assert message in " ".join(result.output.split())
 
@@ -115,10 +184,39 @@ def test_train_bad_values_are_usage_errors(trained, tmp_path: Path) -> None:
 def test_train_patch_positions_zero_turns_them_off(trained, tmp_path: Path) -> None:
     root, index_dir, _ = trained
     out = tmp_path / "r"
-    result = runner.invoke(app, ["train", str(root / "pairs.parquet"), "--index", str(index_dir), "--out", str(out),
-                                 "--steps", "2", "--batch-size", "4", "--candidates", "4", "--mine-k", "8",
-                                 "--width", "16", "--heads", "2", "--layers", "1", "--patch-positions", "0",
-                                 "--gated", "--init", "bert", "--device", "cpu", "--json"])
+    result = runner.invoke(
+        app,
+        [
+            "train",
+            str(root / "pairs.parquet"),
+            "--index",
+            str(index_dir),
+            "--out",
+            str(out),
+            "--steps",
+            "2",
+            "--batch-size",
+            "4",
+            "--candidates",
+            "4",
+            "--mine-k",
+            "8",
+            "--width",
+            "16",
+            "--heads",
+            "2",
+            "--layers",
+            "1",
+            "--patch-positions",
+            "0",
+            "--gated",
+            "--init",
+            "bert",
+            "--device",
+            "cpu",
+            "--json",
+        ],
+    )
     assert result.exit_code == 0, result.output
     config = json.loads((out / "config.json").read_text())["config"]
     assert (config["patch_positions"], config["gated"], config["init"]) == (None, True, "bert")
@@ -127,20 +225,43 @@ def test_train_patch_positions_zero_turns_them_off(trained, tmp_path: Path) -> N
 def test_train_with_a_pair_head_and_search_with_it(trained, tmp_path: Path) -> None:
     root, index_dir, _ = trained
     out = tmp_path / "r"
-    common = ["train", str(root / "pairs.parquet"), "--index", str(index_dir), "--out", str(out), "--steps", "2",
-              "--batch-size", "4", "--candidates", "4", "--mine-k", "8", "--width", "16", "--heads", "2",
-              "--device", "cpu", "--pair-head"]
+    common = [
+        "train",
+        str(root / "pairs.parquet"),
+        "--index",
+        str(index_dir),
+        "--out",
+        str(out),
+        "--steps",
+        "2",
+        "--batch-size",
+        "4",
+        "--candidates",
+        "4",
+        "--mine-k",
+        "8",
+        "--width",
+        "16",
+        "--heads",
+        "2",
+        "--device",
+        "cpu",
+        "--pair-head",
+    ]
     refused = runner.invoke(app, [*common, "--patch-positions", "0"])
     assert refused.exit_code == 2
     assert "pair_head needs patch_positions set to the encoder's square patch grid" in " ".join(
-        refused.output.replace("│", " ").split())  # the message as one line, out of rich's error box
+        refused.output.replace("│", " ").split()
+    )  # the message as one line, out of rich's error box
     result = runner.invoke(app, [*common, "--json"])
     assert result.exit_code == 0, result.output
     config = json.loads((out / "config.json").read_text())["config"]
     n_patches = json.loads((index_dir / "manifest.json").read_text())["encoder"]["n_patches"]
     assert (config["pair_head"], config["patch_positions"]) == (True, n_patches)
-    found = runner.invoke(app, ["search", str(index_dir), "a red circle", "--reranker", str(out), "--k", "3",
-                                "--json"])
+    found = runner.invoke(
+        app,
+        ["search", str(index_dir), "a red circle", "--reranker", str(out), "--k", "3", "--json"],
+    )
     assert found.exit_code == 0, found.output
     hits = json.loads(found.stdout)["hits"]
     assert len(hits) == 3 and all(np.isfinite(h["scores"]["rerank"]) for h in hits)
@@ -149,15 +270,41 @@ def test_train_with_a_pair_head_and_search_with_it(trained, tmp_path: Path) -> N
 def test_train_with_token_embeddings_and_search_with_it(trained, tmp_path: Path) -> None:
     root, index_dir, _ = trained
     out = tmp_path / "r"
-    result = runner.invoke(app, ["train", str(root / "pairs.parquet"), "--index", str(index_dir), "--out", str(out),
-                                 "--steps", "2", "--batch-size", "4", "--candidates", "4", "--mine-k", "8",
-                                 "--width", "16", "--heads", "2", "--device", "cpu", "--token-embeddings", "--json"])
+    result = runner.invoke(
+        app,
+        [
+            "train",
+            str(root / "pairs.parquet"),
+            "--index",
+            str(index_dir),
+            "--out",
+            str(out),
+            "--steps",
+            "2",
+            "--batch-size",
+            "4",
+            "--candidates",
+            "4",
+            "--mine-k",
+            "8",
+            "--width",
+            "16",
+            "--heads",
+            "2",
+            "--device",
+            "cpu",
+            "--token-embeddings",
+            "--json",
+        ],
+    )
     assert result.exit_code == 0, result.output
     config = json.loads((out / "config.json").read_text())["config"]
     encoder = json.loads((index_dir / "manifest.json").read_text())["encoder"]
     assert config["token_embeddings"] == encoder["text_width"] > 0
-    found = runner.invoke(app, ["search", str(index_dir), "a red circle", "--reranker", str(out), "--k", "3",
-                                "--json"])
+    found = runner.invoke(
+        app,
+        ["search", str(index_dir), "a red circle", "--reranker", str(out), "--k", "3", "--json"],
+    )
     assert found.exit_code == 0, found.output
     hits = json.loads(found.stdout)["hits"]
     assert len(hits) == 3 and all(np.isfinite(h["scores"]["rerank"]) for h in hits)
@@ -165,11 +312,41 @@ def test_train_with_token_embeddings_and_search_with_it(trained, tmp_path: Path)
 
 def test_train_with_caption_negatives_reports_their_validation(trained, tmp_path: Path) -> None:
     root, index_dir, _ = trained
-    result = runner.invoke(app, ["train", str(root / "pairs.parquet"), "--index", str(index_dir), "--out",
-                                 str(tmp_path / "r"), "--steps", "2", "--batch-size", "4", "--candidates", "4",
-                                 "--mine-k", "8", "--width", "16", "--heads", "2", "--layers", "1",
-                                 "--caption-negatives", "3", "--caption-only-steps", "1", "--init", "lecun",
-                                 "--relation-share", "0.25", "--device", "cpu"])
+    result = runner.invoke(
+        app,
+        [
+            "train",
+            str(root / "pairs.parquet"),
+            "--index",
+            str(index_dir),
+            "--out",
+            str(tmp_path / "r"),
+            "--steps",
+            "2",
+            "--batch-size",
+            "4",
+            "--candidates",
+            "4",
+            "--mine-k",
+            "8",
+            "--width",
+            "16",
+            "--heads",
+            "2",
+            "--layers",
+            "1",
+            "--caption-negatives",
+            "3",
+            "--caption-only-steps",
+            "1",
+            "--init",
+            "lecun",
+            "--relation-share",
+            "0.25",
+            "--device",
+            "cpu",
+        ],
+    )
     assert result.exit_code == 0, result.output
     assert "validation caption accuracy (the true caption first among 3 rewrites):" in result.stdout
     saved = json.loads((tmp_path / "r" / "config.json").read_text())
@@ -178,7 +355,9 @@ def test_train_with_caption_negatives_reports_their_validation(trained, tmp_path
     assert saved["metadata"]["train"]["relation_share"] == 0.25
 
 
-def test_train_caption_negatives_outside_a_shapes_dataset_is_one_line(trained, tmp_path: Path) -> None:
+def test_train_caption_negatives_outside_a_shapes_dataset_is_one_line(
+    trained, tmp_path: Path
+) -> None:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -188,22 +367,50 @@ def test_train_caption_negatives_outside_a_shapes_dataset_is_one_line(trained, t
     absolute = pa.array([str((root / p).absolute()) for p in table.column("path").to_pylist()])
     pairs = tmp_path / "pairs.parquet"
     pq.write_table(table.set_column(0, "path", absolute), pairs)
-    result = runner.invoke(app, ["train", str(pairs), "--index", str(index_dir), "--out", str(tmp_path / "r"),
-                                 "--steps", "2", "--caption-negatives", "3", "--device", "cpu"])
+    result = runner.invoke(
+        app,
+        [
+            "train",
+            str(pairs),
+            "--index",
+            str(index_dir),
+            "--out",
+            str(tmp_path / "r"),
+            "--steps",
+            "2",
+            "--caption-negatives",
+            "3",
+            "--device",
+            "cpu",
+        ],
+    )
     assert result.exit_code == 1
-    assert result.stderr.count("error:") == 1 and "train without --caption-negatives" in result.stderr
+    assert (
+        result.stderr.count("error:") == 1 and "train without --caption-negatives" in result.stderr
+    )
 
 
 def test_train_missing_pairs_is_one_line(trained, tmp_path: Path) -> None:
     _, index_dir, _ = trained
-    result = runner.invoke(app, ["train", str(tmp_path / "nope.parquet"), "--index", str(index_dir), "--out",
-                                 str(tmp_path / "r")])
+    result = runner.invoke(
+        app,
+        [
+            "train",
+            str(tmp_path / "nope.parquet"),
+            "--index",
+            str(index_dir),
+            "--out",
+            str(tmp_path / "r"),
+        ],
+    )
     assert result.exit_code == 1
     assert result.stderr.count("error:") == 1 and "nope.parquet" in result.stderr
 
 
 def test_search_with_a_missing_reranker_folder_is_one_line(trained) -> None:
     _, index_dir, _ = trained
-    result = runner.invoke(app, ["search", str(index_dir), "a red circle", "--reranker", "/no/such/reranker"])
+    result = runner.invoke(
+        app, ["search", str(index_dir), "a red circle", "--reranker", "/no/such/reranker"]
+    )
     assert result.exit_code == 1
     assert "error:" in result.stderr and "/no/such/reranker" in result.stderr

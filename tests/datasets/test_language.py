@@ -56,8 +56,16 @@ def test_text_uses_the_right_article_and_parse_normalises_case_and_spaces():
 
 @pytest.mark.parametrize(
     "text",
-    ["", "a pink circle", "a red hexagon", "red circle", "a red circle near a blue square",
-     "a red circle and", "a huge red circle", "a red circle and a blue square and a red cross"],
+    [
+        "",
+        "a pink circle",
+        "a red hexagon",
+        "red circle",
+        "a red circle near a blue square",
+        "a red circle and",
+        "a huge red circle",
+        "a red circle and a blue square and a red cross",
+    ],
 )
 def test_parse_query_rejects_unknown_text(text):
     with pytest.raises(InvalidArgumentError, match="does not follow a shapes template"):

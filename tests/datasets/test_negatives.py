@@ -18,10 +18,16 @@ from crossrank.datasets.scene import sample_scene
 def test_structural_negatives_swap_bindings_and_relations():
     structural, attribute = caption_perturbations(parse_query("a red circle left of a blue square"))
     texts = [s.text for s in structural]
-    assert texts[:3] == ["a blue circle left of a red square", "a red square left of a blue circle",
-                         "a blue square left of a red circle"]
-    assert set(texts[3:]) == {"a red circle right of a blue square", "a red circle above a blue square",
-                              "a red circle below a blue square"}
+    assert texts[:3] == [
+        "a blue circle left of a red square",
+        "a red square left of a blue circle",
+        "a blue square left of a red circle",
+    ]
+    assert set(texts[3:]) == {
+        "a red circle right of a blue square",
+        "a red circle above a blue square",
+        "a red circle below a blue square",
+    }
     assert "a green circle left of a blue square" in [s.text for s in attribute]
     assert "a red circle left of a blue cross" in [s.text for s in attribute]
 

@@ -89,9 +89,12 @@ def test_take_selects_a_batch_consistently():
 def test_match_aligned_equals_the_diagonal_of_match_matrix():
     rng = np.random.default_rng(3)
     scenes = [sample_scene(rng, 64, include_heldout=True) for _ in range(300)]
-    specs = [_random_spec(rng) if i % 2 else
-             sample_spec(s, list(QueryKind)[i % 3], rng, size_word_prob=0.5) or _random_spec(rng)
-             for i, s in enumerate(scenes)]
+    specs = [
+        _random_spec(rng)
+        if i % 2
+        else sample_spec(s, list(QueryKind)[i % 3], rng, size_word_prob=0.5) or _random_spec(rng)
+        for i, s in enumerate(scenes)
+    ]
     sp, sc = SpecArrays.from_specs(specs), SceneArrays.from_scenes(scenes)
     got = match_aligned(sp, sc)
     want = np.array([satisfies(scene, spec) for scene, spec in zip(scenes, specs, strict=True)])

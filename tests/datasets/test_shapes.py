@@ -138,9 +138,15 @@ def _spec_rows(ds: ShapesDataset) -> list[tuple]:
         b = s.b
         rows.append(
             (
-                q["query_id"], s.kind.value, s.a.colour.value, s.a.shape.value,
-                s.a.size and s.a.size.value, b and b.colour.value, b and b.shape.value,
-                b and b.size and b.size.value, s.relation and s.relation.value,
+                q["query_id"],
+                s.kind.value,
+                s.a.colour.value,
+                s.a.shape.value,
+                s.a.size and s.a.size.value,
+                b and b.colour.value,
+                b and b.shape.value,
+                b and b.size and b.size.value,
+                s.relation and s.relation.value,
             )
         )
     return rows
@@ -201,10 +207,7 @@ def test_qrels_equal_relevance_recomputed_from_pixels(test_corpus, segment):
     # ... and relevance judged on pixel extents gives exactly the qrels
     queries = pq.read_table(test_corpus.queries_path).to_pylist()
     got = {
-        (q["query_id"], p)
-        for q in queries
-        for p, objs in found.items()
-        if _holds(objs, q["text"])
+        (q["query_id"], p) for q in queries for p, objs in found.items() if _holds(objs, q["text"])
     }
     assert got == _qrels(test_corpus.qrels_path)
 

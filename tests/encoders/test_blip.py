@@ -58,11 +58,18 @@ def test_pooled_vectors_are_the_itc_features(blip_encoder, reference, images) ->
     enc = blip_encoder.tokenizer(texts, padding="longest", return_tensors="pt")
     with torch.no_grad():
         # use_itm_head=False is BLIP's ITC: cosine of the projected vision and text CLS tokens.
-        itc = torch.stack([
-            reference(input_ids=enc.input_ids[j:j + 1], attention_mask=enc.attention_mask[j:j + 1],
-                      pixel_values=pixels, use_itm_head=False).itm_score[:, 0]
-            for j in range(len(texts))
-        ], dim=1)  # (n_images, n_texts)
+        itc = torch.stack(
+            [
+                reference(
+                    input_ids=enc.input_ids[j : j + 1],
+                    attention_mask=enc.attention_mask[j : j + 1],
+                    pixel_values=pixels,
+                    use_itm_head=False,
+                ).itm_score[:, 0]
+                for j in range(len(texts))
+            ],
+            dim=1,
+        )  # (n_images, n_texts)
     np.testing.assert_allclose(feats.pooled @ text.pooled.T, itc.numpy(), atol=1e-5)
     np.testing.assert_allclose(np.linalg.norm(feats.pooled, axis=1), 1.0, atol=1e-5)
 
@@ -92,8 +99,15 @@ def test_token_embeddings_are_the_text_encoders_embedding_layer(blip_encoder, re
     feats = blip_encoder.encode_text(texts, token_embeddings=True)
     ids = torch.from_numpy(feats.input_ids)
     with torch.no_grad():
-        expected = reference.text_encoder(input_ids=ids, attention_mask=torch.from_numpy(feats.mask).long(),
-                                          output_hidden_states=True).hidden_states[0].numpy()
+        expected = (
+            reference.text_encoder(
+                input_ids=ids,
+                attention_mask=torch.from_numpy(feats.mask).long(),
+                output_hidden_states=True,
+            )
+            .hidden_states[0]
+            .numpy()
+        )
     assert blip_encoder.token_embedding_dim == reference.config.text_config.hidden_size
     np.testing.assert_allclose(feats.token_embeddings[feats.mask], expected[feats.mask], atol=1e-5)
     assert not feats.token_embeddings[~feats.mask].any()

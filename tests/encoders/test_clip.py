@@ -20,7 +20,11 @@ def reference(tiny_clip_dir):
     from transformers import AutoImageProcessor, AutoTokenizer, CLIPModel
 
     model = CLIPModel.from_pretrained(tiny_clip_dir).eval()
-    return model, AutoImageProcessor.from_pretrained(tiny_clip_dir), AutoTokenizer.from_pretrained(tiny_clip_dir)
+    return (
+        model,
+        AutoImageProcessor.from_pretrained(tiny_clip_dir),
+        AutoTokenizer.from_pretrained(tiny_clip_dir),
+    )
 
 
 def test_encode_images_shapes_and_dtypes(tiny_encoder, images):
@@ -33,9 +37,14 @@ def test_encode_images_shapes_and_dtypes(tiny_encoder, images):
 
 
 def test_pooled_vectors_are_unit_norm(tiny_encoder, images):
-    np.testing.assert_allclose(np.linalg.norm(tiny_encoder.encode_images(images).pooled, axis=1), 1.0, atol=1e-5)
-    np.testing.assert_allclose(np.linalg.norm(tiny_encoder.encode_text(["a red circle", LONG]).pooled, axis=1),
-                               1.0, atol=1e-5)
+    np.testing.assert_allclose(
+        np.linalg.norm(tiny_encoder.encode_images(images).pooled, axis=1), 1.0, atol=1e-5
+    )
+    np.testing.assert_allclose(
+        np.linalg.norm(tiny_encoder.encode_text(["a red circle", LONG]).pooled, axis=1),
+        1.0,
+        atol=1e-5,
+    )
 
 
 def test_encode_images_equals_clipmodel_image_features(tiny_encoder, images, reference):
@@ -49,15 +58,25 @@ def test_encode_images_equals_clipmodel_image_features(tiny_encoder, images, ref
         expected_patches = model.visual_projection(model.vision_model.post_layernorm(hidden[:, 1:]))
     torch.testing.assert_close(cls, expected, atol=1e-6, rtol=0)
     feats = tiny_encoder.encode_images(images)
-    np.testing.assert_allclose(feats.pooled, torch.nn.functional.normalize(expected, dim=-1).numpy(), atol=1e-5)
+    np.testing.assert_allclose(
+        feats.pooled, torch.nn.functional.normalize(expected, dim=-1).numpy(), atol=1e-5
+    )
     np.testing.assert_allclose(feats.patches, expected_patches.numpy(), atol=1e-5)
 
 
-def test_preprocess_matches_processor_and_encode_pixels_matches_encode_images(tiny_encoder, images, reference):
+def test_preprocess_matches_processor_and_encode_pixels_matches_encode_images(
+    tiny_encoder, images, reference
+):
     _, processor, _ = reference
     pixels = tiny_encoder.preprocess(images)
-    assert pixels.dtype == torch.float32 and pixels.device.type == "cpu" and pixels.shape == (10, 3, 32, 32)
-    torch.testing.assert_close(pixels, processor(images=images, return_tensors="pt")["pixel_values"])
+    assert (
+        pixels.dtype == torch.float32
+        and pixels.device.type == "cpu"
+        and pixels.shape == (10, 3, 32, 32)
+    )
+    torch.testing.assert_close(
+        pixels, processor(images=images, return_tensors="pt")["pixel_values"]
+    )
     a, b = tiny_encoder.encode_pixels(pixels), tiny_encoder.encode_images(images)
     np.testing.assert_array_equal(a.pooled, b.pooled)
     np.testing.assert_array_equal(a.patches, b.patches)
@@ -94,15 +113,20 @@ def test_text_pooled_equals_clipmodel_text_embeds(tiny_encoder, reference):
     texts = ["a red circle", LONG, "a blue square"]
     enc = tokenizer(texts, padding=True, return_tensors="pt")
     with torch.no_grad():
-        out = model(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"],
-                    pixel_values=torch.zeros(1, 3, 32, 32))
+        out = model(
+            input_ids=enc["input_ids"],
+            attention_mask=enc["attention_mask"],
+            pixel_values=torch.zeros(1, 3, 32, 32),
+        )
         hidden = model.text_model(**enc).last_hidden_state
     feats = tiny_encoder.encode_text(texts)
     assert isinstance(feats, TextFeatures)
     np.testing.assert_allclose(feats.pooled, out.text_embeds.numpy(), atol=1e-5)
     mask = enc["attention_mask"].bool().numpy()
     np.testing.assert_array_equal(feats.mask, mask)
-    np.testing.assert_allclose(feats.tokens[mask], model.text_projection(hidden).detach().numpy()[mask], atol=1e-5)
+    np.testing.assert_allclose(
+        feats.tokens[mask], model.text_projection(hidden).detach().numpy()[mask], atol=1e-5
+    )
 
 
 def test_token_embeddings_are_the_text_models_layer_0_states(tiny_encoder, reference):
@@ -116,7 +140,10 @@ def test_token_embeddings_are_the_text_models_layer_0_states(tiny_encoder, refer
     width = model.config.text_config.hidden_size
     assert tiny_encoder.token_embedding_dim == tiny_encoder.info["text_width"] == width
     assert plain.token_embeddings is None and plain.reranker_tokens() is plain.tokens
-    assert feats.token_embeddings.shape == (*feats.mask.shape, width) and feats.token_embeddings.dtype == np.float32
+    assert (
+        feats.token_embeddings.shape == (*feats.mask.shape, width)
+        and feats.token_embeddings.dtype == np.float32
+    )
     mask = feats.mask
     np.testing.assert_allclose(feats.token_embeddings[mask], layer0[mask], atol=1e-5)
     assert not feats.token_embeddings[~mask].any()  # zero at padding
@@ -140,7 +167,11 @@ def test_text_shapes_mask_and_zero_padding(tiny_encoder):
     feats = tiny_encoder.encode_text(["a", LONG])
     m, n_tokens, d = feats.tokens.shape
     assert (m, d) == (2, 32) and feats.pooled.shape == (2, 32)
-    assert feats.tokens.dtype == np.float32 and feats.mask.dtype == np.bool_ and feats.mask.shape == (2, n_tokens)
+    assert (
+        feats.tokens.dtype == np.float32
+        and feats.mask.dtype == np.bool_
+        and feats.mask.shape == (2, n_tokens)
+    )
     assert feats.mask[1].all() and feats.mask[0].sum() == 3  # <bos> a <eos>
     assert np.all(feats.tokens[~feats.mask] == 0.0)
     assert np.all(np.abs(feats.tokens[feats.mask]).sum(axis=-1) > 0)
@@ -206,7 +237,9 @@ def test_bad_images_are_refused(tiny_encoder, images):
 
 
 def test_encode_pixels_refuses_a_wrong_shape(tiny_encoder):
-    with pytest.raises(InvalidArgumentError, match=r"must have shape \(n, 3, 32, 32\).*got \(2, 3, 64, 64\)"):
+    with pytest.raises(
+        InvalidArgumentError, match=r"must have shape \(n, 3, 32, 32\).*got \(2, 3, 64, 64\)"
+    ):
         tiny_encoder.encode_pixels(torch.zeros(2, 3, 64, 64))
     with pytest.raises(InvalidArgumentError, match="must be a torch tensor, got list"):
         tiny_encoder.encode_pixels([[0.0]])

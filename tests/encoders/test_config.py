@@ -9,8 +9,18 @@ from crossrank.encoders import DEMO_MODEL, EncoderConfig, Precision
 
 def test_defaults_take_the_demo_model_on_the_best_device():
     config = EncoderConfig()
-    assert (config.model, config.device, config.batch_size, config.dtype) == (DEMO_MODEL, "auto", 64, "auto")
-    assert EncoderConfig(model="openai/clip-vit-base-patch32", device="cuda:1", dtype=Precision.FP16).device == "cuda:1"
+    assert (config.model, config.device, config.batch_size, config.dtype) == (
+        DEMO_MODEL,
+        "auto",
+        64,
+        "auto",
+    )
+    assert (
+        EncoderConfig(
+            model="openai/clip-vit-base-patch32", device="cuda:1", dtype=Precision.FP16
+        ).device
+        == "cuda:1"
+    )
 
 
 @pytest.mark.parametrize(

@@ -24,14 +24,21 @@ def test_default_model_is_the_shipped_demo_model(demo_encoder) -> None:
 
 def test_demo_model_ranks_single_objects_first(demo_encoder, tmp_path: Path) -> None:
     """A random model scores ~1/n_images; the trained one puts a matching image first."""
-    from crossrank.datasets import generate_shapes, match_matrix
     from PIL import Image
+
+    from crossrank.datasets import generate_shapes, match_matrix
 
     ds = generate_shapes(tmp_path / "shapes", n_images=120, n_queries=0, seed=11, workers=1)
     scenes = ds.scenes()
     paths = sorted(ds.images_dir.glob("*.png"))
-    encoder_images = demo_encoder.encode_images([Image.open(p).convert("RGB") for p in paths]).pooled
-    texts = [f"a {c} {s}" for c in ("red", "green", "blue", "yellow") for s in ("circle", "square", "cross")]
+    encoder_images = demo_encoder.encode_images(
+        [Image.open(p).convert("RGB") for p in paths]
+    ).pooled
+    texts = [
+        f"a {c} {s}"
+        for c in ("red", "green", "blue", "yellow")
+        for s in ("circle", "square", "cross")
+    ]
     relevant = match_matrix(texts, scenes)  # (queries, images)
     keep = relevant.any(axis=1)
     top1 = (demo_encoder.encode_text(texts).pooled @ encoder_images.T).argmax(axis=1)

@@ -8,14 +8,26 @@ from crossrank.encoders import fingerprint, same_model
 from crossrank.encoders.fingerprint import config_sha256, weight_files, weights_sha256
 from crossrank.errors import InvalidArgumentError
 
-CONFIG = {"model_type": "clip", "projection_dim": 32, "text_config": {"hidden_size": 32, "vocab_size": 65},
-          "vision_config": {"image_size": 32, "patch_size": 8}}
+CONFIG = {
+    "model_type": "clip",
+    "projection_dim": 32,
+    "text_config": {"hidden_size": 32, "vocab_size": 65},
+    "vision_config": {"image_size": 32, "patch_size": 8},
+}
 
 
 def test_config_digest_ignores_how_and_where_it_was_saved():
-    saved = {"transformers_version": "5.24.0", "_name_or_path": "/somewhere", "dtype": "float32",
-             **{k: v for k, v in reversed(list(CONFIG.items()))}}
-    saved["text_config"] = {**CONFIG["text_config"], "torch_dtype": "float16", "transformers_version": "4.46.0"}
+    saved = {
+        "transformers_version": "5.24.0",
+        "_name_or_path": "/somewhere",
+        "dtype": "float32",
+        **{k: v for k, v in reversed(list(CONFIG.items()))},
+    }
+    saved["text_config"] = {
+        **CONFIG["text_config"],
+        "torch_dtype": "float16",
+        "transformers_version": "4.46.0",
+    }
     assert config_sha256(saved) == config_sha256(CONFIG)
 
 
@@ -29,8 +41,10 @@ def test_weight_files_prefer_safetensors_over_bin(tmp_path):
     assert weight_files(tmp_path) == [tmp_path / "pytorch_model.bin"]
     for name in ("model-00002-of-00002.safetensors", "model-00001-of-00002.safetensors"):
         (tmp_path / name).write_bytes(b"st")
-    assert [p.name for p in weight_files(tmp_path)] == ["model-00001-of-00002.safetensors",
-                                                         "model-00002-of-00002.safetensors"]
+    assert [p.name for p in weight_files(tmp_path)] == [
+        "model-00001-of-00002.safetensors",
+        "model-00002-of-00002.safetensors",
+    ]
     assert weight_files(tmp_path / "missing-subdir") == []
 
 
@@ -46,15 +60,22 @@ def test_big_weight_files_are_hashed_by_size_head_and_tail(tmp_path, monkeypatch
     monkeypatch.setattr(fingerprint, "FULL_HASH_MAX_BYTES", 16)
     monkeypatch.setattr(fingerprint, "HEAD_TAIL_BYTES", 4)
     base = b"HEAD" + b"m" * 40 + b"TAIL"
-    variants = {"same": base, "middle": b"HEAD" + b"n" * 40 + b"TAIL", "head": b"HEAX" + base[4:],
-                "tail": base[:-1] + b"!", "size": b"HEAD" + b"m" * 41 + b"TAIL"}
+    variants = {
+        "same": base,
+        "middle": b"HEAD" + b"n" * 40 + b"TAIL",
+        "head": b"HEAX" + base[4:],
+        "tail": base[:-1] + b"!",
+        "size": b"HEAD" + b"m" * 41 + b"TAIL",
+    }
     digests = {}
     for name, content in variants.items():
         path = tmp_path / name / "model.safetensors"
         path.parent.mkdir()
         path.write_bytes(content)
         digests[name] = weights_sha256([path])
-    assert digests["middle"] == digests["same"]  # documented: an identity check, not an integrity check
+    assert (
+        digests["middle"] == digests["same"]
+    )  # documented: an identity check, not an integrity check
     assert len({digests[k] for k in ("same", "head", "tail", "size")}) == 4
 
 

@@ -13,12 +13,20 @@ import numpy as np
 import pytest
 import torch
 
-from crossrank.encoders import DEMO_MODEL, load_encoder, same_model, supported_model_types
-from crossrank.encoders import loading
+from crossrank.encoders import DEMO_MODEL, load_encoder, loading, same_model, supported_model_types
 from crossrank.errors import InvalidArgumentError, ModelError
 
-INFO_KEYS = {"model_id", "model_type", "dim", "patch_dim", "n_patches", "image_size", "max_text_len",
-             "config_sha256", "weights_sha256"}
+INFO_KEYS = {
+    "model_id",
+    "model_type",
+    "dim",
+    "patch_dim",
+    "n_patches",
+    "image_size",
+    "max_text_len",
+    "config_sha256",
+    "weights_sha256",
+}
 OFFLINE_HINT = "download it once with network, or pass a local directory in Hugging Face format"
 
 
@@ -48,7 +56,9 @@ def _go_online(monkeypatch) -> None:
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
 
 
-def _cache_snapshot(cache: Path, repo_id: str, src: Path, *, only: tuple[str, ...] | None = None) -> Path:
+def _cache_snapshot(
+    cache: Path, repo_id: str, src: Path, *, only: tuple[str, ...] | None = None
+) -> Path:
     """Lay ``src`` out as the cached snapshot of ``repo_id``, as huggingface_hub does (refs/main -> commit)."""
     commit = "0123456789abcdef0123456789abcdef01234567"
     repo = cache / ("models--" + repo_id.replace("/", "--"))
@@ -69,17 +79,26 @@ def test_info_is_json_able_and_complete(tiny_encoder, tiny_clip_dir):
     info = json.loads(json.dumps(tiny_encoder.info))
     assert INFO_KEYS <= set(info)
     assert info["model_id"] == str(tiny_clip_dir.resolve()) == tiny_encoder.model_id
-    assert (info["model_type"], info["source"], info["dim"], info["n_patches"]) == ("clip", "local", 32, 16)
+    assert (info["model_type"], info["source"], info["dim"], info["n_patches"]) == (
+        "clip",
+        "local",
+        32,
+        16,
+    )
     assert (info["image_size"], info["max_text_len"]) == (32, 24)
 
 
-def test_same_model_for_a_moved_copy_not_for_other_weights(tiny_encoder, tiny_clip_dir, other_clip_dir, tmp_path):
+def test_same_model_for_a_moved_copy_not_for_other_weights(
+    tiny_encoder, tiny_clip_dir, other_clip_dir, tmp_path
+):
     copy = load_encoder(_copy(tiny_clip_dir, tmp_path / "moved"), device="cpu")
     other = load_encoder(other_clip_dir, device="cpu")
     assert copy.model_id != tiny_encoder.model_id
     assert same_model(copy.info, tiny_encoder.info)
     assert not same_model(other.info, tiny_encoder.info)
-    assert other.info["config_sha256"] == tiny_encoder.info["config_sha256"]  # same architecture, other weights
+    assert (
+        other.info["config_sha256"] == tiny_encoder.info["config_sha256"]
+    )  # same architecture, other weights
 
 
 def test_relative_path_string_and_path_object_load_the_same_dir(tiny_clip_dir, monkeypatch):
@@ -89,7 +108,9 @@ def test_relative_path_string_and_path_object_load_the_same_dir(tiny_clip_dir, m
     assert by_str.model_id == by_path.model_id == str(tiny_clip_dir.resolve())
 
 
-@pytest.mark.filterwarnings("ignore:Cannot enable progress bars")  # huggingface_hub's, under the suite's env
+@pytest.mark.filterwarnings(
+    "ignore:Cannot enable progress bars"
+)  # huggingface_hub's, under the suite's env
 def test_loading_is_quiet_and_leaves_transformers_logging_as_it_was(tiny_clip_dir, capfd):
     from transformers.utils import logging as hf_logging
 
@@ -111,15 +132,37 @@ def test_loading_is_quiet_and_leaves_transformers_logging_as_it_was(tiny_clip_di
     assert hook_after is hook_before  # the hook set for the load was taken off again
 
 
-@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=[
-    pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")])])
-def test_device_param_places_the_model_and_outputs_float32(tiny_clip_dir, tiny_encoder, images, device):
+@pytest.mark.parametrize(
+    "device",
+    [
+        "cpu",
+        pytest.param(
+            "cuda",
+            marks=[
+                pytest.mark.gpu,
+                pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"),
+            ],
+        ),
+    ],
+)
+def test_device_param_places_the_model_and_outputs_float32(
+    tiny_clip_dir, tiny_encoder, images, device
+):
     enc = load_encoder(tiny_clip_dir, device=device, batch_size=3)
     assert enc.device.type == device
     assert enc.dtype == (torch.float16 if device == "cuda" else torch.float32)
     assert next(enc.model.parameters()).device.type == device
-    feats, text = enc.encode_images(images), enc.encode_text(["a red circle", "a blue square left of a star"])
-    assert feats.pooled.dtype == feats.patches.dtype == text.pooled.dtype == text.tokens.dtype == np.float32
+    feats, text = (
+        enc.encode_images(images),
+        enc.encode_text(["a red circle", "a blue square left of a star"]),
+    )
+    assert (
+        feats.pooled.dtype
+        == feats.patches.dtype
+        == text.pooled.dtype
+        == text.tokens.dtype
+        == np.float32
+    )
     np.testing.assert_allclose(np.linalg.norm(feats.pooled, axis=1), 1.0, atol=1e-5)
     tol = 2e-2 if device == "cuda" else 1e-5  # fp16 on CUDA
     ref_text = tiny_encoder.encode_text(["a red circle", "a blue square left of a star"])
@@ -157,7 +200,10 @@ def test_hub_id_not_cached_offline_is_one_clear_line(hub_cache):
 
 def test_hub_id_partly_cached_offline_says_so(hub_cache, tiny_clip_dir):
     _cache_snapshot(hub_cache, "crossrank-tests/partial", tiny_clip_dir, only=("config.json",))
-    with pytest.raises(ModelError, match=r"'crossrank-tests/partial' is only partly in the local Hugging Face cache"):
+    with pytest.raises(
+        ModelError,
+        match=r"'crossrank-tests/partial' is only partly in the local Hugging Face cache",
+    ):
         load_encoder("crossrank-tests/partial", device="cpu")
 
 
@@ -177,7 +223,9 @@ def test_hub_unreachable_is_one_clear_line(hub_cache, monkeypatch):
     from huggingface_hub.errors import LocalEntryNotFoundError
 
     _go_online(monkeypatch)
-    error = LocalEntryNotFoundError("Got: ConnectError: [Errno -3] Temporary failure in name resolution\nmore")
+    error = LocalEntryNotFoundError(
+        "Got: ConnectError: [Errno -3] Temporary failure in name resolution\nmore"
+    )
     error.__cause__ = ConnectionError("[Errno -3] Temporary failure in name resolution")
     monkeypatch.setattr(huggingface_hub, "snapshot_download", _fake_snapshot_download(error))
     with pytest.raises(ModelError) as excinfo:
@@ -195,10 +243,15 @@ def test_hub_id_that_does_not_exist_online(hub_cache, monkeypatch):
     from huggingface_hub.errors import RepositoryNotFoundError
 
     _go_online(monkeypatch)
-    error = RepositoryNotFoundError("404 Client Error", response=SimpleNamespace(headers={}, request=None))
+    error = RepositoryNotFoundError(
+        "404 Client Error", response=SimpleNamespace(headers={}, request=None)
+    )
     monkeypatch.setattr(huggingface_hub, "snapshot_download", _fake_snapshot_download(error))
-    with pytest.raises(ModelError, match=r"'crossrank-tests/nope' was not found on the Hugging Face hub, or it is "
-                                         r"private or gated"):
+    with pytest.raises(
+        ModelError,
+        match=r"'crossrank-tests/nope' was not found on the Hugging Face hub, or it is "
+        r"private or gated",
+    ):
         load_encoder("crossrank-tests/nope", device="cpu")
 
 
@@ -209,20 +262,33 @@ def test_hub_download_that_breaks_off(hub_cache, monkeypatch):
         pass
 
     _go_online(monkeypatch)
-    monkeypatch.setattr(huggingface_hub, "snapshot_download", _fake_snapshot_download(ReadError("connection reset")))
-    with pytest.raises(ModelError, match=r"'crossrank-tests/big': downloading it from the Hugging Face hub failed "
-                                         r"\(ReadError: connection reset\); try again"):
+    monkeypatch.setattr(
+        huggingface_hub, "snapshot_download", _fake_snapshot_download(ReadError("connection reset"))
+    )
+    with pytest.raises(
+        ModelError,
+        match=r"'crossrank-tests/big': downloading it from the Hugging Face hub failed "
+        r"\(ReadError: connection reset\); try again",
+    ):
         load_encoder("crossrank-tests/big", device="cpu")
 
 
 @pytest.mark.parametrize(
     ("subdir", "module_type"),
     [
-        ("0_CLIPModel", "sentence_transformers.models.CLIPModel"),  # sentence-transformers 2.x - 5.x
-        ("", "sentence_transformers.sentence_transformer.modules.clip_model.CLIPModel"),  # 6.x: model at the top
+        (
+            "0_CLIPModel",
+            "sentence_transformers.models.CLIPModel",
+        ),  # sentence-transformers 2.x - 5.x
+        (
+            "",
+            "sentence_transformers.sentence_transformer.modules.clip_model.CLIPModel",
+        ),  # 6.x: model at the top
     ],
 )
-def test_sentence_transformers_clip_folder(tmp_path, tiny_clip_dir, tiny_encoder, images, subdir, module_type):
+def test_sentence_transformers_clip_folder(
+    tmp_path, tiny_clip_dir, tiny_encoder, images, subdir, module_type
+):
     st = tmp_path / "st-clip"
     _copy(tiny_clip_dir, st / subdir if subdir else st)
     modules = [{"idx": 0, "name": "0", "path": subdir, "type": module_type}]
@@ -230,16 +296,28 @@ def test_sentence_transformers_clip_folder(tmp_path, tiny_clip_dir, tiny_encoder
     enc = load_encoder(st, device="cpu")
     assert enc.model_id == str(st.resolve())
     assert same_model(enc.info, tiny_encoder.info)
-    np.testing.assert_allclose(enc.encode_images(images).pooled, tiny_encoder.encode_images(images).pooled, atol=1e-6)
+    np.testing.assert_allclose(
+        enc.encode_images(images).pooled, tiny_encoder.encode_images(images).pooled, atol=1e-6
+    )
 
 
 def test_sentence_transformers_pipeline_beyond_clip_is_refused(tmp_path, tiny_clip_dir):
     st = tmp_path / "st-dense"
     _copy(tiny_clip_dir, st / "0_CLIPModel")
-    modules = [{"idx": 0, "name": "0", "path": "0_CLIPModel", "type": "sentence_transformers.models.CLIPModel"},
-               {"idx": 1, "name": "1", "path": "1_Dense", "type": "sentence_transformers.models.Dense"}]
+    modules = [
+        {
+            "idx": 0,
+            "name": "0",
+            "path": "0_CLIPModel",
+            "type": "sentence_transformers.models.CLIPModel",
+        },
+        {"idx": 1, "name": "1", "path": "1_Dense", "type": "sentence_transformers.models.Dense"},
+    ]
     (st / "modules.json").write_text(json.dumps(modules))
-    with pytest.raises(ModelError, match="sentence-transformers pipeline of CLIPModel, Dense; only a plain CLIPModel"):
+    with pytest.raises(
+        ModelError,
+        match="sentence-transformers pipeline of CLIPModel, Dense; only a plain CLIPModel",
+    ):
         load_encoder(st, device="cpu")
 
 
@@ -248,10 +326,16 @@ def test_sentence_transformers_pipeline_beyond_clip_is_refused(tmp_path, tiny_cl
     [
         ("[not json", False, r"cannot read .*modules\.json"),
         ('{"0": "CLIPModel"}', False, r"modules\.json is not a sentence-transformers module list"),
-        ('[{"path": "../elsewhere", "type": "sentence_transformers.models.CLIPModel"}]', False,
-         r"modules\.json points at .*elsewhere, which is not a folder inside it"),
-        ('[{"path": "0_CLIPModel", "type": "sentence_transformers.models.CLIPModel"}]', True,
-         r"the CLIP module folder .*0_CLIPModel has no config\.json; found nothing"),
+        (
+            '[{"path": "../elsewhere", "type": "sentence_transformers.models.CLIPModel"}]',
+            False,
+            r"modules\.json points at .*elsewhere, which is not a folder inside it",
+        ),
+        (
+            '[{"path": "0_CLIPModel", "type": "sentence_transformers.models.CLIPModel"}]',
+            True,
+            r"the CLIP module folder .*0_CLIPModel has no config\.json; found nothing",
+        ),
     ],
 )
 def test_broken_sentence_transformers_folders(tmp_path, modules_json, make_subdir, match):
@@ -276,28 +360,37 @@ def test_demo_alias_resolves_to_the_shipped_dir(monkeypatch, tiny_clip_dir, tiny
 
 def test_demo_model_missing_from_the_installation(monkeypatch, tmp_path):
     monkeypatch.setattr(loading, "demo_model_dir", lambda: tmp_path / "no-demo-here")
-    with pytest.raises(ModelError, match=r"^the shipped demo model is not in this installation; pass --model$"):
+    with pytest.raises(
+        ModelError, match=r"^the shipped demo model is not in this installation; pass --model$"
+    ):
         load_encoder(None, device="cpu")
 
 
 def test_demo_model_dir_is_inside_the_package():
     import crossrank.encoders
 
-    assert loading.demo_model_dir() == Path(crossrank.encoders.__file__).parent.parent / "assets" / "demo-encoder"
+    assert (
+        loading.demo_model_dir()
+        == Path(crossrank.encoders.__file__).parent.parent / "assets" / "demo-encoder"
+    )
 
 
 # -- errors ---------------------------------------------------------------------------------------------------
 
 
 def test_missing_directory(tmp_path):
-    with pytest.raises(ModelError, match=r"model directory '\./no-such-model' does not exist; pass a local"):
+    with pytest.raises(
+        ModelError, match=r"model directory '\./no-such-model' does not exist; pass a local"
+    ):
         load_encoder("./no-such-model", device="cpu")
     with pytest.raises(ModelError, match=r"model directory '.*/gone' does not exist"):
         load_encoder(tmp_path / "gone", device="cpu")
 
 
 def test_not_a_hub_id_either():
-    with pytest.raises(ModelError, match=r"'not a model!' is not a directory and not a valid Hugging Face model id"):
+    with pytest.raises(
+        ModelError, match=r"'not a model!' is not a directory and not a valid Hugging Face model id"
+    ):
         load_encoder("not a model!", device="cpu")
 
 
@@ -313,7 +406,9 @@ def test_dir_without_config_json_names_what_it_found(tmp_path):
     d.mkdir()
     (d / "model.safetensors").write_bytes(b"\0")
     (d / "notes.txt").write_text("hi")
-    with pytest.raises(ModelError, match=r"has no config\.json; found model\.safetensors, notes\.txt\. Expected"):
+    with pytest.raises(
+        ModelError, match=r"has no config\.json; found model\.safetensors, notes\.txt\. Expected"
+    ):
         load_encoder(d, device="cpu")
     empty = tmp_path / "empty"
     empty.mkdir()
@@ -324,8 +419,13 @@ def test_dir_without_config_json_names_what_it_found(tmp_path):
 def test_unsupported_model_type(tmp_path):
     from transformers import BertConfig
 
-    BertConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2).save_pretrained(tmp_path / "bert")
-    with pytest.raises(ModelError, match=r"has model_type 'bert' in .*config\.json; supported model types: blip, clip"):
+    BertConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2).save_pretrained(
+        tmp_path / "bert"
+    )
+    with pytest.raises(
+        ModelError,
+        match=r"has model_type 'bert' in .*config\.json; supported model types: blip, clip",
+    ):
         load_encoder(tmp_path / "bert", device="cpu")
     assert "clip" in supported_model_types()
 
@@ -335,7 +435,9 @@ def test_config_without_model_type_or_unreadable(tmp_path, tiny_clip_dir):
     config = json.loads((d / "config.json").read_text())
     del config["model_type"]
     (d / "config.json").write_text(json.dumps(config))
-    with pytest.raises(ModelError, match=r"has no model_type in .*; supported model types: blip, clip"):
+    with pytest.raises(
+        ModelError, match=r"has no model_type in .*; supported model types: blip, clip"
+    ):
         load_encoder(d, device="cpu")
     (d / "config.json").write_text("[1, 2]")
     with pytest.raises(ModelError, match=r"config\.json is not a JSON object"):
@@ -347,7 +449,9 @@ def test_config_without_model_type_or_unreadable(tmp_path, tiny_clip_dir):
 
 def test_dir_without_weights(tmp_path, tiny_clip_dir):
     d = _copy(tiny_clip_dir, tmp_path / "no-weights", without=("*.safetensors",))
-    with pytest.raises(ModelError, match=r"has no weights in .*\(model\.safetensors or pytorch_model\.bin\); found"):
+    with pytest.raises(
+        ModelError, match=r"has no weights in .*\(model\.safetensors or pytorch_model\.bin\); found"
+    ):
         load_encoder(d, device="cpu")
 
 
@@ -358,7 +462,10 @@ def test_checkpoint_with_missing_weights_is_refused(tmp_path, tiny_clip_dir):
     state = load_file(d / "model.safetensors")
     del state["text_projection.weight"]
     save_file(state, d / "model.safetensors", metadata={"format": "pt"})
-    with pytest.raises(ModelError, match=r"is not a complete CLIPModel: 1 weight\(s\) are missing .*text_projection"):
+    with pytest.raises(
+        ModelError,
+        match=r"is not a complete CLIPModel: 1 weight\(s\) are missing .*text_projection",
+    ):
         load_encoder(d, device="cpu")
 
 
@@ -371,10 +478,14 @@ def test_checkpoint_that_does_not_load(tmp_path, tiny_clip_dir):
 
 def test_missing_processor_or_tokenizer(tmp_path, tiny_clip_dir):
     d = _copy(tiny_clip_dir, tmp_path / "no-processor", without=("preprocessor_config.json",))
-    with pytest.raises(ModelError, match=r"has no usable image processor in .*preprocessor_config\.json"):
+    with pytest.raises(
+        ModelError, match=r"has no usable image processor in .*preprocessor_config\.json"
+    ):
         load_encoder(d, device="cpu")
     d = _copy(tiny_clip_dir, tmp_path / "no-tokenizer", without=("tokenizer*",))
-    with pytest.raises(ModelError, match=r"has no usable tokenizer in .*: none of tokenizer\.json, vocab\.json"):
+    with pytest.raises(
+        ModelError, match=r"has no usable tokenizer in .*: none of tokenizer\.json, vocab\.json"
+    ):
         load_encoder(d, device="cpu")
 
 
@@ -393,12 +504,16 @@ def test_bad_arguments(tiny_clip_dir, kwargs, match):
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error on a machine without CUDA")
 def test_cuda_without_cuda(tiny_clip_dir):
-    with pytest.raises(InvalidArgumentError, match=r"device 'cuda' was asked for, but torch sees no CUDA device"):
+    with pytest.raises(
+        InvalidArgumentError, match=r"device 'cuda' was asked for, but torch sees no CUDA device"
+    ):
         load_encoder(tiny_clip_dir, device="cuda")
 
 
 def test_model_of_a_wrong_type_or_empty():
-    with pytest.raises(InvalidArgumentError, match="model must be a hub id, a directory or None, got int"):
+    with pytest.raises(
+        InvalidArgumentError, match="model must be a hub id, a directory or None, got int"
+    ):
         loading.resolve_model(3)  # type: ignore[arg-type]
     with pytest.raises(InvalidArgumentError, match="model is an empty string"):
         loading.resolve_model(" ")

@@ -20,11 +20,12 @@ METRICS = ["R@1", "R@5", "R@10", "MRR@10", "nDCG@10", "P@10"]
 @pytest.fixture(scope="module")
 def shapes(tmp_path_factory: pytest.TempPathFactory, tiny_clip: Path) -> tuple[Path, Path]:
     """A 60-image, 12-query shapes corpus and its index (built from its images/ folder)."""
-    from crossrank.write.build import build_index
     from crossrank.datasets import generate_shapes
+    from crossrank.write.build import build_index
 
-    root = generate_shapes(tmp_path_factory.mktemp("shapes") / "ds", n_images=60, n_queries=12, seed=0,
-                           workers=1).root
+    root = generate_shapes(
+        tmp_path_factory.mktemp("shapes") / "ds", n_images=60, n_queries=12, seed=0, workers=1
+    ).root
     index = tmp_path_factory.mktemp("shapes-idx") / "shapes.idx"
     build_index(root / "images", index, model=tiny_clip, device="cpu", batch_size=30, workers=2)
     return root, index
@@ -34,9 +35,22 @@ def shapes(tmp_path_factory: pytest.TempPathFactory, tiny_clip: Path) -> tuple[P
 def cli_eval(shapes, tmp_path_factory: pytest.TempPathFactory) -> tuple[dict, Path]:
     root, index = shapes
     runs = tmp_path_factory.mktemp("runs")
-    result = CliRunner().invoke(app, ["eval", str(index), "--queries", str(root / "queries.parquet"),
-                                      "--qrels", str(root / "qrels.txt"), "--run-out", str(runs),
-                                      "--device", "cpu", "--json"])
+    result = CliRunner().invoke(
+        app,
+        [
+            "eval",
+            str(index),
+            "--queries",
+            str(root / "queries.parquet"),
+            "--qrels",
+            str(root / "qrels.txt"),
+            "--run-out",
+            str(runs),
+            "--device",
+            "cpu",
+            "--json",
+        ],
+    )
     assert result.exit_code == 0, (result.stdout, result.stderr, result.exception)
     return json.loads(result.stdout), runs
 
@@ -44,7 +58,9 @@ def cli_eval(shapes, tmp_path_factory: pytest.TempPathFactory) -> tuple[dict, Pa
 def test_eval_json_has_the_documented_shape(cli_eval):
     report, _ = cli_eval
     assert {"queries", "first_stage", "reranked", "latency_ms"} <= set(report)
-    assert report["queries"] == 12 and report["excluded_qids"] == [] and report["reranker"] == "maxsim"
+    assert (
+        report["queries"] == 12 and report["excluded_qids"] == [] and report["reranker"] == "maxsim"
+    )
     for stage in ("first_stage", "reranked"):
         assert list(report[stage]) == METRICS
         assert all(0.0 <= v <= 1.0 for v in report[stage].values())
@@ -53,7 +69,9 @@ def test_eval_json_has_the_documented_shape(cli_eval):
         assert set(lat) == {"p50", "p95"} and 0.0 <= lat["p50"] <= lat["p95"]
     # shapes queries carry kind and heldout: each group reports its own metrics
     assert {"kind=single", "kind=pair", "kind=relation"} <= set(report["groups"])
-    assert sum(report["groups"][f"kind={k}"]["queries"] for k in ("single", "pair", "relation")) == 12
+    assert (
+        sum(report["groups"][f"kind={k}"]["queries"] for k in ("single", "pair", "relation")) == 12
+    )
 
 
 def test_run_files_name_images_as_the_qrels_do(cli_eval, shapes):
@@ -66,10 +84,14 @@ def test_run_files_name_images_as_the_qrels_do(cli_eval, shapes):
         for docs in run.values():
             assert len(docs) == 60  # rerank_k (100) is more than the corpus: every image, once
             assert len({d for d, _ in docs}) == 60
-            assert all(re.fullmatch(r"images/\d{6}\.png", d) and (root / d).is_file() for d, _ in docs)
+            assert all(
+                re.fullmatch(r"images/\d{6}\.png", d) and (root / d).is_file() for d, _ in docs
+            )
 
 
-@pytest.mark.parametrize(("stage", "run_file"), [("first_stage", "first_stage.run"), ("reranked", "reranked.run")])
+@pytest.mark.parametrize(
+    ("stage", "run_file"), [("first_stage", "first_stage.run"), ("reranked", "reranked.run")]
+)
 def test_reported_metrics_equal_ranx_on_the_run_files(cli_eval, shapes, stage, run_file):
     from ranx import Qrels, Run, evaluate
 
@@ -77,7 +99,9 @@ def test_reported_metrics_equal_ranx_on_the_run_files(cli_eval, shapes, stage, r
 
     report, runs = cli_eval
     root, _ = shapes
-    qrels = Qrels.from_file(str(root / "qrels.txt"), kind="trec")  # every shapes query has a relevant image
+    qrels = Qrels.from_file(
+        str(root / "qrels.txt"), kind="trec"
+    )  # every shapes query has a relevant image
     run = Run.from_file(str(runs / run_file), kind="trec")
     theirs = evaluate(qrels, run, [ranx_name(m) for m in METRIC_NAMES])
     for metric in METRIC_NAMES:
@@ -91,19 +115,27 @@ def test_run_files_are_the_two_stages_of_search(cli_eval, shapes):
     first, reranked = read_run(runs / "first_stage.run"), read_run(runs / "reranked.run")
     for query in read_queries(root / "queries.parquet")[:4]:
         plain = index.search(query.text, k=10, reranker=None)
-        assert [d for d, _ in first[query.qid][:10]] == [os.path.relpath(h.path, root) for h in plain]
+        assert [d for d, _ in first[query.qid][:10]] == [
+            os.path.relpath(h.path, root) for h in plain
+        ]
         full = index.search(query.text, k=10, rerank_k=100)
-        assert [d for d, _ in reranked[query.qid][:10]] == [os.path.relpath(h.path, root) for h in full]
+        assert [d for d, _ in reranked[query.qid][:10]] == [
+            os.path.relpath(h.path, root) for h in full
+        ]
 
 
 def test_queries_without_a_relevant_image_are_excluded(shapes, tmp_path):
     root, index_dir = shapes
     index = Index.open(index_dir, device="cpu")
     base = evaluate_index(index, root / "queries.parquet", root / "qrels.txt", rerank_k=20)
-    qrels = root / "qrels-with-unjudged.txt"  # beside the images: doc ids stay relative to this folder
+    qrels = (
+        root / "qrels-with-unjudged.txt"
+    )  # beside the images: doc ids stay relative to this folder
     qrels.write_text((root / "qrels.txt").read_text() + "qzero 0 images/000001.png 0\n")
-    queries = read_queries(root / "queries.parquet") + [EvalQuery("qzero", "a red circle"),
-                                                        EvalQuery("qnone", "a blue square")]
+    queries = read_queries(root / "queries.parquet") + [
+        EvalQuery("qzero", "a red circle"),
+        EvalQuery("qnone", "a blue square"),
+    ]
     report = evaluate_index(index, queries, qrels, rerank_k=20, run_out=tmp_path)
     qrels.unlink()
     assert report.excluded_qids == ["qnone", "qzero"]
@@ -114,9 +146,24 @@ def test_queries_without_a_relevant_image_are_excluded(shapes, tmp_path):
 
 def test_eval_without_reranker(shapes, tmp_path):
     root, index_dir = shapes
-    result = CliRunner().invoke(app, ["eval", str(index_dir), "--queries", str(root / "queries.parquet"),
-                                      "--qrels", str(root / "qrels.txt"), "--reranker", "none",
-                                      "--run-out", str(tmp_path), "--device", "cpu", "--json"])
+    result = CliRunner().invoke(
+        app,
+        [
+            "eval",
+            str(index_dir),
+            "--queries",
+            str(root / "queries.parquet"),
+            "--qrels",
+            str(root / "qrels.txt"),
+            "--reranker",
+            "none",
+            "--run-out",
+            str(tmp_path),
+            "--device",
+            "cpu",
+            "--json",
+        ],
+    )
     assert result.exit_code == 0, result.stderr
     report = json.loads(result.stdout)
     assert report["reranked"] is None and report["reranker"] == "none"
@@ -125,8 +172,21 @@ def test_eval_without_reranker(shapes, tmp_path):
 
 def test_human_report_renders(shapes):
     root, index_dir = shapes
-    result = CliRunner().invoke(app, ["eval", str(index_dir), "--queries", str(root / "queries.parquet"),
-                                      "--qrels", str(root / "qrels.txt"), "--rerank-k", "10", "--device", "cpu"])
+    result = CliRunner().invoke(
+        app,
+        [
+            "eval",
+            str(index_dir),
+            "--queries",
+            str(root / "queries.parquet"),
+            "--qrels",
+            str(root / "qrels.txt"),
+            "--rerank-k",
+            "10",
+            "--device",
+            "cpu",
+        ],
+    )
     assert result.exit_code == 0, result.stderr
     assert "12 queries" in result.stdout and "nDCG@10" in result.stdout
     assert all(m in result.stdout for m in ("R@1", "R@5", "R@10", "MRR@10", "nDCG@10", "P@10"))
@@ -150,6 +210,7 @@ def test_a_report_piped_to_a_narrow_console_keeps_every_number_whole(cli_eval, m
 
 # -- refusals: exit 1 and one clear line --------------------------------------------------------
 
+
 def _tsv(path: Path, text: str) -> Path:
     path.write_text(text)
     return path
@@ -157,23 +218,38 @@ def _tsv(path: Path, text: str) -> Path:
 
 MISMATCH = {
     "qrels-elsewhere": (  # right qids and doc ids, but relative to a folder that holds no images
-        lambda root, tmp: ("{root}/queries.parquet", _tsv(tmp / "qrels.txt", (root / "qrels.txt").read_text())),
-        r"no doc id of .*qrels\.txt is an image of index .*; doc ids must be image paths relative to the qrels"),
+        lambda root, tmp: (
+            "{root}/queries.parquet",
+            _tsv(tmp / "qrels.txt", (root / "qrels.txt").read_text()),
+        ),
+        r"no doc id of .*qrels\.txt is an image of index .*; doc ids must be image paths relative to the qrels",
+    ),
     "foreign-queries": (
-        lambda root, tmp: (_tsv(tmp / "q.tsv", "zz1\ta red circle\nzz2\ta blue square\n"), "{root}/qrels.txt"),
-        r"none of the 2 query ids \(e\.g\. 'zz1'\) appear in .*qrels\.txt"),
+        lambda root, tmp: (
+            _tsv(tmp / "q.tsv", "zz1\ta red circle\nzz2\ta blue square\n"),
+            "{root}/qrels.txt",
+        ),
+        r"none of the 2 query ids \(e\.g\. 'zz1'\) appear in .*qrels\.txt",
+    ),
     "duplicate-qid": (
-        lambda root, tmp: (_tsv(tmp / "q.tsv", "q00000\ta red circle\nq00000\ta blue square\n"),
-                           "{root}/qrels.txt"),
-        r"query id 'q00000' appears twice"),
+        lambda root, tmp: (
+            _tsv(tmp / "q.tsv", "q00000\ta red circle\nq00000\ta blue square\n"),
+            "{root}/qrels.txt",
+        ),
+        r"query id 'q00000' appears twice",
+    ),
     "malformed-queries": (
         lambda root, tmp: (_tsv(tmp / "q.tsv", "q00000 a red circle\n"), "{root}/qrels.txt"),
-        r"q\.tsv:1: expected 'qid<TAB>text'"),
+        r"q\.tsv:1: expected 'qid<TAB>text'",
+    ),
     "missing-qrels": (
-        lambda root, tmp: ("{root}/queries.parquet", tmp / "nope.txt"), r"qrels file .*nope\.txt does not exist"),
+        lambda root, tmp: ("{root}/queries.parquet", tmp / "nope.txt"),
+        r"qrels file .*nope\.txt does not exist",
+    ),
     "missing-queries": (
         lambda root, tmp: (tmp / "nope.parquet", "{root}/qrels.txt"),
-        r"queries file .*nope\.parquet does not exist"),
+        r"queries file .*nope\.parquet does not exist",
+    ),
 }
 
 
@@ -182,8 +258,20 @@ def test_eval_refuses_queries_or_qrels_that_do_not_match(shapes, tmp_path, case)
     root, index_dir = shapes
     make, match = MISMATCH[case]
     queries, qrels = (str(p).format(root=root) for p in make(root, tmp_path))
-    result = CliRunner().invoke(app, ["eval", str(index_dir), "--queries", queries, "--qrels", qrels,
-                                      "--device", "cpu", "--json"])
+    result = CliRunner().invoke(
+        app,
+        [
+            "eval",
+            str(index_dir),
+            "--queries",
+            queries,
+            "--qrels",
+            qrels,
+            "--device",
+            "cpu",
+            "--json",
+        ],
+    )
     assert result.exit_code == 1, (result.stdout, result.exception)
     assert isinstance(result.exception, SystemExit)  # handled, no traceback
     assert result.stdout == ""

@@ -4,7 +4,15 @@ import numpy as np
 import pytest
 
 from crossrank.errors import InvalidArgumentError
-from crossrank.evaluate import METRIC_NAMES, compute_metrics, ranx_name, read_qrels, read_run, write_qrels, write_run
+from crossrank.evaluate import (
+    METRIC_NAMES,
+    compute_metrics,
+    ranx_name,
+    read_qrels,
+    read_run,
+    write_qrels,
+    write_run,
+)
 
 QRELS = {
     "q1": {"a": 1, "b": 0, "c": 2},  # graded; b is judged but not relevant
@@ -70,13 +78,29 @@ def test_relevance_below_one_is_not_relevant_and_gains_are_graded():
 
 def test_cutoffs_only_look_at_the_top_k():
     ranked = [f"n{i}" for i in range(10)] + ["rel"]  # the relevant doc at rank 11
-    report = compute_metrics({"q": ranked}, {"q": {"rel": 1}}, metrics=["R@10", "MRR@10", "nDCG@10", "P@10", "R@11", "MRR@11"])
-    assert report.values == {"R@10": 0.0, "MRR@10": 0.0, "nDCG@10": 0.0, "P@10": 0.0, "R@11": 1.0, "MRR@11": pytest.approx(1 / 11)}
+    report = compute_metrics(
+        {"q": ranked},
+        {"q": {"rel": 1}},
+        metrics=["R@10", "MRR@10", "nDCG@10", "P@10", "R@11", "MRR@11"],
+    )
+    assert report.values == {
+        "R@10": 0.0,
+        "MRR@10": 0.0,
+        "nDCG@10": 0.0,
+        "P@10": 0.0,
+        "R@11": 1.0,
+        "MRR@11": pytest.approx(1 / 11),
+    }
 
 
 def test_scored_pairs_count_in_list_order_not_by_score():
-    pairs = {"q1": [("b", 0.1), ("c", 0.9), ("d", 0.5), ("a", 0.7)]}  # scores deliberately out of order
-    assert compute_metrics(pairs, {"q1": QRELS["q1"]}).values == compute_metrics({"q1": RUN["q1"]}, {"q1": QRELS["q1"]}).values
+    pairs = {
+        "q1": [("b", 0.1), ("c", 0.9), ("d", 0.5), ("a", 0.7)]
+    }  # scores deliberately out of order
+    assert (
+        compute_metrics(pairs, {"q1": QRELS["q1"]}).values
+        == compute_metrics({"q1": RUN["q1"]}, {"q1": QRELS["q1"]}).values
+    )
 
 
 def test_to_dict_is_json_ready():
@@ -91,7 +115,14 @@ def test_to_dict_is_json_ready():
 
 
 def test_ranx_names():
-    assert [ranx_name(m) for m in METRIC_NAMES] == ["hit_rate@1", "hit_rate@5", "hit_rate@10", "mrr@10", "ndcg@10", "precision@10"]
+    assert [ranx_name(m) for m in METRIC_NAMES] == [
+        "hit_rate@1",
+        "hit_rate@5",
+        "hit_rate@10",
+        "mrr@10",
+        "ndcg@10",
+        "precision@10",
+    ]
 
 
 @pytest.mark.parametrize(
@@ -100,16 +131,36 @@ def test_ranx_names():
         (RUN, QRELS, ["R@0"], r"metric must be R@K, MRR@K, nDCG@K or P@K with K >= 1"),
         (RUN, QRELS, ["recall@10"], r"metric must be R@K"),
         (RUN, QRELS, [], r"metrics is empty"),
-        (RUN, {"q": {"a": 0}}, METRIC_NAMES, r"no query in the qrels has a relevant doc \(rel >= 1\) among 1 queries"),
+        (
+            RUN,
+            {"q": {"a": 0}},
+            METRIC_NAMES,
+            r"no query in the qrels has a relevant doc \(rel >= 1\) among 1 queries",
+        ),
         (RUN, {}, METRIC_NAMES, r"no query in the qrels has a relevant doc"),
         (RUN, {1: {"a": 1}}, METRIC_NAMES, r"qrels query ids must be str, got 1"),
-        (RUN, {"q": {"a": 1.0}}, METRIC_NAMES, r"qrels\['q'\]\['a'\] must be an int relevance, got 1.0"),
+        (
+            RUN,
+            {"q": {"a": 1.0}},
+            METRIC_NAMES,
+            r"qrels\['q'\]\['a'\] must be an int relevance, got 1.0",
+        ),
         (RUN, {"q": {7: 1}}, METRIC_NAMES, r"qrels\['q'\] doc ids must be str, got 7"),
         (RUN, {"q": ["a"]}, METRIC_NAMES, r"qrels\['q'\] must be a dict"),
         (RUN, [("q", "a", 1)], METRIC_NAMES, r"qrels must be a dict"),
-        ({"q": ["a", "b", "a"]}, {"q": {"a": 1}}, METRIC_NAMES, r"run\['q'\] lists doc 'a' twice \(again at rank 3\)"),
+        (
+            {"q": ["a", "b", "a"]},
+            {"q": {"a": 1}},
+            METRIC_NAMES,
+            r"run\['q'\] lists doc 'a' twice \(again at rank 3\)",
+        ),
         ({"q": "ab"}, {"q": {"a": 1}}, METRIC_NAMES, r"run\['q'\] must be a list of doc ids"),
-        ({"q": [3]}, {"q": {"a": 1}}, METRIC_NAMES, r"run\['q'\] rank 1: doc ids must be str, got 3"),
+        (
+            {"q": [3]},
+            {"q": {"a": 1}},
+            METRIC_NAMES,
+            r"run\['q'\] rank 1: doc ids must be str, got 3",
+        ),
         ({"u": ["a", "a"]}, {"q": {"a": 1}}, METRIC_NAMES, r"run\['u'\] lists doc 'a' twice"),
         ([["q", "a"]], {"q": {"a": 1}}, METRIC_NAMES, r"run must be a dict"),
     ],
@@ -194,9 +245,17 @@ def test_ranx_reads_tied_scores_in_list_order(tmp_path):
     write_qrels(tmp_path / "qrels.txt", qrels)
     write_run(tmp_path / "tied.run", run)
 
-    ours = compute_metrics(read_run(tmp_path / "tied.run"), read_qrels(tmp_path / "qrels.txt"), metrics=["R@1", "MRR@10", "nDCG@10", "R@50", "P@50"])
+    ours = compute_metrics(
+        read_run(tmp_path / "tied.run"),
+        read_qrels(tmp_path / "qrels.txt"),
+        metrics=["R@1", "MRR@10", "nDCG@10", "R@50", "P@50"],
+    )
     assert ours.values["R@1"] == 1.0 and ours.values["P@50"] == pytest.approx(2 / 50)
     ranx_run = Run.from_file(str(tmp_path / "tied.run"), kind="trec")
     assert list(ranx_run.to_dict()["q"]) == docs
-    theirs = evaluate(Qrels.from_file(str(tmp_path / "qrels.txt"), kind="trec"), ranx_run, [ranx_name(m) for m in ours.values])
+    theirs = evaluate(
+        Qrels.from_file(str(tmp_path / "qrels.txt"), kind="trec"),
+        ranx_run,
+        [ranx_name(m) for m in ours.values],
+    )
     assert list(ours.values.values()) == pytest.approx(list(theirs.values()), abs=1e-9)

@@ -42,13 +42,11 @@ def test_tied_scores_are_written_strictly_decreasing_in_list_order(tmp_path):
 def test_read_run_orders_by_score_then_rank(tmp_path):
     path = tmp_path / "r.run"
     path.write_text(
-        "q1 Q0 low 3 0.1 t\n"
-        "\n"
-        "q1 Q0 tie_rank2 2 0.5 t\n"
-        "q1 Q0 tie_rank1 1 0.5 t\n"
-        "q1 Q0 top 9 0.9 t\n"
+        "q1 Q0 low 3 0.1 t\n\nq1 Q0 tie_rank2 2 0.5 t\nq1 Q0 tie_rank1 1 0.5 t\nq1 Q0 top 9 0.9 t\n"
     )
-    assert read_run(path) == {"q1": [("top", 0.9), ("tie_rank1", 0.5), ("tie_rank2", 0.5), ("low", 0.1)]}
+    assert read_run(path) == {
+        "q1": [("top", 0.9), ("tie_rank1", 0.5), ("tie_rank2", 0.5), ("low", 0.1)]
+    }
 
 
 def test_empty_rankings_write_no_lines(tmp_path):
@@ -80,7 +78,10 @@ def test_malformed_qrels_are_refused_with_the_line(tmp_path, text, match):
         ("q1 Q0 a 1 0.5 t\nq1 Q0 b first 0.4 t\n", r"line 2: rank must be an int, got 'first'"),
         ("q1 Q0 a 1 high t\n", r"line 1: score must be a number, got 'high'"),
         ("q1 Q0 a 1 nan t\n", r"line 1: score is NaN"),
-        ("q1 Q0 a 1 0.5 t\nq2 Q0 a 1 0.5 t\nq1 Q0 a 2 0.4 t\n", r"line 3: query 'q1' lists doc 'a' again \(first at line 1\)"),
+        (
+            "q1 Q0 a 1 0.5 t\nq2 Q0 a 1 0.5 t\nq1 Q0 a 2 0.4 t\n",
+            r"line 3: query 'q1' lists doc 'a' again \(first at line 1\)",
+        ),
     ],
 )
 def test_malformed_runs_are_refused_with_the_line(tmp_path, text, match):
@@ -107,14 +108,30 @@ def test_unreadable_file_is_refused(tmp_path):
 @pytest.mark.parametrize(
     ("run", "tag", "match"),
     [
-        ({"q": [("a", 0.1), ("b", 0.2)]}, "t", r"run\['q'\]: the score at rank 2 \(0.2\) is higher than at rank 1 \(0.1\)"),
-        ({"q": [("my image.png", 0.1)]}, "t", r"run\['q'\] rank 1 doc id must be a non-empty str without whitespace"),
-        ({"q 1": [("a", 0.1)]}, "t", r"query id must be a non-empty str without whitespace .*, got 'q 1'"),
+        (
+            {"q": [("a", 0.1), ("b", 0.2)]},
+            "t",
+            r"run\['q'\]: the score at rank 2 \(0.2\) is higher than at rank 1 \(0.1\)",
+        ),
+        (
+            {"q": [("my image.png", 0.1)]},
+            "t",
+            r"run\['q'\] rank 1 doc id must be a non-empty str without whitespace",
+        ),
+        (
+            {"q 1": [("a", 0.1)]},
+            "t",
+            r"query id must be a non-empty str without whitespace .*, got 'q 1'",
+        ),
         ({"q": [("a", 0.1)]}, "", r"tag must be a non-empty str without whitespace"),
         ({"q": [("a", float("nan"))]}, "t", r"rank 1: score must be finite, got nan"),
         ({"q": [("a", float("-inf"))]}, "t", r"rank 1: score must be finite, got -inf"),
         ({"q": [("a", "high")]}, "t", r"rank 1: score must be a number, got 'high'"),
-        ({"q": [("a", 0.2), ("a", 0.1)]}, "t", r"run\['q'\] lists doc 'a' twice \(again at rank 2\)"),
+        (
+            {"q": [("a", 0.2), ("a", 0.1)]},
+            "t",
+            r"run\['q'\] lists doc 'a' twice \(again at rank 2\)",
+        ),
         ({"q": ["a"]}, "t", r"run\['q'\] rank 1 must be a \(docid, score\) pair, got 'a'"),
         ([("q", "a", 0.1)], "t", r"run must be a dict"),
     ],

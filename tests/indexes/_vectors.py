@@ -20,7 +20,9 @@ def normalise(x: np.ndarray) -> np.ndarray:
     return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
 
 
-def make_vectors(n: int = 2000, d: int = 32, m: int = 12, clusters: int = 20, seed: int = 0) -> Vectors:
+def make_vectors(
+    n: int = 2000, d: int = 32, m: int = 12, clusters: int = 20, seed: int = 0
+) -> Vectors:
     """``n`` vectors around ``clusters`` centres (what IVF is built for), ``m`` queries near the data."""
     rng = np.random.default_rng(seed)
     centres = rng.standard_normal((clusters, d))
@@ -30,7 +32,9 @@ def make_vectors(n: int = 2000, d: int = 32, m: int = 12, clusters: int = 20, se
     return Vectors(xb=xb, ids=ids, xq=xq)
 
 
-def brute_force(xq: np.ndarray, xb: np.ndarray, ids: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+def brute_force(
+    xq: np.ndarray, xb: np.ndarray, ids: np.ndarray, k: int
+) -> tuple[np.ndarray, np.ndarray]:
     """Reference top-k by inner product in float64, -1 / -inf padded: the slow, obvious way."""
     S = xq.astype(np.float64) @ xb.astype(np.float64).T  # (m, n)
     D = np.full((len(xq), k), -np.inf)
@@ -42,7 +46,9 @@ def brute_force(xq: np.ndarray, xb: np.ndarray, ids: np.ndarray, k: int) -> tupl
     return D, I
 
 
-def assert_same_knn(D: np.ndarray, I: np.ndarray, Dref: np.ndarray, Iref: np.ndarray, atol: float = 1e-5) -> None:
+def assert_same_knn(
+    D: np.ndarray, I: np.ndarray, Dref: np.ndarray, Iref: np.ndarray, atol: float = 1e-5
+) -> None:
     """Tie-aware comparison: equal score lists, and equal id sets above the last (tied) score.
 
     Two correct searches may order tied vectors differently, or pick different ones of a tie at the

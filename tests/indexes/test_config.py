@@ -9,7 +9,12 @@ from crossrank.indexes import IndexConfig
 
 def test_defaults_match_the_contract():
     config = IndexConfig()
-    assert (config.factory, config.flat_threshold, config.nlist, config.nprobe) == (None, 20_000, None, 16)
+    assert (config.factory, config.flat_threshold, config.nlist, config.nprobe) == (
+        None,
+        20_000,
+        None,
+        16,
+    )
     assert (config.train_size, config.device, config.seed) == (50_000, "auto", 0)
 
 

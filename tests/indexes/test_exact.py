@@ -12,7 +12,9 @@ from ._vectors import assert_same_knn, brute_force, make_vectors
 @pytest.mark.parametrize("k", [1, 7, 50])
 def test_exact_search_equals_brute_force(vectors, k):
     D, I = exact_search(vectors.xq, vectors.xb, vectors.ids, k)
-    assert D.dtype == np.float32 and I.dtype == np.int64 and D.shape == I.shape == (len(vectors.xq), k)
+    assert (
+        D.dtype == np.float32 and I.dtype == np.int64 and D.shape == I.shape == (len(vectors.xq), k)
+    )
     Dref, Iref = brute_force(vectors.xq, vectors.xb, vectors.ids, k)
     assert_same_knn(D, I, Dref, Iref)
     # No ties in this random set: the ids must agree exactly, in order.
@@ -28,7 +30,9 @@ def test_fewer_vectors_than_k_pad_with_minus_one_and_minus_inf(vectors):
 
 
 def test_no_vectors_gives_only_padding():
-    D, I = exact_search(np.ones((2, 3), np.float32), np.zeros((0, 3), np.float32), np.zeros(0, np.int64), k=2)
+    D, I = exact_search(
+        np.ones((2, 3), np.float32), np.zeros((0, 3), np.float32), np.zeros(0, np.int64), k=2
+    )
     assert (I == -1).all() and np.isneginf(D).all()
 
 
@@ -51,7 +55,12 @@ def test_a_tie_below_a_clear_winner_is_broken_by_id():
 
 def test_inputs_are_coerced_to_float32():
     data = make_vectors(n=50, d=8, m=2)
-    D64, I64 = exact_search(data.xq.astype(np.float64), np.asfortranarray(data.xb.astype(np.float64)), data.ids.tolist(), 5)
+    D64, I64 = exact_search(
+        data.xq.astype(np.float64),
+        np.asfortranarray(data.xb.astype(np.float64)),
+        data.ids.tolist(),
+        5,
+    )
     D32, I32 = exact_search(data.xq, data.xb, data.ids, 5)
     np.testing.assert_array_equal(I64, I32)
     np.testing.assert_allclose(D64, D32, atol=1e-6)
@@ -76,17 +85,34 @@ def test_bad_k_is_refused(vectors, k):
 
 
 def test_dim_mismatch_is_refused(vectors):
-    with pytest.raises(InvalidArgumentError, match=r"query has dim 31, but the vectors searched have dim 32"):
+    with pytest.raises(
+        InvalidArgumentError, match=r"query has dim 31, but the vectors searched have dim 32"
+    ):
         exact_search(vectors.xq[:, :31], vectors.xb, vectors.ids, 3)
 
 
 @pytest.mark.parametrize(
     ("xq", "xb", "ids", "match"),
     [
-        (np.ones(4), np.ones((3, 4)), np.arange(3), r"xq must have shape \(m, 4\), got shape \(4,\); pass xq\[None, :\]"),
+        (
+            np.ones(4),
+            np.ones((3, 4)),
+            np.arange(3),
+            r"xq must have shape \(m, 4\), got shape \(4,\); pass xq\[None, :\]",
+        ),
         (np.ones((1, 4)), np.ones((3, 4)), np.arange(2), "ids has 2 ids, but there are 3 vectors"),
-        (np.ones((1, 4)), np.ones((3, 4)), np.array([0, -1, 2]), r"ids must be >= 0 \(-1 marks an empty result slot\)"),
-        (np.ones((1, 4)), np.ones((3, 4)), np.array([0.0, 1.0, 2.0]), "ids must be a 1-D array of int64 ids"),
+        (
+            np.ones((1, 4)),
+            np.ones((3, 4)),
+            np.array([0, -1, 2]),
+            r"ids must be >= 0 \(-1 marks an empty result slot\)",
+        ),
+        (
+            np.ones((1, 4)),
+            np.ones((3, 4)),
+            np.array([0.0, 1.0, 2.0]),
+            "ids must be a 1-D array of int64 ids",
+        ),
         (np.full((1, 4), np.nan), np.ones((3, 4)), np.arange(3), "xq holds NaN or infinite values"),
         (np.ones((1, 4)), np.ones((3, 4, 1)), np.arange(3), r"xb must have shape \(m, d\)"),
         (np.ones((1, 4)), "abc", np.arange(3), "xb must be a float matrix of shape"),

@@ -7,7 +7,12 @@ import pytest
 
 from crossrank.errors import InvalidArgumentError
 from crossrank.indexes import IndexConfig, auto_factory
-from crossrank.indexes.factory import MIN_POINTS_PER_CENTROID, auto_nlist, create_index, describe_index
+from crossrank.indexes.factory import (
+    MIN_POINTS_PER_CENTROID,
+    auto_nlist,
+    create_index,
+    describe_index,
+)
 
 
 @pytest.mark.parametrize(
@@ -46,7 +51,9 @@ def test_explicit_nlist_too_large_for_the_sample_is_reduced_with_a_warning(caplo
     assert "nlist=256 needs 9984 training vectors but only 1000 are used" in caplog.text
 
 
-@pytest.mark.parametrize("factory", ["Flat", "IVF8,Flat", "HNSW16", "IDMap2,Flat", "PCA8,IVF4,Flat"])
+@pytest.mark.parametrize(
+    "factory", ["Flat", "IVF8,Flat", "HNSW16", "IDMap2,Flat", "PCA8,IVF4,Flat"]
+)
 def test_create_index_has_ids_and_inner_product(factory):
     index = create_index(faiss, 16, factory)
     assert isinstance(index, faiss.IndexIDMap)

@@ -8,7 +8,12 @@ import faiss
 import numpy as np
 import pytest
 
-from crossrank.errors import DependencyError, IndexCorruptError, IndexNotFoundError, InvalidArgumentError
+from crossrank.errors import (
+    DependencyError,
+    IndexCorruptError,
+    IndexNotFoundError,
+    InvalidArgumentError,
+)
 from crossrank.indexes import FirstStage, IndexConfig, exact_search
 
 from ._vectors import assert_same_knn, brute_force
@@ -67,7 +72,9 @@ def test_ivf_with_few_lists_probed_finds_most_neighbours_on_clustered_data(ivf, 
 def test_auto_ivf_tier_above_the_threshold(vectors):
     stage = FirstStage.build(vectors.xb, vectors.ids, IndexConfig(flat_threshold=1000, nprobe=51))
     assert stage.factory == "IVF51,Flat"  # 4 sqrt(2000) = 179 lists, capped to 2000 // 39 = 51
-    assert_same_knn(*stage.search(vectors.xq, 5), *brute_force(vectors.xq, vectors.xb, vectors.ids, 5))
+    assert_same_knn(
+        *stage.search(vectors.xq, 5), *brute_force(vectors.xq, vectors.xb, vectors.ids, 5)
+    )
 
 
 def test_training_sample_is_seeded(vectors):
@@ -77,7 +84,9 @@ def test_training_sample_is_seeded(vectors):
     centroids = [faiss.extract_index_ivf(s._base).quantizer.reconstruct_n(0, 16) for s in (a, b)]
     np.testing.assert_array_equal(*centroids)
     for nprobe in (1, 3):
-        np.testing.assert_array_equal(a.search(vectors.xq, 5, nprobe=nprobe)[1], b.search(vectors.xq, 5, nprobe=nprobe)[1])
+        np.testing.assert_array_equal(
+            a.search(vectors.xq, 5, nprobe=nprobe)[1], b.search(vectors.xq, 5, nprobe=nprobe)[1]
+        )
 
 
 @pytest.mark.parametrize("index_name", ["flat", "ivf", "hnsw", "pretransform", "refine"])
@@ -86,8 +95,14 @@ def test_filtered_search_equals_brute_force_over_the_allowed_ids(request, vector
         stage = request.getfixturevalue(index_name)
     else:
         # A random rotation (RR) keeps inner products, so the pre-transformed index is exact too.
-        factory = {"hnsw": "HNSW32", "pretransform": "RR32,IVF16,Flat", "refine": "IVF16,Flat,Refine(Flat)"}
-        stage = FirstStage.build(vectors.xb, vectors.ids, IndexConfig(factory=factory[index_name], ef_search=256))
+        factory = {
+            "hnsw": "HNSW32",
+            "pretransform": "RR32,IVF16,Flat",
+            "refine": "IVF16,Flat,Refine(Flat)",
+        }
+        stage = FirstStage.build(
+            vectors.xb, vectors.ids, IndexConfig(factory=factory[index_name], ef_search=256)
+        )
     for name, allowed in allowed_sets(vectors.ids).items():
         keep = np.isin(vectors.ids, allowed)
         for k in (1, 10):
@@ -125,7 +140,9 @@ def test_selective_filter_on_few_probed_lists_is_short_not_wrong(ivf, vectors):
 def test_allowed_ids_unsorted_duplicated_or_unknown_are_accepted(flat, vectors):
     allowed = np.sort(vectors.ids[[10, 20, 30]])
     expected = flat.search(vectors.xq, 3, allowed_ids=allowed)
-    messy = np.array([allowed[2], allowed[0], allowed[2], 10**12, allowed[1], 4])  # 4 and 10**12 are no ids
+    messy = np.array(
+        [allowed[2], allowed[0], allowed[2], 10**12, allowed[1], 4]
+    )  # 4 and 10**12 are no ids
     for got, want in zip(flat.search(vectors.xq, 3, allowed_ids=messy), expected):
         np.testing.assert_array_equal(got, want)
 
@@ -182,23 +199,35 @@ def test_save_load_round_trip_gives_identical_results(request, tmp_path, vectors
     path = tmp_path / "first_stage.faiss"
     stage.save(path)
     loaded = FirstStage.load(path, IndexConfig(nprobe=stage.nprobe))
-    assert (loaded.factory, loaded.ntotal, loaded.d, loaded.nlist) == (stage.factory, stage.ntotal, stage.d, stage.nlist)
+    assert (loaded.factory, loaded.ntotal, loaded.d, loaded.nlist) == (
+        stage.factory,
+        stage.ntotal,
+        stage.d,
+        stage.nlist,
+    )
     if stage_name == "ivf":  # the inverted lists are memory-mapped, not read into memory
         invlists = faiss.downcast_InvertedLists(faiss.extract_index_ivf(loaded._base).invlists)
         assert isinstance(invlists, faiss.OnDiskInvertedLists)
     allowed = np.sort(vectors.ids[::3])
     for kwargs in ({}, {"allowed_ids": allowed}, {"nprobe": 3}):
-        for got, want in zip(loaded.search(vectors.xq, 10, **kwargs), stage.search(vectors.xq, 10, **kwargs)):
+        for got, want in zip(
+            loaded.search(vectors.xq, 10, **kwargs), stage.search(vectors.xq, 10, **kwargs)
+        ):
             np.testing.assert_array_equal(got, want)
 
 
 def test_load_takes_the_factory_name_from_the_config(tmp_path, flat):
     flat.save(tmp_path / "x.faiss")
-    assert FirstStage.load(tmp_path / "x.faiss", IndexConfig(factory="IDMap,Flat")).factory == "IDMap,Flat"
+    assert (
+        FirstStage.load(tmp_path / "x.faiss", IndexConfig(factory="IDMap,Flat")).factory
+        == "IDMap,Flat"
+    )
 
 
 def test_load_missing_file(tmp_path):
-    with pytest.raises(IndexNotFoundError, match=r"no first-stage index at .*nothing.faiss; build one"):
+    with pytest.raises(
+        IndexNotFoundError, match=r"no first-stage index at .*nothing.faiss; build one"
+    ):
         FirstStage.load(tmp_path / "nothing.faiss")
 
 
@@ -212,7 +241,9 @@ def test_load_garbage_file(tmp_path):
 def test_load_index_without_ids(tmp_path):
     path = tmp_path / "plain.faiss"
     faiss.write_index(faiss.IndexFlatIP(4), str(path))
-    with pytest.raises(IndexCorruptError, match=r"holds a FAISS IndexFlat.* without ids \(expected an IndexIDMap\)"):
+    with pytest.raises(
+        IndexCorruptError, match=r"holds a FAISS IndexFlat.* without ids \(expected an IndexIDMap\)"
+    ):
         FirstStage.load(path)
 
 
@@ -229,19 +260,28 @@ def test_save_to_a_missing_folder(tmp_path, flat):
 
 
 def test_bad_factory_string(vectors):
-    with pytest.raises(InvalidArgumentError, match=r"bad FAISS factory string 'IVFx,Flat': could not parse .*'IVF256,Flat'"):
+    with pytest.raises(
+        InvalidArgumentError,
+        match=r"bad FAISS factory string 'IVFx,Flat': could not parse .*'IVF256,Flat'",
+    ):
         FirstStage.build(vectors.xb, vectors.ids, IndexConfig(factory="IVFx,Flat"))
 
 
 def test_factory_that_cannot_be_trained_on_so_few_vectors(vectors):
-    with pytest.raises(InvalidArgumentError, match=r"FAISS could not train a 'IVF4096,Flat' index on 2000 vectors: .*fewer IVF lists"):
+    with pytest.raises(
+        InvalidArgumentError,
+        match=r"FAISS could not train a 'IVF4096,Flat' index on 2000 vectors: .*fewer IVF lists",
+    ):
         FirstStage.build(vectors.xb, vectors.ids, IndexConfig(factory="IVF4096,Flat"))
 
 
 def test_index_type_without_filter_support_says_so(vectors):
     stage = FirstStage.build(vectors.xb[:300], vectors.ids[:300], IndexConfig(factory="PQ4x4"))
     assert stage.search(vectors.xq, 3)[1].shape == (len(vectors.xq), 3)
-    with pytest.raises(InvalidArgumentError, match=r"the 'PQ4x4' index cannot run a filtered search: .*use exact_search"):
+    with pytest.raises(
+        InvalidArgumentError,
+        match=r"the 'PQ4x4' index cannot run a filtered search: .*use exact_search",
+    ):
         stage.search(vectors.xq, 3, allowed_ids=vectors.ids[:10])
 
 
@@ -257,7 +297,9 @@ def test_hits_outside_the_selector_are_dropped(monkeypatch, flat, vectors, caplo
 
 
 def test_dim_mismatch(flat, vectors):
-    with pytest.raises(InvalidArgumentError, match=r"query has dim 16, but the index was built with dim 32"):
+    with pytest.raises(
+        InvalidArgumentError, match=r"query has dim 16, but the index was built with dim 32"
+    ):
         flat.search(vectors.xq[:, :16], 3)
 
 
@@ -268,7 +310,10 @@ def test_bad_k(flat, vectors, k):
 
 
 def test_bad_nprobe(ivf, vectors):
-    with pytest.raises(InvalidArgumentError, match=r"nprobe must be an int >= 1 \(IVF lists scanned per query\), got 0"):
+    with pytest.raises(
+        InvalidArgumentError,
+        match=r"nprobe must be an int >= 1 \(IVF lists scanned per query\), got 0",
+    ):
         ivf.search(vectors.xq, 3, nprobe=0)
     with pytest.raises(InvalidArgumentError, match="nprobe must be an int >= 1"):
         ivf.nprobe = -2
@@ -288,11 +333,19 @@ def test_nprobe_setter_changes_the_default(vectors):
 @pytest.mark.parametrize(
     ("xb", "ids", "match"),
     [
-        (np.ones((3, 4), np.float32), np.array([1, 2, 1]), "ids must be unique, but some id appears twice"),
+        (
+            np.ones((3, 4), np.float32),
+            np.array([1, 2, 1]),
+            "ids must be unique, but some id appears twice",
+        ),
         (np.ones((3, 4), np.float32), np.array([1, 2]), "ids has 2 ids, but there are 3 vectors"),
         (np.ones((3, 4), np.float32), np.array([1, -2, 3]), r"ids must be >= 0"),
         (np.full((3, 4), np.inf, np.float32), np.arange(3), "xb holds NaN or infinite values"),
-        (np.ones(4, np.float32), np.arange(1), r"xb must have shape \(n, d\) with d >= 1, got shape \(4,\)"),
+        (
+            np.ones(4, np.float32),
+            np.arange(1),
+            r"xb must have shape \(n, d\) with d >= 1, got shape \(4,\)",
+        ),
         (np.array([["a", "b"]]), np.arange(1), "xb must hold floats, got <U1"),
     ],
 )
@@ -314,7 +367,10 @@ def test_memory_mapped_float64_database_is_added_in_blocks(tmp_path, monkeypatch
     xb = np.load(tmp_path / "xb.npy", mmap_mode="r")
     stage = FirstStage.build(xb, vectors.ids, IVF)
     assert stage.ntotal == len(vectors.ids)
-    assert_same_knn(*stage.search(vectors.xq, 5, nprobe=16), *brute_force(vectors.xq, vectors.xb, vectors.ids, 5))
+    assert_same_knn(
+        *stage.search(vectors.xq, 5, nprobe=16),
+        *brute_force(vectors.xq, vectors.xb, vectors.ids, 5),
+    )
 
 
 def test_missing_faiss_raises_dependency_error_with_the_install_hint(monkeypatch, vectors):

@@ -23,7 +23,9 @@ def _cuda_and_faiss_gpu() -> bool:
     return torch.cuda.is_available()
 
 
-requires_gpu = pytest.mark.skipif(not _cuda_and_faiss_gpu(), reason="needs a CUDA device and faiss-gpu")
+requires_gpu = pytest.mark.skipif(
+    not _cuda_and_faiss_gpu(), reason="needs a CUDA device and faiss-gpu"
+)
 
 FAKE_FAISS_GPU = SimpleNamespace(StandardGpuResources=object, get_num_gpus=lambda: 2)
 
@@ -72,15 +74,21 @@ def fake_gpu(monkeypatch):
         copies.append(SpyIndex(index))
         return GpuCopy(index=copies[-1], device=device, lock=threading.Lock())
 
-    monkeypatch.setattr(first_stage, "gpu_device_for", lambda device, faiss_module: None if device == "cpu" else 0)
+    monkeypatch.setattr(
+        first_stage, "gpu_device_for", lambda device, faiss_module: None if device == "cpu" else 0
+    )
     monkeypatch.setattr(first_stage, "to_gpu", to_gpu)
     return copies
 
 
 @pytest.mark.parametrize("factory", ["Flat", "IVF16,Flat"])
 def test_searches_are_routed_between_the_gpu_and_the_cpu_copy(fake_gpu, vectors, factory):
-    gpu_stage = FirstStage.build(vectors.xb, vectors.ids, IndexConfig(factory=factory, device="cuda"))
-    cpu_stage = FirstStage.build(vectors.xb, vectors.ids, IndexConfig(factory=factory, device="cpu"))
+    gpu_stage = FirstStage.build(
+        vectors.xb, vectors.ids, IndexConfig(factory=factory, device="cuda")
+    )
+    cpu_stage = FirstStage.build(
+        vectors.xb, vectors.ids, IndexConfig(factory=factory, device="cpu")
+    )
     assert gpu_stage.on_gpu and not cpu_stage.on_gpu and "on=cuda:0" in repr(gpu_stage)
     spy = fake_gpu[0]
 
@@ -89,7 +97,9 @@ def test_searches_are_routed_between_the_gpu_and_the_cpu_copy(fake_gpu, vectors,
         assert_same_knn(*got, *cpu_stage.search(vectors.xq, 10, nprobe=nprobe))
     assert spy.calls == 2
 
-    allowed = np.sort(vectors.ids[::4])  # filtered: on the CPU copy (GPU indexes take no IDSelector)
+    allowed = np.sort(
+        vectors.ids[::4]
+    )  # filtered: on the CPU copy (GPU indexes take no IDSelector)
     got = gpu_stage.search(vectors.xq, 10, allowed_ids=allowed)
     assert_same_knn(*got, *cpu_stage.search(vectors.xq, 10, allowed_ids=allowed))
     gpu_stage.search(vectors.xq, 2049)  # beyond the GPU's k-selection: on the CPU
@@ -98,7 +108,9 @@ def test_searches_are_routed_between_the_gpu_and_the_cpu_copy(fake_gpu, vectors,
 
 
 def test_empty_index_is_not_copied_to_the_gpu(fake_gpu):
-    stage = FirstStage.build(np.zeros((0, 8), np.float32), np.zeros(0, np.int64), IndexConfig(device="cuda"))
+    stage = FirstStage.build(
+        np.zeros((0, 8), np.float32), np.zeros(0, np.int64), IndexConfig(device="cuda")
+    )
     assert not stage.on_gpu and fake_gpu == []
 
 
@@ -110,9 +122,17 @@ def test_gpu_results_match_the_cpu(tmp_path, vectors, factory):
     gpu = FirstStage.build(vectors.xb, vectors.ids, IndexConfig(factory=factory, device="cuda"))
     assert gpu.on_gpu
     for nprobe in (1, 4, 16):
-        assert_same_knn(*gpu.search(vectors.xq, 10, nprobe=nprobe), *cpu.search(vectors.xq, 10, nprobe=nprobe), atol=1e-4)
+        assert_same_knn(
+            *gpu.search(vectors.xq, 10, nprobe=nprobe),
+            *cpu.search(vectors.xq, 10, nprobe=nprobe),
+            atol=1e-4,
+        )
     allowed = np.sort(vectors.ids[::3])
-    assert_same_knn(*gpu.search(vectors.xq, 10, allowed_ids=allowed), *cpu.search(vectors.xq, 10, allowed_ids=allowed), atol=1e-4)
+    assert_same_knn(
+        *gpu.search(vectors.xq, 10, allowed_ids=allowed),
+        *cpu.search(vectors.xq, 10, allowed_ids=allowed),
+        atol=1e-4,
+    )
     cpu.save(tmp_path / "x.faiss")  # a loaded (mmapped) index goes to the GPU as well
     loaded = FirstStage.load(tmp_path / "x.faiss", IndexConfig(device="auto"))
     assert loaded.on_gpu
@@ -122,10 +142,17 @@ def test_gpu_results_match_the_cpu(tmp_path, vectors, factory):
 @pytest.mark.gpu
 @requires_gpu
 def test_gpu_searches_from_eight_threads(vectors):
-    gpu = FirstStage.build(vectors.xb, vectors.ids, IndexConfig(factory="IVF16,Flat", device="cuda"))
+    gpu = FirstStage.build(
+        vectors.xb, vectors.ids, IndexConfig(factory="IVF16,Flat", device="cuda")
+    )
     expected = {nprobe: gpu.search(vectors.xq, 10, nprobe=nprobe) for nprobe in range(1, 9)}
     with ThreadPoolExecutor(8) as pool:
-        results = list(pool.map(lambda nprobe: (nprobe, gpu.search(vectors.xq, 10, nprobe=nprobe)), list(range(1, 9)) * 4))
+        results = list(
+            pool.map(
+                lambda nprobe: (nprobe, gpu.search(vectors.xq, 10, nprobe=nprobe)),
+                list(range(1, 9)) * 4,
+            )
+        )
     for nprobe, (D, I) in results:
         np.testing.assert_array_equal(I, expected[nprobe][1])
 

@@ -23,7 +23,9 @@ def test_contiguous_positions_become_a_range():
     np.testing.assert_array_equal(members(sel, 10), np.arange(3, 8))
 
 
-@pytest.mark.parametrize("positions", [[0], [1, 8], [0, 2, 4, 6, 8, 10, 12, 14, 16], [7, 9, 15, 16, 17, 99]])
+@pytest.mark.parametrize(
+    "positions", [[0], [1, 8], [0, 2, 4, 6, 8, 10, 12, 14, 16], [7, 9, 15, 16, 17, 99]]
+)
 def test_scattered_positions_become_a_bitmap_with_the_same_members(positions):
     positions = np.array(positions, dtype=np.int64)
     sel = make_selector(faiss, positions, 100)
@@ -61,7 +63,10 @@ def test_params_follow_the_index_structure():
     hnsw = search_params(faiss, create_index(faiss, 8, "HNSW8"), nprobe=1, ef_search=77, sel=None)
     assert isinstance(hnsw, faiss.SearchParametersHNSW) and hnsw.efSearch == 77
 
-    assert search_params(faiss, create_index(faiss, 8, "Flat"), nprobe=1, ef_search=None, sel=None) is None
+    assert (
+        search_params(faiss, create_index(faiss, 8, "Flat"), nprobe=1, ef_search=None, sel=None)
+        is None
+    )
     flat = search_params(faiss, create_index(faiss, 8, "Flat"), nprobe=1, ef_search=None, sel=sel)
     assert type(flat) is faiss.SearchParameters and flat.sel is not None
 
@@ -70,17 +75,28 @@ def test_selector_goes_to_the_innermost_index():
     # IndexPreTransform and IndexRefine ignore the sel of their own parameters in faiss 1.15;
     # test_first_stage checks that filtered searches of both return allowed ids only.
     sel = faiss.IDSelectorRange(0, 5)
-    pre = search_params(faiss, create_index(faiss, 8, "PCA8,IVF4,Flat"), nprobe=2, ef_search=None, sel=sel)
+    pre = search_params(
+        faiss, create_index(faiss, 8, "PCA8,IVF4,Flat"), nprobe=2, ef_search=None, sel=sel
+    )
     assert isinstance(pre, faiss.SearchParametersPreTransform)
     assert pre.sel is None and pre.index_params.sel is not None
 
-    refine = search_params(faiss, create_index(faiss, 8, "IVF4,Flat,Refine(Flat)"), nprobe=3, ef_search=None, sel=sel)
+    refine = search_params(
+        faiss, create_index(faiss, 8, "IVF4,Flat,Refine(Flat)"), nprobe=3, ef_search=None, sel=sel
+    )
     assert isinstance(refine, faiss.IndexRefineSearchParameters)
     assert refine.sel is None and refine.base_index_params.sel is not None
 
 
 def test_gpu_params_carry_no_selector_and_no_hnsw():
-    params = search_params(faiss, create_index(faiss, 8, "IVF4_HNSW8,Flat"), nprobe=2, ef_search=40, sel=None, gpu=True)
+    params = search_params(
+        faiss, create_index(faiss, 8, "IVF4_HNSW8,Flat"), nprobe=2, ef_search=40, sel=None, gpu=True
+    )
     assert isinstance(params, faiss.SearchParametersIVF) and params.nprobe == 2
     assert params.quantizer_params is None and params.sel is None
-    assert search_params(faiss, create_index(faiss, 8, "Flat"), nprobe=2, ef_search=None, sel=None, gpu=True) is None
+    assert (
+        search_params(
+            faiss, create_index(faiss, 8, "Flat"), nprobe=2, ef_search=None, sel=None, gpu=True
+        )
+        is None
+    )

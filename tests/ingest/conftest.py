@@ -10,6 +10,7 @@ from PIL import Image
 
 from ._images import noise, png_with_header_only
 
+
 @pytest.fixture
 def write_image(tmp_path: Path) -> Callable[..., Path]:
     """``write_image("a/b.png", image, **save_kwargs)`` saves under tmp_path, making folders."""

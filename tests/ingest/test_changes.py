@@ -30,9 +30,15 @@ def _indexed(rows: list[tuple[int, Path, bytes]], *, stale_stat: bool = False) -
         st = os.stat(path) if path.exists() and not stale_stat else None
         sizes.append(st.st_size if st else -1)
         mtimes.append(int(st.st_mtime * 1e6) if st else 0)
-    return pa.table({"id": pa.array(ids, pa.int64()), "path": paths, "sha256": shas,
-                     "bytes": pa.array(sizes, pa.int64()),
-                     "mtime": pa.array(mtimes, pa.int64()).cast(pa.timestamp("us", tz="UTC"))})
+    return pa.table(
+        {
+            "id": pa.array(ids, pa.int64()),
+            "path": paths,
+            "sha256": shas,
+            "bytes": pa.array(sizes, pa.int64()),
+            "mtime": pa.array(mtimes, pa.int64()).cast(pa.timestamp("us", tz="UTC")),
+        }
+    )
 
 
 def _items(root: Path) -> list[SourceItem]:
@@ -43,7 +49,13 @@ def test_unchanged_files_are_not_read_again(tmp_path):
     a = _write(tmp_path / "src" / "a.bin", b"A")
     b = _write(tmp_path / "src" / "b.bin", b"B")
     plan = plan_add(_items(tmp_path / "src"), _indexed([(0, a, b"A"), (1, b, b"B")]))
-    assert (plan.unchanged, plan.new, plan.moved, plan.replaced, plan.duplicates) == (2, [], {}, [], [])
+    assert (plan.unchanged, plan.new, plan.moved, plan.replaced, plan.duplicates) == (
+        2,
+        [],
+        {},
+        [],
+        [],
+    )
     assert plan.hashed == 0 and not plan.changes_index  # size and mtime matched: nothing hashed
 
 
@@ -77,7 +89,10 @@ def test_swapped_files_swap_paths(tmp_path):
     indexed = _indexed([(0, a, b"A"), (1, b, b"B")])
     a.write_bytes(b"B")
     b.write_bytes(b"A")
-    for p in (a, b):  # same sizes: a new mtime is what says they changed (coarse clocks may not tick)
+    for p in (
+        a,
+        b,
+    ):  # same sizes: a new mtime is what says they changed (coarse clocks may not tick)
         os.utime(p, ns=(os.stat(p).st_atime_ns, os.stat(p).st_mtime_ns + 10**9))
     plan = plan_add(_items(tmp_path / "src"), indexed)
     assert {i: item.path.name for i, item in plan.moved.items()} == {0: "b.bin", 1: "a.bin"}
@@ -96,9 +111,13 @@ def test_copy_outside_the_source_is_found_by_reading_it(tmp_path):
     outside = _write(tmp_path / "elsewhere" / "a.bin", b"A")
     _write(tmp_path / "src" / "a.bin", b"A")
     indexed = _indexed([(0, outside, b"A")], stale_stat=True)  # forces reading the original
-    assert [i.path.name for i in plan_add(_items(tmp_path / "src"), indexed).duplicates] == ["a.bin"]
+    assert [i.path.name for i in plan_add(_items(tmp_path / "src"), indexed).duplicates] == [
+        "a.bin"
+    ]
     outside.write_bytes(b"changed")
-    assert plan_add(_items(tmp_path / "src"), indexed).moved == {0: SourceItem(path=tmp_path / "src" / "a.bin")}
+    assert plan_add(_items(tmp_path / "src"), indexed).moved == {
+        0: SourceItem(path=tmp_path / "src" / "a.bin")
+    }
 
 
 def test_changed_content_is_new_and_replaces_the_old_image(tmp_path):

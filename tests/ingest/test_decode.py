@@ -93,8 +93,15 @@ def test_one_bit_becomes_black_and_white(write_image):
 def test_animated_image_gives_its_first_frame(write_image, fmt):
     frames = [Image.new("RGB", (8, 8), c) for c in (RED, GREEN, BLUE)]
     extra = {"lossless": True} if fmt == "webp" else {}
-    path = write_image(f"anim.{fmt}", frames[0], save_all=True, append_images=frames[1:],
-                       duration=50, loop=0, **extra)
+    path = write_image(
+        f"anim.{fmt}",
+        frames[0],
+        save_all=True,
+        append_images=frames[1:],
+        duration=50,
+        loop=0,
+        **extra,
+    )
     assert header(path)[3] == 3
     image, record = decode_image(path)
     assert px(image, (4, 4)) == RED

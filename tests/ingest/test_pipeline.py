@@ -26,9 +26,21 @@ def mixed_items(tmp_path, solid, bad_files):
     """Good images (distinct colours) interleaved with bad files, in an unsorted order."""
     good = [solid(f"good/{i}.png", c) for i, c in enumerate(COLORS)]
     missing = tmp_path / "good/missing.png"
-    order = [good[3], bad_files["text"], good[0], missing, good[5], bad_files["empty"],
-             bad_files["truncated_jpeg"], good[1], good[7], good[2], bad_files["bomb"], good[6],
-             good[4]]
+    order = [
+        good[3],
+        bad_files["text"],
+        good[0],
+        missing,
+        good[5],
+        bad_files["empty"],
+        bad_files["truncated_jpeg"],
+        good[1],
+        good[7],
+        good[2],
+        bad_files["bomb"],
+        good[6],
+        good[4],
+    ]
     items = [SourceItem(path=p, extra={"n": i}) for i, p in enumerate(order)]
     colors = {p: COLORS[i] for i, p in enumerate(good)}
     return items, colors
@@ -168,11 +180,20 @@ def test_dicts_and_lists_are_joined_across_chunks(solid):
     paths = [solid(f"{i}.png", c) for i, c in enumerate(COLORS[:3])]
     config = IngestConfig(workers=2, chunk_size=1)
 
-    (batch,) = collect(iter_batches(paths, batch_size=3, config=config,
-                                    preprocess=lambda ims: {"pixel_values": first_pixel(ims)}))
+    (batch,) = collect(
+        iter_batches(
+            paths,
+            batch_size=3,
+            config=config,
+            preprocess=lambda ims: {"pixel_values": first_pixel(ims)},
+        )
+    )
     assert batch.pixels["pixel_values"].tolist() == [list(c) for c in COLORS[:3]]
-    (batch,) = collect(iter_batches(paths, batch_size=3, config=config,
-                                    preprocess=lambda ims: [im.size for im in ims]))
+    (batch,) = collect(
+        iter_batches(
+            paths, batch_size=3, config=config, preprocess=lambda ims: [im.size for im in ims]
+        )
+    )
     assert batch.pixels == [(8, 6)] * 3
 
 

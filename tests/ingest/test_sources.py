@@ -18,11 +18,23 @@ from ._images import BLUE, GREEN, RED, WHITE
 @pytest.fixture
 def photo_folder(tmp_path, solid):
     """Nested folders, mixed-case suffixes, hidden folders and files, non-image files."""
-    for rel in ["photos/z.png", "photos/A.JPG", "photos/b.PnG", "photos/sub/deeper/c.TIFF",
-                "photos/sub/d.Jpeg", "photos/sub/e.webp", "photos/f.GIF", "photos/g.bmp"]:
+    for rel in [
+        "photos/z.png",
+        "photos/A.JPG",
+        "photos/b.PnG",
+        "photos/sub/deeper/c.TIFF",
+        "photos/sub/d.Jpeg",
+        "photos/sub/e.webp",
+        "photos/f.GIF",
+        "photos/g.bmp",
+    ]:
         solid(rel, RED)
-    for rel in ["photos/.git/objects/x.png", "photos/.cache/y.jpg", "photos/._z.jpg",
-                "photos/sub/.hidden.png"]:
+    for rel in [
+        "photos/.git/objects/x.png",
+        "photos/.cache/y.jpg",
+        "photos/._z.jpg",
+        "photos/sub/.hidden.png",
+    ]:
         solid(rel, GREEN)
     (tmp_path / "photos/readme.txt").write_text("not an image")
     (tmp_path / "photos/data.csv").write_text("path\nz.png\n")
@@ -37,8 +49,16 @@ def test_folder_is_walked_recursively_sorted_skipping_hidden(photo_folder, tmp_p
     assert source.root == photo_folder
     assert source.extra_schema is None
     rel = [p.path.relative_to(photo_folder).as_posix() for p in source.items]
-    assert rel == ["A.JPG", "b.PnG", "f.GIF", "g.bmp", "sub/d.Jpeg", "sub/deeper/c.TIFF",
-                   "sub/e.webp", "z.png"]
+    assert rel == [
+        "A.JPG",
+        "b.PnG",
+        "f.GIF",
+        "g.bmp",
+        "sub/d.Jpeg",
+        "sub/deeper/c.TIFF",
+        "sub/e.webp",
+        "z.png",
+    ]
     assert [str(i.path) for i in source.items] == sorted(str(i.path) for i in source.items)
     assert all(i.path.is_absolute() and i.extra == {} for i in source.items)
     assert len(source) == 8
@@ -118,8 +138,12 @@ def test_parquet_manifest_keeps_arrow_types(tmp_path, solid):
     pq.write_table(table, tmp_path / "m.parquet")
     source = discover(tmp_path / "m.parquet")
     assert source.extra_schema == pa.schema(
-        [("caption", pa.string()), ("rank", pa.int32()), ("taken", pa.timestamp("ms")),
-         ("tags", pa.list_(pa.string()))]
+        [
+            ("caption", pa.string()),
+            ("rank", pa.int32()),
+            ("taken", pa.timestamp("ms")),
+            ("tags", pa.list_(pa.string())),
+        ]
     )
     assert [i.path.name for i in source.items] == ["a.png", "b.png"]  # sorted, extras travel along
     expected = {"caption": "red", "rank": 9, "taken": when[1], "tags": ["r", "s"]}

@@ -50,39 +50,52 @@ def pixels(blip_encoder) -> torch.Tensor:
     return blip_encoder.preprocess(images)  # (7, 3, 32, 32)
 
 
-def full_forward(reference, input_ids: np.ndarray, mask: np.ndarray, pixels: torch.Tensor) -> np.ndarray:
+def full_forward(
+    reference, input_ids: np.ndarray, mask: np.ndarray, pixels: torch.Tensor
+) -> np.ndarray:
     """P(match) from BlipForImageTextRetrieval itself, re-running the vision model on every image."""
     k = pixels.shape[0]
     with torch.no_grad():
-        logits = reference(input_ids=torch.from_numpy(input_ids)[None].expand(k, -1), pixel_values=pixels,
-                           attention_mask=torch.from_numpy(mask).long()[None].expand(k, -1),
-                           use_itm_head=True).itm_score  # (k, 2)
+        logits = reference(
+            input_ids=torch.from_numpy(input_ids)[None].expand(k, -1),
+            pixel_values=pixels,
+            attention_mask=torch.from_numpy(mask).long()[None].expand(k, -1),
+            use_itm_head=True,
+        ).itm_score  # (k, 2)
     return logits.softmax(dim=-1)[:, 1].numpy()
 
 
-def direct_itm(reference, input_ids: np.ndarray, mask: np.ndarray, patches: np.ndarray) -> np.ndarray:
+def direct_itm(
+    reference, input_ids: np.ndarray, mask: np.ndarray, patches: np.ndarray
+) -> np.ndarray:
     """P(match) from the model's text encoder and ITM head over given vision tokens, one candidate at a time."""
     out = []
     with torch.no_grad():
         for row in patches:
             image = torch.from_numpy(row.astype(np.float32))[None]
-            h = reference.text_encoder(input_ids=torch.from_numpy(input_ids)[None],
-                                       attention_mask=torch.from_numpy(mask).long()[None],
-                                       encoder_hidden_states=image,
-                                       encoder_attention_mask=torch.ones(image.shape[:2], dtype=torch.long))
+            h = reference.text_encoder(
+                input_ids=torch.from_numpy(input_ids)[None],
+                attention_mask=torch.from_numpy(mask).long()[None],
+                encoder_hidden_states=image,
+                encoder_attention_mask=torch.ones(image.shape[:2], dtype=torch.long),
+            )
             out.append(reference.itm_head(h.last_hidden_state[:, 0]).softmax(-1)[0, 1].item())
     return np.array(out, dtype=np.float32)
 
 
 def test_cached_scores_equal_the_full_forward(blip_encoder, reference, reranker, pixels) -> None:
-    patches = blip_encoder.encode_pixels(pixels).patches  # (7, 17, 32): the vision model runs once, here
+    patches = blip_encoder.encode_pixels(
+        pixels
+    ).patches  # (7, 17, 32): the vision model runs once, here
     text = blip_encoder.encode_text(QUERIES)
     for i in range(len(QUERIES)):
         n = int(text.mask[i].sum())  # the query on its own, no padding from the longer texts
         ids, mask = text.input_ids[i, :n], text.mask[i, :n]
         scores = reranker.score(text.tokens[i, :n], mask, patches, input_ids=ids)
         assert scores.dtype == torch.float32 and scores.shape == (7,)
-        np.testing.assert_allclose(scores.numpy(), full_forward(reference, ids, mask, pixels), atol=1e-5)
+        np.testing.assert_allclose(
+            scores.numpy(), full_forward(reference, ids, mask, pixels), atol=1e-5
+        )
         # The check can fail: the images get clearly different scores.
         assert float(scores.max() - scores.min()) > 1e-3
 
@@ -93,7 +106,9 @@ def test_padded_query_scores_equal_the_unpadded_one(blip_encoder, reranker, pixe
     n = int(text.mask[1].sum())
     assert n < text.mask.shape[1]
     padded = reranker.score(text.tokens[1], text.mask[1], patches, input_ids=text.input_ids[1])
-    alone = reranker.score(text.tokens[1, :n], text.mask[1, :n], patches, input_ids=text.input_ids[1, :n])
+    alone = reranker.score(
+        text.tokens[1, :n], text.mask[1, :n], patches, input_ids=text.input_ids[1, :n]
+    )
     np.testing.assert_allclose(padded.numpy(), alone.numpy(), atol=1e-5)
 
 
@@ -101,8 +116,12 @@ def test_batched_scores_equal_per_candidate_scores(blip_encoder, reranker, pixel
     patches = blip_encoder.encode_pixels(pixels).patches
     text = blip_encoder.encode_text(QUERIES[:1])
     batched = reranker.score(text.tokens[0], text.mask[0], patches, input_ids=text.input_ids[0])
-    single = [reranker.score(text.tokens[0], text.mask[0], patches[j:j + 1], input_ids=text.input_ids[0]).item()
-              for j in range(len(patches))]
+    single = [
+        reranker.score(
+            text.tokens[0], text.mask[0], patches[j : j + 1], input_ids=text.input_ids[0]
+        ).item()
+        for j in range(len(patches))
+    ]
     np.testing.assert_allclose(batched.numpy(), single, atol=1e-6)
 
 
@@ -113,17 +132,24 @@ def test_a_patch_mask_with_padding_is_refused(blip_encoder, reranker, pixels) ->
     text = blip_encoder.encode_text(QUERIES[:1])
     patch_mask = np.ones((7, 17), dtype=bool)
     plain = reranker.score(text.tokens[0], text.mask[0], patches, input_ids=text.input_ids[0])
-    all_real = reranker.score(text.tokens[0], text.mask[0], patches, patch_mask, input_ids=text.input_ids[0])
+    all_real = reranker.score(
+        text.tokens[0], text.mask[0], patches, patch_mask, input_ids=text.input_ids[0]
+    )
     np.testing.assert_array_equal(all_real.numpy(), plain.numpy())
     patch_mask[:, -3:] = False
-    with pytest.raises(InvalidArgumentError, match="a patch_mask with False entries is not supported"):
-        reranker.score(text.tokens[0], text.mask[0], patches, patch_mask, input_ids=text.input_ids[0])
+    with pytest.raises(
+        InvalidArgumentError, match="a patch_mask with False entries is not supported"
+    ):
+        reranker.score(
+            text.tokens[0], text.mask[0], patches, patch_mask, input_ids=text.input_ids[0]
+        )
 
 
 def test_no_candidates_gives_an_empty_score(blip_encoder, reranker) -> None:
     text = blip_encoder.encode_text(QUERIES[:1])
-    scores = reranker.score(text.tokens[0], text.mask[0], np.zeros((0, 17, 32), np.float16),
-                            input_ids=text.input_ids[0])
+    scores = reranker.score(
+        text.tokens[0], text.mask[0], np.zeros((0, 17, 32), np.float16), input_ids=text.input_ids[0]
+    )
     assert scores.shape == (0,) and scores.dtype == torch.float32
 
 
@@ -131,7 +157,9 @@ def test_no_candidates_gives_an_empty_score(blip_encoder, reranker) -> None:
 
 
 @pytest.fixture(scope="module")
-def blip_index(tmp_path_factory: pytest.TempPathFactory, image_folder: Path, tiny_blip: Path) -> Path:
+def blip_index(
+    tmp_path_factory: pytest.TempPathFactory, image_folder: Path, tiny_blip: Path
+) -> Path:
     from crossrank.write.build import build_index
 
     path = tmp_path_factory.mktemp("indexes") / "blip.idx"
@@ -139,7 +167,9 @@ def blip_index(tmp_path_factory: pytest.TempPathFactory, image_folder: Path, tin
     return path
 
 
-def test_index_search_with_blip_itm_equals_the_direct_forward(blip_index: Path, blip_encoder, reference) -> None:
+def test_index_search_with_blip_itm_equals_the_direct_forward(
+    blip_index: Path, blip_encoder, reference
+) -> None:
     from PIL import Image
 
     from crossrank import Index
@@ -147,7 +177,9 @@ def test_index_search_with_blip_itm_equals_the_direct_forward(blip_index: Path, 
     index = Index.open(blip_index, device="cpu")
     assert index.info()["patches"]["dim"] == 32
     result = index.search(QUERIES[0], k=5, rerank_k=20, reranker="blip-itm")
-    assert [h.rerank_score for h in result.hits] == sorted((h.rerank_score for h in result.hits), reverse=True)
+    assert [h.rerank_score for h in result.hits] == sorted(
+        (h.rerank_score for h in result.hits), reverse=True
+    )
     text = blip_encoder.encode_text(QUERIES[:1])
     ids, mask = text.input_ids[0], text.mask[0]
     hit_ids = np.array([h.id for h in result.hits])
@@ -195,11 +227,16 @@ def test_image_query_with_blip_itm_is_refused(blip_index: Path, image_folder: Pa
     assert index.search(image, k=3, reranker="none").hits
 
 
-def test_blip_index_searched_with_a_clip_model_is_refused(blip_index: Path, tiny_clip: Path) -> None:
+def test_blip_index_searched_with_a_clip_model_is_refused(
+    blip_index: Path, tiny_clip: Path
+) -> None:
     from crossrank import Index
     from crossrank.errors import ModelMismatchError
 
-    with pytest.raises(ModelMismatchError, match="was built with model .*tiny-blip.*search it with the same --model"):
+    with pytest.raises(
+        ModelMismatchError,
+        match="was built with model .*tiny-blip.*search it with the same --model",
+    ):
         Index.open(blip_index, device="cpu", model=tiny_clip)
 
 
@@ -207,7 +244,9 @@ def test_blip_itm_on_a_clip_index_is_refused(built_index: Path) -> None:
     from crossrank import Index
     from crossrank.errors import ModelMismatchError
 
-    with pytest.raises(ModelMismatchError, match="needs an index built with a BLIP retrieval model"):
+    with pytest.raises(
+        ModelMismatchError, match="needs an index built with a BLIP retrieval model"
+    ):
         Index.open(built_index, device="cpu").search("a red circle", reranker="blip-itm")
 
 
@@ -251,7 +290,9 @@ def test_a_blip_captioning_dir_is_not_a_retrieval_model(tmp_path: Path) -> None:
     from crossrank.rerank import BlipItmReranker
 
     path = make_tiny_blip(tmp_path / "caption", architecture="BlipForConditionalGeneration")
-    with pytest.raises(ModelError, match="BlipForConditionalGeneration checkpoint, not an image-text retrieval"):
+    with pytest.raises(
+        ModelError, match="BlipForConditionalGeneration checkpoint, not an image-text retrieval"
+    ):
         BlipItmReranker.from_pretrained(str(path), "cpu")
 
 
@@ -268,19 +309,34 @@ def test_input_ids_of_another_length_are_refused(blip_encoder, reranker) -> None
 
     text = blip_encoder.encode_text(QUERIES[:1])
     with pytest.raises(InvalidArgumentError, match=r"input_ids must be \(\d+,\) integer token ids"):
-        reranker.score(text.tokens[0], text.mask[0], np.zeros((2, 17, 32), np.float32),
-                       input_ids=text.input_ids[0, :-1])
+        reranker.score(
+            text.tokens[0],
+            text.mask[0],
+            np.zeros((2, 17, 32), np.float32),
+            input_ids=text.input_ids[0, :-1],
+        )
     with pytest.raises(InvalidArgumentError, match="integer token ids"):
-        reranker.score(text.tokens[0], text.mask[0], np.zeros((2, 17, 32), np.float32),
-                       input_ids=text.input_ids[0].astype(np.float32))
+        reranker.score(
+            text.tokens[0],
+            text.mask[0],
+            np.zeros((2, 17, 32), np.float32),
+            input_ids=text.input_ids[0].astype(np.float32),
+        )
 
 
 def test_patches_of_another_width_are_refused(blip_encoder, reranker) -> None:
     from crossrank.errors import InvalidArgumentError
 
     text = blip_encoder.encode_text(QUERIES[:1])
-    with pytest.raises(InvalidArgumentError, match="patches have dim 48, but .* vision tokens of dim 32"):
-        reranker.score(text.tokens[0], text.mask[0], np.zeros((2, 17, 48), np.float32), input_ids=text.input_ids[0])
+    with pytest.raises(
+        InvalidArgumentError, match="patches have dim 48, but .* vision tokens of dim 32"
+    ):
+        reranker.score(
+            text.tokens[0],
+            text.mask[0],
+            np.zeros((2, 17, 48), np.float32),
+            input_ids=text.input_ids[0],
+        )
 
 
 # -- GPU --------------------------------------------------------------------------------------------
@@ -292,7 +348,9 @@ def test_cuda_half_scores_match_cpu(tiny_blip: Path, blip_encoder, reranker, pix
     from crossrank.rerank import BlipItmReranker
 
     on_gpu = BlipItmReranker.from_pretrained(str(tiny_blip), "cuda")
-    patches = blip_encoder.encode_pixels(pixels).patches.astype(np.float16)  # as the patch store holds them
+    patches = blip_encoder.encode_pixels(pixels).patches.astype(
+        np.float16
+    )  # as the patch store holds them
     text = blip_encoder.encode_text(QUERIES[:1])
     gpu = on_gpu.score(text.tokens[0], text.mask[0], patches, input_ids=text.input_ids[0])
     cpu = reranker.score(text.tokens[0], text.mask[0], patches, input_ids=text.input_ids[0])

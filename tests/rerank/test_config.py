@@ -26,14 +26,30 @@ def test_defaults_are_the_shipped_demo_rerankers_architecture():
     # pair head learns only with attention supervision, which needs a shapes dataset's scene
     # graphs, and none of the three was measured on a user's own encoder and captions (README,
     # "The shipped demo reranker").
-    assert (shipped.query_self_attention, shipped.pair_head, shipped.token_embeddings) == (True, True, 128)
-    assert replace(shipped, text_dim=default.text_dim, patch_dim=default.patch_dim, patch_positions=None,
-                   query_self_attention=False, pair_head=False, token_embeddings=0) == default
+    assert (shipped.query_self_attention, shipped.pair_head, shipped.token_embeddings) == (
+        True,
+        True,
+        128,
+    )
+    assert (
+        replace(
+            shipped,
+            text_dim=default.text_dim,
+            patch_dim=default.patch_dim,
+            patch_positions=None,
+            query_self_attention=False,
+            pair_head=False,
+            token_embeddings=0,
+        )
+        == default
+    )
     assert shipped.patch_positions == 64 and default.patch_positions is None
 
 
 def test_enum_fields_accept_their_strings():
-    cfg = RerankerConfig(n_query_tokens=2, query_tokens_mode="replace", pooling="first", init="lecun")
+    cfg = RerankerConfig(
+        n_query_tokens=2, query_tokens_mode="replace", pooling="first", init="lecun"
+    )
     assert cfg.query_tokens_mode is QueryTokensMode.REPLACE
     assert cfg.pooling is Pooling.FIRST
     assert cfg.init is Init.LECUN
@@ -41,9 +57,19 @@ def test_enum_fields_accept_their_strings():
 
 
 def test_json_round_trip():
-    cfg = RerankerConfig(text_dim=12, patch_dim=10, width=16, heads=2, n_query_tokens=3,
-                         query_tokens_mode="replace", sparse_top_m=4, patch_positions=9, pooling="first",
-                         init="lecun", token_embeddings=6)
+    cfg = RerankerConfig(
+        text_dim=12,
+        patch_dim=10,
+        width=16,
+        heads=2,
+        n_query_tokens=3,
+        query_tokens_mode="replace",
+        sparse_top_m=4,
+        patch_positions=9,
+        pooling="first",
+        init="lecun",
+        token_embeddings=6,
+    )
     data = json.loads(json.dumps(cfg.to_dict()))
     assert RerankerConfig.from_dict(data) == cfg and cfg.token_input_dim == 18
 
@@ -66,7 +92,10 @@ def test_which_layers_can_be_precomputed_or_folded(options, static, foldable):
     ("options", "match"),
     [
         ({"text_dim": 0}, r"text_dim must be an int >= 1, got 0"),
-        ({"token_embeddings": -1}, r"token_embeddings must be an int >= 0 \(the width of the text encoder's layer-0"),
+        (
+            {"token_embeddings": -1},
+            r"token_embeddings must be an int >= 0 \(the width of the text encoder's layer-0",
+        ),
         ({"token_embeddings": True}, r"token_embeddings must be an int >= 0"),
         ({"patch_dim": 3.0}, r"patch_dim must be an int >= 1, got 3.0"),
         ({"layers": True}, r"layers must be an int >= 1, got True"),
@@ -76,7 +105,10 @@ def test_which_layers_can_be_precomputed_or_folded(options, static, foldable):
         ({"dropout": 1.0}, r"dropout must be a number in \[0, 1\), got 1.0"),
         ({"gated": 1}, r"gated must be True or False, got 1"),
         ({"n_query_tokens": -1}, r"n_query_tokens must be an int >= 0"),
-        ({"query_tokens_mode": "prefix"}, r"query_tokens_mode must be one of concat, replace, got 'prefix'"),
+        (
+            {"query_tokens_mode": "prefix"},
+            r"query_tokens_mode must be one of concat, replace, got 'prefix'",
+        ),
         ({"query_tokens_mode": "replace"}, r"'replace' needs n_query_tokens >= 1"),
         ({"sparse_top_m": 0}, r"sparse_top_m must be None \(dense\) or an int >= 1"),
         ({"patch_positions": 0}, r"patch_positions must be None"),

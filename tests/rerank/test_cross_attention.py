@@ -34,23 +34,43 @@ OPTIONS = {
     "positions": {"patch_positions": 12},
     "first-pooling": {"pooling": "first", "n_query_tokens": 2},
     "first-text-token": {"pooling": "first"},
-    "everything": {"bidirectional": True, "n_query_tokens": 2, "sparse_top_m": 3,
-                   "patch_positions": 12, "pooling": "first", "query_self_attention": True},
+    "everything": {
+        "bidirectional": True,
+        "n_query_tokens": 2,
+        "sparse_top_m": 3,
+        "patch_positions": 12,
+        "pooling": "first",
+        "query_self_attention": True,
+    },
     "pair-head": {"pair_head": True, "patch_positions": 16},
-    "pair+everything": {"pair_head": True, "patch_positions": 16, "bidirectional": True, "n_query_tokens": 2,
-                        "sparse_top_m": 3, "query_self_attention": True},
+    "pair+everything": {
+        "pair_head": True,
+        "patch_positions": 16,
+        "bidirectional": True,
+        "n_query_tokens": 2,
+        "sparse_top_m": 3,
+        "query_self_attention": True,
+    },
 }
-
 
 
 def _config(**options) -> RerankerConfig:
     # Gated (not the library default), so that every test also runs through the gates.
-    base = {"text_dim": D_T, "patch_dim": D_V, "width": 16, "heads": 2, "layers": 2, "mlp_ratio": 2.0,
-            "gated": True}
+    base = {
+        "text_dim": D_T,
+        "patch_dim": D_V,
+        "width": 16,
+        "heads": 2,
+        "layers": 2,
+        "mlp_ratio": 2.0,
+        "gated": True,
+    }
     return RerankerConfig(**{**base, **options})
 
 
-def _randomize(model: torch.nn.Module, seed: int = 0, std: float = 0.3, gates: bool = True) -> torch.nn.Module:
+def _randomize(
+    model: torch.nn.Module, seed: int = 0, std: float = 0.3, gates: bool = True
+) -> torch.nn.Module:
     """Every parameter random (gates too, unless ``gates=False``), so no branch is silently zero."""
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
@@ -82,7 +102,9 @@ def _close(a, b, atol=1e-5):
 def test_implements_the_reranker_protocol():
     model = _model()
     tokens, token_mask, patches, patch_mask = _inputs()
-    scores = model.score(tokens.numpy(), token_mask.numpy(), patches.half().numpy(), patch_mask.numpy())
+    scores = model.score(
+        tokens.numpy(), token_mask.numpy(), patches.half().numpy(), patch_mask.numpy()
+    )
     assert isinstance(model, Reranker) and model.name == "cross-attention"
     assert scores.dtype == torch.float32 and scores.device.type == "cpu" and scores.shape == (K,)
     assert model.score(tokens, token_mask, patches[:0]).shape == (0,)
@@ -93,8 +115,12 @@ def test_batched_scores_equal_per_candidate_scores(options):
     model = _model(**options)
     tokens, token_mask, patches, patch_mask = _inputs()
     together = model.score(tokens, token_mask, patches, patch_mask)
-    alone = torch.cat([model.score(tokens, token_mask, patches[c : c + 1], patch_mask[c : c + 1])
-                       for c in range(K)])
+    alone = torch.cat(
+        [
+            model.score(tokens, token_mask, patches[c : c + 1], patch_mask[c : c + 1])
+            for c in range(K)
+        ]
+    )
     _close(together, alone)
 
 
@@ -108,15 +134,23 @@ def test_padding_tokens_and_patches_never_change_a_score(options):
 
     # 1. Other content at the masked positions, NaN and inf included.
     g = torch.Generator().manual_seed(1)
-    junk_tokens = torch.where(token_mask[:, None], tokens, torch.randn(tokens.shape, generator=g) * 100)
-    junk_patches = torch.where(patch_mask[..., None], patches, torch.randn(patches.shape, generator=g) * 100)
+    junk_tokens = torch.where(
+        token_mask[:, None], tokens, torch.randn(tokens.shape, generator=g) * 100
+    )
+    junk_patches = torch.where(
+        patch_mask[..., None], patches, torch.randn(patches.shape, generator=g) * 100
+    )
     junk_tokens[~token_mask] = float("nan")
     junk_patches[~patch_mask] = float("inf")
     _close(model(junk_tokens, token_mask, junk_patches, patch_mask).detach(), before)
 
     # 2. More padding: tokens before and after, extra patch slots after, all masked.
-    more_tokens = torch.cat([torch.randn(2, D_T, generator=g), tokens, torch.randn(3, D_T, generator=g) * 50])
-    more_token_mask = torch.cat([torch.zeros(2, dtype=torch.bool), token_mask, torch.zeros(3, dtype=torch.bool)])
+    more_tokens = torch.cat(
+        [torch.randn(2, D_T, generator=g), tokens, torch.randn(3, D_T, generator=g) * 50]
+    )
+    more_token_mask = torch.cat(
+        [torch.zeros(2, dtype=torch.bool), token_mask, torch.zeros(3, dtype=torch.bool)]
+    )
     more_patches = torch.cat([patches, torch.randn(K, 4, D_V, generator=g) * 50], dim=1)
     more_patch_mask = torch.cat([patch_mask, torch.zeros(K, 4, dtype=torch.bool)], dim=1)
     _close(model(more_tokens, more_token_mask, more_patches, more_patch_mask).detach(), before)
@@ -125,7 +159,10 @@ def test_padding_tokens_and_patches_never_change_a_score(options):
 
 @pytest.mark.parametrize(
     "options",
-    [OPTIONS[name] for name in ("default", "bidir+patch-sa", "query-concat", "query-replace", "everything")],
+    [
+        OPTIONS[name]
+        for name in ("default", "bidir+patch-sa", "query-concat", "query-replace", "everything")
+    ],
     ids=["default", "bidir+patch-sa", "query-concat", "query-replace", "everything"],
 )
 def test_an_untrained_gated_model_starts_from_the_identity(options):
@@ -133,8 +170,9 @@ def test_an_untrained_gated_model_starts_from_the_identity(options):
     # and must still contribute exactly nothing.
     model = _randomize(CrossAttentionReranker(_config(**options)), gates=False)
     tokens, token_mask, patches, patch_mask = _inputs()
-    pooled = model.forward_batch(tokens[None], token_mask[None], patches[None], patch_mask[None],
-                                 output="pooled")[0]  # (k, width)
+    pooled = model.forward_batch(
+        tokens[None], token_mask[None], patches[None], patch_mask[None], output="pooled"
+    )[0]  # (k, width)
     states, keep = model.encode_query(tokens[None], token_mask[None])  # (1, n, width), (1, n)
     if model.config.pooling == "first":
         expected = states[0, 0]
@@ -145,7 +183,9 @@ def test_an_untrained_gated_model_starts_from_the_identity(options):
 
     with torch.no_grad():
         model.layers[0].cross_gate.fill_(0.5)
-    moved = model.forward_batch(tokens[None], token_mask[None], patches[None], patch_mask[None], output="pooled")[0]
+    moved = model.forward_batch(
+        tokens[None], token_mask[None], patches[None], patch_mask[None], output="pooled"
+    )[0]
     assert not torch.allclose(moved, pooled, atol=1e-3)
 
 
@@ -194,12 +234,16 @@ def test_folded_weights_kept_across_calls_follow_every_weight_change():
     _close(moved, plain())
 
 
-@pytest.mark.parametrize("options", [OPTIONS["default"], OPTIONS["everything"]], ids=["default", "everything"])
+@pytest.mark.parametrize(
+    "options", [OPTIONS["default"], OPTIONS["everything"]], ids=["default", "everything"]
+)
 def test_no_patch_mask_scores_as_an_all_true_mask(options):
     model = _model(**options)
     tokens, token_mask, patches, _ = _inputs()
     all_real = torch.ones(patches.shape[:2], dtype=torch.bool)
-    _close(model.score(tokens, token_mask, patches), model.score(tokens, token_mask, patches, all_real))
+    _close(
+        model.score(tokens, token_mask, patches), model.score(tokens, token_mask, patches, all_real)
+    )
 
 
 @pytest.mark.parametrize("path", ["folded", "precomputed"])
@@ -208,7 +252,9 @@ def test_stored_patches_are_never_projected_per_query(path):
     tokens, token_mask, patches, patch_mask = _inputs()
     cache = model.precompute_kv(patches, patch_mask) if path == "precomputed" else None
     calls = []
-    watched = [model.patch_in] + [m for layer in model.layers for m in (layer.cross_attn.k, layer.cross_attn.v)]
+    watched = [model.patch_in] + [
+        m for layer in model.layers for m in (layer.cross_attn.k, layer.cross_attn.v)
+    ]
     hooks = [m.register_forward_hook(lambda *_: calls.append(1)) for m in watched]
     try:
         with torch.no_grad():
@@ -224,8 +270,11 @@ def test_stored_patches_are_never_projected_per_query(path):
             hook.remove()
 
 
-@pytest.mark.parametrize("options", [OPTIONS["default"], OPTIONS["everything"], OPTIONS["pair+everything"]],
-                         ids=["default", "everything", "pair+everything"])
+@pytest.mark.parametrize(
+    "options",
+    [OPTIONS["default"], OPTIONS["everything"], OPTIONS["pair+everything"]],
+    ids=["default", "everything", "pair+everything"],
+)
 def test_forward_batch_equals_forward_per_query(options):
     model = _model(**options)
     queries = [_inputs(seed) for seed in range(3)]
@@ -236,7 +285,9 @@ def test_forward_batch_equals_forward_per_query(options):
     patch_mask = torch.stack([q[3] for q in queries])
     with torch.no_grad():
         batched = model.forward_batch(tokens, token_mask, patches, patch_mask)
-        one_by_one = torch.stack([model(tokens[b], token_mask[b], patches[b], patch_mask[b]) for b in range(3)])
+        one_by_one = torch.stack(
+            [model(tokens[b], token_mask[b], patches[b], patch_mask[b]) for b in range(3)]
+        )
     assert batched.shape == (3, K) and batched.dtype == torch.float32
     _close(batched, one_by_one)
 
@@ -267,8 +318,11 @@ def test_each_option_changes_the_scores(option, off, on):
     model_off = CrossAttentionReranker(_config(**base, **{option: off}))
     _randomize(model_off, seed=1)
     # Share every weight the two have in common, so only the option differs.
-    shared = {n: t for n, t in model_on.state_dict().items()
-              if n in model_off.state_dict() and model_off.state_dict()[n].shape == t.shape}
+    shared = {
+        n: t
+        for n, t in model_on.state_dict().items()
+        if n in model_off.state_dict() and model_off.state_dict()[n].shape == t.shape
+    }
     model_off.load_state_dict(shared, strict=False)
     inputs = _inputs()
     assert not torch.allclose(model_on.score(*inputs), model_off.score(*inputs), atol=1e-4)
@@ -294,27 +348,37 @@ def test_the_pair_head_reads_where_each_position_looked(path):
             if pair:
                 model.pair_where.weight.mul_(10)
             source = model.precompute_kv(patches) if path == "precomputed" else patches
-            scores[pair] = model(tokens, token_mask, source, path="plain" if path == "precomputed" else path)
+            scores[pair] = model(
+                tokens, token_mask, source, path="plain" if path == "precomputed" else path
+            )
     _close(scores[False][0], scores[False][1])
     assert abs(float(scores[True][0] - scores[True][1])) > 1e-3
 
 
-@pytest.mark.parametrize("options", [OPTIONS["default"], OPTIONS["pair-head"], OPTIONS["pair+everything"]],
-                         ids=["default", "pair-head", "pair+everything"])
+@pytest.mark.parametrize(
+    "options",
+    [OPTIONS["default"], OPTIONS["pair-head"], OPTIONS["pair+everything"]],
+    ids=["default", "pair-head", "pair+everything"],
+)
 def test_attend_to_averages_channels_with_the_last_layers_attention(options):
     model = _model(**options)
     tokens, token_mask, patches, patch_mask = _inputs()
     # Channels: all ones, the padding indicator, and one random channel.
     g = torch.Generator().manual_seed(4)
-    channels = torch.stack([torch.ones(K, P), (~patch_mask).float(), torch.rand(K, P, generator=g)], dim=-1)
+    channels = torch.stack(
+        [torch.ones(K, P), (~patch_mask).float(), torch.rand(K, P, generator=g)], dim=-1
+    )
     args = (tokens[None], token_mask[None], patches[None], patch_mask[None])
     with torch.no_grad():
         plain_logits = model.forward_batch(*args, path="plain")
-        results = {path: model.forward_batch(*args, path=path, attend_to=channels[None])
-                   for path in ("plain", "auto")}
+        results = {
+            path: model.forward_batch(*args, path=path, attend_to=channels[None])
+            for path in ("plain", "auto")
+        }
         cache = model.precompute_kv(patches, patch_mask)
-        results["precomputed"] = model.forward_batch(tokens[None], token_mask[None], cache.unsqueeze(0),
-                                                     attend_to=channels[None])
+        results["precomputed"] = model.forward_batch(
+            tokens[None], token_mask[None], cache.unsqueeze(0), attend_to=channels[None]
+        )
     for logits, attended in results.values():
         _close(logits, plain_logits)  # asking changes no score
         n = model.encode_query(tokens[None], token_mask[None])[1].shape[1]
@@ -328,8 +392,13 @@ def test_attend_to_gives_the_attention_weights_of_a_one_layer_model():
     model = _model(layers=1, gated=False)
     tokens, token_mask, patches, patch_mask = _inputs()
     with torch.no_grad():
-        _, attended = model.forward_batch(tokens[None], token_mask[None], patches[None], patch_mask[None],
-                                          attend_to=torch.eye(P).expand(1, K, P, P))  # channel j = patch j
+        _, attended = model.forward_batch(
+            tokens[None],
+            token_mask[None],
+            patches[None],
+            patch_mask[None],
+            attend_to=torch.eye(P).expand(1, K, P, P),
+        )  # channel j = patch j
         x, _ = model.encode_query(tokens[None], token_mask[None])  # (1, n, width)
         layer = model.layers[0]
         q = layer.cross_attn.project_q(layer.cross_norm(x))  # (1, heads, n, e)
@@ -344,20 +413,28 @@ def test_attend_to_of_the_wrong_shape_is_refused():
     model = _model()
     tokens, token_mask, patches, patch_mask = _inputs()
     with pytest.raises(InvalidArgumentError, match=r"attend_to must have shape \(1, 5, 7\)"):
-        model.forward_batch(tokens[None], token_mask[None], patches[None], patch_mask[None],
-                            attend_to=torch.ones(1, K, P - 1, 2))
+        model.forward_batch(
+            tokens[None],
+            token_mask[None],
+            patches[None],
+            patch_mask[None],
+            attend_to=torch.ones(1, K, P - 1, 2),
+        )
 
 
 def test_an_untrained_gated_pair_head_adds_nothing():
-    model = _randomize(CrossAttentionReranker(_config(pair_head=True, patch_positions=16)), gates=False)
+    model = _randomize(
+        CrossAttentionReranker(_config(pair_head=True, patch_positions=16)), gates=False
+    )
     tokens, token_mask, patches, patch_mask = _inputs()
     with torch.no_grad():
         for layer in model.layers:  # the layers' gates on too: the pair head alone is at 0
             layer.cross_gate.fill_(0.5)
             layer.mlp_gate.fill_(0.5)
         logits = model(tokens, token_mask, patches, patch_mask)
-        pooled = model.forward_batch(tokens[None], token_mask[None], patches[None], patch_mask[None],
-                                     output="pooled")[0]
+        pooled = model.forward_batch(
+            tokens[None], token_mask[None], patches[None], patch_mask[None], output="pooled"
+        )[0]
         _close(logits, model.head(model.out_norm(pooled)).squeeze(-1))
         model.pair_gate.fill_(0.5)
         assert not torch.allclose(model(tokens, token_mask, patches, patch_mask), logits, atol=1e-3)
@@ -373,14 +450,18 @@ def test_the_pair_head_scores_alike_with_and_without_autograd(monkeypatch):
     with torch.enable_grad():
         with_grad = model(tokens, token_mask, patches, patch_mask)
     assert with_grad.requires_grad
-    monkeypatch.setattr(module, "_PAIR_CHUNK_VALUES", 3 * L * L * model.config.width)  # 3 candidates a chunk
+    monkeypatch.setattr(
+        module, "_PAIR_CHUNK_VALUES", 3 * L * L * model.config.width
+    )  # 3 candidates a chunk
     with torch.no_grad():
         chunked = model(tokens, token_mask, patches, patch_mask)
     _close(chunked, with_grad.detach())
 
 
 def test_a_pair_head_needs_a_square_patch_grid():
-    with pytest.raises(ValueError, match=r"pair_head needs patch_positions set to the encoder's square patch grid"):
+    with pytest.raises(
+        ValueError, match=r"pair_head needs patch_positions set to the encoder's square patch grid"
+    ):
         _config(pair_head=True, patch_positions=12)
     with pytest.raises(ValueError, match=r"got None"):
         _config(pair_head=True)
@@ -392,13 +473,20 @@ def test_dropout_acts_in_training_only():
     no_dropout = CrossAttentionReranker(_config())
     no_dropout.load_state_dict(model.state_dict())
     no_dropout.eval()
-    _close(model.score(tokens, token_mask, patches, patch_mask), no_dropout.score(tokens, token_mask, patches, patch_mask))
+    _close(
+        model.score(tokens, token_mask, patches, patch_mask),
+        no_dropout.score(tokens, token_mask, patches, patch_mask),
+    )
     torch.manual_seed(0)
     trained = model.train()(tokens, token_mask, patches, patch_mask).detach()
-    assert not torch.allclose(trained, no_dropout(tokens, token_mask, patches, patch_mask).detach(), atol=1e-4)
+    assert not torch.allclose(
+        trained, no_dropout(tokens, token_mask, patches, patch_mask).detach(), atol=1e-4
+    )
 
 
-@pytest.mark.parametrize("options", [OPTIONS["default"], OPTIONS["positions"]], ids=["default", "positions"])
+@pytest.mark.parametrize(
+    "options", [OPTIONS["default"], OPTIONS["positions"]], ids=["default", "positions"]
+)
 def test_sparse_top_m_covering_every_real_patch_equals_dense(options):
     tokens, token_mask, patches, patch_mask = _inputs()
     patch_mask[:, 5:] = False  # at most 5 real patches per candidate, P = 7
@@ -421,7 +509,9 @@ def test_forward_batch_is_differentiable_in_both_paths():
     tokens, token_mask, patches, patch_mask = _inputs()
     for path in ("plain", "folded"):
         model = CrossAttentionReranker(_config()).train()
-        model.forward_batch(tokens[None], token_mask[None], patches[None], patch_mask[None], path=path).sum().backward()
+        model.forward_batch(
+            tokens[None], token_mask[None], patches[None], patch_mask[None], path=path
+        ).sum().backward()
         grads = {n: p.grad for n, p in model.named_parameters()}
         assert all(g is not None and torch.isfinite(g).all() for g in grads.values())
         assert grads["layers.0.cross_gate"].abs() > 0  # the gates at 0 still learn
@@ -429,7 +519,9 @@ def test_forward_batch_is_differentiable_in_both_paths():
 
 @pytest.mark.parametrize("device", DEVICES)
 def test_scores_on_each_device_match_float32_cpu(device):
-    model = _randomize(CrossAttentionReranker(_config(n_query_tokens=2, bidirectional=True)), std=0.1)
+    model = _randomize(
+        CrossAttentionReranker(_config(n_query_tokens=2, bidirectional=True)), std=0.1
+    )
     tokens, token_mask, patches, patch_mask = _inputs(k=50)
     expected = model.score(tokens, token_mask, patches, patch_mask)
     model.to(device)
@@ -437,9 +529,13 @@ def test_scores_on_each_device_match_float32_cpu(device):
     assert got.dtype == torch.float32 and got.device.type == "cpu"
     # CUDA runs in bf16 autocast (about 3 significant digits) with fp32 pooling and head.
     atol = 1e-5 if device == "cpu" else 3e-2
-    torch.testing.assert_close(got, expected, atol=atol + float(expected.abs().max()) * 1e-3, rtol=0)
+    torch.testing.assert_close(
+        got, expected, atol=atol + float(expected.abs().max()) * 1e-3, rtol=0
+    )
     if device == "cpu":  # fp16 storage then float32 compute: the only error is the fp16 rounding
-        torch.testing.assert_close(got, model.score(tokens, token_mask, patches.half().float(), patch_mask))
+        torch.testing.assert_close(
+            got, model.score(tokens, token_mask, patches.half().float(), patch_mask)
+        )
 
 
 # -- errors --------------------------------------------------------------------------------------
@@ -448,7 +544,9 @@ def test_scores_on_each_device_match_float32_cpu(device):
 def test_dims_that_do_not_match_the_config_are_refused():
     model = _model()
     tokens, token_mask, patches, patch_mask = _inputs()
-    with pytest.raises(InvalidArgumentError, match=r"made for token dim 12 and patch dim 10, got token dim 8"):
+    with pytest.raises(
+        InvalidArgumentError, match=r"made for token dim 12 and patch dim 10, got token dim 8"
+    ):
         model.score(tokens[:, :8], token_mask, patches, patch_mask)
     with pytest.raises(InvalidArgumentError, match=r"got token dim 12 and patch dim 9"):
         model.precompute_kv(patches[..., :9])
@@ -457,7 +555,9 @@ def test_dims_that_do_not_match_the_config_are_refused():
 def test_more_patches_than_position_embeddings_are_refused():
     model = _model(patch_positions=4)
     tokens, token_mask, patches, patch_mask = _inputs()
-    with pytest.raises(InvalidArgumentError, match=r"position embeddings for 4 patches, got 7 patches"):
+    with pytest.raises(
+        InvalidArgumentError, match=r"position embeddings for 4 patches, got 7 patches"
+    ):
         model.score(tokens, token_mask, patches, patch_mask)
 
 
@@ -471,16 +571,49 @@ def test_folding_a_config_that_cannot_fold_is_refused():
 @pytest.mark.parametrize(
     ("call", "match"),
     [
-        (lambda m, t, tm, p, pm: m.forward_batch(t, tm, p, pm), r"forward_batch needs tokens \(B, L, token_input_dim\)"),
-        (lambda m, t, tm, p, pm: m(t, tm.float(), p, pm), r"token_mask must be bool of shape \(1, 6\)"),
-        (lambda m, t, tm, p, pm: m(t, tm, p, pm[:, :3]), r"patch_mask must be bool of shape \(1, 5, 7\)"),
-        (lambda m, t, tm, p, pm: m(t, tm, m.precompute_kv(p), pm), r"patch_mask must be None with a PatchKV"),
-        (lambda m, t, tm, p, pm: m(t, tm, p, pm, path="fast"), r"path must be one of auto, plain, folded"),
-        (lambda m, t, tm, p, pm: m.forward_batch(t[None], tm[None], p[None], output="x"), r"output must be"),
-        (lambda m, t, tm, p, pm: m.score(t, torch.zeros_like(tm), p, pm), r"query has no real token"),
-        (lambda m, t, tm, p, pm: m.precompute_kv(p, pm[:2]), r"patch_mask must have shape \(5, 7\)"),
+        (
+            lambda m, t, tm, p, pm: m.forward_batch(t, tm, p, pm),
+            r"forward_batch needs tokens \(B, L, token_input_dim\)",
+        ),
+        (
+            lambda m, t, tm, p, pm: m(t, tm.float(), p, pm),
+            r"token_mask must be bool of shape \(1, 6\)",
+        ),
+        (
+            lambda m, t, tm, p, pm: m(t, tm, p, pm[:, :3]),
+            r"patch_mask must be bool of shape \(1, 5, 7\)",
+        ),
+        (
+            lambda m, t, tm, p, pm: m(t, tm, m.precompute_kv(p), pm),
+            r"patch_mask must be None with a PatchKV",
+        ),
+        (
+            lambda m, t, tm, p, pm: m(t, tm, p, pm, path="fast"),
+            r"path must be one of auto, plain, folded",
+        ),
+        (
+            lambda m, t, tm, p, pm: m.forward_batch(t[None], tm[None], p[None], output="x"),
+            r"output must be",
+        ),
+        (
+            lambda m, t, tm, p, pm: m.score(t, torch.zeros_like(tm), p, pm),
+            r"query has no real token",
+        ),
+        (
+            lambda m, t, tm, p, pm: m.precompute_kv(p, pm[:2]),
+            r"patch_mask must have shape \(5, 7\)",
+        ),
     ],
-    ids=["batch-rank", "token-mask", "patch-mask", "mask-with-cache", "path", "output", "empty-query", "kv-mask"],
+    ids=[
+        "batch-rank",
+        "token-mask",
+        "patch-mask",
+        "mask-with-cache",
+        "path",
+        "output",
+        "empty-query",
+        "kv-mask",
+    ],
 )
 def test_bad_inputs_are_refused(call, match):
     model = _model()
@@ -494,14 +627,19 @@ def test_patch_kv_select_cuts_rows():
     cache = model.precompute_kv(patches, patch_mask)
     part = cache.select(np.array([4, 1]))
     assert isinstance(part, PatchKV) and len(part) == 2 and len(cache) == K
-    assert torch.equal(part.keys[0][0], cache.keys[0][4]) and torch.equal(part.states[1], cache.states[1])
+    assert torch.equal(part.keys[0][0], cache.keys[0][4]) and torch.equal(
+        part.states[1], cache.states[1]
+    )
 
 
-@pytest.mark.parametrize(("init", "std_of"), [("bert", lambda fan_in: 0.02), ("lecun", lambda fan_in: fan_in ** -0.5)])
+@pytest.mark.parametrize(
+    ("init", "std_of"), [("bert", lambda fan_in: 0.02), ("lecun", lambda fan_in: fan_in**-0.5)]
+)
 def test_init_scheme_sets_the_scale_of_every_linear_map(init, std_of):
     torch.manual_seed(0)
-    model = CrossAttentionReranker(RerankerConfig(text_dim=64, patch_dim=48, width=64, heads=4, init=init,
-                                                  patch_positions=16))
+    model = CrossAttentionReranker(
+        RerankerConfig(text_dim=64, patch_dim=48, width=64, heads=4, init=init, patch_positions=16)
+    )
     linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
     assert linears
     for module in linears:

@@ -17,7 +17,9 @@ def test_sum_adds_the_scores():
 
 
 def test_weighted_is_alpha_rerank_plus_one_minus_alpha_first_stage():
-    np.testing.assert_allclose(fuse(FIRST, RERANK, "weighted:0.25"), [0.725, 0.525, 0.175], rtol=1e-6)
+    np.testing.assert_allclose(
+        fuse(FIRST, RERANK, "weighted:0.25"), [0.725, 0.525, 0.175], rtol=1e-6
+    )
 
 
 def test_weighted_ends_reduce_to_each_stage():
@@ -28,7 +30,9 @@ def test_weighted_ends_reduce_to_each_stage():
 def test_weighted_half_ranks_like_sum():
     rng = np.random.default_rng(0)
     first, rerank = rng.random((2, 50)).astype(np.float32)
-    assert (np.argsort(-fuse(first, rerank, "weighted:0.5")) == np.argsort(-fuse(first, rerank, "sum"))).all()
+    assert (
+        np.argsort(-fuse(first, rerank, "weighted:0.5")) == np.argsort(-fuse(first, rerank, "sum"))
+    ).all()
 
 
 def test_fused_scores_are_float32_and_keep_the_shape():
@@ -74,7 +78,9 @@ def test_malformed_fusion_is_refused(spec, match):
 
 
 def test_dataclass_validates_its_fields():
-    with pytest.raises(InvalidArgumentError, match=r"fusion mode must be one of rerank, sum, weighted"):
+    with pytest.raises(
+        InvalidArgumentError, match=r"fusion mode must be one of rerank, sum, weighted"
+    ):
         Fusion("max")
     with pytest.raises(InvalidArgumentError, match=r"needs alpha in \[0, 1\], got None"):
         Fusion(FusionMode.WEIGHTED)
@@ -85,7 +91,10 @@ def test_dataclass_validates_its_fields():
 
 
 def test_shape_mismatch_is_refused():
-    with pytest.raises(InvalidArgumentError, match=r"first_stage scores have shape \(3,\) but rerank scores have shape \(2,\)"):
+    with pytest.raises(
+        InvalidArgumentError,
+        match=r"first_stage scores have shape \(3,\) but rerank scores have shape \(2,\)",
+    ):
         fuse(FIRST, RERANK[:2], "sum")
 
 
@@ -103,9 +112,13 @@ def test_auto_takes_the_rerankers_recommendation_else_rerank():
 
     assert resolve_fusion("auto") == Fusion()
     assert resolve_fusion(" AUTO ", SimpleNamespace(fusion=None)) == Fusion()
-    assert resolve_fusion("auto", SimpleNamespace(fusion="weighted:0.25")) == Fusion(FusionMode.WEIGHTED, 0.25)
+    assert resolve_fusion("auto", SimpleNamespace(fusion="weighted:0.25")) == Fusion(
+        FusionMode.WEIGHTED, 0.25
+    )
     assert resolve_fusion("sum", SimpleNamespace(fusion="weighted:0.25")) == Fusion(FusionMode.SUM)
     with pytest.raises(InvalidArgumentError, match="fusion must be auto, rerank, sum or weighted"):
         resolve_fusion("autox")
-    with pytest.raises(InvalidArgumentError, match="fusion 'auto' takes no argument, got 'auto:0.5'"):
+    with pytest.raises(
+        InvalidArgumentError, match="fusion 'auto' takes no argument, got 'auto:0.5'"
+    ):
         resolve_fusion("auto:0.5")

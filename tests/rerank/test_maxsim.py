@@ -54,8 +54,16 @@ def test_hand_computed_two_tokens_three_patches():
     query = torch.tensor([[2.0, 0.0], [0.0, 0.5]])
     patches = torch.tensor(
         [
-            [[1.0, 0.0], [0.6, 0.8], [0.0, -2.0]],  # token 1: max(1, .6, 0) = 1; token 2: max(0, .8, -1) = .8
-            [[-1.0, 0.0], [0.0, 3.0], [3.0, 4.0]],  # token 1: max(-1, 0, .6) = .6; token 2: max(0, 1, .8) = 1
+            [
+                [1.0, 0.0],
+                [0.6, 0.8],
+                [0.0, -2.0],
+            ],  # token 1: max(1, .6, 0) = 1; token 2: max(0, .8, -1) = .8
+            [
+                [-1.0, 0.0],
+                [0.0, 3.0],
+                [3.0, 4.0],
+            ],  # token 1: max(-1, 0, .6) = .6; token 2: max(0, 1, .8) = 1
         ]
     )
     scores = MaxSimReranker(device="cpu").score(query, torch.tensor([True, True]), patches)
@@ -82,11 +90,16 @@ def test_batched_scores_equal_per_candidate_loop(device, seed):
     scores = reranker.score(query, query_mask, patches, patch_mask)
     assert scores.shape == (7,)
     assert scores.device.type == "cpu"
-    expected = _reference_maxsim(query.numpy(), query_mask.numpy(), patches.numpy(), patch_mask.numpy())
+    expected = _reference_maxsim(
+        query.numpy(), query_mask.numpy(), patches.numpy(), patch_mask.numpy()
+    )
     np.testing.assert_allclose(scores.numpy(), expected, rtol=0, atol=1e-5)
     # One candidate at a time through the same API gives the same numbers as the batch.
     one_by_one = torch.cat(
-        [reranker.score(query, query_mask, patches[c : c + 1], patch_mask[c : c + 1]) for c in range(7)]
+        [
+            reranker.score(query, query_mask, patches[c : c + 1], patch_mask[c : c + 1])
+            for c in range(7)
+        ]
     )
     torch.testing.assert_close(scores, one_by_one, rtol=0, atol=1e-5)
 
@@ -100,7 +113,9 @@ def test_padding_patches_never_change_scores(device):
     k, dim = patches.shape[0], patches.shape[2]
     pad = query[query_mask][:1].expand(k, 3, dim) * 100.0
     padded = torch.cat([patches, pad], dim=1)  # (k, 9, dim)
-    mask = torch.cat([torch.ones(k, 6, dtype=torch.bool), torch.zeros(k, 3, dtype=torch.bool)], dim=1)
+    mask = torch.cat(
+        [torch.ones(k, 6, dtype=torch.bool), torch.zeros(k, 3, dtype=torch.bool)], dim=1
+    )
     torch.testing.assert_close(reranker.score(query, query_mask, padded, mask), clean)
     # Without the mask the padding would win: the check above is not vacuous.
     assert (reranker.score(query, query_mask, padded) > clean).all()
@@ -112,10 +127,14 @@ def test_padding_tokens_never_change_scores(device):
     reranker = MaxSimReranker(device=device)
     clean = reranker.score(query, torch.ones(4, dtype=torch.bool), patches, patch_mask)
     junk = torch.randn(3, query.shape[1], generator=torch.Generator().manual_seed(9)) * 50.0
-    padded = torch.cat([query[:2], junk[:1], query[2:], junk[1:]])  # padding in the middle and at the end
+    padded = torch.cat(
+        [query[:2], junk[:1], query[2:], junk[1:]]
+    )  # padding in the middle and at the end
     mask = torch.tensor([True, True, False, True, True, False, False])
     torch.testing.assert_close(reranker.score(padded, mask, patches, patch_mask), clean)
-    assert not torch.allclose(reranker.score(padded, torch.ones(7, dtype=torch.bool), patches, patch_mask), clean)
+    assert not torch.allclose(
+        reranker.score(padded, torch.ones(7, dtype=torch.bool), patches, patch_mask), clean
+    )
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -132,8 +151,12 @@ def test_scores_are_cosines_invariant_to_feature_scale():
     query, query_mask, patches, patch_mask = _random_inputs(6)
     reranker = MaxSimReranker(device="cpu")
     base = reranker.score(query, query_mask, patches, patch_mask)
-    scale = torch.linspace(0.1, 10.0, patches.shape[0] * patches.shape[1]).view(patches.shape[0], -1, 1)
-    torch.testing.assert_close(reranker.score(query * 7.0, query_mask, patches * scale, patch_mask), base)
+    scale = torch.linspace(0.1, 10.0, patches.shape[0] * patches.shape[1]).view(
+        patches.shape[0], -1, 1
+    )
+    torch.testing.assert_close(
+        reranker.score(query * 7.0, query_mask, patches * scale, patch_mask), base
+    )
     assert ((base >= -1.0) & (base <= 1.0)).all()
 
 
@@ -142,7 +165,9 @@ def test_permuting_candidates_permutes_scores():
     reranker = MaxSimReranker(device="cpu")
     perm = torch.randperm(patches.shape[0], generator=torch.Generator().manual_seed(0))
     base = reranker.score(query, query_mask, patches, patch_mask)
-    torch.testing.assert_close(reranker.score(query, query_mask, patches[perm], patch_mask[perm]), base[perm])
+    torch.testing.assert_close(
+        reranker.score(query, query_mask, patches[perm], patch_mask[perm]), base[perm]
+    )
 
 
 def test_numpy_inputs_and_read_only_fp16_patches():
@@ -156,7 +181,9 @@ def test_numpy_inputs_and_read_only_fp16_patches():
 
 
 def test_zero_candidates_give_empty_scores():
-    scores = MaxSimReranker(device="cpu").score(torch.ones(3, 4), torch.ones(3, dtype=torch.bool), torch.ones(0, 5, 4))
+    scores = MaxSimReranker(device="cpu").score(
+        torch.ones(3, 4), torch.ones(3, dtype=torch.bool), torch.ones(0, 5, 4)
+    )
     assert scores.shape == (0,)
     assert scores.dtype == torch.float32
 
@@ -177,20 +204,30 @@ def test_maxsim_is_a_reranker():
 
 
 def test_dim_mismatch_names_both_dims():
-    with pytest.raises(InvalidArgumentError, match=r"query tokens have dim 8, but patches have dim 16"):
-        MaxSimReranker(device="cpu").score(torch.ones(3, 8), torch.ones(3, dtype=torch.bool), torch.ones(2, 4, 16))
+    with pytest.raises(
+        InvalidArgumentError, match=r"query tokens have dim 8, but patches have dim 16"
+    ):
+        MaxSimReranker(device="cpu").score(
+            torch.ones(3, 8), torch.ones(3, dtype=torch.bool), torch.ones(2, 4, 16)
+        )
 
 
 def test_query_without_real_tokens_is_refused():
     with pytest.raises(InvalidArgumentError, match=r"query has no real token"):
-        MaxSimReranker(device="cpu").score(torch.ones(3, 4), torch.zeros(3, dtype=torch.bool), torch.ones(2, 5, 4))
+        MaxSimReranker(device="cpu").score(
+            torch.ones(3, 4), torch.zeros(3, dtype=torch.bool), torch.ones(2, 5, 4)
+        )
 
 
 def test_candidate_without_real_patches_is_refused():
     mask = torch.ones(3, 5, dtype=torch.bool)
     mask[1] = False
-    with pytest.raises(InvalidArgumentError, match=r"candidates at positions \[1\] have no real patch"):
-        MaxSimReranker(device="cpu").score(torch.ones(2, 4), torch.ones(2, dtype=torch.bool), torch.ones(3, 5, 4), mask)
+    with pytest.raises(
+        InvalidArgumentError, match=r"candidates at positions \[1\] have no real patch"
+    ):
+        MaxSimReranker(device="cpu").score(
+            torch.ones(2, 4), torch.ones(2, dtype=torch.bool), torch.ones(3, 5, 4), mask
+        )
 
 
 _Q, _M, _P = torch.ones(3, 4), torch.ones(3, dtype=torch.bool), torch.ones(2, 5, 4)
@@ -207,7 +244,10 @@ _Q, _M, _P = torch.ones(3, 4), torch.ones(3, dtype=torch.bool), torch.ones(2, 5,
         ((_Q, _M, torch.ones(2, 0, 4), None), r"n_patches == 0"),
         ((_Q, _M, _P, torch.ones(2, 5)), r"patch_mask must be a bool tensor of shape \(2, 5\)"),
         ((_Q, _M, _P, torch.ones(5, 2, dtype=torch.bool)), r"patch_mask must be a bool tensor"),
-        (([[1.0]], _M[:1], _P[..., :1], None), r"query must be a torch.Tensor or numpy array, got list"),
+        (
+            ([[1.0]], _M[:1], _P[..., :1], None),
+            r"query must be a torch.Tensor or numpy array, got list",
+        ),
     ],
 )
 def test_malformed_inputs_are_refused(args, match):

@@ -2,7 +2,13 @@ import pytest
 import torch
 
 from crossrank.errors import InvalidArgumentError
-from crossrank.rerank import MaxSimReranker, Reranker, RerankerName, check_rerank_inputs, get_reranker
+from crossrank.rerank import (
+    MaxSimReranker,
+    Reranker,
+    RerankerName,
+    check_rerank_inputs,
+    get_reranker,
+)
 
 
 class _ConstantReranker(Reranker):
@@ -49,7 +55,9 @@ def test_a_duck_typed_reranker_gets_the_interface_defaults_and_keeps_its_own_mem
 
 
 def test_unknown_name_lists_the_choices():
-    with pytest.raises(InvalidArgumentError, match=r"reranker must be one of maxsim, blip-itm, none, got 'colbert'"):
+    with pytest.raises(
+        InvalidArgumentError, match=r"reranker must be one of maxsim, blip-itm, none, got 'colbert'"
+    ):
         get_reranker("colbert")
 
 
@@ -59,6 +67,8 @@ def test_an_object_without_score_is_refused():
 
 
 def test_check_rerank_inputs_returns_tensors():
-    out = check_rerank_inputs(torch.ones(2, 3).numpy(), torch.ones(2, dtype=torch.bool).numpy(), torch.ones(4, 5, 3))
+    out = check_rerank_inputs(
+        torch.ones(2, 3).numpy(), torch.ones(2, dtype=torch.bool).numpy(), torch.ones(4, 5, 3)
+    )
     assert all(isinstance(t, torch.Tensor) for t in out[:3])
     assert out[3] is None

@@ -6,7 +6,9 @@ from pathlib import Path
 
 import pytest
 
-pytest.importorskip("fastapi", reason="the server tests need the serve extra: pip install 'crossrank[serve]'")
+pytest.importorskip(
+    "fastapi", reason="the server tests need the serve extra: pip install 'crossrank[serve]'"
+)
 
 
 @pytest.fixture(scope="session")

@@ -48,7 +48,9 @@ def test_rerank_k_defaults_to_the_servers_and_covers_a_large_k(client) -> None:
 def test_structured_filters_cut_the_hits(app, client) -> None:
     paths = app.state.index.metadata(columns=["path"]).column("path").to_pylist()
     nested = [p for p in paths if "/nested/" in p]
-    body = _search(client, k=20, rerank_k=30, filters={"path": {"contains": "/nested/"}, "width": {"ge": 1}}).json()
+    body = _search(
+        client, k=20, rerank_k=30, filters={"path": {"contains": "/nested/"}, "width": {"ge": 1}}
+    ).json()
     assert sorted(h["path"] for h in body["hits"]) == sorted(nested)
     assert body["counts"]["filtered_out"] == len(paths) - len(nested)
     body = _search(client, k=5, filters={"id": {"in": [3, 5]}}).json()
@@ -56,13 +58,22 @@ def test_structured_filters_cut_the_hits(app, client) -> None:
     assert body["counts"]["returned"] == 2
 
 
-def test_a_filter_on_an_unknown_column_is_a_422_naming_the_columns(built_index: Path, client) -> None:
+def test_a_filter_on_an_unknown_column_is_a_422_naming_the_columns(
+    built_index: Path, client
+) -> None:
     before = committed_state(built_index)
-    _one_line_422(_search(client, filters={"colour": "red"}),
-                  'filters name an unknown column "colour"; the metadata columns are: id, path, sha256, width')
-    _one_line_422(_search(client, filters={"width": {"like": 3}}),
-                  'filter on "width" has an unknown operator "like"; the operators are: eq, ne, lt')
-    _one_line_422(_search(client, filters={"width": "wide"}), 'column "width" is int32, so the value must be a number')
+    _one_line_422(
+        _search(client, filters={"colour": "red"}),
+        'filters name an unknown column "colour"; the metadata columns are: id, path, sha256, width',
+    )
+    _one_line_422(
+        _search(client, filters={"width": {"like": 3}}),
+        'filter on "width" has an unknown operator "like"; the operators are: eq, ne, lt',
+    )
+    _one_line_422(
+        _search(client, filters={"width": "wide"}),
+        'column "width" is int32, so the value must be a number',
+    )
     _one_line_422(_search(client, filters={"width": [1, 2]}), 'use {"in": [...]}')
     assert committed_state(built_index) == before
     assert _search(client, k=2).status_code == 200
@@ -71,7 +82,10 @@ def test_a_filter_on_an_unknown_column_is_a_422_naming_the_columns(built_index: 
 @pytest.mark.parametrize(
     ("body", "match"),
     [
-        (b'{"query": "a cat", "k": ', "the body is not valid JSON at character 24: Expecting value"),
+        (
+            b'{"query": "a cat", "k": ',
+            "the body is not valid JSON at character 24: Expecting value",
+        ),
         (b'{"query": "\xff"}', "the body is not valid JSON: it is not UTF-8"),
         (b"", 'the request has no JSON body; send {"query": "..."}'),
         (b'["a cat"]', "Input should be a valid dictionary"),
@@ -83,7 +97,9 @@ def test_a_filter_on_an_unknown_column_is_a_422_naming_the_columns(built_index: 
         (b'{"query": "   "}', "query is empty"),
     ],
 )
-def test_a_bad_body_is_a_422_with_the_reason(built_index: Path, client, body: bytes, match: str) -> None:
+def test_a_bad_body_is_a_422_with_the_reason(
+    built_index: Path, client, body: bytes, match: str
+) -> None:
     before = committed_state(built_index)
     response = client.post("/search", content=body, headers={"content-type": "application/json"})
     _one_line_422(response, match)
@@ -102,30 +118,48 @@ def test_raw_where_is_refused_unless_the_server_allows_it(app, client, tmp_path:
     assert "--allow-where" in response.json()["detail"]
 
     trusted = TestClient(create_app(app.state.index, allow_where=True))
-    body = _search(trusted, k=20, rerank_k=30, where="path LIKE '%/nested/%'", filters={"id": {"ge": 0}}).json()
+    body = _search(
+        trusted, k=20, rerank_k=30, where="path LIKE '%/nested/%'", filters={"id": {"ge": 0}}
+    ).json()
     assert body["hits"] and all("/nested/" in h["path"] for h in body["hits"])
     # Even trusted SQL is sandboxed: no file outside the index can be read or written.
     secret = tmp_path / "secret.csv"
     secret.write_text("a\n1\n")
-    _one_line_422(_search(trusted, where=f"id IN (SELECT a FROM read_csv('{secret}'))"), "Permission Error")
-    _one_line_422(_search(trusted, where="1; COPY (SELECT 1) TO 'x.csv'"), "is not a valid SQL expression")
+    _one_line_422(
+        _search(trusted, where=f"id IN (SELECT a FROM read_csv('{secret}'))"), "Permission Error"
+    )
+    _one_line_422(
+        _search(trusted, where="1; COPY (SELECT 1) TO 'x.csv'"), "is not a valid SQL expression"
+    )
 
 
-INJECTIONS = ["x' OR '1'='1", "'; DROP VIEW metadata; --", "cat'); DROP TABLE metadata; --",
-              "read_csv('{secret}')", "x' OR id IN (SELECT a FROM read_csv('{secret}')) OR '",
-              "'; COPY (SELECT * FROM metadata) TO '{out}' (FORMAT csv); --", "%", "img\\_%"]
+INJECTIONS = [
+    "x' OR '1'='1",
+    "'; DROP VIEW metadata; --",
+    "cat'); DROP TABLE metadata; --",
+    "read_csv('{secret}')",
+    "x' OR id IN (SELECT a FROM read_csv('{secret}')) OR '",
+    "'; COPY (SELECT * FROM metadata) TO '{out}' (FORMAT csv); --",
+    "%",
+    "img\\_%",
+]
 
 
 @pytest.mark.parametrize("raw", INJECTIONS)
-def test_injection_through_filters_matches_nothing_and_executes_nothing(app, client, tmp_path: Path,
-                                                                        raw: str) -> None:
+def test_injection_through_filters_matches_nothing_and_executes_nothing(
+    app, client, tmp_path: Path, raw: str
+) -> None:
     secret = tmp_path / "secret.csv"
     secret.write_text("a\n1\n2\n3\n")
     out = tmp_path / "stolen.csv"
     value = raw.format(secret=secret, out=out)
     before = app.state.index.metadata()
-    for filters in ({"path": value}, {"sha256": {"in": [value]}}, {"path": {"contains": value}},
-                    {"path": {"ge": value, "le": value}}):
+    for filters in (
+        {"path": value},
+        {"sha256": {"in": [value]}},
+        {"path": {"contains": value}},
+        {"path": {"ge": value, "le": value}},
+    ):
         response = _search(client, k=5, filters=filters)
         assert response.status_code == 200, response.text
         assert response.json()["hits"] == []
@@ -177,8 +211,15 @@ def test_images_refuses_what_is_not_an_int64_id(client, path: str) -> None:
     assert client.get(path).status_code == 422
 
 
-@pytest.mark.parametrize("path", ["/images/../../etc/passwd", "/images/%2e%2e%2fetc%2fpasswd", "/images/",
-                                  "/images/1/../../../etc/passwd"])
+@pytest.mark.parametrize(
+    "path",
+    [
+        "/images/../../etc/passwd",
+        "/images/%2e%2e%2fetc%2fpasswd",
+        "/images/",
+        "/images/1/../../../etc/passwd",
+    ],
+)
 def test_images_cannot_be_walked_out_of(client, path: str) -> None:
     response = client.get(path)
     assert response.status_code in (404, 422)
@@ -188,14 +229,17 @@ def test_images_cannot_be_walked_out_of(client, path: str) -> None:
 def test_images_of_a_file_gone_since_indexing_is_a_404(tmp_path: Path, tiny_clip: Path) -> None:
     from fastapi.testclient import TestClient
 
-    from crossrank.write.build import build_index
     from crossrank.serve import create_app
+    from crossrank.write.build import build_index
 
     paths = write_images(tmp_path / "few", 2)
     build_index(tmp_path / "few", tmp_path / "few.idx", model=tiny_clip, device="cpu", workers=1)
     client = TestClient(create_app(tmp_path / "few.idx", device="cpu"))
     paths[1].unlink()
-    ids = {r["path"]: r["id"] for r in client.app.state.index.metadata(columns=["id", "path"]).to_pylist()}
+    ids = {
+        r["path"]: r["id"]
+        for r in client.app.state.index.metadata(columns=["id", "path"]).to_pylist()
+    }
     assert client.get(f"/images/{ids[str(paths[0])]}").status_code == 200
     response = client.get(f"/images/{ids[str(paths[1])]}")
     assert response.status_code == 404
@@ -205,8 +249,13 @@ def test_images_of_a_file_gone_since_indexing_is_a_404(tmp_path: Path, tiny_clip
 def test_healthz_says_what_the_index_holds(app, client) -> None:
     body = client.get("/healthz").json()
     index = app.state.index
-    assert body == {"status": "ok", "images": 24, "generation": index.manifest.generation,
-                    "model": index.model_id, "columns": body["columns"]}
+    assert body == {
+        "status": "ok",
+        "images": 24,
+        "generation": index.manifest.generation,
+        "model": index.model_id,
+        "columns": body["columns"],
+    }
     assert body["columns"]["width"] == "int32"
     assert list(body["columns"]) == index.metadata_store.columns
 
@@ -217,12 +266,15 @@ def test_openapi_schema_describes_requests_responses_and_errors(client) -> None:
     search = spec["paths"]["/search"]["post"]
     assert set(search["responses"]) == {"200", "403", "422"}
     assert search["responses"]["422"]["content"]["application/json"]["schema"]["$ref"].endswith(
-        "/ValidationErrorResponse")
+        "/ValidationErrorResponse"
+    )
     request = spec["components"]["schemas"]["SearchRequest"]
     assert request["additionalProperties"] is False
     assert request["required"] == ["query"]
     filters = request["properties"]["filters"]["anyOf"][0]["additionalProperties"]["anyOf"][-1]
-    assert sorted(filters["properties"]) == sorted(["eq", "ne", "lt", "le", "gt", "ge", "in", "contains"])
+    assert sorted(filters["properties"]) == sorted(
+        ["eq", "ne", "lt", "le", "gt", "ge", "in", "contains"]
+    )
     assert filters["additionalProperties"] is False
     assert set(spec["paths"]["/images/{image_id}"]["get"]["responses"]) == {"200", "404", "422"}
 
@@ -290,7 +342,9 @@ def test_create_app_checks_its_arguments(app, tmp_path: Path) -> None:
 
     with pytest.raises(IndexNotFoundError):
         create_app(tmp_path / "nothing-here")
-    with pytest.raises(InvalidArgumentError, match="rerank_k must be a positive number of candidates, got 0"):
+    with pytest.raises(
+        InvalidArgumentError, match="rerank_k must be a positive number of candidates, got 0"
+    ):
         create_app(app.state.index, rerank_k=0)
 
 
@@ -304,7 +358,9 @@ def test_metadata_connection_is_sandboxed_once_loaded(app) -> None:
         cur.execute(f"SELECT * FROM read_text('{json.__file__}')").fetchall()
 
 
-def test_the_server_sees_what_another_writer_commits(index_copy: Path, tmp_path: Path, tiny_clip) -> None:
+def test_the_server_sees_what_another_writer_commits(
+    index_copy: Path, tmp_path: Path, tiny_clip
+) -> None:
     from fastapi.testclient import TestClient
 
     from crossrank import Index
@@ -330,5 +386,6 @@ def test_the_server_sees_what_another_writer_commits(index_copy: Path, tmp_path:
     with TestClient(frozen) as client:
         generation = client.get("/healthz").json()["generation"]
         Index.open(index_copy, device="cpu", model=tiny_clip).remove(
-            [int(frozen.state.index.metadata(columns=["id"]).column("id")[0].as_py())])
+            [int(frozen.state.index.metadata(columns=["id"]).column("id")[0].as_py())]
+        )
         assert client.get("/healthz").json()["generation"] == generation  # refresh=False: no move

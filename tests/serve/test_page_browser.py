@@ -14,7 +14,9 @@ from .._browser import HAVE_CHROMIUM, PROBE, probe
 
 pytestmark = [
     pytest.mark.slow,
-    pytest.mark.skipif(not HAVE_CHROMIUM, reason="needs Debian's chromium (apt-get install chromium)"),
+    pytest.mark.skipif(
+        not HAVE_CHROMIUM, reason="needs Debian's chromium (apt-get install chromium)"
+    ),
 ]
 
 
@@ -25,8 +27,9 @@ def test_server_page_renders_every_hit_image_in_chromium(app, tmp_path: Path) ->
     from crossrank.serve import create_app
 
     served = create_app(app.state.index)
-    page_url = "/?" + urlencode({"q": "a red circle left of a blue square", "k": 7,
-                                 "filters": '{"width": {"ge": 1}}'})
+    page_url = "/?" + urlencode(
+        {"q": "a red circle left of a blue square", "k": 7, "filters": '{"width": {"ge": 1}}'}
+    )
 
     @served.get("/probe", response_class=HTMLResponse, include_in_schema=False)
     def _probe() -> str:  # same origin as the page, so its script may read the page's images

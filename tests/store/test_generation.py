@@ -321,6 +321,7 @@ def test_store_config_validates() -> None:
 
 # -- generations built on a base: links, tombstones, ids that are never reused ------------------
 
+
 def _extend(written, *, add: int = 0, tombstones: np.ndarray | None = None) -> Generation:
     """Commit a generation on top of ``written``'s: its files linked, ``add`` new rows appended."""
     base = Generation.current(written.root)
@@ -332,8 +333,11 @@ def _extend(written, *, add: int = 0, tombstones: np.ndarray | None = None) -> G
         new_ids = w.take_ids(add)
         w.patches.append(rng.standard_normal((add, 3, 4)).astype(np.float32))
         if add:
-            w.write_metadata(make_metadata(new_ids, seed=5).select(written.metadata.column_names)
-                             .cast(written.metadata.schema))
+            w.write_metadata(
+                make_metadata(new_ids, seed=5)
+                .select(written.metadata.column_names)
+                .cast(written.metadata.schema)
+            )
         w.write_vectors([base.vectors(), rng.standard_normal((add, 5)).astype(np.float32)])
         w.write_ids(np.concatenate([base.ids(), new_ids]))
         w.link("first_stage.faiss")
@@ -353,7 +357,9 @@ def test_a_generation_on_a_base_links_its_segments_and_appends_after_them(writte
             assert (gen.path / part.file).stat().st_ino == (old.path / part.file).stat().st_ino
     assert gen.ids().tolist() == [*written.ids.tolist(), 45, 46, 47]  # after the base's largest id
     assert [s.file for s in gen.info.patch_shards][-1] == f"patches-{len(base_shards):03d}.npy"
-    np.testing.assert_array_equal(gen.patches().gather(np.arange(23)), written.patches.astype(np.float16))
+    np.testing.assert_array_equal(
+        gen.patches().gather(np.arange(23)), written.patches.astype(np.float16)
+    )
     with gen.metadata() as meta:
         assert meta.table(columns="id").column("id").to_pylist() == gen.ids().tolist()
     assert check_index(written.root) == [] and gen.next_id == 48
@@ -369,10 +375,13 @@ def test_tombstones_are_counted_and_need_format_version_2(written) -> None:
     assert check_index(written.root) == []
 
 
-@pytest.mark.parametrize(("tombstones", "message"), [
-    (np.array([3]), "hold id 3, which is not in ids.npy"),
-    (np.array([4, 2]), "tombstones must be sorted ascending and unique"),
-])
+@pytest.mark.parametrize(
+    ("tombstones", "message"),
+    [
+        (np.array([3]), "hold id 3, which is not in ids.npy"),
+        (np.array([4, 2]), "tombstones must be sorted ascending and unique"),
+    ],
+)
 def test_bad_tombstones_are_refused(written, tombstones: np.ndarray, message: str) -> None:
     with pytest.raises((IndexCorruptError, InvalidArgumentError), match=message):
         _extend(written, tombstones=tombstones)

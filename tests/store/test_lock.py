@@ -26,8 +26,9 @@ time.sleep(60)
 @pytest.fixture()
 def holder(tmp_path: Path):
     """Another process holding the lock of ``tmp_path / "idx"``; killed with SIGKILL at the end."""
-    proc = subprocess.Popen([sys.executable, "-c", _HOLD, str(tmp_path / "idx")], stdout=subprocess.PIPE,
-                            text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", _HOLD, str(tmp_path / "idx")], stdout=subprocess.PIPE, text=True
+    )
     assert proc.stdout.readline().strip() == "locked"
     yield proc
     proc.kill()
@@ -46,14 +47,18 @@ def test_a_second_process_is_refused_with_the_holder_named(tmp_path, holder):
 def test_a_killed_holder_leaves_no_stale_lock(tmp_path, holder):
     holder.send_signal(signal.SIGKILL)
     holder.wait()
-    assert read_lock_holder(tmp_path / "idx")["pid"] == holder.pid  # its body stays; its lock does not
+    assert (
+        read_lock_holder(tmp_path / "idx")["pid"] == holder.pid
+    )  # its body stays; its lock does not
     with WriterLock(tmp_path / "idx", command="me") as lock:
         assert lock.held and read_lock_holder(tmp_path / "idx")["command"] == "me"
 
 
 def test_a_second_writer_in_the_same_process_is_refused(tmp_path):
     with WriterLock(tmp_path / "idx", command="first"):
-        with pytest.raises(IndexLockedError, match=r"another writer of this process \(thread MainThread, since"):
+        with pytest.raises(
+            IndexLockedError, match=r"another writer of this process \(thread MainThread, since"
+        ):
             WriterLock(tmp_path / "idx").acquire()
     assert WriterLock(tmp_path / "idx").acquire().held  # released by leaving the block
 
@@ -64,7 +69,9 @@ def test_release_keeps_the_file_and_empties_its_body(tmp_path):
     assert set(body) == {"pid", "host", "command", "since", "thread"} and body["pid"] == os.getpid()
     lock.release()
     lock.release()  # idempotent
-    assert (tmp_path / "idx" / "writer.lock").read_text() == "" and read_lock_holder(tmp_path / "idx") is None
+    assert (tmp_path / "idx" / "writer.lock").read_text() == "" and read_lock_holder(
+        tmp_path / "idx"
+    ) is None
 
 
 def test_a_fresh_directory_made_for_a_failed_build_is_removed(tmp_path):

@@ -17,10 +17,11 @@ from crossrank.store import (
 )
 
 
-
 def test_commit_round_trip(written) -> None:
     manifest = read_manifest(written.root)
-    assert manifest.format_version == 1 < FORMAT_VERSION  # no tombstones: readable by older crossranks
+    assert (
+        manifest.format_version == 1 < FORMAT_VERSION
+    )  # no tombstones: readable by older crossranks
     assert manifest.generation == written.generation == 1
     assert manifest.generation_dir == "gen-000001"
     assert manifest.generation_path == written.root / "gen-000001"

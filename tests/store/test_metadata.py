@@ -72,8 +72,7 @@ def test_unknown_column_is_named_with_the_available_columns(store) -> None:
 
 def test_malformed_where_gives_duckdb_reason_and_what_where_must_be(store) -> None:
     message = (
-        'where "width >" is not a valid SQL expression: '
-        'Parser Error: syntax error at or near ">"; '
+        'where "width >" is not a valid SQL expression: Parser Error: syntax error at or near ">"; '
     )
     with pytest.raises(FilterError, match="^" + re.escape(message + WHERE_HINT) + "$"):
         store.allowed_ids("width >")

@@ -52,7 +52,9 @@ def test_a_pinned_generation_survives_commits_until_released(tmp_path, make_gene
 def test_a_dead_reader_does_not_hold_its_generation(tmp_path, make_generation):
     root = tmp_path / "idx"
     make_generation(root, seed=0)
-    reader = subprocess.Popen([sys.executable, "-c", _PIN, str(root)], stdout=subprocess.PIPE, text=True)
+    reader = subprocess.Popen(
+        [sys.executable, "-c", _PIN, str(root)], stdout=subprocess.PIPE, text=True
+    )
     try:
         assert reader.stdout.readline().strip() == "1"
         make_generation(root, n=5, seed=1)
@@ -78,8 +80,15 @@ def test_a_crash_in_the_middle_of_collecting_is_finished_later(tmp_path, make_ge
     (root / ".manifest.json.tmp-999").write_text("{")
     assert read_manifest(root).generation == 1  # readers never look at any of it
     with WriterLock(root) as lock:
-        assert sorted(clean_interrupted(root, lock)) == sorted([trash.name, tmp.name, ".manifest.json.tmp-999"])
-    assert sorted(p.name for p in root.iterdir()) == ["gen-000001", "manifest.json", "readers", "writer.lock"]
+        assert sorted(clean_interrupted(root, lock)) == sorted(
+            [trash.name, tmp.name, ".manifest.json.tmp-999"]
+        )
+    assert sorted(p.name for p in root.iterdir()) == [
+        "gen-000001",
+        "manifest.json",
+        "readers",
+        "writer.lock",
+    ]
 
 
 def test_a_pin_that_cannot_be_made_is_a_no_op(tmp_path, make_generation):

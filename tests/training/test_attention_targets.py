@@ -20,17 +20,28 @@ def test_object_words_are_found_by_the_tokenizers_offsets(tiny_clip):
     from crossrank.encoders import load_encoder
 
     encoder = load_encoder(str(tiny_clip), device="cpu")
-    texts = ["a red circle left of a blue square", "a large green triangle", "a red circle and a small blue cross",
-             "nothing to see"]
+    texts = [
+        "a red circle left of a blue square",
+        "a large green triangle",
+        "a red circle and a small blue cross",
+        "nothing to see",
+    ]
     positions = object_token_positions(encoder.tokenizer, texts, encoder.max_text_len)
-    offsets = encoder.tokenizer(texts, truncation=True, max_length=encoder.max_text_len,
-                                return_offsets_mapping=True)["offset_mapping"]
+    offsets = encoder.tokenizer(
+        texts, truncation=True, max_length=encoder.max_text_len, return_offsets_mapping=True
+    )["offset_mapping"]
     # Each position is the last token of the word (it ends where the word ends).
-    ends = [[texts[i][:offsets[i][p][1]].split(" ")[-1] if p >= 0 else None for p in row]
-            for i, row in enumerate(positions.tolist())]
+    ends = [
+        [texts[i][: offsets[i][p][1]].split(" ")[-1] if p >= 0 else None for p in row]
+        for i, row in enumerate(positions.tolist())
+    ]
     assert ends[:3] == [["circle", "square"], ["triangle", None], ["circle", "cross"]]
-    assert all(texts[i][offsets[i][p][1]:offsets[i][p][1] + 1] in ("", " ")
-               for i, row in enumerate(positions[:3].tolist()) for p in row if p >= 0)
+    assert all(
+        texts[i][offsets[i][p][1] : offsets[i][p][1] + 1] in ("", " ")
+        for i, row in enumerate(positions[:3].tolist())
+        for p in row
+        if p >= 0
+    )
     assert positions[3].tolist() == [-1, -1]
 
 
@@ -44,18 +55,29 @@ def test_every_patch_lies_in_one_cell_and_cells_follow_the_grid():
 
 
 def _scene(*objects: tuple[str, str, str, int, int]) -> Scene:
-    return Scene(tuple(SceneObject(Colour(c), Shape(s), Size(z), row, col, 0, 0, 1)
-                       for c, s, z, row, col in objects))
+    return Scene(
+        tuple(
+            SceneObject(Colour(c), Shape(s), Size(z), row, col, 0, 0, 1)
+            for c, s, z, row, col in objects
+        )
+    )
 
 
 def test_object_masks_cover_the_named_objects_cells():
-    scenes = SceneArrays.from_scenes([
-        _scene(("red", "circle", "small", 0, 0), ("blue", "square", "large", 2, 2)),
-        _scene(("red", "circle", "small", 1, 1), ("red", "circle", "large", 0, 2)),
-    ])
-    specs = SpecArrays.from_specs([parse_query("a red circle left of a blue square"),
-                                   parse_query("a large red circle"), parse_query("a red circle"),
-                                   parse_query("a green cross")])
+    scenes = SceneArrays.from_scenes(
+        [
+            _scene(("red", "circle", "small", 0, 0), ("blue", "square", "large", 2, 2)),
+            _scene(("red", "circle", "small", 1, 1), ("red", "circle", "large", 0, 2)),
+        ]
+    )
+    specs = SpecArrays.from_specs(
+        [
+            parse_query("a red circle left of a blue square"),
+            parse_query("a large red circle"),
+            parse_query("a red circle"),
+            parse_query("a green cross"),
+        ]
+    )
     cells = _cell_patches(16)
     masks = object_cell_masks(specs, scenes, np.array([0, 1, 2, 3]), np.array([0, 1, 1, 0]), 16)
     assert masks.shape == (4, 16, 2)

@@ -11,6 +11,7 @@ import pytest
 torch = pytest.importorskip("torch")
 
 from crossrank.encoders.factory import ClipSpec  # noqa: E402
+from crossrank.errors import InvalidArgumentError  # noqa: E402
 from crossrank.training.encoder import (  # noqa: E402
     EncoderTrainConfig,
     TrainData,
@@ -18,10 +19,20 @@ from crossrank.training.encoder import (  # noqa: E402
     shapes_train_data,
     train_encoder,
 )
-from crossrank.errors import InvalidArgumentError  # noqa: E402
 
-SPEC = ClipSpec(image_size=32, patch_size=8, vision_width=32, vision_layers=1, vision_heads=2, text_width=32,
-                text_layers=1, text_heads=2, projection_dim=16, max_text_len=12, vocab_size=64)
+SPEC = ClipSpec(
+    image_size=32,
+    patch_size=8,
+    vision_width=32,
+    vision_layers=1,
+    vision_heads=2,
+    text_width=32,
+    text_layers=1,
+    text_heads=2,
+    projection_dim=16,
+    max_text_len=12,
+    vocab_size=64,
+)
 
 
 def test_multi_positive_nce_by_hand() -> None:
@@ -42,30 +53,51 @@ def test_multi_positive_nce_ignores_rows_without_a_positive() -> None:
 def _toy_data(n: int = 24, seed: int = 0) -> TrainData:
     """Images that are one flat colour each; captions name the colour, so positives are exact."""
     rng = np.random.default_rng(seed)
-    colours = {"red": (220, 30, 30), "green": (30, 200, 30), "blue": (30, 30, 220), "yellow": (230, 220, 30)}
+    colours = {
+        "red": (220, 30, 30),
+        "green": (30, 200, 30),
+        "blue": (30, 30, 220),
+        "yellow": (230, 220, 30),
+    }
     names = list(colours)
     labels = rng.integers(0, len(names), n)
-    images = np.stack([np.broadcast_to(np.array(colours[names[c]], np.uint8)[:, None, None], (3, 32, 32))
-                       for c in labels]).copy()
+    images = np.stack(
+        [
+            np.broadcast_to(np.array(colours[names[c]], np.uint8)[:, None, None], (3, 32, 32))
+            for c in labels
+        ]
+    ).copy()
     captions = [f"a {names[c]} image" for c in labels]
     caption_label = np.array(labels)
 
     def positives(caption_rows: np.ndarray, image_rows: np.ndarray) -> np.ndarray:
         return caption_label[caption_rows][:, None] == labels[image_rows][None, :]
 
-    return TrainData(images=images, captions=captions, caption_image=np.arange(n), positives=positives)
+    return TrainData(
+        images=images, captions=captions, caption_image=np.arange(n), positives=positives
+    )
 
 
 def _config(steps: int, **kw) -> EncoderTrainConfig:
-    settings = {"batch_size": 16, "lr": 3e-3, "warmup": 2, "seed": 0, "device": "cpu", "checkpoint_every": 5,
-                "spec": SPEC, **kw}
+    settings = {
+        "batch_size": 16,
+        "lr": 3e-3,
+        "warmup": 2,
+        "seed": 0,
+        "device": "cpu",
+        "checkpoint_every": 5,
+        "spec": SPEC,
+        **kw,
+    }
     return EncoderTrainConfig(steps=steps, **settings)
 
 
 def test_training_lowers_the_loss_and_saves_a_loadable_model(tmp_path: Path) -> None:
     torch.set_num_threads(1)
     losses: list[float] = []
-    out = train_encoder(_toy_data(), tmp_path / "enc", _config(40), progress=lambda s, n, loss: losses.append(loss))
+    out = train_encoder(
+        _toy_data(), tmp_path / "enc", _config(40), progress=lambda s, n, loss: losses.append(loss)
+    )
     assert np.mean(losses[-5:]) < 0.5 * np.mean(losses[:5])
 
     from crossrank.encoders import load_encoder
@@ -76,7 +108,9 @@ def test_training_lowers_the_loss_and_saves_a_loadable_model(tmp_path: Path) -> 
     from PIL import Image
 
     image = encoder.encode_images([Image.fromarray(red)]).pooled
-    assert (image @ text.T)[0, 0] > (image @ text.T)[0, 1]  # the red image is closer to "a red image"
+    assert (image @ text.T)[0, 0] > (image @ text.T)[
+        0, 1
+    ]  # the red image is closer to "a red image"
 
 
 def test_resuming_from_a_checkpoint_gives_the_uninterrupted_weights(tmp_path: Path) -> None:
@@ -113,9 +147,15 @@ def test_a_checkpoint_from_another_config_is_refused(tmp_path: Path) -> None:
 
 def test_wrong_image_size_is_refused(tmp_path: Path) -> None:
     data = _toy_data()
-    bad = TrainData(images=data.images[:, :, :16, :16], captions=data.captions, caption_image=data.caption_image,
-                    positives=data.positives)
-    with pytest.raises(InvalidArgumentError, match=r"training images must be uint8 \(n, 3, 32, 32\)"):
+    bad = TrainData(
+        images=data.images[:, :, :16, :16],
+        captions=data.captions,
+        caption_image=data.caption_image,
+        positives=data.positives,
+    )
+    with pytest.raises(
+        InvalidArgumentError, match=r"training images must be uint8 \(n, 3, 32, 32\)"
+    ):
         train_encoder(bad, tmp_path / "enc", _config(2))
 
 
@@ -151,8 +191,9 @@ def test_shapes_data_carries_a_caption_negative_bank(tmp_path: Path) -> None:
     data = shapes_train_data(tmp_path / "train", image_size=32, caption_negatives=True)
     assert [data.bank_texts[u] for u in data.caption_bank_row] == data.captions
     scenes = ds.scenes()
-    rows, valid = data.negatives.sample(data.caption_bank_row[:20], data.caption_image[:20], 3,
-                                        np.random.default_rng(0))
+    rows, valid = data.negatives.sample(
+        data.caption_bank_row[:20], data.caption_image[:20], 3, np.random.default_rng(0)
+    )
     assert valid[:, 1:].any()  # some captions have false rewrites: the check below can fail
     for b in range(20):
         image = scenes[data.caption_image[b]]
@@ -161,7 +202,9 @@ def test_shapes_data_carries_a_caption_negative_bank(tmp_path: Path) -> None:
             assert not satisfies(image, parse_query(data.bank_texts[r]))  # false of its own image
 
 
-def test_caption_negatives_fine_tune_a_model_with_its_tokenizer(tmp_path: Path, monkeypatch) -> None:
+def test_caption_negatives_fine_tune_a_model_with_its_tokenizer(
+    tmp_path: Path, monkeypatch
+) -> None:
     # NegCLIP: each step adds rewrites as text columns, their truth decided on every batch
     # image; --init-from starts from an existing model and keeps its tokenizer.
     import crossrank.training.encoder as train_module
@@ -180,8 +223,12 @@ def test_caption_negatives_fine_tune_a_model_with_its_tokenizer(tmp_path: Path, 
         return out
 
     monkeypatch.setattr(train_module, "match_matrix", spy)
-    tuned = train_encoder(data, tmp_path / "tuned", _config(3, caption_negatives=2, init_from=str(base)))
-    assert len(seen) == 3 and all(m.shape[0] > 16 and m.shape[1] == 16 for m in seen)  # captions + rewrites
+    tuned = train_encoder(
+        data, tmp_path / "tuned", _config(3, caption_negatives=2, init_from=str(base))
+    )
+    assert len(seen) == 3 and all(
+        m.shape[0] > 16 and m.shape[1] == 16 for m in seen
+    )  # captions + rewrites
     a, b = load_encoder(base, device="cpu"), load_encoder(tuned, device="cpu")
     assert a.tokenizer.get_vocab() == b.tokenizer.get_vocab()
     before = a.encode_text(["a red circle left of a blue square"]).pooled
@@ -189,7 +236,9 @@ def test_caption_negatives_fine_tune_a_model_with_its_tokenizer(tmp_path: Path, 
     assert not np.allclose(before, after)  # trained from the base weights, not a copy
 
 
-def test_caption_negatives_need_scene_graphs_and_init_from_needs_a_crossrank_clip(tmp_path: Path) -> None:
+def test_caption_negatives_need_scene_graphs_and_init_from_needs_a_crossrank_clip(
+    tmp_path: Path,
+) -> None:
     import shutil
 
     with pytest.raises(InvalidArgumentError, match="caption negatives need the scene graphs"):

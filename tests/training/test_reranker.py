@@ -20,7 +20,6 @@ from crossrank.training.reranker import CHECKPOINT_NAME, LOG_NAME, rerank_loss
 TINY = RerankerConfig(width=16, heads=2, layers=1, mlp_ratio=2.0, gated=True, init="bert")
 
 
-
 @pytest.fixture(scope="module")
 def shapes(tmp_path_factory, tiny_clip):
     """A 60-image shapes train split and an index over its images (pairs' paths are relative)."""
@@ -28,16 +27,28 @@ def shapes(tmp_path_factory, tiny_clip):
     from crossrank.datasets import generate_shapes
 
     root = tmp_path_factory.mktemp("shapes")
-    ds = generate_shapes(root / "data", n_images=60, n_queries=0, split="train", seed=3,
-                         captions_per_image=3, workers=1)
-    index = Index.build(ds.images_dir, root / "shapes.idx", model=tiny_clip, device="cpu",
-                        batch_size=32, workers=1)
+    ds = generate_shapes(
+        root / "data",
+        n_images=60,
+        n_queries=0,
+        split="train",
+        seed=3,
+        captions_per_image=3,
+        workers=1,
+    )
+    index = Index.build(
+        ds.images_dir, root / "shapes.idx", model=tiny_clip, device="cpu", batch_size=32, workers=1
+    )
     return ds, index
 
 
 def _write_pairs(path: Path, rows: list[tuple[str | None, str | None]]) -> Path:
-    table = pa.table({"path": pa.array([p for p, _ in rows], pa.string()),
-                      "caption": pa.array([c for _, c in rows], pa.string())})
+    table = pa.table(
+        {
+            "path": pa.array([p for p, _ in rows], pa.string()),
+            "caption": pa.array([c for _, c in rows], pa.string()),
+        }
+    )
     if path.suffix == ".csv":
         import pyarrow.csv as pcsv
 
@@ -69,8 +80,9 @@ def colours(tmp_path_factory, tiny_clip):
         Image.fromarray(pixels).save(root / "img" / f"{i:02d}.png")
         rows.append((f"img/{i:02d}.png", "a red circle" if red else "a blue square"))
     pairs = _write_pairs(root / "pairs.parquet", rows)
-    index = Index.build(root / "img", root / "colours.idx", model=tiny_clip, device="cpu",
-                        batch_size=32, workers=1)
+    index = Index.build(
+        root / "img", root / "colours.idx", model=tiny_clip, device="cpu", batch_size=32, workers=1
+    )
     return pairs, index
 
 
@@ -80,8 +92,19 @@ def _images(index) -> list[str]:
 
 def _config(**fields) -> RerankTrainConfig:
     # No residual unless a test asks for one (the default, "auto", takes the encoder's logit scale).
-    base = dict(steps=8, batch_size=8, n_candidates=6, mine_k=10, warmup=2, lr=3e-3,
-                eval_every=4, checkpoint_every=4, device="cpu", val_fraction=0.1, first_stage_weight=0.0)
+    base = dict(
+        steps=8,
+        batch_size=8,
+        n_candidates=6,
+        mine_k=10,
+        warmup=2,
+        lr=3e-3,
+        eval_every=4,
+        checkpoint_every=4,
+        device="cpu",
+        val_fraction=0.1,
+        first_stage_weight=0.0,
+    )
     return RerankTrainConfig(**{**base, **fields})
 
 
@@ -90,29 +113,34 @@ def _config(**fields) -> RerankTrainConfig:
 
 def test_rerank_loss_matches_hand_computed_values():
     logits = torch.tensor([[2.0, 0.0, 0.0], [0.0, 1.0, -1.0]])
-    listwise = (-math.log(math.exp(2) / (math.exp(2) + 2))
-                - math.log(1 / (1 + math.e + math.exp(-1)))) / 2
+    listwise = (
+        -math.log(math.exp(2) / (math.exp(2) + 2)) - math.log(1 / (1 + math.e + math.exp(-1)))
+    ) / 2
     assert rerank_loss(logits, "listwise").item() == pytest.approx(listwise, rel=1e-6)
+
     def sp(x):  # softplus: the binary cross-entropy of logit x with label 0
         return math.log1p(math.exp(x))
 
     positives = (sp(-2.0) + sp(0.0)) / 2
     negatives = (sp(0.0) + sp(0.0) + sp(1.0) + sp(-1.0)) / 4
-    assert rerank_loss(logits, "itm").item() == pytest.approx(0.5 * positives + 0.5 * negatives,
-                                                              rel=1e-6)
+    assert rerank_loss(logits, "itm").item() == pytest.approx(
+        0.5 * positives + 0.5 * negatives, rel=1e-6
+    )
 
 
 def test_rerank_loss_leaves_out_invalid_slots():
     logits = torch.tensor([[2.0, 0.0, 5.0], [0.0, 1.0, -1.0]])
     valid = torch.tensor([[True, True, False], [True, True, True]])
-    listwise = (-math.log(math.exp(2) / (math.exp(2) + 1))
-                - math.log(1 / (1 + math.e + math.exp(-1)))) / 2
+    listwise = (
+        -math.log(math.exp(2) / (math.exp(2) + 1)) - math.log(1 / (1 + math.e + math.exp(-1)))
+    ) / 2
     assert rerank_loss(logits, "listwise", valid).item() == pytest.approx(listwise, rel=1e-6)
     # itm: the negatives' mean runs over the three valid negatives only
     positives = (math.log1p(math.exp(-2.0)) + math.log1p(1.0)) / 2
     negatives = (math.log1p(1.0) + math.log1p(math.e) + math.log1p(math.exp(-1.0))) / 3
     assert rerank_loss(logits, "itm", valid).item() == pytest.approx(
-        0.5 * positives + 0.5 * negatives, rel=1e-6)
+        0.5 * positives + 0.5 * negatives, rel=1e-6
+    )
     with pytest.raises(InvalidArgumentError, match="column 0"):
         rerank_loss(logits, "listwise", ~valid)
 
@@ -124,9 +152,19 @@ def test_training_loss_falls_on_a_tiny_set(colours, tmp_path):
     pairs, index = colours
     losses = []
     report = train_reranker(
-        index, pairs, tmp_path / "r", model_config=TINY,
-        config=_config(steps=60, lr=1e-2, hard_fraction=0.0, val_fraction=0.0, eval_every=30,
-                       checkpoint_every=60, seed=1),
+        index,
+        pairs,
+        tmp_path / "r",
+        model_config=TINY,
+        config=_config(
+            steps=60,
+            lr=1e-2,
+            hard_fraction=0.0,
+            val_fraction=0.0,
+            eval_every=30,
+            checkpoint_every=60,
+            seed=1,
+        ),
         progress=lambda step, steps, loss, acc: losses.append(loss),
     )
     assert len(losses) == 60 and report.steps == 60 and report.relevance == "caption"
@@ -140,9 +178,14 @@ def test_training_loss_falls_on_a_tiny_set(colours, tmp_path):
 def test_both_losses_train_and_save_a_loadable_reranker(shapes, tmp_path, loss):
     ds, index = shapes
     seen = []
-    report = train_reranker(index, ds.pairs_path, tmp_path / "r", model_config=TINY,
-                            config=_config(loss=loss),
-                            progress=lambda *args: seen.append(args))
+    report = train_reranker(
+        index,
+        ds.pairs_path,
+        tmp_path / "r",
+        model_config=TINY,
+        config=_config(loss=loss),
+        progress=lambda *args: seen.append(args),
+    )
     assert [s[0] for s in seen] == list(range(1, 9)) and all(s[1] == 8 for s in seen)
     assert all(math.isfinite(s[2]) and 0.0 <= s[3] <= 1.0 for s in seen)
     assert [e["step"] for e in report.curve] == [0, 4, 8]
@@ -161,18 +204,25 @@ def test_both_losses_train_and_save_a_loadable_reranker(shapes, tmp_path, loss):
 def test_reranker_dims_come_from_the_index_encoder(shapes, tmp_path):
     ds, index = shapes
     wrong = RerankerConfig(text_dim=999, patch_dim=777, width=16, heads=2, layers=1)
-    train_reranker(index, ds.pairs_path, tmp_path / "r", model_config=wrong,
-                   config=_config(steps=1))
+    train_reranker(
+        index, ds.pairs_path, tmp_path / "r", model_config=wrong, config=_config(steps=1)
+    )
     dim = index.manifest.encoder["patch_dim"]
     loaded = load_reranker(tmp_path / "r", device="cpu", encoder_info=index.manifest.encoder)
     assert (loaded.config.text_dim, loaded.config.patch_dim) == (dim, dim) != (999, 777)
     assert loaded.config.width == 16
 
 
-def test_layer_0_token_states_are_read_at_the_encoders_width_in_training_and_search(shapes, tmp_path):
+def test_layer_0_token_states_are_read_at_the_encoders_width_in_training_and_search(
+    shapes, tmp_path
+):
     ds, index = shapes
-    asked = dataclasses.replace(TINY, token_embeddings=1)  # any value > 0 asks; the width is the encoder's
-    train_reranker(index, ds.pairs_path, tmp_path / "r", model_config=asked, config=_config(steps=2))
+    asked = dataclasses.replace(
+        TINY, token_embeddings=1
+    )  # any value > 0 asks; the width is the encoder's
+    train_reranker(
+        index, ds.pairs_path, tmp_path / "r", model_config=asked, config=_config(steps=2)
+    )
     width, dim = index.manifest.encoder["text_width"], index.manifest.encoder["patch_dim"]
     loaded = load_reranker(tmp_path / "r", device="cpu", encoder_info=index.manifest.encoder)
     assert loaded.config.token_embeddings == width and loaded.config.token_input_dim == width + dim
@@ -181,17 +231,25 @@ def test_layer_0_token_states_are_read_at_the_encoders_width_in_training_and_sea
     feats = index.encoder.encode_text([data.captions[row]], token_embeddings=True)
     n = int(feats.mask[0].sum())
     assert data.tokens.shape[2] == width + dim
-    np.testing.assert_allclose(data.tokens[row, :n].astype(np.float32), feats.reranker_tokens()[0, :n],
-                               atol=2e-3, rtol=2e-3)  # the bank is float16
+    np.testing.assert_allclose(
+        data.tokens[row, :n].astype(np.float32),
+        feats.reranker_tokens()[0, :n],
+        atol=2e-3,
+        rtol=2e-3,
+    )  # the bank is float16
     assert len(index.search(data.captions[row], k=2, rerank_k=5, reranker=str(tmp_path / "r"))) == 2
 
 
 def test_layer_0_token_states_of_an_encoder_without_them_are_refused():
     from crossrank.training.reranker import _model_config
 
-    with pytest.raises(ModelMismatchError, match="does not give layer-0 token states; train without"):
-        _model_config(dataclasses.replace(TINY, token_embeddings=1),
-                      {"model_id": "custom", "patch_dim": 8, "n_patches": 4})
+    with pytest.raises(
+        ModelMismatchError, match="does not give layer-0 token states; train without"
+    ):
+        _model_config(
+            dataclasses.replace(TINY, token_embeddings=1),
+            {"model_id": "custom", "patch_dim": 8, "n_patches": 4},
+        )
 
 
 class _Interrupt(Exception):
@@ -212,16 +270,19 @@ def _interrupted_run(index, pairs, out: Path, config: RerankTrainConfig, at_step
 def test_resume_gives_the_same_weights_as_an_uninterrupted_run(shapes, tmp_path):
     ds, index = shapes
     config = _config(steps=12, eval_every=3, checkpoint_every=4)
-    whole = train_reranker(index, ds.pairs_path, tmp_path / "whole", model_config=TINY,
-                           config=config)
+    whole = train_reranker(
+        index, ds.pairs_path, tmp_path / "whole", model_config=TINY, config=config
+    )
 
     _interrupted_run(index, ds.pairs_path, tmp_path / "cut", config, at_step=6)
-    resumed = train_reranker(index, ds.pairs_path, tmp_path / "cut", model_config=TINY,
-                             config=config)
+    resumed = train_reranker(
+        index, ds.pairs_path, tmp_path / "cut", model_config=TINY, config=config
+    )
     assert whole.resumed_from == 0 and resumed.resumed_from == 4  # the last checkpoint
     a = load_reranker(tmp_path / "whole", device="cpu").state_dict()
     b = load_reranker(tmp_path / "cut", device="cpu").state_dict()
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
     def strip(curve):
         return [{k: v for k, v in e.items() if k != "elapsed_s"} for e in curve]
 
@@ -244,11 +305,18 @@ def test_exported_weights_are_the_checkpoint_weights_and_search_with_them(shapes
     assert len(hits) == 3 and all(h.rerank_score is not None for h in hits)
 
 
-def test_residual_training_starts_at_the_first_stage_and_search_fuses_as_it_trained(shapes, tmp_path):
+def test_residual_training_starts_at_the_first_stage_and_search_fuses_as_it_trained(
+    shapes, tmp_path
+):
     ds, index = shapes
     weight = 20.0
-    report = train_reranker(index, ds.pairs_path, tmp_path / "r", model_config=TINY,
-                            config=_config(first_stage_weight=weight, val_fraction=0.3))
+    report = train_reranker(
+        index,
+        ds.pairs_path,
+        tmp_path / "r",
+        model_config=TINY,
+        config=_config(first_stage_weight=weight, val_fraction=0.3),
+    )
     # An untrained gated model scores every candidate alike, so the residual logits rank exactly
     # as the first stage does: validation R@1 at step 0 is the first stage's.
     assert report.curve[0]["step"] == 0
@@ -260,8 +328,9 @@ def test_residual_training_starts_at_the_first_stage_and_search_fuses_as_it_trai
     assert loaded.fusion == f"weighted:{alpha:.6g}"
     auto = index.search("a red circle", k=5, rerank_k=10, reranker=loaded)  # fusion="auto"
     for hit in auto.hits:
-        assert hit.score == pytest.approx(alpha * hit.rerank_score
-                                          + (1 - alpha) * hit.first_stage_score, abs=1e-5)
+        assert hit.score == pytest.approx(
+            alpha * hit.rerank_score + (1 - alpha) * hit.first_stage_score, abs=1e-5
+        )
     plain = index.search("a red circle", k=5, rerank_k=10, reranker=loaded, fusion="rerank")
     assert [h.score for h in plain.hits] == [h.rerank_score for h in plain.hits]
 
@@ -270,7 +339,9 @@ def test_the_default_architecture_has_a_position_per_patch_of_the_encoder(shapes
     ds, index = shapes
     train_reranker(index, ds.pairs_path, tmp_path / "r", config=_config(steps=2))
     config = json.loads((tmp_path / "r" / "config.json").read_text())["config"]
-    assert config["patch_positions"] == index.manifest.encoder["n_patches"] == index.encoder.n_patches
+    assert (
+        config["patch_positions"] == index.manifest.encoder["n_patches"] == index.encoder.n_patches
+    )
     assert (config["gated"], config["init"]) == (False, "lecun")
 
 
@@ -278,8 +349,13 @@ def test_first_stage_weight_auto_is_the_encoders_logit_scale(shapes, tmp_path):
     ds, index = shapes
     scale = index.encoder.logit_scale
     assert scale == pytest.approx(float(index.encoder.model.logit_scale.exp()))
-    report = train_reranker(index, ds.pairs_path, tmp_path / "r", model_config=TINY,
-                            config=_config(first_stage_weight="auto"))
+    report = train_reranker(
+        index,
+        ds.pairs_path,
+        tmp_path / "r",
+        model_config=TINY,
+        config=_config(first_stage_weight="auto"),
+    )
     assert report.first_stage_weight == pytest.approx(scale, abs=1e-4) and scale > 1
     saved = json.loads((tmp_path / "r" / "config.json").read_text())["metadata"]
     assert saved["train"]["first_stage_weight"] == report.first_stage_weight  # resolved, not "auto"
@@ -287,7 +363,12 @@ def test_first_stage_weight_auto_is_the_encoders_logit_scale(shapes, tmp_path):
     # An encoder without a logit scale: no residual. Unresolved, there is no fusion to recommend.
     assert RerankTrainConfig().first_stage_weight == "auto"
     assert RerankTrainConfig().resolve_first_stage_weight(None).first_stage_weight == 0.0
-    assert RerankTrainConfig(first_stage_weight=3.0).resolve_first_stage_weight(50.0).first_stage_weight == 3.0
+    assert (
+        RerankTrainConfig(first_stage_weight=3.0)
+        .resolve_first_stage_weight(50.0)
+        .first_stage_weight
+        == 3.0
+    )
     with pytest.raises(ValueError, match="not resolved yet"):
         RerankTrainConfig().fusion
 
@@ -296,8 +377,13 @@ def test_an_exported_checkpoint_is_the_reranker_the_run_writes(shapes, tmp_path)
     from crossrank.training.reranker import export_checkpoint
 
     ds, index = shapes
-    train_reranker(index, ds.pairs_path, tmp_path / "r", model_config=TINY,
-                   config=_config(first_stage_weight=9.0))
+    train_reranker(
+        index,
+        ds.pairs_path,
+        tmp_path / "r",
+        model_config=TINY,
+        config=_config(first_stage_weight=9.0),
+    )
     out = export_checkpoint(tmp_path / "r", tmp_path / "exported")
     finished = json.loads((tmp_path / "r" / "config.json").read_text())
     exported = json.loads((out / "config.json").read_text())
@@ -309,8 +395,9 @@ def test_an_exported_checkpoint_is_the_reranker_the_run_writes(shapes, tmp_path)
     unrecorded = {"eval_every", "checkpoint_every", "device"}
     assert unrecorded <= finished["metadata"]["train"].keys()
     assert not unrecorded & exported["metadata"]["train"].keys()
-    assert {k: v for k, v in finished["metadata"]["train"].items()
-            if k not in unrecorded} == exported["metadata"]["train"]
+    assert {
+        k: v for k, v in finished["metadata"]["train"].items() if k not in unrecorded
+    } == exported["metadata"]["train"]
     a, b = (load_reranker(p, device="cpu") for p in (tmp_path / "r", out))
     assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
     with pytest.raises(InvalidArgumentError, match="to another folder"):
@@ -365,30 +452,43 @@ def test_caption_negatives_are_rewrites_false_of_the_image(shapes):
     from crossrank.datasets import caption_perturbations, parse_query, satisfies
 
     ds, index = shapes
-    data = prepare_training_set(index, ds.pairs_path, _config(caption_negatives=4, val_fraction=0.0))
+    data = prepare_training_set(
+        index, ds.pairs_path, _config(caption_negatives=4, val_fraction=0.0)
+    )
     bank = data.negatives
     n_bank = data.tokens.shape[0]
-    assert n_bank == len(data.captions) + data.counts["negative_captions"] == data.query_vectors.shape[0]
+    assert (
+        n_bank
+        == len(data.captions) + data.counts["negative_captions"]
+        == data.query_vectors.shape[0]
+    )
     texts = data.captions + [None] * data.counts["negative_captions"]
     paths = pq.read_table(ds.metadata_path, columns=["path"]).column("path").to_pylist()
     scene_of = {str((ds.root / p).absolute()): s for p, s in zip(paths, ds.scenes(), strict=True)}
     index_paths = _images(index)
     # Rewrites name only colour-shape pairs the captions show (none of the held-out ones).
-    seen = {(o.colour, o.shape) for c in data.captions for o in (parse_query(c).a, parse_query(c).b)
-            if o is not None}
+    seen = {
+        (o.colour, o.shape)
+        for c in data.captions
+        for o in (parse_query(c).a, parse_query(c).b)
+        if o is not None
+    }
     rng = np.random.default_rng(0)
     n_structural = n_slots = 0
     for _ in range(10):
         batch = rng.choice(data.train_caption.size, size=16, replace=False)
         u, image = data.train_caption[batch], data.train_image[batch]
         rows, valid = bank.sample(u, image, 4, rng)
-        assert rows.shape == valid.shape == (16, 5) and (rows[:, 0] == u).all() and valid[:, 0].all()
+        assert (
+            rows.shape == valid.shape == (16, 5) and (rows[:, 0] == u).all() and valid[:, 0].all()
+        )
         for b in range(16):
             scene = scene_of[index_paths[data.pool_rows[image[b]]]]
             caption = parse_query(data.captions[u[b]])
             structural, attribute = caption_perturbations(caption, seen)
-            allowed = {s.text: kind for kind, group in (("s", structural), ("a", attribute))
-                       for s in group}
+            allowed = {
+                s.text: kind for kind, group in (("s", structural), ("a", attribute)) for s in group
+            }
             chosen = rows[b, 1:][valid[b, 1:]]
             assert len(set(chosen.tolist())) == chosen.size  # no rewrite twice
             kinds = []
@@ -418,12 +518,19 @@ def _bank_text(bank, row: int) -> str:
         if colour < 0:
             return None
         size = int(getattr(sp, f"{prefix}_size")[0])
-        return ObjectSpec(list(Colour)[colour], list(Shape)[int(getattr(sp, f"{prefix}_shape")[0])],
-                          None if size < 0 else list(Size)[size])
+        return ObjectSpec(
+            list(Colour)[colour],
+            list(Shape)[int(getattr(sp, f"{prefix}_shape")[0])],
+            None if size < 0 else list(Size)[size],
+        )
 
     relation = int(sp.relation[0])
-    return QuerySpec(list(QueryKind)[int(sp.kind[0])], obj("a"), obj("b"),
-                     None if relation < 0 else list(Relation)[relation]).text
+    return QuerySpec(
+        list(QueryKind)[int(sp.kind[0])],
+        obj("a"),
+        obj("b"),
+        None if relation < 0 else list(Relation)[relation],
+    ).text
 
 
 def test_a_custom_caption_inside_a_shapes_dataset_is_refused(shapes):
@@ -431,8 +538,11 @@ def test_a_custom_caption_inside_a_shapes_dataset_is_refused(shapes):
     first = pq.read_table(ds.pairs_path, columns=["path"]).column("path")[0].as_py()
     pairs = _write_pairs(ds.root / "custom-pairs.parquet", [(first, "a photo of my cat")])
     try:
-        with pytest.raises(InvalidArgumentError, match=r"sits in shapes dataset .* captions must be shapes "
-                                                        r"templates.*move a custom pairs file out"):
+        with pytest.raises(
+            InvalidArgumentError,
+            match=r"sits in shapes dataset .* captions must be shapes "
+            r"templates.*move a custom pairs file out",
+        ):
             prepare_training_set(index, pairs, _config())
     finally:
         pairs.unlink()
@@ -440,33 +550,58 @@ def test_a_custom_caption_inside_a_shapes_dataset_is_refused(shapes):
 
 def test_caption_negatives_need_a_shapes_dataset(colours):
     pairs, index = colours
-    with pytest.raises(InvalidArgumentError, match=r"caption negatives need the scene graphs of a shapes "
-                                                    r"dataset.*train without --caption-negatives"):
+    with pytest.raises(
+        InvalidArgumentError,
+        match=r"caption negatives need the scene graphs of a shapes "
+        r"dataset.*train without --caption-negatives",
+    ):
         prepare_training_set(index, pairs, _config(caption_negatives=2))
 
 
-@pytest.mark.parametrize("model_config", [TINY, RerankerConfig(width=16, heads=2, layers=2, mlp_ratio=2.0,
-                                                               patch_self_attention=True,
-                                                               query_self_attention=True)])
+@pytest.mark.parametrize(
+    "model_config",
+    [
+        TINY,
+        RerankerConfig(
+            width=16,
+            heads=2,
+            layers=2,
+            mlp_ratio=2.0,
+            patch_self_attention=True,
+            query_self_attention=True,
+        ),
+    ],
+)
 def test_training_forwards_equal_plain_per_pair_scores(shapes, model_config):
     """The step's shortcuts (keys/values once per distinct image) score as the plain forward."""
     from crossrank.rerank.cross_attention import AttentionPath
     from crossrank.training.reranker import _Banks, _forward, _forward_captions
 
     ds, index = shapes
-    data = prepare_training_set(index, ds.pairs_path, _config(caption_negatives=3, val_fraction=0.0))
+    data = prepare_training_set(
+        index, ds.pairs_path, _config(caption_negatives=3, val_fraction=0.0)
+    )
     dim = index.manifest.encoder["patch_dim"]
     torch.manual_seed(0)
-    cfg = RerankerConfig(**{**model_config.to_dict(), "text_dim": dim, "patch_dim": dim,
-                            "patch_positions": index.patches.shape[0]})
+    cfg = RerankerConfig(
+        **{
+            **model_config.to_dict(),
+            "text_dim": dim,
+            "patch_dim": dim,
+            "patch_positions": index.patches.shape[0],
+        }
+    )
     model = CrossAttentionReranker(cfg).eval()
     with torch.no_grad():  # gates away from 0, so that the cross-attention counts
         for name, param in model.named_parameters():
             if "gate" in name:
                 param.fill_(0.7)
-    banks = _Banks(torch.from_numpy(data.tokens), torch.from_numpy(data.token_mask),
-                   torch.from_numpy(data.patches),
-                   (2.0, torch.from_numpy(data.query_vectors), torch.from_numpy(data.image_vectors)))
+    banks = _Banks(
+        torch.from_numpy(data.tokens),
+        torch.from_numpy(data.token_mask),
+        torch.from_numpy(data.patches),
+        (2.0, torch.from_numpy(data.query_vectors), torch.from_numpy(data.image_vectors)),
+    )
     rng = np.random.default_rng(0)
     batch = rng.choice(data.train_caption.size, size=6, replace=False)
     u, image = data.train_caption[batch], data.train_image[batch]
@@ -475,8 +610,12 @@ def test_training_forwards_equal_plain_per_pair_scores(shapes, model_config):
 
     def plain(caption: int, img: int) -> float:
         mask = banks.token_mask[caption][None]
-        logit = model.forward_batch(banks.tokens[caption][None].float(), mask,
-                                    banks.patches[img][None, None].float(), path=AttentionPath.PLAIN)
+        logit = model.forward_batch(
+            banks.tokens[caption][None].float(),
+            mask,
+            banks.patches[img][None, None].float(),
+            path=AttentionPath.PLAIN,
+        )
         return float(logit) + 2.0 * float(banks.residual[1][caption] @ banks.residual[2][img])
 
     with torch.no_grad():
@@ -491,8 +630,9 @@ def test_training_forwards_equal_plain_per_pair_scores(shapes, model_config):
 
 def test_caption_negatives_train_and_log_their_accuracy(shapes, tmp_path):
     ds, index = shapes
-    report = train_reranker(index, ds.pairs_path, tmp_path / "r", model_config=TINY,
-                            config=_config(caption_negatives=3))
+    report = train_reranker(
+        index, ds.pairs_path, tmp_path / "r", model_config=TINY, config=_config(caption_negatives=3)
+    )
     assert report.counts["negative_captions"] > 0
     logged = [e for e in report.curve if "train_loss" in e]
     assert logged and all(0.0 <= e["train_caption_accuracy"] <= 1.0 for e in logged)
@@ -507,10 +647,22 @@ def test_caption_negatives_train_and_log_their_accuracy(shapes, tmp_path):
 
 def test_attention_supervision_pulls_object_words_onto_their_objects(shapes, tmp_path):
     ds, index = shapes
-    config = _config(steps=60, eval_every=20, checkpoint_every=60, caption_negatives=3, attention_supervision=2.0,
-                     lr=1e-2, val_fraction=0.0)
-    report = train_reranker(index, ds.pairs_path, tmp_path / "r", model_config=dataclasses.replace(TINY, gated=False),
-                            config=config)
+    config = _config(
+        steps=60,
+        eval_every=20,
+        checkpoint_every=60,
+        caption_negatives=3,
+        attention_supervision=2.0,
+        lr=1e-2,
+        val_fraction=0.0,
+    )
+    report = train_reranker(
+        index,
+        ds.pairs_path,
+        tmp_path / "r",
+        model_config=dataclasses.replace(TINY, gated=False),
+        config=config,
+    )
     mass = [e["train_attention_mass"] for e in report.curve if "train_attention_mass" in e]
     assert len(mass) == 3 and all(0.0 <= m <= 1.0 for m in mass)
     # Uniform attention puts about (object's patches / P) on each object; supervision raises it.
@@ -523,13 +675,23 @@ def test_attention_supervision_leaves_training_without_it_unchanged(shapes, tmp_
     # Asking for the attention mass is an extra value channel: the scores, and so the weights a
     # run learns, are those of a run without supervision when its weight is ~0.
     ds, index = shapes
-    runs = {w: train_reranker(index, ds.pairs_path, tmp_path / str(w), model_config=TINY,
-                              config=_config(steps=4, caption_negatives=3, attention_supervision=w))
-            for w in (0.0, 1e-12)}
+    runs = {
+        w: train_reranker(
+            index,
+            ds.pairs_path,
+            tmp_path / str(w),
+            model_config=TINY,
+            config=_config(steps=4, caption_negatives=3, attention_supervision=w),
+        )
+        for w in (0.0, 1e-12)
+    }
     a = load_reranker(tmp_path / "0.0").state_dict()
     b = load_reranker(tmp_path / "1e-12").state_dict()
     assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
-    assert "train_attention_mass" not in runs[0.0].curve[-1] and "train_attention_mass" in runs[1e-12].curve[-1]
+    assert (
+        "train_attention_mass" not in runs[0.0].curve[-1]
+        and "train_attention_mass" in runs[1e-12].curve[-1]
+    )
 
 
 def test_relation_only_rewrites_keep_both_objects_and_change_only_the_relation(shapes):
@@ -538,8 +700,10 @@ def test_relation_only_rewrites_keep_both_objects_and_change_only_the_relation(s
     bank, full, specs = data.relation_negatives, data.negatives, data.negatives.specs
 
     def objects(row: int) -> set[tuple[int, int, int]]:
-        return {(int(specs.a_colour[row]), int(specs.a_shape[row]), int(specs.a_size[row])),
-                (int(specs.b_colour[row]), int(specs.b_shape[row]), int(specs.b_size[row]))}
+        return {
+            (int(specs.a_colour[row]), int(specs.a_shape[row]), int(specs.a_size[row])),
+            (int(specs.b_colour[row]), int(specs.b_shape[row]), int(specs.b_size[row])),
+        }
 
     n_kept = 0
     for u in range(len(data.captions)):
@@ -551,8 +715,11 @@ def test_relation_only_rewrites_keep_both_objects_and_change_only_the_relation(s
         assert set(rows) <= set(full.offsets[u][: int(full.n_structural[u])].tolist())
         for r in rows:  # same two objects; another relation, or the objects swapped around it
             assert objects(r) == objects(u) and specs.relation[r] >= 0
-            assert specs.relation[r] != specs.relation[u] or specs.a_colour[r] != specs.a_colour[u] \
+            assert (
+                specs.relation[r] != specs.relation[u]
+                or specs.a_colour[r] != specs.a_colour[u]
                 or specs.a_shape[r] != specs.a_shape[u]
+            )
         n_kept += len(rows)
     assert n_kept > 0
 
@@ -567,13 +734,19 @@ def test_relation_share_gives_relation_only_lists_their_share_and_logs_them(shap
     data = prepare_training_set(index, ds.pairs_path, config)
     pool = np.flatnonzero(data.relation_negatives.n_structural[data.train_caption] > 0)
     caption, positive = data.train_caption[:8], data.train_image[:8]
-    rows, valid, image, n_relation = _caption_lists(data, caption, positive, config, pool, np.random.default_rng(0))
+    rows, valid, image, n_relation = _caption_lists(
+        data, caption, positive, config, pool, np.random.default_rng(0)
+    )
     assert n_relation == 4 and rows.shape == (8, 4) and valid.shape == (8, 4)
-    np.testing.assert_array_equal(image[:4], positive[:4])  # the batch's own first pairs keep their lists
+    np.testing.assert_array_equal(
+        image[:4], positive[:4]
+    )  # the batch's own first pairs keep their lists
     for b in range(4, 8):  # the relation-only lists: only rewrites that keep both objects
         u = rows[b, 0]
         assert data.relation_negatives.n_structural[u] > 0
-        assert set(rows[b, 1:][valid[b, 1:]].tolist()) <= set(data.relation_negatives.offsets[u].tolist())
+        assert set(rows[b, 1:][valid[b, 1:]].tolist()) <= set(
+            data.relation_negatives.offsets[u].tolist()
+        )
     with pytest.raises(ValueError, match="relation_share needs caption_negatives"):
         _config(relation_share=0.5)
 
@@ -588,13 +761,24 @@ def test_relation_share_without_relation_captions_is_refused(shapes, tmp_path, m
         data = prepare(*args, **kwargs)
         bank = data.relation_negatives
         data.relation_negatives = dataclasses.replace(
-            bank, offsets=[o[:0] for o in bank.offsets], n_structural=np.zeros_like(bank.n_structural))
+            bank,
+            offsets=[o[:0] for o in bank.offsets],
+            n_structural=np.zeros_like(bank.n_structural),
+        )
         return data
 
     monkeypatch.setattr(train_data, "prepare_training_set", without_relations)
-    with pytest.raises(InvalidArgumentError, match="relation_share needs relation captions .* train without --relation-share"):
-        train_reranker(index, ds.pairs_path, tmp_path / "r", model_config=TINY,
-                       config=_config(steps=2, caption_negatives=3, relation_share=0.5))
+    with pytest.raises(
+        InvalidArgumentError,
+        match="relation_share needs relation captions .* train without --relation-share",
+    ):
+        train_reranker(
+            index,
+            ds.pairs_path,
+            tmp_path / "r",
+            model_config=TINY,
+            config=_config(steps=2, caption_negatives=3, relation_share=0.5),
+        )
     assert not (tmp_path / "r" / CHECKPOINT_NAME).exists()
 
 
@@ -619,9 +803,13 @@ def test_caption_only_steps_train_the_reranker_alone_first(shapes, tmp_path, mon
     monkeypatch.setattr(train_module, "_forward", spy_forward)
     monkeypatch.setattr(train_module, "_forward_captions", spy_captions)
     ds, index = shapes
-    report = train_reranker(index, ds.pairs_path, tmp_path / "r", model_config=TINY,
-                            config=_config(caption_negatives=3, caption_only_steps=4,
-                                           first_stage_weight=5.0))
+    report = train_reranker(
+        index,
+        ds.pairs_path,
+        tmp_path / "r",
+        model_config=TINY,
+        config=_config(caption_negatives=3, caption_only_steps=4, first_stage_weight=5.0),
+    )
     assert calls == [("captions", False)] * 4 + [("images", True), ("captions", True)] * 4
     by_step = {e["step"]: e for e in report.curve}
     assert "train_accuracy" not in by_step[4] and 0.0 <= by_step[4]["train_caption_accuracy"] <= 1.0
@@ -663,13 +851,15 @@ def test_validation_captions_are_held_out_of_training(shapes):
 def test_missing_images_and_empty_captions_are_skipped_and_counted(colours, tmp_path):
     _, index = colours
     images = _images(index)
-    rows = [(p, "a red circle" if i % 2 == 0 else "a blue square")
-            for i, p in enumerate(images[:10])]
+    rows = [
+        (p, "a red circle" if i % 2 == 0 else "a blue square") for i, p in enumerate(images[:10])
+    ]
     rows += [("gone/one.png", "a cat"), ("/nowhere/two.png", "a dog"), (None, "a bird")]
     rows += [(images[10], ""), (images[11], "   "), (images[12], None)]
     pairs = _write_pairs(tmp_path / "pairs.csv", rows)
-    report = train_reranker(index, pairs, tmp_path / "r", model_config=TINY,
-                            config=_config(steps=2, val_fraction=0.0))
+    report = train_reranker(
+        index, pairs, tmp_path / "r", model_config=TINY, config=_config(steps=2, val_fraction=0.0)
+    )
     counts = report.counts
     assert (counts["pairs"], counts["missing_image"], counts["empty_caption"]) == (16, 3, 3)
     assert counts["used_pairs"] == 10 and counts["images"] >= 10  # pairs' images + mined ones
@@ -682,21 +872,29 @@ def test_missing_images_and_empty_captions_are_skipped_and_counted(colours, tmp_
 def test_no_usable_pair_is_refused(colours, tmp_path):
     _, index = colours
     pairs = _write_pairs(tmp_path / "pairs.csv", [("a.png", "a cat"), (_images(index)[0], " ")])
-    with pytest.raises(InvalidArgumentError, match=r"no usable pair in .*pairs\.csv: of 2 pairs, "
-                                                   r"1 name an image not in index .* 1 have an "
-                                                   r"empty caption; build the index over"):
+    with pytest.raises(
+        InvalidArgumentError,
+        match=r"no usable pair in .*pairs\.csv: of 2 pairs, "
+        r"1 name an image not in index .* 1 have an "
+        r"empty caption; build the index over",
+    ):
         train_reranker(index, pairs, tmp_path / "r", model_config=TINY, config=_config())
 
 
-@pytest.mark.parametrize("columns, missing", [(["path", "text"], "`caption`"),
-                                              (["file", "text"], "`path` or `caption`")])
-def test_a_pairs_file_without_path_and_caption_columns_is_refused(colours, tmp_path, columns,
-                                                                   missing):
+@pytest.mark.parametrize(
+    "columns, missing", [(["path", "text"], "`caption`"), (["file", "text"], "`path` or `caption`")]
+)
+def test_a_pairs_file_without_path_and_caption_columns_is_refused(
+    colours, tmp_path, columns, missing
+):
     _, index = colours
     pairs = tmp_path / "pairs.parquet"
     pq.write_table(pa.table({columns[0]: ["a.png"], columns[1]: ["a cat"]}), pairs)
-    with pytest.raises(InvalidArgumentError, match=rf"pairs file .* has no {missing} column "
-                                                   rf"\(columns: {columns[0]}, {columns[1]}\)"):
+    with pytest.raises(
+        InvalidArgumentError,
+        match=rf"pairs file .* has no {missing} column "
+        rf"\(columns: {columns[0]}, {columns[1]}\)",
+    ):
         train_reranker(index, pairs, tmp_path / "r", model_config=TINY, config=_config())
 
 
@@ -711,24 +909,40 @@ def test_a_missing_or_foreign_pairs_file_is_refused(colours, tmp_path):
 
 def test_a_checkpoint_of_another_run_is_refused(shapes, tmp_path):
     ds, index = shapes
-    train_reranker(index, ds.pairs_path, tmp_path / "r", model_config=TINY,
-                   config=_config(steps=4))
+    train_reranker(index, ds.pairs_path, tmp_path / "r", model_config=TINY, config=_config(steps=4))
     # The message names each differing field with both values, so that a run can be resumed.
-    with pytest.raises(InvalidArgumentError, match=r"checkpoint .*checkpoint\.pt was written by a "
-                                                   r"training run with another training config "
-                                                   r"\(lr: 0\.003 in the checkpoint, 0\.001 in this run\); "
-                                                   r"resume with the checkpoint's settings, "
-                                                   r"delete it .* or pick another --out"):
-        train_reranker(index, ds.pairs_path, tmp_path / "r", model_config=TINY,
-                       config=_config(steps=4, lr=1e-3))
-    with pytest.raises(InvalidArgumentError, match=r"another model config \(gated: True in the checkpoint, "
-                                                   r"False in this run; init: 'bert' .*\); resume"):
-        train_reranker(index, ds.pairs_path, tmp_path / "r",
-                       model_config=RerankerConfig(width=8, heads=2, layers=1),
-                       config=_config(steps=4))
+    with pytest.raises(
+        InvalidArgumentError,
+        match=r"checkpoint .*checkpoint\.pt was written by a "
+        r"training run with another training config "
+        r"\(lr: 0\.003 in the checkpoint, 0\.001 in this run\); "
+        r"resume with the checkpoint's settings, "
+        r"delete it .* or pick another --out",
+    ):
+        train_reranker(
+            index,
+            ds.pairs_path,
+            tmp_path / "r",
+            model_config=TINY,
+            config=_config(steps=4, lr=1e-3),
+        )
+    with pytest.raises(
+        InvalidArgumentError,
+        match=r"another model config \(gated: True in the checkpoint, "
+        r"False in this run; init: 'bert' .*\); resume",
+    ):
+        train_reranker(
+            index,
+            ds.pairs_path,
+            tmp_path / "r",
+            model_config=RerankerConfig(width=8, heads=2, layers=1),
+            config=_config(steps=4),
+        )
 
 
-def test_a_checkpoint_that_predates_a_field_resumes_while_the_field_keeps_its_default(shapes, tmp_path):
+def test_a_checkpoint_that_predates_a_field_resumes_while_the_field_keeps_its_default(
+    shapes, tmp_path
+):
     ds, index = shapes
     config = _config(steps=6, checkpoint_every=4)
     cut, ckpt = tmp_path / "cut", tmp_path / "cut" / CHECKPOINT_NAME
@@ -739,13 +953,25 @@ def test_a_checkpoint_that_predates_a_field_resumes_while_the_field_keeps_its_de
     del state["fingerprint"]["model"]["init"]
     torch.save(state, ckpt)
     with pytest.raises(InvalidArgumentError, match="another training config"):  # not the old run's
-        train_reranker(index, ds.pairs_path, cut, model_config=TINY,
-                       config=_config(steps=6, checkpoint_every=4, caption_negatives=2,
-                                      caption_only_steps=2))
+        train_reranker(
+            index,
+            ds.pairs_path,
+            cut,
+            model_config=TINY,
+            config=_config(steps=6, checkpoint_every=4, caption_negatives=2, caption_only_steps=2),
+        )
     with pytest.raises(InvalidArgumentError, match="another model config"):
-        train_reranker(index, ds.pairs_path, cut, model_config=dataclasses.replace(TINY, init="lecun"),
-                       config=config)
-    assert train_reranker(index, ds.pairs_path, cut, model_config=TINY, config=config).resumed_from == 4
+        train_reranker(
+            index,
+            ds.pairs_path,
+            cut,
+            model_config=dataclasses.replace(TINY, init="lecun"),
+            config=config,
+        )
+    assert (
+        train_reranker(index, ds.pairs_path, cut, model_config=TINY, config=config).resumed_from
+        == 4
+    )
 
 
 def test_a_corrupt_checkpoint_is_refused(shapes, tmp_path):
@@ -753,28 +979,45 @@ def test_a_corrupt_checkpoint_is_refused(shapes, tmp_path):
     out = tmp_path / "r"
     out.mkdir()
     (out / CHECKPOINT_NAME).write_bytes(b"not a checkpoint")
-    with pytest.raises(ModelError, match=r"checkpoint .*checkpoint\.pt is corrupt or truncated "
-                                         r"\(.*\); delete it to train from scratch"):
+    with pytest.raises(
+        ModelError,
+        match=r"checkpoint .*checkpoint\.pt is corrupt or truncated "
+        r"\(.*\); delete it to train from scratch",
+    ):
         train_reranker(index, ds.pairs_path, out, model_config=TINY, config=_config())
 
 
-@pytest.mark.parametrize("fields, match", [
-    ({"n_candidates": 1}, r"n_candidates must be an int >= 2"),
-    ({"loss": "hinge"}, r"loss must be one of listwise, itm, got 'hinge'"),
-    ({"hard_fraction": 1.5}, r"hard_fraction must be a number in \[0, 1\], got 1.5"),
-    ({"steps": 0}, r"steps must be an int >= 1, got 0"),
-    ({"lr": 0}, r"lr must be a number > 0"),
-    ({"val_fraction": 0.9}, r"val_fraction must be a number in \[0, 0.5\]"),
-    ({"in_batch": "yes"}, r"in_batch must be True or False"),
-    ({"first_stage_weight": -1}, r"first_stage_weight must be 'auto' or a number in \[0, 1e4\)"),
-    ({"first_stage_weight": "heavy"}, r"first_stage_weight must be 'auto' or a number in \[0, 1e4\)"),
-    ({"caption_negatives": -1}, r"caption_negatives must be an int >= 0"),
-    ({"caption_only_steps": 5}, r"caption_only_steps=5 needs caption_negatives >= 1"),
-    ({"attention_supervision": 1.0}, r"attention_supervision needs caption_negatives >= 1"),
-    ({"attention_supervision": -1, "caption_negatives": 2}, r"attention_supervision must be a number in \[0, 1e3\)"),
-    ({"caption_only_steps": 10, "caption_negatives": 2, "steps": 10},
-     r"caption_only_steps must be below steps .*got 10 of 10"),
-])
+@pytest.mark.parametrize(
+    "fields, match",
+    [
+        ({"n_candidates": 1}, r"n_candidates must be an int >= 2"),
+        ({"loss": "hinge"}, r"loss must be one of listwise, itm, got 'hinge'"),
+        ({"hard_fraction": 1.5}, r"hard_fraction must be a number in \[0, 1\], got 1.5"),
+        ({"steps": 0}, r"steps must be an int >= 1, got 0"),
+        ({"lr": 0}, r"lr must be a number > 0"),
+        ({"val_fraction": 0.9}, r"val_fraction must be a number in \[0, 0.5\]"),
+        ({"in_batch": "yes"}, r"in_batch must be True or False"),
+        (
+            {"first_stage_weight": -1},
+            r"first_stage_weight must be 'auto' or a number in \[0, 1e4\)",
+        ),
+        (
+            {"first_stage_weight": "heavy"},
+            r"first_stage_weight must be 'auto' or a number in \[0, 1e4\)",
+        ),
+        ({"caption_negatives": -1}, r"caption_negatives must be an int >= 0"),
+        ({"caption_only_steps": 5}, r"caption_only_steps=5 needs caption_negatives >= 1"),
+        ({"attention_supervision": 1.0}, r"attention_supervision needs caption_negatives >= 1"),
+        (
+            {"attention_supervision": -1, "caption_negatives": 2},
+            r"attention_supervision must be a number in \[0, 1e3\)",
+        ),
+        (
+            {"caption_only_steps": 10, "caption_negatives": 2, "steps": 10},
+            r"caption_only_steps must be below steps .*got 10 of 10",
+        ),
+    ],
+)
 def test_config_refuses_bad_values(fields, match):
     with pytest.raises(ValueError, match=match):
         RerankTrainConfig(**fields)
@@ -792,8 +1035,9 @@ def test_config_schedules():
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_trains_on_cuda(shapes, tmp_path):
     ds, index = shapes
-    report = train_reranker(index, ds.pairs_path, tmp_path / "r", model_config=TINY,
-                            config=_config(device="cuda"))
+    report = train_reranker(
+        index, ds.pairs_path, tmp_path / "r", model_config=TINY, config=_config(device="cuda")
+    )
     assert report.device.startswith("cuda") and math.isfinite(report.curve[-1]["train_loss"])
 
 
@@ -809,21 +1053,34 @@ def test_a_non_finite_step_is_skipped_and_weights_stay_finite(colours, tmp_path,
 
     monkeypatch.setattr(train_module, "rerank_loss", sometimes_nan)
     pairs, index = colours
-    report = train_reranker(index, pairs, tmp_path / "r", model_config=TINY,
-                            config=_config(steps=8, val_fraction=0.0))
+    report = train_reranker(
+        index, pairs, tmp_path / "r", model_config=TINY, config=_config(steps=8, val_fraction=0.0)
+    )
     assert report.counts["skipped_steps"] == 2
     from safetensors.torch import load_file
 
     weights = load_file(tmp_path / "r" / "model.safetensors")
     assert all(torch.isfinite(w).all() for w in weights.values())
-    assert all(math.isfinite(entry["train_loss"]) for entry in report.curve if "train_loss" in entry)
+    assert all(
+        math.isfinite(entry["train_loss"]) for entry in report.curve if "train_loss" in entry
+    )
 
 
 def test_training_that_keeps_diverging_stops_with_a_clear_error(colours, tmp_path, monkeypatch):
     import crossrank.training.reranker as train_module
 
     monkeypatch.setattr(train_module, "MAX_NONFINITE_IN_A_ROW", 3)
-    monkeypatch.setattr(train_module, "rerank_loss", lambda logits, loss="listwise": logits.sum() * float("nan"))
+    monkeypatch.setattr(
+        train_module, "rerank_loss", lambda logits, loss="listwise": logits.sum() * float("nan")
+    )
     pairs, index = colours
-    with pytest.raises(CrossrankError, match=r"training diverged: 3 steps in a row up to step 3 .* lower --lr"):
-        train_reranker(index, pairs, tmp_path / "r", model_config=TINY, config=_config(steps=8, val_fraction=0.0))
+    with pytest.raises(
+        CrossrankError, match=r"training diverged: 3 steps in a row up to step 3 .* lower --lr"
+    ):
+        train_reranker(
+            index,
+            pairs,
+            tmp_path / "r",
+            model_config=TINY,
+            config=_config(steps=8, val_fraction=0.0),
+        )

@@ -10,11 +10,17 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from crossrank import Index, IndexLockedError, IndexNotFoundError, InvalidArgumentError, ModelMismatchError
-from crossrank.write.build import build_index
+from crossrank import (
+    Index,
+    IndexLockedError,
+    IndexNotFoundError,
+    InvalidArgumentError,
+    ModelMismatchError,
+)
 from crossrank.errors import SourceError
-from crossrank.write import add_images, compact_index, remove_images
 from crossrank.store import Generation, WriterLock, list_generations
+from crossrank.write import add_images, compact_index, remove_images
+from crossrank.write.build import build_index
 
 from .._living import assert_sound, index_state
 from ..conftest import committed_state, write_images
@@ -55,8 +61,13 @@ def _by_path(index_dir: Path) -> dict[str, tuple[int, np.ndarray, np.ndarray]]:
     rows = gen.rows_of_ids(live)
     vectors, patches = np.asarray(gen.vectors()[rows]), gen.patches().gather(rows)
     with gen.metadata() as meta:
-        paths = dict(zip(meta.table(columns=["id", "path"]).column("id").to_pylist(),
-                         meta.table(columns=["id", "path"]).column("path").to_pylist(), strict=True))
+        paths = dict(
+            zip(
+                meta.table(columns=["id", "path"]).column("id").to_pylist(),
+                meta.table(columns=["id", "path"]).column("path").to_pylist(),
+                strict=True,
+            )
+        )
     return {paths[i]: (i, vectors[j], patches[j]) for j, i in enumerate(live.tolist())}
 
 
@@ -69,21 +80,36 @@ def _found(index: Index, index_dir: Path, image_id: int) -> list[int]:
 
 # -- add --------------------------------------------------------------------------------------------
 
+
 def test_add_indexes_only_new_files_exactly_as_a_build_would(living, tmp_path, tiny_clip):
     source, index_dir = living
     before = _by_path(index_dir)
     write_images(source / "new", 3, seed=41)
     report = add_images(source, index_dir, device="cpu", workers=1)
-    assert (report.committed, report.added, report.unchanged, report.moved, report.generation) == (True, 3, 6, 0, 2)
+    assert (report.committed, report.added, report.unchanged, report.moved, report.generation) == (
+        True,
+        3,
+        6,
+        0,
+        2,
+    )
     assert report.images == 9
     after = _by_path(index_dir)
-    assert {p: v[0] for p, v in after.items() if p in before} == {p: v[0] for p, v in before.items()}
-    assert sorted(v[0] for p, v in after.items() if p not in before) == [6, 7, 8]  # new ids after the old
+    assert {p: v[0] for p, v in after.items() if p in before} == {
+        p: v[0] for p, v in before.items()
+    }
+    assert sorted(v[0] for p, v in after.items() if p not in before) == [
+        6,
+        7,
+        8,
+    ]  # new ids after the old
     fresh = tmp_path / "fresh.idx"
     build_index(source, fresh, model=tiny_clip, device="cpu", batch_size=4, workers=1)
     for path, (_, vector, patches) in _by_path(fresh).items():  # the same features as a full build
         np.testing.assert_allclose(after[path][1], vector, atol=1e-5)
-        np.testing.assert_allclose(after[path][2].astype(np.float32), patches.astype(np.float32), atol=1e-2)
+        np.testing.assert_allclose(
+            after[path][2].astype(np.float32), patches.astype(np.float32), atol=1e-2
+        )
     assert_sound(index_dir)
 
 
@@ -93,7 +119,9 @@ def test_add_links_unchanged_segments_instead_of_rewriting_them(living):
     write_images(source / "new", 2, seed=42)
     add_images(source, index_dir, device="cpu", workers=1)
     old, new = Generation(index_dir / "gen-000001"), Generation.current(index_dir)
-    for part in old.info.patch_shards + old.info.metadata_parts:  # hard links: the same inode, no copy
+    for part in (
+        old.info.patch_shards + old.info.metadata_parts
+    ):  # hard links: the same inode, no copy
         assert os.stat(old.path / part.file).st_ino == os.stat(new.path / part.file).st_ino
     assert [s.rows for s in new.info.patch_shards] == [s.rows for s in old.info.patch_shards] + [2]
     assert len(reader) == 6 and reader.generation == 1
@@ -143,31 +171,50 @@ def test_add_from_a_manifest_fills_missing_columns_and_refuses_unknown_ones(tmp_
     images = write_images(tmp_path / "pics", 4, seed=45)
     first = tmp_path / "first.csv"
     with first.open("w", newline="") as f:
-        csv.writer(f).writerows([["path", "label"], [images[0].name, "cat"], [images[1].name, "dog"]])
+        csv.writer(f).writerows(
+            [["path", "label"], [images[0].name, "cat"], [images[1].name, "dog"]]
+        )
     index_dir = tmp_path / "m.idx"
     (tmp_path / "pics" / "first.csv").write_text(first.read_text())
     build_index(tmp_path / "pics" / "first.csv", index_dir, model=tiny_clip, device="cpu")
     folder_report = add_images(tmp_path / "pics", index_dir, device="cpu")  # a folder has no label
     assert folder_report.added == 2
     with Index.open(index_dir, device="cpu") as index:
-        labels = dict(zip(*index.metadata(columns=["path", "label"]).to_pydict().values(), strict=True))
-        assert labels == {str(images[0]): "cat", str(images[1]): "dog", str(images[2]): None, str(images[3]): None}
+        labels = dict(
+            zip(*index.metadata(columns=["path", "label"]).to_pydict().values(), strict=True)
+        )
+        assert labels == {
+            str(images[0]): "cat",
+            str(images[1]): "dog",
+            str(images[2]): None,
+            str(images[3]): None,
+        }
     extra = tmp_path / "pics" / "extra.csv"
-    extra.write_text(f"path,label,rating\n{write_images(tmp_path / 'pics' / 'x', 1, seed=46)[0]},bird,5\n")
+    extra.write_text(
+        f"path,label,rating\n{write_images(tmp_path / 'pics' / 'x', 1, seed=46)[0]},bird,5\n"
+    )
     before = committed_state(index_dir)
-    with pytest.raises(SourceError, match=r"has column\(s\) rating that the index's metadata lacks"):
+    with pytest.raises(
+        SourceError, match=r"has column\(s\) rating that the index's metadata lacks"
+    ):
         add_images(extra, index_dir, device="cpu")
     assert committed_state(index_dir) == before
 
 
 # -- remove -------------------------------------------------------------------------------------
 
+
 def test_removed_images_are_not_found_counted_or_listed(index_only):
     _, index_dir = index_only
     with Index.open(index_dir, device="cpu") as index:
         assert 3 in _found(index, index_dir, 3)
         report = index.remove([3, 1])
-        assert (report.removed, report.images, report.tombstones, report.generation) == ((1, 3), 4, 2, 2)
+        assert (report.removed, report.images, report.tombstones, report.generation) == (
+            (1, 3),
+            4,
+            2,
+            2,
+        )
         assert index.generation == 2 and len(index) == 4
         assert 3 not in _found(index, index_dir, 3)
         result = index.search("a red circle", k=10, reranker="maxsim")
@@ -177,7 +224,11 @@ def test_removed_images_are_not_found_counted_or_listed(index_only):
         assert index.metadata(columns=["path"]).num_rows == 4
         assert index.metadata(where="id < 3").column("id").to_pylist() == [0, 2]
         info = index.info()
-        assert (info["counts"]["images"], info["counts"]["tombstones"], info["tombstones"]) == (4, 2, 2)
+        assert (info["counts"]["images"], info["counts"]["tombstones"], info["tombstones"]) == (
+            4,
+            2,
+            2,
+        )
         assert info["first_stage"]["ntotal"] == 6  # stored until a compaction
     assert_sound(index_dir)
 
@@ -193,7 +244,10 @@ def test_remove_by_where(index_only):
 def test_removing_unknown_ids_names_them_and_changes_nothing(index_only):
     _, index_dir = index_only
     before = committed_state(index_dir)
-    with pytest.raises(InvalidArgumentError, match=r"2 of the 3 ids are not in index .*: 6, 99; nothing was removed"):
+    with pytest.raises(
+        InvalidArgumentError,
+        match=r"2 of the 3 ids are not in index .*: 6, 99; nothing was removed",
+    ):
         remove_images(index_dir, ids=[99, 2, 6])
     assert committed_state(index_dir) == before
 
@@ -208,7 +262,9 @@ def test_removing_again_reports_the_ids_as_already_removed(index_only):
 
 @pytest.mark.parametrize("kwargs", [{}, {"ids": [1], "where": "id = 1"}], ids=["neither", "both"])
 def test_remove_needs_ids_or_where(index_only, kwargs):
-    with pytest.raises(InvalidArgumentError, match="as ids or as a where filter, not both and not neither"):
+    with pytest.raises(
+        InvalidArgumentError, match="as ids or as a where filter, not both and not neither"
+    ):
         remove_images(index_only[1], **kwargs)
 
 
@@ -224,6 +280,7 @@ def test_remove_keeps_every_file_but_the_tombstones_shared(index_only):
 
 # -- compact ------------------------------------------------------------------------------------
 
+
 def test_compact_drops_tombstones_and_keeps_ids_and_results(living, tiny_clip):
     source, index_dir = living
     remove_images(index_dir, ids=[0, 4])
@@ -232,13 +289,21 @@ def test_compact_drops_tombstones_and_keeps_ids_and_results(living, tiny_clip):
     with Index.open(index_dir, device="cpu") as index:
         want = index.search_vectors(xq, k=4)
         report = index.compact()
-        assert (report.committed, report.dropped, report.images, report.generation) == (True, 2, 4, 3)
+        assert (report.committed, report.dropped, report.images, report.generation) == (
+            True,
+            2,
+            4,
+            3,
+        )
         got = index.search_vectors(xq, k=4)
         assert [[h.id for h in r] for r in got] == [[h.id for h in r] for r in want]
-        np.testing.assert_allclose([[h.score for h in r] for r in got], [[h.score for h in r] for r in want],
-                                   atol=1e-6)
+        np.testing.assert_allclose(
+            [[h.score for h in r] for r in got], [[h.score for h in r] for r in want], atol=1e-6
+        )
     gen = Generation.current(index_dir)
-    assert gen.ids().tolist() == [1, 2, 3, 5] and gen.tombstones().size == 0 and gen.info.n_images == 4
+    assert (
+        gen.ids().tolist() == [1, 2, 3, 5] and gen.tombstones().size == 0 and gen.info.n_images == 4
+    )
     assert [g.number for g in list_generations(index_dir)] == [3]  # nobody holds the old ones
     # remove drops images from the index, not from disk: an add of a source that still holds the
     # two removed files indexes them again, under new ids; removed ids are never given again.
@@ -274,6 +339,7 @@ def test_an_index_with_everything_removed_still_works(living):
 
 # -- readers and writers ------------------------------------------------------------------------
 
+
 def test_an_open_index_keeps_its_generation_until_refresh(index_only):
     _, index_dir = index_only
     reader = Index.open(index_dir, device="cpu")
@@ -294,7 +360,9 @@ def test_a_second_writer_is_refused_naming_the_first(index_only):
     source, index_dir = index_only
     before = committed_state(index_dir)
     with WriterLock(index_dir, command="crossrank compact photos.idx"):
-        with pytest.raises(IndexLockedError, match=r"being written by another writer of this process"):
+        with pytest.raises(
+            IndexLockedError, match=r"being written by another writer of this process"
+        ):
             remove_images(index_dir, ids=[1])
         with pytest.raises(IndexLockedError, match="one writer at a time"):
             add_images(source, index_dir, device="cpu")

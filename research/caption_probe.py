@@ -52,8 +52,8 @@ from crossrank.rerank import (
     RerankTrainConfig,
     load_reranker,
 )
-from crossrank.training.data import prepare_training_set
 from crossrank.rerank.checkpoint import demo_reranker_dir
+from crossrank.training.data import prepare_training_set
 from crossrank.training.reranker import (
     _Banks,
     _forward_captions,
@@ -82,8 +82,10 @@ def parse_variant(name: str) -> tuple[dict, float]:
         elif word.startswith("lr"):
             lr = float(word[2:])
         elif word not in ("gated", "nogate"):
-            raise SystemExit(f"unknown variant word {word!r} in {name!r}: "
-                             "use gated, nogate, qsa, psa, lecun, lrX, structural, embcat, relations, coords, oracle, demo")
+            raise SystemExit(
+                f"unknown variant word {word!r} in {name!r}: "
+                "use gated, nogate, qsa, psa, lecun, lrX, structural, embcat, relations, coords, oracle, demo"
+            )
     return fields, lr
 
 
@@ -107,7 +109,7 @@ def _relations_only(data):
 def _with_coordinates(patches: torch.Tensor) -> torch.Tensor:
     """``(N, P, d)`` -> ``(N, P, d + 2)``: each patch's grid column and row, standardised."""
     n, p, _ = patches.shape
-    side = round(p ** 0.5)
+    side = round(p**0.5)
     rows, cols = np.divmod(np.arange(p), side)
     coords = np.stack([cols, rows], axis=-1).astype(np.float32)
     coords = (coords - coords.mean(0)) / coords.std(0)
@@ -120,7 +122,7 @@ def _oracle_patches(scenes, n_patches: int) -> torch.Tensor:
     one-hot colour and shape plus an occupancy bit (all zero for an empty cell)."""
     from crossrank.datasets.config import GRID, Colour, Shape
 
-    side = round(n_patches ** 0.5)
+    side = round(n_patches**0.5)
     cell = ((2 * np.arange(side) + 1) * GRID) // (2 * side)  # grid cell under each patch row/column
     n_colours, n_shapes = len(Colour), len(Shape)
     feats = np.zeros((len(scenes), side, side, n_colours + n_shapes + 1), dtype=np.float32)
@@ -128,7 +130,9 @@ def _oracle_patches(scenes, n_patches: int) -> torch.Tensor:
         present = scenes.colour[:, j] >= 0
         for r in range(side):
             for c in range(side):
-                hit = np.flatnonzero(present & (scenes.row[:, j] == cell[r]) & (scenes.col[:, j] == cell[c]))
+                hit = np.flatnonzero(
+                    present & (scenes.row[:, j] == cell[r]) & (scenes.col[:, j] == cell[c])
+                )
                 feats[hit, r, c, scenes.colour[hit, j]] = 1.0
                 feats[hit, r, c, n_colours + scenes.shape[hit, j]] = 1.0
                 feats[hit, r, c, -1] = 1.0
@@ -166,7 +170,9 @@ def _by_kind(kinds: list, hits: list, fs_hits: list) -> dict[str, float]:
 
 def probe_args(description: str, steps: int) -> argparse.Namespace:
     """The probes' command line: ``--train``, ``--train-index``, ``--steps``, ``--json``, variants."""
-    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=description, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--train", required=True, help="pairs.parquet of a shapes train split")
     parser.add_argument("--train-index", required=True, help="an index over its images")
     parser.add_argument("--steps", type=int, default=steps)
@@ -178,7 +184,9 @@ def probe_args(description: str, steps: int) -> argparse.Namespace:
 def probe_data(args: argparse.Namespace):
     """The index and its training set with ``N_REWRITES`` caption negatives (seed 0)."""
     index = Index.open(args.train_index, device="cpu")
-    return index, prepare_training_set(index, args.train, RerankTrainConfig(caption_negatives=N_REWRITES, seed=0))
+    return index, prepare_training_set(
+        index, args.train, RerankTrainConfig(caption_negatives=N_REWRITES, seed=0)
+    )
 
 
 def main() -> int:
@@ -186,12 +194,17 @@ def main() -> int:
     variants = {name: parse_variant(name) for name in args.variants}
 
     index, data = probe_data(args)
-    banks = _Banks(torch.from_numpy(data.tokens), torch.from_numpy(data.token_mask),
-                   torch.from_numpy(data.patches))
+    banks = _Banks(
+        torch.from_numpy(data.tokens),
+        torch.from_numpy(data.token_mask),
+        torch.from_numpy(data.patches),
+    )
     words = {word for name in variants for word in name.split("-")}
     texts = _bank_texts(data) if "embcat" in words else []  # re-derived once
     if "embcat" in words:
-        with_embeddings = _Banks(_with_token_embeddings(index, data, texts), banks.token_mask, banks.patches)
+        with_embeddings = _Banks(
+            _with_token_embeddings(index, data, texts), banks.token_mask, banks.patches
+        )
     if "relations" in words:
         relations_bank = _relations_only(data)  # (bank, pool), for every variant
     kind = np.array([_kind(c) for c in data.captions])  # per caption bank row
@@ -200,25 +213,42 @@ def main() -> int:
         torch.manual_seed(0)
         use = with_embeddings if "embcat" in name.split("-") else banks
         if "oracle" in name.split("-"):
-            use = _Banks(use.tokens, use.token_mask, _oracle_patches(data.negatives.scenes, use.patches.shape[1]))
+            use = _Banks(
+                use.tokens,
+                use.token_mask,
+                _oracle_patches(data.negatives.scenes, use.patches.shape[1]),
+            )
         if "coords" in name.split("-"):
             use = _Banks(use.tokens, use.token_mask, _with_coordinates(use.patches))
-        model = CrossAttentionReranker(RerankerConfig(text_dim=use.tokens.shape[-1],
-                                                      patch_dim=use.patches.shape[-1], width=128,
-                                                      layers=2, heads=4,
-                                                      patch_positions=index.patches.shape[0], **fields)).train()
+        model = CrossAttentionReranker(
+            RerankerConfig(
+                text_dim=use.tokens.shape[-1],
+                patch_dim=use.patches.shape[-1],
+                width=128,
+                layers=2,
+                heads=4,
+                patch_positions=index.patches.shape[0],
+                **fields,
+            )
+        ).train()
         if "demo" in name.split("-"):
             shipped = load_reranker(demo_reranker_dir(), device="cpu")
             if shipped.config != model.config:
-                raise SystemExit(f"{name}: `demo` starts from the shipped reranker, so the variant must have its "
-                                 "architecture: nogate-lecun, without embcat, coords, oracle, qsa or psa")
-            model.load_state_dict({key: value.float() for key, value in shipped.state_dict().items()})
+                raise SystemExit(
+                    f"{name}: `demo` starts from the shipped reranker, so the variant must have its "
+                    "architecture: nogate-lecun, without embcat, coords, oracle, qsa or psa"
+                )
+            model.load_state_dict(
+                {key: value.float() for key, value in shipped.state_dict().items()}
+            )
         schedule = RerankTrainConfig(lr=lr, steps=args.steps, warmup=50)
         optimizer = _optimizer(model, schedule)
         rng = np.random.default_rng(0)
         bank, pool = data.negatives, np.arange(data.train_caption.size)
         if "structural" in name.split("-"):
-            bank = replace(bank, offsets=[o[:k] for o, k in zip(bank.offsets, bank.n_structural, strict=True)])
+            bank = replace(
+                bank, offsets=[o[:k] for o, k in zip(bank.offsets, bank.n_structural, strict=True)]
+            )
             pool = pool[bank.n_structural[data.train_caption] > 0]
         if "relations" in name.split("-"):
             bank, pool = relations_bank
@@ -234,7 +264,9 @@ def main() -> int:
             rows, valid = bank.sample(caption, image, N_REWRITES, rng)
             keep = torch.from_numpy(valid)
             chances.append(float((1.0 / valid.sum(1)).mean()))
-            cosine = (q_vec[torch.from_numpy(rows)] * i_vec[torch.from_numpy(image)][:, None]).sum(-1)
+            cosine = (q_vec[torch.from_numpy(rows)] * i_vec[torch.from_numpy(image)][:, None]).sum(
+                -1
+            )
             fs = _top1_accuracy(cosine.masked_fill(~keep, float("-inf"))).numpy()
             first_stage_hits.append(float(fs.mean()))
             logits = _forward_captions(model, use, rows, image, torch.device("cpu"))
@@ -250,23 +282,36 @@ def main() -> int:
             hits.append(hit)
             fs_hits.append(fs)
             if (step + 1) % 100 == 0:
-                entry = {"step": step + 1, "loss": round(float(np.mean(losses[-100:])), 4),
-                         "accuracy": round(float(np.mean(accuracies[-100:])), 4),
-                         "first_stage_accuracy": round(float(np.mean(first_stage_hits[-100:])), 4),
-                         "chance": round(float(np.mean(chances[-100:])), 4),
-                         **_by_kind(kinds[-100:], hits[-100:], fs_hits[-100:]),
-                         "seconds": round(time.perf_counter() - t0, 1)}
+                entry = {
+                    "step": step + 1,
+                    "loss": round(float(np.mean(losses[-100:])), 4),
+                    "accuracy": round(float(np.mean(accuracies[-100:])), 4),
+                    "first_stage_accuracy": round(float(np.mean(first_stage_hits[-100:])), 4),
+                    "chance": round(float(np.mean(chances[-100:])), 4),
+                    **_by_kind(kinds[-100:], hits[-100:], fs_hits[-100:]),
+                    "seconds": round(time.perf_counter() - t0, 1),
+                }
                 curve.append(entry)
                 print(name, entry, flush=True)
         curves[name] = curve
     print("\n| step | " + " | ".join(curves) + " |")
     print("|---|" + "---|" * len(curves))
     for i, entry in enumerate(next(iter(curves.values()))):
-        print(f"| {entry['step']} | " + " | ".join(
-            f"{c[i]['accuracy']:.3f} (first stage {c[i]['first_stage_accuracy']:.3f})" for c in curves.values()) + " |")
+        print(
+            f"| {entry['step']} | "
+            + " | ".join(
+                f"{c[i]['accuracy']:.3f} (first stage {c[i]['first_stage_accuracy']:.3f})"
+                for c in curves.values()
+            )
+            + " |"
+        )
     if args.json:
         with open(args.json, "w", encoding="utf-8") as f:
-            json.dump({"steps": args.steps, "batch": BATCH, "rewrites": N_REWRITES, "curves": curves}, f, indent=1)
+            json.dump(
+                {"steps": args.steps, "batch": BATCH, "rewrites": N_REWRITES, "curves": curves},
+                f,
+                indent=1,
+            )
     return 0
 
 

@@ -50,7 +50,7 @@ import torch
 import torch.nn as nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from caption_probe import (  # noqa: E402 (a sibling script)
+from caption_probe import (
     _bank_texts,
     _oracle_patches,
     _relations_only,
@@ -59,10 +59,10 @@ from caption_probe import (  # noqa: E402 (a sibling script)
     probe_data,
 )
 
-from crossrank.datasets.config import GRID, Colour, Shape  # noqa: E402
-from crossrank.training import RerankTrainConfig  # noqa: E402
-from crossrank.training.attention_targets import _cell_patches, object_token_positions  # noqa: E402
-from crossrank.training.reranker import _optimizer, _top1_accuracy, rerank_loss  # noqa: E402
+from crossrank.datasets.config import GRID, Colour, Shape
+from crossrank.training import RerankTrainConfig
+from crossrank.training.attention_targets import _cell_patches, object_token_positions
+from crossrank.training.reranker import _optimizer, _top1_accuracy, rerank_loss
 
 BATCH, N_NEG, EVERY, SUP_WEIGHT = 32, 4, 250, 0.5
 WORDS = {"mlp", "loc", "oracle", "embcat", "qsa", "pair", "mix", "sup"}
@@ -90,17 +90,31 @@ class _Attention(nn.Module):
 class _Layer(nn.Module):
     def __init__(self, width: int, heads: int, qsa: bool) -> None:
         super().__init__()
-        self.self_norm, self.self_attn = (nn.LayerNorm(width), _Attention(width, heads)) if qsa else (None, None)
+        self.self_norm, self.self_attn = (
+            (nn.LayerNorm(width), _Attention(width, heads)) if qsa else (None, None)
+        )
         self.cross_norm, self.cross_attn = nn.LayerNorm(width), _Attention(width, heads)
         self.mlp_norm = nn.LayerNorm(width)
-        self.mlp = nn.Sequential(nn.Linear(width, 4 * width), nn.GELU(), nn.Linear(4 * width, width))
+        self.mlp = nn.Sequential(
+            nn.Linear(width, 4 * width), nn.GELU(), nn.Linear(4 * width, width)
+        )
 
 
 class ProbeReranker(nn.Module):
     """Text tokens cross-attend to patches (2 layers); optional query self-attention and pair head."""
 
-    def __init__(self, text_dim: int, patch_dim: int, n_patches: int, *, qsa: bool, pair: bool,
-                 width: int = 128, heads: int = 4, layers: int = 2) -> None:
+    def __init__(
+        self,
+        text_dim: int,
+        patch_dim: int,
+        n_patches: int,
+        *,
+        qsa: bool,
+        pair: bool,
+        width: int = 128,
+        heads: int = 4,
+        layers: int = 2,
+    ) -> None:
         super().__init__()
         self.text_norm, self.text_in = nn.LayerNorm(text_dim), nn.Linear(text_dim, width)
         self.patch_norm, self.patch_in = nn.LayerNorm(patch_dim), nn.Linear(patch_dim, width)
@@ -108,7 +122,7 @@ class ProbeReranker(nn.Module):
         self.layers = nn.ModuleList(_Layer(width, heads, qsa) for _ in range(layers))
         self.out_norm = nn.LayerNorm(width)
         self.head = nn.Sequential(nn.Linear(width, width), nn.GELU(), nn.Linear(width, 1))
-        side = round(n_patches ** 0.5)
+        side = round(n_patches**0.5)
         rows, cols = np.divmod(np.arange(n_patches), side)
         coords = np.stack([cols, rows], -1).astype(np.float32)
         self.register_buffer("coords", torch.from_numpy((coords - coords.mean(0)) / coords.std(0)))
@@ -136,8 +150,11 @@ class ProbeReranker(nn.Module):
         if self.pair:
             where = (weights @ self.coords).transpose(1, 2).flatten(2)  # (N, L, heads * 2)
             y = self.pair_norm(x)
-            z = self.pair_u(y)[:, :, None] + self.pair_v(y)[:, None, :] + self.pair_r(
-                where[:, :, None] - where[:, None, :])  # (N, L, L, width)
+            z = (
+                self.pair_u(y)[:, :, None]
+                + self.pair_v(y)[:, None, :]
+                + self.pair_r(where[:, :, None] - where[:, None, :])
+            )  # (N, L, L, width)
             both = (token_mask[:, :, None] & token_mask[:, None, :]).float()
             score = score + (self.pair_out(z).squeeze(-1) * both).sum((1, 2)) / both.sum((1, 2))
         return score, weights
@@ -152,8 +169,13 @@ def _one_hot(values: np.ndarray, size: int) -> np.ndarray:
 def _spec_features(specs) -> torch.Tensor:
     """A bank's ``SpecArrays`` as one-hot colour, shape (both objects) and relation."""
     n_c, n_s = len(Colour), len(Shape)
-    parts = [_one_hot(specs.a_colour, n_c), _one_hot(specs.a_shape, n_s), _one_hot(specs.b_colour, n_c),
-             _one_hot(specs.b_shape, n_s), _one_hot(specs.relation, 4)]
+    parts = [
+        _one_hot(specs.a_colour, n_c),
+        _one_hot(specs.a_shape, n_s),
+        _one_hot(specs.b_colour, n_c),
+        _one_hot(specs.b_shape, n_s),
+        _one_hot(specs.relation, 4),
+    ]
     return torch.from_numpy(np.concatenate(parts, 1))
 
 
@@ -178,11 +200,12 @@ def _located(specs, scenes, rows: np.ndarray, images: np.ndarray) -> torch.Tenso
     """``(n, 4)``: grid row and column of the objects each row's spec names (-9 if absent)."""
     out = np.full((rows.size, 4), -9.0, dtype=np.float32)
     for t, (r, image) in enumerate(zip(rows.tolist(), images.tolist(), strict=True)):
-        for k, (colour, shape) in enumerate(((specs.a_colour[r], specs.a_shape[r]),
-                                             (specs.b_colour[r], specs.b_shape[r]))):
+        for k, (colour, shape) in enumerate(
+            ((specs.a_colour[r], specs.a_shape[r]), (specs.b_colour[r], specs.b_shape[r]))
+        ):
             slot = _find(scenes, image, colour, shape)
             if slot is not None:
-                out[t, 2 * k:2 * k + 2] = scenes.row[image, slot], scenes.col[image, slot]
+                out[t, 2 * k : 2 * k + 2] = scenes.row[image, slot], scenes.col[image, slot]
     return torch.from_numpy(out)
 
 
@@ -191,8 +214,9 @@ def _targets(scenes, specs, shape_tok, rows, images, length, cells):
     target = np.zeros((rows.size, length, cells.shape[-1]), dtype=np.float32)
     use = np.zeros((rows.size, length), dtype=bool)
     for t, (r, image) in enumerate(zip(rows.tolist(), images.tolist(), strict=True)):
-        for k, (colour, shape) in enumerate(((specs.a_colour[r], specs.a_shape[r]),
-                                             (specs.b_colour[r], specs.b_shape[r]))):
+        for k, (colour, shape) in enumerate(
+            ((specs.a_colour[r], specs.a_shape[r]), (specs.b_colour[r], specs.b_shape[r]))
+        ):
             slot, tok = _find(scenes, image, colour, shape), shape_tok[r, k]
             if slot is None or tok < 0 or tok >= length:
                 continue
@@ -205,7 +229,9 @@ def run_variant(name: str, data, index, steps: int, texts: list[str], extras: di
     words = set(name.split("-"))
     unknown = words - WORDS
     if unknown:
-        raise SystemExit(f"unknown variant word(s) {sorted(unknown)} in {name!r}: use {sorted(WORDS)}")
+        raise SystemExit(
+            f"unknown variant word(s) {sorted(unknown)} in {name!r}: use {sorted(WORDS)}"
+        )
     torch.manual_seed(0)
     rng = np.random.default_rng(0)
     bank = data.negatives
@@ -216,13 +242,20 @@ def run_variant(name: str, data, index, steps: int, texts: list[str], extras: di
     if "mlp" in words:
         text = _spec_features(specs)
         n_in = text.shape[1] + (4 if "loc" in words else extras["grid"].shape[1])
-        model = nn.Sequential(nn.Linear(n_in, 256), nn.GELU(), nn.Linear(256, 256), nn.GELU(), nn.Linear(256, 1))
+        model = nn.Sequential(
+            nn.Linear(n_in, 256), nn.GELU(), nn.Linear(256, 256), nn.GELU(), nn.Linear(256, 1)
+        )
     else:
         tokens = extras["embcat"] if "embcat" in words else torch.from_numpy(data.tokens)
         patches = extras["oracle"] if "oracle" in words else torch.from_numpy(data.patches)
         token_mask = torch.from_numpy(data.token_mask)
-        model = ProbeReranker(tokens.shape[-1], patches.shape[-1], patches.shape[1],
-                              qsa="qsa" in words, pair="pair" in words)
+        model = ProbeReranker(
+            tokens.shape[-1],
+            patches.shape[-1],
+            patches.shape[1],
+            qsa="qsa" in words,
+            pair="pair" in words,
+        )
     schedule = RerankTrainConfig(lr=1e-3, steps=steps, warmup=50)
     optimizer = _optimizer(model, schedule)
     n_rel = BATCH // 2 if "mix" in words else BATCH
@@ -236,24 +269,40 @@ def run_variant(name: str, data, index, steps: int, texts: list[str], extras: di
         rows, valid = rel_bank.sample(caption, image, N_NEG, rng)
         if n_rel < BATCH:
             other = rng.choice(all_pool, BATCH - n_rel, replace=False)
-            o_rows, o_valid = bank.sample(data.train_caption[other], data.train_image[other], N_NEG, rng)
+            o_rows, o_valid = bank.sample(
+                data.train_caption[other], data.train_image[other], N_NEG, rng
+            )
             rows, valid = np.concatenate([rows, o_rows]), np.concatenate([valid, o_valid])
             image = np.concatenate([image, data.train_image[other]])
         keep = torch.from_numpy(valid)
         flat_rows, flat_images = rows.reshape(-1), np.repeat(image, 1 + N_NEG)
         if "mlp" in words:
-            side = (_located(specs, scenes, flat_rows, flat_images) if "loc" in words
-                    else extras["grid"][torch.from_numpy(flat_images)])
+            side = (
+                _located(specs, scenes, flat_rows, flat_images)
+                if "loc" in words
+                else extras["grid"][torch.from_numpy(flat_images)]
+            )
             logits = model(torch.cat([text[torch.from_numpy(flat_rows)], side], 1)).view(BATCH, -1)
             loss = rerank_loss(logits, "listwise", keep)
         else:
             r = torch.from_numpy(flat_rows)
-            logits, weights = model(tokens[r].float(), token_mask[r], patches[torch.from_numpy(flat_images)].float())
+            logits, weights = model(
+                tokens[r].float(), token_mask[r], patches[torch.from_numpy(flat_images)].float()
+            )
             logits = logits.view(BATCH, -1)
             loss = rerank_loss(logits, "listwise", keep)
-            positive = weights.view(BATCH, 1 + N_NEG, *weights.shape[1:])[:n_rel, 0].mean(1)  # (n_rel, L, P)
-            target, use = _targets(scenes, specs, extras["shape_tokens"], rows[:n_rel, 0], image[:n_rel],
-                                   tokens.shape[1], extras["cells"])
+            positive = weights.view(BATCH, 1 + N_NEG, *weights.shape[1:])[:n_rel, 0].mean(
+                1
+            )  # (n_rel, L, P)
+            target, use = _targets(
+                scenes,
+                specs,
+                extras["shape_tokens"],
+                rows[:n_rel, 0],
+                image[:n_rel],
+                tokens.shape[1],
+                extras["cells"],
+            )
             if use.any():
                 mass = (positive * target).sum(-1)  # (n_rel, L)
                 history["mass"].append(float(mass.detach()[use].mean()))
@@ -264,20 +313,28 @@ def run_variant(name: str, data, index, steps: int, texts: list[str], extras: di
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
         masked = logits.detach().masked_fill(~keep, float("-inf"))[:n_rel]
-        cosine = (q_vec[torch.from_numpy(rows[:n_rel])] * i_vec[torch.from_numpy(image[:n_rel])][:, None]).sum(-1)
+        cosine = (
+            q_vec[torch.from_numpy(rows[:n_rel])] * i_vec[torch.from_numpy(image[:n_rel])][:, None]
+        ).sum(-1)
         history["loss"].append(loss.item())
         history["hit"].append(_top1_accuracy(masked).numpy())
-        history["fs"].append(_top1_accuracy(cosine.masked_fill(~keep[:n_rel], float("-inf"))).numpy())
+        history["fs"].append(
+            _top1_accuracy(cosine.masked_fill(~keep[:n_rel], float("-inf"))).numpy()
+        )
         history["chance"].append(1.0 / valid[:n_rel].sum(1))
         if (step + 1) % EVERY == 0:
             tail = {k: v[-EVERY:] for k, v in history.items()}
-            entry = {"step": step + 1, "loss": round(float(np.mean(tail["loss"])), 4),
-                     "relation_accuracy": round(float(np.concatenate(tail["hit"]).mean()), 4),
-                     "first_stage_accuracy": round(float(np.concatenate(tail["fs"]).mean()), 4),
-                     "chance": round(float(np.concatenate(tail["chance"]).mean()), 4),
-                     "attention_mass_on_object": (round(float(np.mean(tail["mass"])), 4)
-                                                  if tail["mass"] else None),
-                     "seconds": round(time.perf_counter() - t0, 1)}
+            entry = {
+                "step": step + 1,
+                "loss": round(float(np.mean(tail["loss"])), 4),
+                "relation_accuracy": round(float(np.concatenate(tail["hit"]).mean()), 4),
+                "first_stage_accuracy": round(float(np.concatenate(tail["fs"]).mean()), 4),
+                "chance": round(float(np.concatenate(tail["chance"]).mean()), 4),
+                "attention_mass_on_object": (
+                    round(float(np.mean(tail["mass"])), 4) if tail["mass"] else None
+                ),
+                "seconds": round(time.perf_counter() - t0, 1),
+            }
             curve.append(entry)
             print(name, json.dumps(entry), flush=True)
     return curve
@@ -288,12 +345,18 @@ def main() -> int:
     index, data = probe_data(args)
     texts = _bank_texts(data)
     if len(texts) != data.tokens.shape[0]:
-        raise SystemExit(f"caption bank mismatch: {len(texts)} texts for {data.tokens.shape[0]} rows")
+        raise SystemExit(
+            f"caption bank mismatch: {len(texts)} texts for {data.tokens.shape[0]} rows"
+        )
     words = {w for name in args.variants for w in name.split("-")}
-    extras = {"relations": _relations_only(data),
-              "grid": _grid_features(data.negatives.scenes),
-              "cells": _cell_patches(data.patches.shape[1]),
-              "shape_tokens": object_token_positions(index.encoder.tokenizer, texts, index.encoder.max_text_len)}
+    extras = {
+        "relations": _relations_only(data),
+        "grid": _grid_features(data.negatives.scenes),
+        "cells": _cell_patches(data.patches.shape[1]),
+        "shape_tokens": object_token_positions(
+            index.encoder.tokenizer, texts, index.encoder.max_text_len
+        ),
+    }
     if "embcat" in words:
         extras["embcat"] = _with_token_embeddings(index, data, texts)
     if "oracle" in words:
@@ -303,7 +366,11 @@ def main() -> int:
         curves[name] = run_variant(name, data, index, args.steps, texts, extras)
         if args.json:  # after every variant: an interrupted run keeps the finished ones
             with open(args.json, "w", encoding="utf-8") as f:
-                json.dump({"steps": args.steps, "batch": BATCH, "negatives": N_NEG, "curves": curves}, f, indent=1)
+                json.dump(
+                    {"steps": args.steps, "batch": BATCH, "negatives": N_NEG, "curves": curves},
+                    f,
+                    indent=1,
+                )
     return 0
 
 

@@ -57,8 +57,13 @@ from crossrank.rerank.checkpoint import demo_reranker_dir
 #: 2026-12-02 (fourth session) added (query self-attention, pair head, layer-0 token states), as
 #: it was when the README's table was measured; the ``layers=1`` row is the reranker shipped
 #: between the two (the full recipe's run, README).
-BASE = replace(read_reranker_config(demo_reranker_dir()), layers=2, query_self_attention=False, pair_head=False,
-               token_embeddings=0)
+BASE = replace(
+    read_reranker_config(demo_reranker_dir()),
+    layers=2,
+    query_self_attention=False,
+    pair_head=False,
+    token_embeddings=0,
+)
 #: One change each from BASE.
 VARIANTS: dict[str, dict[str, Any]] = {
     "base": {},
@@ -78,8 +83,9 @@ GROUPS = ("all", "kind=single", "kind=pair", "kind=relation", "heldout=true")
 METRICS = ("R@1", "R@5", "nDCG@10")
 
 
-def _latencies_ms(rerankers: dict[str, Any], dim: int, n_patches: int, k: int = 100,
-                  rounds: int = 21) -> dict[str, float]:
+def _latencies_ms(
+    rerankers: dict[str, Any], dim: int, n_patches: int, k: int = 100, rounds: int = 21
+) -> dict[str, float]:
     """Median ``score`` time per query at ``k`` of each reranker, rounds interleaved (order rotated)."""
     g = torch.Generator().manual_seed(0)
     tokens, mask = torch.randn(12, dim, generator=g), torch.ones(12, dtype=torch.bool)
@@ -91,7 +97,7 @@ def _latencies_ms(rerankers: dict[str, Any], dim: int, n_patches: int, k: int = 
             for _ in range(3):
                 reranker.score(tokens, mask, patches)
         for r in range(rounds):
-            for name in names[r % len(names):] + names[: r % len(names)]:
+            for name in names[r % len(names) :] + names[: r % len(names)]:
                 start = time.perf_counter()
                 rerankers[name].score(tokens, mask, patches)
                 times[name].append(time.perf_counter() - start)
@@ -100,7 +106,9 @@ def _latencies_ms(rerankers: dict[str, Any], dim: int, n_patches: int, k: int = 
 
 def _metrics(report: Any, reranked: bool) -> dict[str, dict[str, float]]:
     stage = "reranked" if reranked else "first_stage"
-    out = {"all": {m: (report.reranked if reranked else report.first_stage).values[m] for m in METRICS}}
+    out = {
+        "all": {m: (report.reranked if reranked else report.first_stage).values[m] for m in METRICS}
+    }
     for group, values in report.groups.items():
         if group in GROUPS:
             out[group] = {m: values[stage][m] for m in METRICS}
@@ -109,23 +117,41 @@ def _metrics(report: Any, reranked: bool) -> dict[str, dict[str, float]]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--train", type=Path, required=True, help="training pairs (shapes train split)")
+    parser.add_argument(
+        "--train", type=Path, required=True, help="training pairs (shapes train split)"
+    )
     parser.add_argument("--train-index", type=Path, required=True)
-    parser.add_argument("--bench", type=Path, required=True, help="benchmark folder (queries.parquet, qrels.txt)")
+    parser.add_argument(
+        "--bench", type=Path, required=True, help="benchmark folder (queries.parquet, qrels.txt)"
+    )
     parser.add_argument("--bench-index", type=Path, required=True)
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--steps", type=int, default=1000)
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--candidates", type=int, default=16)
-    parser.add_argument("--first-stage-weight", type=float, default=35.9,
-                        help="W of the residual training (the shipped encoder's exp(logit_scale))")
+    parser.add_argument(
+        "--first-stage-weight",
+        type=float,
+        default=35.9,
+        help="W of the residual training (the shipped encoder's exp(logit_scale))",
+    )
     parser.add_argument("--caption-negatives", type=int, default=6)
-    parser.add_argument("--caption-only-steps", type=int, default=0,
-                        help="steps on caption negatives alone before the residual steps")
-    parser.add_argument("--threads", type=int, default=1, help="torch threads for training and timing")
+    parser.add_argument(
+        "--caption-only-steps",
+        type=int,
+        default=0,
+        help="steps on caption negatives alone before the residual steps",
+    )
+    parser.add_argument(
+        "--threads", type=int, default=1, help="torch threads for training and timing"
+    )
     parser.add_argument("--rows", nargs="+", default=None, help=f"a subset of {list(VARIANTS)}")
-    parser.add_argument("--second-bench", type=Path, default=None,
-                        help="another benchmark folder (another seed): every row is evaluated there too")
+    parser.add_argument(
+        "--second-bench",
+        type=Path,
+        default=None,
+        help="another benchmark folder (another seed): every row is evaluated there too",
+    )
     parser.add_argument("--second-bench-index", type=Path, default=None)
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -144,8 +170,11 @@ def main(argv: list[str] | None = None) -> int:
     n_patches, dim = bench.patches.shape  # per image: (P, d)
     second = None
     if args.second_bench is not None:
-        second = (Index.open(args.second_bench_index, device="cpu"), args.second_bench / "queries.parquet",
-                  args.second_bench / "qrels.txt")
+        second = (
+            Index.open(args.second_bench_index, device="cpu"),
+            args.second_bench / "queries.parquet",
+            args.second_bench / "qrels.txt",
+        )
 
     mine: set[str] = set()  # the keys this process wrote
 
@@ -169,13 +198,24 @@ def main(argv: list[str] | None = None) -> int:
         results["maxsim"]["second_bench"] = _metrics(report, True)
         save("first stage", "maxsim")
 
-    train_config = RerankTrainConfig(steps=args.steps, batch_size=args.batch_size, n_candidates=args.candidates,
-                                     loss="listwise", lr=1e-3,
-                                     hard_fraction=0.5, curriculum=0.0, mine_k=50, eval_every=250,
-                                     checkpoint_every=250, warmup=min(100, max(1, args.steps // 20)), seed=0,
-                                     device="cpu", first_stage_weight=args.first_stage_weight,
-                                     caption_negatives=args.caption_negatives,
-                                     caption_only_steps=args.caption_only_steps)
+    train_config = RerankTrainConfig(
+        steps=args.steps,
+        batch_size=args.batch_size,
+        n_candidates=args.candidates,
+        loss="listwise",
+        lr=1e-3,
+        hard_fraction=0.5,
+        curriculum=0.0,
+        mine_k=50,
+        eval_every=250,
+        checkpoint_every=250,
+        warmup=min(100, max(1, args.steps // 20)),
+        seed=0,
+        device="cpu",
+        first_stage_weight=args.first_stage_weight,
+        caption_negatives=args.caption_negatives,
+        caption_only_steps=args.caption_only_steps,
+    )
     _share_training_set()
     train_index = None
     for name in rows:
@@ -186,18 +226,28 @@ def main(argv: list[str] | None = None) -> int:
         if not done:
             train_index = train_index or Index.open(args.train_index, device="cpu")
             t0 = time.perf_counter()
-            report = train_reranker(train_index, args.train, folder, model_config=config, config=train_config)
+            report = train_reranker(
+                train_index, args.train, folder, model_config=config, config=train_config
+            )
             (folder / "checkpoint.pt").unlink()  # finished: the exported reranker is what counts
-            results.setdefault(key, {})["train"] = {"seconds": round(time.perf_counter() - t0, 1),
-                                                    "val_r1": report.final.get("val_r1"),
-                                                    "first_stage_val_r1": report.first_stage.get("r1")}
+            results.setdefault(key, {})["train"] = {
+                "seconds": round(time.perf_counter() - t0, 1),
+                "val_r1": report.final.get("val_r1"),
+                "first_stage_val_r1": report.first_stage.get("r1"),
+            }
         reranker = load_reranker(folder, device="cpu", encoder_info=bench.manifest.encoder)
         report = evaluate_index(bench, queries, qrels, reranker=reranker)  # fusion auto: as trained
         results.setdefault(key, {}).update(
-            metrics=_metrics(report, True), config=VARIANTS[name], steps=args.steps, params=sum(p.numel() for p in CrossAttentionReranker(config).parameters()))
+            metrics=_metrics(report, True),
+            config=VARIANTS[name],
+            steps=args.steps,
+            params=sum(p.numel() for p in CrossAttentionReranker(config).parameters()),
+        )
         if second is not None:
             reranker = load_reranker(folder, device="cpu", encoder_info=second[0].manifest.encoder)
-            results[key]["second_bench"] = _metrics(evaluate_index(*second, reranker=reranker), True)
+            results[key]["second_bench"] = _metrics(
+                evaluate_index(*second, reranker=reranker), True
+            )
         save(key)
         print(f"{key}: R@1 {results[key]['metrics']['all']['R@1']:.3f}", file=sys.stderr)
 
@@ -215,8 +265,12 @@ def main(argv: list[str] | None = None) -> int:
         results[key]["latency_ms"] = ms
     if second is not None:
         results["_meta_second_bench"] = str(args.second_bench)
-    results["_meta"] = {"threads": torch.get_num_threads(), "steps": args.steps,
-                        "caption_only_steps": args.caption_only_steps, "torch": torch.__version__}
+    results["_meta"] = {
+        "threads": torch.get_num_threads(),
+        "steps": args.steps,
+        "caption_only_steps": args.caption_only_steps,
+        "torch": torch.__version__,
+    }
     save(*[key for key in results if key in timed or key.startswith("_meta")])
     print(_table(results))
     return 0
@@ -229,8 +283,14 @@ def _share_training_set() -> None:
     prepare, memo = _train_data.prepare_training_set, {}
 
     def shared(index: Any, pairs_path: Any, config: RerankTrainConfig) -> Any:
-        key = (str(index.path), str(pairs_path), config.mine_k, config.val_fraction, config.max_val_captions,
-               config.seed)
+        key = (
+            str(index.path),
+            str(pairs_path),
+            config.mine_k,
+            config.val_fraction,
+            config.max_val_captions,
+            config.seed,
+        )
         if key not in memo:
             memo[key] = prepare(index, pairs_path, config)
         return memo[key]
@@ -239,9 +299,16 @@ def _share_training_set() -> None:
 
 
 def _table(results: dict[str, Any]) -> str:
-    label = {"all": "all", "kind=single": "single", "kind=pair": "pair", "kind=relation": "relation",
-             "heldout=true": "held-out"}
-    head = ["row"] + [f"{m} {label[g]}" for g in GROUPS for m in (METRICS if g == "all" else ("R@1",))]
+    label = {
+        "all": "all",
+        "kind=single": "single",
+        "kind=pair": "pair",
+        "kind=relation": "relation",
+        "heldout=true": "held-out",
+    }
+    head = ["row"] + [
+        f"{m} {label[g]}" for g in GROUPS for m in (METRICS if g == "all" else ("R@1",))
+    ]
     head += ["nDCG@10 held-out"]
     second = "_meta_second_bench" in results
     if second:
@@ -255,13 +322,15 @@ def _table(results: dict[str, Any]) -> str:
         m = row["metrics"]
         cells = [name]
         for g in GROUPS:
-            for metric in (METRICS if g == "all" else ("R@1",)):
+            for metric in METRICS if g == "all" else ("R@1",):
                 cells.append(f"{m.get(g, {}).get(metric, float('nan')):.3f}")
         cells.append(f"{m.get('heldout=true', {}).get('nDCG@10', float('nan')):.3f}")
         if second:
             m2 = row.get("second_bench", {})
-            cells += [f"{m2.get(g, {}).get(metric, float('nan')):.3f}"
-                      for g, metric in (("all", "R@1"), ("all", "nDCG@10"), ("kind=relation", "R@1"))]
+            cells += [
+                f"{m2.get(g, {}).get(metric, float('nan')):.3f}"
+                for g, metric in (("all", "R@1"), ("all", "nDCG@10"), ("kind=relation", "R@1"))
+            ]
         cells.append(f"{row['latency_ms']:.1f}" if row.get("latency_ms") else "-")
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)

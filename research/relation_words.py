@@ -40,8 +40,12 @@ def _cos(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default=None, help="a model directory or hub id (default: the demo encoder)")
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--model", default=None, help="a model directory or hub id (default: the demo encoder)"
+    )
     parser.add_argument("--json", action="store_true", help="print JSON")
     args = parser.parse_args()
     encoder = load_encoder(args.model, device="cpu")
@@ -50,7 +54,9 @@ def main() -> int:
     objects = [f"a {c.value} {s.value}" for c in Colour for s in Shape]
     report: dict[str, dict[str, float]] = {}
     for one, other in PAIRS:
-        pairs = [(f"{a} {one} {b}", f"{a} {other} {b}") for a, b in itertools.permutations(objects, 2)]
+        pairs = [
+            (f"{a} {one} {b}", f"{a} {other} {b}") for a, b in itertools.permutations(objects, 2)
+        ]
         left = [p[0] for p in pairs]
         right = [p[1] for p in pairs]
         batch = encoder.tokenizer(left + right, padding=True, return_tensors="pt")
@@ -61,8 +67,9 @@ def main() -> int:
         last = mask[:n].sum(dim=1) - 1  # (n,) the end-of-text token
         rows = torch.arange(n)
         with torch.no_grad():
-            hidden = encoder.model.text_model(input_ids=ids, attention_mask=mask,
-                                              output_hidden_states=True).hidden_states
+            hidden = encoder.model.text_model(
+                input_ids=ids, attention_mask=mask, output_hidden_states=True
+            ).hidden_states
         entry: dict[str, float] = {}
         for layer, h in enumerate(hidden):  # (2n, L, width)
             sim = _cos(h[:n], h[n:])  # (n, L)
@@ -78,8 +85,10 @@ def main() -> int:
     if args.json:
         print(json.dumps({"model": encoder.model_id, "cosine": report}, indent=1))
         return 0
-    print(f"model {encoder.model_id}: mean cosine (after LayerNorm) between captions that differ only "
-          "in the relation word; 1.0 = indistinguishable")
+    print(
+        f"model {encoder.model_id}: mean cosine (after LayerNorm) between captions that differ only "
+        "in the relation word; 1.0 = indistinguishable"
+    )
     keys = list(next(iter(report.values())))
     print("| feature | " + " | ".join(report) + " |")
     print("|---|" + "---|" * len(report))

@@ -58,24 +58,49 @@ def bench_rerank(device: torch.device, ks: list[int], rounds: int) -> list[dict[
         mask = torch.ones(N_TOKENS, dtype=torch.bool)
         rerankers = {
             "maxsim": MaxSimReranker(device=str(device)),
-            "cross-attention": CrossAttentionReranker(RerankerConfig(text_dim=d, patch_dim=d)).to(device).eval(),
+            "cross-attention": CrossAttentionReranker(RerankerConfig(text_dim=d, patch_dim=d))
+            .to(device)
+            .eval(),
         }
         for k in ks:
-            host = torch.from_numpy(np.random.default_rng(k).standard_normal((k, p, d)).astype(np.float16))
+            host = torch.from_numpy(
+                np.random.default_rng(k).standard_normal((k, p, d)).astype(np.float16)
+            )
             resident = host.to(device)
             for name, reranker in rerankers.items():
-                row = {"shape": shape, "k": k, "reranker": name,
-                       "host_ms": round(_median_ms(lambda r=reranker: r.score(tokens, mask, host), device, rounds), 3)}
+                row = {
+                    "shape": shape,
+                    "k": k,
+                    "reranker": name,
+                    "host_ms": round(
+                        _median_ms(lambda r=reranker: r.score(tokens, mask, host), device, rounds),
+                        3,
+                    ),
+                }
                 if device.type == "cuda":
                     row["resident_ms"] = round(
-                        _median_ms(lambda r=reranker: r.score(tokens, mask, resident), device, rounds), 3)
+                        _median_ms(
+                            lambda r=reranker: r.score(tokens, mask, resident), device, rounds
+                        ),
+                        3,
+                    )
                 rows.append(row)
     return rows
 
 
 def bench_encoder(device: torch.device, batch: int, rounds: int) -> dict[str, Any]:
-    spec = ClipSpec(image_size=64, patch_size=8, vision_width=128, vision_layers=4, vision_heads=4,
-                    text_width=128, text_layers=2, text_heads=4, projection_dim=128, max_text_len=16)
+    spec = ClipSpec(
+        image_size=64,
+        patch_size=8,
+        vision_width=128,
+        vision_layers=4,
+        vision_heads=4,
+        text_width=128,
+        text_layers=2,
+        text_heads=4,
+        projection_dim=128,
+        max_text_len=16,
+    )
     model = new_clip(spec, vocab_size=128).to(device)
     if device.type == "cuda":
         model = model.half()
@@ -86,7 +111,11 @@ def bench_encoder(device: torch.device, batch: int, rounds: int) -> dict[str, An
         model.vision_model(pixel_values=pixels)
 
     ms = _median_ms(encode, device, rounds)
-    return {"batch": batch, "ms_per_batch": round(ms, 3), "images_per_s": round(batch / ms * 1e3, 1)}
+    return {
+        "batch": batch,
+        "ms_per_batch": round(ms, 3),
+        "images_per_s": round(batch / ms * 1e3, 1),
+    }
 
 
 def main() -> None:
@@ -98,10 +127,19 @@ def main() -> None:
     device = torch.device(args.device)
     rounds = 5 if args.quick else 30
     ks = [100] if args.quick else [100, 1000]
-    card = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu"
-    out = {"device": str(device), "card": card, "torch": torch.__version__, "threads": torch.get_num_threads(),
-           "rerank": bench_rerank(device, ks, rounds),
-           "encoder": bench_encoder(device, 256 if device.type == "cuda" else 64, rounds)}
+    card = (
+        torch.cuda.get_device_name(device)
+        if device.type == "cuda"
+        else platform.processor() or "cpu"
+    )
+    out = {
+        "device": str(device),
+        "card": card,
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "rerank": bench_rerank(device, ks, rounds),
+        "encoder": bench_encoder(device, 256 if device.type == "cuda" else 64, rounds),
+    }
     if args.json:
         json.dump(out, sys.stdout, indent=2)
         print()
@@ -109,7 +147,9 @@ def main() -> None:
     print(f"{out['card']} ({out['device']}, torch {out['torch']})")
     print(f"{'shape':9} {'k':>5} {'reranker':16} {'host ms':>9} {'resident ms':>12}")
     for r in out["rerank"]:
-        print(f"{r['shape']:9} {r['k']:>5} {r['reranker']:16} {r['host_ms']:>9.3f} {r.get('resident_ms', float('nan')):>12.3f}")
+        print(
+            f"{r['shape']:9} {r['k']:>5} {r['reranker']:16} {r['host_ms']:>9.3f} {r.get('resident_ms', float('nan')):>12.3f}"
+        )
     e = out["encoder"]
     print(f"demo CLIP image encoder: {e['images_per_s']:,.0f} images/s (batch {e['batch']})")
 
