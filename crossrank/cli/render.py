@@ -89,7 +89,7 @@ def render_eval(report: dict[str, Any]) -> None:
         )
     groups = [("all", {"queries": report["queries"], **{key: report[key] for _, key in stages}})]
     groups += [(_GROUP_LABELS.get(name, name), entry) for name, entry in report["groups"].items()]
-    for g, (name, entry) in enumerate(groups):
+    for name, entry in groups:
         for i, (label, key) in enumerate(stages):
             table.add_row(
                 name if i == 0 else "",

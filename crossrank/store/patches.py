@@ -308,7 +308,9 @@ class PatchStore:
         order = np.argsort(rows, kind="stable")  # shards are contiguous ranges: also groups rows
         if out[0].nbytes >= _ROW_LOOP_MIN_BYTES:
             shards = self._shards
-            for i, s, r in zip(order.tolist(), shard_of[order].tolist(), local[order].tolist()):
+            for i, s, r in zip(
+                order.tolist(), shard_of[order].tolist(), local[order].tolist(), strict=True
+            ):
                 out[i] = shards[s][r]
             return out
         sorted_shard = shard_of[order]

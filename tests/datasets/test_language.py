@@ -36,7 +36,9 @@ def test_parse_query_round_trips_every_single_template():
 def test_parse_query_round_trips_every_two_object_template():
     objs = _all_object_specs()
     # every object spec in each slot, each pair / relation template
-    for a, b in itertools.chain(zip(objs, objs[::-1]), zip(objs, objs[1:] + objs[:1])):
+    for a, b in itertools.chain(
+        zip(objs, objs[::-1], strict=True), zip(objs, objs[1:] + objs[:1], strict=True)
+    ):
         for spec in [QuerySpec(QueryKind.PAIR, a, b)] + [
             QuerySpec(QueryKind.RELATION, a, b, r) for r in Relation
         ]:

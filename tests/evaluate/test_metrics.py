@@ -181,7 +181,7 @@ def _random_benchmark(seed, graded):
         rels = rng.integers(0, 4 if graded else 2, size=len(judged))
         if i % 10 == 3:
             rels[:] = 0  # no relevant doc: crossrank excludes it, ranx scores it 0
-        qrels[qid] = {docs[j]: int(r) for j, r in zip(judged, rels)}
+        qrels[qid] = {docs[j]: int(r) for j, r in zip(judged, rels, strict=True)}
         if i % 10 == 7:
             continue  # in the qrels, not in the run
         n = int(rng.choice([0, 3, 9, 10, 15, 30]))
@@ -219,8 +219,8 @@ def test_metrics_equal_ranx_on_the_same_run_files(tmp_path, seed, graded):
     per_query = evaluate(ranx_qrels, ranx_run, names, return_mean=False, save_results_in_run=False)
     qids = list(ranx_run.get_query_ids())
     assert sorted(qids) == sorted(qrels)
-    for metric, rname in zip(METRIC_NAMES, names):
-        theirs = dict(zip(qids, per_query[rname]))
+    for metric, rname in zip(METRIC_NAMES, names, strict=True):
+        theirs = dict(zip(qids, per_query[rname], strict=True))
         for qid in ours.excluded_qids:
             assert theirs[qid] == 0.0  # the zero ranx averages in, that crossrank leaves out
         for qid, values in ours.per_query.items():

@@ -31,7 +31,7 @@ def test_tied_scores_are_written_strictly_decreasing_in_list_order(tmp_path):
     path = write_run(tmp_path / "t.run", run)
     lines = [line.split() for line in path.read_text().splitlines()]
     written = [float(f[4]) for f in lines]
-    assert all(x > y for x, y in zip(written, written[1:]))
+    assert all(x > y for x, y in zip(written, written[1:], strict=False))
     assert written == pytest.approx([1.0, 1.0, 1.0, 0.5, 0.5], abs=1e-12)
     # Any tool that orders by score alone, whatever its tie rule, reads back the list order.
     by_score = sorted(reversed(lines), key=lambda f: -float(f[4]))

@@ -65,7 +65,9 @@ def test_ivf_with_every_list_probed_equals_exact(ivf, vectors):
 def test_ivf_with_few_lists_probed_finds_most_neighbours_on_clustered_data(ivf, vectors):
     _, Iref = brute_force(vectors.xq, vectors.xb, vectors.ids, 10)
     _, I = ivf.search(vectors.xq, 10, nprobe=4)
-    recall = np.mean([len(set(a) & set(b)) / 10 for a, b in zip(I.tolist(), Iref.tolist())])
+    recall = np.mean(
+        [len(set(a) & set(b)) / 10 for a, b in zip(I.tolist(), Iref.tolist(), strict=True)]
+    )
     assert recall >= 0.9
 
 
@@ -143,7 +145,7 @@ def test_allowed_ids_unsorted_duplicated_or_unknown_are_accepted(flat, vectors):
     messy = np.array(
         [allowed[2], allowed[0], allowed[2], 10**12, allowed[1], 4]
     )  # 4 and 10**12 are no ids
-    for got, want in zip(flat.search(vectors.xq, 3, allowed_ids=messy), expected):
+    for got, want in zip(flat.search(vectors.xq, 3, allowed_ids=messy), expected, strict=True):
         np.testing.assert_array_equal(got, want)
 
 
@@ -211,7 +213,9 @@ def test_save_load_round_trip_gives_identical_results(request, tmp_path, vectors
     allowed = np.sort(vectors.ids[::3])
     for kwargs in ({}, {"allowed_ids": allowed}, {"nprobe": 3}):
         for got, want in zip(
-            loaded.search(vectors.xq, 10, **kwargs), stage.search(vectors.xq, 10, **kwargs)
+            loaded.search(vectors.xq, 10, **kwargs),
+            stage.search(vectors.xq, 10, **kwargs),
+            strict=True,
         ):
             np.testing.assert_array_equal(got, want)
 
@@ -325,7 +329,9 @@ def test_nprobe_setter_changes_the_default(vectors):
     wide = stage.search(vectors.xq, 10)
     stage.nprobe = 1
     assert stage.nprobe == 1
-    for got, want in zip(stage.search(vectors.xq, 10), stage.search(vectors.xq, 10, nprobe=1)):
+    for got, want in zip(
+        stage.search(vectors.xq, 10), stage.search(vectors.xq, 10, nprobe=1), strict=True
+    ):
         np.testing.assert_array_equal(got, want)
     assert not np.array_equal(stage.search(vectors.xq, 10)[1], wide[1])
 
@@ -406,7 +412,7 @@ def test_eight_threads_with_different_nprobe_match_sequential_results(tmp_path, 
         results = list(pool.map(worker, range(8)))
     for i, got in enumerate(results):
         want = [sequential[j] for _ in range(5) for j in range(i, len(jobs), 8)]
-        for (D, I), (Dw, Iw) in zip(got, want):
+        for (D, I), (Dw, Iw) in zip(got, want, strict=True):
             np.testing.assert_array_equal(I, Iw)
             np.testing.assert_array_equal(D, Dw)
     # different nprobe must give different answers somewhere, or this test shows nothing

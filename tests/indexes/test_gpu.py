@@ -153,7 +153,7 @@ def test_gpu_searches_from_eight_threads(vectors):
                 list(range(1, 9)) * 4,
             )
         )
-    for nprobe, (D, I) in results:
+    for nprobe, (_, I) in results:
         np.testing.assert_array_equal(I, expected[nprobe][1])
 
 
