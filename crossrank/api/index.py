@@ -398,15 +398,15 @@ class Index:
         if not same_model(built_with, encoder.info):
             if encoder.model_id == built_with["model_id"]:  # same name, other weights or config
                 raise ModelMismatchError(
-                    f"index {self.path} was built with model {built_with['model_id']!r}, whose weights or "
-                    "config have changed since (retrained, or a crossrank upgrade that ships a new demo "
-                    "encoder); rebuild the index with `crossrank build SOURCE --index "
-                    f"{self.path} --overwrite`"
+                    f"index {self.path} was built with model {built_with['model_id']!r}, "
+                    "whose weights or config have changed since (retrained, or a "
+                    "crossrank upgrade that ships a new demo encoder); rebuild the index "
+                    f"with `crossrank build SOURCE --index {self.path} --overwrite`"
                 )
             raise ModelMismatchError(
                 f"index {self.path} was built with model {built_with['model_id']!r}, "
-                f"but queries would be encoded with {encoder.model_id!r}; search it with the same --model "
-                "or rebuild the index with the new one"
+                f"but queries would be encoded with {encoder.model_id!r}; search it "
+                "with the same --model or rebuild the index with the new one"
             )
         return encoder
 

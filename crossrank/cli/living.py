@@ -106,9 +106,10 @@ def add(
         )
         return
     console.print(
-        f"[green]added {report.added}[/] images, moved {report.moved}, replaced {report.replaced}, "
-        f"unchanged {report.unchanged}, duplicates {report.duplicates}, skipped {report.skipped}, "
-        f"in {report.seconds:.1f} s -> {report.index_dir} (generation {report.generation}, {report.images} images)"
+        f"[green]added {report.added}[/] images, moved {report.moved}, replaced "
+        f"{report.replaced}, unchanged {report.unchanged}, duplicates "
+        f"{report.duplicates}, skipped {report.skipped}, in {report.seconds:.1f} s -> "
+        f"{report.index_dir} (generation {report.generation}, {report.images} images)"
     )
     if report.skipped:
         console.print(
@@ -154,8 +155,8 @@ def remove(
         return
     console.print(
         f"[green]removed {len(report.removed)}[/] images{already} -> {report.index_dir} "
-        f"(generation {report.generation}, {report.images} images; "
-        f"{report.tombstones} removed images take space until `crossrank compact {report.index_dir}`)"
+        f"(generation {report.generation}, {report.images} images; {report.tombstones} "
+        f"removed images take space until `crossrank compact {report.index_dir}`)"
     )
 
 

@@ -114,8 +114,9 @@ def load_weights(model_cls: Any, model_dir: Path, model_id: str) -> Any:
     missing = sorted(loading_info.get("missing_keys") or [])
     if missing:
         raise ModelError(
-            f"model {model_id!r} in {model_dir} is not a complete {name}: {len(missing)} weight(s) are missing "
-            f"from its checkpoint (first: {missing[0]}); pass a directory saved with {name}.save_pretrained"
+            f"model {model_id!r} in {model_dir} is not a complete {name}: "
+            f"{len(missing)} weight(s) are missing from its checkpoint (first: "
+            f"{missing[0]}); pass a directory saved with {name}.save_pretrained"
         )
     unexpected = sorted(loading_info.get("unexpected_keys") or [])
     if unexpected:
@@ -148,15 +149,16 @@ def load_processors(model_dir: Path, model_id: str) -> tuple[Any, Any]:
         image_processor = AutoImageProcessor.from_pretrained(model_dir, local_files_only=True)
     except Exception as e:
         raise ModelError(
-            f"model {model_id!r} has no usable image processor in {model_dir} (preprocessor_config.json): "
-            f"{one_line(e)}; save the model's processor beside its weights"
+            f"model {model_id!r} has no usable image processor in "
+            f"{model_dir} (preprocessor_config.json): {one_line(e)}; "
+            "save the model's processor beside its weights"
         ) from e
     # Without any tokenizer file AutoTokenizer does not fail: it builds an empty tokenizer of the
     # config's model type (a 2-token CLIPTokenizer), which would encode every query to nothing.
     if not any((model_dir / name).is_file() for name in _TOKENIZER_FILES):
         raise ModelError(
-            f"model {model_id!r} has no usable tokenizer in {model_dir}: none of {', '.join(_TOKENIZER_FILES)} "
-            "is there; save the model's tokenizer beside its weights"
+            f"model {model_id!r} has no usable tokenizer in {model_dir}: none of "
+            f"{', '.join(_TOKENIZER_FILES)} is there; save the model's tokenizer beside its weights"
         )
     try:
         tokenizer = AutoTokenizer.from_pretrained(model_dir, local_files_only=True)

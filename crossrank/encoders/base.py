@@ -126,7 +126,8 @@ class Encoder(Protocol):
 def _check_texts(texts: Sequence[str]) -> list[str]:
     if isinstance(texts, str) or not isinstance(texts, Sequence):
         raise InvalidArgumentError(
-            f"texts must be a list of strings, got {type(texts).__name__}; wrap a single query in a list"
+            "texts must be a list of strings, got "
+            f"{type(texts).__name__}; wrap a single query in a list"
         )
     if len(texts) == 0:
         raise InvalidArgumentError("texts is empty; give at least one query text")
@@ -272,7 +273,8 @@ class TransformersEncoder:
 
         if isinstance(images, Image.Image) or not isinstance(images, Sequence):
             raise InvalidArgumentError(
-                f"images must be a list of PIL images, got {type(images).__name__}; wrap a single image in a list"
+                "images must be a list of PIL images, got "
+                f"{type(images).__name__}; wrap a single image in a list"
             )
         for i, image in enumerate(images):
             if not isinstance(image, Image.Image):
@@ -310,8 +312,9 @@ class TransformersEncoder:
         expected = (3, self.image_size, self.image_size)
         if pixel_values.ndim != 4 or tuple(pixel_values.shape[1:]) != expected:
             raise InvalidArgumentError(
-                f"pixel_values must have shape (n, {', '.join(map(str, expected))}) for {self.model_id}, "
-                f"got {tuple(pixel_values.shape)}; make them with this encoder's preprocess()"
+                f"pixel_values must have shape (n, {', '.join(map(str, expected))}) "
+                f"for {self.model_id}, got {tuple(pixel_values.shape)}; make them "
+                "with this encoder's preprocess()"
             )
         n = pixel_values.shape[0]
         pooled = np.empty((n, self.dim), dtype=np.float32)
@@ -367,8 +370,8 @@ class TransformersEncoder:
 
         if token_embeddings and not self.token_embedding_dim:
             raise ModelError(
-                f"encoder {self.model_id} ({self.backend or type(self).__name__}) does not give its layer-0 token "
-                "states; use a reranker trained without token_embeddings"
+                f"encoder {self.model_id} ({self.backend or type(self).__name__}) does not give "
+                "its layer-0 token states; use a reranker trained without token_embeddings"
             )
         texts = _check_texts(texts)
         input_ids, attention_mask, truncated = self._tokenize(texts)

@@ -69,15 +69,16 @@ def check_retrieval_config(config: Any, model_id: str) -> None:
     model_type = get("model_type")
     if model_type != "blip":
         raise ModelError(
-            f"model {model_id!r} has model_type {model_type!r}, not 'blip'; BLIP image-text matching needs a "
-            f"{RETRIEVAL_ARCHITECTURE} checkpoint such as Salesforce/blip-itm-base-coco"
+            f"model {model_id!r} has model_type {model_type!r}, not 'blip'; "
+            f"BLIP image-text matching needs a {RETRIEVAL_ARCHITECTURE} "
+            "checkpoint such as Salesforce/blip-itm-base-coco"
         )
     architectures = get("architectures") or []
     if architectures and RETRIEVAL_ARCHITECTURE not in architectures:
         raise ModelError(
-            f"model {model_id!r} is a BLIP {', '.join(map(str, architectures))} checkpoint, not an image-text "
-            f"retrieval model ({RETRIEVAL_ARCHITECTURE}); use one of Salesforce/blip-itm-base-coco, "
-            "-large-coco, -base-flickr or -large-flickr"
+            f"model {model_id!r} is a BLIP {', '.join(map(str, architectures))} checkpoint, "
+            f"not an image-text retrieval model ({RETRIEVAL_ARCHITECTURE}); use one of "
+            "Salesforce/blip-itm-base-coco, -large-coco, -base-flickr or -large-flickr"
         )
 
 

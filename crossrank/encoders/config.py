@@ -54,5 +54,6 @@ class EncoderConfig:
             )
         if str(self.dtype).lower() not in {p.value for p in Precision}:
             raise ValueError(
-                f"EncoderConfig.dtype must be one of {', '.join(p.value for p in Precision)}, got {self.dtype!r}"
+                "EncoderConfig.dtype must be one of "
+                f"{', '.join(p.value for p in Precision)}, got {self.dtype!r}"
             )

@@ -70,7 +70,8 @@ class ClipSpec:
                 raise ValueError(f"ClipSpec.{name} must be >= 1, got {getattr(self, name)}")
         if self.image_size % self.patch_size:
             raise ValueError(
-                f"ClipSpec.image_size ({self.image_size}) must be a multiple of patch_size ({self.patch_size})"
+                f"ClipSpec.image_size ({self.image_size}) must be "
+                f"a multiple of patch_size ({self.patch_size})"
             )
         if self.vision_width % self.vision_heads or self.text_width % self.text_heads:
             raise ValueError("ClipSpec widths must be multiples of their head counts")

@@ -130,25 +130,28 @@ def _hf_dir(root: Path, model_id: str) -> Path:
             others = [k for k in kinds if k not in ("CLIPModel", "Normalize")]
             if others:
                 raise ModelError(
-                    f"model {model_id!r} is a sentence-transformers pipeline of {', '.join(kinds)}; only a plain "
-                    "CLIPModel (optionally followed by Normalize) can be read without sentence-transformers"
+                    f"model {model_id!r} is a sentence-transformers pipeline of "
+                    f"{', '.join(kinds)}; only a plain CLIPModel (optionally followed "
+                    "by Normalize) can be read without sentence-transformers"
                 )
             sub = (root / str(modules[kinds.index("CLIPModel")].get("path") or "")).resolve()
             if not sub.is_relative_to(root.resolve()) or not sub.is_dir():
                 raise ModelError(
-                    f"model {model_id!r}: {modules_file} points at {sub}, which is not a folder inside it"
+                    f"model {model_id!r}: {modules_file} points "
+                    f"at {sub}, which is not a folder inside it"
                 )
             if not (sub / "config.json").is_file():
                 raise ModelError(
-                    f"model {model_id!r}: the CLIP module folder {sub} has no config.json; found {_listing(sub)}"
+                    f"model {model_id!r}: the CLIP module folder "
+                    f"{sub} has no config.json; found {_listing(sub)}"
                 )
             return sub
     if (root / "config.json").is_file():
         return root
     raise ModelError(
-        f"model directory {root} has no config.json; found {_listing(root)}. Expected a Hugging Face model "
-        "directory (config.json, weights, tokenizer, preprocessor_config.json) or a sentence-transformers "
-        "CLIP folder (modules.json)"
+        f"model directory {root} has no config.json; found {_listing(root)}. Expected a "
+        "Hugging Face model directory (config.json, weights, tokenizer, "
+        "preprocessor_config.json) or a sentence-transformers CLIP folder (modules.json)"
     )
 
 
@@ -193,8 +196,9 @@ def _resolve_hub(repo_id: str) -> Path:
             )
     except hub_errors.RepositoryNotFoundError as e:  # also GatedRepoError
         raise ModelError(
-            f"model {repo_id!r} was not found on the Hugging Face hub, or it is private or gated "
-            f"({type(e).__name__}); check the id, log in with `hf auth login`, or pass a local directory"
+            f"model {repo_id!r} was not found on the Hugging Face hub, "
+            f"or it is private or gated ({type(e).__name__}); check the "
+            "id, log in with `hf auth login`, or pass a local directory"
         ) from e
     except (OSError, ValueError, *local_misses) as e:  # connection errors are OSErrors
         cause = e.__cause__ or e
@@ -206,8 +210,9 @@ def _resolve_hub(repo_id: str) -> Path:
         Exception
     ) as e:  # e.g. the connection dropped mid-download (httpx errors are not OSErrors)
         raise ModelError(
-            f"model {repo_id!r}: downloading it from the Hugging Face hub failed ({type(e).__name__}: "
-            f"{one_line(e, 120)}); try again, or pass a local directory in Hugging Face format"
+            f"model {repo_id!r}: downloading it from the Hugging Face "
+            f"hub failed ({type(e).__name__}: {one_line(e, 120)}); try "
+            "again, or pass a local directory in Hugging Face format"
         ) from e
     return root
 
@@ -251,13 +256,13 @@ def resolve_model(model: str | Path | None) -> ResolvedModel:
         return ResolvedModel(str(root), "local", root, _hf_dir(root, str(root)))
     if path.exists():
         raise ModelError(
-            f"model {text!r} is a file, not a directory; pass the directory in Hugging Face format that holds "
-            "config.json and the weights, or a hub id"
+            f"model {text!r} is a file, not a directory; pass the directory in "
+            "Hugging Face format that holds config.json and the weights, or a hub id"
         )
     if isinstance(model, Path) or _looks_like_path(text):
         raise ModelError(
-            f"model directory {text!r} does not exist; pass a local directory in Hugging Face format or a hub id "
-            "such as openai/clip-vit-base-patch32"
+            f"model directory {text!r} does not exist; pass a local directory in "
+            "Hugging Face format or a hub id such as openai/clip-vit-base-patch32"
         )
     from huggingface_hub.utils import validate_repo_id
 
@@ -265,8 +270,9 @@ def resolve_model(model: str | Path | None) -> ResolvedModel:
         validate_repo_id(text)
     except ValueError as e:  # HFValidationError
         raise ModelError(
-            f"model {text!r} is not a directory and not a valid Hugging Face model id ({one_line(e, 120)}); pass "
-            "a local directory in Hugging Face format or a hub id such as openai/clip-vit-base-patch32"
+            f"model {text!r} is not a directory and not a valid Hugging Face "
+            f"model id ({one_line(e, 120)}); pass a local directory in Hugging "
+            "Face format or a hub id such as openai/clip-vit-base-patch32"
         ) from e
     root = _resolve_hub(text)
     return ResolvedModel(text, "hub", root, _hf_dir(root, text), revision=root.name)
@@ -357,8 +363,8 @@ def load_encoder(
     files = weight_files(resolved.model_dir)
     if not files:
         raise ModelError(
-            f"model {resolved.model_id!r} has no weights in {resolved.model_dir} (model.safetensors or "
-            f"pytorch_model.bin); found {_listing(resolved.model_dir)}"
+            f"model {resolved.model_id!r} has no weights in {resolved.model_dir} "
+            f"(model.safetensors or pytorch_model.bin); found {_listing(resolved.model_dir)}"
         )
     info: dict[str, Any] = {
         "model_id": resolved.model_id,

@@ -99,8 +99,8 @@ def read_queries(path: str | Path) -> list[EvalQuery]:
         missing = {"query_id", "text"} - set(table.column_names)
         if missing:
             raise InvalidArgumentError(
-                f"queries file {path} lacks column(s) {sorted(missing)}; it needs query_id and text "
-                f"(it has {table.column_names})"
+                f"queries file {path} lacks column(s) {sorted(missing)}; "
+                f"it needs query_id and text (it has {table.column_names})"
             )
         group_cols = [c for c in ("kind", "heldout") if c in table.column_names]
         rows = table.select(["query_id", "text", *group_cols]).to_pylist()

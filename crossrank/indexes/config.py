@@ -40,8 +40,8 @@ class IndexConfig:
             not isinstance(self.factory, str) or not self.factory.strip()
         ):
             raise ValueError(
-                f"factory must be a non-empty FAISS factory string such as 'IVF256,Flat' or 'HNSW32' "
-                f"(or None to choose by size), got {self.factory!r}"
+                "factory must be a non-empty FAISS factory string such as 'IVF256,Flat' "
+                f"or 'HNSW32' (or None to choose by size), got {self.factory!r}"
             )
         if not _is_int(self.flat_threshold) or self.flat_threshold < 0:
             raise ValueError(

@@ -166,12 +166,13 @@ class FirstStage:
                 ) from e
         if not isinstance(index, faiss.IndexIDMap):
             raise IndexCorruptError(
-                f"{path} holds a FAISS {type(index).__name__} without ids (expected an IndexIDMap); "
-                "rebuild the index"
+                f"{path} holds a FAISS {type(index).__name__} without "
+                "ids (expected an IndexIDMap); rebuild the index"
             )
         if index.metric_type != faiss.METRIC_INNER_PRODUCT:
             raise IndexCorruptError(
-                f"{path} uses FAISS metric {index.metric_type}, not inner product; rebuild the index"
+                f"{path} uses FAISS metric {index.metric_type}, "
+                "not inner product; rebuild the index"
             )
         factory = config.factory.strip() if config.factory else describe_index(faiss, index)
         return cls(index, config, factory, faiss, mapped=mapped)

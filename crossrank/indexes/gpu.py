@@ -63,7 +63,8 @@ def gpu_device_for(device: str, faiss: ModuleType) -> int | None:
     number = int(name.partition(":")[2] or 0)
     if number >= n:
         logger.warning(
-            "device %r was asked for, but faiss sees %d GPU(s)%s; the first stage searches on the CPU",
+            "device %r was asked for, but faiss sees %d "
+            "GPU(s)%s; the first stage searches on the CPU",
             device,
             n,
             ""

@@ -134,8 +134,9 @@ class BlipItmReranker(Reranker):
             }
             if any(encoder_info.get(key) != value for key, value in fingerprints.items()):
                 raise ModelMismatchError(
-                    f"blip-itm loaded {resolved.model_id!r}, but its config or weights differ from the model the "
-                    f"index was built with ({encoder_info.get('model_id')!r}); rebuild the index or restore that model"
+                    f"blip-itm loaded {resolved.model_id!r}, but its config or weights differ from "
+                    f"the model the index was built with ({encoder_info.get('model_id')!r}); "
+                    "rebuild the index or restore that model"
                 )
         with quiet_transformers():
             retrieval = load_weights(
@@ -179,8 +180,8 @@ class BlipItmReranker(Reranker):
 
         if input_ids is None:
             raise InvalidArgumentError(
-                "blip-itm needs the query's token ids (input_ids=TextFeatures.input_ids[i]) and reranks text "
-                "queries only; for an image query pass reranker='none'"
+                "blip-itm needs the query's token ids (input_ids=TextFeatures.input_ids[i]) "
+                "and reranks text queries only; for an image query pass reranker='none'"
             )
         query, query_mask, patches, patch_mask = check_rerank_inputs(
             query, query_mask, patches, patch_mask, same_dim=False
@@ -193,19 +194,20 @@ class BlipItmReranker(Reranker):
             or tuple(input_ids.shape) != (n_tokens,)
         ):
             raise InvalidArgumentError(
-                f"input_ids must be ({n_tokens},) integer token ids of the query, got {input_ids.dtype} of shape "
-                f"{tuple(input_ids.shape)}"
+                f"input_ids must be ({n_tokens},) integer token ids of the "
+                f"query, got {input_ids.dtype} of shape {tuple(input_ids.shape)}"
             )
         k, n_patches, patch_dim = patches.shape
         if patch_dim != self.patch_dim:
             raise InvalidArgumentError(
-                f"patches have dim {patch_dim}, but {self.model_id} cross-attends to vision tokens of dim "
-                f"{self.patch_dim}; rerank an index built with the same BLIP model"
+                f"patches have dim {patch_dim}, but {self.model_id} cross-attends to vision "
+                f"tokens of dim {self.patch_dim}; rerank an index built with the same BLIP model"
             )
         if patch_mask is not None and not bool(patch_mask.all()):
             raise InvalidArgumentError(
-                "blip-itm attends to every stored vision token; a patch_mask with False entries is not supported "
-                "(transformers' BLIP text model ignores the encoder attention mask); pass patch_mask=None"
+                "blip-itm attends to every stored vision token; a patch_mask "
+                "with False entries is not supported (transformers' BLIP text "
+                "model ignores the encoder attention mask); pass patch_mask=None"
             )
         if k == 0:
             return torch.empty(0, dtype=torch.float32)
@@ -268,14 +270,16 @@ def blip_itm_for_index(
     """
     if encoder_info is None:
         raise InvalidArgumentError(
-            "reranker 'blip-itm' loads the BLIP model an index was built with; pass encoder_info (the index "
-            "manifest's encoder), search through Index, or use BlipItmReranker.from_pretrained(model)"
+            "reranker 'blip-itm' loads the BLIP model an index was built "
+            "with; pass encoder_info (the index manifest's encoder), search "
+            "through Index, or use BlipItmReranker.from_pretrained(model)"
         )
     model_id = encoder_info.get("model_id")
     if encoder_info.get("model_type") != "blip":
         raise ModelMismatchError(
-            f"reranker 'blip-itm' needs an index built with a BLIP retrieval model, but this one was built with "
-            f"{model_id!r} (model_type {encoder_info.get('model_type')!r}); use --reranker maxsim or a trained reranker"
+            "reranker 'blip-itm' needs an index built with a BLIP retrieval model, but this "
+            f"one was built with {model_id!r} (model_type {encoder_info.get('model_type')!r}); "
+            "use --reranker maxsim or a trained reranker"
         )
     if not isinstance(model_id, str) or not model_id:
         raise ModelError(

@@ -212,8 +212,8 @@ def check_reranker_matches(
     # (or the query's width is checked) at search time instead.
     if config.token_embeddings and width is not None and width != config.token_embeddings:
         raise ModelMismatchError(
-            f"{where} reads {config.token_embeddings}-dim layer-0 token states, but the index's encoder "
-            f"{model_id} gives {width}-dim ones; use a reranker trained on that encoder"
+            f"{where} reads {config.token_embeddings}-dim layer-0 token states, but the index's "
+            f"encoder {model_id} gives {width}-dim ones; use a reranker trained on that encoder"
         )
     n_patches = encoder_info.get("n_patches")
     slots = config.patch_positions

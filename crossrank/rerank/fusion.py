@@ -218,7 +218,8 @@ def resolve_fusion(spec: str | Fusion, reranker: Reranker | None = None) -> Fusi
             return Fusion.parse(recommended) if recommended else Fusion()
         if mode not in {m.value for m in FusionMode}:
             raise InvalidArgumentError(
-                f"fusion must be auto, rerank, sum or weighted:ALPHA (ALPHA in [0, 1]), got {spec!r}"
+                "fusion must be auto, rerank, sum or "
+                f"weighted:ALPHA (ALPHA in [0, 1]), got {spec!r}"
             )
     return Fusion.parse(spec)
 

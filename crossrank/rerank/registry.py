@@ -66,8 +66,9 @@ def get_reranker(
 
             if encoder_info is not None and encoder_info.get("model_type") == "blip":
                 raise ModelMismatchError(
-                    f"reranker 'maxsim' cannot rerank an index built with BLIP ({encoder_info.get('model_id')!r}): "
-                    "its text tokens and stored vision tokens are not in one space; use --reranker blip-itm"
+                    "reranker 'maxsim' cannot rerank an index built with BLIP "
+                    f"({encoder_info.get('model_id')!r}): its text tokens and stored "
+                    "vision tokens are not in one space; use --reranker blip-itm"
                 )
             return MaxSimReranker(device=device)
         if name == RerankerName.BLIP_ITM:

@@ -56,7 +56,8 @@ def encode_queries(
             labels.append(f"<image {query.width}x{query.height}>")
         else:
             raise InvalidArgumentError(
-                f"query must be a str (text), a pathlib.Path or a PIL image, got {type(query).__name__}"
+                "query must be a str (text), a pathlib.Path or a "
+                f"PIL image, got {type(query).__name__}"
             )
     m = len(queries)
     xq = np.empty((m, dim), dtype=np.float32)

@@ -72,7 +72,8 @@ _UNPARSABLE_BODY = (
 _PAGE_K = 12  # hits on the result page unless ?k= says otherwise
 _WHERE_DISABLED = (
     "where (raw SQL) is disabled on this server; filter with structured filters "
-    "{column: value | {op: value}} instead, or start the server with --allow-where for trusted clients"
+    "{column: value | {op: value}} instead, or start the server with --allow-where "
+    "for trusted clients"
 )
 
 

@@ -184,7 +184,8 @@ def check_filter_shape(filters: Filters) -> None:
 def _check_mapping(filters: Any) -> None:
     if not isinstance(filters, Mapping):
         raise FilterError(
-            f"filters must be a mapping {{column: value | {{op: value}}}}, got {type(filters).__name__}"
+            "filters must be a mapping {column: value | {op: value}}, got "
+            f"{type(filters).__name__}"
         )
 
 
@@ -198,7 +199,8 @@ def _operations(column: str, spec: Any) -> list[tuple[FilterOp, Any]]:
     column = _show_text(column)
     if isinstance(spec, (list, tuple, set)):
         raise FilterError(
-            f'filter on "{column}": a list is not one value; use {{"in": [...]}} to match any of several'
+            f'filter on "{column}": a list is not one value; use '
+            '{"in": [...]} to match any of several'
         )
     if not isinstance(spec, Mapping):
         return [(FilterOp.EQ, spec)]
@@ -210,7 +212,8 @@ def _operations(column: str, spec: Any) -> list[tuple[FilterOp, Any]]:
             op = FilterOp(op_name)
         except ValueError:
             raise FilterError(
-                f'filter on "{column}" has an unknown operator {_show(op_name)}; the operators are: {OPS}'
+                f'filter on "{column}" has an unknown operator '
+                f"{_show(op_name)}; the operators are: {OPS}"
             ) from None
         pairs.append((op, value))
     return pairs

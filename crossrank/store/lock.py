@@ -51,8 +51,8 @@ def _fcntl() -> Any:
         import fcntl
     except ImportError as e:  # Windows
         raise DependencyError(
-            "writing a crossrank index needs POSIX file locks (fcntl): build, add, remove and compact "
-            "run on Linux or macOS"
+            "writing a crossrank index needs POSIX file locks (fcntl): "
+            "build, add, remove and compact run on Linux or macOS"
         ) from e
     return fcntl
 

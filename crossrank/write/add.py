@@ -162,8 +162,9 @@ def _encoder_for(
         )
     if not same_model(built_with, encoder.info):
         raise ModelMismatchError(
-            f"index {manifest.root} was built with model {built_with['model_id']!r}, but the new images "
-            f"would be encoded with {encoder.model_id!r}; add with the index's model (omit --model)"
+            f"index {manifest.root} was built with model "
+            f"{built_with['model_id']!r}, but the new images would be encoded with "
+            f"{encoder.model_id!r}; add with the index's model (omit --model)"
         )
     return encoder
 

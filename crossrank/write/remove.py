@@ -79,9 +79,9 @@ def remove_images(
                     " ..." if unknown.size > 10 else ""
                 )
                 raise InvalidArgumentError(
-                    f"{unknown.size} of the {wanted.size} ids are not in index {index_dir}: {shown}; "
-                    f"nothing was removed (ids are below {base.next_id}: see `crossrank search --json` "
-                    "or Index.metadata())"
+                    f"{unknown.size} of the {wanted.size} ids are not in index "
+                    f"{index_dir}: {shown}; nothing was removed (ids are below "
+                    f"{base.next_id}: see `crossrank search --json` or Index.metadata())"
                 )
             in_live = np.isin(wanted, live, assume_unique=True)
             to_remove, already = wanted[in_live], wanted[~in_live]

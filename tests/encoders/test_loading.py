@@ -193,8 +193,8 @@ def test_hub_id_not_cached_offline_is_one_clear_line(hub_cache):
     with pytest.raises(ModelError) as excinfo:
         load_encoder("openai/clip-vit-base-patch32", device="cpu")
     assert str(excinfo.value) == (
-        "model 'openai/clip-vit-base-patch32' is not in the local Hugging Face cache and the hub cannot be "
-        f"reached (HF_HUB_OFFLINE=1); {OFFLINE_HINT}"
+        "model 'openai/clip-vit-base-patch32' is not in the local Hugging Face "
+        f"cache and the hub cannot be reached (HF_HUB_OFFLINE=1); {OFFLINE_HINT}"
     )
 
 
@@ -233,8 +233,9 @@ def test_hub_unreachable_is_one_clear_line(hub_cache, monkeypatch):
     message = str(excinfo.value)
     assert "\n" not in message
     assert message == (
-        "model 'crossrank-tests/somewhere' is not in the local Hugging Face cache and the hub cannot be reached "
-        f"(ConnectionError: [Errno -3] Temporary failure in name resolution); {OFFLINE_HINT}"
+        "model 'crossrank-tests/somewhere' is not in the local Hugging Face cache and the hub "
+        "cannot be reached (ConnectionError: [Errno -3] Temporary failure in name resolution); "
+        f"{OFFLINE_HINT}"
     )
 
 

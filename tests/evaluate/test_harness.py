@@ -222,7 +222,8 @@ MISMATCH = {
             "{root}/queries.parquet",
             _tsv(tmp / "qrels.txt", (root / "qrels.txt").read_text()),
         ),
-        r"no doc id of .*qrels\.txt is an image of index .*; doc ids must be image paths relative to the qrels",
+        r"no doc id of .*qrels\.txt is an image of index .*; doc "
+        r"ids must be image paths relative to the qrels",
     ),
     "foreign-queries": (
         lambda root, tmp: (

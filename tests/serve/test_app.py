@@ -64,7 +64,8 @@ def test_a_filter_on_an_unknown_column_is_a_422_naming_the_columns(
     before = committed_state(built_index)
     _one_line_422(
         _search(client, filters={"colour": "red"}),
-        'filters name an unknown column "colour"; the metadata columns are: id, path, sha256, width',
+        'filters name an unknown column "colour"; the metadata '
+        "columns are: id, path, sha256, width",
     )
     _one_line_422(
         _search(client, filters={"width": {"like": 3}}),

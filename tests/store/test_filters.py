@@ -107,8 +107,8 @@ def test_compiled_sql_holds_only_parameters() -> None:
         schema,
     )
     assert compiled.sql == (
-        '("width" >= $f0) AND ("width" < $f1) AND ("label" IN (SELECT unnest($f2)) OR "label" IS NULL) '
-        'AND (contains("we""ird", $f3)) AND ("id" IS NOT NULL)'
+        '("width" >= $f0) AND ("width" < $f1) AND ("label" IN (SELECT unnest($f2)) '
+        'OR "label" IS NULL) AND (contains("we""ird", $f3)) AND ("id" IS NOT NULL)'
     )
     assert compiled.params == {"f0": 256, "f1": 1024, "f2": ["a"], "f3": "x'y"}
     assert [c.op for c in compiled.conditions] == [

@@ -394,7 +394,8 @@ def test_check_generation_catches_a_next_id_that_would_repeat_an_id(written) -> 
     info["next_id"] = 10
     (gen_dir / "generation.json").write_text(json.dumps(info))
     assert check_generation(gen_dir) == [
-        "generation.json has next_id 10, but ids.npy already holds id 44: a later add would give an id twice"
+        "generation.json has next_id 10, but ids.npy already "
+        "holds id 44: a later add would give an id twice"
     ]
 
 
