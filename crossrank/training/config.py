@@ -46,7 +46,8 @@ class RerankTrainConfig:
     in_batch: bool = True  # non-mined negatives: other queries' positives first, then random
     lr: float = 1e-3  # peak AdamW learning rate
     weight_decay: float = 0.05  # AdamW decay on matrices (not on biases, norms, gates)
-    warmup: int = 100  # linear warm-up steps, then cosine decay to lr / 20
+    # Linear warm-up steps, then cosine decay to lr / 20; None = min(100, steps // 20), at least 1.
+    warmup: int | None = None
     grad_clip: float = 1.0  # max global gradient norm
     val_fraction: float = 0.05  # share of the unique captions held out for validation; 0 = none
     max_val_captions: int = 256  # at most this many validation captions
@@ -95,6 +96,8 @@ class RerankTrainConfig:
                 f"n_candidates must be an int >= 2 (the positive and at least one negative), "
                 f"got {self.n_candidates!r}"
             )
+        if self.warmup is None and _is_int(self.steps):
+            object.__setattr__(self, "warmup", min(100, max(1, self.steps // 20)))
         for name in ("warmup", "seed", "caption_negatives", "caption_only_steps"):
             value = getattr(self, name)
             if not _is_int(value) or value < 0:

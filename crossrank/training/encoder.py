@@ -66,7 +66,9 @@ class EncoderTrainConfig:
     batch_size: int = 256  # images per step, one caption each
     lr: float = 1e-3  # peak AdamW learning rate
     weight_decay: float = 0.05
-    warmup: int = 200  # linear warm-up steps, then cosine decay to lr / 20
+    warmup: int | None = (
+        None  # linear warm-up, then cosine to lr / 20; None = min(200, steps // 20)
+    )
     seed: int = 0
     device: str = "auto"
     checkpoint_every: int = 200  # steps between checkpoints
@@ -82,6 +84,8 @@ class EncoderTrainConfig:
                 )
         if not self.lr > 0:
             raise ValueError(f"EncoderTrainConfig.lr must be > 0, got {self.lr}")
+        if self.warmup is None:
+            object.__setattr__(self, "warmup", min(200, max(1, self.steps // 20)))
         if self.warmup < 0:
             raise ValueError(f"EncoderTrainConfig.warmup must be >= 0, got {self.warmup}")
         if self.caption_negatives < 0:

@@ -39,7 +39,7 @@ import logging
 import math
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -184,7 +184,7 @@ def train_reranker(
     pairs_path: str | os.PathLike[str],
     out_dir: str | os.PathLike[str],
     *,
-    model_config: RerankerConfig | None = None,
+    model_config: RerankerConfig | Mapping[str, Any] | None = None,
     config: RerankTrainConfig | None = None,
     progress: ProgressFn | None = None,
 ) -> TrainReport:
@@ -201,8 +201,10 @@ def train_reranker(
             relative paths resolve against its folder. Pairs whose image is not in the index, or
             whose caption is empty, are skipped and counted.
         out_dir: the folder for the reranker, ``checkpoint.pt`` and ``train_log.jsonl``.
-        model_config: the architecture (default :class:`RerankerConfig()` with
-            ``patch_positions`` the encoder's patch count); its ``text_dim`` and ``patch_dim`` are
+        model_config: the architecture: a :class:`RerankerConfig`, or a mapping of the
+            :class:`RerankerConfig` fields to change from their defaults (what ``crossrank train``
+            passes), where ``patch_positions`` defaults to the encoder's patch count (None or 0 =
+            no position embedding); None = all defaults so. ``text_dim`` and ``patch_dim`` are
             always taken from the index's encoder.
         config: the training settings (default :class:`RerankTrainConfig()`).
         progress: called as ``progress(step, steps, loss, accuracy)`` after each step.
@@ -249,7 +251,7 @@ def train_reranker(
             config.first_stage_weight,
             "" if config.first_stage_weight else ": none, so no residual",
         )
-    model_config = _model_config(model_config, index.manifest.encoder, index)
+    model_config = resolve_model_config(model_config, index.manifest.encoder, index)
     if (
         config.attention_supervision
         and model_config.n_query_tokens
@@ -683,24 +685,36 @@ def _fingerprint_defaults() -> dict[str, dict[str, Any]]:
     }
 
 
-def _model_config(
-    model_config: RerankerConfig | None, encoder: dict[str, Any], index: Index | None = None
+def resolve_model_config(
+    model_config: RerankerConfig | Mapping[str, Any] | None,
+    encoder: dict[str, Any],
+    index: Index | None = None,
 ) -> RerankerConfig:
-    """The architecture with the encoder's feature dims, checked against its patch count.
+    """The architecture :func:`train_reranker` trains over ``encoder`` (an index manifest's
+    ``encoder``): its feature dims, checked against its patch count.
 
+    A mapping (or None) gives the fields that differ from :class:`RerankerConfig`'s defaults;
+    the one default that depends on the encoder is applied here: ``patch_positions``, a position
+    per patch of the encoder unless the mapping names it (None or 0 = none).
     ``token_embeddings`` > 0 asks for the layer-0 token states; their width is the encoder's
     (``text_width`` in ``encoder``, else the loaded encoder of ``index``, for an index built
     before manifests recorded it)."""
     from crossrank.rerank.checkpoint import check_reranker_matches
     from crossrank.rerank.config import RerankerConfig
 
-    if model_config is not None and not isinstance(model_config, RerankerConfig):
+    if model_config is None or isinstance(model_config, Mapping):
+        fields = {"patch_positions": int(encoder["n_patches"]), **(model_config or {})}
+        fields["patch_positions"] = fields["patch_positions"] or None
+        try:
+            model_config = RerankerConfig.from_dict(fields)
+        except ValueError as e:
+            raise InvalidArgumentError(f"model_config: {e}") from None
+    if not isinstance(model_config, RerankerConfig):
         raise InvalidArgumentError(
-            f"model_config must be a RerankerConfig or None, got {type(model_config).__name__}"
+            "model_config must be a RerankerConfig, a mapping of its fields or None, got "
+            f"{type(model_config).__name__}"
         )
     dim = int(encoder["patch_dim"])
-    if model_config is None:  # the default architecture, with a position per patch of this encoder
-        model_config = RerankerConfig(patch_positions=int(encoder["n_patches"]))
     cfg = dataclasses.replace(model_config, text_dim=dim, patch_dim=dim)
     if cfg.token_embeddings:
         width = encoder.get("text_width")

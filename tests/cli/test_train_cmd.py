@@ -414,3 +414,87 @@ def test_search_with_a_missing_reranker_folder_is_one_line(trained) -> None:
     )
     assert result.exit_code == 1
     assert "error:" in result.stderr and "/no/such/reranker" in result.stderr
+
+
+def _capture_train(monkeypatch: pytest.MonkeyPatch) -> dict:
+    """Replace the library's train_reranker with one that records what the CLI passed."""
+    import crossrank.training
+
+    seen: dict = {}
+
+    def fake(index, pairs, out, *, model_config, config, progress):
+        seen.update(index=index, model_config=model_config, config=config)
+        raise SystemExit(0)  # stop before any training
+
+    monkeypatch.setattr(crossrank.training, "train_reranker", fake)
+    return seen
+
+
+def test_train_leaves_every_setting_not_given_to_the_library_defaults(
+    trained, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from crossrank.training import RerankTrainConfig
+    from crossrank.training.reranker import resolve_model_config
+
+    root, index_dir, _ = trained
+    seen = _capture_train(monkeypatch)
+    args = ["train", str(root / "data" / "pairs.parquet"), "--index", str(index_dir)]
+    result = runner.invoke(app, [*args, "--out", str(tmp_path / "r"), "--device", "cpu"])
+    assert result.exit_code == 0, result.output
+    assert seen["config"] == RerankTrainConfig(device="cpu")
+    encoder = seen["index"].manifest.encoder
+    assert seen["model_config"] == resolve_model_config(None, encoder, seen["index"])
+    assert seen["model_config"].patch_positions == encoder["n_patches"]  # the one encoder default
+
+
+def test_train_config_file_sets_the_defaults_and_flags_override_it(
+    trained, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    root, index_dir, reranker_dir = trained
+    saved = json.loads((reranker_dir / "config.json").read_text())
+    saved["config"]["layers"] = 2
+    saved["metadata"]["train"] = {"steps": 40, "lr": 3e-4, "warmup": 7, "caption_negatives": 0}
+    config_file = tmp_path / "config.json"
+    config_file.write_text(json.dumps(saved))
+    seen = _capture_train(monkeypatch)
+    args = ["train", str(root / "data" / "pairs.parquet"), "--index", str(index_dir)]
+    args += ["--out", str(tmp_path / "r"), "--device", "cpu", "--config", str(config_file)]
+    result = runner.invoke(app, [*args, "--heads", "4"])
+    assert result.exit_code == 0, result.output
+    model, train = seen["model_config"], seen["config"]
+    want = {**saved["config"], "heads": 4}
+    assert {k: v for k, v in model.to_dict().items() if k in want} == want
+    assert (train.steps, train.lr, train.warmup) == (40, 3e-4, 7)
+    result = runner.invoke(app, [*args, "--steps", "400"])  # the file's warm-up was for 40 steps
+    assert result.exit_code == 0, result.output
+    assert (seen["config"].steps, seen["config"].warmup) == (400, 20)
+    # A checkpoint folder works as well as its config.json.
+    result = runner.invoke(app, [*args[:-1], str(reranker_dir)])
+    assert result.exit_code == 0, result.output
+    assert seen["model_config"].to_dict() == saved["config"] | {"layers": 1}
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        (None, "does not exist"),
+        ("{not json", "is not readable JSON"),
+        ('{"format": "x"}', 'holds no reranker config: expected a JSON object with a "config"'),
+        ('{"config": {"layers": 1, "colour": 3}}', "unknown reranker config fields ['colour']"),
+        (
+            '{"config": {}, "metadata": {"train": {"stepz": 3}}}',
+            "records unknown training settings ['stepz'] in metadata.train",
+        ),
+    ],
+)
+def test_train_refuses_a_bad_config_file_in_one_line(
+    trained, tmp_path: Path, content: str | None, message: str
+) -> None:
+    root, index_dir, _ = trained
+    config_file = tmp_path / "config.json"
+    if content is not None:
+        config_file.write_text(content)
+    args = ["train", str(root / "data" / "pairs.parquet"), "--index", str(index_dir)]
+    result = runner.invoke(app, [*args, "--out", str(tmp_path / "r"), "--config", str(config_file)])
+    assert result.exit_code == 2
+    assert message in " ".join(result.output.replace("│", " ").split())

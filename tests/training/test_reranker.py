@@ -241,12 +241,12 @@ def test_layer_0_token_states_are_read_at_the_encoders_width_in_training_and_sea
 
 
 def test_layer_0_token_states_of_an_encoder_without_them_are_refused():
-    from crossrank.training.reranker import _model_config
+    from crossrank.training.reranker import resolve_model_config
 
     with pytest.raises(
         ModelMismatchError, match="does not give layer-0 token states; train without"
     ):
-        _model_config(
+        resolve_model_config(
             dataclasses.replace(TINY, token_embeddings=1),
             {"model_id": "custom", "patch_dim": 8, "n_patches": 4},
         )
