@@ -17,7 +17,8 @@ the ratio at equal depth is the ratio of the full-depth model up to the embeddin
 Queries have 12 tokens. One query at a time, under ``inference_mode``, float32 on the CPU, paths
 interleaved per round; medians over rounds. Run::
 
-    python benchmarks/bench_blip_itm.py                       # k = 100, tiny and base (1 + 1 layers)
+    python benchmarks/bench_blip_itm.py               # k = 100, tiny and base (1 + 1 layers)
+    python benchmarks/bench_blip_itm.py --out  # also writes results/bench_blip_itm/
     python benchmarks/bench_blip_itm.py --threads 4 --base-layers 2 --rounds 5 --json
 """
 
@@ -29,9 +30,13 @@ import platform
 import statistics
 import sys
 import time
+from pathlib import Path
 from typing import Any
 
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmarks/: _report
+from _report import add_out_option, write_report
 
 from crossrank.rerank import BlipItmReranker
 
@@ -154,7 +159,8 @@ def main(argv: list[str] | None = None) -> int:
         help="layers per tower of the base-width model (BLIP-base: 12)",
     )
     parser.add_argument("--skip-base", action="store_true")
-    parser.add_argument("--json", action="store_true")
+    parser.add_argument("--json", action="store_true", help="one JSON object instead of the table")
+    add_out_option(parser, "bench_blip_itm")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
 
@@ -167,17 +173,20 @@ def main(argv: list[str] | None = None) -> int:
         "cpu": platform.processor() or platform.machine(),
         "python": platform.python_version(),
     }
+    write_report(args.out, {"env": env, "results": rows})
     if args.json:
         print(json.dumps({"env": env, "results": rows}, indent=2))
         return 0
     print(f"blip-itm rerank latency per query, k={args.k}, CPU float32, {args.threads} thread(s)")
     print(
-        f"{'model':6} {'layers':>7} {'tokens':>6} {'cached ms':>10} {'full ms':>10} {'full/cached':>12} "
+        f"{'model':6} {'layers':>7} {'tokens':>6} {'cached ms':>10} {'full ms':>10} "
+        f"{'full/cached':>12} "
         f"{'max|diff|':>10}"
     )
     for r in rows:
         print(
-            f"{r['model']:6} {r['layers']:>7} {r['vision_tokens']:>6} {r['cached_ms']:>10.1f} {r['full_ms']:>10.1f} "
+            f"{r['model']:6} {r['layers']:>7} {r['vision_tokens']:>6} {r['cached_ms']:>10.1f} "
+            f"{r['full_ms']:>10.1f} "
             f"{r['full_over_cached']:>11.2f}x {r['max_abs_diff']:>10.1e}"
         )
     return 0

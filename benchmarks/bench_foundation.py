@@ -24,6 +24,7 @@ ratios; absolute numbers are medians too. Run::
     python benchmarks/bench_foundation.py            # full sizes, a few minutes, ~5 GB of disk
     python benchmarks/bench_foundation.py --quick    # small sizes: a smoke test, not a measurement
     python benchmarks/bench_foundation.py --json     # one JSON object instead of the table
+    python benchmarks/bench_foundation.py --out  # also writes results/bench_foundation/
 """
 
 from __future__ import annotations
@@ -44,6 +45,9 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmarks/: _report
+from _report import add_out_option, write_report
 
 # Everything here is offline: the encoder is made from scratch, never fetched.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -624,6 +628,7 @@ def main(argv: list[str] | None = None) -> int:
         help="torch intra-op threads and faiss OpenMP threads (default: each "
         "library's own, one per core); 1 is steadier on a busy machine",
     )
+    add_out_option(parser, "bench_foundation")
     args = parser.parse_args(argv)
     _quiet()
     if args.threads is not None:
@@ -653,19 +658,16 @@ def main(argv: list[str] | None = None) -> int:
     info = machine()
     seconds = time.perf_counter() - t0
     name = "quick" if args.quick else "full"
+    report = {
+        "sizes": name,
+        "config": asdict(sizes),
+        "seconds": round(seconds, 1),
+        "machine": info,
+        "results": [asdict(r) for r in rows],
+    }
+    write_report(args.out, report)
     if args.json:
-        print(
-            json.dumps(
-                {
-                    "sizes": name,
-                    "config": asdict(sizes),
-                    "seconds": round(seconds, 1),
-                    "machine": info,
-                    "results": [asdict(r) for r in rows],
-                },
-                indent=2,
-            )
-        )
+        print(json.dumps(report, indent=2))
     elif len(rows) == 3:
         print(render_table(rows, name, info))
     else:

@@ -28,6 +28,7 @@ and 12 query tokens. Run::
     python benchmarks/bench_rerank_flops.py                 # k = 100 and 1000
     python benchmarks/bench_rerank_flops.py --threads 1
     python benchmarks/bench_rerank_flops.py --quick --json  # a smoke test, not a measurement
+    python benchmarks/bench_rerank_flops.py --out  # also writes results/bench_rerank_flops/
 """
 
 from __future__ import annotations
@@ -43,6 +44,9 @@ from typing import Any
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmarks/: _report
+from _report import add_out_option, write_report
 
 from crossrank.allocator import keep_large_allocations
 from crossrank.rerank import CrossAttentionReranker, RerankerConfig, read_reranker_config
@@ -108,6 +112,7 @@ def main(argv: list[str] | None = None) -> int:
         "--quick", action="store_true", help="3 rounds, small matmuls: a smoke test"
     )
     parser.add_argument("--json", action="store_true", help="one JSON object instead of the table")
+    add_out_option(parser, "bench_rerank_flops")
     args = parser.parse_args(argv)
     tuned = args.allocator == "tuned" and keep_large_allocations()
     if args.threads:
@@ -165,11 +170,13 @@ def main(argv: list[str] | None = None) -> int:
             **{n: flops_per_s[n] / 1e9 for n in cases if n.startswith("mm")},
         },
     }
+    write_report(args.out, {"meta": meta, "rows": rows})
     if args.json:
         print(json.dumps({"meta": meta, "rows": rows}, indent=2))
         return 0
     print(
-        f"# torch {meta['torch']}, {meta['threads']} threads, {meta['cpu']}, {rounds} rounds, allocator "
+        f"# torch {meta['torch']}, {meta['threads']} threads, {meta['cpu']}, {rounds} rounds, "
+        "allocator "
         f"{'tuned' if tuned else 'default'}; reranker {source}"
     )
     print(
@@ -182,7 +189,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     for r in rows:
         print(
-            f"{r['k']:>5} {r['p50_ms']:>9.2f} {r['gflop_per_query']:>12.3f} {r['gflop_per_s']:>9.1f} "
+            f"{r['k']:>5} {r['p50_ms']:>9.2f} {r['gflop_per_query']:>12.3f} "
+            f"{r['gflop_per_s']:>9.1f} "
             f"{r['vs_matmul']:>10.2f}"
         )
     return 0

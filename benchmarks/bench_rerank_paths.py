@@ -23,6 +23,7 @@ the default :class:`~crossrank.rerank.RerankerConfig` (width 128, 2 layers, 4 he
     python benchmarks/bench_rerank_paths.py --threads 1      # one intra-op thread
     python benchmarks/bench_rerank_paths.py --bidirectional  # a config folding only layer 1
     python benchmarks/bench_rerank_paths.py --quick --json
+    python benchmarks/bench_rerank_paths.py --out  # also writes results/bench_rerank_paths/
 """
 
 from __future__ import annotations
@@ -33,9 +34,13 @@ import platform
 import statistics
 import sys
 import time
+from pathlib import Path
 from typing import Any
 
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmarks/: _report
+from _report import add_out_option, write_report
 
 from crossrank.rerank import CrossAttentionReranker, RerankerConfig
 
@@ -76,11 +81,11 @@ def _measure(
     out: dict[str, Any] = {f"{n}_ms": 1e3 * statistics.median(t) for n, t in times.items()}
     for name in ("folded", "precomputed"):
         out[f"{name}_vs_plain"] = statistics.median(
-            a / b for a, b in zip(times[name], times["plain"])
+            a / b for a, b in zip(times[name], times["plain"], strict=True)
         )
     n_patches, cfg = x["patches"].shape[1], model.config
     out["cache_floats_per_image"] = sum(
-        t[0].numel() + v[0].numel() for t, v in zip(cache.keys, cache.values)
+        t[0].numel() + v[0].numel() for t, v in zip(cache.keys, cache.values, strict=True)
     )
     out["patch_floats_per_image"] = n_patches * x["patches"].shape[2]
     out["layers_cached"], out["layers_folded"] = len(cache.keys), cfg.foldable_layers
@@ -104,6 +109,7 @@ def main(argv: list[str] | None = None) -> int:
         "--quick", action="store_true", help="3 rounds: a smoke test, not a measurement"
     )
     parser.add_argument("--json", action="store_true", help="one JSON object instead of the table")
+    add_out_option(parser, "bench_rerank_paths")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -135,11 +141,13 @@ def main(argv: list[str] | None = None) -> int:
         "cpu": platform.processor() or platform.machine(),
         "bidirectional": args.bidirectional,
     }
+    write_report(args.out, {"meta": meta, "rows": rows})
     if args.json:
         print(json.dumps({"meta": meta, "rows": rows}, indent=2))
         return 0
     print(
-        f"# torch {meta['torch']}, {meta['threads']} threads, {meta['cpu']}, bidirectional={args.bidirectional}"
+        f"# torch {meta['torch']}, {meta['threads']} threads, {meta['cpu']}, "
+        f"bidirectional={args.bidirectional}"
     )
     print(
         f"{'shape':9} {'k':>5} {'plain ms':>9} {'folded ms':>10} {'precomp ms':>11} "
@@ -147,7 +155,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     for r in rows:
         print(
-            f"{r['shape']:9} {r['k']:>5} {r['plain_ms']:>9.2f} {r['folded_ms']:>10.2f} {r['precomputed_ms']:>11.2f} "
+            f"{r['shape']:9} {r['k']:>5} {r['plain_ms']:>9.2f} {r['folded_ms']:>10.2f} "
+            f"{r['precomputed_ms']:>11.2f} "
             f"{r['folded_vs_plain']:>13.2f} {r['precomputed_vs_plain']:>14.2f} "
             f"{r['cache_floats_per_image'] / r['patch_floats_per_image']:>19.1f}x"
         )

@@ -16,8 +16,12 @@ and sorts each R@1 miss by what the top image gets wrong:
 
 It also prints where the first relevant image ranked. Run::
 
-    python benchmarks/relation_misses.py --bench runs/bench11 --index runs/bench11-negs.idx --reranker auto
-    python benchmarks/relation_misses.py --bench runs/bench --index runs/bench-negs.idx --reranker none --json
+    python benchmarks/relation_misses.py --bench runs/bench11 --index runs/bench11-negs.idx \\
+        --reranker auto
+    python benchmarks/relation_misses.py --bench runs/bench --index runs/bench-negs.idx \\
+        --reranker none --json
+    python benchmarks/relation_misses.py --bench runs/bench11 --index runs/bench11-negs.idx \\
+        --out benchmarks/results/relation_misses/relation_misses_bench11.json
 """
 
 from __future__ import annotations
@@ -27,8 +31,12 @@ import json
 import os
 import sys
 from collections import Counter
+from pathlib import Path
 
 import pyarrow.parquet as pq
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmarks/: _report
+from _report import add_out_option, write_report
 
 from crossrank import Index
 from crossrank.datasets import open_shapes, parse_query
@@ -67,6 +75,7 @@ def main() -> int:
         "--reranker", default="auto", help="auto, none, maxsim or a reranker folder"
     )
     parser.add_argument("--json", action="store_true", help="one JSON object instead of the line")
+    add_out_option(parser, "relation_misses")
     args = parser.parse_args()
 
     dataset = open_shapes(args.bench)
@@ -98,6 +107,7 @@ def main() -> int:
             counts["an object missing: " + _how_missing(top, missing)] += 1
         counts["first positive at rank " + ("2" if rank == 1 else "3-5" if rank < 5 else "6+")] += 1
     result = {"bench": args.bench, "reranker": args.reranker, **counts}
+    write_report(args.out, result)
     print(json.dumps(result) if args.json else result)
     return 0
 

@@ -7,8 +7,10 @@ them, so the host-to-device copy is timed) or are already resident on the device
 GPU-resident patch cache would reach). Also the demo-size CLIP encoder's images/s in fp16 on the
 device. Medians over rounds, with the card's name. Run::
 
-    python benchmarks/bench_rerank_device.py --device cuda --json
-    python benchmarks/bench_rerank_device.py --device cpu --quick
+    python benchmarks/gpu/bench_rerank_device.py --device cuda --json
+    python benchmarks/gpu/bench_rerank_device.py --device cpu --quick
+    python benchmarks/gpu/bench_rerank_device.py --device cuda \\
+        --out benchmarks/results/bench_rerank_device/bench_rerank_cuda_h200.json
 """
 
 from __future__ import annotations
@@ -19,10 +21,14 @@ import platform
 import statistics
 import sys
 import time
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/: _report
+from _report import add_out_option, write_report
 
 from crossrank.encoders.factory import ClipSpec, new_clip
 from crossrank.rerank import CrossAttentionReranker, MaxSimReranker, RerankerConfig
@@ -73,14 +79,20 @@ def bench_rerank(device: torch.device, ks: list[int], rounds: int) -> list[dict[
                     "k": k,
                     "reranker": name,
                     "host_ms": round(
-                        _median_ms(lambda r=reranker: r.score(tokens, mask, host), device, rounds),
+                        _median_ms(
+                            lambda r=reranker, t=tokens, m=mask, x=host: r.score(t, m, x),
+                            device,
+                            rounds,
+                        ),
                         3,
                     ),
                 }
                 if device.type == "cuda":
                     row["resident_ms"] = round(
                         _median_ms(
-                            lambda r=reranker: r.score(tokens, mask, resident), device, rounds
+                            lambda r=reranker, t=tokens, m=mask, x=resident: r.score(t, m, x),
+                            device,
+                            rounds,
                         ),
                         3,
                     )
@@ -122,7 +134,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--quick", action="store_true", help="fewer rounds, k = 100 only")
-    parser.add_argument("--json", action="store_true")
+    parser.add_argument("--json", action="store_true", help="one JSON object instead of the table")
+    add_out_option(parser, "bench_rerank_device")
     args = parser.parse_args()
     device = torch.device(args.device)
     rounds = 5 if args.quick else 30
@@ -140,6 +153,7 @@ def main() -> None:
         "rerank": bench_rerank(device, ks, rounds),
         "encoder": bench_encoder(device, 256 if device.type == "cuda" else 64, rounds),
     }
+    write_report(args.out, out)
     if args.json:
         json.dump(out, sys.stdout, indent=2)
         print()
@@ -148,7 +162,8 @@ def main() -> None:
     print(f"{'shape':9} {'k':>5} {'reranker':16} {'host ms':>9} {'resident ms':>12}")
     for r in out["rerank"]:
         print(
-            f"{r['shape']:9} {r['k']:>5} {r['reranker']:16} {r['host_ms']:>9.3f} {r.get('resident_ms', float('nan')):>12.3f}"
+            f"{r['shape']:9} {r['k']:>5} {r['reranker']:16} {r['host_ms']:>9.3f} "
+            f"{r.get('resident_ms', float('nan')):>12.3f}"
         )
     e = out["encoder"]
     print(f"demo CLIP image encoder: {e['images_per_s']:,.0f} images/s (batch {e['batch']})")

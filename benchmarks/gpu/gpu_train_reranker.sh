@@ -3,7 +3,10 @@
 # shipped demo encoder, and train the cross-attention reranker for many steps (the shipped
 # reranker's recipe, README "The shipped demo reranker": caption-only curriculum for the first 3/5 of
 # the steps, then the residual), logging the validation curve. Writes under $OUT (or
-# ./gpu-out). RECIPE overrides the architecture and loss flags.
+# ./gpu-out). RECIPE overrides the architecture and loss flags. Run from the repository root:
+#   bash benchmarks/gpu/gpu_train_reranker.sh
+# $OUT/reranker/train_log.jsonl is the log research/results/train_logs/ keeps
+# (reranker_train_h200_log.jsonl: an H200 run).
 set -uo pipefail
 . "$(dirname "$0")/_gpu_env.sh"
 cr() { python3 -c "from crossrank.cli import main; main()" "$@"; }
