@@ -3,28 +3,36 @@
 
 Every cross-attention row is the base configuration (the shipped demo reranker's architecture with
 2 layers, and its recipe: caption-negative steps first, then residual training over the first
-stage) with one change,
-trained with the same settings, seed and step budget on the shapes train split, then evaluated on
-the fixed benchmark (test split), and on a second benchmark seed if given: R@1, R@5 and nDCG@10
-overall, per query kind and on the held-out compositions, and the rerank latency per query at
-k = 100 on the CPU (median of ``reranker.score`` on one query's 100 candidates, one
-thread, the same random inputs for every row; the speed does not depend on the weights).
+stage) with one change, trained with the same settings, seed and step budget on the shapes train
+split, then evaluated on the fixed benchmark (test split), and on a second benchmark seed if
+given: R@1, R@5 and nDCG@10 overall, per query kind and on the held-out compositions, and the
+rerank latency per query at k = 100 on the CPU (median of ``reranker.score`` on one query's 100
+candidates, one thread, the same random inputs for every row; the speed does not depend on the
+weights).
 
-Rows train one after another and each is resumable: a row whose folder holds a finished reranker
-is evaluated again without training; an interrupted one resumes from its checkpoint. Run (after
-preparing the data as the README's "Reproducing the reranker" section does)::
+Rows train one after another (``crossrank.training.train_reranker``, each preparing the same
+training set: encoding and mining are repeated per row) and each is resumable: a row whose folder
+holds a finished reranker is evaluated again without training; an interrupted one resumes from its
+checkpoint. Run from the repository root (after preparing the data as the README's "Reproducing
+the reranker" section does)::
 
-    python benchmarks/ablation.py --train runs/shapes-train/pairs.parquet --train-index runs/train-negs.idx \\
-        --bench runs/bench --bench-index runs/bench-negs.idx --out runs/ablation --steps 2000 \\
-        --caption-only-steps 1200 --first-stage-weight 35.9 \\
+    python research/ablation.py --train runs/shapes-train/pairs.parquet \\
+        --train-index runs/train-negs.idx --bench runs/bench --bench-index runs/bench-negs.idx \\
+        --out runs/ablation --steps 2000 --caption-only-steps 1200 --first-stage-weight 35.9 \\
         --second-bench runs/bench7 --second-bench-index runs/bench7-negs.idx   # also on seed 7
-    python benchmarks/ablation.py ... --rows base layers=1   # only some rows
+    python research/ablation.py ... --rows base layers=1   # only some rows
 
 Rows may train in several processes at once (``--rows`` splits them, same ``--out``: each process
 writes only its own rows into ``ablation.json``); a last run with every row then evaluates them all
 again without training and times them together.
 
-It writes ``OUT/ablation.json`` and prints the markdown table the README quotes.
+It writes ``OUT/ablation.json`` (beside each row's reranker folder) and prints the markdown table
+the README quotes. The results are in ``research/results/ablation/``, each an ``OUT/ablation.json``
+copied there (``cp runs/ablation/ablation.json research/results/ablation/ablation_<what>.json``;
+its ``_meta`` gives steps, caption-only steps and threads, ``_meta_second_bench`` the second
+benchmark): ``ablation_seed0.json`` (800 steps, no caption-only steps, seed 0 only),
+``ablation_negclip_seed0_seed7.json`` (the command above: 2000 steps, 1200 caption-only, seeds 0
+and 7) and ``ablation_negclip_init_bert.json`` (its ``init=bert`` row, same settings).
 """
 
 from __future__ import annotations
@@ -43,20 +51,15 @@ import torch
 
 from crossrank import Index
 from crossrank.evaluate import evaluate_index
-from crossrank.rerank import (
-    CrossAttentionReranker,
-    RerankTrainConfig,
-    load_reranker,
-    read_reranker_config,
-    train_reranker,
-)
+from crossrank.rerank import CrossAttentionReranker, load_reranker, read_reranker_config
 from crossrank.rerank.checkpoint import demo_reranker_dir
+from crossrank.training import RerankTrainConfig, train_reranker
 
 #: The base architecture: the shipped demo reranker's (width 128, 4 heads, no gates, LeCun init,
-#: 64 patch positions) with 2 layers and without the options the reranker shipped since
-#: 2026-12-02 (fourth session) added (query self-attention, pair head, layer-0 token states), as
-#: it was when the README's table was measured; the ``layers=1`` row is the reranker shipped
-#: between the two (the full recipe's run, README).
+#: 64 patch positions) with 2 layers and without the options the relation-reading demo reranker
+#: added (query self-attention, pair head, layer-0 token states), as it was when the README's
+#: table was measured; the ``layers=1`` row is the reranker shipped between the two (the full
+#: recipe's run, README).
 BASE = replace(
     read_reranker_config(demo_reranker_dir()),
     layers=2,
@@ -86,7 +89,8 @@ METRICS = ("R@1", "R@5", "nDCG@10")
 def _latencies_ms(
     rerankers: dict[str, Any], dim: int, n_patches: int, k: int = 100, rounds: int = 21
 ) -> dict[str, float]:
-    """Median ``score`` time per query at ``k`` of each reranker, rounds interleaved (order rotated)."""
+    """Median ``score`` time per query at ``k`` of each reranker, rounds interleaved (order
+    rotated)."""
     g = torch.Generator().manual_seed(0)
     tokens, mask = torch.randn(12, dim, generator=g), torch.ones(12, dtype=torch.bool)
     patches = torch.randn(k, n_patches, dim, generator=g).half()
@@ -216,7 +220,6 @@ def main(argv: list[str] | None = None) -> int:
         caption_negatives=args.caption_negatives,
         caption_only_steps=args.caption_only_steps,
     )
-    _share_training_set()
     train_index = None
     for name in rows:
         folder = args.out / name.replace("=", "-")
@@ -251,7 +254,7 @@ def main(argv: list[str] | None = None) -> int:
         save(key)
         print(f"{key}: R@1 {results[key]['metrics']['all']['R@1']:.3f}", file=sys.stderr)
 
-    # Latency last, every row in one interleaved measurement, so that a busy machine slows all alike.
+    # Latency last, every row in one interleaved measurement: a busy machine slows all alike.
     from crossrank.rerank import MaxSimReranker
 
     if results_path.exists():  # every row so far, this process's and the others'
@@ -274,28 +277,6 @@ def main(argv: list[str] | None = None) -> int:
     save(*[key for key in results if key in timed or key.startswith("_meta")])
     print(_table(results))
     return 0
-
-
-def _share_training_set() -> None:
-    """Every row trains on the same data with the same settings: encode and mine it once."""
-    from crossrank.rerank import _train_data
-
-    prepare, memo = _train_data.prepare_training_set, {}
-
-    def shared(index: Any, pairs_path: Any, config: RerankTrainConfig) -> Any:
-        key = (
-            str(index.path),
-            str(pairs_path),
-            config.mine_k,
-            config.val_fraction,
-            config.max_val_captions,
-            config.seed,
-        )
-        if key not in memo:
-            memo[key] = prepare(index, pairs_path, config)
-        return memo[key]
-
-    _train_data.prepare_training_set = shared
 
 
 def _table(results: dict[str, Any]) -> str:

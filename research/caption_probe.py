@@ -9,28 +9,37 @@ variant trains from scratch with the same seed, batches and rewrites; the script
 loss and accuracy (the true caption ranked first, ties counted as chance) per 100 steps, overall and
 on pair and relation captions separately (with the first stage's on the same lists).
 
-    python benchmarks/caption_probe.py --train runs/shapes-train/pairs.parquet \\
-        --train-index runs/train.idx --steps 600 gated nogate nogate-qsa nogate-psa
+Run from the repository root, after preparing the shapes train split and its index as the
+README's "Reproducing the reranker" section does; ``--json FILE`` also writes the curves::
+
+    python research/caption_probe.py --train runs/shapes-train/pairs.parquet \\
+        --train-index runs/train.idx --steps 600 gated nogate \\
+        --json research/results/caption_probe/caption_probe_gates.json
+
+The results are in ``research/results/caption_probe/``, one ``caption_probe_<what>.json`` per run
+(its ``steps`` and variant names inside: e.g. ``caption_probe_relations_only.json`` is
+``--steps 1500 nogate-lecun-qsa-embcat-coords-relations``, ``caption_probe_relations_oracle.json``
+``--steps 800 nogate-lecun-qsa-embcat-coords-relations-oracle``);
+``caption_probe_structural.txt`` is the console output of one run, with its command.
 
 A variant is words joined by ``-``: ``gated`` / ``nogate`` (Flamingo tanh gates at 0, or plain
 residuals), ``lecun`` (every linear map at std 1/sqrt(fan_in) instead of 0.02, ``init="lecun"``;
-``xavier`` is its older name), ``qsa`` (query self-attention), ``psa`` (patch self-attention), ``lr3e-3`` (peak
-learning rate; default 1e-3), ``structural`` (only the structural rewrites: swapped colours,
-shapes or objects, another relation; single-object captions, which have none, drop out), ``embcat``
-(the reranker also reads the text encoder's layer-0 states, its token plus position embeddings, so
-that words its last layer merges, such as "left" and "right", stay apart), ``relations`` (only
-relation captions, each against its rewrites that keep both objects: another relation, or the
-objects swapped around it; every bit of signal is then about the relation, chance about 1/4),
-``coords`` (two fixed channels, the patch's column and row in the grid at unit scale, appended to
-every stored patch, so that where a patch is needs no learning), ``oracle`` (the stored patches
-replaced by what the scene graph says is in each patch's grid cell: one-hot colour and shape and an
-occupancy bit, zeros for an empty cell; perfect, noise-free patch features, to tell a weak image
-encoder from a hard learning problem), ``demo`` (start from the shipped demo reranker's weights
-instead of from scratch: a reranker that already finds and binds objects; only with its
-architecture, ``nogate-lecun`` and no extra inputs). All use
-2 layers of width 128, 4 heads and 64 patch positions. Chance is about 1/7 (1/(1 + rewrites) per
-caption with fewer false rewrites); ``first stage`` rows give the pooled encoder's accuracy on the
-same lists for reference.
+``xavier`` is its older name), ``qsa`` (query self-attention), ``psa`` (patch self-attention),
+``lr3e-3`` (peak learning rate; default 1e-3), ``structural`` (only the structural rewrites:
+swapped colours, shapes or objects, another relation; single-object captions, which have none, drop
+out), ``embcat`` (the reranker also reads the text encoder's layer-0 states, its token plus
+position embeddings, so that words its last layer merges, such as "left" and "right", stay apart),
+``relations`` (only relation captions, each against its rewrites that keep both objects: another
+relation, or the objects swapped around it; every bit of signal is then about the relation, chance
+about 1/4), ``coords`` (two fixed channels, the patch's column and row in the grid at unit scale,
+appended to every stored patch, so that where a patch is needs no learning), ``oracle`` (the stored
+patches replaced by what the scene graph says is in each patch's grid cell: one-hot colour and
+shape and an occupancy bit, zeros for an empty cell; perfect, noise-free patch features, to tell a
+weak image encoder from a hard learning problem), ``demo`` (start from the shipped demo reranker's
+weights instead of from scratch: a reranker that already finds and binds objects; only with its
+architecture, ``nogate-lecun`` and no extra inputs). All use 2 layers of width 128, 4 heads and 64
+patch positions. Chance is about 1/7 (1/(1 + rewrites) per caption with fewer false rewrites);
+``first stage`` rows give the pooled encoder's accuracy on the same lists for reference.
 """
 
 from __future__ import annotations
@@ -40,30 +49,91 @@ import json
 import sys
 import time
 from dataclasses import replace
+from typing import NamedTuple
 
 import numpy as np
 import torch
 
 from crossrank import Index
 from crossrank.datasets import Relation
-from crossrank.rerank import (
-    CrossAttentionReranker,
-    RerankerConfig,
-    RerankTrainConfig,
-    load_reranker,
-)
+from crossrank.rerank import CrossAttentionReranker, RerankerConfig, load_reranker
 from crossrank.rerank.checkpoint import demo_reranker_dir
+from crossrank.training import RerankTrainConfig
 from crossrank.training.data import prepare_training_set
-from crossrank.training.reranker import (
-    _Banks,
-    _forward_captions,
-    _optimizer,
-    _top1_accuracy,
-    rerank_loss,
-)
+from crossrank.training.reranker import rerank_loss
 
 N_REWRITES = 6
 BATCH = 32
+
+
+# -- what the probes share (relation_probe.py and benchmarks/relation_caption_accuracy.py import
+# these). The training package keeps its step functions private, so the few the probes need are
+# restated here with the package's public pieces (``CrossAttentionReranker.precompute_kv`` and
+# ``forward_batch``, ``RerankTrainConfig``): each does what ``crossrank train`` does.
+
+
+class Banks(NamedTuple):
+    """A training set's caption bank and patch bank as tensors, the rows a step gathers from."""
+
+    tokens: torch.Tensor  # (rows, L, d) float16
+    token_mask: torch.Tensor  # (rows, L) bool
+    patches: torch.Tensor  # (N, P, d) float16
+
+
+def caption_logits(
+    model: CrossAttentionReranker, banks: Banks, rows: np.ndarray, image: np.ndarray
+) -> torch.Tensor:
+    """``(B, 1 + M)`` logits of each image ``(B,)`` against its caption bank rows ``(B, 1 + M)``:
+    the reranker's own (no first-stage residual), each image's keys/values computed once and read
+    by its ``1 + M`` captions, as ``crossrank train`` scores caption negatives."""
+    b, m1 = rows.shape
+    u = torch.from_numpy(rows.reshape(-1))
+    mask = banks.token_mask[u]  # (B * (1 + M), L)
+    real = mask.any(dim=0)  # drop the columns that are padding in every row
+    tokens, mask = banks.tokens[u][:, real].float(), mask[:, real]
+    owner = torch.arange(b).repeat_interleave(m1)  # each row's image
+    patches = banks.patches[torch.from_numpy(image)].float()
+    kv = model.precompute_kv(patches).select(owner).unsqueeze(1)
+    return model.forward_batch(tokens, mask, kv).view(b, m1)
+
+
+def top1_accuracy(logits: torch.Tensor) -> torch.Tensor:
+    """``(B,)``: 1 where column 0 alone has the top logit, ``1/t`` where it ties with ``t - 1``
+    others (a random tie break's expected hit), else 0; ties within float rounding (1e-5
+    relative), as ``crossrank train`` counts them (an untrained model can tie every column)."""
+    top = logits.max(dim=1, keepdim=True).values
+    at_top = logits >= top - (1e-6 + 1e-5 * top.abs())  # (B, k)
+    return at_top[:, 0].float() / at_top.sum(dim=1).float()
+
+
+def make_optimizer(model: torch.nn.Module, config: RerankTrainConfig) -> torch.optim.AdamW:
+    """AdamW at ``config.lr`` with ``config.weight_decay`` on weight matrices only (not biases,
+    norms, gates, query tokens or position embeddings), as ``crossrank train`` builds it."""
+    decay, no_decay = [], []
+    for name, param in model.named_parameters():
+        matrix = param.ndim >= 2 and name not in ("query_tokens", "patch_pos")
+        (decay if matrix else no_decay).append(param)
+    return torch.optim.AdamW(
+        [
+            {"params": decay, "weight_decay": config.weight_decay},
+            {"params": no_decay, "weight_decay": 0.0},
+        ],
+        lr=config.lr,
+    )
+
+
+def cell_patches(n_patches: int) -> np.ndarray:
+    """``(GRID, GRID, P)`` float32: 1 for the patches whose centre lies in each grid cell of the
+    shapes world (patches row-major, as stored)."""
+    from crossrank.datasets.config import GRID
+
+    side = round(n_patches**0.5)
+    cell = ((2 * np.arange(side) + 1) * GRID) // (2 * side)  # the cell under each patch row/column
+    out = np.zeros((GRID, GRID, side, side), dtype=np.float32)
+    for r in range(GRID):
+        for c in range(GRID):
+            out[r, c] = (cell[:, None] == r) & (cell[None, :] == c)
+    return out.reshape(GRID, GRID, n_patches)
 
 
 def parse_variant(name: str) -> tuple[dict, float]:
@@ -83,13 +153,13 @@ def parse_variant(name: str) -> tuple[dict, float]:
             lr = float(word[2:])
         elif word not in ("gated", "nogate"):
             raise SystemExit(
-                f"unknown variant word {word!r} in {name!r}: "
-                "use gated, nogate, qsa, psa, lecun, lrX, structural, embcat, relations, coords, oracle, demo"
+                f"unknown variant word {word!r} in {name!r}: use gated, nogate, qsa, psa, lecun, "
+                "lrX, structural, embcat, relations, coords, oracle, demo"
             )
     return fields, lr
 
 
-def _bank_texts(data) -> list[str]:
+def bank_texts(data) -> list[str]:
     """The text of every caption bank row: the captions, then the rewrites appended after them
     (``TrainingSet`` keeps only the captions' texts; the rewrites are re-derived in bank order)."""
     from crossrank.datasets import parse_query, perturbation_rows
@@ -98,10 +168,11 @@ def _bank_texts(data) -> list[str]:
     return data.captions + [spec.text for spec in extra]
 
 
-def _relations_only(data):
+def relations_only(data):
     """The caption bank cut to each relation caption's rewrites that keep both of its objects
     (another relation, or the objects swapped around it; ``TrainingSet.relation_negatives``, what
-    ``crossrank train --relation-share`` draws from), and the training pairs whose caption has one."""
+    ``crossrank train --relation-share`` draws from), and the training pairs whose caption has
+    one."""
     bank = data.relation_negatives
     return bank, np.flatnonzero(bank.n_structural[data.train_caption] > 0)
 
@@ -116,10 +187,10 @@ def _with_coordinates(patches: torch.Tensor) -> torch.Tensor:
     return torch.cat([patches, torch.from_numpy(coords).to(patches.dtype).expand(n, p, 2)], dim=-1)
 
 
-def _oracle_patches(scenes, n_patches: int) -> torch.Tensor:
-    """``(N, P, colours + shapes + 1)`` float16: for each image of ``scenes`` (a ``SceneArrays``) and
-    each patch of its ``side x side`` grid, the object in the grid cell under the patch's centre as
-    one-hot colour and shape plus an occupancy bit (all zero for an empty cell)."""
+def oracle_patches(scenes, n_patches: int) -> torch.Tensor:
+    """``(N, P, colours + shapes + 1)`` float16: for each image of ``scenes`` (a ``SceneArrays``)
+    and each patch of its ``side x side`` grid, the object in the grid cell under the patch's
+    centre as one-hot colour and shape plus an occupancy bit (all zero for an empty cell)."""
     from crossrank.datasets.config import GRID, Colour, Shape
 
     side = round(n_patches**0.5)
@@ -137,18 +208,6 @@ def _oracle_patches(scenes, n_patches: int) -> torch.Tensor:
                 feats[hit, r, c, n_colours + scenes.shape[hit, j]] = 1.0
                 feats[hit, r, c, -1] = 1.0
     return torch.from_numpy(feats.reshape(len(scenes), side * side, -1)).half()
-
-
-def _with_token_embeddings(index: Index, data, texts: list[str]) -> torch.Tensor:
-    """The caption bank's token features with the text encoder's layer-0 states (token plus
-    position embeddings, before any attention) concatenated in front: ``(rows, L, width + d)``,
-    as ``crossrank train --token-embeddings`` encodes them. ``texts``: every bank row's text, in
-    order (:func:`_bank_texts`)."""
-    from crossrank.training.data import _encode_captions
-
-    tokens, _, _ = _encode_captions(index, texts, token_embeddings=True)
-    assert tokens.shape[:2] == data.tokens.shape[:2], "the bank's texts re-encode to another length"
-    return torch.from_numpy(tokens)
 
 
 def _kind(caption: str) -> str:
@@ -169,7 +228,8 @@ def _by_kind(kinds: list, hits: list, fs_hits: list) -> dict[str, float]:
 
 
 def probe_args(description: str, steps: int) -> argparse.Namespace:
-    """The probes' command line: ``--train``, ``--train-index``, ``--steps``, ``--json``, variants."""
+    """The probes' command line: ``--train``, ``--train-index``, ``--steps``, ``--json`` and the
+    variants."""
     parser = argparse.ArgumentParser(
         description=description, formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -181,45 +241,51 @@ def probe_args(description: str, steps: int) -> argparse.Namespace:
     return parser.parse_args()
 
 
-def probe_data(args: argparse.Namespace):
-    """The index and its training set with ``N_REWRITES`` caption negatives (seed 0)."""
+def probe_data(args: argparse.Namespace, token_embeddings: bool = False):
+    """``(index, data, layer0)``: the index, its training set with ``N_REWRITES`` caption negatives
+    (seed 0), and with ``token_embeddings`` the caption bank's token features with the text
+    encoder's layer-0 states (token plus position embeddings, before any attention) in front,
+    ``(rows, L, width + d)`` float16, as ``crossrank train --token-embeddings`` encodes them (else
+    None). ``data.tokens`` holds the last layer's features alone either way."""
     index = Index.open(args.train_index, device="cpu")
-    return index, prepare_training_set(
-        index, args.train, RerankTrainConfig(caption_negatives=N_REWRITES, seed=0)
-    )
+    config = RerankTrainConfig(caption_negatives=N_REWRITES, seed=0)
+    data = prepare_training_set(index, args.train, config, token_embeddings=token_embeddings)
+    layer0 = None
+    if token_embeddings:  # the layer-0 states come first: cut them off for the plain bank
+        width = index.encoder.token_embedding_dim
+        layer0 = torch.from_numpy(data.tokens)
+        data = replace(data, tokens=np.ascontiguousarray(data.tokens[..., width:]))
+    return index, data, layer0
 
 
 def main() -> int:
     args = probe_args(__doc__, steps=600)
     variants = {name: parse_variant(name) for name in args.variants}
+    words = {word for name in variants for word in name.split("-")}
 
-    index, data = probe_data(args)
-    banks = _Banks(
+    index, data, layer0 = probe_data(args, token_embeddings="embcat" in words)
+    banks = Banks(
         torch.from_numpy(data.tokens),
         torch.from_numpy(data.token_mask),
         torch.from_numpy(data.patches),
     )
-    words = {word for name in variants for word in name.split("-")}
-    texts = _bank_texts(data) if "embcat" in words else []  # re-derived once
-    if "embcat" in words:
-        with_embeddings = _Banks(
-            _with_token_embeddings(index, data, texts), banks.token_mask, banks.patches
-        )
+    if layer0 is not None:
+        with_embeddings = Banks(layer0, banks.token_mask, banks.patches)
     if "relations" in words:
-        relations_bank = _relations_only(data)  # (bank, pool), for every variant
+        relations_bank = relations_only(data)  # (bank, pool), for every variant
     kind = np.array([_kind(c) for c in data.captions])  # per caption bank row
     curves: dict[str, list[dict]] = {}
     for name, (fields, lr) in variants.items():
         torch.manual_seed(0)
         use = with_embeddings if "embcat" in name.split("-") else banks
         if "oracle" in name.split("-"):
-            use = _Banks(
+            use = Banks(
                 use.tokens,
                 use.token_mask,
-                _oracle_patches(data.negatives.scenes, use.patches.shape[1]),
+                oracle_patches(data.negatives.scenes, use.patches.shape[1]),
             )
         if "coords" in name.split("-"):
-            use = _Banks(use.tokens, use.token_mask, _with_coordinates(use.patches))
+            use = Banks(use.tokens, use.token_mask, _with_coordinates(use.patches))
         model = CrossAttentionReranker(
             RerankerConfig(
                 text_dim=use.tokens.shape[-1],
@@ -235,14 +301,14 @@ def main() -> int:
             shipped = load_reranker(demo_reranker_dir(), device="cpu")
             if shipped.config != model.config:
                 raise SystemExit(
-                    f"{name}: `demo` starts from the shipped reranker, so the variant must have its "
-                    "architecture: nogate-lecun, without embcat, coords, oracle, qsa or psa"
+                    f"{name}: `demo` starts from the shipped reranker, so the variant must have "
+                    "its architecture: nogate-lecun, without embcat, coords, oracle, qsa or psa"
                 )
             model.load_state_dict(
                 {key: value.float() for key, value in shipped.state_dict().items()}
             )
         schedule = RerankTrainConfig(lr=lr, steps=args.steps, warmup=50)
-        optimizer = _optimizer(model, schedule)
+        optimizer = make_optimizer(model, schedule)
         rng = np.random.default_rng(0)
         bank, pool = data.negatives, np.arange(data.train_caption.size)
         if "structural" in name.split("-"):
@@ -267,16 +333,16 @@ def main() -> int:
             cosine = (q_vec[torch.from_numpy(rows)] * i_vec[torch.from_numpy(image)][:, None]).sum(
                 -1
             )
-            fs = _top1_accuracy(cosine.masked_fill(~keep, float("-inf"))).numpy()
+            fs = top1_accuracy(cosine.masked_fill(~keep, float("-inf"))).numpy()
             first_stage_hits.append(float(fs.mean()))
-            logits = _forward_captions(model, use, rows, image, torch.device("cpu"))
+            logits = caption_logits(model, use, rows, image)
             loss = rerank_loss(logits, "listwise", keep)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
             optimizer.step()
             losses.append(loss.item())
-            hit = _top1_accuracy(logits.detach().masked_fill(~keep, float("-inf"))).numpy()
+            hit = top1_accuracy(logits.detach().masked_fill(~keep, float("-inf"))).numpy()
             accuracies.append(float(hit.mean()))
             kinds.append(kind[caption])
             hits.append(hit)

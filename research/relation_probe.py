@@ -27,14 +27,22 @@ A variant is words joined by ``-``:
   cell, weight 0.5).
 
 The probe reads the index's encoder and patches; the standalone reranker is not
-``CrossAttentionReranker`` (whose attention kernels do not return their weights). Run::
+``CrossAttentionReranker`` (whose attention kernels do not return their weights). Run from the
+repository root, after preparing the shapes train split and its index as the README's
+"Reproducing the reranker" section does::
 
-    python benchmarks/relation_probe.py --train runs/shapes-train/pairs.parquet \\
-        --train-index runs/train-negs.idx --steps 3000 mlp mlp-loc embcat-qsa-pair-mix-sup
+    python research/relation_probe.py --train runs/shapes-train/pairs.parquet \\
+        --train-index runs/train-negs.idx --steps 3000 embcat-qsa-pair-mix-sup qsa-pair-mix-sup \\
+        --json runs/relation_probe.json
 
 It prints, per 250 steps, the loss, the accuracy on the relation groups (the true caption ranked
 first, ties counted as chance), the first stage's on the same lists, chance, and the attention
-mass on the supervised cells.
+mass on the supervised cells; ``--json FILE`` also writes the curves (after every variant, so an
+interrupted run keeps the finished ones). The results are in
+``research/results/relation_probe/relation_probe.json``: the curves of three such runs merged
+(``--steps 2500 mlp mlp-loc oracle-embcat-qsa-pair-mix-sup``, the last stopped at step 2250;
+``--steps 3000 embcat-qsa-pair-mix-sup qsa-pair-mix-sup``; ``--steps 2000
+oracle-embcat-qsa-pair-mix oracle-embcat-qsa-mix-sup``), as its ``description`` says.
 """
 
 from __future__ import annotations
@@ -49,20 +57,22 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # research/: caption_probe
 from caption_probe import (
-    _bank_texts,
-    _oracle_patches,
-    _relations_only,
-    _with_token_embeddings,
+    bank_texts,
+    cell_patches,
+    make_optimizer,
+    oracle_patches,
     probe_args,
     probe_data,
+    relations_only,
+    top1_accuracy,
 )
 
 from crossrank.datasets.config import GRID, Colour, Shape
 from crossrank.training import RerankTrainConfig
-from crossrank.training.attention_targets import _cell_patches, object_token_positions
-from crossrank.training.reranker import _optimizer, _top1_accuracy, rerank_loss
+from crossrank.training.attention_targets import object_token_positions
+from crossrank.training.reranker import rerank_loss
 
 BATCH, N_NEG, EVERY, SUP_WEIGHT = 32, 4, 250, 0.5
 WORDS = {"mlp", "loc", "oracle", "embcat", "qsa", "pair", "mix", "sup"}
@@ -101,7 +111,8 @@ class _Layer(nn.Module):
 
 
 class ProbeReranker(nn.Module):
-    """Text tokens cross-attend to patches (2 layers); optional query self-attention and pair head."""
+    """Text tokens cross-attend to patches (2 layers); optional query self-attention and pair
+    head."""
 
     def __init__(
         self,
@@ -257,7 +268,7 @@ def run_variant(name: str, data, index, steps: int, texts: list[str], extras: di
             pair="pair" in words,
         )
     schedule = RerankTrainConfig(lr=1e-3, steps=steps, warmup=50)
-    optimizer = _optimizer(model, schedule)
+    optimizer = make_optimizer(model, schedule)
     n_rel = BATCH // 2 if "mix" in words else BATCH
     history: dict[str, list] = {k: [] for k in ("loss", "hit", "fs", "chance", "mass")}
     curve, t0 = [], time.perf_counter()
@@ -317,9 +328,9 @@ def run_variant(name: str, data, index, steps: int, texts: list[str], extras: di
             q_vec[torch.from_numpy(rows[:n_rel])] * i_vec[torch.from_numpy(image[:n_rel])][:, None]
         ).sum(-1)
         history["loss"].append(loss.item())
-        history["hit"].append(_top1_accuracy(masked).numpy())
+        history["hit"].append(top1_accuracy(masked).numpy())
         history["fs"].append(
-            _top1_accuracy(cosine.masked_fill(~keep[:n_rel], float("-inf"))).numpy()
+            top1_accuracy(cosine.masked_fill(~keep[:n_rel], float("-inf"))).numpy()
         )
         history["chance"].append(1.0 / valid[:n_rel].sum(1))
         if (step + 1) % EVERY == 0:
@@ -342,25 +353,25 @@ def run_variant(name: str, data, index, steps: int, texts: list[str], extras: di
 
 def main() -> int:
     args = probe_args(__doc__, steps=3000)
-    index, data = probe_data(args)
-    texts = _bank_texts(data)
+    words = {w for name in args.variants for w in name.split("-")}
+    index, data, layer0 = probe_data(args, token_embeddings="embcat" in words)
+    texts = bank_texts(data)
     if len(texts) != data.tokens.shape[0]:
         raise SystemExit(
             f"caption bank mismatch: {len(texts)} texts for {data.tokens.shape[0]} rows"
         )
-    words = {w for name in args.variants for w in name.split("-")}
     extras = {
-        "relations": _relations_only(data),
+        "relations": relations_only(data),
         "grid": _grid_features(data.negatives.scenes),
-        "cells": _cell_patches(data.patches.shape[1]),
+        "cells": cell_patches(data.patches.shape[1]),
         "shape_tokens": object_token_positions(
             index.encoder.tokenizer, texts, index.encoder.max_text_len
         ),
     }
-    if "embcat" in words:
-        extras["embcat"] = _with_token_embeddings(index, data, texts)
+    if layer0 is not None:
+        extras["embcat"] = layer0
     if "oracle" in words:
-        extras["oracle"] = _oracle_patches(data.negatives.scenes, data.patches.shape[1])
+        extras["oracle"] = oracle_patches(data.negatives.scenes, data.patches.shape[1])
     curves: dict[str, list[dict]] = {}
     for name in args.variants:
         curves[name] = run_variant(name, data, index, args.steps, texts, extras)

@@ -11,10 +11,14 @@ this prints the mean cosine similarity, after a LayerNorm (as the reranker's pre
   text transformer layer;
 - of the features the reranker reads (``encode_text(...).tokens``) and of the pooled vectors.
 
-1.0 means the words are indistinguishable. Example (the shipped demo encoder, then a fine-tune):
+1.0 means the words are indistinguishable. Run from the repository root (the shipped demo
+encoder, then a fine-tune; ``--json`` prints one JSON object instead of the table)::
 
-    python benchmarks/relation_words.py
-    python benchmarks/relation_words.py --model runs/enc-neg
+    python research/relation_words.py
+    python research/relation_words.py --model runs/enc-neg
+    python research/relation_words.py --json > research/results/relation_words/demo_encoder.json
+
+No result of it is committed: it runs in seconds, and the README quotes its table.
 """
 
 from __future__ import annotations
@@ -86,8 +90,8 @@ def main() -> int:
         print(json.dumps({"model": encoder.model_id, "cosine": report}, indent=1))
         return 0
     print(
-        f"model {encoder.model_id}: mean cosine (after LayerNorm) between captions that differ only "
-        "in the relation word; 1.0 = indistinguishable"
+        f"model {encoder.model_id}: mean cosine (after LayerNorm) between captions that differ "
+        "only in the relation word; 1.0 = indistinguishable"
     )
     keys = list(next(iter(report.values())))
     print("| feature | " + " | ".join(report) + " |")
