@@ -1,8 +1,9 @@
 """The ``crossrank`` command line: parse, call the library, render.
 
 Every command is a thin shell over the public API (:class:`crossrank.Index` and friends). A
-:class:`~crossrank.errors.CrossrankError` becomes one red line on stderr and exit code 1; ``--verbose``
-shows the traceback instead. Heavy modules load inside the commands, so ``crossrank --help`` is quick.
+:class:`~crossrank.errors.CrossrankError` becomes one red line on stderr and exit code 1;
+``--verbose`` shows the traceback instead. Heavy modules load inside the commands, so
+``crossrank --help`` is quick.
 """
 
 from __future__ import annotations
@@ -34,7 +35,11 @@ __all__ = ["app", "main"]
 
 app = typer.Typer(
     name="crossrank",
-    help="Multimodal image retrieval: a FAISS first stage, reranked by query tokens attending to image patches.",
+    help=(
+        "Multimodal image retrieval: a FAISS first stage, reranked by query tokens attending "
+        "to image "
+        "patches."
+    ),
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
@@ -102,7 +107,10 @@ def build(
     factory: Annotated[
         str | None,
         typer.Option(
-            help="FAISS factory string, e.g. 'IVF1024,Flat' or 'HNSW32'; default: Flat or IVF by size."
+            help=(
+                "FAISS factory string, e.g. 'IVF1024,Flat' or 'HNSW32'; default: Flat or IVF "
+                "by size."
+            )
         ),
     ] = None,
     nprobe: Annotated[
@@ -166,12 +174,17 @@ def build(
         return
     rate = report.indexed / report.seconds if report.seconds else 0.0
     console.print(
-        f"[green]indexed {report.indexed}[/] images, skipped {report.skipped}, in {report.seconds:.1f} s "
-        f"({rate:,.0f} img/s overall, model loading included) -> {report.index_dir} (generation {report.generation}, {report.factory})"
+        f"[green]indexed {report.indexed}[/] images, skipped {report.skipped}, "
+        f"in {report.seconds:.1f} "
+        "s "
+        f"({rate:,.0f} img/s overall, model loading included) -> {report.index_dir} (generation "
+        f"{report.generation}, {report.factory})"
     )
     if report.skipped:
         console.print(
-            f"[yellow]{report.skipped} files skipped:[/] list them with `crossrank info {report.index_dir} --skipped`"
+            f"[yellow]{report.skipped} files skipped:[/] list them with "
+            f"`crossrank info {report.index_dir} "
+            "--skipped`"
         )
 
 
@@ -190,13 +203,22 @@ def search(
     reranker: Annotated[
         str,
         typer.Option(
-            help="auto (the index's own reranker/; blip-itm on a BLIP index; the shipped demo reranker on a demo-encoder index; else maxsim), maxsim, blip-itm, none, or a trained reranker folder."
+            help=(
+                "auto (the index's own reranker/; blip-itm on a BLIP index; the shipped "
+                "demo reranker "
+                "on a demo-encoder index; else maxsim), maxsim, blip-itm, none, or a trained "
+                "reranker "
+                "folder."
+            )
         ),
     ] = "auto",
     fusion: Annotated[
         str,
         typer.Option(
-            help="auto (the reranker's recommendation, else rerank), rerank, sum, or weighted:ALPHA (ALPHA*rerank + (1-ALPHA)*first stage)."
+            help=(
+                "auto (the reranker's recommendation, else rerank), rerank, sum, or weighted:ALPHA "
+                "(ALPHA*rerank + (1-ALPHA)*first stage)."
+            )
         ),
     ] = "auto",
     where: Annotated[
@@ -317,7 +339,9 @@ def info(
         ("model", enc.get("model_id")),
         (
             "dims",
-            f"pooled {enc.get('dim')}, patches {facts['patches']['n_patches']} x {facts['patches']['dim']} fp16",
+            f"pooled {enc.get('dim')}, patches {facts['patches']['n_patches']} x "
+            f"{facts['patches']['dim']} "
+            "fp16",
         ),
         (
             "first stage",
@@ -336,7 +360,7 @@ def verify(
     index: Annotated[Path, typer.Argument(help="The index directory.")],
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
 ) -> None:
-    """Check that the first stage, patch store and metadata agree; exit 1 on the first disagreement."""
+    """Check that the first stage, patch store and metadata agree; exit 1 on a disagreement."""
     from crossrank.api.index import verify_index
     from crossrank.store import read_manifest
 
@@ -383,13 +407,19 @@ def demo(
     reranker: Annotated[
         str,
         typer.Option(
-            help="Reranker to compare with the first stage: auto (the shipped demo reranker for the demo encoder), maxsim, none, or a folder."
+            help=(
+                "Reranker to compare with the first stage: auto (the shipped demo reranker for the "
+                "demo encoder), maxsim, none, or a folder."
+            )
         ),
     ] = "auto",
     device: Annotated[Device, typer.Option(help="Where to encode and rerank.")] = Device.AUTO,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
 ) -> None:
-    """Generate a compositional benchmark, index it, show example queries and evaluate: offline, about a minute."""
+    """Generate a compositional benchmark, index it, show example queries and evaluate (offline).
+
+    Takes about a minute.
+    """
     from crossrank.demo import run_demo
 
     def say(message: str) -> None:
@@ -411,7 +441,10 @@ def demo(
         return
     for ex in report.examples:
         table = Table(
-            title=f"{ex['query']!r}  [dim]({ex['kind']}, {ex['relevant_in_corpus']} relevant images)[/]",
+            title=(
+                f"{ex['query']!r}  "
+                f"[dim]({ex['kind']}, {ex['relevant_in_corpus']} relevant images)[/]"
+            ),
             title_justify="left",
         )
         table.add_column("#", justify="right")
@@ -425,7 +458,9 @@ def demo(
     render_eval(report.evaluation)
     s = report.seconds
     console.print(
-        f"[green]done[/] in {s['total']:.0f} s (dataset {s['dataset']:.0f} s, build {s['build']:.0f} s, "
+        f"[green]done[/] in {s['total']:.0f} s (dataset {s['dataset']:.0f} s, "
+        f"build {s['build']:.0f} "
+        "s, "
         f"eval {s['eval']:.0f} s) -> {report.out_dir}/"
     )
     console.print(
@@ -456,13 +491,21 @@ def eval_cmd(
     reranker: Annotated[
         str,
         typer.Option(
-            help="auto (the index's own reranker/; blip-itm on a BLIP index; the shipped demo reranker on a demo-encoder index; else maxsim), maxsim, blip-itm, none, or a trained reranker folder."
+            help=(
+                "auto (the index's own reranker/; blip-itm on a BLIP index; the shipped "
+                "demo reranker "
+                "on a demo-encoder index; else maxsim), maxsim, blip-itm, none, or a trained "
+                "reranker "
+                "folder."
+            )
         ),
     ] = "auto",
     fusion: Annotated[
         str,
         typer.Option(
-            help="auto (the reranker's recommendation, else rerank), rerank, sum, or weighted:ALPHA."
+            help=(
+                "auto (the reranker's recommendation, else rerank), rerank, sum, or weighted:ALPHA."
+            )
         ),
     ] = "auto",
     run_out: Annotated[
@@ -471,7 +514,10 @@ def eval_cmd(
     device: Annotated[Device, typer.Option(help="Where to encode and rerank.")] = Device.AUTO,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
 ) -> None:
-    """Evaluate the first stage alone and with the reranker: R@1/5/10, MRR@10, nDCG@10, P@10, latency."""
+    """Evaluate the first stage alone and with the reranker.
+
+    Reports R@1/5/10, MRR@10, nDCG@10, P@10 and latency.
+    """
     from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeElapsedColumn
 
     from crossrank.api.index import Index
@@ -589,20 +635,30 @@ def train_encoder_cmd(
         int,
         typer.Option(
             min=0,
-            help="NegCLIP: per caption, this many rewrites false of its image (swapped bindings or objects, another relation) as extra text negatives, so the encoder cannot treat a caption as a bag of words. 0 = off.",
+            help=(
+                "NegCLIP: per caption, this many rewrites false of its image (swapped bindings or "
+                "objects, another relation) as extra text negatives, so the encoder cannot treat a "
+                "caption as a bag of words. 0 = off."
+            ),
         ),
     ] = 0,
     init_from: Annotated[
         str | None,
         typer.Option(
-            help="Fine-tune this CLIP (a directory made by train-encoder, or crossrank-demo for the shipped one) instead of training from scratch."
+            help=(
+                "Fine-tune this CLIP (a directory made by train-encoder, or crossrank-demo for the "
+                "shipped one) instead of training from scratch."
+            )
         ),
     ] = None,
     seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
     device: Annotated[Device, typer.Option(help="Where to train.")] = Device.AUTO,
     as_json: Annotated[bool, typer.Option("--json", help="Print the summary as JSON.")] = False,
 ) -> None:
-    """Train the demo dual encoder (a small CLIP) on generated pairs, from scratch or from --init-from."""
+    """Train the demo dual encoder (a small CLIP) on generated pairs.
+
+    From scratch, or fine-tuned from --init-from.
+    """
     import shlex
     import time
 
@@ -674,7 +730,10 @@ def train_cmd(
     pairs: Annotated[
         Path,
         typer.Argument(
-            help="Training pairs: .parquet/.csv with `path` and `caption` (paths relative to its folder)."
+            help=(
+                "Training pairs: .parquet/.csv with `path` and `caption` (paths relative to "
+                "its folder)."
+            )
         ),
     ],
     index: Annotated[
@@ -690,14 +749,22 @@ def train_cmd(
         typer.Option(
             "--out",
             "-o",
-            help="Where the reranker goes (safetensors + config.json); a checkpoint there is resumed. Use DIR/reranker to make it the index's default.",
+            help=(
+                "Where the reranker goes (safetensors + config.json); a checkpoint there "
+                "is resumed. "
+                "Use DIR/reranker to make it the index's default."
+            ),
         ),
     ],
     config_file: Annotated[
         Path | None,
         typer.Option(
             "--config",
-            help="A reranker config.json, as a checkpoint saves it (or its folder): its architecture, and its recorded training settings when it has them, replace the library defaults; the flags below override both.",
+            help=(
+                "A reranker config.json, as a checkpoint saves it (or its folder): its "
+                "architecture, and its recorded training settings when it has them, replace "
+                "the library defaults; the flags below override both."
+            ),
             show_default=False,
         ),
     ] = None,
@@ -731,7 +798,10 @@ def train_cmd(
     gated: Annotated[
         bool | None,
         typer.Option(
-            help="Tanh gates on the residual branches, initialised at 0 (an untrained model is the identity; slower to learn from scratch)."
+            help=(
+                "Tanh gates on the residual branches, initialised at 0 (an untrained model is the "
+                "identity; slower to learn from scratch)."
+            )
         ),
     ] = None,
     prenorm: Annotated[
@@ -754,20 +824,36 @@ def train_cmd(
         int | None,
         typer.Option(
             min=0,
-            help="Learned position embedding over this many patch slots (default: the index's patches per image; 0 = none).",
+            help=(
+                "Learned position embedding over this many patch slots (default: the index's "
+                "patches "
+                "per image; 0 = none)."
+            ),
             show_default=False,
         ),
     ] = None,
     pair_head: Annotated[
         bool | None,
         typer.Option(
-            help="A pairwise spatial head: each pair of query positions scored from their states and the difference of where they looked (for relations such as 'left of'). Needs a square patch grid."
+            help=(
+                "A pairwise spatial head: each pair of query positions scored from their "
+                "states and "
+                "the difference of where they looked (for relations such as 'left of'). "
+                "Needs a square "
+                "patch grid."
+            )
         ),
     ] = None,
     token_embeddings: Annotated[
         bool | None,
         typer.Option(
-            help="Also read the text encoder's layer-0 token states (token plus position embeddings) beside its last layer's token features: words the last layer merges (the demo encoder's 'left' and 'right') stay apart. Search and eval then encode queries with them."
+            help=(
+                "Also read the text encoder's layer-0 token states (token plus position "
+                "embeddings) "
+                "beside its last layer's token features: words the last layer merges (the "
+                "demo encoder's "
+                "'left' and 'right') stay apart. Search and eval then encode queries with them."
+            )
         ),
     ] = None,
     query_tokens: Annotated[
@@ -780,34 +866,57 @@ def train_cmd(
     init: Annotated[
         str | None,
         typer.Option(
-            help="Weight init from scratch: lecun (std 1/sqrt(fan_in), learns binding faster) or bert (std 0.02)."
+            help=(
+                "Weight init from scratch: lecun (std 1/sqrt(fan_in), learns binding faster) "
+                "or bert "
+                "(std 0.02)."
+            )
         ),
     ] = None,
     first_stage_weight: Annotated[
         str | None,
         typer.Option(
-            help="Residual training: logits add W x the first-stage cosine, so the reranker learns a correction; search then fuses with weighted:1/(1+W) by default. auto = the encoder's logit scale (CLIP's exp(logit_scale), 35.9 for the demo encoder; 0 for an encoder without one); 0 = off."
+            help=(
+                "Residual training: logits add W x the first-stage cosine, so the reranker learns "
+                "a correction; search then fuses with weighted:1/(1+W) by default. auto "
+                "= the encoder's "
+                "logit scale (CLIP's exp(logit_scale), 35.9 for the demo encoder; 0 for an encoder "
+                "without one); 0 = off."
+            )
         ),
     ] = None,
     caption_negatives: Annotated[
         int | None,
         typer.Option(
             min=0,
-            help="Per pair, this many rewrites of its caption that are false of its image (swapped colours, shapes or objects, another relation, one object changed), ranked against the true caption: a text-side loss that teaches binding. Needs a pairs file in a shapes dataset (its scene graphs decide what is false). 0 = off.",
+            help=(
+                "Per pair, this many rewrites of its caption that are false of its image (swapped "
+                "colours, shapes or objects, another relation, one object changed), ranked against "
+                "the true caption: a text-side loss that teaches binding. Needs a pairs file in a "
+                "shapes dataset (its scene graphs decide what is false). 0 = off."
+            ),
         ),
     ] = None,
     caption_only_steps: Annotated[
         int | None,
         typer.Option(
             min=0,
-            help="Curriculum: the first N steps train on the caption negatives alone (the reranker by itself, no residual, no image lists; cheaper steps), then both losses. Needs --caption-negatives.",
+            help=(
+                "Curriculum: the first N steps train on the caption negatives alone (the reranker "
+                "by itself, no residual, no image lists; cheaper steps), then both losses. "
+                "Needs --caption-negatives."
+            ),
         ),
     ] = None,
     attention_supervision: Annotated[
         float | None,
         typer.Option(
             min=0.0,
-            help="Weight of a loss that pulls the last layer's attention of each object word of the true caption onto that object's patches (from the scene graphs: needs --caption-negatives on a shapes dataset). 0 = off.",
+            help=(
+                "Weight of a loss that pulls the last layer's attention of each object word of the "
+                "true caption onto that object's patches (from the scene graphs: needs "
+                "--caption-negatives on a shapes dataset). 0 = off."
+            ),
         ),
     ] = None,
     relation_share: Annotated[
@@ -815,7 +924,13 @@ def train_cmd(
         typer.Option(
             min=0.0,
             max=1.0,
-            help="Share of each step's caption-negative lists given to relation captions ranked only against their rewrites that keep both objects (another relation, or the objects swapped around it): the lists where the relation is the whole signal. Needs --caption-negatives. 0 = off.",
+            help=(
+                "Share of each step's caption-negative lists given to relation captions "
+                "ranked only "
+                "against their rewrites that keep both objects (another relation, or the "
+                "objects swapped around it): the lists where the relation is the whole signal. "
+                "Needs --caption-negatives. 0 = off."
+            ),
         ),
     ] = None,
     seed: Annotated[int | None, typer.Option(help="Random seed.")] = None,
@@ -916,33 +1031,40 @@ def train_cmd(
         _print_json(report.to_dict())
         return
     console.print(
-        f"[green]trained[/] {report.steps} steps ({report.steps_per_second:.1f} steps/s on {report.device}) "
+        f"[green]trained[/] {report.steps} steps ({report.steps_per_second:.1f} steps/s on "
+        f"{report.device}) "
         f"-> {report.out_dir}"
     )
     if report.first_stage_weight > 0:
         console.print(
-            f"residual over the first stage with W = {report.first_stage_weight:g}: search fuses with "
+            f"residual over the first stage with W = {report.first_stage_weight:g}: search fuses "
+            "with "
             f"weighted:{1 / (1 + report.first_stage_weight):.6g} (--fusion auto)"
         )
     else:
         console.print(
-            "no first-stage residual (W = 0): search ranks by the reranker's score alone (--fusion auto)"
+            "no first-stage residual (W = 0): search ranks by the reranker's score alone (--fusion "
+            "auto)"
         )
     if report.final:
         console.print(
-            f"validation R@1 reranking the top {config.mine_k}: {report.final.get('val_r1', float('nan')):.3f} "
+            f"validation R@1 reranking the top {config.mine_k}: "
+            f"{report.final.get('val_r1', float('nan')):.3f} "
             f"(first stage {report.first_stage.get('r1', float('nan')):.3f}); "
-            f"accuracy among {config.n_candidates} candidates {report.final.get('val_accuracy', float('nan')):.3f}"
+            f"accuracy among {config.n_candidates} candidates "
+            f"{report.final.get('val_accuracy', float('nan')):.3f}"
         )
         if "val_caption_accuracy" in report.final:
             console.print(
-                f"validation caption accuracy (the true caption first among {config.caption_negatives} rewrites): "
+                "validation caption accuracy (the true caption first among "
+                f"{config.caption_negatives} rewrites): "
                 f"{report.final['val_caption_accuracy']:.3f}"
             )
     skipped = report.counts.get("missing_image", 0) + report.counts.get("empty_caption", 0)
     if skipped:
         console.print(
-            f"[yellow]skipped {skipped} pairs[/] ({report.counts.get('missing_image', 0)} images not in the "
+            f"[yellow]skipped {skipped} pairs[/] ({report.counts.get('missing_image', 0)} images "
+            "not in the "
             f"index, {report.counts.get('empty_caption', 0)} empty captions)"
         )
 

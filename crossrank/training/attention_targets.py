@@ -52,7 +52,8 @@ def object_token_positions(tokenizer: Any, texts: list[str], max_length: int) ->
             )
         except NotImplementedError as e:
             raise InvalidArgumentError(
-                "attention supervision needs a fast tokenizer (character offsets locate each object "
+                "attention supervision needs a fast tokenizer (character offsets locate "
+                "each object "
                 f"word): {e}; train without --attention-supervision"
             ) from None
         for i, (text, offsets) in enumerate(zip(chunk, enc["offset_mapping"], strict=True)):

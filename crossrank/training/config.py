@@ -140,12 +140,14 @@ class RerankTrainConfig:
         object.__setattr__(self, "device", str(self.device))  # a Device enum becomes its string
         if not _is_real(self.attention_supervision) or not 0 <= self.attention_supervision < 1e3:
             raise ValueError(
-                f"attention_supervision must be a number in [0, 1e3), got {self.attention_supervision!r}"
+                "attention_supervision must be a number in [0, 1e3), got "
+                f"{self.attention_supervision!r}"
             )
         object.__setattr__(self, "attention_supervision", float(self.attention_supervision))
         if self.attention_supervision and not self.caption_negatives:
             raise ValueError(
-                "attention_supervision needs caption_negatives >= 1 (it supervises the true caption "
+                "attention_supervision needs caption_negatives >= 1 (it supervises the true "
+                "caption "
                 "of each caption-negative list, from a shapes dataset's scene graphs)"
             )
         if self.relation_share and not self.caption_negatives:

@@ -102,7 +102,8 @@ class TrainData:
         images: uint8 ``(n, 3, H, W)`` pixels, H = W = the model's image size.
         captions: all training captions.
         caption_image: for each caption, the row of the image it was written for.
-        positives: ``positives(caption_rows, image_rows) -> bool (len(caption_rows), len(image_rows))``,
+        positives: ``positives(caption_rows, image_rows)``, a bool matrix
+            ``(len(caption_rows), len(image_rows))``,
             True where the caption is true of the image.
         negatives: for caption negatives, the rewrites of each unique caption over the images'
             scene graphs (bank rows: the unique captions, then the rewrites); None = none.
@@ -160,7 +161,8 @@ def train_encoder(
         model, tokenizer, spec = _load_init(config.init_from)
     if data.images.ndim != 4 or data.images.shape[1:] != (3, spec.image_size, spec.image_size):
         raise InvalidArgumentError(
-            f"training images must be uint8 (n, 3, {spec.image_size}, {spec.image_size}), got {data.images.shape}"
+            f"training images must be uint8 (n, 3, {spec.image_size}, {spec.image_size}), "
+            f"got {data.images.shape}"
         )
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)

@@ -258,7 +258,8 @@ def train_reranker(
         and model_config.query_tokens_mode == "replace"
     ):
         raise InvalidArgumentError(
-            "attention_supervision supervises the text tokens' attention, and learnable query tokens in "
+            "attention_supervision supervises the text tokens' attention, and learnable query "
+            "tokens in "
             "'replace' mode leave none; use query_tokens_mode='concat' or train without it"
         )
     data = prepare_training_set(
@@ -372,7 +373,8 @@ def train_reranker(
         relation_pool = np.flatnonzero(data.relation_negatives.n_structural[data.train_caption] > 0)
         if relation_pool.size == 0:
             raise InvalidArgumentError(
-                "relation_share needs relation captions ('... left of ...') among the training pairs, and "
+                "relation_share needs relation captions ('... left of ...') among the training "
+                "pairs, and "
                 f"none of the {data.train_caption.size} has one; train without --relation-share"
             )
     # The object words' positions among the query-side states: after any learnable query tokens.
@@ -462,7 +464,8 @@ def train_reranker(
             )
             if bad_in_a_row >= MAX_NONFINITE_IN_A_ROW:
                 raise CrossrankError(
-                    f"training diverged: {bad_in_a_row} steps in a row up to step {step + 1} gave a non-finite "
+                    f"training diverged: {bad_in_a_row} steps in a row up to step {step + 1} gave "
+                    "a non-finite "
                     f"loss or gradient; lower --lr (now {config.lr}) or train with --device cpu"
                 )
         scaler.update()
@@ -722,7 +725,8 @@ def resolve_model_config(
             width = getattr(index.encoder, "token_embedding_dim", None)
         if not width:
             raise ModelMismatchError(
-                f"the index's encoder {encoder.get('model_id', '')} does not give layer-0 token states; "
+                f"the index's encoder {encoder.get('model_id', '')} does not give layer-0 token "
+                "states; "
                 "train without token_embeddings (--token-embeddings)"
             )
         cfg = dataclasses.replace(cfg, token_embeddings=int(width))

@@ -130,7 +130,8 @@ def _differing_fields(theirs: Any, ours: dict[str, Any], parts: list[str]) -> st
         for key in sorted(recorded.keys() | wanted.keys()):
             if recorded.get(key) != wanted.get(key):
                 diffs.append(
-                    f"{key}: {recorded.get(key)!r} in the checkpoint, {wanted.get(key)!r} in this run"
+                    f"{key}: {recorded.get(key)!r} in the checkpoint, {wanted.get(key)!r} in this "
+                    "run"
                 )
     if not diffs:
         return ""

@@ -1,4 +1,4 @@
-"""``crossrank train`` and searching with a trained reranker: by folder, and as an index's default."""
+"""``crossrank train``, and searching with a trained reranker by folder or as an index default."""
 
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ runner = CliRunner()
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory: pytest.TempPathFactory, tiny_clip: Path) -> tuple[Path, Path, Path]:
-    """A tiny shapes train split, an index over it, and a reranker trained by the CLI for 6 steps."""
+    """A tiny shapes train split, an index over it, and a reranker the CLI trained for 6 steps."""
     from crossrank.datasets import generate_shapes
     from crossrank.write.build import build_index
 
