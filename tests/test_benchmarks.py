@@ -1,11 +1,13 @@
 """Smoke test of the benchmark scripts: they run end to end at small sizes and report every figure.
 
 Marked ``bench`` (excluded from the default run; ``pytest -m bench`` runs it). It checks that the
-script works, never how fast anything is: speed is measured by the benchmarks themselves.
+script works, never how fast anything is: speed is measured by the benchmarks themselves. The
+research probes (``research/``) are only checked to start (``--help``): they train for minutes.
 """
 
 from __future__ import annotations
 
+import argparse
 import importlib.util
 import json
 import math
@@ -20,7 +22,49 @@ from typer.testing import CliRunner
 from crossrank.cli import app
 from crossrank.datasets.language import ObjectSpec
 
-BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+ROOT = Path(__file__).resolve().parents[1]
+BENCHMARKS = ROOT / "benchmarks"
+SCRIPTS = sorted(
+    str(p.relative_to(ROOT))
+    for p in [*BENCHMARKS.glob("*.py"), *BENCHMARKS.glob("gpu/*.py"), *ROOT.glob("research/*.py")]
+    if not p.name.startswith("_")
+)
+
+
+def _load(path: Path, name: str):
+    """Imports a script as a module (its ``if __name__ == "__main__"`` part does not run)."""
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_out_option_defaults_to_the_scripts_results_folder(tmp_path: Path) -> None:
+    report = _load(BENCHMARKS / "_report.py", "_report")
+    parser = argparse.ArgumentParser()
+    report.add_out_option(parser, "bench_x")
+    default = BENCHMARKS / "results" / "bench_x" / "bench_x.json"
+    assert parser.parse_args([]).out is None  # nothing written unless asked
+    assert parser.parse_args(["--out"]).out == default
+    assert parser.parse_args(["--out", str(tmp_path / "a.json")]).out == tmp_path / "a.json"
+    report.write_report(tmp_path / "sub" / "a.json", {"rows": [1.5]})
+    assert json.loads((tmp_path / "sub" / "a.json").read_text()) == {"rows": [1.5]}
+
+
+@pytest.mark.bench
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_script_starts_from_the_repository_root(script: str) -> None:
+    # Every import (moved modules, another script's helpers) resolves, run as the READMEs say.
+    proc = subprocess.run(
+        [sys.executable, script, "--help"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert "usage:" in proc.stdout
 
 
 @pytest.mark.bench
@@ -75,7 +119,7 @@ def test_bench_foundation_quick_table_has_one_row_per_measurement(tmp_path: Path
 
 
 @pytest.mark.bench
-def test_bench_rerank_paths_quick_reports_every_path() -> None:
+def test_bench_rerank_paths_quick_reports_every_path(tmp_path: Path) -> None:
     proc = subprocess.run(
         [
             sys.executable,
@@ -86,6 +130,8 @@ def test_bench_rerank_paths_quick_reports_every_path() -> None:
             "8",
             "--threads",
             "1",
+            "--out",
+            str(tmp_path / "paths.json"),
         ],
         capture_output=True,
         text=True,
@@ -94,6 +140,7 @@ def test_bench_rerank_paths_quick_reports_every_path() -> None:
     )
     assert proc.returncode == 0, proc.stderr[-4000:]
     report = json.loads(proc.stdout)
+    assert json.loads((tmp_path / "paths.json").read_text()) == report  # --out writes the same
     assert [(r["shape"], r["k"]) for r in report["rows"]] == [("demo", 8), ("clip-b32", 8)]
     for r in report["rows"]:
         for key in (
@@ -158,6 +205,36 @@ def test_bench_rerank_flops_quick_reports_finite_ratios() -> None:
     assert 1.5 < report["rows"][1]["gflop_per_query"] / report["rows"][0]["gflop_per_query"] <= 2.0
 
 
+@pytest.mark.bench
+def test_bench_rerank_device_quick_on_the_cpu(tmp_path: Path) -> None:
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(BENCHMARKS / "gpu" / "bench_rerank_device.py"),
+            "--device",
+            "cpu",
+            "--quick",
+            "--json",
+            "--out",
+            str(tmp_path / "device.json"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    report = json.loads(proc.stdout)
+    assert json.loads((tmp_path / "device.json").read_text()) == report
+    assert report["device"] == "cpu"
+    assert {(r["shape"], r["reranker"]) for r in report["rerank"]} == {
+        (shape, name) for shape in ("demo", "clip-b32") for name in ("maxsim", "cross-attention")
+    }
+    for r in report["rerank"]:
+        assert r["k"] == 100 and math.isfinite(r["host_ms"]) and r["host_ms"] > 0
+    assert report["encoder"]["images_per_s"] > 0
+
+
 def _crossrank(*args: str) -> None:
     """Runs a ``crossrank`` command in this process, as the CLI tests do."""
     result = CliRunner().invoke(app, list(args))
@@ -165,11 +242,7 @@ def _crossrank(*args: str) -> None:
 
 
 def test_relation_misses_says_how_an_object_is_missing() -> None:
-    spec = importlib.util.spec_from_file_location(
-        "relation_misses", BENCHMARKS / "relation_misses.py"
-    )
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = _load(BENCHMARKS / "relation_misses.py", "relation_misses")
 
     def scene(*objects: tuple[str, str, str]) -> SimpleNamespace:
         return SimpleNamespace(
@@ -214,6 +287,8 @@ def test_relation_misses_sorts_every_relation_query(tmp_path: Path) -> None:
             "--reranker",
             "none",
             "--json",
+            "--out",
+            str(tmp_path / "misses.json"),
         ],
         capture_output=True,
         text=True,
@@ -222,6 +297,7 @@ def test_relation_misses_sorts_every_relation_query(tmp_path: Path) -> None:
     )
     assert proc.returncode == 0, proc.stderr[-4000:]
     report = json.loads(proc.stdout)
+    assert json.loads((tmp_path / "misses.json").read_text()) == report
     assert report["reranker"] == "none" and report["queries"] > 0
     kinds = {"both objects, relation false", "no positive in top 100"} | {
         f"an object missing: {how}"
@@ -260,22 +336,17 @@ def test_relation_caption_accuracy_scores_the_shipped_reranker(tmp_path: Path) -
         "3",
     )
     _crossrank("build", str(train / "images"), "--index", str(index))
-    shipped = Path(__file__).resolve().parents[1] / "crossrank" / "assets" / "demo-reranker"
-    proc = subprocess.run(
-        [
-            sys.executable,
-            str(BENCHMARKS / "relation_caption_accuracy.py"),
-            "--train",
-            str(train / "pairs.parquet"),
-            "--train-index",
-            str(index),
-            str(shipped),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=600,
-        check=False,
-    )
+    shipped = ROOT / "crossrank" / "assets" / "demo-reranker"
+    command = [
+        sys.executable,
+        str(BENCHMARKS / "relation_caption_accuracy.py"),
+        "--train",
+        str(train / "pairs.parquet"),
+        "--train-index",
+        str(index),
+        str(shipped),
+    ]
+    proc = subprocess.run(command, capture_output=True, text=True, timeout=600, check=False)
     assert proc.returncode == 0, proc.stderr[-4000:]
     (line,) = proc.stdout.splitlines()
     accuracy, chance = (
@@ -283,3 +354,18 @@ def test_relation_caption_accuracy_scores_the_shipped_reranker(tmp_path: Path) -
     )
     assert 0.0 < chance < 0.5 and 0.0 <= accuracy <= 1.0
     assert accuracy > chance  # the shipped reranker reads relations (1.000 on the full train split)
+
+    out = tmp_path / "accuracy.json"
+    proc = subprocess.run(
+        [*command, "--json", "--out", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    report = json.loads(proc.stdout)
+    assert json.loads(out.read_text()) == report
+    (row,) = report["rows"]
+    assert row["reranker"] == str(shipped)
+    assert (round(row["accuracy"], 3), round(row["chance"], 3)) == (accuracy, chance)
