@@ -2,7 +2,9 @@
 
 Example:
     >>> from crossrank import Index
-    >>> index = Index.build("photos/", "photos.idx", model="openai/clip-vit-base-patch32")  # doctest: +SKIP
+    >>> index = Index.build(  # doctest: +SKIP
+    ...     "photos/", "photos.idx", model="openai/clip-vit-base-patch32"
+    ... )
     >>> index.search("a dog on a red sofa", k=5)  # doctest: +SKIP
 """
 

@@ -1,7 +1,7 @@
 """The exceptions crossrank raises at its public boundary.
 
-Every error a user can cause is a :class:`CrossrankError`; the CLI prints its message as one line and
-exits 1. Messages name the argument, what was expected, what was got, and what to do.
+Every error a user can cause is a :class:`CrossrankError`; the CLI prints its message as one line
+and exits 1. Messages name the argument, what was expected, what was got, and what to do.
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ class InvalidArgumentError(CrossrankError, ValueError):
 
 
 class SourceError(CrossrankError):
-    """The images to index cannot be listed: a missing folder, an unreadable manifest, no ``path``."""
+    """The images to index cannot be listed: missing folder, unreadable manifest, no ``path``."""
 
 
 class DecodeError(CrossrankError):
@@ -46,7 +46,7 @@ class IndexCorruptError(CrossrankError):
 
 
 class IndexLockedError(CrossrankError):
-    """Another process is writing the index (build, add, remove or compact); one writer at a time."""
+    """Another process writes the index (build, add, remove or compact); one writer at a time."""
 
 
 class ModelError(CrossrankError):

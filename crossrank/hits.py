@@ -33,7 +33,7 @@ class Hit:
     metadata: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
-        """The JSON shape of a hit: ``{"id", "path", "score", "scores": {...}, "metadata": {...}}``."""
+        """A hit as JSON: ``{"id", "path", "score", "scores": {...}, "metadata": {...}}``."""
         return {
             "id": self.id,
             "path": self.path,

@@ -162,7 +162,8 @@ def _score(x: float | None) -> str:
 def _form(form: SearchForm) -> str:
     return (
         f'<form class="query" method="get" action="{_e(form.action)}">'
-        f'<input type="search" name="q" value="{_e(form.query)}" placeholder="a red circle left of a blue square" '
+        f'<input type="search" name="q" value="{_e(form.query)}" '
+        'placeholder="a red circle left of a blue square" '
         'aria-label="query" autofocus required maxlength="1000">'
         f'<input type="text" name="filters" value="{_e(form.filters)}" '
         'placeholder=\'filters, e.g. {"width": {"ge": 256}}\' aria-label="filters (JSON)">'
@@ -202,7 +203,8 @@ def _hit(rank: int, hit: Hit, src: str | None) -> str:
     return (
         f'<li class="hit" title="{_e(tooltip)}" data-id="{hit.id}">'
         f'<div class="frame">{picture}<dl class="meta">{rows}</dl></div>'
-        f'<div class="caption"><span class="rank">#{rank}</span> <span class="name">{_e(name)}</span></div>'
+        f'<div class="caption"><span class="rank">#{rank}</span> '
+        f'<span class="name">{_e(name)}</span></div>'
         f'<div class="scores"><span title="final score">score {_score(hit.score)}</span>'
         f'<span title="first stage (pooled vectors)">first {_score(hit.first_stage_score)}</span>'
         f'<span title="reranker">rerank {_score(hit.rerank_score)}</span></div>'
@@ -211,8 +213,10 @@ def _hit(rank: int, hit: Hit, src: str | None) -> str:
 
 
 _STYLE = """
-:root{color-scheme:light dark;--fg:#1d1f23;--muted:#646a73;--card:#f4f5f7;--line:#d9dce1;--accent:#2f6fde}
-@media (prefers-color-scheme:dark){:root{--fg:#e6e8eb;--muted:#9aa1ab;--card:#22252a;--line:#3a3f46}}
+:root{color-scheme:light dark;--fg:#1d1f23;--muted:#646a73;--card:#f4f5f7;--line:#d9dce1;
+--accent:#2f6fde}
+@media (prefers-color-scheme:dark){:root{--fg:#e6e8eb;--muted:#9aa1ab;--card:#22252a;
+--line:#3a3f46}}
 body{font:14px/1.4 system-ui,-apple-system,"Segoe UI",sans-serif;color:var(--fg);margin:24px;}
 h1{font-size:18px;margin:20px 0 2px}
 .counts,.note{color:var(--muted);margin:0 0 12px}
@@ -224,7 +228,8 @@ form.query input[type=number]{width:4.5em;padding:6px}
 form.query button{padding:7px 16px;background:var(--accent);color:#fff;border:0;border-radius:6px}
 ol.grid{list-style:none;padding:0;margin:0;display:grid;gap:12px;
 grid-template-columns:repeat(auto-fill,minmax(176px,1fr))}
-li.hit{background:var(--card);border:1px solid var(--line);border-radius:8px;padding:8px;min-width:0}
+li.hit{background:var(--card);border:1px solid var(--line);border-radius:8px;padding:8px;
+min-width:0}
 .frame{position:relative;height:160px}
 .frame img{display:block;width:100%;height:160px;object-fit:contain}
 .frame img.pixel{image-rendering:pixelated}

@@ -42,7 +42,7 @@ def other_clip(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def write_images(
     folder: Path, n: int, seed: int = 0, size: tuple[int, int] = (40, 32)
 ) -> list[Path]:
-    """Write ``n`` random RGB PNGs (each a few coloured blocks) into ``folder``; returns their paths."""
+    """Write ``n`` random RGB PNGs (a few coloured blocks each) into ``folder``; return paths."""
     from PIL import Image
 
     rng = np.random.default_rng(seed)
@@ -72,7 +72,7 @@ def image_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def built_index(
     tmp_path_factory: pytest.TempPathFactory, image_folder: Path, tiny_clip: Path
 ) -> Path:
-    """An index built over ``image_folder`` with ``tiny_clip``, on the CPU. Tests must not modify it."""
+    """``image_folder`` indexed with ``tiny_clip`` on the CPU. Tests must not modify it."""
     from crossrank.write.build import build_index
 
     path = tmp_path_factory.mktemp("indexes") / "photos.idx"
@@ -82,7 +82,7 @@ def built_index(
 
 @pytest.fixture(scope="session")
 def tiny_encoder(tiny_clip: Path):
-    """``tiny_clip`` loaded on the CPU, independently of any Index: the reference for expected scores."""
+    """``tiny_clip`` on the CPU, loaded apart from any Index: the reference for expected scores."""
     from crossrank.encoders import load_encoder
 
     return load_encoder(tiny_clip, device="cpu")
@@ -97,7 +97,7 @@ def index_copy(built_index: Path, tmp_path: Path) -> Path:
 
 
 def committed_state(index_dir: Path) -> tuple[bytes, int, list[str]]:
-    """What a failed call must leave alone: manifest bytes, current generation, the folder's entries."""
+    """What a failed call must leave alone: manifest bytes, current generation, folder entries."""
     import json
 
     manifest = (index_dir / "manifest.json").read_bytes()

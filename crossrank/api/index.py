@@ -60,7 +60,9 @@ class Index:
     :meth:`remove` and :meth:`compact` change the index and refresh.
 
     Example:
-        >>> index = Index.build("photos/", "photos.idx", model="openai/clip-vit-base-patch32")  # doctest: +SKIP
+        >>> index = Index.build(  # doctest: +SKIP
+        ...     "photos/", "photos.idx", model="openai/clip-vit-base-patch32"
+        ... )
         >>> for hit in index.search("a red bicycle", k=5, where="width >= 512"):  # doctest: +SKIP
         ...     print(hit.score, hit.path)
     """
@@ -133,8 +135,8 @@ class Index:
     ) -> Index:
         """Build an index from a folder or manifest and open it.
 
-        See :func:`crossrank.write.build.build_index` for the arguments; the build's report is kept in
-        ``index.build_report``.
+        See :func:`crossrank.write.build.build_index` for the arguments; the build's report is kept
+        in ``index.build_report``.
         """
         from crossrank.write.build import build_index
 
@@ -336,7 +338,7 @@ class Index:
         return report
 
     def compact(self, *, progress: PhaseProgressFn | None = None) -> CompactReport:
-        """Rewrite the index without removed images, then :meth:`refresh` and delete old generations.
+        """Rewrite the index without removed images, :meth:`refresh`, and delete old generations.
 
         See :func:`crossrank.write.compact_index`.
 
@@ -498,7 +500,8 @@ class Index:
             filters: a structured filter, safe for untrusted input: ``{column: value | {op:
                 value}}`` with ops ``eq ne lt le gt ge in contains``, e.g. ``{"width": {"ge": 512},
                 "path": {"contains": "/2024/"}}``, checked against the metadata schema and run
-                with parameters (see :mod:`crossrank.store.filters`). With ``where`` too, both must hold.
+                with parameters (see :mod:`crossrank.store.filters`). With ``where`` too, both
+                must hold.
             reranker: ``"auto"`` (the index's own ``reranker/`` folder if it has one, else
                 ``"blip-itm"`` for an index built with BLIP, else ``"maxsim"``), ``"maxsim"``,
                 ``"blip-itm"`` (BLIP indexes, text queries), ``"none"``/``None``, the folder of a

@@ -72,7 +72,7 @@ def add(
     ] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print the summary as JSON.")] = False,
 ) -> None:
-    """Index the files of SOURCE the index does not hold yet (by content); moved files keep their id."""
+    """Index the files of SOURCE the index lacks (matched by content); moved files keep their id."""
     from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeElapsedColumn
 
     from crossrank.write import add_images
@@ -125,7 +125,10 @@ def remove(
     where: Annotated[
         str | None,
         typer.Option(
-            help="DuckDB SQL filter over metadata columns selecting the images to remove, e.g. \"path LIKE '%/tmp/%'\"."
+            help=(
+                "DuckDB SQL filter over metadata columns selecting the images to remove, "
+                "e.g. \"path LIKE '%/tmp/%'\"."
+            )
         ),
     ] = None,
     ids: Annotated[
@@ -133,7 +136,7 @@ def remove(
     ] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the summary as JSON.")] = False,
 ) -> None:
-    """Remove images by --ids or --where; searches stop returning them at once, `compact` reclaims the space."""
+    """Remove images by --ids or --where: searches skip them at once; `compact` frees the space."""
     from crossrank.write import remove_images
 
     if (where is None) == (ids is None):

@@ -33,7 +33,9 @@ def serve(
     reranker: Annotated[
         str,
         typer.Option(
-            help="auto, maxsim, blip-itm, none, or a trained reranker folder: used for every search."
+            help=(
+                "auto, maxsim, blip-itm, none, or a trained reranker folder: used for every search."
+            )
         ),
     ] = "auto",
     fusion: Annotated[str, typer.Option(help="auto, rerank, sum, or weighted:ALPHA.")] = "auto",
@@ -49,7 +51,7 @@ def serve(
     ] = None,
     log_level: Annotated[str, typer.Option(help="uvicorn's log level.")] = "info",
 ) -> None:
-    """Serve an index over HTTP: POST /search, GET /images/{id}, GET /healthz, the result page at /, the schema at /docs."""
+    """Serve an index over HTTP: POST /search, GET /images/{id}, GET /healthz, / (a page), /docs."""
     try:
         import uvicorn
     except ImportError as e:

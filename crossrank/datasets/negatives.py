@@ -13,9 +13,13 @@ Whether a perturbation is actually false of an image is decided on the image's s
 square" swapped is still true of a scene holding all four objects.
 
 Example:
-    >>> structural, attribute = caption_perturbations(parse_query("a red circle left of a blue square"))
-    >>> [s.text for s in structural[:3]]
-    ['a blue circle left of a red square', 'a red square left of a blue circle', 'a blue square left of a red circle']
+    >>> query = parse_query("a red circle left of a blue square")
+    >>> structural, attribute = caption_perturbations(query)
+    >>> for s in structural[:3]:
+    ...     print(s.text)
+    a blue circle left of a red square
+    a red square left of a blue circle
+    a blue square left of a red circle
 """
 
 from __future__ import annotations

@@ -15,13 +15,13 @@ __all__ = ["quiet_transformers", "load_weights", "load_processors", "one_line"]
 logger = logging.getLogger(__name__)
 
 # transformers loggers whose warnings at load time we either cannot act on (the CLIPImageProcessor
-# -> CLIPImageProcessorPil fallback without torchvision) or check ourselves (the weight loading report:
-# load_weights raises on missing weights and logs unexpected ones at debug).
+# -> CLIPImageProcessorPil fallback without torchvision) or check ourselves (the weight loading
+# report: load_weights raises on missing weights and logs unexpected ones at debug).
 _QUIET_LOGGERS = ("transformers.utils.import_utils", "transformers.modeling_utils")
 _QUIET_BARS = frozenset({"Loading weights"})
 
-# A tokenizer is saved as at least one of these (fast tokenizers: tokenizer.json; slow BPE: vocab.json +
-# merges.txt; WordPiece: vocab.txt; SentencePiece: *.model).
+# A tokenizer is saved as at least one of these (fast tokenizers: tokenizer.json; slow BPE:
+# vocab.json + merges.txt; WordPiece: vocab.txt; SentencePiece: *.model).
 _TOKENIZER_FILES = (
     "tokenizer.json",
     "vocab.json",
@@ -37,22 +37,23 @@ def _drop_below_error(record: logging.LogRecord) -> bool:
 
 
 def one_line(error: BaseException, limit: int = 300) -> str:
-    """The first line of an exception's message, cut to ``limit`` characters, for a one-line error."""
+    """An exception's first message line, cut to ``limit`` characters, for a one-line error."""
     text = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 @contextmanager
 def quiet_transformers() -> Iterator[None]:
-    """Silence transformers' weight-loading progress bar and load-time warnings, for this block only.
+    """Silence transformers' weight-loading progress bar and load-time warnings in this block.
 
     Only the named loggers and progress bars are touched, and they are restored on exit; the rest
     of transformers' logging (and the caller's settings) is left alone.
     """
     from transformers.utils import logging as hf_logging
 
-    # A filter rather than a level: transformers reads modeling_utils' logger level to decide what to
-    # check (5.x runs a tensor-parallel plan check, with warnings of its own, when it is >= WARNING).
+    # A filter rather than a level: transformers reads modeling_utils' logger level to decide what
+    # to check (5.x runs a tensor-parallel plan check, with warnings of its own, when the level is
+    # WARNING or above).
     loggers = [logging.getLogger(name) for name in _QUIET_LOGGERS]
     for lg in loggers:
         lg.addFilter(_drop_below_error)
@@ -97,8 +98,8 @@ def load_weights(model_cls: Any, model_dir: Path, model_id: str) -> Any:
         The model, in eval mode, with the checkpoint's weights.
 
     Raises:
-        ModelError: the weights do not load, or some of the model's weights are not in the checkpoint
-            (transformers would initialise them at random).
+        ModelError: the weights do not load, or some of the model's weights are not in the
+            checkpoint (transformers would initialise them at random).
     """
     name = model_cls.__name__
     try:

@@ -219,10 +219,10 @@ class TransformersEncoder:
             f"dtype={str(self.dtype).removeprefix('torch.')!r}, batch_size={self.batch_size})"
         )
 
-    # -- what a backend implements -------------------------------------------------------------------
+    # -- what a backend implements -----------------------------------------------------------------
 
     def _image_forward(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """One batch ``(b, 3, H, W)`` -> pooled ``(b, dim)`` (unnormalised), patches ``(b, P, d)``."""
+        """A batch ``(b, 3, H, W)`` -> pooled ``(b, dim)`` (unnormalised), patches ``(b, P, d)``."""
         raise NotImplementedError
 
     def _text_forward(
@@ -252,7 +252,7 @@ class TransformersEncoder:
         truncated = [i for i, e in enumerate(encodings) if getattr(e, "overflowing", None)]
         return enc["input_ids"], enc["attention_mask"], truncated
 
-    # -- public API ------------------------------------------------------------------------------------
+    # -- public API --------------------------------------------------------------------------------
 
     def preprocess(self, images: Sequence[Image.Image]) -> torch.Tensor:
         """Resize, crop and normalise images as the model's own image processor does.

@@ -1,4 +1,4 @@
-"""BLIP through transformers' ``BlipForImageTextRetrieval``, with its own image processor and tokenizer.
+"""BLIP through transformers' ``BlipForImageTextRetrieval``, with its image processor and tokenizer.
 
 BLIP (Li et al., ICML 2022) has two heads for retrieval, and crossrank uses one per stage:
 
@@ -149,7 +149,9 @@ class BlipEncoder(TransformersEncoder):
             "patch_size": int(vision.patch_size),
             "max_text_len": _max_text_len(text.max_position_embeddings, tokenizer),
             "text_width": int(text.hidden_size),
-            "patch_features": "vision_model.last_hidden_state (CLS + patches, after post_layernorm)",
+            "patch_features": (
+                "vision_model.last_hidden_state (CLS + patches, after post_layernorm)"
+            ),
         }
         return cls(
             model,

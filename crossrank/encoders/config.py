@@ -9,8 +9,8 @@ from crossrank.device import Device
 
 __all__ = ["DEMO_MODEL", "Precision", "EncoderConfig"]
 
-# The alias of the demo model that ships inside the package (crossrank/assets/demo-encoder/). Only this
-# exact string is the alias: a directory of that name is reached as "./crossrank-demo".
+# The alias of the demo model that ships inside the package (crossrank/assets/demo-encoder/). Only
+# this exact string is the alias: a directory of that name is reached as "./crossrank-demo".
 DEMO_MODEL = "crossrank-demo"
 
 
@@ -28,7 +28,9 @@ class EncoderConfig:
     """How to load and run an encoder.
 
     Example:
-        >>> EncoderConfig(model="openai/clip-vit-base-patch32", device="cpu", batch_size=32)  # doctest: +SKIP
+        >>> EncoderConfig(  # doctest: +SKIP
+        ...     model="openai/clip-vit-base-patch32", device="cpu", batch_size=32
+        ... )
     """
 
     model: str = DEMO_MODEL  # hub id, local Hugging Face directory, or the "crossrank-demo" alias

@@ -33,8 +33,8 @@ VOLATILE_CONFIG_KEYS = frozenset(
 # Weight files up to this size are hashed whole; bigger ones by their size plus their first and last
 # HEAD_TAIL_BYTES. A safetensors file starts with its header (every tensor's name, dtype, shape and
 # offset) followed by the first tensors, so the head and tail already differ between two checkpoints
-# of the same architecture, and fingerprinting a 600 MB CLIP stays a matter of milliseconds. It is an
-# identity check, not an integrity check: a file corrupted in its middle is not detected.
+# of the same architecture, and fingerprinting a 600 MB CLIP stays a matter of milliseconds. It is
+# an identity check, not an integrity check: a file corrupted in its middle is not detected.
 FULL_HASH_MAX_BYTES = 16 * 1024 * 1024
 HEAD_TAIL_BYTES = 1024 * 1024
 

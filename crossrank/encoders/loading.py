@@ -81,10 +81,12 @@ class ResolvedModel:
     """A model located on this machine.
 
     Attributes:
-        model_id: what the manifest records: ``"crossrank-demo"``, the hub id, or the absolute directory.
+        model_id: what the manifest records: ``"crossrank-demo"``, the hub id, or the absolute
+            directory.
         source: ``"demo"``, ``"local"`` or ``"hub"``.
         root: the directory found (a hub snapshot, a sentence-transformers folder, ...).
-        model_dir: the Hugging Face format directory inside it (``root`` itself, or ``root/0_CLIPModel``).
+        model_dir: the Hugging Face format directory inside it (``root`` itself, or
+            ``root/0_CLIPModel``).
         revision: the hub commit of the snapshot, else None.
     """
 
@@ -96,7 +98,7 @@ class ResolvedModel:
 
 
 def _hub_offline() -> bool:
-    """HF_HUB_OFFLINE / TRANSFORMERS_OFFLINE, read now (huggingface_hub reads them once, at import)."""
+    """HF_HUB_OFFLINE / TRANSFORMERS_OFFLINE, read now (huggingface_hub reads them at import)."""
     from huggingface_hub import constants
 
     env = os.environ.get("HF_HUB_OFFLINE") or os.environ.get("TRANSFORMERS_OFFLINE") or ""
@@ -112,7 +114,7 @@ def _listing(directory: Path, limit: int = 8) -> str:
 
 
 def _hf_dir(root: Path, model_id: str) -> Path:
-    """The Hugging Face format directory of ``root``: itself, or a sentence-transformers CLIP module."""
+    """The Hugging Face format folder in ``root``: itself or a sentence-transformers CLIP module."""
     modules_file = root / "modules.json"
     if modules_file.is_file():
         try:
@@ -156,7 +158,7 @@ def _hf_dir(root: Path, model_id: str) -> Path:
 
 
 def _snapshot_usable(root: Path) -> bool:
-    """Whether a cached snapshot holds what loading needs (an earlier tool may have cached only a part)."""
+    """Whether a cached snapshot holds what loading needs (another tool may have cached a part)."""
     try:
         model_dir = _hf_dir(root, str(root))
     except ModelError:
@@ -165,7 +167,7 @@ def _snapshot_usable(root: Path) -> bool:
 
 
 def _resolve_hub(repo_id: str) -> Path:
-    """A local snapshot of ``repo_id``: from the cache, else downloaded (configs, tokenizer, weights)."""
+    """A local snapshot of ``repo_id``: cached, else downloaded (configs, tokenizer, weights)."""
     from huggingface_hub import errors as hub_errors
     from huggingface_hub import snapshot_download
 

@@ -35,7 +35,7 @@ RUN_DEPTH = 100
 
 @dataclass(frozen=True)
 class EvalQuery:
-    """One evaluation query: its id, its text and the groups it belongs to (``kind``, ``heldout``)."""
+    """One evaluation query: its id, its text and its groups (``kind``, ``heldout``)."""
 
     qid: str
     text: str
@@ -50,7 +50,8 @@ class EvalReport:
         queries: queries evaluated (those with at least one relevant image).
         first_stage: metrics of the first-stage ranking.
         reranked: metrics after reranking (``None`` without a reranker).
-        groups: ``"kind=pair"``-style group -> ``{"queries", "first_stage", "reranked"}`` metric values.
+        groups: ``"kind=pair"``-style group -> ``{"queries", "first_stage", "reranked"}`` metric
+            values.
         latency_ms: stage -> ``{"p50", "p95"}`` per query, in milliseconds.
         excluded_qids: queries left out because the qrels give them no relevant image.
         reranker: the reranker's name, or ``"none"``.

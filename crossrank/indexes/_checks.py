@@ -29,7 +29,8 @@ def as_vectors(
         x: array-like ``(m, d)``.
         name: the argument's name, for messages.
         d: the dim required, if any.
-        expected: where ``d`` comes from, for the message (default: "the index was built with dim d").
+        expected: where ``d`` comes from, for the message (default:
+            "the index was built with dim d").
         hint: what to do about a wrong dim, ending that message.
 
     Raises:

@@ -2,20 +2,20 @@
 
 Tiers of the automatic choice (``IndexConfig.factory=None``), for ``n`` vectors:
 
-==========================================  ==============================  ===========================
-corpus                                      factory                         why
-==========================================  ==============================  ===========================
-``n < flat_threshold`` (20k) or ``n == 0``  ``Flat``                        exact; a brute-force scan of
-                                                                            20k x 512 floats takes ~1 ms
-``n < 2M``                                  ``IVF{nlist},Flat``             exact scores inside the
-                                                                            probed lists
-``n >= 2M``                                 ``IVF{nlist},SQ8``              1 byte per dimension: a
-                                                                            quarter of the memory; the
-                                                                            reranker rescores anyway
-``nlist >= 4096`` (a large ``train_size``)  ``IVF{nlist}_HNSW32,...``       coarse assignment through
-                                                                            HNSW instead of a scan of
-                                                                            every centroid
-==========================================  ==============================  ===========================
+==========================================  =========================  =============================
+corpus                                      factory                    why
+==========================================  =========================  =============================
+``n < flat_threshold`` (20k) or ``n == 0``  ``Flat``                   exact; a brute-force scan of
+                                                                       20k x 512 floats takes ~1 ms
+``n < 2M``                                  ``IVF{nlist},Flat``        exact scores inside the
+                                                                       probed lists
+``n >= 2M``                                 ``IVF{nlist},SQ8``         1 byte per dimension: a
+                                                                       quarter of the memory; the
+                                                                       reranker rescores anyway
+``nlist >= 4096`` (a large ``train_size``)  ``IVF{nlist}_HNSW32,...``  coarse assignment through
+                                                                       HNSW instead of a scan of
+                                                                       every centroid
+==========================================  =========================  =============================
 
 ``nlist`` is about ``4 * sqrt(n)`` (or ``IndexConfig.nlist``), then lowered so that every centroid
 gets at least 39 training vectors out of ``min(n, train_size)``: FAISS's k-means warns below that
@@ -57,7 +57,7 @@ _FACTORY_EXAMPLES = "give a FAISS index_factory string such as 'IVF256,Flat', 'H
 
 
 def auto_nlist(n: int, config: IndexConfig) -> int:
-    """The number of IVF lists for ``n`` vectors: ``config.nlist`` or ~4 sqrt(n), capped by the sample.
+    """The IVF list count for ``n`` vectors: ``config.nlist`` or ~4 sqrt(n), capped by the sample.
 
     Args:
         n: vectors in the corpus.

@@ -303,7 +303,7 @@ class FirstStage:
         allowed_ids: np.ndarray | None = None,
         nprobe: int | None = None,
     ) -> tuple[np.ndarray, np.ndarray]:
-        """The ``k`` best vectors by inner product for each query, optionally among allowed ids only.
+        """The ``k`` best vectors by inner product for each query, optionally among allowed ids.
 
         Args:
             xq: float ``(m, d)`` normalised queries (coerced to float32, C-contiguous).
@@ -407,7 +407,7 @@ class FirstStage:
         return pos
 
     def _drop_outside(self, P: np.ndarray, positions: np.ndarray) -> np.ndarray:
-        """Blank hits outside the allowed positions: a guard for index types that ignore selectors."""
+        """Blank hits outside the allowed positions: guards index types that ignore selectors."""
         j = np.minimum(np.searchsorted(positions, P), len(positions) - 1)
         outside = (P >= 0) & (positions[j] != P)
         if outside.any():

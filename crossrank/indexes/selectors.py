@@ -42,9 +42,9 @@ def make_selector(faiss: ModuleType, positions: np.ndarray, ntotal: int) -> Any 
         ntotal: vectors in the index.
 
     Returns:
-        ``None`` when every position is allowed (no selector is fastest), else an ``IDSelectorRange``,
-        ``IDSelectorBitmap`` or ``IDSelectorBatch``. The Python object keeps alive the arrays the
-        C++ selector points to.
+        ``None`` when every position is allowed (no selector is fastest), else an
+        ``IDSelectorRange``, ``IDSelectorBitmap`` or ``IDSelectorBatch``. The Python object keeps
+        alive the arrays the C++ selector points to.
     """
     s = len(positions)
     if s == ntotal:

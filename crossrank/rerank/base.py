@@ -56,7 +56,8 @@ class Reranker(ABC):
         name: a short name for logs and reports, e.g. ``"maxsim"``.
         needs_input_ids: :meth:`score` takes a keyword ``input_ids``, the query's ``(n_tokens,)``
             int64 token ids (None for an image query).
-        token_embeddings: width of the layer-0 token states expected in front of ``query``; 0 = none.
+        token_embeddings: width of the layer-0 token states expected in front of ``query``
+            (0: none).
         fusion: the fusion this reranker recommends for ``fusion="auto"``; None = the default.
     """
 

@@ -66,12 +66,15 @@ class BlipItmReranker(Reranker):
 
     Attributes:
         name: ``"blip-itm"``.
-        needs_input_ids: True: :meth:`score` needs the query's token ids (``TextFeatures.input_ids``),
-            which :class:`crossrank.Index` passes to rerankers that declare this.
+        needs_input_ids: True: :meth:`score` needs the query's token ids
+            (``TextFeatures.input_ids``), which :class:`crossrank.Index` passes to rerankers that
+            declare this.
         patch_dim: the vision hidden size the stored patches must have.
 
     Example:
-        >>> rr = BlipItmReranker.from_pretrained("Salesforce/blip-itm-base-coco", "cpu")  # doctest: +SKIP
+        >>> rr = BlipItmReranker.from_pretrained(  # doctest: +SKIP
+        ...     "Salesforce/blip-itm-base-coco", "cpu"
+        ... )
         >>> q = encoder.encode_text(["a dog on a beach"])  # doctest: +SKIP
         >>> rr.score(q.tokens[0], q.mask[0], patches, input_ids=q.input_ids[0])  # doctest: +SKIP
     """
@@ -162,10 +165,11 @@ class BlipItmReranker(Reranker):
             patches: the candidates' stored vision tokens ``(k, 1 + P, vision_hidden)``, float16
                 or float32.
             patch_mask: ``(k, 1 + P)`` bool; must be None or all True. BLIP's image attention mask
-                is all ones, and transformers' BLIP text model (5.x) drops the encoder attention mask
-                in its cross-attention (``BlipTextAttention`` never passes it on), so padded vision
-                tokens could not be masked out.
-            input_ids: ``(n_tokens,)`` integer token ids of the query (``TextFeatures.input_ids[i]``).
+                is all ones, and transformers' BLIP text model (5.x) drops the encoder attention
+                mask in its cross-attention (``BlipTextAttention`` never passes it on), so padded
+                vision tokens could not be masked out.
+            input_ids: ``(n_tokens,)`` integer token ids of the query
+                (``TextFeatures.input_ids[i]``).
 
         Returns:
             ``(k,)`` float32 on the CPU, P(match) in [0, 1]. ``k == 0`` gives an empty tensor.

@@ -50,7 +50,7 @@ _FORMAT_VERSION = 1
 
 
 def demo_reranker_dir() -> Path:
-    """Where the shipped demo reranker lives: ``crossrank/assets/demo-reranker/`` (may be missing)."""
+    """The shipped demo reranker's folder, ``crossrank/assets/demo-reranker/`` (may be missing)."""
     from crossrank.encoders.loading import demo_model_dir
 
     return demo_model_dir().parent / "demo-reranker"

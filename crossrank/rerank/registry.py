@@ -29,8 +29,8 @@ def get_reranker(
 
     Args:
         spec: ``"maxsim"`` (case-insensitive), ``"blip-itm"`` (BLIP's image-text matching head,
-            loaded from ``encoder_info``'s model), ``"none"`` or None for no reranking, the folder of
-            a saved cross-attention reranker (a path; names win over a folder of the same name,
+            loaded from ``encoder_info``'s model), ``"none"`` or None for no reranking, the folder
+            of a saved cross-attention reranker (a path; names win over a folder of the same name,
             write ``./maxsim`` for that), or a :class:`Reranker` instance, returned as it is
             (an object that only has a ``name`` and a ``score`` method is wrapped in a
             :class:`Reranker` with the interface's defaults).

@@ -17,7 +17,7 @@ if TYPE_CHECKING:
 
 __all__ = ["Query", "encode_queries"]
 
-#: A text, or an image (a PIL image, or a ``pathlib.Path`` to an image file) for image-to-image search.
+#: A text, or an image (a PIL image, or a ``pathlib.Path`` to an image file) to search by image.
 Query: TypeAlias = "str | Path | Image.Image"
 
 

@@ -40,7 +40,8 @@ class Snapshot:
         device: where the first stage searches (``auto`` uses a GPU copy when there is one).
         nprobe: IVF lists probed per query; None: the index's own.
         reuse: an earlier snapshot of the same directory: its first stage is kept when the new
-            generation hard-links the same FAISS file (after a removal), instead of loading it again.
+            generation hard-links the same FAISS file (after a removal) instead of being loaded
+            again.
 
     Attributes:
         manifest: the manifest naming this generation.

@@ -5,7 +5,8 @@ fastapi raises :class:`~crossrank.errors.DependencyError` saying so.
 
 Example:
     >>> from crossrank.serve import create_app  # doctest: +SKIP
-    >>> app = create_app("photos.idx")  # then: uvicorn.run(app), or backend.mount("/photos", app)  # doctest: +SKIP
+    >>> app = create_app("photos.idx")  # doctest: +SKIP
+    >>> # then: uvicorn.run(app), or backend.mount("/photos", app)
 """
 
 from crossrank.serve.app import create_app

@@ -1,6 +1,6 @@
 """The FastAPI application: search, images, health and the result page over one opened index.
 
-    POST /search        {query, k, rerank_k, filters} -> the search JSON (as `crossrank search --json`)
+    POST /search        {query, k, rerank_k, filters} -> the JSON of `crossrank search --json`
     GET  /images/{id}   the image file of an id in the index (404 for any other id)
     GET  /healthz       {status, images, generation, model, columns}
     GET  /              the result page with a query box (?q=...&k=...&filters=...)
@@ -150,7 +150,7 @@ def create_app(
     )
 
     def fresh() -> None:
-        """Move to the newest generation a writer committed; keep serving the old one if it fails."""
+        """Move to the newest committed generation; keep serving the old one if that fails."""
         if not refresh:
             return
         try:
@@ -276,7 +276,10 @@ def create_app(
             return JSONResponse(
                 status_code=404,
                 content={
-                    "detail": f"the file of image {image_id} is no longer there; rebuild or refresh the index"
+                    "detail": (
+                        f"the file of image {image_id} is no longer there; "
+                        "rebuild or refresh the index"
+                    )
                 },
             )
         media_type = _IMAGE_TYPES.get(path.suffix.lower()) or mimetypes.guess_type(path.name)[0]

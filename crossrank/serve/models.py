@@ -1,4 +1,4 @@
-"""The request and response bodies of the HTTP API, as pydantic models (they make the OpenAPI schema)."""
+"""The HTTP API's request and response bodies, as pydantic models (they make the OpenAPI schema)."""
 
 from __future__ import annotations
 
@@ -95,7 +95,10 @@ class SearchRequest(BaseModel):
         default=None,
         ge=1,
         le=MAX_RERANK_K,
-        description="First-stage candidates the reranker rescores (>= k); default max(k, the server's rerank_k).",
+        description=(
+            "First-stage candidates the reranker rescores (>= k); "
+            "default max(k, the server's rerank_k)."
+        ),
     )
     filters: Annotated[dict[str, Any] | None, WithJsonSchema(FILTERS_SCHEMA)] = None
     where: str | None = Field(

@@ -1,4 +1,4 @@
-"""Named crash points for the crash-safety tests: ``CROSSRANK_CRASH_AT=NAME`` kills the process there.
+"""Named crash points for the crash-safety tests: ``CROSSRANK_CRASH_AT=NAME`` kills the process.
 
 The writers (build, add, remove, compact and the generation commit they share) call
 :func:`crash_point` at the moments a crash could leave something behind: segments written, the
@@ -31,7 +31,8 @@ CRASH_POINTS: tuple[str, ...] = (
     "segments-written",  # commit() was called: every segment is written, generation.json is not
     "generation-written",  # generation.json is written, nothing is fsynced yet
     "before-rename",  # everything is durable in the temporary folder
-    "after-rename",  # the generation folder has its final name; the manifest still names the old one
+    # the generation folder has its final name; the manifest still names the old one
+    "after-rename",
     "manifest-written",  # the new manifest is durable under its temporary name, not yet renamed
     "after-manifest",  # the new generation is committed; old generations not yet collected
     "gc-trashed",  # an old generation was renamed to a trash folder (once per generation)

@@ -16,9 +16,9 @@ zone is UTC.
 
 :func:`compile_filters` checks every column, operator and value against the metadata schema (a
 mistake is one :class:`~crossrank.errors.FilterError` line naming what is valid), then compiles the
-conditions to a DuckDB boolean expression whose values are all ``$f0, $f1, ...`` parameters. No value
-is ever spliced into the SQL text and every column name comes from the schema, so a value such as
-``"'; COPY metadata TO '/tmp/x'; --"`` is only a string that no row equals.
+conditions to a DuckDB boolean expression whose values are all ``$f0, $f1, ...`` parameters. No
+value is ever spliced into the SQL text and every column name comes from the schema, so a value such
+as ``"'; COPY metadata TO '/tmp/x'; --"`` is only a string that no row equals.
 """
 
 from __future__ import annotations
@@ -195,7 +195,7 @@ def _check_name(column: Any) -> None:
 
 
 def _operations(column: str, spec: Any) -> list[tuple[FilterOp, Any]]:
-    """The ``(op, value)`` pairs of one column's filter: ``{op: value, ...}`` or a bare value (eq)."""
+    """The ``(op, value)`` pairs of a column's filter: ``{op: value, ...}`` or a bare value (eq)."""
     column = _show_text(column)
     if isinstance(spec, (list, tuple, set)):
         raise FilterError(
@@ -318,7 +318,7 @@ def _check_value(column: str, op: FilterOp, value: Any, arrow_type: pa.DataType)
 
 
 def _convert(where: str, column: str, value: Any, kind: str, arrow_type: pa.DataType) -> Any:
-    """``value`` as the Python type DuckDB compares with a ``kind`` column; FilterError if it cannot be."""
+    """``value`` as the Python type DuckDB compares with a ``kind`` column, else FilterError."""
     expected = {
         "number": "a number",
         "string": "a string",

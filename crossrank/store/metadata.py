@@ -374,7 +374,7 @@ class MetadataStore:
     def allowed_ids(
         self, where: str | None = None, *, filters: Filters | None = None
     ) -> np.ndarray:
-        """The ids of the images that satisfy ``where`` and ``filters`` (all of them without either).
+        """The ids of the images that satisfy ``where`` and ``filters`` (all ids without either).
 
         Args:
             where: a DuckDB SQL boolean expression over the metadata columns (trusted input),

@@ -1,8 +1,9 @@
 """The write pipeline: build an index, then add, remove and compact, each as one new generation.
 
 **build** (:func:`build_index`, :mod:`crossrank.write.build`) discovers the source's files, decodes
-and encodes them (:mod:`crossrank.ingest`, :mod:`crossrank.encoders`) and writes the first generation:
-vectors, patch shards, metadata parts and the FAISS first stage (:mod:`crossrank.store`).
+and encodes them (:mod:`crossrank.ingest`, :mod:`crossrank.encoders`) and writes the first
+generation: vectors, patch shards, metadata parts and the FAISS first stage
+(:mod:`crossrank.store`).
 
 Every operation holds the index's writer lock (a second writer gets :class:`IndexLockedError`
 naming the first), writes a complete generation beside the current one and commits it by the

@@ -91,9 +91,11 @@ def build_index(
     """Index every image of ``source`` into a new generation of ``index_dir``.
 
     Args:
-        source: a folder (searched recursively) or a ``.parquet``/``.csv`` manifest with a ``path`` column.
+        source: a folder (searched recursively) or a ``.parquet``/``.csv`` manifest with a ``path``
+            column.
         index_dir: the index directory (created if missing).
-        model: encoder model: a Hugging Face id, a local directory, or ``None`` for the shipped demo model.
+        model: the encoder: a Hugging Face id, a local directory, or ``None`` for the shipped demo
+            model.
         batch_size: images per encoder forward pass.
         device: ``auto``, ``cpu`` or ``cuda``.
         factory: a FAISS factory string; ``None`` picks Flat or IVF by corpus size.

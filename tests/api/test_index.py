@@ -1,4 +1,4 @@
-"""The Index facade: open, search (filters, rerankers, fusion, images, batches, threads), verify, errors.
+"""Index: open, search (filters, rerankers, fusion, images, batches, threads), verify, errors.
 
 Expected rankings are computed here from the stored files (``vectors.npy``, ``ids.npy``, the patch
 shards) and an independently loaded encoder, never from the code under test.
@@ -257,7 +257,7 @@ def test_filter_shorter_than_k_is_reported_not_silent(index):
 def _maxsim_truth(
     stored, text_features, rerank_k: int
 ) -> tuple[dict[int, float], dict[int, float]]:
-    """First-stage scores of all images and MaxSim scores of the top ``rerank_k``, from the files."""
+    """First-stage scores of all images, MaxSim scores of the top ``rerank_k``, from the files."""
     import torch
 
     ids, vectors, patches, _ = stored

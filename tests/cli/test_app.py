@@ -1,4 +1,4 @@
-"""The command line, end to end: build -> search -> info -> verify, their --json shapes and exit codes."""
+"""The command line end to end: build -> search -> info -> verify, --json shapes and exit codes."""
 
 from __future__ import annotations
 
@@ -57,7 +57,7 @@ def odd_folder(
 
 @pytest.fixture(scope="module")
 def cli_build(odd_folder, tiny_clip, runner):
-    """`crossrank build photos --index photos.idx`, run with relative paths from the folder above."""
+    """`crossrank build photos --index photos.idx`, with relative paths, from the folder above."""
     root, good, bad = odd_folder
     with pytest.MonkeyPatch.context() as mp:
         mp.chdir(root)
@@ -293,7 +293,7 @@ def test_manifest_columns_reach_hits_and_where(tmp_path, tiny_clip, runner):
     assert {"requested": 6, "returned": 2, "filtered_out": 4}.items() <= out["counts"].items()
 
 
-# -- bad input: exit 1, one line, no traceback, nothing committed changes ----------------------------
+# -- bad input: exit 1, one line, no traceback, nothing committed changes --------------------------
 
 
 def _write_bad_manifests(tmp: Path) -> None:
@@ -301,7 +301,8 @@ def _write_bad_manifests(tmp: Path) -> None:
     (tmp / "broken.parquet").write_bytes(b"PAR1 not parquet")
 
 
-BAD = {  # args ({idx}: a copy of a built index, {tmp}: a scratch folder, {clip}/{other}: models) -> message
+# args ({idx}: a copy of a built index, {tmp}: a scratch folder, {clip}/{other}: models) -> message
+BAD = {
     "missing-source": (
         ["build", "{tmp}/nowhere", "--index", "{idx}", "--model", "{clip}", "--overwrite"],
         r"SOURCE .*nowhere does not exist",
@@ -377,7 +378,7 @@ def test_bad_input_is_one_line_and_exit_1(
 
 
 def _cli(*args: str) -> subprocess.CompletedProcess:
-    """The real console script's code path, in a fresh interpreter (tracebacks go to the real stderr)."""
+    """The real console script's code path in a fresh interpreter (tracebacks go to real stderr)."""
     return subprocess.run(
         [sys.executable, "-c", "from crossrank.cli import main; main()", *args],
         capture_output=True,

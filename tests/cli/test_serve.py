@@ -1,4 +1,4 @@
-"""`crossrank serve`: it builds the app from its flags and hands it to uvicorn; errors are one line."""
+"""`crossrank serve` builds the app from its flags and hands it to uvicorn; errors are one line."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""ClipEncoder: shapes, numerics against transformers' own CLIPModel, batching, padding, input checks."""
+"""ClipEncoder: shapes, numerics against transformers' CLIPModel, batching, padding, checks."""
 
 from __future__ import annotations
 
@@ -53,7 +53,8 @@ def test_encode_images_equals_clipmodel_image_features(tiny_encoder, images, ref
     with torch.no_grad():
         expected = model.get_image_features(pixel_values=pixels).pooler_output
         hidden = model.vision_model(pixel_values=pixels).last_hidden_state  # (n, 1 + P, width)
-        # The patch formula applied to the CLS token is get_image_features: the patches share its projection.
+        # The patch formula applied to the CLS token is get_image_features: the patches share its
+        # projection.
         cls = model.visual_projection(model.vision_model.post_layernorm(hidden[:, 0]))
         expected_patches = model.visual_projection(model.vision_model.post_layernorm(hidden[:, 1:]))
     torch.testing.assert_close(cls, expected, atol=1e-6, rtol=0)

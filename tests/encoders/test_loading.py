@@ -48,7 +48,7 @@ def hub_cache(tmp_path, monkeypatch):
 
 
 def _go_online(monkeypatch) -> None:
-    """Turn offline mode off (the suite turns it on; these tests fake the hub instead of calling it)."""
+    """Turn offline mode off (the suite turns it on; these tests fake the hub, never call it)."""
     from huggingface_hub import constants
 
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
@@ -59,7 +59,7 @@ def _go_online(monkeypatch) -> None:
 def _cache_snapshot(
     cache: Path, repo_id: str, src: Path, *, only: tuple[str, ...] | None = None
 ) -> Path:
-    """Lay ``src`` out as the cached snapshot of ``repo_id``, as huggingface_hub does (refs/main -> commit)."""
+    """Lay ``src`` out as huggingface_hub caches a snapshot of ``repo_id`` (refs/main -> commit)."""
     commit = "0123456789abcdef0123456789abcdef01234567"
     repo = cache / ("models--" + repo_id.replace("/", "--"))
     (repo / "refs").mkdir(parents=True)
@@ -72,7 +72,7 @@ def _cache_snapshot(
     return snapshot
 
 
-# -- what a loaded encoder records -----------------------------------------------------------------------
+# -- what a loaded encoder records -----------------------------------------------------------------
 
 
 def test_info_is_json_able_and_complete(tiny_encoder, tiny_clip_dir):
@@ -117,7 +117,8 @@ def test_loading_is_quiet_and_leaves_transformers_logging_as_it_was(tiny_clip_di
     hook_before = hf_logging.set_tqdm_hook(None)
     hf_logging.set_tqdm_hook(hook_before)
     bars_were_on = hf_logging.is_progress_bar_enabled()
-    hf_logging.enable_progress_bar()  # the suite may switch bars off; they must be on for this test to bite
+    # The suite may switch bars off; they must be on for this test to bite.
+    hf_logging.enable_progress_bar()
     try:
         capfd.readouterr()
         load_encoder(tiny_clip_dir, device="cpu")
@@ -178,7 +179,7 @@ def test_explicit_dtype_is_honoured(tiny_clip_dir, tiny_encoder, images):
     np.testing.assert_allclose(feats.pooled, tiny_encoder.encode_images(images).pooled, atol=5e-2)
 
 
-# -- other places a model comes from -------------------------------------------------------------------------
+# -- other places a model comes from ---------------------------------------------------------------
 
 
 def test_hub_id_is_read_from_the_local_cache_offline(hub_cache, tiny_clip_dir, tiny_encoder):
@@ -376,7 +377,7 @@ def test_demo_model_dir_is_inside_the_package():
     )
 
 
-# -- errors ---------------------------------------------------------------------------------------------------
+# -- errors ----------------------------------------------------------------------------------------
 
 
 def test_missing_directory(tmp_path):

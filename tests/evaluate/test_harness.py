@@ -1,4 +1,4 @@
-"""The eval harness on a tiny shapes corpus: the report's shape, its run files, ranx agreement, and refusals."""
+"""The eval harness on a tiny shapes corpus: report shape, run files, ranx agreement, refusals."""
 
 from __future__ import annotations
 

@@ -171,7 +171,7 @@ def test_bad_input_is_refused(run, qrels, metrics, match):
 
 
 def _random_benchmark(seed, graded):
-    """~50 queries over 40 docs with ties in scores, short and empty rankings, and qid mismatches."""
+    """~50 queries over 40 docs: tied scores, short and empty rankings, and qid mismatches."""
     rng = np.random.default_rng(seed)
     docs = [f"images/{i:06d}.png" for i in range(40)]
     qrels, run = {}, {}

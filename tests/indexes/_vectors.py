@@ -23,7 +23,7 @@ def normalise(x: np.ndarray) -> np.ndarray:
 def make_vectors(
     n: int = 2000, d: int = 32, m: int = 12, clusters: int = 20, seed: int = 0
 ) -> Vectors:
-    """``n`` vectors around ``clusters`` centres (what IVF is built for), ``m`` queries near the data."""
+    """``n`` vectors around ``clusters`` centres (what IVF is for), ``m`` queries near the data."""
     rng = np.random.default_rng(seed)
     centres = rng.standard_normal((clusters, d))
     xb = normalise(centres[rng.integers(0, clusters, n)] + 0.3 * rng.standard_normal((n, d)))

@@ -32,7 +32,7 @@ def ivf(vectors):
 
 
 def allowed_sets(ids: np.ndarray) -> dict[str, np.ndarray]:
-    """Allowed-id sets that exercise every selector: one id, a few, a run of positions, half, all."""
+    """Allowed-id sets for every selector: one id, a few, a run of positions, half, all."""
     rng = np.random.default_rng(1)
     return {
         "one": np.sort(ids[[7]]),
@@ -290,7 +290,8 @@ def test_index_type_without_filter_support_says_so(vectors):
 
 
 def test_hits_outside_the_selector_are_dropped(monkeypatch, flat, vectors, caplog):
-    # Simulates an index type that ignores the selector: the guard must still return allowed ids only.
+    # Simulates an index type that ignores the selector: the guard must still return only allowed
+    # ids.
     from crossrank.indexes import first_stage
 
     monkeypatch.setattr(first_stage, "search_params", lambda *args, **kwargs: None)

@@ -1,4 +1,4 @@
-"""blip-itm: ITM from cached vision tokens equals BLIP's full forward, in one batch and through Index."""
+"""blip-itm: ITM from cached vision tokens equals BLIP's full forward, in a batch and via Index."""
 
 from __future__ import annotations
 
@@ -53,7 +53,7 @@ def pixels(blip_encoder) -> torch.Tensor:
 def full_forward(
     reference, input_ids: np.ndarray, mask: np.ndarray, pixels: torch.Tensor
 ) -> np.ndarray:
-    """P(match) from BlipForImageTextRetrieval itself, re-running the vision model on every image."""
+    """P(match) from BlipForImageTextRetrieval itself, re-running the vision model per image."""
     k = pixels.shape[0]
     with torch.no_grad():
         logits = reference(
@@ -68,7 +68,7 @@ def full_forward(
 def direct_itm(
     reference, input_ids: np.ndarray, mask: np.ndarray, patches: np.ndarray
 ) -> np.ndarray:
-    """P(match) from the model's text encoder and ITM head over given vision tokens, one candidate at a time."""
+    """P(match) from the text encoder and ITM head over given vision tokens, one at a time."""
     out = []
     with torch.no_grad():
         for row in patches:
@@ -153,7 +153,7 @@ def test_no_candidates_gives_an_empty_score(blip_encoder, reranker) -> None:
     assert scores.shape == (0,) and scores.dtype == torch.float32
 
 
-# -- through Index ----------------------------------------------------------------------------------
+# -- through Index ---------------------------------------------------------------------------------
 
 
 @pytest.fixture(scope="module")
@@ -250,7 +250,7 @@ def test_blip_itm_on_a_clip_index_is_refused(built_index: Path) -> None:
         Index.open(built_index, device="cpu").search("a red circle", reranker="blip-itm")
 
 
-# -- errors -----------------------------------------------------------------------------------------
+# -- errors ----------------------------------------------------------------------------------------
 
 
 def test_get_reranker_blip_itm_needs_encoder_info() -> None:
@@ -339,7 +339,7 @@ def test_patches_of_another_width_are_refused(blip_encoder, reranker) -> None:
         )
 
 
-# -- GPU --------------------------------------------------------------------------------------------
+# -- GPU -------------------------------------------------------------------------------------------
 
 
 @pytest.mark.gpu

@@ -1,4 +1,4 @@
-"""Reader pins and garbage collection: what readers hold stays, the rest goes, crashes are harmless."""
+"""Reader pins and garbage collection: what readers hold stays, the rest goes, crashes are safe."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Building an index through the API: reports, skipped files, manifests, and failures that change nothing."""
+"""Building through the API: reports, skipped files, manifests, and failures that change nothing."""
 
 from __future__ import annotations
 
@@ -77,7 +77,7 @@ def test_each_skipped_file_is_listed_with_a_reason(odd_build):
 def manifest_index(
     tmp_path_factory: pytest.TempPathFactory, tiny_clip: Path
 ) -> tuple[Path, list[Path], Path]:
-    """A .csv manifest with relative paths and extra columns, built from another working directory."""
+    """A .csv manifest with relative paths and extra columns, built from another directory."""
     root = tmp_path_factory.mktemp("manifest")
     images = write_images(root / "pics", 6, seed=4)
     manifest = root / "photos.csv"

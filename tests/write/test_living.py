@@ -78,7 +78,7 @@ def _found(index: Index, index_dir: Path, image_id: int) -> list[int]:
     return [h.id for h in index.search_vectors(xq, k=3)[0]]
 
 
-# -- add --------------------------------------------------------------------------------------------
+# -- add -------------------------------------------------------------------------------------------
 
 
 def test_add_indexes_only_new_files_exactly_as_a_build_would(living, tmp_path, tiny_clip):
