@@ -1,9 +1,9 @@
 """The public entry point: :class:`Index` builds, opens and searches an index directory.
 
-A search runs the stages of DESIGN.md in order: encode the query, compute the allowed ids of the
-``where`` filter (DuckDB), take ``rerank_k`` candidates from the first stage (FAISS, or exact
-scoring when the allowed set is small), gather the candidates' stored patch features, rescore them
-with the reranker in one batch, fuse, cut to ``k`` and join the metadata.
+A search runs the stages of :mod:`crossrank.search.pipeline` in order: encode the query, compute
+the allowed ids of the ``where`` filter (DuckDB), take ``rerank_k`` candidates from the first stage
+(FAISS, or exact scoring when the allowed set is small), gather the candidates' stored patch
+features, rescore them with the reranker in one batch, fuse, cut to ``k`` and join the metadata.
 """
 
 from __future__ import annotations
