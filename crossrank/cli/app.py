@@ -628,11 +628,11 @@ def train_encoder_cmd(
             help="Where the model goes (Hugging Face format); a checkpoint there is resumed.",
         ),
     ],
-    steps: Annotated[int, typer.Option(min=1, help="Optimizer steps.")] = 4000,
-    batch_size: Annotated[int, typer.Option(min=2, help="Images per step.")] = 256,
-    lr: Annotated[float, typer.Option(help="Peak learning rate.")] = 1e-3,
+    steps: Annotated[int | None, typer.Option(min=1, help="Optimizer steps.")] = None,
+    batch_size: Annotated[int | None, typer.Option(min=2, help="Images per step.")] = None,
+    lr: Annotated[float | None, typer.Option(help="Peak learning rate.")] = None,
     caption_negatives: Annotated[
-        int,
+        int | None,
         typer.Option(
             min=0,
             help=(
@@ -641,7 +641,7 @@ def train_encoder_cmd(
                 "caption as a bag of words. 0 = off."
             ),
         ),
-    ] = 0,
+    ] = None,
     init_from: Annotated[
         str | None,
         typer.Option(
@@ -651,13 +651,14 @@ def train_encoder_cmd(
             )
         ),
     ] = None,
-    seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
+    seed: Annotated[int | None, typer.Option(help="Random seed.")] = None,
     device: Annotated[Device, typer.Option(help="Where to train.")] = Device.AUTO,
     as_json: Annotated[bool, typer.Option("--json", help="Print the summary as JSON.")] = False,
 ) -> None:
     """Train the demo dual encoder (a small CLIP) on generated pairs.
 
-    From scratch, or fine-tuned from --init-from.
+    From scratch, or fine-tuned from --init-from. Settings left out keep EncoderTrainConfig's
+    defaults.
     """
     import shlex
     import time
@@ -678,15 +679,15 @@ def train_encoder_cmd(
     )
 
     try:
-        config = EncoderTrainConfig(
+        given = _given(
             steps=steps,
             batch_size=batch_size,
             lr=lr,
             seed=seed,
-            device=device.value,
             caption_negatives=caption_negatives,
             init_from=init_from,
         )
+        config = EncoderTrainConfig(**given, device=device.value)
     except ValueError as e:
         raise typer.BadParameter(str(e)) from None
     if init_from is not None:  # fail before the minute of loading images, not after
@@ -695,7 +696,7 @@ def train_encoder_cmd(
         resolve_model(init_from)
     t0 = time.perf_counter()
     train_data = shapes_train_data(
-        data, DEMO_SPEC.image_size, caption_negatives=caption_negatives > 0
+        data, DEMO_SPEC.image_size, caption_negatives=config.caption_negatives > 0
     )
     with progress_bar(
         TextColumn("[bold]training"),
@@ -717,11 +718,15 @@ def train_encoder_cmd(
             ),
             extra={"command": "crossrank " + shlex.join(sys.argv[1:])},
         )
-    summary = {"out": str(path), "steps": steps, "seconds": round(time.perf_counter() - t0, 1)}
+    summary = {
+        "out": str(path),
+        "steps": config.steps,
+        "seconds": round(time.perf_counter() - t0, 1),
+    }
     if as_json:
         _print_json(summary)
     else:
-        console.print(f"[green]trained[/] {steps} steps in {summary['seconds']} s -> {path}")
+        console.print(f"[green]trained[/] {config.steps} steps in {summary['seconds']} s -> {path}")
 
 
 @app.command("train")
