@@ -5,7 +5,7 @@ On a shapes dataset a caption's objects and their grid cells are known. ``crossr
 each named object's shape word ("circle" in "a red circle left of a blue square") onto the
 patches of that object's cell, on the true caption of each caption-negative list. Finding each
 object is then learned directly, instead of only through a relation loss that gives no gradient
-until finding and comparing both work (README, "What makes relations learnable").
+until finding and comparing both work (measured by `research/relation_probe.py`, option `sup`).
 
 - :func:`object_token_positions`: per caption bank row, the token position of each object's shape
   word, from the tokenizer's character offsets;
