@@ -82,10 +82,14 @@ def built_index(
 
 @pytest.fixture(scope="session")
 def tiny_encoder(tiny_clip: Path):
-    """``tiny_clip`` on the CPU, loaded apart from any Index: the reference for expected scores."""
+    """``tiny_clip`` on the CPU, loaded apart from any Index: the reference for expected scores.
+
+    Batch size 4, so that the encoder tests' ten images and five texts cross batch boundaries
+    (tests/encoders/test_clip.py compares it with batch size 1).
+    """
     from crossrank.encoders import load_encoder
 
-    return load_encoder(tiny_clip, device="cpu")
+    return load_encoder(tiny_clip, device="cpu", batch_size=4)
 
 
 @pytest.fixture()

@@ -15,15 +15,15 @@ LONG = "a small green triangle above a large yellow star right of a blue square"
 
 
 @pytest.fixture(scope="module")
-def reference(tiny_clip_dir):
+def reference(tiny_clip):
     """transformers' CLIPModel and processors, loaded independently of crossrank."""
     from transformers import AutoImageProcessor, AutoTokenizer, CLIPModel
 
-    model = CLIPModel.from_pretrained(tiny_clip_dir).eval()
+    model = CLIPModel.from_pretrained(tiny_clip).eval()
     return (
         model,
-        AutoImageProcessor.from_pretrained(tiny_clip_dir),
-        AutoTokenizer.from_pretrained(tiny_clip_dir),
+        AutoImageProcessor.from_pretrained(tiny_clip),
+        AutoTokenizer.from_pretrained(tiny_clip),
     )
 
 
@@ -155,10 +155,10 @@ def test_token_embeddings_are_the_text_models_layer_0_states(tiny_encoder, refer
     np.testing.assert_array_equal(joined[..., width:], feats.tokens)
 
 
-def test_token_embeddings_are_refused_by_an_encoder_that_has_none(tiny_clip_dir):
+def test_token_embeddings_are_refused_by_an_encoder_that_has_none(tiny_clip):
     from crossrank.errors import ModelError
 
-    encoder = load_encoder(tiny_clip_dir, device="cpu")
+    encoder = load_encoder(tiny_clip, device="cpu")
     encoder.token_embedding_dim = None  # as a backend that does not give them
     with pytest.raises(ModelError, match="does not give its layer-0 token states"):
         encoder.encode_text(["a red circle"], token_embeddings=True)
@@ -187,8 +187,8 @@ def test_padding_does_not_change_a_texts_features(tiny_encoder):
     np.testing.assert_allclose(padded.tokens[0, :length], alone.tokens[0, :length], atol=1e-5)
 
 
-def test_batch_size_one_and_four_give_the_same_features(tiny_clip_dir, tiny_encoder, images):
-    one = load_encoder(tiny_clip_dir, device="cpu", batch_size=1)
+def test_batch_size_one_and_four_give_the_same_features(tiny_clip, tiny_encoder, images):
+    one = load_encoder(tiny_clip, device="cpu", batch_size=1)
     texts = ["a red circle", LONG, "a blue square", "a star", "two circles"]
     a, b = one.encode_images(images), tiny_encoder.encode_images(images)
     np.testing.assert_allclose(a.pooled, b.pooled, atol=1e-5)

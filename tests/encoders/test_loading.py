@@ -75,10 +75,10 @@ def _cache_snapshot(
 # -- what a loaded encoder records -----------------------------------------------------------------
 
 
-def test_info_is_json_able_and_complete(tiny_encoder, tiny_clip_dir):
+def test_info_is_json_able_and_complete(tiny_encoder, tiny_clip):
     info = json.loads(json.dumps(tiny_encoder.info))
     assert INFO_KEYS <= set(info)
-    assert info["model_id"] == str(tiny_clip_dir.resolve()) == tiny_encoder.model_id
+    assert info["model_id"] == str(tiny_clip.resolve()) == tiny_encoder.model_id
     assert (info["model_type"], info["source"], info["dim"], info["n_patches"]) == (
         "clip",
         "local",
@@ -89,10 +89,10 @@ def test_info_is_json_able_and_complete(tiny_encoder, tiny_clip_dir):
 
 
 def test_same_model_for_a_moved_copy_not_for_other_weights(
-    tiny_encoder, tiny_clip_dir, other_clip_dir, tmp_path
+    tiny_encoder, tiny_clip, other_clip, tmp_path
 ):
-    copy = load_encoder(_copy(tiny_clip_dir, tmp_path / "moved"), device="cpu")
-    other = load_encoder(other_clip_dir, device="cpu")
+    copy = load_encoder(_copy(tiny_clip, tmp_path / "moved"), device="cpu")
+    other = load_encoder(other_clip, device="cpu")
     assert copy.model_id != tiny_encoder.model_id
     assert same_model(copy.info, tiny_encoder.info)
     assert not same_model(other.info, tiny_encoder.info)
@@ -101,17 +101,17 @@ def test_same_model_for_a_moved_copy_not_for_other_weights(
     )  # same architecture, other weights
 
 
-def test_relative_path_string_and_path_object_load_the_same_dir(tiny_clip_dir, monkeypatch):
-    monkeypatch.chdir(tiny_clip_dir.parent)
-    by_str = load_encoder(f"./{tiny_clip_dir.name}", device="cpu")
-    by_path = load_encoder(Path(tiny_clip_dir.name), device="cpu")
-    assert by_str.model_id == by_path.model_id == str(tiny_clip_dir.resolve())
+def test_relative_path_string_and_path_object_load_the_same_dir(tiny_clip, monkeypatch):
+    monkeypatch.chdir(tiny_clip.parent)
+    by_str = load_encoder(f"./{tiny_clip.name}", device="cpu")
+    by_path = load_encoder(Path(tiny_clip.name), device="cpu")
+    assert by_str.model_id == by_path.model_id == str(tiny_clip.resolve())
 
 
 @pytest.mark.filterwarnings(
     "ignore:Cannot enable progress bars"
 )  # huggingface_hub's, under the suite's env
-def test_loading_is_quiet_and_leaves_transformers_logging_as_it_was(tiny_clip_dir, capfd):
+def test_loading_is_quiet_and_leaves_transformers_logging_as_it_was(tiny_clip, capfd):
     from transformers.utils import logging as hf_logging
 
     hook_before = hf_logging.set_tqdm_hook(None)
@@ -121,7 +121,7 @@ def test_loading_is_quiet_and_leaves_transformers_logging_as_it_was(tiny_clip_di
     hf_logging.enable_progress_bar()
     try:
         capfd.readouterr()
-        load_encoder(tiny_clip_dir, device="cpu")
+        load_encoder(tiny_clip, device="cpu")
         captured = capfd.readouterr()
     finally:
         if not bars_were_on:
@@ -146,10 +146,8 @@ def test_loading_is_quiet_and_leaves_transformers_logging_as_it_was(tiny_clip_di
         ),
     ],
 )
-def test_device_param_places_the_model_and_outputs_float32(
-    tiny_clip_dir, tiny_encoder, images, device
-):
-    enc = load_encoder(tiny_clip_dir, device=device, batch_size=3)
+def test_device_param_places_the_model_and_outputs_float32(tiny_clip, tiny_encoder, images, device):
+    enc = load_encoder(tiny_clip, device=device, batch_size=3)
     assert enc.device.type == device
     assert enc.dtype == (torch.float16 if device == "cuda" else torch.float32)
     assert next(enc.model.parameters()).device.type == device
@@ -171,8 +169,8 @@ def test_device_param_places_the_model_and_outputs_float32(
     np.testing.assert_allclose(text.pooled, ref_text.pooled, atol=tol)
 
 
-def test_explicit_dtype_is_honoured(tiny_clip_dir, tiny_encoder, images):
-    enc = load_encoder(tiny_clip_dir, device="cpu", dtype="bf16")
+def test_explicit_dtype_is_honoured(tiny_clip, tiny_encoder, images):
+    enc = load_encoder(tiny_clip, device="cpu", dtype="bf16")
     assert enc.dtype == torch.bfloat16
     feats = enc.encode_images(images)
     assert feats.pooled.dtype == np.float32
@@ -182,8 +180,8 @@ def test_explicit_dtype_is_honoured(tiny_clip_dir, tiny_encoder, images):
 # -- other places a model comes from ---------------------------------------------------------------
 
 
-def test_hub_id_is_read_from_the_local_cache_offline(hub_cache, tiny_clip_dir, tiny_encoder):
-    snapshot = _cache_snapshot(hub_cache, "crossrank-tests/tiny-clip", tiny_clip_dir)
+def test_hub_id_is_read_from_the_local_cache_offline(hub_cache, tiny_clip, tiny_encoder):
+    snapshot = _cache_snapshot(hub_cache, "crossrank-tests/tiny-clip", tiny_clip)
     enc = load_encoder("crossrank-tests/tiny-clip", device="cpu")
     assert enc.model_id == enc.info["model_id"] == "crossrank-tests/tiny-clip"
     assert (enc.info["source"], enc.info["revision"]) == ("hub", snapshot.name)
@@ -199,8 +197,8 @@ def test_hub_id_not_cached_offline_is_one_clear_line(hub_cache):
     )
 
 
-def test_hub_id_partly_cached_offline_says_so(hub_cache, tiny_clip_dir):
-    _cache_snapshot(hub_cache, "crossrank-tests/partial", tiny_clip_dir, only=("config.json",))
+def test_hub_id_partly_cached_offline_says_so(hub_cache, tiny_clip):
+    _cache_snapshot(hub_cache, "crossrank-tests/partial", tiny_clip, only=("config.json",))
     with pytest.raises(
         ModelError,
         match=r"'crossrank-tests/partial' is only partly in the local Hugging Face cache",
@@ -289,10 +287,10 @@ def test_hub_download_that_breaks_off(hub_cache, monkeypatch):
     ],
 )
 def test_sentence_transformers_clip_folder(
-    tmp_path, tiny_clip_dir, tiny_encoder, images, subdir, module_type
+    tmp_path, tiny_clip, tiny_encoder, images, subdir, module_type
 ):
     st = tmp_path / "st-clip"
-    _copy(tiny_clip_dir, st / subdir if subdir else st)
+    _copy(tiny_clip, st / subdir if subdir else st)
     modules = [{"idx": 0, "name": "0", "path": subdir, "type": module_type}]
     (st / "modules.json").write_text(json.dumps(modules))
     enc = load_encoder(st, device="cpu")
@@ -303,9 +301,9 @@ def test_sentence_transformers_clip_folder(
     )
 
 
-def test_sentence_transformers_pipeline_beyond_clip_is_refused(tmp_path, tiny_clip_dir):
+def test_sentence_transformers_pipeline_beyond_clip_is_refused(tmp_path, tiny_clip):
     st = tmp_path / "st-dense"
-    _copy(tiny_clip_dir, st / "0_CLIPModel")
+    _copy(tiny_clip, st / "0_CLIPModel")
     modules = [
         {
             "idx": 0,
@@ -351,8 +349,8 @@ def test_broken_sentence_transformers_folders(tmp_path, modules_json, make_subdi
         load_encoder(st, device="cpu")
 
 
-def test_demo_alias_resolves_to_the_shipped_dir(monkeypatch, tiny_clip_dir, tiny_encoder):
-    monkeypatch.setattr(loading, "demo_model_dir", lambda: tiny_clip_dir)
+def test_demo_alias_resolves_to_the_shipped_dir(monkeypatch, tiny_clip, tiny_encoder):
+    monkeypatch.setattr(loading, "demo_model_dir", lambda: tiny_clip)
     for model in (None, DEMO_MODEL):
         enc = load_encoder(model, device="cpu")
         assert enc.model_id == enc.info["model_id"] == "crossrank-demo"
@@ -432,8 +430,8 @@ def test_unsupported_model_type(tmp_path):
     assert "clip" in supported_model_types()
 
 
-def test_config_without_model_type_or_unreadable(tmp_path, tiny_clip_dir):
-    d = _copy(tiny_clip_dir, tmp_path / "no-type")
+def test_config_without_model_type_or_unreadable(tmp_path, tiny_clip):
+    d = _copy(tiny_clip, tmp_path / "no-type")
     config = json.loads((d / "config.json").read_text())
     del config["model_type"]
     (d / "config.json").write_text(json.dumps(config))
@@ -449,18 +447,18 @@ def test_config_without_model_type_or_unreadable(tmp_path, tiny_clip_dir):
         load_encoder(d, device="cpu")
 
 
-def test_dir_without_weights(tmp_path, tiny_clip_dir):
-    d = _copy(tiny_clip_dir, tmp_path / "no-weights", without=("*.safetensors",))
+def test_dir_without_weights(tmp_path, tiny_clip):
+    d = _copy(tiny_clip, tmp_path / "no-weights", without=("*.safetensors",))
     with pytest.raises(
         ModelError, match=r"has no weights in .*\(model\.safetensors or pytorch_model\.bin\); found"
     ):
         load_encoder(d, device="cpu")
 
 
-def test_checkpoint_with_missing_weights_is_refused(tmp_path, tiny_clip_dir):
+def test_checkpoint_with_missing_weights_is_refused(tmp_path, tiny_clip):
     from safetensors.torch import load_file, save_file
 
-    d = _copy(tiny_clip_dir, tmp_path / "partial-weights")
+    d = _copy(tiny_clip, tmp_path / "partial-weights")
     state = load_file(d / "model.safetensors")
     del state["text_projection.weight"]
     save_file(state, d / "model.safetensors", metadata={"format": "pt"})
@@ -471,20 +469,20 @@ def test_checkpoint_with_missing_weights_is_refused(tmp_path, tiny_clip_dir):
         load_encoder(d, device="cpu")
 
 
-def test_checkpoint_that_does_not_load(tmp_path, tiny_clip_dir):
-    d = _copy(tiny_clip_dir, tmp_path / "broken-weights")
+def test_checkpoint_that_does_not_load(tmp_path, tiny_clip):
+    d = _copy(tiny_clip, tmp_path / "broken-weights")
     (d / "model.safetensors").write_bytes(b"this is not a safetensors file")
     with pytest.raises(ModelError, match=r"cannot load model .* as a CLIPModel from "):
         load_encoder(d, device="cpu")
 
 
-def test_missing_processor_or_tokenizer(tmp_path, tiny_clip_dir):
-    d = _copy(tiny_clip_dir, tmp_path / "no-processor", without=("preprocessor_config.json",))
+def test_missing_processor_or_tokenizer(tmp_path, tiny_clip):
+    d = _copy(tiny_clip, tmp_path / "no-processor", without=("preprocessor_config.json",))
     with pytest.raises(
         ModelError, match=r"has no usable image processor in .*preprocessor_config\.json"
     ):
         load_encoder(d, device="cpu")
-    d = _copy(tiny_clip_dir, tmp_path / "no-tokenizer", without=("tokenizer*",))
+    d = _copy(tiny_clip, tmp_path / "no-tokenizer", without=("tokenizer*",))
     with pytest.raises(
         ModelError, match=r"has no usable tokenizer in .*: none of tokenizer\.json, vocab\.json"
     ):
@@ -499,17 +497,17 @@ def test_missing_processor_or_tokenizer(tmp_path, tiny_clip_dir):
         ({"dtype": "int8"}, r"dtype must be one of auto, fp32, fp16, bf16, got 'int8'"),
     ],
 )
-def test_bad_arguments(tiny_clip_dir, kwargs, match):
+def test_bad_arguments(tiny_clip, kwargs, match):
     with pytest.raises(InvalidArgumentError, match=match):
-        load_encoder(tiny_clip_dir, **kwargs)
+        load_encoder(tiny_clip, **kwargs)
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error on a machine without CUDA")
-def test_cuda_without_cuda(tiny_clip_dir):
+def test_cuda_without_cuda(tiny_clip):
     with pytest.raises(
         InvalidArgumentError, match=r"device 'cuda' was asked for, but torch sees no CUDA device"
     ):
-        load_encoder(tiny_clip_dir, device="cuda")
+        load_encoder(tiny_clip, device="cuda")
 
 
 def test_model_of_a_wrong_type_or_empty():
