@@ -76,6 +76,28 @@ def run_in_process(
     return proc.exitcode
 
 
+def build_living(root: Path, model: Path, n: int, seed: int) -> tuple[Path, Path]:
+    """``root/photos`` with ``n`` random images (``seed``) and ``root/photos.idx`` built over it."""
+    from crossrank.write.build import build_index
+
+    from .conftest import write_images
+
+    source = root / "photos"
+    write_images(source, n, seed=seed)
+    index_dir = root / "photos.idx"
+    build_index(source, index_dir, model=model, device="cpu", batch_size=8, workers=1)
+    return source, index_dir
+
+
+def private_copy(index_dir: Path, folder: Path) -> Path:
+    """A copy of ``index_dir`` as ``folder/photos.idx``, without the readers' pin files."""
+    import shutil
+
+    return Path(
+        shutil.copytree(index_dir, folder / "photos.idx", ignore=shutil.ignore_patterns("*.pin"))
+    )
+
+
 @dataclass(frozen=True)
 class State:
     """What an index holds, as a reader sees it: generation and ``{id: path}`` of live images."""

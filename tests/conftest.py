@@ -100,6 +100,45 @@ def index_copy(built_index: Path, tmp_path: Path) -> Path:
     return Path(shutil.copytree(built_index, tmp_path / "copy.idx"))
 
 
+# -- living indexes (tests/write/test_living.py, tests/cli/test_living.py) ------------------------
+
+
+@pytest.fixture(scope="module")
+def living_images() -> tuple[int, int]:
+    """How many source images the living-index fixtures write, and their seed.
+
+    A test module overrides it to get an index of its own size.
+    """
+    return 6, 40
+
+
+@pytest.fixture()
+def living(tmp_path: Path, tiny_clip: Path, living_images: tuple[int, int]) -> tuple[Path, Path]:
+    """A source folder of ``living_images`` and an index built over it, both private to the test."""
+    from ._living import build_living
+
+    return build_living(tmp_path, tiny_clip, *living_images)
+
+
+@pytest.fixture(scope="module")
+def shared_living(
+    tmp_path_factory: pytest.TempPathFactory, tiny_clip: Path, living_images: tuple[int, int]
+) -> tuple[Path, Path]:
+    """The ``living`` pair built once per module; tests change neither (see ``index_only``)."""
+    from ._living import build_living
+
+    return build_living(tmp_path_factory.mktemp("living"), tiny_clip, *living_images)
+
+
+@pytest.fixture()
+def index_only(shared_living: tuple[Path, Path], tmp_path: Path) -> tuple[Path, Path]:
+    """A private copy of ``shared_living``'s index; its source folder is shared: leave it alone."""
+    from ._living import private_copy
+
+    source, index_dir = shared_living
+    return source, private_copy(index_dir, tmp_path)
+
+
 def committed_state(index_dir: Path) -> tuple[bytes, int, list[str]]:
     """What a failed call must leave alone: manifest bytes, current generation, folder entries."""
     import json

@@ -4,15 +4,12 @@ from __future__ import annotations
 
 import json
 import re
-import shutil
-from pathlib import Path
 
 import pytest
 from typer.testing import CliRunner
 
 from crossrank.cli import app
 from crossrank.store import WriterLock
-from crossrank.write.build import build_index
 
 from ..conftest import committed_state, write_images
 
@@ -22,26 +19,10 @@ def runner() -> CliRunner:
     return CliRunner()
 
 
-def _build(root: Path, model: Path) -> tuple[Path, Path]:
-    source = root / "photos"
-    write_images(source, 5, seed=70)
-    index = root / "photos.idx"
-    build_index(source, index, model=model, device="cpu", batch_size=8, workers=1)
-    return source, index
-
-
 @pytest.fixture(scope="module")
-def shared(tmp_path_factory: pytest.TempPathFactory, tiny_clip: Path) -> tuple[Path, Path]:
-    return _build(tmp_path_factory.mktemp("cli-living"), tiny_clip)
-
-
-@pytest.fixture()
-def live(shared: tuple[Path, Path], tmp_path: Path) -> tuple[Path, Path]:
-    """A private copy of an index of 5 images; the source folder is shared: do not change it."""
-    source, index = shared
-    return source, Path(
-        shutil.copytree(index, tmp_path / "photos.idx", ignore=shutil.ignore_patterns("*.pin"))
-    )
+def living_images() -> tuple[int, int]:
+    """The root conftest's living-index fixtures build over 5 images here (seed 70)."""
+    return 5, 70
 
 
 def _json(runner: CliRunner, *args: str) -> dict:
@@ -58,8 +39,8 @@ def _one_red_line(result, match: str) -> None:
     assert re.search(match, lines[0]), lines[0]
 
 
-def test_add_remove_compact_round_trip(tmp_path, tiny_clip, runner):
-    source, index = _build(tmp_path, tiny_clip)
+def test_add_remove_compact_round_trip(living, runner):
+    source, index = living
     write_images(source / "new", 2, seed=71)
     added = _json(
         runner, "add", str(source), "--index", str(index), "--device", "cpu", "--workers", "1"
@@ -97,8 +78,8 @@ def test_add_remove_compact_round_trip(tmp_path, tiny_clip, runner):
     assert sorted(h["id"] for h in search["hits"]) == [2, 3, 4, 5]
 
 
-def test_human_output_says_what_happened(live, runner):
-    source, index = live
+def test_human_output_says_what_happened(index_only, runner):
+    source, index = index_only
     again = runner.invoke(app, ["add", str(source), "--index", str(index), "--device", "cpu"])
     assert again.exit_code == 0 and "nothing to add: 5 files already indexed" in again.stdout
     removed = runner.invoke(app, ["remove", str(index), "--ids", "2"])
@@ -124,16 +105,16 @@ def test_human_output_says_what_happened(live, runner):
     ],
     ids=["missing-source", "missing-index", "unknown-ids", "bad-where", "compact-missing-index"],
 )
-def test_bad_input_is_one_red_line_and_changes_nothing(live, tmp_path, runner, args, match):
-    source, index = live
+def test_bad_input_is_one_red_line_and_changes_nothing(index_only, tmp_path, runner, args, match):
+    source, index = index_only
     before = committed_state(index)
     result = runner.invoke(app, [a.format(tmp=tmp_path, idx=index, src=source) for a in args])
     _one_red_line(result, match)
     assert committed_state(index) == before
 
 
-def test_a_locked_index_is_one_red_line_naming_the_writer(live, runner):
-    _, index = live
+def test_a_locked_index_is_one_red_line_naming_the_writer(index_only, runner):
+    _, index = index_only
     with WriterLock(index, command="crossrank add elsewhere --index photos.idx"):
         result = runner.invoke(app, ["remove", str(index), "--ids", "1"])
     _one_red_line(result, r"being written by another writer of this process .*one writer at a time")
@@ -144,8 +125,8 @@ def test_a_locked_index_is_one_red_line_naming_the_writer(live, runner):
     [["--ids", "1", "--where", "id = 1"], [], ["--ids", "1,x"], ["--ids", ","]],
     ids=["both", "neither", "not-an-int", "empty"],
 )
-def test_remove_usage_errors(live, runner, args):
-    result = runner.invoke(app, ["remove", str(live[1]), *args])
+def test_remove_usage_errors(index_only, runner, args):
+    result = runner.invoke(app, ["remove", str(index_only[1]), *args])
     assert result.exit_code == 2
     assert re.search(
         r"--where SQL or --ids|--ids must be integers|--ids is empty",

@@ -25,33 +25,8 @@ from crossrank.write.build import build_index
 from .._living import assert_sound, index_state
 from ..conftest import committed_state, write_images
 
-
-def _build(root: Path, model: Path) -> tuple[Path, Path]:
-    source = root / "photos"
-    write_images(source, 6, seed=40)
-    index_dir = root / "photos.idx"
-    build_index(source, index_dir, model=model, device="cpu", batch_size=8, workers=1)
-    return source, index_dir
-
-
-@pytest.fixture()
-def living(tmp_path: Path, tiny_clip: Path) -> tuple[Path, Path]:
-    """A source folder of 6 images and an index built over it, both private to the test."""
-    return _build(tmp_path, tiny_clip)
-
-
-@pytest.fixture(scope="module")
-def shared_living(tmp_path_factory: pytest.TempPathFactory, tiny_clip: Path) -> tuple[Path, Path]:
-    return _build(tmp_path_factory.mktemp("living"), tiny_clip)
-
-
-@pytest.fixture()
-def index_only(shared_living: tuple[Path, Path], tmp_path: Path) -> tuple[Path, Path]:
-    """A private copy of an index over 6 images whose source folder the test must not change."""
-    source, index_dir = shared_living
-    copy = tmp_path / "photos.idx"
-    shutil.copytree(index_dir, copy, ignore=shutil.ignore_patterns("*.pin"))
-    return source, copy
+# The fixtures living (private source and index), shared_living and index_only (a private copy of
+# a shared index) are the root conftest's: 6 source images, seed 40 (its living_images).
 
 
 def _by_path(index_dir: Path) -> dict[str, tuple[int, np.ndarray, np.ndarray]]:
