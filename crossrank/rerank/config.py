@@ -110,8 +110,8 @@ class RerankerConfig:
                 raise ValueError(f"{name} must be an int >= 1, got {value!r}")
         if not _is_int(self.token_embeddings) or self.token_embeddings < 0:
             raise ValueError(
-                "token_embeddings must be an int >= 0 (the width of the text encoder's layer-0 token "
-                f"states; 0 = none), got {self.token_embeddings!r}"
+                "token_embeddings must be an int >= 0 (the width of the text encoder's layer-0 "
+                f"token states; 0 = none), got {self.token_embeddings!r}"
             )
         if self.width % self.heads:
             raise ValueError(
@@ -180,7 +180,7 @@ class RerankerConfig:
 
     @property
     def token_input_dim(self) -> int:
-        """Size of each query token's input: ``token_embeddings + text_dim`` (layer-0 states first)."""
+        """Size of each query token's input: ``token_embeddings + text_dim`` (layer-0 first)."""
         return self.token_embeddings + self.text_dim
 
     @property

@@ -5,31 +5,30 @@ Architecture (one query, k candidates; ``n`` query-side positions, ``P`` patches
     tokens (L, d_t) ─ LN_t ─ Linear ─┐                                  (once per query)
     query tokens (n_q, width) ─ attend to [query tokens; text] ─┴─► x0 (n, width)
     patches (k, P, d_v) ─ LN_v (+ pos) ─► x̃ (k, P, d_v) ─ Linear ─► p0 (k, P, width)
-    layer × N:  [query self-attention]  x = x + g·SelfAttn(LN(x))   (positions compare what they read)
+    layer × N:  [query self-attention]  x = x + g·SelfAttn(LN(x))   (positions compare)
                 [patch self-attention]  p = p + g·SelfAttn(LN(p))
                 cross-attention        x = x + g·Attn(LN(x), keys/values from p)
                 [bidirectional]        p = p + g·Attn(LN(p), LN(x))
                 MLP                    x = x + g·MLP(LN(x))
     pool x over real positions (mean | first real) ─ LN ─ MLP ─► logit (k,)
+    [pair head]  + g·mean over pairs (i, j) of out(gelu(U y_i + V y_j + W (where_i - where_j)))
 
 ``g`` is ``tanh(gate)`` with the gate initialised at 0 when ``gated`` (Flamingo, Alayrac et al.
 2022): an untrained model's pooled states equal those of ``x0``, whatever the candidate. The
 position embedding (``patch_positions``) is added in the d_v space after LN_v, so that ``x̃`` stays
 a per-patch, query-independent function of the stored features.
 
-Three ways to get the patches' keys and values, all computing the same scores
-(:class:`AttentionPath`):
+Where the pieces live: the layer and its blocks in :mod:`crossrank.rerank.layers`, pooling in
+:mod:`crossrank.rerank.pooling`, the pair head in :mod:`crossrank.rerank.pair_head`, and where each
+layer's keys/values come from in :mod:`crossrank.rerank.kv_source`. Three ways, all computing the
+same scores (:class:`AttentionPath`):
 
 - ``plain``: project the patches per call (the reference; what training uses by default);
-- ``folded``: never project the patches. Keys are ``(x̃ W_in^T + b) W_k^T`` (no key bias:
-  it would add the same ``q·b_k`` to every logit of a row), so the score
-  ``q·key = (q W_k W_in)·x̃ + q·(W_k b)``, whose second term is the same for every patch and
-  cancels in the softmax; values give ``softmax(..) V = (softmax(..) x̃) (W_v W_in)^T +
-  W_v b + b_v`` since each row of the softmax sums to 1. Attention then runs over ``x̃`` itself,
-  the query side carries the projections. Possible for the layers whose keys/values are linear in
-  ``x̃`` (:attr:`RerankerConfig.foldable_layers`): all layers by default; layer 1 only with
-  ``bidirectional`` (later layers read patch states updated by the query); none with
-  ``patch_self_attention`` (layer 1 already reads a self-attention over the patches).
+- ``folded`` (:mod:`crossrank.rerank.folding`): never project the patches; attention runs over
+  ``x̃`` itself and the query side carries the projections. Possible for the layers whose
+  keys/values are linear in ``x̃`` (:attr:`RerankerConfig.foldable_layers`): all layers by
+  default; layer 1 only with ``bidirectional`` (later layers read patch states updated by the
+  query); none with ``patch_self_attention``.
 - precomputed (:meth:`CrossAttentionReranker.precompute_kv`): what an index would store, per image
   and layer, for the layers whose patch states do not depend on the query
   (:attr:`RerankerConfig.static_patch_layers`): all layers, patch self-attention included, unless
@@ -49,20 +48,24 @@ costs ``N·2w`` stored numbers per patch against the patch store's ``d_v``.
 
 from __future__ import annotations
 
-import contextlib
 import logging
-from collections.abc import Iterator, Sequence
 from enum import StrEnum
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from crossrank.errors import InvalidArgumentError
+from crossrank.rerank.autocast import autocast as _autocast
+from crossrank.rerank.autocast import autocast_off as _autocast_off
 from crossrank.rerank.base import Reranker, check_rerank_inputs
-from crossrank.rerank.config import Init, Pooling, QueryTokensMode, RerankerConfig
+from crossrank.rerank.config import Init, QueryTokensMode, RerankerConfig
+from crossrank.rerank.folding import FoldCache, FoldedKV
+from crossrank.rerank.input_checks import check_batch, check_dims
 from crossrank.rerank.kv_cache import PatchKV
-from crossrank.rerank.layers import Attention, RerankerLayer, attend
+from crossrank.rerank.kv_source import CachedKV, KVSource, PatchStates, ProjectedKV
+from crossrank.rerank.layers import Attention, RerankerLayer
+from crossrank.rerank.pair_head import PairHead, keep_flat_keys
+from crossrank.rerank.pooling import POOLINGS
 
 __all__ = ["AttentionPath", "CrossAttentionReranker", "PatchKV", "DEFAULT_PATH"]
 
@@ -115,8 +118,9 @@ class CrossAttentionReranker(nn.Module, Reranker):
         self.config = config = config if config is not None else RerankerConfig()
         self.path = DEFAULT_PATH
         self.fusion: str | None = None
-        # layer -> (weight versions, folded maps); see _folded_weights. Not module state.
-        self._fold_cache: dict[int, tuple[tuple, tuple[torch.Tensor, ...]]] = {}
+        self._fold_cache: FoldCache = {}  # see folding.folded_weights; not module state
+        # Attribute names are the checkpoint's keys and creation order is parameter order
+        # (seeded initialisation, optimizer state): keep both.
         w = config.width
         self.text_norm = nn.LayerNorm(config.token_input_dim) if config.prenorm else nn.Identity()
         self.patch_norm = nn.LayerNorm(config.patch_dim) if config.prenorm else nn.Identity()
@@ -127,30 +131,19 @@ class CrossAttentionReranker(nn.Module, Reranker):
             if config.patch_positions
             else None
         )
-        if config.n_query_tokens:
+        if config.n_query_tokens:  # learnable query tokens that read the text once
             self.query_tokens = nn.Parameter(torch.empty(config.n_query_tokens, w))
             self.query_norm = nn.LayerNorm(w)
             self.query_kv_norm = nn.LayerNorm(w)
             self.query_attn = Attention(w, config.heads, config.dropout)
         self.layers = nn.ModuleList(RerankerLayer(config, i) for i in range(config.layers))
+        self.pool = POOLINGS[config.pooling]
         self.out_norm = nn.LayerNorm(w)
         self.head = nn.Sequential(nn.Linear(w, w), nn.GELU(), nn.Linear(w, 1))
+        self.pair = None
         if config.pair_head:
-            self.pair_norm = nn.LayerNorm(w)
-            self.pair_u = nn.Linear(w, w)  # position i of a pair
-            self.pair_v = nn.Linear(w, w, bias=False)  # position j
-            self.pair_where = nn.Linear(
-                2 * config.heads, w, bias=False
-            )  # where i looked - where j did
-            self.pair_out = nn.Linear(w, 1)
-            self.pair_gate = nn.Parameter(torch.zeros(1)) if config.gated else None
-            # Each patch slot's (column, row) on the square grid, in [-1, 1]; not module state.
-            side = round(config.patch_positions**0.5)
-            grid = torch.arange(config.patch_positions)
-            coords = torch.stack([grid % side, grid // side], dim=-1).float()
-            self.register_buffer(
-                "pair_coords", coords * (2 / max(side - 1, 1)) - 1, persistent=False
-            )
+            self.pair = PairHead(w, config.heads, config.patch_positions, config.gated)
+            keep_flat_keys(self, "pair")  # saved as pair_norm.weight, ..., pair_gate
         self._reset_parameters()
 
     def _reset_parameters(self) -> None:
@@ -171,7 +164,7 @@ class CrossAttentionReranker(nn.Module, Reranker):
         if self.config.n_query_tokens:
             nn.init.trunc_normal_(self.query_tokens, std=0.02)
         for name, param in self.named_parameters():
-            if name.endswith("_gate"):
+            if name.rpartition(".")[2].endswith("gate"):
                 nn.init.zeros_(param)  # tanh(0) = 0: every residual branch starts switched off
 
     def __repr__(self) -> str:
@@ -223,7 +216,7 @@ class CrossAttentionReranker(nn.Module, Reranker):
             query, query_mask, patches, patch_mask, same_dim=False
         )
         if patches.shape[0] == 0:
-            self._check_dims(query.shape[-1], patches.shape[-1], patches.shape[-2])
+            check_dims(self.config, query.shape[-1], patches.shape[-1], patches.shape[-2])
             return torch.empty(0, dtype=torch.float32)
         if not bool(query_mask.all()):
             # Padding tokens cannot change a score, but each would cost k rows of every layer's
@@ -315,144 +308,42 @@ class CrossAttentionReranker(nn.Module, Reranker):
         Raises:
             InvalidArgumentError: as :meth:`forward`.
         """
-        cfg = self.config
         path = _path(path)
-        if output not in ("logits", "pooled"):
-            raise InvalidArgumentError(f"output must be 'logits' or 'pooled', got {output!r}")
-        if attend_to is not None and output != "logits":
-            raise InvalidArgumentError("attend_to needs output='logits'")
-        cache = patches if isinstance(patches, PatchKV) else None
-        if cache is not None:
-            if patch_mask is not None:
-                raise InvalidArgumentError(
-                    "patch_mask must be None with a PatchKV: the cache carries the mask it was "
-                    "computed with"
-                )
-            patch_mask = cache.mask
-            lead, n_patches = tuple(cache.keys[0].shape[:-3]), cache.keys[0].shape[-2]
-            self._check_dims(tokens.shape[-1], cfg.patch_dim, n_patches)
-        else:
-            lead, n_patches = tuple(patches.shape[:-2]), patches.shape[-2]
-            self._check_dims(tokens.shape[-1], patches.shape[-1], n_patches)
-        if tokens.ndim != 3 or len(lead) != 2 or lead[0] != tokens.shape[0]:
-            raise InvalidArgumentError(
-                "forward_batch needs tokens (B, L, token_input_dim) and patches (B, k, P, patch_dim) "
-                f"with the same B, got tokens {tuple(tokens.shape)} and patches of leading "
-                f"shape {lead}"
-            )
-        if tuple(token_mask.shape) != tuple(tokens.shape[:2]) or token_mask.dtype != torch.bool:
-            raise InvalidArgumentError(
-                f"token_mask must be bool of shape {tuple(tokens.shape[:2])}, "
-                f"got {token_mask.dtype} {tuple(token_mask.shape)}"
-            )
-        if patch_mask is not None and (
-            tuple(patch_mask.shape) != (*lead, n_patches) or patch_mask.dtype != torch.bool
-        ):
-            raise InvalidArgumentError(
-                f"patch_mask must be bool of shape {(*lead, n_patches)}, "
-                f"got {patch_mask.dtype} {tuple(patch_mask.shape)}"
-            )
-        if attend_to is not None and (
-            attend_to.ndim != 4 or tuple(attend_to.shape[:3]) != (*lead, n_patches)
-        ):
-            raise InvalidArgumentError(
-                f"attend_to must have shape {(*lead, n_patches)} + (channels,), got {tuple(attend_to.shape)}"
-            )
-        if cache is None and path == AttentionPath.FOLDED and cfg.foldable_layers == 0:
-            raise InvalidArgumentError(
-                "path='folded' needs keys/values linear in the stored patches, but "
-                "patch_self_attention=True puts a self-attention before layer 1; use path='plain' "
-                "or precompute_kv()"
-            )
-
+        patch_mask, n_patches = check_batch(
+            self.config,
+            tokens,
+            token_mask,
+            patches,
+            patch_mask,
+            path == AttentionPath.FOLDED,
+            output,
+            attend_to,
+        )
         x, x_keep = self.encode_query(tokens, token_mask)  # (B, n, width), (B, n)
         # Computed once per query and broadcast over its k candidates; the first residual add
         # makes the per-candidate states (B, k, n, width).
         x = x.unsqueeze(1)  # (B, 1, n, width)
-        # No mask at all when every patch is real: the attention kernels run a little faster.
-        patch_keep = (
-            None if patch_mask is None else patch_mask[..., None, None, :]
-        )  # (B, k, 1, 1, P)
         token_keep = x_keep[:, None, None, None, :]  # (B, 1, 1, 1, n)
-
-        n_cached = len(cache.keys) if cache is not None else 0
-        n_folded = 0 if cache is not None or path == AttentionPath.PLAIN else cfg.foldable_layers
-        xt = p = None
-        if cache is None:
-            xt = self._prepare_patches(patches, patch_mask)  # (B, k, P, patch_dim)
-        elif cache.states is not None:
-            p = cache.states  # (B, k, P, width)
-        # The last layer can also average per-patch channels with its attention weights (more
-        # value channels, the same softmax): the pair head's grid coordinates, the caller's.
-        channels = []
-        if cfg.pair_head:
-            channels.append(self.pair_coords[:n_patches])  # (P, 2)
-        if attend_to is not None:
-            channels.append(attend_to.unsqueeze(-3))  # (B, k, 1, P, c)
-        extra = None  # (B, k, n, heads, channels), from the last layer
-        for i, layer in enumerate(self.layers):
-            if cfg.query_self_attention:
-                x = layer.query_self_attend(x, token_keep)  # (B, 1|k, n, width)
-            h = layer.cross_norm(x)
-            q = layer.cross_attn.project_q(h)  # (B, 1|k, heads, n, head_dim)
-            more = channels if i == cfg.layers - 1 else []
-            if i < n_cached:
-                keys, values = cache.keys[i], cache.values[i]  # (B, k, heads, P, head_dim)
-                out = attend(
-                    q,
-                    keys,
-                    _with_channels(values, more),
-                    patch_keep,
-                    layer.cross_attn.scale,
-                    layer.top_m,
-                )  # (B, k, heads, n, head_dim + channels)
-                out, extra = _split_channels(out, cfg.head_dim, extra)
-                out = layer.cross_attn.output(out)  # (B, k, n, width)
-            elif i < n_folded:
-                out, extra = self._folded_attention(
-                    i, q, xt, patch_keep, more, extra
-                )  # (B, k, n, width)
-            else:
-                if p is None:
-                    p = self.patch_in(xt)  # (B, k, P, width)
-                if cfg.patch_self_attention:
-                    p = layer.patch_self_attend(p, patch_keep)  # (B, k, P, width)
-                kv_source = layer.cross_kv_norm(p)  # (B, k, P, width)
-                keys, values = layer.cross_attn.project_kv(kv_source)  # (B, k, heads, P, head_dim)
-                out = attend(
-                    q,
-                    keys,
-                    _with_channels(values, more),
-                    patch_keep,
-                    layer.cross_attn.scale,
-                    layer.top_m,
-                )  # (B, k, heads, n, head_dim + channels)
-                out, extra = _split_channels(out, cfg.head_dim, extra)
-                out = layer.cross_attn.output(out)  # (B, k, n, width)
-            x = x + layer.gate(layer.cross_gate, out)  # (B, k, n, width)
-            if cfg.bidirectional:
-                if p is None:
-                    p = self.patch_in(xt)  # (B, k, P, width)
-                back = layer.back_attn(
-                    layer.back_norm(p), layer.back_kv_norm(x), token_keep
-                )  # (B, k, P, width)
-                p = p + layer.gate(layer.back_gate, back)
-            x = x + layer.gate(layer.mlp_gate, layer.mlp(layer.mlp_norm(x)))  # (B, k, n, width)
+        sources = self._kv_sources(patches, patch_mask, path)  # one per layer
+        # The last layer also averages per-patch channels with its attention weights: the pair
+        # head's grid coordinates, then the caller's attend_to.
+        channels = self._channels(n_patches, attend_to)
+        for layer, kv in zip(self.layers, sources, strict=True):
+            last = layer.index == self.config.layers - 1
+            # averages: (B, k, n, heads, c) of the last layer's channels, None without channels
+            x, averages = layer(x, kv, token_keep, channels if last else ())  # (B, k, n, width)
 
         with _autocast_off(x.device):
-            pooled = self._pool(x.float(), x_keep[:, None, :])  # (B, k, width)
+            pooled = self.pool(x.float(), x_keep[:, None, :])  # (B, k, width)
             if output == "pooled":
                 return pooled
             logits = self.head(self.out_norm(pooled)).squeeze(-1).float()  # (B, k)
-            if cfg.pair_head:
-                where = extra[..., :2].flatten(-2).float()  # (B, k, n, 2 * heads)
-                logits = logits + RerankerLayer.gate(
-                    self.pair_gate, self._pair_score(x.float(), where, x_keep)
-                )  # (B, k)
+            if self.pair is not None:
+                logits = logits + self.pair(x.float(), averages[..., :2], x_keep)  # (B, k)
             if attend_to is None:
                 return logits
-            attended = extra[..., 2 if cfg.pair_head else 0 :].float().mean(dim=-2)  # (B, k, n, c)
-            return logits, attended
+            skip = 2 if self.pair is not None else 0  # the pair head's coordinates
+            return logits, averages[..., skip:].float().mean(dim=-2)  # (B, k, n, c)
 
     # -- precomputation -----------------------------------------------------------------------
 
@@ -477,47 +368,22 @@ class CrossAttentionReranker(nn.Module, Reranker):
             InvalidArgumentError: the patch dim or count does not match the config.
         """
         cfg = self.config
-        self._check_dims(cfg.token_input_dim, patches.shape[-1], patches.shape[-2])
+        check_dims(self.config, cfg.token_input_dim, patches.shape[-1], patches.shape[-2])
         if patch_mask is not None and patch_mask.shape != patches.shape[:-1]:
             raise InvalidArgumentError(
                 f"patch_mask must have shape {tuple(patches.shape[:-1])}, "
                 f"got {tuple(patch_mask.shape)}"
             )
-        patch_keep = (
-            None if patch_mask is None else patch_mask[..., None, None, :]
-        )  # (*lead, 1, 1, P)
-        p = self.patch_in(self._prepare_patches(patches, patch_mask))  # (*lead, P, width)
-        keys, values = [], []
-        for layer in self.layers[: cfg.static_patch_layers]:
-            if cfg.patch_self_attention:
-                p = layer.patch_self_attend(p, patch_keep)  # (*lead, P, width)
-            kv_source = layer.cross_kv_norm(p)  # (*lead, P, width)
-            k_i, v_i = layer.cross_attn.project_kv(kv_source)  # (*lead, heads, P, head_dim) each
-            keys.append(k_i)
-            values.append(v_i)
-        return PatchKV(tuple(keys), tuple(values), patch_mask, p if cfg.bidirectional else None)
+        keep = None if patch_mask is None else patch_mask[..., None, None, :]  # (*lead, 1, 1, P)
+        stream = PatchStates(self.patch_in, self._prepare_patches(patches, patch_mask), keep)
+        keys, values = zip(
+            *(layer.patch_kv(stream) for layer in self.layers[: cfg.static_patch_layers]),
+            strict=True,
+        )  # per layer: (*lead, heads, P, head_dim) each
+        states = stream.states if cfg.bidirectional else None  # (*lead, P, width)
+        return PatchKV(tuple(keys), tuple(values), patch_mask, states)
 
     # -- pieces -------------------------------------------------------------------------------
-
-    def _check_dims(self, token_dim: int, patch_dim: int, n_patches: int) -> None:
-        cfg = self.config
-        if token_dim != cfg.token_input_dim or patch_dim != cfg.patch_dim:
-            layer0 = (
-                f" ({cfg.token_embeddings} layer-0 + {cfg.text_dim}: give "
-                "TextFeatures.reranker_tokens() of encode_text(..., token_embeddings=True))"
-                if cfg.token_embeddings
-                else ""
-            )
-            raise InvalidArgumentError(
-                f"the reranker was made for token dim {cfg.token_input_dim}{layer0} and patch dim "
-                f"{cfg.patch_dim}, got token dim {token_dim} and patch dim {patch_dim}; use a "
-                "reranker trained on the encoder the index was built with"
-            )
-        if cfg.patch_positions is not None and n_patches > cfg.patch_positions:
-            raise InvalidArgumentError(
-                f"the reranker has position embeddings for {cfg.patch_positions} patches, got "
-                f"{n_patches} patches per candidate; use a reranker trained on this encoder"
-            )
 
     def encode_query(
         self, tokens: torch.Tensor, token_mask: torch.Tensor
@@ -568,151 +434,35 @@ class CrossAttentionReranker(nn.Module, Reranker):
             xt = xt + self.patch_pos[: patches.shape[-2]]  # (..., P, patch_dim)
         return xt
 
-    def _folded_weights(self, i: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Layer ``i``'s folded maps: ``W_k W_in`` and ``W_v W_in`` as ``(heads, head_dim, d_v)``,
-        and the output bias ``b_o + W_o (W_v b_in + b_v)`` ``(width,)``.
-
-        They depend on the weights only, so under ``torch.inference_mode`` (how :meth:`score`
-        runs) they are computed once and kept until a weight they read changes (an optimizer
-        step, ``load_state_dict``, a move to another device or dtype: each bumps the tensor's
-        version or replaces its storage). With autograd on, they are recomputed in every call so
-        that gradients flow through them.
-        """
-        attn, cfg = self.layers[i].cross_attn, self.config
-        sources = (
-            attn.k.weight,
-            attn.v.weight,
-            attn.v.bias,
-            attn.o.weight,
-            attn.o.bias,
-            self.patch_in.weight,
-            self.patch_in.bias,
-        )
-        # Inference tensors (parameters made under inference mode) keep no version counter.
-        cached = torch.is_inference_mode_enabled() and not any(t.is_inference() for t in sources)
-        if cached:
-            key = tuple((t.data_ptr(), t._version, t.dtype) for t in sources)
-            hit = self._fold_cache.get(i)
-            if hit is not None and hit[0] == key:
-                return hit[1]
-        heads, head_dim, d_v = cfg.heads, cfg.head_dim, cfg.patch_dim
-        with _autocast_off(attn.k.weight.device):  # fp32 products; autocast casts at use
-            w_k = (attn.k.weight @ self.patch_in.weight).view(heads, head_dim, d_v)
-            w_v = (attn.v.weight @ self.patch_in.weight).view(heads, head_dim, d_v)
-            b_v = attn.v.weight @ self.patch_in.bias + attn.v.bias  # (width,)
-            b_out = attn.o.bias + attn.o.weight @ b_v  # (width,): o(out + b_v) = W_o out + b_out
-        folded = (w_k, w_v, b_out)
-        if cached:
-            self._fold_cache[i] = (key, folded)
-        return folded
-
-    def _folded_attention(
+    def _kv_sources(
         self,
-        i: int,
-        q: torch.Tensor,
-        xt: torch.Tensor,
-        patch_keep: torch.Tensor | None,
-        channels: Sequence[torch.Tensor] = (),
-        extra: torch.Tensor | None = None,
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Cross-attention over x̃ with W_k folded into the queries and W_v applied afterwards.
+        patches: torch.Tensor | PatchKV,
+        patch_mask: torch.Tensor | None,
+        path: AttentionPath,
+    ) -> list[KVSource]:
+        """Where each layer's keys/values come from in this call: a cache's first layers, else the
+        foldable layers folded (unless ``path`` is plain), the others projected per call."""
+        n_layers = self.config.layers
+        keep = None if patch_mask is None else patch_mask[..., None, None, :]  # (B, k, 1, 1, P)
+        if isinstance(patches, PatchKV):
+            stream = PatchStates(self.patch_in, None, keep, patches.states)
+            cached = [
+                CachedKV(stream, k, v) for k, v in zip(patches.keys, patches.values, strict=True)
+            ]
+            return (cached + [ProjectedKV(stream)] * n_layers)[:n_layers]
+        stream = PatchStates(self.patch_in, self._prepare_patches(patches, patch_mask), keep)
+        n_folded = 0 if path == AttentionPath.PLAIN else self.config.foldable_layers
+        folded = [FoldedKV(stream, self.patch_in, self._fold_cache)] * n_folded
+        return folded + [ProjectedKV(stream)] * (n_layers - n_folded)
 
-        Args:
-            i: the layer whose ``cross_attn`` weights are folded.
-            q: ``(B, 1|k, heads, n, head_dim)`` projected queries.
-            xt: ``(B, k, P, d_v)`` prepared patches x̃.
-            patch_keep: ``(B, k, 1, 1, P)`` bool, or None when every patch is real.
-            channels: per-patch channels to average with the attention weights (see
-                :func:`_with_channels`); none: ``extra`` is returned unchanged.
-            extra: see ``channels``.
-
-        Returns:
-            ``(B, k, n, width)``, the attention branch before its gate, and with ``channels``
-            their attention-weighted averages, ``(B, k, n, heads, c)``.
-        """
-        layer, cfg = self.layers[i], self.config
-        attn = layer.cross_attn
-        heads, head_dim, d_v = cfg.heads, cfg.head_dim, cfg.patch_dim
-        w_k, w_v, b_out = self._folded_weights(i)
-        n = q.shape[-2]
-        # Token-major rows (n, heads): the attention's output then reshapes to (n, width) as a view.
-        q_fold = torch.einsum("...hnd,hde->...nhe", q, w_k)  # (B, 1|k, n, heads, d_v)
-        # All heads attend over the same x̃: stack them along the query rows, one d_v-wide head.
-        q_fold = q_fold.reshape(*q.shape[:-3], 1, n * heads, d_v)  # (B, 1|k, 1, n * heads, d_v)
-        keys = xt.unsqueeze(-3)  # (B, k, 1, P, d_v)
-        out = attend(
-            q_fold, keys, _with_channels(keys, channels), patch_keep, attn.scale, layer.top_m
-        )  # (B, k, 1, n * heads, d_v + c)
-        if channels:  # rows are token-major (n, heads)
-            extra = out[..., d_v:].reshape(*out.shape[:-3], n, heads, -1)  # (B, k, n, heads, c)
-            out = out[..., :d_v]
-        out = out.reshape(*out.shape[:-3], n, heads, d_v)  # (B, k, n, heads, d_v)
-        out = torch.einsum("...nhe,hde->...nhd", out, w_v)  # (B, k, n, heads, head_dim)
-        out = out.reshape(*out.shape[:-2], heads * head_dim)  # (B, k, n, width)
-        return attn.drop(F.linear(out, attn.o.weight, b_out)), extra  # (B, k, n, width)
-
-    def _pair_score(self, x: torch.Tensor, where: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
-        """The pair head: ``(B, k, n, width)`` states, ``(B, k, n, 2 * heads)`` where each
-        position looked, keep ``(B, n)`` -> ``(B, k)``, the mean over pairs of real positions of
-        ``out(gelu(U y_i + V y_j + W (where_i - where_j)))``."""
-        y = self.pair_norm(x)  # (B, k, n, width)
-        moved = self.pair_where(where)  # (B, k, n, width); linear, so W(w_i - w_j) = Ww_i - Ww_j
-        first, second = self.pair_u(y) + moved, self.pair_v(y) - moved  # (B, k, n, width) each
-        if torch.is_grad_enabled():
-            pairs = F.gelu(first.unsqueeze(-2) + second.unsqueeze(-3))  # (B, k, n, n, width)
-            scores = self.pair_out(pairs).squeeze(-1)  # (B, k, n, n)
-        else:
-            # Without autograd: a few candidates at a time, so the (n, n, width) pair tensor of a
-            # chunk stays in cache through the add, the GELU (in place) and the output map; the
-            # same arithmetic. Measured on the 2-core CPU: within noise at k = 100 when idle,
-            # 217 against 280 ms at k = 1000 under load (README, "Performance").
-            n_batch, k, n, width = first.shape
-            chunk = max(1, _PAIR_CHUNK_VALUES // max(1, n_batch * n * n * width))
-            scores = first.new_empty((n_batch, k, n, n))
-            for lo in range(0, k, chunk):
-                pairs = first[:, lo : lo + chunk].unsqueeze(-2) + second[
-                    :, lo : lo + chunk
-                ].unsqueeze(-3)
-                scores[:, lo : lo + chunk] = self.pair_out(torch.ops.aten.gelu_(pairs)).squeeze(-1)
-        both = keep[:, None, :, None] & keep[:, None, None, :]  # (B, 1, n, n)
-        total = scores.masked_fill(~both, 0.0).sum(dim=(-2, -1))  # (B, k)
-        return total / both.sum(dim=(-2, -1)).to(scores.dtype)  # (B, k)
-
-    def _pool(self, x: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
-        """``(B, k, n, width)`` float32 with keep ``(B, 1, n)`` -> ``(B, k, width)``."""
-        if self.config.pooling == Pooling.FIRST:
-            first = keep.int().argmax(dim=-1)  # (B, 1): the first real position
-            index = first[..., None, None].expand(*x.shape[:-2], 1, x.shape[-1])  # (B, k, 1, width)
-            return x.gather(-2, index).squeeze(-2)  # (B, k, width)
-        # masked_fill, not a multiply: a padding row is excluded even if it holds inf or NaN.
-        total = x.masked_fill(~keep[..., None], 0.0).sum(dim=-2)  # (B, k, width)
-        return total / keep.sum(dim=-1, keepdim=True).to(x.dtype)  # (B, k, width)
-
-
-#: Values of the pair head's ``(chunk, n, n, width)`` tensor per inference chunk (2 MB of fp32).
-_PAIR_CHUNK_VALUES = 1 << 19
-
-
-def _with_channels(values: torch.Tensor, channels: Sequence[torch.Tensor]) -> torch.Tensor:
-    """``(..., P, e)`` values with per-patch ``channels`` appended (each broadcastable to
-    ``(..., P, c_i)``), so that each head also returns their attention-weighted averages;
-    ``values`` itself when there are none."""
-    if not channels:
-        return values
-    lead = values.shape[:-1]
-    more = [c.to(values.dtype).expand(*lead, c.shape[-1]) for c in channels]
-    return torch.cat([values, *more], dim=-1)
-
-
-def _split_channels(
-    out: torch.Tensor, head_dim: int, extra: torch.Tensor | None
-) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """``(B, k, heads, n, head_dim + c)`` -> the heads' outputs ``(B, k, heads, n, head_dim)`` and
-    the channels' averages ``(B, k, n, heads, c)``; an output without channels passes through
-    with ``extra`` unchanged."""
-    if out.shape[-1] == head_dim:
-        return out, extra
-    return out[..., :head_dim], out[..., head_dim:].transpose(-3, -2)
+    def _channels(self, n_patches: int, attend_to: torch.Tensor | None) -> list[torch.Tensor]:
+        """The per-patch channels the last layer averages with its attention weights."""
+        channels = []
+        if self.pair is not None:
+            channels.append(self.pair.coords[:n_patches])  # (P, 2)
+        if attend_to is not None:
+            channels.append(attend_to.unsqueeze(-3))  # (B, k, 1, P, c)
+        return channels
 
 
 def _path(path: AttentionPath | str) -> AttentionPath:
@@ -722,21 +472,3 @@ def _path(path: AttentionPath | str) -> AttentionPath:
         raise InvalidArgumentError(
             f"path must be one of {', '.join(p.value for p in AttentionPath)}, got {path!r}"
         ) from None
-
-
-def _autocast(device: torch.device) -> contextlib.AbstractContextManager:
-    """bf16 autocast on CUDA (fp16 where bf16 is unsupported); nothing on the CPU."""
-    if device.type != "cuda":
-        return contextlib.nullcontext()
-    dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    return torch.autocast("cuda", dtype=dtype)
-
-
-@contextlib.contextmanager
-def _autocast_off(device: torch.device) -> Iterator[None]:
-    """Pooling and the score head run in float32 even inside an autocast region."""
-    if device.type == "cuda":
-        with torch.autocast("cuda", enabled=False):
-            yield
-    else:
-        yield

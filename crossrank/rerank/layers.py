@@ -3,9 +3,21 @@
 Tensors carry any number of leading batch dims (``(B, k, ...)`` for B queries with k candidates
 each); a size-1 dim broadcasts, so a query-side tensor of shape ``(B, 1, ...)`` meets the k
 candidates without being copied. Masks are bool, True = attend.
+
+A :class:`RerankerLayer` runs its blocks in order, each a pre-norm residual branch with its own
+(optional) tanh gate; the config chooses which blocks exist::
+
+    [query self-attention]  x = x + g·SelfAttn(LN(x))
+    [patch self-attention]  p = p + g·SelfAttn(LN(p))      (inside the key/value source)
+    cross-attention         x = x + g·Attn(LN(x), keys/values from the key/value source)
+    [back-attention]        p = p + g·Attn(LN(p), LN(x))
+    MLP                     x = x + g·MLP(LN(x))
 """
 
 from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -13,11 +25,15 @@ from torch import nn
 
 from crossrank.rerank.config import RerankerConfig
 
+if TYPE_CHECKING:
+    from crossrank.rerank.kv_source import KVSource, PatchStates
+
 __all__ = [
     "Attention",
     "MLP",
     "RerankerLayer",
     "attend",
+    "gate",
     "merge_heads",
     "split_heads",
     "top_m_mask",
@@ -183,30 +199,52 @@ class MLP(nn.Module):
         return self.drop(self.proj(self.drop(F.gelu(self.fc(x)))))
 
 
+def gate(gate: nn.Parameter | None, branch: torch.Tensor) -> torch.Tensor:
+    """``tanh(gate) * branch`` (Flamingo, Alayrac et al. 2022), or ``branch`` for an ungated
+    model (``gate`` None)."""
+    return branch if gate is None else torch.tanh(gate) * branch
+
+
 class RerankerLayer(nn.Module):
     """One reranker layer: [query self-attention], [patch self-attention], cross-attention,
-    [back-attention], MLP."""
+    [back-attention], MLP; the blocks a config leaves out are None.
+
+    The weights keep flat names (``cross_norm``, ``cross_attn``, ``cross_gate``, ...): they are
+    the checkpoint format.
+
+    Args:
+        config: the architecture.
+        index: the layer's position, from 0 (layer 1's key/value source reads the patch stream
+            without a LayerNorm, so that it can be folded or precomputed).
+    """
 
     def __init__(self, config: RerankerConfig, index: int) -> None:
         super().__init__()
-        w, drop = config.width, config.dropout
+        w, heads, drop = config.width, config.heads, config.dropout
+        self.index = index
         self.top_m = config.sparse_top_m
-        if config.patch_self_attention:
-            self.patch_norm = nn.LayerNorm(w)
-            self.patch_attn = Attention(w, config.heads, drop)
-        if config.query_self_attention:
-            self.query_norm = nn.LayerNorm(w)
-            self.query_attn = Attention(w, config.heads, drop)
+        # Creation order is parameter order (seeded initialisation, optimizer state): keep it.
+        self.patch_norm, self.patch_attn = (
+            (nn.LayerNorm(w), Attention(w, heads, drop))
+            if config.patch_self_attention
+            else (None, None)
+        )
+        self.query_norm, self.query_attn = (
+            (nn.LayerNorm(w), Attention(w, heads, drop))
+            if config.query_self_attention
+            else (None, None)
+        )
         self.cross_norm = nn.LayerNorm(w)
         # Keys/values read the patch stream through a LayerNorm only once a residual branch has
         # updated it; the stream entering layer 1 is a linear map of x̃, which folding requires.
         updated = config.patch_self_attention or (config.bidirectional and index > 0)
         self.cross_kv_norm = nn.LayerNorm(w) if updated else nn.Identity()
-        self.cross_attn = Attention(w, config.heads, drop)
-        if config.bidirectional:
-            self.back_norm = nn.LayerNorm(w)
-            self.back_kv_norm = nn.LayerNorm(w)
-            self.back_attn = Attention(w, config.heads, drop)
+        self.cross_attn = Attention(w, heads, drop)
+        self.back_norm, self.back_kv_norm, self.back_attn = (
+            (nn.LayerNorm(w), nn.LayerNorm(w), Attention(w, heads, drop))
+            if config.bidirectional
+            else (None, None, None)
+        )
         self.mlp_norm = nn.LayerNorm(w)
         self.mlp = MLP(w, config.mlp_hidden, drop)
         names = ["cross_gate", "mlp_gate"]
@@ -216,10 +254,37 @@ class RerankerLayer(nn.Module):
         for name in names:
             self.register_parameter(name, nn.Parameter(torch.zeros(())) if config.gated else None)
 
-    @staticmethod
-    def gate(gate: nn.Parameter | None, branch: torch.Tensor) -> torch.Tensor:
-        """``tanh(gate) * branch``, or ``branch`` for an ungated model."""
-        return branch if gate is None else torch.tanh(gate) * branch
+    def forward(
+        self,
+        x: torch.Tensor,
+        kv: KVSource,
+        token_keep: torch.Tensor,
+        channels: Sequence[torch.Tensor] = (),
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Run the layer's blocks over the query side and the candidates' patches.
+
+        Args:
+            x: ``(B, 1|k, n, width)`` query-side states (size 1 along k until the first
+                cross-attention makes them per candidate).
+            kv: where this layer's keys/values come from (precomputed, folded or projected);
+                ``kv.patches`` holds the candidates' patch states, which back-attention updates.
+            token_keep: ``(B, 1, 1, 1, n)`` bool, True = a real query-side position.
+            channels: per-patch channels the cross-attention also averages with its weights
+                (see :func:`~crossrank.rerank.kv_source.with_channels`); none: no averages.
+
+        Returns:
+            ``(B, k, n, width)`` states, and the channels' averages ``(B, k, n, heads, c)``
+            (None without channels).
+        """
+        if self.query_attn is not None:
+            x = self.query_self_attend(x, token_keep)  # (B, 1|k, n, width)
+        q = self.cross_attn.project_q(self.cross_norm(x))  # (B, 1|k, heads, n, head_dim)
+        read, averages = kv.attend(self, q, channels)  # (B, k, n, width), (B, k, n, heads, c)
+        x = x + gate(self.cross_gate, read)  # (B, k, n, width)
+        if self.back_attn is not None:
+            kv.patches.states = self.back_attend(kv.patches.states, x, token_keep)  # (B, k, P, w)
+        x = x + gate(self.mlp_gate, self.mlp(self.mlp_norm(x)))  # (B, k, n, width)
+        return x, averages
 
     def query_self_attend(self, x: torch.Tensor, token_keep: torch.Tensor) -> torch.Tensor:
         """``(..., n, width)`` -> the same, after self-attention among the query-side positions.
@@ -227,10 +292,32 @@ class RerankerLayer(nn.Module):
         After a cross-attention, each position holds what it read in one candidate; letting the
         positions read each other is what can compare two objects' positions ("left of").
         """
-        h = self.query_norm(x)
-        return x + self.gate(self.query_gate, self.query_attn(h, h, token_keep))  # (..., n, width)
+        h = self.query_norm(x)  # (..., n, width)
+        return x + gate(self.query_gate, self.query_attn(h, h, token_keep))  # (..., n, width)
 
     def patch_self_attend(self, p: torch.Tensor, patch_keep: torch.Tensor | None) -> torch.Tensor:
         """``(..., P, width)`` -> the same, after self-attention among a candidate's patches."""
-        h = self.patch_norm(p)
-        return p + self.gate(self.patch_gate, self.patch_attn(h, h, patch_keep))  # (..., P, width)
+        h = self.patch_norm(p)  # (..., P, width)
+        return p + gate(self.patch_gate, self.patch_attn(h, h, patch_keep))  # (..., P, width)
+
+    def back_attend(
+        self, p: torch.Tensor, x: torch.Tensor, token_keep: torch.Tensor
+    ) -> torch.Tensor:
+        """``(B, k, P, width)`` patch states -> the same, after they attend to the query side
+        ``x`` ``(B, k, n, width)`` (bidirectional)."""
+        back = self.back_attn(
+            self.back_norm(p), self.back_kv_norm(x), token_keep
+        )  # (B, k, P, width)
+        return p + gate(self.back_gate, back)  # (B, k, P, width)
+
+    def patch_kv(self, patches: PatchStates) -> tuple[torch.Tensor, torch.Tensor]:
+        """This layer's keys and values projected from the live patch states, after its patch
+        self-attention (which updates ``patches.states``).
+
+        Returns:
+            Keys and values, each ``(..., heads, P, head_dim)``.
+        """
+        if self.patch_attn is not None:
+            patches.states = self.patch_self_attend(patches.states, patches.keep)  # (..., P, w)
+        source = self.cross_kv_norm(patches.states)  # (..., P, width)
+        return self.cross_attn.project_kv(source)  # (..., heads, P, head_dim) each

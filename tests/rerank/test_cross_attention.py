@@ -75,7 +75,7 @@ def _randomize(
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, param in model.named_parameters():
-            if gates or not name.endswith("_gate"):
+            if gates or not name.rpartition(".")[2].endswith("gate"):  # cross_gate, pair.gate
                 param.copy_(torch.randn(param.shape, generator=g) * std)
     return model.eval()
 
@@ -346,7 +346,7 @@ def test_the_pair_head_reads_where_each_position_looked(path):
             model.patch_pos.zero_()
             model.layers[-1].cross_attn.k.weight.mul_(10)  # peaked attention: positions that matter
             if pair:
-                model.pair_where.weight.mul_(10)
+                model.pair.where.weight.mul_(10)
             source = model.precompute_kv(patches) if path == "precomputed" else patches
             scores[pair] = model(
                 tokens, token_mask, source, path="plain" if path == "precomputed" else path
@@ -436,14 +436,14 @@ def test_an_untrained_gated_pair_head_adds_nothing():
             tokens[None], token_mask[None], patches[None], patch_mask[None], output="pooled"
         )[0]
         _close(logits, model.head(model.out_norm(pooled)).squeeze(-1))
-        model.pair_gate.fill_(0.5)
+        model.pair.gate.fill_(0.5)
         assert not torch.allclose(model(tokens, token_mask, patches, patch_mask), logits, atol=1e-3)
 
 
 def test_the_pair_head_scores_alike_with_and_without_autograd(monkeypatch):
     # Without autograd the pair head runs a few candidates at a time (an in-place GELU per chunk);
     # a small chunk size makes k = 7 span several chunks with a short last one.
-    import crossrank.rerank.cross_attention as module
+    import crossrank.rerank.pair_head as module
 
     model = _model(pair_head=True, patch_positions=16, query_self_attention=True)
     tokens, token_mask, patches, patch_mask = _inputs(k=7)
