@@ -31,14 +31,13 @@ sys.path.insert(0, str(HERE.parent / "research"))  # research/: caption_probe
 from _report import add_out_option, write_report
 from caption_probe import (
     N_REWRITES,
-    Banks,
     caption_logits,
     probe_data,
     relations_only,
-    top1_accuracy,
 )
 
 from crossrank.rerank import load_reranker
+from crossrank.training.steps import Banks, top1_accuracy
 
 BATCHES, BATCH, REWRITES = 30, 64, N_REWRITES  # probe_data's training set has N_REWRITES
 

@@ -49,7 +49,6 @@ import json
 import sys
 import time
 from dataclasses import replace
-from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -60,80 +59,25 @@ from crossrank.rerank import CrossAttentionReranker, RerankerConfig, load_rerank
 from crossrank.rerank.checkpoint import demo_reranker_dir
 from crossrank.training import RerankTrainConfig
 from crossrank.training.data import prepare_training_set
-from crossrank.training.reranker import rerank_loss
+from crossrank.training.reranker import make_optimizer, rerank_loss
+from crossrank.training.steps import Banks, forward_captions, top1_accuracy
 
 N_REWRITES = 6
 BATCH = 32
 
 
 # -- what the probes share (relation_probe.py and benchmarks/relation_caption_accuracy.py import
-# these). The training package keeps its step functions private, so the few the probes need are
-# restated here with the package's public pieces (``CrossAttentionReranker.precompute_kv`` and
-# ``forward_batch``, ``RerankTrainConfig``): each does what ``crossrank train`` does.
-
-
-class Banks(NamedTuple):
-    """A training set's caption bank and patch bank as tensors, the rows a step gathers from."""
-
-    tokens: torch.Tensor  # (rows, L, d) float16
-    token_mask: torch.Tensor  # (rows, L) bool
-    patches: torch.Tensor  # (N, P, d) float16
+# these). The steps themselves are the training package's public ones (Banks, forward_captions,
+# top1_accuracy, make_optimizer, cell_patches): each does what ``crossrank train`` does.
 
 
 def caption_logits(
     model: CrossAttentionReranker, banks: Banks, rows: np.ndarray, image: np.ndarray
 ) -> torch.Tensor:
     """``(B, 1 + M)`` logits of each image ``(B,)`` against its caption bank rows ``(B, 1 + M)``:
-    the reranker's own (no first-stage residual), each image's keys/values computed once and read
-    by its ``1 + M`` captions, as ``crossrank train`` scores caption negatives."""
-    b, m1 = rows.shape
-    u = torch.from_numpy(rows.reshape(-1))
-    mask = banks.token_mask[u]  # (B * (1 + M), L)
-    real = mask.any(dim=0)  # drop the columns that are padding in every row
-    tokens, mask = banks.tokens[u][:, real].float(), mask[:, real]
-    owner = torch.arange(b).repeat_interleave(m1)  # each row's image
-    patches = banks.patches[torch.from_numpy(image)].float()
-    kv = model.precompute_kv(patches).select(owner).unsqueeze(1)
-    return model.forward_batch(tokens, mask, kv).view(b, m1)
-
-
-def top1_accuracy(logits: torch.Tensor) -> torch.Tensor:
-    """``(B,)``: 1 where column 0 alone has the top logit, ``1/t`` where it ties with ``t - 1``
-    others (a random tie break's expected hit), else 0; ties within float rounding (1e-5
-    relative), as ``crossrank train`` counts them (an untrained model can tie every column)."""
-    top = logits.max(dim=1, keepdim=True).values
-    at_top = logits >= top - (1e-6 + 1e-5 * top.abs())  # (B, k)
-    return at_top[:, 0].float() / at_top.sum(dim=1).float()
-
-
-def make_optimizer(model: torch.nn.Module, config: RerankTrainConfig) -> torch.optim.AdamW:
-    """AdamW at ``config.lr`` with ``config.weight_decay`` on weight matrices only (not biases,
-    norms, gates, query tokens or position embeddings), as ``crossrank train`` builds it."""
-    decay, no_decay = [], []
-    for name, param in model.named_parameters():
-        matrix = param.ndim >= 2 and name not in ("query_tokens", "patch_pos")
-        (decay if matrix else no_decay).append(param)
-    return torch.optim.AdamW(
-        [
-            {"params": decay, "weight_decay": config.weight_decay},
-            {"params": no_decay, "weight_decay": 0.0},
-        ],
-        lr=config.lr,
-    )
-
-
-def cell_patches(n_patches: int) -> np.ndarray:
-    """``(GRID, GRID, P)`` float32: 1 for the patches whose centre lies in each grid cell of the
-    shapes world (patches row-major, as stored)."""
-    from crossrank.datasets.config import GRID
-
-    side = round(n_patches**0.5)
-    cell = ((2 * np.arange(side) + 1) * GRID) // (2 * side)  # the cell under each patch row/column
-    out = np.zeros((GRID, GRID, side, side), dtype=np.float32)
-    for r in range(GRID):
-        for c in range(GRID):
-            out[r, c] = (cell[:, None] == r) & (cell[None, :] == c)
-    return out.reshape(GRID, GRID, n_patches)
+    the reranker's own (no first-stage residual), as ``crossrank train`` scores caption negatives
+    (:func:`crossrank.training.steps.forward_captions` on the CPU)."""
+    return forward_captions(model, banks, rows, image, torch.device("cpu"), residual=False)
 
 
 def parse_variant(name: str) -> tuple[dict, float]:

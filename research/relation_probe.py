@@ -60,19 +60,17 @@ import torch.nn as nn
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # research/: caption_probe
 from caption_probe import (
     bank_texts,
-    cell_patches,
-    make_optimizer,
     oracle_patches,
     probe_args,
     probe_data,
     relations_only,
-    top1_accuracy,
 )
 
 from crossrank.datasets.config import GRID, Colour, Shape
 from crossrank.training import RerankTrainConfig
-from crossrank.training.attention_targets import object_token_positions
-from crossrank.training.reranker import rerank_loss
+from crossrank.training.attention_targets import cell_patches, object_token_positions
+from crossrank.training.reranker import make_optimizer, rerank_loss
+from crossrank.training.steps import top1_accuracy
 
 BATCH, N_NEG, EVERY, SUP_WEIGHT = 32, 4, 250, 0.5
 WORDS = {"mlp", "loc", "oracle", "embcat", "qsa", "pair", "mix", "sup"}

@@ -24,7 +24,12 @@ import torch
 from crossrank.datasets.config import GRID, Shape
 from crossrank.errors import InvalidArgumentError
 
-__all__ = ["attention_supervision_loss", "object_cell_masks", "object_token_positions"]
+__all__ = [
+    "attention_supervision_loss",
+    "cell_patches",
+    "object_cell_masks",
+    "object_token_positions",
+]
 
 _SHAPE_WORDS = frozenset(s.value for s in Shape)
 _CHUNK = 2048  # texts per tokenizer call
@@ -69,7 +74,7 @@ def object_token_positions(tokenizer: Any, texts: list[str], max_length: int) ->
     return out
 
 
-def _cell_patches(n_patches: int) -> np.ndarray:
+def cell_patches(n_patches: int) -> np.ndarray:
     """``(GRID, GRID, P)`` float32: 1 for the patches whose centre lies in each grid cell."""
     side = round(n_patches**0.5)
     if side * side != n_patches:
@@ -99,7 +104,7 @@ def object_cell_masks(
         images: one image per row.
         n_patches: patches per image (a square grid).
     """
-    cells = _cell_patches(n_patches)  # (GRID, GRID, P)
+    cells = cell_patches(n_patches)  # (GRID, GRID, P)
     sc = scenes.take(images)
     out = np.zeros((rows.size, n_patches, 2), dtype=np.float32)
     for k, prefix in enumerate(("a", "b")):

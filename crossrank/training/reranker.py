@@ -51,12 +51,12 @@ from crossrank.training.attention_targets import attention_supervision_loss, obj
 from crossrank.training.config import RerankLoss, RerankTrainConfig
 from crossrank.training.state import _load_checkpoint, _save_checkpoint, _TrainLog
 from crossrank.training.steps import (
-    _Banks,
+    Banks,
     _first_stage_metrics,
     _forward,
-    _forward_captions,
-    _top1_accuracy,
     _validate,
+    forward_captions,
+    top1_accuracy,
 )
 
 if TYPE_CHECKING:
@@ -68,7 +68,9 @@ if TYPE_CHECKING:
 
 __all__ = [
     "TrainReport",
+    "make_optimizer",
     "rerank_loss",
+    "resolve_model_config",
     "train_reranker",
     "export_checkpoint",
     "CHECKPOINT_NAME",
@@ -278,7 +280,7 @@ def train_reranker(
     }
     torch.manual_seed(config.seed)
     model = CrossAttentionReranker(model_config).to(device).train()
-    optimizer = _optimizer(model, config)
+    optimizer = make_optimizer(model, config)
     # bf16 autocast needs no loss scaling; the fp16 fallback on older GPUs does.
     scaler = torch.amp.GradScaler(
         device.type, enabled=device.type == "cuda" and not torch.cuda.is_bf16_supported()
@@ -313,7 +315,7 @@ def train_reranker(
             torch.from_numpy(data.query_vectors).to(device),  # (U, D) float32
             torch.from_numpy(data.image_vectors).to(device),
         )  # (N, D) float32
-    banks = _Banks(tokens, token_mask, patches, residual)
+    banks = Banks(tokens, token_mask, patches, residual)
     sampler = CandidateSampler(data, config.n_candidates, config.in_batch)
     n_neg = config.n_candidates - 1
     val_candidates = sampler.sample(
@@ -420,7 +422,7 @@ def train_reranker(
                     )
                 ).to(device)  # (B, P, 2)
             with _autocast(device):
-                text_logits = _forward_captions(
+                text_logits = forward_captions(
                     model,
                     banks,
                     rows,
@@ -439,7 +441,7 @@ def train_reranker(
                 if supervision is not None:
                     loss = loss + config.attention_supervision * supervision
             loss = loss + rerank_loss(text_logits, config.loss, valid_t)
-            caption_hits = _top1_accuracy(text_logits.detach().masked_fill(~valid_t, float("-inf")))
+            caption_hits = top1_accuracy(text_logits.detach().masked_fill(~valid_t, float("-inf")))
             caption_acc = float(caption_hits.mean().item())
             if n_relation:  # the relation-only lists come last
                 relation_acc = float(caption_hits[-n_relation:].mean().item())
@@ -470,9 +472,7 @@ def train_reranker(
                 )
         scaler.update()
         # Caption-only steps report the caption accuracy (there are no image lists).
-        acc = (
-            caption_acc if logits is None else float(_top1_accuracy(logits.detach()).mean().item())
-        )
+        acc = caption_acc if logits is None else float(top1_accuracy(logits.detach()).mean().item())
         train_seconds += time.perf_counter() - t_step
         if finite:
             window["loss"].append(loss_value)
@@ -734,8 +734,9 @@ def resolve_model_config(
     return cfg
 
 
-def _optimizer(model: CrossAttentionReranker, config: RerankTrainConfig) -> torch.optim.AdamW:
-    """AdamW with weight decay on weight matrices only (not biases, norms, gates, embeddings)."""
+def make_optimizer(model: CrossAttentionReranker, config: RerankTrainConfig) -> torch.optim.AdamW:
+    """The AdamW ``crossrank train`` uses: ``config.lr``, with ``config.weight_decay`` on weight
+    matrices only (not biases, norms, gates, query tokens or position embeddings)."""
     import torch
 
     decay, no_decay = [], []

@@ -1,8 +1,8 @@
 """The batched forwards of reranker training and its validation.
 
-Training gathers every step's features from :class:`_Banks` (the training set's token and patch
+Training gathers every step's features from :class:`Banks` (the training set's token and patch
 features on the training device) by row; :func:`_forward` scores each caption's image candidate
-list, :func:`_forward_captions` each image's caption list (the true caption and its rewrites),
+list, :func:`forward_captions` each image's caption list (the true caption and its rewrites),
 and :func:`_validate` computes the learning-curve metrics on the held-out captions.
 """
 
@@ -18,10 +18,12 @@ if TYPE_CHECKING:
     from crossrank.rerank.cross_attention import CrossAttentionReranker
     from crossrank.training.data import TrainingSet
 
+__all__ = ["Banks", "forward_captions", "top1_accuracy"]
+
 _EVAL_CANDIDATES = 1024  # candidates scored per forward during validation
 
 
-class _Banks(NamedTuple):
+class Banks(NamedTuple):
     """The training set's features on the training device."""
 
     tokens: torch.Tensor  # (U, L, d) float16
@@ -31,7 +33,7 @@ class _Banks(NamedTuple):
     residual: tuple[float, torch.Tensor, torch.Tensor] | None = None
 
 
-def _gather_queries(banks: _Banks, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def _gather_queries(banks: Banks, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """The token features (float32) and mask of caption bank ``rows``, without the columns that
     are padding for every one of them."""
     mask = banks.token_mask[rows]  # (Q, L)
@@ -41,7 +43,7 @@ def _gather_queries(banks: _Banks, rows: torch.Tensor) -> tuple[torch.Tensor, to
 
 def _forward(
     model: CrossAttentionReranker,
-    banks: _Banks,
+    banks: Banks,
     caption: np.ndarray,
     candidates: np.ndarray,
     device: torch.device,
@@ -76,9 +78,9 @@ def _forward(
     return logits
 
 
-def _forward_captions(
+def forward_captions(
     model: CrossAttentionReranker,
-    banks: _Banks,
+    banks: Banks,
     rows: np.ndarray,
     image: np.ndarray,
     device: torch.device,
@@ -121,7 +123,7 @@ def _validate(
     model: CrossAttentionReranker,
     data: TrainingSet,
     val_candidates: np.ndarray,
-    banks: _Banks,
+    banks: Banks,
     device: torch.device,
     rewrites: tuple[np.ndarray, np.ndarray] | None = None,
 ) -> dict[str, float]:
@@ -144,7 +146,7 @@ def _validate(
                 val_candidates[lo : lo + per],
                 device,
             )
-            hits.append(_top1_accuracy(logits).cpu().numpy())
+            hits.append(top1_accuracy(logits).cpu().numpy())
         fs = data.val_first_stage  # (V, mine_k), -1 padded
         per = max(1, _EVAL_CANDIDATES // fs.shape[1])
         for lo in range(0, fs.shape[0], per):
@@ -161,12 +163,12 @@ def _validate(
             rows, valid = rewrites
             per = max(1, _EVAL_CANDIDATES // rows.shape[1])
             for lo in range(0, rows.shape[0], per):
-                logits = _forward_captions(
+                logits = forward_captions(
                     model, banks, rows[lo : lo + per], data.val_image[lo : lo + per], device
                 )
                 keep = torch.from_numpy(valid[lo : lo + per]).to(device)
                 caption_hits.append(
-                    _top1_accuracy(logits.masked_fill(~keep, float("-inf"))).cpu().numpy()
+                    top1_accuracy(logits.masked_fill(~keep, float("-inf"))).cpu().numpy()
                 )
     model.train()
     out = {
@@ -189,7 +191,7 @@ def _near_top(logits: torch.Tensor) -> torch.Tensor:
     return logits >= top - (1e-6 + 1e-5 * top.abs())  # (B, k)
 
 
-def _top1_accuracy(logits: torch.Tensor) -> torch.Tensor:
+def top1_accuracy(logits: torch.Tensor) -> torch.Tensor:
     """``(B,)`` float: 1 where the positive (column 0) alone has the top logit, ``1/t`` where it
     ties with ``t - 1`` others (the expected hit under a random tie break), else 0.
 

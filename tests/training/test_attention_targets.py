@@ -9,8 +9,8 @@ from crossrank.datasets.config import Colour, Shape, Size
 from crossrank.datasets.scene import Scene, SceneObject
 from crossrank.errors import InvalidArgumentError
 from crossrank.training.attention_targets import (
-    _cell_patches,
     attention_supervision_loss,
+    cell_patches,
     object_cell_masks,
     object_token_positions,
 )
@@ -46,12 +46,12 @@ def test_object_words_are_found_by_the_tokenizers_offsets(tiny_clip):
 
 
 def test_every_patch_lies_in_one_cell_and_cells_follow_the_grid():
-    cells = _cell_patches(64)  # (3, 3, 64)
+    cells = cell_patches(64)  # (3, 3, 64)
     np.testing.assert_array_equal(cells.sum(axis=(0, 1)), np.ones(64))
     top_right = cells[0, 2].reshape(8, 8)
     assert top_right[:3, 5:].all() and top_right.sum() == 9  # patch centres in the top-right third
     with pytest.raises(InvalidArgumentError, match="square patch grid, got 50 patches"):
-        _cell_patches(50)
+        cell_patches(50)
 
 
 def _scene(*objects: tuple[str, str, str, int, int]) -> Scene:
@@ -78,7 +78,7 @@ def test_object_masks_cover_the_named_objects_cells():
             parse_query("a green cross"),
         ]
     )
-    cells = _cell_patches(16)
+    cells = cell_patches(16)
     masks = object_cell_masks(specs, scenes, np.array([0, 1, 2, 3]), np.array([0, 1, 1, 0]), 16)
     assert masks.shape == (4, 16, 2)
     np.testing.assert_array_equal(masks[0, :, 0], cells[0, 0])  # the red circle, top left

@@ -576,7 +576,7 @@ def test_caption_negatives_need_a_shapes_dataset(colours):
 def test_training_forwards_equal_plain_per_pair_scores(shapes, model_config):
     """The step's shortcuts (keys/values once per distinct image) score as the plain forward."""
     from crossrank.rerank.cross_attention import AttentionPath
-    from crossrank.training.reranker import _Banks, _forward, _forward_captions
+    from crossrank.training.reranker import Banks, _forward, forward_captions
 
     ds, index = shapes
     data = prepare_training_set(
@@ -597,7 +597,7 @@ def test_training_forwards_equal_plain_per_pair_scores(shapes, model_config):
         for name, param in model.named_parameters():
             if "gate" in name:
                 param.fill_(0.7)
-    banks = _Banks(
+    banks = Banks(
         torch.from_numpy(data.tokens),
         torch.from_numpy(data.token_mask),
         torch.from_numpy(data.patches),
@@ -623,7 +623,7 @@ def test_training_forwards_equal_plain_per_pair_scores(shapes, model_config):
         got = _forward(model, banks, u, candidates, torch.device("cpu"))
         want = torch.tensor([[plain(u[b], c) for c in candidates[b]] for b in range(6)])
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
-        got = _forward_captions(model, banks, rows, image, torch.device("cpu"))
+        got = forward_captions(model, banks, rows, image, torch.device("cpu"))
         want = torch.tensor([[plain(r, image[b]) for r in rows[b]] for b in range(6)])
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
     assert got.std() > 0.01  # the scores differ: the check can fail
@@ -789,7 +789,7 @@ def test_caption_only_steps_train_the_reranker_alone_first(shapes, tmp_path, mon
     import crossrank.training.reranker as train_module
 
     calls = []  # (training step's forward, first-stage residual added?), validation left out
-    forward, forward_captions = train_module._forward, train_module._forward_captions
+    forward, forward_captions = train_module._forward, train_module.forward_captions
 
     def spy_forward(model, banks, *args, **kwargs):
         if model.training:
@@ -802,7 +802,7 @@ def test_caption_only_steps_train_the_reranker_alone_first(shapes, tmp_path, mon
         return forward_captions(model, banks, *args, residual=residual, **kwargs)
 
     monkeypatch.setattr(train_module, "_forward", spy_forward)
-    monkeypatch.setattr(train_module, "_forward_captions", spy_captions)
+    monkeypatch.setattr(train_module, "forward_captions", spy_captions)
     ds, index = shapes
     report = train_reranker(
         index,
