@@ -13,8 +13,8 @@ weights).
 Rows train one after another (``crossrank.training.train_reranker``, each preparing the same
 training set: encoding and mining are repeated per row) and each is resumable: a row whose folder
 holds a finished reranker is evaluated again without training; an interrupted one resumes from its
-checkpoint. Run from the repository root (after preparing the data as the README's "Reproducing
-the reranker" section does)::
+checkpoint. Run from the repository root (after preparing the data as "The shipped demo
+reranker" in docs/training.md does)::
 
     python research/ablation.py --train runs/shapes-train/pairs.parquet \\
         --train-index runs/train-negs.idx --bench runs/bench --bench-index runs/bench-negs.idx \\
@@ -26,10 +26,11 @@ Rows may train in several processes at once (``--rows`` splits them, same ``--ou
 writes only its own rows into ``ablation.json``); a last run with every row then evaluates them all
 again without training and times them together.
 
-It writes ``OUT/ablation.json`` (beside each row's reranker folder) and prints the markdown table
-the README quotes. The results are in ``research/results/ablation/``, each an ``OUT/ablation.json``
-copied there (``cp runs/ablation/ablation.json research/results/ablation/ablation_<what>.json``;
-its ``_meta`` gives steps, caption-only steps and threads, ``_meta_second_bench`` the second
+It writes ``OUT/ablation.json`` (beside each row's reranker folder) and prints the markdown
+table research/README.md quotes. The results are in ``research/results/ablation/``, each an
+``OUT/ablation.json`` copied there
+(``cp runs/ablation/ablation.json research/results/ablation/ablation_<what>.json``; its
+``_meta`` gives steps, caption-only steps and threads, ``_meta_second_bench`` the second
 benchmark): ``ablation_seed0.json`` (800 steps, no caption-only steps, seed 0 only),
 ``ablation_negclip_seed0_seed7.json`` (the command above: 2000 steps, 1200 caption-only, seeds 0
 and 7) and ``ablation_negclip_init_bert.json`` (its ``init=bert`` row, same settings).
@@ -57,9 +58,9 @@ from crossrank.training import RerankTrainConfig, train_reranker
 
 #: The base architecture: the shipped demo reranker's (width 128, 4 heads, no gates, LeCun init,
 #: 64 patch positions) with 2 layers and without the options the relation-reading demo reranker
-#: added (query self-attention, pair head, layer-0 token states), as it was when the README's
-#: table was measured; the ``layers=1`` row is the reranker shipped between the two (the full
-#: recipe's run, README).
+#: added (query self-attention, pair head, layer-0 token states), as it was when the table in
+#: research/README.md was measured; the ``layers=1`` row is the reranker shipped between the two
+#: (the full recipe's run).
 BASE = replace(
     read_reranker_config(demo_reranker_dir()),
     layers=2,

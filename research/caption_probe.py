@@ -10,7 +10,7 @@ loss and accuracy (the true caption ranked first, ties counted as chance) per 10
 on pair and relation captions separately (with the first stage's on the same lists).
 
 Run from the repository root, after preparing the shapes train split and its index as the
-README's "Reproducing the reranker" section does; ``--json FILE`` also writes the curves::
+"The shipped demo reranker" in docs/training.md does; ``--json FILE`` also writes the curves::
 
     python research/caption_probe.py --train runs/shapes-train/pairs.parquet \\
         --train-index runs/train.idx --steps 600 gated nogate \\

@@ -28,8 +28,8 @@ A variant is words joined by ``-``:
 
 The probe reads the index's encoder and patches; the standalone reranker is not
 ``CrossAttentionReranker`` (whose attention kernels do not return their weights). Run from the
-repository root, after preparing the shapes train split and its index as the README's
-"Reproducing the reranker" section does::
+repository root, after preparing the shapes train split and its index as "The shipped demo
+reranker" in docs/training.md does::
 
     python research/relation_probe.py --train runs/shapes-train/pairs.parquet \\
         --train-index runs/train-negs.idx --steps 3000 embcat-qsa-pair-mix-sup qsa-pair-mix-sup \\

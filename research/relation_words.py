@@ -18,7 +18,7 @@ encoder, then a fine-tune; ``--json`` prints one JSON object instead of the tabl
     python research/relation_words.py --model runs/enc-neg
     python research/relation_words.py --json > research/results/relation_words/demo_encoder.json
 
-No result of it is committed: it runs in seconds, and the README quotes its table.
+No result of it is committed: it runs in seconds, and research/README.md quotes its table.
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# Issue 4 experiment on a lent CUDA machine: generate the shapes train split, index it with the
+# Reranker training on a lent CUDA machine: generate the shapes train split, index it with the
 # shipped demo encoder, and train the cross-attention reranker for many steps (the shipped
-# reranker's recipe, README "The shipped demo reranker": caption-only curriculum for the first 3/5 of
+# reranker's recipe, docs/training.md "The shipped demo reranker": caption-only curriculum for the first 3/5 of
 # the steps, then the residual), logging the validation curve. Writes under $OUT (or
 # ./gpu-out). RECIPE overrides the architecture and loss flags. Run from the repository root:
 #   bash benchmarks/gpu/gpu_train_reranker.sh

@@ -33,7 +33,7 @@ class Init(StrEnum):
 
     BERT = "bert"  # truncated normal, std 0.02 (BERT / ViT); at width 128 attention starts uniform
     # normal, std 1 / sqrt(fan_in) (LeCun): unit-scale projections, so attention logits start at
-    # unit scale too; learns binding faster from scratch (README, caption probe)
+    # unit scale too; learns binding faster from scratch (research/caption_probe.py)
     LECUN = "lecun"
 
 
@@ -57,7 +57,7 @@ class RerankerConfig:
     Each of ``layers`` layers lets the query-side states (text tokens, learnable query tokens, or
     both) attend to the candidate's patches, then runs an MLP; options add patch self-attention
     before and patch-to-token attention after. The defaults are the shipped demo reranker's
-    architecture, the best measured (README, "Ablation"): 1 layer of width 128, 4 heads, pre-norm,
+    architecture, the best measured (research/ablation.py): 1 layer of width 128, 4 heads, pre-norm,
     no gates, LeCun init, every other option off; ``patch_positions`` has no default size (it is
     the encoder's patch count: ``crossrank train`` and :func:`~crossrank.rerank.train_reranker`
     set it from the index when no architecture is given).

@@ -82,8 +82,8 @@ class PairHead(nn.Module):
 
         Without autograd the ``(n, n, width)`` pair tensor of a chunk then stays in cache through
         the add, the GELU (in place) and the output map; the same arithmetic. Measured on the
-        2-core CPU: within noise at k = 100 when idle, 217 against 280 ms at k = 1000 under load
-        (README, "Performance").
+        2-core CPU (an interleaved A/B of the chunked and unchunked versions): within noise at
+        k = 100 when idle, 217 against 280 ms at k = 1000 under load.
         """
         n_batch, k, n, width = first.shape
         chunk = max(1, _PAIR_CHUNK_VALUES // max(1, n_batch * n * n * width))
