@@ -12,7 +12,7 @@ python3 -c "import torch, transformers; print('torch', torch.__version__, 'cuda'
 # Every test marked gpu (CUDA encoders, rerankers, the whole pipeline), then the full suites of the
 # torch subpackages on this machine for good measure.
 python3 -m pytest -q -p no:cacheprovider -m gpu tests 2>&1 | tee "$OUT/gpu_tests.txt" | tail -15
-python3 -m pytest -q -p no:cacheprovider tests/rerank tests/encoders tests/test_index.py -x 2>&1 | tee "$OUT/torch_tests.txt" | tail -5
+python3 -m pytest -q -p no:cacheprovider tests/rerank tests/encoders tests/api/test_index.py -x 2>&1 | tee "$OUT/torch_tests.txt" | tail -5
 python3 benchmarks/gpu/bench_rerank_device.py --device cuda --json > "$OUT/bench_rerank_cuda.json" && python3 - "$OUT/bench_rerank_cuda.json" <<'PY'
 import json, sys
 r = json.load(open(sys.argv[1]))
