@@ -139,7 +139,7 @@ def assert_sound(index_dir: Path) -> State:
     per live image, with distinct paths and contents. Returns the state.
     """
     from crossrank import Index
-    from crossrank.api.index import verify_index
+    from crossrank.api.verify import verify_index
 
     assert verify_index(index_dir) == [], verify_index(index_dir)
     state = index_state(index_dir)

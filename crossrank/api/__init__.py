@@ -4,7 +4,8 @@
 :mod:`crossrank.search`; a build, add, remove or compact runs :mod:`crossrank.write`.
 """
 
-from crossrank.api.index import DEFAULT_RERANKER, Index, verify_index
+from crossrank.api.index import DEFAULT_RERANKER, Index
+from crossrank.api.verify import verify_index
 from crossrank.search.encode import Query
 
 __all__ = ["DEFAULT_RERANKER", "Index", "Query", "verify_index"]

@@ -378,7 +378,7 @@ def test_verify_passes_on_a_sound_index(index):
 
 
 def test_verify_names_a_deleted_patch_shard(index_copy):
-    from crossrank.api.index import verify_index
+    from crossrank.api.verify import verify_index
 
     shard = _generation(index_copy) / "patches-000.npy"
     shard.unlink()
@@ -387,7 +387,7 @@ def test_verify_names_a_deleted_patch_shard(index_copy):
 
 
 def test_verify_names_a_first_stage_count_mismatch(index_copy):
-    from crossrank.api.index import verify_index
+    from crossrank.api.verify import verify_index
     from crossrank.indexes import IndexConfig
 
     gen = _generation(index_copy)
@@ -409,7 +409,7 @@ def test_verify_names_a_first_stage_count_mismatch(index_copy):
 
 
 def test_verify_names_a_manifest_count_mismatch(index_copy):
-    from crossrank.api.index import verify_index
+    from crossrank.api.verify import verify_index
 
     manifest = json.loads((index_copy / "manifest.json").read_text())
     manifest["counts"]["images"] = 99
