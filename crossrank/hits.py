@@ -51,7 +51,8 @@ class SearchCounts:
     """How a result list came to have the length it has.
 
     Attributes:
-        requested: ``k``, the number of hits asked for.
+        requested: ``k``, the number of hits asked for (as asked, even beyond the index size: a
+            search never looks for more hits than the index holds).
         returned: the number of hits in the result.
         filtered_out: images of the index that the ``where`` filter excluded (0 without a filter).
         candidates: first-stage candidates that reached the reranker (or the top-k without one).
@@ -76,8 +77,26 @@ class SearchResult(Sequence[Hit]):
     """The ranked hits of one query, with the counts and per-stage timings.
 
     A ``SearchResult`` is a sequence of :class:`Hit`: ``result[0]``, ``len(result)`` and
-    ``for hit in result`` work as on a list. ``generation`` is the index generation every stage
-    of the search read (None when not searched through an :class:`~crossrank.Index`).
+    ``for hit in result`` work as on a list.
+
+    Attributes:
+        query: the query's label: its text, the image path, or ``<image WxH>``.
+        hits: the hits, best first.
+        counts: how many hits were asked for, returned, filtered out and reranked.
+        timings_ms: stage -> milliseconds.
+        generation: the index generation every stage of the search read (None when not searched
+            through an :class:`~crossrank.Index`).
+        encoder: the model that encoded the query and the index
+            (:class:`~crossrank.encoders.describe.ModelDescription`; its ``note`` is the one line
+            said about the demo encoder), or None.
+        reranker: what ranked the candidates after the first stage, in words:
+            ``"none"`` (the first stage alone), ``"maxsim"``, ``"blip-itm"``,
+            ``"cross-attention (index reranker/)"``, ``"cross-attention (shipped for
+            crossrank-demo)"``, ``"cross-attention (FOLDER)"``, or a custom reranker's name.
+        fusion: how the final score was made: ``"rerank"``, ``"sum"``, ``"weighted:ALPHA"``, or
+            ``"none"`` when no reranker ran (the final score is the first-stage score).
+        notes: one-line remarks about this search a user should see: a query cut at the text
+            encoder's positions, how to train a reranker when ``auto`` found none.
     """
 
     query: str
@@ -85,6 +104,11 @@ class SearchResult(Sequence[Hit]):
     counts: SearchCounts
     timings_ms: dict[str, float]
     generation: int | None = None
+    # A crossrank.encoders.describe.ModelDescription (typed loosely: hits imports no encoders).
+    encoder: Any = None
+    reranker: str = "none"
+    fusion: str = "none"
+    notes: tuple[str, ...] = ()
 
     @overload
     def __getitem__(self, i: int) -> Hit: ...
@@ -100,13 +124,19 @@ class SearchResult(Sequence[Hit]):
         return iter(self.hits)
 
     def to_dict(self) -> dict[str, Any]:
-        """The ``--json`` shape: ``{"query", "hits", "counts", "timings_ms", "generation"}``."""
+        """The ``--json`` shape: ``{"query", "hits", "counts", "timings_ms", "generation",
+        "encoder", "reranker", "fusion", "notes"}``; ``encoder`` is
+        ``{"model_id", "model_type", "demo", "note"}`` (None when unknown)."""
         return {
             "query": self.query,
             "hits": [hit.to_dict() for hit in self.hits],
             "counts": self.counts.to_dict(),
             "timings_ms": {stage: round(ms, 3) for stage, ms in self.timings_ms.items()},
             "generation": self.generation,
+            "encoder": None if self.encoder is None else self.encoder.to_dict(),
+            "reranker": self.reranker,
+            "fusion": self.fusion,
+            "notes": list(self.notes),
         }
 
 

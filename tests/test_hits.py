@@ -97,10 +97,47 @@ def test_search_result_json_shape():
         Hit(id=2, path="/2.png", score=0.9, first_stage_score=0.8, rerank_score=0.9, metadata={}),
     )
     out = _result(hits).to_dict()
-    assert list(out) == ["query", "hits", "counts", "timings_ms", "generation"]
+    assert list(out) == [
+        "query",
+        "hits",
+        "counts",
+        "timings_ms",
+        "generation",
+        "encoder",
+        "reranker",
+        "fusion",
+        "notes",
+    ]
     assert out["query"] == "a red circle"
     assert out["hits"] == [hits[0].to_dict()]
     assert out["counts"] == {"requested": 3, "returned": 1, "filtered_out": 5, "candidates": 7}
     assert out["timings_ms"] == {"encode": 1.235, "total": 2.0}
     assert out["generation"] is None  # not searched through an Index
+    assert out["encoder"] is None and out["notes"] == []
+    assert out["reranker"] == "none" and out["fusion"] == "none"  # what a bare result says
     assert json.loads(json.dumps(out)) == out
+
+
+def test_search_result_json_names_the_encoder_reranker_and_fusion():
+    from crossrank.encoders.describe import DEMO_NOTE, describe_model
+
+    result = SearchResult(
+        query="q",
+        hits=(),
+        counts=SearchCounts(requested=1, returned=0, filtered_out=0, candidates=0),
+        timings_ms={},
+        encoder=describe_model({"model_id": "crossrank-demo", "source": "demo"}),
+        reranker="cross-attention (index reranker/)",
+        fusion="weighted:0.5",
+        notes=("a note",),
+    )
+    out = result.to_dict()
+    assert out["encoder"] == {
+        "model_id": "crossrank-demo",
+        "model_type": "",
+        "demo": True,
+        "note": DEMO_NOTE,
+    }
+    assert out["reranker"] == "cross-attention (index reranker/)"
+    assert out["fusion"] == "weighted:0.5"
+    assert out["notes"] == ["a note"]

@@ -6,6 +6,6 @@
 
 from crossrank.api.index import DEFAULT_RERANKER, Index
 from crossrank.api.verify import verify_index
-from crossrank.search.encode import Query
+from crossrank.search.encode import Query, QueryTruncatedWarning
 
-__all__ = ["DEFAULT_RERANKER", "Index", "Query", "verify_index"]
+__all__ = ["DEFAULT_RERANKER", "Index", "Query", "QueryTruncatedWarning", "verify_index"]

@@ -13,6 +13,7 @@ import os
 import threading
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -20,8 +21,8 @@ import numpy as np
 
 from crossrank.errors import CrossrankError, InvalidArgumentError, ModelMismatchError
 from crossrank.hits import SearchResult
-from crossrank.search.encode import Query, encode_queries
-from crossrank.search.pipeline import check_k, search_snapshot, timed
+from crossrank.search.encode import PreparedQueries, Query, encode_queries, prepare_queries
+from crossrank.search.pipeline import allowed_ids, cap_at, check_k, search_snapshot, timed
 
 if TYPE_CHECKING:
     import pyarrow as pa
@@ -40,8 +41,9 @@ __all__ = ["Index", "Query", "DEFAULT_RERANKER"]
 logger = logging.getLogger(__name__)
 
 
-#: ``reranker="auto"``: the index's own trained reranker (``DIR/reranker/``) when it has one, else
-#: ``blip-itm`` for an index built with BLIP, else MaxSim.
+#: ``reranker="auto"``: a trained reranker when one exists (the index's own ``DIR/reranker/``,
+#: ``blip-itm`` on a BLIP index, the shipped reranker for the index's encoder), else none: the
+#: first stage alone. Image queries get none under ``auto`` (see :meth:`Index._plan`).
 AUTO_RERANKER = "auto"
 DEFAULT_RERANKER = AUTO_RERANKER
 
@@ -87,7 +89,7 @@ class Index:
         self._refresh_lock = threading.Lock()  # one refresh at a time
         self.build_report: BuildReport | None = None  # set by Index.build
         self._encoder: Encoder | None = None
-        self._rerankers: dict[str, Reranker | None] = {}
+        self._rerankers: dict[str, _Choice] = {}
         self._lock = threading.Lock()
         if model is not None:  # a model named by the caller is checked now, not at the first search
             self._encoder = self._load_encoder()
@@ -505,19 +507,30 @@ class Index:
                 "path": {"contains": "/2024/"}}``, checked against the metadata schema and run
                 with parameters (see :mod:`crossrank.store.filters`). With ``where`` too, both
                 must hold.
-            reranker: ``"auto"`` (the index's own ``reranker/`` folder if it has one, else
-                ``"blip-itm"`` for an index built with BLIP, else ``"maxsim"``), ``"maxsim"``,
-                ``"blip-itm"`` (BLIP indexes, text queries), ``"none"``/``None``, the folder of a
-                trained cross-attention reranker, or a :class:`~crossrank.rerank.Reranker`.
+            reranker: ``"auto"`` (a trained reranker when one exists: the index's own
+                ``reranker/`` folder, ``"blip-itm"`` on a BLIP index, the shipped reranker for the
+                index's encoder; else none, the first stage alone, with a hint on how to train
+                one in ``result.notes``; image queries get none), ``"maxsim"``, ``"blip-itm"``
+                (BLIP indexes, text queries), ``"none"``/``None``, the folder of a trained
+                cross-attention reranker, or a :class:`~crossrank.rerank.Reranker`. What ran is
+                in ``result.reranker`` and ``result.fusion``.
             fusion: how the final score combines the two stages: ``auto`` (what the reranker
                 recommends, else ``rerank``), ``rerank`` (the reranker's score alone), ``sum``, or
                 ``weighted:ALPHA`` (``ALPHA * rerank + (1 - ALPHA) * first_stage``).
 
+        ``k`` and ``rerank_k`` may exceed the index size (the search never looks for more than
+        the images it holds; ``counts.requested`` keeps what was asked). A text longer than the
+        text encoder's positions is cut, with a
+        :class:`~crossrank.search.encode.QueryTruncatedWarning` and a line in ``result.notes``.
+
         Returns:
-            A :class:`SearchResult`: the hits, best first, with counts and per-stage timings.
+            A :class:`SearchResult`: the hits, best first, with counts, per-stage timings, the
+            encoder, the reranker and fusion that ranked them, and notes.
 
         Raises:
-            InvalidArgumentError: ``k <= 0``, ``rerank_k < k``, an empty query.
+            InvalidArgumentError: ``k`` or ``rerank_k`` not a whole number from 1 to 2**63 - 1
+                (a bool is refused), ``rerank_k < k``, an empty query, an image path that is
+                missing, a folder or not an image.
             FilterError: a malformed ``where`` or ``filters``, or an unknown column.
         """
         return self.search_batch(
@@ -544,45 +557,99 @@ class Index:
         """Search many queries at once: one encoder pass per modality and one first-stage call.
 
         Arguments as :meth:`search`; the filter applies to every query. Returns one
-        :class:`SearchResult` per query, in order.
+        :class:`SearchResult` per query, in order. Every argument is checked before any model
+        loads (see :meth:`check_search`).
         """
+        from crossrank.encoders.describe import describe_model
+        from crossrank.rerank import resolve_fusion
+
+        prepared, k, rerank_k = self._check_arguments(queries, k, rerank_k, fusion)
+        if not prepared:
+            return []
+        with self._use() as snap:
+            timings: dict[str, float] = {}
+            allowed = allowed_ids(snap, where, filters, timings)  # DuckDB; no model yet
+            size = len(snap)
+            encoder_desc = describe_model(snap.manifest.encoder)
+            results: list[SearchResult | None] = [None] * len(prepared)
+            for positions, choice in self._plan(reranker, prepared):
+                scorer = choice.scorer
+                fuse = resolve_fusion(fusion, scorer)
+                group = prepared if len(positions) == len(prepared) else prepared.subset(positions)
+                g_timings = dict(timings)
+                encoder = self.encoder  # loaded once, outside the timings (they time the query)
+                with timed(g_timings, "encode"):
+                    xq, q_tokens, q_masks, q_ids, labels, cut = encode_queries(
+                        encoder,
+                        snap.first_stage.d,
+                        group,
+                        token_embeddings=0 if scorer is None else scorer.token_embeddings,
+                    )
+                notes = {i: [n for n in (cut.get(i), choice.note) if n] for i in range(len(labels))}
+                found = search_snapshot(
+                    snap,
+                    xq,
+                    q_tokens,
+                    q_masks,
+                    labels,
+                    k=cap_at(k, size),
+                    n_candidates=cap_at(rerank_k if scorer is not None else k, size),
+                    allowed=allowed,
+                    scorer=scorer,
+                    fuse=fuse,
+                    timings=g_timings,
+                    q_ids=q_ids,
+                    requested=k,
+                    encoder=encoder_desc,
+                    reranker=choice.label,
+                    fusion=str(fuse),
+                    notes=notes,
+                )
+                for position, result in zip(positions, found, strict=True):
+                    results[position] = result
+        return [r for r in results if r is not None]
+
+    def check_search(
+        self,
+        queries: Sequence[Query] = (),
+        k: int = 10,
+        rerank_k: int = 100,
+        where: str | None = None,
+        fusion: str = "auto",
+        *,
+        filters: Filters | None = None,
+    ) -> None:
+        """Check search arguments without searching and without loading any model.
+
+        What :meth:`search_batch` checks first: the queries (an image path must exist, be a file
+        and decode), ``k`` and ``rerank_k``, the fusion spec, and ``where`` / ``filters``
+        against the metadata schema (DuckDB binds the expression and scans nothing, so a value it
+        cannot cast is only caught by the search). The command line runs it before it loads the
+        encoder, so that a typo in ``--where`` fails at once.
+
+        Raises:
+            InvalidArgumentError: a bad query, ``k``, ``rerank_k`` or fusion.
+            FilterError: a malformed ``where`` or ``filters``, or an unknown column.
+        """
+        self._check_arguments(list(queries), k, rerank_k, fusion)
+        with self._use() as snap:
+            if where is not None:
+                snap.metadata.check_where(where)
+            if filters is not None:
+                snap.metadata.check_filters(filters)
+
+    def _check_arguments(
+        self, queries: Sequence[Query], k: int, rerank_k: int, fusion: str
+    ) -> tuple[PreparedQueries, int, int]:
         from crossrank.rerank import resolve_fusion
 
         if isinstance(queries, (str, Path)) or not isinstance(queries, Sequence):
             raise InvalidArgumentError(
                 "queries must be a list of queries; use search() for one query"
             )
-        if not queries:
-            return []
-        check_k(k, rerank_k)
-        resolve_fusion(fusion)  # a bad spec fails before the reranker loads
-        scorer = self._reranker(reranker)
-        fuse = resolve_fusion(fusion, scorer)
-        n_candidates = max(k, rerank_k) if scorer is not None else k
-
-        timings: dict[str, float] = {}
-        _ = self.encoder  # load (once) outside the timings: they measure the query, not start-up
-        with timed(timings, "encode"):
-            xq, q_tokens, q_masks, q_ids, labels = encode_queries(
-                self.encoder,
-                self.first_stage.d,
-                queries,
-                token_embeddings=0 if scorer is None else scorer.token_embeddings,
-            )
-        return self._search_encoded(
-            xq,
-            q_tokens,
-            q_masks,
-            labels,
-            k=k,
-            n_candidates=n_candidates,
-            where=where,
-            scorer=scorer,
-            fuse=fuse,
-            timings=timings,
-            q_ids=q_ids,
-            filters=filters,
-        )
+        k, rerank_k = check_k(k, rerank_k)
+        resolve_fusion(fusion)  # a bad spec fails before any model loads
+        return prepare_queries(queries), k, rerank_k
 
     def search_vectors(
         self,
@@ -620,7 +687,7 @@ class Index:
             >>> xq = index.encoder.encode_text(["a red bicycle"]).pooled  # doctest: +SKIP
             >>> [hit.path for hit in index.search_vectors(xq, k=5)[0]]  # doctest: +SKIP
         """
-        check_k(k, k)
+        k, _ = check_k(k, k)
         xq = self._check_xq(xq)
         labels = [f"<vector {i}>" for i in range(xq.shape[0])]
         return self._search_encoded(
@@ -674,47 +741,116 @@ class Index:
         only when ``scorer`` is given (the ids only by a scorer with ``needs_input_ids``). Every
         stage reads the one generation held when the call starts.
         """
+        from crossrank.encoders.describe import describe_model
+
         with self._use() as snap:
+            allowed = allowed_ids(snap, where, filters, timings)
+            size = len(snap)
             return search_snapshot(
                 snap,
                 xq,
                 q_tokens,
                 q_masks,
                 labels,
-                k=k,
-                n_candidates=n_candidates,
-                where=where,
+                k=cap_at(k, size),
+                n_candidates=cap_at(n_candidates, size),
+                allowed=allowed,
                 scorer=scorer,
                 fuse=fuse,
                 timings=timings,
                 q_ids=q_ids,
-                filters=filters,
+                requested=k,
+                encoder=describe_model(snap.manifest.encoder),
             )
 
     def _reranker(self, spec: str | Reranker | None) -> Reranker | None:
+        """The reranker ``spec`` names (loaded once per spec)."""
+        return self._choose(spec).scorer
+
+    def _choose(self, spec: str | Reranker | None) -> _Choice:
+        """What ``spec`` reranks with, its label for the results and the note said with it."""
         from crossrank.rerank import get_reranker
 
         if spec is None or not isinstance(spec, (str, os.PathLike)):
-            return get_reranker(spec, device=self.device)
+            scorer = get_reranker(spec, device=self.device)
+            return _Choice(scorer, "none" if scorer is None else str(scorer.name), None)
         key = str(spec)
         if key not in self._rerankers:
-            resolved: str | Path = key
-            if key == AUTO_RERANKER:
-                resolved = self.default_reranker
-            elif isinstance(spec, os.PathLike):
-                resolved = Path(spec)
             with self._lock:
                 if key not in self._rerankers:
-                    self._rerankers[key] = get_reranker(
-                        resolved, device=self.device, encoder_info=self.manifest.encoder
-                    )
+                    self._rerankers[key] = self._load_choice(key, spec)
         return self._rerankers[key]
+
+    def _load_choice(self, key: str, spec: str | os.PathLike[str]) -> _Choice:
+        from crossrank.rerank import get_reranker
+        from crossrank.rerank.base import RerankerName
+
+        auto = key == AUTO_RERANKER
+        resolved: str | Path = self.default_reranker if auto else key
+        if isinstance(spec, os.PathLike):
+            resolved = Path(spec)
+        scorer = get_reranker(resolved, device=self.device, encoder_info=self.manifest.encoder)
+        note = None
+        if scorer is None:
+            label = "none"
+            if auto:
+                note = self._train_hint()
+                logger.info("%s", note)  # once per Index: the choice is cached
+        elif auto:
+            label = self._auto_label(str(resolved))
+        elif isinstance(resolved, str) and resolved.strip().lower() in set(RerankerName):
+            label = resolved.strip().lower()
+        else:  # a folder
+            label = f"{scorer.name} ({resolved})"
+        return _Choice(scorer, label, note, auto=auto)
+
+    def _plan(
+        self, spec: str | Reranker | None, prepared: PreparedQueries
+    ) -> list[tuple[list[int], _Choice]]:
+        """The queries' positions grouped by the reranker each gets.
+
+        Under ``auto`` an image query gets none: the rerankers ``auto`` finds were trained on
+        text queries (a cross-attention checkpoint) or read text only (``blip-itm``), and over
+        image queries they made rankings worse. A reranker named explicitly reranks every query.
+        """
+        choice = self._choose(spec)
+        everyone = list(range(len(prepared)))
+        if not (choice.auto and choice.scorer is not None and prepared.images):
+            return [(everyone, choice)]
+        images = [i for i, _ in prepared.images]
+        texts = [i for i, _ in prepared.texts]
+        image_choice = _Choice(
+            None,
+            "none",
+            f"image queries are not reranked by default: the {choice.label} reranker reads text "
+            "queries; pass --reranker maxsim (or a reranker folder) to rerank them",
+        )
+        return [(group, c) for group, c in ((texts, choice), (images, image_choice)) if group]
+
+    def _auto_label(self, resolved: str) -> str:
+        if resolved in ("none", "blip-itm", "maxsim"):
+            return resolved
+        if Path(resolved) == self.path / RERANKER_DIR:
+            return f"cross-attention (index {RERANKER_DIR}/)"
+        return f"cross-attention (shipped for {self.model_id})"
+
+    def _train_hint(self) -> str:
+        return (
+            f"no trained reranker for {self.model_id}, so the first stage ranked alone; to "
+            f"rerank, train one: crossrank train PAIRS --index {self.path} --out "
+            f"{self.path / RERANKER_DIR} (see docs/training.md)"
+        )
 
     @property
     def default_reranker(self) -> str:
-        """What ``reranker="auto"`` uses: the index's own ``reranker/`` folder, else ``blip-itm``
-        for an index built with BLIP, else the shipped demo reranker for an index built with the
-        demo encoder, else ``maxsim``."""
+        """What ``reranker="auto"`` uses: a trained reranker when one exists, else ``"none"``.
+
+        In order: the index's own ``reranker/`` folder; ``blip-itm`` for an index built with
+        BLIP; the shipped reranker trained over this index's encoder (the demo reranker for the
+        demo encoder); else ``"none"``, the first stage alone. MaxSim is never chosen by
+        ``auto``: over an encoder trained only through pooled vectors it made rankings worse
+        (docs/rerankers.md); ask for it by name.
+        """
         from crossrank.rerank.checkpoint import shipped_reranker_for
 
         own = self.path / RERANKER_DIR
@@ -723,4 +859,15 @@ class Index:
         if self.manifest.encoder.get("model_type") == "blip":
             return "blip-itm"
         shipped = shipped_reranker_for(self.manifest.encoder)
-        return str(shipped) if shipped is not None else "maxsim"
+        return str(shipped) if shipped is not None else "none"
+
+
+@dataclass(frozen=True)
+class _Choice:
+    """A resolved ``reranker`` argument: the scorer (None: the first stage alone), its label in
+    the results, a note to show with them, and whether ``auto`` chose it."""
+
+    scorer: Reranker | None
+    label: str
+    note: str | None
+    auto: bool = False

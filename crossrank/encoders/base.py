@@ -61,6 +61,9 @@ class TextFeatures:
             (token plus position embeddings, before any attention; zero at padding), or None when
             not asked for (``encode_text(..., token_embeddings=True)``). A reranker that reads them
             takes :meth:`reranker_tokens`; see ``Reranker.token_embeddings``.
+        truncated: the rows whose text was longer than the model's text positions and was cut
+            to ``max_text_len`` tokens (a search warns about them: the end of the query was not
+            read).
     """
 
     pooled: np.ndarray
@@ -68,6 +71,7 @@ class TextFeatures:
     mask: np.ndarray
     input_ids: np.ndarray | None = None
     token_embeddings: np.ndarray | None = None
+    truncated: tuple[int, ...] = ()
 
     def __len__(self) -> int:
         return int(self.pooled.shape[0])
@@ -345,7 +349,8 @@ class TransformersEncoder:
     def encode_text(self, texts: Sequence[str], *, token_embeddings: bool = False) -> TextFeatures:
         """Encode query texts, ``batch_size`` at a time.
 
-        Texts longer than the model's ``max_text_len`` tokens are truncated (logged once, at debug).
+        Texts longer than the model's ``max_text_len`` tokens are truncated: their rows are listed
+        in ``TextFeatures.truncated`` (a search warns once per such query), logged once at debug.
 
         Args:
             texts: the texts; each must have a non-whitespace character.
@@ -412,4 +417,5 @@ class TransformersEncoder:
             mask=mask.numpy(),
             input_ids=input_ids.to(torch.int64).numpy(),
             token_embeddings=layer0,
+            truncated=tuple(truncated),
         )

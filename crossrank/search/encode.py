@@ -1,8 +1,15 @@
-"""The encode stage of a search: texts and images to pooled vectors and token features."""
+"""The encode stage of a search: texts and images to pooled vectors and token features.
+
+Queries are checked in two steps so that bad input fails before any model loads:
+:func:`prepare_queries` checks every query and decodes the image files (no model), then
+:func:`encode_queries` runs the encoder on what it prepared.
+"""
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeAlias
 
@@ -15,23 +22,65 @@ if TYPE_CHECKING:
 
     from crossrank.encoders import Encoder
 
-__all__ = ["Query", "encode_queries"]
+__all__ = [
+    "PreparedQueries",
+    "Query",
+    "QueryTruncatedWarning",
+    "encode_queries",
+    "prepare_queries",
+    "truncation_note",
+]
 
 #: A text, or an image (a PIL image, or a ``pathlib.Path`` to an image file) to search by image.
 Query: TypeAlias = "str | Path | Image.Image"
 
 
-def encode_queries(
-    encoder: Encoder, dim: int, queries: Sequence[Query], token_embeddings: int = 0
-) -> tuple[np.ndarray, list[np.ndarray], list[np.ndarray], list[np.ndarray | None], list[str]]:
-    """Encode texts and images with ``encoder``; returns pooled ``(m, dim)``, per-query token
-    features, masks and token ids (None for images and for encoders without ids), and labels.
+class QueryTruncatedWarning(UserWarning):
+    """A text query was longer than the text encoder's positions and was cut: its end was not
+    read. Issued once per such query (the message names the query and the limit)."""
 
-    With ``token_embeddings`` (a reranker's width of layer-0 token states, 0 = none) a text's
-    token features are ``TextFeatures.reranker_tokens()``, and an image query's patches get that
-    many zero channels in front (an image has no layer-0 text states)."""
+
+@dataclass(frozen=True)
+class PreparedQueries:
+    """Queries checked and, for image files, decoded: what :func:`encode_queries` encodes.
+
+    Attributes:
+        texts: ``(position, text)`` of the text queries.
+        images: ``(position, RGB PIL image)`` of the image queries.
+        labels: each query's label in the result (the text, the image path, or ``<image WxH>``).
+    """
+
+    texts: list[tuple[int, str]]
+    images: list[tuple[int, Any]]
+    labels: list[str]
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def is_image(self, position: int) -> bool:
+        """Whether the query at ``position`` is an image."""
+        return any(i == position for i, _ in self.images)
+
+    def subset(self, positions: Sequence[int]) -> PreparedQueries:
+        """The queries at ``positions``, renumbered from 0 in that order."""
+        new = {old: n for n, old in enumerate(positions)}
+        return PreparedQueries(
+            texts=[(new[i], t) for i, t in self.texts if i in new],
+            images=[(new[i], im) for i, im in self.images if i in new],
+            labels=[self.labels[i] for i in positions],
+        )
+
+
+def prepare_queries(queries: Sequence[Query]) -> PreparedQueries:
+    """Check every query and decode the image files, loading no model.
+
+    Raises:
+        InvalidArgumentError: an empty text, a query of another type, an image path that does not
+            exist, is a folder, or does not decode (each message names the query and what to give).
+    """
     from PIL import Image as PILImage
 
+    from crossrank.errors import DecodeError
     from crossrank.ingest import decode_image, to_rgb
 
     texts: list[tuple[int, str]] = []
@@ -44,11 +93,25 @@ def encode_queries(
             texts.append((i, query))
             labels.append(query)
         elif isinstance(query, Path):
-            if not query.is_file():
+            if query.is_dir():
+                raise InvalidArgumentError(
+                    f"query image {query} is a folder, not an image file; give the path of one "
+                    "image file (to index a folder, use crossrank build or add)"
+                )
+            if not query.exists():
                 raise InvalidArgumentError(
                     f"query image {query} does not exist; give the path of an image file"
                 )
-            image, _ = decode_image(query)
+            if not query.is_file():
+                raise InvalidArgumentError(
+                    f"query image {query} is not a regular file; give the path of an image file"
+                )
+            try:
+                image, _ = decode_image(query)
+            except DecodeError as e:
+                raise InvalidArgumentError(
+                    f"query image {query} cannot be used: {e}; give a PNG, JPEG or other image file"
+                ) from e
             images.append((i, image))
             labels.append(str(query))
         elif isinstance(query, PILImage.Image):
@@ -59,11 +122,50 @@ def encode_queries(
                 "query must be a str (text), a pathlib.Path or a "
                 f"PIL image, got {type(query).__name__}"
             )
-    m = len(queries)
+    return PreparedQueries(texts=texts, images=images, labels=labels)
+
+
+def truncation_note(query: str, max_tokens: int | None) -> str:
+    """The one line said about a text query that was cut at the encoder's text positions."""
+    shown = query if len(query) <= 60 else query[:57] + "..."
+    limit = f"{max_tokens} tokens" if max_tokens else "its text positions"
+    return (
+        f"query {shown!r} is longer than the text encoder reads ({limit}); it was cut and its end "
+        "was ignored: use a shorter query"
+    )
+
+
+def encode_queries(
+    encoder: Encoder,
+    dim: int,
+    queries: Sequence[Query] | PreparedQueries,
+    token_embeddings: int = 0,
+) -> tuple[
+    np.ndarray,
+    list[np.ndarray],
+    list[np.ndarray],
+    list[np.ndarray | None],
+    list[str],
+    dict[int, str],
+]:
+    """Encode texts and images with ``encoder``; returns pooled ``(m, dim)``, per-query token
+    features, masks and token ids (None for images and for encoders without ids), labels, and
+    ``{position: note}`` for the text queries that were cut at the encoder's text positions.
+
+    ``queries`` may be what :func:`prepare_queries` returned (checked and decoded already). A cut
+    query also issues a :class:`QueryTruncatedWarning` (once per query).
+
+    With ``token_embeddings`` (a reranker's width of layer-0 token states, 0 = none) a text's
+    token features are ``TextFeatures.reranker_tokens()``, and an image query's patches get that
+    many zero channels in front (an image has no layer-0 text states)."""
+    prepared = queries if isinstance(queries, PreparedQueries) else prepare_queries(queries)
+    texts, images, labels = prepared.texts, prepared.images, prepared.labels
+    m = len(labels)
     xq = np.empty((m, dim), dtype=np.float32)
     tokens: list[np.ndarray] = [np.empty(0)] * m
     masks: list[np.ndarray] = [np.empty(0)] * m
     input_ids: list[np.ndarray | None] = [None] * m
+    notes: dict[int, str] = {}
     if texts:
         # The keyword only when asked for: an Encoder need not take it (see Encoder.encode_text).
         extra = {"token_embeddings": True} if token_embeddings else {}
@@ -74,6 +176,11 @@ def encode_queries(
             tokens[i], masks[i] = text_tokens[row], feats.mask[row]
             if feats.input_ids is not None:
                 input_ids[i] = feats.input_ids[row]
+        # An encoder without the attribute (a foreign one) reports no cut queries.
+        for row in getattr(feats, "truncated", ()) or ():
+            i, text = texts[row]
+            notes[i] = truncation_note(text, getattr(encoder, "max_text_len", None))
+            warnings.warn(notes[i], QueryTruncatedWarning, stacklevel=2)
     if images:
         feats = encoder.encode_images([img for _, img in images])
         for row, (i, _) in enumerate(images):
@@ -88,4 +195,4 @@ def encode_queries(
                     axis=-1,
                 )
             masks[i] = np.ones(feats.patches.shape[1], dtype=bool)
-    return xq, tokens, masks, input_ids, labels
+    return xq, tokens, masks, input_ids, labels, notes

@@ -1,10 +1,14 @@
 """The stages of one search on one snapshot, in the order they run.
 
-:class:`crossrank.Index` encodes the queries (:mod:`crossrank.search.encode`) and calls
-:func:`search_snapshot` on the generation it holds, which runs the rest, one function per stage:
+:class:`crossrank.Index` checks every input first, before any model loads (:func:`check_k`,
+:func:`crossrank.search.encode.prepare_queries`, the fusion spec, and the filter, run as
+:func:`allowed_ids`), then loads the reranker and the encoder, encodes the queries
+(:mod:`crossrank.search.encode`) and calls :func:`search_snapshot` on the generation it holds,
+which runs the rest, one function per stage:
 
 1. :func:`allowed_ids`: the ``where`` / ``filters`` pre-filter, DuckDB over the metadata Parquet
-   (:meth:`crossrank.store.MetadataStore.allowed_ids`), minus removed images;
+   (:meth:`crossrank.store.MetadataStore.allowed_ids`), minus removed images (run first, by the
+   Index);
 2. :func:`first_stage`: the ``rerank_k`` best candidates by pooled vector (FAISS,
    :mod:`crossrank.indexes`, or exact scoring of a small allowed set);
 3. :func:`rerank`: gather the candidates' stored patches (:meth:`crossrank.store.PatchStore.gather`)
@@ -15,8 +19,10 @@
 
 from __future__ import annotations
 
+import numbers
+import operator
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
 
@@ -32,6 +38,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "allowed_ids",
+    "cap_at",
     "check_k",
     "first_stage",
     "join_metadata",
@@ -53,21 +60,28 @@ def search_snapshot(
     *,
     k: int,
     n_candidates: int,
-    where: str | None,
+    allowed: np.ndarray | None,
     scorer: Reranker | None,
     fuse: FuseFn | None,
     timings: dict[str, float],
     q_ids: list[np.ndarray | None] | None,
-    filters: Filters | None,
+    requested: int | None = None,
+    encoder: Any = None,
+    reranker: str = "none",
+    fusion: str = "none",
+    notes: Mapping[int, Sequence[str]] | None = None,
 ) -> list[SearchResult]:
-    """Filter, first stage, rerank (when ``scorer``), fuse, join metadata, on one snapshot.
+    """First stage, rerank (when ``scorer``), fuse, join metadata, on one snapshot.
 
     ``xq`` is ``(m, d)`` float32; ``q_tokens`` and ``q_masks`` hold each query's token features
     and mask, and ``q_ids`` its token ids (None for an image query); they are read only when
-    ``scorer`` is given (the ids only by a scorer with ``needs_input_ids``). ``timings``
-    (milliseconds per stage so far) is copied into each query's result.
+    ``scorer`` is given (the ids only by a scorer with ``needs_input_ids``). ``allowed`` is what
+    :func:`allowed_ids` returned for the filter (computed before any model loads). ``k`` and
+    ``n_candidates`` are already capped at the index size (:func:`cap_at`); ``requested`` is the
+    ``k`` that was asked for (reported in the counts, default ``k``). ``timings`` (milliseconds
+    per stage so far) is copied into each query's result; ``encoder``, ``reranker``, ``fusion``
+    and ``notes`` (position -> lines) describe the search in each result.
     """
-    allowed = allowed_ids(snap, where, filters, timings)
     with timed(timings, "first_stage"):
         D, I = first_stage(snap, xq, n_candidates, allowed)
 
@@ -101,7 +115,7 @@ def search_snapshot(
                 None if rerank_scores is None else rerank_scores[order],
             )
         counts = SearchCounts(
-            requested=k,
+            requested=k if requested is None else requested,
             returned=len(hits),
             filtered_out=0 if allowed is None else len(snap) - int(allowed.size),
             candidates=int(ids.size),
@@ -109,10 +123,24 @@ def search_snapshot(
         q_timings["total"] = sum(q_timings.values())
         results.append(
             SearchResult(
-                query=label, hits=hits, counts=counts, timings_ms=q_timings, generation=snap.number
+                query=label,
+                hits=hits,
+                counts=counts,
+                timings_ms=q_timings,
+                generation=snap.number,
+                encoder=encoder,
+                reranker=reranker if scorer is not None else "none",
+                fusion=fusion if scorer is not None else "none",
+                notes=tuple((notes or {}).get(qi, ())),
             )
         )
     return results
+
+
+def cap_at(n: int, size: int) -> int:
+    """``n`` hits or candidates, but never more than the ``size`` images the index holds (at
+    least 1): memory follows the index, not the request."""
+    return max(1, min(n, size))
 
 
 def allowed_ids(
@@ -188,15 +216,50 @@ def join_metadata(
     )
 
 
-def check_k(k: int, rerank_k: int) -> None:
-    """Refuses a bad ``k`` or a ``rerank_k`` below it, saying what to change."""
-    if not isinstance(k, int) or k <= 0:
+#: The largest ``k`` or ``rerank_k`` accepted: ids and counts are int64.
+INT64_MAX = int(np.iinfo(np.int64).max)
+
+
+def _whole(value: object) -> int | None:
+    """``value`` as an int when it is a whole number (Python or numpy integer, not a bool)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        return None
+    return operator.index(value)
+
+
+def check_k(k: int, rerank_k: int) -> tuple[int, int]:
+    """Refuses a bad ``k`` or a ``rerank_k`` below it, saying what to change.
+
+    Both must be whole numbers (``int`` or a numpy integer; not a bool, not a float) from 1 to
+    2**63 - 1. Values beyond the index size are accepted: the search caps them (:func:`cap_at`).
+
+    Returns:
+        ``(k, rerank_k)`` as Python ints.
+    """
+    n = _whole(k)
+    if n is None or n <= 0:
         raise InvalidArgumentError(f"k must be a positive number of hits, got {k!r}")
-    if not isinstance(rerank_k, int) or rerank_k < k:
+    if n > INT64_MAX:
+        raise InvalidArgumentError(
+            f"k must be at most {INT64_MAX} (2**63 - 1), got {k!r}; a search returns at most "
+            "the images the index holds anyway"
+        )
+    r = _whole(rerank_k)
+    if r is None:
+        raise InvalidArgumentError(
+            f"rerank_k must be a whole number of candidates (>= k), got {rerank_k!r}"
+        )
+    if r > INT64_MAX:
+        raise InvalidArgumentError(
+            f"rerank_k must be at most {INT64_MAX} (2**63 - 1), got {rerank_k!r}; a search "
+            "reranks at most the images the index holds anyway"
+        )
+    if r < n:
         raise InvalidArgumentError(
             f"rerank_k must be >= k (the reranker can only return candidates it saw), got "
-            f"rerank_k={rerank_k!r} and k={k}; raise --rerank-k or lower -k"
+            f"rerank_k={rerank_k!r} and k={k!r}; raise --rerank-k or lower -k"
         )
+    return n, r
 
 
 @contextmanager

@@ -292,7 +292,7 @@ def test_maxsim_scores_equal_the_reranker_on_stored_patches(index, stored, text_
 def test_weighted_fusion_ranks_by_the_weighted_sum(index, stored, text_features):
     first, rerank = _maxsim_truth(stored, text_features, rerank_k=10)
     fused = {i: 0.5 * rerank[i] + 0.5 * first[i] for i in rerank}
-    result = index.search(QUERY, k=4, rerank_k=10, fusion="weighted:0.5")
+    result = index.search(QUERY, k=4, rerank_k=10, reranker="maxsim", fusion="weighted:0.5")
     _assert_top_k([h.id for h in result], [h.score for h in result], fused, 4)
     for hit in result:
         assert hit.score == pytest.approx(
@@ -302,7 +302,7 @@ def test_weighted_fusion_ranks_by_the_weighted_sum(index, stored, text_features)
 
 
 def test_weighted_zero_keeps_the_first_stage_order(index):
-    fused = index.search(QUERY, k=6, rerank_k=24, fusion="weighted:0")
+    fused = index.search(QUERY, k=6, rerank_k=24, reranker="maxsim", fusion="weighted:0")
     plain = index.search(QUERY, k=6, reranker="none")
     assert [h.id for h in fused] == [h.id for h in plain]
     assert all(h.rerank_score is not None for h in fused)
