@@ -7,7 +7,9 @@ Example:
     >>> feats.pooled.shape, feats.patches.shape  # doctest: +SKIP
     ((1, 512), (1, 49, 512))
 
-torch and transformers are imported only when a model is loaded.
+torch and transformers are imported only when a model is loaded. For text queries,
+:func:`load_text_encoder` runs a CLIP model's text tower without importing transformers at all
+(``crossrank/encoders/text_tower.py``).
 """
 
 from crossrank.encoders.base import Encoder, ImageFeatures, TextFeatures
@@ -15,6 +17,7 @@ from crossrank.encoders.clip import ClipEncoder
 from crossrank.encoders.config import DEMO_MODEL, EncoderConfig, Precision
 from crossrank.encoders.fingerprint import same_model
 from crossrank.encoders.loading import demo_model_dir, load_encoder, supported_model_types
+from crossrank.encoders.text_tower import load_text_encoder
 
 __all__ = [
     "DEMO_MODEL",
@@ -26,6 +29,7 @@ __all__ = [
     "TextFeatures",
     "demo_model_dir",
     "load_encoder",
+    "load_text_encoder",
     "same_model",
     "supported_model_types",
 ]
