@@ -9,10 +9,18 @@
 
 Write with :class:`GenerationWriter` (it takes the :class:`WriterLock`); read with
 ``Generation.current(DIR)`` (or :func:`pin_current` + :class:`Generation` to keep writers from
-deleting it); check with :func:`check_index` / :func:`check_generation`.
+deleting it); check with :func:`check_index` / :func:`check_generation` (``full=True`` also
+compares every file with the sha256 recorded at commit; :func:`inspect_index` returns the notes
+and what was hashed too).
 """
 
-from crossrank.store.check import check_generation, check_index
+from crossrank.store.check import (
+    CheckReport,
+    check_generation,
+    check_index,
+    inspect_generation,
+    inspect_index,
+)
 from crossrank.store.config import StoreConfig
 from crossrank.store.gc import clean_interrupted, collect_garbage
 from crossrank.store.generation import Generation
@@ -58,8 +66,11 @@ __all__ = [
     "read_skipped",
     "list_generations",
     "list_tmp_dirs",
+    "CheckReport",
     "check_generation",
     "check_index",
+    "inspect_generation",
+    "inspect_index",
     "collect_garbage",
     "clean_interrupted",
     "live_pins",

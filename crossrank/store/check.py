@@ -1,31 +1,110 @@
 """Checking generations and index directories for consistency (``crossrank verify``).
 
-A generation is sound when every file ``generation.json`` lists is present with its recorded
-size, the row counts of every per-image file agree, the ids are sorted and unique, the metadata
-holds the id table's ids in the same order, and the tombstones are sorted, unique ids of the id
-table. The FAISS index's count is checked by :func:`crossrank.api.index.verify_index`.
+Two depths (see ``docs/design.md``, "Verifying an index"):
+
+- quick (the default here): every file ``generation.json`` lists is present with its recorded
+  size, the row counts of every per-image file agree, the ids are sorted and unique, the metadata
+  holds the id table's ids in the same order, and the tombstones are sorted, unique ids of the id
+  table. It reads headers, the id table, the tombstones and the metadata ids: fast at any size.
+- full (``full=True``): the quick checks, then every byte of every file is hashed and compared
+  with the checksum recorded at commit, which catches bytes changed in place (a flipped bit in
+  the FAISS file, a patch shard, the vectors or a metadata part) that leave sizes and shapes
+  intact. Generations written before checksums were recorded get a note saying so, not a problem.
+
+Nothing here raises on a damaged file: each problem is one line of the report. The FAISS index's
+count is checked by :func:`crossrank.api.verify.verify_index`.
 """
 
 from __future__ import annotations
 
-from pathlib import Path
+import hashlib
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path, PurePosixPath
 
 import numpy as np
 
 from crossrank.errors import IndexCorruptError
 from crossrank.store._files import read_npy_header
 from crossrank.store.layout import (
+    CHECKSUM_ALGORITHM,
     FIRST_STAGE_NAME,
     IDS_NAME,
     SKIPPED_NAME,
     TOMBSTONES_NAME,
+    UNREADABLE,
     VECTORS_NAME,
     GenerationInfo,
     read_generation_info,
 )
 from crossrank.store.manifest import read_manifest
 
-__all__ = ["check_generation", "check_index"]
+__all__ = [
+    "CheckReport",
+    "bytes_to_hash",
+    "check_generation",
+    "check_index",
+    "file_digest",
+    "inspect_generation",
+    "inspect_index",
+]
+
+#: ``progress(n)``: a full check hashed ``n`` more bytes (for a progress bar).
+Progress = Callable[[int], None]
+
+_CHUNK = 1 << 20  # bytes read per hash update: large enough to stream at disk speed
+_READ_ERRORS = UNREADABLE
+
+
+@dataclass
+class CheckReport:
+    """What a check found.
+
+    Attributes:
+        problems: one line per problem, most basic first; empty when sound.
+        notes: lines worth saying that are not problems (no checksums recorded).
+        full: whether file contents were hashed.
+        files_hashed: files whose checksum was compared.
+        bytes_hashed: their total size.
+        bad_files: the generation's files (relative names) found missing, of the wrong size or
+            damaged; callers skip opening them (a garbled FAISS file must not be loaded).
+    """
+
+    problems: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    full: bool = False
+    files_hashed: int = 0
+    bytes_hashed: int = 0
+    bad_files: set[str] = field(default_factory=set)
+
+    @property
+    def ok(self) -> bool:
+        """No problem was found."""
+        return not self.problems
+
+
+def file_digest(
+    path: Path | str, algorithm: str = CHECKSUM_ALGORITHM, progress: Progress | None = None
+) -> str:
+    """The hex digest of a file's bytes, read in 1 MiB chunks (never the whole file at once).
+
+    Args:
+        path: the file.
+        algorithm: a :mod:`hashlib` name.
+        progress: called with the bytes of each chunk as it is hashed.
+
+    Raises:
+        OSError: the file cannot be read.
+    """
+    h = hashlib.new(algorithm)
+    buf = bytearray(_CHUNK)
+    view = memoryview(buf)
+    with open(path, "rb", buffering=0) as f:
+        while n := f.readinto(buf):
+            h.update(view[:n])
+            if progress is not None:
+                progress(n)
+    return h.hexdigest()
 
 
 def _check_npy(
@@ -33,8 +112,8 @@ def _check_npy(
 ) -> bool:
     try:
         got_shape, got_dtype = read_npy_header(path)
-    except (OSError, ValueError) as e:
-        problems.append(f"{label} {path} is not a readable .npy file ({e})")
+    except _READ_ERRORS as e:
+        problems.append(f"{label} {path} is not a readable .npy file ({type(e).__name__}: {e})")
         return False
     if got_dtype != np.dtype(dtype):
         problems.append(f"{label} {path} has dtype {got_dtype}, expected {dtype}")
@@ -45,40 +124,83 @@ def _check_npy(
     return True
 
 
-def check_generation(gen_dir: Path | str) -> list[str]:
+def _load_npy(path: Path, label: str, problems: list[str]) -> np.ndarray | None:
+    """Memory-map a .npy file whose header was checked; None (and a problem) if it is short."""
+    try:
+        return np.load(path, mmap_mode="r", allow_pickle=False)
+    except _READ_ERRORS as e:
+        problems.append(f"{label} {path} cannot be read ({type(e).__name__}: {e})")
+        return None
+
+
+def _plain_name(name: str) -> bool:
+    """A relative path inside the generation folder (no ``..``, not absolute)."""
+    p = PurePosixPath(name)
+    return bool(name) and not p.is_absolute() and ".." not in p.parts and "\\" not in name
+
+
+def check_generation(gen_dir: Path | str, *, full: bool = False) -> list[str]:
     """Check that a generation folder is complete and self-consistent.
+
+    The problems of :func:`inspect_generation`, which describes the checks.
+
+    Args:
+        gen_dir: the generation folder.
+        full: also hash every file and compare it with its recorded checksum.
+
+    Returns:
+        One line per problem, most basic first; empty when the generation is sound.
+    """
+    return inspect_generation(gen_dir, full=full).problems
+
+
+def inspect_generation(
+    gen_dir: Path | str, *, full: bool = False, progress: Progress | None = None
+) -> CheckReport:
+    """Check a generation folder and say what was found.
 
     Checks every file ``generation.json`` lists is present with its recorded size; the row counts
     of vectors, ids, patch shards, metadata parts and skipped files agree with the recorded counts;
     the ids are sorted and unique and below ``next_id``; the metadata holds the id table's ids in
-    the same order; the tombstones are sorted, unique ids of the id table. The FAISS index's count
-    is the caller's to check (``crossrank.indexes``).
+    the same order; the tombstones are sorted, unique ids of the id table. With ``full``, every
+    file of the right size is also hashed and compared with the checksum recorded at commit. The
+    FAISS index's count is the caller's to check (``crossrank.indexes``).
 
     Args:
         gen_dir: the generation folder.
+        full: hash every file (reads every byte of the generation).
+        progress: with ``full``, called with the bytes of each chunk hashed.
 
     Returns:
-        One line per problem, most basic first; empty when the generation is sound.
+        The :class:`CheckReport`; it never raises for a damaged file.
     """
     import pyarrow as pa
     import pyarrow.parquet as pq
 
     gen_dir = Path(gen_dir)
+    report = CheckReport(full=full)
+    problems = report.problems
     try:
         info = read_generation_info(gen_dir)
     except IndexCorruptError as e:
-        return [str(e)]
-    problems: list[str] = []
+        problems.append(str(e))
+        return report
     present: set[str] = set()
     for name, size in info.files.items():
         path = gen_dir / name
+        if not _plain_name(name):
+            problems.append(f"generation.json of {gen_dir} lists {name!r}, outside the folder")
+            report.bad_files.add(name)
+            continue
         if not path.is_file():
             problems.append(f"{path} is missing")
+            report.bad_files.add(name)
             continue
         present.add(name)
         actual = path.stat().st_size
         if actual != size:
             problems.append(f"{path} has {actual} bytes, generation.json records {size}")
+            report.bad_files.add(name)
     required = [VECTORS_NAME, IDS_NAME, SKIPPED_NAME, FIRST_STAGE_NAME]
     required += [s.file for s in info.patch_shards] + [p.file for p in info.metadata_parts]
     for name in required:
@@ -91,7 +213,8 @@ def check_generation(gen_dir: Path | str) -> list[str]:
 
     ids = None
     if IDS_NAME in present and _check_npy(gen_dir / IDS_NAME, (n,), "int64", "ids", problems):
-        ids = np.load(gen_dir / IDS_NAME, mmap_mode="r")
+        ids = _load_npy(gen_dir / IDS_NAME, "ids", problems)
+    if ids is not None:
         bad = np.flatnonzero(ids[1:] <= ids[:-1]) if n > 1 else np.zeros(0, np.int64)
         if bad.size:
             i = int(bad[0])
@@ -128,7 +251,7 @@ def check_generation(gen_dir: Path | str) -> list[str]:
                     f"metadata part {path} has {rows} rows, generation.json records {part.rows}"
                 )
             meta_ids.append(pq.read_table(path, columns=["id"]).column("id").to_numpy())
-        except (OSError, KeyError, pa.ArrowException) as e:
+        except (pa.ArrowException, *_READ_ERRORS) as e:
             problems.append(f"metadata part {path} cannot be read ({type(e).__name__}: {e})")
     if ids is not None and len(meta_ids) == len(info.metadata_parts):
         # Every per-image file shares the id table's row order; so must the metadata.
@@ -152,9 +275,65 @@ def check_generation(gen_dir: Path | str) -> list[str]:
                 problems.append(
                     f"{gen_dir / SKIPPED_NAME} has {rows} rows, counts.skipped is {info.n_skipped}"
                 )
-        except (OSError, pa.ArrowException) as e:
+        except (pa.ArrowException, *_READ_ERRORS) as e:
             problems.append(f"{gen_dir / SKIPPED_NAME} cannot be read ({type(e).__name__}: {e})")
-    return problems
+
+    if full:
+        _check_checksums(gen_dir, info, present, report, progress)
+    return report
+
+
+def _check_checksums(
+    gen_dir: Path,
+    info: GenerationInfo,
+    present: set[str],
+    report: CheckReport,
+    progress: Progress | None,
+) -> None:
+    """Hash every present file of the recorded size; compare with ``generation.json``."""
+    if not info.checksums:
+        report.notes.append(
+            f"checksums are not recorded in {gen_dir.name} (written by an older crossrank): "
+            "structure and sizes were checked, file contents were not; the next add, remove or "
+            "compact records them"
+        )
+        return
+    algorithm = info.checksum_algorithm or CHECKSUM_ALGORITHM
+    if algorithm not in hashlib.algorithms_available:
+        report.notes.append(
+            f"{gen_dir.name} records {algorithm!r} checksums, which this Python cannot compute: "
+            "file contents were not checked"
+        )
+        return
+    for name in info.files:
+        if name in present and name not in info.checksums:
+            report.problems.append(f"generation.json of {gen_dir} records no checksum for {name}")
+            report.bad_files.add(name)
+    for name in info.checksums:
+        if name not in info.files:
+            report.problems.append(
+                f"generation.json of {gen_dir} records a checksum for {name}, which it does not "
+                "list"
+            )
+    for name in info.files:
+        want = info.checksums.get(name)
+        if want is None or name not in present or name in report.bad_files:
+            continue  # reported above: missing, of the wrong size, or without a checksum
+        path = gen_dir / name
+        try:
+            got = file_digest(path, algorithm, progress)
+        except OSError as e:
+            report.problems.append(f"{path} cannot be read ({type(e).__name__}: {e})")
+            report.bad_files.add(name)
+            continue
+        report.files_hashed += 1
+        report.bytes_hashed += info.files[name]
+        if got != want.lower():
+            report.problems.append(
+                f"{path} is damaged: its bytes changed after commit ({algorithm} {got[:16]}..., "
+                f"generation.json records {want[:16]}...)"
+            )
+            report.bad_files.add(name)
 
 
 def _check_tombstones(
@@ -176,7 +355,9 @@ def _check_tombstones(
         return
     if not _check_npy(path, (info.n_tombstones,), "int64", "tombstones", problems):
         return
-    dead = np.load(path, mmap_mode="r")
+    dead = _load_npy(path, "tombstones", problems)
+    if dead is None:
+        return
     if dead.size > 1 and not (dead[1:] > dead[:-1]).all():
         problems.append(f"tombstones {path} are not sorted and unique")
     elif ids is not None and dead.size:
@@ -189,11 +370,22 @@ def _check_tombstones(
             )
 
 
-def check_index(root: Path | str) -> list[str]:
+def bytes_to_hash(gen_dir: Path | str) -> int:
+    """Bytes a full check of a generation hashes (0 when no checksums are recorded), for a
+    progress bar's total."""
+    try:
+        info = read_generation_info(gen_dir)
+    except IndexCorruptError:
+        return 0
+    return sum(size for name, size in info.files.items() if name in info.checksums)
+
+
+def check_index(root: Path | str, *, full: bool = False) -> list[str]:
     """Check an index directory's manifest and current generation (not the FAISS count).
 
     Args:
         root: the index directory.
+        full: also hash every file of the current generation (see :func:`inspect_generation`).
 
     Returns:
         One line per problem; empty when sound.
@@ -201,15 +393,34 @@ def check_index(root: Path | str) -> list[str]:
     Raises:
         IndexNotFoundError: no committed index in ``root``.
     """
+    return inspect_index(root, full=full).problems
+
+
+def inspect_index(
+    root: Path | str, *, full: bool = False, progress: Progress | None = None
+) -> CheckReport:
+    """Check an index directory's manifest and current generation and say what was found.
+
+    Args:
+        root: the index directory.
+        full: hash every file of the current generation.
+        progress: with ``full``, called with the bytes of each chunk hashed.
+
+    Returns:
+        The :class:`CheckReport` (problems, notes, what was hashed).
+
+    Raises:
+        IndexNotFoundError: no committed index in ``root``.
+    """
     try:
         manifest = read_manifest(root)
     except IndexCorruptError as e:
-        return [str(e)]
-    problems = check_generation(manifest.generation_path)
+        return CheckReport(problems=[str(e)], full=full)
+    report = inspect_generation(manifest.generation_path, full=full, progress=progress)
     try:
         info = read_generation_info(manifest.generation_path)
     except IndexCorruptError:
-        return problems
+        return report
     # The manifest counts the images a search can return; generation.json counts rows.
     for key, value in (
         ("images", info.n_live),
@@ -217,8 +428,8 @@ def check_index(root: Path | str) -> list[str]:
         ("tombstones", info.n_tombstones),
     ):
         if manifest.counts.get(key, 0 if key == "tombstones" else value) != value:
-            problems.append(
+            report.problems.append(
                 f"manifest counts.{key} is {manifest.counts[key]}, generation "
                 f"{manifest.generation_dir} holds {value}"
             )
-    return problems
+    return report

@@ -3,10 +3,17 @@
 A generation is an immutable folder ``DIR/gen-NNNNNN/`` (vectors, ids, patch shards, metadata
 parts, tombstones, the FAISS first stage and ``generation.json``); it is written by
 :class:`~crossrank.store.generation_writer.GenerationWriter` and never modified once committed.
+
+Because it never changes, a :class:`Generation` opens each of its arrays once (``np.load`` parses
+the ``.npy`` header with Python's ``ast``, which is slow and, under many threads at once, was seen
+to fail with ``SystemError: AST constructor recursion depth mismatch``) and hands every caller the
+same read-only array afterwards.
 """
 
 from __future__ import annotations
 
+import threading
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -16,6 +23,7 @@ from crossrank.store.layout import (
     FIRST_STAGE_NAME,
     IDS_NAME,
     TOMBSTONES_NAME,
+    UNREADABLE,
     VECTORS_NAME,
     read_generation_info,
 )
@@ -29,6 +37,9 @@ __all__ = ["Generation"]
 class Generation:
     """One committed generation, opened for reading.
 
+    Thread-safe: the id table, vectors, tombstones and live ids are loaded on first use, once, and
+    shared (read-only) by every caller and thread after that.
+
     Args:
         path: the generation folder.
 
@@ -40,6 +51,20 @@ class Generation:
     def __init__(self, path: Path | str) -> None:
         self.path = Path(path)
         self.info = read_generation_info(self.path)
+        self._arrays: dict[str, np.ndarray] = {}
+        self._lock = threading.RLock()  # live_ids() loads ids() while holding it
+
+    def _once(self, key: str, make: Callable[[], np.ndarray]) -> np.ndarray:
+        """``make()`` the first time ``key`` is asked for (under the lock), the same array after."""
+        arr = self._arrays.get(key)
+        if arr is None:
+            with self._lock:
+                arr = self._arrays.get(key)
+                if arr is None:
+                    arr = make()
+                    arr.flags.writeable = False  # shared by every caller: nobody may change it
+                    self._arrays[key] = arr
+        return arr
 
     @classmethod
     def open(cls, gen_dir: Path | str) -> Generation:
@@ -89,7 +114,7 @@ class Generation:
         path = self.path / name
         try:
             arr = np.load(path, mmap_mode="r", allow_pickle=False)
-        except (OSError, ValueError) as e:
+        except UNREADABLE as e:
             raise IndexCorruptError(
                 f"{path} cannot be opened ({type(e).__name__}: {e}); run `crossrank verify`"
             ) from e
@@ -101,21 +126,36 @@ class Generation:
         return arr
 
     def vectors(self) -> np.ndarray:
-        """Pooled vectors, memory-mapped: float32 ``(n, D)``, row order of :meth:`ids`."""
-        return self._load(VECTORS_NAME, (len(self), self.info.vector_dim), "float32")
+        """Pooled vectors, memory-mapped: float32 ``(n, D)``, row order of :meth:`ids`; read-only,
+        loaded once."""
+        return self._once(
+            "vectors",
+            lambda: self._load(VECTORS_NAME, (len(self), self.info.vector_dim), "float32"),
+        )
 
     def ids(self) -> np.ndarray:
-        """The id table, memory-mapped: int64 ``(n,)``, sorted ascending."""
-        return self._load(IDS_NAME, (len(self),), "int64")
+        """The id table, memory-mapped: int64 ``(n,)``, sorted ascending; read-only, loaded once.
+
+        It is also the row map of :meth:`rows_of_ids`: the row of an id is its position here.
+        """
+        return self._once("ids", lambda: self._load(IDS_NAME, (len(self),), "int64"))
 
     def tombstones(self) -> np.ndarray:
-        """The removed ids: int64 ``(t,)``, sorted; empty when nothing was removed."""
+        """The removed ids: int64 ``(t,)``, sorted; empty when nothing was removed; read-only,
+        loaded once."""
+        return self._once("tombstones", self._load_tombstones)
+
+    def _load_tombstones(self) -> np.ndarray:
         if not self.info.n_tombstones:
             return np.zeros(0, np.int64)
         return np.asarray(self._load(TOMBSTONES_NAME, (self.info.n_tombstones,), "int64"))
 
     def live_ids(self) -> np.ndarray:
-        """The ids a search can return: the id table minus the tombstones; int64, sorted."""
+        """The ids a search can return: the id table minus the tombstones; int64, sorted;
+        read-only, computed once."""
+        return self._once("live_ids", self._compute_live_ids)
+
+    def _compute_live_ids(self) -> np.ndarray:
         ids = np.asarray(self.ids())
         dead = self.tombstones()
         return ids if not dead.size else ids[~np.isin(ids, dead, assume_unique=True)]

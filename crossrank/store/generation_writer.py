@@ -12,6 +12,10 @@ switch, the writer deletes the generations no live reader pins (:mod:`crossrank.
 A generation may start from an earlier one (``base``): its unchanged files (patch shards, metadata
 parts, the vectors of a removal, ...) are hard-linked rather than copied, so adding ten images to
 a large index writes ten images' worth of patches, and a removal writes one small file.
+
+``generation.json`` records the size and the sha256 of every file (``crossrank verify`` compares
+them). A file hard-linked from the base keeps the base's recorded checksum without being read
+again, so a commit hashes only the bytes it wrote.
 """
 
 from __future__ import annotations
@@ -31,11 +35,12 @@ import numpy as np
 from crossrank.errors import CrossrankError, IndexCorruptError, InvalidArgumentError
 from crossrank.store._crash import crash_point
 from crossrank.store._files import NpyAppender, fsync_dir, fsync_file, link_or_copy, save_npy
-from crossrank.store.check import check_generation
+from crossrank.store.check import check_generation, file_digest
 from crossrank.store.config import StoreConfig
 from crossrank.store.gc import clean_interrupted, collect_garbage
 from crossrank.store.generation import Generation
 from crossrank.store.layout import (
+    CHECKSUM_ALGORITHM,
     FIRST_STAGE_NAME,
     GENERATION_INFO_NAME,
     IDS_NAME,
@@ -415,6 +420,7 @@ class GenerationWriter:
             for p in sorted(self.dir.rglob("*"))
             if p.is_file() and p.name != GENERATION_INFO_NAME
         }
+        checksums = self._checksums(files)
         n_patches, patch_dim = self.patches.shape or (0, 0)
         schema = self._metadata.schema
         counts = {"images": int(self._ids.shape[0]), "skipped": n_skipped}
@@ -435,12 +441,38 @@ class GenerationWriter:
             metadata_columns=tuple(schema.names) if schema is not None else ("id",),
             files=files,
             next_id=max(self.next_id, int(ids[-1]) + 1 if ids.size else 0),
+            checksums=checksums,
+            checksum_algorithm=CHECKSUM_ALGORITHM,
         )
         with open(self.dir / GENERATION_INFO_NAME, "w", encoding="utf-8") as f:
             json.dump(info.to_dict(), f, indent=2)
             f.write("\n")
         crash_point("generation-written")
         return info
+
+    def _checksums(self, files: Mapping[str, int]) -> dict[str, str]:
+        """The checksum of every written file: the base's recorded one for a file hard-linked from
+        it (same inode and size: its bytes are the base's, not read again), else hashed now."""
+        base = self.base
+        usable = (
+            base is not None
+            and bool(base.info.checksums)
+            and base.info.checksum_algorithm in (None, CHECKSUM_ALGORITHM)
+        )
+        out: dict[str, str] = {}
+        for name, size in files.items():
+            path = self.dir / name
+            if usable and base is not None:
+                recorded = base.info.checksums.get(name)
+                if (
+                    recorded is not None
+                    and base.info.files.get(name) == size
+                    and _same_inode(path, base.path / name)
+                ):
+                    out[name] = recorded
+                    continue
+            out[name] = file_digest(path, CHECKSUM_ALGORITHM)
+        return out
 
     def commit(self, manifest_fields: Mapping[str, Any] | None = None, /, **fields: Any) -> int:
         """Make this generation the index's current one, atomically; then collect old ones.
@@ -565,6 +597,14 @@ class GenerationWriter:
             if remove_unused_root:
                 self.lock.remove_root_if_unused()
             self.lock.release()
+
+
+def _same_inode(a: Path, b: Path) -> bool:
+    try:
+        sa, sb = a.stat(), b.stat()
+    except OSError:
+        return False
+    return (sa.st_dev, sa.st_ino) == (sb.st_dev, sb.st_ino)
 
 
 def _previous_created_at(root: Path) -> str | None:

@@ -404,3 +404,90 @@ def test_ids_continue_after_every_id_ever_given(written, make_generation) -> Non
     with GenerationWriter(written.root) as w:  # a rebuild: no base, but the directory remembers
         assert w.take_ids(2).tolist() == [45, 46]
         w.abort()
+
+
+# -- arrays are loaded once per opened generation, and shared across threads --------------------
+
+
+@pytest.fixture
+def count_np_load(monkeypatch):
+    """Counts ``numpy.load`` calls (by file name) from here on."""
+    calls: list[str] = []
+    real = np.load
+
+    def counting(file, *args, **kwargs):
+        calls.append(Path(file).name)
+        return real(file, *args, **kwargs)
+
+    monkeypatch.setattr(np, "load", counting)
+    return calls
+
+
+def test_generation_arrays_are_loaded_once_and_read_only(written, count_np_load) -> None:
+    gen = _extend(written, tombstones=np.array([2, 40]))
+    count_np_load.clear()
+    for _ in range(3):
+        gen.ids(), gen.vectors(), gen.tombstones(), gen.live_ids()
+        gen.rows_of_ids(np.array([0, 44]))
+    assert sorted(count_np_load) == ["ids.npy", "tombstones.npy", "vectors.npy"]
+    assert gen.ids() is gen.ids() and gen.live_ids() is gen.live_ids()
+    for arr in (gen.ids(), gen.vectors(), gen.tombstones(), gen.live_ids()):
+        assert not arr.flags.writeable  # shared by every caller: nobody may change it
+    assert gen.rows_of_ids(np.array([0, 44])).tolist() == [0, 22]
+
+
+def test_many_threads_opening_one_generation_load_each_array_once(written, count_np_load) -> None:
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+
+    _extend(written, tombstones=np.array([4, 6]))
+    gen = Generation.current(written.root)
+    count_np_load.clear()
+    start = threading.Barrier(16)
+    wanted = np.array([0, 8, 44])
+
+    def work(_: int) -> tuple[list[int], list[int], int]:
+        start.wait()
+        return (
+            gen.rows_of_ids(wanted).tolist(),
+            gen.live_ids().tolist(),
+            int(gen.vectors().shape[0]),
+        )
+
+    with ThreadPoolExecutor(16) as pool:
+        results = list(pool.map(work, range(16)))
+    live = [i for i in written.ids.tolist() if i not in (4, 6)]
+    assert results == [([0, 4, 22], live, 23)] * 16
+    assert sorted(count_np_load) == ["ids.npy", "tombstones.npy", "vectors.npy"]
+
+
+def test_a_search_reads_no_array_file_again_after_the_first(built_index, count_np_load) -> None:
+    """Every search used to np.load ids.npy (rows_of_ids); under load that raised SystemError."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from crossrank import Index
+
+    index = Index.open(built_index, device="cpu")
+    first = index.search("a red circle", k=5, rerank_k=8, reranker="maxsim")
+    filtered = index.search("a red circle", k=3, where="id < 10", reranker="maxsim")
+    count_np_load.clear()
+    again = index.search("a red circle", k=5, rerank_k=8, reranker="maxsim")
+    assert count_np_load == []
+    with ThreadPoolExecutor(8) as pool:
+        many = list(
+            pool.map(
+                lambda i: index.search(
+                    "a red circle",
+                    k=3 if i % 2 else 5,
+                    rerank_k=8,
+                    reranker="maxsim",
+                    where="id < 10" if i % 2 else None,
+                ),
+                range(32),
+            )
+        )
+    assert count_np_load == []
+    key = [h.id for h in first.hits]
+    assert [h.id for h in again.hits] == key
+    for i, result in enumerate(many):
+        assert [h.id for h in result.hits] == ([h.id for h in filtered.hits] if i % 2 else key)
