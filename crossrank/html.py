@@ -5,10 +5,15 @@ server's ``GET /`` shows. Each hit is a thumbnail with its rank, id, file name, 
 first-stage and reranked scores; hovering it shows its path and metadata (a tooltip, and an overlay
 drawn by CSS alone).
 
+The page names the encoder (with the one-line note when it is the demo encoder) and, for each
+query, the reranker and fusion that ranked its hits.
+
 A saved page is self-contained: thumbnails are small JPEGs inlined as ``data:`` URIs (made with
 Pillow through the same robust decoder as indexing), the style is inline, there is no script, and a
-Content-Security-Policy forbids loading anything else. Every text from the index or the query is
-HTML-escaped, so a file name or metadata value such as ``<script>`` stays text.
+Content-Security-Policy forbids loading anything else. The server's page loads the same JPEG
+thumbnails from its own ``thumbnails/{id}`` route (:func:`jpeg_thumbnail`). Every text from the
+index or the query is HTML-escaped, so a file name or metadata value such as ``<script>`` stays
+text.
 """
 
 from __future__ import annotations
@@ -24,7 +29,14 @@ from typing import Any
 
 from crossrank.hits import Hit, SearchResult
 
-__all__ = ["SearchForm", "render_page", "write_page", "thumbnail_data_uri", "THUMBNAIL_SIZE"]
+__all__ = [
+    "SearchForm",
+    "render_page",
+    "write_page",
+    "thumbnail_data_uri",
+    "jpeg_thumbnail",
+    "THUMBNAIL_SIZE",
+]
 
 THUMBNAIL_SIZE = (
     192  # px: the longer side of an inlined thumbnail (shown at up to 160 px, sharp on HiDPI)
@@ -66,10 +78,51 @@ def thumbnail_data_uri(path: str | os.PathLike[str], size: int = THUMBNAIL_SIZE)
         image, _ = decode_image(Path(path))
     except (DecodeError, OSError):
         return None
+    return "data:image/jpeg;base64," + base64.b64encode(_to_jpeg(image, size)).decode("ascii")
+
+
+def jpeg_thumbnail(data: bytes, size: int = THUMBNAIL_SIZE) -> bytes:
+    """A small JPEG thumbnail of an image file's bytes, decoded the way indexing decodes.
+
+    Only the first frame is decoded; a header announcing more than the indexing limit of pixels
+    is refused before any pixel is decoded; EXIF orientation is applied; transparency is
+    composited on white (:func:`crossrank.ingest.to_rgb`).
+
+    Args:
+        data: the bytes of an image file (any format Pillow reads: a TIFF becomes a JPEG).
+        size: the longer side of the thumbnail in px; smaller images keep their size.
+
+    Returns:
+        The JPEG's bytes.
+
+    Raises:
+        DecodeError: ``data`` is not an image Pillow can decode, or is too large.
+    """
+    from PIL import Image, ImageOps
+
+    from crossrank.errors import DecodeError
+    from crossrank.ingest import DEFAULT_MAX_PIXELS, to_rgb
+
+    try:
+        image = Image.open(io.BytesIO(data))
+        width, height = image.size
+        if width * height > DEFAULT_MAX_PIXELS:
+            raise DecodeError(f"{width}x{height} pixels is over the limit of {DEFAULT_MAX_PIXELS}")
+        image.draft("RGB", (size, size))  # JPEG: decode at a reduced scale, much faster
+        image.load()
+        image = to_rgb(ImageOps.exif_transpose(image))
+    except DecodeError:
+        raise
+    except Exception as e:  # Pillow raises many types for bad data; each means "cannot decode"
+        raise DecodeError(f"cannot decode the image ({type(e).__name__}: {e})") from e
+    return _to_jpeg(image, size)
+
+
+def _to_jpeg(image: Any, size: int) -> bytes:
     image.thumbnail((size, size))
     buf = io.BytesIO()
     image.save(buf, format="JPEG", quality=85, optimize=True)
-    return "data:image/jpeg;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
+    return buf.getvalue()
 
 
 def render_page(
@@ -80,6 +133,8 @@ def render_page(
     form: SearchForm | None = None,
     error: str | None = None,
     message: str | None = None,
+    encoder: Any = None,
+    image_href: Callable[[Hit], str | None] | None = None,
 ) -> str:
     """Render search results as one HTML page.
 
@@ -91,6 +146,12 @@ def render_page(
         form: draw a query box that submits to ``form.action`` (the server's page).
         error: a one-line error to show above the results (e.g. a bad filter).
         message: a one-line note to show when there are no results (e.g. "type a query").
+        encoder: the encoder to name at the top: a
+            :class:`~crossrank.encoders.describe.ModelDescription` (its ``model_id``,
+            ``model_type`` and, for the demo encoder, its one-line ``note``); default the
+            ``encoder`` of the first result that has one.
+        image_href: where a click on a hit's image leads (the server: the full image); default
+            nowhere.
 
     Returns:
         The page, a complete HTML document.
@@ -122,10 +183,16 @@ def render_page(
         parts.append(_form(form))
     if error:
         parts.append(f'<p class="error" role="alert">{_e(error)}</p>')
+    if encoder is None:
+        encoder = next(
+            (getattr(r, "encoder", None) for r in results if getattr(r, "encoder", None)), None
+        )
+    if encoder is not None:
+        parts.append(_encoder(encoder))
     if not results and message:
         parts.append(f'<p class="note">{_e(message)}</p>')
     for result in results:
-        parts.append(_section(result, src))
+        parts.append(_section(result, src, image_href))
     parts.append("</body></html>")
     return "\n".join(parts) + "\n"
 
@@ -172,23 +239,45 @@ def _form(form: SearchForm) -> str:
     )
 
 
-def _section(result: SearchResult, src: Callable[[Hit], str | None]) -> str:
+def _encoder(encoder: Any) -> str:
+    """The encoder's line, and the demo encoder's one-line note under it."""
+    kind = getattr(encoder, "model_type", "")
+    line = f"encoder: {getattr(encoder, 'model_id', encoder)}" + (f" ({kind})" if kind else "")
+    note = getattr(encoder, "note", None)
+    shown = f'<p class="warn" role="note">{_e(note)}</p>' if note else ""
+    return f'<p class="model">{_e(line)}</p>{shown}'
+
+
+def _section(
+    result: SearchResult,
+    src: Callable[[Hit], str | None],
+    href: Callable[[Hit], str | None] | None,
+) -> str:
     c = result.counts
     total = result.timings_ms.get("total")
     line = (
         f"{c.returned} of {c.requested} requested · {c.filtered_out} filtered out · "
         f"{c.candidates} candidates" + (f" · {total:.1f} ms" if total is not None else "")
     )
-    items = [_hit(rank, hit, src(hit)) for rank, hit in enumerate(result, start=1)]
+    reranker, fusion = getattr(result, "reranker", None), getattr(result, "fusion", None)
+    ranked = f"reranker {reranker} · fusion {fusion}" if reranker or fusion else ""
+    notes = "".join(
+        f'<p class="warn" role="note">{_e(note)}</p>' for note in getattr(result, "notes", ())
+    )
+    items = [
+        _hit(rank, hit, src(hit), href(hit) if href else None)
+        for rank, hit in enumerate(result, start=1)
+    ]
     empty = '<p class="note">no image matches</p>' if not items else ""
     return (
         f'<section class="result"><h1>{_e(result.query)}</h1>'
-        f'<p class="counts">{_e(line)}</p>{empty}'
-        f'<ol class="grid">{"".join(items)}</ol></section>'
+        f'<p class="counts">{_e(line)}</p>'
+        + (f'<p class="ranking">{_e(ranked)}</p>' if ranked else "")
+        + f'{notes}{empty}<ol class="grid">{"".join(items)}</ol></section>'
     )
 
 
-def _hit(rank: int, hit: Hit, src: str | None) -> str:
+def _hit(rank: int, hit: Hit, src: str | None, href: str | None = None) -> str:
     meta = {"id": hit.id, "path": hit.path, **hit.to_dict()["metadata"]}
     tooltip = "\n".join(f"{k}: {v}" for k, v in meta.items())
     rows = "".join(f"<dt>{_e(k)}</dt><dd>{_e(v)}</dd>" for k, v in meta.items())
@@ -200,6 +289,8 @@ def _hit(rank: int, hit: Hit, src: str | None) -> str:
         small = max(_side(hit.metadata.get("width")), _side(hit.metadata.get("height"))) < _FRAME_PX
         cls = ' class="pixel"' if small else ""
         picture = f'<img src="{_e(src)}" alt="{_e(name)}"{cls} decoding="sync">'
+        if href is not None:
+            picture = f'<a href="{_e(href)}">{picture}</a>'
     return (
         f'<li class="hit" title="{_e(tooltip)}" data-id="{hit.id}">'
         f'<div class="frame">{picture}<dl class="meta">{rows}</dl></div>'
@@ -220,6 +311,8 @@ _STYLE = """
 body{font:14px/1.4 system-ui,-apple-system,"Segoe UI",sans-serif;color:var(--fg);margin:24px;}
 h1{font-size:18px;margin:20px 0 2px}
 .counts,.note{color:var(--muted);margin:0 0 12px}
+.model,.ranking{color:var(--muted);margin:0 0 4px}
+.warn{background:#fff4d6;color:#5c4400;padding:6px 10px;border-radius:6px;margin:0 0 12px}
 .error{color:#fff;background:#c62828;padding:8px 12px;border-radius:6px}
 form.query{display:flex;gap:8px;flex-wrap:wrap;align-items:center}
 form.query input[type=search]{flex:2 1 320px;font-size:16px;padding:6px 10px}
@@ -231,6 +324,7 @@ grid-template-columns:repeat(auto-fill,minmax(176px,1fr))}
 li.hit{background:var(--card);border:1px solid var(--line);border-radius:8px;padding:8px;
 min-width:0}
 .frame{position:relative;height:160px}
+.frame a{display:block}
 .frame img{display:block;width:100%;height:160px;object-fit:contain}
 .frame img.pixel{image-rendering:pixelated}
 .frame .missing{line-height:160px;text-align:center}

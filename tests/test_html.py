@@ -15,7 +15,14 @@ from typer.testing import CliRunner
 
 from crossrank.cli import app as cli
 from crossrank.hits import Hit, SearchCounts, SearchResult
-from crossrank.html import THUMBNAIL_SIZE, SearchForm, render_page, thumbnail_data_uri, write_page
+from crossrank.html import (
+    THUMBNAIL_SIZE,
+    SearchForm,
+    jpeg_thumbnail,
+    render_page,
+    thumbnail_data_uri,
+    write_page,
+)
 
 from ._browser import HAVE_CHROMIUM, PROBE, chromium_args, probe, static_server
 
@@ -50,7 +57,8 @@ def _result(hits: list[Hit], query: str = QUERY) -> SearchResult:
 def result(built_index: Path) -> SearchResult:
     from crossrank import Index
 
-    return Index.open(built_index, device="cpu").search(QUERY, k=6, rerank_k=12)
+    # MaxSim by name: the page shows both stages' scores (auto may rank by the first stage alone).
+    return Index.open(built_index, device="cpu").search(QUERY, k=6, rerank_k=12, reranker="maxsim")
 
 
 def test_page_shows_each_hit_as_an_inlined_thumbnail_with_both_scores(result: SearchResult) -> None:
@@ -156,6 +164,61 @@ def test_thumbnails_are_small_and_keep_the_aspect(tmp_path: Path) -> None:
     (tmp_path / "broken.png").write_bytes(b"not an image")
     assert thumbnail_data_uri(tmp_path / "broken.png") is None
     assert thumbnail_data_uri(tmp_path / "missing.png") is None
+
+
+def test_page_names_the_encoder_and_what_ranked_each_query(result: SearchResult) -> None:
+    import html
+
+    page = render_page(result)
+    encoder = result.encoder
+    assert encoder is not None
+    assert f'<p class="model">encoder: {html.escape(encoder.model_id)}' in page
+    assert html.escape(f"reranker {result.reranker} · fusion {result.fusion}") in page
+    assert "reranker maxsim" in page
+
+
+def test_page_says_in_one_line_when_the_demo_encoder_is_in_use() -> None:
+    import dataclasses
+    import html
+
+    from crossrank.encoders.describe import DEMO_NOTE, describe_model
+
+    demo = describe_model({"model_id": "crossrank-demo", "source": "demo"})
+    hit = Hit(id=1, path="/nowhere.png", score=0.5, first_stage_score=0.5, rerank_score=None)
+    plain = _result([hit])
+    shown = dataclasses.replace(plain, encoder=demo, notes=("the query was cut at 16 tokens",))
+    page = render_page(shown)
+    assert page.count(html.escape(DEMO_NOTE)) == 1
+    assert "the query was cut at 16 tokens" in page
+    # An explicit encoder wins; a page without one says nothing about it.
+    assert html.escape(DEMO_NOTE) in render_page(plain, encoder=demo)
+    assert 'class="model"' not in render_page(plain)
+
+
+def test_hits_link_to_their_image_when_asked() -> None:
+    hit = Hit(id=3, path="/x/a&b.png", score=0.5, first_stage_score=0.5, rerank_score=None)
+    page = render_page(
+        _result([hit]), image_src=lambda h: f"thumbnails/{h.id}?a=1&b=2", image_href=lambda h: "i"
+    )
+    assert '<a href="i"><img src="thumbnails/3?a=1&amp;b=2"' in page
+
+
+def test_jpeg_thumbnail_of_any_format_is_a_small_oriented_jpeg(tmp_path: Path) -> None:
+    from crossrank.errors import DecodeError
+
+    buf = io.BytesIO()
+    Image.new("RGBA", (40, 400), (10, 200, 30, 0)).save(buf, format="TIFF")
+    thumb = Image.open(io.BytesIO(jpeg_thumbnail(buf.getvalue(), 100)))
+    assert (thumb.format, thumb.size) == ("JPEG", (10, 100))
+    assert thumb.getpixel((5, 50)) == pytest.approx((255, 255, 255), abs=3)  # alpha on white
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotated: shown 90 degrees clockwise
+    buf = io.BytesIO()
+    Image.new("RGB", (300, 100), (0, 0, 255)).save(buf, format="JPEG", exif=exif)
+    assert Image.open(io.BytesIO(jpeg_thumbnail(buf.getvalue(), 60))).size == (20, 60)
+    for bad in (b"", b"not an image", buf.getvalue()[:200]):
+        with pytest.raises(DecodeError):
+            jpeg_thumbnail(bad)
 
 
 def test_write_page_writes_utf8(result: SearchResult, tmp_path: Path) -> None:

@@ -1,7 +1,7 @@
 """crossrank over HTTP: a FastAPI app to run with ``crossrank serve`` or mount in a backend.
 
-Needs the ``serve`` extra (``pip install 'crossrank[serve]'``); importing this package without
-fastapi raises :class:`~crossrank.errors.DependencyError` saying so.
+Needs fastapi and uvicorn, which crossrank installs; importing this package without fastapi (an
+install that left them out) raises :class:`~crossrank.errors.DependencyError` saying so.
 
 Example:
     >>> from crossrank.serve import create_app  # doctest: +SKIP
@@ -12,6 +12,7 @@ Example:
 from crossrank.serve.app import create_app
 from crossrank.serve.models import (
     CountsOut,
+    EncoderOut,
     ErrorResponse,
     Health,
     HitOut,
@@ -28,6 +29,7 @@ __all__ = [
     "HitOut",
     "ScoresOut",
     "CountsOut",
+    "EncoderOut",
     "Health",
     "ErrorResponse",
     "ValidationErrorResponse",

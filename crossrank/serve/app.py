@@ -1,10 +1,16 @@
 """The FastAPI application: search, images, health and the result page over one opened index.
 
-    POST /search        {query, k, rerank_k, filters} -> the JSON of `crossrank search --json`
-    GET  /images/{id}   the image file of an id in the index (404 for any other id)
-    GET  /healthz       {status, images, generation, model, columns}
-    GET  /              the result page with a query box (?q=...&k=...&filters=...)
-    GET  /openapi.json  the schema (and /docs)
+    POST /search            {query, k, rerank_k, filters} -> the JSON of `crossrank search --json`
+    GET  /images/{id}       the indexed image file of an id (404: no such id; 410: the file at its
+                            path is not the indexed one any more)
+    GET  /thumbnails/{id}   a small JPEG of it (?size=256), what the result page shows
+    GET  /healthz           {status, images, generation, model, encoder, columns}
+    GET  /                  the result page with a query box (?q=...&k=...&filters=...)
+    GET  /openapi.json      the schema (and /docs)
+
+``HEAD`` works on ``/images`` and ``/thumbnails``. Files are checked against what the index recorded
+before a byte is served (:mod:`crossrank.serve.files`). The page's links are relative, so it works
+mounted under any prefix and never builds a URL from the request's ``Host`` header.
 
 Untrusted clients filter with structured ``filters`` (checked against the metadata schema, run with
 parameters); a raw SQL ``where`` is refused unless the app is created with ``allow_where=True``.
@@ -19,8 +25,9 @@ from __future__ import annotations
 
 import json
 import logging
-import mimetypes
 import os
+import threading
+from collections import OrderedDict
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
@@ -31,13 +38,14 @@ try:
     from fastapi import Path as PathParam
     from fastapi.exception_handlers import http_exception_handler
     from fastapi.exceptions import RequestValidationError
-    from fastapi.responses import FileResponse, HTMLResponse, JSONResponse
+    from fastapi.responses import HTMLResponse, JSONResponse, Response
     from starlette.exceptions import HTTPException
 except ImportError as e:  # pragma: no cover - exercised by the CLI test with fastapi hidden
     raise DependencyError(
         f"the crossrank server needs fastapi and uvicorn ({e}); pip install 'crossrank[serve]'"
     ) from e
 
+from crossrank.serve.files import RECORDED_COLUMNS, NotServable, Recorded, media_type, read_indexed
 from crossrank.serve.models import (
     ErrorResponse,
     Health,
@@ -54,17 +62,15 @@ __all__ = ["create_app"]
 
 logger = logging.getLogger(__name__)
 
-#: Content types of the image files ingestion accepts, by suffix.
-_IMAGE_TYPES = {
-    ".jpg": "image/jpeg",
-    ".jpeg": "image/jpeg",
-    ".png": "image/png",
-    ".gif": "image/gif",
-    ".bmp": "image/bmp",
-    ".tif": "image/tiff",
-    ".tiff": "image/tiff",
-    ".webp": "image/webp",
+_IMAGE_TYPES = ("image/jpeg", "image/png", "image/gif", "image/bmp", "image/tiff", "image/webp")
+_FILE_HEADERS = {
+    "X-Content-Type-Options": "nosniff",
+    "Content-Security-Policy": "default-src 'none'",
+    "Cache-Control": "private, max-age=300",
 }
+THUMBNAIL_PX = 256  # the longer side of a thumbnail unless ?size= says otherwise
+_THUMBNAIL_RANGE = (16, 1024)
+_THUMBNAILS_KEPT = 1024  # thumbnails cached in memory (a few kB each), by content and size
 _INT64 = (-(2**63), 2**63 - 1)
 _UNPARSABLE_BODY = (
     "There was an error parsing the body"  # fastapi.routing's HTTPException(400) detail
@@ -186,7 +192,7 @@ def create_app(
         errors = [_error_item(e) for e in exc.errors()]
         if request.scope.get("endpoint") is page:  # a person at the result page: show it there
             q, filters = (request.query_params.get(name, "")[:20_000] for name in ("q", "filters"))
-            return render(request, q, _PAGE_K, filters, [], _one_line(errors))
+            return render(q, _PAGE_K, filters, [], _one_line(errors))
         return JSONResponse(
             status_code=422, content={"detail": _one_line(errors), "errors": errors}
         )
@@ -242,62 +248,123 @@ def create_app(
             return _refused(e)
         return result.to_dict()
 
+    thumbnails: OrderedDict[tuple[str, int], bytes] = OrderedDict()
+    thumbnails_lock = threading.Lock()
+
+    def indexed_file(image_id: int) -> tuple[Recorded, bytes] | JSONResponse:
+        """The checked bytes of an id's file, or the 404/410 that says why there are none."""
+        # Through Index.metadata, which knows which ids a search can return (removed ones not).
+        fresh()
+        columns = [c for c in RECORDED_COLUMNS if c in opened.metadata_store.columns]
+        rows = opened.metadata(columns=columns, filters={"id": image_id}).to_pylist()
+        if not rows:
+            return JSONResponse(
+                status_code=404, content={"detail": f"no image with id {image_id} in this index"}
+            )
+        recorded = Recorded.from_row(rows[0])
+        try:
+            return recorded, read_indexed(recorded)
+        except NotServable as why:
+            return _gone(image_id, why)
+
+    file_responses: dict[int | str, dict[str, Any]] = {
+        404: {"model": ErrorResponse, "description": "no such id in the index"},
+        410: {
+            "model": ErrorResponse,
+            "description": "the file at the id's path is gone or is not the indexed file any more",
+        },
+        422: {"model": ValidationErrorResponse, "description": "a parameter is not valid"},
+    }
+
     @app.get(
         "/images/{image_id}",
         name="image",
         summary="The image file of an id in the index",
-        response_class=FileResponse,
+        response_class=Response,
         responses={
             200: {
-                "content": {t: {} for t in sorted(set(_IMAGE_TYPES.values()))}
-                | {"application/octet-stream": {}},
-                "description": "the image file, as indexed",
+                "content": {t: {} for t in _IMAGE_TYPES} | {"application/octet-stream": {}},
+                "description": "the image file, byte for byte as indexed",
             },
-            404: {
-                "model": ErrorResponse,
-                "description": "no such id in the index, or its file is gone",
-            },
-            422: {"model": ValidationErrorResponse, "description": "the id is not an integer"},
+            **file_responses,
         },
     )
     def image(image_id: Annotated[int, PathParam(ge=_INT64[0], le=_INT64[1])]) -> Any:
-        """Serve the file an id of the index was built from; only ids in the index are served."""
-        # Through Index.metadata, which knows which ids a search can return (removed ones not).
-        fresh()
-        paths = (
-            opened.metadata(columns=["path"], filters={"id": image_id}).column("path").to_pylist()
-        )
-        if not paths:
-            return JSONResponse(
-                status_code=404, content={"detail": f"no image with id {image_id} in this index"}
-            )
-        path = Path(paths[0])
-        if not path.is_file():
-            return JSONResponse(
-                status_code=404,
-                content={
-                    "detail": (
-                        f"the file of image {image_id} is no longer there; "
-                        "rebuild or refresh the index"
-                    )
-                },
-            )
-        media_type = _IMAGE_TYPES.get(path.suffix.lower()) or mimetypes.guess_type(path.name)[0]
-        if not media_type or not media_type.startswith("image/") or media_type == "image/svg+xml":
-            media_type = "application/octet-stream"
-        return FileResponse(
-            path,
-            media_type=media_type,
-            headers={
-                "X-Content-Type-Options": "nosniff",
-                "Content-Security-Policy": "default-src 'none'",
-                "Cache-Control": "private, max-age=300",
+        """Serve the file an id of the index was built from, only while it is the indexed file."""
+        found = indexed_file(image_id)
+        if isinstance(found, JSONResponse):
+            return found
+        recorded, data = found
+        try:
+            kind = media_type(data)
+        except NotServable as why:
+            return _gone(image_id, why)
+        headers = dict(_FILE_HEADERS)
+        if recorded.sha256:
+            headers["ETag"] = f'"{recorded.sha256}"'
+        return Response(data, media_type=kind, headers=headers)
+
+    @app.get(
+        "/thumbnails/{image_id}",
+        name="thumbnail",
+        summary="A small JPEG of the image of an id in the index",
+        response_class=Response,
+        responses={
+            200: {
+                "content": {"image/jpeg": {}},
+                "description": "a JPEG whose longer side is at most `size` px",
             },
-        )
+            **file_responses,
+        },
+    )
+    def thumbnail(
+        image_id: Annotated[int, PathParam(ge=_INT64[0], le=_INT64[1])],
+        size: Annotated[
+            int,
+            Query(
+                ge=_THUMBNAIL_RANGE[0],
+                le=_THUMBNAIL_RANGE[1],
+                description="The longer side in px (smaller images keep their size).",
+            ),
+        ] = THUMBNAIL_PX,
+    ) -> Any:
+        """A JPEG thumbnail of an id's image (made from the checked file; any format, TIFF too)."""
+        from crossrank.errors import DecodeError
+        from crossrank.html import jpeg_thumbnail
+
+        found = indexed_file(image_id)
+        if isinstance(found, JSONResponse):
+            return found
+        recorded, data = found
+        key = (recorded.sha256, size) if recorded.sha256 else None
+        with thumbnails_lock:
+            jpeg = thumbnails.get(key) if key else None
+            if key and jpeg is not None:
+                thumbnails.move_to_end(key)
+        if jpeg is None:
+            try:
+                jpeg = jpeg_thumbnail(data, size)
+            except DecodeError as e:
+                return _gone(image_id, NotServable(f"cannot be decoded any more ({e})"))
+            if key:
+                with thumbnails_lock:
+                    thumbnails[key] = jpeg
+                    while len(thumbnails) > _THUMBNAILS_KEPT:
+                        thumbnails.popitem(last=False)
+        headers = dict(_FILE_HEADERS)
+        if recorded.sha256:
+            headers["ETag"] = f'"{recorded.sha256}-{size}"'
+        return Response(jpeg, media_type="image/jpeg", headers=headers)
+
+    # HEAD: the same answers without the body (FastAPI routes GET alone); kept out of the schema
+    # so that each operation appears once.
+    for path, endpoint in (("/images/{image_id}", image), ("/thumbnails/{image_id}", thumbnail)):
+        app.add_api_route(path, endpoint, methods=["HEAD"], include_in_schema=False)
 
     @app.get("/healthz", response_model=Health, summary="Liveness, and what the index holds")
     def healthz() -> Any:
-        """The index is open: its image count, generation, model and filterable metadata columns."""
+        """The index is open: its image count, generation, model (``encoder``: what it is, with a
+        one-line note for the demo encoder) and filterable metadata columns."""
         fresh()
         schema = opened.metadata_store.schema
         return {
@@ -305,6 +372,7 @@ def create_app(
             "images": len(opened),
             "generation": int(opened.manifest.generation),
             "model": opened.model_id,
+            "encoder": _describe(opened).to_dict(),
             "columns": {f.name: str(f.type) for f in schema},
         }
 
@@ -319,7 +387,6 @@ def create_app(
         },
     )
     def page(
-        request: Request,
         q: Annotated[
             str | None, Query(max_length=1000, description="The text to search for.")
         ] = None,
@@ -340,10 +407,9 @@ def create_app(
                 results = [run_search(q, k, None, parsed, None)]
             except (FilterError, InvalidArgumentError) as e:
                 error = str(e)
-        return render(request, q, k, filters, results, error)
+        return render(q, k, filters, results, error)
 
     def render(
-        request: Request,
         q: str | None,
         k: int,
         filters: str | None,
@@ -352,24 +418,41 @@ def create_app(
     ) -> HTMLResponse:
         from crossrank.html import SearchForm, render_page
 
-        form = SearchForm(
-            action=str(request.url_for("page")), query=q or "", k=k, filters=filters or ""
-        )
-
-        def image_src(hit: Any) -> str:
-            return str(request.url_for("image", image_id=hit.id))
-
+        # Relative URLs: the page is the app's root, so they resolve under whatever prefix the
+        # app is mounted at, and nothing is built from the request's Host header.
+        form = SearchForm(action="./", query=q or "", k=k, filters=filters or "")
         html = render_page(
             results,
-            image_src=image_src,
+            image_src=lambda hit: f"thumbnails/{int(hit.id)}?size={THUMBNAIL_PX}",
+            image_href=lambda hit: f"images/{int(hit.id)}",
             form=form,
             error=error,
             title=f"{title}: {q}" if q else title,
             message=f"Search {len(opened)} images: type a query.",
+            encoder=_describe(opened),
         )
         return HTMLResponse(html, status_code=422 if error else 200)
 
     return app
+
+
+def _describe(index: Index) -> Any:
+    """The index's encoder in the words every output uses (a ModelDescription)."""
+    from crossrank.encoders.describe import describe_model
+
+    return describe_model(index.manifest.encoder)
+
+
+def _gone(image_id: int, why: NotServable) -> JSONResponse:
+    return JSONResponse(
+        status_code=410,
+        content={
+            "detail": (
+                f"the file of image {image_id} {why}; it is no longer served: rebuild the index "
+                "or `crossrank add` its folder"
+            )
+        },
+    )
 
 
 def _parse_filters_param(text: str | None) -> dict[str, Any] | None:

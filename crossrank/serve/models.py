@@ -14,6 +14,7 @@ __all__ = [
     "HitOut",
     "ScoresOut",
     "CountsOut",
+    "EncoderOut",
     "Health",
     "ErrorResponse",
     "ValidationErrorResponse",
@@ -162,6 +163,17 @@ class CountsOut(BaseModel):
     candidates: int
 
 
+class EncoderOut(BaseModel):
+    """The model that encoded the index and encodes the queries."""
+
+    model_id: str = Field(description="The Hugging Face id or folder the index was built with.")
+    model_type: str = Field(description="clip or blip (empty when the index does not say).")
+    demo: bool = Field(description="The demo encoder shipped with crossrank (synthetic shapes).")
+    note: str | None = Field(
+        None, description="For the demo encoder, one line on what it is and how to use a real one."
+    )
+
+
 class SearchResponse(BaseModel):
     """The hits of one query, best first: the same JSON as ``crossrank search --json``."""
 
@@ -174,6 +186,14 @@ class SearchResponse(BaseModel):
         description="The index generation every stage of this search read (a living index "
         "moves to newer ones as writers commit).",
     )
+    encoder: EncoderOut | None = None
+    reranker: str | None = Field(
+        None, description="What ranked the first stage's candidates (none: the first stage alone)."
+    )
+    fusion: str | None = Field(None, description="How the final score combines the two stages.")
+    notes: list[str] = Field(
+        default_factory=list, description="One-line remarks about this search (e.g. a cut query)."
+    )
 
 
 class Health(BaseModel):
@@ -183,6 +203,7 @@ class Health(BaseModel):
     images: int
     generation: int
     model: str
+    encoder: EncoderOut
     columns: dict[str, str] = Field(
         description="Metadata column -> Arrow type, what filters can name."
     )

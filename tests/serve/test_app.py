@@ -33,15 +33,25 @@ def test_search_returns_the_search_json_of_the_library(app, client) -> None:
     assert response.status_code == 200
     body = response.json()
     expected = app.state.index.search(QUERY, k=5, rerank_k=12).to_dict()
-    assert set(body) == {"query", "hits", "counts", "timings_ms", "generation"}
+    assert set(body) == set(expected)  # every key of the library's JSON, e.g. reranker, fusion
+    assert {key: body[key] for key in ("encoder", "reranker", "fusion", "notes")} == {
+        key: expected[key] for key in ("encoder", "reranker", "fusion", "notes")
+    }
     assert body["query"] == QUERY
     assert body["generation"] == expected["generation"] == app.state.index.manifest.generation
     assert body["hits"] == expected["hits"]
-    assert body["counts"] == {"requested": 5, "returned": 5, "filtered_out": 0, "candidates": 12}
+    assert body["counts"] == expected["counts"]
+    assert body["counts"]["requested"] == body["counts"]["returned"] == 5
 
 
-def test_rerank_k_defaults_to_the_servers_and_covers_a_large_k(client) -> None:
+def test_rerank_k_defaults_to_the_servers_and_covers_a_large_k(app) -> None:
+    from fastapi.testclient import TestClient
+
+    from crossrank.serve import create_app
+
+    client = TestClient(create_app(app.state.index, reranker="maxsim"))
     assert _search(client, k=3).json()["counts"]["candidates"] == 24  # 100 asked, 24 images
+    assert _search(client, k=2, rerank_k=12).json()["counts"]["candidates"] == 12
     assert _search(client, k=150).json()["counts"]["requested"] == 150
 
 
@@ -192,19 +202,26 @@ def test_concurrent_searches_agree_with_sequential_ones(client) -> None:
 
 
 def test_images_serves_the_file_of_an_indexed_id(app, client) -> None:
-    row = app.state.index.metadata(columns=["id", "path"]).to_pylist()[3]
+    row = app.state.index.metadata(columns=["id", "path", "sha256"]).to_pylist()[3]
     response = client.get(f"/images/{row['id']}")
     assert response.status_code == 200
     assert response.content == Path(row["path"]).read_bytes()
     assert response.headers["content-type"] == "image/png"
     assert response.headers["x-content-type-options"] == "nosniff"
+    assert response.headers["etag"] == f'"{row["sha256"]}"'
+    head = client.head(f"/images/{row['id']}")
+    assert head.status_code == 200 and head.content == b""
+    assert head.headers["content-type"] == "image/png"
+    assert head.headers["content-length"] == str(len(response.content))
 
 
 @pytest.mark.parametrize("image_id", ["999", "-1", "9223372036854775807"])
-def test_images_refuses_ids_not_in_the_index(client, image_id: str) -> None:
-    response = client.get(f"/images/{image_id}")
+@pytest.mark.parametrize("route", ["images", "thumbnails"])
+def test_images_refuses_ids_not_in_the_index(client, image_id: str, route: str) -> None:
+    response = client.get(f"/{route}/{image_id}")
     assert response.status_code == 404
     assert response.json() == {"detail": f"no image with id {image_id} in this index"}
+    assert client.head(f"/{route}/{image_id}").status_code == 404
 
 
 @pytest.mark.parametrize("path", ["/images/abc", "/images/1.5", "/images/99999999999999999999"])
@@ -227,27 +244,117 @@ def test_images_cannot_be_walked_out_of(client, path: str) -> None:
     assert b"root:" not in response.content
 
 
-def test_images_of_a_file_gone_since_indexing_is_a_404(tmp_path: Path, tiny_clip: Path) -> None:
+@pytest.fixture()
+def few(tmp_path: Path, tiny_clip: Path):
+    """Four indexed PNGs behind a private app: ``(client, {path: id}, paths)``; tests may damage
+    the files."""
     from fastapi.testclient import TestClient
 
     from crossrank.serve import create_app
     from crossrank.write.build import build_index
 
-    paths = write_images(tmp_path / "few", 2)
+    paths = write_images(tmp_path / "few", 4)
     build_index(tmp_path / "few", tmp_path / "few.idx", model=tiny_clip, device="cpu", workers=1)
     client = TestClient(create_app(tmp_path / "few.idx", device="cpu"))
-    paths[1].unlink()
     ids = {
         r["path"]: r["id"]
         for r in client.app.state.index.metadata(columns=["id", "path"]).to_pylist()
     }
+    return client, ids, paths
+
+
+def _gone(client, image_id: int, why: str) -> None:
+    for route in ("images", "thumbnails"):
+        response = client.get(f"/{route}/{image_id}")
+        assert response.status_code == 410, (route, response.status_code, response.content[:80])
+        detail = response.json()["detail"]
+        assert f"the file of image {image_id} {why}" in detail and "\n" not in detail
+        assert b"root:" not in response.content
+        assert client.head(f"/{route}/{image_id}").status_code == 410
+
+
+def test_images_of_a_file_gone_or_replaced_since_indexing_are_a_410(few, tmp_path: Path) -> None:
+    import os
+
+    client, ids, paths = few
     assert client.get(f"/images/{ids[str(paths[0])]}").status_code == 200
-    response = client.get(f"/images/{ids[str(paths[1])]}")
-    assert response.status_code == 404
-    assert "is no longer there" in response.json()["detail"]
+    paths[0].unlink()
+    _gone(client, ids[str(paths[0])], "is no longer there")
+
+    # An indexed file replaced by a symbolic link to a file outside: never followed out.
+    secret = tmp_path / "passwd"
+    secret.write_text("root:x:0:0:root:/root:/bin/bash\n" * 200)
+    paths[1].unlink()
+    paths[1].symlink_to(secret)
+    _gone(client, ids[str(paths[1])], "changed since it was indexed")
+
+    # Same size, other bytes (another image written over it), and a FIFO: refused, no hang.
+    other = write_images(tmp_path / "other", 1, seed=7)[0].read_bytes()
+    original = paths[2].read_bytes()
+    paths[2].write_bytes((other + original)[: len(original)])
+    _gone(client, ids[str(paths[2])], "changed since it was indexed (its content)")
+    paths[3].unlink()
+    os.mkfifo(paths[3])
+    _gone(client, ids[str(paths[3])], "is no longer a regular file")
+
+
+def test_a_symlink_to_the_very_indexed_bytes_is_served(few, tmp_path: Path) -> None:
+    # Discovery indexes symbolic links to files: a link whose target still holds the indexed bytes
+    # is the indexed file, checked by its hash.
+    client, ids, paths = few
+    kept = tmp_path / "kept.png"
+    kept.write_bytes(paths[0].read_bytes())
+    paths[0].unlink()
+    paths[0].symlink_to(kept)
+    response = client.get(f"/images/{ids[str(paths[0])]}")
+    assert response.status_code == 200 and response.content == kept.read_bytes()
+
+
+def test_thumbnails_are_small_jpegs_of_any_indexed_format(tmp_path: Path, tiny_clip: Path) -> None:
+    import io
+
+    from fastapi.testclient import TestClient
+    from PIL import Image
+
+    from crossrank.serve import create_app
+    from crossrank.write.build import build_index
+
+    folder = tmp_path / "big"
+    folder.mkdir()
+    rng = __import__("numpy").random.default_rng(0)
+    pixels = rng.integers(0, 256, (600, 900, 3), dtype="uint8")
+    Image.fromarray(pixels).save(folder / "large.png")  # over a megabyte of PNG
+    Image.fromarray(pixels[:300, :200]).save(folder / "scan.tif")  # browsers cannot show a TIFF
+    build_index(folder, tmp_path / "big.idx", model=tiny_clip, device="cpu", workers=1)
+    client = TestClient(create_app(tmp_path / "big.idx", device="cpu"))
+    rows = client.app.state.index.metadata(columns=["id", "path", "bytes"]).to_pylist()
+    by_name = {Path(r["path"]).name: r for r in rows}
+    assert by_name["large.png"]["bytes"] > 1_000_000
+
+    for name, expected in (("large.png", (256, 171)), ("scan.tif", (171, 256))):
+        response = client.get(f"/thumbnails/{by_name[name]['id']}")
+        assert response.status_code == 200
+        assert response.headers["content-type"] == "image/jpeg"
+        assert len(response.content) < 100_000
+        with Image.open(io.BytesIO(response.content)) as thumb:
+            assert thumb.format == "JPEG" and thumb.size == expected
+        head = client.head(f"/thumbnails/{by_name[name]['id']}")
+        assert head.status_code == 200 and head.content == b""
+        assert head.headers["content-length"] == str(len(response.content))
+    small = client.get(f"/thumbnails/{by_name['large.png']['id']}", params={"size": 64})
+    with Image.open(io.BytesIO(small.content)) as thumb:
+        assert thumb.size == (64, 43)
+    assert client.get(f"/images/{by_name['scan.tif']['id']}").headers["content-type"] == (
+        "image/tiff"
+    )
+    for bad in (0, 15, 1025, "x"):
+        response = client.get(f"/thumbnails/{by_name['large.png']['id']}", params={"size": bad})
+        assert response.status_code == 422
 
 
 def test_healthz_says_what_the_index_holds(app, client) -> None:
+    from crossrank.encoders.describe import describe_model
+
     body = client.get("/healthz").json()
     index = app.state.index
     assert body == {
@@ -255,15 +362,23 @@ def test_healthz_says_what_the_index_holds(app, client) -> None:
         "images": 24,
         "generation": index.manifest.generation,
         "model": index.model_id,
+        "encoder": describe_model(index.manifest.encoder).to_dict(),
         "columns": body["columns"],
     }
+    assert body["encoder"]["model_id"] == index.model_id and body["encoder"]["demo"] is False
     assert body["columns"]["width"] == "int32"
     assert list(body["columns"]) == index.metadata_store.columns
 
 
 def test_openapi_schema_describes_requests_responses_and_errors(client) -> None:
     spec = client.get("/openapi.json").json()
-    assert set(spec["paths"]) == {"/search", "/images/{image_id}", "/healthz", "/"}
+    assert set(spec["paths"]) == {
+        "/search",
+        "/images/{image_id}",
+        "/thumbnails/{image_id}",
+        "/healthz",
+        "/",
+    }
     search = spec["paths"]["/search"]["post"]
     assert set(search["responses"]) == {"200", "403", "422"}
     assert search["responses"]["422"]["content"]["application/json"]["schema"]["$ref"].endswith(
@@ -277,7 +392,8 @@ def test_openapi_schema_describes_requests_responses_and_errors(client) -> None:
         ["eq", "ne", "lt", "le", "gt", "ge", "in", "contains"]
     )
     assert filters["additionalProperties"] is False
-    assert set(spec["paths"]["/images/{image_id}"]["get"]["responses"]) == {"200", "404", "422"}
+    for route in ("/images/{image_id}", "/thumbnails/{image_id}"):
+        assert set(spec["paths"][route]["get"]["responses"]) == {"200", "404", "410", "422"}
 
 
 # -- the page ---------------------------------------------------------------------------------
@@ -287,7 +403,7 @@ def test_page_without_a_query_is_a_query_box(client) -> None:
     response = client.get("/")
     assert response.status_code == 200
     assert response.headers["content-type"].startswith("text/html")
-    assert '<form class="query" method="get" action="http://testserver/">' in response.text
+    assert '<form class="query" method="get" action="./">' in response.text
     assert "Search 24 images: type a query." in response.text
     assert "<img" not in response.text
 
@@ -297,8 +413,10 @@ def test_page_with_a_query_shows_the_hits_as_image_urls(app, client) -> None:
     assert response.status_code == 200
     expected = app.state.index.search(QUERY, k=5)
     for hit in expected:
-        assert f'src="http://testserver/images/{hit.id}"' in response.text
+        # Relative: small JPEGs from this app, whatever Host the request named.
+        assert f'<a href="images/{hit.id}"><img src="thumbnails/{hit.id}?size=256"' in response.text
         assert f"first {hit.first_stage_score:.4f}" in response.text
+    assert "testserver" not in response.text
     assert response.text.count("<img ") == 5
     assert f'value="{QUERY}"' in response.text
 
@@ -333,8 +451,50 @@ def test_app_mounts_in_an_existing_backend(app) -> None:
     assert len(body["hits"]) == 2
     assert client.get(f"/photos/images/{body['hits'][0]['id']}").status_code == 200
     page = client.get("/photos/", params={"q": QUERY, "k": 2}).text
-    assert f'src="http://testserver/photos/images/{body["hits"][0]["id"]}"' in page
-    assert 'action="http://testserver/photos/"' in page
+    first = body["hits"][0]["id"]
+    assert f'src="thumbnails/{first}?size=256"' in page  # relative to /photos/
+    assert client.get(f"/photos/thumbnails/{first}?size=256").status_code == 200
+    assert 'action="./"' in page and "testserver" not in page
+
+
+def test_page_never_builds_urls_from_the_host_header(client) -> None:
+    page = client.get("/", params={"q": QUERY, "k": 3}, headers={"host": "evil.example:666"}).text
+    assert "evil.example" not in page
+
+
+def test_page_names_the_encoder_and_what_ranked_the_hits(app, client) -> None:
+    import html
+
+    from crossrank.encoders.describe import describe_model
+
+    encoder = describe_model(app.state.index.manifest.encoder)
+    blank = client.get("/").text
+    assert f"encoder: {html.escape(encoder.model_id)}" in blank
+    result = app.state.index.search(QUERY, k=3, rerank_k=100)
+    page = client.get("/", params={"q": QUERY, "k": 3}).text
+    ranked = f"reranker {result.reranker} · fusion {result.fusion}"
+    assert html.escape(ranked) in page
+
+
+def test_page_and_healthz_say_in_one_line_when_the_demo_encoder_is_in_use(
+    app, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import dataclasses
+    import html
+
+    from fastapi.testclient import TestClient
+
+    from crossrank.encoders.describe import DEMO_NOTE
+
+    index = app.state.index
+    real = index.manifest
+    demo = dataclasses.replace(
+        real, encoder={**real.encoder, "model_id": "crossrank-demo", "source": "demo"}
+    )
+    monkeypatch.setattr(type(index), "manifest", property(lambda self: demo))
+    client = TestClient(app)
+    assert client.get("/healthz").json()["encoder"]["note"] == DEMO_NOTE
+    assert html.escape(DEMO_NOTE) in client.get("/").text
 
 
 def test_create_app_checks_its_arguments(app, tmp_path: Path) -> None:

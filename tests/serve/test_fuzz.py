@@ -29,7 +29,13 @@ CHECKS = [
     content_type_conformance,
     response_schema_conformance,
 ]
-OPERATIONS = ["POST /search", "GET /images/{image_id}", "GET /healthz", "GET /"]
+OPERATIONS = [
+    "POST /search",
+    "GET /images/{image_id}",
+    "GET /thumbnails/{image_id}",
+    "GET /healthz",
+    "GET /",
+]
 EXAMPLES = {GenerationMode.POSITIVE: 40, GenerationMode.NEGATIVE: 30}
 FUZZ = settings(
     deadline=None, derandomize=True, database=None, suppress_health_check=list(HealthCheck)

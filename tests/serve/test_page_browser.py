@@ -54,5 +54,5 @@ def test_server_page_renders_every_hit_image_in_chromium(app, tmp_path: Path) ->
     assert found["hits"] == 7
     assert len(found["images"]) == 7
     for image in found["images"]:
-        assert image["src"].startswith(f"http://127.0.0.1:{port}/images/")
+        assert image["src"].startswith(f"http://127.0.0.1:{port}/thumbnails/")
         assert image["complete"] and image["width"] == 40 and image["height"] == 32, image
