@@ -54,7 +54,16 @@ class EvalReport:
             values.
         latency_ms: stage -> ``{"p50", "p95"}`` per query, in milliseconds.
         excluded_qids: queries left out because the qrels give them no relevant image.
-        reranker: the reranker's name, or ``"none"``.
+        reranker: what reranked, in the words of ``SearchResult.reranker`` (``"none"``,
+            ``"maxsim"``, ``"cross-attention (index reranker/)"``, ...).
+        fusion: how the final score was made (``SearchResult.fusion``; ``"none"`` without a
+            reranker).
+        encoder: the index's encoder (``{"model_id", "model_type", "demo", "note"}``).
+        notes: one-line remarks to show with the report (the hint on how to train a reranker
+            when ``auto`` found none).
+
+    Metric values are kept at full precision here and in :meth:`to_dict` (the ``--json``
+    output); only the tables round them.
     """
 
     queries: int
@@ -64,17 +73,24 @@ class EvalReport:
     latency_ms: dict[str, dict[str, float]]
     excluded_qids: list[str]
     reranker: str
+    fusion: str = "none"
+    encoder: dict[str, Any] | None = None
+    notes: tuple[str, ...] = ()
 
     def to_dict(self) -> dict[str, Any]:
-        """The ``--json`` shape: ``{"queries", "first_stage", "reranked", "latency_ms", ...}``."""
+        """The ``--json`` shape: ``{"queries", "reranker", "fusion", "encoder", "first_stage",
+        "reranked", "latency_ms", "groups", "excluded_qids", "notes"}``, metrics unrounded."""
         return {
             "queries": self.queries,
             "reranker": self.reranker,
-            "first_stage": _rounded(self.first_stage.values),
-            "reranked": None if self.reranked is None else _rounded(self.reranked.values),
+            "fusion": self.fusion,
+            "encoder": self.encoder,
+            "first_stage": _exact(self.first_stage.values),
+            "reranked": None if self.reranked is None else _exact(self.reranked.values),
             "latency_ms": self.latency_ms,
             "groups": self.groups,
             "excluded_qids": self.excluded_qids,
+            "notes": list(self.notes),
         }
 
 
@@ -140,7 +156,9 @@ def evaluate_index(
         queries: a queries file (see :func:`read_queries`) or a list of :class:`EvalQuery`.
         qrels: a TREC qrels file; doc ids are image paths relative to its folder.
         rerank_k: first-stage candidates per query (also the depth of the first-stage run).
-        reranker: the reranker to evaluate, or ``None``/``"none"`` for the first stage alone.
+        reranker: the reranker to evaluate, or ``None``/``"none"`` for the first stage alone;
+            ``"auto"`` as in :meth:`Index.search` (a trained reranker, else none: then only the
+            first stage is reported, with a hint in ``notes``).
         fusion: score fusion, as in :meth:`Index.search`.
         run_out: a folder to write ``first_stage.run`` and ``reranked.run`` into.
         progress: called as ``progress(done, total)`` after each query.
@@ -164,9 +182,8 @@ def evaluate_index(
     _check_match(index, query_list, judged, root, qrels_path)
     if reranker == "none":
         reranker = None
-    elif reranker == "auto":  # report what "auto" resolved to: the index's own reranker or maxsim
-        reranker = index.default_reranker
 
+    label, fusion_label, notes, encoder = "none", "none", (), None
     first_run: dict[str, list[tuple[str, float]]] = {}
     rerank_run: dict[str, list[tuple[str, float]]] = {}
     timings: dict[str, list[float]] = {}
@@ -174,15 +191,20 @@ def evaluate_index(
         result = index.search(
             query.text, k=rerank_k, rerank_k=rerank_k, reranker=reranker, fusion=fusion
         )
+        label, fusion_label, notes = result.reranker, result.fusion, result.notes
+        encoder = result.encoder
         for stage, ms in result.timings_ms.items():
             timings.setdefault(stage, []).append(ms)
         docs = [(os.path.relpath(hit.path, root), hit) for hit in result]
         by_first = sorted(docs, key=lambda d: (-d[1].first_stage_score, d[1].id))
         first_run[query.qid] = [(doc, hit.first_stage_score) for doc, hit in by_first[:RUN_DEPTH]]
-        if reranker is not None:
+        if label != "none":  # what ran, not what was asked: auto may have found no reranker
             rerank_run[query.qid] = [(doc, hit.score) for doc, hit in docs[:RUN_DEPTH]]
         if progress is not None:
             progress(n, len(query_list))
+    reranked = label != "none"
+    # A long query's truncation note is per query; the report keeps the notes every query shares.
+    notes = tuple(n for n in notes if "longer than the text encoder reads" not in n)
 
     asked = {q.qid for q in query_list}
     evaluated_qrels = {qid: docs for qid, docs in judged.items() if qid in asked}
@@ -190,9 +212,7 @@ def evaluate_index(
         q.qid for q in query_list if not any(r >= 1 for r in judged.get(q.qid, {}).values())
     )
     first = compute_metrics(first_run, evaluated_qrels, METRIC_NAMES)
-    second = (
-        compute_metrics(rerank_run, evaluated_qrels, METRIC_NAMES) if reranker is not None else None
-    )
+    second = compute_metrics(rerank_run, evaluated_qrels, METRIC_NAMES) if reranked else None
 
     groups: dict[str, dict[str, Any]] = {}
     for name in sorted({f"{key}={value}" for q in query_list for key, value in q.groups.items()}):
@@ -207,28 +227,25 @@ def evaluate_index(
             continue
         entry: dict[str, Any] = {
             "queries": len(sub_qrels),
-            "first_stage": _rounded(
+            "first_stage": _exact(
                 compute_metrics({q: first_run.get(q, []) for q in sub_qrels}, sub_qrels).values
             ),
         }
-        if reranker is not None:
-            entry["reranked"] = _rounded(
+        if reranked:
+            entry["reranked"] = _exact(
                 compute_metrics({q: rerank_run.get(q, []) for q in sub_qrels}, sub_qrels).values
             )
         groups[name] = entry
 
     latency = {
-        stage: {
-            "p50": round(float(np.percentile(v, 50)), 3),
-            "p95": round(float(np.percentile(v, 95)), 3),
-        }
+        stage: {"p50": float(np.percentile(v, 50)), "p95": float(np.percentile(v, 95))}
         for stage, v in timings.items()
     }
     if run_out is not None:
         out = Path(run_out)
         write_run(out / "first_stage.run", first_run, tag="first_stage")
-        if reranker is not None:
-            write_run(out / "reranked.run", rerank_run, tag=_reranker_name(reranker))
+        if reranked:
+            write_run(out / "reranked.run", rerank_run, tag=_run_tag(label))
     return EvalReport(
         queries=first.n_queries,
         first_stage=first,
@@ -236,7 +253,10 @@ def evaluate_index(
         groups=groups,
         latency_ms=latency,
         excluded_qids=excluded,
-        reranker=_reranker_name(reranker),
+        reranker=label,
+        fusion=fusion_label,
+        encoder=None if encoder is None else encoder.to_dict(),
+        notes=notes,
     )
 
 
@@ -277,13 +297,11 @@ def _check_match(
         )
 
 
-def _reranker_name(reranker: Any) -> str:
-    if reranker is None:
-        return "none"
-    if isinstance(reranker, str):
-        return reranker if reranker in ("maxsim", "none") else Path(reranker).name
-    return getattr(reranker, "name", type(reranker).__name__)
+def _run_tag(label: str) -> str:
+    """A TREC run tag (one word) from a reranker label: ``cross-attention (x/)`` -> its name."""
+    return label.split(" ", 1)[0] or "reranked"
 
 
-def _rounded(values: dict[str, float]) -> dict[str, float]:
-    return {k: round(float(v), 4) for k, v in values.items()}
+def _exact(values: dict[str, float]) -> dict[str, float]:
+    """Metric values as plain floats, unrounded: ``--json`` is machine-readable, so exact."""
+    return {k: float(v) for k, v in values.items()}

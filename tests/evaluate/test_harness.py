@@ -46,6 +46,8 @@ def cli_eval(shapes, tmp_path_factory: pytest.TempPathFactory) -> tuple[dict, Pa
             str(root / "qrels.txt"),
             "--run-out",
             str(runs),
+            "--reranker",
+            "maxsim",
             "--device",
             "cpu",
             "--json",
@@ -61,6 +63,9 @@ def test_eval_json_has_the_documented_shape(cli_eval):
     assert (
         report["queries"] == 12 and report["excluded_qids"] == [] and report["reranker"] == "maxsim"
     )
+    assert report["fusion"] == "rerank" and report["notes"] == []
+    assert report["encoder"]["model_id"] == str(report["encoder"]["model_id"])
+    assert report["encoder"]["demo"] is False
     for stage in ("first_stage", "reranked"):
         assert list(report[stage]) == METRICS
         assert all(0.0 <= v <= 1.0 for v in report[stage].values())
@@ -105,7 +110,8 @@ def test_reported_metrics_equal_ranx_on_the_run_files(cli_eval, shapes, stage, r
     run = Run.from_file(str(runs / run_file), kind="trec")
     theirs = evaluate(qrels, run, [ranx_name(m) for m in METRIC_NAMES])
     for metric in METRIC_NAMES:
-        assert report[stage][metric] == pytest.approx(theirs[ranx_name(metric)], abs=1e-4), metric
+        # --json carries full precision: equal to ranx up to float summation order, not rounding
+        assert report[stage][metric] == pytest.approx(theirs[ranx_name(metric)], abs=1e-12), metric
 
 
 def test_run_files_are_the_two_stages_of_search(cli_eval, shapes):
@@ -118,7 +124,7 @@ def test_run_files_are_the_two_stages_of_search(cli_eval, shapes):
         assert [d for d, _ in first[query.qid][:10]] == [
             os.path.relpath(h.path, root) for h in plain
         ]
-        full = index.search(query.text, k=10, rerank_k=100)
+        full = index.search(query.text, k=10, rerank_k=100, reranker="maxsim")
         assert [d for d, _ in reranked[query.qid][:10]] == [
             os.path.relpath(h.path, root) for h in full
         ]
@@ -127,7 +133,9 @@ def test_run_files_are_the_two_stages_of_search(cli_eval, shapes):
 def test_queries_without_a_relevant_image_are_excluded(shapes, tmp_path):
     root, index_dir = shapes
     index = Index.open(index_dir, device="cpu")
-    base = evaluate_index(index, root / "queries.parquet", root / "qrels.txt", rerank_k=20)
+    base = evaluate_index(
+        index, root / "queries.parquet", root / "qrels.txt", rerank_k=20, reranker="maxsim"
+    )
     qrels = (
         root / "qrels-with-unjudged.txt"
     )  # beside the images: doc ids stay relative to this folder
@@ -136,7 +144,7 @@ def test_queries_without_a_relevant_image_are_excluded(shapes, tmp_path):
         EvalQuery("qzero", "a red circle"),
         EvalQuery("qnone", "a blue square"),
     ]
-    report = evaluate_index(index, queries, qrels, rerank_k=20, run_out=tmp_path)
+    report = evaluate_index(index, queries, qrels, rerank_k=20, reranker="maxsim", run_out=tmp_path)
     qrels.unlink()
     assert report.excluded_qids == ["qnone", "qzero"]
     assert report.queries == base.queries == 12
@@ -285,3 +293,62 @@ def test_evaluate_index_api_raises_invalid_argument(shapes):
     root, index_dir = shapes
     with pytest.raises(InvalidArgumentError, match="no queries to evaluate"):
         evaluate_index(Index.open(index_dir, device="cpu"), [], root / "qrels.txt")
+
+
+def test_json_metrics_are_not_rounded(cli_eval):
+    report, _ = cli_eval
+    values = [v for stage in ("first_stage", "reranked") for v in report[stage].values()]
+    values += [
+        v
+        for g in report["groups"].values()
+        for s in ("first_stage", "reranked")
+        for v in g[s].values()
+    ]
+    # 12 queries: MRR and nDCG are sums of reciprocals and logs, rarely 4-decimal numbers
+    assert any(round(v, 4) != v for v in values)
+
+
+def test_eval_auto_without_a_trained_reranker_reports_the_first_stage_alone(shapes, tmp_path):
+    root, index_dir = shapes
+    result = CliRunner().invoke(
+        app,
+        [
+            "eval",
+            str(index_dir),
+            "--queries",
+            str(root / "queries.parquet"),
+            "--qrels",
+            str(root / "qrels.txt"),
+            "--run-out",
+            str(tmp_path),
+            "--device",
+            "cpu",
+            "--json",
+        ],
+    )
+    assert result.exit_code == 0, result.stderr
+    report = json.loads(result.stdout)
+    assert report["reranker"] == "none" and report["fusion"] == "none"
+    assert report["reranked"] is None
+    assert len(report["notes"]) == 1 and "crossrank train" in report["notes"][0]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["first_stage.run"]
+
+
+def test_the_table_names_reranker_fusion_and_encoder_and_fits_80_columns(cli_eval, monkeypatch):
+    import io
+
+    from rich.console import Console
+
+    from crossrank.cli import render
+
+    report, _ = cli_eval
+    out = io.StringIO()
+    terminal = Console(file=out, width=80, force_terminal=True, color_system=None)
+    monkeypatch.setattr(render, "console", terminal)
+    render.render_eval(report)
+    text = out.getvalue()
+    assert "…" not in text
+    assert f"{report['reranked']['nDCG@10']:.3f}" in text
+    assert "reranker maxsim" in text and "fusion rerank" in text
+    assert report["encoder"]["model_id"] in text.replace("\n", "")  # a long path may wrap
+    assert max(len(line) for line in text.splitlines()) <= 80
