@@ -2,8 +2,9 @@
 
 Every command is a thin shell over the public API (:class:`crossrank.Index` and friends). A
 :class:`~crossrank.errors.CrossrankError` becomes one red line on stderr and exit code 1;
-``--verbose`` shows the traceback instead. Heavy modules load inside the commands, so
-``crossrank --help`` is quick.
+``--verbose`` shows the traceback instead. A usage error (an unknown command or flag, a bad flag
+value) is one red line too, with exit code 2; Ctrl-C exits with 130. Heavy modules load inside the
+commands, so ``crossrank --help`` is quick.
 """
 
 from __future__ import annotations
@@ -13,18 +14,57 @@ import json
 import logging
 import sys
 from collections.abc import Callable
-from typing import Annotated, Any, TypeVar
+from typing import Annotated, Any, NoReturn, TypeVar
 
 import typer
 from rich.markup import escape
+from typer.core import TyperGroup
 
 from crossrank.cli.render import err_console
 from crossrank.errors import CrossrankError
 
 __all__ = ["app", "main"]
 
+# Recent typer releases bundle their own click: take its UsageError from where BadParameter lives.
+_UsageError = next(c for c in typer.BadParameter.__mro__ if c.__name__ == "UsageError")
+
+
+def _usage_error(error: Exception) -> NoReturn:
+    """Print a usage error as one red line (not typer's boxed panel) and exit with code 2."""
+    if type(error).__name__ == "NoArgsIsHelpError":  # `crossrank` alone: the help, as typer shows
+        raise error
+    message = " ".join(str(getattr(error, "format_message", error.__str__)()).split())
+    ctx = getattr(error, "ctx", None)
+    hint = f"; see '{ctx.command_path} --help'" if ctx is not None else ""
+    err_console.print(
+        f"[bold red]error:[/] {escape(message + hint)}", highlight=False, soft_wrap=True
+    )
+    raise typer.Exit(2)
+
+
+class _OneLineUsageErrors(TyperGroup):
+    """The root command: usage errors of the group and of every command become one line.
+
+    Arguments are parsed in ``make_context`` (the group's own) and inside ``invoke`` (the
+    command's); a ``typer.BadParameter`` raised by a command's body passes through ``invoke`` too.
+    """
+
+    def make_context(self, info_name: str | None, args: list[str], *a: Any, **kw: Any) -> Any:
+        try:
+            return super().make_context(info_name, args, *a, **kw)
+        except _UsageError as e:
+            _usage_error(e)
+
+    def invoke(self, ctx: Any) -> Any:
+        try:
+            return super().invoke(ctx)
+        except _UsageError as e:
+            _usage_error(e)
+
+
 app = typer.Typer(
     name="crossrank",
+    cls=_OneLineUsageErrors,
     help=(
         "Multimodal image retrieval: a FAISS first stage, reranked by query tokens attending "
         "to image patches."

@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import ipaddress
+import re
+import socket
 from pathlib import Path
 from typing import Annotated
 
 import typer
+from rich.markup import escape
 
 from crossrank.cli.app import _friendly_errors, app
 from crossrank.cli.render import err_console
@@ -22,7 +26,7 @@ def serve(
     host: Annotated[
         str, typer.Option(help="Interface to listen on; 0.0.0.0 exposes the server to the network.")
     ] = "127.0.0.1",
-    port: Annotated[int, typer.Option(min=0, max=65535, help="TCP port.")] = 8000,
+    port: Annotated[int, typer.Option(min=1, max=65535, help="TCP port.")] = 8000,
     allow_where: Annotated[
         bool,
         typer.Option(
@@ -52,6 +56,7 @@ def serve(
     log_level: Annotated[str, typer.Option(help="uvicorn's log level.")] = "info",
 ) -> None:
     """Serve an index over HTTP: POST /search, GET /images/{id}, GET /healthz, / (a page), /docs."""
+    _check_host(host)  # before the index and the model load, and before anything is announced
     try:
         import uvicorn
     except ImportError as e:
@@ -71,11 +76,40 @@ def serve(
         rerank_k=rerank_k,
     )
     idx = api.state.index
+    url = f"http://[{host}]:{port}/" if ":" in host else f"http://{host}:{port}/"  # IPv6: [::1]
+    # escape: a path or host is printed as it is, never read as console markup
     err_console.print(
-        f"serving [bold]{idx.path}[/] ({len(idx)} images, generation {idx.manifest.generation}) on "
-        f"http://{host}:{port}/ · API docs at /docs"
+        f"serving [bold]{escape(str(idx.path))}[/] ({len(idx)} images, generation "
+        f"{idx.manifest.generation}) on {escape(url)} · API docs at /docs"
         + (" · [yellow]raw where allowed[/]" if allow_where else ""),
         highlight=False,
         soft_wrap=True,
     )
     uvicorn.run(api, host=host, port=port, log_level=log_level)
+
+
+_DOTTED_NUMBERS = re.compile(r"[0-9.]+")
+
+
+def _check_host(host: str) -> None:
+    """An IP address, or a name this machine resolves; else a usage error (exit 2).
+
+    Raises:
+        typer.BadParameter: ``host`` cannot be listened on.
+    """
+    hint = "give an IP address such as 127.0.0.1 or 0.0.0.0, or a host name this machine resolves"
+    try:
+        ipaddress.ip_address(host)
+        return
+    except ValueError:
+        pass
+    if not host or _DOTTED_NUMBERS.fullmatch(host) or any(c.isspace() for c in host):
+        # 999.1.1.1 is no address; looking it up as a name would only wait on DNS.
+        raise typer.BadParameter(f"{host!r} is not a valid IP address; {hint}", param_hint="--host")
+    try:
+        socket.getaddrinfo(host, None, type=socket.SOCK_STREAM)
+    except (socket.gaierror, UnicodeError) as e:
+        why = getattr(e, "strerror", None) or type(e).__name__
+        raise typer.BadParameter(
+            f"{host!r} cannot be resolved ({why}); {hint}", param_hint="--host"
+        ) from None

@@ -39,6 +39,8 @@ def test_serve_runs_the_app_of_the_index(built_index: Path, served: dict) -> Non
             "cpu",
             "--rerank-k",
             "7",
+            "--reranker",
+            "maxsim",
         ],
     )
     assert result.exit_code == 0, (result.stdout, result.stderr, result.exception)
@@ -88,3 +90,54 @@ def test_serve_without_the_extra_names_the_install_command(
         "pip install 'crossrank[serve]'"
     )
     assert missing in result.stderr
+
+
+@pytest.mark.parametrize(
+    ("host", "why"),
+    [
+        ("999.1.1.1", "'999.1.1.1' is not a valid IP address"),
+        ("1.2.3", "'1.2.3' is not a valid IP address"),
+        ("", "'' is not a valid IP address"),
+        ("no such host", "is not a valid IP address"),
+        ("no-such-host.invalid", "'no-such-host.invalid' cannot be resolved"),
+    ],
+)
+def test_a_host_that_cannot_be_listened_on_is_one_line_before_anything_loads(
+    tmp_path: Path, served: dict, host: str, why: str
+) -> None:
+    # The index does not even exist: the host is checked first, and nothing is announced.
+    result = CliRunner().invoke(app, ["serve", str(tmp_path / "missing.idx"), "--host", host])
+    assert result.exit_code == 2, (result.stdout, result.stderr)
+    assert result.stderr.startswith("error: Invalid value for --host: ")
+    assert result.stderr.count("\n") == 1 and why in result.stderr
+    assert "serving" not in result.stderr and served == {}
+
+
+@pytest.mark.parametrize("port", ["0", "65536", "http"])
+def test_a_bad_port_is_one_line_and_exit_2(built_index: Path, served: dict, port: str) -> None:
+    result = CliRunner().invoke(app, ["serve", str(built_index), "--port", port])
+    assert result.exit_code == 2
+    assert result.stderr.startswith("error: ") and result.stderr.count("\n") == 1
+    assert "serving" not in result.stderr and served == {}
+
+
+@pytest.mark.parametrize("host", ["::1", "localhost"])
+def test_ipv6_and_names_are_served(built_index: Path, served: dict, host: str) -> None:
+    result = CliRunner().invoke(app, ["serve", str(built_index), "--host", host, "--port", "9"])
+    assert result.exit_code == 0, (result.stdout, result.stderr, result.exception)
+    assert served["host"] == host
+    url = "http://[::1]:9/" if host == "::1" else "http://localhost:9/"
+    assert f"on {url} · API docs" in result.stderr
+
+
+def test_the_announcement_prints_the_index_path_literally(
+    built_index: Path, tmp_path: Path, served: dict
+) -> None:
+    import shutil
+
+    odd = Path(shutil.copytree(built_index, tmp_path / "[bold]m[/]" / "[/x].idx"))
+    result = CliRunner().invoke(app, ["serve", str(odd), "--device", "cpu"])
+    assert result.exit_code == 0, (result.stdout, result.stderr, result.exception)
+    assert f"serving {odd.resolve()} (24 images" in result.stderr or (
+        f"serving {odd} (24 images" in result.stderr
+    )
