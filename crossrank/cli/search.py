@@ -1,22 +1,31 @@
-"""``crossrank search``: query an index from the terminal."""
+"""``crossrank search``: query an index from the terminal, or a stream of queries from stdin."""
 
 from __future__ import annotations
 
+import json
+import sys
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich.markup import escape
 from rich.table import Table
+from rich.text import Text
 
 from crossrank.cli.app import _friendly_errors, _print_json, app
 from crossrank.cli.render import (
+    Notes,
     console,
+    describe_search,
     err_console,
     print_table,
 )
 from crossrank.device import Device
 from crossrank.errors import CrossrankError
+
+if TYPE_CHECKING:
+    from crossrank.hits import SearchResult
 
 
 @app.command()
@@ -24,19 +33,25 @@ from crossrank.errors import CrossrankError
 def search(
     index: Annotated[Path, typer.Argument(help="The index directory.")],
     query: Annotated[
-        str | None, typer.Argument(help="The text to search for (or use --image).")
+        str | None,
+        typer.Argument(
+            help=(
+                "The text to search for (or use --image). Without QUERY and --image, queries are "
+                "read from stdin, one per line, with the model loaded once."
+            )
+        ),
     ] = None,
+    # Checked by the library (1 to 2**63 - 1; capped at the index size), one line on error.
     k: Annotated[int, typer.Option("-k", "--k", help="Hits to return.")] = 10,
     rerank_k: Annotated[int, typer.Option(help="First-stage candidates to rerank (>= k).")] = 100,
     reranker: Annotated[
         str,
         typer.Option(
             help=(
-                "auto (the index's own reranker/; blip-itm on a BLIP index; the shipped "
-                "demo reranker "
-                "on a demo-encoder index; else maxsim), maxsim, blip-itm, none, or a trained "
-                "reranker "
-                "folder."
+                "auto (a trained reranker when there is one: the index's own reranker/, "
+                "blip-itm on a BLIP index, the shipped one for the demo encoder; else none, with "
+                "a hint on how to train one; image queries get none), maxsim, blip-itm, none, or "
+                "a trained reranker folder."
             )
         ),
     ] = "auto",
@@ -54,7 +69,7 @@ def search(
         typer.Option(help='DuckDB SQL filter over metadata columns, e.g. "width > 256".'),
     ] = None,
     image: Annotated[
-        Path | None, typer.Option(help="Search by this image instead of a text.")
+        Path | None, typer.Option(help="Search by this image file instead of a text.")
     ] = None,
     model: Annotated[
         str | None, typer.Option(help="Model to encode the query with; must be the index's.")
@@ -63,7 +78,12 @@ def search(
     nprobe: Annotated[
         int | None, typer.Option(min=1, help="IVF lists probed (default: the index's).")
     ] = None,
-    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
+    as_json: Annotated[
+        bool,
+        typer.Option(
+            "--json", help="Print one JSON object (one per line for queries read from stdin)."
+        ),
+    ] = False,
     html: Annotated[
         Path | None,
         typer.Option(
@@ -71,34 +91,82 @@ def search(
         ),
     ] = None,
 ) -> None:
-    """Search an index by text, or by image with --image."""
+    """Search an index by text, or by image with --image; without either, read queries from stdin.
+
+    Every input (the index, --where, --image, -k) is checked before the model loads. The footer
+    names the encoder, the reranker and the fusion that ranked the hits; notes (the demo
+    encoder, a query cut at the text encoder's positions, how to train a reranker) go to stderr.
+    """
+    import warnings
+
     from crossrank.api.index import Index
+    from crossrank.search.encode import QueryTruncatedWarning
 
-    if (query is None) == (image is None):
-        raise typer.BadParameter(
-            "give either a QUERY text or --image PATH, not both and not neither"
-        )
-    idx = Index.open(index, device=device.value, model=model, nprobe=nprobe)
-    result = idx.search(
-        query if image is None else image,
-        k=k,
-        rerank_k=rerank_k,
-        where=where,
-        reranker=None if reranker == "none" else reranker,
-        fusion=fusion,
-    )
-    if html is not None:
-        from crossrank.html import write_page
+    if query is not None and image is not None:
+        raise typer.BadParameter("give either a QUERY text or --image PATH, not both")
+    from_stdin = query is None and image is None
+    if from_stdin and html is not None:
+        raise typer.BadParameter("--html writes the page of one query: give a QUERY or --image")
+    one = [query if image is None else image] if not from_stdin else []
+    # Checked before any model loads: the index (opening it), -k, --image, --fusion, --where.
+    idx = Index.open(index, device=device.value, nprobe=nprobe)
+    idx.check_search(one, k=k, rerank_k=rerank_k, where=where, fusion=fusion)
+    if model is not None:  # a model named on the command line is loaded (and checked) at open
+        idx.close()
+        idx = Index.open(index, device=device.value, model=model, nprobe=nprobe)
+    notes = Notes()
+    with warnings.catch_warnings():
+        # A cut query's warning reaches the user as a note (result.notes), not as a traceback line.
+        warnings.simplefilter("ignore", QueryTruncatedWarning)
+        for q in one or _stdin_queries():
+            result = idx.search(
+                q,
+                k=k,
+                rerank_k=rerank_k,
+                where=where,
+                reranker=None if reranker == "none" else reranker,
+                fusion=fusion,
+            )
+            if html is not None:
+                _write_html(result, html)
+            if as_json:
+                if from_stdin:  # one object per line: a stream a reader can take line by line
+                    sys.stdout.write(json.dumps(result.to_dict(), ensure_ascii=False) + "\n")
+                    sys.stdout.flush()
+                else:
+                    _print_json(result.to_dict())
+            else:
+                _print_result(result)
+            notes.show(None if result.encoder is None else result.encoder.to_dict(), result.notes)
 
-        try:
-            write_page(result, html)
-        except OSError as e:
-            raise CrossrankError(f"--html {html} cannot be written: {e.strerror or e}") from e
-        err_console.print(f"[dim]wrote {escape(str(html))}[/]", highlight=False)
-    if as_json:
-        _print_json(result.to_dict())
-        return
-    table = Table(title=f"{result.query!r}", title_justify="left")
+
+def _stdin_queries() -> Iterator[str]:
+    """Queries from stdin, one per line (blank lines skipped); a prompt on stderr at a terminal."""
+    interactive = sys.stdin.isatty()
+    while True:
+        if interactive:
+            err_console.print("query> ", end="", highlight=False)
+        line = sys.stdin.readline()
+        if not line:
+            return
+        text = line.strip()
+        if text:
+            yield text
+
+
+def _write_html(result: SearchResult, html: Path) -> None:
+    from crossrank.html import write_page
+
+    try:
+        write_page(result, html)
+    except OSError as e:
+        raise CrossrankError(f"--html {html} cannot be written: {e.strerror or e}") from e
+    err_console.print(f"[dim]wrote {escape(str(html))}[/]", highlight=False)
+
+
+def _print_result(result: SearchResult) -> None:
+    """The hits as a table, then the counts and what ranked them (user text printed literally)."""
+    table = Table(title=Text(repr(result.query)), title_justify="left")
     for col, justify in (
         ("#", "right"),
         ("score", "right"),
@@ -115,7 +183,7 @@ def search(
             f"{hit.first_stage_score:.4f}",
             "-" if hit.rerank_score is None else f"{hit.rerank_score:.4f}",
             str(hit.id),
-            hit.path,
+            Text(hit.path),
         )
     print_table(table)
     c = result.counts
@@ -123,7 +191,6 @@ def search(
         f"{c.returned} of {c.requested} requested · {c.filtered_out} filtered out · "
         f"{c.candidates} candidates · {result.timings_ms['total']:.1f} ms"
     )
-    console.print(line if c.returned == c.requested else f"[yellow]{line}[/]")
-
-
-# -- info / verify ----------------------------------------------------------------------------
+    console.print(line if c.returned == c.requested else f"[yellow]{line}[/]", highlight=False)
+    encoder = None if result.encoder is None else result.encoder.to_dict()
+    console.print(describe_search(encoder, result.reranker, result.fusion), highlight=False)

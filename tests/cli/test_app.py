@@ -132,8 +132,22 @@ def test_build_json_summary(tmp_path, tiny_clip, runner):
 def test_search_json_has_the_documented_shape(cli_build, odd_folder, runner):
     index, _ = cli_build
     _, good, _ = odd_folder
-    out = _search_json(runner, str(index), QUERY, "-k", "3", "--rerank-k", "8")
-    assert list(out) == ["query", "hits", "counts", "timings_ms", "generation"]
+    out = _search_json(
+        runner, str(index), QUERY, "-k", "3", "--rerank-k", "8", "--reranker", "maxsim"
+    )
+    assert list(out) == [
+        "query",
+        "hits",
+        "counts",
+        "timings_ms",
+        "generation",
+        "encoder",
+        "reranker",
+        "fusion",
+        "notes",
+    ]
+    assert out["reranker"] == "maxsim" and out["fusion"] == "rerank" and out["notes"] == []
+    assert out["encoder"]["demo"] is False and out["encoder"]["note"] is None
     assert out["query"] == QUERY
     assert out["generation"] == 1  # a fresh build is generation 1
     assert len(out["hits"]) == 3
@@ -403,13 +417,8 @@ def test_errors_have_no_traceback_unless_verbose(tmp_path):
     assert "IndexNotFoundError: no committed index in" in loud.stderr
 
 
-@pytest.mark.parametrize("extra", [["--image", "{img}"], []], ids=["query-and-image", "neither"])
-def test_query_and_image_are_one_or_the_other(built_index, image_folder, runner, extra):
-    args = (
-        ["search", str(built_index)]
-        + (["a cat"] if extra else [])
-        + [a.format(img=image_folder / "img_000.png") for a in extra]
-    )
+def test_query_and_image_are_one_or_the_other(built_index, image_folder, runner):
+    args = ["search", str(built_index), "a cat", "--image", str(image_folder / "img_000.png")]
     result = runner.invoke(app, args)
     assert result.exit_code == 2
     assert "give either a QUERY text or --image PATH" in " ".join(result.stderr.split())
@@ -466,3 +475,143 @@ def test_build_failure_on_a_fresh_dir_leaves_no_index(tmp_path, tiny_clip, runne
     leftovers = list((tmp_path / "x.idx").iterdir()) if (tmp_path / "x.idx").exists() else []
     assert leftovers == []
     shutil.rmtree(tmp_path / "bad")
+
+
+# -- what a search says, and what it refuses before the model loads -----------------------------
+
+
+@pytest.fixture()
+def encoder_loads(monkeypatch) -> list[str]:
+    """Counts the encoders loaded (the CLI runs in this process)."""
+    import crossrank.encoders
+
+    loads: list[str] = []
+    real = crossrank.encoders.load_encoder
+
+    def counting(*args, **kwargs):
+        loads.append(str(args[0]))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(crossrank.encoders, "load_encoder", counting)
+    return loads
+
+
+def test_search_footer_names_the_encoder_reranker_and_the_train_hint(built_index, runner):
+    result = runner.invoke(app, ["search", str(built_index), QUERY, "-k", "3", "--device", "cpu"])
+    _ok(result)
+    out = " ".join(result.stdout.split())
+    assert "3 of 3 requested" in out
+    assert "reranker none" in out and "encoder " in out and "tiny-clip" in out
+    note = " ".join(result.stderr.split())
+    assert note.count("crossrank train") == 1  # auto found no trained reranker: one hint
+
+
+def test_the_demo_encoder_note_is_said_once_on_stderr(tmp_path, runner):
+    from crossrank.encoders.describe import DEMO_NOTE
+
+    write_images(tmp_path / "src", 3)
+    _ok(runner.invoke(app, ["build", str(tmp_path / "src"), "--index", str(tmp_path / "d.idx")]))
+    args = ["search", str(tmp_path / "d.idx"), "--device", "cpu"]
+    result = runner.invoke(app, args, input="a red circle\na blue square\n")
+    _ok(result)
+    assert " ".join(result.stderr.split()).count(" ".join(DEMO_NOTE.split())) == 1
+    assert "(demo encoder)" in result.stdout
+    assert "cross-attention (shipped for" in " ".join(result.stdout.split())
+    assert DEMO_NOTE not in result.stdout  # the table's stdout stays the results
+    out = _search_json(runner, str(tmp_path / "d.idx"), "a red circle")
+    assert out["encoder"]["demo"] is True and out["encoder"]["note"] == DEMO_NOTE
+
+
+def test_queries_from_stdin_load_the_model_once_and_print_json_lines(
+    built_index, runner, encoder_loads
+):
+    result = runner.invoke(
+        app,
+        ["search", str(built_index), "-k", "2", "--json", "--device", "cpu"],
+        input=f"{QUERY}\n\n  a dog  \n",
+    )
+    _ok(result)
+    lines = result.stdout.splitlines()
+    assert len(lines) == 2
+    objects = [json.loads(line) for line in lines]
+    assert [o["query"] for o in objects] == [QUERY, "a dog"]
+    assert all(len(o["hits"]) == 2 for o in objects)
+    assert len(encoder_loads) == 1
+
+
+def test_a_bad_where_fails_before_the_model_loads(built_index, runner, monkeypatch):
+    import crossrank.encoders
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the encoder was loaded")
+
+    monkeypatch.setattr(crossrank.encoders, "load_encoder", refuse)
+    for where, match in (("label = 'x'", 'unknown column "label"'), ("width >", "not a valid")):
+        result = runner.invoke(
+            app, ["search", str(built_index), QUERY, "--where", where, "--device", "cpu"]
+        )
+        assert result.exit_code == 1, (result.stdout, result.stderr, result.exception)
+        assert match in result.stderr and len(result.stderr.strip().splitlines()) == 1
+    result = runner.invoke(app, ["search", str(built_index), "--where", "label = 'x'"], input="q\n")
+    assert result.exit_code == 1 and 'unknown column "label"' in result.stderr  # stdin mode too
+
+
+@pytest.mark.parametrize(
+    ("args", "match"),
+    [
+        (["--image", "{folder}"], r"is a folder, not an image file; give the path of one image"),
+        (["--image", "{text}"], r"notes\.png cannot be used"),
+        (["q", "-k", str(10**30)], r"k must be at most 9223372036854775807"),
+        (["q", "-k", "3", "--rerank-k", str(2**64)], r"rerank_k must be at most"),
+    ],
+    ids=["image-folder", "image-not-an-image", "k-beyond-int64", "rerank-k-beyond-int64"],
+)
+def test_bad_image_or_k_is_one_line_before_the_model_loads(
+    built_index, tmp_path, runner, monkeypatch, args, match
+):
+    import crossrank.encoders
+
+    monkeypatch.setattr(crossrank.encoders, "load_encoder", lambda *a, **k: 1 / 0)
+    (tmp_path / "notes.png").write_text("not an image")
+    args = [a.format(folder=tmp_path, text=tmp_path / "notes.png") for a in args]
+    result = runner.invoke(app, ["search", str(built_index), *args, "--device", "cpu"])
+    assert result.exit_code == 1, (result.stdout, result.stderr, result.exception)
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and re.search(match, " ".join(lines)), result.stderr
+
+
+def test_huge_k_returns_the_whole_index_and_keeps_the_request(built_index, runner):
+    huge = str(10**18)
+    out = _search_json(runner, str(built_index), QUERY, "-k", huge, "--rerank-k", huge)
+    assert out["counts"]["requested"] == 10**18
+    assert out["counts"]["returned"] == len(out["hits"]) == 24
+
+
+def test_a_long_query_is_cut_with_one_yellow_note(built_index, runner):
+    long = " ".join([QUERY] * 6)
+    result = runner.invoke(app, ["search", str(built_index), long, "-k", "2", "--device", "cpu"])
+    _ok(result)
+    stderr = " ".join(result.stderr.split())
+    assert stderr.count("longer than the text encoder reads (24 tokens)") == 1
+    assert "Warning" not in result.stderr  # a note, not a Python warning line
+
+
+def test_user_text_is_printed_literally(tmp_path, tiny_clip, runner):
+    from PIL import Image
+
+    src = tmp_path / "src"
+    write_images(src, 2)
+    Image.new("RGB", (32, 32), (200, 10, 10)).save(src / "[bold]m.png")
+    _ok(
+        runner.invoke(
+            app,
+            ["build", str(src), "--index", str(tmp_path / "i.idx"), "--model", str(tiny_clip)],
+        )
+    )
+    for query in ("[/x] a red circle", "[bold]a red circle"):
+        result = runner.invoke(
+            app, ["search", str(tmp_path / "i.idx"), query, "-k", "3", "--device", "cpu"]
+        )
+        _ok(result)
+        assert "[bold]m.png" in result.stdout
+        assert repr(query) in result.stdout
