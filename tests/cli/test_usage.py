@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
+import tomllib
 from pathlib import Path
 
 import pytest
@@ -57,3 +59,33 @@ def test_no_arguments_still_show_the_help() -> None:
     result = CliRunner().invoke(app, [])
     assert "Usage: crossrank" in result.output
     assert "Commands" in result.output
+
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _requirement_names(requirements: list[str]) -> set[str]:
+    return {re.split(r"[\s<>=!~;\[]", r, maxsplit=1)[0].lower() for r in requirements}
+
+
+def test_the_readme_demo_set_up_installs_what_serve_needs() -> None:
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    set_up = readme.split("## Set up", 1)[1].split("\n## ", 1)[0]
+    first = re.search(r"```bash\n(.*?)\n```", set_up, re.S)
+    assert first is not None
+    extras = re.search(r"pip install -e '\.\[([a-z,]+)\]'", first.group(1))
+    assert extras is not None, first.group(1)
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))["project"]
+    installed = list(project["dependencies"])
+    for extra in extras.group(1).split(","):
+        installed += project["optional-dependencies"][extra]
+    assert {"fastapi", "uvicorn"} <= _requirement_names(installed)
+    assert "crossrank serve" in readme.split("## Quick start: CLI", 1)[1]
+
+
+def test_the_readme_states_the_exit_codes() -> None:
+    readme = " ".join((ROOT / "README.md").read_text(encoding="utf-8").split())
+    assert (
+        "Exit codes: 0 success, 1 error, 2 usage error (an unknown command or flag, a bad flag "
+        "value: one line too), 130 interrupted (Ctrl-C)."
+    ) in readme
