@@ -61,6 +61,7 @@ def run_demo(
     device: str = "auto",
     n_examples: int = 3,
     progress: Callable[[str], None] | None = None,
+    stage_progress: Callable[[str, int, int], None] | None = None,
 ) -> DemoReport:
     """Generate a benchmark, index it, show example queries and evaluate first stage vs reranked.
 
@@ -73,10 +74,14 @@ def run_demo(
         seed: benchmark seed.
         model: encoder; ``None`` is the shipped demo model.
         reranker: the reranker to compare with the first stage; ``auto`` is the shipped demo
-            reranker for the demo encoder (see :attr:`Index.default_reranker`).
+            reranker for the demo encoder, and none (the first stage alone) for a model without
+            a trained reranker (see :attr:`Index.default_reranker`).
         device: ``auto``, ``cpu`` or ``cuda``.
         n_examples: example queries to show (one per query kind, in turn).
         progress: called with a short message as each stage starts.
+        stage_progress: called as ``stage_progress(stage, done, total)`` as each stage advances
+            (``dataset``: images rendered, ``build``: images indexed, ``eval``: queries
+            evaluated), for progress bars.
 
     Returns:
         A :class:`DemoReport`.
@@ -94,6 +99,7 @@ def run_demo(
             f"demo output {out} exists and is not a folder; pass another --out"
         )
     say = progress or (lambda message: None)
+    step = stage_progress or (lambda stage, done, total: None)
     seconds: dict[str, float] = {}
     t_start = time.perf_counter()
 
@@ -105,21 +111,38 @@ def run_demo(
     else:
         say(f"generating {n_images} images and {n_queries} queries (seed {seed})")
         ds = generate_shapes(
-            bench, n_images=n_images, n_queries=n_queries, seed=seed, split="test", overwrite=True
+            bench,
+            n_images=n_images,
+            n_queries=n_queries,
+            seed=seed,
+            split="test",
+            overwrite=True,
+            progress=lambda done, total: step("dataset", done, total),
         )
     seconds["dataset"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
-    say("indexing the images with the demo encoder")
-    build_index(ds.images_dir, out / INDEX_DIR, model=model, device=device, overwrite=True)
+    say(f"indexing the images with {'the demo encoder' if model is None else model}")
+    build_index(
+        ds.images_dir,
+        out / INDEX_DIR,
+        model=model,
+        device=device,
+        overwrite=True,
+        progress=lambda done, total: step("build", done, total),
+    )
     seconds["build"] = time.perf_counter() - t0
     index = Index.open(out / INDEX_DIR, device=device)
 
     t0 = time.perf_counter()
-    shown = Path(index.default_reranker).name if reranker == "auto" else reranker
-    say(f"evaluating {n_queries} queries: first stage vs + {shown}")
+    say(f"evaluating {n_queries} queries: the first stage and reranker {reranker}")
     report = evaluate_index(
-        index, ds.queries_path, ds.qrels_path, reranker=reranker, run_out=out / RUNS_DIR
+        index,
+        ds.queries_path,
+        ds.qrels_path,
+        reranker=reranker,
+        run_out=out / RUNS_DIR,
+        progress=lambda done, total: step("eval", done, total),
     )
     seconds["eval"] = time.perf_counter() - t0
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -17,7 +18,9 @@ runner = CliRunner()
 @pytest.fixture(scope="module")
 def demo_dir(tmp_path_factory: pytest.TempPathFactory, tiny_clip: Path) -> tuple[Path, dict]:
     out = tmp_path_factory.mktemp("demo") / "crossrank-demo"
-    report = run_demo(out, n_images=60, n_queries=12, seed=0, model=tiny_clip, device="cpu")
+    report = run_demo(
+        out, n_images=60, n_queries=12, seed=0, model=tiny_clip, reranker="maxsim", device="cpu"
+    )
     return out, report.to_dict()
 
 
@@ -62,6 +65,9 @@ def test_demo_rerun_reuses_the_benchmark(demo_dir, tiny_clip: Path) -> None:
     report = run_demo(out, n_images=60, n_queries=12, seed=0, model=tiny_clip, device="cpu")
     assert (out / "benchmark" / "qrels.txt").stat().st_mtime_ns == before
     assert report.evaluation["queries"] == 12
+    # auto over a model without a trained reranker: the first stage alone, said so, with a hint
+    assert report.evaluation["reranker"] == "none" and report.evaluation["reranked"] is None
+    assert "crossrank train" in report.evaluation["notes"][0]
 
 
 def test_demo_cli_json(tmp_path: Path, tiny_clip: Path) -> None:
@@ -179,3 +185,47 @@ def test_train_encoder_missing_init_model_is_one_line_before_any_data_loads(tmp_
     )
     assert result.exit_code == 1
     assert result.stderr.count("error:") == 1 and "does not exist" in result.stderr
+
+
+def test_demo_cli_shows_a_bar_per_stage_and_fits_80_columns(
+    tmp_path: Path, tiny_clip: Path, monkeypatch
+) -> None:
+    import io
+
+    from rich.console import Console
+
+    from crossrank.cli import render
+
+    bars, out = io.StringIO(), io.StringIO()
+    monkeypatch.setattr(
+        render, "err_console", Console(file=bars, width=80, force_terminal=True, color_system=None)
+    )
+    monkeypatch.setattr(
+        render, "console", Console(file=out, width=80, force_terminal=True, color_system=None)
+    )
+    result = runner.invoke(
+        app,
+        [
+            "demo",
+            "--out",
+            str(tmp_path / "d"),
+            "--n-images",
+            "40",
+            "--n-queries",
+            "6",
+            "--model",
+            str(tiny_clip),
+            "--reranker",
+            "maxsim",
+            "--device",
+            "cpu",
+        ],
+    )
+    assert result.exit_code == 0, (result.output, result.exception)
+    shown = bars.getvalue()
+    for stage, total in (("dataset", 40), ("build", 40), ("eval", 6)):
+        assert re.search(rf"{stage}\s.*━.*{total}/{total}", shown), (stage, shown)
+    text = out.getvalue()
+    assert "nDCG@10" in text and "reranker maxsim" in text
+    assert "…" not in text
+    assert max(len(line) for line in text.splitlines()) <= 80

@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
+from rich.markup import escape
 from rich.table import Table
 
 from crossrank.cli.app import _friendly_errors, _print_json, app
@@ -16,6 +17,7 @@ from crossrank.cli.render import (
     print_table,
     progress_bar,
     render_eval,
+    stage_bars,
 )
 from crossrank.device import Device
 
@@ -38,7 +40,8 @@ def demo(
         typer.Option(
             help=(
                 "Reranker to compare with the first stage: auto (the shipped demo reranker for the "
-                "demo encoder), maxsim, none, or a folder."
+                "demo encoder; none for a model without a trained reranker), maxsim, none, or a "
+                "folder."
             )
         ),
     ] = "auto",
@@ -47,38 +50,42 @@ def demo(
 ) -> None:
     """Generate a compositional benchmark, index it, show example queries and evaluate (offline).
 
-    Takes about a minute.
+    Takes about a minute; a progress bar per stage (dataset, build, eval) on stderr.
     """
     from crossrank.demo import run_demo
 
-    def say(message: str) -> None:
-        if not as_json:
-            err_console.print(f"[dim]·[/] {message}")
+    with stage_bars(disable=as_json) as step:
 
-    report = run_demo(
-        out,
-        n_images=n_images,
-        n_queries=n_queries,
-        seed=seed,
-        model=model,
-        reranker=reranker,
-        device=device.value,
-        progress=say,
-    )
+        def say(message: str) -> None:
+            if not as_json:
+                err_console.print(f"[dim]·[/] {escape(message)}", highlight=False)
+
+        report = run_demo(
+            out,
+            n_images=n_images,
+            n_queries=n_queries,
+            seed=seed,
+            model=model,
+            reranker=reranker,
+            device=device.value,
+            progress=say,
+            stage_progress=step,
+        )
     if as_json:
         _print_json(report.to_dict())
         return
     for ex in report.examples:
         table = Table(
             title=(
-                f"{ex['query']!r}  "
-                f"[dim]({ex['kind']}, {ex['relevant_in_corpus']} relevant images)[/]"
+                f"{escape(repr(ex['query']))}  "
+                f"[dim]({escape(str(ex['kind']))}, {ex['relevant_in_corpus']} relevant images)[/]"
             ),
             title_justify="left",
         )
+        # The reranker is named under the eval table (its label may be a long folder path).
         table.add_column("#", justify="right")
-        table.add_column("first stage", justify="left")
-        table.add_column(f"+ {report.evaluation.get('reranker') or reranker}", justify="left")
+        table.add_column("first stage", justify="left", no_wrap=True)
+        table.add_column("reranked", justify="left", no_wrap=True)
         for rank, (a, b) in enumerate(
             zip(ex["first_stage"], ex["reranked"], strict=False), start=1
         ):
@@ -88,12 +95,13 @@ def demo(
     s = report.seconds
     console.print(
         f"[green]done[/] in {s['total']:.0f} s (dataset {s['dataset']:.0f} s, "
-        f"build {s['build']:.0f} "
-        "s, "
-        f"eval {s['eval']:.0f} s) -> {report.out_dir}/"
+        f"build {s['build']:.0f} s, eval {s['eval']:.0f} s) -> {escape(str(report.out_dir))}/",
+        highlight=False,
     )
     console.print(
-        f'try: crossrank search {report.out_dir}/index "a red circle left of a blue square"'
+        f"try: crossrank search {escape(str(report.out_dir))}/index "
+        '"a red circle left of a blue square"',
+        highlight=False,
     )
 
 
@@ -121,11 +129,10 @@ def eval_cmd(
         str,
         typer.Option(
             help=(
-                "auto (the index's own reranker/; blip-itm on a BLIP index; the shipped "
-                "demo reranker "
-                "on a demo-encoder index; else maxsim), maxsim, blip-itm, none, or a trained "
-                "reranker "
-                "folder."
+                "auto (a trained reranker when there is one: the index's own reranker/, "
+                "blip-itm on a BLIP index, the shipped one for the demo encoder; else none: the "
+                "first stage alone, with a hint on how to train one), maxsim, blip-itm, none, or "
+                "a trained reranker folder."
             )
         ),
     ] = "auto",
@@ -145,7 +152,8 @@ def eval_cmd(
 ) -> None:
     """Evaluate the first stage alone and with the reranker.
 
-    Reports R@1/5/10, MRR@10, nDCG@10, P@10 and latency.
+    Reports R@1/5/10, MRR@10, nDCG@10, P@10 and latency, and names the encoder, reranker and
+    fusion. --json carries the metrics unrounded; the table rounds them to 3 decimals.
     """
     from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeElapsedColumn
 
