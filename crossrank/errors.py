@@ -14,6 +14,8 @@ __all__ = [
     "IndexNotFoundError",
     "IndexCorruptError",
     "IndexLockedError",
+    "IndexWriteError",
+    "IndexBusyError",
     "ModelError",
     "ModelMismatchError",
     "FilterError",
@@ -47,6 +49,16 @@ class IndexCorruptError(CrossrankError):
 
 class IndexLockedError(CrossrankError):
     """Another process writes the index (build, add, remove or compact); one writer at a time."""
+
+
+class IndexWriteError(CrossrankError):
+    """The operating system refused a write to an index: disk full, a read-only or unwritable
+    folder, a path under a file. Raised ``from`` the ``OSError``; the last committed generation
+    is intact, the writer lock released and the temporary files removed."""
+
+
+class IndexBusyError(IndexNotFoundError):
+    """The index directory has no committed index yet because its first build is running."""
 
 
 class ModelError(CrossrankError):

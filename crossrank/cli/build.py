@@ -6,8 +6,10 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
+from rich.markup import escape
 
 from crossrank.cli.app import _friendly_errors, _print_json, app
+from crossrank.cli.living import stop_on_ctrl_c
 from crossrank.cli.render import (
     console,
     progress_bar,
@@ -74,7 +76,7 @@ def build(
         TimeRemainingColumn(),
     ]
     started: list[float] = []  # when the first batch arrived: images/s counts from there
-    with progress_bar(*columns, disable=as_json, rate="") as update:
+    with stop_on_ctrl_c(index), progress_bar(*columns, disable=as_json, rate="") as update:
 
         def progress(done: int, total: int) -> None:
             if not started:
@@ -102,18 +104,19 @@ def build(
         _print_json(report.to_dict())
         return
     rate = report.indexed / report.seconds if report.seconds else 0.0
+    path = escape(str(report.index_dir))
+    duplicates = f" ({report.duplicates} duplicates)" if report.duplicates else ""
     console.print(
-        f"[green]indexed {report.indexed}[/] images, skipped {report.skipped}, "
-        f"in {report.seconds:.1f} "
-        "s "
-        f"({rate:,.0f} img/s overall, model loading included) -> {report.index_dir} (generation "
-        f"{report.generation}, {report.factory})"
+        f"[green]indexed {report.indexed}[/] images, skipped {report.skipped}{duplicates}, "
+        f"in {report.seconds:.1f} s ({rate:,.0f} img/s overall, model loading included) -> "
+        f"{path} (generation {report.generation}, {escape(report.factory)})",
+        highlight=False,
     )
     if report.skipped:
         console.print(
             f"[yellow]{report.skipped} files skipped:[/] list them with "
-            f"`crossrank info {report.index_dir} "
-            "--skipped`"
+            f"`crossrank info {path} --skipped`",
+            highlight=False,
         )
 
 

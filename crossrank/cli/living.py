@@ -7,17 +7,41 @@ second writer gets one red line naming the first.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated
 
 import typer
+from rich.markup import escape
 
 from crossrank.cli.app import _friendly_errors, _print_json, app
-from crossrank.cli.render import console, progress_bar
+from crossrank.cli.render import console, err_console, progress_bar
 from crossrank.device import Device
 
-__all__ = ["add", "remove", "compact"]
+__all__ = ["add", "remove", "compact", "stop_on_ctrl_c"]
+
+#: The exit code of a command stopped by Ctrl-C (128 + SIGINT), as shells report it.
+EXIT_INTERRUPTED = 130
+
+
+@contextmanager
+def stop_on_ctrl_c(index: Path) -> Iterator[None]:
+    """Ctrl-C stops a writing command with one line and exit code 130.
+
+    By the time the KeyboardInterrupt gets here, the generation writer has removed its temporary
+    folder and the writer lock is released; the last committed generation was never touched.
+    """
+    try:
+        yield
+    except KeyboardInterrupt:
+        err_console.print(
+            f"[bold yellow]interrupted:[/] stopped; the last committed generation of "
+            f"{escape(str(index))} is intact and its writer lock is released",
+            highlight=False,
+            soft_wrap=True,
+        )
+        raise typer.Exit(EXIT_INTERRUPTED) from None
 
 
 def _parse_ids(text: str) -> list[int]:
@@ -70,6 +94,13 @@ def add(
     rehash: Annotated[
         bool, typer.Option(help="Hash every file, even those whose size and mtime match the index.")
     ] = False,
+    retry_skipped: Annotated[
+        bool,
+        typer.Option(
+            "--retry-skipped",
+            help="Try again the files the index skipped before (e.g. after fixing them).",
+        ),
+    ] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print the summary as JSON.")] = False,
 ) -> None:
     """Index the files of SOURCE the index lacks (matched by content); moved files keep their id."""
@@ -84,7 +115,10 @@ def add(
         TextColumn("{task.fields[rate]}"),
         TimeElapsedColumn(),
     ]
-    with progress_bar(*columns, disable=as_json, phase="", rate="") as update:
+    with (
+        stop_on_ctrl_c(index),
+        progress_bar(*columns, disable=as_json, phase="", rate="") as update,
+    ):
         report = add_images(
             source,
             index,
@@ -92,29 +126,40 @@ def add(
             device=device.value,
             workers=workers,
             rehash=rehash,
+            retry_skipped=retry_skipped,
             progress=_phase_progress(update),
         )
     if as_json:
         _print_json(report.to_dict())
         return
+    where = escape(str(report.index_dir))
+    still = (
+        f", {report.still_skipped} skipped before (--retry-skipped tries them again)"
+        if report.still_skipped
+        else ""
+    )
     if not report.committed:
         console.print(
             f"[green]nothing to add[/]: {report.unchanged} files already indexed"
             + (f", {report.duplicates} duplicates" if report.duplicates else "")
             + (f", {report.skipped} undecodable" if report.skipped else "")
-            + f" -> {report.index_dir} (generation {report.generation}, {report.images} images)"
+            + still
+            + f" -> {where} (generation {report.generation}, {report.images} images)",
+            highlight=False,
         )
         return
     console.print(
         f"[green]added {report.added}[/] images, moved {report.moved}, replaced "
         f"{report.replaced}, unchanged {report.unchanged}, duplicates "
-        f"{report.duplicates}, skipped {report.skipped}, in {report.seconds:.1f} s -> "
-        f"{report.index_dir} (generation {report.generation}, {report.images} images)"
+        f"{report.duplicates}, skipped {report.skipped}{still}, in {report.seconds:.1f} s -> "
+        f"{where} (generation {report.generation}, {report.images} images)",
+        highlight=False,
     )
     if report.skipped:
         console.print(
             f"[yellow]{report.skipped} files skipped:[/] list them with "
-            f"`crossrank info {report.index_dir} --skipped`"
+            f"`crossrank info {where} --skipped`",
+            highlight=False,
         )
 
 
@@ -143,23 +188,27 @@ def remove(
         raise typer.BadParameter(
             "give either --where SQL or --ids 1,2,..., not both and not neither"
         )
-    report = remove_images(index, ids=_parse_ids(ids) if ids is not None else None, where=where)
+    with stop_on_ctrl_c(index):
+        report = remove_images(index, ids=_parse_ids(ids) if ids is not None else None, where=where)
     if as_json:
         _print_json(report.to_dict())
         return
     already = (
         f" ({len(report.already_removed)} were removed before)" if report.already_removed else ""
     )
+    path = escape(str(report.index_dir))
     if not report.committed:
         console.print(
-            f"[green]nothing to remove[/]{already} -> {report.index_dir} "
-            f"(generation {report.generation}, {report.images} images)"
+            f"[green]nothing to remove[/]{already} -> {path} "
+            f"(generation {report.generation}, {report.images} images)",
+            highlight=False,
         )
         return
     console.print(
-        f"[green]removed {len(report.removed)}[/] images{already} -> {report.index_dir} "
+        f"[green]removed {len(report.removed)}[/] images{already} -> {path} "
         f"(generation {report.generation}, {report.images} images; {report.tombstones} "
-        f"removed images take space until `crossrank compact {report.index_dir}`)"
+        f"removed images take space until `crossrank compact {path}`)",
+        highlight=False,
     )
 
 
@@ -181,7 +230,10 @@ def compact(
         TextColumn("{task.fields[rate]}"),
         TimeElapsedColumn(),
     ]
-    with progress_bar(*columns, disable=as_json, phase="", rate="") as update:
+    with (
+        stop_on_ctrl_c(index),
+        progress_bar(*columns, disable=as_json, phase="", rate="") as update,
+    ):
         report = compact_index(index, progress=_phase_progress(update))
     if as_json:
         _print_json(report.to_dict())
@@ -196,14 +248,17 @@ def compact(
         if report.kept_generations
         else ""
     )
+    path = escape(str(report.index_dir))
     if not report.committed:
         console.print(
-            f"[green]nothing to compact[/]{deleted}{kept} -> {report.index_dir} "
-            f"(generation {report.generation}, {report.images} images)"
+            f"[green]nothing to compact[/]{deleted}{kept} -> {path} "
+            f"(generation {report.generation}, {report.images} images)",
+            highlight=False,
         )
         return
     console.print(
         f"[green]compacted[/]: dropped {report.dropped} removed images{deleted}{kept}, "
-        f"in {report.seconds:.1f} s -> {report.index_dir} (generation {report.generation}, "
-        f"{report.images} images, {report.factory})"
+        f"in {report.seconds:.1f} s -> {path} (generation {report.generation}, "
+        f"{report.images} images, {escape(report.factory)})",
+        highlight=False,
     )

@@ -9,6 +9,14 @@ Every indexed image carries the SHA-256 of its file's bytes. For each file of th
   source: a **duplicate**, not indexed twice;
 * otherwise it is **new**: decoded, encoded and given a new id.
 
+A file the index skipped before (listed in ``crossrank info --skipped``) is **still skipped**: it
+is not read, decoded or retried, so an add with nothing new never loads the model; pass
+``retry_skipped=True`` (``crossrank add --retry-skipped``) to try such files again, e.g. after
+fixing them. A file that can never be indexed is **skipped** by the plan itself, without being
+opened: one that is not a regular file (a FIFO, socket or device, or a symlink to one) and one
+whose name is not valid UTF-8. Copies a build skipped as ``duplicate of ...`` are judged again by
+content every time (they take over the id when the original is gone).
+
 An indexed image whose path is in the source but now holds other content, and whose own content
 moved nowhere, was **replaced**: the add removes it (the new content at that path is new).
 Indexed files that are gone from disk and from the source stay indexed: ``add`` never removes
@@ -30,23 +38,34 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from crossrank.errors import InvalidArgumentError
+from crossrank.ingest.decode import (
+    BAD_NAME_REASON,
+    SkippedFile,
+    _Unreadable,
+    non_regular_reason,
+    open_regular,
+    path_text,
+    valid_name,
+)
 from crossrank.ingest.sources import SourceItem
 
 if TYPE_CHECKING:
     import pyarrow as pa
 
-__all__ = ["AddPlan", "plan_add", "file_sha256", "INDEXED_COLUMNS"]
+__all__ = ["AddPlan", "plan_add", "file_sha256", "INDEXED_COLUMNS", "DUPLICATE_PREFIX"]
 
 logger = logging.getLogger(__name__)
 
 #: The metadata columns :func:`plan_add` reads from the index.
 INDEXED_COLUMNS = ("id", "path", "sha256", "bytes", "mtime")
+#: How the reason of a copy a build did not index starts: ``duplicate of /photos/a.png``.
+DUPLICATE_PREFIX = "duplicate of "
 
 
 @dataclass
@@ -62,6 +81,9 @@ class AddPlan:
         duplicates: files whose content is already indexed at a path that still holds it, or
             that appear earlier in the source.
         hashed: files whose bytes were read to hash them (the others matched on size and mtime).
+        skipped: files the plan itself skips, never opened: not a regular file, or a name that is
+            not valid UTF-8 (their ``path`` is :func:`~crossrank.ingest.decode.path_text`).
+        still_skipped: files the index skipped before, not tried again (see ``retry_skipped``).
     """
 
     new: list[SourceItem] = field(default_factory=list)
@@ -70,6 +92,8 @@ class AddPlan:
     unchanged: int = 0
     duplicates: list[SourceItem] = field(default_factory=list)
     hashed: int = 0
+    skipped: list[SkippedFile] = field(default_factory=list)
+    still_skipped: list[SourceItem] = field(default_factory=list)
 
     @property
     def changes_index(self) -> bool:
@@ -91,10 +115,10 @@ def file_sha256(path: str | os.PathLike[str]) -> tuple[str, int, int] | None:
         file cannot be read (the decode step then says why).
     """
     try:
-        with open(path, "rb") as f:
-            st = os.fstat(f.fileno())
+        fd, st = open_regular(path)  # never blocks on a FIFO or a device
+        with open(fd, "rb") as f:
             digest = hashlib.file_digest(f, "sha256").hexdigest()  # releases the GIL
-    except OSError:
+    except (OSError, _Unreadable):
         return None
     return digest, st.st_size, _mtime_us(st)
 
@@ -139,6 +163,8 @@ def plan_add(
     *,
     workers: int = 4,
     rehash: bool = False,
+    skipped_before: Collection[str] = (),
+    retry_skipped: bool = False,
     progress: Callable[[int, int], None] | None = None,
 ) -> AddPlan:
     """Compare a source with the images an index holds (see the module docstring).
@@ -149,6 +175,9 @@ def plan_add(
             ``bytes`` and ``mtime`` (:data:`INDEXED_COLUMNS`).
         workers: threads hashing files.
         rehash: hash every file, even those whose size and mtime match the index.
+        skipped_before: the paths the index lists as skipped (``skipped.parquet``), except the
+            copies a build skipped as duplicates; those files are still skipped, not read.
+        retry_skipped: read and plan the files of ``skipped_before`` like any other.
         progress: ``progress(done, len(items))`` while files are looked at.
 
     Returns:
@@ -158,15 +187,30 @@ def plan_add(
         InvalidArgumentError: ``indexed`` lacks a needed column (an index from another tool).
     """
     index = _Index(indexed)
+    plan = AddPlan()
+    skip_set = set() if retry_skipped else set(skipped_before)
+    planned: list[SourceItem] = []
     content: dict[str, str | None] = {}  # path -> sha256 of what it holds now (None: unreadable)
     to_hash: list[str] = []
     for item in items:
         path = str(item.path)
+        if path_text(path) in skip_set:
+            plan.still_skipped.append(item)
+            continue
+        if not valid_name(path):
+            plan.skipped.append(SkippedFile(path=path_text(path), reason=BAD_NAME_REASON))
+            continue
         try:
             st = os.stat(path)
         except OSError:
             content[path] = None
+            planned.append(item)
             continue
+        reason = non_regular_reason(st.st_mode)
+        if reason is not None:  # never opened, never given to the decoder
+            plan.skipped.append(SkippedFile(path=path, reason=reason))
+            continue
+        planned.append(item)
         sha = None if rehash else index.trusted_sha(path, st)
         if sha is None:
             to_hash.append(path)
@@ -174,14 +218,20 @@ def plan_add(
     done = len(items) - len(to_hash)
     if progress is not None:
         progress(done, len(items))
-    plan = AddPlan(hashed=len(to_hash))
+    plan.hashed = len(to_hash)
     if to_hash:
-        with ThreadPoolExecutor(max(1, workers), thread_name_prefix="crossrank-hash") as pool:
+        pool = ThreadPoolExecutor(max(1, workers), thread_name_prefix="crossrank-hash")
+        try:
             for path, result in zip(to_hash, pool.map(file_sha256, to_hash), strict=True):
                 content[path] = None if result is None else result[0]
                 done += 1
                 if progress is not None and (done % 64 == 0 or done == len(items)):
                     progress(done, len(items))
+        except BaseException:
+            # Ctrl-C: drop the files not hashed yet instead of hashing all of them first.
+            pool.shutdown(wait=False, cancel_futures=True)
+            raise
+        pool.shutdown(wait=True)
 
     def content_at(path: str) -> str | None:
         """What an indexed path outside the source holds now (cached)."""
@@ -200,7 +250,7 @@ def plan_add(
 
     claimed: set[int] = set()  # rows whose image moved to a source path
     first_new: set[str] = set()  # content of the new files so far
-    for item in items:
+    for item in planned:
         path = str(item.path)
         sha = content[path]
         if sha is None:  # unreadable: the decoder records why
@@ -219,18 +269,21 @@ def plan_add(
         else:
             first_new.add(sha)
             plan.new.append(item)
-    source_paths = {str(item.path) for item in items}
+    source_paths = {str(item.path) for item in planned}
     for r, (path, sha) in enumerate(zip(index.paths, index.shas, strict=True)):
         now = content.get(path)
         if r not in claimed and path in source_paths and now is not None and now != sha:
             plan.replaced.append(int(index.ids[r]))
     logger.info(
-        "add plan: %d new, %d moved, %d replaced, %d unchanged, %d duplicates (%d files hashed)",
+        "add plan: %d new, %d moved, %d replaced, %d unchanged, %d duplicates, %d skipped, "
+        "%d still skipped (%d files hashed)",
         len(plan.new),
         len(plan.moved),
         len(plan.replaced),
         plan.unchanged,
         len(plan.duplicates),
+        len(plan.skipped),
+        len(plan.still_skipped),
         plan.hashed,
     )
     return plan

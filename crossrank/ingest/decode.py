@@ -23,7 +23,21 @@ from crossrank.errors import DecodeError
 from crossrank.ingest.config import DEFAULT_MAX_PIXELS
 from crossrank.ingest.sources import SourceItem
 
-__all__ = ["ImageRecord", "SkippedFile", "decode_image", "to_rgb"]
+__all__ = [
+    "ImageRecord",
+    "SkippedFile",
+    "decode_image",
+    "to_rgb",
+    "BAD_NAME_REASON",
+    "path_text",
+    "valid_name",
+    "non_regular_reason",
+    "open_regular",
+]
+
+#: The reason a file whose name is not valid UTF-8 is skipped: metadata (Parquet, DuckDB) stores
+#: paths as UTF-8 text, and a name it cannot store could never be found or served again.
+BAD_NAME_REASON = "file name is not valid UTF-8"
 
 logger = logging.getLogger(__name__)
 
@@ -117,7 +131,7 @@ def decode_image(
     try:
         return _decode(item, max_pixels)
     except _Unreadable as e:
-        raise DecodeError(f"cannot decode {item.path}: {e.reason}") from e
+        raise DecodeError(f"cannot decode {path_text(item.path)}: {e.reason}") from e
 
 
 def to_rgb(image: Image.Image) -> Image.Image:
@@ -160,7 +174,85 @@ def _as_item(path: SourceItem | str | os.PathLike[str]) -> SourceItem:
     return SourceItem(path=Path(os.path.abspath(os.fspath(path))))
 
 
+def path_text(path: str | os.PathLike[str]) -> str:
+    """``path`` as text that is valid UTF-8, for the skipped-files table and messages.
+
+    A name that is not valid UTF-8 comes from the operating system with its bad bytes as lone
+    surrogates (``surrogateescape``), which Parquet cannot store; those bytes are written as
+    ``\\xff``. The same file always gives the same text, so ``add`` recognises it later.
+    """
+    text = os.fspath(path)
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return os.fsencode(text).decode("utf-8", "backslashreplace")
+    return text
+
+
+def valid_name(path: str | os.PathLike[str]) -> bool:
+    """Whether ``path`` can be stored as UTF-8 text as it is."""
+    try:
+        os.fspath(path).encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+_KINDS = (
+    (stat.S_ISFIFO, "FIFO"),
+    (stat.S_ISSOCK, "socket"),
+    (stat.S_ISCHR, "character device"),
+    (stat.S_ISBLK, "block device"),
+)
+
+
+def non_regular_reason(mode: int) -> str | None:
+    """The skip reason of a file of ``st_mode`` ``mode`` that is not a regular file; None if it is.
+
+    Such files are never opened: opening a FIFO blocks until something writes to it, and reading
+    a device may never end.
+    """
+    if stat.S_ISREG(mode):
+        return None
+    if stat.S_ISDIR(mode):
+        return "is a directory"
+    kind = next((name for test, name in _KINDS if test(mode)), "unknown kind")
+    return f"not a regular file ({kind})"
+
+
+def open_regular(path: str | os.PathLike[str]) -> tuple[int, os.stat_result]:
+    """Open a regular file for reading without ever blocking on a FIFO or a device.
+
+    ``stat`` first (a FIFO, socket or device is refused without being opened; a symlink to one
+    too), then ``open`` with ``O_NONBLOCK`` and ``fstat`` again, so that a file swapped for a FIFO
+    between the two calls is still refused instead of hanging the process.
+
+    Returns:
+        ``(fd, stat of the open file)``; the caller closes ``fd``.
+
+    Raises:
+        _Unreadable: not a regular file (the reason says what it is).
+        OSError: the file cannot be opened (missing, permission, ...).
+    """
+    reason = non_regular_reason(os.stat(path).st_mode)
+    if reason is not None:
+        raise _Unreadable(reason)
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+    try:
+        st = os.fstat(fd)
+        reason = non_regular_reason(st.st_mode)
+        if reason is not None:
+            raise _Unreadable(reason)
+        os.set_blocking(fd, True)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd, st
+
+
 def _decode(item: SourceItem, max_pixels: int) -> tuple[Image.Image, ImageRecord]:
+    if not valid_name(item.path):
+        raise _Unreadable(BAD_NAME_REASON)
     data, st = _read(item.path)
     image = _decode_bytes(data, max_pixels)
     record = ImageRecord(
@@ -186,14 +278,9 @@ def _os_reason(e: OSError) -> str:
 
 def _read(path: Path) -> tuple[bytes, os.stat_result]:
     try:
-        # stat first: open() on a FIFO named *.jpg would block forever.
-        st = os.stat(path)
-        if stat.S_ISDIR(st.st_mode):
-            raise _Unreadable("is a directory")
-        if not stat.S_ISREG(st.st_mode):
-            raise _Unreadable("not a regular file")
-        with open(path, "rb") as f:
-            st = os.fstat(f.fileno())  # size and mtime of the very bytes read
+        # open_regular: open() on a FIFO named *.jpg would block forever.
+        fd, st = open_regular(path)  # size and mtime of the very bytes read
+        with open(fd, "rb") as f:
             data = f.read()
     except OSError as e:
         raise _Unreadable(_os_reason(e)) from e

@@ -22,7 +22,14 @@ from PIL import Image
 
 from crossrank.errors import InvalidArgumentError
 from crossrank.ingest.config import IngestConfig
-from crossrank.ingest.decode import ImageRecord, SkippedFile, _as_item, _decode, _Unreadable
+from crossrank.ingest.decode import (
+    ImageRecord,
+    SkippedFile,
+    _as_item,
+    _decode,
+    _Unreadable,
+    path_text,
+)
 from crossrank.ingest.sources import SourceItem
 
 __all__ = ["Batch", "Preprocess", "iter_batches"]
@@ -204,8 +211,9 @@ def _run_chunk(
         try:
             image, record = _decode(item, max_pixels)
         except _Unreadable as e:
-            logger.debug("skipping %s: %s", item.path, e.reason)
-            skipped.append(SkippedFile(path=str(item.path), reason=e.reason))
+            text = path_text(item.path)  # valid UTF-8 even when the name is not
+            logger.debug("skipping %s: %s", text, e.reason)
+            skipped.append(SkippedFile(path=text, reason=e.reason))
             continue
         records.append(record)
         images.append(image)

@@ -30,11 +30,16 @@ from typing import Any
 
 from crossrank.errors import CrossrankError, DependencyError, IndexLockedError, InvalidArgumentError
 
-__all__ = ["LOCK_NAME", "WriterLock", "read_lock_holder", "default_command"]
+__all__ = ["LOCK_NAME", "WriterLock", "read_lock_holder", "live_lock_holder", "default_command"]
 
 logger = logging.getLogger(__name__)
 
 LOCK_NAME = "writer.lock"
+# manifest.MANIFEST_NAME and pins.READERS_DIR, restated: manifest.py asks this module who holds
+# the lock, so importing them here would close an import cycle (tests/store/test_lock.py checks
+# that the names agree).
+_MANIFEST_NAME = "manifest.json"
+_READERS_DIR = "readers"
 
 
 def default_command() -> str:
@@ -73,6 +78,37 @@ def read_lock_holder(root: Path | str) -> dict[str, Any] | None:
     except (OSError, UnicodeDecodeError, json.JSONDecodeError):
         return None
     return data if isinstance(data, dict) else None
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)  # signal 0: only asks whether the process exists
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # it exists, owned by another user
+    except (OSError, OverflowError, ValueError):
+        return False
+    return True
+
+
+def live_lock_holder(root: Path | str) -> dict[str, Any] | None:
+    """The holder of ``DIR/writer.lock`` when it looks alive: a body naming a running process.
+
+    Read without taking the lock (a reader that took it, even for a moment, could make a real
+    writer fail). A holder on another host, or whose process is gone (killed: the kernel released
+    its lock but its body stays), is None. Used to say "being built by pid N" instead of "no
+    index" while a first build runs.
+    """
+    holder = read_lock_holder(root)
+    if not holder:
+        return None
+    pid = holder.get("pid")
+    if isinstance(pid, bool) or not isinstance(pid, int) or pid <= 0:
+        return None
+    if holder.get("host") not in (None, socket.gethostname()):
+        return None
+    return holder if _pid_alive(pid) else None
 
 
 def _describe(holder: dict[str, Any] | None) -> str:
@@ -221,17 +257,17 @@ class WriterLock:
         For a first build that failed: it leaves no directory behind. Removes the lock file (while
         still holding the lock), an empty ``readers/`` folder and ``root`` if it is then empty.
         """
-        from crossrank.store.manifest import MANIFEST_NAME
-        from crossrank.store.pins import READERS_DIR
-
         self.check()
-        if not self.created_root or (self.root / MANIFEST_NAME).exists():
+        if not self.created_root or (self.root / _MANIFEST_NAME).exists():
             return
         try:
-            (self.root / READERS_DIR).rmdir()
+            (self.root / _READERS_DIR).rmdir()
         except OSError:
             pass
-        self.path.unlink(missing_ok=True)
+        try:
+            self.path.unlink(missing_ok=True)
+        except OSError:  # a read-only folder: the original error matters, not this one
+            return
         try:
             self.root.rmdir()
         except OSError:

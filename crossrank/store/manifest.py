@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from crossrank.errors import IndexCorruptError, IndexNotFoundError
+from crossrank.errors import IndexBusyError, IndexCorruptError, IndexNotFoundError
 from crossrank.store._files import atomic_write_json
 from crossrank.store.layout import FIRST_STAGE_NAME, FORMAT_VERSION
 
@@ -52,6 +52,21 @@ def generation_dir_name(number: int) -> str:
 def no_index_message(root: Path | str) -> str:
     """The one-line error for a directory without a committed index."""
     return f"no committed index in {root}; build one with `crossrank build SOURCE --index {root}`"
+
+
+def _no_index_error(root: Path) -> IndexNotFoundError:
+    """:class:`IndexBusyError` naming the build while a first build runs, else "no index"."""
+    from crossrank.store.lock import live_lock_holder
+
+    holder = live_lock_holder(root) if root.is_dir() else None
+    if holder is None:
+        return IndexNotFoundError(no_index_message(root))
+    since = f" (started {holder['since']})" if holder.get("since") else ""
+    command = f", running `{holder['command']}`" if holder.get("command") else ""
+    return IndexBusyError(
+        f"index {root} is being built by pid {holder['pid']}{since}{command}; "
+        "wait for it to finish and run this again"
+    )
 
 
 @dataclass(frozen=True)
@@ -135,14 +150,15 @@ def read_manifest(root: Path | str) -> Manifest:
 
     Raises:
         IndexNotFoundError: ``root`` holds no ``manifest.json`` (nothing was ever committed there,
-            or only an interrupted build's temporary folder).
+            or only an interrupted build's temporary folder); :class:`IndexBusyError`, naming the
+            builder's pid, while a first build holds the writer lock there.
         IndexCorruptError: the manifest is unreadable, malformed, names a missing generation, or
             was written by a newer crossrank (the message says to upgrade).
     """
     root = Path(root)
     path = root / MANIFEST_NAME
     if not path.is_file():
-        raise IndexNotFoundError(no_index_message(root))
+        raise _no_index_error(root)
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:

@@ -13,7 +13,13 @@ import numpy as np
 
 from crossrank.errors import InvalidArgumentError, ModelMismatchError, SourceError
 from crossrank.store._crash import crash_point
-from crossrank.write._common import _carry_over, _first_stage_info, _index_config, _open_for_writing
+from crossrank.write._common import (
+    _carry_over,
+    _first_stage_info,
+    _index_config,
+    _open_for_writing,
+    writing,
+)
 from crossrank.write.reports import AddReport, PhaseProgressFn
 
 if TYPE_CHECKING:
@@ -38,6 +44,7 @@ def add_images(
     device: str = "auto",
     workers: int = 4,
     rehash: bool = False,
+    retry_skipped: bool = False,
     progress: PhaseProgressFn | None = None,
 ) -> AddReport:
     """Index the files of ``source`` that the index does not hold yet, as a new generation.
@@ -45,7 +52,12 @@ def add_images(
     Files are compared by the SHA-256 of their bytes (see :mod:`crossrank.ingest.changes`): a
     moved file keeps its id and gets its new path; a path whose content changed is indexed anew
     and its old image removed; copies are not indexed twice. Nothing is committed when nothing
-    changed, so running the same add twice does the work once.
+    changed, so running the same add twice does the work once. The model is loaded only when
+    there is a file to encode.
+
+    A file the index skipped before (``crossrank info --skipped``) is not tried again unless
+    ``retry_skipped``; a FIFO, socket or device is skipped without being opened, and a file whose
+    name is not valid UTF-8 is skipped with the reason "file name is not valid UTF-8".
 
     Args:
         source: a folder (recursive) or a ``.parquet``/``.csv`` manifest with a ``path`` column.
@@ -57,6 +69,7 @@ def add_images(
         device: ``auto``, ``cpu`` or ``cuda``.
         workers: decoder and hashing threads.
         rehash: hash every file, even those whose size and mtime equal the index's record.
+        retry_skipped: try the files the index skipped before again (after fixing them).
         progress: ``progress(phase, done, total)`` with phase ``hashing`` then ``indexing``.
 
     Returns:
@@ -67,6 +80,8 @@ def add_images(
         SourceError: the source is missing or unreadable, or brings columns the index lacks.
         ModelMismatchError: ``model`` or ``encoder`` is another model than the index's.
         IndexLockedError: another process is writing the index.
+        IndexWriteError: the operating system refused a write (disk full, read-only folder);
+            the last committed generation is intact.
         InvalidArgumentError: a bad argument.
 
     Example:
@@ -81,15 +96,15 @@ def add_images(
         WriterLock,
         collect_garbage,
         read_manifest,
+        read_skipped,
     )
+    from crossrank.store.layout import SKIPPED_NAME
 
-    if batch_size < 1:
-        raise InvalidArgumentError(f"batch_size must be >= 1, got {batch_size}")
-    if workers < 1:
-        raise InvalidArgumentError(f"workers must be >= 1, got {workers}")
+    _check_int("batch_size", batch_size)
+    _check_int("workers", workers)
     start = time.perf_counter()
     index_dir = _open_for_writing(index_dir)
-    with WriterLock(index_dir, create=False) as lock:
+    with writing(index_dir, "add to"), WriterLock(index_dir, create=False) as lock:
         manifest = read_manifest(index_dir)
         base = Generation(manifest.generation_path)
         src = discover(source)
@@ -98,18 +113,27 @@ def add_images(
         dead = base.tombstones()
         if dead.size:
             indexed = indexed.filter(~np.isin(indexed.column("id").to_numpy(), dead))
+        old_skipped = read_skipped(base.path / SKIPPED_NAME)
         plan = plan_add(
             src.items,
             indexed,
             workers=workers,
             rehash=rehash,
+            skipped_before=_skipped_paths(old_skipped),
+            retry_skipped=retry_skipped,
             progress=None if progress is None else lambda d, t: progress("hashing", d, t),
         )
         crash_point("add-hashed")
-        committed, added, skipped, generation = False, 0, 0, manifest.generation
-        if plan.changes_index:
-            encoder = _encoder_for(
-                manifest, model=model, encoder=encoder, device=device, batch_size=batch_size
+        committed, added, skipped, generation = False, 0, len(plan.skipped), manifest.generation
+        merged = _merged_skipped(old_skipped, plan, [])
+        if plan.changes_index or _pairs(merged) != _pairs(old_skipped):
+            # The model loads only when there is something to encode.
+            encoder = (
+                _encoder_for(
+                    manifest, model=model, encoder=encoder, device=device, batch_size=batch_size
+                )
+                if plan.new
+                else None
             )
             with GenerationWriter(index_dir, lock=lock, base=base) as writer:
                 committed, added, skipped = _add_locked(
@@ -119,6 +143,7 @@ def add_images(
                     src,
                     plan,
                     encoder,
+                    old_skipped,
                     batch_size=batch_size,
                     workers=workers,
                     progress=progress,
@@ -140,6 +165,48 @@ def add_images(
         skipped=skipped,
         images=base.info.n_live + added - replaced,
         seconds=time.perf_counter() - start,
+        still_skipped=len(plan.still_skipped),
+    )
+
+
+def _check_int(name: str, value: object) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise InvalidArgumentError(f"{name} must be an int >= 1, got {value!r}")
+
+
+def _skipped_paths(old_skipped: pa.Table) -> set[str]:
+    """The paths the index skipped, except copies a build skipped (judged again by content)."""
+    from crossrank.ingest.changes import DUPLICATE_PREFIX
+
+    return {
+        p
+        for p, r in zip(
+            old_skipped.column("path").to_pylist(),
+            old_skipped.column("reason").to_pylist(),
+            strict=True,
+        )
+        if not (r or "").startswith(DUPLICATE_PREFIX)
+    }
+
+
+def _merged_skipped(old_skipped: pa.Table, plan: AddPlan, decoded_skips: Sequence[Any]) -> pa.Table:
+    """The skipped files of the new generation.
+
+    The old rows stay, except those of files judged again now (tried, moved or skipped anew);
+    then the files the plan skipped and those the decoder could not read.
+    """
+    from crossrank.ingest.decode import path_text
+    from crossrank.write.build import skipped_table
+
+    judged = {path_text(item.path) for item in plan.new}
+    judged |= {path_text(item.path) for item in plan.moved.values()}
+    judged |= {s.path for s in plan.skipped}
+    keep = [i for i, p in enumerate(old_skipped.column("path").to_pylist()) if p not in judged]
+    return _concat(
+        [
+            old_skipped.take(np.asarray(keep, dtype=np.int64)),
+            skipped_table([*plan.skipped, *decoded_skips]),
+        ]
     )
 
 
@@ -175,7 +242,8 @@ def _add_locked(
     manifest: Manifest,
     src: Any,
     plan: AddPlan,
-    encoder: Encoder,
+    encoder: Encoder | None,
+    old_skipped: pa.Table,
     *,
     batch_size: int,
     workers: int,
@@ -183,31 +251,28 @@ def _add_locked(
 ) -> tuple[bool, int, int]:
     """Write the add's generation; returns ``(committed, added, skipped)``."""
     from crossrank.indexes import FirstStage
-    from crossrank.store import read_skipped
-    from crossrank.store.layout import SKIPPED_NAME
-    from crossrank.write.build import encode_items, metadata_table, skipped_table
+    from crossrank.write.build import encode_items, metadata_table
 
     writer.link_patches()
-    pooled, records, skipped = encode_items(
-        writer,
-        encoder,
-        plan.new,
-        batch_size=batch_size,
-        workers=workers,
-        progress=None if progress is None else lambda d, t: progress("indexing", d, t),
-    )
-
-    source_paths = {str(item.path) for item in src.items}
-    old_skipped = read_skipped(base.path / SKIPPED_NAME)
-    keep = [
-        i for i, p in enumerate(old_skipped.column("path").to_pylist()) if p not in source_paths
-    ]
-    new_skipped = skipped_table(skipped)
-    merged_skipped = _concat([old_skipped.take(np.asarray(keep, dtype=np.int64)), new_skipped])
+    pooled: list[np.ndarray] = []
+    records: list[Any] = []
+    skipped: list[Any] = []
+    if plan.new:
+        assert encoder is not None  # loaded by add_images whenever there is a file to encode
+        pooled, records, skipped, _ = encode_items(
+            writer,
+            encoder,
+            plan.new,
+            batch_size=batch_size,
+            workers=workers,
+            progress=None if progress is None else lambda d, t: progress("indexing", d, t),
+        )
+    merged_skipped = _merged_skipped(old_skipped, plan, skipped)
     skipped_changed = _pairs(merged_skipped) != _pairs(old_skipped)
+    n_skipped = len(skipped) + len(plan.skipped)
     if not records and not plan.moved and not plan.replaced and not skipped_changed:
         writer.abort()  # every new file was undecodable, as already recorded
-        return False, 0, len(skipped)
+        return False, 0, n_skipped
 
     new_ids = writer.take_ids(len(records))
     d = base.info.vector_dim
@@ -236,13 +301,14 @@ def _add_locked(
     first_stage.add(xb, new_ids)
     first_stage.save(writer.first_stage_path)
     writer.commit(_carry_over(manifest, _first_stage_info(first_stage, manifest)))
-    return True, len(records), len(skipped)
+    return True, len(records), n_skipped
 
 
 def _concat(tables: Sequence[pa.Table]) -> pa.Table:
     import pyarrow as pa
 
-    return pa.concat_tables([t.select(["path", "reason"]).cast(tables[-1].schema) for t in tables])
+    schema = pa.schema([("path", pa.string()), ("reason", pa.string())])
+    return pa.concat_tables([t.select(["path", "reason"]).cast(schema) for t in tables])
 
 
 def _pairs(table: pa.Table) -> set[tuple[str, str]]:

@@ -7,6 +7,12 @@ row per image goes to Parquet. Nothing is visible to readers until the generatio
 
 A build holds the index's writer lock from start to end (a second writer is refused, naming it),
 and :func:`encode_items` is shared with ``crossrank add`` (:mod:`crossrank.write`).
+
+Every argument is checked before the model loads or any image is decoded: the FAISS factory
+string, and the index folder, which must be new, empty, or a crossrank index (a folder that holds
+anything else is refused, so nothing of the user's is ever deleted). Byte-identical files are
+indexed once, as ``add`` does: the later copy (in path order) is skipped with the reason
+``duplicate of <first path>``.
 """
 
 from __future__ import annotations
@@ -22,6 +28,7 @@ import numpy as np
 
 from crossrank.errors import InvalidArgumentError, SourceError
 from crossrank.store._crash import crash_point
+from crossrank.write._common import check_index_path, writing
 
 __all__ = [
     "BuildReport",
@@ -46,10 +53,12 @@ class BuildReport:
         index_dir: the index directory.
         generation: the generation number that was committed.
         indexed: images in the index.
-        skipped: files that could not be decoded (listed by ``crossrank info --skipped``).
+        skipped: files that could not be indexed (listed by ``crossrank info --skipped``),
+            ``duplicates`` included.
         seconds: wall time of the whole build.
         factory: the FAISS factory string of the first stage.
         model: the encoder's model id.
+        duplicates: files skipped as byte-identical copies of an earlier file.
     """
 
     index_dir: Path
@@ -59,6 +68,7 @@ class BuildReport:
     seconds: float
     factory: str
     model: str
+    duplicates: int = 0
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -66,6 +76,7 @@ class BuildReport:
             "generation": self.generation,
             "indexed": self.indexed,
             "skipped": self.skipped,
+            "duplicates": self.duplicates,
             "seconds": round(self.seconds, 3),
             "images_per_second": round(self.indexed / self.seconds, 2)
             if self.seconds > 0
@@ -101,7 +112,8 @@ def build_index(
         factory: a FAISS factory string; ``None`` picks Flat or IVF by corpus size.
         nprobe: IVF lists probed per search, recorded as the index's default.
         workers: decoder threads.
-        overwrite: replace an index that already exists in ``index_dir``.
+        overwrite: replace an index that already exists in ``index_dir`` (never a folder that
+            is not a crossrank index).
         progress: called as ``progress(done, total)`` after each batch.
 
     Returns:
@@ -110,20 +122,19 @@ def build_index(
     Raises:
         SourceError: the source is missing, unreadable, or holds no decodable image.
         ModelError: the model cannot be loaded.
-        InvalidArgumentError: a bad argument, or an existing index without ``overwrite``.
+        InvalidArgumentError: a bad argument (a factory FAISS cannot parse included), an existing
+            index without ``overwrite``, or a folder that holds files and is not an index.
         IndexLockedError: another process is writing ``index_dir``.
+        IndexWriteError: the operating system refused a write (disk full, read-only folder, a
+            path under a file); the last committed generation is intact.
     """
     from crossrank.store import WriterLock
 
-    if batch_size < 1:
-        raise InvalidArgumentError(f"batch_size must be >= 1, got {batch_size}")
-    if workers < 1:
-        raise InvalidArgumentError(f"workers must be >= 1, got {workers}")
+    for name, value in (("batch_size", batch_size), ("workers", workers)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise InvalidArgumentError(f"{name} must be an int >= 1, got {value!r}")
     index_dir = Path(index_dir)
-    if index_dir.exists() and not index_dir.is_dir():
-        raise InvalidArgumentError(
-            f"index path {index_dir} exists and is not a directory; pass a directory"
-        )
+    check_index_path(index_dir)
     try:
         from crossrank.indexes import IndexConfig
 
@@ -132,24 +143,99 @@ def build_index(
         )
     except ValueError as e:
         raise InvalidArgumentError(str(e)) from e
+    if index_config.factory is not None:
+        check_factory(index_config.factory)
+    with writing(index_dir, "build"):
+        refuse_foreign_folder(index_dir)
+        with WriterLock(index_dir) as lock:
+            try:
+                return _build_locked(
+                    source,
+                    index_dir,
+                    lock,
+                    model=model,
+                    batch_size=batch_size,
+                    device=device,
+                    index_config=index_config,
+                    workers=workers,
+                    overwrite=overwrite,
+                    progress=progress,
+                )
+            except BaseException:
+                lock.remove_root_if_unused()  # a first build that failed leaves no folder behind
+                raise
 
-    with WriterLock(index_dir) as lock:
+
+def _own_entry(name: str) -> bool:
+    """Whether ``name`` is something crossrank itself puts in an index folder."""
+    from crossrank.store.gc import is_own_leftover
+    from crossrank.store.lock import LOCK_NAME
+    from crossrank.store.pins import READERS_DIR
+
+    return name in (LOCK_NAME, READERS_DIR) or is_own_leftover(name)
+
+
+def refuse_foreign_folder(index_dir: Path) -> None:
+    """Refuse a folder that holds files and is not a crossrank index (``--overwrite`` or not).
+
+    A folder is crossrank's when it holds ``manifest.json`` (a committed index) or
+    ``writer.lock`` (crossrank took its lock there: a first build that was interrupted), or holds
+    nothing but what crossrank writes. Building into anything else could delete the user's files
+    (a folder of theirs named ``gen-000005``), so it is refused with one line.
+
+    Raises:
+        InvalidArgumentError: ``index_dir`` is such a folder.
+    """
+    from crossrank.store.lock import LOCK_NAME
+    from crossrank.store.manifest import MANIFEST_NAME
+
+    if not index_dir.is_dir():
+        return
+    names = sorted(e.name for e in index_dir.iterdir())
+    if MANIFEST_NAME in names or LOCK_NAME in names:
+        return
+    foreign = [n for n in names if not _own_entry(n)]
+    if foreign:
+        shown = ", ".join(foreign[:3]) + (
+            f" and {len(foreign) - 3} more" if len(foreign) > 3 else ""
+        )
+        raise InvalidArgumentError(
+            f"--index {index_dir} is a folder that is not a crossrank index and is not empty "
+            f"(it holds {shown}); crossrank never writes into it: choose an empty or new folder"
+        )
+
+
+#: Dimensions a factory string is first parsed with, before the model (and its dimension) is
+#: known: a string FAISS parses with none of them is refused before anything loads.
+_PROBE_DIMS = (512, 768, 1024, 256, 384, 640, 1536, 2048, 4096, 5040)
+
+
+def check_factory(factory: str, dim: int | None = None) -> None:
+    """Refuse a FAISS factory string FAISS cannot parse, before any image is decoded.
+
+    Args:
+        factory: the string.
+        dim: the vector size when known (after the model loads); before that, a few common sizes
+            are tried and the string passes when FAISS parses it for one of them.
+
+    Raises:
+        InvalidArgumentError: FAISS cannot parse it (its reason is in the message).
+    """
+    from crossrank.indexes._faiss import import_faiss
+    from crossrank.indexes.factory import create_index
+
+    faiss = import_faiss()
+    first: InvalidArgumentError | None = None
+    for d in (dim,) if dim is not None else _PROBE_DIMS:
         try:
-            return _build_locked(
-                source,
-                index_dir,
-                lock,
-                model=model,
-                batch_size=batch_size,
-                device=device,
-                index_config=index_config,
-                workers=workers,
-                overwrite=overwrite,
-                progress=progress,
-            )
-        except BaseException:
-            lock.remove_root_if_unused()  # a first build that failed leaves no folder behind
-            raise
+            create_index(faiss, d, factory)
+            return
+        except InvalidArgumentError as e:
+            first = first or e
+    assert first is not None
+    raise InvalidArgumentError(
+        f"--factory: {first}" + (f" (for {dim}-d vectors)" if dim is not None else "")
+    ) from first.__cause__
 
 
 def _build_locked(
@@ -180,13 +266,15 @@ def _build_locked(
     start = time.perf_counter()
     src = discover(source)
     encoder = load_encoder(model, device=device, batch_size=batch_size)
+    if index_config.factory is not None:
+        check_factory(index_config.factory, encoder.dim)  # the model's size, before decoding
     total = len(src.items)
     logger.info(
         "building %s from %s (%d files) with %s", index_dir, source, total, encoder.model_id
     )
 
     with GenerationWriter(index_dir, lock=lock) as writer:
-        pooled, records, skipped = encode_items(
+        pooled, records, skipped, duplicates = encode_items(
             writer, encoder, src.items, batch_size=batch_size, workers=workers, progress=progress
         )
         if not records:
@@ -225,6 +313,7 @@ def _build_locked(
         seconds=seconds,
         factory=first_stage.factory,
         model=encoder.model_id,
+        duplicates=duplicates,
     )
 
 
@@ -236,8 +325,11 @@ def encode_items(
     batch_size: int,
     workers: int,
     progress: ProgressFn | None = None,
-) -> tuple[list[np.ndarray], list[Any], list[Any]]:
+) -> tuple[list[np.ndarray], list[Any], list[Any], int]:
     """Decode and encode ``items`` into a generation writer's patch store.
+
+    A file whose bytes equal an earlier file's (same SHA-256) is not indexed twice: it is skipped
+    with the reason ``duplicate of <the earlier file's path>``.
 
     Args:
         writer: the :class:`~crossrank.store.GenerationWriter`; patches are appended to it.
@@ -248,14 +340,18 @@ def encode_items(
         progress: ``progress(done, len(items))`` after each batch.
 
     Returns:
-        ``(pooled, records, skipped)``: the pooled vectors per batch (float32 ``(b, D)`` each), one
-        :class:`~crossrank.ingest.ImageRecord` per encoded image, and the skipped files.
+        ``(pooled, records, skipped, duplicates)``: the pooled vectors per batch (float32
+        ``(b, D)`` each), one :class:`~crossrank.ingest.ImageRecord` per encoded image, the
+        skipped files (duplicates included), and how many of them are duplicates.
     """
-    from crossrank.ingest import IngestConfig, iter_batches
+    from crossrank.ingest import IngestConfig, SkippedFile, iter_batches
+    from crossrank.ingest.changes import DUPLICATE_PREFIX
 
     pooled: list[np.ndarray] = []
     records: list[Any] = []
     skipped: list[Any] = []
+    first_of: dict[str, str] = {}  # sha256 -> path of the first file with those bytes
+    duplicates = 0
     done, total = 0, len(items)
     for batch in iter_batches(
         items,
@@ -264,16 +360,41 @@ def encode_items(
         preprocess=encoder.preprocess,
     ):
         skipped.extend(batch.skipped)
-        if batch.records:
-            features = encoder.encode_pixels(batch.pixels)
+        keep: list[int] = []
+        for i, record in enumerate(batch.records):
+            first = first_of.setdefault(record.sha256, str(record.item.path))
+            if first == str(record.item.path):
+                keep.append(i)
+            else:
+                skipped.append(SkippedFile(str(record.item.path), DUPLICATE_PREFIX + first))
+                duplicates += 1
+        if keep:
+            # Duplicates are dropped before the forward pass, from the preprocessed pixels.
+            pixels = (
+                batch.pixels if len(keep) == len(batch.records) else _take_rows(batch.pixels, keep)
+            )
+            features = encoder.encode_pixels(pixels)
             pooled.append(np.asarray(features.pooled, dtype=np.float32))
             writer.patches.append(features.patches.astype(np.float16))
-            records.extend(batch.records)
+            records.extend(batch.records[i] for i in keep)
             crash_point("encoded")
         done += batch.n_items
         if progress is not None:
             progress(done, total)
-    return pooled, records, skipped
+    return pooled, records, skipped, duplicates
+
+
+def _take_rows(pixels: Any, rows: list[int]) -> Any:
+    """Rows ``rows`` of a preprocessed batch: a tensor, an array, a list or a dict of those."""
+    if isinstance(pixels, dict):
+        return {key: _take_rows(value, rows) for key, value in pixels.items()}
+    if isinstance(pixels, list):
+        return [pixels[i] for i in rows]
+    if type(pixels).__module__.partition(".")[0] == "torch":
+        import torch
+
+        return pixels[torch.as_tensor(rows, dtype=torch.long, device=pixels.device)]
+    return pixels[np.asarray(rows, dtype=np.int64)]
 
 
 def skipped_table(skipped: Sequence[Any]) -> Any:

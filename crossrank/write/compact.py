@@ -13,7 +13,13 @@ import numpy as np
 
 from crossrank.errors import InvalidArgumentError
 from crossrank.store._crash import crash_point
-from crossrank.write._common import _carry_over, _first_stage_info, _index_config, _open_for_writing
+from crossrank.write._common import (
+    _carry_over,
+    _first_stage_info,
+    _index_config,
+    _open_for_writing,
+    writing,
+)
 from crossrank.write.reports import CompactReport, PhaseProgressFn
 
 if TYPE_CHECKING:
@@ -81,7 +87,7 @@ def compact_index(
 
     start = time.perf_counter()
     index_dir = _open_for_writing(index_dir)
-    with WriterLock(index_dir, create=False) as lock:
+    with writing(index_dir, "compact"), WriterLock(index_dir, create=False) as lock:
         manifest = read_manifest(index_dir)
         base = Generation(manifest.generation_path)
         dead = base.tombstones()

@@ -10,7 +10,7 @@ import numpy as np
 
 from crossrank.errors import InvalidArgumentError
 from crossrank.store._crash import crash_point
-from crossrank.write._common import _carry_over, _open_for_writing
+from crossrank.write._common import _carry_over, _open_for_writing, writing
 from crossrank.write.reports import RemoveReport
 
 __all__ = ["remove_images"]
@@ -40,8 +40,9 @@ def remove_images(
 
     Raises:
         IndexNotFoundError: no committed index in ``index_dir``.
-        InvalidArgumentError: neither or both of ``ids`` and ``where``, or ids that were never in
-            the index (all are named; nothing is removed then).
+        InvalidArgumentError: neither or both of ``ids`` and ``where``, ids that are not
+            integers in the int64 range (the first is named), or ids that were never in the
+            index (all are named; nothing is removed then).
         FilterError: a malformed ``where``.
         IndexLockedError: another process is writing the index.
     """
@@ -58,16 +59,9 @@ def remove_images(
         raise InvalidArgumentError(
             "give the images to remove as ids or as a where filter, not both and not neither"
         )
-    wanted = None
-    if ids is not None:
-        wanted = np.asarray(ids)
-        if wanted.ndim != 1 or (wanted.size and wanted.dtype.kind not in "iu"):
-            raise InvalidArgumentError(
-                f"ids must be a list of integers, got {wanted.dtype} of shape {wanted.shape}"
-            )
-        wanted = np.unique(wanted.astype(np.int64))
+    wanted = None if ids is None else _as_ids(ids)
     index_dir = _open_for_writing(index_dir)
-    with WriterLock(index_dir, create=False) as lock:
+    with writing(index_dir, "remove from"), WriterLock(index_dir, create=False) as lock:
         manifest = read_manifest(index_dir)
         base = Generation(manifest.generation_path)
         dead = base.tombstones()
@@ -123,3 +117,36 @@ def remove_images(
         images=int(live.size - to_remove.size),
         tombstones=int(tombstones.size),
     )
+
+
+_INT64 = np.iinfo(np.int64)
+
+
+def _as_ids(ids: Sequence[int] | np.ndarray) -> np.ndarray:
+    """The sorted unique int64 ids of ``ids``, or a one-line error naming the first bad one."""
+    if isinstance(ids, np.ndarray):
+        if ids.ndim != 1 or (ids.size and ids.dtype.kind not in "iu"):
+            raise InvalidArgumentError(
+                f"ids must be a 1-d array of integers, got {ids.dtype} of shape {ids.shape}"
+            )
+        if ids.dtype.kind == "u" and ids.size and int(ids.max()) > _INT64.max:
+            raise InvalidArgumentError(
+                f"id {int(ids.max())} is out of range: ids are integers from 0 to {_INT64.max} "
+                "(int64)"
+            )
+        return np.unique(ids.astype(np.int64))
+    if isinstance(ids, (str, bytes)) or not hasattr(ids, "__iter__"):
+        raise InvalidArgumentError(f"ids must be a list of integers, got {type(ids).__name__}")
+    values = []
+    for value in ids:
+        if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)):
+            raise InvalidArgumentError(
+                f"ids must be integers, got {value!r} ({type(value).__name__})"
+            )
+        if not _INT64.min <= int(value) <= _INT64.max:
+            raise InvalidArgumentError(
+                f"id {int(value)} is out of range: ids are integers from 0 to {_INT64.max} "
+                "(int64); see `crossrank search --json` or Index.metadata() for the ids"
+            )
+        values.append(int(value))
+    return np.unique(np.asarray(values, dtype=np.int64))

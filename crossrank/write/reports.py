@@ -27,9 +27,11 @@ class AddReport:
         replaced: images removed because their path now holds other content.
         unchanged: source files already indexed at their path.
         duplicates: source files whose content is already indexed elsewhere (not indexed twice).
-        skipped: new files that could not be decoded (``crossrank info --skipped``).
+        skipped: new files that could not be indexed (``crossrank info --skipped``): undecodable,
+            not a regular file, or a name that is not valid UTF-8.
         images: images in the index afterwards.
         seconds: wall time.
+        still_skipped: files the index skipped before, not tried again (``retry_skipped``).
     """
 
     index_dir: Path
@@ -43,6 +45,7 @@ class AddReport:
     skipped: int
     images: int
     seconds: float
+    still_skipped: int = 0
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -55,6 +58,7 @@ class AddReport:
             "unchanged": self.unchanged,
             "duplicates": self.duplicates,
             "skipped": self.skipped,
+            "still_skipped": self.still_skipped,
             "images": self.images,
             "seconds": round(self.seconds, 3),
         }

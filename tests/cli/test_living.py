@@ -55,6 +55,7 @@ def test_add_remove_compact_round_trip(living, runner):
         "unchanged",
         "duplicates",
         "skipped",
+        "still_skipped",
         "images",
         "seconds",
     }

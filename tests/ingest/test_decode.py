@@ -229,7 +229,7 @@ def test_missing_file_and_directory_are_reasons_too(tmp_path):
 def test_fifo_is_not_read(tmp_path):
     fifo = tmp_path / "pipe.jpg"
     os.mkfifo(fifo)  # opening it would block forever
-    with pytest.raises(DecodeError, match=r"pipe\.jpg: not a regular file$"):
+    with pytest.raises(DecodeError, match=r"pipe\.jpg: not a regular file \(FIFO\)$"):
         decode_image(fifo)
 
 

@@ -180,8 +180,8 @@ def test_missing_model_is_a_model_error(index_copy, image_folder, tmp_path):
 @pytest.mark.parametrize(
     ("kwargs", "match"),
     [
-        ({"batch_size": 0}, "batch_size must be >= 1, got 0"),
-        ({"workers": 0}, "workers must be >= 1, got 0"),
+        ({"batch_size": 0}, "batch_size must be an int >= 1, got 0"),
+        ({"workers": 0}, "workers must be an int >= 1, got 0"),
     ],
 )
 def test_bad_build_arguments(tmp_path, image_folder, tiny_clip, kwargs, match):

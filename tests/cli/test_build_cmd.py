@@ -1,0 +1,179 @@
+"""`crossrank build`, `add`, `remove` on hostile input: one line, exit codes, literal text."""
+
+from __future__ import annotations
+
+import errno
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+from typer.testing import CliRunner
+
+from crossrank.cli import app
+from crossrank.store import WriterLock, read_lock_holder
+
+from ..conftest import committed_state, write_images
+
+
+@pytest.fixture(scope="module")
+def runner() -> CliRunner:
+    return CliRunner()
+
+
+@pytest.fixture(scope="module")
+def living_images() -> tuple[int, int]:
+    return 4, 120
+
+
+def _one_line(result, code: int, match: str) -> str:
+    assert result.exit_code == code, (result.stdout, result.stderr, result.exception)
+    # A progress bar may have been drawn above it (on stderr); the error is the last line, alone.
+    lines = result.stderr.strip().splitlines()
+    assert "Traceback" not in result.stderr and lines, result.stderr
+    assert match in lines[-1], lines[-1]
+    assert lines[-1].startswith(("error: ", "interrupted: ")), lines[-1]
+    return lines[-1]
+
+
+@pytest.mark.parametrize("command", ["build", "add"])
+def test_ctrl_c_is_one_line_and_exit_130(living, runner, monkeypatch, command):
+    import crossrank.write as write
+    import crossrank.write.build as build
+
+    source, index_dir = living
+    before = committed_state(index_dir)
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(build, "build_index", interrupted)
+    monkeypatch.setattr(write, "add_images", interrupted)
+    args = [command, str(source), "--index", str(index_dir), "--device", "cpu"]
+    result = runner.invoke(app, args + (["--overwrite"] if command == "build" else []))
+    _one_line(result, 130, "interrupted: stopped; the last committed generation of")
+    assert committed_state(index_dir) == before
+
+
+def test_a_real_sigint_stops_add_with_130_and_keeps_the_index(living, tmp_path):
+    """A real process, a real SIGINT while decoder threads are busy: exit 130, lock released."""
+    source, index_dir = living
+    write_images(source / "new", 6, seed=121)
+    before = committed_state(index_dir)
+    # Decoder threads are slowed down so that the signal lands while they work.
+    script = (
+        "import sys, time\n"
+        "import crossrank.ingest.pipeline as p\n"
+        "real = p._run_chunk\n"
+        "def slow(*a, **k):\n"
+        "    time.sleep(0.5)\n"
+        "    return real(*a, **k)\n"
+        "p._run_chunk = slow\n"
+        "from crossrank.cli import main\n"
+        "sys.argv = ['crossrank'] + sys.argv[1:]\n"
+        "main()\n"
+    )
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+    proc = subprocess.Popen(
+        [sys.executable, "-c", script, "add", str(source), "--index", str(index_dir)]
+        + ["--device", "cpu", "--batch-size", "1", "--workers", "1"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and proc.poll() is None:
+        holder = read_lock_holder(index_dir)
+        if holder and holder.get("pid") == proc.pid:
+            break
+        time.sleep(0.05)
+    time.sleep(1.0)
+    proc.send_signal(signal.SIGINT)
+    try:
+        _, err = proc.communicate(timeout=60)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        raise AssertionError("crossrank add did not stop on SIGINT") from None
+    assert proc.returncode == 130, err
+    assert err.strip().splitlines()[-1].startswith("interrupted: stopped"), err
+    assert "Traceback" not in err
+    assert committed_state(index_dir) == before
+    with WriterLock(index_dir, create=False):
+        pass  # released
+
+
+def test_build_into_a_user_folder_is_one_red_line(runner, tmp_path, living):
+    source, _ = living
+    target = tmp_path / "mine"
+    (target / "gen-000005").mkdir(parents=True)
+    (target / "gen-000005" / "thesis.txt").write_text("keep")
+    result = runner.invoke(app, ["build", str(source), "--index", str(target), "--overwrite"])
+    _one_line(result, 1, "choose an empty or new folder")
+    assert (target / "gen-000005" / "thesis.txt").read_text() == "keep"
+
+
+def test_index_under_a_file_and_disk_full_are_one_red_line(runner, tmp_path, living, monkeypatch):
+    source, index_dir = living
+    (tmp_path / "f.txt").write_text("x")
+    result = runner.invoke(app, ["build", str(source), "--index", str(tmp_path / "f.txt" / "i")])
+    _one_line(result, 1, "which is a file, not a folder")
+
+    from crossrank.store import _files
+
+    def full(self, rows):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(_files.NpyAppender, "append", full)
+    write_images(source / "new", 1, seed=122)
+    before = committed_state(index_dir)
+    result = runner.invoke(app, ["add", str(source), "--index", str(index_dir), "--device", "cpu"])
+    _one_line(result, 1, "No space left on device")
+    assert committed_state(index_dir) == before
+
+
+def test_remove_an_id_beyond_int64_names_it(runner, index_only):
+    _, index_dir = index_only
+    result = runner.invoke(app, ["remove", str(index_dir), "--ids", "99999999999999999999999"])
+    line = _one_line(result, 1, "id 99999999999999999999999 is out of range")
+    assert "9223372036854775807 (int64)" in line and "shape" not in line
+
+
+def test_info_names_a_first_build_in_progress(runner, tmp_path):
+    target = tmp_path / "new.idx"
+    with WriterLock(target, command="crossrank build photos --index new.idx"):
+        for args in (["info", str(target)], ["verify", str(target)]):
+            result = runner.invoke(app, args)
+            _one_line(result, 1, f"being built by pid {os.getpid()}")
+
+
+@pytest.mark.parametrize("name", ["[bold]m.idx", "[/x].idx"])
+def test_paths_are_printed_literally(runner, tmp_path, living, name):
+    source, _ = living
+    target = tmp_path / name
+    result = runner.invoke(app, ["build", str(source), "--index", str(target), "--device", "cpu"])
+    assert result.exit_code == 0, (result.stdout, result.stderr, result.exception)
+    assert name in result.stdout
+    write_images(source / "more", 1, seed=123)
+    result = runner.invoke(app, ["add", str(source), "--index", str(target), "--device", "cpu"])
+    assert result.exit_code == 0, (result.stdout, result.stderr, result.exception)
+    assert name in result.stdout
+    result = runner.invoke(app, ["remove", str(target), "--ids", "0"])
+    assert result.exit_code == 0 and name in result.stdout
+    result = runner.invoke(app, ["compact", str(target)])
+    assert result.exit_code == 0 and name in result.stdout
+
+
+def test_add_retry_skipped_flag(runner, living):
+    source, index_dir = living
+    (source / "broken.png").write_bytes(b"nope")
+    args = ["add", str(source), "--index", str(index_dir), "--device", "cpu"]
+    assert runner.invoke(app, args).exit_code == 0
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0
+    assert "1 skipped before (--retry-skipped tries them again)" in " ".join(result.stdout.split())
+    result = runner.invoke(app, [*args, "--retry-skipped", "--json"])
+    assert result.exit_code == 0, result.stderr
+    assert '"still_skipped": 0' in result.stdout
