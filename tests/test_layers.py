@@ -46,7 +46,7 @@ ALLOWED: dict[str, set[str]] = {
     "demo": BASE | {"api", "datasets", "evaluate", "write"},
     # the shells
     "html": BASE | {"ingest"},
-    "serve": BASE | {"crossrank", "api", "html", "store"},
+    "serve": BASE | {"crossrank", "api", "encoders", "html", "store"},
     "cli": BASE
     | {"api", "datasets", "demo", "encoders", "evaluate", "html", "serve", "store", "training"}
     | {"write", "rerank", "indexes"},
