@@ -147,3 +147,26 @@ def test_unreadable_file_goes_to_the_decoder(tmp_path):
 def test_an_index_without_content_hashes_is_refused(tmp_path):
     with pytest.raises(InvalidArgumentError, match=r"lacks the column\(s\) sha256 .*--overwrite"):
         plan_add([], pa.table({"id": [0], "path": ["x"], "bytes": [1], "mtime": [0]}))
+
+
+def test_files_skipped_before_are_not_read_unless_retried(tmp_path):
+    broken = _write(tmp_path / "src" / "broken.bin", b"X")
+    item = SourceItem(path=broken)
+    plan = plan_add([item], _indexed([]), skipped_before={str(broken)})
+    assert (plan.new, plan.still_skipped, plan.hashed) == ([], [item], 0)
+    retried = plan_add([item], _indexed([]), skipped_before={str(broken)}, retry_skipped=True)
+    assert (retried.new, retried.still_skipped) == ([item], [])
+
+
+def test_fifos_and_bad_names_are_skipped_by_the_plan_without_being_opened(tmp_path):
+    (tmp_path / "src").mkdir()
+    fifo = tmp_path / "src" / "pipe.bin"
+    os.mkfifo(fifo)  # opening it to hash it would block forever
+    bad = _write(tmp_path / "src" / os.fsdecode(b"\xff.bin"), b"B")
+    plan = plan_add([SourceItem(path=fifo), SourceItem(path=bad)], _indexed([]))
+    assert plan.new == []
+    assert {(s.path, s.reason) for s in plan.skipped} == {
+        (str(fifo), "not a regular file (FIFO)"),
+        (str(tmp_path / "src") + "/\\xff.bin", "file name is not valid UTF-8"),
+    }
+    assert file_sha256(fifo) is None
