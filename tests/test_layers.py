@@ -49,7 +49,7 @@ ALLOWED: dict[str, set[str]] = {
     "serve": BASE | {"crossrank", "api", "encoders", "html", "store"},
     "cli": BASE
     | {"api", "datasets", "demo", "encoders", "evaluate", "html", "serve", "store", "training"}
-    | {"write", "rerank", "indexes"},
+    | {"write", "rerank", "indexes", "search"},
 }
 
 
