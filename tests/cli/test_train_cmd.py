@@ -118,18 +118,20 @@ def test_search_with_a_reranker_folder_uses_it(trained) -> None:
     )
 
 
-def test_auto_uses_the_index_own_reranker_and_falls_back_to_maxsim(trained, tmp_path: Path) -> None:
+def test_auto_uses_the_index_own_reranker_and_falls_back_to_the_first_stage(
+    trained, tmp_path: Path
+) -> None:
     from crossrank import Index
 
     _, index_dir, out = trained
     copy = tmp_path / "idx"
     shutil.copytree(index_dir, copy)
     plain = Index.open(copy, device="cpu")
-    assert plain.default_reranker == "maxsim"
-    maxsim = plain.search("a red circle", k=3, rerank_k=10, reranker="maxsim")
-    assert [h.rerank_score for h in plain.search("a red circle", k=3, rerank_k=10)] == [
-        h.rerank_score for h in maxsim
-    ]
+    assert plain.default_reranker == "none"  # no trained reranker for this encoder
+    alone = plain.search("a red circle", k=3, rerank_k=10)
+    first_stage = plain.search("a red circle", k=3, rerank_k=10, reranker="none")
+    assert alone.reranker == "none" and all(h.rerank_score is None for h in alone)
+    assert [(h.id, h.score) for h in alone] == [(h.id, h.score) for h in first_stage]
 
     shutil.copytree(out, copy / "reranker")
     carried = Index.open(copy, device="cpu")

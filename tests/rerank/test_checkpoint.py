@@ -293,13 +293,13 @@ def test_the_shipped_reranker_is_the_default_only_for_the_encoder_it_was_trained
     )
     shipped = tmp_path / "demo-reranker"
     monkeypatch.setattr(checkpoint, "demo_reranker_dir", lambda: shipped)
-    assert index.default_reranker == "maxsim"  # nothing shipped
+    assert index.default_reranker == "none"  # nothing shipped: the first stage alone
     sha = index.manifest.encoder["weights_sha256"]
     save_reranker(model, shipped, metadata={"data": {"encoder": "0" * 64}})
-    assert index.default_reranker == "maxsim"  # shipped for another encoder
+    assert index.default_reranker == "none"  # shipped for another encoder
     save_reranker(model, shipped, metadata={"data": {"encoder": sha}})
     assert index.default_reranker == str(shipped)
     hits = index.search("a red circle", k=2, rerank_k=4).hits  # reranker="auto"
     assert all(h.rerank_score is not None for h in hits)
     (shipped / CONFIG_NAME).write_text("{not json")
-    assert index.default_reranker == "maxsim"  # an unreadable shipped config is not used
+    assert index.default_reranker == "none"  # an unreadable shipped config is not used
