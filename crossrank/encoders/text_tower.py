@@ -14,8 +14,9 @@ features, masks, token ids, layer-0 states, the same truncation), equal within f
 ``tests/encoders/test_text_tower.py`` checks that against transformers.
 
 :class:`LightClipTextEncoder` is a :class:`~crossrank.encoders.base.TransformersEncoder`, so its
-``encode_text`` is the shared one: the same input checks and the same truncation signal (the rows
-``_tokenize`` reports cut). Image methods load the full encoder on first use.
+``encode_text`` is the shared one: the same input checks and the same truncation signal
+(``TextFeatures.truncated``, the rows ``_tokenize`` reports cut). Image methods load the full
+encoder on first use.
 
 :func:`load_text_encoder` picks it for CLIP models and falls back to
 :func:`crossrank.encoders.load_encoder` for anything it cannot run (BLIP, weights only in
@@ -622,8 +623,9 @@ def load_text_encoder(
     the model's safetensors and tokenises with ``tokenizers``; nothing imports transformers until
     an image method is called (which loads the full encoder, once). Its ``encode_text`` returns
     the :class:`~crossrank.encoders.base.TextFeatures` that :func:`load_encoder`'s encoder returns
-    (equal within float tolerance; same ``input_ids``, masks and truncation, and the same rows
-    reported cut by ``_tokenize``), and its ``info`` equals that encoder's ``info`` key for key.
+    (equal within float tolerance; the same ``input_ids``, masks and truncation, and the same
+    rows in ``TextFeatures.truncated``, which a search warns about), and its ``info`` equals that
+    encoder's ``info`` key for key.
 
     Anything else gets :func:`~crossrank.encoders.load_encoder`'s full encoder: a BLIP model, and
     a CLIP model whose weights are not safetensors, whose ``hidden_act`` or tokenizer this module
