@@ -369,3 +369,34 @@ def test_relation_caption_accuracy_scores_the_shipped_reranker(tmp_path: Path) -
     (row,) = report["rows"]
     assert row["reranker"] == str(shipped)
     assert (round(row["accuracy"], 3), round(row["chance"], 3)) == (accuracy, chance)
+
+
+@pytest.mark.bench
+def test_bench_cold_search_quick_reports_every_case_and_a_light_path_without_transformers(
+    tmp_path: Path,
+) -> None:
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(BENCHMARKS / "bench_cold_search.py"),
+            "--quick",
+            "--json",
+            "--workdir",
+            str(tmp_path),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    report = json.loads(proc.stdout)
+    cases = {r["case"]: r for r in report["results"]}
+    assert list(cases) == ["python", "torch", "light query", "full query", "cli search"]
+    for r in cases.values():
+        for key in ("median_s", "min_s", "max_s", "ratio_to_torch"):
+            assert math.isfinite(r[key]) and r[key] > 0, (r["case"], key, r[key])
+    assert cases["torch"]["ratio_to_torch"] == 1.0
+    assert report["imports"]["light query"] == {"transformers": False, "light": True}
+    assert report["imports"]["full query"]["transformers"] is True
+    assert list(tmp_path.iterdir()) == []  # the temporary index is removed
