@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from crossrank.errors import CrossrankError, InvalidArgumentError, ModelMismatchError
+from crossrank.errors import CrossrankError, InvalidArgumentError
 from crossrank.hits import SearchResult
 from crossrank.search.encode import PreparedQueries, Query, encode_queries, prepare_queries
 from crossrank.search.pipeline import allowed_ids, cap_at, check_k, search_snapshot, timed
@@ -295,12 +295,15 @@ class Index:
         batch_size: int = 64,
         workers: int = 4,
         rehash: bool = False,
+        retry_skipped: bool = False,
         progress: PhaseProgressFn | None = None,
     ) -> AddReport:
         """Index the files of ``source`` not in the index yet, then :meth:`refresh`.
 
         See :func:`crossrank.write.add_images`: files are compared by content, a moved file keeps
-        its id, and queries' encoder (:attr:`encoder`) encodes the new images.
+        its id, and the queries' encoder (:attr:`encoder`) encodes the new images; it is loaded
+        only when there is something to encode. Files the index skipped before are tried again
+        only with ``retry_skipped``.
 
         Raises:
             SourceError: the source is missing or unreadable.
@@ -311,11 +314,13 @@ class Index:
         report = add_images(
             source,
             self.path,
-            encoder=self.encoder,
+            model=self._model_override,
+            encoder=self._encoder,  # None until a search loaded it: add_images loads it if needed
             batch_size=batch_size,
             device=self.device,
             workers=workers,
             rehash=rehash,
+            retry_skipped=retry_skipped,
             progress=progress,
         )
         self._after_write()
@@ -392,27 +397,18 @@ class Index:
         return self._encoder
 
     def _load_encoder(self) -> Encoder:
-        from crossrank.encoders import load_encoder, same_model
+        """The query encoder: for a CLIP model, its text tower alone in plain torch (no
+        transformers import: a cold search pays torch only); image queries and ``add`` load the
+        full model through it on first use. Checked against the index's recorded model."""
+        from crossrank.encoders import load_text_encoder
 
         built_with = self.manifest.encoder
         wanted = (
             self._model_override if self._model_override is not None else built_with["model_id"]
         )
-        encoder = load_encoder(wanted, device=self.device)
-        if not same_model(built_with, encoder.info):
-            if encoder.model_id == built_with["model_id"]:  # same name, other weights or config
-                raise ModelMismatchError(
-                    f"index {self.path} was built with model {built_with['model_id']!r}, "
-                    "whose weights or config have changed since (retrained, or a "
-                    "crossrank upgrade that ships a new demo encoder); rebuild the index "
-                    f"with `crossrank build SOURCE --index {self.path} --overwrite`"
-                )
-            raise ModelMismatchError(
-                f"index {self.path} was built with model {built_with['model_id']!r}, "
-                f"but queries would be encoded with {encoder.model_id!r}; search it "
-                "with the same --model or rebuild the index with the new one"
-            )
-        return encoder
+        return load_text_encoder(
+            wanted, device=self.device, expected_info=built_with, index_path=self.path
+        )
 
     def info(self) -> dict[str, Any]:
         """A JSON-able description: counts, model, first stage, generation, sizes.
@@ -470,15 +466,16 @@ class Index:
         with self._use() as snap:
             return snap.metadata.skipped()
 
-    def verify(self) -> list[str]:
+    def verify(self, *, full: bool = False) -> list[str]:
         """Check that FAISS, vectors, patch store and metadata agree; returns the problems found.
 
-        See :func:`crossrank.api.verify.verify_index`, which also checks an index too damaged to
-        open.
+        With ``full``, every file is also hashed and compared with the checksum recorded at
+        commit. See :func:`crossrank.api.verify.verify_index`, which also checks an index too
+        damaged to open.
         """
         from crossrank.api.verify import verify_index
 
-        return verify_index(self.path)
+        return verify_index(self.path, full=full)
 
     # -- search -------------------------------------------------------------------------------
 

@@ -309,7 +309,35 @@ class _FastTokenizer:
         self.can_pad = pad_id is not None
         self.model_max_length = max_length
 
-    def __call__(self, texts: list[str]) -> list[Any]:
+    def __call__(
+        self,
+        texts: list[str],
+        *,
+        return_offsets_mapping: bool = False,
+        truncation: bool = True,
+        max_length: int | None = None,
+    ) -> Any:
+        """The encodings of ``texts``; with ``return_offsets_mapping``, as a transformers fast
+        tokenizer answers that call (unpadded ``input_ids`` and ``offset_mapping`` per text),
+        which is how training locates words (:mod:`crossrank.training.attention_targets`)."""
+        if return_offsets_mapping:
+            if not truncation or (max_length is not None and max_length != self.model_max_length):
+                raise ModelError(
+                    f"this tokenizer truncates at {self.model_max_length} tokens, the text "
+                    f"encoder's limit; got truncation={truncation}, max_length={max_length}"
+                )
+            encodings = self.tokenizer.encode_batch(texts, add_special_tokens=True)
+            real = [[m == 1 for m in e.attention_mask] for e in encodings]  # without the padding
+            return {
+                "input_ids": [
+                    [t for t, keep in zip(e.ids, r, strict=True) if keep]
+                    for e, r in zip(encodings, real, strict=True)
+                ],
+                "offset_mapping": [
+                    [o for o, keep in zip(e.offsets, r, strict=True) if keep]
+                    for e, r in zip(encodings, real, strict=True)
+                ],
+            }
         if len(texts) > 1 and not self.can_pad:
             raise ModelError(
                 "the tokenizer has no padding token, so texts of different lengths cannot be "

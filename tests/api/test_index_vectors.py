@@ -81,6 +81,7 @@ def test_search_vectors_loads_no_encoder(
         raise AssertionError("search_vectors loaded an encoder")
 
     monkeypatch.setattr("crossrank.encoders.load_encoder", no_encoder)
+    monkeypatch.setattr("crossrank.encoders.load_text_encoder", no_encoder)
     index = Index.open(built_index, device="cpu")
     xq = _unit(np.random.default_rng(2), 1, index.first_stage.d)
     assert len(index.search_vectors(xq, k=2)[0]) == 2

@@ -119,7 +119,9 @@ def test_build_json_summary(tmp_path, tiny_clip, runner):
         "images_per_second",
         "factory",
         "model",
+        "duplicates",
     }
+    assert summary["duplicates"] == 0
     assert (summary["indexed"], summary["skipped"], summary["generation"], summary["factory"]) == (
         3,
         0,
@@ -239,7 +241,13 @@ def test_verify_ok(cli_build, runner):
     _ok(result)
     assert "ok: 10 images, generation 1" in result.stdout
     out = json.loads(runner.invoke(app, ["verify", str(index), "--json"]).stdout)
-    assert out == {"ok": True, "images": 10, "generation": 1, "problems": []}
+    assert {k: out[k] for k in ("ok", "images", "generation", "problems")} == {
+        "ok": True,
+        "images": 10,
+        "generation": 1,
+        "problems": [],
+    }
+    assert out["mode"] == "full" and out["files_hashed"] > 0
 
 
 def test_verify_exits_1_naming_a_deleted_patch_shard(index_copy, runner):
@@ -486,13 +494,14 @@ def encoder_loads(monkeypatch) -> list[str]:
     import crossrank.encoders
 
     loads: list[str] = []
-    real = crossrank.encoders.load_encoder
+    for name in ("load_encoder", "load_text_encoder"):  # the full model, the text tower alone
+        real = getattr(crossrank.encoders, name)
 
-    def counting(*args, **kwargs):
-        loads.append(str(args[0]))
-        return real(*args, **kwargs)
+        def counting(*args, _real=real, **kwargs):
+            loads.append(str(args[0]))
+            return _real(*args, **kwargs)
 
-    monkeypatch.setattr(crossrank.encoders, "load_encoder", counting)
+        monkeypatch.setattr(crossrank.encoders, name, counting)
     return loads
 
 
@@ -546,6 +555,7 @@ def test_a_bad_where_fails_before_the_model_loads(built_index, runner, monkeypat
         raise AssertionError("the encoder was loaded")
 
     monkeypatch.setattr(crossrank.encoders, "load_encoder", refuse)
+    monkeypatch.setattr(crossrank.encoders, "load_text_encoder", refuse)
     for where, match in (("label = 'x'", 'unknown column "label"'), ("width >", "not a valid")):
         result = runner.invoke(
             app, ["search", str(built_index), QUERY, "--where", where, "--device", "cpu"]
@@ -572,6 +582,7 @@ def test_bad_image_or_k_is_one_line_before_the_model_loads(
     import crossrank.encoders
 
     monkeypatch.setattr(crossrank.encoders, "load_encoder", lambda *a, **k: 1 / 0)
+    monkeypatch.setattr(crossrank.encoders, "load_text_encoder", lambda *a, **k: 1 / 0)
     (tmp_path / "notes.png").write_text("not an image")
     args = [a.format(folder=tmp_path, text=tmp_path / "notes.png") for a in args]
     result = runner.invoke(app, ["search", str(built_index), *args, "--device", "cpu"])

@@ -109,6 +109,29 @@ def test_demo_encoder_text_features_equal_the_full_encoder(demo_pair) -> None:
     _assert_same_text(light, full, texts)
 
 
+def test_word_offsets_equal_the_fast_tokenizers_so_training_finds_the_same_words(
+    demo_pair,
+) -> None:
+    from crossrank.training.attention_targets import object_token_positions
+
+    light, full = demo_pair
+    texts = [
+        "a red circle left of a blue square",
+        "a small green triangle above a large purple star",
+        "a circle",
+        " ".join(["a red circle left of a blue square"] * 3),  # cut at the token limit
+    ]
+    limit = full.info["max_text_len"]
+    got = light.tokenizer(texts, return_offsets_mapping=True, truncation=True, max_length=limit)
+    want = full.tokenizer(texts, return_offsets_mapping=True, truncation=True, max_length=limit)
+    assert got["input_ids"] == [list(ids) for ids in want["input_ids"]]
+    assert got["offset_mapping"] == [[tuple(o) for o in row] for row in want["offset_mapping"]]
+    np.testing.assert_array_equal(
+        object_token_positions(light.tokenizer, texts, limit),
+        object_token_positions(full.tokenizer, texts, limit),
+    )
+
+
 def test_info_equals_the_full_encoders_key_for_key(light_tiny, tiny_encoder, demo_pair) -> None:
     assert light_tiny.info == tiny_encoder.info
     assert list(light_tiny.info) == list(tiny_encoder.info)

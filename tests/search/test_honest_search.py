@@ -36,6 +36,7 @@ def no_encoder(monkeypatch):
         raise AssertionError("the encoder was loaded")
 
     monkeypatch.setattr(crossrank.encoders, "load_encoder", refuse)
+    monkeypatch.setattr(crossrank.encoders, "load_text_encoder", refuse)
 
 
 def _with_own_reranker(index_copy: Path) -> Path:
