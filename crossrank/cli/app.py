@@ -89,8 +89,13 @@ def _root(
     logging.getLogger("crossrank").setLevel(logging.DEBUG if verbose else logging.WARNING)
 
 
+#: The exit code of a command stopped by Ctrl-C (128 + SIGINT, as shells report it).
+EXIT_INTERRUPTED = 130
+
+
 def _friendly_errors(fn: F) -> F:
-    """Turn a CrossrankError into one red line and exit code 1 (a traceback with --verbose)."""
+    """Turn a CrossrankError into one red line and exit code 1, and Ctrl-C into one line and exit
+    code 130 (a traceback with --verbose)."""
 
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
@@ -104,6 +109,11 @@ def _friendly_errors(fn: F) -> F:
                 f"[bold red]error:[/] {escape(str(e))}", highlight=False, soft_wrap=True
             )
             raise typer.Exit(1) from None
+        except KeyboardInterrupt:
+            if _state["verbose"]:
+                raise
+            err_console.print("[bold yellow]interrupted:[/] stopped", highlight=False)
+            raise typer.Exit(EXIT_INTERRUPTED) from None
 
     return wrapper  # type: ignore[return-value]
 

@@ -15,14 +15,13 @@ from typing import Annotated
 import typer
 from rich.markup import escape
 
-from crossrank.cli.app import _friendly_errors, _print_json, app
+from crossrank.cli.app import EXIT_INTERRUPTED, _friendly_errors, _print_json, app
 from crossrank.cli.render import console, err_console, progress_bar
 from crossrank.device import Device
 
 __all__ = ["add", "remove", "compact", "stop_on_ctrl_c"]
 
 #: The exit code of a command stopped by Ctrl-C (128 + SIGINT), as shells report it.
-EXIT_INTERRUPTED = 130
 
 
 @contextmanager

@@ -19,6 +19,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -109,8 +110,15 @@ def attend(
         keep = keep.view((1,) * (q.ndim - keep.ndim) + tuple(keep.shape))  # (1.., *keep.shape)
     if top_m is not None and top_m < k.shape[-2]:
         keep = top_m_mask(q, k, keep, top_m, scale)  # (..., heads, n, S)
-    shapes = [q.shape[:-3], k.shape[:-3], v.shape[:-3]]
-    lead = torch.broadcast_shapes(*shapes, *([] if keep is None else [keep.shape[:-3]]))
+    shapes = [
+        q.shape[:-3],
+        k.shape[:-3],
+        v.shape[:-3],
+        *([] if keep is None else [keep.shape[:-3]]),
+    ]
+    # numpy's rule is torch's; torch.broadcast_shapes imports sympy on its first call (0.2 s of
+    # every cold search).
+    lead = torch.Size(np.broadcast_shapes(*(tuple(s) for s in shapes)))
     if len(lead) == 1:
         return F.scaled_dot_product_attention(
             q, k, v, attn_mask=keep, scale=scale

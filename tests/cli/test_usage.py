@@ -89,3 +89,19 @@ def test_the_readme_states_the_exit_codes() -> None:
         "Exit codes: 0 success, 1 error, 2 usage error (an unknown command or flag, a bad flag "
         "value: one line too), 130 interrupted (Ctrl-C)."
     ) in readme
+
+
+def test_ctrl_c_in_any_command_is_one_line_and_exit_130(monkeypatch, tmp_path) -> None:
+    """A command that is not a writer (here `search`) stops on Ctrl-C as the writers do."""
+    from typer.testing import CliRunner
+
+    import crossrank.api.index
+    from crossrank.cli import app
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(crossrank.api.index.Index, "open", interrupted)
+    result = CliRunner().invoke(app, ["search", str(tmp_path), "a query"])
+    assert result.exit_code == 130
+    assert result.stderr.strip().splitlines() == ["interrupted: stopped"]
