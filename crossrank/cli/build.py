@@ -11,6 +11,7 @@ from rich.markup import escape
 from crossrank.cli.app import _friendly_errors, _print_json, app
 from crossrank.cli.living import stop_on_ctrl_c
 from crossrank.cli.render import (
+    Notes,
     console,
     progress_bar,
 )
@@ -100,8 +101,12 @@ def build(
             overwrite=overwrite,
             progress=progress,
         )
+    from crossrank.encoders.describe import describe_model
+    from crossrank.store import read_manifest
+
+    encoder = describe_model(read_manifest(report.index_dir).encoder).to_dict()
     if as_json:
-        _print_json(report.to_dict())
+        _print_json({**report.to_dict(), "encoder": encoder})
         return
     rate = report.indexed / report.seconds if report.seconds else 0.0
     path = escape(str(report.index_dir))
@@ -118,6 +123,9 @@ def build(
             f"`crossrank info {path} --skipped`",
             highlight=False,
         )
+    demo = " (demo encoder)" if encoder["demo"] else ""
+    console.print(f"[dim]encoder {escape(encoder['model_id'])}{demo}[/]", highlight=False)
+    Notes().show(encoder, ())
 
 
 # -- search -----------------------------------------------------------------------------------

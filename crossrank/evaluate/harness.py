@@ -180,6 +180,7 @@ def evaluate_index(
         raise InvalidArgumentError("no queries to evaluate: the queries file is empty")
     root = qrels_path.resolve().parent
     _check_match(index, query_list, judged, root, qrels_path)
+    out = None if run_out is None else _run_folder(Path(run_out))  # before the whole evaluation
     if reranker == "none":
         reranker = None
 
@@ -241,11 +242,16 @@ def evaluate_index(
         stage: {"p50": float(np.percentile(v, 50)), "p95": float(np.percentile(v, 95))}
         for stage, v in timings.items()
     }
-    if run_out is not None:
-        out = Path(run_out)
-        write_run(out / "first_stage.run", first_run, tag="first_stage")
-        if reranked:
-            write_run(out / "reranked.run", rerank_run, tag=_run_tag(label))
+    if out is not None:
+        try:
+            write_run(out / "first_stage.run", first_run, tag="first_stage")
+            if reranked:
+                write_run(out / "reranked.run", rerank_run, tag=_run_tag(label))
+        except OSError as e:
+            raise InvalidArgumentError(
+                f"cannot write the run files into {out}: {e.strerror or e}; free some space or "
+                "give another --run-out folder (the metrics were computed; run eval again)"
+            ) from e
     return EvalReport(
         queries=first.n_queries,
         first_stage=first,
@@ -305,3 +311,21 @@ def _run_tag(label: str) -> str:
 def _exact(values: dict[str, float]) -> dict[str, float]:
     """Metric values as plain floats, unrounded: ``--json`` is machine-readable, so exact."""
     return {k: float(v) for k, v in values.items()}
+
+
+def _run_folder(out: Path) -> Path:
+    """The ``run_out`` folder, created now: a file in its place, or a folder that cannot be made,
+    is refused before any query runs rather than after the whole evaluation."""
+    if out.exists() and not out.is_dir():
+        raise InvalidArgumentError(
+            f"run_out {out} is a file; give a folder for the run files (first_stage.run, "
+            "reranked.run)"
+        )
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise InvalidArgumentError(
+            f"cannot create the run_out folder {out}: {e.strerror or e}; give a folder you can "
+            "write"
+        ) from e
+    return out

@@ -120,8 +120,10 @@ def test_build_json_summary(tmp_path, tiny_clip, runner):
         "factory",
         "model",
         "duplicates",
+        "encoder",
     }
     assert summary["duplicates"] == 0
+    assert summary["encoder"]["model_id"] == str(tiny_clip) and not summary["encoder"]["demo"]
     assert (summary["indexed"], summary["skipped"], summary["generation"], summary["factory"]) == (
         3,
         0,
@@ -626,3 +628,15 @@ def test_user_text_is_printed_literally(tmp_path, tiny_clip, runner):
         _ok(result)
         assert "[bold]m.png" in result.stdout
         assert repr(query) in result.stdout
+
+
+def test_build_names_the_encoder_and_says_once_when_it_is_the_demo_one(tmp_path, runner):
+    from crossrank.encoders.describe import DEMO_NOTE
+
+    write_images(tmp_path / "few", 3, seed=6)
+    index = str(tmp_path / "few.idx")
+    result = runner.invoke(app, ["build", str(tmp_path / "few"), "--index", index])
+    _ok(result)
+    assert "encoder crossrank-demo (demo encoder)" in result.stdout
+    stderr = " ".join(result.stderr.split())
+    assert stderr.endswith(f"note: {DEMO_NOTE}") and stderr.count("note:") == 1

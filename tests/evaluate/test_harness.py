@@ -352,3 +352,25 @@ def test_the_table_names_reranker_fusion_and_encoder_and_fits_80_columns(cli_eva
     assert "reranker maxsim" in text and "fusion rerank" in text
     assert report["encoder"]["model_id"] in text.replace("\n", "")  # a long path may wrap
     assert max(len(line) for line in text.splitlines()) <= 80
+
+
+def test_a_run_out_that_is_a_file_is_refused_before_any_query_runs(
+    shapes, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from crossrank import Index
+    from crossrank.errors import InvalidArgumentError
+    from crossrank.evaluate import evaluate_index
+
+    root, index_dir = shapes
+    index = Index.open(index_dir, device="cpu")
+
+    def no_search(*args, **kwargs):
+        raise AssertionError("a query ran before run_out was checked")
+
+    monkeypatch.setattr(index, "search", no_search)
+    (tmp_path / "runs").write_text("not a folder")
+    queries, qrels = root / "queries.parquet", root / "qrels.txt"
+    with pytest.raises(InvalidArgumentError, match=r"run_out .*runs is a file; give a folder"):
+        evaluate_index(index, queries, qrels, run_out=tmp_path / "runs")
+    with pytest.raises(InvalidArgumentError, match=r"cannot create the run_out folder"):
+        evaluate_index(index, queries, qrels, run_out=tmp_path / "runs" / "under-a-file")
