@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
+from rich.markup import escape
 
 from crossrank.cli.app import _friendly_errors, _print_json, app
 from crossrank.cli.render import (
@@ -130,7 +131,11 @@ def train_encoder_cmd(
     if as_json:
         _print_json(summary)
     else:
-        console.print(f"[green]trained[/] {config.steps} steps in {summary['seconds']} s -> {path}")
+        console.print(
+            f"[green]trained[/] {config.steps} steps in {summary['seconds']} s -> "
+            f"{escape(str(path))}",
+            highlight=False,
+        )
 
 
 @app.command("train")
@@ -442,7 +447,7 @@ def train_cmd(
     console.print(
         f"[green]trained[/] {report.steps} steps ({report.steps_per_second:.1f} steps/s on "
         f"{report.device}) "
-        f"-> {report.out_dir}"
+        f"-> {escape(str(report.out_dir))}"
     )
     if report.first_stage_weight > 0:
         console.print(

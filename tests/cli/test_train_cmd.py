@@ -500,3 +500,13 @@ def test_train_refuses_a_bad_config_file_in_one_line(
     result = runner.invoke(app, [*args, "--out", str(tmp_path / "r"), "--config", str(config_file)])
     assert result.exit_code == 2
     assert message in " ".join(result.output.replace("│", " ").split())
+
+
+def test_train_prints_the_output_folder_literally(trained, tmp_path: Path) -> None:
+    root, index_dir, _ = trained
+    out = tmp_path / "[bold]r"
+    args = ["train", str(root / "pairs.parquet"), "--index", str(index_dir), "--out", str(out)]
+    args += ["--steps", "2", "--batch-size", "4", "--candidates", "4", "--mine-k", "8"]
+    result = runner.invoke(app, [*args, "--width", "16", "--heads", "2", "--device", "cpu"])
+    assert result.exit_code == 0, result.output
+    assert str(out) in " ".join(result.stdout.split())
