@@ -293,13 +293,17 @@ def _read_config(resolved: ResolvedModel) -> dict[str, Any]:
     return config
 
 
-def _backend(model_type: Any, resolved: ResolvedModel) -> Any:
+def _check_model_type(model_type: Any, resolved: ResolvedModel) -> None:
     if model_type not in BACKENDS:
         found = f"model_type {model_type!r}" if model_type is not None else "no model_type"
         raise ModelError(
             f"model {resolved.model_id!r} has {found} in {resolved.model_dir / 'config.json'}; "
             f"supported model types: {', '.join(supported_model_types())}"
         )
+
+
+def _backend(model_type: Any, resolved: ResolvedModel) -> Any:
+    _check_model_type(model_type, resolved)
     module_name, _, class_name = BACKENDS[model_type].partition(":")
     return getattr(importlib.import_module(module_name), class_name)
 
@@ -315,6 +319,58 @@ def _torch_dtype(dtype: str, device: torch.device) -> torch.dtype:
         Precision.FP16: torch.float16,
         Precision.BF16: torch.bfloat16,
     }[precision]
+
+
+def open_model(
+    model: str | Path | None, device: str, batch_size: int, dtype: str
+) -> tuple[EncoderConfig, torch.device, ResolvedModel, dict[str, Any], list[Path]]:
+    """What every loader checks before building a model: the settings, the device, the model's
+    folder, its ``config.json`` (a supported ``model_type``) and its weight files.
+
+    Returns:
+        The :class:`EncoderConfig`, the torch device, the resolved model, its config and its
+        weight files.
+
+    Raises:
+        InvalidArgumentError: a bad ``device``, ``batch_size`` or ``dtype``.
+        ModelError: the model cannot be found or opened, its ``model_type`` is not supported, or
+            it has no weights.
+    """
+    try:
+        config = EncoderConfig(
+            model=DEMO_MODEL if model is None else str(model),
+            device=str(device),
+            batch_size=batch_size,
+            dtype=str(dtype),
+        )
+    except ValueError as e:
+        raise InvalidArgumentError(str(e)) from e
+    torch_device = resolve_device(config.device)
+    resolved = resolve_model(model)
+    hf_config = _read_config(resolved)
+    _check_model_type(hf_config.get("model_type"), resolved)
+    files = weight_files(resolved.model_dir)
+    if not files:
+        raise ModelError(
+            f"model {resolved.model_id!r} has no weights in {resolved.model_dir} "
+            f"(model.safetensors or pytorch_model.bin); found {_listing(resolved.model_dir)}"
+        )
+    return config, torch_device, resolved, hf_config, files
+
+
+def model_info(
+    resolved: ResolvedModel, hf_config: dict[str, Any], files: list[Path], backend: str
+) -> dict[str, Any]:
+    """The identity of a model that an index records and every loader checks against."""
+    return {
+        "model_id": resolved.model_id,
+        "model_type": hf_config["model_type"],
+        "backend": backend,
+        "source": resolved.source,
+        "revision": resolved.revision,
+        "config_sha256": config_sha256(hf_config),
+        "weights_sha256": weights_sha256(files),
+    }
 
 
 def load_encoder(
@@ -349,34 +405,9 @@ def load_encoder(
         >>> enc.encode_text(["a red cube"]).pooled.shape  # doctest: +SKIP
         (1, 512)
     """
-    try:
-        config = EncoderConfig(
-            model=DEMO_MODEL if model is None else str(model),
-            device=str(device),
-            batch_size=batch_size,
-            dtype=str(dtype),
-        )
-    except ValueError as e:
-        raise InvalidArgumentError(str(e)) from e
-    torch_device = resolve_device(config.device)
-    resolved = resolve_model(model)
-    hf_config = _read_config(resolved)
+    config, torch_device, resolved, hf_config, files = open_model(model, device, batch_size, dtype)
     backend = _backend(hf_config.get("model_type"), resolved)
-    files = weight_files(resolved.model_dir)
-    if not files:
-        raise ModelError(
-            f"model {resolved.model_id!r} has no weights in {resolved.model_dir} "
-            f"(model.safetensors or pytorch_model.bin); found {_listing(resolved.model_dir)}"
-        )
-    info: dict[str, Any] = {
-        "model_id": resolved.model_id,
-        "model_type": hf_config["model_type"],
-        "backend": backend.backend,
-        "source": resolved.source,
-        "revision": resolved.revision,
-        "config_sha256": config_sha256(hf_config),
-        "weights_sha256": weights_sha256(files),
-    }
+    info = model_info(resolved, hf_config, files, backend.backend)
     torch_dtype = _torch_dtype(config.dtype, torch_device)
     with quiet_transformers():
         encoder = backend.from_pretrained(

@@ -36,7 +36,6 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from crossrank.encoders.base import Encoder, ImageFeatures, TransformersEncoder
-from crossrank.encoders.config import DEMO_MODEL, EncoderConfig
 from crossrank.errors import InvalidArgumentError, ModelError, ModelMismatchError
 
 if TYPE_CHECKING:
@@ -707,52 +706,12 @@ def load_text_encoder(
         >>> enc.encode_text(["a red circle"]).pooled.shape  # doctest: +SKIP
         (1, 128)
     """
-    from crossrank.device import resolve_device
-    from crossrank.encoders.fingerprint import config_sha256, weight_files, weights_sha256
-    from crossrank.encoders.loading import (
-        BACKENDS,
-        _listing,
-        _read_config,
-        _torch_dtype,
-        load_encoder,
-        resolve_model,
-        supported_model_types,
-    )
+    from crossrank.encoders.loading import _torch_dtype, load_encoder, model_info, open_model
 
-    try:
-        config = EncoderConfig(
-            model=DEMO_MODEL if model is None else str(model),
-            device=str(device),
-            batch_size=batch_size,
-            dtype=str(dtype),
-        )
-    except ValueError as e:
-        raise InvalidArgumentError(str(e)) from e
-    torch_device = resolve_device(config.device)
-    resolved = resolve_model(model)
-    hf_config = _read_config(resolved)
-    model_type = hf_config.get("model_type")
-    files = weight_files(resolved.model_dir)
-    if model_type not in BACKENDS:
-        found = f"model_type {model_type!r}" if model_type is not None else "no model_type"
-        raise ModelError(
-            f"model {resolved.model_id!r} has {found} in {resolved.model_dir / 'config.json'}; "
-            f"supported model types: {', '.join(supported_model_types())}"
-        )
-    if not files:
-        raise ModelError(
-            f"model {resolved.model_id!r} has no weights in {resolved.model_dir} "
-            f"(model.safetensors or pytorch_model.bin); found {_listing(resolved.model_dir)}"
-        )
-    info: dict[str, Any] = {
-        "model_id": resolved.model_id,
-        "model_type": model_type,
-        "backend": LightClipTextEncoder.backend,  # only this encoder's info is built here
-        "source": resolved.source,
-        "revision": resolved.revision,
-        "config_sha256": config_sha256(hf_config),
-        "weights_sha256": weights_sha256(files),
-    }
+    config, torch_device, resolved, hf_config, files = open_model(model, device, batch_size, dtype)
+    model_type = hf_config["model_type"]
+    # only this encoder's info is built here; the full encoder builds its own
+    info = model_info(resolved, hf_config, files, LightClipTextEncoder.backend)
     if expected_info is not None:
         _mismatch(expected_info, info, index_path)
 
