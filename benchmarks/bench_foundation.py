@@ -49,6 +49,8 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmarks/: _report
 from _report import add_out_option, write_report
 
+from crossrank.training.encoder import DEMO_SPEC
+
 # Everything here is offline: the encoder is made from scratch, never fetched.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -90,20 +92,7 @@ FULL = Sizes(
     build_batch=64,
     build_workers=4,
     build_rounds=7,
-    # The demo model's architecture (crossrank.training.encoder.DEMO_SPEC).
-    clip=dict(
-        image_size=64,
-        patch_size=8,
-        vision_width=128,
-        vision_layers=4,
-        vision_heads=4,
-        text_width=128,
-        text_layers=2,
-        text_heads=4,
-        projection_dim=128,
-        max_text_len=16,
-        vocab_size=128,
-    ),
+    clip=asdict(DEMO_SPEC),  # the demo model's architecture
 )
 QUICK = Sizes(
     n_vectors=2_000,
