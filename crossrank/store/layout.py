@@ -44,9 +44,13 @@ __all__ = [
     "patch_shard_name",
     "metadata_part_name",
     "read_generation_info",
+    "MANIFEST_NAME",
+    "READERS_DIR",
 ]
 
 FORMAT_VERSION = 2  # newest layout of manifest.json and generation.json this crossrank reads
+MANIFEST_NAME = "manifest.json"  # which generation is committed (crossrank.store.manifest)
+READERS_DIR = "readers"  # the reader pins (crossrank.store.pins)
 GENERATION_INFO_NAME = "generation.json"
 VECTORS_NAME = "vectors.npy"
 IDS_NAME = "ids.npy"

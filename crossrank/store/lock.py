@@ -29,17 +29,13 @@ from pathlib import Path
 from typing import Any
 
 from crossrank.errors import CrossrankError, DependencyError, IndexLockedError, InvalidArgumentError
+from crossrank.store.layout import MANIFEST_NAME, READERS_DIR
 
 __all__ = ["LOCK_NAME", "WriterLock", "read_lock_holder", "live_lock_holder", "default_command"]
 
 logger = logging.getLogger(__name__)
 
 LOCK_NAME = "writer.lock"
-# manifest.MANIFEST_NAME and pins.READERS_DIR, restated: manifest.py asks this module who holds
-# the lock, so importing them here would close an import cycle (tests/store/test_lock.py checks
-# that the names agree).
-_MANIFEST_NAME = "manifest.json"
-_READERS_DIR = "readers"
 
 
 def default_command() -> str:
@@ -258,10 +254,10 @@ class WriterLock:
         still holding the lock), an empty ``readers/`` folder and ``root`` if it is then empty.
         """
         self.check()
-        if not self.created_root or (self.root / _MANIFEST_NAME).exists():
+        if not self.created_root or (self.root / MANIFEST_NAME).exists():
             return
         try:
-            (self.root / _READERS_DIR).rmdir()
+            (self.root / READERS_DIR).rmdir()
         except OSError:
             pass
         try:

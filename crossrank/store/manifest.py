@@ -16,7 +16,7 @@ from typing import Any
 
 from crossrank.errors import IndexBusyError, IndexCorruptError, IndexNotFoundError
 from crossrank.store._files import atomic_write_json
-from crossrank.store.layout import FIRST_STAGE_NAME, FORMAT_VERSION
+from crossrank.store.layout import FIRST_STAGE_NAME, FORMAT_VERSION, MANIFEST_NAME
 
 __all__ = [
     "FORMAT_VERSION",
@@ -36,7 +36,6 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-MANIFEST_NAME = "manifest.json"
 
 _GEN_RE = re.compile(r"^gen-(\d{6,})$")
 _TMP_RE = re.compile(r"^\.gen-(\d{6,})\.tmp-(\d+)$")

@@ -27,12 +27,12 @@ import weakref
 from pathlib import Path
 
 from crossrank.errors import CrossrankError
+from crossrank.store.layout import READERS_DIR
 
 __all__ = ["READERS_DIR", "ReaderPin", "pin_current", "live_pins"]
 
 logger = logging.getLogger(__name__)
 
-READERS_DIR = "readers"
 _PIN_RE = re.compile(r"^gen-(\d{6,})\.(\d+)\.([0-9a-f]+)\.pin$")
 _TMP_PREFIX = ".pin-"
 _TMP_MAX_AGE_S = (

@@ -86,10 +86,3 @@ def test_a_file_is_not_an_index_directory(tmp_path):
     (tmp_path / "idx").write_text("x")
     with pytest.raises(InvalidArgumentError, match="exists and is not a directory"):
         WriterLock(tmp_path / "idx").acquire()
-
-
-def test_the_names_the_lock_restates_agree_with_their_modules():
-    from crossrank.store import lock, manifest, pins
-
-    assert lock._MANIFEST_NAME == manifest.MANIFEST_NAME
-    assert lock._READERS_DIR == pins.READERS_DIR
