@@ -18,6 +18,9 @@ each with the default a plain reranker has:
   passes ``TextFeatures.reranker_tokens()`` as ``query``, ``(n_tokens, token_embeddings + dim)``.
 - ``fusion`` (None): the ``--fusion`` the reranker recommends (a trained checkpoint records it);
   ``fusion="auto"`` uses it.
+- :meth:`Reranker.explain` (None): where each query token looked in each candidate, one map over
+  the candidate's patches per token (``search(..., explain=True)``); a reranker that cannot say
+  keeps the default, and the search then adds a one-line note instead of maps.
 """
 
 from __future__ import annotations
@@ -85,6 +88,26 @@ class Reranker(ABC):
         Returns:
             ``(k,)`` float32 scores on the CPU, higher is better, in the order of ``patches``.
         """
+
+    def explain(
+        self,
+        query: torch.Tensor,
+        query_mask: torch.Tensor,
+        patches: torch.Tensor,
+        patch_mask: torch.Tensor | None = None,
+        **kwargs: Any,
+    ) -> torch.Tensor | None:
+        """Where each query token looked in each candidate: one weight per patch and token.
+
+        Takes what :meth:`score` takes (a reranker with ``needs_input_ids`` also gets
+        ``input_ids``). The search calls it only for the hits it returns, after scoring, so the
+        maps never change a score.
+
+        Returns:
+            ``(k, n_tokens, n_patches)`` float32 on the CPU, the rows in the order of ``query``
+            (padding tokens' rows all zero), or None: this reranker cannot explain (the default).
+        """
+        return None
 
 
 def _as_tensor(x: Any, what: str) -> torch.Tensor:

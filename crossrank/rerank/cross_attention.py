@@ -236,6 +236,56 @@ class CrossAttentionReranker(nn.Module, Reranker):
             )
         return logits.to("cpu", torch.float32)
 
+    def explain(
+        self,
+        query: torch.Tensor,
+        query_mask: torch.Tensor,
+        patches: torch.Tensor,
+        patch_mask: torch.Tensor | None = None,
+        **kwargs: object,
+    ) -> torch.Tensor | None:
+        """Each query token's last-layer cross-attention over each candidate's patches.
+
+        The weights are the model's own: the forward of :meth:`score` (same path, same top-m
+        sparsity) is run once more with ``attend_to`` set to the ``(P, P)`` identity, so that the
+        attention-weighted average of patch ``j``'s one-hot channel is the weight on patch ``j``;
+        heads are averaged. Each real token's row sums to 1 over the real patches (a sparse
+        ``sparse_top_m`` model puts exactly 0 outside each head's top m). Arguments as
+        :meth:`score`.
+
+        Returns:
+            ``(k, n_tokens, n_patches)`` float32 on the CPU, rows in the order of ``query``
+            (padding tokens' rows all zero); None for a model whose learnable query tokens
+            replace the text (``query_tokens_mode="replace"``): no position is a word.
+        """
+        cfg = self.config
+        if cfg.n_query_tokens and cfg.query_tokens_mode == QueryTokensMode.REPLACE:
+            return None
+        query, query_mask, patches, patch_mask = check_rerank_inputs(
+            query, query_mask, patches, patch_mask, same_dim=False
+        )
+        k, n_patches = patches.shape[:2]
+        maps = torch.zeros((k, query.shape[0], n_patches), dtype=torch.float32)
+        if k == 0:
+            return maps
+        real = query_mask.cpu().nonzero().flatten()  # (L,) rows of the real tokens
+        tokens = query[query_mask]  # (L, token_input_dim), as score() drops padding
+        device = self.device
+        # A view, never materialised per candidate here: (1, k, P, P)
+        eye = torch.eye(n_patches, device=device).expand(1, k, n_patches, n_patches)
+        with torch.inference_mode(), _autocast(device):
+            _, attended = self.forward_batch(
+                tokens.to(device)[None],
+                torch.ones((1, tokens.shape[0]), dtype=torch.bool, device=device),
+                patches.to(device, non_blocking=True)[None],
+                None if patch_mask is None else patch_mask.to(device)[None],
+                path=self.path,
+                attend_to=eye,
+            )  # (1, k, n, P): n = learnable query tokens first, then the text tokens
+        # Learnable query tokens (concat mode) come first; the text tokens are the last L rows.
+        maps[:, real] = attended[0, :, attended.shape[2] - tokens.shape[0] :].to("cpu").float()
+        return maps
+
     # -- forward ------------------------------------------------------------------------------
 
     def forward(
