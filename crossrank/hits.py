@@ -9,7 +9,38 @@ from dataclasses import dataclass, field
 from decimal import Decimal
 from typing import Any, overload
 
-__all__ = ["Hit", "SearchCounts", "SearchResult"]
+__all__ = ["Explanation", "Hit", "SearchCounts", "SearchResult"]
+
+#: Decimals kept per weight in the JSON of an explanation (the library keeps float32).
+EXPLAIN_DECIMALS = 5
+
+
+@dataclass(frozen=True)
+class Explanation:
+    """Where each word of a text query looked in one hit (``search(..., explain=True)``).
+
+    Attributes:
+        tokens: the query's tokens as the tokenizer cut it (special tokens left out), e.g.
+            ``("a", "red", "circle")``.
+        grid: ``(rows, cols)`` of the hit's patch grid; patch ``j`` is row ``j // cols``,
+            column ``j % cols``, in reading order from the image's top left.
+        maps: ``(len(tokens), rows * cols)`` float32, one map per token: for the cross-attention
+            reranker the last layer's attention weights over the patches, heads averaged (each
+            row sums to 1); for MaxSim 1 at the token's best patch, 0 elsewhere.
+    """
+
+    tokens: tuple[str, ...]
+    grid: tuple[int, int]
+    maps: Any  # numpy (n_tokens, rows * cols) float32; typed loosely to keep hits numpy-free
+
+    def to_dict(self) -> dict[str, Any]:
+        """``{"tokens": [...], "grid": [rows, cols], "maps": [[P floats] per token]}``, the
+        weights rounded to :data:`EXPLAIN_DECIMALS` decimals to keep 100 hits' JSON small."""
+        return {
+            "tokens": list(self.tokens),
+            "grid": [int(self.grid[0]), int(self.grid[1])],
+            "maps": [[round(float(w), EXPLAIN_DECIMALS) for w in row] for row in self.maps],
+        }
 
 
 @dataclass(frozen=True)
@@ -23,6 +54,8 @@ class Hit:
         first_stage_score: inner product of the pooled query and image vectors.
         rerank_score: the reranker's raw score, or ``None`` when no reranker ran.
         metadata: the image's metadata columns (``sha256``, ``width``, ... and the manifest's own).
+        explain: where each query word looked in this image (:class:`Explanation`), when the
+            search was asked to explain and its reranker can; else None.
     """
 
     id: int
@@ -31,10 +64,12 @@ class Hit:
     first_stage_score: float
     rerank_score: float | None
     metadata: dict[str, Any] = field(default_factory=dict)
+    explain: Explanation | None = None
 
     def to_dict(self) -> dict[str, Any]:
-        """A hit as JSON: ``{"id", "path", "score", "scores": {...}, "metadata": {...}}``."""
-        return {
+        """A hit as JSON: ``{"id", "path", "score", "scores": {...}, "metadata": {...}}``, and
+        ``"explain"`` (:meth:`Explanation.to_dict`) when the hit carries one."""
+        out: dict[str, Any] = {
             "id": self.id,
             "path": self.path,
             "score": _json_float(self.score),
@@ -44,6 +79,9 @@ class Hit:
             },
             "metadata": {key: _json_value(value) for key, value in self.metadata.items()},
         }
+        if self.explain is not None:
+            out["explain"] = self.explain.to_dict()
+        return out
 
 
 @dataclass(frozen=True)

@@ -21,7 +21,13 @@ import numpy as np
 
 from crossrank.errors import CrossrankError, InvalidArgumentError
 from crossrank.hits import SearchResult
-from crossrank.search.encode import PreparedQueries, Query, encode_queries, prepare_queries
+from crossrank.search.encode import (
+    PreparedQueries,
+    Query,
+    encode_queries,
+    prepare_queries,
+    token_strings,
+)
 from crossrank.search.pipeline import allowed_ids, cap_at, check_k, search_snapshot, timed
 
 if TYPE_CHECKING:
@@ -489,6 +495,7 @@ class Index:
         fusion: str = "auto",
         *,
         filters: Filters | None = None,
+        explain: bool = False,
     ) -> SearchResult:
         """Find the ``k`` images that best match ``query``.
 
@@ -514,6 +521,12 @@ class Index:
             fusion: how the final score combines the two stages: ``auto`` (what the reranker
                 recommends, else ``rerank``), ``rerank`` (the reranker's score alone), ``sum``, or
                 ``weighted:ALPHA`` (``ALPHA * rerank + (1 - ALPHA) * first_stage``).
+            explain: also say where each word of a text query looked in each returned hit
+                (``hit.explain``, a :class:`~crossrank.hits.Explanation`: the query's tokens, the
+                patch grid, one map per token). The cross-attention reranker gives its last
+                layer's attention weights (heads averaged), MaxSim each token's best patch;
+                without maps (no reranker, an image query, a reranker that cannot explain)
+                ``result.notes`` says why. Scores and ranking are the same either way.
 
         ``k`` and ``rerank_k`` may exceed the index size (the search never looks for more than
         the images it holds; ``counts.requested`` keeps what was asked). A text longer than the
@@ -538,6 +551,7 @@ class Index:
             reranker=reranker,
             fusion=fusion,
             filters=filters,
+            explain=explain,
         )[0]
 
     def search_batch(
@@ -550,6 +564,7 @@ class Index:
         fusion: str = "auto",
         *,
         filters: Filters | None = None,
+        explain: bool = False,
     ) -> list[SearchResult]:
         """Search many queries at once: one encoder pass per modality and one first-stage call.
 
@@ -583,6 +598,12 @@ class Index:
                         token_embeddings=0 if scorer is None else scorer.token_embeddings,
                     )
                 notes = {i: [n for n in (cut.get(i), choice.note) if n] for i in range(len(labels))}
+                words = None
+                if explain:
+                    words = [
+                        None if group.is_image(i) else token_strings(encoder, q_ids[i], q_masks[i])
+                        for i in range(len(labels))
+                    ]
                 found = search_snapshot(
                     snap,
                     xq,
@@ -601,6 +622,7 @@ class Index:
                     reranker=choice.label,
                     fusion=str(fuse),
                     notes=notes,
+                    words=words,
                 )
                 for position, result in zip(positions, found, strict=True):
                     results[position] = result

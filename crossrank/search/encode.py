@@ -28,6 +28,7 @@ __all__ = [
     "QueryTruncatedWarning",
     "encode_queries",
     "prepare_queries",
+    "token_strings",
     "truncation_note",
 ]
 
@@ -196,3 +197,54 @@ def encode_queries(
                 )
             masks[i] = np.ones(feats.patches.shape[1], dtype=bool)
     return xq, tokens, masks, input_ids, labels, notes
+
+
+#: Word-piece markers some tokenizers put on a token string (CLIP's end of word, GPT-2's and
+#: SentencePiece's leading space, BERT's continuation); a person reads the word without them.
+_PIECE_MARKS = ("</w>", "\u0120", "\u2581", "##")
+
+
+def token_strings(encoder: Any, input_ids: np.ndarray | None, mask: np.ndarray) -> list[str | None]:
+    """What a person reads for each token row of a text query: the word (piece) it stands for.
+
+    Uses the encoder's ``tokenizer`` attribute: a transformers tokenizer
+    (``convert_ids_to_tokens``), or a wrapper of a ``tokenizers.Tokenizer`` (``id_to_token``).
+    Word-piece markers are stripped (``red</w>`` reads ``red``).
+
+    Args:
+        encoder: the encoder that encoded the query.
+        input_ids: the query's ``(n_tokens,)`` token ids, or None (an encoder that gives none).
+        mask: ``(n_tokens,)`` bool, True = a real token.
+
+    Returns:
+        One entry per row: the token's text, or None for padding and special tokens (begin, end,
+        padding, class markers), which stand for no word. Without ids or a tokenizer, the real
+        rows are named by position (``#0``, ``#1``, ...).
+    """
+    n = int(mask.shape[0])
+    tok = getattr(encoder, "tokenizer", None)
+    if input_ids is None or tok is None:
+        return [f"#{i}" if mask[i] else None for i in range(n)]
+    ids = [int(i) for i in input_ids]
+    special: set[int] = set()
+    if hasattr(tok, "convert_ids_to_tokens"):  # a transformers tokenizer
+        strings = list(tok.convert_ids_to_tokens(ids))
+        special = {int(i) for i in getattr(tok, "all_special_ids", ()) or ()}
+    else:  # a wrapper holding a tokenizers.Tokenizer, or one itself
+        inner = getattr(tok, "tokenizer", tok)
+        to_token = getattr(inner, "id_to_token", None)
+        if to_token is None:
+            return [f"#{i}" if mask[i] else None for i in range(n)]
+        strings = [to_token(i) for i in ids]
+        added = getattr(inner, "get_added_tokens_decoder", None)
+        if added is not None:
+            special = {int(i) for i, t in added().items() if getattr(t, "special", False)}
+    out: list[str | None] = []
+    for row, (token_id, text) in enumerate(zip(ids, strings, strict=True)):
+        if not mask[row] or token_id in special or text is None:
+            out.append(None)
+            continue
+        for mark in _PIECE_MARKS:
+            text = text.replace(mark, "")
+        out.append(text or f"#{row}")
+    return out

@@ -19,17 +19,19 @@ which runs the rest, one function per stage:
 
 from __future__ import annotations
 
+import math
 import numbers
 import operator
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
+from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from crossrank.errors import InvalidArgumentError
-from crossrank.hits import Hit, SearchCounts, SearchResult
+from crossrank.hits import Explanation, Hit, SearchCounts, SearchResult
 
 if TYPE_CHECKING:
     from crossrank.rerank import Reranker
@@ -40,6 +42,8 @@ __all__ = [
     "allowed_ids",
     "cap_at",
     "check_k",
+    "explain",
+    "patch_grid",
     "first_stage",
     "join_metadata",
     "rerank",
@@ -70,6 +74,7 @@ def search_snapshot(
     reranker: str = "none",
     fusion: str = "none",
     notes: Mapping[int, Sequence[str]] | None = None,
+    words: Sequence[Sequence[str | None] | None] | None = None,
 ) -> list[SearchResult]:
     """First stage, rerank (when ``scorer``), fuse, join metadata, on one snapshot.
 
@@ -81,6 +86,10 @@ def search_snapshot(
     ``k`` that was asked for (reported in the counts, default ``k``). ``timings`` (milliseconds
     per stage so far) is copied into each query's result; ``encoder``, ``reranker``, ``fusion``
     and ``notes`` (position -> lines) describe the search in each result.
+
+    ``words`` asks for explanations (:func:`explain`): per query, the text of each token row
+    (:func:`crossrank.search.encode.token_strings`; None for an image query); None = do not
+    explain. Only the returned hits are explained, after they are ranked.
     """
     with timed(timings, "first_stage"):
         D, I = first_stage(snap, xq, n_candidates, allowed)
@@ -114,6 +123,23 @@ def search_snapshot(
                 first_scores[order],
                 None if rerank_scores is None else rerank_scores[order],
             )
+        q_notes = tuple((notes or {}).get(qi, ()))
+        if words is not None and hits:
+            with timed(q_timings, "explain"):
+                maps, note = explain(
+                    snap,
+                    scorer,
+                    None if q_tokens is None else q_tokens[qi],
+                    None if q_masks is None else q_masks[qi],
+                    ids[order],
+                    words[qi],
+                    None if q_ids is None else q_ids[qi],
+                    reranker,
+                )
+            if note:
+                q_notes += (note,)
+            else:
+                hits = tuple(replace(hit, explain=m) for hit, m in zip(hits, maps, strict=True))
         counts = SearchCounts(
             requested=k if requested is None else requested,
             returned=len(hits),
@@ -131,7 +157,7 @@ def search_snapshot(
                 encoder=encoder,
                 reranker=reranker if scorer is not None else "none",
                 fusion=fusion if scorer is not None else "none",
-                notes=tuple((notes or {}).get(qi, ())),
+                notes=q_notes,
             )
         )
     return results
@@ -192,6 +218,74 @@ def rerank(
         **extra,
     )
     return scores.numpy().astype(np.float32, copy=False)
+
+
+def explain(
+    snap: Snapshot,
+    scorer: Reranker | None,
+    tokens: np.ndarray | None,
+    mask: np.ndarray | None,
+    ids: np.ndarray,
+    words: Sequence[str | None] | None,
+    input_ids: np.ndarray | None = None,
+    reranker: str = "none",
+) -> tuple[list[Explanation], str | None]:
+    """Where each word of one query looked in each of the hits ``ids`` (the returned hits only).
+
+    Calls :meth:`Reranker.explain` on the hits' stored patches; keeps the rows of the words
+    (``words[i]`` not None: special tokens and padding are left out) and cuts each map to the
+    patch grid (:func:`patch_grid`).
+
+    Returns:
+        One :class:`Explanation` per hit and None, or no explanations and the one line that says
+        why there are none (no reranker ran, an image query, a reranker that cannot explain).
+    """
+    import torch
+
+    if scorer is None or tokens is None or mask is None:
+        return [], (
+            "explain: no reranker ran, so no word looked at any patch; use a reranker "
+            "(e.g. --reranker maxsim, or a trained one)"
+        )
+    if words is None:
+        return [], "explain: an image query has no words whose attention could be shown"
+    rows = snap.generation.rows_of_ids(ids)
+    patches = snap.patches.gather(rows)  # (k, P, d) fp16
+    extra: dict[str, Any] = {}
+    if scorer.needs_input_ids:
+        extra["input_ids"] = None if input_ids is None else torch.from_numpy(input_ids)
+    maps = scorer.explain(
+        torch.from_numpy(np.ascontiguousarray(tokens)),
+        torch.from_numpy(mask),
+        torch.from_numpy(patches),
+        **extra,
+    )
+    if maps is None:
+        return [], f"explain: the {reranker} reranker cannot show where words looked"
+    maps = maps.numpy().astype(np.float32, copy=False)  # (k, n_tokens, P)
+    keep = [i for i, w in enumerate(words) if w is not None]
+    if not keep:  # only special tokens are real: show them rather than nothing
+        keep = [i for i in range(len(words)) if mask[i]]
+    names = tuple(words[i] or f"#{i}" for i in keep)
+    (rows_, cols), skip = patch_grid(maps.shape[-1])
+    return [
+        Explanation(tokens=names, grid=(rows_, cols), maps=hit_maps[keep, skip:])
+        for hit_maps in maps
+    ], None
+
+
+def patch_grid(n_patches: int) -> tuple[tuple[int, int], int]:
+    """The ``(rows, cols)`` patch grid of ``n_patches`` stored patches, and how many leading
+    slots are not grid cells: a square grid, or a class token in front of one (BLIP stores
+    ``1 + s * s`` vision tokens; the class slot has no place on the image and is left out of
+    the map). Anything else is shown as one row."""
+    side = math.isqrt(n_patches)
+    if side * side == n_patches:
+        return (side, side), 0
+    side = math.isqrt(n_patches - 1)
+    if n_patches > 1 and side * side == n_patches - 1:
+        return (side, side), 1
+    return (1, n_patches), 0
 
 
 def join_metadata(
