@@ -20,6 +20,7 @@ __all__ = [
     "console",
     "err_console",
     "describe_search",
+    "explain_table",
     "mark_relevance",
     "Notes",
     "print_table",
@@ -116,6 +117,33 @@ def mark_relevance(row: dict[str, Any]) -> str:
     """A demo hit as markup: a tick or a cross, the path (escaped: printed literally), the score."""
     tick = "[green]✓[/]" if row["relevant"] else "[red]✗[/]"
     return f"{tick} {escape(str(row['path']))} [dim]{row['score']:.3f}[/]"
+
+
+def explain_table(result: Any) -> Table | None:
+    """Where each word looked, per hit: the patch that took most of its weight, as ``row,col``
+    on the patch grid (from the top left), and that weight rounded to two decimals; None when no
+    hit carries maps. The full maps are in ``--json`` and ``--html``."""
+    from rich.text import Text
+
+    explained = [(rank, hit.explain) for rank, hit in enumerate(result, start=1) if hit.explain]
+    if not explained:
+        return None
+    tokens = explained[0][1].tokens
+    rows, cols = explained[0][1].grid
+    table = Table(
+        title=Text(f"where each word looked (peak patch row,col of {rows}x{cols}, weight)"),
+        title_justify="left",
+    )
+    table.add_column("#", justify="right")
+    for token in tokens:
+        table.add_column(Text(token), justify="right")
+    for rank, ex in explained:
+        cells = []
+        for row in ex.maps:
+            j = int(row.argmax())
+            cells.append(f"{j // ex.grid[1]},{j % ex.grid[1]} {float(row[j]):.2f}")
+        table.add_row(str(rank), *cells)
+    return table
 
 
 def describe_search(encoder: Mapping[str, Any] | None, reranker: str, fusion: str) -> str:

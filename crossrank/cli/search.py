@@ -19,6 +19,7 @@ from crossrank.cli.render import (
     console,
     describe_search,
     err_console,
+    explain_table,
     print_table,
 )
 from crossrank.device import Device
@@ -90,6 +91,17 @@ def search(
             "--html", help="Also write the hits as a self-contained HTML page of thumbnails."
         ),
     ] = None,
+    explain: Annotated[
+        bool,
+        typer.Option(
+            "--explain",
+            help=(
+                "Show where each query word looked in each hit: the reranker's attention over "
+                "the patch grid (MaxSim: each word's best patch). A table of peak patches; the "
+                "full maps in --json ('explain' per hit), and a heat map per word in --html."
+            ),
+        ),
+    ] = False,
 ) -> None:
     """Search an index by text, or by image with --image; without either, read queries from stdin.
 
@@ -126,6 +138,7 @@ def search(
                 where=where,
                 reranker=None if reranker == "none" else reranker,
                 fusion=fusion,
+                explain=explain,
             )
             if html is not None:
                 _write_html(result, html)
@@ -186,6 +199,9 @@ def _print_result(result: SearchResult) -> None:
             Text(hit.path),
         )
     print_table(table)
+    where = explain_table(result)
+    if where is not None:
+        print_table(where)
     c = result.counts
     line = (
         f"{c.returned} of {c.requested} requested · {c.filtered_out} filtered out · "

@@ -640,3 +640,22 @@ def test_build_names_the_encoder_and_says_once_when_it_is_the_demo_one(tmp_path,
     assert "encoder crossrank-demo (demo encoder)" in result.stdout
     stderr = " ".join(result.stderr.split())
     assert stderr.endswith(f"note: {DEMO_NOTE}") and stderr.count("note:") == 1
+
+
+def test_search_explain_json_and_table(cli_build, runner):
+    """--explain: per hit the query's words, the patch grid and a map per word (JSON), and a
+    table of each word's peak patch; the scores are those of the same search without it."""
+    index, _ = cli_build
+    args = [str(index), QUERY, "-k", "2", "--rerank-k", "8", "--reranker", "maxsim"]
+    plain = _search_json(runner, *args)
+    told = _search_json(runner, *args, "--explain")
+    assert [h["score"] for h in told["hits"]] == [h["score"] for h in plain["hits"]]
+    for hit in told["hits"]:
+        ex = hit["explain"]
+        assert ex["tokens"] and len(ex["maps"]) == len(ex["tokens"])
+        assert all(len(m) == ex["grid"][0] * ex["grid"][1] for m in ex["maps"])
+    assert "explain" not in plain["hits"][0]
+    table = runner.invoke(app, ["search", *args, "--device", "cpu", "--explain"])
+    _ok(table)
+    assert "where each word looked" in table.stdout
+    assert ex["tokens"][-1] in table.stdout
