@@ -149,3 +149,22 @@ def committed_state(index_dir: Path) -> tuple[bytes, int, list[str]]:
         int(json.loads(manifest)["generation"]),
         sorted(p.name for p in index_dir.iterdir()),
     )
+
+
+# -- SigLIP (tests/encoders/test_siglip.py) --------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def tiny_siglip(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A random SigLIP (``SiglipModel``: 32 px, patch 8, width 32) in Hugging Face format."""
+    from crossrank.encoders.factory import make_siglip
+
+    return make_siglip(tmp_path_factory.mktemp("models") / "tiny-siglip", TINY_WORDS, version=1)
+
+
+@pytest.fixture(scope="session")
+def tiny_siglip2(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A random SigLIP 2 NaFlex (``Siglip2Model``, 4 x 4 patches of 8 px, width 32), HF format."""
+    from crossrank.encoders.factory import make_siglip
+
+    return make_siglip(tmp_path_factory.mktemp("models") / "tiny-siglip2", TINY_WORDS, version=2)

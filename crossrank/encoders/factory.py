@@ -1,4 +1,4 @@
-"""Making new CLIP models from scratch, saved in Hugging Face format.
+"""Making new CLIP (and, for the tests, SigLIP) models from scratch, saved in Hugging Face format.
 
 Two users: the tests, which need a tiny random CLIP they can build offline in a second, and
 ``crossrank train-encoder``, which trains the shipped demo model. Both save a directory that
@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from transformers import CLIPModel, PreTrainedTokenizerFast
 
-__all__ = ["ClipSpec", "build_tokenizer", "new_clip", "save_clip", "make_clip"]
+__all__ = ["ClipSpec", "build_tokenizer", "new_clip", "save_clip", "make_clip", "make_siglip"]
 
 logger = logging.getLogger(__name__)
 
@@ -210,3 +210,136 @@ def make_clip(
     tokenizer = build_tokenizer(texts, spec.vocab_size, spec.max_text_len)
     model = new_clip(spec, vocab_size=len(tokenizer), seed=seed)
     return save_clip(model, tokenizer, spec, out_dir)
+
+
+def make_siglip(
+    out_dir: str | Path,
+    texts: Iterable[str],
+    *,
+    version: int = 1,
+    spec: ClipSpec | None = None,
+    seed: int = 0,
+) -> Path:
+    """Build and save a random SigLIP (``version=1``) or NaFlex SigLIP 2 (``version=2``).
+
+    For tests: a transformers ``SiglipModel`` / ``Siglip2Model`` of ``spec``'s sizes (the pooled
+    size is the vision width; ``projection_dim`` is not used), its image processor
+    (``SiglipImageProcessor`` at ``image_size``; ``Siglip2ImageProcessor`` with
+    ``max_num_patches = (image_size / patch_size)^2``) and a BPE tokenizer trained on ``texts``,
+    saved as ``tokenizer.json``. The hub checkpoints use SentencePiece (SigLIP) or Gemma (SigLIP 2)
+    tokenizers; what matters here is what they do to a text. SigLIP's is a fast BPE tokenizer
+    that appends ``<eos>`` and pads on the right with ``<pad>``; SigLIP 2's is transformers'
+    own ``Siglip2Tokenizer`` (lower-cased, ``"▁"`` for spaces, padded on the left).
+
+    Example:
+        >>> make_siglip(tmp_path / "tiny-siglip", ["a red circle"])  # doctest: +SKIP
+    """
+    import json
+
+    import torch
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    if version not in (1, 2):
+        raise ValueError(f"make_siglip version must be 1 or 2, got {version!r}")
+    spec = spec or ClipSpec()
+    tokenizer: Any
+    if version == 1:
+        tok = Tokenizer(models.BPE(unk_token=UNK))
+        tok.normalizer = normalizers.Sequence([normalizers.NFKC(), normalizers.Lowercase()])
+        tok.pre_tokenizer = pre_tokenizers.Whitespace()
+        tok.train_from_iterator(
+            texts,
+            trainer=trainers.BpeTrainer(
+                vocab_size=spec.vocab_size, special_tokens=SPECIAL_TOKENS, show_progress=False
+            ),
+        )
+        tok.post_processor = processors.TemplateProcessing(
+            single=f"$A {EOS}", special_tokens=[(EOS, tok.token_to_id(EOS))]
+        )
+        tokenizer = PreTrainedTokenizerFast(
+            tokenizer_object=tok,
+            bos_token=BOS,
+            eos_token=EOS,
+            unk_token=UNK,
+            pad_token=PAD,
+            model_max_length=spec.max_text_len,
+            padding_side="right",
+        )
+    else:
+        from transformers import Siglip2Tokenizer
+
+        # transformers' own Siglip2Tokenizer (Gemma's BPE over "▁"-joined lower-cased text, padded
+        # on the left), with a vocabulary trained here on words split at "▁".
+        tok = Tokenizer(models.BPE(unk_token=UNK))
+        tok.normalizer = normalizers.Sequence(
+            [normalizers.Lowercase(), normalizers.Replace(" ", "\u2581")]
+        )
+        tok.pre_tokenizer = pre_tokenizers.Split(
+            pattern="\u2581", behavior="merged_with_previous", invert=False
+        )
+        tok.train_from_iterator(
+            texts,
+            trainer=trainers.BpeTrainer(
+                vocab_size=spec.vocab_size,
+                special_tokens=[PAD, EOS, BOS, UNK, "<mask>"],
+                show_progress=False,
+            ),
+        )
+        bpe = json.loads(tok.to_str())["model"]
+        merges = [tuple(m) if isinstance(m, list) else tuple(m.split(" ")) for m in bpe["merges"]]
+        tokenizer = Siglip2Tokenizer(
+            vocab=bpe["vocab"], merges=merges, model_max_length=spec.max_text_len
+        )
+    ids = {t: tokenizer.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS}
+    text_config = dict(
+        vocab_size=len(tokenizer),
+        hidden_size=spec.text_width,
+        intermediate_size=4 * spec.text_width,
+        num_hidden_layers=spec.text_layers,
+        num_attention_heads=spec.text_heads,
+        max_position_embeddings=spec.max_text_len,
+        projection_size=spec.vision_width,
+        pad_token_id=ids[PAD],
+        bos_token_id=ids[BOS],
+        eos_token_id=ids[EOS],
+    )
+    vision_config = dict(
+        patch_size=spec.patch_size,
+        hidden_size=spec.vision_width,
+        intermediate_size=4 * spec.vision_width,
+        num_hidden_layers=spec.vision_layers,
+        num_attention_heads=spec.vision_heads,
+    )
+    grid = spec.image_size // spec.patch_size
+    torch.manual_seed(seed)
+    if version == 1:
+        from transformers import SiglipConfig, SiglipImageProcessor, SiglipModel
+
+        config = SiglipConfig(
+            text_config=text_config,
+            vision_config={**vision_config, "image_size": spec.image_size},
+        )
+        model: Any = SiglipModel(config)
+        processor: Any = SiglipImageProcessor(
+            size={"height": spec.image_size, "width": spec.image_size}
+        )
+    else:
+        from transformers import Siglip2Config, Siglip2ImageProcessor, Siglip2Model
+
+        config = Siglip2Config(
+            text_config=text_config,
+            vision_config={**vision_config, "num_patches": grid * grid},
+        )
+        model = Siglip2Model(config)
+        processor = Siglip2ImageProcessor(patch_size=spec.patch_size, max_num_patches=grid * grid)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    model.eval().save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    processor.save_pretrained(out)
+    (out / "crossrank_clip.json").write_text(
+        json.dumps({"spec": asdict(spec), "family": f"siglip{'' if version == 1 else 2}"}, indent=2)
+        + "\n"
+    )
+    return out

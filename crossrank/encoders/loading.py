@@ -10,7 +10,8 @@ Resolution of ``model``:
 
 In every case the directory is either in Hugging Face format (``config.json``, weights, tokenizer,
 ``preprocessor_config.json``) or a sentence-transformers CLIP folder, whose ``modules.json`` points
-at such a directory (``0_CLIPModel/``); sentence-transformers itself is not needed.
+at such a directory (``0_CLIPModel/``); sentence-transformers itself is not needed. A folder with
+only an ``open_clip_config.json`` (an OpenCLIP checkpoint) is refused with what to do instead.
 
 ``config.json``'s ``model_type`` then picks the backend in :data:`BACKENDS`. A new backend is a
 class with a ``from_pretrained(model_dir, *, info, device, dtype, batch_size)`` classmethod (see
@@ -52,6 +53,8 @@ logger = logging.getLogger(__name__)
 BACKENDS: dict[str, str] = {
     "blip": "crossrank.encoders.blip:BlipEncoder",
     "clip": "crossrank.encoders.clip:ClipEncoder",
+    "siglip": "crossrank.encoders.siglip:SiglipEncoder",
+    "siglip2": "crossrank.encoders.siglip:Siglip2Encoder",
 }
 
 # What to fetch from the hub: configs, tokenizer files and safetensors weights; PyTorch .bin weights
@@ -150,6 +153,15 @@ def _hf_dir(root: Path, model_id: str) -> Path:
             return sub
     if (root / "config.json").is_file():
         return root
+    if (root / "open_clip_config.json").is_file():
+        # An OpenCLIP checkpoint without a Hugging Face copy: open_clip_torch needs torchvision,
+        # which crossrank does not install (docs/encoders.md says why).
+        raise ModelError(
+            f"model {model_id!r} is an OpenCLIP checkpoint (open_clip_config.json, no "
+            "config.json); crossrank reads OpenCLIP models only in Hugging Face format: use the "
+            "hub repo's transformers copy if it has one (e.g. laion/CLIP-ViT-B-32-laion2B-"
+            "s34B-b79K), or convert it to a CLIPModel folder; see docs/encoders.md"
+        )
     raise ModelError(
         f"model directory {root} has no config.json; found {_listing(root)}. Expected a "
         "Hugging Face model directory (config.json, weights, tokenizer, "
