@@ -17,6 +17,7 @@ from crossrank.encoders.clip import ClipEncoder
 from crossrank.encoders.config import DEMO_MODEL, EncoderConfig, Precision
 from crossrank.encoders.fingerprint import same_model
 from crossrank.encoders.loading import demo_model_dir, load_encoder, supported_model_types
+from crossrank.encoders.siglip import Siglip2Encoder, SiglipEncoder
 from crossrank.encoders.text_tower import load_text_encoder
 
 __all__ = [
@@ -26,6 +27,8 @@ __all__ = [
     "EncoderConfig",
     "ImageFeatures",
     "Precision",
+    "Siglip2Encoder",
+    "SiglipEncoder",
     "TextFeatures",
     "demo_model_dir",
     "load_encoder",
