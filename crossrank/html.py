@@ -5,6 +5,15 @@ server's ``GET /`` shows. Each hit is a thumbnail with its rank, id, file name, 
 first-stage and reranked scores; hovering it shows its path and metadata (a tooltip, and an overlay
 drawn by CSS alone).
 
+When the hits carry explanations (``search(..., explain=True)``), a row of word chips sits above
+the grid: choosing a word (a click, or the keyboard: the chips are radio buttons) or hovering it
+lays that word's heat map over every thumbnail, showing where it looked. Each map is a tiny PNG
+(``data:`` URI) of the patch grid, drawn over the whole image and scaled smoothly by the browser;
+it is stretched to the image's aspect ratio, so for an encoder that centre-crops (CLIP) a
+non-square image's map spans the full picture rather than the central square the encoder saw.
+The chips work with CSS alone (``:checked`` and ``:hover`` sibling selectors): the page still
+runs no script.
+
 The page names the encoder (with the one-line note when it is the demo encoder) and, for each
 query, the reranker and fusion that ranked its hits.
 
@@ -176,7 +185,7 @@ def render_page(
         '<meta name="viewport" content="width=device-width, initial-scale=1">',
         '<meta name="generator" content="crossrank">',
         f"<title>{_e(title)}</title>",
-        f"<style>{_STYLE}</style>",
+        f"<style>{_STYLE}{_word_rules(results)}</style>",
         "</head><body>",
     ]
     if form is not None:
@@ -191,8 +200,8 @@ def render_page(
         parts.append(_encoder(encoder))
     if not results and message:
         parts.append(f'<p class="note">{_e(message)}</p>')
-    for result in results:
-        parts.append(_section(result, src, image_href))
+    for number, result in enumerate(results):
+        parts.append(_section(result, src, image_href, number))
     parts.append("</body></html>")
     return "\n".join(parts) + "\n"
 
@@ -252,6 +261,7 @@ def _section(
     result: SearchResult,
     src: Callable[[Hit], str | None],
     href: Callable[[Hit], str | None] | None,
+    number: int = 0,
 ) -> str:
     c = result.counts
     total = result.timings_ms.get("total")
@@ -273,7 +283,82 @@ def _section(
         f'<section class="result"><h1>{_e(result.query)}</h1>'
         f'<p class="counts">{_e(line)}</p>'
         + (f'<p class="ranking">{_e(ranked)}</p>' if ranked else "")
-        + f'{notes}{empty}<ol class="grid">{"".join(items)}</ol></section>'
+        + f'{notes}{empty}{_word_chips(result, number)}<ol class="grid">{"".join(items)}</ol>'
+        "</section>"
+    )
+
+
+def _tokens(result: SearchResult) -> tuple[str, ...]:
+    """The words of the first explained hit (every hit of a result has the same ones)."""
+    return next((hit.explain.tokens for hit in result if hit.explain is not None), ())
+
+
+def _word_chips(result: SearchResult, number: int) -> str:
+    """Radio buttons and their labels, one per query word, siblings of the grid: the CSS of
+    :func:`_word_rules` shows word i's maps when chip i is checked or hovered."""
+    tokens = _tokens(result)
+    if not tokens:
+        return ""
+    group = f"words-{number}"
+    chips = [
+        f'<input type="radio" name="{group}" id="{group}-off" class="word" checked>'
+        f'<label for="{group}-off" class="chip">no map</label>'
+    ]
+    for i, token in enumerate(tokens):
+        chips.append(
+            f'<input type="radio" name="{group}" id="{group}-{i}" class="word w{i}">'
+            f'<label for="{group}-{i}" class="chip w{i}">{_e(token)}</label>'
+        )
+    return '<p class="words">where each word looked:</p>' + "".join(chips)
+
+
+def _word_rules(results: Sequence[SearchResult]) -> str:
+    """CSS showing word i's heat maps while its chip is checked or hovered (no script)."""
+    n = max((len(_tokens(r)) for r in results), default=0)
+    return "".join(
+        f"input.w{i}:checked~ol .heat.w{i},label.w{i}:hover~ol .heat.w{i}{{display:block}}"
+        for i in range(n)
+    )
+
+
+def _heat_uri(weights: Any, grid: tuple[int, int], width: Any, height: Any) -> str:
+    """One word's map as a small PNG ``data:`` URI: a dark veil, clear where the word looked
+    (a spotlight reads on images of any colour, where a coloured heat would vanish on its own
+    colour).
+
+    Weights are scaled by the map's own maximum (so a spread-out word is as visible as a
+    focused one). The PNG is the patch grid, enlarged by whole cells to the image's aspect
+    ratio when the metadata gives it, so that ``object-fit: contain`` lays it over the image.
+    """
+    import numpy as np
+    from PIL import Image
+
+    rows, cols = grid
+    w = np.asarray(weights, dtype=np.float32).reshape(rows, cols)
+    peak = float(w.max())
+    share = np.clip(w / peak, 0.0, 1.0) if peak > 0 else np.zeros_like(w)
+    rgba = np.zeros((rows, cols, 4), dtype=np.uint8)  # black
+    rgba[..., 3] = ((1.0 - share**0.5) * 190).astype(np.uint8)
+    image = Image.fromarray(rgba, "RGBA")
+    if _side(width) < 1 << 30 and _side(height) < 1 << 30 and width != height:
+        scale = 48 / max(width, height)
+        size = (max(cols, round(width * scale)), max(rows, round(height * scale)))
+        image = image.resize(size, Image.Resampling.NEAREST)
+    buf = io.BytesIO()
+    image.save(buf, format="PNG", optimize=True)
+    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
+
+
+def _heat_maps(hit: Hit) -> str:
+    """The hit's heat-map overlays, one per word, hidden until the word is chosen."""
+    ex = hit.explain
+    if ex is None:
+        return ""
+    width, height = hit.metadata.get("width"), hit.metadata.get("height")
+    return "".join(
+        f'<img class="heat w{i}" alt="where {_e(token)} looked" '
+        f'src="{_heat_uri(ex.maps[i], ex.grid, width, height)}">'
+        for i, token in enumerate(ex.tokens)
     )
 
 
@@ -291,6 +376,7 @@ def _hit(rank: int, hit: Hit, src: str | None, href: str | None = None) -> str:
         picture = f'<img src="{_e(src)}" alt="{_e(name)}"{cls} decoding="sync">'
         if href is not None:
             picture = f'<a href="{_e(href)}">{picture}</a>'
+        picture += _heat_maps(hit)
     return (
         f'<li class="hit" title="{_e(tooltip)}" data-id="{hit.id}">'
         f'<div class="frame">{picture}<dl class="meta">{rows}</dl></div>'
@@ -337,4 +423,12 @@ dl.meta dt{color:#9ec1ff}dl.meta dd{margin:0;overflow-wrap:anywhere}
 .rank{font-weight:600}
 .scores{display:flex;flex-wrap:wrap;gap:2px 8px;font:12px ui-monospace,monospace;color:var(--muted)}
 .scores span:first-child{color:var(--fg);font-weight:600}
+.words{color:var(--muted);margin:0 0 4px}
+input.word{position:absolute;opacity:0;width:1px;height:1px;margin:0}
+label.chip{display:inline-block;margin:0 6px 10px 0;padding:3px 10px;border:1px solid var(--line);
+border-radius:12px;cursor:pointer;background:var(--card)}
+label.chip:hover,input.word:focus-visible+label.chip{border-color:var(--accent)}
+input.word:checked+label.chip{background:var(--accent);border-color:var(--accent);color:#fff}
+.frame img.heat{display:none;position:absolute;inset:0;width:100%;height:160px;object-fit:contain;
+pointer-events:none}
 """

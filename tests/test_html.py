@@ -312,3 +312,58 @@ def test_saved_page_screenshot_is_not_blank(result: SearchResult, tmp_path: Path
     assert (
         len(image.getcolors(maxcolors=1 << 16) or range(1 << 16)) > 50
     )  # thumbnails, not a blank page
+
+
+def _explained(tokens: tuple[str, ...] = ("red", "circle")) -> SearchResult:
+    import numpy as np
+
+    from crossrank.hits import Explanation
+
+    maps = np.zeros((len(tokens), 16), dtype=np.float32)
+    maps[:, 5] = 1.0
+    hits = [
+        Hit(
+            id=i,
+            path=f"/nowhere/{i}.png",
+            score=1.0,
+            first_stage_score=0.5,
+            rerank_score=1.0,
+            metadata={"width": 40, "height": 32},
+            explain=Explanation(tokens=tokens, grid=(4, 4), maps=maps),
+        )
+        for i in range(2)
+    ]
+    return _result(hits)
+
+
+def test_explained_hits_get_word_chips_and_a_heat_map_per_word() -> None:
+    page = render_page(_explained(), image_src=lambda hit: "data:image/jpeg;base64,AA==")
+    tags = _tags(page)
+    radios = [a for t, a in tags if t == "input" and a.get("type") == "radio"]
+    assert [a["id"] for a in radios] == ["words-0-off", "words-0-0", "words-0-1"]
+    labels = [a["for"] for t, a in tags if t == "label"]
+    assert labels == ["words-0-off", "words-0-0", "words-0-1"]
+    heat = [a for t, a in tags if t == "img" and "heat" in (a.get("class") or "")]
+    assert len(heat) == 2 * 2 and [a["class"] for a in heat[:2]] == ["heat w0", "heat w1"]
+    for a in heat:
+        assert a["src"].startswith("data:image/png;base64,")
+        image = Image.open(io.BytesIO(base64.b64decode(a["src"].split(",", 1)[1])))
+        assert image.mode == "RGBA" and image.size[0] > image.size[1]  # the 40x32 aspect
+        alpha = image.getchannel("A")
+        assert alpha.getextrema()[0] == 0 < alpha.getextrema()[1]  # clear where it looked
+    assert "<script" not in page and " on" not in re.sub(r'"[^"]*"', "", page)  # no handlers
+    style = page.split("<style>")[1].split("</style>")[0]
+    assert "input.w1:checked~ol .heat.w1" in style and "label.w1:hover~ol .heat.w1" in style
+
+
+def test_word_chips_escape_the_tokens() -> None:
+    page = render_page(
+        _explained(("<script>x</script>", '"a')), image_src=lambda hit: "data:image/jpeg;base64,"
+    )
+    assert "<script>x" not in page and "&lt;script&gt;x&lt;/script&gt;" in page
+    assert "&quot;a" in page
+
+
+def test_a_page_without_explanations_has_no_chips(result: SearchResult) -> None:
+    page = render_page(result)
+    assert "words-0" not in page and 'class="heat' not in page

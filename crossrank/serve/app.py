@@ -175,6 +175,7 @@ def create_app(
         asked_rerank_k: int | None,
         filters: dict[str, Any] | None,
         where: str | None,
+        explain: bool = False,
     ) -> SearchResult:
         n_candidates = max(k, rerank_k) if asked_rerank_k is None else asked_rerank_k
         return opened.search(
@@ -185,6 +186,7 @@ def create_app(
             reranker=reranker,
             fusion=fusion,
             filters=filters or None,
+            explain=explain,
         )
 
     @app.exception_handler(RequestValidationError)
@@ -222,6 +224,8 @@ def create_app(
     @app.post(
         "/search",
         response_model=SearchResponse,
+        # hits[].explain only when asked: the answer is then exactly the library's JSON.
+        response_model_exclude_unset=True,
         summary="Search the index by text",
         responses={
             403: {
@@ -242,7 +246,12 @@ def create_app(
         fresh()
         try:
             result = run_search(
-                request.query, request.k, request.rerank_k, request.filters, request.where
+                request.query,
+                request.k,
+                request.rerank_k,
+                request.filters,
+                request.where,
+                request.explain,
             )
         except (FilterError, InvalidArgumentError) as e:
             return _refused(e)
@@ -404,7 +413,8 @@ def create_app(
         if q is not None and q.strip():
             try:
                 parsed = _parse_filters_param(filters)
-                results = [run_search(q, k, None, parsed, None)]
+                # The page shows where each word looked (word chips over the thumbnails).
+                results = [run_search(q, k, None, parsed, None, explain=True)]
             except (FilterError, InvalidArgumentError) as e:
                 error = str(e)
         return render(q, k, filters, results, error)

@@ -109,6 +109,12 @@ class SearchRequest(BaseModel):
         description="A raw DuckDB SQL predicate over the metadata (trusted clients only): refused "
         "with 403 unless the server was started with --allow-where.",
     )
+    explain: bool = Field(
+        default=False,
+        description="Also return, per hit, where each query word looked: the query's tokens, "
+        "the patch grid [rows, cols] and one map per token over the patches (hits[].explain); "
+        "a note says why when the reranker cannot.",
+    )
 
     @field_validator("filters")
     @classmethod
@@ -144,6 +150,17 @@ class ScoresOut(BaseModel):
     rerank: float | None
 
 
+class ExplainOut(BaseModel):
+    """Where each query word looked in one hit (asked with ``explain: true``)."""
+
+    tokens: list[str] = Field(description="The query's tokens, special tokens left out.")
+    grid: list[int] = Field(description="[rows, cols] of the patch grid, read from the top left.")
+    maps: list[list[float]] = Field(
+        description="Per token, rows * cols weights over the patches (cross-attention: the last "
+        "layer's weights, heads averaged, summing to 1; MaxSim: 1 at the best patch)."
+    )
+
+
 class HitOut(BaseModel):
     """One image found; fetch it with ``GET /images/{id}``."""
 
@@ -152,6 +169,7 @@ class HitOut(BaseModel):
     score: float | None
     scores: ScoresOut
     metadata: dict[str, Any]
+    explain: ExplainOut | None = None
 
 
 class CountsOut(BaseModel):
