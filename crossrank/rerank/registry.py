@@ -18,6 +18,10 @@ from crossrank.rerank.base import Reranker, RerankerName
 
 __all__ = ["get_reranker"]
 
+#: Encoders whose token and patch features live in different spaces (no contrastive loss ties a
+#: text token to a patch), by model_type: MaxSim would compare unrelated vectors.
+_NOT_ONE_SPACE = {"blip": "BLIP", "siglip": "SigLIP", "siglip2": "SigLIP 2"}
+
 
 def get_reranker(
     spec: str | os.PathLike[str] | RerankerName | Reranker | None,
@@ -64,11 +68,18 @@ def get_reranker(
         if name == RerankerName.MAXSIM:
             from crossrank.rerank.maxsim import MaxSimReranker
 
-            if encoder_info is not None and encoder_info.get("model_type") == "blip":
+            model_type = None if encoder_info is None else encoder_info.get("model_type")
+            if model_type in _NOT_ONE_SPACE:
                 raise ModelMismatchError(
-                    "reranker 'maxsim' cannot rerank an index built with BLIP "
-                    f"({encoder_info.get('model_id')!r}): its text tokens and stored "
-                    "vision tokens are not in one space; use --reranker blip-itm"
+                    f"reranker 'maxsim' cannot rerank an index built with "
+                    f"{_NOT_ONE_SPACE[model_type]} ({encoder_info.get('model_id')!r}): its text "
+                    "tokens and stored vision tokens are not in one space; "
+                    + (
+                        "use --reranker blip-itm"
+                        if model_type == "blip"
+                        else "train a cross-attention reranker (crossrank train) or use "
+                        "--reranker none"
+                    )
                 )
             return MaxSimReranker(device=device)
         if name == RerankerName.BLIP_ITM:

@@ -72,3 +72,25 @@ def test_check_rerank_inputs_returns_tensors():
     )
     assert all(isinstance(t, torch.Tensor) for t in out[:3])
     assert out[3] is None
+
+
+@pytest.mark.parametrize(
+    ("model_type", "name", "hint"),
+    [
+        ("blip", "BLIP", "use --reranker blip-itm"),
+        ("siglip", "SigLIP", "train a cross-attention reranker"),
+        ("siglip2", "SigLIP 2", "train a cross-attention reranker"),
+    ],
+)
+def test_maxsim_is_refused_where_tokens_and_patches_are_not_in_one_space(model_type, name, hint):
+    from crossrank.errors import ModelMismatchError
+
+    info = {"model_type": model_type, "model_id": "m"}
+    with pytest.raises(
+        ModelMismatchError, match=rf"built with {name} \('m'\).*not in one space; {hint}"
+    ):
+        get_reranker("maxsim", device="cpu", encoder_info=info)
+    clip = get_reranker(
+        "maxsim", device="cpu", encoder_info={"model_type": "clip", "model_id": "m"}
+    )
+    assert isinstance(clip, MaxSimReranker)
