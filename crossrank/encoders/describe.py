@@ -19,8 +19,8 @@ __all__ = ["DEMO_NOTE", "ModelDescription", "describe_model"]
 #: shipped model's tokenizer and config).
 DEMO_NOTE = (
     "the demo encoder: trained only on the synthetic shapes world (it knows 92 tokens and 16 text "
-    "positions), not on photos; for real images build with --model and a CLIP or BLIP Hugging "
-    "Face id or folder, e.g. --model openai/clip-vit-base-patch32"
+    "positions), not on photos; for real images build with --model and a CLIP, SigLIP or BLIP "
+    "Hugging Face id or folder, e.g. --model openai/clip-vit-base-patch32"
 )
 
 
