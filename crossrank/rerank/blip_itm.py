@@ -26,6 +26,11 @@ Precision: on CUDA the text encoder runs under bf16 autocast (fp16 where bf16 is
 over the fp16 stored patches, as the cross-attention reranker does; ``itm_head`` and the softmax
 run in float32, and scores come back float32 on the CPU. On the CPU everything is float32.
 
+Explaining (``search(..., explain=True)``): :meth:`BlipItmReranker.explain` reruns the same text
+encoder forward over the returned hits with ``output_attentions=True`` and gives each query
+token's last-layer cross-attention over the stored vision tokens, mean over heads
+(``cross_attentions[-1].mean(dim=1)``). ``score`` is not changed by it.
+
 The ``[CLS]`` vs ``[ENC]`` difference from the original BLIP (transformers issues 22732 and
 25629) is described in :mod:`crossrank.encoders.blip`: this reranker matches transformers'
 ``BlipForImageTextRetrieval.forward`` exactly.
@@ -70,6 +75,8 @@ class BlipItmReranker(Reranker):
             (``TextFeatures.input_ids``), which :class:`crossrank.Index` passes to rerankers that
             declare this.
         patch_dim: the vision hidden size the stored patches must have.
+        explain_chunk: how many candidates :meth:`explain` runs at a time (it keeps every
+            layer's attention weights of a chunk).
 
     Example:
         >>> rr = BlipItmReranker.from_pretrained(  # doctest: +SKIP
@@ -81,6 +88,7 @@ class BlipItmReranker(Reranker):
 
     name: str = RerankerName.BLIP_ITM.value
     needs_input_ids: ClassVar[bool] = True
+    explain_chunk: ClassVar[int] = 16
 
     def __init__(
         self, model: Any, device: Device | str = Device.AUTO, *, model_id: str = "<in memory>"
@@ -182,6 +190,87 @@ class BlipItmReranker(Reranker):
         """
         import torch
 
+        input_ids, query_mask, patches = self._check(
+            query, query_mask, patches, patch_mask, input_ids
+        )
+        k = patches.shape[0]
+        if k == 0:
+            return torch.empty(0, dtype=torch.float32)
+        device = self.device
+        with torch.inference_mode(), _autocast(device):
+            hidden = self._text_forward(
+                input_ids, query_mask, patches
+            ).last_hidden_state  # (k, n_tokens, hidden)
+            with _autocast_off(device):
+                logits = self.itm_head(hidden[:, 0].float())  # (k, 2)
+                scores = logits.softmax(dim=-1)[:, 1]  # (k,)
+        return scores.to("cpu", torch.float32)
+
+    def explain(
+        self,
+        query: torch.Tensor | np.ndarray,
+        query_mask: torch.Tensor | np.ndarray,
+        patches: torch.Tensor | np.ndarray,
+        patch_mask: torch.Tensor | np.ndarray | None = None,
+        *,
+        input_ids: torch.Tensor | np.ndarray | None = None,
+        **kwargs: Any,
+    ) -> torch.Tensor:
+        """Each query token's cross-attention over each candidate's stored vision tokens.
+
+        The weights are transformers' own: the forward of :meth:`score` is run once more with
+        ``output_attentions=True`` and the text encoder's ``cross_attentions`` of its last layer
+        are averaged over heads. :meth:`score` is not touched, so explaining changes no score.
+        Row ``i`` is the token ``input_ids[i]`` (the ITM input here keeps the tokenizer's
+        ``[CLS]`` in row 0, as transformers does; the search leaves that special token out by
+        its id). Each real token's row sums to 1 over all ``1 + P`` stored vision tokens, BLIP's
+        class token (slot 0) included; the search's patch grid leaves that slot out, so a word's
+        map on the grid sums to 1 minus its weight on the class token. Candidates go through in
+        chunks of :attr:`explain_chunk`, since every layer's attentions are kept for a chunk.
+        Arguments as :meth:`score`.
+
+        Returns:
+            ``(k, n_tokens, 1 + P)`` float32 on the CPU, rows in the order of ``input_ids``
+            (padding tokens' rows all zero).
+
+        Raises:
+            InvalidArgumentError: as :meth:`score`.
+        """
+        import torch
+
+        input_ids, query_mask, patches = self._check(
+            query, query_mask, patches, patch_mask, input_ids
+        )
+        k, n_patches = patches.shape[:2]
+        maps = torch.zeros((k, query_mask.shape[0], n_patches), dtype=torch.float32)
+        if k == 0:
+            return maps
+        with torch.inference_mode(), _autocast(self.device):
+            for start in range(0, k, self.explain_chunk):
+                out = self._text_forward(
+                    input_ids,
+                    query_mask,
+                    patches[start : start + self.explain_chunk],
+                    output_attentions=True,
+                )
+                # (chunk, heads, n_tokens, 1 + P), softmax rows of the last layer
+                last = out.cross_attentions[-1]
+                maps[start : start + last.shape[0]] = last.float().mean(dim=1).cpu()
+        maps[:, ~query_mask.cpu()] = 0.0  # padding tokens attend too, but stand for nothing
+        return maps
+
+    def _check(
+        self,
+        query: torch.Tensor | np.ndarray,
+        query_mask: torch.Tensor | np.ndarray,
+        patches: torch.Tensor | np.ndarray,
+        patch_mask: torch.Tensor | np.ndarray | None,
+        input_ids: torch.Tensor | np.ndarray | None,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The checks of :meth:`score`; returns ``input_ids``, ``query_mask`` and ``patches`` as
+        tensors."""
+        import torch
+
         if input_ids is None:
             raise InvalidArgumentError(
                 "blip-itm needs the query's token ids (input_ids=TextFeatures.input_ids[i]) "
@@ -201,7 +290,7 @@ class BlipItmReranker(Reranker):
                 f"input_ids must be ({n_tokens},) integer token ids of the "
                 f"query, got {input_ids.dtype} of shape {tuple(input_ids.shape)}"
             )
-        k, n_patches, patch_dim = patches.shape
+        patch_dim = patches.shape[2]
         if patch_dim != self.patch_dim:
             raise InvalidArgumentError(
                 f"patches have dim {patch_dim}, but {self.model_id} cross-attends to vision "
@@ -213,33 +302,38 @@ class BlipItmReranker(Reranker):
                 "with False entries is not supported (transformers' BLIP text "
                 "model ignores the encoder attention mask); pass patch_mask=None"
             )
-        if k == 0:
-            return torch.empty(0, dtype=torch.float32)
+        return input_ids, query_mask, patches
+
+    def _text_forward(
+        self,
+        input_ids: torch.Tensor,
+        query_mask: torch.Tensor,
+        patches: torch.Tensor,
+        *,
+        output_attentions: bool = False,
+    ) -> Any:
+        """The image-conditioned text encoder over ``k > 0`` candidates, in one batch: the
+        query's ids broadcast to the k candidates; inputs checked. Call it under inference mode
+        and :func:`_autocast`."""
+        import torch
 
         device = self.device
-        with torch.inference_mode(), _autocast(device):
-            ids = input_ids.to(device, torch.int64)[None].expand(k, n_tokens)  # (k, n_tokens)
-            text_mask = query_mask.to(device, torch.int64)[None].expand(
-                k, n_tokens
-            )  # (k, n_tokens)
-            image = patches.to(device, non_blocking=True)
-            if device.type != "cuda":
-                image = (
-                    image.float()
-                )  # (k, 1 + P, vision_hidden); CPU half matmuls are slow and inexact
-            image_mask = torch.ones(
-                (k, n_patches), dtype=torch.int64, device=device
-            )  # (k, 1 + P), as in BLIP
-            hidden = self.text_encoder(
-                input_ids=ids,
-                attention_mask=text_mask,
-                encoder_hidden_states=image,
-                encoder_attention_mask=image_mask,
-            ).last_hidden_state  # (k, n_tokens, hidden)
-            with _autocast_off(device):
-                logits = self.itm_head(hidden[:, 0].float())  # (k, 2)
-                scores = logits.softmax(dim=-1)[:, 1]  # (k,)
-        return scores.to("cpu", torch.float32)
+        k, n_patches = patches.shape[:2]
+        n_tokens = input_ids.shape[0]
+        ids = input_ids.to(device, torch.int64)[None].expand(k, n_tokens)  # (k, n_tokens)
+        text_mask = query_mask.to(device, torch.int64)[None].expand(k, n_tokens)  # (k, n_tokens)
+        image = patches.to(device, non_blocking=True)
+        if device.type != "cuda":
+            image = image.float()  # (k, 1 + P, vision_hidden); CPU half matmuls are slow, inexact
+        image_mask = torch.ones((k, n_patches), dtype=torch.int64, device=device)  # as in BLIP
+        extra = {"output_attentions": True} if output_attentions else {}
+        return self.text_encoder(
+            input_ids=ids,
+            attention_mask=text_mask,
+            encoder_hidden_states=image,
+            encoder_attention_mask=image_mask,
+            **extra,
+        )
 
 
 def _autocast(device: torch.device) -> contextlib.AbstractContextManager:

@@ -356,3 +356,131 @@ def test_cuda_half_scores_match_cpu(tiny_blip: Path, blip_encoder, reranker, pix
     cpu = reranker.score(text.tokens[0], text.mask[0], patches, input_ids=text.input_ids[0])
     assert gpu.device.type == "cpu" and gpu.dtype == torch.float32
     np.testing.assert_allclose(gpu.numpy(), cpu.numpy(), atol=2e-2)  # bf16 autocast
+
+
+# -- explain ---------------------------------------------------------------------------------------
+
+
+def own_cross_attention(
+    reference, input_ids: np.ndarray, mask: np.ndarray, patches: np.ndarray
+) -> np.ndarray:
+    """The last layer's cross-attention of BLIP's own text encoder, heads averaged, one image at
+    a time: ``(k, n_tokens, 1 + P)``."""
+    out = []
+    with torch.no_grad():
+        for row in patches:
+            image = torch.from_numpy(row.astype(np.float32))[None]
+            attn = reference.text_encoder(
+                input_ids=torch.from_numpy(input_ids)[None],
+                attention_mask=torch.from_numpy(mask).long()[None],
+                encoder_hidden_states=image,
+                encoder_attention_mask=torch.ones(image.shape[:2], dtype=torch.long),
+                output_attentions=True,
+            ).cross_attentions[-1]  # (1, heads, n_tokens, 1 + P)
+            out.append(attn[0].mean(dim=0).numpy())
+    return np.stack(out)
+
+
+def test_explain_maps_are_the_models_last_layer_cross_attention(
+    blip_encoder, reference, reranker, pixels
+) -> None:
+    patches = blip_encoder.encode_pixels(pixels).patches  # (7, 17, 32)
+    text = blip_encoder.encode_text(QUERIES)  # padded to the longest query
+    for i in range(len(QUERIES)):
+        mask = text.mask[i]
+        n = int(mask.sum())
+        maps = reranker.explain(text.tokens[i], mask, patches, input_ids=text.input_ids[i])
+        assert maps.dtype == torch.float32 and maps.shape == (7, mask.shape[0], 17)
+        own = own_cross_attention(reference, text.input_ids[i, :n], mask[:n], patches)
+        np.testing.assert_allclose(maps[:, :n].numpy(), own, atol=1e-5)
+        # Each real token's weights sum to 1 over the stored vision tokens (class token included).
+        np.testing.assert_allclose(maps[:, :n].sum(-1).numpy(), 1.0, atol=1e-5)
+        assert not maps[:, n:].any()  # padding stands for no word
+        # The check can fail: the maps differ between images and between tokens.
+        assert float((maps[0, :n] - maps[1, :n]).abs().max()) > 1e-3
+        assert float((maps[0, 1] - maps[0, 2]).abs().max()) > 1e-3
+
+
+def test_explain_changes_no_score(blip_encoder, reranker, pixels) -> None:
+    patches = blip_encoder.encode_pixels(pixels).patches
+    text = blip_encoder.encode_text(QUERIES[:1])
+    args = (text.tokens[0], text.mask[0], patches)
+    before = reranker.score(*args, input_ids=text.input_ids[0])
+    reranker.explain(*args, input_ids=text.input_ids[0])
+    after = reranker.score(*args, input_ids=text.input_ids[0])
+    assert torch.equal(before, after)
+
+
+def test_explain_in_chunks_equals_one_batch(blip_encoder, reranker, pixels, monkeypatch) -> None:
+    patches = blip_encoder.encode_pixels(pixels).patches
+    text = blip_encoder.encode_text(QUERIES[:1])
+    args = (text.tokens[0], text.mask[0], patches)
+    whole = reranker.explain(*args, input_ids=text.input_ids[0])
+    monkeypatch.setattr(type(reranker), "explain_chunk", 3)  # 7 candidates: 3 + 3 + 1
+    chunked = reranker.explain(*args, input_ids=text.input_ids[0])
+    torch.testing.assert_close(chunked, whole, atol=1e-6, rtol=0)
+
+
+def test_explain_checks_as_score_does(blip_encoder, reranker) -> None:
+    from crossrank.errors import InvalidArgumentError
+
+    text = blip_encoder.encode_text(QUERIES[:1])
+    with pytest.raises(InvalidArgumentError, match="needs the query's token ids"):
+        reranker.explain(text.tokens[0], text.mask[0], np.zeros((2, 17, 32), np.float32))
+    empty = reranker.explain(
+        text.tokens[0], text.mask[0], np.zeros((0, 17, 32), np.float16), input_ids=text.input_ids[0]
+    )
+    assert empty.shape == (0, text.mask.shape[1], 17)
+
+
+def test_index_search_with_blip_itm_explains_each_word(
+    blip_index: Path, blip_encoder, reference
+) -> None:
+    from crossrank import Index
+
+    index = Index.open(blip_index, device="cpu")
+    plain = index.search(QUERIES[0], k=4, rerank_k=12, reranker="blip-itm")
+    told = index.search(QUERIES[0], k=4, rerank_k=12, reranker="blip-itm", explain=True)
+    ranked = [[(h.id, h.score, h.rerank_score) for h in r.hits] for r in (plain, told)]
+    assert ranked[0] == ranked[1]  # explaining changes no score and no ranking
+    assert not any(note.startswith("explain:") for note in told.notes)
+    assert all(hit.explain is None for hit in plain.hits)
+
+    text = blip_encoder.encode_text(QUERIES[:1])
+    ids, mask = text.input_ids[0], text.mask[0]
+    # Row 0 is [CLS] and the last [SEP]: the words are the rows in between.
+    assert blip_encoder.tokenizer.convert_ids_to_tokens([int(ids[0]), int(ids[-1])]) == [
+        "[CLS]",
+        "[SEP]",
+    ]
+    hit_ids = np.array([h.id for h in told.hits])
+    stored = index.patches.gather(index.stored.rows_of_ids(hit_ids))  # (4, 17, 32) fp16
+    own = own_cross_attention(reference, ids, mask, stored)  # (4, n_tokens, 17)
+    for hit, hit_own in zip(told.hits, own, strict=True):
+        ex = hit.explain
+        assert ex.tokens == tuple(QUERIES[0].split())
+        assert ex.grid == (4, 4)  # 1 + 4 * 4 stored vision tokens: the class slot is left out
+        assert ex.maps.shape == (len(ex.tokens), 16)
+        # The words' rows, without the class slot; with it, each word's weights sum to 1.
+        np.testing.assert_allclose(ex.maps, hit_own[1:-1, 1:], atol=1e-5)
+        np.testing.assert_allclose(ex.maps.sum(-1) + hit_own[1:-1, 0], 1.0, atol=1e-5)
+    data = told.to_dict()["hits"][0]["explain"]
+    assert data["tokens"] == QUERIES[0].split() and data["grid"] == [4, 4]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_explain_matches_cpu(tiny_blip: Path, blip_encoder, reranker, pixels) -> None:
+    from crossrank.rerank import BlipItmReranker
+
+    on_gpu = BlipItmReranker.from_pretrained(str(tiny_blip), "cuda")
+    patches = blip_encoder.encode_pixels(pixels).patches.astype(np.float16)
+    text = blip_encoder.encode_text(QUERIES)
+    args = (text.tokens[1], text.mask[1], patches)  # a padded query
+    gpu = on_gpu.explain(*args, input_ids=text.input_ids[1])
+    cpu = reranker.explain(*args, input_ids=text.input_ids[1])
+    assert gpu.device.type == "cpu" and gpu.dtype == torch.float32
+    n = int(text.mask[1].sum())
+    np.testing.assert_allclose(gpu[:, :n].sum(-1).numpy(), 1.0, atol=1e-3)
+    assert not gpu[:, n:].any()
+    np.testing.assert_allclose(gpu.numpy(), cpu.numpy(), atol=2e-2)  # bf16 autocast
