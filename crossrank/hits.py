@@ -26,7 +26,9 @@ class Explanation:
             column ``j % cols``, in reading order from the image's top left.
         maps: ``(len(tokens), rows * cols)`` float32, one map per token: for the cross-attention
             reranker the last layer's attention weights over the patches, heads averaged (each
-            row sums to 1); for MaxSim 1 at the token's best patch, 0 elsewhere.
+            row sums to 1); for MaxSim 1 at the token's best patch, 0 elsewhere; for BLIP ITM the
+            text encoder's last cross-attention layer, heads averaged, without the class token
+            (a row sums to 1 minus the token's weight on it).
     """
 
     tokens: tuple[str, ...]
