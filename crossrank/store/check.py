@@ -11,6 +11,9 @@ Two depths (see ``docs/design.md``, "Verifying an index"):
   the FAISS file, a patch shard, the vectors or a metadata part) that leave sizes and shapes
   intact. Generations written before checksums were recorded get a note saying so, not a problem.
 
+Patch shards are checked against the generation's patch codec (:mod:`crossrank.store.codecs`):
+its stored dtype and row shape, and its trained parameters (the pq quantiser) must load and fit.
+
 Nothing here raises on a damaged file: each problem is one line of the report. The FAISS index's
 count is checked by :func:`crossrank.api.verify.verify_index`.
 """
@@ -24,8 +27,9 @@ from pathlib import Path, PurePosixPath
 
 import numpy as np
 
-from crossrank.errors import IndexCorruptError
+from crossrank.errors import CrossrankError, IndexCorruptError
 from crossrank.store._files import read_npy_header
+from crossrank.store.codecs import open_codec, parse_codec
 from crossrank.store.layout import (
     CHECKSUM_ALGORITHM,
     FIRST_STAGE_NAME,
@@ -202,6 +206,9 @@ def inspect_generation(
             problems.append(f"{path} has {actual} bytes, generation.json records {size}")
             report.bad_files.add(name)
     required = [VECTORS_NAME, IDS_NAME, SKIPPED_NAME, FIRST_STAGE_NAME]
+    codec_file = _codec_file(info)
+    if codec_file is not None:
+        required.append(codec_file)
     required += [s.file for s in info.patch_shards] + [p.file for p in info.metadata_parts]
     for name in required:
         if name not in info.files:
@@ -231,10 +238,17 @@ def inspect_generation(
     patch_rows = sum(s.rows for s in info.patch_shards)
     if patch_rows != n:
         problems.append(f"patch shards hold {patch_rows} rows in total, expected {n} images")
+    row_shape, stored_dtype = info.patch_stored_shape  # (P, d) float16, or the codec's rows
     for shard in info.patch_shards:
         if shard.file in present:
-            shape = (shard.rows, info.n_patches, info.patch_dim)
-            _check_npy(gen_dir / shard.file, shape, "float16", "patch shard", problems)
+            shape = (shard.rows, *row_shape)
+            _check_npy(gen_dir / shard.file, shape, stored_dtype, "patch shard", problems)
+    if codec_file is not None and codec_file in present:
+        try:
+            open_codec(info.patch_codec, gen_dir, info.n_patches, info.patch_dim)
+        except CrossrankError as e:
+            problems.append(str(e))
+            report.bad_files.add(codec_file)
 
     meta_rows = sum(p.rows for p in info.metadata_parts)
     if meta_rows != n:
@@ -281,6 +295,13 @@ def inspect_generation(
     if full:
         _check_checksums(gen_dir, info, present, report, progress)
     return report
+
+
+def _codec_file(info: GenerationInfo) -> str | None:
+    """The file of the codec's trained parameters a generation must hold (pq), or None."""
+    if not info.patch_dim:
+        return None
+    return parse_codec(info.patch_codec).params_file
 
 
 def _check_checksums(

@@ -16,6 +16,10 @@ a large index writes ten images' worth of patches, and a removal writes one smal
 ``generation.json`` records the size and the sha256 of every file (``crossrank verify`` compares
 them). A file hard-linked from the base keeps the base's recorded checksum without being read
 again, so a commit hashes only the bytes it wrote.
+
+The patch codec (:mod:`crossrank.store.codecs`) is the writer's: a new index gets the one asked
+for (fp16 by default), a generation written from a base keeps the base's, with its trained
+parameters (a PQ is never retrained, so the base's codes stay valid beside the new ones).
 """
 
 from __future__ import annotations
@@ -36,6 +40,7 @@ from crossrank.errors import CrossrankError, IndexCorruptError, InvalidArgumentE
 from crossrank.store._crash import crash_point
 from crossrank.store._files import NpyAppender, fsync_dir, fsync_file, link_or_copy, save_npy
 from crossrank.store.check import check_generation, file_digest
+from crossrank.store.codecs import PatchCodec, open_codec, parse_codec
 from crossrank.store.config import StoreConfig
 from crossrank.store.gc import clean_interrupted, collect_garbage
 from crossrank.store.generation import Generation
@@ -121,6 +126,10 @@ class GenerationWriter:
             either way (see :meth:`take_ids`).
         gc: delete old generations no reader pins right after the commit (their numbers are
             then in ``collected``).
+        patch_codec: how patch shards are stored (:mod:`crossrank.store.codecs`): a codec name
+            (``int8``, ``pq``, ...) or a codec (a trained one is used as it is). None: the base's
+            codec with its trained parameters, or fp16 without a base. A name other than the
+            base's codec is refused by :meth:`link_patches`.
 
     Attributes:
         root: the index directory.
@@ -146,6 +155,7 @@ class GenerationWriter:
         lock: WriterLock | None = None,
         base: Generation | None = None,
         gc: bool = True,
+        patch_codec: str | PatchCodec | None = None,
     ) -> None:
         self.root = Path(root)
         self.config = config if config is not None else StoreConfig()
@@ -167,6 +177,7 @@ class GenerationWriter:
             clean_interrupted(self.root, lock)
             crash_point("lock-acquired")
             self.next_id = self._first_free_id()
+            codec = self._codec_for(patch_codec)  # before any file: a bad name leaves nothing
             self.dir = self.root / f".{generation_dir_name(self.generation)}.tmp-{os.getpid()}"
             self.dir.mkdir()
         except BaseException:
@@ -177,7 +188,9 @@ class GenerationWriter:
         if base is not None:
             first_shard = _after(base.info.patch_shards)
             first_part = _after(base.info.metadata_parts)
-        self.patches = PatchWriter(self.dir, config=self.config, first_shard=first_shard)
+        self.patches = PatchWriter(
+            self.dir, config=self.config, first_shard=first_shard, codec=codec
+        )
         self._metadata = MetadataWriter(self.dir, config=self.config, first_part=first_part)
         self._vectors_shape: tuple[int, int] | None = None
         self._ids: np.ndarray | None = None
@@ -186,6 +199,13 @@ class GenerationWriter:
         self._tombstones: int | None = None  # rows of tombstones.npy, once written or linked
         self.collected: list[int] = []  # the old generations the commit deleted
         logger.debug("writing generation %d in %s", self.generation, self.dir)
+
+    def _codec_for(self, patch_codec: str | PatchCodec | None) -> PatchCodec:
+        """The codec asked for; without one, the base's (trained, loaded from it) or fp16."""
+        if patch_codec is not None or self.base is None:
+            return parse_codec(patch_codec)
+        info = self.base.info
+        return open_codec(info.patch_codec, self.base.path, info.n_patches, info.patch_dim)
 
     def _first_free_id(self) -> int:
         """One past every id given so far: the base's (or the current generation's) next_id."""
@@ -251,6 +271,12 @@ class GenerationWriter:
         self._require_open()
         base = self._require_base("link_patches()")
         info = base.info
+        if self.patches.codec.spec != info.patch_codec and info.patch_dim > 0:
+            raise InvalidArgumentError(
+                f"the base generation stores its patches as {info.patch_codec}, this writer as "
+                f"{self.patches.codec.spec}; a generation keeps its base's patch codec (omit "
+                "patch_codec)"
+            )
         self.patches.link_shards(
             base.path, list(info.patch_shards), (info.n_patches, info.patch_dim)
         )
@@ -422,6 +448,7 @@ class GenerationWriter:
         }
         checksums = self._checksums(files)
         n_patches, patch_dim = self.patches.shape or (0, 0)
+        codec = self.patches.codec.spec if patch_dim else "fp16"
         schema = self._metadata.schema
         counts = {"images": int(self._ids.shape[0]), "skipped": n_skipped}
         if n_tombstones:
@@ -429,7 +456,7 @@ class GenerationWriter:
         ids = self._ids
         info = GenerationInfo(
             path=self.dir,
-            format_version=format_version_for(n_tombstones),
+            format_version=format_version_for(n_tombstones, codec),
             generation=self.generation,
             created_at=_now(),
             counts=counts,
@@ -443,6 +470,8 @@ class GenerationWriter:
             next_id=max(self.next_id, int(ids[-1]) + 1 if ids.size else 0),
             checksums=checksums,
             checksum_algorithm=CHECKSUM_ALGORITHM,
+            patch_codec=codec,
+            patch_codec_file=self.patches.codec_file if patch_dim else None,
         )
         with open(self.dir / GENERATION_INFO_NAME, "w", encoding="utf-8") as f:
             json.dump(info.to_dict(), f, indent=2)

@@ -16,6 +16,13 @@ id never given yet) is an optional field that older readers ignore.
 it and keeps reading the index, and this crossrank reads generations written without it
 (``crossrank verify`` then checks structure and sizes and says that no checksums are recorded).
 A format version is raised only for a change an older reader would misread, like tombstones.
+
+3 adds patch codecs (:mod:`crossrank.store.codecs`): ``patches.codec`` names how the patch shards
+are stored (``int8``, ``binary``, ``pq:16``; absent means fp16, as before), ``patches.dtype`` and
+``patches.row_shape`` give the stored rows, and ``patches.codec_file`` the trained parameters (a
+file listed, with its checksum, like every other one). A generation is written as version 3 only
+when its codec is not fp16: an fp16 generation is byte for byte what it was, and an older
+crossrank refuses a compressed one (with "upgrade crossrank") rather than misread its shards.
 """
 
 from __future__ import annotations
@@ -26,7 +33,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from crossrank.errors import IndexCorruptError
+from crossrank.errors import IndexCorruptError, InvalidArgumentError
+from crossrank.store.codecs import DEFAULT_CODEC, parse_codec
 
 __all__ = [
     "FORMAT_VERSION",
@@ -48,7 +56,7 @@ __all__ = [
     "READERS_DIR",
 ]
 
-FORMAT_VERSION = 2  # newest layout of manifest.json and generation.json this crossrank reads
+FORMAT_VERSION = 3  # newest layout of manifest.json and generation.json this crossrank reads
 MANIFEST_NAME = "manifest.json"  # which generation is committed (crossrank.store.manifest)
 READERS_DIR = "readers"  # the reader pins (crossrank.store.pins)
 GENERATION_INFO_NAME = "generation.json"
@@ -77,11 +85,14 @@ UNREADABLE = (
 )
 
 
-def format_version_for(n_tombstones: int) -> int:
-    """The oldest format version that describes a generation: 2 with tombstones, else 1.
+def format_version_for(n_tombstones: int, patch_codec: str = DEFAULT_CODEC) -> int:
+    """The oldest format version that describes a generation: 3 with a patch codec other than
+    fp16, else 2 with tombstones, else 1.
 
     Optional fields (``next_id``, ``checksums``) do not count: older readers ignore them.
     """
+    if patch_codec != DEFAULT_CODEC:
+        return 3
     return 2 if n_tombstones > 0 else 1
 
 
@@ -115,8 +126,8 @@ class GenerationInfo:
         counts: ``images`` (rows of every per-image file, removed images included),
             ``skipped`` and, when there are any, ``tombstones`` (removed images).
         vector_dim: D of ``vectors.npy`` (float32 ``(n, D)``).
-        n_patches: P of the patch shards (float16 ``(rows, P, d)``); 0 if no patches were declared.
-        patch_dim: d of the patch shards.
+        n_patches: P of the patch shards; 0 if no patches were declared.
+        patch_dim: d of the patch features (decoded: float16 ``(rows, P, d)``).
         patch_shards: the shards in row order.
         metadata_parts: the Parquet parts in row order.
         metadata_columns: the metadata column names, ``id`` first.
@@ -127,6 +138,10 @@ class GenerationInfo:
             generations written before checksums were recorded.
         checksum_algorithm: the :mod:`hashlib` name of the digests (:data:`CHECKSUM_ALGORITHM`);
             None when no checksums are recorded.
+        patch_codec: how the patch shards are stored (:mod:`crossrank.store.codecs`): ``fp16``
+            (also for every generation written before codecs), ``int8``, ``binary``, ``pq:M``...
+        patch_codec_file: the codec's trained parameters in the folder (``patch_codec.faiss``
+            for pq), or None.
     """
 
     path: Path
@@ -144,6 +159,24 @@ class GenerationInfo:
     next_id: int | None = None
     checksums: dict[str, str] = field(default_factory=dict)
     checksum_algorithm: str | None = None
+    patch_codec: str = DEFAULT_CODEC
+    patch_codec_file: str | None = None
+
+    @property
+    def patch_stored_shape(self) -> tuple[tuple[int, int], str]:
+        """One stored row's shape and dtype name: ``((P, d), "float16")`` for fp16."""
+        codec = parse_codec(self.patch_codec)
+        if self.patch_dim > 0:
+            codec.configure(self.n_patches, self.patch_dim)
+        return codec.row_shape(self.n_patches, self.patch_dim), codec.stored_dtype.name
+
+    @property
+    def patch_bytes_per_image(self) -> int:
+        """Stored bytes of one image's patches (``P * 2 * d`` for fp16)."""
+        codec = parse_codec(self.patch_codec)
+        if self.patch_dim > 0:
+            codec.configure(self.n_patches, self.patch_dim)
+        return codec.bytes_per_image(self.n_patches, self.patch_dim)
 
     @property
     def n_images(self) -> int:
@@ -182,6 +215,19 @@ class GenerationInfo:
                 "algorithm": self.checksum_algorithm or CHECKSUM_ALGORITHM,
                 "files": dict(self.checksums),
             }
+        patches: dict[str, Any] = {
+            "n_patches": self.n_patches,
+            "dim": self.patch_dim,
+            "dtype": "float16",
+        }
+        if self.patch_codec != DEFAULT_CODEC:
+            row_shape, dtype = self.patch_stored_shape
+            patches["dtype"] = dtype
+            patches["codec"] = self.patch_codec
+            patches["row_shape"] = list(row_shape)
+            if self.patch_codec_file is not None:
+                patches["codec_file"] = self.patch_codec_file
+        patches["shards"] = [{"file": s.file, "rows": s.rows} for s in self.patch_shards]
         return {
             "format_version": self.format_version,
             "generation": self.generation,
@@ -194,12 +240,7 @@ class GenerationInfo:
                 "dtype": "float32",
             },
             "ids": {"file": IDS_NAME, "rows": n, "dtype": "int64"},
-            "patches": {
-                "n_patches": self.n_patches,
-                "dim": self.patch_dim,
-                "dtype": "float16",
-                "shards": [{"file": s.file, "rows": s.rows} for s in self.patch_shards],
-            },
+            "patches": patches,
             "metadata": {
                 "columns": list(self.metadata_columns),
                 "parts": [{"file": p.file, "rows": p.rows} for p in self.metadata_parts],
@@ -221,6 +262,25 @@ def _checksums(raw: Any) -> tuple[dict[str, str], str | None]:
         return {}, None
     files = {str(k): str(v) for k, v in raw["files"].items()}
     return files, str(raw["algorithm"])
+
+
+def _codec(path: Path, patches: Any) -> tuple[str, str | None]:
+    """The optional ``patches.codec`` (fp16 when absent) and ``patches.codec_file``."""
+    raw = patches.get("codec")
+    if raw is None:
+        return DEFAULT_CODEC, None
+    try:
+        codec = parse_codec(str(raw))
+        if int(patches["dim"]) > 0:
+            codec.configure(int(patches["n_patches"]), int(patches["dim"]))
+        spec = codec.spec
+    except InvalidArgumentError as e:
+        raise IndexCorruptError(
+            f"{path} records patch codec {raw!r}, which this crossrank does not know; it was "
+            "written by a newer crossrank: upgrade crossrank (pip install -U crossrank)"
+        ) from e
+    file = patches.get("codec_file")
+    return spec, (str(file) if file is not None else None)
 
 
 def read_generation_info(gen_dir: Path | str) -> GenerationInfo:
@@ -253,6 +313,7 @@ def read_generation_info(gen_dir: Path | str) -> GenerationInfo:
         )
     try:
         checksums, algorithm = _checksums(data.get("checksums"))
+        codec, codec_file = _codec(path, data["patches"])
         counts = {str(k): int(v) for k, v in data["counts"].items()}
         if "images" not in counts or "skipped" not in counts:
             raise KeyError("counts.images / counts.skipped")
@@ -272,6 +333,8 @@ def read_generation_info(gen_dir: Path | str) -> GenerationInfo:
             next_id=int(data["next_id"]) if data.get("next_id") is not None else None,
             checksums=checksums,
             checksum_algorithm=algorithm,
+            patch_codec=codec,
+            patch_codec_file=codec_file,
         )
     except (KeyError, TypeError, ValueError, AttributeError) as e:
         raise IndexCorruptError(f"{path} is malformed (bad or missing {e}); {hint}") from e

@@ -47,7 +47,7 @@ def test_commit_records_the_sha256_of_every_file(written) -> None:
     raw = json.loads((gen_dir / "generation.json").read_text())
     assert raw["checksums"]["algorithm"] == "sha256"
     # An optional field: no new format version, so an older crossrank still reads the index.
-    assert raw["format_version"] == 1 and FORMAT_VERSION == 2
+    assert raw["format_version"] == 1 and FORMAT_VERSION == 3
 
 
 def test_a_full_check_of_a_sound_generation_hashes_every_byte(written) -> None:
