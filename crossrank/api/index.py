@@ -140,6 +140,7 @@ class Index:
         workers: int = 4,
         overwrite: bool = False,
         progress: ProgressFn | None = None,
+        patch_codec: str | None = None,
     ) -> Index:
         """Build an index from a folder or manifest and open it.
 
@@ -159,6 +160,7 @@ class Index:
             workers=workers,
             overwrite=overwrite,
             progress=progress,
+            patch_codec=patch_codec,
         )
         index = cls.open(path, device=device, model=model)
         index.build_report = report
@@ -420,10 +422,13 @@ class Index:
         """A JSON-able description: counts, model, first stage, generation, sizes.
 
         ``counts.images`` counts the images a search can return; ``tombstones`` the removed
-        images still stored until a compaction.
+        images still stored until a compaction. ``patch_codec`` says how the patches are stored
+        (``fp16``, ``int8``, ``binary``, ``pq:16``...) and ``patch_bytes_per_image`` what one
+        image's patches take on disk; ``patches.dtype`` is what the reranker gets (float16).
         """
         snap = self._current()
         manifest = snap.manifest
+        gen_info = snap.generation.info
         return {
             "path": str(self.path.resolve()),
             "format_version": manifest.format_version,
@@ -439,6 +444,8 @@ class Index:
                 "dim": int(snap.patches.shape[1]),
                 "dtype": "float16",
             },
+            "patch_codec": gen_info.patch_codec,
+            "patch_bytes_per_image": gen_info.patch_bytes_per_image,
             "metadata_columns": snap.metadata.columns,
         }
 

@@ -52,6 +52,17 @@ def build(
     overwrite: Annotated[
         bool, typer.Option(help="Rebuild an index that already exists in --index.")
     ] = False,
+    patch_codec: Annotated[
+        str | None,
+        typer.Option(
+            "--patch-codec",
+            help=(
+                "How patch features are stored: fp16 (default), int8 (2x smaller), binary, pq "
+                "(16x smaller: d/8 sub-quantisers of 8 bits), pq:M or pq:MxB. "
+                "add and compact keep it."
+            ),
+        ),
+    ] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the summary as JSON.")] = False,
 ) -> None:
     """Index a folder or manifest of images."""
@@ -65,8 +76,15 @@ def build(
         TimeRemainingColumn,
     )
 
+    from crossrank.errors import InvalidArgumentError
+    from crossrank.store.codecs import parse_codec
     from crossrank.write.build import build_index
 
+    try:
+        parse_codec(patch_codec)  # a bad name is a usage error, before the model loads
+    except InvalidArgumentError as e:
+        message = str(e).removeprefix("--patch-codec: ").removeprefix("--patch-codec ")
+        raise typer.BadParameter(message, param_hint="--patch-codec") from None
     columns = [
         TextColumn("[bold]indexing"),
         BarColumn(),
@@ -100,6 +118,7 @@ def build(
             workers=workers,
             overwrite=overwrite,
             progress=progress,
+            patch_codec=patch_codec,
         )
     from crossrank.encoders.describe import describe_model
     from crossrank.store import read_manifest
@@ -114,7 +133,8 @@ def build(
     console.print(
         f"[green]indexed {report.indexed}[/] images, skipped {report.skipped}{duplicates}, "
         f"in {report.seconds:.1f} s ({rate:,.0f} img/s overall, model loading included) -> "
-        f"{path} (generation {report.generation}, {escape(report.factory)})",
+        f"{path} (generation {report.generation}, {escape(report.factory)}"
+        f"{'' if report.patch_codec == 'fp16' else ', patches ' + report.patch_codec})",
         highlight=False,
     )
     if report.skipped:

@@ -58,7 +58,7 @@ def info(
             "dims",
             f"pooled {enc.get('dim')}, patches {facts['patches']['n_patches']} x "
             f"{facts['patches']['dim']} "
-            "fp16",
+            f"{facts['patch_codec']} ({_size(facts['patch_bytes_per_image'])} per image)",
         ),
         (
             "first stage",

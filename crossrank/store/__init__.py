@@ -3,7 +3,8 @@
     DIR/manifest.json          which generation is current (switched by atomic rename)
     DIR/gen-000003/            vectors.npy, ids.npy, patches-000.npy ..., metadata-000.parquet ...,
                                skipped.parquet, first_stage.faiss, generation.json,
-                               tombstones.npy (removed ids, when there are any)
+                               tombstones.npy (removed ids, when there are any),
+                               patch_codec.faiss (the pq patch codec's quantiser)
     DIR/writer.lock            the writer lock (flock): one build/add/remove/compact at a time
     DIR/readers/               reader pins: the generations live readers hold
 
@@ -11,7 +12,8 @@ Write with :class:`GenerationWriter` (it takes the :class:`WriterLock`); read wi
 ``Generation.current(DIR)`` (or :func:`pin_current` + :class:`Generation` to keep writers from
 deleting it); check with :func:`check_index` / :func:`check_generation` (``full=True`` also
 compares every file with the sha256 recorded at commit; :func:`inspect_index` returns the notes
-and what was hashed too).
+and what was hashed too). How patches are stored is the generation's patch codec
+(:mod:`crossrank.store.codecs`; ``GenerationWriter(..., patch_codec="pq")``).
 """
 
 from crossrank.store.check import (
@@ -21,6 +23,7 @@ from crossrank.store.check import (
     inspect_generation,
     inspect_index,
 )
+from crossrank.store.codecs import PatchCodec, parse_codec
 from crossrank.store.config import StoreConfig
 from crossrank.store.gc import clean_interrupted, collect_garbage
 from crossrank.store.generation import Generation
@@ -54,6 +57,8 @@ __all__ = [
     "Generation",
     "PatchWriter",
     "PatchStore",
+    "PatchCodec",
+    "parse_codec",
     "MetadataWriter",
     "MetadataStore",
     "WriterLock",

@@ -2,15 +2,18 @@
 
 The pipeline overlaps its stages: decoder threads read, decode and preprocess batch i+1 while the
 encoder runs on batch i (see :func:`crossrank.ingest.iter_batches`). Pooled vectors go to the
-first stage and ``vectors.npy``, patch features stream into the fp16 patch store, and one metadata
-row per image goes to Parquet. Nothing is visible to readers until the generation commits.
+first stage and ``vectors.npy``, patch features stream into the patch store (fp16, or the
+``patch_codec`` asked for: :mod:`crossrank.store.codecs`), and one metadata row per image goes to
+Parquet. Nothing is visible to readers until the generation commits.
 
 A build holds the index's writer lock from start to end (a second writer is refused, naming it),
 and :func:`encode_items` is shared with ``crossrank add`` (:mod:`crossrank.write`).
 
 Every argument is checked before the model loads or any image is decoded: the FAISS factory
-string, and the index folder, which must be new, empty, or a crossrank index (a folder that holds
-anything else is refused, so nothing of the user's is ever deleted). Byte-identical files are
+string, the patch codec's name (its fit to the model's patch dim, and for pq whether the source
+has images enough to train on, right after the model loads), and the index folder, which must be
+new, empty, or a crossrank index (a folder that holds anything else is refused, so nothing of the
+user's is ever deleted). Byte-identical files are
 indexed once, as ``add`` does: the later copy (in path order) is skipped with the reason
 ``duplicate of <first path>``.
 """
@@ -59,6 +62,7 @@ class BuildReport:
         factory: the FAISS factory string of the first stage.
         model: the encoder's model id.
         duplicates: files skipped as byte-identical copies of an earlier file.
+        patch_codec: how the patches are stored (``fp16``, ``int8``, ``pq:16``...).
     """
 
     index_dir: Path
@@ -69,6 +73,7 @@ class BuildReport:
     factory: str
     model: str
     duplicates: int = 0
+    patch_codec: str = "fp16"
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -83,6 +88,7 @@ class BuildReport:
             else None,
             "factory": self.factory,
             "model": self.model,
+            "patch_codec": self.patch_codec,
         }
 
 
@@ -98,6 +104,7 @@ def build_index(
     workers: int = 4,
     overwrite: bool = False,
     progress: ProgressFn | None = None,
+    patch_codec: str | None = None,
 ) -> BuildReport:
     """Index every image of ``source`` into a new generation of ``index_dir``.
 
@@ -115,6 +122,10 @@ def build_index(
         overwrite: replace an index that already exists in ``index_dir`` (never a folder that
             is not a crossrank index).
         progress: called as ``progress(done, total)`` after each batch.
+        patch_codec: how patch features are stored: ``fp16`` (the default, None), ``int8``,
+            ``binary``, ``pq`` (M = d/8 sub-quantisers of 8 bits: 16x fewer bytes than fp16),
+            ``pq:M`` or ``pq:MxB``; see :mod:`crossrank.store.codecs`. ``add``, ``remove`` and
+            ``compact`` keep it.
 
     Returns:
         A :class:`BuildReport`.
@@ -122,14 +133,17 @@ def build_index(
     Raises:
         SourceError: the source is missing, unreadable, or holds no decodable image.
         ModelError: the model cannot be loaded.
-        InvalidArgumentError: a bad argument (a factory FAISS cannot parse included), an existing
-            index without ``overwrite``, or a folder that holds files and is not an index.
+        InvalidArgumentError: a bad argument (a factory FAISS cannot parse, an unknown patch codec,
+            a pq that cannot be trained on the source's images included), an existing index
+            without ``overwrite``, or a folder that holds files and is not an index.
         IndexLockedError: another process is writing ``index_dir``.
         IndexWriteError: the operating system refused a write (disk full, read-only folder, a
             path under a file); the last committed generation is intact.
     """
     from crossrank.store import WriterLock
+    from crossrank.store.codecs import parse_codec
 
+    codec = parse_codec(patch_codec)  # an unknown name is refused before anything loads
     for name, value in (("batch_size", batch_size), ("workers", workers)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise InvalidArgumentError(f"{name} must be an int >= 1, got {value!r}")
@@ -160,6 +174,7 @@ def build_index(
                     workers=workers,
                     overwrite=overwrite,
                     progress=progress,
+                    codec=codec,
                 )
             except BaseException:
                 lock.remove_root_if_unused()  # a first build that failed leaves no folder behind
@@ -250,6 +265,7 @@ def _build_locked(
     workers: int,
     overwrite: bool,
     progress: ProgressFn | None,
+    codec: Any,
 ) -> BuildReport:
     from crossrank.encoders import load_encoder
     from crossrank.indexes import FirstStage
@@ -269,11 +285,17 @@ def _build_locked(
     if index_config.factory is not None:
         check_factory(index_config.factory, encoder.dim)  # the model's size, before decoding
     total = len(src.items)
+    # The codec's fit to the model, and whether pq can train on this source, before decoding.
+    codec.configure(encoder.n_patches, encoder.patch_dim)
+    if codec.needs_training:
+        codec.check_trainable(
+            total * encoder.n_patches, encoder.n_patches, f"SOURCE's {total:,} files"
+        )
     logger.info(
         "building %s from %s (%d files) with %s", index_dir, source, total, encoder.model_id
     )
 
-    with GenerationWriter(index_dir, lock=lock) as writer:
+    with GenerationWriter(index_dir, lock=lock, patch_codec=codec) as writer:
         pooled, records, skipped, duplicates = encode_items(
             writer, encoder, src.items, batch_size=batch_size, workers=workers, progress=progress
         )
@@ -314,6 +336,7 @@ def _build_locked(
         factory=first_stage.factory,
         model=encoder.model_id,
         duplicates=duplicates,
+        patch_codec=codec.spec,
     )
 
 

@@ -35,11 +35,15 @@ _COMPACT_CHUNK = 4096  # rows copied per step of a compaction (bounded memory)
 def _fragmented(base: Generation) -> bool:
     """Whether the patch shards or metadata parts are more than a rewrite would make."""
     from crossrank.store import StoreConfig
+    from crossrank.store.codecs import parse_codec
+    from crossrank.store.patches import shard_rows_for
 
     info, config = base.info, StoreConfig()
     rows = info.n_live
     shard_rows = (
-        config.shard_rows_for(info.n_patches, info.patch_dim) if info.n_patches else rows or 1
+        shard_rows_for(config, parse_codec(info.patch_codec), info.n_patches, info.patch_dim)
+        if info.n_patches
+        else rows or 1
     )
     need_shards = max(1, math.ceil(rows / shard_rows)) if rows else 0
     need_parts = max(1, math.ceil(rows / config.metadata_part_rows))
@@ -57,10 +61,11 @@ def compact_index(
     """Rewrite the index without its tombstones and delete the old generations no reader holds.
 
     Patch shards, metadata parts, vectors and ids are copied without the removed rows into full
-    shards and parts, and the first stage is rebuilt from the remaining vectors (an index whose
-    factory was chosen by size gets the choice for its new size; IVF is retrained). Ids do not
-    change. An index without tombstones and without fragmented shards is not rewritten; its old
-    generations are still collected.
+    shards and parts (patches as stored: the index's patch codec, and a pq's trained quantiser,
+    are kept, and no row is decoded or encoded again), and the first stage is rebuilt from the
+    remaining vectors (an index whose factory was chosen by size gets the choice for its new
+    size; IVF is retrained). Ids do not change. An index without tombstones and without
+    fragmented shards is not rewritten; its old generations are still collected.
 
     Args:
         index_dir: the index directory.
@@ -114,9 +119,10 @@ def compact_index(
             else np.arange(ids.size)
         )
         live_ids = ids[rows]
-        # No base: nothing is linked, and shards and parts are numbered from 0 again.
-        with GenerationWriter(index_dir, lock=lock) as writer:
-            store = base.patches()
+        store = base.patches()
+        # No base: nothing is linked, and shards and parts are numbered from 0 again. The codec
+        # is the base's, trained: its rows are copied as they are stored.
+        with GenerationWriter(index_dir, lock=lock, patch_codec=store.codec) as writer:
             info = base.info
             if info.n_patches:
                 writer.patches.append(
@@ -124,7 +130,7 @@ def compact_index(
                 )  # the shape
             done = 0
             for chunk in _chunks(rows):
-                writer.patches.append(store.gather(chunk))
+                writer.patches.append_stored(store.gather_stored(chunk))
                 done += chunk.size
                 crash_point("compact-rewriting")
                 if progress is not None:

@@ -177,3 +177,40 @@ def test_add_retry_skipped_flag(runner, living):
     result = runner.invoke(app, [*args, "--retry-skipped", "--json"])
     assert result.exit_code == 0, result.stderr
     assert '"still_skipped": 0' in result.stdout
+
+
+# -- patch codecs ---------------------------------------------------------------------------------
+
+
+def test_an_unknown_patch_codec_is_a_usage_error_that_lists_the_codecs(runner, tmp_path, living):
+    source, _ = living
+    target = tmp_path / "idx"
+    result = runner.invoke(
+        app, ["build", str(source), "--index", str(target), "--patch-codec", "zstd"]
+    )
+    line = _one_line(result, 2, "unknown codec 'zstd'")
+    assert "fp16" in line and "int8" in line and "pq:MxB" in line
+    assert not target.exists()
+
+
+def test_pq_on_a_few_images_says_what_works_instead(runner, tmp_path, living, tiny_clip):
+    source, _ = living  # 4 images of 16 patches: plain pq needs 624
+    args = ["build", str(source), "--index", str(tmp_path / "idx"), "--model", str(tiny_clip)]
+    result = runner.invoke(app, [*args, "--device", "cpu", "--patch-codec", "pq"])
+    line = _one_line(result, 1, "cannot be trained on SOURCE's 4 files")
+    assert "624 images" in line and "--patch-codec int8" in line
+    assert not (tmp_path / "idx").exists()
+
+
+def test_build_with_a_patch_codec_reports_it(runner, tmp_path, living, tiny_clip):
+    source, _ = living
+    index = tmp_path / "idx"
+    args = ["build", str(source), "--index", str(index), "--model", str(tiny_clip)]
+    result = runner.invoke(app, [*args, "--device", "cpu", "--patch-codec", "int8", "--json"])
+    assert result.exit_code == 0, (result.stdout, result.stderr, result.exception)
+    import json
+
+    assert json.loads(result.stdout)["patch_codec"] == "int8"
+    result = runner.invoke(app, [*args, "--device", "cpu", "--patch-codec", "int8", "--overwrite"])
+    assert result.exit_code == 0, (result.stdout, result.stderr, result.exception)
+    assert "patches int8" in " ".join(result.stdout.split())

@@ -133,3 +133,28 @@ def test_verify_of_an_index_without_checksums_passes_with_a_note(index_copy, run
     assert "contents not hashed" in result.stdout
     out = json.loads(runner.invoke(app, ["verify", str(index_copy), "--json"]).stdout)
     assert out["ok"] is True and out["files_hashed"] == 0 and len(out["notes"]) == 1
+
+
+# -- patch codecs ---------------------------------------------------------------------------------
+
+
+def test_info_reports_the_patch_codec_and_bytes_per_image(built_index, runner, tmp_path) -> None:
+    out = json.loads(runner.invoke(app, ["info", str(built_index), "--json"]).stdout)
+    assert out["patch_codec"] == "fp16" and out["patch_bytes_per_image"] == 16 * 32 * 2
+    text = " ".join(runner.invoke(app, ["info", str(built_index)]).stdout.split())
+    assert "patches 16 x 32 fp16 (1.0 kB per image)" in text
+
+
+def test_info_and_verify_of_an_int8_index(image_folder, tiny_clip, runner, tmp_path) -> None:
+    from crossrank.write.build import build_index
+
+    index = tmp_path / "int8.idx"
+    build_index(image_folder, index, model=tiny_clip, device="cpu", workers=2, patch_codec="int8")
+    out = json.loads(runner.invoke(app, ["info", str(index), "--json"]).stdout)
+    assert out["patch_codec"] == "int8" and out["patch_bytes_per_image"] == 16 * (32 + 2)
+    assert out["format_version"] == 3
+    text = " ".join(runner.invoke(app, ["info", str(index)]).stdout.split())
+    assert "patches 16 x 32 int8 (544 bytes per image)" in text
+    result = runner.invoke(app, ["verify", str(index)])
+    assert result.exit_code == 0, (result.stdout, result.stderr)
+    assert result.stdout.startswith("ok: 24 images")
