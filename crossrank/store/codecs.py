@@ -2,8 +2,9 @@
 
 A codec turns the float patch features of ``b`` images, ``(b, P, d)``, into stored rows
 ``(b, *row_shape)`` of a fixed dtype (one row per image, so that the shards, the gather and the
-row map are the same for every codec), and decodes gathered rows back to float16 ``(k, P, d)``:
-the reranker reads the same array whatever the codec, and search code never knows it.
+row map are the same for every codec), and decodes gathered rows back to ``(k, P, d)`` features
+(float32; float16 for fp16, whose rows are returned as stored): the reranker reads the same
+shape whatever the codec, and search code never knows it.
 
 ========  =========================================  ================  =====================
 codec     stored per patch vector                    bytes (d = 128)   bytes (d = 512)
@@ -62,7 +63,7 @@ PQ_SEED = 0
 _MIN_PER_CENTROID = 39
 _MAX_PER_CENTROID = 256
 # Rows decoded per step: bounds the float32 temporary (rows x P x d x 4 bytes) to a few MB, which
-# also keeps it in cache between the decode and the cast to float16.
+# also keeps it in cache while the decode writes the output.
 _DECODE_ELEMENTS = 1 << 20
 _F16 = np.dtype("<f2")
 _LIST = (
@@ -92,6 +93,9 @@ class PatchCodec(ABC):
 
     name: str = ""
     stored_dtype: np.dtype = _F16
+    #: What :meth:`decode` returns: float32 for every codec but fp16 (numpy's float32 -> float16
+    #: cast is slower than the decode itself, and the rerankers take either).
+    decoded_dtype: np.dtype = np.dtype(np.float32)
     params_file: str | None = None
 
     @property
@@ -155,25 +159,30 @@ class PatchCodec(ABC):
         """Stored rows ``(b, *row_shape)`` of float patch features ``(b, P, d)``."""
 
     @abstractmethod
-    def _decode_block(self, stored: np.ndarray, patch_dim: int) -> np.ndarray:
-        """Float32 (or float16) ``(k, P, d)`` of a few stored rows."""
+    def _decode_block(self, stored: np.ndarray, out: np.ndarray) -> None:
+        """Decode a few stored rows into ``out``, float32 ``(b, P, d)``."""
 
     def decode(
         self, stored: np.ndarray, patch_dim: int, out: np.ndarray | None = None
     ) -> np.ndarray:
-        """Float16 ``(k, P, d)`` of stored rows ``(k, *row_shape)``, decoded a few rows at a time.
+        """``(k, P, d)`` features of stored rows ``(k, *row_shape)``, decoded a few rows at a
+        time (the temporaries stay small and in cache).
 
         Args:
             stored: the stored rows.
             patch_dim: d.
-            out: a float16 ``(k, P, d)`` array to decode into; a new one when None.
+            out: a C-contiguous :attr:`decoded_dtype` ``(k, P, d)`` array to decode into; a new
+                one when None.
+
+        Returns:
+            ``out``: float32 (float16 for fp16).
         """
         k, n_patches = int(stored.shape[0]), int(stored.shape[1])
         if out is None:
-            out = np.empty((k, n_patches, patch_dim), _F16)
+            out = np.empty((k, n_patches, patch_dim), self.decoded_dtype)
         step = max(1, _DECODE_ELEMENTS // max(1, n_patches * patch_dim))
         for i0 in range(0, k, step):
-            out[i0 : i0 + step] = self._decode_block(stored[i0 : i0 + step], patch_dim)
+            self._decode_block(stored[i0 : i0 + step], out[i0 : i0 + step])
         return out
 
     def save(self, directory: Path) -> None:
@@ -197,6 +206,7 @@ class Fp16Codec(PatchCodec):
 
     name = "fp16"
     stored_dtype = _F16
+    decoded_dtype = _F16
 
     def bytes_per_patch(self, patch_dim: int) -> int:
         return 2 * int(patch_dim)
@@ -204,8 +214,8 @@ class Fp16Codec(PatchCodec):
     def encode(self, patches: np.ndarray) -> np.ndarray:
         return np.asarray(patches).astype(_F16, copy=False)
 
-    def _decode_block(self, stored: np.ndarray, patch_dim: int) -> np.ndarray:
-        return stored
+    def _decode_block(self, stored: np.ndarray, out: np.ndarray) -> None:
+        out[...] = stored
 
     def decode(
         self, stored: np.ndarray, patch_dim: int, out: np.ndarray | None = None
@@ -221,7 +231,7 @@ class Int8Codec(PatchCodec):
 
     ``scale = max|x| / 127`` (rounded to float16 first, and ``q`` computed with the rounded scale,
     so that decoding is exactly ``q * scale``): every value is within ``scale / 2`` of its
-    original, up to the float16 of the decoded value. A row holds the d int8 values, then the
+    original. A row holds the d int8 values, then the
     scale's two bytes: ``d + 2`` bytes per patch vector. A float16 scale, not float32: its relative
     error (2^-11) is 16x below the int8 step's (1/254), and it saves 2 bytes per vector.
     """
@@ -249,9 +259,11 @@ class Int8Codec(PatchCodec):
         tail = np.ascontiguousarray(stored[..., patch_dim : patch_dim + 2])
         return tail.view(_F16)[..., 0]
 
-    def _decode_block(self, stored: np.ndarray, patch_dim: int) -> np.ndarray:
-        scale = self.scales(stored, patch_dim).astype(np.float32)[..., None]
-        return stored[..., :patch_dim].astype(np.float32) * scale
+    def _decode_block(self, stored: np.ndarray, out: np.ndarray) -> None:
+        d = out.shape[-1]
+        scale = self.scales(stored, d).astype(np.float32)[..., None]  # (b, P, 1)
+        # One pass: the ufunc casts the int8 values in its own small buffers.
+        np.multiply(stored[..., :d], scale, out=out, dtype=np.float32)
 
 
 class BinaryCodec(PatchCodec):
@@ -277,11 +289,13 @@ class BinaryCodec(PatchCodec):
         out[..., nb:] = np.ascontiguousarray(scale).view(np.uint8).reshape(b, n_patches, 2)
         return out
 
-    def _decode_block(self, stored: np.ndarray, patch_dim: int) -> np.ndarray:
-        nb = math.ceil(patch_dim / 8)
-        bits = np.unpackbits(stored[..., :nb], axis=-1, count=patch_dim, bitorder="little")
+    def _decode_block(self, stored: np.ndarray, out: np.ndarray) -> None:
+        d = out.shape[-1]
+        nb = math.ceil(d / 8)
+        bits = np.unpackbits(stored[..., :nb], axis=-1, count=d, bitorder="little")
         scale = np.ascontiguousarray(stored[..., nb : nb + 2]).view(_F16).astype(np.float32)
-        return (bits.astype(np.float32) * 2.0 - 1.0) * scale
+        np.multiply(bits, 2 * scale, out=out, dtype=np.float32)  # {0, 2s}, then {-s, s}
+        out -= scale
 
 
 class PQCodec(PatchCodec):
@@ -402,11 +416,24 @@ class PQCodec(PatchCodec):
         codes = pq.compute_codes(np.ascontiguousarray(x.reshape(b * n_patches, d)))
         return codes.reshape(b, n_patches, -1)
 
-    def _decode_block(self, stored: np.ndarray, patch_dim: int) -> np.ndarray:
+    def _decode_block(self, stored: np.ndarray, out: np.ndarray) -> None:
+        self.decode(stored, out.shape[-1], out)
+
+    def decode(
+        self, stored: np.ndarray, patch_dim: int, out: np.ndarray | None = None
+    ) -> np.ndarray:
+        # FAISS writes every row straight into `out`, in one call (it splits the rows between
+        # its threads), so there is no temporary to keep small.
+        faiss = _import_faiss()
         pq = self._require()
         k, n_patches, cs = stored.shape
-        codes = np.ascontiguousarray(stored).reshape(k * n_patches, cs)
-        return pq.decode(codes).reshape(k, n_patches, patch_dim)
+        if out is None:
+            out = np.empty((k, n_patches, patch_dim), np.float32)
+        if k:
+            codes = np.ascontiguousarray(stored).reshape(k * n_patches, cs)
+            assert out.dtype == np.float32 and out.flags.c_contiguous
+            pq.decode_c(faiss.swig_ptr(codes), faiss.swig_ptr(out), k * n_patches)
+        return out
 
     def save(self, directory: Path) -> None:
         faiss = _import_faiss()

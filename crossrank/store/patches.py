@@ -7,7 +7,8 @@ advance (files get skipped during a build).
 
 How a row is stored is the generation's patch codec (:mod:`crossrank.store.codecs`): float16
 ``(P, d)`` by default, or int8, binary or PQ codes. :meth:`PatchStore.gather` always returns
-decoded float16 ``(k, P, d)``, so that nothing past the store knows the codec. A codec that must
+decoded ``(k, P, d)`` features (float16 for fp16, float32 for the others: the rerankers take
+either), so that nothing past the store knows the codec. A codec that must
 be trained (pq) and is not yet (a new build) has its rows staged as float16 beside the shards; on
 :meth:`PatchWriter.close` it is trained on a seeded sample of them, the staged rows are encoded
 into the real shards a block at a time, and the staging files are deleted: memory stays bounded
@@ -456,7 +457,9 @@ class PatchStore:
             rows: int array ``(k,)`` of rows in ``[0, len(self))``; repeats allowed.
 
         Returns:
-            float16 array ``(k, P, d)``, a fresh array (not a view of the maps).
+            ``(k, P, d)``, a fresh array (not a view of the maps): float16 for the fp16 codec
+            (the stored rows themselves), float32 decoded for the others (numpy's float32 to
+            float16 cast alone costs twice the int8 decode; the rerankers take either).
 
         Raises:
             InvalidArgumentError: ``rows`` is not a 1-d integer array or holds a row out of range.
