@@ -400,3 +400,46 @@ def test_bench_cold_search_quick_reports_every_case_and_a_light_path_without_tra
     assert report["imports"]["light query"] == {"transformers": False, "light": True}
     assert report["imports"]["full query"]["transformers"] is True
     assert list(tmp_path.iterdir()) == []  # the temporary index is removed
+
+
+@pytest.mark.bench
+def test_bench_codecs_quick_reports_every_codec_and_goal(tmp_path: Path) -> None:
+    out = tmp_path / "codecs.json"
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(BENCHMARKS / "bench_codecs.py"),
+            "--quick",
+            "--json",
+            "--codecs",
+            "int8",
+            "pq",
+            "--out",
+            str(out),
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    report = json.loads(proc.stdout)
+    assert json.loads(out.read_text()) == report
+    (shapes,) = report["shapes"]
+    assert list(shapes["codecs"]) == ["fp16", "int8", "pq"]
+    for row in shapes["codecs"].values():
+        for key in ("reranked_R@1", "reranked_nDCG@10", "gather_ms_100", "gather_ms_1000"):
+            assert math.isfinite(row[key]), key
+        assert row["reranker"].startswith("cross-attention")
+        # the codec changes the patches, never the first stage
+        assert row["first_stage_R@1"] == shapes["codecs"]["fp16"]["first_stage_R@1"]
+    assert shapes["codecs"]["pq"]["bytes_ratio_vs_fp16"] == 16.0
+    clip = report["clip_dims"]["codecs"]
+    assert clip["fp16"]["patch_bytes_per_image"] == 196 * 512 * 2
+    assert clip["pq"]["patch_bytes_per_image"] == 196 * 64
+    assert [g["goal"].split(":")[0] for g in report["summary"]["goals"]] == [
+        "pq",
+        "int8",
+        "pq at CLIP ViT-B/16 dims",
+    ]
