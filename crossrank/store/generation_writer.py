@@ -201,10 +201,20 @@ class GenerationWriter:
         logger.debug("writing generation %d in %s", self.generation, self.dir)
 
     def _codec_for(self, patch_codec: str | PatchCodec | None) -> PatchCodec:
-        """The codec asked for; without one, the base's (trained, loaded from it) or fp16."""
-        if patch_codec is not None or self.base is None:
+        """The codec asked for; without one, the base's (trained, loaded from it) or fp16.
+
+        A name that resolves to the base's codec gets the base's trained one too: a second
+        quantiser would make the base's codes unreadable beside the new ones.
+        """
+        if self.base is None or isinstance(patch_codec, PatchCodec):
             return parse_codec(patch_codec)
         info = self.base.info
+        if patch_codec is not None:
+            asked = parse_codec(patch_codec)
+            if info.patch_dim > 0:
+                asked.configure(info.n_patches, info.patch_dim)
+            if asked.spec != info.patch_codec:
+                return asked  # link_patches() refuses it; a writer that links nothing may use it
         return open_codec(info.patch_codec, self.base.path, info.n_patches, info.patch_dim)
 
     def _first_free_id(self) -> int:

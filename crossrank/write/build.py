@@ -88,7 +88,6 @@ class BuildReport:
             else None,
             "factory": self.factory,
             "model": self.model,
-            "patch_codec": self.patch_codec,
         }
 
 

@@ -282,6 +282,16 @@ def test_a_writer_from_a_base_keeps_its_codec_and_quantiser(tmp_path):
     assert check_generation(new.path, full=True) == []
 
 
+def test_naming_the_base_codec_reuses_its_trained_quantiser(tmp_path):
+    root = tmp_path / "idx"
+    _write(root, _patches(n=60), "pq:8x4")
+    base = Generation.current(root)
+    with GenerationWriter(root, base=base, patch_codec="pq:8x4") as w:
+        assert not w.patches.codec.needs_training
+        w.link_patches()
+        w.abort()
+
+
 def test_a_writer_refuses_another_codec_than_its_base(tmp_path):
     root = tmp_path / "idx"
     _write(root, _patches(), "int8")
