@@ -62,20 +62,28 @@ def test_a_real_sigint_stops_add_with_130_and_keeps_the_index(living, tmp_path):
     source, index_dir = living
     write_images(source / "new", 6, seed=121)
     before = committed_state(index_dir)
-    # Decoder threads are slowed down so that the signal lands while they work.
+    # Decoder threads are slowed down, and say when they start, so that the signal lands while
+    # they work (a fixed wait raced a fast machine and lost to a busy one).
+    started = tmp_path / "decoding"
     script = (
-        "import sys, time\n"
+        "import os, sys, time\n"
         "import crossrank.ingest.pipeline as p\n"
         "real = p._run_chunk\n"
         "def slow(*a, **k):\n"
-        "    time.sleep(0.5)\n"
+        "    open(os.environ['DECODING_MARKER'], 'a').close()\n"
+        "    time.sleep(2.0)\n"
         "    return real(*a, **k)\n"
         "p._run_chunk = slow\n"
         "from crossrank.cli import main\n"
         "sys.argv = ['crossrank'] + sys.argv[1:]\n"
         "main()\n"
     )
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+    env = {
+        **os.environ,
+        "HF_HUB_OFFLINE": "1",
+        "TRANSFORMERS_OFFLINE": "1",
+        "DECODING_MARKER": str(started),
+    }
     proc = subprocess.Popen(
         [sys.executable, "-c", script, "add", str(source), "--index", str(index_dir)]
         + ["--device", "cpu", "--batch-size", "1", "--workers", "1"],
@@ -85,12 +93,10 @@ def test_a_real_sigint_stops_add_with_130_and_keeps_the_index(living, tmp_path):
         env=env,
     )
     deadline = time.monotonic() + 120
-    while time.monotonic() < deadline and proc.poll() is None:
-        holder = read_lock_holder(index_dir)
-        if holder and holder.get("pid") == proc.pid:
-            break
-        time.sleep(0.05)
-    time.sleep(1.0)
+    while time.monotonic() < deadline and proc.poll() is None and not started.exists():
+        time.sleep(0.02)
+    assert started.exists(), "the add never started decoding"
+    assert read_lock_holder(index_dir)["pid"] == proc.pid  # it holds the writer lock meanwhile
     proc.send_signal(signal.SIGINT)
     try:
         _, err = proc.communicate(timeout=60)
