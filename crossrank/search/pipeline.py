@@ -205,7 +205,7 @@ def rerank(
     import torch
 
     rows = snap.generation.rows_of_ids(ids)
-    patches = snap.patches.gather(rows)  # (k, P, d) fp16
+    patches = snap.patches.gather(rows)  # (k, P, d): fp16 as stored, float32 decoded from a codec
     # Only a reranker that declares needs_input_ids gets the keyword (None for an image query:
     # it says itself that it cannot rerank one); the others keep the four-argument interface.
     extra: dict[str, Any] = {}
@@ -250,7 +250,7 @@ def explain(
     if words is None:
         return [], "explain: an image query has no words whose attention could be shown"
     rows = snap.generation.rows_of_ids(ids)
-    patches = snap.patches.gather(rows)  # (k, P, d) fp16
+    patches = snap.patches.gather(rows)  # (k, P, d): fp16 as stored, float32 decoded from a codec
     extra: dict[str, Any] = {}
     if scorer.needs_input_ids:
         extra["input_ids"] = None if input_ids is None else torch.from_numpy(input_ids)
