@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import os
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -163,6 +163,58 @@ class Index:
             patch_codec=patch_codec,
         )
         index = cls.open(path, device=device, model=model)
+        index.build_report = report
+        return index
+
+    @classmethod
+    def build_from_arrays(
+        cls,
+        path: str | Path,
+        vectors: Any,
+        patches: Any,
+        metadata: Any = None,
+        *,
+        ids: Any = None,
+        model: str | Path | None = None,
+        encoder_info: Mapping[str, Any] | None = None,
+        factory: str | None = None,
+        nprobe: int | None = None,
+        patch_codec: str | None = None,
+        overwrite: bool = False,
+        device: str = "auto",
+    ) -> Index:
+        """Build an index from a backend's own pooled vectors, patches and metadata, and open it.
+
+        Nothing is decoded or encoded: ``vectors`` ``(n, D)``, ``patches`` ``(n, P, d)`` (float16
+        or float32) and ``metadata`` (a ``pyarrow.Table`` or anything ``pyarrow.table()`` takes;
+        an optional ``path`` column) are written as one generation, as ``build`` writes it. Queries
+        are encoded with ``model``; with ``encoder_info=`` instead the index is searched by
+        vectors only (:meth:`search_vectors`; :meth:`search` of a text refuses in one line). See
+        :func:`crossrank.write.build_from_arrays` for every argument and docs/backends.md.
+
+        Example:
+            >>> index = Index.build_from_arrays(  # doctest: +SKIP
+            ...     "shop.idx", xb, patches, {"path": urls}, ids=product_ids, model="crossrank-demo"
+            ... )
+            >>> index.rerank("a red bicycle", ids=[3, 17, 42])  # doctest: +SKIP
+        """
+        from crossrank.write.arrays import build_from_arrays
+
+        report = build_from_arrays(
+            path,
+            vectors,
+            patches,
+            metadata,
+            ids=ids,
+            model=model,
+            encoder_info=encoder_info,
+            factory=factory,
+            nprobe=nprobe,
+            patch_codec=patch_codec,
+            overwrite=overwrite,
+            device=device,
+        )
+        index = cls.open(path, device=device)
         index.build_report = report
         return index
 
@@ -409,8 +461,16 @@ class Index:
         transformers import: a cold search pays torch only); image queries and ``add`` load the
         full model through it on first use. Checked against the index's recorded model."""
         from crossrank.encoders import load_text_encoder
+        from crossrank.write.arrays import VECTORS_ONLY_KEY
 
         built_with = self.manifest.encoder
+        if built_with.get(VECTORS_ONLY_KEY):
+            raise InvalidArgumentError(
+                f"index {self.path} has no query encoder (it was built from arrays with "
+                "encoder_info=, for vectors only), so it cannot encode a text or image query; "
+                "search it with Index.search_vectors(xq), or build it with model= to rerank and "
+                "search by text"
+            )
         wanted = (
             self._model_override if self._model_override is not None else built_with["model_id"]
         )
@@ -634,6 +694,122 @@ class Index:
                 for position, result in zip(positions, found, strict=True):
                     results[position] = result
         return [r for r in results if r is not None]
+
+    def rerank(
+        self,
+        query: Query,
+        ids: Sequence[int] | np.ndarray,
+        k: int | None = None,
+        reranker: str | Reranker | None = DEFAULT_RERANKER,
+        fusion: str = "auto",
+    ) -> SearchResult:
+        """Rerank candidates another system chose (a backend's own first stage), best first.
+
+        The candidates' stored patches are gathered and scored by the reranker exactly as a
+        search scores its first-stage candidates (:func:`crossrank.search.pipeline.rerank`), then
+        fused and joined with their metadata (:func:`crossrank.search.pipeline.join_metadata`).
+        There is no first-stage score from the backend, so each candidate's
+        ``first_stage_score`` is this index's own: the inner product of the query's pooled
+        vector with the candidate's stored vector (what a Flat first stage returns; FAISS's IVF
+        scores the same, a compressed factory such as ``IVF,PQ`` approximates it). Fusion then
+        works as in :meth:`search`: with the same candidates, ``rerank(q, ids)`` gives the scores
+        and order of ``search(q, rerank_k=len(ids))``.
+
+        Args:
+            query: a text, or an image (a PIL image or a ``pathlib.Path``), as in :meth:`search`.
+            ids: the candidates' ids, each once, in any order; empty gives an empty result (no
+                model loads).
+            k: hits to return (default: every candidate).
+            reranker: as in :meth:`search` (``"auto"``: a trained reranker when one exists, else
+                the candidates are ordered by the first-stage score alone, with a note).
+            fusion: as in :meth:`search`.
+
+        Returns:
+            A :class:`SearchResult` with ``counts.candidates == len(ids)``, ``timings_ms`` (encode,
+            first_stage: the stored vectors' scores, rerank, metadata, total), and ``reranker``,
+            ``fusion`` and ``encoder`` as a search fills them.
+
+        Raises:
+            InvalidArgumentError: an empty query, an image path that is missing, ids that are
+                not whole numbers, appear twice, or are not in the index (never were, or were
+                removed: named), a bad ``k`` or fusion, or an index with no query encoder.
+        """
+        from crossrank.encoders.describe import describe_model
+        from crossrank.hits import SearchCounts
+        from crossrank.rerank import resolve_fusion
+        from crossrank.search.pipeline import join_metadata
+        from crossrank.search.pipeline import rerank as rerank_candidates
+
+        prepared, _, _ = self._check_arguments([query], 1, 1, fusion)
+        cand = _candidate_ids(ids)
+        if k is not None:
+            k, _ = check_k(k, k)
+        with self._use() as snap:
+            _check_live(snap, cand, self.path)
+            requested = cand.size if k is None else k
+            encoder_desc = describe_model(snap.manifest.encoder)
+            timings: dict[str, float] = {}
+            if not cand.size:
+                return SearchResult(
+                    query=prepared.labels[0],
+                    hits=(),
+                    counts=SearchCounts(requested=0, returned=0, filtered_out=0, candidates=0),
+                    timings_ms={"total": 0.0},
+                    generation=snap.number,
+                    encoder=encoder_desc,
+                )
+            ((_, choice),) = self._plan(reranker, prepared)
+            scorer = choice.scorer
+            fuse = resolve_fusion(fusion, scorer)
+            encoder = self.encoder  # loaded once, outside the timings (they time the query)
+            with timed(timings, "encode"):
+                xq, q_tokens, q_masks, q_ids, labels, cut = encode_queries(
+                    encoder,
+                    snap.first_stage.d,
+                    prepared,
+                    token_embeddings=0 if scorer is None else scorer.token_embeddings,
+                )
+            with timed(timings, "first_stage"):
+                rows = snap.generation.rows_of_ids(cand)
+                first = np.asarray(snap.vectors[rows], dtype=np.float32) @ xq[0]
+                # Candidates in first-stage order, as a search hands them on: reranker ties keep it.
+                by_first = np.argsort(-first, kind="stable")
+                cand, first = cand[by_first], first[by_first].astype(np.float32, copy=False)
+            rerank_scores: np.ndarray | None = None
+            if scorer is not None:
+                with timed(timings, "rerank"):
+                    rerank_scores = rerank_candidates(
+                        snap, scorer, q_tokens[0], q_masks[0], cand, q_ids[0]
+                    )
+                    final = fuse(first, rerank_scores)
+                    order = np.argsort(-final, kind="stable")[:requested]
+            else:
+                final, order = first, np.arange(min(requested, cand.size))
+            with timed(timings, "metadata"):
+                hits = join_metadata(
+                    snap,
+                    cand[order],
+                    final[order],
+                    first[order],
+                    None if rerank_scores is None else rerank_scores[order],
+                )
+            timings["total"] = sum(timings.values())
+            return SearchResult(
+                query=labels[0],
+                hits=hits,
+                counts=SearchCounts(
+                    requested=requested,
+                    returned=len(hits),
+                    filtered_out=0,
+                    candidates=int(cand.size),
+                ),
+                timings_ms=timings,
+                generation=snap.number,
+                encoder=encoder_desc,
+                reranker=choice.label if scorer is not None else "none",
+                fusion=str(fuse) if scorer is not None else "none",
+                notes=tuple(n for n in (cut.get(0), choice.note) if n),
+            )
 
     def check_search(
         self,
@@ -886,6 +1062,43 @@ class Index:
             return "blip-itm"
         shipped = shipped_reranker_for(self.manifest.encoder)
         return str(shipped) if shipped is not None else "none"
+
+
+def _candidate_ids(ids: Sequence[int] | np.ndarray) -> np.ndarray:
+    """``ids`` as a 1-d int64 array of whole numbers, each once (one line otherwise)."""
+    if isinstance(ids, (str, bytes)):
+        raise InvalidArgumentError(f"ids must be a list of integer ids, got {ids!r}")
+    arr = np.asarray(list(ids) if not isinstance(ids, np.ndarray) else ids)
+    if arr.size == 0:
+        return np.empty(0, dtype=np.int64)
+    if arr.ndim != 1 or arr.dtype.kind not in "iu":
+        raise InvalidArgumentError(
+            f"ids must be a 1-d list of integer ids, got {arr.dtype} of shape {arr.shape}"
+        )
+    arr = arr.astype(np.int64, copy=False)
+    uniq, counts = np.unique(arr, return_counts=True)
+    if uniq.size != arr.size:
+        dupes = ", ".join(str(i) for i in uniq[counts > 1][:10])
+        raise InvalidArgumentError(f"ids must each appear once, but these repeat: {dupes}")
+    return arr
+
+
+def _check_live(snap: Snapshot, ids: np.ndarray, path: Path) -> None:
+    """Refuse, naming them, ids the generation never held or holds only as removed."""
+    if not ids.size:
+        return
+    table = np.asarray(snap.ids)
+    known = np.isin(ids, table)
+    removed = np.isin(ids, snap.tombstones) if snap.tombstones.size else np.zeros_like(known)
+    bad = ids[~known | removed]
+    if bad.size:
+        shown = ", ".join(str(i) for i in bad[:10]) + (
+            f" and {bad.size - 10} more" if bad.size > 10 else ""
+        )
+        raise InvalidArgumentError(
+            f"{bad.size} id(s) not in index {path} (never added, or removed): {shown}; "
+            "rerank only ids the index holds (refresh the backend's view of it)"
+        )
 
 
 @dataclass(frozen=True)

@@ -3,7 +3,8 @@
 **build** (:func:`build_index`, :mod:`crossrank.write.build`) discovers the source's files, decodes
 and encodes them (:mod:`crossrank.ingest`, :mod:`crossrank.encoders`) and writes the first
 generation: vectors, patch shards, metadata parts and the FAISS first stage
-(:mod:`crossrank.store`).
+(:mod:`crossrank.store`). **build_from_arrays** (:mod:`crossrank.write.arrays`) writes the same
+generation from pooled vectors, patches and a metadata table a search backend already has.
 
 Every operation holds the index's writer lock (a second writer gets :class:`IndexLockedError`
 naming the first), writes a complete generation beside the current one and commits it by the
@@ -27,6 +28,7 @@ Ids are never reused: a generation records the next free id.
 """
 
 from crossrank.write.add import add_images
+from crossrank.write.arrays import build_from_arrays
 from crossrank.write.build import BuildReport, build_index
 from crossrank.write.compact import compact_index
 from crossrank.write.remove import remove_images
@@ -36,6 +38,7 @@ __all__ = [
     "AddReport",
     "BuildReport",
     "build_index",
+    "build_from_arrays",
     "RemoveReport",
     "CompactReport",
     "PhaseProgressFn",
