@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
 from typing import Any
 
@@ -16,12 +17,21 @@ from crossrank.indexes.factory import auto_factory, create_index, describe_index
 from crossrank.indexes.gpu import GPU_MAX_K, GPU_MAX_NPROBE, GpuCopy, gpu_device_for, to_gpu
 from crossrank.indexes.selectors import make_selector, search_params
 
-__all__ = ["FirstStage"]
+__all__ = ["FirstStage", "IN_MEMORY_MAX_BYTES", "EXACT_MAX_BYTES", "in_memory_limit"]
 
 logger = logging.getLogger(__name__)
 
 #: Vectors converted to float32 and added per call at build (bounds the copy of a memory-mapped xb).
 _ADD_BLOCK = 1 << 16
+
+#: An index file up to this size is read into memory by :meth:`FirstStage.load` (unless a quarter
+#: of the machine's memory is less); a larger one is memory-mapped. A read index searches about
+#: ten times faster than a mapped one whose pages are faulted in as lists are probed.
+IN_MEMORY_MAX_BYTES = 2 << 30
+
+#: Bytes of allowed vectors (float32) that :meth:`FirstStage.prefers_exact` lets an exact search
+#: gather at most; a larger allowed set is searched by FAISS with every list probed instead.
+EXACT_MAX_BYTES = 64 << 20
 
 
 class FirstStage:
@@ -123,20 +133,23 @@ class FirstStage:
 
     @classmethod
     def load(
-        cls, path: str | Path, config: IndexConfig | None = None, *, mmap: bool = True
+        cls, path: str | Path, config: IndexConfig | None = None, *, mmap: bool | None = None
     ) -> FirstStage:
         """Read an index written by :meth:`save`.
 
-        IVF inverted lists are memory-mapped (``IO_FLAG_MMAP``) rather than read into memory, so
-        opening is fast and pages load as lists are probed; the file must stay in place (index
-        generations are immutable, so it does).
+        By default a file up to :func:`in_memory_limit` bytes (2 GiB, or a quarter of the
+        machine's memory if that is less) is read into memory, where a search runs about ten
+        times faster than on a mapped file; a larger one has its IVF inverted lists memory-mapped
+        (``IO_FLAG_MMAP``), so opening is fast, memory holds only the lists probed, and the file
+        must stay in place (index generations are immutable, so it does).
 
         Args:
             path: the ``.faiss`` file.
             config: search settings (``nprobe``, ``device``, ``ef_search``); its ``factory`` names
                 the index when given, else the name is read off the index structure.
-            mmap: memory-map what FAISS can; ``False`` reads the whole index into memory, which
-                :meth:`add` needs (a mapped index is read-only).
+            mmap: ``True`` memory-maps what FAISS can; ``False`` reads the whole index into
+                memory, which :meth:`add` needs (a mapped index is read-only); ``None`` decides by
+                the file's size (see above).
 
         Returns:
             The loaded first stage.
@@ -153,6 +166,8 @@ class FirstStage:
             raise IndexNotFoundError(
                 f"no first-stage index at {path}; build one with `crossrank build`"
             )
+        if mmap is None:
+            mmap = path.stat().st_size > in_memory_limit()
         mapped = mmap
         try:
             index = faiss.read_index(str(path), faiss.IO_FLAG_MMAP if mmap else 0)
@@ -254,6 +269,11 @@ class FirstStage:
     def on_gpu(self) -> bool:
         """Whether unfiltered searches run on a GPU copy."""
         return self._gpu is not None
+
+    @property
+    def mapped(self) -> bool:
+        """Whether the index was loaded memory-mapped (read-only) rather than read into memory."""
+        return self._mapped
 
     @property
     def nlist(self) -> int | None:
@@ -363,13 +383,43 @@ class FirstStage:
         I = np.where(P >= 0, self._id_map[np.maximum(P, 0)], PAD_ID)
         return finish_results(D, I)
 
+    def filtered_nprobe(self, n_allowed: int, *, nprobe: int | None = None) -> int:
+        """IVF lists to probe for a search among ``n_allowed`` of the :attr:`ntotal` vectors.
+
+        A filter that allows a fraction ``f`` of the vectors leaves about ``f`` of each probed
+        list to score, and the ``k`` best allowed vectors lie about ``1 / f`` times deeper in the
+        ranking than the ``k`` best of all. Probing ``nprobe / f`` lists scans as many allowed
+        vectors as an unfiltered search with ``nprobe`` scans vectors, and keeps its recall
+        (capped at :attr:`nlist`). Indexes without lists return ``nprobe`` unchanged.
+
+        Args:
+            n_allowed: ids the filter allows.
+            nprobe: the unfiltered nprobe; ``None`` uses :attr:`nprobe`.
+
+        Returns:
+            The lists to probe, from ``nprobe`` to :attr:`nlist`.
+        """
+        base = self._nprobe if nprobe is None else _check_nprobe(nprobe)
+        nlist = self.nlist
+        if nlist is None:
+            return base
+        if n_allowed <= 0:
+            return min(base, nlist)
+        scaled = -(-base * self.ntotal // n_allowed)  # ceil(base * ntotal / n_allowed)
+        return max(1, min(nlist, max(base, scaled)))
+
     def prefers_exact(self, n_allowed: int, k: int, *, nprobe: int | None = None) -> bool:
         """Whether :func:`exact_search` over the allowed vectors beats a filtered :meth:`search`.
 
         * Flat: never; its filtered search is already exact and scores only the allowed rows.
-        * IVF: when the allowed vectors expected in the probed lists,
-          ``n_allowed * nprobe / nlist``, are fewer than ``4 * k``: the filtered search would
-          likely come back short (the factor 4 leaves room for uneven lists).
+        * IVF: when the filter scales the lists to probe (:meth:`filtered_nprobe`) up to
+          :attr:`nlist`, that is when ``n_allowed`` is at most about the
+          ``ntotal * nprobe / nlist`` vectors an unfiltered search scans: FAISS would then scan
+          every list to score no more vectors than exact search scores. Also when the allowed
+          vectors expected in the probed lists are fewer than ``4 * k`` (the filtered search would
+          likely come back short). Never when the allowed vectors, as float32, exceed
+          ``EXACT_MAX_BYTES``: gathering them would cost more memory than the scan it saves, so
+          FAISS searches them with the scaled nprobe.
         * HNSW: when fewer than 10 % of the vectors are allowed: a filtered graph walk stalls
           among disallowed nodes and comes back short.
         * Other types (PQ codes, types without selector support): always.
@@ -377,7 +427,7 @@ class FirstStage:
         Args:
             n_allowed: ids the filter allows.
             k: results wanted per query.
-            nprobe: the nprobe the search would use; ``None`` uses :attr:`nprobe`.
+            nprobe: the unfiltered nprobe the search would use; ``None`` uses :attr:`nprobe`.
 
         Returns:
             True when the caller should score the allowed vectors exactly.
@@ -387,7 +437,12 @@ class FirstStage:
             return False
         ivf = faiss.try_extract_index_ivf(self._base)
         if ivf is not None:
-            probed = min(self._nprobe if nprobe is None else _check_nprobe(nprobe), ivf.nlist)
+            if n_allowed * self.d * 4 > EXACT_MAX_BYTES:
+                return False
+            base = self._nprobe if nprobe is None else _check_nprobe(nprobe)
+            probed = self.filtered_nprobe(n_allowed, nprobe=base)
+            if probed >= ivf.nlist > base:  # the filter, not the caller, asks for every list
+                return True
             return n_allowed * probed / ivf.nlist < 4 * k
         if isinstance(self._base, faiss.IndexHNSW):
             return n_allowed < 0.1 * self.ntotal
@@ -462,6 +517,16 @@ def _train(faiss: Any, index: Any, xb: np.ndarray, factory: str, config: IndexCo
             f"FAISS could not train a {factory!r} index on {n_train} vectors: {faiss_reason(e)}; "
             "use fewer IVF lists (e.g. 'IVF64,Flat') or 'Flat' for small corpora"
         ) from e
+
+
+def in_memory_limit() -> int:
+    """The largest index file :meth:`FirstStage.load` reads into memory by default:
+    ``IN_MEMORY_MAX_BYTES``, or a quarter of the machine's physical memory if that is less."""
+    try:
+        total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (AttributeError, OSError, ValueError):  # not a POSIX system: the fixed cap alone
+        return IN_MEMORY_MAX_BYTES
+    return min(IN_MEMORY_MAX_BYTES, total // 4) if total > 0 else IN_MEMORY_MAX_BYTES
 
 
 def _check_nprobe(value: object) -> int:

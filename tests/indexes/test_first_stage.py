@@ -195,21 +195,25 @@ def test_queries_are_coerced_to_contiguous_float32(flat, vectors):
     np.testing.assert_array_equal(got[1], expected[1])
 
 
+@pytest.mark.parametrize("mmap", [None, True], ids=["default", "mapped"])
 @pytest.mark.parametrize("stage_name", ["flat", "ivf"])
-def test_save_load_round_trip_gives_identical_results(request, tmp_path, vectors, stage_name):
+def test_save_load_round_trip_gives_identical_results(request, tmp_path, vectors, stage_name, mmap):
     stage = request.getfixturevalue(stage_name)
     path = tmp_path / "first_stage.faiss"
     stage.save(path)
-    loaded = FirstStage.load(path, IndexConfig(nprobe=stage.nprobe))
+    loaded = FirstStage.load(path, IndexConfig(nprobe=stage.nprobe), mmap=mmap)
     assert (loaded.factory, loaded.ntotal, loaded.d, loaded.nlist) == (
         stage.factory,
         stage.ntotal,
         stage.d,
         stage.nlist,
     )
-    if stage_name == "ivf":  # the inverted lists are memory-mapped, not read into memory
+    if (
+        stage_name == "ivf"
+    ):  # mapped: the inverted lists stay on disk; default: a small file is read
         invlists = faiss.downcast_InvertedLists(faiss.extract_index_ivf(loaded._base).invlists)
-        assert isinstance(invlists, faiss.OnDiskInvertedLists)
+        assert isinstance(invlists, faiss.OnDiskInvertedLists) == bool(mmap)
+        assert loaded.mapped == bool(mmap)
     allowed = np.sort(vectors.ids[::3])
     for kwargs in ({}, {"allowed_ids": allowed}, {"nprobe": 3}):
         for got, want in zip(
@@ -218,6 +222,33 @@ def test_save_load_round_trip_gives_identical_results(request, tmp_path, vectors
             strict=True,
         ):
             np.testing.assert_array_equal(got, want)
+
+
+def test_load_reads_a_small_index_into_memory_and_maps_a_large_one(
+    tmp_path, ivf, vectors, monkeypatch
+):
+    import crossrank.indexes.first_stage as first_stage_module
+
+    path = tmp_path / "ivf.faiss"
+    ivf.save(path)
+    flags: list[int] = []
+    real_read = faiss.read_index
+
+    def read_index(name, io_flags=0):
+        flags.append(io_flags)
+        return real_read(name, io_flags)
+
+    monkeypatch.setattr(faiss, "read_index", read_index)
+    assert path.stat().st_size <= first_stage_module.in_memory_limit() <= 2 << 30
+    small = FirstStage.load(path)
+    assert flags == [0] and not small.mapped
+    small.add(vectors.xb[:1], np.array([10**9]))  # read into memory: writable, unlike a map
+
+    monkeypatch.setattr(first_stage_module, "in_memory_limit", lambda: path.stat().st_size - 1)
+    large = FirstStage.load(path)
+    assert flags == [0, faiss.IO_FLAG_MMAP] and large.mapped
+    for a, b in zip(large.search(vectors.xq, 10), ivf.search(vectors.xq, 10), strict=True):
+        np.testing.assert_array_equal(a, b)
 
 
 def test_load_takes_the_factory_name_from_the_config(tmp_path, flat):
@@ -426,6 +457,10 @@ def test_prefers_exact_follows_the_index_type(flat, ivf, vectors):
     assert ivf.prefers_exact(100, 10, nprobe=4)
     assert not ivf.prefers_exact(1000, 10, nprobe=4)
     assert not ivf.prefers_exact(100, 10, nprobe=16)  # all lists probed: 100 >= 40
+    # a filter scales nprobe by the fraction it keeps: 5 % of 2000 with nprobe 4 probes 80 -> 16
+    # lists, all of them, so exact scoring of the 100 is cheaper; with 1000 kept, 8 of 16 lists
+    assert ivf.filtered_nprobe(100, nprobe=4) == 16 and ivf.filtered_nprobe(1000, nprobe=4) == 8
+    assert ivf.filtered_nprobe(2000, nprobe=4) == 4 and ivf.filtered_nprobe(2000) == ivf.nprobe
     hnsw = FirstStage.build(vectors.xb[:500], vectors.ids[:500], IndexConfig(factory="HNSW8"))
     assert hnsw.prefers_exact(49, 10) and not hnsw.prefers_exact(50, 10)
     pq = FirstStage.build(vectors.xb[:300], vectors.ids[:300], IndexConfig(factory="PQ4x4"))
