@@ -75,6 +75,7 @@ def search_snapshot(
     fusion: str = "none",
     notes: Mapping[int, Sequence[str]] | None = None,
     words: Sequence[Sequence[str | None] | None] | None = None,
+    nprobe: int | None = None,
 ) -> list[SearchResult]:
     """First stage, rerank (when ``scorer``), fuse, join metadata, on one snapshot.
 
@@ -90,9 +91,12 @@ def search_snapshot(
     ``words`` asks for explanations (:func:`explain`): per query, the text of each token row
     (:func:`crossrank.search.encode.token_strings`; None for an image query); None = do not
     explain. Only the returned hits are explained, after they are ranked.
+
+    ``nprobe`` sets the IVF lists probed for this search (None: the index's own; a filter scales
+    it up, see :func:`first_stage`); it is ignored by index types without lists.
     """
     with timed(timings, "first_stage"):
-        D, I = first_stage(snap, xq, n_candidates, allowed)
+        D, I = first_stage(snap, xq, n_candidates, allowed, nprobe=nprobe)
 
     results = []
     for qi, label in enumerate(labels):
@@ -173,24 +177,64 @@ def allowed_ids(
     snap: Snapshot, where: str | None, filters: Filters | None, timings: dict[str, float]
 ) -> np.ndarray | None:
     """The ids a search may return: those matching ``where`` and ``filters`` (DuckDB), without
-    removed images (tombstones); None = every image (no filter, nothing removed)."""
+    removed images (tombstones); None = every image (no filter, nothing removed).
+
+    The set is cached per snapshot and filter (:meth:`Snapshot.allowed_ids`): repeating a filter
+    on the same generation costs a dictionary look-up, not a DuckDB query. The array returned is
+    read-only."""
     if where is None and filters is None:
         return snap.live_ids
     with timed(timings, "filter"):
-        return snap.without_tombstones(snap.metadata.allowed_ids(where, filters=filters))
+        return snap.allowed_ids(where, filters)
 
 
 def first_stage(
-    snap: Snapshot, xq: np.ndarray, k: int, allowed: np.ndarray | None
+    snap: Snapshot,
+    xq: np.ndarray,
+    k: int,
+    allowed: np.ndarray | None,
+    *,
+    nprobe: int | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """The ``k`` best (scores, ids) per query among ``allowed`` (None = all): FAISS, or exact
-    scoring when the allowed set is small enough to beat it."""
+    scoring when the allowed set is small enough to beat it.
+
+    Under a filter an IVF index probes more lists the fewer images are allowed
+    (:meth:`FirstStage.filtered_nprobe`), so that as many allowed vectors are scanned as an
+    unfiltered search scans; where that would probe every list, the allowed vectors are scored
+    exactly (:meth:`FirstStage.prefers_exact`). A query whose filtered FAISS search still comes
+    back short of ``k`` (or of the allowed count) is searched again over every list. A filter that
+    allows every row is searched unfiltered.
+
+    Args:
+        snap: the snapshot searched.
+        xq: float32 ``(m, d)`` queries.
+        k: candidates per query.
+        allowed: sorted ids a hit may have (:func:`allowed_ids`); None = all.
+        nprobe: IVF lists probed for this call (before the filter's scaling); None = the index's.
+    """
     from crossrank.indexes import exact_search
 
-    if allowed is not None and snap.first_stage.prefers_exact(int(allowed.size), k):
+    stage = snap.first_stage
+    if allowed is not None and allowed.size == snap.ids.shape[0]:
+        allowed = None  # every row: a selector would only slow FAISS down
+    if allowed is None:
+        return stage.search(xq, k, nprobe=nprobe)
+    n_allowed = int(allowed.size)
+    if stage.prefers_exact(n_allowed, k, nprobe=nprobe):
         rows = snap.generation.rows_of_ids(allowed)
         return exact_search(xq, np.asarray(snap.vectors[rows]), allowed, k)
-    return snap.first_stage.search(xq, k, allowed_ids=allowed)
+    probe = stage.filtered_nprobe(n_allowed, nprobe=nprobe)
+    D, I = stage.search(xq, k, allowed_ids=allowed, nprobe=probe)
+    nlist = stage.nlist
+    short = (I[:, : min(k, n_allowed)] < 0).any(axis=1)
+    if nlist is not None and probe < nlist and short.any():
+        # Uneven lists, or a filter that follows the clusters: what the probed lists held was not
+        # enough. Every list holds every allowed vector, so the second try is complete.
+        D2, I2 = stage.search(xq[short], k, allowed_ids=allowed, nprobe=nlist)
+        D, I = D.copy(), I.copy()
+        D[short], I[short] = D2, I2
+    return D, I
 
 
 def rerank(

@@ -8,8 +8,11 @@ snapshot it starts with to its end, so every result comes from one generation ev
 
 from __future__ import annotations
 
+import json
 import logging
 import os
+import threading
+from collections import OrderedDict
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -18,10 +21,75 @@ import numpy as np
 if TYPE_CHECKING:
     from crossrank.indexes import FirstStage
     from crossrank.store import Generation, Manifest, MetadataStore, PatchStore, ReaderPin
+    from crossrank.store.filters import Filters
 
-__all__ = ["Snapshot"]
+__all__ = ["Snapshot", "FILTER_CACHE_ENTRIES", "FILTER_CACHE_BYTES", "filter_key"]
 
 logger = logging.getLogger(__name__)
+
+#: Allowed-id sets a snapshot keeps, one per distinct ``where`` / ``filters`` (least recently
+#: used dropped first).
+FILTER_CACHE_ENTRIES = 32
+#: Bytes of allowed ids a snapshot keeps at most (8 bytes an id: 1M ids are 8 MB).
+FILTER_CACHE_BYTES = 64 << 20
+
+
+def _plain(value: object) -> bool:
+    """Whether ``value`` is plain JSON (str-keyed dicts, lists, tuples, str, numbers, bool, None):
+    only then does its JSON text say everything the filter compiler sees."""
+    if value is None or isinstance(value, (str, bool, int, float)):
+        return True
+    if isinstance(value, (list, tuple)):
+        return all(_plain(v) for v in value)
+    if type(value) is dict:
+        return all(isinstance(k, str) and _plain(v) for k, v in value.items())
+    return False
+
+
+def _normalise_where(where: str) -> str:
+    """``where`` stripped, with runs of whitespace outside quotes made one space (a comment is
+    left as it is: there a newline ends it)."""
+    where = where.strip()
+    if "--" in where or "/*" in where:
+        return where
+    out: list[str] = []
+    quote = ""
+    space = False
+    for ch in where:
+        if quote:
+            out.append(ch)
+            if ch == quote:  # a doubled quote closes and reopens: still inside
+                quote = ""
+            continue
+        if ch.isspace():
+            space = True
+            continue
+        if space:
+            out.append(" ")
+            space = False
+        if ch in "'\"":
+            quote = ch
+        out.append(ch)
+    return "".join(out)
+
+
+def filter_key(where: str | None, filters: Filters | None) -> tuple[str, str] | None:
+    """The cache key of a filter: the normalised ``where`` and the canonical JSON of ``filters``
+    (sorted keys); None when the filter is not plain enough to be keyed safely (a ``where`` that
+    is not a string, filters holding anything but JSON values): such a filter is not cached."""
+    if where is not None and not isinstance(where, str):
+        return None
+    if filters is not None and not _plain(filters):
+        return None
+    try:
+        text = "" if filters is None else json.dumps(filters, sort_keys=True, separators=(",", ":"))
+    except (TypeError, ValueError):
+        return None
+    # A leading marker keeps "no where" apart from any where text, and "no filters" from {}.
+    return (
+        "-" if where is None else "w" + _normalise_where(where),
+        "-" if filters is None else "f" + text,
+    )
 
 
 def _same_file(a: Path, b: Path) -> bool:
@@ -109,6 +177,10 @@ class Snapshot:
         self.users = 0
         self.retired = False
         self._closed = False
+        # Allowed ids per filter, for this generation only: a new snapshot starts empty.
+        self._allowed: OrderedDict[tuple[str, str], np.ndarray] = OrderedDict()
+        self._allowed_bytes = 0
+        self._allowed_lock = threading.Lock()
 
     @property
     def number(self) -> int:
@@ -125,11 +197,49 @@ class Snapshot:
             return ids
         return ids[~np.isin(ids, self.tombstones, assume_unique=True)]
 
+    def allowed_ids(self, where: str | None, filters: Filters | None) -> np.ndarray:
+        """The ids matching ``where`` and ``filters``, removed images excluded, sorted.
+
+        The first call for a filter asks DuckDB (:meth:`MetadataStore.allowed_ids`); later calls
+        with the same filter (same :func:`filter_key`) return the same read-only array from a
+        small least-recently-used cache (``FILTER_CACHE_ENTRIES`` sets, ``FILTER_CACHE_BYTES``
+        in all) that lives and dies with this snapshot. A filter that fails is not cached.
+
+        Raises:
+            FilterError: as :meth:`MetadataStore.allowed_ids`.
+        """
+        key = filter_key(where, filters)
+        if key is not None:
+            with self._allowed_lock:
+                ids = self._allowed.get(key)
+                if ids is not None:
+                    self._allowed.move_to_end(key)
+                    return ids
+        ids = self.without_tombstones(self.metadata.allowed_ids(where, filters=filters))
+        ids.flags.writeable = False  # shared by every search with this filter
+        if key is not None and ids.nbytes <= FILTER_CACHE_BYTES:
+            with self._allowed_lock:
+                old = self._allowed.pop(key, None)
+                if old is not None:
+                    self._allowed_bytes -= old.nbytes
+                self._allowed[key] = ids
+                self._allowed_bytes += ids.nbytes
+                while (
+                    len(self._allowed) > FILTER_CACHE_ENTRIES
+                    or self._allowed_bytes > FILTER_CACHE_BYTES
+                ):
+                    _, dropped = self._allowed.popitem(last=False)
+                    self._allowed_bytes -= dropped.nbytes
+        return ids
+
     def close(self) -> None:
         """Close the metadata store and the patch maps and release the pin; idempotent."""
         if self._closed:
             return
         self._closed = True
+        with self._allowed_lock:
+            self._allowed.clear()
+            self._allowed_bytes = 0
         self.metadata.close()
         self.patches.close()
         self.pin.release()
