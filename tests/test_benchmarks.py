@@ -443,3 +443,40 @@ def test_bench_codecs_quick_reports_every_codec_and_goal(tmp_path: Path) -> None
         "int8",
         "pq at CLIP ViT-B/16 dims",
     ]
+
+
+@pytest.mark.bench
+def test_bench_filtered_quick_reports_every_selectivity(tmp_path: Path) -> None:
+    out = tmp_path / "filtered.json"
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(BENCHMARKS / "bench_filtered.py"),
+            "--quick",
+            "--json",
+            "--out",
+            str(out),
+            "--workdir",
+            str(tmp_path),
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    report = json.loads(proc.stdout)
+    assert json.loads(out.read_text()) == report
+    result = report["result"]
+    assert result["factory"].startswith("IVF") and result["index_in_memory"]
+    rows = result["rows"]
+    assert [r["selectivity"] for r in rows] == [1.0, 0.1, 0.01, 0.001]
+    assert [r["allowed"] for r in rows] == [20_000, 2_000, 200, 20]
+    for row in rows:
+        for side in ("crossrank", "script"):
+            assert math.isfinite(row[f"{side}_p50_ms"]) and row[f"{side}_p50_ms"] > 0
+            assert 0.0 <= row[f"{side}_recall_at_10"] <= 1.0
+        assert math.isfinite(row["script_faiss_p50_ms"]) and math.isfinite(row["ratio_p50"])
+    # filtered rows are at least as good as the unfiltered one: probing scales with the filter
+    assert min(r["crossrank_recall_at_10"] for r in rows[1:]) >= rows[0]["crossrank_recall_at_10"]
