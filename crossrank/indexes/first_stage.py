@@ -30,8 +30,10 @@ _ADD_BLOCK = 1 << 16
 IN_MEMORY_MAX_BYTES = 2 << 30
 
 #: Bytes of allowed vectors (float32) that :meth:`FirstStage.prefers_exact` lets an exact search
-#: gather at most; a larger allowed set is searched by FAISS with every list probed instead.
-EXACT_MAX_BYTES = 64 << 20
+#: gather at most; a larger allowed set is searched by FAISS with every list probed instead. Where
+#: the two cross was measured by ``benchmarks/bench_filtered.py``: at 100k vectors of dim 512,
+#: gathering and scoring 4,000 rows (8 MB) costs what an IVF1265 search of every list does.
+EXACT_MAX_BYTES = 8 << 20
 
 
 class FirstStage:
@@ -418,8 +420,8 @@ class FirstStage:
           every list to score no more vectors than exact search scores. Also when the allowed
           vectors expected in the probed lists are fewer than ``4 * k`` (the filtered search would
           likely come back short). Never when the allowed vectors, as float32, exceed
-          ``EXACT_MAX_BYTES``: gathering them would cost more memory than the scan it saves, so
-          FAISS searches them with the scaled nprobe.
+          ``EXACT_MAX_BYTES`` (8 MB): gathering them from the vector file costs more than FAISS
+          scanning every list, so FAISS searches them with the scaled nprobe.
         * HNSW: when fewer than 10 % of the vectors are allowed: a filtered graph walk stalls
           among disallowed nodes and comes back short.
         * Other types (PQ codes, types without selector support): always.
