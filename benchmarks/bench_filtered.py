@@ -23,6 +23,7 @@ over the allowed vectors (the goal is at least 0.99). Run::
 
     python benchmarks/bench_filtered.py                     # 100k vectors of dim 512
     python benchmarks/bench_filtered.py --n 20000 --dim 128
+    python benchmarks/bench_filtered.py --nprobe 128         # both sides probe 128 lists
     python benchmarks/bench_filtered.py --quick --json       # a smoke test, not a measurement
     python benchmarks/bench_filtered.py --out                # also writes results/bench_filtered/
 """
@@ -139,6 +140,11 @@ def measure(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
     t0 = time.perf_counter()
     index = build(workdir / "filtered.idx", xb, bucket)
     build_s = time.perf_counter() - t0
+    if args.nprobe is not None:  # the same index, searched with more (or fewer) lists
+        from crossrank import Index
+
+        index.close()
+        index = Index.open(workdir / "filtered.idx", device="cpu", nprobe=args.nprobe)
     gen = Generation.current(index.path)
     stage = index.first_stage
     parts = [gen.path / p.file for p in gen.info.metadata_parts]
@@ -210,6 +216,7 @@ def _meta(args: argparse.Namespace) -> dict[str, Any]:
         "queries": args.queries,
         "k": K,
         "seed": args.seed,
+        "nprobe_asked": args.nprobe,
         "faiss": faiss.__version__,
         "duckdb": duckdb.__version__,
         "python": platform.python_version(),
@@ -248,6 +255,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--queries", type=int, default=200, help="timed queries (default 200)")
     parser.add_argument("--seed", type=int, default=0, help="data seed (default 0)")
     parser.add_argument(
+        "--nprobe",
+        type=int,
+        default=None,
+        help="IVF lists probed unfiltered, by both sides (default: the index's, 16)",
+    )
+    parser.add_argument(
         "--quick", action="store_true", help="20000 vectors of dim 16, 10 queries: a smoke test"
     )
     parser.add_argument("--json", action="store_true", help="print one JSON object")
@@ -256,8 +269,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.quick:
         args.n, args.dim, args.queries = 20_000, 16, 10  # 20000: the smallest IVF crossrank builds
-    if args.n < 1000 or args.dim < 1 or args.queries < 1:
-        parser.error("--n must be >= 1000 (0.1 % of it is one image), --dim and --queries >= 1")
+    if args.n < 1000 or args.dim < 1 or args.queries < 1 or (args.nprobe or 1) < 1:
+        parser.error(
+            "--n must be >= 1000 (0.1 % of it is one image), --dim, --queries and --nprobe >= 1"
+        )
     workdir = Path(tempfile.mkdtemp(prefix="bench_filtered_", dir=args.workdir))
     try:
         result = measure(args, workdir)
