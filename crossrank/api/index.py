@@ -563,6 +563,7 @@ class Index:
         *,
         filters: Filters | None = None,
         explain: bool = False,
+        nprobe: int | None = None,
     ) -> SearchResult:
         """Find the ``k`` images that best match ``query``.
 
@@ -594,6 +595,8 @@ class Index:
                 layer's attention weights (heads averaged), MaxSim each token's best patch;
                 without maps (no reranker, an image query, a reranker that cannot explain)
                 ``result.notes`` says why. Scores and ranking are the same either way.
+            nprobe: IVF lists probed for this search (default: the index's own, as opened); a
+                filter raises it as the share of allowed images falls. Ignored by a Flat index.
 
         ``k`` and ``rerank_k`` may exceed the index size (the search never looks for more than
         the images it holds; ``counts.requested`` keeps what was asked). A text longer than the
@@ -619,6 +622,7 @@ class Index:
             fusion=fusion,
             filters=filters,
             explain=explain,
+            nprobe=nprobe,
         )[0]
 
     def search_batch(
@@ -632,6 +636,7 @@ class Index:
         *,
         filters: Filters | None = None,
         explain: bool = False,
+        nprobe: int | None = None,
     ) -> list[SearchResult]:
         """Search many queries at once: one encoder pass per modality and one first-stage call.
 
@@ -640,9 +645,11 @@ class Index:
         loads (see :meth:`check_search`).
         """
         from crossrank.encoders.describe import describe_model
+        from crossrank.indexes.first_stage import check_nprobe
         from crossrank.rerank import resolve_fusion
 
         prepared, k, rerank_k = self._check_arguments(queries, k, rerank_k, fusion)
+        nprobe = None if nprobe is None else check_nprobe(nprobe)
         if not prepared:
             return []
         with self._use() as snap:
@@ -690,6 +697,7 @@ class Index:
                     fusion=str(fuse),
                     notes=notes,
                     words=words,
+                    nprobe=nprobe,
                 )
                 for position, result in zip(positions, found, strict=True):
                     results[position] = result
@@ -860,6 +868,7 @@ class Index:
         where: str | None = None,
         *,
         filters: Filters | None = None,
+        nprobe: int | None = None,
     ) -> list[SearchResult]:
         """Search with query vectors encoded beforehand: the first stage only, no reranking.
 
@@ -875,6 +884,7 @@ class Index:
             k: hits to return per query.
             where: a DuckDB SQL boolean expression over the metadata columns, as in :meth:`search`.
             filters: a structured filter, as in :meth:`search`.
+            nprobe: IVF lists probed for this search, as in :meth:`search`.
 
         Returns:
             One :class:`SearchResult` per row of ``xq``, in order. Its ``query`` is
@@ -889,8 +899,11 @@ class Index:
             >>> xq = index.encoder.encode_text(["a red bicycle"]).pooled  # doctest: +SKIP
             >>> [hit.path for hit in index.search_vectors(xq, k=5)[0]]  # doctest: +SKIP
         """
+        from crossrank.indexes.first_stage import check_nprobe
+
         k, _ = check_k(k, k)
         xq = self._check_xq(xq)
+        nprobe = None if nprobe is None else check_nprobe(nprobe)
         labels = [f"<vector {i}>" for i in range(xq.shape[0])]
         return self._search_encoded(
             xq,
@@ -904,6 +917,7 @@ class Index:
             fuse=None,
             timings={},
             filters=filters,
+            nprobe=nprobe,
         )
 
     def _check_xq(self, xq: np.ndarray) -> np.ndarray:
@@ -935,6 +949,7 @@ class Index:
         timings: dict[str, float],
         q_ids: list[np.ndarray | None] | None = None,
         filters: Filters | None = None,
+        nprobe: int | None = None,
     ) -> list[SearchResult]:
         """Filter, first stage, rerank (when ``scorer``), fuse, join metadata: encoded queries.
 
@@ -963,6 +978,7 @@ class Index:
                 q_ids=q_ids,
                 requested=k,
                 encoder=describe_model(snap.manifest.encoder),
+                nprobe=nprobe,
             )
 
     def _reranker(self, spec: str | Reranker | None) -> Reranker | None:

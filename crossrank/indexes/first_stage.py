@@ -290,7 +290,7 @@ class FirstStage:
 
     @nprobe.setter
     def nprobe(self, value: int) -> None:
-        self._nprobe = _check_nprobe(value)
+        self._nprobe = check_nprobe(value)
 
     @property
     def info(self) -> dict[str, Any]:
@@ -346,7 +346,7 @@ class FirstStage:
         """
         k = check_k(k)
         xq = as_vectors(xq, "xq", self.d)
-        nprobe = self._nprobe if nprobe is None else _check_nprobe(nprobe)
+        nprobe = self._nprobe if nprobe is None else check_nprobe(nprobe)
         m = len(xq)
         empty = (
             np.full((m, k), PAD_SCORE, dtype=np.float32),
@@ -401,7 +401,7 @@ class FirstStage:
         Returns:
             The lists to probe, from ``nprobe`` to :attr:`nlist`.
         """
-        base = self._nprobe if nprobe is None else _check_nprobe(nprobe)
+        base = self._nprobe if nprobe is None else check_nprobe(nprobe)
         nlist = self.nlist
         if nlist is None:
             return base
@@ -441,7 +441,7 @@ class FirstStage:
         if ivf is not None:
             if n_allowed * self.d * 4 > EXACT_MAX_BYTES:
                 return False
-            base = self._nprobe if nprobe is None else _check_nprobe(nprobe)
+            base = self._nprobe if nprobe is None else check_nprobe(nprobe)
             probed = self.filtered_nprobe(n_allowed, nprobe=base)
             if probed >= ivf.nlist > base:  # the filter, not the caller, asks for every list
                 return True
@@ -531,7 +531,7 @@ def in_memory_limit() -> int:
     return min(IN_MEMORY_MAX_BYTES, total // 4) if total > 0 else IN_MEMORY_MAX_BYTES
 
 
-def _check_nprobe(value: object) -> int:
+def check_nprobe(value: object) -> int:
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or int(value) < 1:
         raise InvalidArgumentError(
             f"nprobe must be an int >= 1 (IVF lists scanned per query), got {value!r}"

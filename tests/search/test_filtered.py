@@ -329,3 +329,29 @@ def test_per_call_nprobe_reaches_faiss(ivf, monkeypatch):
         np.testing.assert_array_equal(Iall, Inone)
     finally:
         snap.close()
+
+
+def test_index_search_vectors_takes_nprobe_per_query(ivf):
+    from crossrank import Index
+    from crossrank.errors import InvalidArgumentError
+
+    root, xb, xq, _ = ivf
+    index = Index.open(root, device="cpu")
+    _, Ie = exact_search(xq, xb, np.asarray(index.stored.ids()), K)
+
+    def ids(results) -> np.ndarray:  # (m, K), -1 where a query came back short
+        out = np.full((len(results), K), -1, dtype=np.int64)
+        for row, result in zip(out, results, strict=True):
+            row[: len(result)] = [h.id for h in result]
+        return out
+
+    one = ids(index.search_vectors(xq, k=K, nprobe=1))
+    every = ids(index.search_vectors(xq, k=K, nprobe=512))
+    assert _recall(every, Ie) == 1.0 and _recall(one, Ie) < _recall(every, Ie)
+    default = ids(index.search_vectors(xq, k=K))
+    assert _recall(default, Ie) < 1.0  # the index's own nprobe (32) stays the default
+    for bad in (0, True, 2.5):
+        with pytest.raises(InvalidArgumentError, match="nprobe must be an int >= 1"):
+            index.search_vectors(xq, k=K, nprobe=bad)
+        with pytest.raises(InvalidArgumentError, match="nprobe must be an int >= 1"):
+            index.search("a query", nprobe=bad)  # refused before any model loads
