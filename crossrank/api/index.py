@@ -745,8 +745,7 @@ class Index:
         from crossrank.encoders.describe import describe_model
         from crossrank.hits import SearchCounts
         from crossrank.rerank import resolve_fusion
-        from crossrank.search.pipeline import join_metadata
-        from crossrank.search.pipeline import rerank as rerank_candidates
+        from crossrank.search.pipeline import rank
 
         prepared, _, _ = self._check_arguments([query], 1, 1, fusion)
         cand = _candidate_ids(ids)
@@ -783,24 +782,18 @@ class Index:
                 # Candidates in first-stage order, as a search hands them on: reranker ties keep it.
                 by_first = np.argsort(-first, kind="stable")
                 cand, first = cand[by_first], first[by_first].astype(np.float32, copy=False)
-            rerank_scores: np.ndarray | None = None
-            if scorer is not None:
-                with timed(timings, "rerank"):
-                    rerank_scores = rerank_candidates(
-                        snap, scorer, q_tokens[0], q_masks[0], cand, q_ids[0]
-                    )
-                    final = fuse(first, rerank_scores)
-                    order = np.argsort(-final, kind="stable")[:requested]
-            else:
-                final, order = first, np.arange(min(requested, cand.size))
-            with timed(timings, "metadata"):
-                hits = join_metadata(
-                    snap,
-                    cand[order],
-                    final[order],
-                    first[order],
-                    None if rerank_scores is None else rerank_scores[order],
-                )
+            hits, _ = rank(
+                snap,
+                cand,
+                first,
+                k=requested,
+                scorer=scorer,
+                fuse=fuse,
+                tokens=q_tokens[0],
+                mask=q_masks[0],
+                input_ids=q_ids[0],
+                timings=timings,
+            )
             timings["total"] = sum(timings.values())
             return SearchResult(
                 query=labels[0],

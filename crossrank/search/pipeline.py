@@ -40,6 +40,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "allowed_ids",
+    "rank",
     "cap_at",
     "check_k",
     "explain",
@@ -103,30 +104,18 @@ def search_snapshot(
         q_timings = dict(timings)
         keep = I[qi] >= 0
         ids, first_scores = I[qi][keep], D[qi][keep]
-        rerank_scores: np.ndarray | None = None
-        if scorer is not None and ids.size:
-            assert q_tokens is not None and q_masks is not None and fuse is not None
-            with timed(q_timings, "rerank"):
-                rerank_scores = rerank(
-                    snap,
-                    scorer,
-                    q_tokens[qi],
-                    q_masks[qi],
-                    ids,
-                    None if q_ids is None else q_ids[qi],
-                )
-                final = fuse(first_scores, rerank_scores)
-                order = np.argsort(-final, kind="stable")[:k]  # ties keep the first-stage order
-        else:
-            final, order = first_scores, np.arange(min(k, ids.size))
-        with timed(q_timings, "metadata"):
-            hits = join_metadata(
-                snap,
-                ids[order],
-                final[order],
-                first_scores[order],
-                None if rerank_scores is None else rerank_scores[order],
-            )
+        hits, order = rank(
+            snap,
+            ids,
+            first_scores,
+            k=k,
+            scorer=scorer,
+            fuse=fuse,
+            tokens=None if q_tokens is None else q_tokens[qi],
+            mask=None if q_masks is None else q_masks[qi],
+            input_ids=None if q_ids is None else q_ids[qi],
+            timings=q_timings,
+        )
         q_notes = tuple((notes or {}).get(qi, ()))
         if words is not None and hits:
             with timed(q_timings, "explain"):
@@ -165,6 +154,47 @@ def search_snapshot(
             )
         )
     return results
+
+
+def rank(
+    snap: Snapshot,
+    ids: np.ndarray,
+    first_scores: np.ndarray,
+    *,
+    k: int,
+    scorer: Reranker | None,
+    fuse: FuseFn | None,
+    tokens: np.ndarray | None,
+    mask: np.ndarray | None,
+    input_ids: np.ndarray | None,
+    timings: dict[str, float],
+) -> tuple[tuple[Hit, ...], np.ndarray]:
+    """Rerank one query's candidates (when ``scorer``), fuse, cut to ``k``, join metadata.
+
+    ``ids`` and ``first_scores`` are the candidates in first-stage order (ties in the fused score
+    keep it). Adds the ``rerank`` and ``metadata`` stages to ``timings``.
+
+    Returns:
+        The hits, best first, and the positions in ``ids`` they came from.
+    """
+    rerank_scores: np.ndarray | None = None
+    if scorer is not None and ids.size:
+        assert tokens is not None and mask is not None and fuse is not None
+        with timed(timings, "rerank"):
+            rerank_scores = rerank(snap, scorer, tokens, mask, ids, input_ids)
+            final = fuse(first_scores, rerank_scores)
+            order = np.argsort(-final, kind="stable")[:k]  # ties keep the first-stage order
+    else:
+        final, order = first_scores, np.arange(min(k, ids.size))
+    with timed(timings, "metadata"):
+        hits = join_metadata(
+            snap,
+            ids[order],
+            final[order],
+            first_scores[order],
+            None if rerank_scores is None else rerank_scores[order],
+        )
+    return hits, order
 
 
 def cap_at(n: int, size: int) -> int:
