@@ -239,22 +239,30 @@ class TransformersEncoder:
         """One batch ``(b, L)`` -> the text encoder's layer-0 states ``(b, L, text_width)``."""
         raise NotImplementedError
 
+    #: How texts are padded: ``"longest"`` (to the longest text of a batch), or ``"max_length"``
+    #: (to ``max_text_len``, for a model that pools at the last position, as SigLIP does).
+    _text_padding = "longest"
+
     def _tokenize(self, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
         """Token ids ``(m, L)`` int64, attention mask ``(m, L)`` int64, and the rows that were cut.
 
-        Pads on the tokenizer's side to the longest text; truncates at ``max_text_len``.
+        Pads on the tokenizer's side as ``_text_padding`` says; truncates at ``max_text_len``.
         """
         with self._tokenizer_lock:
             enc = self.tokenizer(
                 texts,
-                padding="longest",
+                padding=self._text_padding,
                 truncation=True,
                 max_length=self.max_text_len,
                 return_tensors="pt",
             )
         encodings = getattr(enc, "encodings", None) or []
         truncated = [i for i, e in enumerate(encodings) if getattr(e, "overflowing", None)]
-        return enc["input_ids"], enc["attention_mask"], truncated
+        if "attention_mask" in enc:
+            mask = enc["attention_mask"]
+        else:  # a tokenizer without masks: padding is every position holding the pad id
+            mask = (enc["input_ids"] != self.tokenizer.pad_token_id).long()
+        return enc["input_ids"], mask, truncated
 
     # -- public API --------------------------------------------------------------------------------
 

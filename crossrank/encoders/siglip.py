@@ -154,23 +154,8 @@ class SiglipEncoder(TransformersEncoder):
 
     # -- text ----------------------------------------------------------------------------------
 
-    def _tokenize(self, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
-        # Padded to max_length as SigLIP's processor pads (the model pools at the last position).
-        with self._tokenizer_lock:
-            enc = self.tokenizer(
-                texts,
-                padding="max_length",
-                truncation=True,
-                max_length=self.max_text_len,
-                return_tensors="pt",
-            )
-        encodings = getattr(enc, "encodings", None) or []
-        truncated = [i for i, e in enumerate(encodings) if getattr(e, "overflowing", None)]
-        if "attention_mask" in enc:
-            mask = enc["attention_mask"]
-        else:  # a tokenizer without masks: padding is every position holding the pad id
-            mask = (enc["input_ids"] != self.tokenizer.pad_token_id).long()
-        return enc["input_ids"], mask, truncated
+    # Padded to max_length as SigLIP's processor pads (the model pools at the last position).
+    _text_padding = "max_length"
 
     def _passes_mask(self) -> bool:
         """Whether the model's processor hands the tokenizer's attention mask to the model."""
