@@ -43,6 +43,19 @@ def stop_on_ctrl_c(index: Path) -> Iterator[None]:
         raise typer.Exit(EXIT_INTERRUPTED) from None
 
 
+def _phase_columns() -> list:
+    """The progress columns of a writer that reports phases (hashing, indexing, ...)."""
+    from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeElapsedColumn
+
+    return [
+        TextColumn("[bold]{task.fields[phase]}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("{task.fields[rate]}"),
+        TimeElapsedColumn(),
+    ]
+
+
 def _parse_ids(text: str) -> list[int]:
     """``"1,2, 7"`` -> ``[1, 2, 7]``; a usage error naming the bad item otherwise."""
     ids = []
@@ -103,17 +116,9 @@ def add(
     as_json: Annotated[bool, typer.Option("--json", help="Print the summary as JSON.")] = False,
 ) -> None:
     """Index the files of SOURCE the index lacks (matched by content); moved files keep their id."""
-    from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeElapsedColumn
-
     from crossrank.write import add_images
 
-    columns = [
-        TextColumn("[bold]{task.fields[phase]}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TextColumn("{task.fields[rate]}"),
-        TimeElapsedColumn(),
-    ]
+    columns = _phase_columns()
     with (
         stop_on_ctrl_c(index),
         progress_bar(*columns, disable=as_json, phase="", rate="") as update,
@@ -218,17 +223,9 @@ def compact(
     as_json: Annotated[bool, typer.Option("--json", help="Print the summary as JSON.")] = False,
 ) -> None:
     """Rewrite the index without removed images, and delete old generations no reader holds."""
-    from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeElapsedColumn
-
     from crossrank.write import compact_index
 
-    columns = [
-        TextColumn("[bold]{task.fields[phase]}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TextColumn("{task.fields[rate]}"),
-        TimeElapsedColumn(),
-    ]
+    columns = _phase_columns()
     with (
         stop_on_ctrl_c(index),
         progress_bar(*columns, disable=as_json, phase="", rate="") as update,
