@@ -30,8 +30,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/: _report
 from _report import add_out_option, write_report
 
-from crossrank.encoders.factory import ClipSpec, new_clip
+from crossrank.encoders.factory import new_clip
 from crossrank.rerank import CrossAttentionReranker, MaxSimReranker, RerankerConfig
+from crossrank.training.encoder import DEMO_SPEC
 
 SHAPES = {"demo": {"dim": 128, "n_patches": 64}, "clip-b32": {"dim": 512, "n_patches": 49}}
 N_TOKENS = 12
@@ -101,22 +102,11 @@ def bench_rerank(device: torch.device, ks: list[int], rounds: int) -> list[dict[
 
 
 def bench_encoder(device: torch.device, batch: int, rounds: int) -> dict[str, Any]:
-    spec = ClipSpec(
-        image_size=64,
-        patch_size=8,
-        vision_width=128,
-        vision_layers=4,
-        vision_heads=4,
-        text_width=128,
-        text_layers=2,
-        text_heads=4,
-        projection_dim=128,
-        max_text_len=16,
-    )
-    model = new_clip(spec, vocab_size=128).to(device)
+    model = new_clip(DEMO_SPEC, vocab_size=DEMO_SPEC.vocab_size).to(device)  # the demo model's size
     if device.type == "cuda":
         model = model.half()
-    pixels = torch.randn(batch, 3, 64, 64, device=device, dtype=next(model.parameters()).dtype)
+    side = DEMO_SPEC.image_size
+    pixels = torch.randn(batch, 3, side, side, device=device, dtype=next(model.parameters()).dtype)
 
     @torch.inference_mode()
     def encode() -> None:
