@@ -23,7 +23,7 @@ from typer.core import TyperGroup
 from crossrank.cli.render import err_console
 from crossrank.errors import CrossrankError
 
-__all__ = ["app", "main"]
+__all__ = ["FusionOption", "RerankerOption", "app", "main"]
 
 # Recent typer releases bundle their own click: take its UsageError from where BadParameter lives.
 _UsageError = next(c for c in typer.BadParameter.__mro__ if c.__name__ == "UsageError")
@@ -73,6 +73,30 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
+
+#: ``--reranker`` and ``--fusion``, one definition for every command that ranks.
+RerankerOption = Annotated[
+    str,
+    typer.Option(
+        "--reranker",
+        help=(
+            "auto (a trained reranker when there is one: the index's own reranker/, blip-itm on "
+            "a BLIP index, the shipped one for the demo encoder; else none: the first stage "
+            "alone, with a hint on how to train one; image queries get none), maxsim, blip-itm, "
+            "none, or a trained reranker folder."
+        ),
+    ),
+]
+FusionOption = Annotated[
+    str,
+    typer.Option(
+        "--fusion",
+        help=(
+            "auto (the reranker's recommendation, else rerank), rerank, sum, or weighted:ALPHA "
+            "(ALPHA*rerank + (1-ALPHA)*first stage)."
+        ),
+    ),
+]
 
 _state = {"verbose": False}
 F = TypeVar("F", bound=Callable[..., Any])

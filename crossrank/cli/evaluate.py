@@ -9,7 +9,7 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
-from crossrank.cli.app import _friendly_errors, _print_json, app
+from crossrank.cli.app import FusionOption, RerankerOption, _friendly_errors, _print_json, app
 from crossrank.cli.render import (
     console,
     err_console,
@@ -125,25 +125,8 @@ def eval_cmd(
         ),
     ],
     rerank_k: Annotated[int, typer.Option(min=1, help="First-stage candidates per query.")] = 100,
-    reranker: Annotated[
-        str,
-        typer.Option(
-            help=(
-                "auto (a trained reranker when there is one: the index's own reranker/, "
-                "blip-itm on a BLIP index, the shipped one for the demo encoder; else none: the "
-                "first stage alone, with a hint on how to train one), maxsim, blip-itm, none, or "
-                "a trained reranker folder."
-            )
-        ),
-    ] = "auto",
-    fusion: Annotated[
-        str,
-        typer.Option(
-            help=(
-                "auto (the reranker's recommendation, else rerank), rerank, sum, or weighted:ALPHA."
-            )
-        ),
-    ] = "auto",
+    reranker: RerankerOption = "auto",
+    fusion: FusionOption = "auto",
     run_out: Annotated[
         Path | None, typer.Option(help="Write first_stage.run and reranked.run (TREC) here.")
     ] = None,

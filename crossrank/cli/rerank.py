@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from crossrank.cli.app import _friendly_errors, _print_json, app
+from crossrank.cli.app import FusionOption, RerankerOption, _friendly_errors, _print_json, app
 from crossrank.cli.render import Notes
 from crossrank.cli.search import _print_result
 from crossrank.device import Device
@@ -46,15 +46,8 @@ def rerank(
     k: Annotated[
         int | None, typer.Option("-k", "--k", help="Hits to return (default: every candidate).")
     ] = None,
-    reranker: Annotated[
-        str,
-        typer.Option(
-            help="auto, maxsim, blip-itm, none, or a trained reranker folder (as in search)."
-        ),
-    ] = "auto",
-    fusion: Annotated[
-        str, typer.Option(help="auto, rerank, sum, or weighted:ALPHA (as in search).")
-    ] = "auto",
+    reranker: RerankerOption = "auto",
+    fusion: FusionOption = "auto",
     image: Annotated[
         Path | None, typer.Option(help="Rerank for this image file instead of a text.")
     ] = None,

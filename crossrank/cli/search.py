@@ -13,7 +13,7 @@ from rich.markup import escape
 from rich.table import Table
 from rich.text import Text
 
-from crossrank.cli.app import _friendly_errors, _print_json, app
+from crossrank.cli.app import FusionOption, RerankerOption, _friendly_errors, _print_json, app
 from crossrank.cli.render import (
     Notes,
     console,
@@ -45,26 +45,8 @@ def search(
     # Checked by the library (1 to 2**63 - 1; capped at the index size), one line on error.
     k: Annotated[int, typer.Option("-k", "--k", help="Hits to return.")] = 10,
     rerank_k: Annotated[int, typer.Option(help="First-stage candidates to rerank (>= k).")] = 100,
-    reranker: Annotated[
-        str,
-        typer.Option(
-            help=(
-                "auto (a trained reranker when there is one: the index's own reranker/, "
-                "blip-itm on a BLIP index, the shipped one for the demo encoder; else none, with "
-                "a hint on how to train one; image queries get none), maxsim, blip-itm, none, or "
-                "a trained reranker folder."
-            )
-        ),
-    ] = "auto",
-    fusion: Annotated[
-        str,
-        typer.Option(
-            help=(
-                "auto (the reranker's recommendation, else rerank), rerank, sum, or weighted:ALPHA "
-                "(ALPHA*rerank + (1-ALPHA)*first stage)."
-            )
-        ),
-    ] = "auto",
+    reranker: RerankerOption = "auto",
+    fusion: FusionOption = "auto",
     where: Annotated[
         str | None,
         typer.Option(help='DuckDB SQL filter over metadata columns, e.g. "width > 256".'),

@@ -11,7 +11,7 @@ from typing import Annotated
 import typer
 from rich.markup import escape
 
-from crossrank.cli.app import _friendly_errors, app
+from crossrank.cli.app import FusionOption, RerankerOption, _friendly_errors, app
 from crossrank.cli.render import err_console
 from crossrank.device import Device
 from crossrank.errors import DependencyError
@@ -34,15 +34,8 @@ def serve(
             help="Accept raw SQL `where` filters (trusted clients only; sandboxed).",
         ),
     ] = False,
-    reranker: Annotated[
-        str,
-        typer.Option(
-            help=(
-                "auto, maxsim, blip-itm, none, or a trained reranker folder: used for every search."
-            )
-        ),
-    ] = "auto",
-    fusion: Annotated[str, typer.Option(help="auto, rerank, sum, or weighted:ALPHA.")] = "auto",
+    reranker: RerankerOption = "auto",
+    fusion: FusionOption = "auto",
     rerank_k: Annotated[
         int, typer.Option(min=1, help="Candidates reranked when a request does not say.")
     ] = 100,
