@@ -38,18 +38,22 @@ ALLOWED: dict[str, set[str]] = {
     "write": BASE | {"encoders", "indexes", "ingest", "store"},
     # the facade
     "api": BASE | {"encoders", "indexes", "ingest", "rerank", "store", "search", "write"},
-    "crossrank": BASE | {"api", "write"},
+    "crossrank": BASE | {"api", "write", "shards"},
+    # an index split into shards (each a whole index), and the Ray engine over both
+    "shards": BASE | {"api", "encoders", "indexes", "ingest", "rerank", "search", "store", "write"},
+    "distributed": BASE
+    | {"api", "encoders", "indexes", "ingest", "rerank", "search", "store", "write", "shards"},
     # users of the core
     "datasets": BASE,
-    "evaluate": BASE | {"api", "rerank", "datasets"},
+    "evaluate": BASE | {"api", "rerank", "datasets", "shards", "distributed"},
     "training": BASE | {"api", "datasets", "encoders", "rerank", "store"},
     "demo": BASE | {"api", "datasets", "evaluate", "write"},
     # the shells
     "html": BASE | {"ingest"},
-    "serve": BASE | {"crossrank", "api", "encoders", "html", "store"},
+    "serve": BASE | {"crossrank", "api", "encoders", "html", "store", "shards", "distributed"},
     "cli": BASE
     | {"api", "datasets", "demo", "encoders", "evaluate", "html", "serve", "store", "training"}
-    | {"write", "rerank", "indexes", "search"},
+    | {"write", "rerank", "indexes", "search", "shards", "distributed"},
 }
 
 
