@@ -16,7 +16,7 @@ import numpy as np
 
 from crossrank.errors import InvalidArgumentError
 
-__all__ = ["CRASH_ONCE_ENV", "EncodeActor", "decode_batch"]
+__all__ = ["CRASH_ONCE_ENV", "EncodeActor", "decode_batch", "ships_half"]
 
 logger = logging.getLogger(__name__)
 
@@ -89,6 +89,14 @@ def decode_batch(
     return out
 
 
+def ships_half(codec: Any) -> bool:
+    """Whether encoder actors send float16 rows (fp16, or a codec the driver's writer trains:
+    pq) rather than rows already in the codec's stored form (int8, binary)."""
+    from crossrank.store.codecs import Fp16Codec
+
+    return codec.needs_training or isinstance(codec, Fp16Codec)
+
+
 class EncodeActor:
     """One encoder, loaded once per actor; encodes the decoded rows of each batch it is given.
 
@@ -115,9 +123,7 @@ class EncodeActor:
         self.encoder = load_encoder(model, device=device, batch_size=batch_size)
         self.codec = codec
         # fp16 rows are the stored form of fp16; a codec that trains is trained on the driver.
-        from crossrank.distributed.build import _ships_half
-
-        self.ships_half = _ships_half(codec)
+        self.ships_half = ships_half(codec)
         self.crash_marker = crash_marker
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:

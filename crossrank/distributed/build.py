@@ -369,14 +369,6 @@ def _iterate(ray: Any, ds: Any, batch_size: int) -> Iterable[dict]:
         ) from e
 
 
-def _ships_half(codec: Any) -> bool:
-    """Whether the encoder actors send float16 rows (fp16, or a codec the driver trains) rather
-    than rows already in the codec's stored form (as :class:`~._tasks.EncodeActor` decides)."""
-    from crossrank.store.codecs import Fp16Codec
-
-    return codec.needs_training or isinstance(codec, Fp16Codec)
-
-
 @dataclass
 class _Accumulator:
     """Takes encoded rows in source order and does what the one-process build's loop does."""
@@ -392,6 +384,7 @@ class _Accumulator:
     duplicates: int = 0
 
     def run(self, batches: Iterable[dict]) -> None:
+        from crossrank.distributed._tasks import ships_half
         from crossrank.ingest import ImageRecord, SkippedFile
         from crossrank.ingest.changes import DUPLICATE_PREFIX
         from crossrank.ingest.decode import path_text
@@ -452,7 +445,7 @@ class _Accumulator:
                 rows = np.asarray(keep)
                 self.pooled.append(np.asarray(out["pooled"])[rows].astype(np.float32))
                 stored = patches[rows]
-                if _ships_half(self.writer.patches.codec):
+                if ships_half(self.writer.patches.codec):
                     self.writer.patches.append(stored)
                 else:
                     self.writer.patches.append_stored(stored)
