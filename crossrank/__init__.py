@@ -10,6 +10,7 @@ Example:
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from crossrank.device import Device
@@ -36,6 +37,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "Index",
+    "open",
     "Hit",
     "SearchResult",
     "SearchCounts",
@@ -62,6 +64,26 @@ _LAZY = {
     "BuildReport": "crossrank.write.build",
     "build_index": "crossrank.write.build",
 }
+
+
+def open(path: str | Path, **kwargs: Any) -> Index:
+    """Open an index folder: one index, or a sharded index (a folder holding ``shards.json``).
+
+    Keyword arguments as :meth:`Index.open` (``device``, ``model``, ``nprobe``); a sharded index
+    also takes those of :class:`crossrank.shards.ShardedIndex` (``factory``, ``executor``).
+
+    Raises:
+        IndexNotFoundError: no committed index in ``path``.
+    """
+    from crossrank.shards.layout import is_sharded
+
+    if is_sharded(path):
+        from crossrank.shards.index import ShardedIndex
+
+        return ShardedIndex.open(path, **kwargs)
+    from crossrank.api.index import Index
+
+    return Index.open(path, **kwargs)
 
 
 def __getattr__(name: str) -> Any:

@@ -100,6 +100,9 @@ class Index:
         if model is not None:  # a model named by the caller is checked now, not at the first search
             self._encoder = self._load_encoder()
 
+    #: Runs a search's stages on the generation held (a sharded index fans them out instead).
+    _search_snapshot = staticmethod(search_snapshot)
+
     # -- construction -------------------------------------------------------------------------
 
     @classmethod
@@ -678,7 +681,7 @@ class Index:
                         None if group.is_image(i) else token_strings(encoder, q_ids[i], q_masks[i])
                         for i in range(len(labels))
                     ]
-                found = search_snapshot(
+                found = self._search_snapshot(
                     snap,
                     xq,
                     q_tokens,
@@ -956,7 +959,7 @@ class Index:
         with self._use() as snap:
             allowed = allowed_ids(snap, where, filters, timings)
             size = len(snap)
-            return search_snapshot(
+            return self._search_snapshot(
                 snap,
                 xq,
                 q_tokens,

@@ -1,0 +1,124 @@
+"""``crossrank verify`` of a sharded index: ``shards.json`` and every shard it names.
+
+Each shard generation ``shards.json`` names is checked as ``crossrank verify`` checks one index
+(structure, sizes, ids, the FAISS count; with ``full``, every file's sha256), and besides: the
+shard folder exists, was built with the index's model, holds only ids routed to it
+(``id % N``), and the shards' counts add up to ``shards.json``'s. Every problem names its shard.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from crossrank.shards.layout import ShardRef, read_shards_manifest, shard_of
+
+__all__ = ["verify_sharded"]
+
+
+def verify_sharded(path: str | Path, *, full: bool = False) -> list[str]:
+    """Check a sharded index without opening it for search; one line per problem.
+
+    Args:
+        path: the sharded index folder.
+        full: also hash every file of every shard generation.
+
+    Returns:
+        The problems, each naming its shard; empty when the index is sound.
+
+    Raises:
+        IndexNotFoundError: no ``shards.json`` in ``path``.
+        IndexCorruptError: ``shards.json`` is unreadable or malformed.
+    """
+    from crossrank.store import ReaderPin
+
+    top = read_shards_manifest(path)
+    problems: list[str] = []
+    totals = {"images": 0, "skipped": 0}
+    for ref in top.shards:
+        root = Path(ref.path)
+        if not root.is_dir():
+            problems.append(
+                f"{ref.name} is missing; put the shard folder back (or fix its path in "
+                "shards.json), or rebuild the index"
+            )
+            continue
+        pin = ReaderPin(root, ref.generation)
+        try:
+            problems += [
+                f"{ref.name}: {p}" for p in _verify_shard(ref, top.encoder, top.n_shards, full)
+            ]
+        finally:
+            pin.release()
+        counts = ref.manifest.get("counts", {})
+        for key in totals:
+            totals[key] += int(counts.get(key, 0))
+    for key, value in totals.items():
+        if not problems and int(top.counts.get(key, 0)) != value:
+            problems.append(
+                f"shards.json counts {top.counts.get(key)} {key}, but its shards hold {value}"
+            )
+    return problems
+
+
+def _verify_shard(ref: ShardRef, encoder: dict, n_shards: int, full: bool) -> list[str]:
+    from crossrank.api.verify import verify_report
+    from crossrank.encoders import same_model
+    from crossrank.indexes import FirstStage, IndexConfig
+    from crossrank.store import Generation, current_generation_number, read_generation_info
+    from crossrank.store.check import inspect_generation
+
+    root = Path(ref.path)
+    own = dict(ref.manifest.get("encoder", {}))
+    try:
+        current = read_current_encoder(root)
+    except Exception:
+        current = own
+    for info in (own, current):
+        if info and not same_model(encoder, info):
+            return [
+                f"was built with model {info.get('model_id')!r}, not the index's "
+                f"{encoder.get('model_id')!r}; put the right shard folder back, or rebuild"
+            ]
+    gen_dir = root / str(ref.manifest.get("generation_dir", ""))
+    if not gen_dir.is_dir():
+        return [f"generation {ref.generation} ({gen_dir.name}) that shards.json names is missing"]
+    if current_generation_number(root) == ref.generation:
+        problems = list(verify_report(root, full=full).problems)
+    else:  # an interrupted write left the shard's manifest ahead: check the named generation
+        problems = list(inspect_generation(gen_dir, full=full).problems)
+        if not problems:
+            try:
+                info = read_generation_info(gen_dir)
+                first = FirstStage.load(
+                    gen_dir / "first_stage.faiss",
+                    IndexConfig(factory=ref.manifest.get("first_stage", {}).get("factory")),
+                )
+                if first.ntotal != info.n_images:
+                    problems.append(
+                        f"first stage holds {first.ntotal} vectors, but the generation has "
+                        f"{info.n_images} images"
+                    )
+            except Exception as e:
+                problems.append(f"the first stage cannot be read ({type(e).__name__}: {e})")
+    if problems:
+        return problems
+    ids = np.asarray(Generation(gen_dir).ids())
+    wrong = ids[shard_of(ids, n_shards) != ref.index]
+    if wrong.size:
+        problems.append(
+            f"holds {wrong.size} id(s) that belong to other shards (id % {n_shards}), e.g. "
+            f"{int(wrong[0])}"
+        )
+    return problems
+
+
+def read_current_encoder(root: Path) -> dict:
+    """The encoder the shard's own manifest records (empty when it has none)."""
+    import json
+
+    from crossrank.store.manifest import MANIFEST_NAME
+
+    data = json.loads((root / MANIFEST_NAME).read_text(encoding="utf-8"))
+    return dict(data.get("encoder", {})) if isinstance(data, dict) else {}
