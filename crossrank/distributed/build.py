@@ -306,7 +306,8 @@ def _stream_rows(ray: Any, items: list[Any], encoder: Any, o: _Options) -> Itera
     rows = [{"pos": i, "path": os.fsencode(item.path)} for i, item in enumerate(items)]
     blocks = max(1, min(len(rows) // DECODE_BATCH, 1000))
     ds = ray.data.from_items(rows, override_num_blocks=blocks)
-    ds = ds.map_batches(
+    ds = _map_batches(
+        ds,
         decode_batch,
         batch_size=DECODE_BATCH,
         batch_format="numpy",
