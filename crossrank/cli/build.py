@@ -63,6 +63,17 @@ def build(
             ),
         ),
     ] = None,
+    resume: Annotated[
+        bool | None,
+        typer.Option(
+            "--resume/--no-resume",
+            help=(
+                "An interrupted build of --index resumes by default when SOURCE, model, codec and "
+                "batch size match (else it starts over); --resume refuses to start over, "
+                "--no-resume always does."
+            ),
+        ),
+    ] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the summary as JSON.")] = False,
 ) -> None:
     """Index a folder or manifest of images."""
@@ -98,13 +109,13 @@ def build(
     with stop_on_ctrl_c(index), progress_bar(*columns, disable=as_json, rate="") as update:
 
         def progress(done: int, total: int) -> None:
-            if not started:
-                started.append(time.perf_counter())
+            if not started:  # a resumed build starts at the files it kept
+                started.extend((time.perf_counter(), done))
             elapsed = time.perf_counter() - started[0]
             update(
                 completed=done,
                 total=total,
-                rate=f"{done / elapsed:,.0f} img/s" if elapsed > 0.5 else "",
+                rate=f"{(done - started[1]) / elapsed:,.0f} img/s" if elapsed > 0.5 else "",
             )
 
         report = build_index(
@@ -119,6 +130,7 @@ def build(
             overwrite=overwrite,
             progress=progress,
             patch_codec=patch_codec,
+            resume=resume,
         )
     from crossrank.encoders.describe import describe_model
     from crossrank.store import read_manifest
@@ -137,6 +149,11 @@ def build(
         f"{'' if report.patch_codec == 'fp16' else ', patches ' + report.patch_codec})",
         highlight=False,
     )
+    if getattr(report, "resumed", 0):
+        console.print(
+            f"resumed an interrupted build: kept {report.resumed} images encoded before",
+            highlight=False,
+        )
     if report.skipped:
         console.print(
             f"[yellow]{report.skipped} files skipped:[/] list them with "

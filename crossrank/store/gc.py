@@ -9,13 +9,22 @@ links.
 
 Nothing crossrank did not write is ever deleted: only names crossrank writes are considered
 (``gen-NNNNNN`` folders holding a ``generation.json``, ``.gen-NNNNNN.tmp-PID`` folders,
-``.trash-`` folders and ``.manifest.json.tmp-`` files), and only in a folder that is a crossrank
-index: one that holds ``manifest.json`` or the ``writer.lock`` crossrank creates before it writes
-anything else.
+``.trash-`` folders, ``.manifest.json.tmp-`` files and the ``.build-staging`` folder of a build in
+progress), and only in a folder that is a crossrank index: one that holds ``manifest.json`` or the
+``writer.lock`` crossrank creates before it writes anything else.
+
+A build in progress (``.build-staging``, :mod:`crossrank.write.streaming`) records the generation
+it started from (none for a first build). It can resume only while that generation is still the
+committed one: its ids follow that generation's. So the rule is: a staging folder is kept while the
+manifest names the generation it started from, and deleted by the next writer once another
+generation was committed (the build's own commit, or an ``add``, ``remove`` or ``compact`` that
+abandoned it), or when it has no readable ``build.json`` (a build killed before recording what it
+was). While ``manifest.json`` exists but cannot be read nothing is known, and it is kept.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import re
@@ -23,7 +32,7 @@ from pathlib import Path
 
 from crossrank.store._crash import crash_point
 from crossrank.store._files import fsync_dir
-from crossrank.store.layout import GENERATION_INFO_NAME
+from crossrank.store.layout import GENERATION_INFO_NAME, STAGING_INFO_NAME, STAGING_NAME
 from crossrank.store.lock import LOCK_NAME, WriterLock
 from crossrank.store.manifest import (
     MANIFEST_NAME,
@@ -33,7 +42,14 @@ from crossrank.store.manifest import (
 )
 from crossrank.store.pins import live_pins
 
-__all__ = ["TRASH_PREFIX", "collect_garbage", "clean_interrupted", "is_own_leftover"]
+__all__ = [
+    "TRASH_PREFIX",
+    "collect_garbage",
+    "clean_interrupted",
+    "is_own_leftover",
+    "staging_base",
+    "staging_is_stale",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -46,7 +62,45 @@ _TMP_DIR_RE = re.compile(r"^\.gen-\d{6,}\.tmp-\d+$")
 
 def is_own_leftover(name: str) -> bool:
     """Whether ``name`` is one crossrank gives what an interrupted writer leaves behind."""
-    return any(r.match(name) for r in (_TRASH_RE, _MANIFEST_TMP_RE, _TMP_DIR_RE))
+    return name == STAGING_NAME or any(
+        r.match(name) for r in (_TRASH_RE, _MANIFEST_TMP_RE, _TMP_DIR_RE)
+    )
+
+
+_NO_BASE = object()
+
+
+def staging_base(root: Path | str) -> int | None | object:
+    """The generation a build in progress in ``root`` started from (None: a first build).
+
+    Returns a private sentinel when there is no staging folder or its ``build.json`` cannot be
+    read (then it belongs to no resumable build).
+    """
+    path = Path(root) / STAGING_NAME / STAGING_INFO_NAME
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+        base = data["base_generation"]
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError):
+        return _NO_BASE
+    if base is None or (isinstance(base, int) and not isinstance(base, bool)):
+        return base
+    return _NO_BASE
+
+
+def staging_is_stale(root: Path | str) -> bool:
+    """Whether ``root`` holds a build staging folder no build can resume (see the module doc).
+
+    False when there is none, and while ``manifest.json`` exists but cannot be read.
+    """
+    root = Path(root)
+    staging = root / STAGING_NAME
+    if staging.is_symlink() or not staging.is_dir():
+        return False
+    current = current_generation_number(root)
+    if current is None and (root / MANIFEST_NAME).exists():
+        return False  # a manifest that cannot be read: nothing is known, keep it
+    base = staging_base(root)
+    return base is _NO_BASE or base != current
 
 
 def _is_index_folder(root: Path) -> bool:
@@ -66,8 +120,9 @@ def _delete_tree(path: Path) -> None:
 
 
 def clean_interrupted(root: Path | str, lock: WriterLock) -> list[str]:
-    """Delete the leftovers of writers that crashed: temporary generation folders, trash folders
-    and temporary manifests. Only the lock holder may call this: every writer holds the lock, so
+    """Delete the leftovers of writers that crashed: temporary generation folders, trash folders,
+    temporary manifests, and a build staging folder no build can resume any more
+    (:func:`staging_is_stale`). Only the lock holder may call this: every writer holds the lock, so
     whatever a writer left behind belongs to a dead one.
 
     Args:
@@ -94,6 +149,9 @@ def clean_interrupted(root: Path | str, lock: WriterLock) -> list[str]:
         elif _MANIFEST_TMP_RE.match(entry.name) and entry.is_file():
             entry.unlink(missing_ok=True)
             removed.append(entry.name)
+    if staging_is_stale(root):
+        _delete_tree(root / STAGING_NAME)
+        removed.append(STAGING_NAME)
     if removed:
         logger.info("removed what interrupted writers left in %s: %s", root, ", ".join(removed))
     return removed

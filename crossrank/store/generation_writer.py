@@ -72,7 +72,7 @@ from crossrank.store.pins import READERS_DIR
 if TYPE_CHECKING:
     import pyarrow as pa
 
-__all__ = ["GenerationWriter"]
+__all__ = ["GenerationWriter", "next_free_id"]
 
 logger = logging.getLogger(__name__)
 
@@ -219,13 +219,7 @@ class GenerationWriter:
 
     def _first_free_id(self) -> int:
         """One past every id given so far: the base's (or the current generation's) next_id."""
-        gen = self.base
-        if gen is None:
-            try:
-                gen = Generation.current(self.root)
-            except CrossrankError:
-                return 0  # nothing committed (or unreadable): ids start at 0
-        return gen.next_id
+        return self.base.next_id if self.base is not None else next_free_id(self.root)
 
     @property
     def final_dir(self) -> Path:
@@ -296,6 +290,40 @@ class GenerationWriter:
         self._require_open()
         base = self._require_base("link_metadata_part()")
         self._metadata.link_part(base.path, part)
+
+    def adopt_patch_shards(
+        self, directory: Path | str, shards: Sequence[PartInfo], shape: tuple[int, int]
+    ) -> None:
+        """Start the patch store with finished shards written elsewhere, hard-linked.
+
+        For a streaming build (:mod:`crossrank.write.streaming`), whose chunks are written as
+        shards of this writer's codec, named as this generation's shards (``patches-003.npy``),
+        before the generation is opened. Nothing may have been appended or linked before.
+
+        Args:
+            directory: the folder holding the shard files.
+            shards: the shards in row order, each stored with this writer's (trained) codec.
+            shape: ``(P, d)`` of the patches.
+
+        Raises:
+            InvalidArgumentError: rows were already appended, or the codec is untrained.
+        """
+        self._require_open()
+        if self.patches.codec.needs_training:
+            raise InvalidArgumentError(
+                "adopt_patch_shards() needs a trained codec; append the rows instead"
+            )
+        self.patches.link_shards(directory, list(shards), shape)
+
+    def adopt_metadata_parts(self, directory: Path | str, parts: Sequence[PartInfo]) -> None:
+        """Add finished metadata parts written elsewhere, hard-linked, after the rows so far.
+
+        Each part is a Parquet file written by a :class:`MetadataWriter` (same schema rules),
+        named as this generation's parts (``metadata-003.parquet``).
+        """
+        self._require_open()
+        for part in parts:
+            self._metadata.link_part(directory, part)
 
     def link(self, name: str) -> None:
         """Take one file of the base over unchanged, hard-linked.
@@ -636,6 +664,15 @@ class GenerationWriter:
             if remove_unused_root:
                 self.lock.remove_root_if_unused()
             self.lock.release()
+
+
+def next_free_id(root: Path | str) -> int:
+    """The first id a writer without a base gives in ``root``: the current generation's
+    ``next_id``, or 0 where nothing is committed (or the manifest cannot be read)."""
+    try:
+        return Generation.current(Path(root)).next_id
+    except CrossrankError:
+        return 0
 
 
 def _same_inode(a: Path, b: Path) -> bool:

@@ -54,11 +54,20 @@ __all__ = [
     "read_generation_info",
     "MANIFEST_NAME",
     "READERS_DIR",
+    "STAGING_NAME",
+    "STAGING_INFO_NAME",
+    "STAGING_JOURNAL_NAME",
 ]
 
 FORMAT_VERSION = 3  # newest layout of manifest.json and generation.json this crossrank reads
 MANIFEST_NAME = "manifest.json"  # which generation is committed (crossrank.store.manifest)
 READERS_DIR = "readers"  # the reader pins (crossrank.store.pins)
+#: A build in progress: the chunks it wrote so far, so that a killed build resumes
+#: (crossrank.write.streaming). Never read by a search; deleted by the store's garbage collection
+#: once a commit makes it stale (crossrank.store.gc).
+STAGING_NAME = ".build-staging"
+STAGING_INFO_NAME = "build.json"  # what the build was started with (source, model, codec, ...)
+STAGING_JOURNAL_NAME = "journal.jsonl"  # one fsynced line per finished chunk
 GENERATION_INFO_NAME = "generation.json"
 VECTORS_NAME = "vectors.npy"
 IDS_NAME = "ids.npy"

@@ -1,10 +1,16 @@
 """Building an index: walk the source, decode and encode the images, write one generation.
 
 The pipeline overlaps its stages: decoder threads read, decode and preprocess batch i+1 while the
-encoder runs on batch i (see :func:`crossrank.ingest.iter_batches`). Pooled vectors go to the
-first stage and ``vectors.npy``, patch features stream into the patch store (fp16, or the
-``patch_codec`` asked for: :mod:`crossrank.store.codecs`), and one metadata row per image goes to
-Parquet. Nothing is visible to readers until the generation commits.
+encoder runs on batch i (see :func:`crossrank.ingest.iter_batches`). The build streams: each
+chunk of source files has its pooled vectors, patch features (fp16, or the ``patch_codec`` asked
+for: :mod:`crossrank.store.codecs`), metadata rows and skipped files written to disk as it fills,
+so memory stays bounded whatever the corpus size; at the end the chunks become one generation and
+the FAISS first stage is trained and filled from the memory-mapped vectors
+(:mod:`crossrank.write.streaming`). Nothing is visible to readers until the generation commits.
+
+A build that is killed keeps its finished chunks: the same command again (or ``resume=True``,
+``--resume``, which refuses to start over) resumes it without re-encoding them, and gives the
+index an uninterrupted build gives.
 
 A build holds the index's writer lock from start to end (a second writer is refused, naming it),
 and :func:`encode_items` is shared with ``crossrank add`` (:mod:`crossrank.write`).
@@ -22,7 +28,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -32,11 +38,23 @@ import numpy as np
 from crossrank.errors import InvalidArgumentError, SourceError
 from crossrank.store._crash import crash_point
 from crossrank.write._common import check_index_path, writing
+from crossrank.write.streaming import (
+    CHUNK_ITEMS,
+    BuildSpec,
+    Duplicates,
+    EncodedBatch,
+    StreamingBuild,
+    listing_fingerprint,
+    metadata_table,
+    resumable_build,
+    skipped_table,
+)
 
 __all__ = [
     "BuildReport",
     "build_index",
     "encode_items",
+    "encoded_batches",
     "metadata_table",
     "skipped_table",
     "ProgressFn",
@@ -63,6 +81,8 @@ class BuildReport:
         model: the encoder's model id.
         duplicates: files skipped as byte-identical copies of an earlier file.
         patch_codec: how the patches are stored (``fp16``, ``int8``, ``pq:16``...).
+        resumed: images kept from an interrupted build of the same source (not encoded again);
+            0 for a build that started afresh.
     """
 
     index_dir: Path
@@ -74,6 +94,7 @@ class BuildReport:
     model: str
     duplicates: int = 0
     patch_codec: str = "fp16"
+    resumed: int = 0
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -88,6 +109,7 @@ class BuildReport:
             else None,
             "factory": self.factory,
             "model": self.model,
+            "resumed": self.resumed,
         }
 
 
@@ -104,6 +126,8 @@ def build_index(
     overwrite: bool = False,
     progress: ProgressFn | None = None,
     patch_codec: str | None = None,
+    resume: bool | None = None,
+    chunk_items: int = CHUNK_ITEMS,
 ) -> BuildReport:
     """Index every image of ``source`` into a new generation of ``index_dir``.
 
@@ -125,6 +149,14 @@ def build_index(
             ``binary``, ``pq`` (M = d/8 sub-quantisers of 8 bits: 16x fewer bytes than fp16),
             ``pq:M`` or ``pq:MxB``; see :mod:`crossrank.store.codecs`. ``add``, ``remove`` and
             ``compact`` keep it.
+        resume: what to do with a build of ``index_dir`` that was interrupted (killed, Ctrl-C,
+            a full disk): None (the default) resumes it when it was started with the same source
+            listing, model, patch codec and batch size, and starts over otherwise; True resumes
+            it or refuses with one line saying what differs (or that none is in progress);
+            False always starts over. A resumed build keeps its finished chunks and gives the
+            index an uninterrupted one gives.
+        chunk_items: source files per resumable chunk (rounded down to a multiple of
+            ``batch_size``): the most work a crash can lose. Part of what a resume must match.
 
     Returns:
         A :class:`BuildReport`.
@@ -137,13 +169,20 @@ def build_index(
             without ``overwrite``, or a folder that holds files and is not an index.
         IndexLockedError: another process is writing ``index_dir``.
         IndexWriteError: the operating system refused a write (disk full, read-only folder, a
-            path under a file); the last committed generation is intact.
+            path under a file); the last committed generation is intact, and the build resumes
+            from its last finished chunk when run again.
     """
     from crossrank.store import WriterLock
     from crossrank.store.codecs import parse_codec
 
     codec = parse_codec(patch_codec)  # an unknown name is refused before anything loads
-    for name, value in (("batch_size", batch_size), ("workers", workers)):
+    if resume is not None and not isinstance(resume, bool):
+        raise InvalidArgumentError(f"resume must be True, False or None, got {resume!r}")
+    for name, value in (
+        ("batch_size", batch_size),
+        ("workers", workers),
+        ("chunk_items", chunk_items),
+    ):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise InvalidArgumentError(f"{name} must be an int >= 1, got {value!r}")
     index_dir = Path(index_dir)
@@ -174,6 +213,8 @@ def build_index(
                     overwrite=overwrite,
                     progress=progress,
                     codec=codec,
+                    resume=resume,
+                    chunk_items=chunk_items,
                 )
             except BaseException:
                 lock.remove_root_if_unused()  # a first build that failed leaves no folder behind
@@ -265,13 +306,20 @@ def _build_locked(
     overwrite: bool,
     progress: ProgressFn | None,
     codec: Any,
+    resume: bool | None,
+    chunk_items: int,
 ) -> BuildReport:
     from crossrank.encoders import load_encoder
-    from crossrank.indexes import FirstStage
     from crossrank.ingest import discover
-    from crossrank.store import GenerationWriter, has_index, read_manifest
+    from crossrank.store import has_index, read_manifest
 
-    if has_index(index_dir) and not overwrite:
+    in_progress = resumable_build(index_dir) if resume is not False else None
+    if resume and in_progress is None:  # before the model loads
+        raise InvalidArgumentError(
+            f"--resume: {index_dir} holds no build in progress (nothing to resume); run the "
+            "build without --resume"
+        )
+    if has_index(index_dir) and not overwrite and in_progress is None:
         n = read_manifest(index_dir).counts.get("images", "?")
         raise InvalidArgumentError(
             f"{index_dir} already holds an index ({n} images); pass --overwrite to rebuild it "
@@ -293,50 +341,109 @@ def _build_locked(
     logger.info(
         "building %s from %s (%d files) with %s", index_dir, source, total, encoder.model_id
     )
-
-    with GenerationWriter(index_dir, lock=lock, patch_codec=codec) as writer:
-        pooled, records, skipped, duplicates = encode_items(
-            writer, encoder, src.items, batch_size=batch_size, workers=workers, progress=progress
+    spec = BuildSpec(
+        source=str(Path(source).resolve()),
+        listing_sha256=listing_fingerprint(src),
+        n_items=total,
+        encoder=dict(encoder.info),
+        patch_codec=codec.spec,
+        batch_size=batch_size,
+        chunk_items=BuildSpec.chunk_items_for(batch_size, chunk_items),
+    )
+    build = StreamingBuild.open(index_dir, lock, spec, extra_schema=src.extra_schema, resume=resume)
+    try:
+        if progress is not None and build.kept_items:
+            progress(build.kept_items, total)
+        for batch in encoded_batches(
+            encoder,
+            src.items[build.kept_items :],
+            batch_size=batch_size,
+            workers=workers,
+            duplicates=build.duplicates,
+        ):
+            build.add(batch)
+            if batch.records:
+                crash_point("encoded")
+            if progress is not None:
+                progress(build.items_done, total)
+        generation, first_stage = build.commit(
+            index_config, source_label=str(source), source=spec.source
         )
-        if not records:
-            reasons = "; ".join(f"{s.path}: {s.reason}" for s in skipped[:3])
-            raise SourceError(
-                f"none of the {total} files in {source} could be decoded ({reasons}); "
-                "check that SOURCE holds images"
-            )
-
-        xb = np.concatenate(pooled).astype(np.float32, copy=False)  # (n, D)
-        # Ids continue after every id this directory ever gave (0 in a new one): never reused.
-        ids = writer.take_ids(len(records))
-        first_stage = FirstStage.build(xb, ids, index_config)
-        first_stage.save(writer.first_stage_path)
-        writer.write_vectors(xb)
-        writer.write_ids(ids)
-        writer.write_metadata(metadata_table(ids, records, src.extra_schema))
-        writer.write_skipped(skipped_table(skipped))
-        generation = writer.commit(
-            encoder=encoder.info,
-            # `auto`: the factory was chosen by size, so a compaction may choose again.
-            first_stage={
-                **first_stage.info,
-                "metric": "inner_product",
-                "auto": index_config.factory is None,
-            },
-            counts={"images": len(records), "skipped": len(skipped)},
-            source=str(Path(source).resolve()),
-        )
+    except (SourceError, InvalidArgumentError):
+        build.abandon()  # nothing decoded, or data no run can index: nothing worth resuming
+        raise
+    except BaseException:
+        build.abandon_if_empty()  # the finished chunks stay, for the next run to resume
+        raise
     seconds = time.perf_counter() - start
     return BuildReport(
         index_dir=index_dir,
         generation=generation,
-        indexed=len(records),
-        skipped=len(skipped),
+        indexed=build.images,
+        skipped=build.n_skipped,
         seconds=seconds,
         factory=first_stage.factory,
         model=encoder.model_id,
-        duplicates=duplicates,
+        duplicates=build.n_duplicates,
         patch_codec=codec.spec,
+        resumed=build.kept_images,
     )
+
+
+def encoded_batches(
+    encoder: Any,
+    items: Sequence[Any],
+    *,
+    batch_size: int,
+    workers: int,
+    duplicates: Duplicates,
+) -> Iterator[EncodedBatch]:
+    """Decode and encode ``items`` a batch at a time, in order (batch ``j`` covers
+    ``items[j * batch_size : (j + 1) * batch_size]``).
+
+    A file whose bytes equal an earlier file's (as ``duplicates`` knows them) is dropped before
+    the forward pass and becomes a skip with the reason ``duplicate of <the earlier file's
+    path>``.
+
+    Args:
+        encoder: the :class:`~crossrank.encoders.Encoder`.
+        items: the :class:`~crossrank.ingest.SourceItem` to index, in id order.
+        batch_size: images per forward pass.
+        workers: decoder threads.
+        duplicates: the contents seen so far; the kept records are added to it.
+
+    Yields:
+        One :class:`~crossrank.write.streaming.EncodedBatch` per batch of items (maybe without
+        records, when every file of it was skipped): pooled float32, patches float16.
+    """
+    from crossrank.ingest import IngestConfig, iter_batches
+
+    for batch in iter_batches(
+        items,
+        batch_size=batch_size,
+        config=IngestConfig(workers=workers),
+        preprocess=encoder.preprocess,
+    ):
+        keep, dups = duplicates.split(batch.records)
+        if keep:
+            # Duplicates are dropped before the forward pass, from the preprocessed pixels.
+            pixels = (
+                batch.pixels if len(keep) == len(batch.records) else _take_rows(batch.pixels, keep)
+            )
+            features = encoder.encode_pixels(pixels)
+            pooled = np.asarray(features.pooled, dtype=np.float32)
+            patches = features.patches.astype(np.float16)
+        else:
+            pooled = np.zeros((0, encoder.dim), np.float32)
+            patches = np.zeros((0, encoder.n_patches, encoder.patch_dim), np.float16)
+        yield EncodedBatch(
+            pooled=pooled,
+            patches=patches,
+            records=[batch.records[i] for i in keep],
+            skipped=[*batch.skipped, *dups],
+            n_items=batch.n_items,
+            duplicates=len(dups),
+        )
 
 
 def encode_items(
@@ -348,7 +455,7 @@ def encode_items(
     workers: int,
     progress: ProgressFn | None = None,
 ) -> tuple[list[np.ndarray], list[Any], list[Any], int]:
-    """Decode and encode ``items`` into a generation writer's patch store.
+    """Decode and encode ``items`` into a generation writer's patch store (for ``add``).
 
     A file whose bytes equal an earlier file's (same SHA-256) is not indexed twice: it is skipped
     with the reason ``duplicate of <the earlier file's path>``.
@@ -366,39 +473,20 @@ def encode_items(
         ``(b, D)`` each), one :class:`~crossrank.ingest.ImageRecord` per encoded image, the
         skipped files (duplicates included), and how many of them are duplicates.
     """
-    from crossrank.ingest import IngestConfig, SkippedFile, iter_batches
-    from crossrank.ingest.changes import DUPLICATE_PREFIX
-
     pooled: list[np.ndarray] = []
     records: list[Any] = []
     skipped: list[Any] = []
-    first_of: dict[str, str] = {}  # sha256 -> path of the first file with those bytes
     duplicates = 0
     done, total = 0, len(items)
-    for batch in iter_batches(
-        items,
-        batch_size=batch_size,
-        config=IngestConfig(workers=workers),
-        preprocess=encoder.preprocess,
+    for batch in encoded_batches(
+        encoder, items, batch_size=batch_size, workers=workers, duplicates=Duplicates()
     ):
         skipped.extend(batch.skipped)
-        keep: list[int] = []
-        for i, record in enumerate(batch.records):
-            first = first_of.setdefault(record.sha256, str(record.item.path))
-            if first == str(record.item.path):
-                keep.append(i)
-            else:
-                skipped.append(SkippedFile(str(record.item.path), DUPLICATE_PREFIX + first))
-                duplicates += 1
-        if keep:
-            # Duplicates are dropped before the forward pass, from the preprocessed pixels.
-            pixels = (
-                batch.pixels if len(keep) == len(batch.records) else _take_rows(batch.pixels, keep)
-            )
-            features = encoder.encode_pixels(pixels)
-            pooled.append(np.asarray(features.pooled, dtype=np.float32))
-            writer.patches.append(features.patches.astype(np.float16))
-            records.extend(batch.records[i] for i in keep)
+        duplicates += batch.duplicates
+        if batch.records:
+            pooled.append(batch.pooled)
+            writer.patches.append(batch.patches)
+            records.extend(batch.records)
             crash_point("encoded")
         done += batch.n_items
         if progress is not None:
@@ -417,34 +505,3 @@ def _take_rows(pixels: Any, rows: list[int]) -> Any:
 
         return pixels[torch.as_tensor(rows, dtype=torch.long, device=pixels.device)]
     return pixels[np.asarray(rows, dtype=np.int64)]
-
-
-def skipped_table(skipped: Sequence[Any]) -> Any:
-    """The ``path``, ``reason`` table of :class:`~crossrank.ingest.SkippedFile` objects."""
-    import pyarrow as pa
-
-    return pa.table(
-        {"path": [s.path for s in skipped], "reason": [s.reason for s in skipped]},
-        schema=pa.schema([("path", pa.string()), ("reason", pa.string())]),
-    )
-
-
-def metadata_table(ids: np.ndarray, records: list[Any], extra_schema: Any) -> Any:
-    """One metadata row per indexed image, in id order: the fixed columns, then the manifest's."""
-    import pyarrow as pa
-
-    columns: dict[str, pa.Array] = {
-        "id": pa.array(ids, type=pa.int64()),
-        "path": pa.array([str(r.item.path) for r in records], type=pa.string()),
-        "sha256": pa.array([r.sha256 for r in records], type=pa.string()),
-        "width": pa.array([r.width for r in records], type=pa.int32()),
-        "height": pa.array([r.height for r in records], type=pa.int32()),
-        "bytes": pa.array([r.bytes for r in records], type=pa.int64()),
-        "mtime": pa.array([int(r.mtime * 1e6) for r in records], type=pa.timestamp("us", tz="UTC")),
-    }
-    if extra_schema is not None:
-        for fld in extra_schema:
-            columns[fld.name] = pa.array(
-                [r.item.extra.get(fld.name) for r in records], type=fld.type
-            )
-    return pa.table(columns)
