@@ -26,7 +26,7 @@ from crossrank.shards.layout import SHARDS_NAME, is_sharded, shard_dir_name, sha
 if TYPE_CHECKING:
     from crossrank.write.build import BuildReport, ProgressFn
 
-__all__ = ["build_sharded", "check_shards"]
+__all__ = ["build_sharded", "check_shards", "ShardedBuilder"]
 
 logger = logging.getLogger(__name__)
 
@@ -92,21 +92,205 @@ def _check_root(root: Path, shards: int, overwrite: bool) -> None:
         )
 
 
-class _Router:
-    """``writer.patches.append(rows)`` for :func:`encode_items`: row ``i`` of the build gets id
-    ``start + i`` and goes to its shard's patch store."""
+class ShardedBuilder:
+    """Writes a new sharded index from encoded images given in source order; a context manager.
 
-    def __init__(self, writers: list[Any], start: int) -> None:
-        self.writers = writers
-        self.next = start
-        self.patches = self
+    What :func:`build_sharded` uses after its encoder, and what another engine (the Ray build)
+    feeds with the batches its workers encoded: the images must arrive in source order, since
+    the ``i``-th image added gets id ``first_id + i`` and goes to shard ``id % N``. Each shard's
+    patch rows stream into its patch store as they come; pooled vectors and records are kept
+    until :meth:`commit` builds each shard's first stage and metadata. Leaving the block without
+    :meth:`commit` (or by an exception) discards every shard's uncommitted generation.
+
+    Args:
+        index_dir: the sharded index folder (new, empty, or a sharded index with ``overwrite``).
+        shards: N, the number of shards.
+        patch_codec: as ``build_index``'s (each shard trains its own pq, if any).
+        overwrite: replace the sharded index in ``index_dir`` (same N; ids continue after every
+            id it gave).
+        shard_paths: where the shards go (see :func:`build_sharded`).
+
+    Example:
+        >>> with ShardedBuilder("photos.idx", shards=4) as builder:  # doctest: +SKIP
+        ...     for batch in encoded_batches:  # in source order
+        ...         builder.add(batch.pooled, batch.patches, batch.records, batch.skipped)
+        ...     builder.commit(encoder_info=encoder.info, index_config=IndexConfig())
+
+    Raises:
+        InvalidArgumentError: see :func:`build_sharded`.
+        IndexLockedError: another process is writing ``index_dir``.
+    """
+
+    def __init__(
+        self,
+        index_dir: str | Path,
+        *,
+        shards: int,
+        patch_codec: str | None = None,
+        overwrite: bool = False,
+        shard_paths: list[str | Path] | None = None,
+    ) -> None:
+        from crossrank.store.codecs import parse_codec
+        from crossrank.write._common import check_index_path
+
+        self.n = check_shards(shards)
+        self.codec = parse_codec(patch_codec)
+        self.root = Path(index_dir)
+        check_index_path(self.root)
+        paths = [str(p) for p in shard_paths] if shard_paths is not None else None
+        if paths is not None and len(paths) != self.n:
+            raise InvalidArgumentError(
+                f"shard_paths names {len(paths)} folders for {self.n} shards"
+            )
+        self.paths = paths or [shard_dir_name(i) for i in range(self.n)]
+        self.overwrite = overwrite
+        _check_root(self.root, self.n, overwrite)
+        self.pooled: list[np.ndarray] = []
+        self.records: list[Any] = []
+        self.skipped: list[Any] = []
+        self.duplicates = 0
+        self.patches = self  # encode_items appends patch rows to ``writer.patches``
+        self._rows = 0  # patch rows routed so far
+        self._created = not self.root.exists()
+        self._stack: Any = None
+        self._writers: list[Any] = []
+        self.first_id = 0
+        self.result: Any = None
+
+    def __enter__(self) -> ShardedBuilder:
+        from contextlib import ExitStack
+
+        from crossrank.shards.write import sharded_write
+        from crossrank.store import GenerationWriter
+
+        stack = ExitStack()
+        try:
+            w = stack.enter_context(sharded_write(self.root, create=True))
+            if w.top is not None:  # a rebuild keeps the shards where they are
+                dirs = [ref.path for ref in w.top.shards]
+                self.first_id = w.top.next_id
+            else:
+                dirs = [p if Path(p).is_absolute() else str(self.root / p) for p in self.paths]
+                w.refs = [None] * self.n  # type: ignore[list-item]
+                w.paths = list(self.paths)
+            self._dirs = dirs
+            for d in dirs:
+                writer = GenerationWriter(d, patch_codec=self.codec.spec, gc=False)
+                stack.callback(writer.abort)  # a no-op once committed
+                self._writers.append(writer)
+        except BaseException:
+            stack.close()
+            self._cleanup()
+            raise
+        self._write = w
+        self._stack = stack
+        return self
+
+    def __exit__(self, exc_type: object, exc: object, tb: object) -> None:
+        try:
+            self._stack.__exit__(exc_type, exc, tb)
+        finally:
+            if self.result is None:
+                self._cleanup()
+
+    def _cleanup(self) -> None:
+        if self._created:
+            _remove_unused_root(self.root)
 
     def append(self, rows: np.ndarray) -> None:
-        ids = np.arange(self.next, self.next + rows.shape[0], dtype=np.int64)
-        self.next += rows.shape[0]
-        dest = shard_of(ids, len(self.writers))
+        """Route patch rows ``(b, P, d)`` of the next ``b`` images to their shards' stores."""
+        ids = np.arange(self.first_id + self._rows, self.first_id + self._rows + rows.shape[0])
+        self._rows += rows.shape[0]
+        dest = shard_of(ids, self.n)
         for s in np.unique(dest):
-            self.writers[int(s)].patches.append(rows[dest == s])
+            self._writers[int(s)].patches.append(rows[dest == s])
+
+    def add_encoded(
+        self, pooled: np.ndarray, records: list[Any], skipped: list[Any] = (), duplicates: int = 0
+    ) -> None:
+        """The pooled vectors ``(b, D)`` and records of images whose patches were appended."""
+        if len(records):
+            self.pooled.append(np.asarray(pooled, dtype=np.float32))
+            self.records.extend(records)
+        self.skipped.extend(skipped)
+        self.duplicates += duplicates
+
+    def add(
+        self,
+        pooled: np.ndarray,
+        patches: np.ndarray,
+        records: list[Any],
+        skipped: list[Any] = (),
+        duplicates: int = 0,
+    ) -> None:
+        """The next encoded images, in source order: pooled ``(b, D)``, patches ``(b, P, d)``,
+        one :class:`~crossrank.ingest.ImageRecord` each, and the files skipped among them."""
+        if len(records):
+            self.append(np.asarray(patches))
+        self.add_encoded(pooled, records, skipped, duplicates)
+
+    def commit(
+        self,
+        *,
+        encoder_info: dict[str, Any],
+        index_config: Any,
+        extra_schema: Any = None,
+        source: str | None = None,
+    ) -> Any:
+        """Write every shard's first stage, vectors, ids and metadata, commit each, then name them
+        all in ``shards.json``. Returns the :class:`~crossrank.shards.ShardsManifest`.
+
+        Raises:
+            SourceError: no image was added.
+            InvalidArgumentError: fewer images than shards.
+        """
+        from crossrank.indexes import FirstStage
+        from crossrank.write.build import metadata_table, skipped_table
+
+        n, records, skipped = self.n, self.records, self.skipped
+        if len(records) < n:
+            reasons = "; ".join(f"{s.path}: {s.reason}" for s in skipped[:3])
+            if not records:
+                raise SourceError(
+                    f"none of the {len(skipped)} files of {source or 'the source'} could be "
+                    f"decoded ({reasons}); check that SOURCE holds images"
+                )
+            raise InvalidArgumentError(
+                f"--shards {n} is more than the {len(records)} images that could be indexed "
+                f"({len(skipped)} files skipped); use --shards {len(records)} or fewer"
+            )
+        xb = np.concatenate(self.pooled).astype(np.float32, copy=False)
+        ids = self.first_id + np.arange(len(records), dtype=np.int64)
+        dest = shard_of(ids, n)
+        self.first_info: dict[str, Any] = {}
+        for s, writer in enumerate(self._writers):
+            rows = np.flatnonzero(dest == s)
+            xs = np.ascontiguousarray(xb[rows])
+            first_stage = FirstStage.build(xs, ids[rows], index_config)
+            first_stage.save(writer.first_stage_path)
+            writer.write_vectors(xs)
+            writer.write_ids(ids[rows])
+            writer.write_metadata(
+                metadata_table(ids[rows], [records[i] for i in rows], extra_schema)
+            )
+            writer.write_skipped(skipped_table(skipped if s == 0 else []))
+            info = {
+                **first_stage.info,
+                "metric": "inner_product",
+                "auto": index_config.factory is None,
+            }
+            self.first_info = self.first_info or info
+            fields: dict[str, Any] = {"shard": {"index": s, "of": n}}
+            if source is not None:
+                fields["source"] = source
+            writer.commit(encoder=encoder_info, first_stage=info, **fields)
+            self._write.committed_at(s, self._dirs[s])
+        self.result = self._write.commit(
+            encoder=dict(encoder_info),
+            next_id=int(ids[-1]) + 1,
+            extra={"source": source} if source is not None else {},
+        )
+        return self.result
 
 
 def build_sharded(
@@ -147,31 +331,15 @@ def build_sharded(
         >>> build_sharded("photos/", "photos.idx", shards=4)  # doctest: +SKIP
     """
     from crossrank.encoders import load_encoder
-    from crossrank.indexes import FirstStage, IndexConfig
+    from crossrank.indexes import IndexConfig
     from crossrank.ingest import discover
-    from crossrank.shards.write import sharded_write
-    from crossrank.store import GenerationWriter
-    from crossrank.store.codecs import parse_codec
-    from crossrank.write._common import check_index_path, writing
-    from crossrank.write.build import (
-        BuildReport,
-        check_factory,
-        encode_items,
-        metadata_table,
-        skipped_table,
-    )
+    from crossrank.write._common import writing
+    from crossrank.write.build import BuildReport, check_factory, encode_items
 
     n = check_shards(shards)
-    codec = parse_codec(patch_codec)
     for name, value in (("batch_size", batch_size), ("workers", workers)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise InvalidArgumentError(f"{name} must be an int >= 1, got {value!r}")
-    root = Path(index_dir)
-    check_index_path(root)
-    paths = [str(p) for p in shard_paths] if shard_paths is not None else None
-    if paths is not None and len(paths) != n:
-        raise InvalidArgumentError(f"shard_paths names {len(paths)} folders for {n} shards")
-    paths = paths or [shard_dir_name(i) for i in range(n)]
     try:
         index_config = IndexConfig(
             factory=factory, device=device, **({"nprobe": nprobe} if nprobe else {})
@@ -180,7 +348,10 @@ def build_sharded(
         raise InvalidArgumentError(str(e)) from e
     if index_config.factory is not None:
         check_factory(index_config.factory)
-    _check_root(root, n, overwrite)
+    root = Path(index_dir)
+    builder = ShardedBuilder(
+        root, shards=n, patch_codec=patch_codec, overwrite=overwrite, shard_paths=shard_paths
+    )
     start = time.perf_counter()
     src = discover(source)
     total = len(src.items)
@@ -192,86 +363,23 @@ def build_sharded(
     encoder = load_encoder(model, device=device, batch_size=batch_size)
     if index_config.factory is not None:
         check_factory(index_config.factory, encoder.dim)
-    codec.configure(encoder.n_patches, encoder.patch_dim)
-    created = not root.exists()
-    with writing(root, "build"):
-        try:
-            with sharded_write(root, create=True) as w:
-                first_id = w.top.next_id if w.top is not None else 0
-                dirs = [p if Path(p).is_absolute() else str(root / p) for p in paths]
-                if w.top is not None:  # a rebuild keeps the shards where they are
-                    dirs = [ref.path for ref in w.top.shards]
-                else:
-                    w.refs = [None] * n  # type: ignore[list-item]
-                    w.paths = list(paths)
-                writers: list[Any] = []
-                try:
-                    for d in dirs:
-                        writers.append(GenerationWriter(d, patch_codec=codec.spec, gc=False))
-                    pooled, records, skipped, duplicates = encode_items(
-                        _Router(writers, first_id),
-                        encoder,
-                        src.items,
-                        batch_size=batch_size,
-                        workers=workers,
-                        progress=progress,
-                    )
-                    if len(records) < n:
-                        reasons = "; ".join(f"{s.path}: {s.reason}" for s in skipped[:3])
-                        if not records:
-                            raise SourceError(
-                                f"none of the {total} files in {source} could be decoded "
-                                f"({reasons}); check that SOURCE holds images"
-                            )
-                        raise InvalidArgumentError(
-                            f"--shards {n} is more than the {len(records)} images of {source} "
-                            f"that could be indexed ({len(skipped)} skipped); use --shards "
-                            f"{len(records)} or fewer"
-                        )
-                    xb = np.concatenate(pooled).astype(np.float32, copy=False)
-                    ids = first_id + np.arange(len(records), dtype=np.int64)
-                    dest = shard_of(ids, n)
-                    first_info: dict[str, Any] = {}
-                    for s, writer in enumerate(writers):
-                        rows = np.flatnonzero(dest == s)
-                        xs = np.ascontiguousarray(xb[rows])
-                        first_stage = FirstStage.build(xs, ids[rows], index_config)
-                        first_stage.save(writer.first_stage_path)
-                        writer.write_vectors(xs)
-                        writer.write_ids(ids[rows])
-                        writer.write_metadata(
-                            metadata_table(ids[rows], [records[i] for i in rows], src.extra_schema)
-                        )
-                        writer.write_skipped(skipped_table(skipped if s == 0 else []))
-                        info = {
-                            **first_stage.info,
-                            "metric": "inner_product",
-                            "auto": index_config.factory is None,
-                        }
-                        first_info = first_info or info
-                        writer.commit(
-                            encoder=encoder.info,
-                            first_stage=info,
-                            counts={
-                                "images": int(rows.size),
-                                "skipped": len(skipped) if s == 0 else 0,
-                            },
-                            source=str(Path(source).resolve()),
-                            shard={"index": s, "of": n},
-                        )
-                        w.committed_at(s, dirs[s])
-                finally:
-                    for writer in writers:
-                        writer.abort()  # no-op for the committed ones
-                top = w.commit(
-                    encoder=encoder.info,
-                    next_id=int(ids[-1]) + 1,
-                    extra={"source": str(Path(source).resolve())},
-                )
-        except BaseException:
-            if created:
-                _remove_unused_root(root)
-            raise
+    builder.codec.configure(encoder.n_patches, encoder.patch_dim)
+    with writing(root, "build"), builder:
+        pooled, records, skipped, duplicates = encode_items(
+            builder, encoder, src.items, batch_size=batch_size, workers=workers, progress=progress
+        )
+        builder.add_encoded(
+            np.concatenate(pooled) if pooled else np.zeros((0, encoder.dim), np.float32),
+            records,
+            skipped,
+            duplicates,
+        )
+        top = builder.commit(
+            encoder_info=encoder.info,
+            index_config=index_config,
+            extra_schema=src.extra_schema,
+            source=str(Path(source).resolve()),
+        )
     logger.info("built %s: %d images in %d shards", root, len(records), n)
     return BuildReport(
         index_dir=root,
@@ -279,10 +387,10 @@ def build_sharded(
         indexed=len(records),
         skipped=len(skipped),
         seconds=time.perf_counter() - start,
-        factory=str(first_info.get("factory", "")),
+        factory=str(builder.first_info.get("factory", "")),
         model=encoder.model_id,
         duplicates=duplicates,
-        patch_codec=codec.spec,
+        patch_codec=builder.codec.spec,
     )
 
 
