@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from enum import StrEnum
 from pathlib import Path
 from typing import Annotated
 
@@ -16,6 +17,23 @@ from crossrank.cli.render import (
     progress_bar,
 )
 from crossrank.device import Device
+
+
+class Engine(StrEnum):
+    """Where ``crossrank build`` decodes and encodes."""
+
+    LOCAL = "local"
+    RAY = "ray"
+
+
+def _built_encoder(index_dir: Path) -> dict:
+    """The encoder info an index (sharded or not) records."""
+    from crossrank.shards.layout import is_sharded, read_shards_manifest
+    from crossrank.store import read_manifest
+
+    if is_sharded(index_dir):
+        return read_shards_manifest(index_dir).encoder
+    return read_manifest(index_dir).encoder
 
 
 @app.command()
@@ -63,6 +81,26 @@ def build(
             ),
         ),
     ] = None,
+    shards: Annotated[
+        int | None,
+        typer.Option(
+            help=(
+                "Write a sharded index of N shards (the image with id i goes to shard i % N), "
+                "searched as one; see docs/sharding.md."
+            )
+        ),
+    ] = None,
+    engine: Annotated[
+        Engine,
+        typer.Option(help="Where to decode and encode: this process, or a Ray cluster."),
+    ] = Engine.LOCAL,
+    ray_address: Annotated[
+        str | None,
+        typer.Option(
+            "--ray-address",
+            help="With --engine ray: HOST:PORT of a running Ray cluster (default: a local one).",
+        ),
+    ] = None,
     resume: Annotated[
         bool | None,
         typer.Option(
@@ -96,6 +134,33 @@ def build(
     except InvalidArgumentError as e:
         message = str(e).removeprefix("--patch-codec: ").removeprefix("--patch-codec ")
         raise typer.BadParameter(message, param_hint="--patch-codec") from None
+    if shards is not None:
+        from crossrank.shards.build import check_shards
+
+        try:
+            check_shards(shards)
+        except InvalidArgumentError as e:
+            message = str(e).removeprefix("--shards ")
+            raise typer.BadParameter(message, param_hint="--shards") from None
+    from crossrank.shards.layout import is_sharded, read_shards_manifest
+
+    if shards is None and is_sharded(index):
+        n = read_shards_manifest(index).n_shards
+        raise typer.BadParameter(
+            f"{index} is a sharded index of {n} shards; pass --shards {n} to rebuild it, or "
+            "build an unsharded index into a new folder",
+            param_hint="--shards",
+        )
+    if resume and (shards is not None or engine == Engine.RAY):
+        raise typer.BadParameter(
+            "a sharded or Ray build does not resume an interrupted one; leave --resume out",
+            param_hint="--resume",
+        )
+    if ray_address is not None and engine != Engine.RAY:
+        raise typer.BadParameter(
+            "--ray-address needs --engine ray; add it, or leave --ray-address out",
+            param_hint="--ray-address",
+        )
     columns = [
         TextColumn("[bold]indexing"),
         BarColumn(),
@@ -118,24 +183,58 @@ def build(
                 rate=f"{(done - started[1]) / elapsed:,.0f} img/s" if elapsed > 0.5 else "",
             )
 
-        report = build_index(
-            source,
-            index,
-            model=model,
-            batch_size=batch_size,
-            device=device.value,
-            factory=factory,
-            nprobe=nprobe,
-            workers=workers,
-            overwrite=overwrite,
-            progress=progress,
-            patch_codec=patch_codec,
-            resume=resume,
-        )
-    from crossrank.encoders.describe import describe_model
-    from crossrank.store import read_manifest
+        if engine == Engine.RAY:
+            from crossrank.distributed import build_on_ray  # only with --engine ray
 
-    encoder = describe_model(read_manifest(report.index_dir).encoder).to_dict()
+            report = build_on_ray(
+                source,
+                index,
+                model=model,
+                batch_size=batch_size,
+                device=device.value,
+                factory=factory,
+                nprobe=nprobe,
+                patch_codec=patch_codec,
+                overwrite=overwrite,
+                ray_address=ray_address,
+                shards=shards,
+                progress=progress,
+            )
+        elif shards is not None:
+            from crossrank.shards import build_sharded
+
+            report = build_sharded(
+                source,
+                index,
+                shards=shards,
+                model=model,
+                batch_size=batch_size,
+                device=device.value,
+                factory=factory,
+                nprobe=nprobe,
+                workers=workers,
+                overwrite=overwrite,
+                progress=progress,
+                patch_codec=patch_codec,
+            )
+        else:
+            report = build_index(
+                source,
+                index,
+                model=model,
+                batch_size=batch_size,
+                device=device.value,
+                factory=factory,
+                nprobe=nprobe,
+                workers=workers,
+                overwrite=overwrite,
+                progress=progress,
+                patch_codec=patch_codec,
+                resume=resume,
+            )
+    from crossrank.encoders.describe import describe_model
+
+    encoder = describe_model(_built_encoder(report.index_dir)).to_dict()
     if as_json:
         _print_json({**report.to_dict(), "encoder": encoder})
         return
@@ -146,6 +245,7 @@ def build(
         f"[green]indexed {report.indexed}[/] images, skipped {report.skipped}{duplicates}, "
         f"in {report.seconds:.1f} s ({rate:,.0f} img/s overall, model loading included) -> "
         f"{path} (generation {report.generation}, {escape(report.factory)}"
+        f"{f', {shards} shards' if shards else ''}"
         f"{'' if report.patch_codec == 'fp16' else ', patches ' + report.patch_codec})",
         highlight=False,
     )
