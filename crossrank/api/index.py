@@ -464,7 +464,7 @@ class Index:
         transformers import: a cold search pays torch only); image queries and ``add`` load the
         full model through it on first use. Checked against the index's recorded model."""
         from crossrank.encoders import load_text_encoder
-        from crossrank.write.arrays import VECTORS_ONLY_KEY
+        from crossrank.encoders.config import VECTORS_ONLY_KEY
 
         built_with = self.manifest.encoder
         if built_with.get(VECTORS_ONLY_KEY):

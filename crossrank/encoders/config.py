@@ -7,11 +7,16 @@ from enum import StrEnum
 
 from crossrank.device import Device
 
-__all__ = ["DEMO_MODEL", "Precision", "EncoderConfig"]
+__all__ = ["DEMO_MODEL", "VECTORS_ONLY_KEY", "Precision", "EncoderConfig"]
 
 # The alias of the demo model that ships inside the package (crossrank/assets/demo-encoder/). Only
 # this exact string is the alias: a directory of that name is reached as "./crossrank-demo".
 DEMO_MODEL = "crossrank-demo"
+
+#: The manifest ``encoder`` key that marks an index with no query encoder (built from arrays with
+#: ``encoder_info=``): text and image queries are refused, vectors and ``Index.rerank`` of
+#: vectors-only work.
+VECTORS_ONLY_KEY = "vectors_only"
 
 
 class Precision(StrEnum):

@@ -7,6 +7,7 @@ Queries are checked in two steps so that bad input fails before any model loads:
 
 from __future__ import annotations
 
+import sys
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -79,11 +80,6 @@ def prepare_queries(queries: Sequence[Query]) -> PreparedQueries:
         InvalidArgumentError: an empty text, a query of another type, an image path that does not
             exist, is a folder, or does not decode (each message names the query and what to give).
     """
-    from PIL import Image as PILImage
-
-    from crossrank.errors import DecodeError
-    from crossrank.ingest import decode_image, to_rgb
-
     texts: list[tuple[int, str]] = []
     images: list[tuple[int, Any]] = []
     labels: list[str] = []
@@ -107,6 +103,9 @@ def prepare_queries(queries: Sequence[Query]) -> PreparedQueries:
                 raise InvalidArgumentError(
                     f"query image {query} is not a regular file; give the path of an image file"
                 )
+            from crossrank.errors import DecodeError
+            from crossrank.ingest import decode_image
+
             try:
                 image, _ = decode_image(query)
             except DecodeError as e:
@@ -115,7 +114,9 @@ def prepare_queries(queries: Sequence[Query]) -> PreparedQueries:
                 ) from e
             images.append((i, image))
             labels.append(str(query))
-        elif isinstance(query, PILImage.Image):
+        elif _is_pil_image(query):
+            from crossrank.ingest import to_rgb
+
             images.append((i, to_rgb(query)))
             labels.append(f"<image {query.width}x{query.height}>")
         else:
@@ -124,6 +125,15 @@ def prepare_queries(queries: Sequence[Query]) -> PreparedQueries:
                 f"PIL image, got {type(query).__name__}"
             )
     return PreparedQueries(texts=texts, images=images, labels=labels)
+
+
+def _is_pil_image(query: object) -> bool:
+    """Whether ``query`` is a PIL image; a text-only search never imports PIL (a cold search)."""
+    if "PIL.Image" not in sys.modules:  # no PIL image can exist before PIL.Image is imported
+        return False
+    from PIL import Image as PILImage
+
+    return isinstance(query, PILImage.Image)
 
 
 def truncation_note(query: str, max_tokens: int | None) -> str:

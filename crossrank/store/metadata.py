@@ -20,6 +20,7 @@ parameterised SQL instead.
 
 from __future__ import annotations
 
+import datetime
 import logging
 import re
 import threading
@@ -47,6 +48,9 @@ WHERE_HINT = (
     "where must be a DuckDB SQL boolean expression over the metadata columns, "
     "e.g. \"width > 100 AND path LIKE '%cat%'\""
 )
+#: Rows up to which :meth:`MetadataStore.rows` slices the in-memory table row by row rather than
+#: calling ``Table.take`` (which imports ``pyarrow.compute``: about 50 ms of a cold search).
+_SLICE_ROWS = 128
 IN_MEMORY_MAX_BYTES = 1 << 30  # metadata (uncompressed Parquet bytes) loaded into memory by default
 _UNKNOWN_COLUMN = re.compile(r'Referenced column "((?:[^"]|"")+)" not found')
 
@@ -145,7 +149,6 @@ class MetadataStore:
         in_memory: bool | None = None,
         sandbox: bool = True,
     ) -> None:
-        import duckdb
         import pyarrow as pa
         import pyarrow.parquet as pq
 
@@ -153,47 +156,35 @@ class MetadataStore:
         if not self._parts:
             raise InvalidArgumentError("a metadata store needs at least one Parquet part")
         self._skipped_path = Path(skipped_path) if skipped_path is not None else None
+        self._sandbox = sandbox
         try:
-            self._schema = pq.read_schema(self._parts[0])
-            footers = [pq.ParquetFile(p).metadata for p in self._parts]
-        except (OSError, pa.ArrowException) as e:
-            raise IndexCorruptError(
-                f"metadata part cannot be read ({type(e).__name__}: {e}); run `crossrank verify`"
-            ) from e
-        self._len = sum(f.num_rows for f in footers)
-        size = sum(f.row_group(i).total_byte_size for f in footers for i in range(f.num_row_groups))
-        self._in_memory = size <= IN_MEMORY_MAX_BYTES if in_memory is None else bool(in_memory)
-        self._table: pa.Table | None = None
-        self._sorted_ids: np.ndarray | None = None  # the id column, ascending
-        self._order: np.ndarray | None = None  # rows of _table in id order; None if already sorted
-
-        files = "[" + ", ".join(_sql_string(str(p)) for p in self._parts) + "]"
-        con = duckdb.connect(":memory:")
-        try:
-            # The parts are immutable: caching their footers is always valid.
-            con.execute("SET parquet_metadata_cache = true")
+            files = [pq.ParquetFile(p) for p in self._parts]
+            self._schema = files[0].schema_arrow
+            footers = [f.metadata for f in files]
+            self._len = sum(f.num_rows for f in footers)
+            size = sum(
+                f.row_group(i).total_byte_size for f in footers for i in range(f.num_row_groups)
+            )
+            self._in_memory = size <= IN_MEMORY_MAX_BYTES if in_memory is None else bool(in_memory)
+            self._table: pa.Table | None = None
+            self._sorted_ids: np.ndarray | None = None  # the id column, ascending
+            self._order: np.ndarray | None = None  # rows of _table in id order; None if sorted
             if self._in_memory:
-                table = con.sql(f"SELECT * FROM read_parquet({files})").to_arrow_table()
-                self._table = _as_stored(table.combine_chunks(), self._schema)
-                ids = self._table.column("id").to_numpy()
+                # Read by pyarrow alone: a search that filters nothing never imports DuckDB.
+                table = pa.concat_tables([f.read() for f in files]).combine_chunks()
+                self._table = _as_stored(table, self._schema)
+                ids = _int64_values(self._table.column("id"))
                 if ids.size > 1 and not (ids[1:] > ids[:-1]).all():
                     self._order = np.argsort(ids, kind="stable")
                     ids = ids[self._order]
                 self._sorted_ids = ids
-            else:
-                con.execute(f"CREATE VIEW metadata AS SELECT * FROM read_parquet({files})")
-            if sandbox:
-                if not self._in_memory:
-                    con.execute(f"SET allowed_paths = {files}")
-                con.execute("SET enable_external_access = false")
-                con.execute("SET lock_configuration = true")
-        except (duckdb.Error, pa.ArrowException) as e:
-            con.close()
+        except (OSError, pa.ArrowException, KeyError) as e:
             raise IndexCorruptError(
-                f"metadata in {self._parts[0].parent} cannot be opened: {_first_line(e)}; "
-                f"run `crossrank verify`"
+                f"metadata in {self._parts[0].parent} cannot be read "
+                f"({type(e).__name__}: {_first_line(e)}); run `crossrank verify`"
             ) from e
-        self._con: duckdb.DuckDBPyConnection | None = con
+        self._con: duckdb.DuckDBPyConnection | None = None  # DuckDB, opened on the first query
+        self._closed = False
         self._lock = threading.Lock()
         self._local = threading.local()
         logger.debug(
@@ -202,6 +193,31 @@ class MetadataStore:
             len(self._parts),
             "in memory" if self._in_memory else "on disk",
         )
+
+    def _connect(self) -> duckdb.DuckDBPyConnection:
+        """The DuckDB connection, opened on first use (under ``_lock``): a view over the parts
+        (on disk), or nothing (in memory: each cursor registers the table), then sandboxed."""
+        import duckdb
+
+        files = "[" + ", ".join(_sql_string(str(p)) for p in self._parts) + "]"
+        con = duckdb.connect(":memory:")
+        try:
+            # The parts are immutable: caching their footers is always valid.
+            con.execute("SET parquet_metadata_cache = true")
+            if not self._in_memory:
+                con.execute(f"CREATE VIEW metadata AS SELECT * FROM read_parquet({files})")
+            if self._sandbox:
+                if not self._in_memory:
+                    con.execute(f"SET allowed_paths = {files}")
+                con.execute("SET enable_external_access = false")
+                con.execute("SET lock_configuration = true")
+        except duckdb.Error as e:
+            con.close()
+            raise IndexCorruptError(
+                f"metadata in {self._parts[0].parent} cannot be opened: {_first_line(e)}; "
+                f"run `crossrank verify`"
+            ) from e
+        return con
 
     @classmethod
     def open(
@@ -236,19 +252,22 @@ class MetadataStore:
         cur = getattr(self._local, "cursor", None)
         if cur is None:
             with self._lock:
-                if self._con is None:
+                if self._closed:
                     raise CrossrankError("the metadata store is closed")
+                if self._con is None:
+                    self._con = self._connect()
                 cur = self._con.cursor()
             if self._table is not None:
                 cur.register("metadata", self._table)  # a per-connection view, zero-copy
             self._local.cursor = cur
-        elif self._con is None:
+        elif self._closed:
             raise CrossrankError("the metadata store is closed")
         return cur
 
     def close(self) -> None:
         """Close the DuckDB connection; later queries raise :class:`CrossrankError`."""
         with self._lock:
+            self._closed = True
             if self._con is not None:
                 self._con.close()
                 self._con = None
@@ -419,17 +438,22 @@ class MetadataStore:
             InvalidArgumentError: ``ids`` is not a 1-d integer array, or holds an id that is not
                 in the metadata (the first few are named).
         """
-        import duckdb
-
         arr = _check_ids(ids)
         if arr.size == 0:
             return []
         if self._table is not None:
-            self._cursor()  # raises if closed
+            if self._closed:
+                raise CrossrankError("the metadata store is closed")
             assert self._sorted_ids is not None
             pos = _positions(self._sorted_ids, arr)
             rows = pos if self._order is None else self._order[pos]
+            if rows.size <= _SLICE_ROWS:  # a search's hits: no pyarrow.compute import (cold start)
+                import pyarrow as pa
+
+                return _pylist(pa.concat_tables([self._table.slice(int(r), 1) for r in rows]))
             return self._table.take(rows).to_pylist()
+        import duckdb
+
         cur = self._cursor()
         wanted = np.unique(arr)
         try:
@@ -500,11 +524,63 @@ class MetadataStore:
         return read_skipped(self._skipped_path)
 
 
+#: Microseconds per unit of the timestamp units :func:`_column_values` converts itself.
+_MICROSECONDS = {"s": 1_000_000, "ms": 1_000, "us": 1}
+
+
+def _int64_values(col: pa.ChunkedArray) -> np.ndarray:
+    """An int64 column without nulls as a numpy array, read from its buffers: ``to_numpy``
+    imports pandas when it is installed (a 0.2 s import on a cold search)."""
+    import pyarrow as pa
+
+    if col.type != pa.int64() or col.null_count:
+        return np.asarray(col.to_numpy(), dtype=np.int64)
+    parts = [
+        np.frombuffer(c.buffers()[1], dtype=np.int64)[c.offset : c.offset + len(c)]
+        for c in col.chunks
+    ]
+    return np.concatenate(parts) if parts else np.empty(0, dtype=np.int64)
+
+
+def _pylist(table: pa.Table) -> list[dict[str, Any]]:
+    """``table.to_pylist()``, but time-zoned timestamps in microseconds or coarser are made
+    here: pyarrow converts those through pandas when pandas is installed (a 0.2 s import)."""
+    names = table.column_names
+    columns = [_column_values(col) for col in table.columns]
+    return [dict(zip(names, values, strict=True)) for values in zip(*columns, strict=True)]
+
+
+def _column_values(col: pa.ChunkedArray) -> list[Any]:
+    """The Python values of one column, as ``col.to_pylist()`` gives them."""
+    import zoneinfo
+
+    import pyarrow as pa
+
+    kind = col.type
+    if not (isinstance(kind, pa.TimestampType) and kind.tz and kind.unit in _MICROSECONDS):
+        return col.to_pylist()
+    try:
+        tz = zoneinfo.ZoneInfo(kind.tz)
+    except (ValueError, KeyError, OSError):  # a fixed offset such as "+02:00": not a zone name
+        return col.to_pylist()
+    per = _MICROSECONDS[kind.unit]
+    ticks = [v for chunk in col.chunks for v in chunk.view(pa.int64()).to_pylist()]
+    return [
+        None if v is None else (_EPOCH + datetime.timedelta(microseconds=v * per)).astimezone(tz)
+        for v in ticks
+    ]
+
+
+_EPOCH = datetime.datetime(1970, 1, 1, tzinfo=datetime.UTC)
+
+
 def _as_stored(table: pa.Table, schema: pa.Schema) -> pa.Table:
     """``table`` with the stored column types (DuckDB may widen some); as is if they do not cast."""
     import pyarrow as pa
 
     target = pa.schema([schema.field(n) for n in table.column_names])
+    if table.schema.equals(target):
+        return table  # no cast: Table.cast imports pyarrow.compute
     try:
         return table.cast(target)
     except (pa.ArrowInvalid, pa.ArrowNotImplementedError, pa.ArrowTypeError):

@@ -24,6 +24,7 @@ from typing import Any
 
 import numpy as np
 
+from crossrank.encoders.config import VECTORS_ONLY_KEY
 from crossrank.errors import InvalidArgumentError
 from crossrank.write._common import check_index_path, writing
 from crossrank.write.build import BuildReport, check_factory, refuse_foreign_folder
@@ -32,10 +33,6 @@ __all__ = ["build_from_arrays", "VECTORS_ONLY_KEY", "ARRAYS_SOURCE"]
 
 logger = logging.getLogger(__name__)
 
-#: The manifest ``encoder`` key that marks an index with no query encoder (built with
-#: ``encoder_info=``): text and image queries are refused, vectors and :meth:`Index.rerank` of
-#: vectors-only work.
-VECTORS_ONLY_KEY = "vectors_only"
 
 #: The manifest ``source`` of an index built from arrays.
 ARRAYS_SOURCE = "<arrays>"
