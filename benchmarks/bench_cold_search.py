@@ -13,7 +13,8 @@ so it includes the interpreter's start, every import, the model load and the que
   builds in a temporary folder (16 images), the whole command as a user runs it.
 
 Each round runs every case once, in rotating order, after one warm-up round that is not counted
-(it fills the page cache, as any earlier run would); every figure is a median over the rounds,
+(it fills the page cache and the bytecode cache, as any earlier run would: the children run
+without ``PYTHONDONTWRITEBYTECODE``); every figure is a median over the rounds,
 and each ratio is the median of the per-round ratios to ``torch``, so a busy machine slows both
 sides alike. The goal is a cold search at most 1.4x ``torch``. The light and full query processes
 also report whether transformers was imported; the light one must not have imported it. Run::
@@ -87,6 +88,7 @@ def _build_index(workdir: Path, n_images: int) -> Path:
         capture_output=True,
         text=True,
         check=False,
+        env=_user_env(),
     )
     if proc.returncode != 0:
         raise SystemExit(f"building the demo index failed:\n{proc.stdout}\n{proc.stderr}")
@@ -112,9 +114,21 @@ def _describe(name: str, command: list[str]) -> str:
     return " ".join(command)
 
 
+def _user_env() -> dict[str, str]:
+    """The environment as a user's shell has it: Python writes and reads its bytecode cache.
+
+    ``PYTHONDONTWRITEBYTECODE`` (set on some CI and sandbox machines) would make every run
+    compile crossrank's sources again (an editable install has no ``.pyc`` until first run),
+    while torch's were compiled by pip at install: the comparison would not be like for like.
+    """
+    env = dict(os.environ)
+    env.pop("PYTHONDONTWRITEBYTECODE", None)
+    return env
+
+
 def _run(command: list[str]) -> tuple[float, str]:
     start = time.perf_counter()
-    proc = subprocess.run(command, capture_output=True, text=True, check=False)
+    proc = subprocess.run(command, capture_output=True, text=True, check=False, env=_user_env())
     seconds = time.perf_counter() - start
     if proc.returncode != 0:
         raise SystemExit(f"{' '.join(command[:3])} ... failed:\n{proc.stderr[-3000:]}")
