@@ -75,15 +75,9 @@ def open(path: str | Path, **kwargs: Any) -> Index:
     Raises:
         IndexNotFoundError: no committed index in ``path``.
     """
-    from crossrank.shards.layout import is_sharded
+    from crossrank.shards.index import open_index
 
-    if is_sharded(path):
-        from crossrank.shards.index import ShardedIndex
-
-        return ShardedIndex.open(path, **kwargs)
-    from crossrank.api.index import Index
-
-    return Index.open(path, **kwargs)
+    return open_index(path, **kwargs)
 
 
 def __getattr__(name: str) -> Any:

@@ -140,10 +140,10 @@ def eval_cmd(
     """
     from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeElapsedColumn
 
-    from crossrank.api.index import Index
     from crossrank.evaluate import evaluate_index
+    from crossrank.shards import open_index
 
-    idx = Index.open(index, device=device.value)
+    idx = open_index(index, device=device.value)
     with progress_bar(
         TextColumn("[bold]evaluating"),
         BarColumn(),

@@ -25,10 +25,10 @@ def info(
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
 ) -> None:
     """Describe an index: counts, model, first stage; or list skipped files."""
-    from crossrank.api.index import Index
     from crossrank.encoders.describe import describe_model
+    from crossrank.shards import open_index
 
-    idx = Index.open(index, device="cpu")
+    idx = open_index(index, device="cpu")
     if skipped:
         rows = idx.skipped().to_pylist()
         if as_json:
@@ -65,12 +65,30 @@ def info(
             f"{fs.get('factory')} (ntotal {fs.get('ntotal')}, nprobe {fs.get('nprobe')})",
         ),
         ("metadata", ", ".join(facts["metadata_columns"])),
+        *_shard_rows(facts),
         ("updated", facts["updated_at"]),
     ):
         table.add_row(Text(key, style="bold"), Text(str(value)))
     print_table(table)
     if model.note:
         console.print(Text(f"note: {model.note}", style="yellow"), soft_wrap=True)
+
+
+def _shard_rows(facts: dict) -> list[tuple[str, str]]:
+    """The rows ``info`` adds for a sharded index: the routing rule and each shard's images."""
+    shards = facts.get("shards")
+    if not shards:
+        return []
+    n = len(shards)
+    rows = [("shards", f"{n} (the image with id i lives in shard i % {n})")]
+    for shard in shards:
+        rows.append(
+            (
+                f"  shard {shard['shard']}",
+                f"{shard['images']} images, generation {shard['generation']}, {shard['path']}",
+            )
+        )
+    return rows
 
 
 @app.command()
@@ -97,12 +115,20 @@ def verify(
     )
 
     from crossrank.api.verify import verify_report
+    from crossrank.shards.layout import is_sharded, read_shards_manifest
+    from crossrank.shards.verify import bytes_to_hash_sharded, verify_sharded_report
     from crossrank.store import read_manifest
     from crossrank.store.check import bytes_to_hash
 
     full = not quick
+    sharded = is_sharded(index)
     try:
-        total = bytes_to_hash(read_manifest(index).generation_path) if full else 0
+        if not full:
+            total = 0
+        elif sharded:
+            total = bytes_to_hash_sharded(index)
+        else:
+            total = bytes_to_hash(read_manifest(index).generation_path)
     except CrossrankError:
         total = 0  # no index (verify_report says so) or a damaged manifest (its first problem)
     columns = (
@@ -122,9 +148,11 @@ def verify(
                 update(advance=pending[0], total=total)
                 pending[0] = 0
 
-        report = verify_report(index, full=full, progress=progress)
+        report = (verify_sharded_report if sharded else verify_report)(
+            index, full=full, progress=progress
+        )
     try:
-        manifest = read_manifest(index)
+        manifest = read_shards_manifest(index) if sharded else read_manifest(index)
         images, generation = manifest.counts.get("images"), manifest.generation
     except CrossrankError:  # a damaged manifest: already the first problem
         images = generation = None

@@ -116,14 +116,16 @@ def add(
     as_json: Annotated[bool, typer.Option("--json", help="Print the summary as JSON.")] = False,
 ) -> None:
     """Index the files of SOURCE the index lacks (matched by content); moved files keep their id."""
+    from crossrank.shards import add_sharded, is_sharded
     from crossrank.write import add_images
 
+    add_to = add_sharded if is_sharded(index) else add_images
     columns = _phase_columns()
     with (
         stop_on_ctrl_c(index),
         progress_bar(*columns, disable=as_json, phase="", rate="") as update,
     ):
-        report = add_images(
+        report = add_to(
             source,
             index,
             batch_size=batch_size,
@@ -186,14 +188,16 @@ def remove(
     as_json: Annotated[bool, typer.Option("--json", help="Print the summary as JSON.")] = False,
 ) -> None:
     """Remove images by --ids or --where: searches skip them at once; `compact` frees the space."""
+    from crossrank.shards import is_sharded, remove_sharded
     from crossrank.write import remove_images
 
+    remove_from = remove_sharded if is_sharded(index) else remove_images
     if (where is None) == (ids is None):
         raise typer.BadParameter(
             "give either --where SQL or --ids 1,2,..., not both and not neither"
         )
     with stop_on_ctrl_c(index):
-        report = remove_images(index, ids=_parse_ids(ids) if ids is not None else None, where=where)
+        report = remove_from(index, ids=_parse_ids(ids) if ids is not None else None, where=where)
     if as_json:
         _print_json(report.to_dict())
         return
@@ -223,14 +227,16 @@ def compact(
     as_json: Annotated[bool, typer.Option("--json", help="Print the summary as JSON.")] = False,
 ) -> None:
     """Rewrite the index without removed images, and delete old generations no reader holds."""
+    from crossrank.shards import compact_sharded, is_sharded
     from crossrank.write import compact_index
 
+    compact_it = compact_sharded if is_sharded(index) else compact_index
     columns = _phase_columns()
     with (
         stop_on_ctrl_c(index),
         progress_bar(*columns, disable=as_json, phase="", rate="") as update,
     ):
-        report = compact_index(index, progress=_phase_progress(update))
+        report = compact_it(index, progress=_phase_progress(update))
     if as_json:
         _print_json(report.to_dict())
         return

@@ -93,8 +93,8 @@ def search(
     """
     import warnings
 
-    from crossrank.api.index import Index
     from crossrank.search.encode import QueryTruncatedWarning
+    from crossrank.shards import open_index
 
     if query is not None and image is not None:
         raise typer.BadParameter("give either a QUERY text or --image PATH, not both")
@@ -103,11 +103,11 @@ def search(
         raise typer.BadParameter("--html writes the page of one query: give a QUERY or --image")
     one = [query if image is None else image] if not from_stdin else []
     # Checked before any model loads: the index (opening it), -k, --image, --fusion, --where.
-    idx = Index.open(index, device=device.value, nprobe=nprobe)
+    idx = open_index(index, device=device.value, nprobe=nprobe)
     idx.check_search(one, k=k, rerank_k=rerank_k, where=where, fusion=fusion)
     if model is not None:  # a model named on the command line is loaded (and checked) at open
         idx.close()
-        idx = Index.open(index, device=device.value, model=model, nprobe=nprobe)
+        idx = open_index(index, device=device.value, model=model, nprobe=nprobe)
     notes = Notes()
     with warnings.catch_warnings():
         # A cut query's warning reaches the user as a note (result.notes), not as a traceback line.

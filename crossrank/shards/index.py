@@ -38,9 +38,24 @@ if TYPE_CHECKING:
     from crossrank.store.filters import Filters
     from crossrank.write import AddReport, CompactReport, PhaseProgressFn, RemoveReport
 
-__all__ = ["ShardedIndex"]
+__all__ = ["ShardedIndex", "open_index"]
 
 logger = logging.getLogger(__name__)
+
+
+def open_index(path: str | Path, **kwargs: Any) -> Index:
+    """Open an index folder: a :class:`ShardedIndex` when it holds ``shards.json``, else an
+    :class:`~crossrank.Index`. Keyword arguments as :meth:`Index.open` (and, for a sharded index,
+    :meth:`ShardedIndex.open`). What ``crossrank.open`` and the command line call.
+
+    Raises:
+        IndexNotFoundError: no committed index in ``path``.
+    """
+    from crossrank.shards.layout import is_sharded
+
+    if is_sharded(path):
+        return ShardedIndex.open(path, **kwargs)
+    return Index.open(path, **kwargs)
 
 
 class ShardedIndex(Index):

@@ -162,7 +162,7 @@ def _corrupt(root: Path, what: str) -> IndexCorruptError:
 
 def _resolve(root: Path, raw: str) -> Path:
     p = Path(raw)
-    return p if p.is_absolute() else root / p
+    return p if p.is_absolute() else (root / p).absolute()
 
 
 def read_shards_manifest(root: str | Path) -> ShardsManifest:

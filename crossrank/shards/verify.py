@@ -13,8 +13,9 @@ from pathlib import Path
 import numpy as np
 
 from crossrank.shards.layout import ShardRef, read_shards_manifest, shard_of
+from crossrank.store.check import CheckReport, Progress
 
-__all__ = ["verify_sharded"]
+__all__ = ["verify_sharded", "verify_sharded_report", "bytes_to_hash_sharded"]
 
 
 def verify_sharded(path: str | Path, *, full: bool = False) -> list[str]:
@@ -31,38 +32,61 @@ def verify_sharded(path: str | Path, *, full: bool = False) -> list[str]:
         IndexNotFoundError: no ``shards.json`` in ``path``.
         IndexCorruptError: ``shards.json`` is unreadable or malformed.
     """
+    return verify_sharded_report(path, full=full).problems
+
+
+def verify_sharded_report(
+    path: str | Path, *, full: bool = False, progress: Progress | None = None
+) -> CheckReport:
+    """Like :func:`verify_sharded`, with the notes and what was hashed, over every shard."""
     from crossrank.store import ReaderPin
 
     top = read_shards_manifest(path)
-    problems: list[str] = []
+    report = CheckReport(full=full)
     totals = {"images": 0, "skipped": 0}
     for ref in top.shards:
         root = Path(ref.path)
         if not root.is_dir():
-            problems.append(
+            report.problems.append(
                 f"{ref.name} is missing; put the shard folder back (or fix its path in "
                 "shards.json), or rebuild the index"
             )
             continue
         pin = ReaderPin(root, ref.generation)
         try:
-            problems += [
-                f"{ref.name}: {p}" for p in _verify_shard(ref, top.encoder, top.n_shards, full)
-            ]
+            got = _verify_shard(ref, top.encoder, top.n_shards, full, progress)
         finally:
             pin.release()
+        report.problems += [f"{ref.name}: {p}" for p in got.problems]
+        report.notes += [f"{ref.name}: {n}" for n in got.notes]
+        report.files_hashed += got.files_hashed
+        report.bytes_hashed += got.bytes_hashed
         counts = ref.manifest.get("counts", {})
         for key in totals:
             totals[key] += int(counts.get(key, 0))
     for key, value in totals.items():
-        if not problems and int(top.counts.get(key, 0)) != value:
-            problems.append(
+        if not report.problems and int(top.counts.get(key, 0)) != value:
+            report.problems.append(
                 f"shards.json counts {top.counts.get(key)} {key}, but its shards hold {value}"
             )
-    return problems
+    return report
 
 
-def _verify_shard(ref: ShardRef, encoder: dict, n_shards: int, full: bool) -> list[str]:
+def bytes_to_hash_sharded(path: str | Path) -> int:
+    """Bytes a full check of every shard generation hashes (for a progress bar's total)."""
+    from crossrank.store.check import bytes_to_hash
+
+    top = read_shards_manifest(path)
+    return sum(
+        bytes_to_hash(Path(ref.path) / str(ref.manifest.get("generation_dir", "")))
+        for ref in top.shards
+        if Path(ref.path).is_dir()
+    )
+
+
+def _verify_shard(
+    ref: ShardRef, encoder: dict, n_shards: int, full: bool, progress: Progress | None
+) -> CheckReport:
     from crossrank.api.verify import verify_report
     from crossrank.encoders import same_model
     from crossrank.indexes import FirstStage, IndexConfig
@@ -73,22 +97,28 @@ def _verify_shard(ref: ShardRef, encoder: dict, n_shards: int, full: bool) -> li
     own = dict(ref.manifest.get("encoder", {}))
     try:
         current = read_current_encoder(root)
-    except Exception:
+    except Exception:  # a damaged shard manifest: reported below
         current = own
     for info in (own, current):
         if info and not same_model(encoder, info):
-            return [
-                f"was built with model {info.get('model_id')!r}, not the index's "
-                f"{encoder.get('model_id')!r}; put the right shard folder back, or rebuild"
-            ]
+            return CheckReport(
+                problems=[
+                    f"was built with model {info.get('model_id')!r}, not the index's "
+                    f"{encoder.get('model_id')!r}; put the right shard folder back, or rebuild"
+                ]
+            )
     gen_dir = root / str(ref.manifest.get("generation_dir", ""))
     if not gen_dir.is_dir():
-        return [f"generation {ref.generation} ({gen_dir.name}) that shards.json names is missing"]
+        return CheckReport(
+            problems=[
+                f"generation {ref.generation} ({gen_dir.name}) that shards.json names is missing"
+            ]
+        )
     if current_generation_number(root) == ref.generation:
-        problems = list(verify_report(root, full=full).problems)
+        report = verify_report(root, full=full, progress=progress)
     else:  # an interrupted write left the shard's manifest ahead: check the named generation
-        problems = list(inspect_generation(gen_dir, full=full).problems)
-        if not problems:
+        report = inspect_generation(gen_dir, full=full, progress=progress)
+        if not report.problems:
             try:
                 info = read_generation_info(gen_dir)
                 first = FirstStage.load(
@@ -96,22 +126,22 @@ def _verify_shard(ref: ShardRef, encoder: dict, n_shards: int, full: bool) -> li
                     IndexConfig(factory=ref.manifest.get("first_stage", {}).get("factory")),
                 )
                 if first.ntotal != info.n_images:
-                    problems.append(
+                    report.problems.append(
                         f"first stage holds {first.ntotal} vectors, but the generation has "
                         f"{info.n_images} images"
                     )
-            except Exception as e:
-                problems.append(f"the first stage cannot be read ({type(e).__name__}: {e})")
-    if problems:
-        return problems
+            except Exception as e:  # FAISS on a garbled file: one line
+                report.problems.append(f"the first stage cannot be read ({type(e).__name__}: {e})")
+    if report.problems:
+        return report
     ids = np.asarray(Generation(gen_dir).ids())
     wrong = ids[shard_of(ids, n_shards) != ref.index]
     if wrong.size:
-        problems.append(
+        report.problems.append(
             f"holds {wrong.size} id(s) that belong to other shards (id % {n_shards}), e.g. "
             f"{int(wrong[0])}"
         )
-    return problems
+    return report
 
 
 def read_current_encoder(root: Path) -> dict:
