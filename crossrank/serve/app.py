@@ -134,7 +134,9 @@ def create_app(
             f"rerank_k must be a positive number of candidates, got {rerank_k!r}"
         )
     if not isinstance(index, Index):
-        index = Index.open(index, device=device, model=model, nprobe=nprobe)
+        from crossrank.shards import open_index  # an index folder, or a sharded one
+
+        index = open_index(index, device=device, model=model, nprobe=nprobe)
     _ = index.encoder  # load it now: the first request should not pay for it, nor fail on it
     opened: Index = index
 
