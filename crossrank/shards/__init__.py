@@ -28,6 +28,7 @@ __all__ = [
     "add_sharded",
     "remove_sharded",
     "compact_sharded",
+    "collect_shards",
     "verify_sharded",
     "is_sharded",
     "read_shards_manifest",
@@ -55,6 +56,7 @@ _LAZY = {
     "add_sharded": "crossrank.shards.write",
     "remove_sharded": "crossrank.shards.write",
     "compact_sharded": "crossrank.shards.write",
+    "collect_shards": "crossrank.shards.write",
     "verify_sharded": "crossrank.shards.verify",
 }
 
