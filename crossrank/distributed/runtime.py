@@ -16,7 +16,7 @@ from typing import Any
 
 from crossrank.errors import DependencyError, InvalidArgumentError
 
-__all__ = ["RAY_EXTRA_HINT", "check_ray_address", "require_ray", "ray_runtime"]
+__all__ = ["RAY_EXTRA_HINT", "check_ray_address", "require_ray", "ray_runtime", "start_ray"]
 
 logger = logging.getLogger(__name__)
 
@@ -82,6 +82,36 @@ def check_ray_address(address: str, timeout: float = PROBE_TIMEOUT_S) -> None:
         ) from e
 
 
+def start_ray(ray: Any, address: str | None = None, *, num_cpus: int | None = None) -> bool:
+    """Join ``address`` or start a local runtime, unless Ray is initialised already.
+
+    Args:
+        ray: the ``ray`` module.
+        address: a cluster to join (probed first by :func:`check_ray_address`), or None for a
+            local runtime on this machine.
+        num_cpus: CPUs of a local runtime (None: all of this machine's); ignored when joining.
+
+    Returns:
+        Whether this call started (or joined) the runtime: the caller then shuts it down.
+
+    Raises:
+        InvalidArgumentError: ``address`` does not answer.
+    """
+    if ray.is_initialized():
+        return False
+    if address is not None:
+        check_ray_address(address)
+        ray.init(address=address, logging_level=logging.WARNING, log_to_driver=False)
+    else:
+        ray.init(
+            num_cpus=num_cpus,
+            include_dashboard=False,
+            logging_level=logging.WARNING,
+            log_to_driver=False,
+        )
+    return True
+
+
 @contextlib.contextmanager
 def ray_runtime(address: str | None = None, *, num_cpus: int | None = None) -> Iterator[Any]:
     """Use the Ray runtime already initialised, join ``address``, or start a local one.
@@ -102,20 +132,9 @@ def ray_runtime(address: str | None = None, *, num_cpus: int | None = None) -> I
         InvalidArgumentError: ``address`` does not answer.
     """
     ray = require_ray()
-    if ray.is_initialized():
-        yield ray
-        return
-    if address is not None:
-        check_ray_address(address)
-        ray.init(address=address, logging_level=logging.WARNING, log_to_driver=False)
-    else:
-        ray.init(
-            num_cpus=num_cpus,
-            include_dashboard=False,
-            logging_level=logging.WARNING,
-            log_to_driver=False,
-        )
+    started = start_ray(ray, address, num_cpus=num_cpus)
     try:
         yield ray
     finally:
-        ray.shutdown()
+        if started:
+            ray.shutdown()

@@ -1,0 +1,85 @@
+"""A sharded index served by one Ray actor per shard, on a real local Ray cluster (2 CPUs):
+the same hits, order, scores and counts as the unsharded index."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+
+from tests.distributed.conftest import BATCH
+
+pytestmark = pytest.mark.ray
+
+#: More shards than the cluster's 2 CPUs: actors share them.
+N_SHARDS = 3
+
+
+@pytest.fixture(scope="module")
+def sharded(tmp_path_factory: pytest.TempPathFactory, shapes_manifest: Path) -> Path:
+    from crossrank.shards import build_sharded
+
+    path = tmp_path_factory.mktemp("ray-sharded") / "sharded.idx"
+    build_sharded(shapes_manifest, path, shards=N_SHARDS, device="cpu", batch_size=BATCH)
+    return path
+
+
+def _query_image(shapes_manifest: Path) -> Path:
+    return next((shapes_manifest.parent / "shapes" / "images").glob("000004.png"))
+
+
+#: Searches compared: the first stage alone, reranked, filtered, both.
+SEARCHES = [
+    {},
+    {"reranker": "maxsim"},
+    {"where": "label IN ('label-1', 'label-3')"},
+    {"where": "label = 'label-2'", "reranker": "maxsim", "k": 4},
+]
+
+
+def test_actors_per_shard_search_like_the_unsharded_index(
+    ray_cluster, sharded: Path, local_build: Path, shapes_manifest: Path
+) -> None:
+    import crossrank
+    from crossrank.distributed import ActorShard, open_on_ray
+
+    queries: list = ["a red circle", "a blue square left of a green triangle"]
+    queries.append(_query_image(shapes_manifest))
+    with (
+        open_on_ray(sharded, device="cpu") as on_ray,
+        crossrank.open(local_build, device="cpu") as one,
+    ):
+        assert all(isinstance(s, ActorShard) for s in on_ray.view.shards)
+        assert len(on_ray.view.shards) == N_SHARDS
+        for kwargs in SEARCHES:
+            kwargs = {"k": 8, **kwargs}
+            for query in queries:
+                got, want = on_ray.search(query, **kwargs), one.search(query, **kwargs)
+                what = f"{query} {kwargs}"
+                assert got.hits, f"{what}: a query with no hits cannot tell the two apart"
+                assert [h.id for h in got.hits] == [h.id for h in want.hits], what
+                assert [h.path for h in got.hits] == [h.path for h in want.hits], what
+                for g, w in zip(got.hits, want.hits, strict=True):
+                    assert g.score == pytest.approx(w.score, abs=1e-4), what
+                assert got.counts == want.counts, what
+    assert ray_cluster.is_initialized()  # a runtime the caller started is left running
+
+
+def test_a_missing_shard_is_named_by_its_actor(ray_cluster, sharded: Path, tmp_path: Path) -> None:
+    from crossrank.distributed import open_on_ray
+    from crossrank.errors import IndexNotFoundError
+
+    copy = Path(shutil.copytree(sharded, tmp_path / "copy.idx"))
+    shutil.rmtree(copy / "shard-001")
+    with pytest.raises(IndexNotFoundError, match=r"shard 1 \(.*shard-001\) is missing") as info:
+        open_on_ray(copy, device="cpu")
+    assert "\n" not in str(info.value)
+
+
+def test_an_unsharded_index_is_refused_in_one_line(ray_cluster, local_build: Path) -> None:
+    from crossrank.distributed import open_on_ray
+    from crossrank.errors import InvalidArgumentError
+
+    with pytest.raises(InvalidArgumentError, match="is an unsharded index; --engine ray serves"):
+        open_on_ray(local_build)
