@@ -44,7 +44,7 @@ if TYPE_CHECKING:
     from crossrank.store import Manifest, ReaderPin
     from crossrank.store.filters import Filters
 
-__all__ = ["ShardSearcher", "ShardCandidates", "open_shard_snapshot"]
+__all__ = ["ShardSearcher", "ShardCandidates", "open_shard_snapshot", "check_shard_folder"]
 
 logger = logging.getLogger(__name__)
 
@@ -122,31 +122,67 @@ class _PinnedSnapshot(Snapshot):
         self._allowed_lock = threading.Lock()
 
 
+_PUT_BACK = (
+    "put the shard folder back (or fix its path in shards.json), or rebuild the index with "
+    "`crossrank build SOURCE --index DIR --shards N --overwrite`"
+)
+
+
+def check_shard_folder(ref: ShardRef, encoder: dict[str, Any] | None = None) -> None:
+    """Refuse, naming the shard, a shard folder that is missing, holds no crossrank index, or
+    holds one built with another model than ``encoder`` (the sharded index's).
+
+    Raises:
+        IndexNotFoundError: the folder is missing or holds no index.
+        ModelMismatchError: the shard's own manifest records another model.
+    """
+    import json
+
+    from crossrank.encoders import same_model
+    from crossrank.errors import IndexNotFoundError
+    from crossrank.store.manifest import MANIFEST_NAME
+
+    root = Path(ref.path)
+    if not root.is_dir():
+        raise IndexNotFoundError(f"{ref.name} is missing; {_PUT_BACK}")
+    try:
+        own = json.loads((root / MANIFEST_NAME).read_text(encoding="utf-8")).get("encoder")
+    except FileNotFoundError:
+        raise IndexNotFoundError(f"{ref.name} holds no crossrank index; {_PUT_BACK}") from None
+    except (OSError, ValueError, AttributeError):
+        return  # a damaged shard manifest: the generation's own checks say more
+    if encoder is not None and isinstance(own, dict) and not same_model(encoder, own):
+        raise ModelMismatchError(
+            f"{ref.name} was built with model {own.get('model_id')!r}, but the sharded index "
+            f"with {encoder.get('model_id')!r}; {_PUT_BACK}"
+        )
+
+
 def open_shard_snapshot(
-    ref: ShardRef, *, device: str = "cpu", nprobe: int | None = None
+    ref: ShardRef,
+    *,
+    device: str = "cpu",
+    nprobe: int | None = None,
+    encoder: dict[str, Any] | None = None,
 ) -> Snapshot:
     """Pin and open the generation ``ref`` names; errors name the shard.
 
     Raises:
-        IndexNotFoundError: the shard folder is missing (named, with what to do).
+        IndexNotFoundError: the shard folder is missing or holds no index (named).
+        ModelMismatchError: the shard was built with another model than ``encoder``.
         IndexCorruptError: its generation is missing or damaged (named).
     """
-    from crossrank.errors import IndexNotFoundError
     from crossrank.store import ReaderPin
 
+    check_shard_folder(ref, encoder)
     root = Path(ref.path)
-    if not root.is_dir():
-        raise IndexNotFoundError(
-            f"{ref.name} is missing; put the shard folder back (or fix its path in shards.json), "
-            "or rebuild the index with `crossrank build SOURCE --index DIR --shards N --overwrite`"
-        )
     manifest = manifest_from_dict(root, ref.manifest)
     pin = ReaderPin(root, ref.generation)
     if not manifest.generation_path.is_dir():
         pin.release()
         raise IndexCorruptError(
             f"{ref.name} misses generation {ref.generation} ({manifest.generation_dir}), which "
-            "the sharded index names; run `crossrank verify` on the index, or rebuild it"
+            f"the sharded index names; {_PUT_BACK}"
         )
     try:
         return _PinnedSnapshot(manifest, pin, device=device, nprobe=nprobe)
@@ -183,23 +219,9 @@ class ShardSearcher:
     ) -> None:
         self.ref = ref
         self.device = device
-        self._snap = open_shard_snapshot(ref, device=device, nprobe=nprobe)
+        self._snap = open_shard_snapshot(ref, device=device, nprobe=nprobe, encoder=encoder)
         self._scorers: dict[str, Reranker | None] = {}
         self._lock = threading.Lock()
-        if encoder is not None:
-            self._check_model(encoder)
-
-    def _check_model(self, encoder: dict[str, Any]) -> None:
-        from crossrank.encoders import same_model
-
-        own = self._snap.manifest.encoder
-        if not same_model(encoder, own):
-            self.close()
-            raise ModelMismatchError(
-                f"{self.ref.name} was built with model {own.get('model_id')!r}, but the sharded "
-                f"index with {encoder.get('model_id')!r}; put the right shard folder back, or "
-                "rebuild the index"
-            )
 
     # -- facts ----------------------------------------------------------------------------------
 

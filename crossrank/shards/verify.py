@@ -12,7 +12,9 @@ from pathlib import Path
 
 import numpy as np
 
+from crossrank.errors import CrossrankError
 from crossrank.shards.layout import ShardRef, read_shards_manifest, shard_of
+from crossrank.shards.searcher import check_shard_folder
 from crossrank.store.check import CheckReport, Progress
 
 __all__ = ["verify_sharded", "verify_sharded_report", "bytes_to_hash_sharded"]
@@ -46,11 +48,10 @@ def verify_sharded_report(
     totals = {"images": 0, "skipped": 0}
     for ref in top.shards:
         root = Path(ref.path)
-        if not root.is_dir():
-            report.problems.append(
-                f"{ref.name} is missing; put the shard folder back (or fix its path in "
-                "shards.json), or rebuild the index"
-            )
+        try:
+            check_shard_folder(ref, top.encoder)
+        except CrossrankError as e:
+            report.problems.append(str(e))
             continue
         pin = ReaderPin(root, ref.generation)
         try:
@@ -95,18 +96,13 @@ def _verify_shard(
 
     root = Path(ref.path)
     own = dict(ref.manifest.get("encoder", {}))
-    try:
-        current = read_current_encoder(root)
-    except Exception:  # a damaged shard manifest: reported below
-        current = own
-    for info in (own, current):
-        if info and not same_model(encoder, info):
-            return CheckReport(
-                problems=[
-                    f"was built with model {info.get('model_id')!r}, not the index's "
-                    f"{encoder.get('model_id')!r}; put the right shard folder back, or rebuild"
-                ]
-            )
+    if own and not same_model(encoder, own):
+        return CheckReport(
+            problems=[
+                f"shards.json records model {own.get('model_id')!r} for it, not the index's "
+                f"{encoder.get('model_id')!r}; rebuild the index"
+            ]
+        )
     gen_dir = root / str(ref.manifest.get("generation_dir", ""))
     if not gen_dir.is_dir():
         return CheckReport(
@@ -142,13 +138,3 @@ def _verify_shard(
             f"{int(wrong[0])}"
         )
     return report
-
-
-def read_current_encoder(root: Path) -> dict:
-    """The encoder the shard's own manifest records (empty when it has none)."""
-    import json
-
-    from crossrank.store.manifest import MANIFEST_NAME
-
-    data = json.loads((root / MANIFEST_NAME).read_text(encoding="utf-8"))
-    return dict(data.get("encoder", {})) if isinstance(data, dict) else {}
