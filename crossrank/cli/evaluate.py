@@ -10,6 +10,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from crossrank.cli.app import FusionOption, RerankerOption, _friendly_errors, _print_json, app
+from crossrank.cli.build import Engine
 from crossrank.cli.render import (
     console,
     err_console,
@@ -19,6 +20,7 @@ from crossrank.cli.render import (
     render_eval,
     stage_bars,
 )
+from crossrank.cli.search import EngineOption, RayAddressOption, check_engine, open_for_search
 from crossrank.device import Device
 
 
@@ -131,6 +133,8 @@ def eval_cmd(
         Path | None, typer.Option(help="Write first_stage.run and reranked.run (TREC) here.")
     ] = None,
     device: Annotated[Device, typer.Option(help="Where to encode and rerank.")] = Device.AUTO,
+    engine: EngineOption = Engine.LOCAL,
+    ray_address: RayAddressOption = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
 ) -> None:
     """Evaluate the first stage alone and with the reranker.
@@ -141,9 +145,9 @@ def eval_cmd(
     from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeElapsedColumn
 
     from crossrank.evaluate import evaluate_index
-    from crossrank.shards import open_index
 
-    idx = open_index(index, device=device.value)
+    check_engine(engine, ray_address)
+    idx = open_for_search(index, device.value, None, None, engine, ray_address)
     with progress_bar(
         TextColumn("[bold]evaluating"),
         BarColumn(),

@@ -14,6 +14,7 @@ from rich.table import Table
 from rich.text import Text
 
 from crossrank.cli.app import FusionOption, RerankerOption, _friendly_errors, _print_json, app
+from crossrank.cli.build import Engine
 from crossrank.cli.render import (
     Notes,
     console,
@@ -26,6 +27,7 @@ from crossrank.device import Device
 from crossrank.errors import CrossrankError
 
 if TYPE_CHECKING:
+    from crossrank.api.index import Index
     from crossrank.hits import SearchResult
 
 
@@ -61,6 +63,8 @@ def search(
     nprobe: Annotated[
         int | None, typer.Option(min=1, help="IVF lists probed (default: the index's).")
     ] = None,
+    engine: EngineOption = Engine.LOCAL,
+    ray_address: RayAddressOption = None,
     as_json: Annotated[
         bool,
         typer.Option(
@@ -103,11 +107,16 @@ def search(
         raise typer.BadParameter("--html writes the page of one query: give a QUERY or --image")
     one = [query if image is None else image] if not from_stdin else []
     # Checked before any model loads: the index (opening it), -k, --image, --fusion, --where.
-    idx = open_index(index, device=device.value, nprobe=nprobe)
-    idx.check_search(one, k=k, rerank_k=rerank_k, where=where, fusion=fusion)
-    if model is not None:  # a model named on the command line is loaded (and checked) at open
-        idx.close()
-        idx = open_index(index, device=device.value, model=model, nprobe=nprobe)
+    check_engine(engine, ray_address)
+    if engine == Engine.RAY:  # the actors start once: the model is checked at open, with them
+        idx = open_for_search(index, device.value, model, nprobe, engine, ray_address)
+        idx.check_search(one, k=k, rerank_k=rerank_k, where=where, fusion=fusion)
+    else:
+        idx = open_index(index, device=device.value, nprobe=nprobe)
+        idx.check_search(one, k=k, rerank_k=rerank_k, where=where, fusion=fusion)
+        if model is not None:  # a model named on the command line is loaded (and checked) now
+            idx.close()
+            idx = open_index(index, device=device.value, model=model, nprobe=nprobe)
     notes = Notes()
     with warnings.catch_warnings():
         # A cut query's warning reaches the user as a note (result.notes), not as a traceback line.
@@ -133,6 +142,55 @@ def search(
             else:
                 _print_result(result)
             notes.show(None if result.encoder is None else result.encoder.to_dict(), result.notes)
+
+
+#: ``--engine``: where the shards of a sharded index are searched.
+EngineOption = Annotated[
+    Engine,
+    typer.Option(
+        help=(
+            "Where a sharded index's shards are searched: local threads, or one Ray actor per "
+            "shard (needs crossrank[ray])."
+        )
+    ),
+]
+#: ``--ray-address``: the Ray cluster of ``--engine ray``.
+RayAddressOption = Annotated[
+    str | None,
+    typer.Option(
+        "--ray-address",
+        help="With --engine ray: HOST:PORT of a running Ray cluster (default: a local one).",
+    ),
+]
+
+
+def check_engine(engine: Engine, ray_address: str | None) -> None:
+    """``--ray-address`` only with ``--engine ray``: a usage error otherwise."""
+    if ray_address is not None and engine != Engine.RAY:
+        raise typer.BadParameter(
+            "--ray-address needs --engine ray; add it, or leave --ray-address out",
+            param_hint="--ray-address",
+        )
+
+
+def open_for_search(
+    index: Path,
+    device: str,
+    model: str | None,
+    nprobe: int | None,
+    engine: Engine,
+    ray_address: str | None,
+) -> Index:
+    """An index (sharded or not) on local threads, or a sharded one on Ray actors."""
+    if engine == Engine.RAY:
+        from crossrank.distributed import open_on_ray  # only with --engine ray
+
+        return open_on_ray(
+            index, device=device, model=model, nprobe=nprobe, ray_address=ray_address
+        )
+    from crossrank.shards import open_index
+
+    return open_index(index, device=device, model=model, nprobe=nprobe)
 
 
 def _stdin_queries() -> Iterator[str]:
