@@ -146,3 +146,21 @@ def test_rerank_refuses_ids_not_in_the_index(opened) -> None:
 
     with pytest.raises(InvalidArgumentError, match="not in index .*: 99"):
         opened[1].rerank("a dog", [1, 99])
+
+
+def test_an_int8_sharded_index_reranks_as_the_unsharded_one(
+    shard_source: Path, tiny_clip: Path, tmp_path: Path
+) -> None:
+    from crossrank.shards import build_sharded
+    from crossrank.write.build import build_index
+
+    kw = {"model": tiny_clip, "device": "cpu", "batch_size": 16, "patch_codec": "int8"}
+    build_index(shard_source, tmp_path / "flat.idx", **kw)
+    build_sharded(shard_source, tmp_path / "sharded.idx", shards=2, **kw)
+    with (
+        crossrank.open(tmp_path / "flat.idx", device="cpu") as a,
+        crossrank.open(tmp_path / "sharded.idx", device="cpu") as b,
+    ):
+        assert b.info()["patch_codec"] == "int8"
+        kw = {"k": 6, "rerank_k": 15, "reranker": "maxsim", "fusion": "weighted:0.7"}
+        assert_same(a.search("a yellow star", **kw), b.search("a yellow star", **kw))
