@@ -20,13 +20,18 @@ The floor is a square fp32 ``torch.mm`` (the largest of 1024, 1536 and 2048 that
 FLOP), measured in the same run with the same threads; each round times the matmul and every
 rerank case, in rotating order, and every figure is a median. The goal is a ratio >= 0.5.
 
-The reranker is the shipped demo reranker's architecture (``crossrank/assets/demo-reranker``,
-random weights: the speed does not depend on them) or ``--reranker DIR`` or the default
-:class:`~crossrank.rerank.RerankerConfig`; the shapes are the demo encoder's (d = 128, 64 patches)
-and 12 query tokens. Run::
+The reranker is the shipped demo reranker (``crossrank/assets/demo-reranker``, its weights: the
+speed does not depend on them, but the scores are the ones search computes) or each ``--reranker
+DIR`` (several are timed in the same rounds, against the same matmul), or the default
+:class:`~crossrank.rerank.RerankerConfig`. The shapes (``--shapes``) are the demo encoder's (d =
+128, 64 patches) and, with ``clip-b16``, CLIP ViT-B/16's (d = 512, 196 patches; the reranker's
+architecture with its input dims, patch positions and layer-0 width made CLIP's, random weights);
+12 query tokens. Run::
 
     python benchmarks/bench_rerank_flops.py                 # k = 100 and 1000
     python benchmarks/bench_rerank_flops.py --threads 1
+    python benchmarks/bench_rerank_flops.py --reranker OLD_DIR crossrank/assets/demo-reranker
+    python benchmarks/bench_rerank_flops.py --shapes demo clip-b16
     python benchmarks/bench_rerank_flops.py --quick --json  # a smoke test, not a measurement
     python benchmarks/bench_rerank_flops.py --out  # also writes results/bench_rerank_flops/
 """
@@ -34,6 +39,7 @@ and 12 query tokens. Run::
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import platform
 import statistics
@@ -50,18 +56,33 @@ from _report import add_out_option, write_report
 
 from crossrank.allocator import keep_large_allocations
 from crossrank.rerank import CrossAttentionReranker, RerankerConfig, read_reranker_config
-from crossrank.rerank.checkpoint import demo_reranker_dir
+from crossrank.rerank.checkpoint import demo_reranker_dir, load_reranker
 
 DEMO_RERANKER = demo_reranker_dir()
 N_TOKENS = 12
 DIM, N_PATCHES = 128, 64  # the demo encoder's features
+#: Feature width and patch count per ``--shapes`` value.
+SHAPES = {"demo": (DIM, N_PATCHES), "clip-b16": (512, 196)}
 
 
-def _config(reranker: Path | None) -> tuple[RerankerConfig, str]:
+def _model(reranker: Path | None, shape: str) -> tuple[CrossAttentionReranker, str]:
+    """The reranker to time at ``shape``: a folder's own weights at its own dims, else its
+    architecture with random weights at the shape's dims."""
     folder = reranker or (DEMO_RERANKER if (DEMO_RERANKER / "config.json").is_file() else None)
+    dim, n_patches = SHAPES[shape]
     if folder is None:
-        return RerankerConfig(text_dim=DIM, patch_dim=DIM), "RerankerConfig() defaults"
-    return read_reranker_config(folder), str(folder)
+        return CrossAttentionReranker(RerankerConfig(text_dim=dim, patch_dim=dim)), "defaults"
+    config = read_reranker_config(folder)
+    if (config.patch_dim, config.patch_positions) == (dim, n_patches):
+        return load_reranker(folder, device="cpu"), str(folder)
+    config = dataclasses.replace(
+        config,
+        text_dim=dim,
+        patch_dim=dim,
+        token_embeddings=dim if config.token_embeddings else 0,
+        patch_positions=n_patches if config.patch_positions else None,
+    )
+    return CrossAttentionReranker(config), f"{folder} (architecture, random weights)"
 
 
 def _matmul_case(n: int) -> tuple[Any, float]:
@@ -76,11 +97,13 @@ def _sdpa_flops(query_shape, key_shape, value_shape, *args, out_shape=None, **kw
     return sdpa_flop_count(query_shape, key_shape, value_shape)
 
 
-def _rerank_case(model: CrossAttentionReranker, k: int) -> tuple[Any, float]:
+def _rerank_case(
+    model: CrossAttentionReranker, k: int, n_patches: int = N_PATCHES
+) -> tuple[Any, float]:
     g = torch.Generator().manual_seed(k)
     tokens = torch.randn(N_TOKENS, model.config.token_input_dim, generator=g)
     mask = torch.ones(N_TOKENS, dtype=torch.bool)
-    patches = torch.randn(k, N_PATCHES, model.config.patch_dim, generator=g).half()  # as gathered
+    patches = torch.randn(k, n_patches, model.config.patch_dim, generator=g).half()  # as gathered
 
     def call() -> torch.Tensor:
         return model.score(tokens, mask, patches)
@@ -96,7 +119,18 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--ks", type=int, nargs="+", default=[100, 1000])
     parser.add_argument(
-        "--reranker", type=Path, default=None, help="a reranker folder whose config to time"
+        "--reranker",
+        type=Path,
+        nargs="+",
+        default=[None],
+        help="reranker folders to time in the same rounds (default: the shipped demo reranker)",
+    )
+    parser.add_argument(
+        "--shapes",
+        nargs="+",
+        choices=sorted(SHAPES),
+        default=["demo"],
+        help="feature shapes: demo (d = 128, 64 patches), clip-b16 (d = 512, 196 patches)",
     )
     parser.add_argument("--rounds", type=int, default=15)
     parser.add_argument(
@@ -119,14 +153,18 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     rounds = 3 if args.quick else args.rounds
-    config, source = _config(args.reranker)
-    model = CrossAttentionReranker(config).eval()
-
+    timed = []  # (name, source, shape, k, config)
     sizes = [256, 512] if args.quick else [1024, 1536, 2048]
     cases: dict[str, tuple[Any, float]] = {f"mm{n}": _matmul_case(n) for n in sizes}
     with torch.inference_mode():
-        for k in args.ks:
-            cases[f"rerank_k{k}"] = _rerank_case(model, k)
+        for folder in args.reranker:
+            for shape in args.shapes:
+                model, source = _model(folder, shape)
+                model.eval()
+                for k in args.ks:
+                    name = f"{source}|{shape}|k{k}"
+                    cases[name] = _rerank_case(model, k, SHAPES[shape][1])
+                    timed.append((name, source, shape, k, model.config))
         for fn, _ in cases.values():
             fn()  # warm-up
         times: dict[str, list[float]] = {name: [] for name in cases}
@@ -142,11 +180,12 @@ def main(argv: list[str] | None = None) -> int:
     peak_name = max((n for n in cases if n.startswith("mm")), key=lambda n: flops_per_s[n])
     peak = flops_per_s[peak_name]
     rows = []
-    for k in args.ks:
-        name = f"rerank_k{k}"
+    for name, source, shape, k, _ in timed:
         t = times[name]
         rows.append(
             {
+                "reranker": source,
+                "shapes": shape,
                 "k": k,
                 "p50_ms": 1e3 * statistics.median(t),
                 "min_ms": 1e3 * min(t),
@@ -155,16 +194,22 @@ def main(argv: list[str] | None = None) -> int:
                 "vs_matmul": flops_per_s[name] / peak,
             }
         )
+    configs = {source: config.to_dict() for _, source, _, _, config in timed}
     meta = {
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
         "cpu": platform.processor() or platform.machine(),
         "rounds": rounds,
         "allocator_tuned": tuned,
-        "reranker": source,
-        "config": config.to_dict(),
+        "reranker": timed[0][1],
+        "config": timed[0][4].to_dict(),
+        "configs": configs,
         "n_tokens": N_TOKENS,
-        "n_patches": N_PATCHES,
+        "shapes": {
+            shape: dict(zip(("dim", "n_patches"), SHAPES[shape], strict=True))
+            for shape in args.shapes
+        },
+        "n_patches": SHAPES[args.shapes[0]][1],
         "matmul": {
             "best": peak_name,
             **{n: flops_per_s[n] / 1e9 for n in cases if n.startswith("mm")},
@@ -176,22 +221,25 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     print(
         f"# torch {meta['torch']}, {meta['threads']} threads, {meta['cpu']}, {rounds} rounds, "
-        "allocator "
-        f"{'tuned' if tuned else 'default'}; reranker {source}"
+        f"allocator {'tuned' if tuned else 'default'}, {N_TOKENS} query tokens"
     )
     print(
         "# fp32 matmul GFLOP/s: "
         + ", ".join(f"{n} {v:.1f}" for n, v in meta["matmul"].items() if n != "best")
         + f" (floor: {peak_name})"
     )
-    print(
-        f"{'k':>5} {'p50 ms':>9} {'GFLOP/query':>12} {'GFLOP/s':>9} {'vs matmul':>10}  goal >= 0.50"
-    )
+    last = None
     for r in rows:
+        if (r["reranker"], r["shapes"]) != last:
+            last = (r["reranker"], r["shapes"])
+            print(f"# {r['reranker']} at {r['shapes']} shapes")
+            print(
+                f"{'k':>5} {'p50 ms':>9} {'GFLOP/query':>12} {'GFLOP/s':>9} {'vs matmul':>10}"
+                "  goal >= 0.50"
+            )
         print(
             f"{r['k']:>5} {r['p50_ms']:>9.2f} {r['gflop_per_query']:>12.3f} "
-            f"{r['gflop_per_s']:>9.1f} "
-            f"{r['vs_matmul']:>10.2f}"
+            f"{r['gflop_per_s']:>9.1f} {r['vs_matmul']:>10.2f}"
         )
     return 0
 

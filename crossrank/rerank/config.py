@@ -98,6 +98,9 @@ class RerankerConfig:
     # patch coordinates on the patch_positions grid, which must be square), then mean-pooled and
     # added to the logit: a direct path from "where is each object" to the score ("left of").
     pair_head: bool = False
+    # Width of the pair head's per-pair hidden layer (its (n, n, pair_width) GELU is most of its
+    # cost); None = the reranker's width.
+    pair_width: int | None = None
     pooling: Pooling = Pooling.MEAN  # mean over real positions | first position
     init: Init = (
         Init.LECUN
@@ -172,6 +175,11 @@ class RerankerConfig:
             raise ValueError(
                 "pair_head needs patch_positions set to the encoder's square patch grid (e.g. 64 "
                 f"for 8 x 8 patches): it reads where each patch lies, got {self.patch_positions!r}"
+            )
+        if self.pair_width is not None and (not _is_int(self.pair_width) or self.pair_width < 1):
+            raise ValueError(
+                "pair_width must be None (the reranker's width) or an int >= 1 (the pair head's "
+                f"hidden size, e.g. 32), got {self.pair_width!r}"
             )
         object.__setattr__(self, "pooling", _enum(Pooling, self.pooling, "pooling"))
         object.__setattr__(self, "init", _enum(Init, self.init, "init"))

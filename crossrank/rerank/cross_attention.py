@@ -142,7 +142,9 @@ class CrossAttentionReranker(nn.Module, Reranker):
         self.head = nn.Sequential(nn.Linear(w, w), nn.GELU(), nn.Linear(w, 1))
         self.pair = None
         if config.pair_head:
-            self.pair = PairHead(w, config.heads, config.patch_positions, config.gated)
+            self.pair = PairHead(
+                w, config.heads, config.patch_positions, config.gated, config.pair_width
+            )
             keep_flat_keys(self, "pair")  # saved as pair_norm.weight, ..., pair_gate
         self._reset_parameters()
 
@@ -425,7 +427,7 @@ class CrossAttentionReranker(nn.Module, Reranker):
                 f"got {tuple(patch_mask.shape)}"
             )
         keep = None if patch_mask is None else patch_mask[..., None, None, :]  # (*lead, 1, 1, P)
-        stream = PatchStates(self.patch_in, self._prepare_patches(patches, patch_mask), keep)
+        stream = self._patch_stream(patches, patch_mask, keep)
         keys, values = zip(
             *(layer.patch_kv(stream) for layer in self.layers[: cfg.static_patch_layers]),
             strict=True,
@@ -470,19 +472,21 @@ class CrossAttentionReranker(nn.Module, Reranker):
         states = torch.cat([qt, t], dim=1)  # (B, n_q + L, width)
         return states, torch.cat([q_keep, token_mask], dim=1)  # (B, n_q + L)
 
-    def _prepare_patches(
-        self, patches: torch.Tensor, patch_mask: torch.Tensor | None
-    ) -> torch.Tensor:
-        """x̃ = LN_v(patches) + pos: per patch, query-independent. ``(..., P, d_v)`` -> same."""
+    def _patch_stream(
+        self, patches: torch.Tensor, patch_mask: torch.Tensor | None, keep: torch.Tensor | None
+    ) -> PatchStates:
+        """The patch stream of raw ``patches`` ``(..., P, d_v)``: LN_v(patches) and the position
+        embedding, kept apart (x̃ = their sum: per patch, query-independent)."""
+        given = patches
         patches = patches.to(self.patch_in.weight.dtype)
         if patch_mask is not None:
             # Padding content (even inf/NaN) must not reach a value row: in softmax @ V a
             # masked row still meets a 0 weight, and 0 * NaN is NaN.
             patches = patches.masked_fill(~patch_mask[..., None], 0.0)
-        xt = self.patch_norm(patches)
-        if self.patch_pos is not None:
-            xt = xt + self.patch_pos[: patches.shape[-2]]  # (..., P, patch_dim)
-        return xt
+        normed = self.patch_norm(patches)  # (..., P, patch_dim)
+        pos = None if self.patch_pos is None else self.patch_pos[: patches.shape[-2]]  # (P, d_v)
+        owned = normed.untyped_storage().data_ptr() != given.untyped_storage().data_ptr()
+        return PatchStates(self.patch_in, normed, keep, pos=pos, owned=owned)
 
     def _kv_sources(
         self,
@@ -500,7 +504,7 @@ class CrossAttentionReranker(nn.Module, Reranker):
                 CachedKV(stream, k, v) for k, v in zip(patches.keys, patches.values, strict=True)
             ]
             return (cached + [ProjectedKV(stream)] * n_layers)[:n_layers]
-        stream = PatchStates(self.patch_in, self._prepare_patches(patches, patch_mask), keep)
+        stream = self._patch_stream(patches, patch_mask, keep)
         n_folded = 0 if path == AttentionPath.PLAIN else self.config.foldable_layers
         folded = [FoldedKV(stream, self.patch_in, self._fold_cache)] * n_folded
         return folded + [ProjectedKV(stream)] * (n_layers - n_folded)

@@ -25,8 +25,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from crossrank.rerank.autocast import autocast_off
-from crossrank.rerank.kv_source import KVSource, PatchStates, with_channels
-from crossrank.rerank.layers import Attention, RerankerLayer, attend
+from crossrank.rerank.kv_source import KVSource, PatchStates
+from crossrank.rerank.layers import Attention, RerankerLayer
 
 __all__ = ["FoldCache", "FoldedKV", "folded_weights"]
 
@@ -55,24 +55,43 @@ class FoldedKV(KVSource):
         w_k, w_v, b_out = folded_weights(attn, self.patch_in, self.cache, layer.index)
         heads, head_dim, d_v = w_k.shape
         n = q.shape[-2]
-        # Token-major rows (n, heads): the attention's output then reshapes to (n, width) as a view.
-        q_fold = torch.einsum("...hnd,hde->...nhe", q, w_k)  # (B, 1|k, n, heads, d_v)
+        # x̃ = LN(patches) + pos, made once per forward (in place on the LayerNorm's output).
+        prepared = self.patches.prepared  # (B, k, P, d_v)
+        n_batch, k, n_patches = prepared.shape[:3]
+        rows = n * heads  # token-major (n, heads): the output then reshapes to (n, width)
         # All heads attend over the same x̃: stack them along the query rows, one d_v-wide head.
-        q_fold = q_fold.reshape(*q.shape[:-3], 1, n * heads, d_v)  # (B, 1|k, 1, n * heads, d_v)
-        keys = self.patches.prepared.unsqueeze(-3)  # (B, k, 1, P, d_v)
-        out = attend(
-            q_fold,
-            keys,
-            with_channels(keys, channels),
-            self.patches.keep,
-            attn.scale,
-            layer.top_m,
-        )  # (B, k, 1, n * heads, d_v + c)
+        q_fold = torch.einsum("...hnd,hde->...nhe", q, w_k * attn.scale)  # (B, 1|k, n, h, d_v)
+        q_fold = q_fold.reshape(*q.shape[:-3], rows, d_v)  # (B, 1|k, rows, d_v)
+        flat = prepared.reshape(n_batch * k, n_patches, d_v)  # (N, P, d_v), N = B * k
+        if q_fold.shape[0] == 1 and q_fold.shape[1] == 1:
+            queries = q_fold[0, 0].expand(n_batch * k, rows, d_v)  # a view: no copy per candidate
+        else:
+            queries = q_fold.expand(n_batch, k, rows, d_v).reshape(-1, rows, d_v)
+        # An explicit softmax, not F.scaled_dot_product_attention: the channels' averages need the
+        # weights, and SDPA's fused CPU kernels refuse values wider than the keys.
+        logits = torch.bmm(queries, flat.transpose(1, 2))  # (N, rows, P)
+        keep = self.patches.keep  # (B, k, 1, 1, P) | None
+        if keep is not None:
+            logits.masked_fill_(~keep.reshape(n_batch * k, 1, n_patches), float("-inf"))
+        if layer.top_m is not None and layer.top_m < n_patches:
+            top = logits.topk(layer.top_m, dim=-1).indices  # (N, rows, m)
+            chosen = torch.zeros_like(logits, dtype=torch.bool).scatter_(-1, top, True)
+            logits.masked_fill_(~chosen, float("-inf"))  # padding picked in a top m stays -inf
+        weights = torch.softmax(logits, dim=-1)  # (N, rows, P)
+        out = torch.bmm(weights, flat)  # (N, rows, d_v)
         averages = None
-        if channels:  # rows are token-major (n, heads)
-            averages = out[..., d_v:].reshape(*out.shape[:-3], n, heads, -1)  # (B, k, n, heads, c)
-            out = out[..., :d_v]  # (B, k, 1, n * heads, d_v)
-        out = out.reshape(*out.shape[:-3], n, heads, d_v)  # (B, k, n, heads, d_v)
+        if channels:
+            parts = []
+            for c in channels:
+                if c.ndim == 2:  # (P, c), the same for every candidate: one matrix multiply
+                    part = weights.view(-1, n_patches) @ c.to(weights.dtype)  # (N * rows, c)
+                    parts.append(part.view(n_batch * k, rows, -1))
+                else:  # (B, k, 1, P, c): per candidate
+                    per = c.to(weights.dtype).expand(n_batch, k, 1, n_patches, c.shape[-1])
+                    parts.append(torch.bmm(weights, per.reshape(-1, n_patches, c.shape[-1])))
+            averages = torch.cat(parts, dim=-1) if len(parts) > 1 else parts[0]  # (N, rows, c)
+            averages = averages.view(n_batch, k, n, heads, -1)  # (B, k, n, heads, c)
+        out = out.view(n_batch, k, n, heads, d_v)
         out = torch.einsum("...nhe,hde->...nhd", out, w_v)  # (B, k, n, heads, head_dim)
         out = out.reshape(*out.shape[:-2], heads * head_dim)  # (B, k, n, width)
         return attn.drop(F.linear(out, attn.o.weight, b_out)), averages  # (B, k, n, width)

@@ -30,21 +30,41 @@ class PatchStates:
 
     Args:
         project: the patch projection ``d_v -> width`` (the reranker's ``patch_in``).
-        prepared: ``(B, k, P, d_v)`` prepared patches x̃, or None with a cache.
+        normed: ``(B, k, P, d_v)`` the layer-normalised patches before the position embedding,
+            or None with a cache.
         keep: ``(B, k, 1, 1, P)`` bool, True = a real patch; None = all real.
         states: ``(B, k, P, width)`` states to start from (a cache's), or None: then x̃ is
             projected on first use, so that layers that never read the states never project.
+        pos: ``(P, d_v)`` the position embedding added to ``normed`` to make x̃, or None.
+        owned: whether ``normed`` is this stream's own tensor (not the caller's input), so that
+            x̃ may be made in place on it when autograd is off.
     """
 
     def __init__(
         self,
         project: nn.Module,
-        prepared: torch.Tensor | None,
+        normed: torch.Tensor | None,
         keep: torch.Tensor | None,
         states: torch.Tensor | None = None,
+        pos: torch.Tensor | None = None,
+        owned: bool = False,
     ) -> None:
-        self.prepared, self.keep = prepared, keep
-        self._project, self._states = project, states
+        self.normed, self.pos, self.keep, self._owned = normed, pos, keep, owned
+        self._project, self._states, self._prepared = project, states, None
+
+    @property
+    def prepared(self) -> torch.Tensor | None:
+        """``(B, k, P, d_v)`` the prepared patches x̃ = ``normed + pos``, made on first use."""
+        if self._prepared is None and self.normed is not None:
+            # In place when nothing else holds the LayerNorm's output (no autograd to feed).
+            if self.pos is None:
+                self._prepared = self.normed
+            elif self._owned and not torch.is_grad_enabled():
+                self._prepared = self.normed.add_(self.pos)
+            else:
+                self._prepared = self.normed + self.pos
+            self.normed = None  # x̃ replaces it
+        return self._prepared
 
     @property
     def states(self) -> torch.Tensor:

@@ -204,7 +204,10 @@ class MLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``(..., width)`` -> ``(..., width)``."""
-        return self.drop(self.proj(self.drop(F.gelu(self.fc(x)))))
+        hidden = self.fc(x)  # (..., hidden)
+        # In place without autograd (inference): the same values, one allocation fewer.
+        hidden = F.gelu(hidden) if torch.is_grad_enabled() else torch.ops.aten.gelu_(hidden)
+        return self.drop(self.proj(self.drop(hidden)))
 
 
 def gate(gate: nn.Parameter | None, branch: torch.Tensor) -> torch.Tensor:

@@ -52,14 +52,27 @@ def test_round_trip_gives_identical_scores(saved):
     assert read_reranker_config(path) == model.config
 
 
-def test_a_pair_head_round_trips_with_identical_scores(tmp_path):
-    model = _model(pair_head=True, patch_positions=9, query_self_attention=True)  # a 3 x 3 grid
+@pytest.mark.parametrize("pair_width", [None, 3])
+def test_a_pair_head_round_trips_with_identical_scores(tmp_path, pair_width):
+    model = _model(
+        pair_head=True, patch_positions=9, query_self_attention=True, pair_width=pair_width
+    )  # a 3 x 3 grid
     path = save_reranker(model, tmp_path / "pair")
     loaded = load_reranker(path, device="cpu")
     tokens, mask, patches = _inputs()
-    assert loaded.config.pair_head and torch.equal(
-        loaded.score(tokens, mask, patches), model.score(tokens, mask, patches)
-    )
+    assert loaded.config.pair_head and loaded.config.pair_width == pair_width
+    assert torch.equal(loaded.score(tokens, mask, patches), model.score(tokens, mask, patches))
+
+
+def test_a_config_written_before_pair_width_reads_as_the_full_width(tmp_path):
+    model = _model(pair_head=True, patch_positions=9)
+    path = save_reranker(model, tmp_path / "old")
+    data = json.loads((path / CONFIG_NAME).read_text())
+    del data["config"]["pair_width"]  # as the shipped demo reranker's config.json was written
+    (path / CONFIG_NAME).write_text(json.dumps(data))
+    loaded = load_reranker(path, device="cpu")
+    assert loaded.config.pair_width is None
+    assert torch.equal(loaded.score(*_inputs()), model.score(*_inputs()))
 
 
 def test_layer_0_token_states_round_trip_and_widen_the_query(tmp_path):

@@ -43,6 +43,7 @@ OPTIONS = {
         "query_self_attention": True,
     },
     "pair-head": {"pair_head": True, "patch_positions": 16},
+    "pair-width": {"pair_head": True, "patch_positions": 16, "pair_width": 5},
     "pair+everything": {
         "pair_head": True,
         "patch_positions": 16,
@@ -402,7 +403,7 @@ def test_attend_to_gives_the_attention_weights_of_a_one_layer_model():
         x, _ = model.encode_query(tokens[None], token_mask[None])  # (1, n, width)
         layer = model.layers[0]
         q = layer.cross_attn.project_q(layer.cross_norm(x))  # (1, heads, n, e)
-        p = model.patch_in(model._prepare_patches(patches, patch_mask))  # (K, P, width)
+        p = model.patch_in(model._patch_stream(patches, patch_mask, None).prepared)  # (K, P, w)
         k, _ = layer.cross_attn.project_kv(layer.cross_kv_norm(p))  # (K, heads, P, e)
         logits = (q @ k.transpose(-1, -2)) * layer.cross_attn.scale  # (K, heads, n, P)
         weights = logits.masked_fill(~patch_mask[:, None, None, :], float("-inf")).softmax(-1)
@@ -456,6 +457,21 @@ def test_the_pair_head_scores_alike_with_and_without_autograd(monkeypatch):
     with torch.no_grad():
         chunked = model(tokens, token_mask, patches, patch_mask)
     _close(chunked, with_grad.detach())
+    # score() drops the padding tokens: every pair is real, the sum needs no mask.
+    with torch.enable_grad():
+        real = model(tokens[token_mask], token_mask[token_mask], patches, patch_mask)
+    _close(model.score(tokens, token_mask, patches, patch_mask), real.detach())
+
+
+def test_pair_width_sets_the_pair_heads_hidden_size():
+    model = _model(pair_head=True, patch_positions=16, pair_width=3)
+    assert model.pair.u.weight.shape == (3, 16) and model.pair.out.weight.shape == (1, 3)
+    assert _model(pair_head=True, patch_positions=16).pair.u.weight.shape == (16, 16)
+    tokens, token_mask, patches, patch_mask = _inputs()
+    assert model.score(tokens, token_mask, patches, patch_mask).isfinite().all()
+    for bad in (0, -2, 2.5, True):
+        with pytest.raises(ValueError, match=r"pair_width must be None"):
+            _config(pair_head=True, patch_positions=16, pair_width=bad)
 
 
 def test_a_pair_head_needs_a_square_patch_grid():
