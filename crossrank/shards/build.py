@@ -26,7 +26,7 @@ from crossrank.shards.layout import SHARDS_NAME, is_sharded, shard_dir_name, sha
 if TYPE_CHECKING:
     from crossrank.write.build import BuildReport, ProgressFn
 
-__all__ = ["build_sharded", "check_shards", "ShardedBuilder"]
+__all__ = ["build_sharded", "build_sharded_from_arrays", "check_shards", "ShardedBuilder"]
 
 logger = logging.getLogger(__name__)
 
@@ -402,3 +402,151 @@ def _remove_unused_root(root: Path) -> None:
         return
     if all(_own_root_entry(e.name) for e in root.iterdir()):
         shutil.rmtree(root, ignore_errors=True)
+
+
+def build_sharded_from_arrays(
+    index_dir: str | Path,
+    vectors: Any,
+    patches: Any,
+    metadata: Any = None,
+    *,
+    shards: int,
+    ids: Any = None,
+    model: str | Path | None = None,
+    encoder_info: dict[str, Any] | None = None,
+    factory: str | None = None,
+    nprobe: int | None = None,
+    patch_codec: str | None = None,
+    overwrite: bool = False,
+    device: str = "cpu",
+    shard_paths: list[str | Path] | None = None,
+) -> BuildReport:
+    """A sharded index from a backend's pooled vectors, patches and metadata (nothing encoded).
+
+    Row ``i`` gets id ``ids[i]`` (default ``0..n-1``, after every id the index gave with
+    ``overwrite``) and goes to shard ``ids[i] % shards``; each shard is written by
+    :func:`crossrank.write.build_from_arrays` (every argument is checked there, in one line),
+    then ``shards.json`` names them all. With the default ids a shard's rows are a strided view
+    of ``vectors`` and ``patches`` (a memory map is read a chunk at a time); explicit ids gather
+    each shard's rows into memory first.
+
+    Args:
+        shards: the number of shards N (>= 1, at most the number of rows).
+        shard_paths: where the shards go (see :func:`build_sharded`).
+        The others: as :func:`crossrank.write.build_from_arrays`.
+
+    Returns:
+        A :class:`~crossrank.write.BuildReport` (``generation`` is the top generation).
+
+    Raises:
+        InvalidArgumentError: a bad ``shards``, more shards than rows, ids that leave a shard
+            empty, and everything ``build_from_arrays`` raises.
+    """
+    import pyarrow as pa
+
+    from crossrank.shards.write import sharded_write
+    from crossrank.store import has_index
+    from crossrank.write._common import check_index_path, writing
+    from crossrank.write.arrays import build_from_arrays
+    from crossrank.write.build import BuildReport
+
+    n_shards = check_shards(shards)
+    root = Path(index_dir)
+    check_index_path(root)
+    n = int(getattr(vectors, "shape", (len(vectors),))[0])
+    if n_shards > n:
+        raise InvalidArgumentError(
+            f"--shards {n_shards} is more than the {n} images given; use {n} shards or fewer"
+        )
+    table = None
+    if metadata is not None:
+        table = metadata if isinstance(metadata, pa.Table) else pa.table(metadata)
+    paths = [str(p) for p in shard_paths] if shard_paths is not None else None
+    if paths is not None and len(paths) != n_shards:
+        raise InvalidArgumentError(f"shard_paths names {len(paths)} folders for {n_shards} shards")
+    paths = paths or [shard_dir_name(i) for i in range(n_shards)]
+    _check_root(root, n_shards, overwrite)
+    start = time.perf_counter()
+    created = not root.exists()
+    try:
+        with writing(root, "build"), sharded_write(root, create=True) as w:
+            given = ids
+            if given is None and table is not None and "id" in table.column_names:
+                given = table.column("id").to_numpy()
+            first_id = w.top.next_id if w.top is not None else 0
+            strided = given is None
+            all_ids = (
+                first_id + np.arange(n, dtype=np.int64)
+                if strided
+                else np.asarray(given).astype(np.int64, copy=False)
+            )
+            if all_ids.ndim != 1 or all_ids.shape[0] != n:
+                raise InvalidArgumentError(
+                    f"ids must be {n} integers (one per row), got shape {all_ids.shape}"
+                )
+            dest = shard_of(all_ids, n_shards)
+            if w.top is not None:
+                dirs = [ref.path for ref in w.top.shards]
+            else:
+                dirs = [p if Path(p).is_absolute() else str(root / p) for p in paths]
+                w.refs = [None] * n_shards  # type: ignore[list-item]
+                w.paths = list(paths)
+            reports = []
+            for s in range(n_shards):
+                if strided:  # id = first_id + row: shard s holds every N-th row, a view
+                    rows: Any = slice((s - first_id) % n_shards, None, n_shards)
+                    shard_ids = all_ids[rows]
+                else:
+                    rows = np.flatnonzero(dest == s)
+                    shard_ids = all_ids[rows]
+                if not shard_ids.size:
+                    raise InvalidArgumentError(
+                        f"no id falls to shard {s} (id % {n_shards} == {s}); every shard needs an "
+                        f"image: use fewer shards or ids that spread over them"
+                    )
+                reports.append(
+                    build_from_arrays(
+                        dirs[s],
+                        vectors[rows],
+                        patches[rows],
+                        None if table is None else _take(table, rows, n),
+                        ids=shard_ids,
+                        model=model,
+                        encoder_info=encoder_info,
+                        factory=factory,
+                        nprobe=nprobe,
+                        patch_codec=patch_codec,
+                        overwrite=has_index(dirs[s]),
+                        device=device,
+                    )
+                )
+                w.committed_at(s, dirs[s])
+            from crossrank.store import read_manifest
+
+            encoder = read_manifest(dirs[0]).encoder
+            next_id = max(int(all_ids.max()) + 1, w.top.next_id if w.top is not None else 0)
+            top = w.commit(encoder=encoder, next_id=next_id, extra={"source": "<arrays>"})
+    except BaseException:
+        if created:
+            _remove_unused_root(root)
+        raise
+    return BuildReport(
+        index_dir=root,
+        generation=top.generation,
+        indexed=n,
+        skipped=0,
+        seconds=time.perf_counter() - start,
+        factory=reports[0].factory,
+        model=reports[0].model,
+        duplicates=0,
+        patch_codec=reports[0].patch_codec,
+    )
+
+
+def _take(table: Any, rows: Any, n: int) -> Any:
+    """The metadata rows of one shard (``rows`` a slice or positions)."""
+    import pyarrow as pa
+
+    if isinstance(rows, slice):
+        rows = np.arange(n)[rows]
+    return table.take(pa.array(rows))
