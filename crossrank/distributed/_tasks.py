@@ -104,9 +104,10 @@ class EncodeActor:
         model: the encoder (a Hugging Face id or folder, None for the demo model).
         device: ``auto``, ``cpu`` or ``cuda`` (``auto`` takes the GPU Ray gave the actor, if any).
         batch_size: images per forward pass.
-        codec: the index's patch codec, configured to the model's sizes. Codecs that need no
-            training encode here, on the worker, so the driver receives stored rows; a codec that
-            trains (pq) gets float16 rows and is trained by the driver's writer, as today.
+        codec: the index's patch codec, configured to the model's sizes: codecs that need no
+            training (int8, binary) store rows here, on the worker, so the driver receives stored
+            rows; None, fp16 or a codec that trains (pq, trained by the driver's writer): float16
+            rows.
         crash_marker: the :data:`CRASH_ONCE_ENV` test hook, or None.
     """
 
@@ -119,14 +120,24 @@ class EncodeActor:
         crash_marker: str | None = None,
     ) -> None:
         from crossrank.encoders import load_encoder
+        from crossrank.errors import CrossrankError
 
-        self.encoder = load_encoder(model, device=device, batch_size=batch_size)
+        # An error in an actor's constructor reaches the driver as a bare "actor died"; kept and
+        # raised by the first call instead, it reaches the driver as itself (a ModelError: the
+        # model is missing on this node).
+        self.error: CrossrankError | None = None
+        try:
+            self.encoder = load_encoder(model, device=device, batch_size=batch_size)
+        except CrossrankError as e:
+            self.error = e
         self.codec = codec
         # fp16 rows are the stored form of fp16; a codec that trains is trained on the driver.
-        self.ships_half = ships_half(codec)
+        self.ships_half = codec is None or ships_half(codec)
         self.crash_marker = crash_marker
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        if self.error is not None:
+            raise self.error
         if self.crash_marker and not os.path.exists(self.crash_marker):
             Path(self.crash_marker).touch()
             logger.warning("test hook %s: this encoder actor exits now", CRASH_ONCE_ENV)

@@ -31,18 +31,25 @@ from __future__ import annotations
 import logging
 import os
 import time
-from collections.abc import Iterable
-from dataclasses import dataclass, field
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from crossrank.distributed._tasks import ships_half
 from crossrank.errors import CrossrankError, InvalidArgumentError, SourceError
 from crossrank.write import BuildReport
 from crossrank.write.build import ProgressFn
 
-__all__ = ["build_on_ray"]
+__all__ = [
+    "EncodedRows",
+    "RayEncoding",
+    "build_on_ray",
+    "encode_items_on_ray",
+    "ray_encoded_batches",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -98,8 +105,9 @@ def build_on_ray(
         ray_address: ``HOST:PORT`` of a running cluster's head (``ray start --head``), or
             ``auto``; None starts a local Ray runtime for this build and stops it after. A
             runtime the caller already started (``ray.init``) is used as it is.
-        shards: write a sharded index of this many shards (see :mod:`crossrank.shards`); None
-            writes one ordinary index.
+        shards: write a sharded index of this many shards (:func:`crossrank.shards.build_sharded`:
+            image ``id`` goes to shard ``id % shards``), its files decoded and encoded on Ray;
+            None writes one ordinary index.
         num_encoders: encoder actors; None: one per GPU of the cluster, else one per two CPUs.
         num_cpus: CPUs of a local runtime (None: every CPU of this machine); ignored when joining
             a cluster or using a runtime already started.
@@ -131,7 +139,9 @@ def build_on_ray(
     _check_positive("num_encoders", num_encoders)
     _check_positive("num_cpus", num_cpus)
     if shards is not None:
-        _check_positive("shards", shards)
+        from crossrank.shards.build import check_shards
+
+        check_shards(shards)
     index_dir = Path(index_dir)
     check_index_path(index_dir)
     try:
@@ -145,6 +155,8 @@ def build_on_ray(
     require_ray()
     if ray_address is not None:
         check_ray_address(ray_address)
+    if model is not None and Path(model).exists():
+        model = Path(model).resolve()  # the workers do not share this process's directory
     options = _Options(
         model=None if model is None else str(model),
         batch_size=batch_size,
@@ -157,8 +169,9 @@ def build_on_ray(
         num_encoders=num_encoders,
         num_cpus=num_cpus,
         progress=progress,
+        nprobe=nprobe,
     )
-    if shards is not None and shards > 1:
+    if shards is not None:
         return _build_sharded(source, index_dir, options)
     with writing(index_dir, "build"):
         refuse_foreign_folder(index_dir)
@@ -183,21 +196,71 @@ class _Options:
     num_encoders: int | None
     num_cpus: int | None
     progress: ProgressFn | None
+    nprobe: int | None = None
 
 
-def _build_sharded(source: str | Path, index_dir: Path, options: _Options) -> BuildReport:
-    raise InvalidArgumentError(
-        f"--shards {options.shards} with --engine ray is not available yet; build with "
-        "--engine local"
+def _build_sharded(source: str | Path, index_dir: Path, o: _Options) -> BuildReport:
+    """A sharded index, its files encoded on Ray and written by the shards' own builder
+    (:class:`crossrank.shards.build.ShardedBuilder`: image ``id`` goes to shard ``id % N``)."""
+    from crossrank.distributed.runtime import ray_runtime
+    from crossrank.ingest import discover
+    from crossrank.shards.build import ShardedBuilder
+    from crossrank.write._common import writing
+
+    assert o.shards is not None
+    builder = ShardedBuilder(
+        index_dir, shards=o.shards, patch_codec=o.codec.spec, overwrite=o.overwrite
+    )
+    start = time.perf_counter()
+    src = discover(source)
+    total = len(src.items)
+    if o.shards > total:
+        raise InvalidArgumentError(
+            f"--shards {o.shards} is more than the {total} files in {source}; every shard needs "
+            f"at least one image: use --shards {max(1, total)} or fewer"
+        )
+    encoder = _driver_encoder(o, total)
+    builder.codec.configure(encoder.n_patches, encoder.patch_dim)
+    # The shards' writers store patches in the codec (each shard trains its own pq): the actors
+    # send float16 rows.
+    encoding = RayEncoding(
+        model=o.model, batch_size=o.batch_size, device=o.device, num_encoders=o.num_encoders
+    )
+    done = 0
+    with (
+        writing(index_dir, "build"),
+        builder,
+        ray_runtime(o.ray_address, num_cpus=o.num_cpus) as ray,
+    ):
+        for batch in ray_encoded_batches(ray, encoder, src.items, encoding):
+            builder.add(batch.pooled, batch.patches, batch.records, batch.skipped, batch.duplicates)
+            done += batch.n_items
+            if o.progress is not None:
+                o.progress(done, total)
+        top = builder.commit(
+            encoder_info=encoder.info,
+            index_config=o.index_config,
+            extra_schema=src.extra_schema,
+            source=str(Path(source).resolve()),
+        )
+    return BuildReport(
+        index_dir=index_dir,
+        generation=top.generation,
+        indexed=len(builder.records),
+        skipped=len(builder.skipped),
+        seconds=time.perf_counter() - start,
+        factory=str(builder.first_info.get("factory", "")),
+        model=encoder.model_id,
+        duplicates=builder.duplicates,
+        patch_codec=builder.codec.spec,
     )
 
 
 def _build_locked(source: str | Path, index_dir: Path, lock: Any, o: _Options) -> BuildReport:
-    from crossrank.encoders import load_encoder
     from crossrank.indexes import FirstStage
     from crossrank.ingest import discover
     from crossrank.store import GenerationWriter, has_index, read_manifest
-    from crossrank.write.build import check_factory, metadata_table, skipped_table
+    from crossrank.write.build import metadata_table, skipped_table
 
     if has_index(index_dir) and not o.overwrite:
         n = read_manifest(index_dir).counts.get("images", "?")
@@ -209,8 +272,88 @@ def _build_locked(source: str | Path, index_dir: Path, lock: Any, o: _Options) -
     start = time.perf_counter()
     src = discover(source)
     total = len(src.items)
-    # The driver loads the encoder on its CPU for the sizes, the manifest's record and the
-    # preprocessing the decode tasks run; the actors load their own copy where they run.
+    encoder = _driver_encoder(o, total)
+    logger.info(
+        "building %s from %s (%d files) on Ray with %s", index_dir, source, total, encoder.model_id
+    )
+    from crossrank.distributed.runtime import ray_runtime
+
+    encoding = RayEncoding(
+        model=o.model,
+        batch_size=o.batch_size,
+        device=o.device,
+        num_encoders=o.num_encoders,
+        codec=o.codec,
+    )
+    pooled: list[np.ndarray] = []
+    records: list[Any] = []
+    skipped: list[Any] = []
+    duplicates = done = 0
+    with ray_runtime(o.ray_address, num_cpus=o.num_cpus) as ray:
+        with GenerationWriter(index_dir, lock=lock, patch_codec=o.codec) as writer:
+            # The shape first, so that stored rows can be appended (and a source of nothing but
+            # bad files still declares it).
+            writer.patches.append(np.zeros((0, encoder.n_patches, encoder.patch_dim), np.float16))
+            half = ships_half(o.codec)
+            for batch in ray_encoded_batches(ray, encoder, src.items, encoding):
+                if batch.records:
+                    pooled.append(batch.pooled)
+                    if half:
+                        writer.patches.append(batch.patches)
+                    else:
+                        writer.patches.append_stored(batch.patches)
+                records.extend(batch.records)
+                skipped.extend(batch.skipped)
+                duplicates += batch.duplicates
+                done += batch.n_items
+                if o.progress is not None:
+                    o.progress(done, total)
+            if not records:
+                reasons = "; ".join(f"{s.path}: {s.reason}" for s in skipped[:3])
+                raise SourceError(
+                    f"none of the {total} files in {source} could be decoded ({reasons}); "
+                    "check that SOURCE holds images"
+                )
+            xb = np.concatenate(pooled).astype(np.float32, copy=False)
+            ids = writer.take_ids(len(records))
+            first_stage = FirstStage.build(xb, ids, o.index_config)
+            first_stage.save(writer.first_stage_path)
+            writer.write_vectors(xb)
+            writer.write_ids(ids)
+            writer.write_metadata(metadata_table(ids, records, src.extra_schema))
+            writer.write_skipped(skipped_table(skipped))
+            generation = writer.commit(
+                encoder=encoder.info,
+                first_stage={
+                    **first_stage.info,
+                    "metric": "inner_product",
+                    "auto": o.index_config.factory is None,
+                },
+                counts={"images": len(records), "skipped": len(skipped)},
+                source=str(Path(source).resolve()),
+            )
+    return BuildReport(
+        index_dir=index_dir,
+        generation=generation,
+        indexed=len(records),
+        skipped=len(skipped),
+        seconds=time.perf_counter() - start,
+        factory=first_stage.factory,
+        model=encoder.model_id,
+        duplicates=duplicates,
+        patch_codec=o.codec.spec,
+    )
+
+
+def _driver_encoder(o: _Options, total: int) -> Any:
+    """The encoder, loaded on the driver's CPU, with the checks that need its sizes.
+
+    The driver needs it for the sizes, the manifest's record and the preprocessing the decode
+    tasks run; the encoder actors load their own copy where they run.
+    """
+    from crossrank.encoders import load_encoder
+    from crossrank.write.build import check_factory
+
     encoder = load_encoder(o.model, device="cpu", batch_size=o.batch_size)
     if o.index_config.factory is not None:
         check_factory(o.index_config.factory, encoder.dim)
@@ -219,52 +362,196 @@ def _build_locked(source: str | Path, index_dir: Path, lock: Any, o: _Options) -
         o.codec.check_trainable(
             total * encoder.n_patches, encoder.n_patches, f"SOURCE's {total:,} files"
         )
-    logger.info(
-        "building %s from %s (%d files) on Ray with %s", index_dir, source, total, encoder.model_id
+    return encoder
+
+
+@dataclass(frozen=True)
+class RayEncoding:
+    """How the Ray pipeline encodes.
+
+    Attributes:
+        model: the encoder the actors load (a Hugging Face id or folder; None: the demo model).
+        batch_size: images per forward pass, and per :class:`EncodedRows`.
+        device: ``auto`` (a GPU per actor when the cluster has GPUs), ``cpu`` or ``cuda``.
+        num_encoders: encoder actors; None: one per GPU, else one per two CPUs.
+        codec: the index's patch codec, configured, for the actors to store rows in (int8,
+            binary); None (or fp16, or a codec that trains): the actors send float16 rows.
+    """
+
+    model: str | None = None
+    batch_size: int = 64
+    device: str = "auto"
+    num_encoders: int | None = None
+    codec: Any = None
+
+
+@dataclass
+class EncodedRows:
+    """One batch of consecutive source files, encoded on the cluster (batch ``j`` covers
+    ``items[j * batch_size : (j + 1) * batch_size]``, as the one-process build's batches do).
+
+    Attributes:
+        pooled: float32 ``(b, D)``, one row per record.
+        patches: ``(b, P, d)`` float16, or ``(b, *row_shape)`` stored rows of the codec when the
+            actors store them (see :class:`RayEncoding`).
+        records: the :class:`~crossrank.ingest.ImageRecord` of each row.
+        skipped: the batch's files that were not indexed: those that did not decode, then the
+            byte-identical copies of an earlier file (the one-process build's order).
+        n_items: source files the batch accounts for.
+        duplicates: how many of ``skipped`` are copies.
+    """
+
+    pooled: np.ndarray
+    patches: np.ndarray
+    records: list[Any]
+    skipped: list[Any]
+    n_items: int
+    duplicates: int = 0
+
+
+def ray_encoded_batches(
+    ray: Any, encoder: Any, items: Sequence[Any], encoding: RayEncoding
+) -> Iterator[EncodedRows]:
+    """Decode and encode ``items`` on the Ray cluster; yield them a batch at a time, in order.
+
+    Args:
+        ray: the ``ray`` module, initialised.
+        encoder: the encoder loaded here (its sizes and preprocessing; the actors load their own).
+        items: the :class:`~crossrank.ingest.SourceItem` to index, in id order.
+        encoding: how (:class:`RayEncoding`).
+
+    Yields:
+        One :class:`EncodedRows` per ``encoding.batch_size`` files.
+
+    Raises:
+        CrossrankError: the Ray job failed past its retries (one line); a crossrank error raised
+            on a worker is raised as itself.
+    """
+    from crossrank.ingest import ImageRecord, SkippedFile
+    from crossrank.ingest.changes import DUPLICATE_PREFIX
+    from crossrank.ingest.decode import path_text
+
+    total, bs = len(items), encoding.batch_size
+    first_of: dict[str, str] = {}  # sha256 -> the first path with those bytes
+    half = encoding.codec is None or ships_half(encoding.codec)
+
+    def empty() -> dict[str, Any]:
+        return {"pooled": [], "patches": [], "records": [], "undecoded": [], "dupes": []}
+
+    group = empty()
+    expected = 0
+    for out in _stream_rows(ray, items, encoder, encoding):
+        pos = np.asarray(out["pos"])
+        if not np.array_equal(pos, np.arange(expected, expected + pos.size)):
+            raise CrossrankError(
+                f"the Ray build returned rows out of order (got {pos[:1]}, expected {expected}); "
+                "nothing was committed"
+            )
+        expected += pos.size
+        ok = np.asarray(out["ok"], dtype=bool)
+        for j, p in enumerate(pos.tolist()):
+            item = items[p]
+            if not ok[j]:
+                group["undecoded"].append(SkippedFile(path_text(item.path), str(out["reason"][j])))
+            else:
+                path, sha = str(item.path), str(out["sha256"][j])
+                first = first_of.setdefault(sha, path)
+                if first != path:
+                    group["dupes"].append(SkippedFile(path, DUPLICATE_PREFIX + first))
+                else:
+                    group["pooled"].append(out["pooled"][j])
+                    group["patches"].append(out["patches"][j])
+                    group["records"].append(
+                        ImageRecord(
+                            item=item,
+                            width=int(out["width"][j]),
+                            height=int(out["height"][j]),
+                            bytes=int(out["bytes"][j]),
+                            mtime=float(out["mtime"][j]),
+                            sha256=sha,
+                        )
+                    )
+            if (p + 1) % bs == 0 or p + 1 == total:
+                yield _finish(group, encoder, encoding, p + 1 - (p // bs) * bs, half)
+                group = empty()
+    if expected != total:
+        raise CrossrankError(
+            f"the Ray build returned {expected} of {total} files; nothing was committed"
+        )
+
+
+def _finish(
+    group: dict[str, Any], encoder: Any, encoding: RayEncoding, n_items: int, half: bool
+) -> EncodedRows:
+    if group["records"]:
+        pooled = np.stack(group["pooled"]).astype(np.float32, copy=False)
+        patches = np.stack(group["patches"])
+    else:
+        pooled = np.zeros((0, encoder.dim), np.float32)
+        shape = (
+            (encoder.n_patches, encoder.patch_dim)
+            if half
+            else encoding.codec.row_shape(encoder.n_patches, encoder.patch_dim)
+        )
+        patches = np.zeros((0, *shape), np.float16 if half else encoding.codec.stored_dtype)
+    return EncodedRows(
+        pooled=pooled,
+        patches=patches,
+        records=group["records"],
+        skipped=[*group["undecoded"], *group["dupes"]],
+        n_items=n_items,
+        duplicates=len(group["dupes"]),
     )
+
+
+def encode_items_on_ray(
+    writer: Any,
+    encoder: Any,
+    items: Sequence[Any],
+    *,
+    batch_size: int,
+    workers: int = 0,
+    progress: ProgressFn | None = None,
+    model: str | Path | None = None,
+    device: str = "auto",
+    num_encoders: int | None = None,
+    ray_address: str | None = None,
+    num_cpus: int | None = None,
+) -> tuple[list[np.ndarray], list[Any], list[Any], int]:
+    """:func:`crossrank.write.build.encode_items`'s contract, with the work done on Ray.
+
+    For a writer that only appends float patches (the sharded build's router): the actors send
+    float16 rows, the writer stores them in its codec. ``workers`` is ignored (Ray decides how
+    many decode tasks run); ``model`` is what the actors load (``encoder`` is the driver's copy).
+
+    Returns:
+        ``(pooled, records, skipped, duplicates)`` as ``encode_items`` returns them.
+    """
     from crossrank.distributed.runtime import ray_runtime
 
-    with ray_runtime(o.ray_address, num_cpus=o.num_cpus) as ray:
-        rows = _stream_rows(ray, src.items, encoder, o)
-        with GenerationWriter(index_dir, lock=lock, patch_codec=o.codec) as writer:
-            patch_shape = (encoder.n_patches, encoder.patch_dim)
-            acc = _Accumulator(writer, src.items, o.batch_size, patch_shape, o.progress)
-            acc.run(rows)
-            if not acc.records:
-                reasons = "; ".join(f"{s.path}: {s.reason}" for s in acc.skipped[:3])
-                raise SourceError(
-                    f"none of the {total} files in {source} could be decoded ({reasons}); "
-                    "check that SOURCE holds images"
-                )
-            xb = np.concatenate(acc.pooled).astype(np.float32, copy=False)
-            ids = writer.take_ids(len(acc.records))
-            first_stage = FirstStage.build(xb, ids, o.index_config)
-            first_stage.save(writer.first_stage_path)
-            writer.write_vectors(xb)
-            writer.write_ids(ids)
-            writer.write_metadata(metadata_table(ids, acc.records, src.extra_schema))
-            writer.write_skipped(skipped_table(acc.skipped))
-            generation = writer.commit(
-                encoder=encoder.info,
-                first_stage={
-                    **first_stage.info,
-                    "metric": "inner_product",
-                    "auto": o.index_config.factory is None,
-                },
-                counts={"images": len(acc.records), "skipped": len(acc.skipped)},
-                source=str(Path(source).resolve()),
-            )
-    return BuildReport(
-        index_dir=index_dir,
-        generation=generation,
-        indexed=len(acc.records),
-        skipped=len(acc.skipped),
-        seconds=time.perf_counter() - start,
-        factory=first_stage.factory,
-        model=encoder.model_id,
-        duplicates=acc.duplicates,
-        patch_codec=o.codec.spec,
+    del workers
+    encoding = RayEncoding(
+        model=None if model is None else str(model),
+        batch_size=batch_size,
+        device=device,
+        num_encoders=num_encoders,
     )
+    pooled: list[np.ndarray] = []
+    records: list[Any] = []
+    skipped: list[Any] = []
+    duplicates = done = 0
+    with ray_runtime(ray_address, num_cpus=num_cpus) as ray:
+        for batch in ray_encoded_batches(ray, encoder, items, encoding):
+            if batch.records:
+                pooled.append(batch.pooled)
+                writer.patches.append(batch.patches)
+            records.extend(batch.records)
+            skipped.extend(batch.skipped)
+            duplicates += batch.duplicates
+            done += batch.n_items
+            if progress is not None:
+                progress(done, len(items))
+    return pooled, records, skipped, duplicates
 
 
 def _preprocess_only(encoder: Any) -> Any:
@@ -282,7 +569,9 @@ def _preprocess_only(encoder: Any) -> Any:
     return shell.preprocess
 
 
-def _stream_rows(ray: Any, items: list[Any], encoder: Any, o: _Options) -> Iterable[dict]:
+def _stream_rows(
+    ray: Any, items: Sequence[Any], encoder: Any, encoding: RayEncoding
+) -> Iterator[dict[str, np.ndarray]]:
     """The Ray Data pipeline; yields numpy batches of encoded rows, in source order."""
     from PIL import Image
 
@@ -293,14 +582,18 @@ def _stream_rows(ray: Any, items: list[Any], encoder: Any, o: _Options) -> Itera
     ctx.execution_options.preserve_order = True  # ids follow the source's order
     ctx.enable_progress_bars = False  # the caller's progress bar is the one shown
     ctx.print_on_execution_start = False
+    if hasattr(ctx, "raise_original_map_exception"):  # a worker's crossrank error, as itself
+        ctx.raise_original_map_exception = True
 
     preprocess = _preprocess_only(encoder)
     pixel_shape = tuple(preprocess([Image.new("RGB", (8, 8))]).shape[1:])
-    gpus = float(ray.cluster_resources().get("GPU", 0))
-    use_gpu = gpus >= 1 and o.device != "cpu"
-    cpus = float(ray.cluster_resources().get("CPU", 1))
-    n_encoders = o.num_encoders or (int(gpus) if use_gpu else max(1, int(cpus) // 2))
-    actor_device = ("cuda" if use_gpu else "cpu") if o.device == "auto" else o.device
+    resources = ray.cluster_resources()
+    gpus = float(resources.get("GPU", 0))
+    use_gpu = gpus >= 1 and encoding.device != "cpu"
+    cpus = float(resources.get("CPU", 1))
+    n_encoders = encoding.num_encoders or (int(gpus) if use_gpu else max(1, int(cpus) // 2))
+    device = encoding.device
+    actor_device = ("cuda" if use_gpu else "cpu") if device == "auto" else device
     logger.info("Ray build: %d encoder actors on %s", n_encoders, actor_device)
 
     rows = [{"pos": i, "path": os.fsencode(item.path)} for i, item in enumerate(items)]
@@ -322,13 +615,13 @@ def _stream_rows(ray: Any, items: list[Any], encoder: Any, o: _Options) -> Itera
     ds = _map_batches(
         ds,
         EncodeActor,
-        batch_size=o.batch_size,
+        batch_size=encoding.batch_size,
         batch_format="numpy",
         fn_constructor_kwargs={
-            "model": o.model,
+            "model": encoding.model,
             "device": actor_device,
-            "batch_size": o.batch_size,
-            "codec": o.codec,
+            "batch_size": encoding.batch_size,
+            "codec": encoding.codec,
             "crash_marker": os.environ.get(CRASH_ONCE_ENV) or None,
         },
         compute=ray.data.ActorPoolStrategy(size=n_encoders),
@@ -338,7 +631,7 @@ def _stream_rows(ray: Any, items: list[Any], encoder: Any, o: _Options) -> Itera
         # actor that dies on every batch (out of memory) ends the build with one line.
         **_RETRIES,
     )
-    return _iterate(ray, ds, o.batch_size)
+    return _iterate(ray, ds, encoding.batch_size)
 
 
 #: Restarts of a lost encoder actor, and retries of the batch it held.
@@ -346,7 +639,7 @@ _RETRIES = {"max_restarts": 3, "max_task_retries": 3}
 
 
 def _map_batches(ds: Any, fn: Any, **kwargs: Any) -> Any:
-    """``ds.map_batches`` with actor retry options, which newer Ray Data calls deprecated
+    """``ds.map_batches`` with retry options, which newer Ray Data calls deprecated
     ``ray_remote_args`` but still applies (and has no named parameter for yet)."""
     import warnings
 
@@ -355,104 +648,38 @@ def _map_batches(ds: Any, fn: Any, **kwargs: Any) -> Any:
         return ds.map_batches(fn, **kwargs)
 
 
-def _iterate(ray: Any, ds: Any, batch_size: int) -> Iterable[dict]:
+def _crossrank_cause(e: BaseException) -> CrossrankError | None:
+    """The crossrank error a worker raised, wherever Ray and Ray Data wrapped it."""
+    seen: set[int] = set()
+    todo: list[BaseException | None] = [e]
+    while todo:
+        x = todo.pop()
+        if x is None or id(x) in seen:
+            continue
+        seen.add(id(x))
+        if isinstance(x, CrossrankError) and not _raised_by_ray(x):
+            return x  # not Ray's RayTaskError(ModelError) wrapper, but what it wraps
+        todo += [getattr(x, "cause", None), x.__cause__, x.__context__]
+    return None
+
+
+def _raised_by_ray(e: BaseException) -> bool:
+    """Whether ``e`` is one of Ray's or Ray Data's own exceptions."""
+    return type(e).__module__.partition(".")[0] == "ray"
+
+
+def _iterate(ray: Any, ds: Any, batch_size: int) -> Iterator[dict[str, np.ndarray]]:
     """Ray's errors as crossrank's: a user error raised on a worker comes back as itself."""
     try:
         yield from ds.iter_batches(batch_size=batch_size, batch_format="numpy", prefetch_batches=2)
-    except ray.exceptions.RayError as e:
-        cause = getattr(e, "cause", None)
-        if isinstance(cause, CrossrankError):
+    except Exception as e:
+        cause = _crossrank_cause(e)
+        if cause is not None:
             raise cause from e
+        if isinstance(e, CrossrankError) or not _raised_by_ray(e):
+            raise
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise CrossrankError(
             f"the Ray build failed ({type(e).__name__}: {first}); nothing was committed and the "
             "index's previous generation is intact: run the build again"
         ) from e
-
-
-@dataclass
-class _Accumulator:
-    """Takes encoded rows in source order and does what the one-process build's loop does."""
-
-    writer: Any
-    items: list[Any]
-    batch_size: int
-    patch_shape: tuple[int, int]  # (P, d) of the model
-    progress: ProgressFn | None
-    pooled: list[np.ndarray] = field(default_factory=list)
-    records: list[Any] = field(default_factory=list)
-    skipped: list[Any] = field(default_factory=list)
-    duplicates: int = 0
-
-    def run(self, batches: Iterable[dict]) -> None:
-        from crossrank.distributed._tasks import ships_half
-        from crossrank.ingest import ImageRecord, SkippedFile
-        from crossrank.ingest.changes import DUPLICATE_PREFIX
-        from crossrank.ingest.decode import path_text
-
-        total = len(self.items)
-        expected = 0
-        first_of: dict[str, str] = {}
-        # Skips in the one-process order: per batch of `batch_size` files, the files that did
-        # not decode, then the duplicates.
-        undecoded: list[Any] = []
-        dupes: list[Any] = []
-        declared = False
-        for out in batches:
-            pos = np.asarray(out["pos"])
-            if pos.size == 0:
-                continue
-            if pos[0] != expected or not np.array_equal(
-                pos, np.arange(expected, expected + pos.size)
-            ):
-                raise CrossrankError(
-                    f"the Ray build returned rows out of order (got {pos[0]}, expected "
-                    f"{expected}); nothing was committed"
-                )
-            keep: list[int] = []
-            for j, p in enumerate(pos.tolist()):
-                item = self.items[p]
-                if not out["ok"][j]:
-                    undecoded.append(SkippedFile(path_text(item.path), str(out["reason"][j])))
-                else:
-                    path = str(item.path)
-                    sha = str(out["sha256"][j])
-                    first = first_of.setdefault(sha, path)
-                    if first != path:
-                        dupes.append(SkippedFile(path, DUPLICATE_PREFIX + first))
-                        self.duplicates += 1
-                    else:
-                        keep.append(j)
-                        self.records.append(
-                            ImageRecord(
-                                item=item,
-                                width=int(out["width"][j]),
-                                height=int(out["height"][j]),
-                                bytes=int(out["bytes"][j]),
-                                mtime=float(out["mtime"][j]),
-                                sha256=sha,
-                            )
-                        )
-                if (p + 1) % self.batch_size == 0 or p + 1 == total:
-                    self.skipped.extend(undecoded)
-                    self.skipped.extend(dupes)
-                    undecoded, dupes = [], []
-            expected += pos.size
-            patches = np.asarray(out["patches"])
-            if not declared:  # the shape, before append_stored (also when nothing decodes)
-                self.writer.patches.append(np.zeros((0, *self.patch_shape), np.float16))
-                declared = True
-            if keep:
-                rows = np.asarray(keep)
-                self.pooled.append(np.asarray(out["pooled"])[rows].astype(np.float32))
-                stored = patches[rows]
-                if ships_half(self.writer.patches.codec):
-                    self.writer.patches.append(stored)
-                else:
-                    self.writer.patches.append_stored(stored)
-            if self.progress is not None:
-                self.progress(expected, total)
-        if expected != total:
-            raise CrossrankError(
-                f"the Ray build returned {expected} of {total} files; nothing was committed"
-            )

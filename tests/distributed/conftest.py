@@ -1,4 +1,4 @@
-"""Fixtures of the Ray tests: a local Ray cluster of 2 CPUs per module, a shapes source."""
+"""Fixtures of the Ray tests: one local Ray cluster of 2 CPUs for this folder, a shapes source."""
 
 from __future__ import annotations
 
@@ -15,9 +15,10 @@ N_IMAGES = 60
 BATCH = 16
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="package")
 def ray_cluster() -> Iterator[Any]:
-    """A real local Ray cluster with 2 worker CPUs, started once per module and stopped after."""
+    """A real local Ray cluster with 2 worker CPUs, started once for the tests of this folder
+    (its start costs seconds) and stopped after them."""
     ray = pytest.importorskip("ray", reason="Ray is not installed: pip install 'crossrank[ray]'")
     pytest.importorskip(
         "ray.data", reason="Ray Data is not installed: pip install 'crossrank[ray]'"

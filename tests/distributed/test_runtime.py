@@ -55,7 +55,7 @@ def test_a_malformed_ray_address_is_refused(address: str) -> None:
 @pytest.mark.parametrize(
     ("kwargs", "match"),
     [
-        ({"shards": 0}, "shards must be an int >= 1, got 0"),
+        ({"shards": 0}, "--shards must be a whole number of shards >= 1, got 0"),
         ({"num_encoders": 0}, "num_encoders must be an int >= 1"),
         ({"batch_size": True}, "batch_size must be an int >= 1"),
         ({"patch_codec": "zip"}, "zip"),

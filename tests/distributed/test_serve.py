@@ -1,11 +1,13 @@
-"""A sharded index served by one Ray actor per shard, on a real local Ray cluster (2 CPUs):
-the same hits, order, scores and counts as the unsharded index."""
+"""A sharded index built on Ray and served by one Ray actor per shard, on a real local Ray cluster
+(2 CPUs): the same hits, order, scores and counts as the unsharded one-process index."""
 
 from __future__ import annotations
 
 import shutil
 from pathlib import Path
 
+import numpy as np
+import pyarrow as pa
 import pytest
 
 from tests.distributed.conftest import BATCH
@@ -16,12 +18,29 @@ pytestmark = pytest.mark.ray
 N_SHARDS = 3
 
 
+def test_the_ray_sharded_build_routes_the_one_process_ids(sharded: Path, local_build: Path) -> None:
+    from crossrank.shards import read_shards_manifest
+    from tests.distributed.conftest import index_contents
+
+    top = read_shards_manifest(sharded)
+    want = index_contents(local_build)
+    assert top.counts["images"] == want["counts"]["images"]
+    for ref in top.shards:
+        got = index_contents(Path(ref.path))
+        rows = want["ids"] % N_SHARDS == ref.index
+        np.testing.assert_array_equal(got["ids"], want["ids"][rows])
+        np.testing.assert_allclose(got["vectors"], want["vectors"][rows], rtol=0, atol=1e-5)
+        assert got["metadata"].equals(want["metadata"].filter(pa.array(rows)))
+
+
 @pytest.fixture(scope="module")
-def sharded(tmp_path_factory: pytest.TempPathFactory, shapes_manifest: Path) -> Path:
-    from crossrank.shards import build_sharded
+def sharded(ray_cluster, tmp_path_factory: pytest.TempPathFactory, shapes_manifest: Path) -> Path:
+    """``shapes_manifest`` built on Ray into 3 shards (more than the cluster's 2 CPUs)."""
+    from crossrank.distributed import build_on_ray
 
     path = tmp_path_factory.mktemp("ray-sharded") / "sharded.idx"
-    build_sharded(shapes_manifest, path, shards=N_SHARDS, device="cpu", batch_size=BATCH)
+    report = build_on_ray(shapes_manifest, path, shards=N_SHARDS, device="cpu", batch_size=BATCH)
+    assert (report.indexed, report.skipped, report.duplicates) == (60, 2, 1)
     return path
 
 
