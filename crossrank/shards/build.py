@@ -363,7 +363,15 @@ def build_sharded(
     encoder = load_encoder(model, device=device, batch_size=batch_size)
     if index_config.factory is not None:
         check_factory(index_config.factory, encoder.dim)
-    builder.codec.configure(encoder.n_patches, encoder.patch_dim)
+    codec = builder.codec
+    codec.configure(encoder.n_patches, encoder.patch_dim)
+    if codec.needs_training:  # each shard trains its own: on its share of the images
+        per_shard = total // n
+        codec.check_trainable(
+            per_shard * encoder.n_patches,
+            encoder.n_patches,
+            f"each shard's {per_shard:,} files (SOURCE's {total:,} in {n} shards)",
+        )
     with writing(root, "build"), builder:
         pooled, records, skipped, duplicates = encode_items(
             builder, encoder, src.items, batch_size=batch_size, workers=workers, progress=progress

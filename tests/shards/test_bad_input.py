@@ -135,3 +135,13 @@ def test_a_damaged_shards_json_is_one_line(pair, tmp_path: Path) -> None:
     (index_dir / "shards.json").write_text(json.dumps(data))
     with pytest.raises(IndexCorruptError, match="upgrade crossrank"):
         crossrank.open(index_dir, device="cpu")
+
+
+def test_a_pq_codec_too_big_for_each_shard_is_refused_before_encoding(
+    shard_source: Path, tiny_clip: Path, tmp_path: Path
+) -> None:
+    with pytest.raises(InvalidArgumentError, match="cannot be trained on each shard's 20 files"):
+        build_sharded(
+            shard_source, tmp_path / "pq.idx", shards=2, model=tiny_clip, patch_codec="pq:4x4"
+        )
+    assert not (tmp_path / "pq.idx").exists()
