@@ -140,7 +140,7 @@ def test_a_damaged_shards_json_is_one_line(pair, tmp_path: Path) -> None:
 def test_a_pq_codec_too_big_for_each_shard_is_refused_before_encoding(
     shard_source: Path, tiny_clip: Path, tmp_path: Path
 ) -> None:
-    with pytest.raises(InvalidArgumentError, match="cannot be trained on each shard's 20 files"):
+    with pytest.raises(InvalidArgumentError, match="cannot be trained on each shard's 21 files"):
         build_sharded(
             shard_source, tmp_path / "pq.idx", shards=2, model=tiny_clip, patch_codec="pq:4x4"
         )
