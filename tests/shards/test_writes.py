@@ -121,3 +121,40 @@ def test_bad_ids_and_filters_change_nothing(pair_copy) -> None:
         crossrank.open(sharded, device="cpu").metadata(columns=["id"]).column("id").to_numpy(),
         np.arange(41),
     )
+
+
+def test_readers_never_see_a_half_applied_write(pair_copy) -> None:
+    """Each removal takes one image from every shard; readers opening or refreshing meanwhile
+    see 41, 38, 35, ... images, never a count in between."""
+    import threading
+
+    _, sharded = pair_copy
+    batches = [[0, 1, 2], [3, 4, 5], [6, 7, 8], [9, 10, 11]]
+    allowed = {41 - 3 * i for i in range(len(batches) + 1)}
+    seen: list[int] = []
+    errors: list[BaseException] = []
+    done = threading.Event()
+
+    def read() -> None:
+        held = crossrank.open(sharded, device="cpu")
+        try:
+            while not done.is_set():
+                with crossrank.open(sharded, device="cpu") as fresh:
+                    seen.append(len(fresh.search_vectors(np.ones((1, 32), np.float32), k=50)[0]))
+                held.refresh()
+                seen.append(len(held.metadata(columns=["id"])))
+        except BaseException as e:
+            errors.append(e)
+        finally:
+            held.close()
+
+    reader = threading.Thread(target=read)
+    reader.start()
+    try:
+        for ids in batches:
+            crossrank.shards.remove_sharded(sharded, ids=ids)
+    finally:
+        done.set()
+        reader.join(60)
+    assert not errors, errors
+    assert seen and set(seen) <= allowed, sorted(set(seen))
