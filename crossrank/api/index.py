@@ -84,13 +84,11 @@ class Index:
         nprobe: int | None = None,
     ) -> None:
         """Use :meth:`Index.open`; this constructor is the same call."""
-        from crossrank.search.snapshot import Snapshot
-
         self.path = Path(path)
         self.device = device
         self._model_override = model
         self._nprobe = nprobe
-        self._snap: Snapshot | None = Snapshot(self.path, device=device, nprobe=nprobe)
+        self._snap: Snapshot | None = self._open_snapshot()
         self._snap_lock = threading.Lock()  # guards _snap and the users count of snapshots
         self._refresh_lock = threading.Lock()  # one refresh at a time
         self.build_report: BuildReport | None = None  # set by Index.build
@@ -99,6 +97,12 @@ class Index:
         self._lock = threading.Lock()
         if model is not None:  # a model named by the caller is checked now, not at the first search
             self._encoder = self._load_encoder()
+
+    def _open_snapshot(self) -> Snapshot:
+        """The committed generation, opened and pinned (a sharded index opens its shards)."""
+        from crossrank.search.snapshot import Snapshot
+
+        return Snapshot(self.path, device=self.device, nprobe=self._nprobe)
 
     #: Runs a search's stages on the generation held (a sharded index fans them out instead).
     _search_snapshot = staticmethod(search_snapshot)

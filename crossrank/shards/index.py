@@ -10,7 +10,6 @@ this process by default, or whatever ``factory`` and ``executor`` provide).
 from __future__ import annotations
 
 import logging
-import threading
 from collections.abc import Sequence
 from concurrent.futures import Executor
 from pathlib import Path
@@ -84,23 +83,14 @@ class ShardedIndex(Index):
         executor: Executor | None = None,
         remote: bool = False,
     ) -> None:
-        self.path = Path(path)
-        self.device = device
-        self._model_override = model
-        self._nprobe = nprobe
         self._factory = factory
         self._executor = executor
         self._remote = remote
-        self._snap = self._open_view()  # type: ignore[assignment]
-        self._snap_lock = threading.Lock()
-        self._refresh_lock = threading.Lock()
-        self.build_report = None
-        self._encoder = None
-        self._rerankers = {}
-        self._specs: dict[int, str] = {}
-        self._lock = threading.Lock()
-        if model is not None:
-            self._encoder = self._load_encoder()
+        self._specs: dict[int, str] = {}  # id of a loaded reranker -> its name or folder
+        super().__init__(path, device=device, model=model, nprobe=nprobe)
+
+    def _open_snapshot(self) -> Any:
+        return self._open_view()
 
     def _open_view(self) -> ShardedView:
         return ShardedView(
