@@ -92,6 +92,26 @@ class ShardLike(Protocol):
         first_scores: np.ndarray,
         rerank_scores: np.ndarray | None,
     ) -> tuple[Hit, ...]: ...
+    def explain(
+        self,
+        reranker: Any,
+        tokens: np.ndarray | None,
+        mask: np.ndarray | None,
+        ids: np.ndarray,
+        words: list[str | None] | None,
+        input_ids: np.ndarray | None = None,
+        label: str = "none",
+    ) -> Any: ...
+    # What ShardedIndex calls besides a search: Index.rerank, metadata, skipped, the checks.
+    def stored_scores(self, xq: np.ndarray, ids: np.ndarray) -> np.ndarray: ...
+    def unknown(self, ids: np.ndarray) -> np.ndarray: ...
+    def metadata_table(
+        self, columns: list[str] | None = None, where: str | None = None, filters: Any = None
+    ) -> Any: ...
+    def skipped(self) -> Any: ...
+    def schema(self) -> Any: ...
+    def check_where(self, where: str) -> None: ...
+    def check_filters(self, filters: Any) -> None: ...
     def close(self) -> None: ...
 
 
@@ -151,14 +171,14 @@ class _Metadata:
         self._view = view
 
     def check_where(self, where: str) -> None:
-        self._view.shards[0].check_where(where)  # type: ignore[attr-defined]
+        self._view.shards[0].check_where(where)
 
     def check_filters(self, filters: Filters) -> None:
-        self._view.shards[0].check_filters(filters)  # type: ignore[attr-defined]
+        self._view.shards[0].check_filters(filters)
 
     @property
     def schema(self) -> Any:
-        return self._view.shards[0].schema()  # type: ignore[attr-defined]
+        return self._view.shards[0].schema()
 
     @property
     def columns(self) -> list[str]:
@@ -524,7 +544,7 @@ def _explain(
     groups = list(_by_shard(hit_src).items())
     got = fan_out(
         view.executor,
-        lambda g: view.shards[g[0]].explain(  # type: ignore[attr-defined]
+        lambda g: view.shards[g[0]].explain(
             None if scorer is None else ref,
             tokens,
             mask,
