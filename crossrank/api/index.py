@@ -102,6 +102,11 @@ class Index:
         """The committed generation, opened and pinned (a sharded index opens its shards)."""
         from crossrank.search.snapshot import Snapshot
 
+        if (self.path / "shards.json").is_file():  # crossrank.shards.SHARDS_NAME, a layer above
+            raise InvalidArgumentError(
+                f"{self.path} is a sharded index; open it with crossrank.open({str(self.path)!r}) "
+                "(which opens either kind), or search it with `crossrank search`"
+            )
         return Snapshot(self.path, device=self.device, nprobe=self._nprobe)
 
     #: Runs a search's stages on the generation held (a sharded index fans them out instead).

@@ -145,3 +145,10 @@ def test_a_pq_codec_too_big_for_each_shard_is_refused_before_encoding(
             shard_source, tmp_path / "pq.idx", shards=2, model=tiny_clip, patch_codec="pq:4x4"
         )
     assert not (tmp_path / "pq.idx").exists()
+
+
+def test_index_open_of_a_sharded_folder_says_how_to_open_it(pair) -> None:
+    from crossrank import Index
+
+    with pytest.raises(InvalidArgumentError, match=r"is a sharded index; open it with crossrank"):
+        Index.open(pair[1])
