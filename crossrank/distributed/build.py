@@ -219,7 +219,7 @@ def _build_sharded(source: str | Path, index_dir: Path, o: _Options) -> BuildRep
             f"--shards {o.shards} is more than the {total} files in {source}; every shard needs "
             f"at least one image: use --shards {max(1, total)} or fewer"
         )
-    encoder = _driver_encoder(o, total)
+    encoder = _driver_encoder(o, total, shards=o.shards)
     builder.codec.configure(encoder.n_patches, encoder.patch_dim)
     # The shards' writers store patches in the codec (each shard trains its own pq): the actors
     # send float16 rows.
@@ -345,7 +345,7 @@ def _build_locked(source: str | Path, index_dir: Path, lock: Any, o: _Options) -
     )
 
 
-def _driver_encoder(o: _Options, total: int) -> Any:
+def _driver_encoder(o: _Options, total: int, shards: int | None = None) -> Any:
     """The encoder, loaded on the driver's CPU, with the checks that need its sizes.
 
     The driver needs it for the sizes, the manifest's record and the preprocessing the decode
@@ -358,9 +358,16 @@ def _driver_encoder(o: _Options, total: int) -> Any:
     if o.index_config.factory is not None:
         check_factory(o.index_config.factory, encoder.dim)
     o.codec.configure(encoder.n_patches, encoder.patch_dim)
-    if o.codec.needs_training:
+    if o.codec.needs_training and shards is None:
         o.codec.check_trainable(
             total * encoder.n_patches, encoder.n_patches, f"SOURCE's {total:,} files"
+        )
+    elif o.codec.needs_training and shards is not None:  # each shard trains its own
+        per_shard = total // shards
+        o.codec.check_trainable(
+            per_shard * encoder.n_patches,
+            encoder.n_patches,
+            f"each shard's {per_shard:,} files (SOURCE's {total:,} in {shards} shards)",
         )
     return encoder
 
