@@ -143,11 +143,21 @@ def main(argv: list[str] | None = None) -> int:
         help="tuned: as the CLI runs (keep_large_allocations); default: glibc's own",
     )
     parser.add_argument(
+        "--clock",
+        choices=("wall", "thread"),
+        default="wall",
+        help="wall: elapsed time (latency); thread: the calling thread's CPU time, with "
+        "--threads 1 only (robust to other processes on a shared machine; not a latency)",
+    )
+    parser.add_argument(
         "--quick", action="store_true", help="3 rounds, small matmuls: a smoke test"
     )
     parser.add_argument("--json", action="store_true", help="one JSON object instead of the table")
     add_out_option(parser, "bench_rerank_flops")
     args = parser.parse_args(argv)
+    if args.clock == "thread" and args.threads != 1:
+        parser.error("--clock thread measures one thread's CPU time: add --threads 1")
+    clock = time.thread_time if args.clock == "thread" else time.perf_counter
     tuned = args.allocator == "tuned" and keep_large_allocations()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -172,9 +182,9 @@ def main(argv: list[str] | None = None) -> int:
         for r in range(rounds):
             for name in names[r % len(names) :] + names[: r % len(names)]:
                 fn, _ = cases[name]
-                start = time.perf_counter()
+                start = clock()
                 fn()
-                times[name].append(time.perf_counter() - start)
+                times[name].append(clock() - start)
 
     flops_per_s = {name: cases[name][1] / statistics.median(t) for name, t in times.items()}
     peak_name = max((n for n in cases if n.startswith("mm")), key=lambda n: flops_per_s[n])
@@ -200,6 +210,7 @@ def main(argv: list[str] | None = None) -> int:
         "threads": torch.get_num_threads(),
         "cpu": platform.processor() or platform.machine(),
         "rounds": rounds,
+        "clock": args.clock,
         "allocator_tuned": tuned,
         "reranker": timed[0][1],
         "config": timed[0][4].to_dict(),
@@ -221,7 +232,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     print(
         f"# torch {meta['torch']}, {meta['threads']} threads, {meta['cpu']}, {rounds} rounds, "
-        f"allocator {'tuned' if tuned else 'default'}, {N_TOKENS} query tokens"
+        f"{args.clock} clock, allocator {'tuned' if tuned else 'default'}, {N_TOKENS} query tokens"
     )
     print(
         "# fp32 matmul GFLOP/s: "
