@@ -16,7 +16,14 @@ from typing import Any
 
 from crossrank.errors import DependencyError, InvalidArgumentError
 
-__all__ = ["RAY_EXTRA_HINT", "check_ray_address", "require_ray", "ray_runtime", "start_ray"]
+__all__ = [
+    "RAY_EXTRA_HINT",
+    "check_ray_address",
+    "quiet_ray_logs",
+    "ray_runtime",
+    "require_ray",
+    "start_ray",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -101,15 +108,34 @@ def start_ray(ray: Any, address: str | None = None, *, num_cpus: int | None = No
         return False
     if address is not None:
         check_ray_address(address)
-        ray.init(address=address, logging_level=logging.WARNING, log_to_driver=False)
+        ray.init(address=address, logging_level=logging.ERROR, log_to_driver=False)
     else:
         ray.init(
             num_cpus=num_cpus,
             include_dashboard=False,
-            logging_level=logging.WARNING,
+            logging_level=logging.ERROR,
             log_to_driver=False,
         )
     return True
+
+
+#: Ray's own loggers: their INFO and WARNING lines (a dataset finished, progress bars disabled,
+#: how the runtime authenticates) would interleave with crossrank's progress bar; errors still show.
+_RAY_LOGGERS = ("ray", "ray.data")
+
+
+@contextlib.contextmanager
+def quiet_ray_logs() -> Iterator[None]:
+    """Show only errors from Ray's Python loggers inside the block; their levels are restored."""
+    loggers = [logging.getLogger(name) for name in _RAY_LOGGERS]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        for lg, level in zip(loggers, levels, strict=True):
+            lg.setLevel(level)
 
 
 @contextlib.contextmanager
@@ -132,9 +158,10 @@ def ray_runtime(address: str | None = None, *, num_cpus: int | None = None) -> I
         InvalidArgumentError: ``address`` does not answer.
     """
     ray = require_ray()
-    started = start_ray(ray, address, num_cpus=num_cpus)
-    try:
-        yield ray
-    finally:
-        if started:
-            ray.shutdown()
+    with quiet_ray_logs():
+        started = start_ray(ray, address, num_cpus=num_cpus)
+        try:
+            yield ray
+        finally:
+            if started:
+                ray.shutdown()

@@ -247,7 +247,12 @@ def open_on_ray(
         IndexNotFoundError, IndexCorruptError, ModelMismatchError: a shard is missing, damaged or
             of another model (named).
     """
-    from crossrank.distributed.runtime import check_ray_address, require_ray, start_ray
+    from crossrank.distributed.runtime import (
+        check_ray_address,
+        quiet_ray_logs,
+        require_ray,
+        start_ray,
+    )
     from crossrank.shards.layout import is_sharded, read_shards_manifest
     from crossrank.store import has_index
 
@@ -266,7 +271,8 @@ def open_on_ray(
     if ray_address is not None:
         check_ray_address(ray_address)
     top = read_shards_manifest(path)
-    started = start_ray(ray, ray_address, num_cpus=num_cpus)
+    with quiet_ray_logs():
+        started = start_ray(ray, ray_address, num_cpus=num_cpus)
     try:
         shard_device = ("cuda" if shard_gpus > 0 else "cpu") if device == "auto" else device
         # One CPU per shard actor, or an equal share when there are more shards than CPUs.
