@@ -239,7 +239,15 @@ class ShardedView:
                 )
             self.executor: Executor = executor
             make = factory or default_factory(device=device, nprobe=nprobe, encoder=top.encoder)
-            shards = self._open_all(make, top.shards)
+            try:
+                shards = self._open_all(make, top.shards)
+            except Exception:
+                # A writer may have committed and collected a shard generation between the read
+                # of shards.json and the pin (a missing folder, or files gone while loading):
+                # then start over; else the error is the shard's own.
+                if read_shards_manifest(self.root).generation != top.generation:
+                    continue
+                raise
             again = read_shards_manifest(self.root)
             if again.generation == top.generation:
                 break
