@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from crossrank.errors import CrossrankError
-from crossrank.shards.layout import ShardRef, read_shards_manifest, shard_of
+from crossrank.shards.layout import ShardRef, ShardsManifest, read_shards_manifest, shard_of
 from crossrank.shards.searcher import check_shard_folder
 from crossrank.store.check import CheckReport, Progress
 
@@ -40,10 +40,22 @@ def verify_sharded(path: str | Path, *, full: bool = False) -> list[str]:
 def verify_sharded_report(
     path: str | Path, *, full: bool = False, progress: Progress | None = None
 ) -> CheckReport:
-    """Like :func:`verify_sharded`, with the notes and what was hashed, over every shard."""
+    """Like :func:`verify_sharded`, with the notes and what was hashed, over every shard.
+
+    A write committed while the check ran (``shards.json`` changed) makes it check again the set
+    of shard generations now named, a few times at most.
+    """
+    for _ in range(3):
+        top = read_shards_manifest(path)
+        report = _verify_top(top, full, progress)
+        if not report.problems or read_shards_manifest(path).generation == top.generation:
+            return report
+    return report
+
+
+def _verify_top(top: ShardsManifest, full: bool, progress: Progress | None) -> CheckReport:
     from crossrank.store import ReaderPin
 
-    top = read_shards_manifest(path)
     report = CheckReport(full=full)
     totals = {"images": 0, "skipped": 0}
     for ref in top.shards:
