@@ -60,12 +60,12 @@ def rerank(
     candidates; the first-stage score is this index's own (query vector . stored vector). Ids the
     index does not hold are named in one line. See docs/backends.md.
     """
-    from crossrank.api.index import Index
+    from crossrank.shards import open_index
 
     if (query is None) == (image is None):
         raise typer.BadParameter("give either a QUERY text or --image PATH (one of them)")
     candidates = _parse_ids(ids)
-    idx = Index.open(index, device=device.value)
+    idx = open_index(index, device=device.value)  # an unsharded or a sharded index
     try:
         result = idx.rerank(
             query if image is None else image,

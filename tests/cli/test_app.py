@@ -120,9 +120,10 @@ def test_build_json_summary(tmp_path, tiny_clip, runner):
         "factory",
         "model",
         "duplicates",
+        "resumed",
         "encoder",
     }
-    assert summary["duplicates"] == 0
+    assert summary["duplicates"] == 0 and summary["resumed"] == 0
     assert summary["encoder"]["model_id"] == str(tiny_clip) and not summary["encoder"]["demo"]
     assert (summary["indexed"], summary["skipped"], summary["generation"], summary["factory"]) == (
         3,

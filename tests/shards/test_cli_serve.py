@@ -60,6 +60,10 @@ def test_build_search_info_verify_from_the_command_line(
     assert info["counts"]["images"] == 41 and len(info["shards"]) == 2
     assert sum(s["images"] for s in info["shards"]) == 41
     assert info["routing"] == {"rule": "id_mod_n", "n_shards": 2}
+    ids = "3,7,12,20,33"  # a backend's candidates, reranked where their patches live
+    common = [QUERY, "--ids", ids, "-k", "3", "--reranker", "maxsim", "--device", "cpu"]
+    a, b = _json("rerank", str(flat), *common), _json("rerank", str(index_dir), *common)
+    assert [h["id"] for h in a["hits"]] == [h["id"] for h in b["hits"]] and len(b["hits"]) == 3
     checked = _json("verify", str(index_dir))
     assert checked["ok"] and checked["images"] == 41 and checked["files_hashed"] > 0
     removed = _json("remove", str(index_dir), "--ids", "0,1")
