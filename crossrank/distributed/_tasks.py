@@ -14,9 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from crossrank.errors import InvalidArgumentError
-
-__all__ = ["CRASH_ONCE_ENV", "EncodeActor", "decode_batch", "ships_half"]
+__all__ = ["CRASH_ONCE_ENV", "EncodeActor", "decode_batch"]
 
 logger = logging.getLogger(__name__)
 
@@ -89,25 +87,16 @@ def decode_batch(
     return out
 
 
-def ships_half(codec: Any) -> bool:
-    """Whether encoder actors send float16 rows (fp16, or a codec the driver's writer trains:
-    pq) rather than rows already in the codec's stored form (int8, binary)."""
-    from crossrank.store.codecs import Fp16Codec
-
-    return codec.needs_training or isinstance(codec, Fp16Codec)
-
-
 class EncodeActor:
     """One encoder, loaded once per actor; encodes the decoded rows of each batch it is given.
+
+    Patch rows go back as float16, the form the writers take them in (they store them in the
+    index's codec: :mod:`crossrank.store.codecs`).
 
     Args:
         model: the encoder (a Hugging Face id or folder, None for the demo model).
         device: ``auto``, ``cpu`` or ``cuda`` (``auto`` takes the GPU Ray gave the actor, if any).
         batch_size: images per forward pass.
-        codec: the index's patch codec, configured to the model's sizes: codecs that need no
-            training (int8, binary) store rows here, on the worker, so the driver receives stored
-            rows; None, fp16 or a codec that trains (pq, trained by the driver's writer): float16
-            rows.
         crash_marker: the :data:`CRASH_ONCE_ENV` test hook, or None.
     """
 
@@ -116,7 +105,6 @@ class EncodeActor:
         model: str | None,
         device: str,
         batch_size: int,
-        codec: Any,
         crash_marker: str | None = None,
     ) -> None:
         from crossrank.encoders import load_encoder
@@ -130,9 +118,6 @@ class EncodeActor:
             self.encoder = load_encoder(model, device=device, batch_size=batch_size)
         except CrossrankError as e:
             self.error = e
-        self.codec = codec
-        # fp16 rows are the stored form of fp16; a codec that trains is trained on the driver.
-        self.ships_half = codec is None or ships_half(codec)
         self.crash_marker = crash_marker
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -146,23 +131,13 @@ class EncodeActor:
         n = ok.shape[0]
         enc = self.encoder
         pooled = np.zeros((n, enc.dim), dtype=np.float32)
-        if self.ships_half:
-            stored = np.zeros((n, enc.n_patches, enc.patch_dim), dtype=np.float16)
-        else:
-            shape = self.codec.row_shape(enc.n_patches, enc.patch_dim)
-            stored = np.zeros((n, *shape), dtype=self.codec.stored_dtype)
+        patches = np.zeros((n, enc.n_patches, enc.patch_dim), dtype=np.float16)
         if ok.any():
             features = enc.encode_pixels(np.ascontiguousarray(batch["pixels"][ok]))
             pooled[ok] = features.pooled
-            with np.errstate(over="ignore"):
-                half = features.patches.astype(np.float16)
-            if not np.isfinite(half).all():
-                raise InvalidArgumentError(
-                    "patches hold values that are not finite in float16 (NaN, inf, or "
-                    "|x| > 65504); the encoder must give normalised features"
-                )
-            stored[ok] = half if self.ships_half else self.codec.encode(half)
+            with np.errstate(over="ignore"):  # the writer refuses values float16 cannot hold
+                patches[ok] = features.patches.astype(np.float16)
         out = {key: value for key, value in batch.items() if key != "pixels"}
         out["pooled"] = pooled
-        out["patches"] = stored
+        out["patches"] = patches
         return out

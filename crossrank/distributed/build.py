@@ -4,22 +4,22 @@ The pipeline::
 
     driver: discover(SOURCE)  ->  ray.data.from_items([(pos, path), ...])
     CPU tasks:    decode + preprocess (crossrank.ingest.iter_batches: the same checks and reasons)
-    actor pool:   encode (one encoder per actor; num_gpus=1 each when the cluster has GPUs),
-                  patches stored in the index's codec on the worker (fp16, int8, binary; a pq
-                  codec is trained on the driver from float16 rows, as a one-process build does)
-    driver:       rows back in source order -> duplicates dropped, ids given, the generation
-                  written by crossrank.store's GenerationWriter and committed once, atomically
+    actor pool:   encode (one encoder per actor; num_gpus=1 each when the cluster has GPUs)
+    driver:       rows back in source order, a batch at a time -> duplicates dropped, the
+                  streaming writer (crossrank.write.streaming: chunks staged on disk, resumable)
+                  or the sharded builder, one commit, atomic
 
 The driver writes, not the workers: a generation is one folder on the disk of the machine that
 holds the index's writer lock, its patch shards have a fixed row count and must be in id order,
 and ids follow the source's path order after byte-identical duplicates are dropped, which needs
 every earlier file's hash. Workers on other machines share none of that disk, so they send their
-results (pooled vectors, patches already in the stored codec, a few metadata fields) to the
-driver through Ray's object store, in order, and the driver appends them as they arrive. Decoding
-and the forward passes, the work that scales, run on the cluster; the driver's work is a
-sequential append of bytes. A killed worker is Ray's to retry (tasks are retried, an encoder actor
-is restarted and its batch retried); a build that fails anyway raises one line, and nothing is
-committed: the previous generation stays the index's.
+results (pooled vectors, float16 patch rows, a few metadata fields) to the driver through Ray's
+object store, in order, and the driver stages them as they arrive, a chunk at a time, as a
+one-process build does. Decoding and the forward passes, the work that scales, run on the
+cluster; the driver's work is a sequential append. A killed worker is Ray's to retry (tasks are
+retried, an encoder actor is restarted and its batch retried); a build that fails anyway raises
+one line, and nothing is committed: the previous generation stays the index's, and the chunks
+finished so far stay staged, so the same build run again (with Ray or without) resumes there.
 
 The result equals a one-process :func:`crossrank.write.build_index` of the same files: the same
 ids, metadata and skips, vectors within float rounding of batched matrix products (1e-5 on the
@@ -38,16 +38,13 @@ from typing import Any
 
 import numpy as np
 
-from crossrank.distributed._tasks import ships_half
 from crossrank.errors import CrossrankError, InvalidArgumentError, SourceError
 from crossrank.write import BuildReport
 from crossrank.write.build import ProgressFn
 
 __all__ = [
-    "EncodedRows",
     "RayEncoding",
     "build_on_ray",
-    "encode_items_on_ray",
     "ray_encoded_batches",
 ]
 
@@ -81,6 +78,7 @@ def build_on_ray(
     num_encoders: int | None = None,
     num_cpus: int | None = None,
     progress: ProgressFn | None = None,
+    resume: bool | None = None,
 ) -> BuildReport:
     """Index every image of ``source`` into a new generation of ``index_dir``, on Ray Data.
 
@@ -112,6 +110,10 @@ def build_on_ray(
         num_cpus: CPUs of a local runtime (None: every CPU of this machine); ignored when joining
             a cluster or using a runtime already started.
         progress: called as ``progress(done, total)`` as files are decoded and encoded.
+        resume: as :func:`~crossrank.write.build_index`'s: None resumes an interrupted build of
+            the same source, model, codec and batch size (one started with or without Ray) and
+            starts over otherwise; True refuses to start over; False always does. Not with
+            ``shards``.
 
     Returns:
         A :class:`~crossrank.write.BuildReport`.
@@ -170,8 +172,14 @@ def build_on_ray(
         num_cpus=num_cpus,
         progress=progress,
         nprobe=nprobe,
+        resume=resume,
     )
     if shards is not None:
+        if resume:
+            raise InvalidArgumentError(
+                "--resume is for an unsharded build; a sharded build starts over (leave out "
+                "--resume or --shards)"
+            )
         return _build_sharded(source, index_dir, options)
     with writing(index_dir, "build"):
         refuse_foreign_folder(index_dir)
@@ -197,6 +205,7 @@ class _Options:
     num_cpus: int | None
     progress: ProgressFn | None
     nprobe: int | None = None
+    resume: bool | None = None
 
 
 def _build_sharded(source: str | Path, index_dir: Path, o: _Options) -> BuildReport:
@@ -257,12 +266,24 @@ def _build_sharded(source: str | Path, index_dir: Path, o: _Options) -> BuildRep
 
 
 def _build_locked(source: str | Path, index_dir: Path, lock: Any, o: _Options) -> BuildReport:
-    from crossrank.indexes import FirstStage
+    """:func:`crossrank.write.build_index`'s steps, with the batches encoded on Ray."""
+    from crossrank.distributed.runtime import ray_runtime
     from crossrank.ingest import discover
-    from crossrank.store import GenerationWriter, has_index, read_manifest
-    from crossrank.write.build import metadata_table, skipped_table
+    from crossrank.store import has_index, read_manifest
+    from crossrank.write.streaming import (
+        BuildSpec,
+        StreamingBuild,
+        listing_fingerprint,
+        resumable_build,
+    )
 
-    if has_index(index_dir) and not o.overwrite:
+    in_progress = resumable_build(index_dir) if o.resume is not False else None
+    if o.resume and in_progress is None:
+        raise InvalidArgumentError(
+            f"--resume: {index_dir} holds no build in progress (nothing to resume); run the "
+            "build without --resume"
+        )
+    if has_index(index_dir) and not o.overwrite and in_progress is None:
         n = read_manifest(index_dir).counts.get("images", "?")
         raise InvalidArgumentError(
             f"{index_dir} already holds an index ({n} images); pass --overwrite to rebuild it "
@@ -276,72 +297,52 @@ def _build_locked(source: str | Path, index_dir: Path, lock: Any, o: _Options) -
     logger.info(
         "building %s from %s (%d files) on Ray with %s", index_dir, source, total, encoder.model_id
     )
-    from crossrank.distributed.runtime import ray_runtime
-
-    encoding = RayEncoding(
-        model=o.model,
+    # The one-process build's spec: a build interrupted on one engine resumes on the other.
+    spec = BuildSpec(
+        source=str(Path(source).resolve()),
+        listing_sha256=listing_fingerprint(src),
+        n_items=total,
+        encoder=dict(encoder.info),
+        patch_codec=o.codec.spec,
         batch_size=o.batch_size,
-        device=o.device,
-        num_encoders=o.num_encoders,
-        codec=o.codec,
+        chunk_items=BuildSpec.chunk_items_for(o.batch_size),
     )
-    pooled: list[np.ndarray] = []
-    records: list[Any] = []
-    skipped: list[Any] = []
-    duplicates = done = 0
-    with ray_runtime(o.ray_address, num_cpus=o.num_cpus) as ray:
-        with GenerationWriter(index_dir, lock=lock, patch_codec=o.codec) as writer:
-            # The shape first, so that stored rows can be appended (and a source of nothing but
-            # bad files still declares it).
-            writer.patches.append(np.zeros((0, encoder.n_patches, encoder.patch_dim), np.float16))
-            half = ships_half(o.codec)
-            for batch in ray_encoded_batches(ray, encoder, src.items, encoding):
-                if batch.records:
-                    pooled.append(batch.pooled)
-                    if half:
-                        writer.patches.append(batch.patches)
-                    else:
-                        writer.patches.append_stored(batch.patches)
-                records.extend(batch.records)
-                skipped.extend(batch.skipped)
-                duplicates += batch.duplicates
-                done += batch.n_items
+    build = StreamingBuild.open(
+        index_dir, lock, spec, extra_schema=src.extra_schema, resume=o.resume
+    )
+    encoding = RayEncoding(
+        model=o.model, batch_size=o.batch_size, device=o.device, num_encoders=o.num_encoders
+    )
+    try:
+        if o.progress is not None and build.kept_items:
+            o.progress(build.kept_items, total)
+        with ray_runtime(o.ray_address, num_cpus=o.num_cpus) as ray:
+            for batch in ray_encoded_batches(
+                ray, encoder, src.items[build.kept_items :], encoding, build.duplicates
+            ):
+                build.add(batch)
                 if o.progress is not None:
-                    o.progress(done, total)
-            if not records:
-                reasons = "; ".join(f"{s.path}: {s.reason}" for s in skipped[:3])
-                raise SourceError(
-                    f"none of the {total} files in {source} could be decoded ({reasons}); "
-                    "check that SOURCE holds images"
-                )
-            xb = np.concatenate(pooled).astype(np.float32, copy=False)
-            ids = writer.take_ids(len(records))
-            first_stage = FirstStage.build(xb, ids, o.index_config)
-            first_stage.save(writer.first_stage_path)
-            writer.write_vectors(xb)
-            writer.write_ids(ids)
-            writer.write_metadata(metadata_table(ids, records, src.extra_schema))
-            writer.write_skipped(skipped_table(skipped))
-            generation = writer.commit(
-                encoder=encoder.info,
-                first_stage={
-                    **first_stage.info,
-                    "metric": "inner_product",
-                    "auto": o.index_config.factory is None,
-                },
-                counts={"images": len(records), "skipped": len(skipped)},
-                source=str(Path(source).resolve()),
-            )
+                    o.progress(build.items_done, total)
+        generation, first_stage = build.commit(
+            o.index_config, source_label=str(source), source=spec.source
+        )
+    except (SourceError, InvalidArgumentError):
+        build.abandon()  # nothing decoded, or data no run can index: nothing worth resuming
+        raise
+    except BaseException:
+        build.abandon_if_empty()  # the finished chunks stay, for the next run to resume
+        raise
     return BuildReport(
         index_dir=index_dir,
         generation=generation,
-        indexed=len(records),
-        skipped=len(skipped),
+        indexed=build.images,
+        skipped=build.n_skipped,
         seconds=time.perf_counter() - start,
         factory=first_stage.factory,
         model=encoder.model_id,
-        duplicates=duplicates,
+        duplicates=build.n_duplicates,
         patch_codec=o.codec.spec,
+        resumed=build.kept_images,
     )
 
 
@@ -378,74 +379,57 @@ class RayEncoding:
 
     Attributes:
         model: the encoder the actors load (a Hugging Face id or folder; None: the demo model).
-        batch_size: images per forward pass, and per :class:`EncodedRows`.
+        batch_size: images per forward pass, and per encoded batch yielded.
         device: ``auto`` (a GPU per actor when the cluster has GPUs), ``cpu`` or ``cuda``.
         num_encoders: encoder actors; None: one per GPU, else one per two CPUs.
-        codec: the index's patch codec, configured, for the actors to store rows in (int8,
-            binary); None (or fp16, or a codec that trains): the actors send float16 rows.
     """
 
     model: str | None = None
     batch_size: int = 64
     device: str = "auto"
     num_encoders: int | None = None
-    codec: Any = None
-
-
-@dataclass
-class EncodedRows:
-    """One batch of consecutive source files, encoded on the cluster (batch ``j`` covers
-    ``items[j * batch_size : (j + 1) * batch_size]``, as the one-process build's batches do).
-
-    Attributes:
-        pooled: float32 ``(b, D)``, one row per record.
-        patches: ``(b, P, d)`` float16, or ``(b, *row_shape)`` stored rows of the codec when the
-            actors store them (see :class:`RayEncoding`).
-        records: the :class:`~crossrank.ingest.ImageRecord` of each row.
-        skipped: the batch's files that were not indexed: those that did not decode, then the
-            byte-identical copies of an earlier file (the one-process build's order).
-        n_items: source files the batch accounts for.
-        duplicates: how many of ``skipped`` are copies.
-    """
-
-    pooled: np.ndarray
-    patches: np.ndarray
-    records: list[Any]
-    skipped: list[Any]
-    n_items: int
-    duplicates: int = 0
 
 
 def ray_encoded_batches(
-    ray: Any, encoder: Any, items: Sequence[Any], encoding: RayEncoding
-) -> Iterator[EncodedRows]:
+    ray: Any,
+    encoder: Any,
+    items: Sequence[Any],
+    encoding: RayEncoding,
+    duplicates: Any = None,
+) -> Iterator[Any]:
     """Decode and encode ``items`` on the Ray cluster; yield them a batch at a time, in order.
+
+    What :func:`crossrank.write.build.encoded_batches` yields, from Ray: batch ``j`` covers
+    ``items[j * batch_size : (j + 1) * batch_size]``, its skips are the files that did not decode
+    then the byte-identical copies of an earlier file (dropped here, after encoding: the hashes
+    are known only once a worker read the file).
 
     Args:
         ray: the ``ray`` module, initialised.
         encoder: the encoder loaded here (its sizes and preprocessing; the actors load their own).
         items: the :class:`~crossrank.ingest.SourceItem` to index, in id order.
         encoding: how (:class:`RayEncoding`).
+        duplicates: the contents seen so far (a :class:`~crossrank.write.streaming.Duplicates`,
+            a resumed build's); a new one when None.
 
     Yields:
-        One :class:`EncodedRows` per ``encoding.batch_size`` files.
+        One :class:`~crossrank.write.streaming.EncodedBatch` per ``encoding.batch_size`` files:
+        pooled float32 ``(b, D)``, patches float16 ``(b, P, d)``.
 
     Raises:
         CrossrankError: the Ray job failed past its retries (one line); a crossrank error raised
             on a worker is raised as itself.
     """
     from crossrank.ingest import ImageRecord, SkippedFile
-    from crossrank.ingest.changes import DUPLICATE_PREFIX
     from crossrank.ingest.decode import path_text
+    from crossrank.write.streaming import Duplicates, EncodedBatch
 
+    seen = duplicates if duplicates is not None else Duplicates()
     total, bs = len(items), encoding.batch_size
-    first_of: dict[str, str] = {}  # sha256 -> the first path with those bytes
-    half = encoding.codec is None or ships_half(encoding.codec)
-
-    def empty() -> dict[str, Any]:
-        return {"pooled": [], "patches": [], "records": [], "undecoded": [], "dupes": []}
-
-    group = empty()
+    if total == 0:
+        return
+    group: dict[str, list[Any]] = {"records": [], "undecoded": [], "pooled": []}
+    patches: list[np.ndarray] = []
     expected = 0
     for out in _stream_rows(ray, items, encoder, encoding):
         pos = np.asarray(out["pos"])
@@ -461,104 +445,45 @@ def ray_encoded_batches(
             if not ok[j]:
                 group["undecoded"].append(SkippedFile(path_text(item.path), str(out["reason"][j])))
             else:
-                path, sha = str(item.path), str(out["sha256"][j])
-                first = first_of.setdefault(sha, path)
-                if first != path:
-                    group["dupes"].append(SkippedFile(path, DUPLICATE_PREFIX + first))
-                else:
-                    group["pooled"].append(out["pooled"][j])
-                    group["patches"].append(out["patches"][j])
-                    group["records"].append(
-                        ImageRecord(
-                            item=item,
-                            width=int(out["width"][j]),
-                            height=int(out["height"][j]),
-                            bytes=int(out["bytes"][j]),
-                            mtime=float(out["mtime"][j]),
-                            sha256=sha,
-                        )
+                group["records"].append(
+                    ImageRecord(
+                        item=item,
+                        width=int(out["width"][j]),
+                        height=int(out["height"][j]),
+                        bytes=int(out["bytes"][j]),
+                        mtime=float(out["mtime"][j]),
+                        sha256=str(out["sha256"][j]),
                     )
+                )
+                group["pooled"].append(out["pooled"][j])
+                patches.append(out["patches"][j])
             if (p + 1) % bs == 0 or p + 1 == total:
-                yield _finish(group, encoder, encoding, p + 1 - (p // bs) * bs, half)
-                group = empty()
+                keep, dups = seen.split(group["records"])
+                yield EncodedBatch(
+                    pooled=_stack([group["pooled"][i] for i in keep], (encoder.dim,), np.float32),
+                    patches=_stack(
+                        [patches[i] for i in keep],
+                        (encoder.n_patches, encoder.patch_dim),
+                        np.float16,
+                    ),
+                    records=[group["records"][i] for i in keep],
+                    skipped=[*group["undecoded"], *dups],
+                    n_items=p + 1 - (p // bs) * bs,
+                    duplicates=len(dups),
+                )
+                group = {"records": [], "undecoded": [], "pooled": []}
+                patches = []
     if expected != total:
         raise CrossrankError(
             f"the Ray build returned {expected} of {total} files; nothing was committed"
         )
 
 
-def _finish(
-    group: dict[str, Any], encoder: Any, encoding: RayEncoding, n_items: int, half: bool
-) -> EncodedRows:
-    if group["records"]:
-        pooled = np.stack(group["pooled"]).astype(np.float32, copy=False)
-        patches = np.stack(group["patches"])
-    else:
-        pooled = np.zeros((0, encoder.dim), np.float32)
-        shape = (
-            (encoder.n_patches, encoder.patch_dim)
-            if half
-            else encoding.codec.row_shape(encoder.n_patches, encoder.patch_dim)
-        )
-        patches = np.zeros((0, *shape), np.float16 if half else encoding.codec.stored_dtype)
-    return EncodedRows(
-        pooled=pooled,
-        patches=patches,
-        records=group["records"],
-        skipped=[*group["undecoded"], *group["dupes"]],
-        n_items=n_items,
-        duplicates=len(group["dupes"]),
-    )
-
-
-def encode_items_on_ray(
-    writer: Any,
-    encoder: Any,
-    items: Sequence[Any],
-    *,
-    batch_size: int,
-    workers: int = 0,
-    progress: ProgressFn | None = None,
-    model: str | Path | None = None,
-    device: str = "auto",
-    num_encoders: int | None = None,
-    ray_address: str | None = None,
-    num_cpus: int | None = None,
-) -> tuple[list[np.ndarray], list[Any], list[Any], int]:
-    """:func:`crossrank.write.build.encode_items`'s contract, with the work done on Ray.
-
-    For a writer that only appends float patches (the sharded build's router): the actors send
-    float16 rows, the writer stores them in its codec. ``workers`` is ignored (Ray decides how
-    many decode tasks run); ``model`` is what the actors load (``encoder`` is the driver's copy).
-
-    Returns:
-        ``(pooled, records, skipped, duplicates)`` as ``encode_items`` returns them.
-    """
-    from crossrank.distributed.runtime import ray_runtime
-
-    del workers
-    encoding = RayEncoding(
-        model=None if model is None else str(model),
-        batch_size=batch_size,
-        device=device,
-        num_encoders=num_encoders,
-    )
-    pooled: list[np.ndarray] = []
-    records: list[Any] = []
-    skipped: list[Any] = []
-    duplicates = done = 0
-    with ray_runtime(ray_address, num_cpus=num_cpus) as ray:
-        for batch in ray_encoded_batches(ray, encoder, items, encoding):
-            if batch.records:
-                pooled.append(batch.pooled)
-                writer.patches.append(batch.patches)
-            records.extend(batch.records)
-            skipped.extend(batch.skipped)
-            duplicates += batch.duplicates
-            done += batch.n_items
-            if progress is not None:
-                progress(done, len(items))
-    return pooled, records, skipped, duplicates
+def _stack(rows: list[np.ndarray], shape: tuple[int, ...], dtype: Any) -> np.ndarray:
+    """``rows`` as one ``(len(rows), *shape)`` array (an empty one without rows)."""
+    if not rows:
+        return np.zeros((0, *shape), dtype)
+    return np.stack(rows).astype(dtype, copy=False)
 
 
 def _preprocess_only(encoder: Any) -> Any:
@@ -628,7 +553,6 @@ def _stream_rows(
             "model": encoding.model,
             "device": actor_device,
             "batch_size": encoding.batch_size,
-            "codec": encoding.codec,
             "crash_marker": os.environ.get(CRASH_ONCE_ENV) or None,
         },
         compute=ray.data.ActorPoolStrategy(size=n_encoders),
