@@ -110,6 +110,8 @@ class Snapshot:
         reuse: an earlier snapshot of the same directory: its first stage is kept when the new
             generation hard-links the same FAISS file (after a removal) instead of being loaded
             again.
+        pinned: ``(manifest, pin)`` of a generation the caller chose and pinned, opened instead
+            of the current one; the snapshot owns the pin from then on (released on failure).
 
     Attributes:
         manifest: the manifest naming this generation.
@@ -129,12 +131,19 @@ class Snapshot:
     """
 
     def __init__(
-        self, root: Path, *, device: str, nprobe: int | None, reuse: Snapshot | None = None
+        self,
+        root: Path,
+        *,
+        device: str,
+        nprobe: int | None,
+        reuse: Snapshot | None = None,
+        pinned: tuple[Manifest, ReaderPin] | None = None,
     ) -> None:
         from crossrank.indexes import FirstStage, IndexConfig
         from crossrank.store import Generation, pin_current
 
-        manifest, pin = pin_current(root)
+        # A shard of a sharded index opens the generation shards.json names, not its current one.
+        manifest, pin = pinned if pinned is not None else pin_current(root)
         try:
             generation = Generation.open(manifest.generation_path)
             if reuse is not None and _same_file(

@@ -41,7 +41,6 @@ if TYPE_CHECKING:
 
     from crossrank.hits import Explanation, Hit
     from crossrank.rerank import Reranker
-    from crossrank.store import Manifest, ReaderPin
     from crossrank.store.filters import Filters
 
 __all__ = ["ShardSearcher", "ShardCandidates", "open_shard_snapshot", "check_shard_folder"]
@@ -66,60 +65,6 @@ class ShardCandidates:
     ids: np.ndarray
     size: int
     allowed: int
-
-
-class _PinnedSnapshot(Snapshot):
-    """A :class:`Snapshot` of one named generation (not necessarily the shard's current one),
-    pinned with a pin the caller already holds."""
-
-    def __init__(
-        self, manifest: Manifest, pin: ReaderPin, *, device: str, nprobe: int | None
-    ) -> None:
-        from crossrank.indexes import FirstStage, IndexConfig
-        from crossrank.store import Generation
-
-        try:
-            generation = Generation.open(manifest.generation_path)
-            first = manifest.first_stage
-            config = IndexConfig(
-                factory=first.get("factory"),
-                device=device,
-                nprobe=nprobe or int(first.get("nprobe") or 16),
-            )
-            first_stage = FirstStage.load(generation.first_stage_path, config)
-            patches = generation.patches()
-            metadata = generation.metadata()
-            try:
-                ids, vectors = generation.ids(), generation.vectors()
-                tombstones = generation.tombstones()
-            except BaseException:
-                metadata.close()
-                raise
-        except BaseException:
-            pin.release()
-            raise
-        self.manifest = manifest
-        self.generation = generation
-        self.first_stage = first_stage
-        self.patches = patches
-        self.metadata = metadata
-        self.ids = ids
-        self.vectors = vectors
-        self.tombstones = tombstones
-        self.live_ids = (
-            np.asarray(ids)[~np.isin(ids, tombstones, assume_unique=True)]
-            if tombstones.size
-            else None
-        )
-        self.pin = pin
-        self.users = 0
-        self.retired = False
-        self._closed = False
-        from collections import OrderedDict
-
-        self._allowed = OrderedDict()
-        self._allowed_bytes = 0
-        self._allowed_lock = threading.Lock()
 
 
 _PUT_BACK = (
@@ -185,7 +130,7 @@ def open_shard_snapshot(
             f"the sharded index names; {_PUT_BACK}"
         )
     try:
-        return _PinnedSnapshot(manifest, pin, device=device, nprobe=nprobe)
+        return Snapshot(root, device=device, nprobe=nprobe, pinned=(manifest, pin))
     except CrossrankError as e:
         raise type(e)(f"{ref.name}: {e}") from e
 
