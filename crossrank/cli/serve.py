@@ -12,7 +12,9 @@ import typer
 from rich.markup import escape
 
 from crossrank.cli.app import FusionOption, RerankerOption, _friendly_errors, app
+from crossrank.cli.build import Engine
 from crossrank.cli.render import err_console
+from crossrank.cli.search import EngineOption, RayAddressOption, check_engine, open_for_search
 from crossrank.device import Device
 from crossrank.errors import DependencyError
 
@@ -47,9 +49,15 @@ def serve(
         int | None, typer.Option(min=1, help="IVF lists probed (default: the index's).")
     ] = None,
     log_level: Annotated[str, typer.Option(help="uvicorn's log level.")] = "info",
+    engine: EngineOption = Engine.LOCAL,
+    ray_address: RayAddressOption = None,
 ) -> None:
-    """Serve an index over HTTP: POST /search, GET /images/{id}, GET /healthz, / (a page), /docs."""
+    """Serve an index over HTTP: POST /search, GET /images/{id}, GET /healthz, / (a page), /docs.
+
+    A sharded index is served from threads, or with --engine ray from one Ray actor per shard.
+    """
     _check_host(host)  # before the index and the model load, and before anything is announced
+    check_engine(engine, ray_address)
     try:
         import uvicorn
     except ImportError as e:
@@ -58,8 +66,13 @@ def serve(
         ) from e
     from crossrank.serve import create_app  # raises DependencyError without fastapi
 
+    opened = (
+        open_for_search(index, device.value, model, nprobe, engine, ray_address)
+        if engine == Engine.RAY
+        else index  # create_app opens the folder (sharded or not) itself
+    )
     api = create_app(
-        index,
+        opened,
         allow_where=allow_where,
         device=device.value,
         model=model,

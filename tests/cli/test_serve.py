@@ -141,3 +141,33 @@ def test_the_announcement_prints_the_index_path_literally(
     assert f"serving {odd.resolve()} (24 images" in result.stderr or (
         f"serving {odd} (24 images" in result.stderr
     )
+
+
+def test_ray_address_without_engine_ray_is_a_usage_error(built_index: Path, served: dict) -> None:
+    result = CliRunner().invoke(app, ["serve", str(built_index), "--ray-address", "127.0.0.1:1"])
+    assert result.exit_code == 2 and "--engine ray" in result.stderr
+    assert result.stderr.count("\n") == 1 and served == {}
+
+
+def test_engine_ray_serves_the_index_open_on_ray_gives(
+    built_index: Path, served: dict, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The actors themselves are tested in tests/distributed; here: serve hands what
+    # crossrank.distributed.open_on_ray opened to the app, with the flags given.
+    import crossrank.distributed
+    from crossrank.shards import open_index
+
+    opened: dict = {}
+
+    def open_on_ray(index, **kwargs):
+        opened.update(index=index, **kwargs)
+        return open_index(index, device="cpu")
+
+    monkeypatch.setattr(crossrank.distributed, "open_on_ray", open_on_ray)
+    result = CliRunner().invoke(
+        app,
+        ["serve", str(built_index), "--engine", "ray", "--ray-address", "127.0.0.1:6379"],
+    )
+    assert result.exit_code == 0, result.stderr
+    assert opened["index"] == built_index and opened["ray_address"] == "127.0.0.1:6379"
+    assert served["api"].state.index.path == built_index
