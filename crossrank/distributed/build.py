@@ -144,6 +144,11 @@ def build_on_ray(
         from crossrank.shards.build import check_shards
 
         check_shards(shards)
+        if resume:
+            raise InvalidArgumentError(
+                "--resume is for an unsharded build; a sharded build starts over (leave out "
+                "--resume or --shards)"
+            )
     index_dir = Path(index_dir)
     check_index_path(index_dir)
     try:
@@ -175,11 +180,6 @@ def build_on_ray(
         resume=resume,
     )
     if shards is not None:
-        if resume:
-            raise InvalidArgumentError(
-                "--resume is for an unsharded build; a sharded build starts over (leave out "
-                "--resume or --shards)"
-            )
         return _build_sharded(source, index_dir, options)
     with writing(index_dir, "build"):
         refuse_foreign_folder(index_dir)

@@ -66,3 +66,26 @@ def test_bad_arguments_are_refused_before_ray_starts(kwargs, match, tmp_path: Pa
 
     with pytest.raises(InvalidArgumentError, match=match):
         build_on_ray(tmp_path, tmp_path / "idx", **kwargs)
+
+
+def test_more_shards_than_files_is_refused_before_ray_starts(tmp_path: Path) -> None:
+    pytest.importorskip(
+        "ray.data", reason="Ray Data is not installed: pip install 'crossrank[ray]'"
+    )
+    import ray
+
+    from crossrank.distributed import build_on_ray
+    from tests.conftest import write_images
+
+    write_images(tmp_path / "src", 3)
+    with pytest.raises(InvalidArgumentError, match="--shards 4 is more than the 3 files"):
+        build_on_ray(tmp_path / "src", tmp_path / "idx", shards=4)
+    assert not ray.is_initialized()
+    assert not (tmp_path / "idx").exists()
+
+
+def test_resume_is_refused_for_a_sharded_build(tmp_path: Path) -> None:
+    from crossrank.distributed import build_on_ray
+
+    with pytest.raises(InvalidArgumentError, match="--resume is for an unsharded build"):
+        build_on_ray(tmp_path, tmp_path / "idx", shards=2, resume=True)
