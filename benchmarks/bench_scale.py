@@ -50,6 +50,7 @@ import platform
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -331,65 +332,89 @@ def _percentiles(rows: list[dict[str, float]]) -> dict[str, dict[str, float]]:
     return out
 
 
-def measure_queries(
-    index_dir: Path, data: Path, n_queries: int, n_cold: int, *, quality: bool = True
-) -> dict[str, Any]:
-    """Per-stage p50/p95 (warm and cold) and R@1, nDCG@10 at each rerank_k."""
+@dataclass
+class Target:
+    """One index whose queries are timed: its folder, its dataset, whether R@1 means anything."""
+
+    index_dir: Path
+    data: Path
+    quality: bool = True
+
+
+def measure_queries(targets: list[Target], n_queries: int, n_cold: int) -> list[dict[str, Any]]:
+    """Per-stage p50/p95 (warm and cold) and R@1, nDCG@10 at each rerank_k, for every target.
+
+    With several targets the measurements interleave: query ``i`` runs on every index before
+    query ``i + 1`` (the order rotating), so a machine that gets busier or quieter part-way slows
+    every index alike and their differences stay the indexes'.
+    """
+    from contextlib import ExitStack
+
     from crossrank import Index
     from crossrank.evaluate.harness import read_queries
     from crossrank.evaluate.metrics import compute_metrics
     from crossrank.evaluate.trec import read_qrels
 
-    queries = read_queries(data / "queries.parquet")[:n_queries]
-    qrels = read_qrels(data / "qrels.txt")
-    qrels = {q.qid: qrels[q.qid] for q in queries if q.qid in qrels}
-    out: dict[str, Any] = {"queries": len(queries), "cold_queries": min(n_cold, len(queries))}
-    with Index.open(index_dir, device="cpu") as index:
-        gen = index.stored
-        patches = gen.patches()
-        out["first_stage"] = {
-            "factory": index.first_stage.factory,
-            "nprobe": index.first_stage.nprobe,
-        }
+    queries = [read_queries(t.data / "queries.parquet")[:n_queries] for t in targets]
+    nq = min(len(q) for q in queries)
+    n_cold = min(n_cold, nq)
+    qrels = []
+    for t, qs in zip(targets, queries, strict=True):
+        judged = read_qrels(t.data / "qrels.txt")
+        qrels.append({q.qid: judged[q.qid] for q in qs[:nq] if q.qid in judged})
+    outs: list[dict[str, Any]] = [{"queries": nq, "cold_queries": n_cold} for _ in targets]
+    with ExitStack() as stack:
+        indexes = [stack.enter_context(Index.open(t.index_dir, device="cpu")) for t in targets]
+        stores = [(ix.stored, ix.stored.patches()) for ix in indexes]
+        for out, ix in zip(outs, indexes, strict=True):
+            out["first_stage"] = {
+                "factory": ix.first_stage.factory,
+                "nprobe": ix.first_stage.nprobe,
+            }
 
-        def gather_ms(text: str, rerank_k: int) -> float:
-            ids = np.array(
-                [h.id for h in index.search(text, k=rerank_k, rerank_k=rerank_k, reranker="none")]
-            )
+        def one(j: int, text: str, rerank_k: int, cold: bool) -> tuple[dict[str, float], Any]:
+            index, (gen, patches) = indexes[j], stores[j]
+            if cold:
+                drop_page_cache(targets[j].index_dir)
+            result = index.search(text, k=K, rerank_k=rerank_k)
+            timings = dict(result.timings_ms)
+            hits = index.search(text, k=rerank_k, rerank_k=rerank_k, reranker="none")
+            ids = np.array([h.id for h in hits])
+            if cold:
+                drop_page_cache(targets[j].index_dir)
             t0 = time.perf_counter()
             patches.gather(gen.rows_of_ids(ids))
-            return (time.perf_counter() - t0) * 1e3
+            timings["gather"] = (time.perf_counter() - t0) * 1e3
+            return timings, result
 
+        order = list(range(len(targets)))
         for rerank_k in RERANK_KS:
-            for q in queries:  # warm-up, unmeasured
-                index.search(q.text, k=K, rerank_k=rerank_k)
-            warm, run = [], {}
-            for q in queries:
-                result = index.search(q.text, k=K, rerank_k=rerank_k)
-                timings = dict(result.timings_ms)
-                timings["gather"] = gather_ms(q.text, rerank_k)
-                warm.append(timings)
-                run[q.qid] = [_docid(h.path, data) for h in result.hits]
-            metrics = (
-                compute_metrics(run, qrels, ["R@1", "nDCG@10"]).values
-                if quality
-                else {"R@1": None, "nDCG@10": None}
-            )
-            cold = []
-            for q in queries[: out["cold_queries"]]:
-                drop_page_cache(index_dir)
-                result = index.search(q.text, k=K, rerank_k=rerank_k)
-                timings = dict(result.timings_ms)
-                drop_page_cache(index_dir)
-                timings["gather"] = gather_ms(q.text, rerank_k)
-                cold.append(timings)
-            out[f"rerank_k={rerank_k}"] = {
-                "warm_ms": _percentiles(warm),
-                "cold_ms": _percentiles(cold),
-                "R@1": None if metrics["R@1"] is None else round(metrics["R@1"], 4),
-                "nDCG@10": None if metrics["nDCG@10"] is None else round(metrics["nDCG@10"], 4),
-            }
-    return out
+            for i in range(nq):  # warm-up, unmeasured
+                for j in order:
+                    indexes[j].search(queries[j][i].text, k=K, rerank_k=rerank_k)
+            warm: list[list[dict[str, float]]] = [[] for _ in targets]
+            runs: list[dict[str, list[str]]] = [{} for _ in targets]
+            for i in range(nq):
+                for j in order[i % len(order) :] + order[: i % len(order)]:
+                    q = queries[j][i]
+                    timings, result = one(j, q.text, rerank_k, cold=False)
+                    warm[j].append(timings)
+                    runs[j][q.qid] = [_docid(h.path, targets[j].data) for h in result.hits]
+            cold: list[list[dict[str, float]]] = [[] for _ in targets]
+            for i in range(n_cold):
+                for j in order[i % len(order) :] + order[: i % len(order)]:
+                    cold[j].append(one(j, queries[j][i].text, rerank_k, cold=True)[0])
+            for j, t in enumerate(targets):
+                metrics: dict[str, Any] = {"R@1": None, "nDCG@10": None}
+                if t.quality:
+                    values = compute_metrics(runs[j], qrels[j], ["R@1", "nDCG@10"]).values
+                    metrics = {name: round(values[name], 4) for name in metrics}
+                outs[j][f"rerank_k={rerank_k}"] = {
+                    "warm_ms": _percentiles(warm[j]),
+                    "cold_ms": _percentiles(cold[j]),
+                    **metrics,
+                }
+    return outs
 
 
 def _docid(path: str, data: Path) -> str:
@@ -442,9 +467,10 @@ def measure(n: int, codec: str, work: Path, args: argparse.Namespace) -> dict[st
         "dataset_images": dataset.get("n_images", n),
         "build": build,
         "disk": disk_usage(index_dir),
+        "index_dir": str(index_dir),
         "search": measure_queries(
-            index_dir, data, args.queries, args.cold_queries, quality=not args.synthetic
-        ),
+            [Target(index_dir, data, quality=not args.synthetic)], args.queries, args.cold_queries
+        )[0],
         "query_threads": args.threads or "default",
         "machine": machine(),
     }
@@ -518,6 +544,11 @@ def main(argv: list[str] | None = None) -> int:
         default=10_000,
         help="with --synthetic: the dataset whose queries are timed (default 10k)",
     )
+    parser.add_argument(
+        "--remeasure",
+        action="store_true",
+        help="time the queries of every index in --out again, interleaved (see measure_queries)",
+    )
     parser.add_argument("--json", action="store_true", help="print the JSON report")
     add_out_option(parser, SCRIPT)
     args = parser.parse_args(argv)
@@ -537,6 +568,21 @@ def main(argv: list[str] | None = None) -> int:
         (r["size"], r["codec"], r.get("synthetic", False)): r for r in previous.get("results", [])
     }
     args.work.mkdir(parents=True, exist_ok=True)
+    if args.remeasure:
+        entries = sorted(results.values(), key=_order)
+        targets = [
+            Target(Path(r["index_dir"]), Path(r["dataset"]), quality=not r.get("synthetic"))
+            for r in entries
+        ]
+        print(f"timing the queries of {len(targets)} indexes, interleaved ...", file=sys.stderr)
+        measured = measure_queries(targets, args.queries, args.cold_queries)
+        together = [f"{r['size']}{'*' if r.get('synthetic') else ''} {r['codec']}" for r in entries]
+        for r, search in zip(entries, measured, strict=True):
+            r["search"] = search
+            r["query_threads"] = args.threads or "default"
+            r["measured_together"] = together
+            r["machine"] = machine()
+        args.sizes = []
     for size in args.sizes:
         n = parse_size(size)
         for codec in args.codecs:
@@ -558,6 +604,8 @@ def main(argv: list[str] | None = None) -> int:
         "goals_warm_p50_total_ms_at_1m_pq": {str(k): v for k, v in GOALS_MS.items()},
         "results": sorted(results.values(), key=_order),
     }
+    if args.remeasure:
+        write_report(out, report)
     if args.json:
         print(json.dumps(report, indent=2))
     else:
