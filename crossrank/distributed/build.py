@@ -79,6 +79,7 @@ def build_on_ray(
     num_cpus: int | None = None,
     progress: ProgressFn | None = None,
     resume: bool | None = None,
+    chunk_items: int | None = None,
 ) -> BuildReport:
     """Index every image of ``source`` into a new generation of ``index_dir``, on Ray Data.
 
@@ -114,6 +115,8 @@ def build_on_ray(
             the same source, model, codec and batch size (one started with or without Ray) and
             starts over otherwise; True refuses to start over; False always does. Not with
             ``shards``.
+        chunk_items: source files per resumable chunk, as ``build_index``'s (None: its default);
+            a build resumes only with the chunk size it was started with.
 
     Returns:
         A :class:`~crossrank.write.BuildReport`.
@@ -140,6 +143,7 @@ def build_on_ray(
     _check_positive("batch_size", batch_size, allow_none=False)
     _check_positive("num_encoders", num_encoders)
     _check_positive("num_cpus", num_cpus)
+    _check_positive("chunk_items", chunk_items)
     if shards is not None:
         from crossrank.shards.build import check_shards
 
@@ -178,6 +182,7 @@ def build_on_ray(
         progress=progress,
         nprobe=nprobe,
         resume=resume,
+        chunk_items=chunk_items,
     )
     if shards is not None:
         return _build_sharded(source, index_dir, options)
@@ -206,6 +211,7 @@ class _Options:
     progress: ProgressFn | None
     nprobe: int | None = None
     resume: bool | None = None
+    chunk_items: int | None = None
 
 
 def _build_sharded(source: str | Path, index_dir: Path, o: _Options) -> BuildReport:
@@ -305,7 +311,9 @@ def _build_locked(source: str | Path, index_dir: Path, lock: Any, o: _Options) -
         encoder=dict(encoder.info),
         patch_codec=o.codec.spec,
         batch_size=o.batch_size,
-        chunk_items=BuildSpec.chunk_items_for(o.batch_size),
+        chunk_items=BuildSpec.chunk_items_for(
+            o.batch_size, *(() if o.chunk_items is None else (o.chunk_items,))
+        ),
     )
     build = StreamingBuild.open(
         index_dir, lock, spec, extra_schema=src.extra_schema, resume=o.resume

@@ -1,9 +1,14 @@
-"""``build_on_ray`` on a real local Ray cluster (2 CPUs): the one-process build's index, through a
-lost encoder actor; and a build that cannot finish commits nothing."""
+"""``build_on_ray`` on a real local Ray cluster (2 CPUs): the one-process build's index, resuming
+a killed one-process build and through a lost encoder actor; and a build that cannot finish
+commits nothing."""
 
 from __future__ import annotations
 
+import os
 import shutil
+import signal
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -14,29 +19,46 @@ from tests.distributed.conftest import BATCH, N_IMAGES, index_contents
 
 pytestmark = pytest.mark.ray
 
+#: Files per resumable chunk in the resume test: two batches.
+CHUNK = 2 * BATCH
 
-def test_ray_build_equals_the_one_process_build_after_an_encoder_actor_dies(
+
+def test_ray_build_resumes_a_killed_build_and_equals_the_one_process_build_after_an_actor_dies(
     ray_cluster, shapes_manifest: Path, local_build: Path, tmp_path: Path, monkeypatch
 ) -> None:
     from crossrank.distributed import build_on_ray
     from crossrank.distributed._tasks import CRASH_ONCE_ENV
+    from crossrank.store._crash import CRASH_ENV
 
+    # A one-process build SIGKILLed at its third batch keeps its first chunk (32 files) ...
+    index = tmp_path / "ray.idx"
+    code = (
+        "from crossrank.write import build_index; "
+        f"build_index({str(shapes_manifest)!r}, {str(index)!r}, device='cpu', "
+        f"batch_size={BATCH}, workers=1, chunk_items={CHUNK})"
+    )
+    env = {**os.environ, CRASH_ENV: "encoded@3"}
+    killed = subprocess.run([sys.executable, "-c", code], env=env, cwd=tmp_path)
+    assert killed.returncode == -signal.SIGKILL
+    # ... which the Ray build resumes, while one of its encoder actors dies.
     marker = tmp_path / "crashed"
     monkeypatch.setenv(CRASH_ONCE_ENV, str(marker))
     seen: list[tuple[int, int]] = []
     report = build_on_ray(
         shapes_manifest,
-        tmp_path / "ray.idx",
+        index,
         device="cpu",
         batch_size=BATCH,
+        chunk_items=CHUNK,
         progress=lambda done, total: seen.append((done, total)),
     )
     assert marker.exists(), "the test hook did not kill an encoder actor"
+    assert report.resumed == CHUNK, "the kept chunk was not resumed"
     assert (report.indexed, report.skipped, report.duplicates) == (N_IMAGES, 2, 1)
-    assert seen[-1] == (N_IMAGES + 2, N_IMAGES + 2)
+    assert seen[0] == (CHUNK, N_IMAGES + 2) and seen[-1] == (N_IMAGES + 2, N_IMAGES + 2)
     assert [d for d, _ in seen] == sorted(d for d, _ in seen)
 
-    want, got = index_contents(local_build), index_contents(tmp_path / "ray.idx")
+    want, got = index_contents(local_build), index_contents(index)
     np.testing.assert_array_equal(got["ids"], want["ids"])
     np.testing.assert_allclose(got["vectors"], want["vectors"], rtol=0, atol=1e-5)
     # fp16 patches of float32 features equal to 1e-5: at most one fp16 step apart.
