@@ -277,6 +277,7 @@ def _build_locked(source: str | Path, index_dir: Path, lock: Any, o: _Options) -
     from crossrank.ingest import discover
     from crossrank.store import has_index, read_manifest
     from crossrank.write.streaming import (
+        CHUNK_ITEMS,
         BuildSpec,
         StreamingBuild,
         listing_fingerprint,
@@ -311,9 +312,7 @@ def _build_locked(source: str | Path, index_dir: Path, lock: Any, o: _Options) -
         encoder=dict(encoder.info),
         patch_codec=o.codec.spec,
         batch_size=o.batch_size,
-        chunk_items=BuildSpec.chunk_items_for(
-            o.batch_size, *(() if o.chunk_items is None else (o.chunk_items,))
-        ),
+        chunk_items=BuildSpec.chunk_items_for(o.batch_size, o.chunk_items or CHUNK_ITEMS),
     )
     build = StreamingBuild.open(
         index_dir, lock, spec, extra_schema=src.extra_schema, resume=o.resume
