@@ -75,7 +75,7 @@ def test_ray_build_resumes_a_killed_build_and_equals_the_one_process_build_after
 def test_a_build_whose_encoder_dies_past_its_retries_fails_in_one_line_and_commits_nothing(
     ray_cluster, shapes_manifest: Path, local_build: Path, tmp_path: Path, monkeypatch
 ) -> None:
-    import crossrank.distributed.build as ray_build
+    import crossrank.distributed.pipeline as ray_pipeline
     from crossrank.distributed import build_on_ray
     from crossrank.distributed._tasks import CRASH_ONCE_ENV
     from crossrank.errors import CrossrankError
@@ -83,7 +83,7 @@ def test_a_build_whose_encoder_dies_past_its_retries_fails_in_one_line_and_commi
     index = Path(shutil.copytree(local_build, tmp_path / "copy.idx"))
     before = committed_state(index)
     monkeypatch.setenv(CRASH_ONCE_ENV, str(tmp_path / "crashed"))
-    monkeypatch.setattr(ray_build, "_RETRIES", {"max_restarts": 0, "max_task_retries": 0})
+    monkeypatch.setattr(ray_pipeline, "_RETRIES", {"max_restarts": 0, "max_task_retries": 0})
     with pytest.raises(CrossrankError, match="the Ray build failed .*ActorDiedError") as info:
         build_on_ray(shapes_manifest, index, device="cpu", batch_size=BATCH, overwrite=True)
     assert "\n" not in str(info.value)
