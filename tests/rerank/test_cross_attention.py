@@ -665,3 +665,15 @@ def test_init_scheme_sets_the_scale_of_every_linear_map(init, std_of):
     assert model.patch_pos.std().item() == pytest.approx(0.02, rel=0.15)  # both schemes
     if init == "lecun":  # unit-scale projections: attention logits are not crushed towards uniform
         assert model.text_in.weight.std().item() > 5 * 0.02
+
+
+@pytest.mark.parametrize("prenorm", [True, False])
+def test_scoring_never_writes_into_the_callers_patches(prenorm):
+    # x̃ = LN(patches) + pos is made in place where the stream owns the tensor: never the input.
+    model = _model(prenorm=prenorm, patch_positions=P)
+    tokens, token_mask, patches, _ = _inputs()
+    before = patches.clone()
+    model.score(tokens, token_mask, patches)
+    with torch.no_grad():
+        model(tokens, token_mask, patches, path="folded")
+    assert torch.equal(patches, before)
