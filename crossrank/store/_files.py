@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -17,9 +18,16 @@ __all__ = [
     "atomic_write_json",
     "link_or_copy",
     "NpyAppender",
+    "load_npy",
     "read_npy_header",
     "save_npy",
 ]
+
+#: numpy parses a ``.npy`` header with ``ast.literal_eval``, and CPython 3.11 can raise
+#: ``SystemError: AST constructor recursion depth mismatch`` when two threads build ASTs at once
+#: (python/cpython#106905): a reader opening a generation while another thread does the same.
+#: crossrank's header reads take turns (a header is a few hundred bytes: microseconds).
+_NPY_HEADER_LOCK = threading.Lock()
 
 
 def fsync_file(path: Path) -> None:
@@ -117,13 +125,20 @@ def read_npy_header(path: Path) -> tuple[tuple[int, ...], np.dtype]:
     Raises:
         ValueError: the file is not a ``.npy`` file numpy can read.
     """
-    with open(path, "rb") as f:
+    with open(path, "rb") as f, _NPY_HEADER_LOCK:
         version = npy_format.read_magic(f)
         if version == (1, 0):
             shape, _, dtype = npy_format.read_array_header_1_0(f)
         else:
             shape, _, dtype = npy_format.read_array_header_2_0(f)
     return shape, dtype
+
+
+def load_npy(path: Path | str, *, mmap_mode: str | None = "r") -> np.ndarray:
+    """``np.load(path, mmap_mode=..., allow_pickle=False)``, its header read under the lock
+    every crossrank header read takes (see ``_NPY_HEADER_LOCK``)."""
+    with _NPY_HEADER_LOCK:
+        return np.load(path, mmap_mode=mmap_mode, allow_pickle=False)
 
 
 class NpyAppender:

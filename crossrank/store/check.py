@@ -28,7 +28,7 @@ from pathlib import Path, PurePosixPath
 import numpy as np
 
 from crossrank.errors import CrossrankError, IndexCorruptError
-from crossrank.store._files import read_npy_header
+from crossrank.store._files import load_npy, read_npy_header
 from crossrank.store.codecs import open_codec, parse_codec
 from crossrank.store.layout import (
     CHECKSUM_ALGORITHM,
@@ -131,7 +131,7 @@ def _check_npy(
 def _load_npy(path: Path, label: str, problems: list[str]) -> np.ndarray | None:
     """Memory-map a .npy file whose header was checked; None (and a problem) if it is short."""
     try:
-        return np.load(path, mmap_mode="r", allow_pickle=False)
+        return load_npy(path)
     except _READ_ERRORS as e:
         problems.append(f"{label} {path} cannot be read ({type(e).__name__}: {e})")
         return None

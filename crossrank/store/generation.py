@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from crossrank.errors import IndexCorruptError, InvalidArgumentError
+from crossrank.store._files import load_npy
 from crossrank.store.layout import (
     FIRST_STAGE_NAME,
     IDS_NAME,
@@ -113,7 +114,7 @@ class Generation:
     def _load(self, name: str, shape: tuple[int, ...], dtype: str) -> np.ndarray:
         path = self.path / name
         try:
-            arr = np.load(path, mmap_mode="r", allow_pickle=False)
+            arr = load_npy(path)
         except UNREADABLE as e:
             raise IndexCorruptError(
                 f"{path} cannot be opened ({type(e).__name__}: {e}); run `crossrank verify`"

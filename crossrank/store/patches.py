@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from crossrank.errors import IndexCorruptError, InvalidArgumentError
-from crossrank.store._files import NpyAppender
+from crossrank.store._files import NpyAppender, load_npy
 from crossrank.store.codecs import PQ_SEED, Fp16Codec, PatchCodec, open_codec, parse_codec
 from crossrank.store.config import StoreConfig
 from crossrank.store.layout import PartInfo, patch_shard_name, read_generation_info
@@ -238,7 +238,7 @@ class PatchWriter:
         sample = np.empty((m, d), np.float32)
         first = 0  # the first vector of the file at hand
         for path, rows in self._staged:
-            flat = np.load(path, mmap_mode="r").reshape(rows * n_patches, d)
+            flat = load_npy(path).reshape(rows * n_patches, d)
             lo, hi = np.searchsorted(pick, [first, first + rows * n_patches])
             sample[lo:hi] = flat[pick[lo:hi] - first]
             first += rows * n_patches
@@ -247,7 +247,7 @@ class PatchWriter:
         del sample
         step = max(1, _ENCODE_ROWS_BYTES // (n_patches * d * 2))
         for path, rows in self._staged:
-            mm = np.load(path, mmap_mode="r")
+            mm = load_npy(path)
             for i0 in range(0, rows, step):
                 self._write_stored(self.codec.encode(mm[i0 : i0 + step]))
             del mm
@@ -390,7 +390,7 @@ class PatchStore:
         for part in info.patch_shards:
             path = Path(gen_dir) / part.file
             try:
-                mm = np.load(path, mmap_mode="r", allow_pickle=False)
+                mm = load_npy(path)
             except (OSError, ValueError) as e:
                 raise IndexCorruptError(
                     f"patch shard {path} cannot be opened ({type(e).__name__}: {e}); "

@@ -13,6 +13,7 @@ import numpy as np
 
 from crossrank.errors import InvalidArgumentError
 from crossrank.store._crash import crash_point
+from crossrank.store._files import load_npy
 from crossrank.write._common import (
     _carry_over,
     _first_stage_info,
@@ -145,7 +146,7 @@ def compact_index(
             writer.write_ids(live_ids)
             _write_live_metadata(writer, base, dead)
             writer.write_skipped(read_skipped(base.path / SKIPPED_NAME))
-            xb = np.load(writer.dir / VECTORS_NAME, mmap_mode="r")
+            xb = load_npy(writer.dir / VECTORS_NAME)
             auto = bool(manifest.first_stage.get("auto", False))
             factory = None if auto else manifest.first_stage.get("factory")
             try:
