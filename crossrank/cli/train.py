@@ -251,11 +251,19 @@ def train_cmd(
         typer.Option(
             help=(
                 "A pairwise spatial head: each pair of query positions scored from their "
-                "states and "
-                "the difference of where they looked (for relations such as 'left of'). "
-                "Needs a square "
-                "patch grid."
+                "states and the difference of where they looked (for relations such as "
+                "'left of'). Needs a square patch grid."
             )
+        ),
+    ] = None,
+    pair_width: Annotated[
+        int | None,
+        typer.Option(
+            help=(
+                "The pair head's hidden size per pair (default: --width); smaller is cheaper "
+                "(docs/rerankers.md)."
+            ),
+            show_default=False,
         ),
     ] = None,
     token_embeddings: Annotated[
@@ -381,6 +389,7 @@ def train_cmd(
             query_self_attention=query_self_attention,
             patch_positions=patch_positions,
             pair_head=pair_head,
+            pair_width=pair_width,
             n_query_tokens=query_tokens,
             sparse_top_m=sparse_top_m,
             init=init,

@@ -255,11 +255,12 @@ def test_train_with_a_pair_head_and_search_with_it(trained, tmp_path: Path) -> N
     assert "pair_head needs patch_positions set to the encoder's square patch grid" in " ".join(
         refused.output.replace("│", " ").split()
     )  # the message as one line, out of rich's error box
-    result = runner.invoke(app, [*common, "--json"])
+    result = runner.invoke(app, [*common, "--pair-width", "8", "--json"])
     assert result.exit_code == 0, result.output
     config = json.loads((out / "config.json").read_text())["config"]
     n_patches = json.loads((index_dir / "manifest.json").read_text())["encoder"]["n_patches"]
     assert (config["pair_head"], config["patch_positions"]) == (True, n_patches)
+    assert config["pair_width"] == 8
     found = runner.invoke(
         app,
         ["search", str(index_dir), "a red circle", "--reranker", str(out), "--k", "3", "--json"],
