@@ -316,7 +316,8 @@ def _read_staging(staging: Path) -> tuple[dict[str, Any], list[_Chunk], bool] | 
 def resumable_build(index_dir: Path | str) -> BuildSpec | None:
     """The :class:`BuildSpec` of a build in progress in ``index_dir`` that can resume, or None.
 
-    Cheap (reads ``build.json`` only): for refusing ``--resume`` before a model loads.
+    Cheap (reads the staging's ``build.json`` and journal, loads nothing): for refusing
+    ``--resume`` before a model loads.
     """
     from crossrank.store.gc import staging_is_stale
 
@@ -467,6 +468,10 @@ class StreamingBuild:
         }
         staging.mkdir()
         atomic_write_json(staging / STAGING_INFO_NAME, recorded)
+        # The journal exists (empty, its name durable) before any line is appended to it.
+        (staging / STAGING_JOURNAL_NAME).touch()
+        fsync_file(staging / STAGING_JOURNAL_NAME)
+        fsync_dir(staging)
         fsync_dir(index_dir)
         return cls(index_dir, lock, spec, recorded, [], extra_schema)
 
