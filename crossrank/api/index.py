@@ -153,6 +153,7 @@ class Index:
         overwrite: bool = False,
         progress: ProgressFn | None = None,
         patch_codec: str | None = None,
+        resume: bool | None = None,
     ) -> Index:
         """Build an index from a folder or manifest and open it.
 
@@ -173,6 +174,7 @@ class Index:
             overwrite=overwrite,
             progress=progress,
             patch_codec=patch_codec,
+            resume=resume,
         )
         index = cls.open(path, device=device, model=model)
         index.build_report = report

@@ -151,9 +151,9 @@ def build(
             "build an unsharded index into a new folder",
             param_hint="--shards",
         )
-    if resume and (shards is not None or engine == Engine.RAY):
+    if resume and shards is not None:
         raise typer.BadParameter(
-            "a sharded or Ray build does not resume an interrupted one; leave --resume out",
+            "a sharded build does not resume an interrupted one; leave --resume out",
             param_hint="--resume",
         )
     if ray_address is not None and engine != Engine.RAY:
@@ -199,6 +199,7 @@ def build(
                 ray_address=ray_address,
                 shards=shards,
                 progress=progress,
+                resume=None if shards is not None else resume,
             )
         elif shards is not None:
             from crossrank.shards import build_sharded

@@ -246,6 +246,11 @@ def refuse_foreign_folder(index_dir: Path) -> None:
 
     if not index_dir.is_dir():
         return
+    if (index_dir / "shards.json").is_file():  # crossrank.shards' root manifest
+        raise InvalidArgumentError(
+            f"{index_dir} is a sharded index; rebuild it with --shards N "
+            "(crossrank.shards.build_sharded), or build into a new folder"
+        )
     names = sorted(e.name for e in index_dir.iterdir())
     if MANIFEST_NAME in names or LOCK_NAME in names:
         return

@@ -53,7 +53,13 @@ from typing import Any
 import numpy as np
 
 from crossrank.errors import CrossrankError, InvalidArgumentError, SourceError
-from crossrank.store._files import NpyAppender, atomic_write_json, fsync_dir, fsync_file
+from crossrank.store._files import (
+    NpyAppender,
+    atomic_write_json,
+    fsync_dir,
+    fsync_file,
+    load_npy,
+)
 from crossrank.store.codecs import PQ_SEED, PatchCodec, parse_codec
 from crossrank.store.config import StoreConfig
 from crossrank.store.layout import (
@@ -643,14 +649,12 @@ class StreamingBuild:
                     f"but the index's next id is {writer.next_id}; run the build again"
                 )
             ids = writer.take_ids(n)
-            writer.write_vectors(
-                np.load(self.dir / _vectors_name(c.chunk), mmap_mode="r") for c in full
-            )
+            writer.write_vectors(load_npy(self.dir / _vectors_name(c.chunk)) for c in full)
             if self.spec_codec_trains:
                 writer.patches.append(np.zeros((0, *shape), np.float16))  # declares the shape
                 step = max(1, _ENCODE_ROWS_BYTES // (shape[0] * shape[1] * 2))
                 for part in shards:
-                    mm = np.load(self.dir / part.file, mmap_mode="r")
+                    mm = load_npy(self.dir / part.file)
                     for i0 in range(0, part.rows, step):
                         writer.patches.append_stored(codec.encode(mm[i0 : i0 + step]))
                     del mm
@@ -661,7 +665,7 @@ class StreamingBuild:
             )
             _write_skipped(writer, self.dir, self._chunks)
             writer.write_ids(ids)
-            vectors = np.load(writer.dir / VECTORS_NAME, mmap_mode="r")
+            vectors = load_npy(writer.dir / VECTORS_NAME)
             first_stage = FirstStage.build(vectors, ids, index_config)
             del vectors
             first_stage.save(writer.first_stage_path)
@@ -810,7 +814,7 @@ def _train_codec(
     sample = np.empty((m, d), np.float32)
     first = 0
     for part in shards:
-        flat = np.load(directory / part.file, mmap_mode="r").reshape(part.rows * n_patches, d)
+        flat = load_npy(directory / part.file).reshape(part.rows * n_patches, d)
         lo, hi = np.searchsorted(pick, [first, first + part.rows * n_patches])
         sample[lo:hi] = flat[pick[lo:hi] - first]
         first += part.rows * n_patches

@@ -152,3 +152,13 @@ def test_index_open_of_a_sharded_folder_says_how_to_open_it(pair) -> None:
 
     with pytest.raises(InvalidArgumentError, match=r"is a sharded index; open it with crossrank"):
         Index.open(pair[1])
+
+
+def test_an_unsharded_rebuild_into_a_sharded_folder_is_refused(pair_copy, shard_source) -> None:
+    from crossrank.write import build_index
+
+    sharded = pair_copy[1]
+    before = (sharded / "shards.json").read_bytes()
+    with pytest.raises(InvalidArgumentError, match=r"is a sharded index; rebuild it with --shards"):
+        build_index(shard_source, sharded, overwrite=True, device="cpu")
+    assert (sharded / "shards.json").read_bytes() == before
