@@ -112,3 +112,40 @@ def test_open_rejects_a_shard_of_the_wrong_shape(written) -> None:
     message = r"patches-004.npy holds float16 \(2, 3, 4\), generation.json records float16 \(3, "
     with pytest.raises(IndexCorruptError, match=message):
         PatchStore.open(gen_dir)
+
+
+def test_large_patch_files_get_a_read_ahead_hint_per_gathered_row(
+    written, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import os
+
+    import crossrank.store.patches as patches
+
+    if not hasattr(os, "posix_fadvise"):
+        pytest.skip("no posix_fadvise on this platform")
+    hinted: list[tuple[str, int, int]] = []
+    real = os.posix_fadvise
+
+    def spy(fd: int, offset: int, length: int, advice: int) -> None:
+        assert advice == os.POSIX_FADV_WILLNEED
+        hinted.append((os.readlink(f"/proc/self/fd/{fd}"), offset, length))
+        real(fd, offset, length, advice)
+
+    monkeypatch.setattr(os, "posix_fadvise", spy)
+    monkeypatch.setattr(patches, "_HINT_MIN_BYTES", 0)  # every shard counts as large
+    gen = written.root / "gen-000001"
+    store = PatchStore.open(gen)
+    rows = np.array([7, 0, 22, 9])  # shards 1, 0, 4, 1
+    np.testing.assert_array_equal(store.gather(rows), written.patches.astype(np.float16)[rows])
+    row_bytes = 3 * 4 * 2
+    header = {f: int(np.load(gen / f, mmap_mode="r").offset) for f in ("patches-000.npy",)}
+    want = {("patches-000.npy", 0), ("patches-001.npy", 2), ("patches-001.npy", 4)}
+    want |= {("patches-004.npy", 2)}
+    assert {(Path(p).name, (o - header["patches-000.npy"]) // row_bytes) for p, o, _ in hinted} == (
+        want
+    )
+    assert all(length == row_bytes for _, _, length in hinted)
+    hinted.clear()
+    monkeypatch.setattr(patches, "_HINT_MIN_BYTES", 1 << 40)  # small files: no hint
+    store.gather(rows)
+    assert hinted == []
