@@ -4,8 +4,8 @@
 ``PatchStore.gather_stored`` hints every row of a large patch file before reading
 (``posix_fadvise(WILLNEED)``, ``crossrank/store/patches.py``). This probe measures what that buys
 on an index bigger than the page cache holds: for each seed, a fresh process drops the patch
-files from the page cache, opens the store and gathers ``k`` random rows once, without the hint and
-then without; then, in one process, the warm cost of the hint (median of 50).
+files from the page cache, opens the store and gathers ``k`` random rows once, without the hint
+and then with it; then, in one process, the warm cost of the hint (median of 50).
 
     python research/cold_gather.py GEN_DIR --k 100 1000 --seeds 1 2 3 \
         --out research/results/cold_gather/cold_gather.json
