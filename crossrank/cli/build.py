@@ -183,56 +183,34 @@ def build(
                 rate=f"{(done - started[1]) / elapsed:,.0f} img/s" if elapsed > 0.5 else "",
             )
 
+        # What every engine takes; each adds its own.
+        common = {
+            "model": model,
+            "batch_size": batch_size,
+            "device": device.value,
+            "factory": factory,
+            "nprobe": nprobe,
+            "overwrite": overwrite,
+            "progress": progress,
+            "patch_codec": patch_codec,
+        }
         if engine == Engine.RAY:
             from crossrank.distributed import build_on_ray  # only with --engine ray
 
             report = build_on_ray(
                 source,
                 index,
-                model=model,
-                batch_size=batch_size,
-                device=device.value,
-                factory=factory,
-                nprobe=nprobe,
-                patch_codec=patch_codec,
-                overwrite=overwrite,
+                **common,
                 ray_address=ray_address,
                 shards=shards,
-                progress=progress,
                 resume=None if shards is not None else resume,
             )
         elif shards is not None:
             from crossrank.shards import build_sharded
 
-            report = build_sharded(
-                source,
-                index,
-                shards=shards,
-                model=model,
-                batch_size=batch_size,
-                device=device.value,
-                factory=factory,
-                nprobe=nprobe,
-                workers=workers,
-                overwrite=overwrite,
-                progress=progress,
-                patch_codec=patch_codec,
-            )
+            report = build_sharded(source, index, **common, shards=shards, workers=workers)
         else:
-            report = build_index(
-                source,
-                index,
-                model=model,
-                batch_size=batch_size,
-                device=device.value,
-                factory=factory,
-                nprobe=nprobe,
-                workers=workers,
-                overwrite=overwrite,
-                progress=progress,
-                patch_codec=patch_codec,
-                resume=resume,
-            )
+            report = build_index(source, index, **common, workers=workers, resume=resume)
     from crossrank.encoders.describe import describe_model
 
     encoder = describe_model(_built_encoder(report.index_dir)).to_dict()
