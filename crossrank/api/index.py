@@ -759,14 +759,13 @@ class Index:
         from crossrank.encoders.describe import describe_model
         from crossrank.hits import SearchCounts
         from crossrank.rerank import resolve_fusion
-        from crossrank.search.pipeline import rank
 
         prepared, _, _ = self._check_arguments([query], 1, 1, fusion)
         cand = _candidate_ids(ids)
         if k is not None:
             k, _ = check_k(k, k)
         with self._use() as snap:
-            _check_live(snap, cand, self.path)
+            self._check_rerank_ids(snap, cand)
             requested = cand.size if k is None else k
             encoder_desc = describe_model(snap.manifest.encoder)
             timings: dict[str, float] = {}
@@ -784,47 +783,88 @@ class Index:
             fuse = resolve_fusion(fusion, scorer)
             encoder = self.encoder  # loaded once, outside the timings (they time the query)
             with timed(timings, "encode"):
-                xq, q_tokens, q_masks, q_ids, labels, cut = encode_queries(
+                query_features = encode_queries(
                     encoder,
                     snap.first_stage.d,
                     prepared,
                     token_embeddings=0 if scorer is None else scorer.token_embeddings,
                 )
             with timed(timings, "first_stage"):
-                rows = snap.generation.rows_of_ids(cand)
-                first = np.asarray(snap.vectors[rows], dtype=np.float32) @ xq[0]
+                first = self._stored_scores(snap, cand, query_features[0][0])
                 # Candidates in first-stage order, as a search hands them on: reranker ties keep it.
                 by_first = np.argsort(-first, kind="stable")
                 cand, first = cand[by_first], first[by_first].astype(np.float32, copy=False)
-            hits, _ = rank(
+            return self._rank_given(
                 snap,
                 cand,
                 first,
-                k=requested,
-                scorer=scorer,
+                query_features,
+                requested=requested,
+                choice=choice,
                 fuse=fuse,
-                tokens=q_tokens[0],
-                mask=q_masks[0],
-                input_ids=q_ids[0],
+                encoder_desc=encoder_desc,
                 timings=timings,
             )
-            timings["total"] = sum(timings.values())
-            return SearchResult(
-                query=labels[0],
-                hits=hits,
-                counts=SearchCounts(
-                    requested=requested,
-                    returned=len(hits),
-                    filtered_out=0,
-                    candidates=int(cand.size),
-                ),
-                timings_ms=timings,
-                generation=snap.number,
-                encoder=encoder_desc,
-                reranker=choice.label if scorer is not None else "none",
-                fusion=str(fuse) if scorer is not None else "none",
-                notes=tuple(n for n in (cut.get(0), choice.note) if n),
-            )
+
+    # -- what Index.rerank does per index kind (a sharded index asks its shards) ------------------
+
+    def _check_rerank_ids(self, snap: Snapshot, cand: np.ndarray) -> None:
+        """Refuse candidates the index does not hold (never added, or removed), naming them."""
+        _check_live(snap, cand, self.path)
+
+    def _stored_scores(self, snap: Snapshot, cand: np.ndarray, xq: np.ndarray) -> np.ndarray:
+        """The first-stage score of each candidate: its stored vector . the query vector."""
+        rows = snap.generation.rows_of_ids(cand)
+        return np.asarray(snap.vectors[rows], dtype=np.float32) @ xq
+
+    def _rank_given(
+        self,
+        snap: Snapshot,
+        cand: np.ndarray,
+        first: np.ndarray,
+        query_features: tuple,
+        *,
+        requested: int,
+        choice: Any,
+        fuse: Any,
+        encoder_desc: Any,
+        timings: dict[str, float],
+    ) -> SearchResult:
+        """Rerank, fuse and join candidates given in first-stage order: the result of rerank."""
+        from crossrank.hits import SearchCounts
+        from crossrank.search.pipeline import rank
+
+        _, q_tokens, q_masks, q_ids, labels, cut = query_features
+        scorer = choice.scorer
+        hits, _ = rank(
+            snap,
+            cand,
+            first,
+            k=requested,
+            scorer=scorer,
+            fuse=fuse,
+            tokens=q_tokens[0],
+            mask=q_masks[0],
+            input_ids=q_ids[0],
+            timings=timings,
+        )
+        timings["total"] = sum(timings.values())
+        return SearchResult(
+            query=labels[0],
+            hits=hits,
+            counts=SearchCounts(
+                requested=requested,
+                returned=len(hits),
+                filtered_out=0,
+                candidates=int(cand.size),
+            ),
+            timings_ms=timings,
+            generation=snap.number,
+            encoder=encoder_desc,
+            reranker=choice.label if scorer is not None else "none",
+            fusion=str(fuse) if scorer is not None else "none",
+            notes=tuple(n for n in (cut.get(0), choice.note) if n),
+        )
 
     def check_search(
         self,

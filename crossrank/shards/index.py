@@ -17,11 +17,9 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from crossrank.api.index import DEFAULT_RERANKER, Index, _candidate_ids
+from crossrank.api.index import Index
 from crossrank.errors import CrossrankError, InvalidArgumentError
-from crossrank.hits import SearchCounts, SearchResult
-from crossrank.search.encode import Query, encode_queries
-from crossrank.search.pipeline import check_k, timed
+from crossrank.hits import SearchResult
 from crossrank.shards.coordinator import (
     ShardedView,
     ShardFactory,
@@ -378,91 +376,72 @@ class ShardedIndex(Index):
             self._specs[id(choice.scorer)] = str(resolved)
         return choice
 
-    def rerank(
-        self,
-        query: Query,
-        ids: Sequence[int] | np.ndarray,
-        k: int | None = None,
-        reranker: str | Reranker | None = DEFAULT_RERANKER,
-        fusion: str = "auto",
-    ) -> SearchResult:
-        """Rerank a backend's candidates, each in its own shard (see :meth:`Index.rerank`)."""
-        from crossrank.encoders.describe import describe_model
-        from crossrank.rerank import resolve_fusion
+    # Index.rerank, with each candidate checked, scored and reranked in its own shard.
 
-        prepared, _, _ = self._check_arguments([query], 1, 1, fusion)
-        cand = _candidate_ids(ids)
-        if k is not None:
-            k, _ = check_k(k, k)
-        with self._use() as view:
-            shards, executor = view.shards, view.executor  # type: ignore[attr-defined]
-            n = len(shards)
-            src = shard_of(cand, n)
-            groups = [(s, np.flatnonzero(src == s)) for s in range(n)]
-            groups = [(s, pos) for s, pos in groups if pos.size]
-            bad = np.concatenate(
-                [np.empty(0, np.int64)]
-                + fan_out(executor, lambda g: shards[g[0]].unknown(cand[g[1]]), groups)
+    def _rerank_groups(self, view: Any, cand: np.ndarray) -> list[tuple[int, np.ndarray]]:
+        """``(shard, positions in cand)`` of every shard holding candidates."""
+        src = shard_of(cand, len(view.shards))
+        groups = [(s, np.flatnonzero(src == s)) for s in range(len(view.shards))]
+        return [(s, pos) for s, pos in groups if pos.size]
+
+    def _check_rerank_ids(self, snap: Any, cand: np.ndarray) -> None:
+        shards, executor = snap.shards, snap.executor
+        groups = self._rerank_groups(snap, cand)
+        bad = np.concatenate(
+            [np.empty(0, np.int64)]
+            + fan_out(executor, lambda g: shards[g[0]].unknown(cand[g[1]]), groups)
+        )
+        if bad.size:
+            shown = ", ".join(str(i) for i in np.sort(bad)[:10]) + (
+                f" and {bad.size - 10} more" if bad.size > 10 else ""
             )
-            if bad.size:
-                shown = ", ".join(str(i) for i in np.sort(bad)[:10]) + (
-                    f" and {bad.size - 10} more" if bad.size > 10 else ""
-                )
-                raise InvalidArgumentError(
-                    f"{bad.size} id(s) not in index {self.path} (never added, or removed): "
-                    f"{shown}; rerank only ids the index holds (refresh the backend's view of it)"
-                )
-            requested = cand.size if k is None else k
-            encoder_desc = describe_model(view.manifest.encoder)
-            timings: dict[str, float] = {}
-            if not cand.size:
-                return SearchResult(
-                    query=prepared.labels[0],
-                    hits=(),
-                    counts=SearchCounts(requested=0, returned=0, filtered_out=0, candidates=0),
-                    timings_ms={"total": 0.0},
-                    generation=view.number,
-                    encoder=encoder_desc,
-                )
-            ((_, choice),) = self._plan(reranker, prepared)
-            scorer = choice.scorer
-            fuse = resolve_fusion(fusion, scorer)
-            encoder = self.encoder
-            with timed(timings, "encode"):
-                xq, q_tokens, q_masks, q_ids, labels, cut = encode_queries(
-                    encoder,
-                    view.first_stage.d,
-                    prepared,
-                    token_embeddings=0 if scorer is None else scorer.token_embeddings,
-                )
-            with timed(timings, "first_stage"):
-                first = np.zeros(cand.shape, np.float32)
-                got = fan_out(
-                    executor, lambda g: shards[g[0]].stored_scores(xq[0], cand[g[1]]), groups
-                )
-                for (_, pos), scores in zip(groups, got, strict=True):
-                    first[pos] = scores
-                by_first = np.argsort(-first, kind="stable")
-                cand, first = cand[by_first], first[by_first]
-            found = search_shards(
-                view,  # type: ignore[arg-type]
-                xq,
-                q_tokens,
-                q_masks,
-                labels,
-                k=requested,
-                n_candidates=cand.size,
-                allowed=None,
-                scorer=scorer,
-                fuse=fuse,
-                timings=timings,
-                q_ids=q_ids,
-                requested=requested,
-                encoder=encoder_desc,
-                reranker=choice.label,
-                fusion=str(fuse),
-                notes={0: [n for n in (cut.get(0), choice.note) if n]},
-                reranker_ref=self._spec_of(scorer) if self._remote and scorer else None,
-                given=(cand, first, shard_of(cand, n)),
-            )[0]
-            return found
+            raise InvalidArgumentError(
+                f"{bad.size} id(s) not in index {self.path} (never added, or removed): "
+                f"{shown}; rerank only ids the index holds (refresh the backend's view of it)"
+            )
+
+    def _stored_scores(self, snap: Any, cand: np.ndarray, xq: np.ndarray) -> np.ndarray:
+        shards, executor = snap.shards, snap.executor
+        groups = self._rerank_groups(snap, cand)
+        first = np.zeros(cand.shape, np.float32)
+        got = fan_out(executor, lambda g: shards[g[0]].stored_scores(xq, cand[g[1]]), groups)
+        for (_, pos), scores in zip(groups, got, strict=True):
+            first[pos] = scores
+        return first
+
+    def _rank_given(
+        self,
+        snap: Any,
+        cand: np.ndarray,
+        first: np.ndarray,
+        query_features: tuple,
+        *,
+        requested: int,
+        choice: Any,
+        fuse: Any,
+        encoder_desc: Any,
+        timings: dict[str, float],
+    ) -> SearchResult:
+        xq, q_tokens, q_masks, q_ids, labels, cut = query_features
+        scorer = choice.scorer
+        return search_shards(
+            snap,
+            xq,
+            q_tokens,
+            q_masks,
+            labels,
+            k=requested,
+            n_candidates=cand.size,
+            allowed=None,
+            scorer=scorer,
+            fuse=fuse,
+            timings=timings,
+            q_ids=q_ids,
+            requested=requested,
+            encoder=encoder_desc,
+            reranker=choice.label,
+            fusion=str(fuse),
+            notes={0: [n for n in (cut.get(0), choice.note) if n]},
+            reranker_ref=self._spec_of(scorer) if self._remote and scorer else None,
+            given=(cand, first, shard_of(cand, len(snap.shards))),
+        )[0]
