@@ -122,11 +122,10 @@ def build_on_ray(
             was committed.
     """
     from crossrank.distributed.runtime import check_ray_address, require_ray
-    from crossrank.indexes import IndexConfig
     from crossrank.store import WriterLock
     from crossrank.store.codecs import parse_codec
     from crossrank.write._common import check_index_path, writing
-    from crossrank.write.build import check_factory, refuse_foreign_folder
+    from crossrank.write.build import checked_index_config, refuse_foreign_folder
 
     codec = parse_codec(patch_codec)
     _check_positive("batch_size", batch_size, allow_none=False)
@@ -144,14 +143,7 @@ def build_on_ray(
             )
     index_dir = Path(index_dir)
     check_index_path(index_dir)
-    try:
-        index_config = IndexConfig(
-            factory=factory, device=device, **({"nprobe": nprobe} if nprobe else {})
-        )
-    except ValueError as e:
-        raise InvalidArgumentError(str(e)) from e
-    if index_config.factory is not None:
-        check_factory(index_config.factory)
+    index_config = checked_index_config(factory, device, nprobe)
     require_ray()
     if ray_address is not None:
         check_ray_address(ray_address)

@@ -331,23 +331,19 @@ def build_sharded(
         >>> build_sharded("photos/", "photos.idx", shards=4)  # doctest: +SKIP
     """
     from crossrank.encoders import load_encoder
-    from crossrank.indexes import IndexConfig
     from crossrank.ingest import discover
     from crossrank.write._common import writing
-    from crossrank.write.build import BuildReport, check_factory, encode_items
+    from crossrank.write.build import (
+        BuildReport,
+        check_counts,
+        check_factory,
+        checked_index_config,
+        encode_items,
+    )
 
     n = check_shards(shards)
-    for name, value in (("batch_size", batch_size), ("workers", workers)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise InvalidArgumentError(f"{name} must be an int >= 1, got {value!r}")
-    try:
-        index_config = IndexConfig(
-            factory=factory, device=device, **({"nprobe": nprobe} if nprobe else {})
-        )
-    except ValueError as e:
-        raise InvalidArgumentError(str(e)) from e
-    if index_config.factory is not None:
-        check_factory(index_config.factory)
+    check_counts(batch_size=batch_size, workers=workers)
+    index_config = checked_index_config(factory, device, nprobe)
     root = Path(index_dir)
     builder = ShardedBuilder(
         root, shards=n, patch_codec=patch_codec, overwrite=overwrite, shard_paths=shard_paths

@@ -27,7 +27,7 @@ import numpy as np
 from crossrank.encoders.config import VECTORS_ONLY_KEY
 from crossrank.errors import InvalidArgumentError
 from crossrank.write._common import check_index_path, writing
-from crossrank.write.build import BuildReport, check_factory, refuse_foreign_folder
+from crossrank.write.build import BuildReport, checked_index_config, refuse_foreign_folder
 
 __all__ = ["build_from_arrays", "VECTORS_ONLY_KEY", "ARRAYS_SOURCE"]
 
@@ -340,17 +340,7 @@ def _check_ids(ids: Any, table: Any, n: int) -> np.ndarray | None:
 
 
 def _index_config(factory: str | None, nprobe: int | None, dim: int) -> Any:
-    from crossrank.indexes import IndexConfig
-
-    try:
-        config = IndexConfig(
-            factory=factory, device="cpu", **({"nprobe": nprobe} if nprobe else {})
-        )
-    except ValueError as e:
-        raise InvalidArgumentError(str(e)) from e
-    if config.factory is not None:
-        check_factory(config.factory, dim)
-    return config
+    return checked_index_config(factory, "cpu", nprobe, dim)
 
 
 def _encoder_info(

@@ -58,6 +58,8 @@ __all__ = [
     "metadata_table",
     "skipped_table",
     "ProgressFn",
+    "check_counts",
+    "checked_index_config",
 ]
 
 logger = logging.getLogger(__name__)
@@ -178,25 +180,10 @@ def build_index(
     codec = parse_codec(patch_codec)  # an unknown name is refused before anything loads
     if resume is not None and not isinstance(resume, bool):
         raise InvalidArgumentError(f"resume must be True, False or None, got {resume!r}")
-    for name, value in (
-        ("batch_size", batch_size),
-        ("workers", workers),
-        ("chunk_items", chunk_items),
-    ):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise InvalidArgumentError(f"{name} must be an int >= 1, got {value!r}")
+    check_counts(batch_size=batch_size, workers=workers, chunk_items=chunk_items)
     index_dir = Path(index_dir)
     check_index_path(index_dir)
-    try:
-        from crossrank.indexes import IndexConfig
-
-        index_config = IndexConfig(
-            factory=factory, device=device, **({"nprobe": nprobe} if nprobe else {})
-        )
-    except ValueError as e:
-        raise InvalidArgumentError(str(e)) from e
-    if index_config.factory is not None:
-        check_factory(index_config.factory)
+    index_config = checked_index_config(factory, device, nprobe)
     with writing(index_dir, "build"):
         refuse_foreign_folder(index_dir)
         with WriterLock(index_dir) as lock:
@@ -219,6 +206,39 @@ def build_index(
             except BaseException:
                 lock.remove_root_if_unused()  # a first build that failed leaves no folder behind
                 raise
+
+
+def check_counts(**counts: Any) -> None:
+    """Refuse any count that is not an int >= 1 (``batch_size=64, workers=4``), naming it.
+
+    Raises:
+        InvalidArgumentError: the first such count.
+    """
+    for name, value in counts.items():
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise InvalidArgumentError(f"{name} must be an int >= 1, got {value!r}")
+
+
+def checked_index_config(
+    factory: str | None, device: str, nprobe: int | None, dim: int | None = None
+) -> Any:
+    """The first stage's :class:`~crossrank.indexes.IndexConfig`, its factory string parsed by
+    FAISS (for ``dim``-d vectors when known), before anything loads.
+
+    Raises:
+        InvalidArgumentError: a bad factory, device or nprobe.
+    """
+    from crossrank.indexes import IndexConfig
+
+    try:
+        config = IndexConfig(
+            factory=factory, device=device, **({"nprobe": nprobe} if nprobe else {})
+        )
+    except ValueError as e:
+        raise InvalidArgumentError(str(e)) from e
+    if config.factory is not None:
+        check_factory(config.factory, dim)
+    return config
 
 
 def _own_entry(name: str) -> bool:
