@@ -44,13 +44,6 @@ __all__ = ["build_on_ray"]
 logger = logging.getLogger(__name__)
 
 
-def _check_positive(name: str, value: Any, *, allow_none: bool = True) -> None:
-    if value is None and allow_none:
-        return
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise InvalidArgumentError(f"{name} must be an int >= 1, got {value!r}")
-
-
 def build_on_ray(
     source: str | Path,
     index_dir: str | Path,
@@ -125,13 +118,15 @@ def build_on_ray(
     from crossrank.store import WriterLock
     from crossrank.store.codecs import parse_codec
     from crossrank.write._common import check_index_path, writing
-    from crossrank.write.build import checked_index_config, refuse_foreign_folder
+    from crossrank.write.build import (
+        check_counts,
+        checked_index_config,
+        refuse_foreign_folder,
+    )
 
     codec = parse_codec(patch_codec)
-    _check_positive("batch_size", batch_size, allow_none=False)
-    _check_positive("num_encoders", num_encoders)
-    _check_positive("num_cpus", num_cpus)
-    _check_positive("chunk_items", chunk_items)
+    optional = {"num_encoders": num_encoders, "num_cpus": num_cpus, "chunk_items": chunk_items}
+    check_counts(batch_size=batch_size, **{k: v for k, v in optional.items() if v is not None})
     if shards is not None:
         from crossrank.shards.build import check_shards
 
