@@ -16,6 +16,11 @@ selectivities 100 %, 10 %, 1 % and 0.1 %.
 - ``script FAISS only``: the script's ``index.search`` alone, its selector built once per filter
   (what the script would cost had it cached its filter as crossrank does).
 
+FAISS runs one OpenMP thread on both sides (``--threads 1``, the default): one query per call
+gains nothing from more, and on a busy machine an OpenMP barrier whose thread is descheduled costs
+a scheduler slice (the script's ``IndexIDMap`` maps its 10 ids in a parallel loop: 7 ms a query on
+2 loaded cores, 0.3 ms with one thread). ``--threads 0`` keeps FAISS's default.
+
 Each side runs every query once unmeasured (warm caches), then ``--queries`` queries timed one by
 one; the report gives the median and p95 per query in milliseconds, the ratio of medians
 (crossrank / script; the goal is at most 1.2) and recall@10 of each side against exact search
@@ -24,6 +29,7 @@ over the allowed vectors (the goal is at least 0.99). Run::
     python benchmarks/bench_filtered.py                     # 100k vectors of dim 512
     python benchmarks/bench_filtered.py --n 20000 --dim 128
     python benchmarks/bench_filtered.py --nprobe 128         # both sides probe 128 lists
+    python benchmarks/bench_filtered.py --seed 1             # other data, same generator
     python benchmarks/bench_filtered.py --quick --json       # a smoke test, not a measurement
     python benchmarks/bench_filtered.py --out                # also writes results/bench_filtered/
 """
@@ -133,8 +139,13 @@ class Script:
 
 
 def measure(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
+    import faiss
+
     from crossrank.indexes import exact_search
     from crossrank.store import Generation
+
+    if args.threads:
+        faiss.omp_set_num_threads(args.threads)
 
     xb, xq, bucket = make_data(args.n, args.dim, args.queries, args.seed)
     t0 = time.perf_counter()
@@ -217,6 +228,8 @@ def _meta(args: argparse.Namespace) -> dict[str, Any]:
         "k": K,
         "seed": args.seed,
         "nprobe_asked": args.nprobe,
+        "faiss_threads": args.threads or None,
+        "load_average": os.getloadavg(),
         "faiss": faiss.__version__,
         "duckdb": duckdb.__version__,
         "python": platform.python_version(),
@@ -228,9 +241,11 @@ def _meta(args: argparse.Namespace) -> dict[str, Any]:
 def _table(report: dict[str, Any]) -> str:
     r = report["result"]
     lines = [
-        f"{report['meta']['n']} vectors of dim {report['meta']['dim']}, {r['factory']}, "
-        f"nprobe {r['nprobe']}, index in memory: {r['index_in_memory']}; "
-        f"{report['meta']['queries']} queries, k = {K}",
+        f"{report['meta']['n']} vectors of dim {report['meta']['dim']} (seed "
+        f"{report['meta']['seed']}), {r['factory']}, nprobe {r['nprobe']}, index in memory: "
+        f"{r['index_in_memory']}; {report['meta']['queries']} queries, k = {K}; FAISS threads "
+        f"{report['meta']['faiss_threads'] or 'default'}; load average "
+        + " ".join(f"{x:.2f}" for x in report["meta"]["load_average"]),
         "",
         "| kept | allowed | crossrank path (nprobe) | crossrank p50 / p95 ms | script p50 / p95 ms "
         "| script FAISS only p50 ms | ratio p50 | recall@10 crossrank / script |",
@@ -261,6 +276,12 @@ def main(argv: list[str] | None = None) -> int:
         help="IVF lists probed unfiltered, by both sides (default: the index's, 16)",
     )
     parser.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="FAISS OpenMP threads on both sides (default 1; 0 keeps FAISS's default)",
+    )
+    parser.add_argument(
         "--quick", action="store_true", help="20000 vectors of dim 16, 10 queries: a smoke test"
     )
     parser.add_argument("--json", action="store_true", help="print one JSON object")
@@ -273,6 +294,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(
             "--n must be >= 1000 (0.1 % of it is one image), --dim, --queries and --nprobe >= 1"
         )
+    if args.threads < 0:
+        parser.error("--threads must be >= 0 (0: FAISS's default)")
     workdir = Path(tempfile.mkdtemp(prefix="bench_filtered_", dir=args.workdir))
     try:
         result = measure(args, workdir)

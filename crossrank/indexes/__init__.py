@@ -3,6 +3,7 @@
 Public API:
     IndexConfig: which index (by size, or a FAISS factory string), training, nprobe, device.
     FirstStage: build / load / save / search, on the CPU or a GPU copy, thread-safe searches.
+    AllowedSelector: allowed ids made ready once (positions, FAISS selector) for many searches.
     exact_search: exact top-k over a given set of vectors (small filtered sets).
     auto_factory: the factory string chosen for a corpus size.
 
@@ -15,6 +16,14 @@ from crossrank.indexes._checks import PAD_ID, PAD_SCORE
 from crossrank.indexes.config import IndexConfig
 from crossrank.indexes.exact import exact_search
 from crossrank.indexes.factory import auto_factory
-from crossrank.indexes.first_stage import FirstStage
+from crossrank.indexes.first_stage import AllowedSelector, FirstStage
 
-__all__ = ["IndexConfig", "FirstStage", "exact_search", "auto_factory", "PAD_ID", "PAD_SCORE"]
+__all__ = [
+    "IndexConfig",
+    "FirstStage",
+    "AllowedSelector",
+    "exact_search",
+    "auto_factory",
+    "PAD_ID",
+    "PAD_SCORE",
+]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 import os
 from pathlib import Path
 from typing import Any
@@ -15,9 +16,18 @@ from crossrank.indexes._faiss import faiss_reason, import_faiss
 from crossrank.indexes.config import IndexConfig
 from crossrank.indexes.factory import auto_factory, create_index, describe_index
 from crossrank.indexes.gpu import GPU_MAX_K, GPU_MAX_NPROBE, GpuCopy, gpu_device_for, to_gpu
-from crossrank.indexes.selectors import make_selector, search_params
+from crossrank.indexes.selectors import make_selector, search_params, selector_bytes
 
-__all__ = ["FirstStage", "IN_MEMORY_MAX_BYTES", "EXACT_MAX_BYTES", "in_memory_limit"]
+__all__ = [
+    "FirstStage",
+    "AllowedSelector",
+    "IN_MEMORY_MAX_BYTES",
+    "EXACT_MAX_BYTES",
+    "FILTER_LIST_FACTOR",
+    "FILTER_MAX_LIST_SHARE",
+    "EXACT_SCAN_RATIO",
+    "in_memory_limit",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -34,6 +44,51 @@ IN_MEMORY_MAX_BYTES = 2 << 30
 #: the two cross was measured by ``benchmarks/bench_filtered.py``: at 100k vectors of dim 512,
 #: gathering and scoring 4,000 rows (8 MB) costs what an IVF1265 search of every list does.
 EXACT_MAX_BYTES = 8 << 20
+
+#: Under a filter keeping a fraction ``f`` of the vectors, an IVF search probes
+#: ``FILTER_LIST_FACTOR * nprobe / f`` lists (see :meth:`FirstStage.filtered_nprobe`) ...
+FILTER_LIST_FACTOR = 2.5
+#: ... but never more than this share of the lists (unless ``nprobe`` itself is more). Chosen on
+#: ``benchmarks/bench_filtered.py`` (seed 0, 100k vectors, IVF1265): 2.5 * 16 / 10 % = 400 lists
+#: give recall@10 0.995 where 160 gave 0.970; half the lists give 0.999 at 10 % kept and 0.996 at
+#: 1 % kept, where every list costs twice as much for 1.000.
+FILTER_MAX_LIST_SHARE = 0.5
+#: An IVF search under a filter scores the allowed vectors exactly instead when they are at most
+#: ``1 / EXACT_SCAN_RATIO`` of the list entries FAISS would test (see
+#: :meth:`FirstStage.prefers_exact`).
+EXACT_SCAN_RATIO = 16
+
+
+class AllowedSelector:
+    """A filter's allowed ids made ready for one :class:`FirstStage`: the sorted internal
+    positions and the FAISS ``IDSelector`` over them (:mod:`crossrank.indexes.selectors`).
+
+    Made by :meth:`FirstStage.select`; pass it as ``allowed_ids`` to :meth:`FirstStage.search`
+    to skip the id-to-position look-up and the selector construction a plain id array costs on
+    every call. It is immutable and may be shared by threads: searches only read the selector.
+
+    Attributes:
+        positions: int64 sorted internal positions of the allowed ids found in the index
+            (read-only).
+        selector: the ``IDSelector``; None when every vector is allowed or none is.
+        nbytes: bytes it holds (positions and any bitmap), for cache accounting.
+    """
+
+    __slots__ = ("_stage", "positions", "selector", "nbytes")
+
+    def __init__(self, stage: FirstStage, positions: np.ndarray, selector: Any | None) -> None:
+        positions.flags.writeable = False
+        self._stage = stage
+        self.positions = positions
+        self.selector = selector
+        self.nbytes = int(positions.nbytes) + selector_bytes(selector, len(positions))
+
+    def __len__(self) -> int:
+        return int(self.positions.shape[0])
+
+    def __repr__(self) -> str:
+        kind = "none" if self.selector is None else type(self.selector).__name__
+        return f"AllowedSelector({len(self)} positions, {kind})"
 
 
 class FirstStage:
@@ -317,12 +372,36 @@ class FirstStage:
 
     # -- search ---------------------------------------------------------------------------------
 
+    def select(self, allowed_ids: np.ndarray) -> AllowedSelector:
+        """The allowed ids as positions and a FAISS selector, ready for many searches.
+
+        A search given ``allowed_ids`` as an array does this on every call (a search-sorted
+        look-up of each id, and a bitmap of :attr:`ntotal` bits); a caller that repeats a filter
+        makes it once and passes the result instead (:mod:`crossrank.search.snapshot` keeps one
+        per cached filter).
+
+        Args:
+            allowed_ids: int64 ids that may be returned (any order; ids not in the index are
+                ignored).
+
+        Returns:
+            An :class:`AllowedSelector` that only this first stage accepts.
+
+        Raises:
+            InvalidArgumentError: ``allowed_ids`` is not a 1-d array of integer ids.
+        """
+        positions = self._positions(allowed_ids)
+        selector = None
+        if len(positions):
+            selector = make_selector(self._faiss, positions, self.ntotal)
+        return AllowedSelector(self, positions, selector)
+
     def search(
         self,
         xq: np.ndarray,
         k: int,
         *,
-        allowed_ids: np.ndarray | None = None,
+        allowed_ids: np.ndarray | AllowedSelector | None = None,
         nprobe: int | None = None,
     ) -> tuple[np.ndarray, np.ndarray]:
         """The ``k`` best vectors by inner product for each query, optionally among allowed ids.
@@ -331,9 +410,10 @@ class FirstStage:
             xq: float ``(m, d)`` normalised queries (coerced to float32, C-contiguous).
             k: results per query, >= 1.
             allowed_ids: int64 ``(s,)`` ids that may be returned (sorted ascending is fastest;
-                ids not in the index are ignored); ``None`` allows all. On IVF indexes only the
-                probed lists are searched, so a selective filter can leave fewer than ``k`` hits:
-                for small allowed sets, :func:`exact_search` over their vectors is exact and faster.
+                ids not in the index are ignored), or what :meth:`select` made of them (no
+                per-call look-up); ``None`` allows all. On IVF indexes only the probed lists are
+                searched, so a selective filter can leave fewer than ``k`` hits: for small
+                allowed sets, :func:`exact_search` over their vectors is exact and faster.
             nprobe: IVF lists to scan for this call; ``None`` uses :attr:`nprobe`.
 
         Returns:
@@ -342,7 +422,8 @@ class FirstStage:
 
         Raises:
             InvalidArgumentError: ``xq`` of the wrong shape or dim, ``k < 1``, ``nprobe < 1``, bad
-                ``allowed_ids``, or an index type that cannot search with a selector.
+                ``allowed_ids`` (or a selector made by another first stage), or an index type
+                that cannot search with a selector.
         """
         k = check_k(k)
         xq = as_vectors(xq, "xq", self.d)
@@ -355,10 +436,16 @@ class FirstStage:
         positions = None
         sel = None
         if allowed_ids is not None:
-            positions = self._positions(allowed_ids)
+            if not isinstance(allowed_ids, AllowedSelector):
+                allowed_ids = self.select(allowed_ids)
+            elif allowed_ids._stage is not self:
+                raise InvalidArgumentError(
+                    "allowed_ids was selected on another first stage (its positions would not "
+                    "match this index); make it with this stage's select()"
+                )
+            positions, sel = allowed_ids.positions, allowed_ids.selector
             if len(positions) == 0:
                 return empty
-            sel = make_selector(self._faiss, positions, self.ntotal)
         if m == 0 or self.ntotal == 0:
             return empty
         if sel is None and self._gpu is not None and k <= GPU_MAX_K and nprobe <= GPU_MAX_NPROBE:
@@ -390,38 +477,49 @@ class FirstStage:
 
         A filter that allows a fraction ``f`` of the vectors leaves about ``f`` of each probed
         list to score, and the ``k`` best allowed vectors lie about ``1 / f`` times deeper in the
-        ranking than the ``k`` best of all. Probing ``nprobe / f`` lists scans as many allowed
-        vectors as an unfiltered search with ``nprobe`` scans vectors, and keeps its recall
-        (capped at :attr:`nlist`). Indexes without lists return ``nprobe`` unchanged.
+        ranking than the ``k`` best of all, so a filtered search must probe more lists than an
+        unfiltered one. It probes ``FILTER_LIST_FACTOR * nprobe / f`` lists (2.5 times the lists
+        that scan as many allowed vectors as the unfiltered search scans vectors), at most
+        ``FILTER_MAX_LIST_SHARE`` of :attr:`nlist` (half), never fewer than ``nprobe``.
+
+        Deeper neighbours need more lists, but fewer than in proportion: on the synthetic data of
+        ``benchmarks/bench_filtered.py`` (IVF1265, 100k vectors) recall@10 0.99 takes about 160
+        lists unfiltered, 300 to 400 under a filter keeping 10 %, 500 under one keeping 1 %.
+        The factor lifts a small ``nprobe`` to that depth (16 lists: 400 under a 10 % filter,
+        recall 0.995 where ``nprobe / f`` gave 0.970); the cap keeps a large one from probing
+        every list for recall it already has (half the lists: 0.999 at 10 %). Indexes without
+        lists return ``nprobe`` unchanged.
 
         Args:
             n_allowed: ids the filter allows.
             nprobe: the unfiltered nprobe; ``None`` uses :attr:`nprobe`.
 
         Returns:
-            The lists to probe, from ``nprobe`` to :attr:`nlist`.
+            The lists to probe, from ``nprobe`` (at most :attr:`nlist`) to :attr:`nlist`.
         """
         base = self._nprobe if nprobe is None else check_nprobe(nprobe)
         nlist = self.nlist
         if nlist is None:
             return base
-        if n_allowed <= 0:
+        if n_allowed <= 0 or n_allowed >= self.ntotal:
             return min(base, nlist)
-        scaled = -(-base * self.ntotal // n_allowed)  # ceil(base * ntotal / n_allowed)
-        return max(1, min(nlist, max(base, scaled)))
+        scaled = math.ceil(FILTER_LIST_FACTOR * base * self.ntotal / n_allowed)
+        cap = math.ceil(FILTER_MAX_LIST_SHARE * nlist)
+        return max(1, min(nlist, max(base, min(scaled, cap))))
 
     def prefers_exact(self, n_allowed: int, k: int, *, nprobe: int | None = None) -> bool:
         """Whether :func:`exact_search` over the allowed vectors beats a filtered :meth:`search`.
 
         * Flat: never; its filtered search is already exact and scores only the allowed rows.
-        * IVF: when the filter scales the lists to probe (:meth:`filtered_nprobe`) up to
-          :attr:`nlist`, that is when ``n_allowed`` is at most about the
-          ``ntotal * nprobe / nlist`` vectors an unfiltered search scans: FAISS would then scan
-          every list to score no more vectors than exact search scores. Also when the allowed
-          vectors expected in the probed lists are fewer than ``4 * k`` (the filtered search would
-          likely come back short). Never when the allowed vectors, as float32, exceed
-          ``EXACT_MAX_BYTES`` (8 MB): gathering them from the vector file costs more than FAISS
-          scanning every list, so FAISS searches them with the scaled nprobe.
+        * IVF: when the allowed vectors are at most ``1 / EXACT_SCAN_RATIO`` (a sixteenth) of
+          the list entries the filtered search (:meth:`filtered_nprobe` lists) would test
+          against its selector: gathering and scoring a vector costs about what testing sixteen
+          entries and scoring the allowed ones among them does (measured by
+          ``benchmarks/bench_filtered.py``: at 100k vectors of dim 512 and 633 of 1265 lists,
+          exact search is cheaper up to about 3,000 allowed vectors). Also when the allowed
+          vectors expected in the probed lists are fewer than ``4 * k`` (the filtered search
+          would likely come back short). Never when the allowed vectors, as float32, exceed
+          ``EXACT_MAX_BYTES`` (8 MB): gathering them costs more than FAISS scanning every list.
         * HNSW: when fewer than 10 % of the vectors are allowed: a filtered graph walk stalls
           among disallowed nodes and comes back short.
         * Other types (PQ codes, types without selector support): always.
@@ -441,9 +539,9 @@ class FirstStage:
         if ivf is not None:
             if n_allowed * self.d * 4 > EXACT_MAX_BYTES:
                 return False
-            base = self._nprobe if nprobe is None else check_nprobe(nprobe)
-            probed = self.filtered_nprobe(n_allowed, nprobe=base)
-            if probed >= ivf.nlist > base:  # the filter, not the caller, asks for every list
+            probed = self.filtered_nprobe(n_allowed, nprobe=nprobe)
+            tested = probed * self.ntotal / ivf.nlist  # list entries the selector would test
+            if n_allowed * EXACT_SCAN_RATIO <= tested:
                 return True
             return n_allowed * probed / ivf.nlist < 4 * k
         if isinstance(self._base, faiss.IndexHNSW):

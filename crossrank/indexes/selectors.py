@@ -25,7 +25,7 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["make_selector", "search_params", "BITMAP_MAX_BYTES"]
+__all__ = ["make_selector", "search_params", "selector_bytes", "BITMAP_MAX_BYTES"]
 
 #: Largest bitmap made per call; above it a sparse set goes into an ``IDSelectorBatch``.
 BITMAP_MAX_BYTES = 16 * 2**20
@@ -61,6 +61,17 @@ def make_selector(faiss: ModuleType, positions: np.ndarray, ntotal: int) -> Any 
     # FAISS tests bit (i & 7) of byte (i >> 3): little-endian bit order within a byte.
     np.bitwise_or.at(bitmap, positions >> 3, np.left_shift(1, positions & 7).astype(np.uint8))
     return faiss.IDSelectorBitmap(bitmap)
+
+
+def selector_bytes(sel: Any | None, n_positions: int) -> int:
+    """About the bytes of memory ``sel`` (made by :func:`make_selector` over ``n_positions``
+    positions) holds: its bitmap, or the hash set of an ``IDSelectorBatch`` (about 48 bytes a
+    position), or nothing for a range."""
+    if sel is None:
+        return 0
+    if hasattr(sel, "nbits"):  # IDSelectorBatch: an unordered_set and a Bloom-like bit mask
+        return 48 * n_positions + int(sel.nbits) // 8
+    return int(getattr(sel, "n", 0))  # IDSelectorBitmap: n bytes; IDSelectorRange: none
 
 
 def search_params(

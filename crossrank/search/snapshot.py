@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 if TYPE_CHECKING:
-    from crossrank.indexes import FirstStage
+    from crossrank.indexes import AllowedSelector, FirstStage
     from crossrank.store import Generation, Manifest, MetadataStore, PatchStore, ReaderPin
     from crossrank.store.filters import Filters
 
@@ -30,8 +30,24 @@ logger = logging.getLogger(__name__)
 #: Allowed-id sets a snapshot keeps, one per distinct ``where`` / ``filters`` (least recently
 #: used dropped first).
 FILTER_CACHE_ENTRIES = 32
-#: Bytes of allowed ids a snapshot keeps at most (8 bytes an id: 1M ids are 8 MB).
+#: Bytes of allowed ids a snapshot keeps at most, with their FAISS selectors (8 bytes an id,
+#: 8 more for its position, and a bitmap of one bit per indexed vector: 1M ids of a 1M-vector
+#: index are about 16 MB).
 FILTER_CACHE_BYTES = 64 << 20
+
+
+class _Allowed:
+    """One cached filter: its allowed ids and, once a FAISS search used them, their selector."""
+
+    __slots__ = ("ids", "selector")
+
+    def __init__(self, ids: np.ndarray) -> None:
+        self.ids = ids
+        self.selector: AllowedSelector | None = None
+
+    @property
+    def nbytes(self) -> int:
+        return int(self.ids.nbytes) + (0 if self.selector is None else self.selector.nbytes)
 
 
 def _plain(value: object) -> bool:
@@ -186,10 +202,13 @@ class Snapshot:
         self.users = 0
         self.retired = False
         self._closed = False
-        # Allowed ids per filter, for this generation only: a new snapshot starts empty.
-        self._allowed: OrderedDict[tuple[str, str], np.ndarray] = OrderedDict()
+        # Allowed ids (and their selectors) per filter, for this generation only: a new snapshot
+        # starts empty. _by_array finds an entry from the array allowed_ids() handed out.
+        self._allowed: OrderedDict[tuple[str, str], _Allowed] = OrderedDict()
+        self._by_array: dict[int, _Allowed] = {}
         self._allowed_bytes = 0
         self._allowed_lock = threading.Lock()
+        self._live_selector: AllowedSelector | None = None
 
     @property
     def number(self) -> int:
@@ -212,7 +231,8 @@ class Snapshot:
         The first call for a filter asks DuckDB (:meth:`MetadataStore.allowed_ids`); later calls
         with the same filter (same :func:`filter_key`) return the same read-only array from a
         small least-recently-used cache (``FILTER_CACHE_ENTRIES`` sets, ``FILTER_CACHE_BYTES``
-        in all) that lives and dies with this snapshot. A filter that fails is not cached.
+        in all, selectors included) that lives and dies with this snapshot. A filter that fails
+        is not cached.
 
         Raises:
             FilterError: as :meth:`MetadataStore.allowed_ids`.
@@ -220,26 +240,78 @@ class Snapshot:
         key = filter_key(where, filters)
         if key is not None:
             with self._allowed_lock:
-                ids = self._allowed.get(key)
-                if ids is not None:
+                entry = self._allowed.get(key)
+                if entry is not None:
                     self._allowed.move_to_end(key)
-                    return ids
+                    return entry.ids
         ids = self.without_tombstones(self.metadata.allowed_ids(where, filters=filters))
         ids.flags.writeable = False  # shared by every search with this filter
         if key is not None and ids.nbytes <= FILTER_CACHE_BYTES:
             with self._allowed_lock:
-                old = self._allowed.pop(key, None)
-                if old is not None:
-                    self._allowed_bytes -= old.nbytes
-                self._allowed[key] = ids
-                self._allowed_bytes += ids.nbytes
-                while (
-                    len(self._allowed) > FILTER_CACHE_ENTRIES
-                    or self._allowed_bytes > FILTER_CACHE_BYTES
-                ):
-                    _, dropped = self._allowed.popitem(last=False)
-                    self._allowed_bytes -= dropped.nbytes
+                raced = self._allowed.get(key)
+                if raced is not None:  # another thread asked DuckDB too: share its array
+                    self._allowed.move_to_end(key)
+                    return raced.ids
+                entry = _Allowed(ids)
+                self._allowed[key] = entry
+                self._by_array[id(ids)] = entry
+                self._allowed_bytes += entry.nbytes
+                self._shrink(keep=entry)
         return ids
+
+    def selector(self, allowed: np.ndarray) -> AllowedSelector:
+        """``allowed`` made ready for the first stage (:meth:`FirstStage.select`), made once per
+        cached filter.
+
+        ``allowed`` is what :meth:`allowed_ids` returned (or :attr:`live_ids`): while that filter
+        is in the cache, its selector is made by the first search that needs one and kept with
+        its ids (counted in ``FILTER_CACHE_BYTES``, dropped with them). Any other array gets a
+        selector made for this call. Thread-safe: threads racing on a new filter may each make
+        one, and all of them get the one kept.
+        """
+        with self._allowed_lock:
+            if allowed is self.live_ids and self._live_selector is not None:
+                return self._live_selector
+            entry = self._by_array.get(id(allowed))
+            if entry is not None and entry.ids is allowed and entry.selector is not None:
+                return entry.selector
+        made = self.first_stage.select(allowed)
+        with self._allowed_lock:
+            if allowed is self.live_ids:
+                if self._live_selector is None:
+                    self._live_selector = made
+                return self._live_selector
+            entry = self._by_array.get(id(allowed))
+            if entry is None or entry.ids is not allowed:  # not cached (or dropped meanwhile)
+                return made
+            if entry.selector is None:
+                entry.selector = made
+                self._allowed_bytes += made.nbytes
+                self._shrink(keep=entry)
+                return made
+            return entry.selector
+
+    def _drop(self, entry: _Allowed | None) -> None:
+        """Forget a cache entry's bytes and array (the lock held)."""
+        if entry is None:
+            return
+        self._allowed_bytes -= entry.nbytes
+        if self._by_array.get(id(entry.ids)) is entry:
+            del self._by_array[id(entry.ids)]
+
+    def _shrink(self, keep: _Allowed | None = None) -> None:
+        """Drop least recently used entries until the cache is within its bounds (the lock
+        held), never ``keep`` (the entry just added to); if ``keep`` alone is over the byte
+        bound, its selector goes (it is made per call then)."""
+        while len(self._allowed) > FILTER_CACHE_ENTRIES or self._allowed_bytes > FILTER_CACHE_BYTES:
+            victim = next((key for key, e in self._allowed.items() if e is not keep), None)
+            if victim is None:
+                break
+            self._drop(self._allowed.pop(victim))
+        over = self._allowed_bytes > FILTER_CACHE_BYTES
+        if over and keep is not None and keep.selector is not None:
+            self._allowed_bytes -= keep.selector.nbytes
+            keep.selector = None
 
     def close(self) -> None:
         """Close the metadata store and the patch maps and release the pin; idempotent."""
@@ -248,7 +320,9 @@ class Snapshot:
         self._closed = True
         with self._allowed_lock:
             self._allowed.clear()
+            self._by_array.clear()
             self._allowed_bytes = 0
+            self._live_selector = None
         self.metadata.close()
         self.patches.close()
         self.pin.release()

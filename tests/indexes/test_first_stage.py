@@ -118,6 +118,24 @@ def test_filtered_search_equals_brute_force_over_the_allowed_ids(request, vector
             assert_same_knn(D, I, Dref, Iref, atol=1e-4)
 
 
+def test_a_selection_made_once_searches_like_the_ids_it_was_made_from(flat, ivf, vectors):
+    for stage in (flat, ivf):
+        for name, allowed in allowed_sets(vectors.ids).items():
+            selection = stage.select(allowed[::-1])  # any order
+            assert len(selection) == len(allowed) and not selection.positions.flags.writeable
+            assert (selection.selector is None) == (name == "all")
+            assert selection.nbytes >= selection.positions.nbytes
+            for _ in range(2):  # reusable
+                D, I = stage.search(vectors.xq, 10, allowed_ids=selection, nprobe=4)
+                Dw, Iw = stage.search(vectors.xq, 10, allowed_ids=allowed, nprobe=4)
+                np.testing.assert_array_equal(I, Iw)
+                np.testing.assert_array_equal(D, Dw)
+    with pytest.raises(InvalidArgumentError, match="another first stage"):
+        flat.search(vectors.xq, 10, allowed_ids=ivf.select(vectors.ids[:5]))
+    empty = ivf.select(np.array([-7], dtype=np.int64) + 10**9)  # no id of the index
+    assert ivf.search(vectors.xq, 3, allowed_ids=empty)[1].tolist() == [[-1] * 3] * 12
+
+
 def test_fewer_allowed_ids_than_k_pad_with_minus_one_and_minus_inf(flat, ivf, vectors):
     allowed = np.sort(vectors.ids[[3, 500, 1999]])
     for stage in (flat, ivf):
@@ -453,14 +471,18 @@ def test_eight_threads_with_different_nprobe_match_sequential_results(tmp_path, 
 
 def test_prefers_exact_follows_the_index_type(flat, ivf, vectors):
     assert not flat.prefers_exact(1, 10)  # a filtered Flat search is exact already
-    # IVF16 with nprobe 4 sees about a quarter of the allowed set: 100 allowed -> 25 < 4 * 10
-    assert ivf.prefers_exact(100, 10, nprobe=4)
-    assert not ivf.prefers_exact(1000, 10, nprobe=4)
-    assert not ivf.prefers_exact(100, 10, nprobe=16)  # all lists probed: 100 >= 40
-    # a filter scales nprobe by the fraction it keeps: 5 % of 2000 with nprobe 4 probes 80 -> 16
-    # lists, all of them, so exact scoring of the 100 is cheaper; with 1000 kept, 8 of 16 lists
-    assert ivf.filtered_nprobe(100, nprobe=4) == 16 and ivf.filtered_nprobe(1000, nprobe=4) == 8
+    # IVF16 with nprobe 4: a filter keeping 5 % probes 2.5 * 4 / 5 % = 200 lists, at most half
+    # of the 16; nprobe itself is never cut, and a filter that keeps everything changes nothing
+    assert ivf.filtered_nprobe(100, nprobe=4) == 8 and ivf.filtered_nprobe(1000, nprobe=4) == 8
+    assert ivf.filtered_nprobe(1900, nprobe=1) == 3  # ceil(2.5 * 2000 / 1900)
+    assert ivf.filtered_nprobe(100, nprobe=12) == 12
     assert ivf.filtered_nprobe(2000, nprobe=4) == 4 and ivf.filtered_nprobe(2000) == ivf.nprobe
+    # 8 lists hold about 1000 entries: exact scoring up to 1000 / 16 = 62 allowed vectors, and
+    # below 80, where the 8 lists would hold fewer than 4 * k = 40 of them (likely short)
+    assert ivf.prefers_exact(62, 10, nprobe=4) and ivf.prefers_exact(79, 10, nprobe=4)
+    assert not ivf.prefers_exact(80, 10, nprobe=4)
+    assert not ivf.prefers_exact(1000, 10, nprobe=4)
+    assert ivf.prefers_exact(100, 10, nprobe=16)  # every list: 2000 entries for 100 vectors
     hnsw = FirstStage.build(vectors.xb[:500], vectors.ids[:500], IndexConfig(factory="HNSW8"))
     assert hnsw.prefers_exact(49, 10) and not hnsw.prefers_exact(50, 10)
     pq = FirstStage.build(vectors.xb[:300], vectors.ids[:300], IndexConfig(factory="PQ4x4"))

@@ -6,7 +6,7 @@ import pytest
 
 from crossrank.indexes import selectors
 from crossrank.indexes.factory import create_index
-from crossrank.indexes.selectors import make_selector, search_params
+from crossrank.indexes.selectors import make_selector, search_params, selector_bytes
 
 
 def members(sel, ntotal: int) -> np.ndarray:
@@ -100,3 +100,14 @@ def test_gpu_params_carry_no_selector_and_no_hnsw():
         )
         is None
     )
+
+
+def test_selector_bytes_counts_what_each_selector_holds():
+    ntotal = 80_000
+    scattered = np.arange(0, ntotal, 3, dtype=np.int64)
+    assert selector_bytes(make_selector(faiss, scattered, ntotal), len(scattered)) == ntotal // 8
+    run = np.arange(10, 500, dtype=np.int64)
+    assert selector_bytes(make_selector(faiss, run, ntotal), len(run)) == 0  # a range
+    batch = faiss.IDSelectorBatch(scattered[:100])
+    assert selector_bytes(batch, 100) >= 48 * 100
+    assert selector_bytes(None, 0) == 0

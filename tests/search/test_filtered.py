@@ -3,7 +3,8 @@
 - the allowed-id set is cached per snapshot and filter: a repeated filter asks DuckDB once;
 - different filters do not share an entry, and a new generation starts with an empty cache;
 - under a ``where``, an IVF first stage keeps recall@10 >= 0.99 against exact search at every
-  selectivity (more lists probed as fewer images are allowed, exact search where that is cheaper);
+  selectivity (more lists probed as fewer images are allowed, exact search where that is cheaper),
+  also with a small per-call ``nprobe``, and without probing every list for a large one;
 - a per-call ``nprobe`` reaches FAISS through :func:`search_snapshot`'s first stage.
 """
 
@@ -266,16 +267,42 @@ def test_ivf_probes_more_lists_as_fewer_images_are_allowed(ivf, monkeypatch):
         stage = snap.first_stage
         assert stage.nlist == 512 and stage.nprobe == 32
         assert stage.filtered_nprobe(N) == 32
-        assert stage.filtered_nprobe(N // 10) == 320  # 10 %: ten times the lists
-        assert stage.filtered_nprobe(N // 100) == 512  # capped at every list
-        assert stage.filtered_nprobe(N // 10, nprobe=8) == 80
+        assert stage.filtered_nprobe(N // 2, nprobe=8) == 40  # 2.5 * 8 / 50 %
+        assert stage.filtered_nprobe(N // 10, nprobe=8) == 200  # 2.5 * 8 / 10 %
+        assert stage.filtered_nprobe(N // 10) == 256  # 2.5 * 32 / 10 % = 800: half the lists
+        assert stage.filtered_nprobe(N // 100) == 256
+        assert stage.filtered_nprobe(N // 10, nprobe=400) == 400  # a larger nprobe is kept
         assert not stage.prefers_exact(N // 10, K)
-        assert stage.prefers_exact(N // 100, K)  # every list would be probed: score exactly
-        # 32 * 30000 / n rounds up to 512 lists up to n = 1878 (about the 1875 vectors an
-        # unfiltered search scans), then FAISS is cheaper
-        assert stage.prefers_exact(1878, K) and not stage.prefers_exact(1879, K)
-        monkeypatch.setattr(first_stage_module, "EXACT_MAX_BYTES", 1878 * D * 4 - 1)
-        assert not stage.prefers_exact(1878, K)  # too many vectors to gather: FAISS, every list
+        assert stage.prefers_exact(N // 100, K)  # 300 vectors, 15,000 list entries: exact
+        # 256 lists of about 59 entries: 15,000 entries tested, 16 per allowed vector up to 937
+        assert stage.prefers_exact(937, K) and not stage.prefers_exact(938, K)
+        monkeypatch.setattr(first_stage_module, "EXACT_MAX_BYTES", 937 * D * 4 - 1)
+        assert not stage.prefers_exact(937, K)  # too many vectors to gather: FAISS
+    finally:
+        snap.close()
+
+
+@pytest.mark.parametrize(("nprobe", "lists"), [(2, 50), (100, 256)])
+def test_ivf_recall_at_10_percent_kept_whatever_the_call_nprobe(ivf, monkeypatch, nprobe, lists):
+    """A small nprobe is lifted to the depth recall needs (2 / 10 % = 20 lists gave 0.95 here);
+    a large one is capped below every list (100 / 10 % would be all 512) and keeps 0.99."""
+    root, xb, xq, bucket = ivf
+    snap = Snapshot(root, device="cpu", nprobe=None)
+    seen: list[object] = []
+    real = FirstStage.search
+
+    def search(self, xq, k, **kwargs):
+        seen.append(kwargs.get("nprobe"))
+        return real(self, xq, k, **kwargs)
+
+    monkeypatch.setattr(FirstStage, "search", search)
+    try:
+        keep = bucket < 100
+        allowed = allowed_ids(snap, "bucket < 100", None, {})
+        _, Iref = exact_search(xq, xb[keep], np.asarray(snap.ids)[keep], K)
+        _, I = first_stage(snap, xq, K, allowed, nprobe=nprobe)
+        assert _recall(I, Iref) >= 0.99
+        assert seen == [lists]  # one FAISS search, no retry
     finally:
         snap.close()
 
@@ -321,7 +348,7 @@ def test_per_call_nprobe_reaches_faiss(ivf, monkeypatch):
         _, Ie = exact_search(xq, xb, np.asarray(snap.ids), K)
         assert _recall(I512, Ie) == 1.0
         first_stage(snap, xq, K, allowed_ids(snap, "bucket < 100", None, {}), nprobe=4)
-        assert seen[-1] == 40  # the filter scales the call's nprobe, not the index's
+        assert seen[-1] == 100  # the filter scales the call's nprobe (2.5 * 4 / 10 %), not 32
         # a filter that keeps every image is an unfiltered search: no selector
         everything = allowed_ids(snap, "bucket >= 0", None, {})
         _, Iall = first_stage(snap, xq, K, everything)
