@@ -5,7 +5,7 @@ Both sides search the same index: ``N`` synthetic clustered, L2-normalised vecto
 ``Index.build_from_arrays`` (the FAISS factory crossrank picks for ``N``, e.g. ``IVF1265,Flat`` at
 100k, trained on a seeded sample), with a ``bucket`` column (0..999, random, independent of the
 vectors) in the metadata. A ``where`` of ``bucket < t`` keeps ``t / 1000`` of the images:
-selectivities 100 %, 10 %, 1 % and 0.1 %.
+selectivities 100 %, 10 %, 1 % and 0.1 % (``--kept`` names others).
 
 - ``crossrank``: ``Index.search_vectors(xq[i:i+1], k=10, where=...)``, one query per call, the
   whole call timed (filter, first stage, metadata join of the 10 hits). Repeated filters hit the
@@ -30,6 +30,7 @@ over the allowed vectors (the goal is at least 0.99). Run::
     python benchmarks/bench_filtered.py --n 20000 --dim 128
     python benchmarks/bench_filtered.py --nprobe 128         # both sides probe 128 lists
     python benchmarks/bench_filtered.py --seed 1             # other data, same generator
+    python benchmarks/bench_filtered.py --kept 1,0.5,0.1,0.03,0.01,0.001
     python benchmarks/bench_filtered.py --quick --json       # a smoke test, not a measurement
     python benchmarks/bench_filtered.py --out                # also writes results/bench_filtered/
 """
@@ -55,7 +56,7 @@ from _report import add_out_option, write_report
 GOAL_RATIO = 1.2  # crossrank's filtered search costs at most this many times the script's
 GOAL_RECALL = 0.99  # recall@10 against exact search over the allowed vectors
 K = 10
-SELECTIVITIES = (1.0, 0.1, 0.01, 0.001)
+SELECTIVITIES = (1.0, 0.1, 0.01, 0.001)  # the default --kept
 
 
 def _unit(x: np.ndarray) -> np.ndarray:
@@ -162,7 +163,7 @@ def measure(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
     script = Script(gen.first_stage_path, parts, stage.nprobe)
     ids = np.arange(args.n, dtype=np.int64)
     rows = []
-    for fraction in SELECTIVITIES:
+    for fraction in args.kept:
         t = max(1, round(1000 * fraction))
         where = f"bucket < {t}"
         keep = bucket < t
@@ -228,6 +229,7 @@ def _meta(args: argparse.Namespace) -> dict[str, Any]:
         "k": K,
         "seed": args.seed,
         "nprobe_asked": args.nprobe,
+        "kept": list(args.kept),
         "faiss_threads": args.threads or None,
         "load_average": os.getloadavg(),
         "faiss": faiss.__version__,
@@ -252,15 +254,32 @@ def _table(report: dict[str, Any]) -> str:
         "|---:|---:|---|---:|---:|---:|---:|---:|",
     ]
     for row in r["rows"]:
+        path = row["crossrank_path"]
+        if path == "faiss":
+            path = f"faiss ({row['crossrank_nprobe']})"
         lines.append(
-            f"| {row['selectivity']:.1%} | {row['allowed']} | {row['crossrank_path']} "
-            f"({row['crossrank_nprobe']}) | {row['crossrank_p50_ms']:.3f} / "
+            f"| {row['selectivity']:.1%} | {row['allowed']} | {path} | "
+            f"{row['crossrank_p50_ms']:.3f} / "
             f"{row['crossrank_p95_ms']:.3f} | {row['script_p50_ms']:.3f} / "
             f"{row['script_p95_ms']:.3f} | {row['script_faiss_p50_ms']:.3f} | "
             f"{row['ratio_p50']:.2f} | "
             f"{row['crossrank_recall_at_10']:.3f} / {row['script_recall_at_10']:.3f} |"
         )
     return "\n".join(lines)
+
+
+def _fractions(text: str) -> tuple[float, ...]:
+    """``--kept``: comma-separated fractions, each a whole number of thousandths in (0, 1]."""
+    try:
+        values = tuple(float(part) for part in text.split(","))
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(f"not a comma-separated list of numbers: {text!r}") from e
+    for v in values:
+        if not 0 < v <= 1 or abs(v * 1000 - round(v * 1000)) > 1e-9:
+            raise argparse.ArgumentTypeError(
+                f"{v} is not a fraction in (0, 1] that bucket < t keeps (t / 1000, t whole)"
+            )
+    return values
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -274,6 +293,13 @@ def main(argv: list[str] | None = None) -> int:
         type=int,
         default=None,
         help="IVF lists probed unfiltered, by both sides (default: the index's, 16)",
+    )
+    parser.add_argument(
+        "--kept",
+        type=_fractions,
+        default=SELECTIVITIES,
+        help="fractions of the images the filters keep, comma-separated, each a multiple of "
+        "0.001 in (0, 1] (default 1,0.1,0.01,0.001)",
     )
     parser.add_argument(
         "--threads",

@@ -22,6 +22,8 @@ def as_vectors(
     d: int | None = None,
     expected: str | None = None,
     hint: str = "encode it with the index's model",
+    *,
+    finite: bool = True,
 ) -> np.ndarray:
     """``x`` as a C-contiguous float32 ``(m, d)`` matrix of finite values.
 
@@ -32,6 +34,7 @@ def as_vectors(
         expected: where ``d`` comes from, for the message (default:
             "the index was built with dim d").
         hint: what to do about a wrong dim, ending that message.
+        finite: check that every value is finite (False: the caller checks what it computes).
 
     Raises:
         InvalidArgumentError: not 2-D, the wrong dim, or NaN / inf inside.
@@ -51,7 +54,7 @@ def as_vectors(
         label = "query" if name == "xq" else name
         expected = expected or f"the index was built with dim {d}"
         raise InvalidArgumentError(f"{label} has dim {arr.shape[1]}, but {expected}; {hint}")
-    if arr.size and not np.isfinite(arr).all():
+    if finite and arr.size and not np.isfinite(arr).all():
         raise InvalidArgumentError(f"{name} holds NaN or infinite values")
     return arr
 

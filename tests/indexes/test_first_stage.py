@@ -477,12 +477,12 @@ def test_prefers_exact_follows_the_index_type(flat, ivf, vectors):
     assert ivf.filtered_nprobe(1900, nprobe=1) == 3  # ceil(2.5 * 2000 / 1900)
     assert ivf.filtered_nprobe(100, nprobe=12) == 12
     assert ivf.filtered_nprobe(2000, nprobe=4) == 4 and ivf.filtered_nprobe(2000) == ivf.nprobe
-    # 8 lists hold about 1000 entries: exact scoring up to 1000 / 16 = 62 allowed vectors, and
-    # below 80, where the 8 lists would hold fewer than 4 * k = 40 of them (likely short)
-    assert ivf.prefers_exact(62, 10, nprobe=4) and ivf.prefers_exact(79, 10, nprobe=4)
-    assert not ivf.prefers_exact(80, 10, nprobe=4)
+    # 8 lists hold about 1000 entries: exact scoring below 80 allowed vectors, where the 8 lists
+    # would hold fewer than 4 * k = 40 of them (likely short)
+    assert ivf.prefers_exact(79, 10, nprobe=4) and not ivf.prefers_exact(80, 10, nprobe=4)
     assert not ivf.prefers_exact(1000, 10, nprobe=4)
-    assert ivf.prefers_exact(100, 10, nprobe=16)  # every list: 2000 entries for 100 vectors
+    # every list: 2000 entries tested, exact up to 2000 / 32 = 62 allowed vectors
+    assert ivf.prefers_exact(62, 10, nprobe=16) and not ivf.prefers_exact(63, 10, nprobe=16)
     hnsw = FirstStage.build(vectors.xb[:500], vectors.ids[:500], IndexConfig(factory="HNSW8"))
     assert hnsw.prefers_exact(49, 10) and not hnsw.prefers_exact(50, 10)
     pq = FirstStage.build(vectors.xb[:300], vectors.ids[:300], IndexConfig(factory="PQ4x4"))

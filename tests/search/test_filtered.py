@@ -274,10 +274,10 @@ def test_ivf_probes_more_lists_as_fewer_images_are_allowed(ivf, monkeypatch):
         assert stage.filtered_nprobe(N // 10, nprobe=400) == 400  # a larger nprobe is kept
         assert not stage.prefers_exact(N // 10, K)
         assert stage.prefers_exact(N // 100, K)  # 300 vectors, 15,000 list entries: exact
-        # 256 lists of about 59 entries: 15,000 entries tested, 16 per allowed vector up to 937
-        assert stage.prefers_exact(937, K) and not stage.prefers_exact(938, K)
-        monkeypatch.setattr(first_stage_module, "EXACT_MAX_BYTES", 937 * D * 4 - 1)
-        assert not stage.prefers_exact(937, K)  # too many vectors to gather: FAISS
+        # 256 lists of about 59 entries: 15,000 entries tested, 32 per allowed vector up to 468
+        assert stage.prefers_exact(468, K) and not stage.prefers_exact(469, K)
+        monkeypatch.setattr(first_stage_module, "EXACT_MAX_BYTES", 468 * D * 4 - 1)
+        assert not stage.prefers_exact(468, K)  # too many vectors to gather: FAISS
     finally:
         snap.close()
 
