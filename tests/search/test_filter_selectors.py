@@ -6,6 +6,7 @@
   call;
 - the selector lives and dies with its filter's cache entry, and counts in the cache's bytes;
 - threads racing on a new filter all end up using the one kept;
+- the live ids of a generation with removed images (no filter) get one selector too;
 - a selector made by another first stage is refused.
 """
 
@@ -154,6 +155,20 @@ def test_threads_racing_on_a_new_filter_share_one_selector(ivf, made):
         for D, I in out:
             np.testing.assert_array_equal(I, want[1])
             np.testing.assert_array_equal(D, want[0])
+    finally:
+        snap.close()
+
+
+def test_the_live_ids_of_a_generation_with_removals_get_one_selector(ivf, made):
+    root, _, xq = ivf
+    snap = Snapshot(root, device="cpu", nprobe=None)
+    try:
+        snap.live_ids = np.asarray(snap.ids)[N // 2 :]  # as if the first half were removed
+        snap.live_ids.flags.writeable = False
+        for _ in range(3):
+            _, I = first_stage(snap, xq, K, allowed_ids(snap, None, None, {}))
+            assert np.isin(I[I >= 0], snap.live_ids).all() and (I >= 0).all()
+        assert made == [N - N // 2]
     finally:
         snap.close()
 

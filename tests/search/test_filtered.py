@@ -217,7 +217,7 @@ def test_a_new_generation_does_not_reuse_the_old_cache(tmp_path, count_duckdb):
 # -- 2. recall under filters -------------------------------------------------------------------
 
 N, M, K = 30_000, 200, 10
-SELECTIVITY = {1.0: 1000, 0.1: 100, 0.01: 10, 0.001: 1}  # where bucket < t keeps t / 1000
+SELECTIVITY = {1.0: 1000, 0.5: 500, 0.1: 100, 0.03: 30, 0.01: 10, 0.001: 1}  # t / 1000 kept
 
 
 @pytest.fixture(scope="module")
