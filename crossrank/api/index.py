@@ -493,7 +493,8 @@ class Index:
         )
 
     def info(self) -> dict[str, Any]:
-        """A JSON-able description: counts, model, first stage, generation, sizes.
+        """A JSON-able description: counts, model, first stage, generation, sizes, and the
+        reranker ``reranker="auto"`` uses (``default_reranker``).
 
         ``counts.images`` counts the images a search can return; ``tombstones`` the removed
         images still stored until a compaction. ``patch_codec`` says how the patches are stored
@@ -521,6 +522,7 @@ class Index:
             "patch_codec": gen_info.patch_codec,
             "patch_bytes_per_image": gen_info.patch_bytes_per_image,
             "metadata_columns": snap.metadata.columns,
+            "default_reranker": self.default_reranker,
         }
 
     def metadata(

@@ -341,6 +341,17 @@ def train_cmd(
             ),
         ),
     ] = None,
+    init_from: Annotated[
+        Path | None,
+        typer.Option(
+            "--init-from",
+            help=(
+                "Fine-tune: start from this reranker folder's weights instead of a fresh init "
+                "(e.g. the shipped one, `crossrank info --json` names it). Its architecture "
+                "is the default; flags that change it are refused."
+            ),
+        ),
+    ] = None,
     relation_share: Annotated[
         float | None,
         typer.Option(
@@ -377,6 +388,10 @@ def train_cmd(
     from crossrank.training.reranker import resolve_model_config
 
     model_fields, train_fields = _read_train_config(config_file)
+    if init_from is not None:
+        # its architecture first: --config's and the flags below override (and must match it)
+        model_fields = {**_read_train_config(init_from, flag="--init-from")[0], **model_fields}
+        train_fields["init_from"] = str(init_from)
     model_fields.update(
         _given(
             layers=layers,
@@ -509,9 +524,11 @@ def _first_stage_weight(text: str | None) -> float | str | None:
         ) from None
 
 
-def _read_train_config(path: Path | None) -> tuple[dict[str, Any], dict[str, Any]]:
+def _read_train_config(
+    path: Path | None, flag: str = "--config"
+) -> tuple[dict[str, Any], dict[str, Any]]:
     """The architecture fields and the recorded training settings of a reranker ``config.json``
-    (or of the folder holding one); two empty dicts without ``--config``."""
+    (or of the folder holding one), given as ``flag``; two empty dicts without it."""
     import dataclasses
 
     if path is None:
@@ -521,13 +538,13 @@ def _read_train_config(path: Path | None) -> tuple[dict[str, Any], dict[str, Any
         data = json.loads(file.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise typer.BadParameter(
-            f"--config {file} does not exist; give a reranker's config.json"
+            f"{flag} {file} does not exist; give a reranker's config.json"
         ) from None
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise typer.BadParameter(f"--config {file} is not readable JSON: {e}") from None
+        raise typer.BadParameter(f"{flag} {file} is not readable JSON: {e}") from None
     if not isinstance(data, dict) or not isinstance(data.get("config"), dict):
         raise typer.BadParameter(
-            f'--config {file} holds no reranker config: expected a JSON object with a "config" '
+            f'{flag} {file} holds no reranker config: expected a JSON object with a "config" '
             "object of RerankerConfig fields, as a checkpoint's config.json has"
         )
     metadata = data.get("metadata")
@@ -538,7 +555,7 @@ def _read_train_config(path: Path | None) -> tuple[dict[str, Any], dict[str, Any
     unknown = sorted(set(train) - {f.name for f in dataclasses.fields(RerankTrainConfig)})
     if unknown:
         raise typer.BadParameter(
-            f"--config {file} records unknown training settings {unknown} in metadata.train "
+            f"{flag} {file} records unknown training settings {unknown} in metadata.train "
             "(was it written by a newer crossrank?)"
         )
     return dict(data["config"]), train

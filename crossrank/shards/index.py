@@ -297,6 +297,7 @@ class ShardedIndex(Index):
             "patch_codec": first["patch_codec"],
             "patch_bytes_per_image": first["patch_bytes_per_image"],
             "metadata_columns": list(first["metadata_columns"]),
+            "default_reranker": self.default_reranker,
             "routing": {"rule": top.routing, "n_shards": top.n_shards},
             "shards": [
                 {

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any
@@ -78,6 +79,10 @@ class RerankTrainConfig:
     # (another relation, or the objects swapped around it), the lists where the relation is the
     # whole signal; the rest are drawn as before. 0 = off.
     relation_share: float = 0.0
+    # Fine-tuning: a reranker folder (a checkpoint ``save_reranker`` or ``crossrank train``
+    # wrote) whose weights start the run instead of a fresh init; its architecture must be the
+    # run's (train_reranker takes it as the default). None = from scratch.
+    init_from: str | None = None
 
     def __post_init__(self) -> None:
         for name in (
@@ -135,6 +140,12 @@ class RerankTrainConfig:
         object.__setattr__(self, "weight_decay", float(self.weight_decay))
         if not isinstance(self.in_batch, bool):
             raise ValueError(f"in_batch must be True or False, got {self.in_batch!r}")
+        if self.init_from is not None:
+            if not isinstance(self.init_from, (str, os.PathLike)) or not str(self.init_from):
+                raise ValueError(
+                    f"init_from must be a reranker folder or None, got {self.init_from!r}"
+                )
+            object.__setattr__(self, "init_from", os.fspath(self.init_from))
         if not isinstance(self.device, str):
             raise ValueError(f"device must be auto, cpu, cuda or cuda:N, got {self.device!r}")
         object.__setattr__(self, "device", str(self.device))  # a Device enum becomes its string

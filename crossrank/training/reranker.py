@@ -233,7 +233,7 @@ def train_reranker(
 
     from crossrank.api.index import Index
     from crossrank.device import resolve_device
-    from crossrank.rerank.checkpoint import save_reranker
+    from crossrank.rerank.checkpoint import load_reranker, save_reranker
     from crossrank.rerank.cross_attention import CrossAttentionReranker, _autocast
     from crossrank.training.data import CandidateSampler, prepare_training_set
 
@@ -253,7 +253,18 @@ def train_reranker(
             config.first_stage_weight,
             "" if config.first_stage_weight else ": none, so no residual",
         )
+    init = None  # the reranker a fine-tune starts from
+    if config.init_from is not None:
+        init = load_reranker(config.init_from, device="cpu", encoder_info=index.manifest.encoder)
+        if model_config is None:
+            model_config = init.config
     model_config = resolve_model_config(model_config, index.manifest.encoder, index)
+    if init is not None and init.config != model_config:
+        raise InvalidArgumentError(
+            f"init_from {config.init_from} is a reranker of another architecture than the one "
+            f"asked for ({_config_diff(init.config, model_config)}); leave the architecture "
+            "unset to fine-tune its own"
+        )
     if (
         config.attention_supervision
         and model_config.n_query_tokens
@@ -279,7 +290,10 @@ def train_reranker(
         "data": {**data.fingerprint, "counts": data.counts},
     }
     torch.manual_seed(config.seed)
-    model = CrossAttentionReranker(model_config).to(device).train()
+    model = CrossAttentionReranker(model_config)
+    if init is not None:
+        model.load_state_dict(init.state_dict())
+    model = model.to(device).train()
     optimizer = make_optimizer(model, config)
     # bf16 autocast needs no loss scaling; the fp16 fallback on older GPUs does.
     scaler = torch.amp.GradScaler(
@@ -534,6 +548,7 @@ def train_reranker(
         },
         first_stage_val=first_stage,
         val=final,
+        **({} if init is None else {"init_weights_sha256": _init_sha256(config.init_from)}),
     )
     model.eval()
     save_reranker(model, out, metadata=metadata)
@@ -605,6 +620,20 @@ def export_checkpoint(
     for name in _NOT_FINGERPRINTED:  # the checkpoint does not record them: not the defaults either
         del metadata["train"][name]
     return save_reranker(model.eval(), out, metadata=metadata, half=half)
+
+
+def _config_diff(theirs: RerankerConfig, ours: RerankerConfig) -> str:
+    """``width: 128 there, 64 here; ...`` for the fields where two architectures differ."""
+    a, b = theirs.to_dict(), ours.to_dict()
+    return "; ".join(f"{k}: {a[k]!r} there, {b[k]!r} here" for k in sorted(a) if a[k] != b.get(k))
+
+
+def _init_sha256(folder: str) -> str:
+    """The SHA-256 of the weights file a fine-tune started from."""
+    from crossrank.rerank.checkpoint import WEIGHTS_NAME
+    from crossrank.training.data import _file_sha256
+
+    return _file_sha256(Path(folder) / WEIGHTS_NAME)
 
 
 #: Training settings that change no result, so a run resumes whatever they are; a checkpoint does

@@ -72,6 +72,19 @@ def test_info_says_in_one_line_what_the_demo_encoder_is(odd_copy, runner) -> Non
         "note": DEMO_NOTE,
     }
     assert out["encoder"]["model_id"] == "crossrank-demo"  # the manifest's record, unchanged
+    assert out["default_reranker"] == "none"  # the weights are not the demo encoder's
+
+
+def test_info_names_the_shipped_reranker_of_the_demo_encoder(odd_copy, runner) -> None:
+    from crossrank.rerank.checkpoint import demo_reranker_dir
+
+    shipped = json.loads((demo_reranker_dir() / "config.json").read_text())
+    path = odd_copy / "manifest.json"
+    manifest = json.loads(path.read_text())
+    manifest["encoder"]["weights_sha256"] = shipped["metadata"]["data"]["encoder"]
+    path.write_text(json.dumps(manifest))
+    out = json.loads(runner.invoke(app, ["info", str(odd_copy), "--json"]).stdout)
+    assert out["default_reranker"] == str(demo_reranker_dir())  # what --init-from can start from
 
 
 def test_info_skipped_prints_paths_literally(built_index, runner) -> None:
@@ -141,6 +154,7 @@ def test_verify_of_an_index_without_checksums_passes_with_a_note(index_copy, run
 def test_info_reports_the_patch_codec_and_bytes_per_image(built_index, runner, tmp_path) -> None:
     out = json.loads(runner.invoke(app, ["info", str(built_index), "--json"]).stdout)
     assert out["patch_codec"] == "fp16" and out["patch_bytes_per_image"] == 16 * 32 * 2
+    assert out["default_reranker"] == "none"  # a tiny CLIP: no reranker trained over it
     text = " ".join(runner.invoke(app, ["info", str(built_index)]).stdout.split())
     assert "patches 16 x 32 fp16 (1.0 kB per image)" in text
 

@@ -511,3 +511,20 @@ def test_train_prints_the_output_folder_literally(trained, tmp_path: Path) -> No
     result = runner.invoke(app, [*args, "--width", "16", "--heads", "2", "--device", "cpu"])
     assert result.exit_code == 0, result.output
     assert str(out) in " ".join(result.stdout.split())
+
+
+def test_train_init_from_takes_the_folder_weights_and_architecture(
+    trained, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    root, index_dir, reranker_dir = trained
+    saved = json.loads((reranker_dir / "config.json").read_text())
+    seen = _capture_train(monkeypatch)
+    args = ["train", str(root / "data" / "pairs.parquet"), "--index", str(index_dir)]
+    args += ["--out", str(tmp_path / "r"), "--device", "cpu", "--init-from", str(reranker_dir)]
+    result = runner.invoke(app, [*args, "--steps", "5"])
+    assert result.exit_code == 0, result.output
+    assert seen["config"].init_from == str(reranker_dir) and seen["config"].steps == 5
+    assert seen["model_config"].to_dict() == saved["config"]  # its architecture, not the defaults
+    result = runner.invoke(app, [*args[:-1], str(tmp_path / "nowhere")])
+    assert result.exit_code == 2
+    assert "--init-from" in result.output and "does not exist" in result.output

@@ -1085,3 +1085,49 @@ def test_training_that_keeps_diverging_stops_with_a_clear_error(colours, tmp_pat
             model_config=TINY,
             config=_config(steps=8, val_fraction=0.0),
         )
+
+
+# -- fine-tuning from a saved reranker ---------------------------------------------------------
+
+
+def test_init_from_starts_at_the_saved_weights_and_takes_their_architecture(shapes, tmp_path):
+    ds, index = shapes
+    train_reranker(index, ds.pairs_path, tmp_path / "base", model_config=TINY, config=_config())
+    base = load_reranker(tmp_path / "base", device="cpu").state_dict()
+    # lr ~ 0 for one step: the fine-tune's weights stay where the saved ones are
+    config = _config(steps=1, lr=1e-12, warmup=1, init_from=str(tmp_path / "base"))
+    report = train_reranker(index, ds.pairs_path, tmp_path / "ft", config=config)
+    tuned = load_reranker(tmp_path / "ft", device="cpu")
+    assert tuned.config == load_reranker(tmp_path / "base", device="cpu").config  # not defaults
+    assert all(torch.allclose(tuned.state_dict()[k], v, atol=1e-6) for k, v in base.items())
+    saved = json.loads((tmp_path / "ft" / "config.json").read_text())["metadata"]
+    assert saved["train"]["init_from"] == str(tmp_path / "base")
+    assert len(saved["init_weights_sha256"]) == 64 and report.steps == 1
+    # A fresh run of the same config does not start there.
+    fresh = train_reranker(
+        index,
+        ds.pairs_path,
+        tmp_path / "fresh",
+        model_config=TINY,
+        config=_config(steps=1, lr=1e-12, warmup=1),
+    )
+    state = load_reranker(fresh.out_dir, device="cpu").state_dict()
+    assert not all(torch.allclose(state[k], v, atol=1e-6) for k, v in base.items())
+
+
+def test_init_from_another_architecture_or_a_missing_folder_is_one_line(shapes, tmp_path):
+    ds, index = shapes
+    train_reranker(index, ds.pairs_path, tmp_path / "base", model_config=TINY, config=_config())
+    config = _config(init_from=str(tmp_path / "base"))
+    wider = dataclasses.replace(TINY, width=32)
+    with pytest.raises(InvalidArgumentError, match=r"another architecture .*width: 16 there, 32"):
+        train_reranker(index, ds.pairs_path, tmp_path / "ft", model_config=wider, config=config)
+    with pytest.raises(ModelError, match="nowhere"):
+        train_reranker(
+            index,
+            ds.pairs_path,
+            tmp_path / "ft2",
+            config=_config(init_from=str(tmp_path / "nowhere")),
+        )
+    with pytest.raises(ValueError, match="init_from must be a reranker folder"):
+        _config(init_from="")
