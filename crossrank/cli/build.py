@@ -76,7 +76,8 @@ def build(
             "--patch-codec",
             help=(
                 "How patch features are stored: fp16 (default), int8 (2x smaller), binary, pq "
-                "(16x smaller: d/8 sub-quantisers of 8 bits), pq:M or pq:MxB. "
+                "(16x smaller: d/8 sub-quantisers of 8 bits), pq:M or pq:MxB; opq, opq:M, "
+                "opq:MxB: the same bytes after a learned rotation, less lost (longer to build). "
                 "add and compact keep it."
             ),
         ),

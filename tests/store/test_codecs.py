@@ -25,6 +25,7 @@ from crossrank.store.codecs import (
     PQ_FILE,
     BinaryCodec,
     Int8Codec,
+    OPQCodec,
     PQCodec,
     parse_codec,
 )
@@ -121,6 +122,47 @@ def test_pq_training_is_seeded(tmp_path):
     a = Generation.current(tmp_path / "a").path / PQ_FILE
     b = Generation.current(tmp_path / "b").path / PQ_FILE
     assert a.read_bytes() == b.read_bytes()
+
+
+def test_opq_store_decodes_exactly_as_faiss_does_and_loses_less_than_pq(tmp_path):
+    # Features whose variance sits in a few directions: what a rotation is for.
+    rng = np.random.default_rng(5)
+    # 640 x 16 vectors: the rotation trains against 256 centroids (9,984 vectors) whatever B is
+    low = rng.standard_normal((640, 16, 6)) @ rng.standard_normal((6, 32))
+    x = (low + 0.05 * rng.standard_normal((640, 16, 32))).astype(np.float16).astype(np.float32)
+    _write(tmp_path / "opq", x, "opq:8x4")
+    _write(tmp_path / "pq", x, "pq:8x4")
+    store = Generation.current(tmp_path / "opq").patches()
+    codec = store.codec
+    assert isinstance(codec, OPQCodec) and codec.spec == "opq:8x4"
+    rows = np.array([59, 0, 13, 13, 7, 30])
+    flat = x[rows].reshape(-1, 32)
+    want = codec.index.sa_decode(codec.index.sa_encode(flat)).reshape(len(rows), 16, 32)
+    got = store.gather(rows)
+    assert got.dtype == np.float32 and got.shape == (6, 16, 32)
+    np.testing.assert_array_equal(got, want)
+    assert store.gather_stored(rows).shape == (6, 16, 4)  # the bytes of pq:8x4
+    every = np.arange(640)
+    pq_error = np.square(Generation.current(tmp_path / "pq").patches().gather(every) - x).sum()
+    opq_error = np.square(store.gather(every) - x).sum()
+    assert opq_error < 0.8 * pq_error
+    assert check_generation(store_dir := Generation.current(tmp_path / "opq").path, full=True) == []
+    assert json.loads((store_dir / "generation.json").read_text())["patches"]["codec"] == "opq:8x4"
+
+
+def test_opq_training_is_seeded_and_a_pq_file_is_not_an_opq_one(tmp_path):
+    x = _patches(n=640)
+    _write(tmp_path / "a", x, "opq:8x4")
+    _write(tmp_path / "b", x, "opq:8x4", shard_rows=50)
+    a = Generation.current(tmp_path / "a").path / PQ_FILE
+    assert a.read_bytes() == (Generation.current(tmp_path / "b").path / PQ_FILE).read_bytes()
+    _write(tmp_path / "p", x, "pq:8x4")
+    with pytest.raises(InvalidArgumentError, match="256 centroids need at least 9,984"):
+        _write(tmp_path / "few", x[:600], "opq:8x4")
+    codec = parse_codec("opq:8x4")
+    codec.configure(16, 32)
+    with pytest.raises(IndexCorruptError, match="cannot be read as a FAISS index"):
+        codec.load(Generation.current(tmp_path / "p").path, 32)
 
 
 def test_plain_pq_is_d_over_8_codes_of_8_bits():
@@ -318,14 +360,15 @@ def test_append_stored_copies_rows_and_checks_them(tmp_path):
 # -- bad input ------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("name", ["zstd", "pq:", "pq:4x9", "pq:0", "float8", ""])
+@pytest.mark.parametrize("name", ["zstd", "pq:", "pq:4x9", "pq:0", "opq:0", "opqq", "float8", ""])
 def test_an_unknown_codec_is_one_line_that_lists_the_codecs(name):
     with pytest.raises(InvalidArgumentError) as e:
         parse_codec(name)
     message = str(e.value)
     assert "\n" not in message and "--patch-codec" in message
-    if name not in ("pq:4x9", "pq:0"):
+    if name not in ("pq:4x9", "pq:0", "opq:0"):
         assert "fp16" in message and "int8" in message and "pq:MxB" in message
+        assert "opq:MxB" in message
 
 
 def test_an_unknown_codec_leaves_no_folder(tmp_path):
