@@ -324,6 +324,33 @@ def test_a_writer_from_a_base_keeps_its_codec_and_quantiser(tmp_path):
     assert check_generation(new.path, full=True) == []
 
 
+def test_a_writer_from_an_opq_base_keeps_its_rotation_and_quantiser(tmp_path):
+    root = tmp_path / "idx"
+    _write(root, _patches(n=640), "opq:8x4")
+    base = Generation.current(root)
+    codec = base.patches().codec
+    base_file = (base.path / PQ_FILE).read_bytes()
+    more = _patches(n=3, seed=9)
+    with GenerationWriter(root, base=base) as w:
+        w.link_patches()
+        w.patches.append(more)
+        assert w.patches.codec.spec == "opq:8x4" and not w.patches.codec.needs_training
+        w.link("first_stage.faiss")
+        w.link("skipped.parquet")
+        ids = np.concatenate([np.asarray(base.ids()), [5000, 5001, 5002]])
+        w.write_vectors(np.ones((643, 2), np.float32))
+        w.write_ids(ids)
+        w.write_metadata(pa.table({"id": pa.array(ids, pa.int64())}))
+        w.commit({"encoder": {"model_id": "tiny"}})
+    new = Generation.current(root)
+    assert new.info.patch_codec == "opq:8x4"
+    assert (new.path / PQ_FILE).read_bytes() == base_file  # not retrained
+    np.testing.assert_array_equal(
+        new.patches().gather(np.arange(640, 643)), codec.decode(codec.encode(more), 32)
+    )
+    assert check_generation(new.path, full=True) == []
+
+
 def test_naming_the_base_codec_reuses_its_trained_quantiser(tmp_path):
     root = tmp_path / "idx"
     _write(root, _patches(n=60), "pq:8x4")
