@@ -172,17 +172,19 @@ def build(
         TimeRemainingColumn(),
     ]
     started: list[float] = []  # when the first batch arrived: images/s counts from there
+    finishing = "encoded; writing the index"
+    if (patch_codec or "").strip().lower().startswith(("pq", "opq")):
+        finishing += f" (training the {patch_codec} codec can take minutes)"
     with stop_on_ctrl_c(index), progress_bar(*columns, disable=as_json, rate="") as update:
 
         def progress(done: int, total: int) -> None:
             if not started:  # a resumed build starts at the files it kept
                 started.extend((time.perf_counter(), done))
             elapsed = time.perf_counter() - started[0]
-            update(
-                completed=done,
-                total=total,
-                rate=f"{(done - started[1]) / elapsed:,.0f} img/s" if elapsed > 0.5 else "",
-            )
+            rate = f"{(done - started[1]) / elapsed:,.0f} img/s" if elapsed > 0.5 else ""
+            if total and done >= total:  # the commit: codec training, first stage, files
+                rate = finishing
+            update(completed=done, total=total, rate=rate)
 
         # What every engine takes; each adds its own.
         common = {
