@@ -395,21 +395,26 @@ class PQCodec(PatchCodec):
         )
 
     def train(self, sample: np.ndarray) -> None:
-        faiss = _import_faiss()
         x = np.ascontiguousarray(sample, dtype=np.float32)
         if x.ndim != 2:
-            raise InvalidArgumentError(f"pq trains on (m, d) vectors, got shape {x.shape}")
+            raise InvalidArgumentError(f"{self.name} trains on (m, d) vectors, got shape {x.shape}")
         self.configure(0, int(x.shape[1]))
         self.check_trainable(int(x.shape[0]), 1, f"{x.shape[0]:,} vectors")
+        self._fit(x)
+
+    def _fit(self, x: np.ndarray) -> None:
+        """Train on the checked ``(m, d)`` float32 sample."""
         assert self.m is not None
-        pq = faiss.ProductQuantizer(int(x.shape[1]), int(self.m), self.nbits)
+        pq = _import_faiss().ProductQuantizer(int(x.shape[1]), int(self.m), self.nbits)
         pq.cp.seed = 1234 + PQ_SEED  # FAISS's own default, named: the same sample, the same PQ
         pq.train(x)
         self._pq = pq
 
     def _require(self) -> Any:
         if self._pq is None:
-            raise InvalidArgumentError("the pq codec is not trained; train() or load() it first")
+            raise InvalidArgumentError(
+                f"the {self.name} codec is not trained; train() or load() it first"
+            )
         return self._pq
 
     def encode(self, patches: np.ndarray) -> np.ndarray:
@@ -418,8 +423,12 @@ class PQCodec(PatchCodec):
         b, n_patches, d = x.shape
         if b == 0:
             return np.zeros((0, n_patches, pq.code_size), np.uint8)
-        codes = pq.compute_codes(np.ascontiguousarray(x.reshape(b * n_patches, d)))
+        codes = self._encode_flat(np.ascontiguousarray(x.reshape(b * n_patches, d)))
         return codes.reshape(b, n_patches, -1)
+
+    def _encode_flat(self, x: np.ndarray) -> np.ndarray:
+        """``(m, d)`` float32 -> ``(m, code_size)`` uint8."""
+        return self._pq.compute_codes(x)
 
     def _decode_block(self, stored: np.ndarray, out: np.ndarray) -> None:
         self.decode(stored, out.shape[-1], out)
@@ -429,34 +438,43 @@ class PQCodec(PatchCodec):
     ) -> np.ndarray:
         # FAISS writes every row straight into `out`, in one call (it splits the rows between
         # its threads), so there is no temporary to keep small.
-        faiss = _import_faiss()
-        pq = self._require()
+        self._require()
         k, n_patches, cs = stored.shape
         if out is None:
             out = np.empty((k, n_patches, patch_dim), np.float32)
         if k:
             codes = np.ascontiguousarray(stored).reshape(k * n_patches, cs)
             assert out.dtype == np.float32 and out.flags.c_contiguous
-            pq.decode_c(faiss.swig_ptr(codes), faiss.swig_ptr(out), k * n_patches)
+            self._decode_flat(codes, out.reshape(k * n_patches, patch_dim))
         return out
 
-    def save(self, directory: Path) -> None:
+    def _decode_flat(self, codes: np.ndarray, out: np.ndarray) -> None:
+        """``(m, code_size)`` uint8 -> ``out`` ``(m, d)`` float32, in place."""
         faiss = _import_faiss()
-        faiss.write_ProductQuantizer(self._require(), str(Path(directory) / PQ_FILE))
+        self._pq.decode_c(faiss.swig_ptr(codes), faiss.swig_ptr(out), codes.shape[0])
+
+    def save(self, directory: Path) -> None:
+        self._write(str(Path(directory) / PQ_FILE))
+
+    def _write(self, path: str) -> None:
+        _import_faiss().write_ProductQuantizer(self._require(), path)
+
+    #: What :data:`PQ_FILE` holds, for the messages.
+    _file_holds = "product quantiser"
 
     def load(self, directory: Path, patch_dim: int) -> None:
-        faiss = _import_faiss()
         path = Path(directory) / PQ_FILE
         if not path.is_file():
             raise IndexCorruptError(
-                f"{path} is missing: the pq patch codec's quantiser; run `crossrank verify`"
+                f"{path} is missing: the {self.name} patch codec's {self._file_holds}; run "
+                "`crossrank verify`"
             )
         try:
-            pq = faiss.read_ProductQuantizer(str(path))
+            pq = self._read(str(path))
         except RuntimeError as e:
             raise IndexCorruptError(
-                f"{path} cannot be read as a FAISS product quantiser ({str(e).splitlines()[0]}); "
-                "run `crossrank verify`"
+                f"{path} cannot be read as a FAISS {self._file_holds} "
+                f"({str(e).splitlines()[0]}); run `crossrank verify`"
             ) from e
         want = (patch_dim, self.m, self.nbits)
         if (pq.d, pq.M, pq.nbits) != want:
@@ -464,8 +482,16 @@ class PQCodec(PatchCodec):
                 f"{path} holds a product quantiser of d={pq.d}, M={pq.M}, {pq.nbits} bits; "
                 f"generation.json records d={patch_dim}, codec {self.spec}; run `crossrank verify`"
             )
-        self._pq = pq
         self._dim = int(patch_dim)
+
+    def _read(self, path: str) -> Any:
+        """Read the file into this codec; return its ``faiss.ProductQuantizer``.
+
+        Raises:
+            RuntimeError: FAISS cannot read it as what this codec stores.
+        """
+        self._pq = _import_faiss().read_ProductQuantizer(path)
+        return self._pq
 
 
 class OPQCodec(PQCodec):
@@ -479,6 +505,7 @@ class OPQCodec(PQCodec):
     """
 
     name = "opq"
+    _file_holds = "OPQ rotation and product quantiser"
 
     def __init__(self, m: int | None = None, nbits: int = 8) -> None:
         super().__init__(m, nbits)
@@ -500,78 +527,36 @@ class OPQCodec(PQCodec):
     def max_train_vectors(self) -> int:
         return _MAX_PER_CENTROID * (1 << max(8, self.nbits))
 
-    def train(self, sample: np.ndarray) -> None:
+    def _fit(self, x: np.ndarray) -> None:
         faiss = _import_faiss()
-        x = np.ascontiguousarray(sample, dtype=np.float32)
-        if x.ndim != 2:
-            raise InvalidArgumentError(f"opq trains on (m, d) vectors, got shape {x.shape}")
-        self.configure(0, int(x.shape[1]))
-        self.check_trainable(int(x.shape[0]), 1, f"{x.shape[0]:,} vectors")
         index = faiss.index_factory(int(x.shape[1]), f"OPQ{self.m},PQ{self.m}x{self.nbits}")
         faiss.downcast_index(index.index).pq.cp.seed = 1234 + PQ_SEED
         index.train(x)
-        self._set(index)
+        self._index, self._pq = index, faiss.downcast_index(index.index).pq
 
-    def _set(self, index: Any) -> None:
+    def _encode_flat(self, x: np.ndarray) -> np.ndarray:
+        return self._index.sa_encode(x)
+
+    def _decode_flat(self, codes: np.ndarray, out: np.ndarray) -> None:
+        self._index.sa_decode(codes, out)
+
+    def _write(self, path: str) -> None:
+        self._require()
+        _import_faiss().write_index(self._index, path)
+
+    def _read(self, path: str) -> Any:
         faiss = _import_faiss()
-        self._index = index
-        self._pq = faiss.downcast_index(index.index).pq
-
-    def encode(self, patches: np.ndarray) -> np.ndarray:
-        self._require()
-        x = np.asarray(patches, dtype=np.float32)
-        b, n_patches, d = x.shape
-        if b == 0:
-            return np.zeros((0, n_patches, self._index.sa_code_size()), np.uint8)
-        codes = self._index.sa_encode(np.ascontiguousarray(x.reshape(b * n_patches, d)))
-        return codes.reshape(b, n_patches, -1)
-
-    def decode(
-        self, stored: np.ndarray, patch_dim: int, out: np.ndarray | None = None
-    ) -> np.ndarray:
-        self._require()
-        k, n_patches, cs = stored.shape
-        if out is None:
-            out = np.empty((k, n_patches, patch_dim), np.float32)
-        if k:
-            codes = np.ascontiguousarray(stored).reshape(k * n_patches, cs)
-            assert out.dtype == np.float32 and out.flags.c_contiguous
-            self._index.sa_decode(codes, out.reshape(k * n_patches, patch_dim))
-        return out
-
-    def save(self, directory: Path) -> None:
-        self._require()
-        _import_faiss().write_index(self._index, str(Path(directory) / PQ_FILE))
-
-    def load(self, directory: Path, patch_dim: int) -> None:
-        faiss = _import_faiss()
-        path = Path(directory) / PQ_FILE
-        if not path.is_file():
-            raise IndexCorruptError(
-                f"{path} is missing: the opq patch codec's rotation and quantiser; run "
-                "`crossrank verify`"
-            )
-        try:
-            index = faiss.read_index(str(path))
-        except RuntimeError as e:
-            raise IndexCorruptError(
-                f"{path} cannot be read as a FAISS index ({str(e).splitlines()[0]}); run "
-                "`crossrank verify`"
-            ) from e
-        inner = faiss.downcast_index(getattr(index, "index", None)) if index is not None else None
+        index = faiss.read_index(path)
+        inner = (
+            faiss.downcast_index(index.index)
+            if isinstance(index, faiss.IndexPreTransform)
+            else None
+        )
         pq = getattr(inner, "pq", None)
-        if not isinstance(index, faiss.IndexPreTransform) or pq is None:
-            raise IndexCorruptError(
-                f"{path} is not an OPQ rotation and product quantiser; run `crossrank verify`"
-            )
-        want = (patch_dim, self.m, self.nbits)
-        if (pq.d, pq.M, pq.nbits) != want:
-            raise IndexCorruptError(
-                f"{path} holds a product quantiser of d={pq.d}, M={pq.M}, {pq.nbits} bits; "
-                f"generation.json records d={patch_dim}, codec {self.spec}; run `crossrank verify`"
-            )
-        self._set(index)
-        self._dim = int(patch_dim)
+        if pq is None:
+            raise RuntimeError(f"a {type(index).__name__}, not an OPQ rotation and a PQ")
+        self._index, self._pq = index, pq
+        return pq
 
 
 _PQ_RE = re.compile(r"^(o?pq)(?::(\d+)(?:x(\d+))?)?$")

@@ -161,7 +161,7 @@ def test_opq_training_is_seeded_and_a_pq_file_is_not_an_opq_one(tmp_path):
         _write(tmp_path / "few", x[:600], "opq:8x4")
     codec = parse_codec("opq:8x4")
     codec.configure(16, 32)
-    with pytest.raises(IndexCorruptError, match="cannot be read as a FAISS index"):
+    with pytest.raises(IndexCorruptError, match="cannot be read as a FAISS OPQ rotation"):
         codec.load(Generation.current(tmp_path / "p").path, 32)
 
 
