@@ -373,20 +373,14 @@ def add_sharded(
     """
     import pyarrow as pa
 
-    from crossrank.ingest import INDEXED_COLUMNS, discover, plan_add
+    from crossrank.ingest import discover
     from crossrank.store import Generation, GenerationWriter, read_skipped
     from crossrank.store.layout import SKIPPED_NAME
-    from crossrank.write.add import (
-        _check_int,
-        _encoder_for,
-        _merged_skipped,
-        _pairs,
-        _skipped_paths,
-    )
+    from crossrank.write.add import encoder_for, live_indexed, merge_skipped, plan_source
+    from crossrank.write.build import check_counts
     from crossrank.write.reports import AddReport
 
-    _check_int("batch_size", batch_size)
-    _check_int("workers", workers)
+    check_counts(batch_size=batch_size, workers=workers)
     start = time.perf_counter()
     root = _open_sharded(index_dir)
     with sharded_write(root) as w:
@@ -395,31 +389,21 @@ def add_sharded(
         bases = [Generation(Path(r.path) / str(r.manifest["generation_dir"])) for r in top.shards]
         manifests = [manifest_from_dict(r.path, r.manifest) for r in top.shards]
         src = discover(source)
-        tables = []
-        for base in bases:
-            with base.metadata() as meta:
-                t = meta.table(columns=[c for c in INDEXED_COLUMNS if c in meta.columns])
-            dead = base.tombstones()
-            if dead.size:
-                t = t.filter(~np.isin(t.column("id").to_numpy(), dead))
-            tables.append(t)
-        indexed = pa.concat_tables(tables, promote_options="default")
+        indexed = pa.concat_tables([live_indexed(b) for b in bases], promote_options="default")
         old_skipped = read_skipped(bases[0].path / SKIPPED_NAME)
-        plan = plan_add(
-            src.items,
+        plan = plan_source(
+            src,
             indexed,
+            old_skipped,
             workers=workers,
             rehash=rehash,
-            skipped_before=_skipped_paths(old_skipped),
             retry_skipped=retry_skipped,
-            progress=None if progress is None else lambda d, t: progress("hashing", d, t),
+            progress=progress,
         )
-        crash_point("add-hashed")
-        merged_skipped = _merged_skipped(old_skipped, plan, [])
         added, n_skipped, generation = 0, len(plan.skipped), top.generation
-        if plan.changes_index or _pairs(merged_skipped) != _pairs(old_skipped):
+        if plan.changes_index or merge_skipped(old_skipped, plan, [])[1]:
             enc = (
-                _encoder_for(
+                encoder_for(
                     manifests[0], model=model, encoder=encoder, device=device, batch_size=batch_size
                 )
                 if plan.new
@@ -493,7 +477,7 @@ def _add_rows(
     from crossrank.indexes import FirstStage
     from crossrank.store.layout import SKIPPED_NAME
     from crossrank.write._common import _carry_over, _first_stage_info, _index_config
-    from crossrank.write.add import _conform, _merged_skipped, _pairs, _write_metadata_with_moves
+    from crossrank.write.add import conform_metadata, merge_skipped, write_metadata_with_moves
     from crossrank.write.build import encode_items, metadata_table
 
     n = top.n_shards
@@ -510,8 +494,7 @@ def _add_rows(
             workers=workers,
             progress=None if progress is None else lambda d, t: progress("indexing", d, t),
         )
-    merged_skipped = _merged_skipped(old_skipped, plan, skipped)
-    skipped_changed = _pairs(merged_skipped) != _pairs(old_skipped)
+    merged_skipped, skipped_changed = merge_skipped(old_skipped, plan, skipped)
     n_skipped = len(skipped) + len(plan.skipped)
     d = bases[0].info.vector_dim
     xb = np.concatenate(pooled).astype(np.float32) if pooled else np.zeros((0, d), np.float32)
@@ -529,10 +512,10 @@ def _add_rows(
         rows = np.flatnonzero(dest == s)
         ids_s = new_ids[rows]
         moved_s = {i: plan.moved[i] for i in plan.moved if int(i) % n == s}
-        _write_metadata_with_moves(writer, base, moved_s)
+        write_metadata_with_moves(writer, base, moved_s)
         crash_point("segments-linked")
         if rows.size:
-            table = _conform(
+            table = conform_metadata(
                 metadata_table(ids_s, [records[i] for i in rows], src.extra_schema),
                 writer.metadata_schema,
                 src,

@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from crossrank.errors import InvalidArgumentError, ModelMismatchError, SourceError
+from crossrank.errors import ModelMismatchError, SourceError
 from crossrank.store._crash import crash_point
 from crossrank.write._common import (
     _carry_over,
@@ -89,7 +89,7 @@ def add_images(
         >>> report.added, report.moved, report.generation                    # doctest: +SKIP
         (12, 1, 5)
     """
-    from crossrank.ingest import INDEXED_COLUMNS, discover, plan_add
+    from crossrank.ingest import discover
     from crossrank.store import (
         Generation,
         GenerationWriter,
@@ -99,37 +99,30 @@ def add_images(
         read_skipped,
     )
     from crossrank.store.layout import SKIPPED_NAME
+    from crossrank.write.build import check_counts
 
-    _check_int("batch_size", batch_size)
-    _check_int("workers", workers)
+    check_counts(batch_size=batch_size, workers=workers)
     start = time.perf_counter()
     index_dir = _open_for_writing(index_dir)
     with writing(index_dir, "add to"), WriterLock(index_dir, create=False) as lock:
         manifest = read_manifest(index_dir)
         base = Generation(manifest.generation_path)
         src = discover(source)
-        with base.metadata() as meta:
-            indexed = meta.table(columns=[c for c in INDEXED_COLUMNS if c in meta.columns])
-        dead = base.tombstones()
-        if dead.size:
-            indexed = indexed.filter(~np.isin(indexed.column("id").to_numpy(), dead))
         old_skipped = read_skipped(base.path / SKIPPED_NAME)
-        plan = plan_add(
-            src.items,
-            indexed,
+        plan = plan_source(
+            src,
+            live_indexed(base),
+            old_skipped,
             workers=workers,
             rehash=rehash,
-            skipped_before=_skipped_paths(old_skipped),
             retry_skipped=retry_skipped,
-            progress=None if progress is None else lambda d, t: progress("hashing", d, t),
+            progress=progress,
         )
-        crash_point("add-hashed")
         committed, added, skipped, generation = False, 0, len(plan.skipped), manifest.generation
-        merged = _merged_skipped(old_skipped, plan, [])
-        if plan.changes_index or _pairs(merged) != _pairs(old_skipped):
+        if plan.changes_index or merge_skipped(old_skipped, plan, [])[1]:
             # The model loads only when there is something to encode.
             encoder = (
-                _encoder_for(
+                encoder_for(
                     manifest, model=model, encoder=encoder, device=device, batch_size=batch_size
                 )
                 if plan.new
@@ -169,9 +162,44 @@ def add_images(
     )
 
 
-def _check_int(name: str, value: object) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise InvalidArgumentError(f"{name} must be an int >= 1, got {value!r}")
+def live_indexed(base: Generation) -> pa.Table:
+    """The ingest columns (path, size, mtime, hash) of ``base``'s live images: what a source's
+    files are compared against."""
+    from crossrank.ingest import INDEXED_COLUMNS
+
+    with base.metadata() as meta:
+        table = meta.table(columns=[c for c in INDEXED_COLUMNS if c in meta.columns])
+    dead = base.tombstones()
+    if dead.size:
+        table = table.filter(~np.isin(table.column("id").to_numpy(), dead))
+    return table
+
+
+def plan_source(
+    src: Any,
+    indexed: pa.Table,
+    old_skipped: pa.Table,
+    *,
+    workers: int,
+    rehash: bool,
+    retry_skipped: bool,
+    progress: PhaseProgressFn | None,
+) -> AddPlan:
+    """What an add does with each file of ``src`` (:func:`crossrank.ingest.plan_add`), given the
+    live images' ``indexed`` table and the files skipped before; reports the ``hashing`` phase."""
+    from crossrank.ingest import plan_add
+
+    plan = plan_add(
+        src.items,
+        indexed,
+        workers=workers,
+        rehash=rehash,
+        skipped_before=_skipped_paths(old_skipped),
+        retry_skipped=retry_skipped,
+        progress=None if progress is None else lambda d, t: progress("hashing", d, t),
+    )
+    crash_point("add-hashed")
+    return plan
 
 
 def _skipped_paths(old_skipped: pa.Table) -> set[str]:
@@ -189,8 +217,10 @@ def _skipped_paths(old_skipped: pa.Table) -> set[str]:
     }
 
 
-def _merged_skipped(old_skipped: pa.Table, plan: AddPlan, decoded_skips: Sequence[Any]) -> pa.Table:
-    """The skipped files of the new generation.
+def merge_skipped(
+    old_skipped: pa.Table, plan: AddPlan, decoded_skips: Sequence[Any]
+) -> tuple[pa.Table, bool]:
+    """The skipped files of the new generation, and whether they differ from ``old_skipped``.
 
     The old rows stay, except those of files judged again now (tried, moved or skipped anew);
     then the files the plan skipped and those the decoder could not read.
@@ -202,15 +232,16 @@ def _merged_skipped(old_skipped: pa.Table, plan: AddPlan, decoded_skips: Sequenc
     judged |= {path_text(item.path) for item in plan.moved.values()}
     judged |= {s.path for s in plan.skipped}
     keep = [i for i, p in enumerate(old_skipped.column("path").to_pylist()) if p not in judged]
-    return _concat(
+    merged = _concat(
         [
             old_skipped.take(np.asarray(keep, dtype=np.int64)),
             skipped_table([*plan.skipped, *decoded_skips]),
         ]
     )
+    return merged, _pairs(merged) != _pairs(old_skipped)
 
 
-def _encoder_for(
+def encoder_for(
     manifest: Manifest,
     *,
     model: str | Path | None,
@@ -218,6 +249,8 @@ def _encoder_for(
     device: str,
     batch_size: int,
 ) -> Encoder:
+    """``encoder``, or the model loaded (``model``, default the index's own), refused in one line
+    when it is not the model ``manifest``'s index was built with."""
     from crossrank.encoders import load_encoder, same_model
 
     built_with = manifest.encoder
@@ -267,8 +300,7 @@ def _add_locked(
             workers=workers,
             progress=None if progress is None else lambda d, t: progress("indexing", d, t),
         )
-    merged_skipped = _merged_skipped(old_skipped, plan, skipped)
-    skipped_changed = _pairs(merged_skipped) != _pairs(old_skipped)
+    merged_skipped, skipped_changed = merge_skipped(old_skipped, plan, skipped)
     n_skipped = len(skipped) + len(plan.skipped)
     if not records and not plan.moved and not plan.replaced and not skipped_changed:
         writer.abort()  # every new file was undecodable, as already recorded
@@ -281,10 +313,10 @@ def _add_locked(
         if pooled
         else np.zeros((0, d), np.float32)
     )
-    _write_metadata_with_moves(writer, base, plan.moved)
+    write_metadata_with_moves(writer, base, plan.moved)
     crash_point("segments-linked")
     if records:
-        table = _conform(
+        table = conform_metadata(
             metadata_table(new_ids, records, src.extra_schema), writer.metadata_schema, src
         )
         writer.write_metadata(table)
@@ -317,7 +349,7 @@ def _pairs(table: pa.Table) -> set[tuple[str, str]]:
     )
 
 
-def _write_metadata_with_moves(
+def write_metadata_with_moves(
     writer: GenerationWriter, base: Generation, moved: dict[int, Any]
 ) -> None:
     """Link every metadata part of ``base``; rewrite the parts holding moved images' rows."""
@@ -369,7 +401,7 @@ def _with_moves(table: pa.Table, moved: dict[int, Any]) -> pa.Table:
     return pa.table(columns, schema=table.schema)
 
 
-def _conform(table: pa.Table, schema: pa.Schema | None, src: Any) -> pa.Table:
+def conform_metadata(table: pa.Table, schema: pa.Schema | None, src: Any) -> pa.Table:
     """New metadata rows in the index's schema: missing columns null, extra columns refused."""
     import pyarrow as pa
 
