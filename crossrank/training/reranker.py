@@ -253,9 +253,10 @@ def train_reranker(
             config.first_stage_weight,
             "" if config.first_stage_weight else ": none, so no residual",
         )
-    init = None  # the reranker a fine-tune starts from
+    init, init_record = None, {}  # the reranker a fine-tune starts from, and its weights' hash
     if config.init_from is not None:
         init = load_reranker(config.init_from, device="cpu", encoder_info=index.manifest.encoder)
+        init_record = {"init_weights_sha256": _init_sha256(config.init_from)}
         if model_config is None:
             model_config = init.config
     model_config = resolve_model_config(model_config, index.manifest.encoder, index)
@@ -548,7 +549,7 @@ def train_reranker(
         },
         first_stage_val=first_stage,
         val=final,
-        **({} if init is None else {"init_weights_sha256": _init_sha256(config.init_from)}),
+        **init_record,
     )
     model.eval()
     save_reranker(model, out, metadata=metadata)
