@@ -20,10 +20,10 @@ opq       as pq, after a learned rotation (FAISS     16 (16x less)     64 (16x l
 ========  =========================================  ================  =====================
 
 ``pq:M`` picks M sub-quantisers of 8 bits, ``pq:MxB`` of B bits (1..8); ``opq`` takes the same
-forms. PQ is trained on a seeded
-sample of the build's own patch vectors; its trained quantiser is a file of the generation
-(:data:`PQ_FILE`, listed with its checksum like every other file) and ``add``, ``remove`` and
-``compact`` reuse it (never retrained, so the codes already stored stay valid).
+forms. PQ (and OPQ's rotation) is trained on a seeded sample of the build's own patch vectors;
+the trained quantiser is a file of the generation (:data:`PQ_FILE`, listed with its checksum like
+every other file) and ``add``, ``remove`` and ``compact`` reuse it (never retrained, so the codes
+already stored stay valid).
 
 A generation records its codec as ``patches.codec`` in ``generation.json`` (absent: fp16, the
 layout of every generation written before codecs existed).
@@ -58,7 +58,8 @@ __all__ = [
 DEFAULT_CODEC = "fp16"
 #: The spellings ``--patch-codec`` accepts, for the one-line error that lists them.
 CODECS = ("fp16", "int8", "binary", "pq", "pq:M", "pq:MxB", "opq", "opq:M", "opq:MxB")
-#: The trained product quantiser of a ``pq`` generation (``faiss.write_ProductQuantizer``).
+#: The trained quantiser of a ``pq`` generation (``faiss.write_ProductQuantizer``), or of an
+#: ``opq`` one (rotation and quantiser, ``faiss.write_index``).
 PQ_FILE = "patch_codec.faiss"
 #: The seed of the sample PQ is trained on: the same build trains the same quantiser.
 PQ_SEED = 0
