@@ -435,15 +435,24 @@ class Index:
     def _after_write(self) -> None:
         """Refresh, then delete the generation this Index just let go (unless a writer is busy)."""
         from crossrank.errors import IndexLockedError
-        from crossrank.store import WriterLock, collect_garbage
 
         if not self.refresh():
             return
         try:
-            with WriterLock(self.path, create=False) as lock:
-                collect_garbage(self.path, lock)
+            self._collect_garbage()
         except IndexLockedError:
             pass  # that writer collects after its own commit
+
+    def _collect_garbage(self) -> None:
+        """Delete the generations no reader pins.
+
+        Raises:
+            IndexLockedError: a writer holds the index (it collects after its own commit).
+        """
+        from crossrank.store import WriterLock, collect_garbage
+
+        with WriterLock(self.path, create=False) as lock:
+            collect_garbage(self.path, lock)
 
     # -- facts --------------------------------------------------------------------------------
 

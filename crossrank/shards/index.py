@@ -255,16 +255,10 @@ class ShardedIndex(Index):
         self._after_write()
         return report
 
-    def _after_write(self) -> None:
-        from crossrank.errors import IndexLockedError
+    def _collect_garbage(self) -> None:
         from crossrank.shards.write import collect_shards
 
-        if not self.refresh():
-            return
-        try:
-            collect_shards(self.path)
-        except IndexLockedError:
-            pass  # that writer collects after its own commit
+        collect_shards(self.path)  # repairs, then collects every shard under the index lock
 
     # -- facts ----------------------------------------------------------------------------------
 
