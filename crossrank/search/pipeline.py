@@ -133,19 +133,14 @@ def search_snapshot(
                 q_notes += (note,)
             else:
                 hits = tuple(replace(hit, explain=m) for hit, m in zip(hits, maps, strict=True))
-        counts = SearchCounts(
-            requested=k if requested is None else requested,
-            returned=len(hits),
-            filtered_out=0 if allowed is None else len(snap) - int(allowed.size),
-            candidates=int(ids.size),
-        )
-        q_timings["total"] = sum(q_timings.values())
         results.append(
-            SearchResult(
-                query=label,
-                hits=hits,
-                counts=counts,
-                timings_ms=q_timings,
+            query_result(
+                label,
+                hits,
+                requested=k if requested is None else requested,
+                filtered_out=0 if allowed is None else len(snap) - int(allowed.size),
+                candidates=int(ids.size),
+                timings=q_timings,
                 generation=snap.number,
                 encoder=encoder,
                 reranker=reranker if scorer is not None else "none",
@@ -154,6 +149,40 @@ def search_snapshot(
             )
         )
     return results
+
+
+def query_result(
+    label: str,
+    hits: tuple[Hit, ...],
+    *,
+    requested: int,
+    filtered_out: int,
+    candidates: int,
+    timings: dict[str, float],
+    generation: int,
+    encoder: str,
+    reranker: str,
+    fusion: str,
+    notes: tuple[str, ...],
+) -> SearchResult:
+    """One query's :class:`SearchResult`; ``timings`` gets its ``total`` (the stages' sum)."""
+    timings["total"] = sum(timings.values())
+    return SearchResult(
+        query=label,
+        hits=hits,
+        counts=SearchCounts(
+            requested=requested,
+            returned=len(hits),
+            filtered_out=filtered_out,
+            candidates=candidates,
+        ),
+        timings_ms=timings,
+        generation=generation,
+        encoder=encoder,
+        reranker=reranker,
+        fusion=fusion,
+        notes=notes,
+    )
 
 
 def rank(

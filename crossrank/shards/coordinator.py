@@ -33,8 +33,8 @@ from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 import numpy as np
 
 from crossrank.errors import CrossrankError
-from crossrank.hits import SearchCounts, SearchResult
-from crossrank.search.pipeline import timed
+from crossrank.hits import SearchResult
+from crossrank.search.pipeline import query_result, timed
 from crossrank.shards.layout import ShardRef, ShardsManifest, read_shards_manifest
 
 if TYPE_CHECKING:
@@ -509,18 +509,14 @@ def search_shards(
                 )
             if note:
                 q_notes += (note,)
-        q_timings["total"] = sum(q_timings.values())
         results.append(
-            SearchResult(
-                query=label,
-                hits=hits,
-                counts=SearchCounts(
-                    requested=k if requested is None else requested,
-                    returned=len(hits),
-                    filtered_out=total - n_allowed,
-                    candidates=int(ids.size),
-                ),
-                timings_ms=q_timings,
+            query_result(
+                label,
+                hits,
+                requested=k if requested is None else requested,
+                filtered_out=total - n_allowed,
+                candidates=int(ids.size),
+                timings=q_timings,
                 generation=view.number,
                 encoder=encoder,
                 reranker=reranker if scorer is not None else "none",
