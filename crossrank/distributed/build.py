@@ -81,7 +81,8 @@ def build_on_ray(
         device: ``auto`` (a GPU per encoder actor when the cluster has GPUs), ``cpu`` or ``cuda``.
         factory: a FAISS factory string; None picks Flat or IVF by corpus size.
         nprobe: IVF lists probed per search, recorded as the index's default.
-        patch_codec: ``fp16`` (None), ``int8``, ``binary``, ``pq``, ``pq:M`` or ``pq:MxB``.
+        patch_codec: ``fp16`` (None), ``int8``, ``binary``, ``pq``, ``pq:M``, ``pq:MxB``, or
+            ``opq`` in the same forms.
         overwrite: replace an index that already exists in ``index_dir``.
         ray_address: ``HOST:PORT`` of a running cluster's head (``ray start --head``), or
             ``auto``; None starts a local Ray runtime for this build and stops it after. A

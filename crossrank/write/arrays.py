@@ -77,8 +77,8 @@ def build_from_arrays(
             ``vectors_only: true``. ``Index.search`` of a text or image then refuses in one line.
         factory: a FAISS factory string; None picks Flat or IVF by corpus size, as a build does.
         nprobe: IVF lists probed per search, recorded as the index's default.
-        patch_codec: ``fp16`` (None), ``int8``, ``binary``, ``pq``, ``pq:M`` or ``pq:MxB`` (see
-            :mod:`crossrank.store.codecs`).
+        patch_codec: ``fp16`` (None), ``int8``, ``binary``, ``pq``, ``pq:M``, ``pq:MxB``, or
+            ``opq`` in the same forms (see :mod:`crossrank.store.codecs`).
         overwrite: replace an index that already exists in ``index_dir``.
         device: where ``model`` is loaded to read its info (``cpu`` by default).
         chunk_rows: images per chunk read from ``patches``.

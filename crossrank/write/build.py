@@ -149,8 +149,9 @@ def build_index(
         progress: called as ``progress(done, total)`` after each batch.
         patch_codec: how patch features are stored: ``fp16`` (the default, None), ``int8``,
             ``binary``, ``pq`` (M = d/8 sub-quantisers of 8 bits: 16x fewer bytes than fp16),
-            ``pq:M`` or ``pq:MxB``; see :mod:`crossrank.store.codecs`. ``add``, ``remove`` and
-            ``compact`` keep it.
+            ``pq:M``, ``pq:MxB``, or ``opq`` in the same forms (the same bytes after a learned
+            rotation, less lost, minutes to train); see :mod:`crossrank.store.codecs`. ``add``,
+            ``remove`` and ``compact`` keep it.
         resume: what to do with a build of ``index_dir`` that was interrupted (killed, Ctrl-C,
             a full disk): None (the default) resumes it when it was started with the same source
             listing, model, patch codec and batch size, and starts over otherwise; True resumes
