@@ -30,12 +30,13 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from crossrank.distributed.pipeline import RayEncoding, ray_encoded_batches
-from crossrank.errors import InvalidArgumentError, SourceError
+from crossrank.errors import InvalidArgumentError
 from crossrank.write import BuildReport
 from crossrank.write.build import ProgressFn
 
@@ -249,84 +250,32 @@ def _build_sharded(source: str | Path, index_dir: Path, o: _Options) -> BuildRep
 
 
 def _build_locked(source: str | Path, index_dir: Path, lock: Any, o: _Options) -> BuildReport:
-    """:func:`crossrank.write.build_index`'s steps, with the batches encoded on Ray."""
+    """:func:`crossrank.write.build.run_build` with the batches decoded and encoded on Ray."""
     from crossrank.distributed.runtime import ray_runtime
-    from crossrank.ingest import discover
-    from crossrank.store import has_index, read_manifest
-    from crossrank.write.streaming import (
-        CHUNK_ITEMS,
-        BuildSpec,
-        StreamingBuild,
-        listing_fingerprint,
-        resumable_build,
-    )
+    from crossrank.write.build import run_build
 
-    in_progress = resumable_build(index_dir) if o.resume is not False else None
-    if o.resume and in_progress is None:
-        raise InvalidArgumentError(
-            f"--resume: {index_dir} holds no build in progress (nothing to resume); run the "
-            "build without --resume"
-        )
-    if has_index(index_dir) and not o.overwrite and in_progress is None:
-        n = read_manifest(index_dir).counts.get("images", "?")
-        raise InvalidArgumentError(
-            f"{index_dir} already holds an index ({n} images); pass --overwrite to rebuild it "
-            "(the current generation stays readable until the new one commits), or add new files "
-            f"with `crossrank add SOURCE --index {index_dir}`"
-        )
-    start = time.perf_counter()
-    src = discover(source)
-    total = len(src.items)
-    encoder = _driver_encoder(o, total)
-    logger.info(
-        "building %s from %s (%d files) on Ray with %s", index_dir, source, total, encoder.model_id
-    )
-    # The one-process build's spec: a build interrupted on one engine resumes on the other.
-    spec = BuildSpec(
-        source=str(Path(source).resolve()),
-        listing_sha256=listing_fingerprint(src),
-        n_items=total,
-        encoder=dict(encoder.info),
-        patch_codec=o.codec.spec,
-        batch_size=o.batch_size,
-        chunk_items=BuildSpec.chunk_items_for(o.batch_size, o.chunk_items or CHUNK_ITEMS),
-    )
-    build = StreamingBuild.open(
-        index_dir, lock, spec, extra_schema=src.extra_schema, resume=o.resume
-    )
     encoding = RayEncoding(
         model=o.model, batch_size=o.batch_size, device=o.device, num_encoders=o.num_encoders
     )
-    try:
-        if o.progress is not None and build.kept_items:
-            o.progress(build.kept_items, total)
+
+    def batches(encoder: Any, items: Sequence[Any], duplicates: Any) -> Iterator[Any]:
         with ray_runtime(o.ray_address, num_cpus=o.num_cpus) as ray:
-            for batch in ray_encoded_batches(
-                ray, encoder, src.items[build.kept_items :], encoding, build.duplicates
-            ):
-                build.add(batch)
-                if o.progress is not None:
-                    o.progress(build.items_done, total)
-        generation, first_stage = build.commit(
-            o.index_config, source_label=str(source), source=spec.source
-        )
-    except (SourceError, InvalidArgumentError):
-        build.abandon()  # nothing decoded, or data no run can index: nothing worth resuming
-        raise
-    except BaseException:
-        build.abandon_if_empty()  # the finished chunks stay, for the next run to resume
-        raise
-    return BuildReport(
-        index_dir=index_dir,
-        generation=generation,
-        indexed=build.images,
-        skipped=build.n_skipped,
-        seconds=time.perf_counter() - start,
-        factory=first_stage.factory,
-        model=encoder.model_id,
-        duplicates=build.n_duplicates,
-        patch_codec=o.codec.spec,
-        resumed=build.kept_images,
+            yield from ray_encoded_batches(ray, encoder, items, encoding, duplicates)
+
+    return run_build(
+        source,
+        index_dir,
+        lock,
+        load=lambda total: _driver_encoder(o, total),
+        batches=batches,
+        batch_size=o.batch_size,
+        index_config=o.index_config,
+        codec=o.codec,
+        overwrite=o.overwrite,
+        resume=o.resume,
+        progress=o.progress,
+        chunk_items=o.chunk_items,
+        engine=" on Ray",
     )
 
 

@@ -319,23 +319,34 @@ def check_factory(factory: str, dim: int | None = None) -> None:
     ) from first.__cause__
 
 
-def _build_locked(
+#: A build's encoding engine: ``(encoder, items, duplicates) -> batches`` of the files ``items``
+#: decoded and encoded in order (``encoded_batches`` here; Ray tasks and actors in
+#: :mod:`crossrank.distributed`). A generator is closed as soon as the build stops reading it.
+BatchesFn = Callable[[Any, Sequence[Any], Any], Iterator[Any]]
+
+
+def run_build(
     source: str | Path,
     index_dir: Path,
     lock: Any,
     *,
-    model: str | Path | None,
+    load: Callable[[int], Any],
+    batches: BatchesFn,
     batch_size: int,
-    device: str,
     index_config: Any,
-    workers: int,
-    overwrite: bool,
-    progress: ProgressFn | None,
     codec: Any,
+    overwrite: bool,
     resume: bool | None,
-    chunk_items: int,
+    progress: ProgressFn | None,
+    chunk_items: int | None,
+    engine: str = "",
 ) -> BuildReport:
-    from crossrank.encoders import load_encoder
+    """A locked build's steps, whatever encodes: refuse what cannot be built or resumed, list the
+    source, ``load(total)`` the encoder (with the checks that need its sizes), open or resume the
+    streaming build, add ``batches`` of the files not yet kept, commit.
+
+    The spec is the same for every engine, so a build interrupted on one resumes on the other.
+    """
     from crossrank.ingest import discover
     from crossrank.store import has_index, read_manifest
 
@@ -354,18 +365,15 @@ def _build_locked(
         )
     start = time.perf_counter()
     src = discover(source)
-    encoder = load_encoder(model, device=device, batch_size=batch_size)
-    if index_config.factory is not None:
-        check_factory(index_config.factory, encoder.dim)  # the model's size, before decoding
     total = len(src.items)
-    # The codec's fit to the model, and whether pq can train on this source, before decoding.
-    codec.configure(encoder.n_patches, encoder.patch_dim)
-    if codec.needs_training:
-        codec.check_trainable(
-            total * encoder.n_patches, encoder.n_patches, f"SOURCE's {total:,} files"
-        )
+    encoder = load(total)
     logger.info(
-        "building %s from %s (%d files) with %s", index_dir, source, total, encoder.model_id
+        "building %s from %s (%d files)%s with %s",
+        index_dir,
+        source,
+        total,
+        engine,
+        encoder.model_id,
     )
     spec = BuildSpec(
         source=str(Path(source).resolve()),
@@ -374,24 +382,24 @@ def _build_locked(
         encoder=dict(encoder.info),
         patch_codec=codec.spec,
         batch_size=batch_size,
-        chunk_items=BuildSpec.chunk_items_for(batch_size, chunk_items),
+        chunk_items=BuildSpec.chunk_items_for(batch_size, chunk_items or CHUNK_ITEMS),
     )
     build = StreamingBuild.open(index_dir, lock, spec, extra_schema=src.extra_schema, resume=resume)
     try:
         if progress is not None and build.kept_items:
             progress(build.kept_items, total)
-        for batch in encoded_batches(
-            encoder,
-            src.items[build.kept_items :],
-            batch_size=batch_size,
-            workers=workers,
-            duplicates=build.duplicates,
-        ):
-            build.add(batch)
-            if batch.records:
-                crash_point("encoded")
-            if progress is not None:
-                progress(build.items_done, total)
+        stream = batches(encoder, src.items[build.kept_items :], build.duplicates)
+        try:
+            for batch in stream:
+                build.add(batch)
+                if batch.records:
+                    crash_point("encoded")
+                if progress is not None:
+                    progress(build.items_done, total)
+        finally:
+            close = getattr(stream, "close", None)
+            if close is not None:
+                close()  # a generator's engine (a Ray runtime) stops now, not when collected
         generation, first_stage = build.commit(
             index_config, source_label=str(source), source=spec.source
         )
@@ -401,18 +409,69 @@ def _build_locked(
     except BaseException:
         build.abandon_if_empty()  # the finished chunks stay, for the next run to resume
         raise
-    seconds = time.perf_counter() - start
     return BuildReport(
         index_dir=index_dir,
         generation=generation,
         indexed=build.images,
         skipped=build.n_skipped,
-        seconds=seconds,
+        seconds=time.perf_counter() - start,
         factory=first_stage.factory,
         model=encoder.model_id,
         duplicates=build.n_duplicates,
         patch_codec=codec.spec,
         resumed=build.kept_images,
+    )
+
+
+def _build_locked(
+    source: str | Path,
+    index_dir: Path,
+    lock: Any,
+    *,
+    model: str | Path | None,
+    batch_size: int,
+    device: str,
+    index_config: Any,
+    workers: int,
+    overwrite: bool,
+    progress: ProgressFn | None,
+    codec: Any,
+    resume: bool | None,
+    chunk_items: int,
+) -> BuildReport:
+    """:func:`run_build` with the encoder and the decoder threads in this process."""
+    from crossrank.encoders import load_encoder
+
+    def load(total: int) -> Any:
+        encoder = load_encoder(model, device=device, batch_size=batch_size)
+        if index_config.factory is not None:
+            check_factory(index_config.factory, encoder.dim)  # the model's size, before decoding
+        # The codec's fit to the model, and whether pq can train on this source, before decoding.
+        codec.configure(encoder.n_patches, encoder.patch_dim)
+        if codec.needs_training:
+            codec.check_trainable(
+                total * encoder.n_patches, encoder.n_patches, f"SOURCE's {total:,} files"
+            )
+        return encoder
+
+    def batches(encoder: Any, items: Sequence[Any], duplicates: Any) -> Iterator[Any]:
+        return encoded_batches(
+            encoder, items, batch_size=batch_size, workers=workers, duplicates=duplicates
+        )
+
+    return run_build(
+        source,
+        index_dir,
+        lock,
+        load=load,
+        batches=batches,
+        batch_size=batch_size,
+        index_config=index_config,
+        codec=codec,
+        overwrite=overwrite,
+        resume=resume,
+        progress=progress,
+        chunk_items=chunk_items,
     )
 
 
