@@ -295,58 +295,33 @@ def test_verify_checks_a_codec_shard_against_the_codec(tmp_path):
 # -- keeping the codec ----------------------------------------------------------------------------
 
 
-def test_a_writer_from_a_base_keeps_its_codec_and_quantiser(tmp_path):
+@pytest.mark.parametrize(
+    ("codec", "n"),
+    [("pq:8x4", 60), ("opq:8x4", 640)],  # opq's rotation trains on 9,984 vectors at least
+)
+def test_a_writer_from_a_base_keeps_its_codec_and_quantiser(tmp_path, codec, n):
     root = tmp_path / "idx"
-    x = _patches(n=60)
-    _write(root, x, "pq:8x4")
+    _write(root, _patches(n=n), codec)
     base = Generation.current(root)
-    base_pq_file = (base.path / PQ_FILE).read_bytes()
-    pq = base.patches().codec.quantizer
-    more = _patches(n=3, seed=9)
-    with GenerationWriter(root, base=base) as w:
-        w.link_patches()
-        w.patches.append(more)
-        assert w.patches.codec.spec == "pq:8x4" and not w.patches.codec.needs_training
-        w.link("first_stage.faiss")
-        w.link("skipped.parquet")
-        ids = np.concatenate([np.asarray(base.ids()), [1000, 1001, 1002]])
-        w.write_vectors(np.ones((63, 2), np.float32))
-        w.write_ids(ids)
-        w.write_metadata(pa.table({"id": pa.array(ids, pa.int64())}))
-        w.commit({"encoder": {"model_id": "tiny"}})
-    new = Generation.current(root)
-    assert new.info.patch_codec == "pq:8x4"
-    assert (new.path / PQ_FILE).read_bytes() == base_pq_file  # not retrained
-    np.testing.assert_array_equal(
-        new.patches().gather_stored(np.arange(60, 63)).reshape(-1, 4),
-        pq.compute_codes(more.reshape(-1, 32)),
-    )
-    assert check_generation(new.path, full=True) == []
-
-
-def test_a_writer_from_an_opq_base_keeps_its_rotation_and_quantiser(tmp_path):
-    root = tmp_path / "idx"
-    _write(root, _patches(n=640), "opq:8x4")
-    base = Generation.current(root)
-    codec = base.patches().codec
     base_file = (base.path / PQ_FILE).read_bytes()
+    trained = base.patches().codec
     more = _patches(n=3, seed=9)
     with GenerationWriter(root, base=base) as w:
         w.link_patches()
         w.patches.append(more)
-        assert w.patches.codec.spec == "opq:8x4" and not w.patches.codec.needs_training
+        assert w.patches.codec.spec == codec and not w.patches.codec.needs_training
         w.link("first_stage.faiss")
         w.link("skipped.parquet")
         ids = np.concatenate([np.asarray(base.ids()), [5000, 5001, 5002]])
-        w.write_vectors(np.ones((643, 2), np.float32))
+        w.write_vectors(np.ones((n + 3, 2), np.float32))
         w.write_ids(ids)
         w.write_metadata(pa.table({"id": pa.array(ids, pa.int64())}))
         w.commit({"encoder": {"model_id": "tiny"}})
     new = Generation.current(root)
-    assert new.info.patch_codec == "opq:8x4"
+    assert new.info.patch_codec == codec
     assert (new.path / PQ_FILE).read_bytes() == base_file  # not retrained
-    np.testing.assert_array_equal(
-        new.patches().gather(np.arange(640, 643)), codec.decode(codec.encode(more), 32)
+    np.testing.assert_array_equal(  # the new rows are coded by the base's quantiser
+        new.patches().gather_stored(np.arange(n, n + 3)), trained.encode(more)
     )
     assert check_generation(new.path, full=True) == []
 
