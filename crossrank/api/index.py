@@ -842,8 +842,7 @@ class Index:
         timings: dict[str, float],
     ) -> SearchResult:
         """Rerank, fuse and join candidates given in first-stage order: the result of rerank."""
-        from crossrank.hits import SearchCounts
-        from crossrank.search.pipeline import rank
+        from crossrank.search.pipeline import query_result, rank
 
         _, q_tokens, q_masks, q_ids, labels, cut = query_features
         scorer = choice.scorer
@@ -859,17 +858,13 @@ class Index:
             input_ids=q_ids[0],
             timings=timings,
         )
-        timings["total"] = sum(timings.values())
-        return SearchResult(
-            query=labels[0],
-            hits=hits,
-            counts=SearchCounts(
-                requested=requested,
-                returned=len(hits),
-                filtered_out=0,
-                candidates=int(cand.size),
-            ),
-            timings_ms=timings,
+        return query_result(
+            labels[0],
+            hits,
+            requested=requested,
+            filtered_out=0,
+            candidates=int(cand.size),
+            timings=timings,
             generation=snap.number,
             encoder=encoder_desc,
             reranker=choice.label if scorer is not None else "none",
