@@ -282,12 +282,8 @@ def test_ivf_probes_more_lists_as_fewer_images_are_allowed(ivf, monkeypatch):
         snap.close()
 
 
-@pytest.mark.parametrize(("nprobe", "lists"), [(2, 50), (100, 256)])
-def test_ivf_recall_at_10_percent_kept_whatever_the_call_nprobe(ivf, monkeypatch, nprobe, lists):
-    """A small nprobe is lifted to the depth recall needs (2 / 10 % = 20 lists gave 0.95 here);
-    a large one is capped below every list (100 / 10 % would be all 512) and keeps 0.99."""
-    root, xb, xq, bucket = ivf
-    snap = Snapshot(root, device="cpu", nprobe=None)
+def _record_nprobe(monkeypatch) -> list[object]:
+    """The nprobe of every FAISS search the first stage runs from now on, in order."""
     seen: list[object] = []
     real = FirstStage.search
 
@@ -296,6 +292,16 @@ def test_ivf_recall_at_10_percent_kept_whatever_the_call_nprobe(ivf, monkeypatch
         return real(self, xq, k, **kwargs)
 
     monkeypatch.setattr(FirstStage, "search", search)
+    return seen
+
+
+@pytest.mark.parametrize(("nprobe", "lists"), [(2, 50), (100, 256)])
+def test_ivf_recall_at_10_percent_kept_whatever_the_call_nprobe(ivf, monkeypatch, nprobe, lists):
+    """A small nprobe is lifted to the depth recall needs (2 / 10 % = 20 lists gave 0.95 here);
+    a large one is capped below every list (100 / 10 % would be all 512) and keeps 0.99."""
+    root, xb, xq, bucket = ivf
+    snap = Snapshot(root, device="cpu", nprobe=None)
+    seen = _record_nprobe(monkeypatch)
     try:
         keep = bucket < 100
         allowed = allowed_ids(snap, "bucket < 100", None, {})
@@ -332,14 +338,7 @@ def test_a_filtered_search_that_comes_back_short_is_redone_over_every_list(ivf, 
 def test_per_call_nprobe_reaches_faiss(ivf, monkeypatch):
     root, xb, xq, _ = ivf
     snap = Snapshot(root, device="cpu", nprobe=None)
-    seen: list[object] = []
-    real = FirstStage.search
-
-    def search(self, xq, k, **kwargs):
-        seen.append(kwargs.get("nprobe"))
-        return real(self, xq, k, **kwargs)
-
-    monkeypatch.setattr(FirstStage, "search", search)
+    seen = _record_nprobe(monkeypatch)
     try:
         _, I1 = first_stage(snap, xq, K, None, nprobe=1)
         _, I512 = first_stage(snap, xq, K, None, nprobe=512)
