@@ -80,3 +80,33 @@ def session(path: str | Path, threads: int = 2, spin: bool = True):
     if not spin:
         so.add_session_config_entry("session.intra_op.allow_spinning", "0")
     return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+
+
+def export_onnx(wrapper: nn.Module, args: tuple, path: Path, dynamo: bool) -> None:
+    """``wrapper(tokens, patches)`` to ONNX at ``path`` with k (``patches`` dim 0) dynamic."""
+    if dynamo:
+        k = torch.export.Dim("k", min=2, max=100000)
+        how = {"dynamic_shapes": {"tokens": None, "patches": {0: k}}, "external_data": False}
+    else:
+        how = {"dynamic_axes": {"patches": {0: "k"}, "logits": {0: "k"}}, "opset_version": 17}
+    torch.onnx.export(
+        wrapper,
+        args,
+        str(path),
+        dynamo=dynamo,
+        input_names=["tokens", "patches"],
+        output_names=["logits"],
+        **how,
+    )
+
+
+def parity(sess, model, n_patches: int, ks=(37, 100, 1000)) -> dict[int, float]:
+    """max |ORT - eager score| at each k (k = 37 is the export example; the others prove a
+    dynamic k)."""
+    errs = {}
+    for k in ks:
+        tk, mk, pt = inputs(model, k, n_patches, seed=100 + k)
+        ref = model.score(tk, mk, pt)
+        got = sess.run(None, {"tokens": tk.numpy(), "patches": pt.numpy()})[0]
+        errs[k] = float((torch.from_numpy(got) - ref).abs().max())
+    return errs

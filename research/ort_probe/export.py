@@ -11,37 +11,14 @@ import time
 import traceback
 
 import torch
-from common import MODELS, ScoreWrapper, inputs, load, session
+from common import MODELS, ScoreWrapper, export_onnx, inputs, load, parity, session
 
 OUT = MODELS
 
 
 def export(wrapper, args, path, dynamo: bool, grad: bool):
-    k = torch.export.Dim("k", min=2, max=100000)
-    ctx = torch.enable_grad() if grad else torch.no_grad()
-    with ctx:
-        if dynamo:
-            torch.onnx.export(
-                wrapper,
-                args,
-                str(path),
-                dynamo=True,
-                input_names=["tokens", "patches"],
-                output_names=["logits"],
-                dynamic_shapes={"tokens": None, "patches": {0: k}},
-                external_data=False,
-            )
-        else:
-            torch.onnx.export(
-                wrapper,
-                args,
-                str(path),
-                dynamo=False,
-                input_names=["tokens", "patches"],
-                output_names=["logits"],
-                dynamic_axes={"patches": {0: "k"}, "logits": {0: "k"}},
-                opset_version=17,
-            )
+    with torch.enable_grad() if grad else torch.no_grad():
+        export_onnx(wrapper, args, path, dynamo)
 
 
 def main():
@@ -74,13 +51,7 @@ def main():
         t0 = time.perf_counter()
         sess = session(path)
         t_sess = time.perf_counter() - t0
-        # quick parity at k=37 and at another k to prove dynamic k
-        errs = {}
-        for k in (37, 100, 1000):
-            tk, mk, pt = inputs(m, k, n_patches, seed=100 + k)
-            ref = m.score(tk, mk, pt)
-            got = sess.run(None, {"tokens": tk.numpy(), "patches": pt.numpy()})[0]
-            errs[k] = float((torch.from_numpy(got) - ref).abs().max())
+        errs = parity(sess, m, n_patches)
         results[ex] = {
             "ok": True,
             "path": str(path),

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from common import MODELS, ScoreWrapper, inputs, load, session
+from common import MODELS, ScoreWrapper, export_onnx, inputs, load, parity, session
 
 import crossrank.rerank.cross_attention as ca
 from crossrank.rerank.folding import FoldedKV, folded_weights
@@ -109,40 +109,13 @@ def main():
     MODELS.mkdir(parents=True, exist_ok=True)
     path = MODELS / f"{a.shape}_{a.exporter}_{a.variant}.onnx"
     t0 = time.perf_counter()
-    kd = torch.export.Dim("k", min=2, max=100000)
     with torch.no_grad():
-        if a.exporter == "dynamo":
-            torch.onnx.export(
-                w,
-                (tokens, patches),
-                str(path),
-                dynamo=True,
-                input_names=["tokens", "patches"],
-                output_names=["logits"],
-                dynamic_shapes={"tokens": None, "patches": {0: kd}},
-                external_data=False,
-            )
-        else:
-            torch.onnx.export(
-                w,
-                (tokens, patches),
-                str(path),
-                dynamo=False,
-                input_names=["tokens", "patches"],
-                output_names=["logits"],
-                dynamic_axes={"patches": {0: "k"}, "logits": {0: "k"}},
-                opset_version=17,
-            )
+        export_onnx(w, (tokens, patches), path, a.exporter == "dynamo")
     t_export = time.perf_counter() - t0
     t0 = time.perf_counter()
     sess = session(path)
     t_sess = time.perf_counter() - t0
-    errs = {}
-    for k in (37, 100, 1000):
-        tk, mk, pt = inputs(m, k, n_patches, seed=100 + k)
-        ref = ref_m.score(tk, mk, pt)
-        got = sess.run(None, {"tokens": tk.numpy(), "patches": pt.numpy()})[0]
-        errs[k] = float((torch.from_numpy(got) - ref).abs().max())
+    errs = parity(sess, ref_m, n_patches)
     res = {
         "path": str(path),
         "bytes": path.stat().st_size,
