@@ -62,18 +62,26 @@ def test_a_real_sigint_stops_add_with_130_and_keeps_the_index(living, tmp_path):
     source, index_dir = living
     write_images(source / "new", 6, seed=121)
     before = committed_state(index_dir)
-    # Decoder threads are slowed down, and say when they start, so that the signal lands while
-    # they work (a fixed wait raced a fast machine and lost to a busy one).
+    # Decoder threads are slowed down (1 s a chunk, one image a chunk), and the main thread says
+    # when it takes its second batch: by then it has loaded the encoder and encoded a batch (a
+    # signal that lands in a third-party import can be swallowed by a bare `except:` there), and
+    # four chunks are still to decode. A fixed wait raced a fast machine and lost to a busy one.
+    # Ctrl-C's default handler is set explicitly: a child inherits an ignored SIGINT.
     started = tmp_path / "decoding"
     script = (
-        "import os, sys, time\n"
+        "import os, signal, sys, time\n"
+        "signal.signal(signal.SIGINT, signal.default_int_handler)\n"
         "import crossrank.ingest.pipeline as p\n"
-        "real = p._run_chunk\n"
+        "real_chunk, real_assemble, taken = p._run_chunk, p._assemble, []\n"
         "def slow(*a, **k):\n"
-        "    open(os.environ['DECODING_MARKER'], 'a').close()\n"
-        "    time.sleep(2.0)\n"
-        "    return real(*a, **k)\n"
-        "p._run_chunk = slow\n"
+        "    time.sleep(1.0)\n"
+        "    return real_chunk(*a, **k)\n"
+        "def assemble(*a, **k):\n"
+        "    taken.append(1)\n"
+        "    if len(taken) == 2:\n"
+        "        open(os.environ['DECODING_MARKER'], 'a').close()\n"
+        "    return real_assemble(*a, **k)\n"
+        "p._run_chunk, p._assemble = slow, assemble\n"
         "from crossrank.cli import main\n"
         "sys.argv = ['crossrank'] + sys.argv[1:]\n"
         "main()\n"
@@ -95,7 +103,7 @@ def test_a_real_sigint_stops_add_with_130_and_keeps_the_index(living, tmp_path):
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline and proc.poll() is None and not started.exists():
         time.sleep(0.02)
-    assert started.exists(), "the add never started decoding"
+    assert started.exists(), "the add never took its second batch"
     assert read_lock_holder(index_dir)["pid"] == proc.pid  # it holds the writer lock meanwhile
     proc.send_signal(signal.SIGINT)
     try:
