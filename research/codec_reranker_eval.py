@@ -27,6 +27,9 @@ import json
 import sys
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))  # _report
+from _report import write_report
+
 from crossrank import Index
 from crossrank.datasets.shapes import generate_shapes
 from crossrank.evaluate.harness import evaluate_index
@@ -90,9 +93,7 @@ def main(argv: list[str] | None = None) -> int:
         if ref is not None:  # against fp16 with the shipped reranker: what a user has today
             r["delta_R@1_vs_fp16_shipped"] = r["R@1"] - ref["R@1"]
     report = {"seeds": args.seeds, "rerankers": rerankers, "rerank_k": 100, "rows": rows}
-    if args.out is not None:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(report, indent=2) + "\n")
+    write_report(args.out, report)
     print(json.dumps(report, indent=2))
     return 0
 

@@ -26,6 +26,9 @@ from pathlib import Path
 
 import numpy as np
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))  # _report
+from _report import write_report
+
 from crossrank.store import Generation
 from crossrank.store.codecs import parse_codec
 
@@ -79,9 +82,7 @@ def main(argv: list[str] | None = None) -> int:
         "test_vectors": len(test),
         "codecs": rows,
     }
-    if args.out is not None:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(report, indent=2) + "\n")
+    write_report(args.out, report)
     print(json.dumps(report, indent=2))
     return 0
 
