@@ -366,6 +366,34 @@ def train_cmd(
             ),
         ),
     ] = None,
+    teacher: Annotated[
+        Path | None,
+        typer.Option(
+            "--teacher",
+            exists=True,
+            file_okay=False,
+            help=(
+                "Distil: a trained reranker folder over the same encoder (e.g. the shipped "
+                "one) whose scores over every list this run ranks become soft targets beside "
+                "the labels. Any architecture; the student is the one the flags describe."
+            ),
+        ),
+    ] = None,
+    distill: Annotated[
+        float | None,
+        typer.Option(
+            min=0.0,
+            help="Weight of the distillation loss (KL from the teacher's list softmax); needs "
+            "--teacher.",
+        ),
+    ] = None,
+    distill_temperature: Annotated[
+        float | None,
+        typer.Option(
+            min=0.0,
+            help="Softmax temperature of distillation: above 1 softens both lists' distributions.",
+        ),
+    ] = None,
     seed: Annotated[int | None, typer.Option(help="Random seed.")] = None,
     device: Annotated[Device, typer.Option(help="Where to train.")] = Device.AUTO,
     as_json: Annotated[bool, typer.Option("--json", help="Print the report as JSON.")] = False,
@@ -429,9 +457,16 @@ def train_cmd(
             caption_only_steps=caption_only_steps,
             attention_supervision=attention_supervision,
             relation_share=relation_share,
+            teacher=None if teacher is None else str(teacher),
+            distill=distill,
+            distill_temperature=distill_temperature,
         ),
         device=device.value,
     )
+    if (distill is not None or distill_temperature is not None) and teacher is None:
+        raise typer.BadParameter(
+            "--distill and --distill-temperature weigh a teacher's targets; give --teacher DIR"
+        )
     if steps is not None and "warmup" in train_fields and config_file is not None:
         train_fields.pop("warmup")  # the file's warm-up was sized for its own step count
     try:

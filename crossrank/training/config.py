@@ -83,6 +83,13 @@ class RerankTrainConfig:
     # wrote) whose weights start the run instead of a fresh init; its architecture must be the
     # run's (train_reranker takes it as the default). None = from scratch.
     init_from: str | None = None
+    # Distillation: a trained reranker folder (another architecture allowed, over the same
+    # encoder) whose scores over every list the run ranks are soft targets: the loss adds
+    # ``distill * T^2 * KL(softmax(teacher / T) || softmax(student / T))`` with
+    # ``T = distill_temperature``. None = no teacher.
+    teacher: str | None = None
+    distill: float = 1.0
+    distill_temperature: float = 1.0
 
     def __post_init__(self) -> None:
         for name in (
@@ -146,6 +153,19 @@ class RerankTrainConfig:
                     f"init_from must be a reranker folder or None, got {self.init_from!r}"
                 )
             object.__setattr__(self, "init_from", os.fspath(self.init_from))
+        if self.teacher is not None:
+            if not isinstance(self.teacher, (str, os.PathLike)) or not str(self.teacher):
+                raise ValueError(f"teacher must be a reranker folder or None, got {self.teacher!r}")
+            object.__setattr__(self, "teacher", os.fspath(self.teacher))
+        if not _is_real(self.distill) or not 0 <= self.distill < 1e3:
+            raise ValueError(f"distill must be a number in [0, 1e3), got {self.distill!r}")
+        object.__setattr__(self, "distill", float(self.distill))
+        if not _is_real(self.distill_temperature) or not 0 < self.distill_temperature <= 100:
+            raise ValueError(
+                "distill_temperature must be a number in (0, 100], got "
+                f"{self.distill_temperature!r}"
+            )
+        object.__setattr__(self, "distill_temperature", float(self.distill_temperature))
         if not isinstance(self.device, str):
             raise ValueError(f"device must be auto, cpu, cuda or cuda:N, got {self.device!r}")
         object.__setattr__(self, "device", str(self.device))  # a Device enum becomes its string

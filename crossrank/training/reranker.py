@@ -69,6 +69,7 @@ if TYPE_CHECKING:
 __all__ = [
     "TrainReport",
     "make_optimizer",
+    "distill_loss",
     "rerank_loss",
     "resolve_model_config",
     "train_reranker",
@@ -181,6 +182,41 @@ def rerank_loss(
     return 0.5 * bce[:, 0].mean() + 0.5 * neg
 
 
+def distill_loss(
+    student: torch.Tensor,
+    teacher: torch.Tensor,
+    valid: torch.Tensor | None = None,
+    temperature: float = 1.0,
+) -> torch.Tensor:
+    """The distillation loss of candidate lists: the teacher's softmax over each list as the
+    target of the student's, ``T^2 * KL(softmax(teacher / T) || softmax(student / T))`` averaged
+    over the lists (``T^2`` keeps the gradient's scale independent of ``T``).
+
+    Args:
+        student: float32 ``(B, k)`` logits, with gradient.
+        teacher: ``(B, k)`` logits of the same lists (no gradient is taken through them).
+        valid: bool ``(B, k)``, False = an empty slot that takes no part; None = all valid.
+            Every row needs a valid slot.
+        temperature: ``T > 0``; above 1 softens both distributions.
+
+    Returns:
+        A float32 scalar, 0 where the student's list distributions equal the teacher's.
+    """
+    import torch
+
+    t = float(temperature)
+    student, teacher = student.float() / t, teacher.detach().float() / t
+    if valid is not None:
+        student = student.masked_fill(~valid, float("-inf"))
+        teacher = teacher.masked_fill(~valid, float("-inf"))
+    log_s = torch.log_softmax(student, dim=1)
+    log_t = torch.log_softmax(teacher, dim=1)
+    term = log_t.exp() * (log_t - log_s)  # (B, k); NaN in the empty slots (0 * (-inf + inf))
+    if valid is not None:
+        term = torch.where(valid, term, torch.zeros_like(term))
+    return t * t * term.sum(dim=1).mean()
+
+
 def train_reranker(
     index: Index | str | os.PathLike[str],
     pairs_path: str | os.PathLike[str],
@@ -260,6 +296,10 @@ def train_reranker(
         if model_config is None:
             model_config = init.config
     model_config = resolve_model_config(model_config, index.manifest.encoder, index)
+    teacher, teacher_weight = None, 0.0
+    if config.teacher is not None:
+        teacher, teacher_weight, teacher_record = _load_teacher(config, model_config, index)
+        init_record.update(teacher_record)
     if init is not None and init.config != model_config:
         raise InvalidArgumentError(
             f"init_from {config.init_from} is a reranker of another architecture than the one "
@@ -331,6 +371,14 @@ def train_reranker(
             torch.from_numpy(data.image_vectors).to(device),
         )  # (N, D) float32
     banks = Banks(tokens, token_mask, patches, residual)
+    teacher_banks = None  # the same features, with the residual weight the teacher ranks with
+    if teacher is not None:
+        teacher = teacher.to(device).eval()
+        teacher_banks = banks._replace(
+            residual=None
+            if residual is None or teacher_weight <= 0
+            else (teacher_weight, residual[1], residual[2])
+        )
     sampler = CandidateSampler(data, config.n_candidates, config.in_batch)
     n_neg = config.n_candidates - 1
     val_candidates = sampler.sample(
@@ -358,6 +406,7 @@ def train_reranker(
         caption_acc: float | None = None,
         attention_mass: float | None = None,
         relation_acc: float | None = None,
+        distilled: float | None = None,
     ) -> None:
         entry: dict[str, Any] = {
             "step": step,
@@ -374,6 +423,8 @@ def train_reranker(
             entry.update(train_attention_mass=attention_mass)
         if relation_acc is not None:  # the relation-only lists (relation_share)
             entry.update(train_relation_accuracy=relation_acc)
+        if distilled is not None:  # the distillation loss, before its weight (with a teacher)
+            entry.update(train_distill_loss=distilled)
         if data.val_captions.size:
             entry.update(_validate(model, data, val_candidates, banks, device, val_rewrites))
         entry["elapsed_s"] = round(time.perf_counter() - t_start, 2)
@@ -412,12 +463,18 @@ def train_reranker(
         for group in optimizer.param_groups:
             group["lr"] = config.lr_at(step)
         logits, loss = None, torch.zeros((), device=device)
+        distilled = None  # the step's distillation loss(es), before the distill weight
         if not caption_only:
             n_hard = round(config.hard_fraction_at(step) * n_neg)
             candidates = sampler.sample(caption, positive, n_hard, rng)  # (B, k)
             with _autocast(device):
                 logits = _forward(model, banks, caption, candidates, device)  # (B, k) float32
             loss = rerank_loss(logits, config.loss)
+            if teacher is not None:
+                with torch.no_grad(), _autocast(device):
+                    target = _forward(teacher, teacher_banks, caption, candidates, device)
+                distilled = distill_loss(logits, target, None, config.distill_temperature)
+                loss = loss + config.distill * distilled
         caption_acc = attention_mass = relation_acc = None
         if data.negatives is not None:
             # Text side: the true caption against rewrites false of the image, on that image.
@@ -456,6 +513,16 @@ def train_reranker(
                 if supervision is not None:
                     loss = loss + config.attention_supervision * supervision
             loss = loss + rerank_loss(text_logits, config.loss, valid_t)
+            if teacher is not None:
+                with torch.no_grad(), _autocast(device):
+                    target = forward_captions(
+                        teacher, teacher_banks, rows, text_image, device, residual=not caption_only
+                    )
+                text_distilled = distill_loss(
+                    text_logits, target, valid_t, config.distill_temperature
+                )
+                distilled = text_distilled if distilled is None else distilled + text_distilled
+                loss = loss + config.distill * text_distilled
             caption_hits = top1_accuracy(text_logits.detach().masked_fill(~valid_t, float("-inf")))
             caption_acc = float(caption_hits.mean().item())
             if n_relation:  # the relation-only lists come last
@@ -499,6 +566,8 @@ def train_reranker(
                 window.setdefault("attention_mass", []).append(attention_mass)
             if relation_acc is not None:
                 window.setdefault("relation_accuracy", []).append(relation_acc)
+            if distilled is not None:
+                window.setdefault("distill_loss", []).append(float(distilled.item()))
         done = step + 1
         if done % config.eval_every == 0 or done == config.steps:
             evaluate(
@@ -512,6 +581,7 @@ def train_reranker(
                 float(np.mean(window["relation_accuracy"]))
                 if window.get("relation_accuracy")
                 else None,
+                float(np.mean(window["distill_loss"])) if window.get("distill_loss") else None,
             )
             window = {"loss": [], "accuracy": []}
         if done % config.checkpoint_every == 0 or done == config.steps:
@@ -621,6 +691,36 @@ def export_checkpoint(
     for name in _NOT_FINGERPRINTED:  # the checkpoint does not record them: not the defaults either
         del metadata["train"][name]
     return save_reranker(model.eval(), out, metadata=metadata, half=half)
+
+
+def _load_teacher(
+    config: RerankTrainConfig, model_config: RerankerConfig, index: Index
+) -> tuple[CrossAttentionReranker, float, dict[str, Any]]:
+    """The reranker ``config.teacher`` names, on the CPU, checked against the index's encoder and
+    the student's token features; the first-stage weight it ranks with (its own training's, else
+    the run's); and what the student's metadata records of it."""
+    from crossrank.rerank.checkpoint import _read_config_file, load_reranker
+
+    folder = config.teacher
+    teacher = load_reranker(folder, device="cpu", encoder_info=index.manifest.encoder)
+    if bool(teacher.config.token_embeddings) != bool(model_config.token_embeddings):
+        has, lacks = (
+            ("the teacher", "the student")
+            if teacher.config.token_embeddings
+            else (
+                "the student",
+                "the teacher",
+            )
+        )
+        raise InvalidArgumentError(
+            f"{has} reads the text encoder's layer-0 token states and {lacks} does not; give "
+            "the student the teacher's token_embeddings setting (--token-embeddings)"
+        )
+    recorded = _read_config_file(folder)[1].get("train") or {}
+    weight = recorded.get("first_stage_weight")
+    if not isinstance(weight, (int, float)) or isinstance(weight, bool):
+        weight = float(config.first_stage_weight)  # a teacher without a record: the run's own
+    return teacher, float(weight), {"teacher_weights_sha256": _init_sha256(folder)}
 
 
 def _config_diff(theirs: RerankerConfig, ours: RerankerConfig) -> str:

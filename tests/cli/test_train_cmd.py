@@ -528,3 +528,45 @@ def test_train_init_from_takes_the_folder_weights_and_architecture(
     result = runner.invoke(app, [*args[:-1], str(tmp_path / "nowhere")])
     assert result.exit_code == 2
     assert "--init-from" in result.output and "does not exist" in result.output
+
+
+def test_train_distils_a_smaller_student_from_a_teacher_folder(trained, tmp_path: Path) -> None:
+    root, index_dir, teacher_dir = trained
+    args = ["train", str(root / "pairs.parquet"), "--index", str(index_dir)]
+    args += ["--out", str(tmp_path / "s"), "--device", "cpu", "--steps", "4", "--eval-every", "2"]
+    args += ["--width", "8", "--heads", "1", "--batch-size", "4", "--candidates", "4"]
+    result = runner.invoke(
+        app,
+        [*args, "--teacher", str(teacher_dir), "--distill", "2", "--distill-temperature", "1.5"],
+    )
+    assert result.exit_code == 0, result.output
+    saved = json.loads((tmp_path / "s" / "config.json").read_text())
+    assert saved["config"]["width"] == 8  # the student the flags describe, not the teacher's 16
+    train = saved["metadata"]["train"]
+    assert (train["teacher"], train["distill"], train["distill_temperature"]) == (
+        str(teacher_dir),
+        2.0,
+        1.5,
+    )
+    log = [
+        json.loads(line) for line in (tmp_path / "s" / "train_log.jsonl").read_text().splitlines()
+    ]
+    assert all(entry["train_distill_loss"] >= 0 for entry in log[1:]) and len(log) == 3
+
+
+@pytest.mark.parametrize(
+    "extra, match",
+    [
+        (["--distill", "0.5"], "give --teacher DIR"),
+        (["--distill-temperature", "2"], "give --teacher DIR"),
+        (["--teacher", "/no/such/teacher"], "does not exist"),
+    ],
+)
+def test_train_distillation_flags_without_a_teacher_are_usage_errors(
+    trained, tmp_path: Path, extra: list[str], match: str
+) -> None:
+    root, index_dir, _ = trained
+    args = ["train", str(root / "pairs.parquet"), "--index", str(index_dir)]
+    result = runner.invoke(app, [*args, "--out", str(tmp_path / "r"), *extra])
+    assert result.exit_code == 2 and match in result.output
+    assert not (tmp_path / "r").exists()

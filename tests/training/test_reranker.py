@@ -13,7 +13,7 @@ from crossrank.errors import CrossrankError, InvalidArgumentError, ModelError, M
 from crossrank.rerank import CrossAttentionReranker, RerankerConfig, load_reranker
 from crossrank.training import RerankTrainConfig, train_reranker
 from crossrank.training.data import CandidateSampler, prepare_training_set
-from crossrank.training.reranker import CHECKPOINT_NAME, LOG_NAME, rerank_loss
+from crossrank.training.reranker import CHECKPOINT_NAME, LOG_NAME, distill_loss, rerank_loss
 
 # Gated with the 0.02 init (not the library defaults): a gated model starts at the identity, which
 # some tests rely on; the init is the one checkpoints that predate the field were trained with.
@@ -1007,6 +1007,9 @@ def test_a_corrupt_checkpoint_is_refused(shapes, tmp_path):
             r"first_stage_weight must be 'auto' or a number in \[0, 1e4\)",
         ),
         ({"caption_negatives": -1}, r"caption_negatives must be an int >= 0"),
+        ({"distill": -1}, r"distill must be a number in \[0, 1e3\)"),
+        ({"distill_temperature": 0}, r"distill_temperature must be a number in \(0, 100\]"),
+        ({"teacher": ""}, r"teacher must be a reranker folder or None"),
         ({"caption_only_steps": 5}, r"caption_only_steps=5 needs caption_negatives >= 1"),
         ({"attention_supervision": 1.0}, r"attention_supervision needs caption_negatives >= 1"),
         (
@@ -1131,3 +1134,139 @@ def test_init_from_another_architecture_or_a_missing_folder_is_one_line(shapes, 
         )
     with pytest.raises(ValueError, match="init_from must be a reranker folder"):
         _config(init_from="")
+
+
+# -- distillation -----------------------------------------------------------------------------
+
+
+def test_distill_loss_matches_hand_computed_kl_and_is_zero_at_the_teacher():
+    student = torch.tensor([[1.0, 0.0, -1.0], [0.5, 0.5, 2.0]])
+    teacher = torch.tensor([[2.0, 1.0, 0.0], [0.0, 3.0, 1.0]])
+
+    def kl(s, t, temp=1.0):
+        p = torch.softmax(torch.tensor(t) / temp, 0)
+        q = torch.softmax(torch.tensor(s) / temp, 0)
+        return float((p * (p.log() - q.log())).sum()) * temp * temp
+
+    expected = (kl([1.0, 0.0, -1.0], [2.0, 1.0, 0.0]) + kl([0.5, 0.5, 2.0], [0.0, 3.0, 1.0])) / 2
+    assert distill_loss(student, teacher).item() == pytest.approx(expected, rel=1e-6)
+    expected_t = (
+        kl([1.0, 0.0, -1.0], [2.0, 1.0, 0.0], 2.0) + kl([0.5, 0.5, 2.0], [0.0, 3.0, 1.0], 2.0)
+    ) / 2
+    assert distill_loss(student, teacher, temperature=2.0).item() == pytest.approx(
+        expected_t, rel=1e-6
+    )
+    # A shift of a whole list changes no softmax: the student matches a shifted teacher exactly.
+    assert distill_loss(teacher + 3.0, teacher).item() == pytest.approx(0.0, abs=1e-7)
+    # Empty slots take no part (and give no NaN), whatever their logits.
+    valid = torch.tensor([[True, True, False], [True, True, True]])
+    masked = distill_loss(student, teacher, valid)
+    expected_v = (kl([1.0, 0.0], [2.0, 1.0]) + kl([0.5, 0.5, 2.0], [0.0, 3.0, 1.0])) / 2
+    assert masked.item() == pytest.approx(expected_v, rel=1e-6)
+    # The gradient reaches the student only.
+    s = student.clone().requires_grad_(True)
+    t = teacher.clone().requires_grad_(True)
+    distill_loss(s, t, valid).backward()
+    assert s.grad is not None and torch.isfinite(s.grad).all() and t.grad is None
+    assert s.grad[0, 2] == 0  # an empty slot gets no gradient
+
+
+def test_a_student_that_is_its_teacher_has_zero_distillation_loss(shapes, tmp_path):
+    """The targets are the teacher's own scores of the very lists the student ranks, with the
+    residual weight the teacher trained with (image lists and caption lists both)."""
+    ds, index = shapes
+    fields = dict(first_stage_weight=20.0, caption_negatives=2, caption_only_steps=2)
+    train_reranker(
+        index, ds.pairs_path, tmp_path / "t", model_config=TINY, config=_config(**fields)
+    )
+    same = _config(
+        **fields, steps=4, lr=1e-12, warmup=1, eval_every=2, init_from=str(tmp_path / "t")
+    )
+    report = train_reranker(
+        index,
+        ds.pairs_path,
+        tmp_path / "s",
+        config=dataclasses.replace(same, teacher=str(tmp_path / "t")),
+    )
+    losses = [e["train_distill_loss"] for e in report.curve if "train_distill_loss" in e]
+    assert len(losses) == 2  # caption-only steps, then both lists
+    assert max(losses) < 1e-6
+    saved = json.loads((tmp_path / "s" / "config.json").read_text())["metadata"]
+    assert saved["train"]["teacher"] == str(tmp_path / "t")
+    assert len(saved["teacher_weights_sha256"]) == 64
+    # The same weights under another residual weight rank the image lists otherwise: the teacher
+    # keeps its own 20, so the student at 5 is off it.
+    other = dataclasses.replace(same, first_stage_weight=5.0, teacher=str(tmp_path / "t"))
+    report = train_reranker(index, ds.pairs_path, tmp_path / "s5", config=other)
+    assert report.curve[-1]["train_distill_loss"] > 1e-3
+
+
+def test_distillation_pulls_a_smaller_student_towards_its_teacher(shapes, tmp_path):
+    ds, index = shapes
+    teacher_dir = tmp_path / "t"
+    ungated = RerankerConfig(width=16, heads=2, layers=1, mlp_ratio=2.0)  # scores differ at once
+    train_reranker(
+        index, ds.pairs_path, teacher_dir, model_config=ungated, config=_config(steps=16)
+    )
+    student = dataclasses.replace(ungated, width=8, heads=1)
+    plain = train_reranker(
+        index,
+        ds.pairs_path,
+        tmp_path / "plain",
+        model_config=student,
+        config=_config(steps=40, lr=1e-2),
+    )
+    taught = train_reranker(
+        index,
+        ds.pairs_path,
+        tmp_path / "taught",
+        model_config=student,
+        config=_config(steps=40, lr=1e-2, teacher=str(teacher_dir), distill=50.0),
+    )
+    teacher = load_reranker(teacher_dir, device="cpu")
+    queries = pq.read_table(ds.pairs_path).column("caption").to_pylist()[:12]
+
+    def divergence(folder):
+        model = load_reranker(folder, device="cpu")
+        total = 0.0
+        for q in queries:
+            a = index.search(q, k=10, rerank_k=10, reranker=teacher, fusion="rerank").hits
+            by_id = {h.id: h.rerank_score for h in a}
+            b = index.search(q, k=10, rerank_k=10, reranker=model, fusion="rerank").hits
+            s = torch.tensor([h.rerank_score for h in b])
+            t = torch.tensor([by_id[h.id] for h in b])
+            total += float(distill_loss(s[None], t[None]))
+        return total / len(queries)
+
+    assert divergence(taught.out_dir) < 0.5 * divergence(plain.out_dir)
+
+
+def test_a_teacher_of_another_encoder_a_missing_one_or_other_token_features_is_one_line(
+    shapes, tmp_path
+):
+    ds, index = shapes
+    with pytest.raises(ModelError, match="nowhere"):
+        train_reranker(
+            index, ds.pairs_path, tmp_path / "a", config=_config(teacher=str(tmp_path / "nowhere"))
+        )
+    from crossrank.rerank import save_reranker
+
+    wide = dataclasses.replace(TINY, text_dim=64, patch_dim=64, patch_positions=None)
+    save_reranker(CrossAttentionReranker(wide), tmp_path / "wide")
+    with pytest.raises(ModelMismatchError, match="token dim 64"):
+        train_reranker(
+            index, ds.pairs_path, tmp_path / "b", config=_config(teacher=str(tmp_path / "wide"))
+        )
+    dim = index.manifest.encoder["patch_dim"]
+    width = index.encoder.token_embedding_dim
+    reads = dataclasses.replace(TINY, text_dim=dim, patch_dim=dim, token_embeddings=width)
+    save_reranker(CrossAttentionReranker(reads), tmp_path / "reads")
+    with pytest.raises(InvalidArgumentError, match="the teacher reads .* layer-0 token states"):
+        train_reranker(
+            index,
+            ds.pairs_path,
+            tmp_path / "c",
+            model_config=TINY,
+            config=_config(teacher=str(tmp_path / "reads")),
+        )
+    assert not (tmp_path / "c").exists()  # refused before any folder or feature work
