@@ -22,6 +22,8 @@ to put each caption's image first among candidates the first stage finds hard:
   bind objects before residual training asks it to correct the first stage.
 - **Loss**: ``listwise`` (softmax cross-entropy over each candidate list, the positive first) or
   ``itm`` (binary matching over every (query, candidate), both classes weighted equally).
+- **Distillation** (``teacher``): a trained reranker's scores over every list a step ranks are
+  soft targets beside the labels (:func:`distill_loss`), for a smaller student architecture.
 - **Validation**: a fixed share of the unique captions is held out; every ``eval_every`` steps
   the log records their accuracy@1 on fixed candidate lists and the R@1 of reranking their
   first-stage top ``mine_k`` (the learning curve, also in ``out_dir/train_log.jsonl``).
