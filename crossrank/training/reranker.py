@@ -704,7 +704,10 @@ def _load_teacher(
     from crossrank.rerank.checkpoint import _read_config_file, load_reranker
 
     folder = config.teacher
-    teacher = load_reranker(folder, device="cpu", encoder_info=index.manifest.encoder)
+    try:
+        teacher = load_reranker(folder, device="cpu", encoder_info=index.manifest.encoder)
+    except (ModelError, ModelMismatchError) as e:  # a --config file can name a teacher too
+        raise type(e)(f"teacher: {e}") from None
     if bool(teacher.config.token_embeddings) != bool(model_config.token_embeddings):
         has, lacks = (
             ("the teacher", "the student")
