@@ -365,21 +365,19 @@ def train_reranker(
     token_mask = torch.from_numpy(data.token_mask).to(device)  # (U, L) bool
     patches = torch.from_numpy(data.patches).to(device)  # (N, P, d) float16
     # The first-stage cosine of every (caption, image) pair, weighted, for residual training.
-    residual = None
-    if config.first_stage_weight > 0:
-        residual = (
-            config.first_stage_weight,
-            torch.from_numpy(data.query_vectors).to(device),  # (U, D) float32
+    vectors = None  # (query vectors (U, D), image vectors (N, D)) float32, when a residual needs
+    if config.first_stage_weight > 0 or teacher_weight > 0:
+        vectors = (
+            torch.from_numpy(data.query_vectors).to(device),
             torch.from_numpy(data.image_vectors).to(device),
-        )  # (N, D) float32
+        )
+    residual = None if config.first_stage_weight <= 0 else (config.first_stage_weight, *vectors)
     banks = Banks(tokens, token_mask, patches, residual)
     teacher_banks = None  # the same features, with the residual weight the teacher ranks with
     if teacher is not None:
         teacher = teacher.to(device).eval()
         teacher_banks = banks._replace(
-            residual=None
-            if residual is None or teacher_weight <= 0
-            else (teacher_weight, residual[1], residual[2])
+            residual=None if teacher_weight <= 0 else (teacher_weight, *vectors)
         )
     sampler = CandidateSampler(data, config.n_candidates, config.in_batch)
     n_neg = config.n_candidates - 1
@@ -709,14 +707,9 @@ def _load_teacher(
     except (ModelError, ModelMismatchError) as e:  # a --config file can name a teacher too
         raise type(e)(f"teacher: {e}") from None
     if bool(teacher.config.token_embeddings) != bool(model_config.token_embeddings):
-        has, lacks = (
-            ("the teacher", "the student")
-            if teacher.config.token_embeddings
-            else (
-                "the student",
-                "the teacher",
-            )
-        )
+        has, lacks = "the teacher", "the student"
+        if model_config.token_embeddings:
+            has, lacks = lacks, has
         raise InvalidArgumentError(
             f"{has} reads the text encoder's layer-0 token states and {lacks} does not; give "
             "the student the teacher's token_embeddings setting (--token-embeddings)"

@@ -1195,10 +1195,11 @@ def test_a_student_that_is_its_teacher_has_zero_distillation_loss(shapes, tmp_pa
     assert saved["train"]["teacher"] == str(tmp_path / "t")
     assert len(saved["teacher_weights_sha256"]) == 64
     # The same weights under another residual weight rank the image lists otherwise: the teacher
-    # keeps its own 20, so the student at 5 is off it.
-    other = dataclasses.replace(same, first_stage_weight=5.0, teacher=str(tmp_path / "t"))
-    report = train_reranker(index, ds.pairs_path, tmp_path / "s5", config=other)
-    assert report.curve[-1]["train_distill_loss"] > 1e-3
+    # keeps its own 20, so a student at 5 or 0 is off it.
+    for weight in (5.0, 0.0):  # 0: the student has no residual, the teacher still its own
+        other = dataclasses.replace(same, first_stage_weight=weight, teacher=str(tmp_path / "t"))
+        report = train_reranker(index, ds.pairs_path, tmp_path / f"s{weight}", config=other)
+        assert report.curve[-1]["train_distill_loss"] > 1e-3
 
 
 def test_distillation_pulls_a_smaller_student_towards_its_teacher(shapes, tmp_path):
