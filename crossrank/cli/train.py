@@ -177,7 +177,8 @@ def train_cmd(
             help=(
                 "A reranker config.json, as a checkpoint saves it (or its folder): its "
                 "architecture, and its recorded training settings when it has them, replace "
-                "the library defaults; the flags below override both."
+                "the library defaults (not its --init-from or --teacher: give your own); the "
+                "flags below override both."
             ),
             show_default=False,
         ),
@@ -593,4 +594,7 @@ def _read_train_config(
             f"{flag} {file} records unknown training settings {unknown} in metadata.train "
             "(was it written by a newer crossrank?)"
         )
+    # Inputs of that run, not settings: a fine-tune or a distillation names its own.
+    for name in ("init_from", "teacher"):
+        train.pop(name, None)
     return dict(data["config"]), train

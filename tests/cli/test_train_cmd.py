@@ -570,3 +570,21 @@ def test_train_distillation_flags_without_a_teacher_are_usage_errors(
     result = runner.invoke(app, [*args, "--out", str(tmp_path / "r"), *extra])
     assert result.exit_code == 2 and match in result.output
     assert not (tmp_path / "r").exists()
+
+
+def test_train_config_file_does_not_carry_the_runs_teacher_or_init_weights(
+    trained, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    root, index_dir, reranker_dir = trained
+    saved = json.loads((reranker_dir / "config.json").read_text())
+    saved["metadata"]["train"].update(
+        teacher="/elsewhere/teacher", init_from="/elsewhere/init", distill=4.0
+    )
+    config_file = tmp_path / "config.json"
+    config_file.write_text(json.dumps(saved))
+    seen = _capture_train(monkeypatch)
+    args = ["train", str(root / "data" / "pairs.parquet"), "--index", str(index_dir)]
+    result = runner.invoke(app, [*args, "--out", str(tmp_path / "r"), "--config", str(config_file)])
+    assert result.exit_code == 0, result.output
+    assert seen["config"].teacher is None and seen["config"].init_from is None
+    assert seen["config"].distill == 4.0  # the settings themselves still come from the file
