@@ -26,7 +26,9 @@ def test_defaults_are_the_shipped_demo_rerankers_architecture():
     # pair head learns only with attention supervision, which needs a shapes dataset's scene
     # graphs, and none of the three was measured on a user's own encoder and captions: the shipped
     # reranker, trained on shapes data with the demo encoder, is their only measurement (its
-    # config.json metadata: data.relevance "shapes", train.attention_supervision 0.5).
+    # config.json metadata: data.relevance "shapes", train.attention_supervision 0.5). Its width
+    # (64) and pair head width (32) are a student's, distilled from a teacher at the default
+    # width 128 (metadata train.teacher): the defaults keep the width that learns from labels.
     assert (shipped.query_self_attention, shipped.pair_head, shipped.token_embeddings) == (
         True,
         True,
@@ -41,10 +43,13 @@ def test_defaults_are_the_shipped_demo_rerankers_architecture():
             query_self_attention=False,
             pair_head=False,
             token_embeddings=0,
+            width=default.width,
+            pair_width=default.pair_width,
         )
         == default
     )
     assert shipped.patch_positions == 64 and default.patch_positions is None
+    assert (shipped.width, shipped.pair_width, default.width) == (64, 32, 128)
 
 
 def test_enum_fields_accept_their_strings():
