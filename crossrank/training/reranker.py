@@ -291,17 +291,18 @@ def train_reranker(
             config.first_stage_weight,
             "" if config.first_stage_weight else ": none, so no residual",
         )
-    init, init_record = None, {}  # the reranker a fine-tune starts from, and its weights' hash
+    # The reranker a fine-tune starts from; the weights' hashes of the run's reranker inputs.
+    init, input_hashes = None, {}
     if config.init_from is not None:
         init = load_reranker(config.init_from, device="cpu", encoder_info=index.manifest.encoder)
-        init_record = {"init_weights_sha256": _init_sha256(config.init_from)}
+        input_hashes["init_weights_sha256"] = _init_sha256(config.init_from)
         if model_config is None:
             model_config = init.config
     model_config = resolve_model_config(model_config, index.manifest.encoder, index)
     teacher, teacher_weight = None, 0.0
     if config.teacher is not None:
         teacher, teacher_weight, teacher_record = _load_teacher(config, model_config, index)
-        init_record.update(teacher_record)
+        input_hashes.update(teacher_record)
     if init is not None and init.config != model_config:
         raise InvalidArgumentError(
             f"init_from {config.init_from} is a reranker of another architecture than the one "
@@ -619,7 +620,7 @@ def train_reranker(
         },
         first_stage_val=first_stage,
         val=final,
-        **init_record,
+        **input_hashes,
     )
     model.eval()
     save_reranker(model, out, metadata=metadata)
@@ -704,7 +705,7 @@ def _load_teacher(
     folder = config.teacher
     try:
         teacher = load_reranker(folder, device="cpu", encoder_info=index.manifest.encoder)
-    except (ModelError, ModelMismatchError) as e:  # a --config file can name a teacher too
+    except (ModelError, ModelMismatchError) as e:  # say which of the run's rerankers it is
         raise type(e)(f"teacher: {e}") from None
     if bool(teacher.config.token_embeddings) != bool(model_config.token_embeddings):
         has, lacks = "the teacher", "the student"
