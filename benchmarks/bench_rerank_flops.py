@@ -16,6 +16,14 @@ The process allocator is tuned as the ``crossrank`` command line tunes it
 (:func:`crossrank.allocator.keep_large_allocations`); ``--allocator default`` leaves glibc's
 defaults, to measure what that tuning is worth.
 
+``--ceiling`` also records the kernels that FLOP count is made of (every matrix multiply and
+attention call of one forward, after the counter's own decompositions, with copies of their
+inputs) and times each alone: ``matmul_ms`` is their sum and ``ceiling_vs_matmul`` the ratio the
+call would reach if nothing else took any time (no LayerNorm, GELU, softmax, cast, copy or Python
+between them). No schedule of the same kernels at the same shapes can beat it, so a ceiling below
+the goal says the goal needs other kernels (fused, lower precision) or other shapes, not a leaner
+forward.
+
 The floor is a square fp32 ``torch.mm`` (the largest of 1024, 1536 and 2048 that is fastest per
 FLOP), measured in the same run with the same threads; each round times the matmul and every
 rerank case, in rotating order, and every figure is a median. The goal is a ratio >= 0.5.
@@ -32,6 +40,7 @@ architecture with its input dims, patch positions and layer-0 width made CLIP's,
     python benchmarks/bench_rerank_flops.py --threads 1
     python benchmarks/bench_rerank_flops.py --reranker OLD_DIR crossrank/assets/demo-reranker
     python benchmarks/bench_rerank_flops.py --shapes demo clip-b16
+    python benchmarks/bench_rerank_flops.py --ceiling       # + each call's matmul-only ceiling
     python benchmarks/bench_rerank_flops.py --quick --json  # a smoke test, not a measurement
     python benchmarks/bench_rerank_flops.py --out  # also writes results/bench_rerank_flops/
 """
@@ -49,6 +58,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_map
 from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmarks/: _report
@@ -97,6 +108,55 @@ def _sdpa_flops(query_shape, key_shape, value_shape, *args, out_shape=None, **kw
     return sdpa_flop_count(query_shape, key_shape, value_shape)
 
 
+#: The CPU flash-attention kernel, counted with torch's SDPA formula (see :func:`_sdpa_flops`).
+SDPA_CPU = {torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: _sdpa_flops}
+
+
+def _copy(x: Any) -> Any:
+    return x.clone() if isinstance(x, torch.Tensor) else x
+
+
+class _CountedKernels(TorchDispatchMode):
+    """Records the calls :class:`FlopCounterMode` counts, after the same decompositions (a
+    ``linear`` becomes its ``addmm``, an ``einsum`` its ``bmm``), with copies of their inputs."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.registry = FlopCounterMode(display=False, custom_mapping=SDPA_CPU).flop_registry
+        self.calls: list[tuple[Any, tuple, dict]] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func._overloadpacket in self.registry:
+            self.calls.append((func, tree_map(_copy, args), tree_map(_copy, kwargs)))
+        elif func is not torch.ops.prim.device.default:
+            with self:
+                out = func.decompose(*args, **kwargs)
+            if out is not NotImplemented:
+                return out
+        return func(*args, **kwargs)
+
+
+def _ceiling(call: Any, repeats: int, clock: Any) -> tuple[float, float]:
+    """The counted FLOPs of ``call`` and the seconds its counted kernels take, each timed alone
+    (median of ``repeats``) and summed: the call's time if nothing else took any."""
+    recorder = _CountedKernels()
+    with recorder:
+        call()
+    flops, seconds = 0.0, 0.0
+    for func, args, kwargs in recorder.calls:
+        with FlopCounterMode(display=False, custom_mapping=SDPA_CPU) as counter:
+            func(*args, **kwargs)  # also the warm-up
+        times = []
+        for _ in range(repeats):
+            start = clock()
+            func(*args, **kwargs)
+            times.append(clock() - start)
+        flops += counter.get_total_flops()
+        seconds += statistics.median(times)
+    return flops, seconds
+
+
 def _rerank_case(
     model: CrossAttentionReranker, k: int, n_patches: int = N_PATCHES
 ) -> tuple[Any, float]:
@@ -109,8 +169,7 @@ def _rerank_case(
         return model.score(tokens, mask, patches)
 
     call()  # warm-up outside the counter
-    sdpa_cpu = {torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: _sdpa_flops}
-    with FlopCounterMode(display=False, custom_mapping=sdpa_cpu) as counter:
+    with FlopCounterMode(display=False, custom_mapping=SDPA_CPU) as counter:
         call()
     return call, float(counter.get_total_flops())
 
@@ -152,6 +211,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--quick", action="store_true", help="3 rounds, small matmuls: a smoke test"
     )
+    parser.add_argument(
+        "--ceiling",
+        action="store_true",
+        help="also time each call's counted kernels alone: the ratio it would reach if nothing "
+        "else took any time",
+    )
     parser.add_argument("--json", action="store_true", help="one JSON object instead of the table")
     add_out_option(parser, "bench_rerank_flops")
     args = parser.parse_args(argv)
@@ -186,6 +251,10 @@ def main(argv: list[str] | None = None) -> int:
                 fn()
                 times[name].append(clock() - start)
 
+        ceilings = {
+            name: _ceiling(cases[name][0], rounds, clock) for name, *_ in timed if args.ceiling
+        }
+
     flops_per_s = {name: cases[name][1] / statistics.median(t) for name, t in times.items()}
     peak_name = max((n for n in cases if n.startswith("mm")), key=lambda n: flops_per_s[n])
     peak = flops_per_s[peak_name]
@@ -204,6 +273,13 @@ def main(argv: list[str] | None = None) -> int:
                 "vs_matmul": flops_per_s[name] / peak,
             }
         )
+        if name in ceilings:
+            flops, seconds = ceilings[name]
+            rows[-1].update(
+                matmul_gflop=flops / 1e9,
+                matmul_ms=1e3 * seconds,
+                ceiling_vs_matmul=flops / seconds / peak,
+            )
     configs = {source: config.to_dict() for _, source, _, _, config in timed}
     meta = {
         "torch": torch.__version__,
@@ -246,11 +322,13 @@ def main(argv: list[str] | None = None) -> int:
             print(f"# {r['reranker']} at {r['shapes']} shapes")
             print(
                 f"{'k':>5} {'p50 ms':>9} {'GFLOP/query':>12} {'GFLOP/s':>9} {'vs matmul':>10}"
-                "  goal >= 0.50"
+                + (f" {'matmul ms':>10} {'ceiling':>8}" if args.ceiling else "")
+                + "  goal >= 0.50"
             )
         print(
             f"{r['k']:>5} {r['p50_ms']:>9.2f} {r['gflop_per_query']:>12.3f} "
             f"{r['gflop_per_s']:>9.1f} {r['vs_matmul']:>10.2f}"
+            + (f" {r['matmul_ms']:>10.2f} {r['ceiling_vs_matmul']:>8.2f}" if args.ceiling else "")
         )
     return 0
 

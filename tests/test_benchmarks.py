@@ -177,7 +177,7 @@ def test_bench_blip_itm_tiny_reports_cached_and_full_latency() -> None:
 
 
 @pytest.mark.bench
-def test_bench_rerank_flops_quick_reports_finite_ratios() -> None:
+def test_bench_rerank_flops_quick_reports_finite_ratios_and_ceilings() -> None:
     proc = subprocess.run(
         [
             sys.executable,
@@ -189,6 +189,7 @@ def test_bench_rerank_flops_quick_reports_finite_ratios() -> None:
             "16",
             "--threads",
             "1",
+            "--ceiling",
         ],
         capture_output=True,
         text=True,
@@ -199,8 +200,11 @@ def test_bench_rerank_flops_quick_reports_finite_ratios() -> None:
     report = json.loads(proc.stdout)
     assert [r["k"] for r in report["rows"]] == [8, 16]
     for r in report["rows"]:
-        for key in ("p50_ms", "gflop_per_query", "gflop_per_s", "vs_matmul"):
+        for key in ("p50_ms", "gflop_per_query", "gflop_per_s", "vs_matmul", "ceiling_vs_matmul"):
             assert math.isfinite(r[key]) and r[key] > 0, (r["k"], key, r[key])
+        # the recorded kernels are the whole count, and alone they take less than the call
+        assert r["matmul_gflop"] == pytest.approx(r["gflop_per_query"], rel=1e-9)
+        assert 0 < r["matmul_ms"] < r["p50_ms"]
     # twice the candidates, about twice the counted work (the query side is shared)
     assert 1.5 < report["rows"][1]["gflop_per_query"] / report["rows"][0]["gflop_per_query"] <= 2.0
 
