@@ -332,6 +332,9 @@ def train_reranker(
         "config": {k: v for k, v in config.to_dict().items() if k not in _NOT_FINGERPRINTED},
         "model": model_config.to_dict(),
         "data": {**data.fingerprint, "counts": data.counts},
+        # The weights, not only the paths: a teacher retrained in place between a stop and a
+        # resume would otherwise go unnoticed.
+        "inputs": input_hashes,
     }
     torch.manual_seed(config.seed)
     model = CrossAttentionReranker(model_config)
@@ -687,7 +690,11 @@ def export_checkpoint(
     model = CrossAttentionReranker(RerankerConfig.from_dict(fingerprint["model"]))
     model.load_state_dict(state["model"])
     metadata = _reranker_metadata(
-        "crossrank train (exported checkpoint)", config, int(state["step"]), fingerprint["data"]
+        "crossrank train (exported checkpoint)",
+        config,
+        int(state["step"]),
+        fingerprint["data"],
+        **fingerprint.get("inputs", {}),
     )
     for name in _NOT_FINGERPRINTED:  # the checkpoint does not record them: not the defaults either
         del metadata["train"][name]

@@ -88,11 +88,14 @@ def _load_checkpoint(
         raise ModelError(f"{path} is not a reranker training checkpoint; {fix}")
     theirs = state.get("fingerprint")
     if fingerprint is None:
-        if not (isinstance(theirs, dict) and set(_FINGERPRINT_NAMES) <= set(theirs)):
+        if not (isinstance(theirs, dict) and set(_FINGERPRINT_NAMES) - _LATER <= set(theirs)):
             raise ModelError(f"{path} does not record the run it belongs to; {fix}")
         return state
+    if isinstance(theirs, dict):
+        # Sections a checkpoint predates: it was written before they were recorded, so it
+        # cannot be checked against them (the behaviour the older code had).
+        theirs = {**{k: fingerprint[k] for k in _LATER & fingerprint.keys()}, **theirs}
     if isinstance(theirs, dict) and defaults:
-        theirs = {**theirs}
         for section, values in defaults.items():
             ours, recorded = fingerprint.get(section), theirs.get(section)
             if isinstance(ours, dict) and isinstance(recorded, dict):
@@ -143,4 +146,8 @@ _FINGERPRINT_NAMES = {
     "config": "training config",
     "model": "model config",
     "data": "pairs file or index",
+    "inputs": "init_from or teacher weights",
 }
+#: Fingerprint sections added after checkpoints first recorded one: a checkpoint without them
+#: matches on them.
+_LATER = {"inputs"}

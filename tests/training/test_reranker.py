@@ -1,6 +1,8 @@
 import dataclasses
+import hashlib
 import json
 import math
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -13,7 +15,13 @@ from crossrank.errors import CrossrankError, InvalidArgumentError, ModelError, M
 from crossrank.rerank import CrossAttentionReranker, RerankerConfig, load_reranker
 from crossrank.training import RerankTrainConfig, train_reranker
 from crossrank.training.data import CandidateSampler, prepare_training_set
-from crossrank.training.reranker import CHECKPOINT_NAME, LOG_NAME, distill_loss, rerank_loss
+from crossrank.training.reranker import (
+    CHECKPOINT_NAME,
+    LOG_NAME,
+    distill_loss,
+    export_checkpoint,
+    rerank_loss,
+)
 
 # Gated with the 0.02 init (not the library defaults): a gated model starts at the identity, which
 # some tests rely on; the init is the one checkpoints that predate the field were trained with.
@@ -374,8 +382,6 @@ def test_first_stage_weight_auto_is_the_encoders_logit_scale(shapes, tmp_path):
 
 
 def test_an_exported_checkpoint_is_the_reranker_the_run_writes(shapes, tmp_path):
-    from crossrank.training.reranker import export_checkpoint
-
     ds, index = shapes
     train_reranker(
         index,
@@ -952,6 +958,7 @@ def test_a_checkpoint_that_predates_a_field_resumes_while_the_field_keeps_its_de
     state = torch.load(ckpt, weights_only=True)
     del state["fingerprint"]["config"]["caption_only_steps"]  # as written before these fields
     del state["fingerprint"]["model"]["init"]
+    del state["fingerprint"]["inputs"]  # the weights' hashes, recorded since
     torch.save(state, ckpt)
     with pytest.raises(InvalidArgumentError, match="another training config"):  # not the old run's
         train_reranker(
@@ -1200,6 +1207,28 @@ def test_a_student_that_is_its_teacher_has_zero_distillation_loss(shapes, tmp_pa
         other = dataclasses.replace(same, first_stage_weight=weight, teacher=str(tmp_path / "t"))
         report = train_reranker(index, ds.pairs_path, tmp_path / f"s{weight}", config=other)
         assert report.curve[-1]["train_distill_loss"] > 1e-3
+
+
+def test_a_teacher_retrained_in_place_stops_a_resume_and_exports_carry_its_hash(shapes, tmp_path):
+    ds, index = shapes
+    teacher = tmp_path / "t"
+    train_reranker(index, ds.pairs_path, teacher, model_config=TINY, config=_config(steps=2))
+    config = _config(steps=6, checkpoint_every=4, teacher=str(teacher))
+    cut = tmp_path / "cut"
+    _interrupted_run(index, ds.pairs_path, cut, config, at_step=5)
+    export_checkpoint(cut, tmp_path / "exported")
+    saved = json.loads((tmp_path / "exported" / "config.json").read_text())["metadata"]
+    assert (
+        saved["teacher_weights_sha256"]
+        == hashlib.sha256((teacher / "model.safetensors").read_bytes()).hexdigest()
+    )
+
+    # Same folder, other weights: the run cannot go on with another teacher than it began with.
+    other = tmp_path / "t2"
+    train_reranker(index, ds.pairs_path, other, model_config=TINY, config=_config(steps=2, seed=5))
+    shutil.copyfile(other / "model.safetensors", teacher / "model.safetensors")
+    with pytest.raises(InvalidArgumentError, match="another init_from or teacher weights"):
+        train_reranker(index, ds.pairs_path, cut, model_config=TINY, config=config)
 
 
 def test_distillation_pulls_a_smaller_student_towards_its_teacher(shapes, tmp_path):
