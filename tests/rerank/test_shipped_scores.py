@@ -57,7 +57,9 @@ def test_the_shipped_models_score_as_recorded() -> None:
     got = shipped_scores()
     assert got["captions"] == want["captions"]
     np.testing.assert_allclose(got["pooled"], want["pooled"], rtol=0, atol=1e-5)
-    np.testing.assert_allclose(got["rerank"], want["rerank"], rtol=1e-5, atol=1e-4)
+    # float32 kernels differ between CPUs (summation order, vector width): on an AMD EPYC the
+    # file, made on a CPU with AMX, is off by up to 6.1e-4 (2.9e-5 relative, on a score of -21.3).
+    np.testing.assert_allclose(got["rerank"], want["rerank"], rtol=1e-4, atol=1e-4)
     # The reranker tells the scenes apart: a model that scored every candidate alike would pass
     # an all-equal golden file too.
     assert np.ptp(np.asarray(want["rerank"]), axis=1).min() > 0.1
