@@ -21,9 +21,9 @@ def autocast(device: torch.device) -> contextlib.AbstractContextManager:
 @contextlib.contextmanager
 def autocast_off(device: torch.device) -> Iterator[None]:
     """Run a region in float32 even inside an autocast region (pooling, the score heads, the
-    folded weight products)."""
-    if device.type == "cuda":
-        with torch.autocast("cuda", enabled=False):
+    folded weight products): crossrank's own on CUDA, or one a caller opened on the CPU."""
+    if device.type in ("cuda", "cpu"):
+        with torch.autocast(device.type, enabled=False):
             yield
     else:
         yield

@@ -235,6 +235,16 @@ def test_folded_weights_kept_across_calls_follow_every_weight_change():
     _close(moved, plain())
 
 
+def test_a_callers_cpu_autocast_leaves_the_kept_folded_weights_in_float32():
+    model = _model(seed=2)
+    tokens, token_mask, patches, _ = _inputs()
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # fills the cache inside the caller's
+        in_bf16 = model.score(tokens, token_mask, patches)
+    after = model.score(tokens, token_mask, patches)
+    assert after.equal(_model(seed=2).score(tokens, token_mask, patches))  # a fresh cache's
+    assert not in_bf16.equal(after)  # the autocast region itself did run in bf16
+
+
 @pytest.mark.parametrize(
     "options", [OPTIONS["default"], OPTIONS["everything"]], ids=["default", "everything"]
 )
