@@ -29,7 +29,7 @@ from typing import Any
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # research/: rerank_cost_eval
-from rerank_cost_eval import summarise
+from rerank_cost_eval import summarise, write_results
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 from bench_rerank_flops import _rerank_case
@@ -130,9 +130,7 @@ def main(argv: list[str] | None = None) -> int:
                 flush=True,
             )
         print(f"seed {seed} first query: {row['first_query']}", flush=True)
-    if args.out is not None:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
+    write_results(args.out, results)
     return 0
 
 

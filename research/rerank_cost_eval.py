@@ -80,10 +80,15 @@ def main(argv: list[str] | None = None) -> int:
                 f"{'met' if summary['goals_met'] else 'MISSED'}",
                 flush=True,
             )
-    if args.out is not None:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
+    write_results(args.out, results)
     return 0
+
+
+def write_results(out: Path | None, results: dict[str, Any]) -> None:
+    """Write ``results`` as indented JSON to ``out`` (its folder made); None writes nothing."""
+    if out is not None:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
 
 
 if __name__ == "__main__":
