@@ -41,8 +41,12 @@ def _parse(text: str, shipped: Any) -> dict[str, Any]:
         name, _, value = item.partition("=")
         if name not in fields:
             raise SystemExit(f"unknown config field {name!r}; one of {', '.join(sorted(fields))}")
+        try:
+            parsed = json.loads(value)
+        except json.JSONDecodeError:
+            parsed = value  # a bare word: pooling=first, init=bert
         current = getattr(shipped, name)
-        out[name] = json.loads(value) if current is None else type(current)(json.loads(value))
+        out[name] = parsed if current is None else type(current)(parsed)
     return out
 
 
