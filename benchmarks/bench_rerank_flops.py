@@ -54,8 +54,9 @@ import platform
 import statistics
 import sys
 import time
+from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -69,6 +70,7 @@ from crossrank.allocator import keep_large_allocations
 from crossrank.rerank import CrossAttentionReranker, RerankerConfig, read_reranker_config
 from crossrank.rerank.checkpoint import demo_reranker_dir, load_reranker
 
+K = TypeVar("K")
 DEMO_RERANKER = demo_reranker_dir()
 N_TOKENS = 12
 DIM, N_PATCHES = 128, 64  # the demo encoder's features
@@ -157,6 +159,23 @@ def _ceiling(call: Any, repeats: int, clock: Any) -> tuple[float, float]:
     return flops, seconds
 
 
+def time_rounds(
+    calls: Mapping[K, Callable[[], Any]],
+    rounds: int,
+    clock: Callable[[], float] = time.perf_counter,
+) -> dict[K, list[float]]:
+    """Seconds of each call, timed once a round for ``rounds`` rounds; each round starts one call
+    later than the one before (so no call always runs right after the same other one)."""
+    times: dict[K, list[float]] = {key: [] for key in calls}
+    keys = list(calls)
+    for r in range(rounds):
+        for key in keys[r % len(keys) :] + keys[: r % len(keys)]:
+            start = clock()
+            calls[key]()
+            times[key].append(clock() - start)
+    return times
+
+
 def _rerank_case(
     model: CrossAttentionReranker, k: int, n_patches: int = N_PATCHES
 ) -> tuple[Any, float]:
@@ -242,14 +261,7 @@ def main(argv: list[str] | None = None) -> int:
                     timed.append((name, source, shape, k, model.config))
         for fn, _ in cases.values():
             fn()  # warm-up
-        times: dict[str, list[float]] = {name: [] for name in cases}
-        names = list(cases)
-        for r in range(rounds):
-            for name in names[r % len(names) :] + names[: r % len(names)]:
-                fn, _ = cases[name]
-                start = clock()
-                fn()
-                times[name].append(clock() - start)
+        times = time_rounds({name: fn for name, (fn, _) in cases.items()}, rounds, clock)
 
         ceilings = {
             name: _ceiling(cases[name][0], rounds, clock) for name, *_ in timed if args.ceiling

@@ -22,17 +22,17 @@ import argparse
 import json
 import statistics
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # research/: rerank_cost_eval
-from rerank_cost_eval import summarise, write_results
+from rerank_cost_eval import summarise
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-from bench_rerank_flops import _rerank_case
+from _report import write_report
+from bench_rerank_flops import _rerank_case, time_rounds
 from typer.testing import CliRunner
 
 from crossrank.allocator import keep_large_allocations
@@ -84,16 +84,10 @@ def _timings(rounds: int) -> list[dict[str, Any]]:
 
         bf16()
         calls[(k, "bf16")] = bf16
-    times: dict[tuple[int, str], list[float]] = {key: [] for key in calls}
-    keys = list(calls)
-    for r in range(rounds):
-        for key in keys[r % len(keys) :] + keys[: r % len(keys)]:
-            start = time.perf_counter()
-            calls[key]()
-            times[key].append(time.perf_counter() - start)
+    times = time_rounds(calls, rounds)
     return [
-        {"k": k, "precision": precision, "p50_ms": 1e3 * statistics.median(times[(k, precision)])}
-        for k, precision in keys
+        {"k": k, "precision": precision, "p50_ms": 1e3 * statistics.median(seconds)}
+        for (k, precision), seconds in times.items()
     ]
 
 
@@ -130,7 +124,7 @@ def main(argv: list[str] | None = None) -> int:
                 flush=True,
             )
         print(f"seed {seed} first query: {row['first_query']}", flush=True)
-    write_results(args.out, results)
+    write_report(args.out, results)
     return 0
 
 

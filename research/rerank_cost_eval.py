@@ -20,6 +20,9 @@ import sys
 from pathlib import Path
 from typing import Any
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))  # _report
+from _report import write_report
+
 GOALS = {"R@1": 0.95, "removed": 0.80, "heldout_R@1": 0.80}
 
 
@@ -80,15 +83,8 @@ def main(argv: list[str] | None = None) -> int:
                 f"{'met' if summary['goals_met'] else 'MISSED'}",
                 flush=True,
             )
-    write_results(args.out, results)
+    write_report(args.out, results)
     return 0
-
-
-def write_results(out: Path | None, results: dict[str, Any]) -> None:
-    """Write ``results`` as indented JSON to ``out`` (its folder made); None writes nothing."""
-    if out is not None:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
 
 
 if __name__ == "__main__":

@@ -18,7 +18,6 @@ import dataclasses
 import json
 import statistics
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +25,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))  # bench_rerank_flops: the timed call
-from bench_rerank_flops import _rerank_case
+from bench_rerank_flops import _rerank_case, time_rounds
 
 from crossrank.allocator import keep_large_allocations
 from crossrank.rerank import CrossAttentionReranker, read_reranker_config
@@ -70,13 +69,8 @@ def main(argv: list[str] | None = None) -> int:
             model = CrossAttentionReranker(dataclasses.replace(shipped, **fields)).eval()
             for k in args.ks:
                 cases[(name, k)] = _rerank_case(model, k)
-        times: dict[tuple[str, int], list[float]] = {key: [] for key in cases}
+        times = time_rounds({key: call for key, (call, _) in cases.items()}, args.rounds)
         keys = list(cases)
-        for r in range(args.rounds):
-            for key in keys[r % len(keys) :] + keys[: r % len(keys)]:
-                start = time.perf_counter()
-                cases[key][0]()
-                times[key].append(time.perf_counter() - start)
     rows = []
     for name, k in keys:
         p50 = statistics.median(times[(name, k)])
