@@ -18,6 +18,7 @@ counted FLOP/s against that matmul's (``bench_rerank_flops``'s ratio). Run::
 
     python research/bf16_probe.py --runs runs --seeds 0 7 11 --out FILE.json
     python research/bf16_probe.py --time --out FILE.json
+    python research/bf16_probe.py --profile 1000 --out FILE.json  # top operators, float32/hand
 """
 
 from __future__ import annotations
@@ -112,6 +113,42 @@ def _hand_attend(self: FoldedKV, layer: Any, q: torch.Tensor, channels: Any = ()
     return F.linear(out, attn.o.weight, b_out), averages
 
 
+def _profiles(k: int, calls: int = 10) -> dict[str, list[dict[str, Any]]]:
+    """torch.profiler's top operators (self CPU ms per call, with input shapes) of the float32
+    and the ``hand`` call at ``k``: where the bf16 time goes."""
+    from torch.profiler import ProfilerActivity, profile
+
+    keep_large_allocations()
+    model = load_reranker(demo_reranker_dir(), device="cpu")
+    call, _ = _rerank_case(model, k)
+    plain_stream, plain_attend = CrossAttentionReranker._patch_stream, FoldedKV.attend
+    tops = {}
+    for name, (stream, attend) in {
+        "float32": (plain_stream, plain_attend),
+        "hand": (_hand_stream, _hand_attend),
+    }.items():
+        CrossAttentionReranker._patch_stream, FoldedKV.attend = stream, attend
+        try:
+            for _ in range(calls):  # warm: the allocator keeps its blocks after these
+                call()
+            with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
+                for _ in range(calls):
+                    call()
+        finally:
+            CrossAttentionReranker._patch_stream, FoldedKV.attend = plain_stream, plain_attend
+        events = prof.key_averages(group_by_input_shape=True)
+        top = sorted(events, key=lambda e: -e.self_cpu_time_total)[:12]
+        tops[name] = [
+            {
+                "op": e.key,
+                "ms_per_call": e.self_cpu_time_total / 1e3 / calls,
+                "shapes": e.input_shapes,
+            }
+            for e in top
+        ]
+    return tops
+
+
 def _timings(rounds: int) -> dict[str, Any]:
     """p50 ms of the shipped reranker's ``score`` in float32, under bf16 autocast and with bf16
     placed by hand; each one's counted GFLOP/s against a square fp32 matmul's, same rounds."""
@@ -162,10 +199,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seeds", type=int, nargs="+", default=[])
     parser.add_argument("--time", action="store_true", help="time the three ways instead")
     parser.add_argument("--rounds", type=int, default=15)
+    parser.add_argument(
+        "--profile", type=int, default=None, metavar="K", help="profile float32 and hand at k=K"
+    )
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args(argv)
-    if not args.time and not args.seeds:
-        parser.error("give --seeds (accuracy) or --time")
+    if not args.time and not args.seeds and args.profile is None:
+        parser.error("give --seeds (accuracy), --time or --profile K")
     results: dict[str, Any] = {"seeds": {}}
     if args.time:
         results.update(threads=torch.get_num_threads(), timings=_timings(args.rounds))
@@ -177,6 +217,11 @@ def main(argv: list[str] | None = None) -> int:
                 f"scores within {row['max_abs_diff']:.3f})",
                 flush=True,
             )
+    if args.profile is not None:
+        results["profile"] = {"k": args.profile, "top": _profiles(args.profile)}
+        for name, top in results["profile"]["top"].items():
+            for op in top:
+                print(f"{name:>7} {op['ms_per_call']:6.2f} ms  {op['op']} {op['shapes']}")
     for seed in args.seeds:
         row = {"float32": _eval(args.runs, seed)}
         _first_call.clear()
