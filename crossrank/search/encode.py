@@ -87,6 +87,15 @@ def prepare_queries(queries: Sequence[Query]) -> PreparedQueries:
         if isinstance(query, str):
             if not query.strip():
                 raise InvalidArgumentError("query is empty; give a text to search for, or an image")
+            try:
+                query.encode("utf-8")
+            except UnicodeEncodeError:
+                # Bytes that are not UTF-8 reach Python as lone surrogates (argv, stdin); the
+                # tokenizers reject them with a TypeError.
+                raise InvalidArgumentError(
+                    f"query {query!r} is not valid text: it holds bytes that are not UTF-8; "
+                    "give the query as UTF-8 text"
+                ) from None
             texts.append((i, query))
             labels.append(query)
         elif isinstance(query, Path):

@@ -485,6 +485,7 @@ def test_a_model_that_changed_under_its_name_is_refused_saying_so(
         ),
         ({"query": ""}, InvalidArgumentError, "query is empty"),
         ({"query": "  \n"}, InvalidArgumentError, "query is empty"),
+        ({"query": "a red \udcff circle"}, InvalidArgumentError, "bytes that are not UTF-8"),
         ({"query": 42}, InvalidArgumentError, "query must be a str .* got int"),
         (
             {"query": Path("/no/such/image.png")},
@@ -503,6 +504,7 @@ def test_a_model_that_changed_under_its_name_is_refused_saying_so(
         "rerank_k-below-k",
         "empty-query",
         "blank-query",
+        "non-utf8-query",
         "query-type",
         "missing-image",
         "unknown-reranker",

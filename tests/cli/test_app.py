@@ -371,6 +371,11 @@ BAD = {
         r"rerank_k must be >= k",
     ),
     "empty-query": (["search", "{idx}", "  "], r"query is empty"),
+    # bytes that are not UTF-8 in argv or stdin reach Python as lone surrogates
+    "non-utf8-query": (
+        ["search", "{idx}", "a red \udcff circle"],
+        r"query 'a red \\udcff circle' is not valid text: it holds bytes that are not UTF-8",
+    ),
 }
 
 
