@@ -136,9 +136,17 @@ def read_npy_header(path: Path) -> tuple[tuple[int, ...], np.dtype]:
 
 def load_npy(path: Path | str, *, mmap_mode: str | None = "r") -> np.ndarray:
     """``np.load(path, mmap_mode=..., allow_pickle=False)``, its header read under the lock
-    every crossrank header read takes (see ``_NPY_HEADER_LOCK``)."""
+    every crossrank header read takes (see ``_NPY_HEADER_LOCK``).
+
+    Raises:
+        ValueError: the file is empty or not a ``.npy`` file (numpy's ``EOFError`` for an empty
+            file included, so that every reader's ``except UNREADABLE`` catches it).
+    """
     with _NPY_HEADER_LOCK:
-        return np.load(path, mmap_mode=mmap_mode, allow_pickle=False)
+        try:
+            return np.load(path, mmap_mode=mmap_mode, allow_pickle=False)
+        except EOFError as e:  # np.load on a 0-byte file; click would print a bare "Aborted."
+            raise ValueError("empty file (0 bytes), not a .npy file") from e
 
 
 class NpyAppender:

@@ -93,6 +93,19 @@ def test_info_skipped_prints_paths_literally(built_index, runner) -> None:
     assert "broken.png" in result.stdout
 
 
+@pytest.mark.parametrize("name", ["ids.npy", "vectors.npy", "patches-000.npy"])
+def test_info_and_search_of_an_emptied_array_file_are_one_line(odd_copy, runner, name) -> None:
+    path = _gen(odd_copy) / name
+    path.write_bytes(b"")  # numpy raises EOFError here, which click prints as a bare "Aborted."
+    for args in (["info", str(odd_copy)], ["search", str(odd_copy), "a cat", "--device", "cpu"]):
+        result = runner.invoke(app, args)
+        assert result.exit_code == 1 and isinstance(result.exception, SystemExit)
+        lines = result.stderr.splitlines()
+        assert len(lines) == 1, result.stderr
+        assert lines[0].startswith("error: ") and str(path) in lines[0]
+        assert "empty file (0 bytes)" in lines[0] and "crossrank verify" in lines[0]
+
+
 # -- verify -------------------------------------------------------------------------------------
 
 
