@@ -49,8 +49,38 @@ def generation_dir_name(number: int) -> str:
 
 
 def no_index_message(root: Path | str) -> str:
-    """The one-line error for a directory without a committed index."""
+    """The one-line error for a directory without a committed index.
+
+    Building into ``root`` is suggested only where a build would accept it: not for a file, nor
+    for a folder of other files (a build refuses to write into those).
+    """
+    root = Path(root)
+    if root.exists() and not root.is_dir():
+        return (
+            f"{root} is a file, not an index folder; give the folder an index was built into "
+            "(`crossrank build SOURCE --index DIR` makes one)"
+        )
+    if root.is_dir() and _holds_foreign_files(root):
+        return (
+            f"no committed index in {root}: it is a folder of other files, not a crossrank index; "
+            "give the folder an index was built into, or build one into a new folder with "
+            "`crossrank build SOURCE --index NEW_DIR`"
+        )
     return f"no committed index in {root}; build one with `crossrank build SOURCE --index {root}`"
+
+
+def _holds_foreign_files(root: Path) -> bool:
+    """Whether ``root`` holds anything crossrank does not write into an index folder."""
+    from crossrank.store.gc import is_own_leftover
+    from crossrank.store.lock import LOCK_NAME
+    from crossrank.store.pins import READERS_DIR
+
+    own = (LOCK_NAME, READERS_DIR, MANIFEST_NAME)
+    try:
+        names = [e.name for e in root.iterdir()]
+    except OSError:
+        return False
+    return any(not (n in own or _GEN_RE.match(n) or is_own_leftover(n)) for n in names)
 
 
 def _no_index_error(root: Path) -> IndexNotFoundError:

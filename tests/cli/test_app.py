@@ -349,6 +349,10 @@ BAD = {
         r"no committed index in .*no\.idx; build one",
     ),
     "info-missing-index": (["info", "{tmp}/no.idx"], r"no committed index in"),
+    "search-the-image-folder": (
+        ["search", "{photos}", QUERY],
+        r"no committed index in .*photos\d*: it is a folder of other files, not a crossrank index",
+    ),
     "verify-missing-index": (["verify", "{tmp}/no.idx"], r"no committed index in"),
     "other-model": (
         ["search", "{idx}", QUERY, "--model", "{other}"],

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -76,6 +77,37 @@ def test_dir_without_manifest_is_not_an_index(tmp_path: Path, layout: str) -> No
         read_manifest(root)
     with pytest.raises(IndexNotFoundError, match="no committed index in"):
         Generation.current(root)
+
+
+@pytest.mark.parametrize(
+    ("layout", "expected"),
+    [
+        (
+            "file",
+            r"^{root} is a file, not an index folder; give the folder an index was built into",
+        ),
+        (
+            "foreign",
+            r"^no committed index in {root}: it is a folder of other files, not a crossrank index; "
+            r"give the folder an index was built into, or build one into a new folder",
+        ),
+    ],
+)
+def test_no_index_error_never_suggests_building_where_a_build_refuses(
+    tmp_path: Path, layout: str, expected: str
+) -> None:
+    # A build refuses a file and a non-empty folder that is not an index; the hint must not
+    # send the user there (e.g. `crossrank search photos/ "a cat"`, the image folder by mistake).
+    root = tmp_path / "photos"
+    if layout == "file":
+        root.write_bytes(b"not an index")
+    else:
+        root.mkdir()
+        (root / "cat.jpg").write_bytes(b"jpeg")
+        (root / "writer.lock.bak").write_bytes(b"")
+    with pytest.raises(IndexNotFoundError, match=expected.format(root=re.escape(str(root)))) as e:
+        read_manifest(root)
+    assert f"--index {root}`" not in str(e.value)
 
 
 def _rewrite(root: Path, **changes: object) -> None:
