@@ -41,6 +41,7 @@ architecture with its input dims, patch positions and layer-0 width made CLIP's,
     python benchmarks/bench_rerank_flops.py --reranker OLD_DIR crossrank/assets/demo-reranker
     python benchmarks/bench_rerank_flops.py --shapes demo clip-b16
     python benchmarks/bench_rerank_flops.py --ceiling       # + each call's matmul-only ceiling
+    python benchmarks/bench_rerank_flops.py --precision auto bfloat16  # both, same rounds
     python benchmarks/bench_rerank_flops.py --quick --json  # a smoke test, not a measurement
     python benchmarks/bench_rerank_flops.py --out  # also writes results/bench_rerank_flops/
 """
@@ -49,6 +50,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import itertools
 import json
 import platform
 import statistics
@@ -67,6 +69,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmarks/: _report
 from _report import add_out_option, write_report
 
 from crossrank.allocator import keep_large_allocations
+from crossrank.device import Precision
 from crossrank.rerank import CrossAttentionReranker, RerankerConfig, read_reranker_config
 from crossrank.rerank.checkpoint import demo_reranker_dir, load_reranker
 
@@ -176,6 +179,16 @@ def time_rounds(
     return times
 
 
+def _at(model: CrossAttentionReranker, precision: Precision, call: Any) -> Any:
+    """``call`` with ``model`` set to ``precision`` first (one model, several precisions)."""
+
+    def at() -> Any:
+        model.precision = precision
+        return call()
+
+    return at
+
+
 def _rerank_case(
     model: CrossAttentionReranker, k: int, n_patches: int = N_PATCHES
 ) -> tuple[Any, float]:
@@ -209,6 +222,13 @@ def main(argv: list[str] | None = None) -> int:
         choices=sorted(SHAPES),
         default=["demo"],
         help="feature shapes: demo (d = 128, 64 patches), clip-b16 (d = 512, 196 patches)",
+    )
+    parser.add_argument(
+        "--precision",
+        nargs="+",
+        choices=[p.value for p in Precision],
+        default=["auto"],
+        help="precisions to time each reranker at, in the same rounds (auto: float32 on the CPU)",
     )
     parser.add_argument("--rounds", type=int, default=15)
     parser.add_argument(
@@ -255,10 +275,12 @@ def main(argv: list[str] | None = None) -> int:
             for shape in args.shapes:
                 model, source = _model(folder, shape)
                 model.eval()
-                for k in args.ks:
-                    name = f"{source}|{shape}|k{k}"
-                    cases[name] = _rerank_case(model, k, SHAPES[shape][1])
-                    timed.append((name, source, shape, k, model.config))
+                for k, precision in itertools.product(args.ks, args.precision):
+                    name = f"{source}|{shape}|k{k}|{precision}"
+                    model.precision = Precision(precision)
+                    call, flops = _rerank_case(model, k, SHAPES[shape][1])
+                    cases[name] = (_at(model, Precision(precision), call), flops)
+                    timed.append((name, source, shape, k, model.config, precision))
         for fn, _ in cases.values():
             fn()  # warm-up
         times = time_rounds({name: fn for name, (fn, _) in cases.items()}, rounds, clock)
@@ -271,13 +293,14 @@ def main(argv: list[str] | None = None) -> int:
     peak_name = max((n for n in cases if n.startswith("mm")), key=lambda n: flops_per_s[n])
     peak = flops_per_s[peak_name]
     rows = []
-    for name, source, shape, k, _ in timed:
+    for name, source, shape, k, _, precision in timed:
         t = times[name]
         rows.append(
             {
                 "reranker": source,
                 "shapes": shape,
                 "k": k,
+                "precision": precision,
                 "p50_ms": 1e3 * statistics.median(t),
                 "min_ms": 1e3 * min(t),
                 "gflop_per_query": cases[name][1] / 1e9,
@@ -292,7 +315,7 @@ def main(argv: list[str] | None = None) -> int:
                 matmul_ms=1e3 * seconds,
                 ceiling_vs_matmul=flops / seconds / peak,
             )
-    configs = {source: config.to_dict() for _, source, _, _, config in timed}
+    configs = {source: config.to_dict() for _, source, _, _, config, _ in timed}
     meta = {
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
@@ -333,12 +356,13 @@ def main(argv: list[str] | None = None) -> int:
             last = (r["reranker"], r["shapes"])
             print(f"# {r['reranker']} at {r['shapes']} shapes")
             print(
-                f"{'k':>5} {'p50 ms':>9} {'GFLOP/query':>12} {'GFLOP/s':>9} {'vs matmul':>10}"
+                f"{'k':>5} {'precision':>9} {'p50 ms':>9} {'GFLOP/query':>12} {'GFLOP/s':>9} "
+                f"{'vs matmul':>10}"
                 + (f" {'matmul ms':>10} {'ceiling':>8}" if args.ceiling else "")
                 + "  goal >= 0.50"
             )
         print(
-            f"{r['k']:>5} {r['p50_ms']:>9.2f} {r['gflop_per_query']:>12.3f} "
+            f"{r['k']:>5} {r['precision']:>9} {r['p50_ms']:>9.2f} {r['gflop_per_query']:>12.3f} "
             f"{r['gflop_per_s']:>9.1f} {r['vs_matmul']:>10.2f}"
             + (f" {r['matmul_ms']:>10.2f} {r['ceiling_vs_matmul']:>8.2f}" if args.ceiling else "")
         )

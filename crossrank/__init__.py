@@ -13,7 +13,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from crossrank.device import Device
+from crossrank.device import Device, Precision
 from crossrank.errors import (
     CrossrankError,
     DecodeError,
@@ -44,6 +44,7 @@ __all__ = [
     "BuildReport",
     "build_index",
     "Device",
+    "Precision",
     "CrossrankError",
     "InvalidArgumentError",
     "SourceError",
@@ -69,7 +70,8 @@ _LAZY = {
 def open(path: str | Path, **kwargs: Any) -> Index:
     """Open an index folder: one index, or a sharded index (a folder holding ``shards.json``).
 
-    Keyword arguments as :meth:`Index.open` (``device``, ``model``, ``nprobe``); a sharded index
+    Keyword arguments as :meth:`Index.open` (``device``, ``model``, ``nprobe``, ``precision``); a
+    sharded index
     also takes those of :class:`crossrank.shards.ShardedIndex` (``factory``, ``executor``).
 
     Raises:

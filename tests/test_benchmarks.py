@@ -190,6 +190,9 @@ def test_bench_rerank_flops_quick_reports_finite_ratios_and_ceilings() -> None:
             "--threads",
             "1",
             "--ceiling",
+            "--precision",
+            "auto",
+            "bfloat16",
         ],
         capture_output=True,
         text=True,
@@ -198,15 +201,22 @@ def test_bench_rerank_flops_quick_reports_finite_ratios_and_ceilings() -> None:
     )
     assert proc.returncode == 0, proc.stderr[-4000:]
     report = json.loads(proc.stdout)
-    assert [r["k"] for r in report["rows"]] == [8, 16]
+    assert [(r["k"], r["precision"]) for r in report["rows"]] == [
+        (8, "auto"),
+        (8, "bfloat16"),
+        (16, "auto"),
+        (16, "bfloat16"),
+    ]
     for r in report["rows"]:
         for key in ("p50_ms", "gflop_per_query", "gflop_per_s", "vs_matmul", "ceiling_vs_matmul"):
             assert math.isfinite(r[key]) and r[key] > 0, (r["k"], key, r[key])
         # the recorded kernels are the whole count, and alone they take less than the call
         assert r["matmul_gflop"] == pytest.approx(r["gflop_per_query"], rel=1e-9)
         assert 0 < r["matmul_ms"] < r["p50_ms"]
+    # bf16 runs the same matrix multiplies: the same count
+    assert report["rows"][0]["gflop_per_query"] == report["rows"][1]["gflop_per_query"]
     # twice the candidates, about twice the counted work (the query side is shared)
-    assert 1.5 < report["rows"][1]["gflop_per_query"] / report["rows"][0]["gflop_per_query"] <= 2.0
+    assert 1.5 < report["rows"][2]["gflop_per_query"] / report["rows"][0]["gflop_per_query"] <= 2.0
 
 
 @pytest.mark.bench

@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from crossrank.device import Precision, parse_precision
 from crossrank.errors import CrossrankError, InvalidArgumentError
 from crossrank.hits import SearchResult
 from crossrank.search.encode import (
@@ -82,10 +83,12 @@ class Index:
         device: str = "auto",
         model: str | Path | None = None,
         nprobe: int | None = None,
+        precision: Precision | str = Precision.AUTO,
     ) -> None:
         """Use :meth:`Index.open`; this constructor is the same call."""
         self.path = Path(path)
         self.device = device
+        self.precision = parse_precision(precision)
         self._model_override = model
         self._nprobe = nprobe
         self._snap: Snapshot | None = self._open_snapshot()
@@ -122,6 +125,7 @@ class Index:
         device: str = "auto",
         model: str | Path | None = None,
         nprobe: int | None = None,
+        precision: Precision | str = Precision.AUTO,
     ) -> Index:
         """Open the committed generation of an index directory.
 
@@ -132,11 +136,16 @@ class Index:
                 different model is refused (:class:`ModelMismatchError`); a moved copy of the same
                 model is accepted.
             nprobe: IVF lists probed per query (default: the index's own).
+            precision: what the rerankers it loads compute in (:class:`~crossrank.Precision`):
+                ``auto`` (bf16 autocast on CUDA, float32 on the CPU), ``float32``, or
+                ``bfloat16`` (on the CPU too: faster on CPUs with native bf16, scores move
+                slightly). A :class:`~crossrank.rerank.Reranker` object passed to a search keeps
+                its own.
 
         Raises:
             IndexNotFoundError: no committed index in ``path``.
         """
-        return cls(Path(path), device=device, model=model, nprobe=nprobe)
+        return cls(Path(path), device=device, model=model, nprobe=nprobe, precision=precision)
 
     @classmethod
     def build(
@@ -1043,7 +1052,7 @@ class Index:
         from crossrank.rerank import get_reranker
 
         if spec is None or not isinstance(spec, (str, os.PathLike)):
-            scorer = get_reranker(spec, device=self.device)
+            scorer = get_reranker(spec, device=self.device, precision=self.precision)
             return _Choice(scorer, "none" if scorer is None else str(scorer.name), None)
         key = str(spec)
         if key not in self._rerankers:
@@ -1060,7 +1069,12 @@ class Index:
         resolved: str | Path = self.default_reranker if auto else key
         if isinstance(spec, os.PathLike):
             resolved = Path(spec)
-        scorer = get_reranker(resolved, device=self.device, encoder_info=self.manifest.encoder)
+        scorer = get_reranker(
+            resolved,
+            device=self.device,
+            encoder_info=self.manifest.encoder,
+            precision=self.precision,
+        )
         note = None
         if scorer is None:
             label = "none"
@@ -1073,6 +1087,8 @@ class Index:
             label = resolved.strip().lower()
         else:  # a folder
             label = f"{scorer.name} ({resolved})"
+        if scorer is not None and self.precision != Precision.AUTO and scorer.name != "maxsim":
+            label = f"{label}, {self.precision}"  # MaxSim computes in float32 at any precision
         return _Choice(scorer, label, note, auto=auto)
 
     def _plan(

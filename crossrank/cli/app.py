@@ -21,9 +21,10 @@ from rich.markup import escape
 from typer.core import TyperGroup
 
 from crossrank.cli.render import err_console
+from crossrank.device import Precision
 from crossrank.errors import CrossrankError
 
-__all__ = ["FusionOption", "RerankerOption", "app", "main"]
+__all__ = ["FusionOption", "PrecisionOption", "RerankerOption", "app", "main"]
 
 # Recent typer releases bundle their own click: take its UsageError from where BadParameter lives.
 _UsageError = next(c for c in typer.BadParameter.__mro__ if c.__name__ == "UsageError")
@@ -84,6 +85,17 @@ RerankerOption = Annotated[
             "a BLIP index, the shipped one for the demo encoder; else none: the first stage "
             "alone, with a hint on how to train one; image queries get none), maxsim, blip-itm, "
             "none, or a trained reranker folder."
+        ),
+    ),
+]
+#: ``--precision``: what the reranker computes in (crossrank.device.Precision).
+PrecisionOption = Annotated[
+    Precision,
+    typer.Option(
+        help=(
+            "What the reranker computes in: auto (bf16 on a GPU, float32 on the CPU), float32, "
+            "or bfloat16 (on the CPU too: faster where the CPU has native bf16, scores move "
+            "slightly)."
         ),
     ),
 ]

@@ -9,7 +9,14 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
-from crossrank.cli.app import FusionOption, RerankerOption, _friendly_errors, _print_json, app
+from crossrank.cli.app import (
+    FusionOption,
+    PrecisionOption,
+    RerankerOption,
+    _friendly_errors,
+    _print_json,
+    app,
+)
 from crossrank.cli.build import Engine
 from crossrank.cli.render import (
     console,
@@ -21,7 +28,7 @@ from crossrank.cli.render import (
     stage_bars,
 )
 from crossrank.cli.search import EngineOption, RayAddressOption, check_engine, open_for_search
-from crossrank.device import Device
+from crossrank.device import Device, Precision
 
 
 @app.command()
@@ -133,6 +140,7 @@ def eval_cmd(
         Path | None, typer.Option(help="Write first_stage.run and reranked.run (TREC) here.")
     ] = None,
     device: Annotated[Device, typer.Option(help="Where to encode and rerank.")] = Device.AUTO,
+    precision: PrecisionOption = Precision.AUTO,
     engine: EngineOption = Engine.LOCAL,
     ray_address: RayAddressOption = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
@@ -147,7 +155,9 @@ def eval_cmd(
     from crossrank.evaluate import evaluate_index
 
     check_engine(engine, ray_address)
-    idx = open_for_search(index, device.value, None, None, engine, ray_address)
+    idx = open_for_search(
+        index, device.value, None, None, engine, ray_address, precision=precision.value
+    )
     with progress_bar(
         TextColumn("[bold]evaluating"),
         BarColumn(),

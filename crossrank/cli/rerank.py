@@ -7,10 +7,17 @@ from typing import Annotated
 
 import typer
 
-from crossrank.cli.app import FusionOption, RerankerOption, _friendly_errors, _print_json, app
+from crossrank.cli.app import (
+    FusionOption,
+    PrecisionOption,
+    RerankerOption,
+    _friendly_errors,
+    _print_json,
+    app,
+)
 from crossrank.cli.render import Notes
 from crossrank.cli.search import _print_result
-from crossrank.device import Device
+from crossrank.device import Device, Precision
 
 
 def _parse_ids(text: str) -> list[int]:
@@ -52,6 +59,7 @@ def rerank(
         Path | None, typer.Option(help="Rerank for this image file instead of a text.")
     ] = None,
     device: Annotated[Device, typer.Option(help="Where to encode and rerank.")] = Device.AUTO,
+    precision: PrecisionOption = Precision.AUTO,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
 ) -> None:
     """Rerank the candidates a search backend chose (--ids) for a text or --image query.
@@ -65,7 +73,8 @@ def rerank(
     if (query is None) == (image is None):
         raise typer.BadParameter("give either a QUERY text or --image PATH (one of them)")
     candidates = _parse_ids(ids)
-    idx = open_index(index, device=device.value)  # an unsharded or a sharded index
+    # an unsharded or a sharded index
+    idx = open_index(index, device=device.value, precision=precision.value)
     try:
         result = idx.rerank(
             query if image is None else image,

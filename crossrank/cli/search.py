@@ -13,7 +13,14 @@ from rich.markup import escape
 from rich.table import Table
 from rich.text import Text
 
-from crossrank.cli.app import FusionOption, RerankerOption, _friendly_errors, _print_json, app
+from crossrank.cli.app import (
+    FusionOption,
+    PrecisionOption,
+    RerankerOption,
+    _friendly_errors,
+    _print_json,
+    app,
+)
 from crossrank.cli.build import Engine
 from crossrank.cli.render import (
     Notes,
@@ -23,7 +30,7 @@ from crossrank.cli.render import (
     explain_table,
     print_table,
 )
-from crossrank.device import Device
+from crossrank.device import Device, Precision
 from crossrank.errors import CrossrankError
 
 if TYPE_CHECKING:
@@ -60,6 +67,7 @@ def search(
         str | None, typer.Option(help="Model to encode the query with; must be the index's.")
     ] = None,
     device: Annotated[Device, typer.Option(help="Where to encode and rerank.")] = Device.AUTO,
+    precision: PrecisionOption = Precision.AUTO,
     nprobe: Annotated[
         int | None, typer.Option(min=1, help="IVF lists probed (default: the index's).")
     ] = None,
@@ -109,14 +117,17 @@ def search(
     # Checked before any model loads: the index (opening it), -k, --image, --fusion, --where.
     check_engine(engine, ray_address)
     if engine == Engine.RAY:  # the actors start once: the model is checked at open, with them
-        idx = open_for_search(index, device.value, model, nprobe, engine, ray_address)
+        idx = open_for_search(
+            index, device.value, model, nprobe, engine, ray_address, precision=precision.value
+        )
         idx.check_search(one, k=k, rerank_k=rerank_k, where=where, fusion=fusion)
     else:
-        idx = open_index(index, device=device.value, nprobe=nprobe)
+        opts = {"device": device.value, "nprobe": nprobe, "precision": precision.value}
+        idx = open_index(index, **opts)
         idx.check_search(one, k=k, rerank_k=rerank_k, where=where, fusion=fusion)
         if model is not None:  # a model named on the command line is loaded (and checked) now
             idx.close()
-            idx = open_index(index, device=device.value, model=model, nprobe=nprobe)
+            idx = open_index(index, model=model, **opts)
     notes = Notes()
     with warnings.catch_warnings():
         # A cut query's warning reaches the user as a note (result.notes), not as a traceback line.
@@ -180,17 +191,18 @@ def open_for_search(
     nprobe: int | None,
     engine: Engine,
     ray_address: str | None,
+    *,
+    precision: str = "auto",
 ) -> Index:
     """An index (sharded or not) on local threads, or a sharded one on Ray actors."""
+    opts = {"device": device, "model": model, "nprobe": nprobe, "precision": precision}
     if engine == Engine.RAY:
         from crossrank.distributed import open_on_ray  # only with --engine ray
 
-        return open_on_ray(
-            index, device=device, model=model, nprobe=nprobe, ray_address=ray_address
-        )
+        return open_on_ray(index, ray_address=ray_address, **opts)
     from crossrank.shards import open_index
 
-    return open_index(index, device=device, model=model, nprobe=nprobe)
+    return open_index(index, **opts)
 
 
 def _stdin_queries() -> Iterator[str]:

@@ -11,11 +11,11 @@ from typing import Annotated
 import typer
 from rich.markup import escape
 
-from crossrank.cli.app import FusionOption, RerankerOption, _friendly_errors, app
+from crossrank.cli.app import FusionOption, PrecisionOption, RerankerOption, _friendly_errors, app
 from crossrank.cli.build import Engine
 from crossrank.cli.render import err_console
 from crossrank.cli.search import EngineOption, RayAddressOption, check_engine, open_for_search
-from crossrank.device import Device
+from crossrank.device import Device, Precision
 from crossrank.errors import DependencyError
 
 __all__ = ["serve"]
@@ -45,6 +45,7 @@ def serve(
         str | None, typer.Option(help="Model to encode queries with; must be the index's.")
     ] = None,
     device: Annotated[Device, typer.Option(help="Where to encode and rerank.")] = Device.AUTO,
+    precision: PrecisionOption = Precision.AUTO,
     nprobe: Annotated[
         int | None, typer.Option(min=1, help="IVF lists probed (default: the index's).")
     ] = None,
@@ -67,7 +68,9 @@ def serve(
     from crossrank.serve import create_app  # raises DependencyError without fastapi
 
     opened = (
-        open_for_search(index, device.value, model, nprobe, engine, ray_address)
+        open_for_search(
+            index, device.value, model, nprobe, engine, ray_address, precision=precision.value
+        )
         if engine == Engine.RAY
         else index  # create_app opens the folder (sharded or not) itself
     )
@@ -80,6 +83,7 @@ def serve(
         reranker=None if reranker == "none" else reranker,
         fusion=fusion,
         rerank_k=rerank_k,
+        precision=precision.value,
     )
     idx = api.state.index
     url = f"http://[{host}]:{port}/" if ":" in host else f"http://{host}:{port}/"  # IPv6: [::1]

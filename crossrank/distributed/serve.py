@@ -27,6 +27,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
+from crossrank.device import parse_precision
 from crossrank.errors import CrossrankError, InvalidArgumentError
 
 __all__ = ["ActorShard", "ShardActor", "ray_shard_factory", "open_on_ray", "shard_resource"]
@@ -123,7 +124,7 @@ class ShardActor:
     Args:
         ref: the :class:`~crossrank.shards.ShardRef` to open.
         kwargs: for :class:`~crossrank.shards.ShardSearcher` (``device``, ``nprobe``,
-            ``encoder``).
+            ``encoder``, ``precision``).
     """
 
     def __init__(self, ref: Any, **kwargs: Any) -> None:
@@ -163,6 +164,7 @@ def ray_shard_factory(
     num_cpus: float | None = None,
     num_gpus: float = 0,
     open_timeout: float = OPEN_TIMEOUT_S,
+    precision: str = "auto",
 ) -> Any:
     """A :data:`~crossrank.shards.coordinator.ShardFactory` that starts one actor per shard.
 
@@ -177,6 +179,7 @@ def ray_shard_factory(
             CPUs share a machine); None: Ray's default.
         num_gpus: GPUs each actor reserves (a fraction shares one).
         open_timeout: seconds an actor may take to start and open its shard.
+        precision: what each shard's reranker computes in (``auto``, ``float32``, ``bfloat16``).
 
     Returns:
         ``factory(ref) -> ActorShard``.
@@ -196,7 +199,7 @@ def ray_shard_factory(
         if pin in resources:
             options["resources"] = {pin: 0.01}
         actor = remote_cls.options(**options).remote(
-            ref, device=device, nprobe=nprobe, encoder=encoder
+            ref, device=device, nprobe=nprobe, encoder=encoder, precision=precision
         )
         shard = ActorShard(ray, actor, ref)
         try:  # wait for it to open: a missing shard or another model fails here, named
@@ -218,6 +221,7 @@ def open_on_ray(
     ray_address: str | None = None,
     num_cpus: int | None = None,
     shard_gpus: float = 0,
+    precision: str = "auto",
 ) -> Any:
     """Open a sharded index with one Ray actor per shard.
 
@@ -235,6 +239,7 @@ def open_on_ray(
             already started is used as it is.
         num_cpus: CPUs of a local runtime (None: every CPU of this machine).
         shard_gpus: GPUs each shard actor reserves (its reranker runs there); 0: the CPU.
+        precision: what the shards' rerankers compute in (as :meth:`crossrank.Index.open`).
 
     Returns:
         A :class:`~crossrank.shards.ShardedIndex` (an :class:`~crossrank.Index`): ``search``,
@@ -257,6 +262,7 @@ def open_on_ray(
     from crossrank.store import has_index
 
     path = Path(path)
+    precision = str(parse_precision(precision))  # a bad value stops here, before Ray starts
     ray = require_ray()
     if not is_sharded(path):
         if has_index(path):
@@ -285,9 +291,16 @@ def open_on_ray(
             encoder=top.encoder,
             num_cpus=per_shard,
             num_gpus=shard_gpus,
+            precision=precision,
         )
         index = _sharded_index_class().open(
-            path, device=device, model=model, nprobe=nprobe, factory=factory, remote=True
+            path,
+            device=device,
+            model=model,
+            nprobe=nprobe,
+            factory=factory,
+            remote=True,
+            precision=precision,
         )
     except BaseException:
         if started:

@@ -18,6 +18,9 @@ each with the default a plain reranker has:
   passes ``TextFeatures.reranker_tokens()`` as ``query``, ``(n_tokens, token_embeddings + dim)``.
 - ``fusion`` (None): the ``--fusion`` the reranker recommends (a trained checkpoint records it);
   ``fusion="auto"`` uses it.
+- ``precision`` (``auto``): the :class:`~crossrank.device.Precision` a torch reranker computes
+  in; :func:`~crossrank.rerank.get_reranker` sets it on the rerankers it builds. The
+  cross-attention and BLIP ITM rerankers honour it; MaxSim computes in float32 always.
 - :meth:`Reranker.explain` (None): where each query token looked in each candidate, one map over
   the candidate's patches per token (``search(..., explain=True)``); a reranker that cannot say
   keeps the default, and the search then adds a one-line note instead of maps.
@@ -30,6 +33,7 @@ from abc import ABC, abstractmethod
 from enum import StrEnum
 from typing import TYPE_CHECKING, Any, ClassVar
 
+from crossrank.device import Precision
 from crossrank.errors import InvalidArgumentError
 
 if TYPE_CHECKING:
@@ -62,12 +66,14 @@ class Reranker(ABC):
         token_embeddings: width of the layer-0 token states expected in front of ``query``
             (0: none).
         fusion: the fusion this reranker recommends for ``fusion="auto"``; None = the default.
+        precision: what a torch reranker computes in (see the module notes).
     """
 
     name: str = "reranker"
     needs_input_ids: ClassVar[bool] = False
     token_embeddings: int = 0
     fusion: str | None = None
+    precision: Precision = Precision.AUTO
 
     @abstractmethod
     def score(

@@ -22,9 +22,10 @@ i.e. the raw "match" logit, not its softmax, plus the ITC similarity. ``--fusion
 closest crossrank option; it is not the same number, since P(match) is bounded where the logit is
 not, so orderings can differ where the ITC cosines disagree strongly with ITM.
 
-Precision: on CUDA the text encoder runs under bf16 autocast (fp16 where bf16 is unsupported)
-over the fp16 stored patches, as the cross-attention reranker does; ``itm_head`` and the softmax
-run in float32, and scores come back float32 on the CPU. On the CPU everything is float32.
+Precision (``precision``, as for the cross-attention reranker): by default the text encoder runs
+under bf16 autocast on CUDA (fp16 where bf16 is unsupported) over the fp16 stored patches, and in
+float32 on the CPU; ``bfloat16`` autocasts on the CPU too, ``float32`` nowhere. ``itm_head`` and
+the softmax run in float32, and scores come back float32 on the CPU.
 
 Explaining (``search(..., explain=True)``): :meth:`BlipItmReranker.explain` reruns the same text
 encoder forward over the returned hits with ``output_attentions=True`` and gives each query
@@ -38,7 +39,6 @@ The ``[CLS]`` vs ``[ENC]`` difference from the original BLIP (transformers issue
 
 from __future__ import annotations
 
-import contextlib
 import logging
 from collections.abc import Mapping
 from pathlib import Path
@@ -197,11 +197,13 @@ class BlipItmReranker(Reranker):
         if k == 0:
             return torch.empty(0, dtype=torch.float32)
         device = self.device
-        with torch.inference_mode(), _autocast(device):
+        from crossrank.rerank.autocast import autocast, autocast_off
+
+        with torch.inference_mode(), autocast(device, self.precision):
             hidden = self._text_forward(
                 input_ids, query_mask, patches
             ).last_hidden_state  # (k, n_tokens, hidden)
-            with _autocast_off(device):
+            with autocast_off(device):
                 logits = self.itm_head(hidden[:, 0].float())  # (k, 2)
                 scores = logits.softmax(dim=-1)[:, 1]  # (k,)
         return scores.to("cpu", torch.float32)
@@ -245,7 +247,9 @@ class BlipItmReranker(Reranker):
         maps = torch.zeros((k, query_mask.shape[0], n_patches), dtype=torch.float32)
         if k == 0:
             return maps
-        with torch.inference_mode(), _autocast(self.device):
+        from crossrank.rerank.autocast import autocast
+
+        with torch.inference_mode(), autocast(self.device, self.precision):
             for start in range(0, k, self.explain_chunk):
                 out = self._text_forward(
                     input_ids,
@@ -314,7 +318,7 @@ class BlipItmReranker(Reranker):
     ) -> Any:
         """The image-conditioned text encoder over ``k > 0`` candidates, in one batch: the
         query's ids broadcast to the k candidates; inputs checked. Call it under inference mode
-        and :func:`_autocast`."""
+        and :func:`~crossrank.rerank.autocast.autocast`."""
         import torch
 
         device = self.device
@@ -334,26 +338,6 @@ class BlipItmReranker(Reranker):
             encoder_attention_mask=image_mask,
             **extra,
         )
-
-
-def _autocast(device: torch.device) -> contextlib.AbstractContextManager:
-    """bf16 autocast on CUDA (fp16 where bf16 is unsupported); nothing on the CPU."""
-    import torch
-
-    if device.type != "cuda":
-        return contextlib.nullcontext()
-    return torch.autocast(
-        "cuda", dtype=torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    )
-
-
-def _autocast_off(device: torch.device) -> contextlib.AbstractContextManager:
-    """The ITM head and softmax in float32 even inside an autocast region."""
-    import torch
-
-    return (
-        torch.autocast("cuda", enabled=False) if device.type == "cuda" else contextlib.nullcontext()
-    )
 
 
 def blip_itm_for_index(

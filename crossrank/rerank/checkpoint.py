@@ -22,7 +22,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from crossrank.device import Device, resolve_device
+from crossrank.device import Device, Precision, resolve_device
 from crossrank.errors import ModelError, ModelMismatchError
 from crossrank.rerank.config import RerankerConfig
 
@@ -229,6 +229,7 @@ def load_reranker(
     device: Device | str = Device.AUTO,
     *,
     encoder_info: Mapping[str, Any] | None = None,
+    precision: Precision | str = Precision.AUTO,
 ) -> CrossAttentionReranker:
     """Load a saved reranker onto ``device``, in eval mode.
 
@@ -237,6 +238,9 @@ def load_reranker(
         device: ``auto``, ``cpu``, ``cuda`` or ``cuda:N``.
         encoder_info: the ``info`` of the encoder it will rerank for (an index manifest's
             ``encoder``); its dims are checked against the config before the weights are read.
+        precision: what it computes in (:class:`~crossrank.device.Precision`): ``auto`` (bf16
+            autocast on CUDA, float32 on the CPU), ``float32``, or ``bfloat16`` (also on the
+            CPU, where it pays on CPUs with native bf16).
 
     Returns:
         The :class:`~crossrank.rerank.CrossAttentionReranker`.
@@ -245,7 +249,8 @@ def load_reranker(
         ModelError: the folder, ``config.json`` or ``model.safetensors`` is missing, corrupt or
             truncated, or the weights do not fit the config.
         ModelMismatchError: the config's dims do not fit ``encoder_info``.
-        InvalidArgumentError: the device is unknown or unavailable.
+        InvalidArgumentError: the device is unknown or unavailable, or the precision is unknown
+            or unsupported there.
 
     Example:
         >>> reranker = load_reranker("runs/demo-reranker", device="cpu")  # doctest: +SKIP
@@ -254,9 +259,11 @@ def load_reranker(
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
+    from crossrank.rerank.autocast import check_precision
     from crossrank.rerank.cross_attention import CrossAttentionReranker
 
     torch_device = resolve_device(device)
+    precision = check_precision(precision, torch_device)
     config, metadata = _read_config_file(path)
     folder = Path(path)
     if encoder_info is not None:
@@ -284,6 +291,7 @@ def load_reranker(
     # A reranker trained as a residual over the first stage recommends the fusion it was trained
     # with; ``fusion="auto"`` in search and eval uses it.
     model.fusion = _recommended_fusion(folder, metadata)
+    model.precision = precision
     return model.to(torch_device).eval()
 
 

@@ -99,6 +99,9 @@ class CrossAttentionReranker(nn.Module, Reranker):
     Attributes:
         name: ``"cross-attention"``.
         path: the :class:`AttentionPath` :meth:`score` uses (default :data:`DEFAULT_PATH`).
+        precision: the :class:`~crossrank.device.Precision` :meth:`score` and :meth:`explain`
+            run at (default ``auto``: bf16 autocast on CUDA, float32 on the CPU; ``bfloat16``
+            also autocasts on the CPU).
         fusion: the ``--fusion`` this reranker recommends (set by
             :func:`~crossrank.rerank.load_reranker` from its metadata; ``weighted:1/(1+W)`` after
             residual training), or None; ``fusion="auto"`` in search and eval uses it.
@@ -196,8 +199,9 @@ class CrossAttentionReranker(nn.Module, Reranker):
     ) -> torch.Tensor:
         """Score one query against its k candidates (the :class:`Reranker` protocol).
 
-        Inputs go to the module's device; on CUDA the forward runs under bf16 autocast (fp16 where
-        bf16 is unsupported) with pooling and the score head in float32. Runs without gradient,
+        Inputs go to the module's device; the forward runs at :attr:`precision`: by default under
+        bf16 autocast on CUDA (fp16 where bf16 is unsupported) and in float32 on the CPU, with
+        pooling and the score head in float32. Runs without gradient,
         in the module's current train/eval mode (loaded rerankers are in eval mode).
 
         Args:
@@ -228,7 +232,7 @@ class CrossAttentionReranker(nn.Module, Reranker):
                 query_mask[query_mask],
             )  # (n_real, token_input_dim)
         device = self.device
-        with torch.inference_mode(), _autocast(device):
+        with torch.inference_mode(), _autocast(device, self.precision):
             logits = self.forward(
                 query.to(device),
                 query_mask.to(device),
@@ -275,7 +279,7 @@ class CrossAttentionReranker(nn.Module, Reranker):
         device = self.device
         # A view, never materialised per candidate here: (1, k, P, P)
         eye = torch.eye(n_patches, device=device).expand(1, k, n_patches, n_patches)
-        with torch.inference_mode(), _autocast(device):
+        with torch.inference_mode(), _autocast(device, self.precision):
             _, attended = self.forward_batch(
                 tokens.to(device)[None],
                 torch.ones((1, tokens.shape[0]), dtype=torch.bool, device=device),

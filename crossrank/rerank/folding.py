@@ -60,7 +60,10 @@ class FoldedKV(KVSource):
         n_batch, k, n_patches = prepared.shape[:3]
         rows = n * heads  # token-major (n, heads): the output then reshapes to (n, width)
         # All heads attend over the same x̃: stack them along the query rows, one d_v-wide head.
-        q_fold = torch.einsum("...hnd,hde->...nhe", q, w_k * attn.scale)  # (B, 1|k, n, h, d_v)
+        # The kept maps are float32; under autocast q is not. Cast here, not in einsum: its
+        # decomposition under a dispatch mode (a FLOP counter) passes autocast by.
+        w_q = (w_k * attn.scale).to(q.dtype)
+        q_fold = torch.einsum("...hnd,hde->...nhe", q, w_q)  # (B, 1|k, n, h, d_v)
         q_fold = q_fold.reshape(*q.shape[:-3], rows, d_v)  # (B, 1|k, rows, d_v)
         flat = prepared.reshape(n_batch * k, n_patches, d_v)  # (N, P, d_v), N = B * k
         if q_fold.shape[0] == 1 and q_fold.shape[1] == 1:
@@ -92,7 +95,7 @@ class FoldedKV(KVSource):
             averages = torch.cat(parts, dim=-1) if len(parts) > 1 else parts[0]  # (N, rows, c)
             averages = averages.view(n_batch, k, n, heads, -1)  # (B, k, n, heads, c)
         out = out.view(n_batch, k, n, heads, d_v)
-        out = torch.einsum("...nhe,hde->...nhd", out, w_v)  # (B, k, n, heads, head_dim)
+        out = torch.einsum("...nhe,hde->...nhd", out, w_v.to(out.dtype))  # (B, k, n, h, head_dim)
         out = out.reshape(*out.shape[:-2], heads * head_dim)  # (B, k, n, width)
         return attn.drop(F.linear(out, attn.o.weight, b_out)), averages  # (B, k, n, width)
 

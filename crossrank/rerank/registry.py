@@ -12,7 +12,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from crossrank.device import Device
+from crossrank.device import Device, Precision, parse_precision
 from crossrank.errors import InvalidArgumentError, ModelMismatchError
 from crossrank.rerank.base import Reranker, RerankerName
 
@@ -28,6 +28,7 @@ def get_reranker(
     device: Device | str = Device.AUTO,
     *,
     encoder_info: Mapping[str, Any] | None = None,
+    precision: Precision | str = Precision.AUTO,
 ) -> Reranker | None:
     """Turn a ``--reranker`` value into a reranker.
 
@@ -41,13 +42,16 @@ def get_reranker(
         device: where a named or loaded reranker runs: ``auto``, ``cpu``, ``cuda`` or ``cuda:N``.
         encoder_info: the ``info`` of the encoder whose features will be reranked (an index
             manifest's ``encoder``); a loaded reranker's dims are checked against it.
+        precision: what a named or loaded reranker computes in (:class:`Precision`: ``auto``,
+            ``float32`` or ``bfloat16``); a :class:`Reranker` instance keeps its own.
 
     Returns:
         The reranker, or None when reranking is off.
 
     Raises:
-        InvalidArgumentError: the name is not a known reranker nor a path, or the device is
-            unavailable.
+        InvalidArgumentError: the name is not a known reranker nor a path, the device is
+            unavailable, or the precision is unknown or unsupported there (bf16 on a GPU
+            without it).
         ModelError: the path holds no loadable reranker (missing, corrupt or truncated files).
         ModelMismatchError: the loaded reranker's dims do not fit ``encoder_info``; ``blip-itm``
             on an index not built with BLIP; ``maxsim`` on a BLIP index (its token and patch
@@ -60,7 +64,7 @@ def get_reranker(
     if spec is None:
         return None
     if isinstance(spec, os.PathLike):
-        return _load(spec, device, encoder_info)
+        return _load(spec, device, encoder_info, precision)
     if isinstance(spec, str):
         name = spec.strip().lower()
         if name == RerankerName.NONE:
@@ -81,13 +85,18 @@ def get_reranker(
                         "--reranker none"
                     )
                 )
-            return MaxSimReranker(device=device)
+            scorer = MaxSimReranker(device=device)  # float32 at any precision
+            scorer.precision = parse_precision(precision)
+            return scorer
         if name == RerankerName.BLIP_ITM:
+            from crossrank.rerank.autocast import check_precision
             from crossrank.rerank.blip_itm import blip_itm_for_index
 
-            return blip_itm_for_index(device, encoder_info)
+            blip = blip_itm_for_index(device, encoder_info)
+            blip.precision = check_precision(precision, blip.device)
+            return blip
         if _looks_like_path(spec):
-            return _load(spec, device, encoder_info)
+            return _load(spec, device, encoder_info, precision)
         choices = ", ".join(m.value for m in RerankerName)
         raise InvalidArgumentError(
             f"reranker must be one of {choices}, got {spec!r}, or the folder of a saved "
@@ -115,11 +124,16 @@ def _looks_like_path(spec: str) -> bool:
 
 
 def _load(
-    path: str | os.PathLike[str], device: Device | str, encoder_info: Mapping[str, Any] | None
+    path: str | os.PathLike[str],
+    device: Device | str,
+    encoder_info: Mapping[str, Any] | None,
+    precision: Precision | str,
 ) -> Reranker:
     from crossrank.rerank.checkpoint import load_reranker
 
-    return load_reranker(Path(path).expanduser(), device, encoder_info=encoder_info)
+    return load_reranker(
+        Path(path).expanduser(), device, encoder_info=encoder_info, precision=precision
+    )
 
 
 class _Wrapped(Reranker):

@@ -95,6 +95,7 @@ def create_app(
     rerank_k: int = 100,
     title: str = "crossrank",
     refresh: bool = True,
+    precision: str = "auto",
 ) -> FastAPI:
     """Build the HTTP app for one index; serve it with uvicorn or mount it in another app.
 
@@ -113,6 +114,8 @@ def create_app(
         refresh: before each request, move to the newest committed generation (one small file
             read; see :meth:`Index.refresh`), so that ``crossrank add``/``remove``/``compact`` in
             another process show without a restart. A request runs on one generation throughout.
+        precision: what the reranker computes in when ``index`` is a directory (see
+            :meth:`Index.open`).
 
     Returns:
         A FastAPI application; the index is in ``app.state.index``.
@@ -136,7 +139,7 @@ def create_app(
     if not isinstance(index, Index):
         from crossrank.shards import open_index  # an index folder, or a sharded one
 
-        index = open_index(index, device=device, model=model, nprobe=nprobe)
+        index = open_index(index, device=device, model=model, nprobe=nprobe, precision=precision)
     _ = index.encoder  # load it now: the first request should not pay for it, nor fail on it
     opened: Index = index
 

@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from crossrank.api.index import Index
+from crossrank.device import Precision
 from crossrank.errors import CrossrankError, InvalidArgumentError
 from crossrank.hits import SearchResult
 from crossrank.shards.coordinator import (
@@ -67,7 +68,9 @@ class ShardedIndex(Index):
             process). The Ray engine passes one that starts an actor per shard.
         executor: runs one round of shard calls at once (default: a thread per shard).
         remote: the shards run in other processes: they are sent the reranker's name or folder
-            rather than the loaded reranker.
+            rather than the loaded reranker (and load it at the ``precision`` their factory was
+            given).
+        precision: what the rerankers it loads compute in (as :meth:`Index.open`).
     """
 
     def __init__(
@@ -80,12 +83,13 @@ class ShardedIndex(Index):
         factory: ShardFactory | None = None,
         executor: Executor | None = None,
         remote: bool = False,
+        precision: Precision | str = Precision.AUTO,
     ) -> None:
         self._factory = factory
         self._executor = executor
         self._remote = remote
         self._specs: dict[int, str] = {}  # id of a loaded reranker -> its name or folder
-        super().__init__(path, device=device, model=model, nprobe=nprobe)
+        super().__init__(path, device=device, model=model, nprobe=nprobe, precision=precision)
 
     def _open_snapshot(self) -> Any:
         return self._open_view()
@@ -110,6 +114,7 @@ class ShardedIndex(Index):
         factory: ShardFactory | None = None,
         executor: Executor | None = None,
         remote: bool = False,
+        precision: Precision | str = Precision.AUTO,
     ) -> ShardedIndex:
         """Open the committed generation of a sharded index (see the class arguments)."""
         return cls(
@@ -120,6 +125,7 @@ class ShardedIndex(Index):
             factory=factory,
             executor=executor,
             remote=remote,
+            precision=precision,
         )
 
     @classmethod

@@ -147,6 +147,8 @@ class ShardSearcher:
         nprobe: IVF lists probed per query (default: the shard's own).
         encoder: the ``Encoder.info`` the sharded index records; a shard built with another model
             is refused, naming the shard.
+        precision: what the rerankers it loads by name or folder compute in (``auto``,
+            ``float32``, ``bfloat16``).
 
     Raises:
         IndexNotFoundError: the shard folder is missing.
@@ -161,9 +163,11 @@ class ShardSearcher:
         device: str = "cpu",
         nprobe: int | None = None,
         encoder: dict[str, Any] | None = None,
+        precision: str = "auto",
     ) -> None:
         self.ref = ref
         self.device = device
+        self.precision = precision
         self._snap = open_shard_snapshot(ref, device=device, nprobe=nprobe, encoder=encoder)
         self._scorers: dict[str, Reranker | None] = {}
         self._lock = threading.Lock()
@@ -262,7 +266,10 @@ class ShardSearcher:
         with self._lock:
             if reranker not in self._scorers:
                 self._scorers[reranker] = get_reranker(
-                    reranker, device=self.device, encoder_info=self._snap.manifest.encoder
+                    reranker,
+                    device=self.device,
+                    encoder_info=self._snap.manifest.encoder,
+                    precision=self.precision,
                 )
             return self._scorers[reranker]
 
