@@ -74,3 +74,24 @@ def test_shard_refs_and_results_pickle(pair) -> None:
         assert [h.id for h in pickle.loads(pickle.dumps(hits))] == back.ids[0].tolist()
     finally:
         shard.close()
+
+
+def test_a_shard_loads_a_named_reranker_at_its_precision(pair, tmp_path: Path) -> None:
+    """A remote shard is sent the reranker's name or folder: it loads it at the precision its
+    factory was given (``open_on_ray(precision=...)`` passes it to every actor)."""
+    from crossrank import Precision
+    from crossrank.rerank import CrossAttentionReranker, RerankerConfig
+    from crossrank.rerank.checkpoint import save_reranker
+
+    ref = read_shards_manifest(pair[1]).shards[0]
+    dim = int(read_shards_manifest(pair[1]).encoder["patch_dim"])
+    folder = save_reranker(
+        CrossAttentionReranker(RerankerConfig(text_dim=dim, patch_dim=dim, width=16, heads=2)),
+        tmp_path / "rr",
+    )
+    for precision in ("auto", "bfloat16"):
+        shard = ShardSearcher(ref, device="cpu", precision=precision)
+        try:
+            assert shard._scorer(str(folder)).precision is Precision(precision)
+        finally:
+            shard.close()
