@@ -7,13 +7,14 @@ seed: as shipped (float32 on the CPU), and with every ``CrossAttentionReranker.s
 under ``torch.autocast("cpu", dtype=torch.bfloat16)`` (matrix multiplies and linears in bf16,
 LayerNorm and softmax as autocast's CPU policy leaves them). Reports the goal figures of each and
 the largest score difference on the first query, so that a run in which autocast never reached
-the reranker cannot pass for "no change". A probe, not a feature: crossrank has no bf16 CPU
-path. ``--time`` instead times one ``score`` call of the shipped reranker both ways at k = 100
-and 1,000 (``bench_rerank_flops``'s call: 12 query tokens, fp16 patches) three ways: float32,
-autocast, and ``hand``: bf16 placed by hand where the call spends most of its time (the patch
-LayerNorm and the position add write bf16, and the folded attention's two batched matrix
-multiplies and its softmax run in bf16; the query side, the value map and the heads stay
-float32). Alternated with a square fp32 matmul for ``--rounds`` rounds, p50, and each way's
+the reranker cannot pass for "no change". The autocast way is what ``--precision bfloat16``
+now runs (``research/rerank_cost_eval.py --precision bfloat16`` checks it through the flag);
+this probe is what chose it. ``--time`` instead times one ``score`` call of the shipped reranker
+at k = 100 and 1,000 (``bench_rerank_flops``'s call: 12 query tokens, fp16 patches) three ways:
+float32, autocast, and ``hand``: bf16 placed by hand where the call spends most of its time
+(the patch LayerNorm and the position add write bf16, and the folded attention's two batched
+matrix multiplies and its softmax run in bf16; the query side, the value map and the heads
+stay float32). Alternated with a square fp32 matmul for ``--rounds`` rounds, p50, and each way's
 counted FLOP/s against that matmul's (``bench_rerank_flops``'s ratio). Run::
 
     python research/bf16_probe.py --runs runs --seeds 0 7 11 --out FILE.json

@@ -5,10 +5,13 @@ For each reranker and seed it runs ``crossrank eval runs/benchS-negs.idx --queri
 runs/benchS/queries.parquet --qrels runs/benchS/qrels.txt --reranker R --json`` and reports R@1
 (first stage and reranked), R@1 by group, and the share of the first stage's R@1 misses on pair
 and relation queries that the reranker removes. The goals: reranked R@1 >= 0.95, >= 80% of those
-misses removed, held-out compositions R@1 >= 0.80. Run::
+misses removed, held-out compositions R@1 >= 0.80. ``--precision`` is passed to ``crossrank
+eval`` (the label each report names, ``reranker_label``, says what ran). Run::
 
     python research/rerank_cost_eval.py --runs runs --seeds 0 7 11 \\
         --reranker shipped=auto --reranker pair32=runs/rr-pair32-export --out FILE.json
+    python research/rerank_cost_eval.py --runs runs --seeds 17 --reranker shipped=auto \\
+        --precision bfloat16
 """
 
 from __future__ import annotations
@@ -56,9 +59,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--reranker", action="append", required=True, metavar="NAME=SPEC", help="--reranker value"
     )
+    parser.add_argument(
+        "--precision", default="auto", help="crossrank eval --precision (auto, float32, bfloat16)"
+    )
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args(argv)
-    results: dict[str, Any] = {"goals": GOALS, "runs": {}}
+    results: dict[str, Any] = {"goals": GOALS, "precision": args.precision, "runs": {}}
     for item in args.reranker:
         name, _, spec = item.partition("=")
         for seed in args.seeds:
@@ -67,13 +73,15 @@ def main(argv: list[str] | None = None) -> int:
                 "crossrank", "eval", str(args.runs / f"bench{seed}-negs.idx"),
                 "--queries", str(bench / "queries.parquet"),
                 "--qrels", str(bench / "qrels.txt"),
-                "--reranker", spec, "--json",
+                "--reranker", spec, "--precision", args.precision, "--json",
             ]  # fmt: skip
             proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
             if proc.returncode != 0:
                 print(proc.stderr[-2000:], file=sys.stderr)
                 return proc.returncode
-            summary = summarise(json.loads(proc.stdout))
+            report = json.loads(proc.stdout)
+            summary = summarise(report)
+            summary["reranker_label"] = report.get("reranker")
             results["runs"].setdefault(name, {"reranker": spec})[f"seed {seed}"] = summary
             print(
                 f"{name} seed {seed}: R@1 {summary['first_stage_R@1']:.3f} -> {summary['R@1']:.3f}"
