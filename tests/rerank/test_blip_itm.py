@@ -484,3 +484,25 @@ def test_cuda_explain_matches_cpu(tiny_blip: Path, blip_encoder, reranker, pixel
     np.testing.assert_allclose(gpu[:, :n].sum(-1).numpy(), 1.0, atol=1e-3)
     assert not gpu[:, n:].any()
     np.testing.assert_allclose(gpu.numpy(), cpu.numpy(), atol=2e-2)  # bf16 autocast
+
+
+def test_bfloat16_precision_runs_the_text_encoder_in_bf16_on_the_cpu(
+    tiny_blip: Path, blip_encoder, pixels
+) -> None:
+    """``precision="bfloat16"`` autocasts BLIP's text encoder on the CPU too: the scores move a
+    little (autocast ran) and stay float32 probabilities; ``float32`` is the reference."""
+    from crossrank import Precision
+    from crossrank.rerank import get_reranker
+
+    info = blip_encoder.info
+    patches = blip_encoder.encode_pixels(pixels).patches
+    text = blip_encoder.encode_text(QUERIES[:1])
+    args = (text.tokens[0], text.mask[0], patches)
+    scores = {}
+    for precision in ("float32", "bfloat16"):
+        blip = get_reranker("blip-itm", "cpu", encoder_info=info, precision=precision)
+        assert blip.precision is Precision(precision)
+        scores[precision] = blip.score(*args, input_ids=text.input_ids[0])
+    assert scores["bfloat16"].dtype == torch.float32
+    diff = float((scores["bfloat16"] - scores["float32"]).abs().max())
+    assert 0 < diff < 0.05
