@@ -94,6 +94,11 @@ class EvalReport:
         }
 
 
+def _not_a_file(path: Path) -> str:
+    """Why ``path``, which is not a regular file, cannot be read as one."""
+    return "is a folder, not a file" if path.is_dir() else "does not exist"
+
+
 def read_queries(path: str | Path) -> list[EvalQuery]:
     """Read queries from a ``.parquet`` (``query_id``, ``text`` and optional ``kind``/``heldout``)
     or a TSV file (``qid<TAB>text`` per line).
@@ -104,7 +109,7 @@ def read_queries(path: str | Path) -> list[EvalQuery]:
     path = Path(path)
     if not path.is_file():
         raise InvalidArgumentError(
-            f"queries file {path} does not exist; pass --queries FILE (.parquet or .tsv)"
+            f"queries file {path} {_not_a_file(path)}; pass --queries FILE (.parquet or .tsv)"
         )
     if path.suffix.lower() == ".parquet":
         import pyarrow.parquet as pq
@@ -172,7 +177,8 @@ def evaluate_index(
     qrels_path = Path(qrels)
     if not qrels_path.is_file():
         raise InvalidArgumentError(
-            f"qrels file {qrels_path} does not exist; pass --qrels FILE (TREC: qid 0 docid rel)"
+            f"qrels file {qrels_path} {_not_a_file(qrels_path)}; pass --qrels FILE "
+            "(TREC: qid 0 docid rel)"
         )
     judged = read_qrels(qrels_path)
     query_list = list(queries) if not isinstance(queries, (str, Path)) else read_queries(queries)

@@ -259,6 +259,14 @@ MISMATCH = {
         lambda root, tmp: (tmp / "nope.parquet", "{root}/qrels.txt"),
         r"queries file .*nope\.parquet does not exist",
     ),
+    "qrels-is-a-folder": (
+        lambda root, tmp: ("{root}/queries.parquet", "{root}"),
+        r"qrels file .* is a folder, not a file; pass --qrels FILE",
+    ),
+    "queries-is-a-folder": (
+        lambda root, tmp: (tmp, "{root}/qrels.txt"),
+        r"queries file .* is a folder, not a file; pass --queries FILE",
+    ),
 }
 
 
