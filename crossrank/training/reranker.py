@@ -37,9 +37,11 @@ the same call continues from it. The result is saved with
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import math
 import os
+import re
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -281,6 +283,7 @@ def train_reranker(
         raise InvalidArgumentError(
             f"config must be a RerankTrainConfig, got {type(config).__name__}"
         )
+    _refuse_foreign_out(Path(out_dir))
     device = resolve_device(config.device)
     if not isinstance(index, Index):
         index = Index.open(index, device=config.device)
@@ -699,6 +702,51 @@ def export_checkpoint(
     for name in _NOT_FINGERPRINTED:  # the checkpoint does not record them: not the defaults either
         del metadata["train"][name]
     return save_reranker(model.eval(), out, metadata=metadata, half=half)
+
+
+def _refuse_foreign_out(out: Path) -> None:
+    """Refuse an output folder that is a file or holds files no training run wrote.
+
+    A run replaces ``config.json`` and ``model.safetensors`` in its folder: given a folder of the
+    user's (a Hugging Face model folder passed as ``--out`` by mistake, a dataset folder), it would
+    destroy their files. A run's own folder (an interrupted or finished run, resumed or
+    continued) holds only what a run writes, and its ``config.json`` is a crossrank reranker's.
+
+    Raises:
+        InvalidArgumentError: ``out`` is a file, or such a folder.
+    """
+    from crossrank.rerank.checkpoint import CONFIG_NAME, WEIGHTS_NAME
+
+    if out.exists() and not out.is_dir():
+        raise InvalidArgumentError(
+            f"the output folder {out} is a file; give a new or empty folder for the reranker"
+        )
+    if not out.is_dir():
+        return
+    own = (CONFIG_NAME, WEIGHTS_NAME, CHECKPOINT_NAME, LOG_NAME)
+    names = sorted(e.name for e in out.iterdir())
+    # the temporary files of an interrupted atomic write: .NAME.tmp-PID
+    foreign = [n for n in names if n not in own and not re.fullmatch(r"\.(.+)\.tmp-\d+", n)]
+    if CONFIG_NAME in names and _config_format(out / CONFIG_NAME) != "crossrank-reranker":
+        foreign.insert(0, f"{CONFIG_NAME} (not a crossrank reranker's)")
+    if foreign:
+        shown = ", ".join(foreign[:3]) + (
+            f" and {len(foreign) - 3} more" if len(foreign) > 3 else ""
+        )
+        raise InvalidArgumentError(
+            f"the output folder {out} holds files a `crossrank train` run did not write "
+            f"({shown}); a run replaces {CONFIG_NAME} and {WEIGHTS_NAME} there, so crossrank "
+            "never trains into it: choose an empty or new folder"
+        )
+
+
+def _config_format(path: Path) -> object:
+    """The ``format`` field of a JSON file, or None when it is unreadable or not an object."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return None
+    return data.get("format") if isinstance(data, dict) else None
 
 
 def _load_teacher(

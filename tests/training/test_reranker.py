@@ -914,6 +914,39 @@ def test_a_missing_or_foreign_pairs_file_is_refused(colours, tmp_path):
         train_reranker(index, tmp_path / "pairs.json", tmp_path / "r", config=_config())
 
 
+@pytest.mark.parametrize("kind", ["hf-model", "other-files", "file"])
+def test_an_output_folder_of_other_files_is_refused_and_left_untouched(colours, tmp_path, kind):
+    # A run replaces config.json and model.safetensors: a model folder given as --out by mistake
+    # would lose its own.
+    _, index = colours
+    out = tmp_path / "out"
+    files = {
+        "hf-model": {"config.json": b'{"model_type": "clip"}', "model.safetensors": b"weights"},
+        "other-files": {"notes.txt": b"mine", "train_log.jsonl": b"{}"},
+        "file": {},
+    }[kind]
+    if kind == "file":
+        out.write_bytes(b"a file")
+    else:
+        out.mkdir()
+        for name, data in files.items():
+            (out / name).write_bytes(data)
+    match = (
+        r"the output folder .*out is a file"
+        if kind == "file"
+        else r"the output folder .*out holds files a `crossrank train` run did not write \("
+        + {"hf-model": r"config\.json \(not a crossrank reranker's\)\)", "other-files": "notes"}[
+            kind
+        ]
+    )
+    with pytest.raises(InvalidArgumentError, match=match):
+        train_reranker(index, tmp_path / "pairs.csv", out, model_config=TINY, config=_config())
+    if kind == "file":
+        assert out.read_bytes() == b"a file"
+    else:
+        assert {p.name: p.read_bytes() for p in out.iterdir()} == files
+
+
 def test_a_checkpoint_of_another_run_is_refused(shapes, tmp_path):
     ds, index = shapes
     train_reranker(index, ds.pairs_path, tmp_path / "r", model_config=TINY, config=_config(steps=4))
