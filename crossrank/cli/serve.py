@@ -67,6 +67,13 @@ def serve(
         ) from e
     from crossrank.serve import create_app  # raises DependencyError without fastapi
 
+    if log_level.lower() not in uvicorn.config.LOG_LEVELS:
+        raise typer.BadParameter(
+            f"unknown log level {log_level!r}; choose one of "
+            + ", ".join(uvicorn.config.LOG_LEVELS),
+            param_hint="--log-level",
+        )
+
     opened = (
         open_for_search(
             index, device.value, model, nprobe, engine, ray_address, precision=precision.value

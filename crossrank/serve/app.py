@@ -123,7 +123,8 @@ def create_app(
     Raises:
         IndexNotFoundError: ``index`` is a directory without a committed index.
         ModelMismatchError: ``model`` is not the index's model.
-        InvalidArgumentError: ``rerank_k`` is not positive.
+        InvalidArgumentError: ``rerank_k`` is not positive, or ``reranker`` or ``fusion`` is
+            not one (an unknown name, a folder that does not exist).
 
     Example:
         >>> from fastapi import FastAPI  # doctest: +SKIP
@@ -141,6 +142,9 @@ def create_app(
 
         index = open_index(index, device=device, model=model, nprobe=nprobe, precision=precision)
     _ = index.encoder  # load it now: the first request should not pay for it, nor fail on it
+    # The same for the reranker and the fusion: a bad one would fail every request.
+    index.check_search(fusion=fusion)
+    index._reranker(reranker)
     opened: Index = index
 
     app = FastAPI(

@@ -121,6 +121,25 @@ def test_a_bad_port_is_one_line_and_exit_2(built_index: Path, served: dict, port
     assert "serving" not in result.stderr and served == {}
 
 
+def test_a_bad_log_level_is_one_line_and_exit_2(built_index: Path, served: dict) -> None:
+    result = CliRunner().invoke(app, ["serve", str(built_index), "--log-level", "loud"])
+    assert result.exit_code == 2, (result.stdout, result.stderr, result.exception)
+    assert result.stderr.startswith("error: Invalid value for --log-level: unknown log level")
+    assert result.stderr.count("\n") == 1 and "debug" in result.stderr
+    assert "serving" not in result.stderr and served == {}
+
+
+@pytest.mark.parametrize("flag", [["--reranker", "colbert"], ["--fusion", "max"]])
+def test_a_reranker_or_fusion_that_fails_every_request_is_one_line_at_start(
+    built_index: Path, served: dict, flag: list[str]
+) -> None:
+    result = CliRunner().invoke(app, ["serve", str(built_index), "--device", "cpu", *flag])
+    assert result.exit_code == 1, (result.stdout, result.stderr, result.exception)
+    assert result.stderr.startswith("error: ") and result.stderr.count("\n") == 1
+    assert repr(flag[1]) in result.stderr
+    assert "serving" not in result.stderr and served == {}
+
+
 @pytest.mark.parametrize("host", ["::1", "localhost"])
 def test_ipv6_and_names_are_served(built_index: Path, served: dict, host: str) -> None:
     result = CliRunner().invoke(app, ["serve", str(built_index), "--host", host, "--port", "9"])

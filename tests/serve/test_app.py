@@ -507,6 +507,11 @@ def test_create_app_checks_its_arguments(app, tmp_path: Path) -> None:
         InvalidArgumentError, match="rerank_k must be a positive number of candidates, got 0"
     ):
         create_app(app.state.index, rerank_k=0)
+    # A reranker or fusion that would fail every request fails at start instead.
+    with pytest.raises(InvalidArgumentError, match="reranker must be one of .* got 'colbert'"):
+        create_app(app.state.index, reranker="colbert")
+    with pytest.raises(InvalidArgumentError, match="fusion must be auto, .* got 'max'"):
+        create_app(app.state.index, fusion="max")
 
 
 def test_metadata_connection_is_sandboxed_once_loaded(app) -> None:
