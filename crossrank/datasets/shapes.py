@@ -23,6 +23,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import shutil
 from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
@@ -55,6 +56,7 @@ _SPLIT_STREAM = {Split.TEST: 0, Split.TRAIN: 1}
 _IMAGE_STREAM, _QUERY_STREAM = 0, 1
 _OUTPUTS = ("metadata.parquet", "queries.parquet", "qrels.txt", "pairs.parquet", "dataset.json")
 _CHUNK = 250  # images per work item
+_GENERATED_IMAGE = re.compile(r"\d{6,}\.png")  # the names _image_name gives
 
 
 @dataclass(frozen=True)
@@ -170,8 +172,36 @@ def _prepare_dir(root: Path, overwrite: bool) -> None:
                 f"output dir {root} is not empty; "
                 "choose another dir or pass overwrite=True (--overwrite)"
             )
+        _refuse_foreign_images(root)
         _remove_outputs(root)
     (root / "images").mkdir(parents=True, exist_ok=True)
+
+
+def _refuse_foreign_images(root: Path) -> None:
+    """Refuse to overwrite when ``images/`` holds anything the generator does not write there.
+
+    ``overwrite`` removes ``images/`` whole: in a folder of the user's (photos in ``images/``) it
+    would delete their files.
+    """
+    images = root / "images"
+    if not images.exists():
+        return
+    if not images.is_dir():
+        foreign = ["images (a file)"]
+    else:
+        foreign = sorted(
+            e.name
+            for e in images.iterdir()
+            if not (e.is_file() and _GENERATED_IMAGE.fullmatch(e.name))
+        )
+    if foreign:
+        shown = ", ".join(foreign[:3]) + (
+            f" and {len(foreign) - 3} more" if len(foreign) > 3 else ""
+        )
+        raise InvalidArgumentError(
+            f"output dir {root} has an images/ folder holding files the generator did not write "
+            f"({shown}); overwrite would delete them, so it is refused: choose another dir"
+        )
 
 
 def generate_shapes(

@@ -297,6 +297,21 @@ def test_non_empty_dir_needs_overwrite(tmp_path):
         open_shapes(tmp_path)
 
 
+def test_overwrite_never_deletes_images_the_generator_did_not_write(tmp_path):
+    # overwrite removes images/ whole: a folder of the user's photos must be refused, not emptied.
+    out = tmp_path / "photos"
+    (out / "images").mkdir(parents=True)
+    (out / "images" / "holiday.jpg").write_bytes(b"precious")
+    with pytest.raises(
+        InvalidArgumentError,
+        match=r"images/ folder holding files the generator did not write \(holiday\.jpg\); "
+        "overwrite would delete them",
+    ):
+        generate_shapes(out, n_images=3, n_queries=1, overwrite=True)
+    assert (out / "images" / "holiday.jpg").read_bytes() == b"precious"
+    assert sorted(p.name for p in out.rglob("*")) == ["holiday.jpg", "images"]
+
+
 def test_progress_is_reported_up_to_n_images(tmp_path):
     calls = []
     generate_shapes(
