@@ -102,3 +102,33 @@ def test_an_unsharded_index_is_refused_in_one_line(ray_cluster, local_build: Pat
 
     with pytest.raises(InvalidArgumentError, match="is an unsharded index; --engine ray serves"):
         open_on_ray(local_build)
+
+
+def test_shard_actors_rerank_at_the_precision_asked(
+    ray_cluster, sharded: Path, tmp_path: Path
+) -> None:
+    """``open_on_ray(precision=...)`` reaches each actor, which loads the named reranker at it:
+    bfloat16 moves the rerank scores a little; a bad value is one line before any actor."""
+    import torch
+
+    from crossrank.distributed import open_on_ray
+    from crossrank.errors import InvalidArgumentError
+    from crossrank.rerank import CrossAttentionReranker, RerankerConfig
+    from crossrank.rerank.checkpoint import save_reranker
+    from crossrank.shards import read_shards_manifest
+
+    dim = int(read_shards_manifest(sharded).encoder["patch_dim"])
+    torch.manual_seed(0)
+    model = CrossAttentionReranker(RerankerConfig(text_dim=dim, patch_dim=dim, width=16, heads=2))
+    folder = str(save_reranker(model, tmp_path / "rr"))
+    scores = {}
+    for precision in ("auto", "bfloat16"):
+        with open_on_ray(sharded, device="cpu", precision=precision) as on_ray:
+            got = on_ray.search("a red circle", k=6, rerank_k=12, reranker=folder)
+        assert got.reranker.endswith("bfloat16") == (precision == "bfloat16")
+        scores[precision] = {h.id: h.rerank_score for h in got.hits}
+    common = scores["auto"].keys() & scores["bfloat16"].keys()
+    assert common
+    assert max(abs(scores["auto"][i] - scores["bfloat16"][i]) for i in common) > 0
+    with pytest.raises(InvalidArgumentError, match="precision must be one of"):
+        open_on_ray(sharded, device="cpu", precision="fp8")
