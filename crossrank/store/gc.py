@@ -27,12 +27,18 @@ from __future__ import annotations
 import json
 import logging
 import os
-import re
 from pathlib import Path
 
 from crossrank.store._crash import crash_point
 from crossrank.store._files import fsync_dir
-from crossrank.store.layout import GENERATION_INFO_NAME, STAGING_INFO_NAME, STAGING_NAME
+from crossrank.store.layout import (
+    GENERATION_INFO_NAME,
+    MANIFEST_TMP_RE,
+    STAGING_INFO_NAME,
+    STAGING_NAME,
+    TRASH_RE,
+    is_own_leftover,
+)
 from crossrank.store.lock import LOCK_NAME, WriterLock
 from crossrank.store.manifest import (
     MANIFEST_NAME,
@@ -54,18 +60,6 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 TRASH_PREFIX = ".trash-"
-
-_TRASH_RE = re.compile(r"^\.trash-gen-\d{6,}\.\d+$")
-_MANIFEST_TMP_RE = re.compile(r"^\.manifest\.json\.tmp-\d+$")
-_TMP_DIR_RE = re.compile(r"^\.gen-\d{6,}\.tmp-\d+$")
-
-
-def is_own_leftover(name: str) -> bool:
-    """Whether ``name`` is one crossrank gives what an interrupted writer leaves behind."""
-    return name == STAGING_NAME or any(
-        r.match(name) for r in (_TRASH_RE, _MANIFEST_TMP_RE, _TMP_DIR_RE)
-    )
-
 
 _NO_BASE = object()
 
@@ -143,10 +137,10 @@ def clean_interrupted(root: Path | str, lock: WriterLock) -> list[str]:
         _delete_tree(tmp)
         removed.append(tmp.name)
     for entry in sorted(root.iterdir()):
-        if _TRASH_RE.match(entry.name) and entry.is_dir() and not entry.is_symlink():
+        if TRASH_RE.match(entry.name) and entry.is_dir() and not entry.is_symlink():
             _delete_tree(entry)
             removed.append(entry.name)
-        elif _MANIFEST_TMP_RE.match(entry.name) and entry.is_file():
+        elif MANIFEST_TMP_RE.match(entry.name) and entry.is_file():
             entry.unlink(missing_ok=True)
             removed.append(entry.name)
     if staging_is_stale(root):

@@ -28,6 +28,7 @@ crossrank refuses a compressed one (with "upgrade crossrank") rather than misrea
 from __future__ import annotations
 
 import json
+import re
 import tokenize
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -57,6 +58,10 @@ __all__ = [
     "STAGING_NAME",
     "STAGING_INFO_NAME",
     "STAGING_JOURNAL_NAME",
+    "MANIFEST_TMP_RE",
+    "TMP_DIR_RE",
+    "TRASH_RE",
+    "is_own_leftover",
 ]
 
 FORMAT_VERSION = 3  # newest layout of manifest.json and generation.json this crossrank reads
@@ -66,6 +71,11 @@ READERS_DIR = "readers"  # the reader pins (crossrank.store.pins)
 #: (crossrank.write.streaming). Never read by a search; deleted by the store's garbage collection
 #: once a commit makes it stale (crossrank.store.gc).
 STAGING_NAME = ".build-staging"
+#: What an interrupted writer leaves in an index folder (removed by crossrank.store.gc): a
+#: generation moved aside for deletion, a manifest being written, a generation being written.
+TRASH_RE = re.compile(r"^\.trash-gen-\d{6,}\.\d+$")
+MANIFEST_TMP_RE = re.compile(r"^\.manifest\.json\.tmp-\d+$")
+TMP_DIR_RE = re.compile(r"^\.gen-\d{6,}\.tmp-\d+$")
 STAGING_INFO_NAME = "build.json"  # what the build was started with (source, model, codec, ...)
 STAGING_JOURNAL_NAME = "journal.jsonl"  # one fsynced line per finished chunk
 GENERATION_INFO_NAME = "generation.json"
@@ -78,6 +88,15 @@ TOMBSTONES_NAME = "tombstones.npy"
 #: instructions (as fast as blake2b or faster on current x86 and ARM) and anyone can check a file by
 #: hand with ``sha256sum``.
 CHECKSUM_ALGORITHM = "sha256"
+
+
+def is_own_leftover(name: str) -> bool:
+    """Whether ``name`` is one crossrank gives what an interrupted writer leaves behind."""
+    return name == STAGING_NAME or any(
+        r.match(name) for r in (TRASH_RE, MANIFEST_TMP_RE, TMP_DIR_RE)
+    )
+
+
 #: What opening a damaged ``.npy`` or Parquet file can raise besides Arrow's own errors: an
 #: unreadable file (OSError), a short one under a memory map (ValueError), a garbled ``.npy``
 #: header (ValueError, SyntaxError, or tokenize.TokenError from numpy's header parser), a garbled

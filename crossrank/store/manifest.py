@@ -71,9 +71,8 @@ def no_index_message(root: Path | str) -> str:
 
 def _holds_foreign_files(root: Path) -> bool:
     """Whether ``root`` holds anything crossrank does not write into an index folder."""
-    from crossrank.store.gc import is_own_leftover
+    from crossrank.store.layout import READERS_DIR, is_own_leftover
     from crossrank.store.lock import LOCK_NAME
-    from crossrank.store.pins import READERS_DIR
 
     own = (LOCK_NAME, READERS_DIR, MANIFEST_NAME)
     try:

@@ -244,9 +244,8 @@ def checked_index_config(
 
 def _own_entry(name: str) -> bool:
     """Whether ``name`` is something crossrank itself puts in an index folder."""
-    from crossrank.store.gc import is_own_leftover
+    from crossrank.store.layout import READERS_DIR, is_own_leftover
     from crossrank.store.lock import LOCK_NAME
-    from crossrank.store.pins import READERS_DIR
 
     return name in (LOCK_NAME, READERS_DIR) or is_own_leftover(name)
 
