@@ -20,7 +20,14 @@ __all__ = [
     "ModelMismatchError",
     "FilterError",
     "DependencyError",
+    "some_of",
 ]
+
+
+def some_of(names: list[str], shown: int = 3) -> str:
+    """The first ``shown`` of ``names`` for a one-line message: ``"a, b, c and 4 more"``."""
+    more = f" and {len(names) - shown} more" if len(names) > shown else ""
+    return ", ".join(names[:shown]) + more
 
 
 class CrossrankError(Exception):

@@ -39,7 +39,7 @@ from crossrank.datasets.relevance import SceneArrays, match_matrix
 from crossrank.datasets.render import render_scene
 from crossrank.datasets.sampling import sample_captions, sample_queries
 from crossrank.datasets.scene import Scene, sample_scene
-from crossrank.errors import InvalidArgumentError
+from crossrank.errors import InvalidArgumentError, some_of
 
 __all__ = [
     "ShapesDataset",
@@ -195,9 +195,7 @@ def _refuse_foreign_images(root: Path) -> None:
             if not (e.is_file() and _GENERATED_IMAGE.fullmatch(e.name))
         )
     if foreign:
-        shown = ", ".join(foreign[:3]) + (
-            f" and {len(foreign) - 3} more" if len(foreign) > 3 else ""
-        )
+        shown = some_of(foreign)
         raise InvalidArgumentError(
             f"output dir {root} has an images/ folder holding files the generator did not write "
             f"({shown}); overwrite would delete them, so it is refused: choose another dir"

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from crossrank.device import Device, Precision, resolve_device
-from crossrank.errors import ModelError, ModelMismatchError
+from crossrank.errors import ModelError, ModelMismatchError, some_of
 from crossrank.rerank.config import RerankerConfig
 
 if TYPE_CHECKING:
@@ -331,8 +331,7 @@ def _state_mismatch(model: Any, state: Mapping[str, Any]) -> str:
     parts = []
     for label, names in (("missing", missing), ("unexpected", unexpected), ("wrong shape", wrong)):
         if names:
-            more = f" and {len(names) - 3} more" if len(names) > 3 else ""
-            parts.append(f"{label}: {', '.join(names[:3])}{more}")
+            parts.append(f"{label}: {some_of(names)}")
     return "; ".join(parts) or "incompatible tensors"
 
 

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from crossrank.errors import InvalidArgumentError, SourceError
+from crossrank.errors import InvalidArgumentError, SourceError, some_of
 from crossrank.shards.layout import SHARDS_NAME, is_sharded, shard_dir_name, shard_of
 
 if TYPE_CHECKING:
@@ -83,9 +83,7 @@ def _check_root(root: Path, shards: int, overwrite: bool) -> None:
         return
     foreign = [n for n in names if not _own_root_entry(n)]
     if foreign:
-        shown = ", ".join(foreign[:3]) + (
-            f" and {len(foreign) - 3} more" if len(foreign) > 3 else ""
-        )
+        shown = some_of(foreign)
         raise InvalidArgumentError(
             f"--index {root} is a folder that is not a crossrank index and is not empty (it holds "
             f"{shown}); crossrank never writes into it: choose an empty or new folder"

@@ -50,7 +50,13 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from crossrank.errors import CrossrankError, InvalidArgumentError, ModelError, ModelMismatchError
+from crossrank.errors import (
+    CrossrankError,
+    InvalidArgumentError,
+    ModelError,
+    ModelMismatchError,
+    some_of,
+)
 from crossrank.training.attention_targets import attention_supervision_loss, object_cell_masks
 from crossrank.training.config import RerankLoss, RerankTrainConfig
 from crossrank.training.state import _load_checkpoint, _save_checkpoint, _TrainLog
@@ -730,9 +736,7 @@ def _refuse_foreign_out(out: Path) -> None:
     if CONFIG_NAME in names and _config_format(out / CONFIG_NAME) != "crossrank-reranker":
         foreign.insert(0, f"{CONFIG_NAME} (not a crossrank reranker's)")
     if foreign:
-        shown = ", ".join(foreign[:3]) + (
-            f" and {len(foreign) - 3} more" if len(foreign) > 3 else ""
-        )
+        shown = some_of(foreign)
         raise InvalidArgumentError(
             f"the output folder {out} holds files a `crossrank train` run did not write "
             f"({shown}); a run replaces {CONFIG_NAME} and {WEIGHTS_NAME} there, so crossrank "

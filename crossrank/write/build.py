@@ -35,7 +35,7 @@ from typing import Any
 
 import numpy as np
 
-from crossrank.errors import InvalidArgumentError, SourceError
+from crossrank.errors import InvalidArgumentError, SourceError, some_of
 from crossrank.store._crash import crash_point
 from crossrank.write._common import check_index_path, writing
 from crossrank.write.streaming import (
@@ -276,9 +276,7 @@ def refuse_foreign_folder(index_dir: Path) -> None:
         return
     foreign = [n for n in names if not _own_entry(n)]
     if foreign:
-        shown = ", ".join(foreign[:3]) + (
-            f" and {len(foreign) - 3} more" if len(foreign) > 3 else ""
-        )
+        shown = some_of(foreign)
         raise InvalidArgumentError(
             f"--index {index_dir} is a folder that is not a crossrank index and is not empty "
             f"(it holds {shown}); crossrank never writes into it: choose an empty or new folder"
