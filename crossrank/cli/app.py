@@ -35,6 +35,7 @@ def _usage_error(error: Exception) -> NoReturn:
     if type(error).__name__ == "NoArgsIsHelpError":  # `crossrank` alone: the help, as typer shows
         raise error
     message = " ".join(str(getattr(error, "format_message", error.__str__)()).split())
+    message = message.removesuffix(".")  # "Missing option '--ids'; see ...", not "'.; see"
     ctx = getattr(error, "ctx", None)
     hint = f"; see '{ctx.command_path} --help'" if ctx is not None else ""
     err_console.print(

@@ -44,12 +44,13 @@ def _parse_ids(text: str) -> list[int]:
 def rerank(
     index: Annotated[Path, typer.Argument(help="The index directory.")],
     query: Annotated[str | None, typer.Argument(help="The text query (or use --image).")] = None,
+    # Required: left out, it would rerank nothing and exit 0 (an empty --ids "" still does).
     ids: Annotated[
         str,
         typer.Option(
             help="The candidates to rerank: comma-separated ids, e.g. 3,17,42 (each once).",
         ),
-    ] = "",
+    ] = ...,
     k: Annotated[
         int | None, typer.Option("-k", "--k", help="Hits to return (default: every candidate).")
     ] = None,

@@ -26,6 +26,7 @@ from crossrank.cli import app
         (["searh"], "No such command 'searh'. Did you mean 'search'"),
         (["serve", "idx", "--port", "0"], "Invalid value for '--port'"),
         (["info"], "Missing argument"),
+        (["rerank", "idx", "q"], "Missing option '--ids'; see 'crossrank rerank --help'"),
     ],
 )
 def test_a_usage_error_is_one_line_and_exit_2(args: list[str], message: str) -> None:
