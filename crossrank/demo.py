@@ -50,6 +50,22 @@ class DemoReport:
         }
 
 
+def _check_demo_args(n_queries: int, reranker: str) -> None:
+    """What the evaluation at the end would refuse, refused first."""
+    from crossrank.rerank.base import RerankerName
+
+    if isinstance(n_queries, bool) or not isinstance(n_queries, int) or n_queries < 1:
+        raise InvalidArgumentError(
+            f"the demo evaluates queries: n_queries must be at least 1, got {n_queries!r}"
+        )
+    names = {"auto", *(m.value for m in RerankerName)}
+    if reranker.strip().lower() not in names and not Path(reranker).expanduser().is_dir():
+        raise InvalidArgumentError(
+            f"reranker must be one of {', '.join(sorted(names))} or the folder of a trained "
+            f"reranker, got {reranker!r} (no such folder)"
+        )
+
+
 def run_demo(
     out_dir: str | Path = "crossrank-demo",
     *,
@@ -98,6 +114,7 @@ def run_demo(
         raise InvalidArgumentError(
             f"demo output {out} exists and is not a folder; pass another --out"
         )
+    _check_demo_args(n_queries, reranker)  # before minutes of generating and indexing
     say = progress or (lambda message: None)
     step = stage_progress or (lambda stage, done, total: None)
     seconds: dict[str, float] = {}

@@ -105,6 +105,22 @@ def test_demo_refuses_a_file_as_output(tmp_path: Path, tiny_clip: Path) -> None:
 @pytest.mark.parametrize(
     ("args", "message"),
     [
+        (["--n-queries", "0"], "n_queries must be at least 1, got 0"),
+        (["--reranker", "bogus"], "reranker must be one of auto, blip-itm, maxsim, none"),
+    ],
+)
+def test_demo_refuses_what_its_evaluation_would_before_generating(
+    tmp_path: Path, args: list[str], message: str
+) -> None:
+    result = runner.invoke(app, ["demo", "--out", str(tmp_path / "d"), "--json", *args])
+    assert result.exit_code == 1
+    assert message in result.stderr and result.stderr.count("\n") == 1, result.stderr
+    assert not (tmp_path / "d").exists()  # nothing generated, nothing built
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
         (["--n-images", "0"], "n_images must be an integer >= 1, got 0"),
         (["--image-size", "20"], "image_size"),
         (["--split", "validation"], "split"),
