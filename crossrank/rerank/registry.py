@@ -61,6 +61,7 @@ def get_reranker(
         >>> get_reranker("none") is None
         True
     """
+    precision = parse_precision(precision)  # a bad value fails before any model loads
     if spec is None:
         return None
     if isinstance(spec, os.PathLike):
@@ -86,7 +87,7 @@ def get_reranker(
                     )
                 )
             scorer = MaxSimReranker(device=device)  # float32 at any precision
-            scorer.precision = parse_precision(precision)
+            scorer.precision = precision
             return scorer
         if name == RerankerName.BLIP_ITM:
             from crossrank.rerank.autocast import check_precision
