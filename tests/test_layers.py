@@ -47,7 +47,7 @@ ALLOWED: dict[str, set[str]] = {
     "datasets": BASE,
     "evaluate": BASE | {"api", "rerank", "datasets", "shards", "distributed"},
     "training": BASE | {"api", "datasets", "encoders", "rerank", "store"},
-    "demo": BASE | {"api", "datasets", "evaluate", "write"},
+    "demo": BASE | {"api", "datasets", "evaluate", "rerank", "write"},
     # the shells
     "html": BASE | {"ingest"},
     "serve": BASE | {"crossrank", "api", "encoders", "html", "store", "shards", "distributed"},
