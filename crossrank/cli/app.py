@@ -24,7 +24,7 @@ from crossrank.cli.render import err_console
 from crossrank.device import Precision
 from crossrank.errors import CrossrankError
 
-__all__ = ["FusionOption", "PrecisionOption", "RerankerOption", "app", "main"]
+__all__ = ["FusionOption", "PrecisionOption", "RerankerOption", "app", "main", "parse_ids"]
 
 # Recent typer releases bundle their own click: take its UsageError from where BadParameter lives.
 _UsageError = next(c for c in typer.BadParameter.__mro__ if c.__name__ == "UsageError")
@@ -153,6 +153,33 @@ def _friendly_errors(fn: F) -> F:
             raise typer.Exit(EXIT_INTERRUPTED) from None
 
     return wrapper  # type: ignore[return-value]
+
+
+def parse_ids(text: str, *, allow_empty: bool = False) -> list[int]:
+    """``--ids`` as given: ``"3, 17,42"`` -> ``[3, 17, 42]``.
+
+    Raises:
+        typer.BadParameter: an item is not an integer, an item is empty (``1,,2``: an id may be
+            missing), or there are none and ``allow_empty`` is False.
+    """
+    if not text.strip():
+        if allow_empty:
+            return []
+        raise typer.BadParameter(
+            "--ids is empty; give ids separated by commas, e.g. 3,17,42", param_hint="--ids"
+        )
+    ids = []
+    for item in (t.strip() for t in text.split(",")):
+        try:
+            ids.append(int(item))
+        except ValueError:
+            what = "an empty item" if not item else repr(item)
+            raise typer.BadParameter(
+                f"--ids must be integer ids separated by commas, e.g. 3,17,42; got {what} in "
+                f"{text!r}",
+                param_hint="--ids",
+            ) from None
+    return ids
 
 
 def _print_json(obj: Any) -> None:

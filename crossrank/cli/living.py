@@ -15,13 +15,11 @@ from typing import Annotated
 import typer
 from rich.markup import escape
 
-from crossrank.cli.app import EXIT_INTERRUPTED, _friendly_errors, _print_json, app
+from crossrank.cli.app import EXIT_INTERRUPTED, _friendly_errors, _print_json, app, parse_ids
 from crossrank.cli.render import console, err_console, progress_bar
 from crossrank.device import Device
 
 __all__ = ["add", "remove", "compact", "stop_on_ctrl_c"]
-
-#: The exit code of a command stopped by Ctrl-C (128 + SIGINT), as shells report it.
 
 
 @contextmanager
@@ -54,27 +52,6 @@ def _phase_columns() -> list:
         TextColumn("{task.fields[rate]}"),
         TimeElapsedColumn(),
     ]
-
-
-def _parse_ids(text: str) -> list[int]:
-    """``"1,2, 7"`` -> ``[1, 2, 7]``; a usage error naming the bad item otherwise."""
-    ids = []
-    for item in text.split(","):
-        item = item.strip()
-        if not item:
-            continue
-        try:
-            ids.append(int(item))
-        except ValueError:
-            raise typer.BadParameter(
-                f"--ids must be integers separated by commas, e.g. 3,17,42; got {item!r}",
-                param_hint="--ids",
-            ) from None
-    if not ids:
-        raise typer.BadParameter(
-            "--ids is empty; give ids separated by commas, e.g. 3,17,42", param_hint="--ids"
-        )
-    return ids
 
 
 def _phase_progress(update: Callable[..., None]) -> Callable[[str, int, int], None]:
@@ -197,7 +174,7 @@ def remove(
             "give either --where SQL or --ids 1,2,..., not both and not neither"
         )
     with stop_on_ctrl_c(index):
-        report = remove_from(index, ids=_parse_ids(ids) if ids is not None else None, where=where)
+        report = remove_from(index, ids=parse_ids(ids) if ids is not None else None, where=where)
     if as_json:
         _print_json(report.to_dict())
         return

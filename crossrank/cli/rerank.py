@@ -14,29 +14,11 @@ from crossrank.cli.app import (
     _friendly_errors,
     _print_json,
     app,
+    parse_ids,
 )
 from crossrank.cli.render import Notes
 from crossrank.cli.search import _print_result
 from crossrank.device import Device, Precision
-
-
-def _parse_ids(text: str) -> list[int]:
-    """``3,17,42`` -> ``[3, 17, 42]`` (spaces allowed); a bad item is a BadParameter (exit 2)."""
-    items = [t.strip() for t in text.split(",")]
-    if text.strip() == "":
-        return []
-    out = []
-    for item in items:
-        try:
-            value = int(item)
-        except ValueError:
-            raise typer.BadParameter(
-                f"--ids must be comma-separated integer ids such as 3,17,42, got {item!r} in "
-                f"{text!r}",
-                param_hint="--ids",
-            ) from None
-        out.append(value)
-    return out
 
 
 @app.command()
@@ -73,7 +55,7 @@ def rerank(
 
     if (query is None) == (image is None):
         raise typer.BadParameter("give either a QUERY text or --image PATH (one of them)")
-    candidates = _parse_ids(ids)
+    candidates = parse_ids(ids, allow_empty=True)  # no candidates: an empty result
     # an unsharded or a sharded index
     idx = open_index(index, device=device.value, precision=precision.value)
     try:

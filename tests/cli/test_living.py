@@ -123,13 +123,20 @@ def test_a_locked_index_is_one_red_line_naming_the_writer(index_only, runner):
 
 @pytest.mark.parametrize(
     "args",
-    [["--ids", "1", "--where", "id = 1"], [], ["--ids", "1,x"], ["--ids", ","]],
-    ids=["both", "neither", "not-an-int", "empty"],
+    [
+        ["--ids", "1", "--where", "id = 1"],
+        [],
+        ["--ids", "1,x"],
+        ["--ids", " "],
+        ["--ids", ","],
+        ["--ids", "1,,2"],
+    ],
+    ids=["both", "neither", "not-an-int", "empty", "only-a-comma", "an-id-missing"],
 )
 def test_remove_usage_errors(index_only, runner, args):
     result = runner.invoke(app, ["remove", str(index_only[1]), *args])
     assert result.exit_code == 2
     assert re.search(
-        r"--where SQL or --ids|--ids must be integers|--ids is empty",
+        r"--where SQL or --ids|--ids must be integer ids separated by commas|--ids is empty",
         " ".join(result.stderr.split()),
     )

@@ -41,7 +41,8 @@ def test_table(runner: CliRunner, built_index: Path) -> None:
 @pytest.mark.parametrize(
     ("ids", "code", "text"),
     [
-        ("1,x", 2, "--ids must be comma-separated integer ids"),
+        ("1,x", 2, "--ids must be integer ids separated by commas, e.g. 3,17,42; got 'x'"),
+        ("1,,2", 2, "got an empty item in '1,,2'"),
         ("1,999", 1, "1 id(s) not in index"),
         ("1,1", 1, "ids must each appear once"),
     ],
