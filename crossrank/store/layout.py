@@ -325,7 +325,11 @@ def read_generation_info(gen_dir: Path | str) -> GenerationInfo:
     """
     gen_dir = Path(gen_dir)
     path = gen_dir / GENERATION_INFO_NAME
-    hint = "the index is damaged: rebuild it with `crossrank build SOURCE --index DIR`"
+    root = gen_dir.parent
+    hint = (
+        f"the index is damaged: `crossrank verify {root}` lists what is wrong; rebuild it with "
+        f"`crossrank build SOURCE --index {root} --overwrite`"
+    )
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError as e:

@@ -307,6 +307,16 @@ def test_check_generation_reports_a_missing_generation_json(written) -> None:
         Generation.current(written.root)
 
 
+def test_a_truncated_generation_json_names_the_index_in_its_hints(written) -> None:
+    info = written.root / "gen-000001" / "generation.json"
+    info.write_text(info.read_text()[:40])
+    with pytest.raises(IndexCorruptError, match="cannot be read") as err:
+        Generation.current(written.root)
+    message = str(err.value)
+    assert f"`crossrank verify {written.root}`" in message
+    assert f"--index {written.root} --overwrite`" in message and "\n" not in message
+
+
 def test_store_config_validates() -> None:
     with pytest.raises(ValueError, match="patch_shard_rows must be > 0 or None, got 0"):
         StoreConfig(patch_shard_rows=0)
