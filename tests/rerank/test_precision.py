@@ -1,6 +1,6 @@
 """``precision``: what a reranker computes in.
 
-- ``auto`` is today's behaviour (float32 on the CPU), ``float32`` the same on the CPU;
+- ``auto`` is float32 on the CPU (bf16 autocast on CUDA), and so is ``float32`` on the CPU;
 - ``bfloat16`` autocasts the CPU forward: scores move a little, stay float32, and leave the
   folded-weight cache float32 for the next float32 call;
 - a bad value is one line, before any weights are read; a CPU without native bf16 is warned of;
