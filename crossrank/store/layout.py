@@ -61,12 +61,15 @@ __all__ = [
     "MANIFEST_TMP_RE",
     "TMP_DIR_RE",
     "TRASH_RE",
+    "LOCK_NAME",
+    "foreign_entries",
     "is_own_leftover",
 ]
 
 FORMAT_VERSION = 3  # newest layout of manifest.json and generation.json this crossrank reads
 MANIFEST_NAME = "manifest.json"  # which generation is committed (crossrank.store.manifest)
 READERS_DIR = "readers"  # the reader pins (crossrank.store.pins)
+LOCK_NAME = "writer.lock"  # the one writer's lock (crossrank.store.lock)
 #: A build in progress: the chunks it wrote so far, so that a killed build resumes
 #: (crossrank.write.streaming). Never read by a search; deleted by the store's garbage collection
 #: once a commit makes it stale (crossrank.store.gc).
@@ -95,6 +98,23 @@ def is_own_leftover(name: str) -> bool:
     return name == STAGING_NAME or any(
         r.match(name) for r in (TRASH_RE, MANIFEST_TMP_RE, TMP_DIR_RE)
     )
+
+
+def foreign_entries(root: Path) -> list[str]:
+    """The entries of the folder ``root`` crossrank did not write, sorted: a build refuses a
+    folder holding any (it could delete the user's files, e.g. a folder of theirs named
+    ``gen-000005``).
+
+    Empty when ``root`` holds ``manifest.json`` (a committed index) or ``writer.lock`` (crossrank
+    took its lock there: a first build that was interrupted).
+
+    Raises:
+        OSError: ``root`` cannot be listed.
+    """
+    names = sorted(e.name for e in root.iterdir())
+    if MANIFEST_NAME in names or LOCK_NAME in names:
+        return []
+    return [n for n in names if not (n == READERS_DIR or is_own_leftover(n))]
 
 
 #: What opening a damaged ``.npy`` or Parquet file can raise besides Arrow's own errors: an

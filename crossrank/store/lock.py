@@ -29,13 +29,11 @@ from pathlib import Path
 from typing import Any
 
 from crossrank.errors import CrossrankError, DependencyError, IndexLockedError, InvalidArgumentError
-from crossrank.store.layout import MANIFEST_NAME, READERS_DIR
+from crossrank.store.layout import LOCK_NAME, MANIFEST_NAME, READERS_DIR
 
 __all__ = ["LOCK_NAME", "WriterLock", "read_lock_holder", "live_lock_holder", "default_command"]
 
 logger = logging.getLogger(__name__)
-
-LOCK_NAME = "writer.lock"
 
 
 def default_command() -> str:

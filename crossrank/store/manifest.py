@@ -70,16 +70,13 @@ def no_index_message(root: Path | str) -> str:
 
 
 def _holds_foreign_files(root: Path) -> bool:
-    """Whether ``root`` holds anything crossrank does not write into an index folder."""
-    from crossrank.store.layout import READERS_DIR, is_own_leftover
-    from crossrank.store.lock import LOCK_NAME
+    """Whether a build would refuse ``root`` as a folder of other files."""
+    from crossrank.store.layout import foreign_entries
 
-    own = (LOCK_NAME, READERS_DIR, MANIFEST_NAME)
     try:
-        names = [e.name for e in root.iterdir()]
+        return bool(foreign_entries(root))
     except OSError:
         return False
-    return any(not (n in own or _GEN_RE.match(n) or is_own_leftover(n)) for n in names)
 
 
 def _no_index_error(root: Path) -> IndexNotFoundError:

@@ -242,27 +242,15 @@ def checked_index_config(
     return config
 
 
-def _own_entry(name: str) -> bool:
-    """Whether ``name`` is something crossrank itself puts in an index folder."""
-    from crossrank.store.layout import READERS_DIR, is_own_leftover
-    from crossrank.store.lock import LOCK_NAME
-
-    return name in (LOCK_NAME, READERS_DIR) or is_own_leftover(name)
-
-
 def refuse_foreign_folder(index_dir: Path) -> None:
     """Refuse a folder that holds files and is not a crossrank index (``--overwrite`` or not).
 
-    A folder is crossrank's when it holds ``manifest.json`` (a committed index) or
-    ``writer.lock`` (crossrank took its lock there: a first build that was interrupted), or holds
-    nothing but what crossrank writes. Building into anything else could delete the user's files
-    (a folder of theirs named ``gen-000005``), so it is refused with one line.
+    Which folders those are: :func:`~crossrank.store.layout.foreign_entries`.
 
     Raises:
         InvalidArgumentError: ``index_dir`` is such a folder.
     """
-    from crossrank.store.lock import LOCK_NAME
-    from crossrank.store.manifest import MANIFEST_NAME
+    from crossrank.store.layout import foreign_entries
 
     if not index_dir.is_dir():
         return
@@ -271,10 +259,7 @@ def refuse_foreign_folder(index_dir: Path) -> None:
             f"{index_dir} is a sharded index; rebuild it with --shards N "
             "(crossrank.shards.build_sharded), or build into a new folder"
         )
-    names = sorted(e.name for e in index_dir.iterdir())
-    if MANIFEST_NAME in names or LOCK_NAME in names:
-        return
-    foreign = [n for n in names if not _own_entry(n)]
+    foreign = foreign_entries(index_dir)
     if foreign:
         shown = some_of(foreign)
         raise InvalidArgumentError(

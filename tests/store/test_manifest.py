@@ -91,6 +91,11 @@ def test_dir_without_manifest_is_not_an_index(tmp_path: Path, layout: str) -> No
             r"^no committed index in {root}: it is a folder of other files, not a crossrank index; "
             r"give the folder an index was built into, or build one into a new folder",
         ),
+        (
+            "a-gen-folder-of-theirs",
+            r"^no committed index in {root}: it is a folder of other files, not a crossrank index; "
+            r"give the folder an index was built into, or build one into a new folder",
+        ),
     ],
 )
 def test_no_index_error_never_suggests_building_where_a_build_refuses(
@@ -101,10 +106,12 @@ def test_no_index_error_never_suggests_building_where_a_build_refuses(
     root = tmp_path / "photos"
     if layout == "file":
         root.write_bytes(b"not an index")
-    else:
+    elif layout == "foreign":
         root.mkdir()
         (root / "cat.jpg").write_bytes(b"jpeg")
         (root / "writer.lock.bak").write_bytes(b"")
+    else:  # named like a generation, with no manifest and no lock: a build refuses it too
+        (root / "gen-000005").mkdir(parents=True)
     with pytest.raises(IndexNotFoundError, match=expected.format(root=re.escape(str(root)))) as e:
         read_manifest(root)
     assert f"--index {root}`" not in str(e.value)
