@@ -52,13 +52,14 @@ class DemoReport:
 
 def _check_demo_args(n_queries: int, reranker: str) -> None:
     """What the evaluation at the end would refuse, refused first."""
+    from crossrank.api.index import AUTO_RERANKER
     from crossrank.rerank.base import RerankerName
 
     if isinstance(n_queries, bool) or not isinstance(n_queries, int) or n_queries < 1:
         raise InvalidArgumentError(
             f"the demo evaluates queries: n_queries must be at least 1, got {n_queries!r}"
         )
-    names = {"auto", *(m.value for m in RerankerName)}
+    names = {AUTO_RERANKER, *(m.value for m in RerankerName)}
     if reranker.strip().lower() not in names and not Path(reranker).expanduser().is_dir():
         raise InvalidArgumentError(
             f"reranker must be one of {', '.join(sorted(names))} or the folder of a trained "

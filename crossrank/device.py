@@ -58,7 +58,7 @@ class Precision(StrEnum):
     ``FLOAT32``: float32 everywhere (the reference scores).
     ``BFLOAT16``: bf16 autocast on the CPU too, with pooling, the score heads and the folded
     weight products kept float32. Faster on a CPU with native bf16 (AVX-512 BF16 or AMX: Intel
-    Sapphire Rapids, AMD Zen 4 and later); scores move slightly (docs/performance.md).
+    Sapphire Rapids, AMD Zen 4 and later); scores move slightly (docs/rerankers.md, Precision).
     """
 
     AUTO = "auto"
