@@ -35,6 +35,7 @@ __all__ = [
     "check_reranker_matches",
     "demo_reranker_dir",
     "shipped_reranker_for",
+    "has_reranker_config",
     "is_reranker_dir",
     "load_reranker",
     "read_reranker_config",
@@ -77,6 +78,16 @@ def shipped_reranker_for(encoder_info: Mapping[str, Any]) -> Path | None:
 def is_reranker_dir(path: str | os.PathLike[str]) -> bool:
     """True when ``path`` is a folder holding a reranker ``config.json``."""
     return (Path(path) / CONFIG_NAME).is_file()
+
+
+def has_reranker_config(path: str | os.PathLike[str]) -> bool:
+    """True when ``path/config.json`` is readable and a crossrank reranker's (its ``format``),
+    not another model's config of the same name."""
+    try:
+        data = json.loads((Path(path) / CONFIG_NAME).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return False
+    return isinstance(data, dict) and data.get("format") == _FORMAT
 
 
 def save_reranker(

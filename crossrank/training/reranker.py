@@ -37,7 +37,6 @@ the same call continues from it. The result is saved with
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import math
 import os
@@ -721,7 +720,7 @@ def _refuse_foreign_out(out: Path) -> None:
     Raises:
         InvalidArgumentError: ``out`` is a file, or such a folder.
     """
-    from crossrank.rerank.checkpoint import CONFIG_NAME, WEIGHTS_NAME
+    from crossrank.rerank.checkpoint import CONFIG_NAME, WEIGHTS_NAME, has_reranker_config
 
     if out.exists() and not out.is_dir():
         raise InvalidArgumentError(
@@ -733,7 +732,7 @@ def _refuse_foreign_out(out: Path) -> None:
     names = sorted(e.name for e in out.iterdir())
     # the temporary files of an interrupted atomic write: .NAME.tmp-PID
     foreign = [n for n in names if n not in own and not re.fullmatch(r"\.(.+)\.tmp-\d+", n)]
-    if CONFIG_NAME in names and _config_format(out / CONFIG_NAME) != "crossrank-reranker":
+    if CONFIG_NAME in names and not has_reranker_config(out):
         foreign.insert(0, f"{CONFIG_NAME} (not a crossrank reranker's)")
     if foreign:
         shown = some_of(foreign)
@@ -742,15 +741,6 @@ def _refuse_foreign_out(out: Path) -> None:
             f"({shown}); a run replaces {CONFIG_NAME} and {WEIGHTS_NAME} there, so crossrank "
             "never trains into it: choose an empty or new folder"
         )
-
-
-def _config_format(path: Path) -> object:
-    """The ``format`` field of a JSON file, or None when it is unreadable or not an object."""
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
-        return None
-    return data.get("format") if isinstance(data, dict) else None
 
 
 def _load_teacher(
